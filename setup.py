@@ -1,0 +1,174 @@
+"""Build xcsave: the pybind11 extension ``xcsave._ext`` and the helper executable.
+
+The helper (``xcsave/xcsave-helper``) is a private libexec-style binary, like
+Xen's ``libxl-save-helper``: it is linked into the package directory of the
+build tree so that wheels, ``pip install .`` and ``pip install -e .`` all carry
+it next to the extension, and it is never put on ``$PATH``.
+
+Native sources:
+  csrc/core/*.c        shared by the helper and the extension (stream engine,
+                       simulated domains, verifier, legacy reader)
+  csrc/helper_main.c   the helper: argv, protocol loop, backend dispatch
+  csrc/backend_*.c     helper backends; backend_xen.c only when xenguest.h is
+                       found (Debian libxen-dev) unless XCSAVE_XEN=0
+  csrc/*.cpp           the extension (xcsave_ext.cpp holds the module)
+
+Environment switches:
+  XCSAVE_XEN=0|1              force the xen backend off/on (default: autodetect)
+  XCSAVE_SANITIZE=address,... add -fsanitize=... to the helper (and the C core
+                              objects the helper links)
+  XCSAVE_SANITIZE_EXT=1       also build the extension with the sanitizers
+                              (python must then run with libasan preloaded)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from glob import glob
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import build_ext as _pybind_build_ext
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+HELPER_NAME = "xcsave-helper"
+C_FLAGS = ["-std=c11", "-O2", "-g", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror"]
+XEN_LIBS = ["xenguest", "xenctrl", "xentoollog"]
+
+
+def _rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+CORE_SOURCES = _rel(glob(str(HERE / "csrc" / "core" / "*.c")))
+EXT_SOURCES = _rel(glob(str(HERE / "csrc" / "*.cpp")))
+
+
+def _xen_wanted(compiler_cmd: list[str]) -> bool:
+    """Whether to build the xen backend: XCSAVE_XEN, else probe for xenguest.h."""
+    forced = os.environ.get("XCSAVE_XEN")
+    if forced is not None:
+        return forced not in ("0", "", "no", "off")
+    probe = "#include <xenctrl.h>\n#include <xenguest.h>\nint main(void) { return 0; }\n"
+    try:
+        r = subprocess.run(
+            [*compiler_cmd, "-x", "c", "-fsyntax-only", "-"],
+            input=probe.encode(),
+            capture_output=True,
+            check=False,
+        )
+    except OSError:
+        return False
+    return r.returncode == 0
+
+
+def _sanitize_flags() -> list[str]:
+    san = os.environ.get("XCSAVE_SANITIZE", "").strip()
+    if not san:
+        return []
+    return [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+
+
+class build_ext(_pybind_build_ext):
+    """Build the extension, then the helper into the package directory."""
+
+    def build_extensions(self) -> None:
+        cc = self.compiler.compiler_so[0] if self.compiler.compiler_type == "unix" else "cc"
+        self._have_xen = _xen_wanted([cc])
+        backends = ["sim", *(["xen"] if self._have_xen else [])]
+        defines = [("XCS_BACKENDS", '"' + ",".join(backends) + '"')]
+        if self._have_xen:
+            defines.append(("XCS_HAVE_XEN", "1"))
+        san = _sanitize_flags()
+        include_dirs = [str(HERE / "csrc"), str(HERE / "csrc" / "core")]
+
+        # The C core, once for the extension (no sanitizer unless asked) ...
+        ext_san = san if os.environ.get("XCSAVE_SANITIZE_EXT") else []
+        core_ext_objs = self.compiler.compile(
+            CORE_SOURCES,
+            output_dir=os.path.join(self.build_temp, "core-ext"),
+            macros=defines,
+            include_dirs=include_dirs,
+            extra_postargs=[*C_FLAGS, *ext_san],
+        )
+        for ext in self.extensions:
+            ext.extra_objects = [*core_ext_objs]
+            ext.include_dirs = [*include_dirs, *ext.include_dirs]
+            ext.define_macros = [*defines, *ext.define_macros]
+            if ext_san:
+                ext.extra_compile_args = [*ext.extra_compile_args, *ext_san]
+                ext.extra_link_args = [*ext.extra_link_args, *ext_san]
+        super().build_extensions()
+        self._build_helper(defines, include_dirs, san)
+
+    def _helper_build_path(self) -> str:
+        return os.path.join(self.build_lib, "xcsave", HELPER_NAME)
+
+    def _build_helper(
+        self, defines: list[tuple[str, str]], include_dirs: list[str], san: list[str]
+    ) -> None:
+        sources = ["csrc/helper_main.c", "csrc/backend_sim.c", *CORE_SOURCES]
+        libraries: list[str] = ["m", "pthread"]
+        out_dir = os.path.join(self.build_temp, "helper")
+        objs = self.compiler.compile(
+            sources,
+            output_dir=out_dir,
+            macros=defines,
+            include_dirs=include_dirs,
+            extra_postargs=[*C_FLAGS, *san],
+        )
+        if self._have_xen:
+            # Xen's public headers use anonymous unions: GNU C, not ISO C11.
+            xen_flags = [("-std=gnu11" if f == "-std=c11" else f) for f in C_FLAGS]
+            objs += self.compiler.compile(
+                ["csrc/backend_xen.c"],
+                output_dir=out_dir,
+                macros=defines,
+                include_dirs=include_dirs,
+                extra_postargs=[*xen_flags, *san],
+            )
+            libraries = [*XEN_LIBS, *libraries]
+        out = self._helper_build_path()
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        # link_executable appends nothing on unix; the C driver links libc.
+        self.compiler.link_executable(
+            objs,
+            HELPER_NAME,
+            output_dir=os.path.dirname(out),
+            libraries=libraries,
+            extra_postargs=[*san],
+            target_lang="c",
+        )
+        backends = "sim" + (", xen" if self._have_xen else "")
+        self.announce(f"xcsave: built {out} with backends: {backends}", level=2)
+        sys.stderr.write(f"xcsave: helper backends: {backends}\n")
+
+    def get_outputs(self) -> list[str]:
+        return [*super().get_outputs(), self._helper_build_path()]
+
+    def get_output_mapping(self) -> dict[str, str]:
+        mapping = dict(super().get_output_mapping())
+        if self.inplace:
+            mapping[self._helper_build_path()] = str(HERE / "xcsave" / HELPER_NAME)
+        return mapping
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        shutil.copy2(self._helper_build_path(), HERE / "xcsave" / HELPER_NAME)
+
+
+setup(
+    ext_modules=[
+        Pybind11Extension(
+            "xcsave._ext",
+            EXT_SOURCES,
+            cxx_std=17,
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
+        )
+    ],
+    cmdclass={"build_ext": build_ext},
+)

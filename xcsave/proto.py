@@ -1,0 +1,528 @@
+"""The helper protocol: ONE message table, both dialects, a sans-I/O codec.
+
+This is xcsave's ``libxl_save_msgs_gen.pl``.  Every message the helper can send
+is one row of :data:`TABLE`; both the Python side (this module's
+:class:`Decoder` and :func:`encode`) and the helper's C encoders
+(``csrc/xcsave_msgs.h``, emitted by ``python -m xcsave.proto --emit-c``) are
+generated from it, so the two sides cannot drift apart.
+
+Wire format (both dialects, host byte order, no padding):
+
+    helper -> parent   LEN | u16 msgtype | args...      LEN counts msgtype+args
+    parent -> helper   a bare native int, only as the reply to a message that
+                       needs one (at most one outstanding)
+
+``xen-4.17``
+    byte-exact with Xen 4.17's ``libxl-save-helper``: LEN is a u16 (bodies
+    under 64 KiB), message numbers 1..10 in the 4.17 table order, no
+    handshake.
+``xcsave-1``
+    xcsave's own: LEN is a u32, the helper's first frame is ``hello``
+    (protocol version, a hash of this table, backend, mode) and the table
+    adds ``precopy_policy`` and ``stats``.
+
+Argument types (LP64 sizes): ``u16``/``u32``/``u64``/``i32``/``i64`` as
+named; ``uint``/``int`` are C's 4-byte ``unsigned``/``int``; ``ulong`` is C's
+``unsigned long`` and ``pfn`` is ``xen_pfn_t`` (both native, 8 bytes on
+x86_64); ``STRING`` is a u32 length followed by that many bytes ending in a
+NUL; ``BLOCK`` is a u32 length followed by that many bytes.
+
+Flags, as in Xen's generator: ``s``/``r`` the message occurs in save /
+restore, ``c`` it is a callback of the caller's, ``x`` whether the caller
+installed it travels in ``cbflags`` bit ``1 << number``, ``W``/``A`` it needs
+a reply (synchronous / asynchronous on the parent side; the same on the
+wire).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from .errors import ProtocolError
+
+__all__ = [
+    "DIALECTS",
+    "PROTO_VERSION",
+    "TABLE",
+    "TABLE_HASH",
+    "XCSAVE_1",
+    "XEN_417",
+    "Arg",
+    "Decoder",
+    "Dialect",
+    "Frame",
+    "MessageSpec",
+    "cbflags_for",
+    "emit_c_header",
+    "encode",
+    "encode_reply",
+    "message",
+]
+
+PROTO_VERSION: Final = 1
+
+# type name -> (struct code, size); "ulong" and "pfn" follow the host ABI.
+_ULONG = "Q" if struct.calcsize("@L") == 8 else "I"
+_SCALARS: Final[dict[str, str]] = {
+    "u16": "H",
+    "u32": "I",
+    "u64": "Q",
+    "i32": "i",
+    "i64": "q",
+    "uint": "I",
+    "int": "i",
+    "ulong": _ULONG,
+    "pfn": "Q",
+}
+_C_TYPES: Final[dict[str, str]] = {
+    "u16": "uint16_t",
+    "u32": "uint32_t",
+    "u64": "uint64_t",
+    "i32": "int32_t",
+    "i64": "int64_t",
+    "uint": "unsigned int",
+    "int": "int",
+    "ulong": "unsigned long",
+    "pfn": "uint64_t",
+    "STRING": "const char *",
+    "BLOCK": "const void *",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    """One typed argument of a message."""
+
+    name: str
+    type: str
+
+    @property
+    def code(self) -> str:
+        return _SCALARS[self.type]
+
+    @property
+    def is_var(self) -> bool:
+        return self.type in ("STRING", "BLOCK")
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpec:
+    """One row of the table."""
+
+    name: str
+    xen: int | None  # number in xen-4.17, None if absent
+    xcs: int  # number in xcsave-1
+    flags: str
+    args: tuple[Arg, ...]
+
+    @property
+    def save(self) -> bool:
+        return "s" in self.flags
+
+    @property
+    def restore(self) -> bool:
+        return "r" in self.flags
+
+    @property
+    def needs_reply(self) -> bool:
+        return "W" in self.flags or "A" in self.flags
+
+    @property
+    def callback(self) -> bool:
+        return "c" in self.flags
+
+    @property
+    def flagged(self) -> bool:
+        """Whether its presence travels in ``cbflags``."""
+        return "x" in self.flags
+
+    def number(self, dialect: Dialect) -> int | None:
+        return self.xen if dialect.name == XEN_417.name else self.xcs
+
+    def cbflag(self, dialect: Dialect) -> int:
+        num = self.number(dialect)
+        if not self.flagged or num is None:
+            return 0
+        return 1 << num
+
+
+def _row(name: str, xen: int | None, xcs: int, flags: str, args: str = "") -> MessageSpec:
+    words = args.split()
+    pairs = tuple(Arg(n, t) for t, n in zip(words[0::2], words[1::2], strict=True))
+    return MessageSpec(name, xen, xcs, flags, pairs)
+
+
+#: THE table.  Xen 4.17's ten messages keep their numbers in both dialects.
+TABLE: Final[tuple[MessageSpec, ...]] = (
+    # name                  xen  xcs  flags    args
+    _row("hello",           None, 0, "sr",
+         "u32 version u64 table_hash STRING backend STRING mode"),
+    _row("log",             1,   1,  "sr",
+         "u32 level u32 errnoval STRING context STRING formatted"),
+    _row("progress",        2,   2,  "sr",
+         "STRING context STRING doing_what ulong done ulong total"),
+    _row("suspend",         3,   3,  "srcxA"),
+    _row("postcopy",        4,   4,  "srcxA"),
+    _row("checkpoint",      5,   5,  "srcxA"),
+    _row("wait_checkpoint", 6,   6,  "srcxA"),
+    _row("switch_qemu_logdirty", 7, 7, "scxA", "u32 domid uint enable"),
+    _row("static_data_done", 8,  8,  "rcxW",   "uint missing"),
+    _row("restore_results", 9,   9,  "rcx",    "pfn store_gfn pfn console_gfn"),
+    _row("complete",        10,  10, "srW",    "int retval int errnoval"),
+    _row("precopy_policy",  None, 11, "scxW",  "u32 iteration u64 total_written i64 dirty_count"),
+    _row("stats",           None, 12, "sr",
+         "u32 rounds u64 pages_sent u64 zero_pages u64 bytes u64 downtime_ns u64 duration_ns "
+         "BLOCK pages_per_round"),
+)  # fmt: skip
+
+_BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in TABLE}
+
+
+def message(name: str) -> MessageSpec:
+    """The table row called ``name`` (KeyError if there is none)."""
+    return _BY_NAME[name]
+
+
+def _table_hash() -> int:
+    canon = ";".join(
+        f"{m.name}/{m.xen}/{m.xcs}/{m.flags}/" + ",".join(f"{a.type} {a.name}" for a in m.args)
+        for m in TABLE
+    )
+    return int.from_bytes(hashlib.sha256(canon.encode()).digest()[:8], "big")
+
+
+#: A hash of the table; the helper sends the one it was built with in ``hello``.
+TABLE_HASH: Final = _table_hash()
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How frames are delimited and numbered."""
+
+    name: str
+    len_code: str  # struct code of the length prefix
+    max_body: int  # largest body the wire can express
+    hello: bool  # helper's first frame is hello
+    by_number: dict[int, MessageSpec] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def len_size(self) -> int:
+        return struct.calcsize("=" + self.len_code)
+
+
+XEN_417: Final = Dialect("xen-4.17", "H", 0xFFFF, hello=False)
+XCSAVE_1: Final = Dialect("xcsave-1", "I", 0xFFFFFFFF, hello=True)
+DIALECTS: Final[dict[str, Dialect]] = {XEN_417.name: XEN_417, XCSAVE_1.name: XCSAVE_1}
+for _d in DIALECTS.values():
+    for _m in TABLE:
+        _n = _m.number(_d)
+        if _n is not None:
+            _d.by_number[_n] = _m
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded helper message: its row and its argument values in order."""
+
+    spec: MessageSpec
+    args: tuple[int | str | bytes, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def asdict(self) -> dict[str, int | str | bytes]:
+        return {a.name: v for a, v in zip(self.spec.args, self.args, strict=True)}
+
+
+def cbflags_for(dialect: Dialect, names: set[str] | frozenset[str]) -> int:
+    """The ``cbflags`` word announcing the callbacks called ``names``."""
+    flags = 0
+    for n in names:
+        flags |= _BY_NAME[n].cbflag(dialect)
+    return flags
+
+
+def encode(dialect: Dialect, name: str, *values: int | str | bytes) -> bytes:
+    """Encode one helper->parent frame (used by tests and Python fakes)."""
+    spec = _BY_NAME[name]
+    num = spec.number(dialect)
+    if num is None:
+        raise ProtocolError(f"message {name!r} does not exist in dialect {dialect.name}")
+    if len(values) != len(spec.args):
+        raise ProtocolError(f"{name} takes {len(spec.args)} arguments, got {len(values)}")
+    parts = [struct.pack("=H", num)]
+    for arg, v in zip(spec.args, values, strict=True):
+        if arg.type == "STRING":
+            raw = v.encode() if isinstance(v, str) else bytes(v)  # type: ignore[arg-type]
+            parts.append(struct.pack("=I", len(raw) + 1) + raw + b"\0")
+        elif arg.type == "BLOCK":
+            raw = v.encode() if isinstance(v, str) else bytes(v)  # type: ignore[arg-type]
+            parts.append(struct.pack("=I", len(raw)) + raw)
+        else:
+            parts.append(struct.pack("=" + arg.code, v))
+    body = b"".join(parts)
+    if len(body) > dialect.max_body:
+        raise ProtocolError(f"{name} frame of {len(body)} bytes exceeds {dialect.name}'s limit")
+    return struct.pack("=" + dialect.len_code, len(body)) + body
+
+
+def encode_reply(value: int) -> bytes:
+    """A parent->helper reply: one bare native int."""
+    return struct.pack("=i", value)
+
+
+REPLY_SIZE: Final = struct.calcsize("=i")
+
+
+class Decoder:
+    """Sans-I/O decoder of helper->parent frames, msgpack ``feed()`` style.
+
+    ``feed(data)`` buffers bytes; iterating yields every complete :class:`Frame`.
+    Anything malformed, unknown, oversized or out of place for ``mode`` raises
+    :class:`~xcsave.errors.ProtocolError`; a frame is never silently dropped
+    (libxl ignores its decoder's verdict; we do not).  Lengths are checked
+    against ``max_frame`` before any body is buffered.
+    """
+
+    def __init__(
+        self, dialect: Dialect, mode: str | None = None, max_frame: int = 1 << 20
+    ) -> None:
+        if mode not in (None, "save", "restore"):
+            raise ValueError(f"mode must be 'save', 'restore' or None, not {mode!r}")
+        self.dialect = dialect
+        self.mode = mode
+        self.max_frame = min(max_frame, dialect.max_body)
+        self._buf = bytearray()
+        self._need_hello = dialect.hello
+        self._lenfmt = struct.Struct("=" + dialect.len_code)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buf)
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self
+
+    def __next__(self) -> Frame:
+        lsz = self._lenfmt.size
+        if len(self._buf) < lsz:
+            raise StopIteration
+        (length,) = self._lenfmt.unpack_from(self._buf, 0)
+        if length > self.max_frame:
+            raise ProtocolError(f"frame length {length} exceeds the limit of {self.max_frame}")
+        if length < 2:
+            raise ProtocolError(f"frame length {length} is too short for a message number")
+        if len(self._buf) < lsz + length:
+            raise StopIteration
+        body = bytes(self._buf[lsz : lsz + length])
+        del self._buf[: lsz + length]
+        return self._parse(body)
+
+    def _parse(self, body: bytes) -> Frame:
+        (num,) = struct.unpack_from("=H", body, 0)
+        spec = self.dialect.by_number.get(num)
+        if spec is None:
+            raise ProtocolError(f"unknown message number {num} in dialect {self.dialect.name}")
+        if self._need_hello and spec.name != "hello":
+            raise ProtocolError(f"expected hello as the first frame, got {spec.name}")
+        if not self._need_hello and spec.name == "hello":
+            raise ProtocolError("hello received twice")
+        self._need_hello = False
+        if self.mode == "save" and not spec.save:
+            raise ProtocolError(f"{spec.name} is not a save-side message")
+        if self.mode == "restore" and not spec.restore:
+            raise ProtocolError(f"{spec.name} is not a restore-side message")
+        off = 2
+        values: list[int | str | bytes] = []
+        for arg in spec.args:
+            if arg.is_var:
+                if off + 4 > len(body):
+                    raise ProtocolError(f"{spec.name}: truncated length of {arg.name}")
+                (n,) = struct.unpack_from("=I", body, off)
+                off += 4
+                if n > len(body) - off:
+                    raise ProtocolError(f"{spec.name}: {arg.name} of {n} bytes overruns the frame")
+                raw = body[off : off + n]
+                off += n
+                if arg.type == "STRING":
+                    if n == 0 or raw[-1] != 0:
+                        raise ProtocolError(f"{spec.name}: {arg.name} is not NUL-terminated")
+                    values.append(raw[:-1].decode("utf-8", errors="replace"))
+                else:
+                    values.append(raw)
+            else:
+                fmt = "=" + arg.code
+                size = struct.calcsize(fmt)
+                if off + size > len(body):
+                    raise ProtocolError(f"{spec.name}: truncated at {arg.name}")
+                values.append(struct.unpack_from(fmt, body, off)[0])
+                off += size
+        if off != len(body):
+            raise ProtocolError(f"{spec.name}: {len(body) - off} trailing bytes")
+        frame = Frame(spec, tuple(values))
+        if spec.name == "hello":
+            self._check_hello(frame)
+        return frame
+
+    @staticmethod
+    def _check_hello(frame: Frame) -> None:
+        version, table_hash = frame.args[0], frame.args[1]
+        if version != PROTO_VERSION:
+            raise ProtocolError(
+                f"helper speaks xcsave protocol version {version}, expected {PROTO_VERSION}"
+            )
+        if table_hash != TABLE_HASH:
+            raise ProtocolError(
+                f"helper was built from another message table "
+                f"(hash {table_hash:#018x}, expected {TABLE_HASH:#018x}); rebuild xcsave"
+            )
+
+
+# --------------------------------------------------------------------------- C
+
+
+def _c_ident(name: str) -> str:
+    return name.upper()
+
+
+def emit_c_header() -> str:
+    """The helper's generated marshalling code (``csrc/xcsave_msgs.h``)."""
+    out: list[str] = []
+    w = out.append
+    w("/* AUTOGENERATED by python -m xcsave.proto --emit-c  DO NOT EDIT */")
+    w("/* Source of truth: the message table in xcsave/proto.py. */")
+    w("#ifndef XCSAVE_MSGS_H")
+    w("#define XCSAVE_MSGS_H")
+    w("")
+    w("#include <stddef.h>")
+    w("#include <stdint.h>")
+    w("#include <string.h>")
+    w("")
+    w(f"#define XCS_PROTO_VERSION {PROTO_VERSION}")
+    w(f"#define XCS_PROTO_HASH 0x{TABLE_HASH:016x}ULL")
+    w("")
+    w("enum xcs_dialect { XCS_DIALECT_XEN_417 = 0, XCS_DIALECT_XCSAVE_1 = 1 };")
+    w("")
+    w("/* Row indices of the table (not wire numbers). */")
+    w("enum xcs_msg {")
+    for i, m in enumerate(TABLE):
+        w(f"    XCS_MSG_{_c_ident(m.name)} = {i},")
+    w(f"    XCS_MSG_COUNT = {len(TABLE)}")
+    w("};")
+    w("")
+    w("/* Wire number per dialect; -1 where the dialect lacks the message. */")
+    w("static const int xcs_msg_numbers[2][XCS_MSG_COUNT] = {")
+    for d in (XEN_417, XCSAVE_1):
+        nums = ", ".join(str(m.number(d) if m.number(d) is not None else -1) for m in TABLE)
+        w(f"    {{{nums}}}, /* {d.name} */")
+    w("};")
+    w("")
+    w("static const char *const xcs_msg_names[XCS_MSG_COUNT] = {")
+    w("    " + ", ".join(f'"{m.name}"' for m in TABLE))
+    w("};")
+    w("")
+    w("/* cbflags bits: 1 << wire number (the same in both dialects). */")
+    for m in TABLE:
+        if m.flagged:
+            w(f"#define XCS_CBFLAG_{_c_ident(m.name)} (1u << {m.xcs})")
+    w("")
+    w("/*")
+    w(" * Provided by the helper (helper_main.c):")
+    w(" *   xcs_msgbuf(len)     a buffer of at least len bytes for one body;")
+    w(" *   xcs_transmit(m, body, len)  frame and send body (msgtype + args);")
+    w(" *   xcs_getreply(m)     wait for the parent's int reply to message m.")
+    w(" */")
+    w("uint8_t *xcs_msgbuf(size_t len);")
+    w("void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len);")
+    w("int xcs_getreply(enum xcs_msg m);")
+    w("")
+    w("static inline uint8_t *xcs_put(uint8_t *p, const void *v, size_t n)")
+    w("{")
+    w("    memcpy(p, v, n);")
+    w("    return p + n;")
+    w("}")
+    w("")
+    w("static inline uint8_t *xcs_put_var(uint8_t *p, const void *v, uint32_t n)")
+    w("{")
+    w("    p = xcs_put(p, &n, sizeof(n));")
+    w("    return n ? xcs_put(p, v, n) : p;")
+    w("}")
+    for m in TABLE:
+        w("")
+        params: list[str] = []
+        for a in m.args:
+            params.append(f"{_C_TYPES[a.type]} {a.name}")
+            if a.type == "BLOCK":
+                params.append(f"uint32_t {a.name}_len")
+        ret = "int" if m.needs_reply else "void"
+        w(f"static inline {ret} xcs_stub_{m.name}({', '.join(params) or 'void'})")
+        w("{")
+        size_terms = ["2"]
+        for a in m.args:
+            if a.type == "STRING":
+                w(f"    uint32_t {a.name}_len = (uint32_t)strlen({a.name}) + 1;")
+                size_terms.append(f"4 + {a.name}_len")
+            elif a.type == "BLOCK":
+                size_terms.append(f"4 + {a.name}_len")
+            else:
+                size_terms.append(f"sizeof({a.name})")
+        w(f"    size_t len = {' + '.join(size_terms)};")
+        w("    uint8_t *buf = xcs_msgbuf(len);")
+        w("    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */")
+        for a in m.args:
+            if a.is_var:
+                w(f"    p = xcs_put_var(p, {a.name}, {a.name}_len);")
+            else:
+                w(f"    p = xcs_put(p, &{a.name}, sizeof({a.name}));")
+        w("    (void)p;")
+        w(f"    xcs_transmit(XCS_MSG_{_c_ident(m.name)}, buf, len);")
+        if m.needs_reply:
+            w(f"    return xcs_getreply(XCS_MSG_{_c_ident(m.name)});")
+        w("}")
+    w("")
+    w("#endif /* XCSAVE_MSGS_H */")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m xcsave.proto", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--emit-c", action="store_true", help="print the helper's C header")
+    parser.add_argument(
+        "--check", metavar="FILE", help="with --emit-c: exit 1 if FILE differs (stale)"
+    )
+    parser.add_argument("--hash", action="store_true", help="print the table hash")
+    args = parser.parse_args(argv)
+    if args.hash:
+        sys.stdout.write(f"0x{TABLE_HASH:016x}\n")
+        return 0
+    if not args.emit_c:
+        parser.error("nothing to do: give --emit-c or --hash")
+    text = emit_c_header()
+    if args.check:
+        current = Path(args.check).read_text() if Path(args.check).exists() else ""
+        if current != text:
+            sys.stderr.write(
+                f"{args.check} is stale: regenerate with python -m xcsave.proto --emit-c\n"
+            )
+            return 1
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
