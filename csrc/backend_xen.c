@@ -1,0 +1,234 @@
+/*
+ * backend_xen.c - the helper's xen backend: libxenguest's xc_domain_save /
+ * xc_domain_restore with every callback relayed to the parent.
+ *
+ * Built only when xenctrl.h/xenguest.h are found (Debian libxen-dev).  This
+ * is what Xen 4.17's libxl-save-helper does, plus the precopy_policy
+ * callback (xcsave-1 only: the 4.17 table has no message for it, so under
+ * libxl every migration gets libxc's default 5-iteration/50-page policy).
+ */
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <xenctrl.h>
+#include <xenguest.h>
+#include <xentoollog.h>
+
+#include "helper.h"
+
+/*----- logger: libxc's messages and progress become log/progress frames -----*/
+
+struct relay_stats {
+    unsigned int rounds;      /* from "Frames iteration N" progress */
+    unsigned long last_done;  /* pages of the last progress report */
+    uint64_t pages_sent;
+};
+
+static struct relay_stats relay;
+
+static void relay_vmessage(struct xentoollog_logger *lg, xentoollog_level level,
+                           int errnoval, const char *context,
+                           const char *format, va_list al)
+{
+    (void)lg;
+    xcs_vlog((uint32_t)level, errnoval, context, format, al);
+}
+
+static void relay_progress(struct xentoollog_logger *lg, const char *context,
+                           const char *doing_what, int percent,
+                           unsigned long done, unsigned long total)
+{
+    unsigned int iter;
+
+    (void)lg;
+    (void)percent; /* dropped on the wire, as in Xen: the parent recomputes it */
+    if (doing_what && sscanf(doing_what, "Frames iteration %u", &iter) == 1) {
+        if (iter + 1 > relay.rounds) {
+            relay.pages_sent += relay.last_done;
+            relay.rounds = iter + 1;
+        }
+        relay.last_done = done;
+    }
+    xcs_stub_progress(context ? context : "", doing_what ? doing_what : "",
+                      done, total);
+}
+
+static void relay_destroy(struct xentoollog_logger *lg)
+{
+    (void)lg;
+}
+
+static xentoollog_logger relay_logger = {
+    relay_vmessage, relay_progress, relay_destroy,
+};
+
+/*----- callbacks: each one is a message whose reply is the return value -----*/
+
+static int cb_suspend(void *data)
+{
+    (void)data;
+    return xcs_stub_suspend();
+}
+
+static int cb_postcopy(void *data)
+{
+    (void)data;
+    return xcs_stub_postcopy();
+}
+
+static int cb_checkpoint(void *data)
+{
+    (void)data;
+    return xcs_stub_checkpoint();
+}
+
+static int cb_wait_checkpoint(void *data)
+{
+    (void)data;
+    return xcs_stub_wait_checkpoint();
+}
+
+static int cb_switch_qemu_logdirty(uint32_t domid, unsigned enable, void *data)
+{
+    (void)data;
+    return xcs_stub_switch_qemu_logdirty(domid, enable);
+}
+
+static int cb_precopy_policy(struct precopy_stats st, void *data)
+{
+    (void)data;
+    return xcs_stub_precopy_policy(st.iteration, (uint64_t)st.total_written,
+                                   (int64_t)st.dirty_count);
+}
+
+static int cb_static_data_done(unsigned int missing, void *data)
+{
+    (void)data;
+    return xcs_stub_static_data_done(missing);
+}
+
+static void cb_restore_results(xen_pfn_t store_gfn, xen_pfn_t console_gfn,
+                               void *data)
+{
+    (void)data;
+    xcs_stub_restore_results(store_gfn, console_gfn);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void send_stats(uint64_t started)
+{
+    uint64_t pages = relay.pages_sent + relay.last_done;
+
+    if (!xcs_msg_exists(XCS_MSG_STATS))
+        return;
+    /*
+     * libxc does not report per-round counts or downtime to its caller; what
+     * we know comes from its progress reports.  Unknown figures are 0.
+     */
+    xcs_stub_stats(relay.rounds, pages, 0, 0, 0, now_ns() - started, NULL, 0);
+}
+
+/*----- save / restore -----*/
+
+static xc_interface *open_xc(void)
+{
+    xc_interface *xch = xc_interface_open(&relay_logger, &relay_logger, 0);
+
+    if (!xch) {
+        int saved = errno;
+        xcs_log(XCS_LOG_ERROR, saved, XCS_HELPER_CONTEXT, "xc_interface_open failed");
+        errno = saved;
+    }
+    return xch;
+}
+
+static int xen_save(const struct xcs_op *op)
+{
+    static struct save_callbacks cb; /* zeroed: unflagged callbacks stay NULL */
+    xc_interface *xch = NULL;
+    uint64_t started = now_ns();
+    int rc = -1, saved;
+
+    xch = open_xc();
+    if (!xch)
+        goto out;
+    if (xcs_cb_wanted(op, XCS_MSG_SUSPEND))
+        cb.suspend = cb_suspend;
+    if (xcs_cb_wanted(op, XCS_MSG_POSTCOPY))
+        cb.postcopy = cb_postcopy;
+    if (xcs_cb_wanted(op, XCS_MSG_CHECKPOINT))
+        cb.checkpoint = cb_checkpoint;
+    if (xcs_cb_wanted(op, XCS_MSG_WAIT_CHECKPOINT))
+        cb.wait_checkpoint = cb_wait_checkpoint;
+    if (xcs_cb_wanted(op, XCS_MSG_SWITCH_QEMU_LOGDIRTY))
+        cb.switch_qemu_logdirty = cb_switch_qemu_logdirty;
+    if (xcs_cb_wanted(op, XCS_MSG_PRECOPY_POLICY))
+        cb.precopy_policy = cb_precopy_policy;
+
+    xcs_arm_sigterm_abort(op->io_fd);
+    rc = xc_domain_save(xch, op->io_fd, op->domid, op->xcflags, &cb,
+                        (xc_stream_type_t)op->stream_type, op->aux_fd);
+ out:
+    saved = errno;
+    send_stats(started);
+    if (xch)
+        xc_interface_close(xch);
+    errno = saved;
+    return rc;
+}
+
+static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
+{
+    static struct restore_callbacks cb;
+    xc_interface *xch = NULL;
+    unsigned long store_mfn = 0, console_mfn = 0;
+    uint64_t started = now_ns();
+    int rc = -1, saved;
+
+    xch = open_xc();
+    if (!xch)
+        goto out;
+    if (xcs_cb_wanted(op, XCS_MSG_STATIC_DATA_DONE))
+        cb.static_data_done = cb_static_data_done;
+    if (xcs_cb_wanted(op, XCS_MSG_SUSPEND))
+        cb.suspend = cb_suspend;
+    if (xcs_cb_wanted(op, XCS_MSG_POSTCOPY))
+        cb.postcopy = cb_postcopy;
+    if (xcs_cb_wanted(op, XCS_MSG_CHECKPOINT))
+        cb.checkpoint = cb_checkpoint;
+    if (xcs_cb_wanted(op, XCS_MSG_WAIT_CHECKPOINT))
+        cb.wait_checkpoint = cb_wait_checkpoint;
+    if (xcs_cb_wanted(op, XCS_MSG_RESTORE_RESULTS))
+        cb.restore_results = cb_restore_results;
+
+    /* Restore keeps SIGTERM's default action, as Xen's helper does. */
+    rc = xc_domain_restore(xch, op->io_fd, op->domid, op->store_evtchn,
+                           &store_mfn, op->store_domid, op->console_evtchn,
+                           &console_mfn, op->console_domid,
+                           (xc_stream_type_t)op->stream_type, &cb, op->aux_fd);
+    out->store_gfn = store_mfn;
+    out->console_gfn = console_mfn;
+ out:
+    saved = errno;
+    send_stats(started);
+    if (xch)
+        xc_interface_close(xch);
+    errno = saved;
+    return rc;
+}
+
+const struct xcs_backend xcs_backend_xen = {
+    .name = "xen",
+    .save = xen_save,
+    .restore = xen_restore,
+};

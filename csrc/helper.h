@@ -1,0 +1,83 @@
+/*
+ * helper.h - what helper_main.c offers the helper's backends, and what a
+ * backend offers helper_main.c.
+ *
+ * A backend does one save or one restore and talks to the parent only through
+ * the generated stubs in xcsave_msgs.h (xcs_stub_<name>) and the helpers
+ * below; helper_main.c owns argv, the protocol framing, hello/complete,
+ * signals and the exit status.
+ */
+#ifndef XCS_HELPER_H
+#define XCS_HELPER_H
+
+#include <stdarg.h>
+#include <stdint.h>
+
+#include "xcs_engine.h"
+#include "xcsave_msgs.h"
+
+#define XCS_HELPER_CONTEXT "xcsave-helper"
+
+struct xcs_op {
+    enum xcs_dialect dialect;
+    int restore;          /* 0: save, 1: restore */
+    int io_fd;            /* the migration stream, never buffered */
+    int aux_fd;           /* save: recv_fd; restore: send_back_fd; -1 none */
+    uint32_t domid;
+    uint32_t xcflags;     /* save: XCFLAGS_LIVE (1) | XCFLAGS_DEBUG (2) */
+    uint32_t cbflags;     /* which callbacks the parent installed */
+    int stream_type;      /* enum xcs_stream_type */
+    /* restore, as libxl passes them */
+    uint32_t store_evtchn, store_domid, console_evtchn, console_domid;
+    /* sim backend (xcsave-1 argv only) */
+    const char *sim_path;
+    enum xcs_wrap wrap;
+    uint64_t max_pages;
+    unsigned int checkpoints, interval_ms;
+    const char *xl_config_path;
+    /* legacy input (restore): 0 = v2/v3 stream; else 32 or 64 */
+    unsigned int legacy_width;
+    int legacy_hvm;
+};
+
+struct xcs_restore_out {
+    uint64_t store_gfn;
+    uint64_t console_gfn;
+};
+
+struct xcs_backend {
+    const char *name;
+    /* Each returns 0 or -1 with errno set (xc_domain_save's convention). */
+    int (*save)(const struct xcs_op *op);
+    int (*restore)(const struct xcs_op *op, struct xcs_restore_out *out);
+};
+
+extern const struct xcs_backend xcs_backend_sim;
+#ifdef XCS_HAVE_XEN
+extern const struct xcs_backend xcs_backend_xen;
+#endif
+
+/* The dialect in use (set once, before the first frame). */
+enum xcs_dialect xcs_current_dialect(void);
+
+/* Whether the parent installed callback m (its cbflags bit is set). */
+int xcs_cb_wanted(const struct xcs_op *op, enum xcs_msg m);
+
+/* Whether the dialect has message m at all. */
+int xcs_msg_exists(enum xcs_msg m);
+
+/* log frames: truncated to what the dialect can carry. */
+void xcs_log(uint32_t level, int errnoval, const char *context,
+             const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+void xcs_vlog(uint32_t level, int errnoval, const char *context,
+              const char *fmt, va_list al) __attribute__((format(printf, 4, 0)));
+
+/*
+ * SIGTERM aborts an operation the way Xen's helper does: the handler dup2()s
+ * /dev/null over io_fd so that the next read sees EOF and the next write
+ * fails, and the backend's own error path (resume the guest, remove a
+ * partial domain) runs.  Called by a backend once it knows io_fd.
+ */
+void xcs_arm_sigterm_abort(int io_fd);
+
+#endif /* XCS_HELPER_H */

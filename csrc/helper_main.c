@@ -1,0 +1,507 @@
+/*
+ * xcsave-helper - runs one domain save or restore for a toolstack.
+ *
+ * The toolstack forks and execs us, passes the migration stream as an fd
+ * number in argv, and talks to us over stdin/stdout.  We do the page copying
+ * and the libxenguest (or simulated hypervisor) calls; the toolstack stays
+ * responsive and can drive many of us at once.  This is the design of Xen's
+ * libxl-save-helper (2012), and in the xen-4.17 dialect we are a drop-in
+ * replacement for it (LIBXL_SAVE_HELPER=/path/to/xcsave-helper).
+ *
+ * Protocol.  We talk on stdin and stdout, in binary, in host byte order.  We
+ * speak first, and in xen-4.17 only when we have something to say.  Each
+ * message is a length (u16 in xen-4.17, u32 in xcsave-1) counting the body
+ * that follows; the body is a u16 message number and the packed arguments.
+ * If the message needs a reply, we wait for the parent to write one native
+ * int, the callback's return value.  In xcsave-1 our first message is hello
+ * (protocol version, the message table's hash, backend, mode).  The messages,
+ * their numbers, arguments and reply rules are the table in xcsave/proto.py;
+ * the encoders are generated from it into xcsave_msgs.h.
+ *
+ * Ending.  A save ends with complete(retval, errno); a restore first sends
+ * restore_results(store_gfn, console_gfn), whatever the result, then
+ * complete.  We wait for complete's reply, then exit 0.  Exit status 255
+ * means a fatal error before or outside the operation (bad argv, the control
+ * pipe broke), 254 that stdin reached EOF while we waited for a reply.
+ *
+ * argv:
+ *   --save-domain    <io_fd> <recv_fd> <domid> <xcflags> <cbflags> <stream_type>
+ *   --restore-domain <io_fd> <send_back_fd> <domid> <store_evtchn>
+ *                    <store_domid> <console_evtchn> <console_domid>
+ *                    <cbflags> <stream_type>
+ *        Xen 4.17's layout; dialect xen-4.17; backend xen.
+ *   --xcsave-1 save|restore [--backend sim|xen] [--io-fd N] [--aux-fd N]
+ *        [--domid N] [--flags N] [--cbflags N] [--stream-type N]
+ *        [--store-evtchn N] [--store-domid N] [--console-evtchn N]
+ *        [--console-domid N] [--sim PATH] [--format libxc|libxl|xl]
+ *        [--max-pages N] [--checkpoints N] [--interval-ms N]
+ *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
+ *   --version
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "helper.h"
+#include "xcs_format.h"
+
+#ifndef XCS_BACKENDS
+#define XCS_BACKENDS "sim"
+#endif
+#define XCS_HELPER_VERSION "0.1.0"
+
+/* The largest log text we send: xen-4.17 bodies must stay under 64 KiB. */
+#define XCS_LOG_MAX_XEN 4000
+#define XCS_LOG_MAX_XCS 65536
+
+#define XCS_EXIT_FATAL 255   /* exit(-1) in Xen's helper */
+#define XCS_EXIT_REPLY_EOF 254 /* exit(-2): parent closed our stdin */
+
+/*----- protocol state -----*/
+
+static enum xcs_dialect dialect = XCS_DIALECT_XCSAVE_1;
+static uint8_t *msgbuf;
+static size_t msgbuf_size;
+
+enum xcs_dialect xcs_current_dialect(void)
+{
+    return dialect;
+}
+
+int xcs_msg_exists(enum xcs_msg m)
+{
+    return xcs_msg_numbers[dialect][m] >= 0;
+}
+
+int xcs_cb_wanted(const struct xcs_op *op, enum xcs_msg m)
+{
+    int num = xcs_msg_numbers[dialect][m];
+
+    return num >= 0 && (op->cbflags & (1u << num)) != 0;
+}
+
+/* Fatal: say so on stderr (inherited from the parent, as in Xen) and exit. */
+static void __attribute__((noreturn, format(printf, 1, 2))) fatal(const char *fmt, ...)
+{
+    va_list al;
+
+    fputs(XCS_HELPER_CONTEXT ": ", stderr);
+    va_start(al, fmt);
+    vfprintf(stderr, fmt, al);
+    va_end(al);
+    fputc('\n', stderr);
+    exit(XCS_EXIT_FATAL);
+}
+
+uint8_t *xcs_msgbuf(size_t len)
+{
+    /* Room for the length prefix in front of the body, so one write suffices. */
+    size_t need = len + sizeof(uint32_t);
+
+    if (need > msgbuf_size) {
+        uint8_t *nb = realloc(msgbuf, need);
+        if (!nb)
+            fatal("out of memory for a %zu-byte message", len);
+        msgbuf = nb;
+        msgbuf_size = need;
+    }
+    return msgbuf + sizeof(uint32_t);
+}
+
+static void write_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t r = write(fd, p, n);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            /* The parent is gone or closed our stdout: nobody to report to. */
+            fatal("writing to the control pipe: %s", strerror(errno));
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+}
+
+void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len)
+{
+    int num = xcs_msg_numbers[dialect][m];
+    uint16_t num16;
+    uint8_t *frame;
+    size_t lsz;
+
+    if (num < 0)
+        fatal("bug: message %s does not exist in this dialect", xcs_msg_names[m]);
+    num16 = (uint16_t)num;
+    memcpy((uint8_t *)body, &num16, sizeof(num16));
+    if (dialect == XCS_DIALECT_XEN_417) {
+        uint16_t l16;
+        if (len > 0xffff)
+            fatal("bug: %s message of %zu bytes exceeds xen-4.17's limit",
+                  xcs_msg_names[m], len);
+        l16 = (uint16_t)len;
+        lsz = sizeof(l16);
+        frame = (uint8_t *)body - lsz;
+        memcpy(frame, &l16, lsz);
+    } else {
+        uint32_t l32 = (uint32_t)len;
+        lsz = sizeof(l32);
+        frame = (uint8_t *)body - lsz;
+        memcpy(frame, &l32, lsz);
+    }
+    write_all(STDOUT_FILENO, frame, lsz + len);
+}
+
+int xcs_getreply(enum xcs_msg m)
+{
+    int v;
+    uint8_t *p = (uint8_t *)&v;
+    size_t got = 0;
+
+    while (got < sizeof(v)) {
+        ssize_t r = read(STDIN_FILENO, p + got, sizeof(v) - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            /*
+             * EOF (or an error) while the operation waits for a reply: the
+             * parent has given up on us.  Exit at once, as Xen's helper
+             * does; the parent reads status 254 as "reply pipe closed".
+             */
+            fprintf(stderr, XCS_HELPER_CONTEXT ": %s reading the reply to %s\n",
+                    r == 0 ? "EOF" : strerror(errno), xcs_msg_names[m]);
+            exit(XCS_EXIT_REPLY_EOF);
+        }
+        got += (size_t)r;
+    }
+    return v;
+}
+
+void xcs_vlog(uint32_t level, int errnoval, const char *context,
+              const char *fmt, va_list al)
+{
+    size_t max = dialect == XCS_DIALECT_XEN_417 ? XCS_LOG_MAX_XEN
+                                                 : XCS_LOG_MAX_XCS;
+    char *text = NULL;
+    int n = vasprintf(&text, fmt, al);
+
+    if (n < 0)
+        fatal("out of memory formatting a log message");
+    if ((size_t)n > max)
+        text[max] = '\0';
+    if (getenv("XCSAVE_DEBUG"))
+        fprintf(stderr, "%s: [%u] %s\n", context ? context : "", level, text);
+    xcs_stub_log(level, (uint32_t)errnoval, context ? context : "", text);
+    free(text);
+}
+
+void xcs_log(uint32_t level, int errnoval, const char *context,
+             const char *fmt, ...)
+{
+    va_list al;
+
+    va_start(al, fmt);
+    xcs_vlog(level, errnoval, context, fmt, al);
+    va_end(al);
+}
+
+/*----- signals -----*/
+
+/*
+ * /dev/null, opened read-only before the operation starts, so that the
+ * SIGTERM handler only has to dup2() (async-signal-safe) and never open().
+ */
+static int sigterm_nullfd = -1;
+static int sigterm_iofd = -1;
+
+static void sigterm_abort(int signo)
+{
+    int saved = errno;
+
+    /*
+     * Abort the operation without touching anything that is not
+     * async-signal-safe: replace the stream fd with /dev/null.  A blocked or
+     * next write() then fails (EBADF: /dev/null is open read-only) and a
+     * read() sees EOF, so the backend fails "naturally" and runs its own
+     * cleanup: log-dirty off, the source domain resumed, a partial target
+     * removed.  No logging here (Xen learnt that the hard way: cd84a2baad).
+     * Then restore the default action, so a second SIGTERM kills us.
+     */
+    (void)signo;
+    if (sigterm_iofd >= 0)
+        dup2(sigterm_nullfd, sigterm_iofd);
+    signal(SIGTERM, SIG_DFL);
+    errno = saved;
+}
+
+void xcs_arm_sigterm_abort(int io_fd)
+{
+    struct sigaction sa;
+
+    sigterm_nullfd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (sigterm_nullfd < 0)
+        fatal("open /dev/null: %s", strerror(errno));
+    sigterm_iofd = io_fd;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = sigterm_abort;
+    sigemptyset(&sa.sa_mask);
+    /* No SA_RESTART: a blocked write() returns EINTR and is retried, then fails on /dev/null. */
+    sa.sa_flags = 0;
+    if (sigaction(SIGTERM, &sa, NULL) < 0)
+        fatal("sigaction: %s", strerror(errno));
+}
+
+/*----- argv -----*/
+
+static unsigned long parse_num(const char *what, const char *s, unsigned long max)
+{
+    char *end = NULL;
+    unsigned long v;
+
+    if (!s)
+        fatal("missing argument <%s>", what);
+    errno = 0;
+    v = strtoul(s, &end, 0);
+    if (errno || end == s || *end || s[0] == '-' || v > max)
+        fatal("bad <%s> '%s': expected a number from 0 to %lu", what, s, max);
+    return v;
+}
+
+/* An fd number, or -1 ("none") where allowed. */
+static int parse_fd(const char *what, const char *s, int allow_none)
+{
+    if (allow_none && s && strcmp(s, "-1") == 0)
+        return -1;
+    return (int)parse_num(what, s, INT_MAX);
+}
+
+static void check_fd(const char *what, int fd)
+{
+    if (fd >= 0 && fcntl(fd, F_GETFD) < 0)
+        fatal("%s %d is not open: %s", what, fd, strerror(errno));
+}
+
+static void parse_xen_argv(int argc, char **argv, struct xcs_op *op)
+{
+    int n = argc - 2;
+    char **a = argv + 2;
+
+    dialect = XCS_DIALECT_XEN_417;
+    op->dialect = dialect;
+    if (!op->restore) {
+        if (n != 6)
+            fatal("--save-domain takes 6 arguments, got %d", n);
+        op->io_fd = parse_fd("io_fd", a[0], 0);
+        op->aux_fd = parse_fd("recv_fd", a[1], 1);
+        op->domid = (uint32_t)parse_num("domid", a[2], UINT32_MAX);
+        op->xcflags = (uint32_t)parse_num("xcflags", a[3], UINT32_MAX);
+        op->cbflags = (uint32_t)parse_num("cbflags", a[4], UINT32_MAX);
+        op->stream_type = (int)parse_num("stream_type", a[5], XCS_STREAM_COLO);
+    } else {
+        if (n != 9)
+            fatal("--restore-domain takes 9 arguments, got %d", n);
+        op->io_fd = parse_fd("io_fd", a[0], 0);
+        op->aux_fd = parse_fd("send_back_fd", a[1], 1);
+        op->domid = (uint32_t)parse_num("domid", a[2], UINT32_MAX);
+        op->store_evtchn = (uint32_t)parse_num("store_evtchn", a[3], UINT32_MAX);
+        op->store_domid = (uint32_t)parse_num("store_domid", a[4], UINT32_MAX);
+        op->console_evtchn = (uint32_t)parse_num("console_evtchn", a[5], UINT32_MAX);
+        op->console_domid = (uint32_t)parse_num("console_domid", a[6], UINT32_MAX);
+        op->cbflags = (uint32_t)parse_num("cbflags", a[7], UINT32_MAX);
+        op->stream_type = (int)parse_num("stream_type", a[8], XCS_STREAM_COLO);
+    }
+}
+
+enum {
+    OPT_BACKEND = 256, OPT_IO_FD, OPT_AUX_FD, OPT_DOMID, OPT_FLAGS, OPT_CBFLAGS,
+    OPT_STREAM_TYPE, OPT_STORE_EVTCHN, OPT_STORE_DOMID, OPT_CONSOLE_EVTCHN,
+    OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
+    OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST
+};
+
+static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
+{
+    static const struct option opts[] = {
+        {"backend", required_argument, NULL, OPT_BACKEND},
+        {"io-fd", required_argument, NULL, OPT_IO_FD},
+        {"aux-fd", required_argument, NULL, OPT_AUX_FD},
+        {"domid", required_argument, NULL, OPT_DOMID},
+        {"flags", required_argument, NULL, OPT_FLAGS},
+        {"cbflags", required_argument, NULL, OPT_CBFLAGS},
+        {"stream-type", required_argument, NULL, OPT_STREAM_TYPE},
+        {"store-evtchn", required_argument, NULL, OPT_STORE_EVTCHN},
+        {"store-domid", required_argument, NULL, OPT_STORE_DOMID},
+        {"console-evtchn", required_argument, NULL, OPT_CONSOLE_EVTCHN},
+        {"console-domid", required_argument, NULL, OPT_CONSOLE_DOMID},
+        {"sim", required_argument, NULL, OPT_SIM},
+        {"format", required_argument, NULL, OPT_FORMAT},
+        {"max-pages", required_argument, NULL, OPT_MAX_PAGES},
+        {"checkpoints", required_argument, NULL, OPT_CHECKPOINTS},
+        {"interval-ms", required_argument, NULL, OPT_INTERVAL_MS},
+        {"xl-config", required_argument, NULL, OPT_XL_CONFIG},
+        {"legacy-width", required_argument, NULL, OPT_LEGACY_WIDTH},
+        {"legacy-guest", required_argument, NULL, OPT_LEGACY_GUEST},
+        {NULL, 0, NULL, 0},
+    };
+    const char *backend = "sim";
+    int c;
+
+    dialect = XCS_DIALECT_XCSAVE_1;
+    op->dialect = dialect;
+    if (argc < 3 || (strcmp(argv[2], "save") && strcmp(argv[2], "restore")))
+        fatal("--xcsave-1 needs a mode: save or restore");
+    op->restore = strcmp(argv[2], "restore") == 0;
+    optind = 3;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case OPT_BACKEND: backend = optarg; break;
+        case OPT_IO_FD: op->io_fd = parse_fd("io-fd", optarg, 0); break;
+        case OPT_AUX_FD: op->aux_fd = parse_fd("aux-fd", optarg, 1); break;
+        case OPT_DOMID: op->domid = (uint32_t)parse_num("domid", optarg, UINT32_MAX); break;
+        case OPT_FLAGS: op->xcflags = (uint32_t)parse_num("flags", optarg, UINT32_MAX); break;
+        case OPT_CBFLAGS: op->cbflags = (uint32_t)parse_num("cbflags", optarg, UINT32_MAX); break;
+        case OPT_STREAM_TYPE:
+            op->stream_type = (int)parse_num("stream-type", optarg, XCS_STREAM_COLO);
+            break;
+        case OPT_STORE_EVTCHN:
+            op->store_evtchn = (uint32_t)parse_num("store-evtchn", optarg, UINT32_MAX);
+            break;
+        case OPT_STORE_DOMID:
+            op->store_domid = (uint32_t)parse_num("store-domid", optarg, UINT32_MAX);
+            break;
+        case OPT_CONSOLE_EVTCHN:
+            op->console_evtchn = (uint32_t)parse_num("console-evtchn", optarg, UINT32_MAX);
+            break;
+        case OPT_CONSOLE_DOMID:
+            op->console_domid = (uint32_t)parse_num("console-domid", optarg, UINT32_MAX);
+            break;
+        case OPT_SIM: op->sim_path = optarg; break;
+        case OPT_FORMAT:
+            if (!strcmp(optarg, "libxc"))
+                op->wrap = XCS_WRAP_LIBXC;
+            else if (!strcmp(optarg, "libxl"))
+                op->wrap = XCS_WRAP_LIBXL;
+            else if (!strcmp(optarg, "xl"))
+                op->wrap = XCS_WRAP_XL;
+            else
+                fatal("bad --format '%s': expected libxc, libxl or xl", optarg);
+            break;
+        case OPT_MAX_PAGES:
+            op->max_pages = parse_num("max-pages", optarg, 1UL << 40);
+            break;
+        case OPT_CHECKPOINTS:
+            op->checkpoints = (unsigned)parse_num("checkpoints", optarg, 1u << 20);
+            break;
+        case OPT_INTERVAL_MS:
+            op->interval_ms = (unsigned)parse_num("interval-ms", optarg, 3600u * 1000);
+            break;
+        case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
+        case OPT_LEGACY_WIDTH:
+            op->legacy_width = (unsigned)parse_num("legacy-width", optarg, 64);
+            if (op->legacy_width != 32 && op->legacy_width != 64)
+                fatal("bad --legacy-width %u: expected 32 or 64", op->legacy_width);
+            break;
+        case OPT_LEGACY_GUEST:
+            if (strcmp(optarg, "pv") && strcmp(optarg, "hvm"))
+                fatal("bad --legacy-guest '%s': expected pv or hvm", optarg);
+            op->legacy_hvm = !strcmp(optarg, "hvm");
+            break;
+        default:
+            fatal("unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind != argc)
+        fatal("unexpected argument '%s'", argv[optind]);
+    if (op->io_fd < 0)
+        fatal("--io-fd is required");
+    return backend;
+}
+
+static const struct xcs_backend *find_backend(const char *name)
+{
+    if (!strcmp(name, "sim"))
+        return &xcs_backend_sim;
+#ifdef XCS_HAVE_XEN
+    if (!strcmp(name, "xen"))
+        return &xcs_backend_xen;
+#endif
+    return NULL;
+}
+
+/*----- main -----*/
+
+int main(int argc, char **argv)
+{
+    struct xcs_op op;
+    struct xcs_restore_out out = {0, 0};
+    const struct xcs_backend *be = NULL;
+    const char *backend = "xen";
+    int r, errnoval;
+
+    memset(&op, 0, sizeof(op));
+    op.io_fd = -1;
+    op.aux_fd = -1;
+
+    if (argc >= 2 && !strcmp(argv[1], "--version")) {
+        printf("xcsave-helper %s protocol %d table 0x%016llx backends %s\n",
+               XCS_HELPER_VERSION, XCS_PROTO_VERSION,
+               (unsigned long long)XCS_PROTO_HASH, XCS_BACKENDS);
+        return 0;
+    }
+    if (argc >= 2 && !strcmp(argv[1], "--save-domain")) {
+        parse_xen_argv(argc, argv, &op);
+    } else if (argc >= 2 && !strcmp(argv[1], "--restore-domain")) {
+        op.restore = 1;
+        parse_xen_argv(argc, argv, &op);
+    } else if (argc >= 2 && !strcmp(argv[1], "--xcsave-1")) {
+        backend = parse_xcs_argv(argc, argv, &op);
+    } else {
+        fatal("unexpected mode argument '%s' (see the comment at the top of "
+              "helper_main.c)", argc >= 2 ? argv[1] : "");
+    }
+    check_fd("io_fd", op.io_fd);
+    check_fd(op.restore ? "send_back_fd" : "recv_fd", op.aux_fd);
+
+    /*
+     * A closed control pipe or stream socket must surface as EPIPE from
+     * write(), so the backend's error path runs and reports it, rather than
+     * killing us silently with SIGPIPE.
+     */
+    signal(SIGPIPE, SIG_IGN);
+
+    be = find_backend(backend);
+    if (op.dialect == XCS_DIALECT_XCSAVE_1)
+        xcs_stub_hello(XCS_PROTO_VERSION, XCS_PROTO_HASH, be ? be->name : backend,
+                       op.restore ? "restore" : "save");
+    if (!be) {
+        xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, XCS_HELPER_CONTEXT,
+                "backend '%s' is not built into this helper (built: %s)",
+                backend, XCS_BACKENDS);
+        exit(XCS_EXIT_FATAL);
+    }
+
+    xcs_log(XCS_LOG_DEBUG, 0, XCS_HELPER_CONTEXT, "starting %s",
+            op.restore ? "restore" : "save");
+    errno = 0;
+    if (op.restore)
+        r = be->restore(&op, &out);
+    else
+        r = be->save(&op);
+    errnoval = r ? (errno ? errno : EIO) : 0;
+
+    if (op.restore)
+        xcs_stub_restore_results(out.store_gfn, out.console_gfn);
+    xcs_log(XCS_LOG_DEBUG, errnoval, XCS_HELPER_CONTEXT, "complete r=%d", r);
+    xcs_stub_complete(r, errnoval);
+    free(msgbuf);
+    return 0;
+}

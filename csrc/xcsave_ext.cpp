@@ -1,0 +1,33 @@
+// xcsave_ext.cpp - the xcsave._ext module: native fast paths Python calls
+// in-process (simulated domains, stream inspection, verification and
+// conversion).  Save and restore proper run in the helper process, never here.
+#include "ext_common.hpp"
+
+#include <cerrno>
+#include <cstring>
+
+namespace xcsave_ext {
+
+void raise_errno(int err, const std::string &what)
+{
+    errno = err;
+    PyErr_SetFromErrnoWithFilename(PyExc_OSError, what.c_str());
+    throw py::error_already_set();
+}
+
+void raise_xcsave(const char *name, const std::string &message)
+{
+    py::object cls = py::module_::import("xcsave.errors").attr(name);
+    PyErr_SetObject(cls.ptr(), py::str(message).ptr());
+    throw py::error_already_set();
+}
+
+} // namespace xcsave_ext
+
+PYBIND11_MODULE(_ext, m)
+{
+    m.doc() = "xcsave native fast paths (simulated domains, stream tools)";
+    m.attr("BACKENDS") = XCS_BACKENDS;
+    xcsave_ext::register_sim(m);
+    xcsave_ext::register_stream(m);
+}
