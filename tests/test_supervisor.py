@@ -1,0 +1,640 @@
+"""The supervisor driving real helpers: Debian's stock libxl-save-helper 4.17 and
+xcsave-helper (xen backend, both dialects), over the fakexen hypervisor stand-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import fake_env
+
+import xcsave
+import xcsave.sync
+from xcsave import proto
+from xcsave.events import Event, PolicyEvent, ProgressEvent
+from xcsave.policy import Decision, PrecopyStats
+from xcsave.supervisor import Callbacks, HelperSpec, Supervisor, xen_save_args
+
+EIO = 5
+
+
+@dataclass(frozen=True)
+class HelperCfg:
+    name: str
+    path: Path
+    dialect: str
+
+
+def _xen_backend_built() -> bool:
+    return "xen" in xcsave.backends()
+
+
+@pytest.fixture(params=["stock-417", "xcsave-1", "xcsave-as-417"])
+def helper(request: pytest.FixtureRequest, stock_helper: Path) -> HelperCfg:
+    if request.param == "stock-417":
+        return HelperCfg(request.param, stock_helper, "xen-4.17")
+    if not _xen_backend_built():
+        msg = "xcsave-helper was built without the xen backend (libxen-dev missing)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    dialect = "xcsave-1" if request.param == "xcsave-1" else "xen-4.17"
+    return HelperCfg(request.param, xcsave.helper_path(), dialect)
+
+
+@pytest.fixture
+def fake(fakexen_lib: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXen]:
+    f = FakeXen(fakexen_lib, monkeypatch)
+    f.set()
+    yield f
+
+
+class FakeXen:
+    """Preload fakexen under every helper this test spawns, with knobs."""
+
+    def __init__(self, lib: Path, mp: pytest.MonkeyPatch) -> None:
+        self.lib = lib
+        self.mp = mp
+
+    def set(self, **knobs: str | int | Path | None) -> None:
+        env = fake_env(self.lib, **knobs)
+        for k in [k for k in os.environ if k.startswith("FAKEXEN_")]:
+            self.mp.delenv(k)
+        for k, v in env.items():
+            if k == "LD_PRELOAD" or k.startswith("FAKEXEN_"):
+                self.mp.setenv(k, v)
+
+
+def _save_cbs(calls: list[str] | None = None, suspend: int = 1) -> Callbacks:
+    seen = calls if calls is not None else []
+
+    def do_suspend() -> int:
+        seen.append("suspend")
+        return suspend
+
+    def logdirty(domid: int, enable: int) -> int:
+        seen.append(f"logdirty({domid},{enable})")
+        return 0
+
+    return Callbacks(suspend=do_suspend, switch_qemu_logdirty=logdirty)
+
+
+def _restore_cbs(calls: list[str] | None = None, sdd: int = 0) -> Callbacks:
+    seen = calls if calls is not None else []
+
+    def static_data_done(missing: int) -> int:
+        seen.append(f"sdd({missing})")
+        return sdd
+
+    return Callbacks(static_data_done=static_data_done)
+
+
+# ---------------------------------------------------------------- save / restore
+
+
+async def test_save_writes_the_backend_stream(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path, xen_verify: object
+) -> None:
+    digest = tmp_path / "save.digest"
+    fake.set(save_digest=digest)
+    out = tmp_path / "dom.img"
+    calls: list[str] = []
+    events: list[Event] = []
+    res = await xcsave.save(
+        out,
+        domid=7,
+        live=True,
+        dialect=helper.dialect,
+        helper=helper.path,  # type: ignore[arg-type]
+        callbacks=_save_cbs(calls),
+        on_event=events.append,
+    )
+    assert res.retval == 0 and res.errno == 0 and res.returncode == 0
+    assert calls == ["logdirty(7,1)", "suspend"]
+    assert any(isinstance(e, ProgressEvent) and e.doing_what.startswith("Frames") for e in events)
+    assert digest.read_text().strip()
+    v = xen_verify(out, "libxc")  # type: ignore[operator]
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+async def test_restore_reads_exactly_what_save_wrote(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    saved, restored = tmp_path / "save.digest", tmp_path / "restore.digest"
+    fake.set(save_digest=saved, restore_digest=restored, pages=300)
+    img = tmp_path / "dom.img"
+    await xcsave.save(
+        img,
+        domid=3,
+        dialect=helper.dialect,
+        helper=helper.path,  # type: ignore[arg-type]
+        callbacks=_save_cbs(),
+    )
+    image_len = img.stat().st_size
+    with img.open("ab") as f:  # what a toolstack writes after the image
+        f.write(b"QemuDeviceModelRecord" + b"\xaa" * 100)
+    calls: list[str] = []
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        res = await xcsave.restore(
+            fd,
+            domid=4,
+            dialect=helper.dialect,
+            helper=helper.path,  # type: ignore[arg-type]
+            callbacks=_restore_cbs(calls),
+        )
+        assert os.lseek(fd, 0, os.SEEK_CUR) == image_len  # not one byte past END
+    finally:
+        os.close(fd)
+    assert calls == ["sdd(0)"]
+    assert restored.read_text() == saved.read_text()
+    assert res.store_gfn is not None and res.store_gfn > 0
+    assert res.console_gfn is not None and res.console_gfn > 0
+
+
+async def test_failing_save_names_errno_and_leaves_no_file(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    fake.set(fail="memory", errno="EIO")
+    out = tmp_path / "dom.img"
+    with pytest.raises(xcsave.HelperFailed) as ei:
+        await xcsave.save(
+            out,
+            domid=7,
+            dialect=helper.dialect,
+            helper=helper.path,  # type: ignore[arg-type]
+            callbacks=_save_cbs(),
+        )
+    assert ei.value.retval == -1
+    assert ei.value.errno == EIO
+    assert "(EIO)" in str(ei.value)
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor its temporary
+
+
+async def test_suspend_reply_reaches_the_helper(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    # reply 0 = "not suspended": libxc must fail the save
+    with pytest.raises(xcsave.HelperFailed) as ei:
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect=helper.dialect,
+            helper=helper.path,  # type: ignore[arg-type]
+            callbacks=_save_cbs(suspend=0),
+        )
+    assert ei.value.errno != 0
+
+
+async def test_logdirty_reply_reaches_the_helper(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    cbs = Callbacks(suspend=lambda: 1, switch_qemu_logdirty=lambda d, e: -1)
+    with pytest.raises(xcsave.HelperFailed):
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            live=True,
+            dialect=helper.dialect,  # type: ignore[arg-type]
+            helper=helper.path,
+            callbacks=cbs,
+        )
+
+
+async def test_static_data_done_reply_reaches_the_helper(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    img = tmp_path / "dom.img"
+    await xcsave.save(
+        img,
+        domid=3,
+        dialect=helper.dialect,
+        helper=helper.path,  # type: ignore[arg-type]
+        callbacks=_save_cbs(),
+    )
+    with pytest.raises(xcsave.HelperFailed):
+        await xcsave.restore(
+            img,
+            domid=4,
+            dialect=helper.dialect,
+            helper=helper.path,  # type: ignore[arg-type]
+            callbacks=_restore_cbs(sdd=1),
+        )
+
+
+async def test_async_callbacks_are_awaited(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    async def suspend() -> bool:
+        await asyncio.sleep(0.01)
+        return True
+
+    cbs = Callbacks(suspend=suspend, switch_qemu_logdirty=lambda d, e: 0)
+    res = await xcsave.save(
+        tmp_path / "o",
+        domid=7,
+        dialect=helper.dialect,  # type: ignore[arg-type]
+        helper=helper.path,
+        callbacks=cbs,
+    )
+    assert res.retval == 0
+
+
+# ---------------------------------------------------------------- precopy policy
+
+
+@pytest.fixture
+def ours() -> Path:
+    if not _xen_backend_built():
+        pytest.skip("xcsave-helper was built without the xen backend")
+    return xcsave.helper_path()
+
+
+async def test_xcsave1_carries_precopy_policy(ours: Path, fake: FakeXen, tmp_path: Path) -> None:
+    fake.set(dirty="400,300,200,150")
+    asked: list[PrecopyStats] = []
+
+    def policy(st: PrecopyStats) -> Decision:
+        asked.append(st)
+        return Decision.STOP_AND_COPY if st.iteration >= 3 else Decision.CONTINUE
+
+    events: list[Event] = []
+    res = await xcsave.save(
+        tmp_path / "o",
+        domid=7,
+        live=True,
+        helper=ours,
+        callbacks=_save_cbs(),
+        policy=policy,
+        on_event=events.append,
+    )
+    assert res.retval == 0
+    assert [s.iteration for s in asked][-1] == 3
+    assert all(s.dirty_count >= 0 for s in asked[1:])
+    assert [e.decision for e in events if isinstance(e, PolicyEvent)][-1] == Decision.STOP_AND_COPY
+
+
+async def test_precopy_abort_fails_the_save(ours: Path, fake: FakeXen, tmp_path: Path) -> None:
+    with pytest.raises(xcsave.HelperFailed):
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            live=True,
+            helper=ours,
+            callbacks=_save_cbs(),
+            policy=lambda st: Decision.ABORT,
+        )
+    assert not (tmp_path / "o").exists()
+
+
+async def test_xen_417_dialect_refuses_a_policy(stock_helper: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precopy_policy"):
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect="xen-4.17",
+            helper=stock_helper,
+            callbacks=_save_cbs(),
+            policy=lambda st: Decision.CONTINUE,
+        )
+
+
+# ---------------------------------------------------------------- exit paths
+
+
+async def test_callback_that_raises(helper: HelperCfg, fake: FakeXen, tmp_path: Path) -> None:
+    def boom() -> int:
+        raise RuntimeError("guest on fire")
+
+    cbs = Callbacks(suspend=boom, switch_qemu_logdirty=lambda d, e: 0)
+    with pytest.raises(xcsave.CallbackError) as ei:
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect=helper.dialect,  # type: ignore[arg-type]
+            helper=helper.path,
+            callbacks=cbs,
+        )
+    assert isinstance(ei.value.__cause__, RuntimeError)
+    assert "guest on fire" in str(ei.value)
+    assert ei.value.pid is not None
+    _assert_reaped(ei.value.pid)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_helper_killed_mid_save(helper: HelperCfg, fake: FakeXen, tmp_path: Path) -> None:
+    sup = Supervisor()
+    pids: list[int] = []
+
+    def suspend() -> int:
+        run = next(iter(sup._running))
+        assert run.pid is not None
+        pids.append(run.pid)
+        os.kill(run.pid, signal.SIGKILL)
+        return 1
+
+    cbs = Callbacks(suspend=suspend, switch_qemu_logdirty=lambda d, e: 0)
+    with pytest.raises(xcsave.HelperDied) as ei:
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect=helper.dialect,  # type: ignore[arg-type]
+            helper=helper.path,
+            callbacks=cbs,
+            supervisor=sup,
+        )
+    assert ei.value.signal == signal.SIGKILL
+    assert "SIGKILL" in str(ei.value)
+    _assert_reaped(pids[0])
+
+
+async def test_reply_pipe_eof_gives_254(helper: HelperCfg, fake: FakeXen, tmp_path: Path) -> None:
+    sup = Supervisor()
+
+    async def suspend() -> int:
+        run = next(iter(sup._running))
+        assert run.proc is not None and run.proc.stdin is not None
+        run.proc.stdin.close()  # the parent gives up on replying
+        await asyncio.sleep(0)
+        return 1
+
+    cbs = Callbacks(suspend=suspend, switch_qemu_logdirty=lambda d, e: 0)
+    with pytest.raises(xcsave.HelperDied) as ei:
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect=helper.dialect,  # type: ignore[arg-type]
+            helper=helper.path,
+            callbacks=cbs,
+            supervisor=sup,
+        )
+    assert ei.value.returncode == 254
+    assert "reply pipe closed" in str(ei.value)
+
+
+async def test_cancellation_stops_and_reaps(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    sup = Supervisor()
+    started = asyncio.Event()
+
+    async def suspend() -> int:
+        started.set()
+        await asyncio.sleep(3600)
+        return 1
+
+    cbs = Callbacks(suspend=suspend, switch_qemu_logdirty=lambda d, e: 0)
+    task = asyncio.create_task(
+        xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect=helper.dialect,  # type: ignore[arg-type]
+            helper=helper.path,
+            callbacks=cbs,
+            supervisor=sup,
+        )
+    )
+    await started.wait()
+    run = next(iter(sup._running))
+    pid = run.pid
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pid is not None
+    _assert_reaped(pid)
+    assert run.proc is not None and run.proc.returncode is not None
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_timeout(helper: HelperCfg, fake: FakeXen, tmp_path: Path) -> None:
+    async def suspend() -> int:
+        await asyncio.sleep(3600)
+        return 1
+
+    cbs = Callbacks(suspend=suspend, switch_qemu_logdirty=lambda d, e: 0)
+    with pytest.raises(xcsave.HelperTimeout) as ei:
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect=helper.dialect,  # type: ignore[arg-type]
+            helper=helper.path,
+            callbacks=cbs,
+            timeout=0.5,
+        )
+    assert ei.value.pid is not None
+    _assert_reaped(ei.value.pid)
+
+
+async def test_open_failure_exits_255(helper: HelperCfg, fake: FakeXen, tmp_path: Path) -> None:
+    fake.set(open_errno="EACCES")
+    with pytest.raises(xcsave.HelperDied) as ei:
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect=helper.dialect,  # type: ignore[arg-type]
+            helper=helper.path,
+            callbacks=_save_cbs(),
+        )
+    assert ei.value.returncode == 255
+    assert "privileged command interface" in str(ei.value) or "xc_interface_open" in str(ei.value)
+
+
+# ---------------------------------------------------------------- misbehaving helpers
+
+
+def _fake_helper(tmp_path: Path, body: str) -> Path:
+    """A Python script standing in for a helper that misbehaves on purpose."""
+    script = tmp_path / "bad-helper"
+    script.write_text(
+        f"#!{sys.executable}\nimport os, struct, sys\nout = sys.stdout.buffer\n{body}\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+async def test_malformed_frame_is_a_protocol_error(tmp_path: Path) -> None:
+    bad = _fake_helper(
+        tmp_path, "out.write(struct.pack('=HH', 2, 77)); out.flush(); sys.stdin.read()"
+    )
+    with pytest.raises(xcsave.ProtocolError, match="unknown message number 77"):
+        await xcsave.save(
+            tmp_path / "o", domid=7, dialect="xen-4.17", helper=bad, callbacks=_save_cbs()
+        )
+
+
+async def test_exit_without_complete(tmp_path: Path) -> None:
+    bad = _fake_helper(tmp_path, "sys.exit(0)")
+    with pytest.raises(xcsave.HelperDied, match="without signalling completion"):
+        await xcsave.save(
+            tmp_path / "o", domid=7, dialect="xen-4.17", helper=bad, callbacks=_save_cbs()
+        )
+
+
+async def test_restore_without_results(tmp_path: Path) -> None:
+    complete = proto.encode(proto.XEN_417, "complete", 0, 0)
+    bad = _fake_helper(tmp_path, f"out.write({complete!r}); out.flush(); sys.stdin.buffer.read(4)")
+    src = tmp_path / "in"
+    src.write_bytes(b"")
+    with pytest.raises(xcsave.HelperDied, match="without providing results"):
+        await xcsave.restore(src, domid=7, dialect="xen-4.17", helper=bad)
+
+
+async def test_truncated_frame_at_exit(tmp_path: Path) -> None:
+    bad = _fake_helper(tmp_path, "out.write(struct.pack('=HH', 10, 10)); out.flush()")
+    with pytest.raises(xcsave.ProtocolError, match="ended inside a frame"):
+        await xcsave.save(
+            tmp_path / "o", domid=7, dialect="xen-4.17", helper=bad, callbacks=_save_cbs()
+        )
+
+
+async def test_spawn_failure_is_the_exact_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await xcsave.save(
+            tmp_path / "o",
+            domid=7,
+            dialect="xen-4.17",
+            helper=tmp_path / "no-such-helper",
+            callbacks=_save_cbs(),
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- many at once
+
+
+async def test_many_helpers_from_one_loop(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path
+) -> None:
+    fake.set(delay_ms=2)
+    async with Supervisor(max_parallel=8) as sup:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(
+                    xcsave.save(
+                        tmp_path / f"d{i}.img",
+                        domid=i + 1,
+                        dialect=helper.dialect,  # type: ignore[arg-type]
+                        helper=helper.path,
+                        callbacks=_save_cbs(),
+                        supervisor=sup,
+                    )
+                )
+                for i in range(16)
+            ]
+    assert all(t.result().retval == 0 for t in tasks)
+    assert len(list(tmp_path.glob("d*.img"))) == 16
+
+
+async def test_one_failure_does_not_disturb_the_others(
+    stock_helper: Path, fake: FakeXen, tmp_path: Path
+) -> None:
+    def cbs_for(i: int) -> Callbacks:
+        return Callbacks(suspend=lambda: 0 if i == 3 else 1, switch_qemu_logdirty=lambda d, e: 0)
+
+    async with Supervisor(max_parallel=4) as sup:
+        results = await asyncio.gather(
+            *(
+                xcsave.save(
+                    tmp_path / f"d{i}.img",
+                    domid=i + 1,
+                    dialect="xen-4.17",
+                    helper=stock_helper,
+                    callbacks=cbs_for(i),
+                    supervisor=sup,
+                )
+                for i in range(8)
+            ),
+            return_exceptions=True,
+        )
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [3]
+    assert isinstance(results[3], xcsave.HelperFailed)
+
+
+# ---------------------------------------------------------------- sync twins, lookup
+
+
+def test_sync_twin(stock_helper: Path, fake: FakeXen, tmp_path: Path) -> None:
+    res = xcsave.sync.save(
+        tmp_path / "o", domid=7, dialect="xen-4.17", helper=stock_helper, callbacks=_save_cbs()
+    )
+    assert res.retval == 0
+    res = xcsave.sync.restore(tmp_path / "o", domid=8, dialect="xen-4.17", helper=stock_helper)
+    assert res.store_gfn
+
+
+async def test_sync_twin_refuses_inside_a_loop(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="running event loop"):
+        xcsave.sync.save(tmp_path / "o", domid=7, callbacks=_save_cbs())
+
+
+def test_helper_path_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bundled = xcsave.helper_path()
+    assert bundled.name == "xcsave-helper" and os.access(bundled, os.X_OK)
+    assert bundled.parent == Path(xcsave.__file__).parent
+    monkeypatch.setenv("XCSAVE_HELPER", str(tmp_path / "mine"))
+    assert xcsave.helper_path() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("pass_stream", [False, True])
+def test_helper_gets_only_the_fds_it_needs(tmp_path: Path, pass_stream: bool) -> None:
+    """The helper sees its pipes, stderr and the stream fd; nothing else of ours."""
+    leak = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leak, True)  # even an inheritable fd must not leak
+    stream = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    report = tmp_path / "fds.json"
+    try:
+        script = _fake_helper(
+            tmp_path,
+            "import json\n"
+            "fds = [int(x) for x in os.listdir('/proc/self/fd')]\n"
+            "mine = [f for f in fds\n"
+            "        if not os.readlink(f'/proc/self/fd/{f}').startswith('/proc/')]\n"
+            f"json.dump(sorted(mine), open({str(report)!r}, 'w'))\n"
+            "sys.exit(3)",
+        )
+        spec = HelperSpec(
+            "save",
+            proto.XEN_417,
+            xen_save_args(stream, 1, xcflags=0, cbflags=0),
+            pass_fds=(stream,) if pass_stream else (),
+            domain="t",
+            helper=script,
+        )
+
+        async def go() -> None:
+            with pytest.raises(xcsave.HelperDied):
+                await Supervisor().run(spec)
+
+        asyncio.run(go())
+    finally:
+        os.close(leak)
+        os.close(stream)
+    fds = set(json.loads(report.read_text()))
+    extra = {stream} if pass_stream else set()
+    assert fds == {0, 1, 2} | extra
+
+
+def _assert_reaped(pid: int) -> None:
+    """The helper is neither running nor a zombie of ours."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return
+    state = next(line for line in status.splitlines() if line.startswith("State:"))
+    ppid = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+    assert ppid != os.getpid(), f"helper {pid} still ours: {state}"
+
+
+def test_struct_sizes_of_417_replies() -> None:
+    assert struct.calcsize("=i") == proto.REPLY_SIZE == 4

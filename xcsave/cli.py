@@ -1,0 +1,347 @@
+"""The ``xcsave`` command line (the contract in DESIGN.md).
+
+Every failure is one line on stderr, ``xcsave: <command>: <what failed>``
+with the errno name where there is one, and a non-zero exit: 1 for a failed
+operation or an invalid stream, 2 for bad usage.  Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno as errno_mod
+import logging
+import re
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__, api, policy
+from .errors import XcsaveError
+from .progress import MODES, Renderer
+from .supervisor import Callbacks, RunResult, helper_path
+
+log = logging.getLogger("xcsave.cli")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad arguments: exit 2 with the message."""
+
+
+def parse_size(text: str) -> int:
+    """``256M``, ``1G``, ``4096``, ``64MiB`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 256M or 1G")
+    shift = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+    return int(m.group(1)) << shift
+
+
+def parse_policy(text: str) -> policy.Policy:
+    """``xen`` | ``xen:ITERS:THRESHOLD`` | ``max-iters:N`` | ``downtime:MS`` | ``abort``."""
+    name, _, rest = text.partition(":")
+    try:
+        if name == "xen":
+            parts = [int(x) for x in rest.split(":")] if rest else []
+            return policy.xen_default(*parts)
+        if name == "max-iters":
+            return policy.max_iterations(int(rest))
+        if name == "downtime":
+            return policy.downtime_target(float(rest) / 1000.0)
+        if name == "abort":
+            return lambda st: policy.Decision.ABORT
+        if name == "converge":
+            return policy.first_of(policy.abort_if_not_converging(), policy.xen_default())
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"bad policy {text!r}: expected xen[:ITERS:THRESHOLD], max-iters:N, downtime:MS, "
+        "converge or abort"
+    )
+
+
+# ----------------------------------------------------------------- callbacks
+
+
+async def _run_cmd(cmd: str, *extra: str) -> int:
+    argv = [*shlex.split(cmd), *extra]
+    proc = await asyncio.create_subprocess_exec(*argv)
+    return await proc.wait()
+
+
+def cmd_callbacks(args: argparse.Namespace) -> Callbacks:
+    """Callbacks answered by external commands (``--suspend-cmd`` etc.)."""
+    cbs = Callbacks()
+    suspend_cmd = getattr(args, "suspend_cmd", None)
+    logdirty_cmd = getattr(args, "logdirty_cmd", None)
+    if suspend_cmd:
+
+        async def suspend() -> int:
+            # exit 0 = the guest is suspended (libxl replies !rc)
+            return int(await _run_cmd(suspend_cmd) == 0)
+
+        cbs.suspend = suspend
+    if getattr(args, "domid", None) is not None:
+        if logdirty_cmd:
+
+            async def logdirty(domid: int, enable: int) -> int:
+                return 0 if await _run_cmd(logdirty_cmd, str(domid), str(enable)) == 0 else -1
+
+            cbs.switch_qemu_logdirty = logdirty
+        else:
+            # No device model for a PV guest: nothing to switch.
+            cbs.switch_qemu_logdirty = lambda domid, enable: 0
+    return cbs
+
+
+# ----------------------------------------------------------------- save/restore
+
+
+def _stream_target(path: str, for_write: bool) -> int | str:
+    if path == "-":
+        return sys.stdout.fileno() if for_write else sys.stdin.fileno()
+    return path
+
+
+def _describe(res: RunResult) -> str:
+    parts = [f"ok in {res.elapsed:.2f} s"]
+    if res.stats is not None:
+        s = res.stats
+        secs = s.duration_ns / 1e9
+        gbps = s.bytes / secs / 1e9 if secs > 0 and s.bytes else 0.0
+        parts.append(f"{s.rounds} round(s), {s.pages_sent} pages, {s.bytes} bytes")
+        if gbps:
+            parts.append(f"{gbps:.2f} GB/s")
+        if s.downtime_ns:
+            parts.append(f"downtime {s.downtime_ns / 1e6:.1f} ms")
+    return ", ".join(parts)
+
+
+def do_save(args: argparse.Namespace) -> int:
+    if args.domid is not None and not args.suspend_cmd:
+        raise UsageError(
+            "saving a Xen domain needs --suspend-cmd CMD (a command that suspends the "
+            "guest; exit 0 = suspended); xenstore-based suspend is not built in"
+        )
+    out = _stream_target(args.out, for_write=True)
+    with Renderer(args.progress, _event_stream(args)) as rend:
+        res = asyncio.run(
+            api.save(
+                out,
+                domid=args.domid,
+                sim=args.sim,
+                live=args.live,
+                fmt=args.format,
+                dialect=args.dialect,
+                helper=args.helper,
+                callbacks=cmd_callbacks(args),
+                policy=args.policy,
+                stream_type=args.stream_type,
+                checkpoints=args.checkpoints,
+                interval_ms=args.interval_ms,
+                timeout=args.timeout,
+                on_event=rend,
+            )
+        )
+    log.info("save: %s", _describe(res))
+    return 0
+
+
+def do_restore(args: argparse.Namespace) -> int:
+    src = _stream_target(args.input, for_write=False)
+    legacy_width = args.width if args.legacy else None
+    legacy_guest = args.guest if args.legacy else None
+    if args.legacy and (args.width is None or args.guest is None):
+        raise UsageError("--legacy needs --width 32|64 and --guest pv|hvm")
+    with Renderer(args.progress, _event_stream(args)) as rend:
+        res = asyncio.run(
+            api.restore(
+                src,
+                domid=args.domid,
+                sim=args.sim,
+                fmt=args.format,
+                dialect=args.dialect,
+                helper=args.helper,
+                stream_type=args.stream_type,
+                store_evtchn=args.store_evtchn,
+                store_domid=args.store_domid,
+                console_evtchn=args.console_evtchn,
+                console_domid=args.console_domid,
+                max_pages=args.max_pages,
+                legacy_width=legacy_width,
+                legacy_guest=legacy_guest,
+                timeout=args.timeout,
+                on_event=rend,
+            )
+        )
+    sys.stdout.write(f"store_gfn={res.store_gfn:#x} console_gfn={res.console_gfn:#x}\n")
+    log.info("restore: %s", _describe(res))
+    return 0
+
+
+def _event_stream(args: argparse.Namespace) -> Any:
+    # Machine-readable events go to stdout, unless the stream itself does.
+    if args.progress == "json" and "-" not in (
+        getattr(args, "out", None),
+        getattr(args, "input", None),
+    ):
+        return sys.stdout
+    return sys.stderr
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    dom = p.add_mutually_exclusive_group(required=True)
+    dom.add_argument("--sim", metavar="DOM", help="a simulated domain (file path)")
+    dom.add_argument("--domid", type=int, metavar="N", help="a Xen domain id")
+    p.add_argument("--format", choices=api.FORMATS, default="libxc", help="stream framing")
+    p.add_argument("--helper", metavar="PATH", help="helper executable (default: bundled)")
+    p.add_argument(
+        "--dialect",
+        choices=("xcsave-1", "xen-4.17"),
+        default="xcsave-1",
+        help="helper protocol (xen-4.17 drives Xen's stock libxl-save-helper)",
+    )
+    p.add_argument("--stream-type", choices=tuple(api.STREAM_TYPES), default="plain")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
+    p.add_argument("--progress", choices=MODES, default="auto")
+
+
+def add_save_restore(sub: Any) -> None:
+    p = sub.add_parser("save", help="save a domain into a stream")
+    p.add_argument("out", metavar="OUT", help="output stream (file, or - for stdout)")
+    _add_common(p)
+    p.add_argument("--live", action="store_true", help="live precopy rounds")
+    p.add_argument(
+        "--policy",
+        type=parse_policy,
+        metavar="POLICY",
+        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort",
+    )
+    p.add_argument("--suspend-cmd", metavar="CMD", help="command that suspends the guest")
+    p.add_argument(
+        "--logdirty-cmd",
+        metavar="CMD",
+        help="command run as CMD DOMID 0|1 for switch_qemu_logdirty",
+    )
+    p.add_argument("--checkpoints", type=int, default=0, help="remus: checkpoints to send")
+    p.add_argument("--interval-ms", type=int, default=0, help="remus: checkpoint interval")
+    p.set_defaults(func=do_save)
+
+    p = sub.add_parser("restore", help="restore a domain from a stream")
+    p.add_argument("input", metavar="IN", help="input stream (file, or - for stdin)")
+    _add_common(p)
+    p.add_argument("--legacy", action="store_true", help="the input is a pre-4.6 legacy stream")
+    p.add_argument("--width", type=int, choices=(32, 64), help="legacy: toolstack word size")
+    p.add_argument("--guest", choices=("pv", "hvm"), help="legacy: guest type")
+    p.add_argument("--max-pages", type=int, default=0, help="refuse streams with more pages")
+    for name in ("store-evtchn", "store-domid", "console-evtchn", "console-domid"):
+        p.add_argument(f"--{name}", type=int, default=0)
+    p.set_defaults(func=do_restore)
+
+
+# ----------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xcsave",
+        description="Save, restore and live-migrate Xen domains through a native helper.",
+    )
+    parser.add_argument("--version", action="store_true", help="print version and backends")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="logging level (default: quiet; failures are one line)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_save_restore(sub)
+    for modname in ("cmd_sim", "cmd_stream", "cmd_migrate", "cmd_bench"):
+        mod = _optional_module(modname)
+        if mod is not None:
+            mod.add_parsers(sub)
+    return parser
+
+
+def _optional_module(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"xcsave.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"xcsave.{name}":
+            raise
+        return None
+
+
+def version_text() -> str:
+    lines = [f"xcsave {__version__}"]
+    try:
+        from . import _ext
+
+        lines.append(f"backends: {_ext.BACKENDS}")
+    except ImportError as e:
+        lines.append(f"backends: unknown (extension not built: {e})")
+    try:
+        hp = helper_path()
+        lines.append(f"helper: {hp}")
+    except FileNotFoundError as e:
+        lines.append(f"helper: missing ({e})")
+    return "\n".join(lines)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    if args.log_level:
+        level = getattr(logging, args.log_level.upper())
+    elif args.verbose:
+        level = logging.DEBUG if args.verbose > 1 else logging.INFO
+    else:
+        level = logging.CRITICAL + 1  # quiet: failures are reported as one line
+    logging.basicConfig(level=level, format="xcsave: %(name)s: %(message)s", stream=sys.stderr)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for any failure we expect, with the errno name when there is one."""
+    if isinstance(e, OSError) and e.errno:
+        name = errno_mod.errorcode.get(e.errno, str(e.errno))
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return f"{where}{e.strerror} ({name})"
+    if isinstance(e, XcsaveError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        sys.stdout.write(version_text() + "\n")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UsageError as e:
+        sys.stderr.write(f"xcsave: {args.command}: {e}\n")
+        return EXIT_USAGE
+    except ValueError as e:
+        sys.stderr.write(f"xcsave: {args.command}: {e}\n")
+        return EXIT_USAGE
+    except (XcsaveError, OSError) as e:
+        sys.stderr.write(f"xcsave: {args.command}: {describe_error(e)}\n")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        sys.stderr.write(f"xcsave: {args.command}: interrupted\n")
+        return 130
+
+
+__all__ = ["main", "parse_size"]

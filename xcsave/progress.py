@@ -1,0 +1,149 @@
+"""Rendering helper events for people and machines (CLI only; never the library).
+
+``bar``   rich progress bars, one per running helper, with helper logs routed
+          through rich so they do not tear the bars (stderr must be a TTY);
+``plain`` one line per notable event on stderr;
+``json``  one JSON object per event per line;
+``none``  nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from types import TracebackType
+from typing import IO, Any
+
+from .events import DoneEvent, Event, PolicyEvent, ProgressEvent, StatsEvent
+
+MODES = ("auto", "bar", "plain", "json", "none")
+
+
+def _rich_available() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_mode(mode: str, stream: IO[str]) -> str:
+    if mode != "auto":
+        if mode == "bar" and not _rich_available():
+            return "plain"
+        return mode
+    return "bar" if stream.isatty() and _rich_available() else "none"
+
+
+class Renderer:
+    """Callable ``on_event`` sink; use as a context manager around the operation."""
+
+    def __init__(self, mode: str, out: IO[str] | None = None) -> None:
+        self.out: IO[str] = out or sys.stderr
+        self.mode = resolve_mode(mode, self.out)
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+        self._last_plain: dict[str, float] = {}
+
+    def __enter__(self) -> Renderer:
+        if self.mode == "bar":
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.fields[label]}"),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.out),
+                transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    @property
+    def console(self) -> Any:
+        """The rich console (for a RichHandler) when bars are drawn, else None."""
+        return self._progress.console if self._progress is not None else None
+
+    def __call__(self, ev: Event) -> None:
+        if self.mode == "json":
+            self.out.write(json.dumps(ev.asdict(), default=str) + "\n")
+            self.out.flush()
+        elif self.mode == "plain":
+            self._plain(ev)
+        elif self.mode == "bar":
+            self._bar(ev)
+
+    def _label(self, ev: Event) -> str:
+        return f"{ev.op} {ev.domain}"
+
+    def _plain(self, ev: Event) -> None:
+        key = self._label(ev)
+        if isinstance(ev, ProgressEvent):
+            now = time.monotonic()
+            final = ev.total and ev.done >= ev.total
+            if not final and now - self._last_plain.get(key, 0.0) < 1.0:
+                return
+            self._last_plain[key] = now
+            pct = f" {ev.percent:5.1f}%" if ev.percent is not None else ""
+            self.out.write(f"{key}: {ev.doing_what} {ev.done}/{ev.total}{pct}\n")
+        elif isinstance(ev, PolicyEvent):
+            self.out.write(
+                f"{key}: round {ev.iteration}: {ev.dirty_count} dirty, "
+                f"{ev.total_written} written -> {_decision(ev.decision)}\n"
+            )
+        elif isinstance(ev, StatsEvent):
+            self.out.write(f"{key}: {_stats_line(ev)}\n")
+        elif isinstance(ev, DoneEvent):
+            status = "done" if ev.ok else f"failed: {ev.error}"
+            self.out.write(f"{key}: {status} in {ev.elapsed:.2f} s\n")
+        self.out.flush()
+
+    def _bar(self, ev: Event) -> None:
+        prog = self._progress
+        key = self._label(ev)
+        task = self._tasks.get(key)
+        if task is None:
+            task = prog.add_task("starting", total=None, label=key)
+            self._tasks[key] = task
+        if isinstance(ev, ProgressEvent):
+            prog.update(task, description=ev.doing_what, completed=ev.done, total=ev.total or None)
+        elif isinstance(ev, StatsEvent):
+            prog.update(task, description=_stats_line(ev))
+        elif isinstance(ev, DoneEvent):
+            total = prog.tasks[task].total or 1
+            desc = "done" if ev.ok else "failed"
+            prog.update(task, description=desc, completed=total if ev.ok else None, total=total)
+
+
+def _decision(d: int) -> str:
+    return {-1: "abort", 0: "continue", 1: "stop-and-copy"}.get(d, str(d))
+
+
+def _stats_line(ev: StatsEvent) -> str:
+    secs = ev.duration_ns / 1e9
+    rate = ev.bytes / secs / 1e9 if secs > 0 else 0.0
+    return (
+        f"{ev.rounds} round(s), {ev.pages_sent} pages, {ev.bytes} bytes "
+        f"({rate:.2f} GB/s), downtime {ev.downtime_ns / 1e6:.1f} ms"
+    )

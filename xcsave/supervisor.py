@@ -1,0 +1,609 @@
+"""Spawn helpers, pump their frames, drive callbacks, judge how they ended.
+
+This is xcsave's ``libxl_save_callout.c``.  One :class:`HelperRun` is one
+helper process doing one save or restore; many run at once from one event
+loop (:class:`Supervisor` bounds how many).  The migration stream's fd goes
+to the helper by number (``pass_fds``) and is never read or written here:
+only control frames cross the pipes.
+
+Policy for judging the end of a run, in Xen's order: a non-zero exit status
+or a signal (:class:`HelperDied`), a restore without ``restore_results``
+("exited without providing results"), no ``complete`` ("exited without
+signalling completion"), then ``complete`` with ``retval != 0``
+(:class:`HelperFailed`).  Stopping a helper (cancellation, timeout, a
+callback that raised) is SIGTERM, a grace period, then SIGKILL; the process
+is always reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import inspect
+import logging
+import os
+import shlex
+import signal
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+from . import proto
+from .errors import (
+    BackendUnavailable,
+    CallbackError,
+    HelperDied,
+    HelperFailed,
+    HelperTimeout,
+    ProtocolError,
+)
+from .events import DoneEvent, Event, LogEvent, PolicyEvent, ProgressEvent, StatsEvent
+from .policy import Decision, PrecopyStats
+
+__all__ = [
+    "HELPER_NAME",
+    "Callbacks",
+    "HelperRun",
+    "HelperSpec",
+    "RunResult",
+    "Stats",
+    "Supervisor",
+    "helper_path",
+]
+
+log = logging.getLogger(__name__)
+helper_log = logging.getLogger("xcsave.helper")
+
+HELPER_NAME: Final = "xcsave-helper"
+STOP_GRACE_S: Final = 5.0
+READ_CHUNK: Final = 1 << 16
+
+#: xentoollog level -> logging level (one table, as STYLE asks).
+XTL_LEVELS: Final[dict[int, int]] = {
+    1: logging.DEBUG,  # DEBUG
+    2: logging.DEBUG,  # VERBOSE
+    3: logging.DEBUG,  # DETAIL
+    4: logging.INFO,  # PROGRESS
+    5: logging.INFO,  # INFO
+    6: logging.INFO,  # NOTICE
+    7: logging.WARNING,  # WARN
+    8: logging.ERROR,  # ERROR
+    9: logging.CRITICAL,  # CRITICAL
+}
+
+#: What a callback returning None means, per message ("it went fine").
+_OK_REPLY: Final[dict[str, int]] = {
+    "suspend": 1,
+    "postcopy": 1,
+    "checkpoint": 0,
+    "wait_checkpoint": 1,
+    "switch_qemu_logdirty": 0,
+    "static_data_done": 0,
+    "precopy_policy": int(Decision.CONTINUE),
+}
+
+
+def helper_path() -> Path:
+    """The helper to run: ``$XCSAVE_HELPER``, else the one bundled in the package.
+
+    Never a ``$PATH`` lookup.  Raises :class:`FileNotFoundError` naming the
+    package when the bundled helper is missing (a source tree never built).
+    """
+    override = os.environ.get("XCSAVE_HELPER")
+    if override:
+        return Path(override)
+    path = Path(str(resources.files("xcsave") / HELPER_NAME))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the xcsave package has no {HELPER_NAME}; "
+            "install it with 'pip install .' (or set XCSAVE_HELPER)"
+        )
+    return path
+
+
+Reply = int | bool | Decision | None
+CallbackFn = Callable[..., Reply | Awaitable[Reply]]
+
+
+@dataclass
+class Callbacks:
+    """The caller's callbacks.  Each may be sync or async; None = not installed.
+
+    Their return value is the reply to the helper (Xen semantics, an int;
+    ``True``/``False`` are 1/0; ``None`` means "fine", see ``_OK_REPLY``).
+    Installed callbacks are announced to the helper in ``cbflags`` exactly as
+    libxl does.
+    """
+
+    suspend: CallbackFn | None = None
+    postcopy: CallbackFn | None = None
+    checkpoint: CallbackFn | None = None
+    wait_checkpoint: CallbackFn | None = None
+    switch_qemu_logdirty: CallbackFn | None = None  # (domid, enable)
+    static_data_done: CallbackFn | None = None  # (missing)
+    precopy_policy: Callable[[PrecopyStats], Reply | Awaitable[Reply]] | None = None
+    restore_results: Callable[[int, int], object] | None = None  # (store, console)
+
+    def installed(self) -> frozenset[str]:
+        return frozenset(
+            name
+            for name in (
+                "suspend",
+                "postcopy",
+                "checkpoint",
+                "wait_checkpoint",
+                "switch_qemu_logdirty",
+                "static_data_done",
+                "precopy_policy",
+                "restore_results",
+            )
+            if getattr(self, name) is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """The helper's final statistics (xcsave-1 only)."""
+
+    rounds: int
+    pages_sent: int
+    zero_pages: int
+    bytes: int
+    downtime_ns: int
+    duration_ns: int
+    pages_per_round: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HelperSpec:
+    """Everything needed to start one helper run."""
+
+    mode: str  # "save" | "restore"
+    dialect: proto.Dialect
+    args: tuple[str, ...]  # argv after the helper's path
+    pass_fds: tuple[int, ...]
+    domain: str  # for logs and events: "domid 7" or a sim path
+    domid: int | None = None
+    backend: str | None = None  # expected in hello (xcsave-1)
+    helper: Path | None = None  # default: helper_path()
+
+
+@dataclass
+class RunResult:
+    """How a helper run ended (only ever returned when it succeeded)."""
+
+    retval: int
+    errno: int
+    returncode: int
+    pid: int
+    backend: str | None = None
+    store_gfn: int | None = None
+    console_gfn: int | None = None
+    stats: Stats | None = None
+    elapsed: float = 0.0
+    logs: list[LogEvent] = field(default_factory=list)
+
+
+def _wrapper_argv() -> list[str]:
+    """``XCSAVE_HELPER_WRAPPER`` (e.g. "valgrind -q --error-exitcode=99"), split."""
+    return shlex.split(os.environ.get("XCSAVE_HELPER_WRAPPER", ""))
+
+
+class HelperRun:
+    """One helper process: spawn, pump frames, dispatch, judge the end."""
+
+    def __init__(
+        self,
+        spec: HelperSpec,
+        callbacks: Callbacks | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        max_frame: int = 1 << 20,
+    ) -> None:
+        self.spec = spec
+        self.cb = callbacks or Callbacks()
+        self.on_event = on_event
+        self.decoder = proto.Decoder(spec.dialect, spec.mode, max_frame=max_frame)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._t0 = 0.0
+        self._completed: tuple[int, int] | None = None
+        self._results: tuple[int, int] | None = None
+        self._stats: Stats | None = None
+        self._backend: str | None = None
+        self._logs: list[LogEvent] = []
+        self._stderr_tail: list[str] = []
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def run(self, timeout: float | None = None) -> RunResult:
+        """Run the helper to the end; raise a precise exception if it failed."""
+        await self._spawn()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._pump()
+        except TimeoutError as e:
+            await self.stop()
+            raise HelperTimeout(
+                f"{self._what()} timed out after {timeout} s; helper stopped",
+                **self._ids(),
+            ) from e
+        except BaseException:
+            # CancelledError, CallbackError, ProtocolError, ...: never leave it running.
+            await self.stop()
+            raise
+        return self._judge()
+
+    async def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM, wait up to ``grace`` seconds, SIGKILL; always reap."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.shield(asyncio.wait_for(proc.wait(), grace))
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        # Reap even when cancelled again while waiting: shield the wait.
+        await asyncio.shield(proc.wait())
+        self._close_pipes()
+
+    # -- internals ----------------------------------------------------------
+
+    def _what(self) -> str:
+        return f"{self.spec.mode} of {self.spec.domain}"
+
+    def _ids(self) -> dict[str, Any]:
+        return {"domid": self.spec.domid, "pid": self.pid, "helper": str(self._helper())}
+
+    def _helper(self) -> Path:
+        return self.spec.helper or helper_path()
+
+    async def _spawn(self) -> None:
+        argv = [*_wrapper_argv(), str(self._helper()), *self.spec.args]
+        log.debug("spawning %s", shlex.join(argv))
+        self._t0 = time.monotonic()
+        # close_fds stays True: the helper gets the control pipes, stderr and
+        # exactly the fds in pass_fds, nothing else of ours.
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=self.spec.pass_fds,
+        )
+        self._log = logging.LoggerAdapter(
+            helper_log, {"domain": self.spec.domain, "helper_pid": self.proc.pid}
+        )
+
+    def _close_pipes(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+
+    async def _pump(self) -> None:
+        proc = self.proc
+        assert proc is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
+        try:
+            while True:
+                chunk = await proc.stdout.read(READ_CHUNK)
+                if not chunk:
+                    break
+                self.decoder.feed(chunk)
+                for frame in self.decoder:
+                    await self._dispatch(frame)
+            if self.decoder.buffered:
+                raise ProtocolError(
+                    f"{self._what()}: helper stdout ended inside a frame "
+                    f"({self.decoder.buffered} bytes of it)"
+                )
+            await proc.wait()
+            await stderr_task
+        finally:
+            if not stderr_task.done():
+                stderr_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stderr_task
+        self._close_pipes()
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if not line:
+                continue
+            self._stderr_tail = [*self._stderr_tail[-4:], line]
+            if self._log:
+                self._log.warning("stderr: %s", line)
+
+    def _emit(self, ev: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    async def _reply(self, value: int) -> None:
+        proc = self.proc
+        assert proc is not None
+        assert proc.stdin is not None
+        proc.stdin.write(proto.encode_reply(value))
+        try:
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            # The helper died while we answered; its exit status tells why.
+            log.debug("helper %s closed its stdin before our reply", proc.pid)
+
+    async def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> int:
+        try:
+            value = fn(*args)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as e:
+            raise CallbackError(
+                f"{self._what()}: the {name} callback raised {type(e).__name__}: {e}",
+                **self._ids(),
+            ) from e
+        if value is None:
+            return _OK_REPLY.get(name, 0)
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, int):
+            return int(value)
+        raise CallbackError(
+            f"{self._what()}: the {name} callback returned {value!r}, not an int",
+            **self._ids(),
+        )
+
+    async def _dispatch(self, frame: proto.Frame) -> None:
+        name = frame.name
+        a = frame.args
+        dom, op = self.spec.domain, self.spec.mode
+        if name == "hello":
+            self._backend = str(a[2])
+            if a[3] != op:
+                raise ProtocolError(f"helper says it is doing a {a[3]}, expected a {op}")
+            if self.spec.backend and self._backend != self.spec.backend:
+                raise BackendUnavailable(
+                    f"helper runs backend {self._backend!r}, expected {self.spec.backend!r}"
+                )
+        elif name == "log":
+            level, err, ctx, text = int(a[0]), int(a[1]), str(a[2]), str(a[3])
+            if err == 0xFFFFFFFF:
+                err = -1
+            ev = LogEvent(op, dom, level, err, ctx, text)
+            self._logs.append(ev)
+            if self._log:
+                self._log.log(XTL_LEVELS.get(level, logging.WARNING), "%s: %s", ctx, text)
+            self._emit(ev)
+        elif name == "progress":
+            self._emit(
+                ProgressEvent(
+                    op,
+                    dom,
+                    str(a[0]),
+                    str(a[1]),
+                    int(a[2]),
+                    int(a[3]),
+                    time.monotonic() - self._t0,
+                )
+            )
+        elif name == "restore_results":
+            self._results = (int(a[0]), int(a[1]))
+            if self.cb.restore_results is not None:
+                await self._call(name, self.cb.restore_results, *self._results)
+        elif name == "stats":
+            raw = bytes(a[6])  # type: ignore[arg-type]
+            if len(raw) % 8:
+                raise ProtocolError(f"stats: pages_per_round of {len(raw)} bytes")
+            per_round = struct.unpack(f"={len(raw) // 8}Q", raw)
+            ints = [int(x) for x in a[:6]]  # type: ignore[call-overload]
+            self._stats = Stats(*ints, pages_per_round=per_round)
+            self._emit(StatsEvent(op, dom, *ints, pages_per_round=per_round))
+        elif name == "complete":
+            self._completed = (int(a[0]), int(a[1]))
+            await self._reply(0)
+        elif name == "precopy_policy":
+            st = PrecopyStats(int(a[0]), int(a[1]), int(a[2]))
+            fn = self.cb.precopy_policy
+            if fn is None:
+                raise ProtocolError("helper asked precopy_policy, which was not installed")
+            decision = await self._call(name, fn, st)
+            self._emit(
+                PolicyEvent(op, dom, st.iteration, st.total_written, st.dirty_count, decision)
+            )
+            await self._reply(decision)
+        elif frame.spec.needs_reply:
+            fn = getattr(self.cb, name, None)
+            if fn is None:
+                # libxl would never be asked: the cbflags bit was clear.
+                raise ProtocolError(f"helper asked {name}, which was not installed")
+            await self._reply(await self._call(name, fn, *a))
+        else:  # pragma: no cover - every table row is handled above
+            raise ProtocolError(f"no handler for {name}")
+
+    def _judge(self) -> RunResult:
+        proc = self.proc
+        assert proc is not None
+        assert proc.returncode is not None
+        rc = proc.returncode
+        ids = self._ids()
+        elapsed = time.monotonic() - self._t0
+        tail = f": {self._stderr_tail[-1]}" if self._stderr_tail else ""
+        last_error = next(
+            (ev for ev in reversed(self._logs) if ev.level >= 8), None
+        )  # ERROR or worse
+        if rc != 0:
+            if rc == 254:
+                msg = f"{self._what()}: helper exited because its reply pipe closed"
+            else:
+                msg = f"{self._what()}: helper died"
+            if last_error is not None:
+                msg += f": {last_error.message}"
+            else:
+                msg += tail
+            self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, msg, elapsed))
+            raise HelperDied(msg, returncode=rc, **ids)
+        if self.spec.mode == "restore" and self._results is None:
+            msg = f"{self._what()}: helper exited without providing results"
+            self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, msg, elapsed))
+            raise HelperDied(msg, returncode=rc, **ids)
+        if self._completed is None:
+            msg = f"{self._what()}: helper exited without signalling completion"
+            self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, msg, elapsed))
+            raise HelperDied(msg, returncode=rc, **ids)
+        retval, err = self._completed
+        if retval != 0:
+            msg = f"{self._what()} failed"
+            if last_error is not None:
+                msg += f": {last_error.context}: {last_error.message}"
+            exc = HelperFailed(msg, retval=retval, errno=err, **ids)
+            self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, str(exc), elapsed))
+            raise exc
+        self._emit(DoneEvent(self.spec.mode, self.spec.domain, True, "", elapsed))
+        return RunResult(
+            retval=retval,
+            errno=err,
+            returncode=rc,
+            pid=proc.pid,
+            backend=self._backend,
+            store_gfn=self._results[0] if self._results else None,
+            console_gfn=self._results[1] if self._results else None,
+            stats=self._stats,
+            elapsed=elapsed,
+            logs=self._logs,
+        )
+
+
+# ----------------------------------------------------------------- argv build
+
+
+def xen_save_args(
+    io_fd: int, domid: int, *, xcflags: int, cbflags: int, stream_type: int = 0, recv_fd: int = -1
+) -> tuple[str, ...]:
+    """Xen 4.17's ``--save-domain`` argv (libxl_save_callout.c's layout)."""
+    return (
+        "--save-domain",
+        str(io_fd),
+        str(recv_fd),
+        str(domid),
+        str(xcflags),
+        str(cbflags),
+        str(stream_type),
+    )
+
+
+def xen_restore_args(
+    io_fd: int,
+    domid: int,
+    *,
+    cbflags: int,
+    store_evtchn: int = 0,
+    store_domid: int = 0,
+    console_evtchn: int = 0,
+    console_domid: int = 0,
+    stream_type: int = 0,
+    send_back_fd: int = -1,
+) -> tuple[str, ...]:
+    """Xen 4.17's ``--restore-domain`` argv."""
+    return (
+        "--restore-domain",
+        str(io_fd),
+        str(send_back_fd),
+        str(domid),
+        str(store_evtchn),
+        str(store_domid),
+        str(console_evtchn),
+        str(console_domid),
+        str(cbflags),
+        str(stream_type),
+    )
+
+
+def xcs_args(
+    mode: str, backend: str, io_fd: int, options: Mapping[str, object]
+) -> tuple[str, ...]:
+    """xcsave-1 argv: ``--xcsave-1 MODE --backend B --io-fd N --opt value ...``."""
+    out = ["--xcsave-1", mode, "--backend", backend, "--io-fd", str(io_fd)]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        out += [f"--{key.replace('_', '-')}", str(int(value) if value is True else value)]
+    return tuple(out)
+
+
+# ----------------------------------------------------------------- supervisor
+
+
+class Supervisor:
+    """Runs many helper operations from one event loop, ``max_parallel`` at a time.
+
+    ::
+
+        async with Supervisor(max_parallel=8) as sup:
+            async with asyncio.TaskGroup() as tg:
+                for spec in specs:
+                    tg.create_task(sup.run(spec))
+
+    Leaving the ``async with`` block stops (SIGTERM, grace, SIGKILL) and reaps
+    any helper still running.
+    """
+
+    def __init__(self, max_parallel: int | None = None) -> None:
+        self.max_parallel = max_parallel or (os.cpu_count() or 2) * 4
+        self._sem = asyncio.Semaphore(self.max_parallel)
+        self._running: set[HelperRun] = set()
+
+    async def __aenter__(self) -> Supervisor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        runs = list(self._running)
+        await asyncio.gather(*(r.stop() for r in runs), return_exceptions=True)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def run(
+        self,
+        spec: HelperSpec,
+        callbacks: Callbacks | None = None,
+        *,
+        on_event: Callable[[Event], object] | None = None,
+        timeout: float | None = None,
+    ) -> RunResult:
+        async with self._sem:
+            run = HelperRun(spec, callbacks, on_event)
+            self._running.add(run)
+            try:
+                return await run.run(timeout)
+            finally:
+                self._running.discard(run)
+
+
+def high_fd(fd: int) -> tuple[int, bool]:
+    """An fd number > 2 for ``fd`` (dup'ing it if needed, as libxl does).
+
+    The helper's fds 0-2 are its control pipes and stderr, so a stream on
+    0, 1 or 2 (``-`` on the command line) must move.  Returns ``(fd, owned)``;
+    the caller closes it when ``owned``.
+    """
+    if fd > 2:
+        return fd, False
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3), True
