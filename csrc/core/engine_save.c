@@ -1,0 +1,639 @@
+/*
+ * engine_save.c - save a simulated domain as a libxc migration stream v3
+ * (HVM shaped), optionally inside the libxl stream and the xl header.
+ *
+ * Stream written (plain):
+ *   [xl header] [libxl hdr, LIBXC_CONTEXT]
+ *   ihdr(v3) dhdr(HVM) STATIC_DATA_END PAGE_DATA... X86_TSC_INFO
+ *   HVM_CONTEXT HVM_PARAMS END
+ *   [EMULATOR_CONTEXT, libxl END]
+ * Remus: after the memory of each checkpoint the vCPU records, CHECKPOINT
+ * and (wrapped) EMULATOR_CONTEXT + CHECKPOINT_END; no END at all, as a real
+ * Remus sender: the stream ends when the sender stops (facts section 3.4).
+ *
+ * Pages go out with writev straight from the MAP_SHARED mapping of the sim
+ * file: one record header + pfn array buffer, then the pages themselves,
+ * adjacent pfns merged into one iovec.  No page is copied in user space.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "simdom.h"
+#include "stream_io.h"
+#include "xcs_engine.h"
+#include "xcs_format.h"
+
+#define DEFAULT_MAX_ITERS 5
+#define DEFAULT_DIRTY_THRESHOLD 50
+#define BATCH_HDR_SIZE (XCS_RHDR_SIZE + 8) /* rhdr + {count, _res} */
+
+struct save_ctx {
+    const struct xcs_save_params *p;
+    const struct xcs_engine_callbacks *cb;
+    struct xcs_save_stats *st;
+    struct xcs_sim_dom dom;
+    struct xcs_writer w;
+    uint64_t *dirty;        /* harvested log-dirty bitmap */
+    uint8_t *batch;         /* rhdr, count, pfn[XCS_MAX_BATCH_SIZE] */
+    uint64_t *batch_pfns;   /* inside batch */
+    unsigned int batch_n;
+    struct iovec *iov;      /* 1 + XCS_MAX_BATCH_SIZE entries */
+    uint8_t *hvm_ctx;       /* HVM_CONTEXT body */
+    uint32_t hvm_ctx_len;
+    enum xcs_sim_state orig_state;
+    int stopped;            /* this save suspended the domain */
+    int logdirty;           /* this save enabled log-dirty */
+    uint64_t t_suspend;
+    uint64_t total_written; /* pages sent, all rounds */
+    uint64_t round_sent;
+    unsigned int round;     /* memory rounds started */
+    struct xcs_progress pr;
+};
+
+/*----- writing records -----*/
+
+static int write_failed(struct save_ctx *ctx, const char *what)
+{
+    return xcs_fail(ctx->cb, errno, "writing %s at stream offset %llu: %s",
+                    what, (unsigned long long)ctx->w.bytes, strerror(errno));
+}
+
+static int write_rec(struct save_ctx *ctx, uint32_t type, const void *body,
+                     uint32_t len, const char *what)
+{
+    if (xcs_write_record(&ctx->w, type, body, len) < 0)
+        return write_failed(ctx, what);
+    return 0;
+}
+
+static int flush_batch(struct save_ctx *ctx)
+{
+    unsigned int n = ctx->batch_n;
+    uint32_t hdr[4];
+    int k = 1;
+
+    if (n == 0)
+        return 0;
+    hdr[0] = XCS_REC_PAGE_DATA;
+    hdr[1] = 8 + 8 * n + XCS_PAGE_SIZE * n; /* <= 4 MiB + 8 KiB */
+    hdr[2] = n;
+    hdr[3] = 0;
+    memcpy(ctx->batch, hdr, sizeof(hdr));
+    ctx->iov[0].iov_base = ctx->batch;
+    ctx->iov[0].iov_len = BATCH_HDR_SIZE + 8 * (size_t)n;
+    for (unsigned int i = 0; i < n; i++) {
+        uint8_t *page = xcs_sim_page(&ctx->dom, ctx->batch_pfns[i]);
+        struct iovec *last = &ctx->iov[k - 1];
+
+        /* Adjacent pfns are adjacent in the mapping: one iovec for a run. */
+        if (k > 1 && (uint8_t *)last->iov_base + last->iov_len == page) {
+            last->iov_len += XCS_PAGE_SIZE;
+        } else {
+            ctx->iov[k].iov_base = page;
+            ctx->iov[k].iov_len = XCS_PAGE_SIZE;
+            k++;
+        }
+    }
+    /* PAGE_DATA bodies are multiples of 8: no padding. */
+    if (xcs_writev_all(&ctx->w, ctx->iov, k) < 0)
+        return write_failed(ctx, "PAGE_DATA");
+    ctx->batch_n = 0;
+    ctx->st->pages_sent += n;
+    ctx->total_written += n;
+    ctx->round_sent += n;
+    return 0;
+}
+
+static int page_is_zero(const uint8_t *page)
+{
+    const uint64_t *w = (const uint64_t *)page;
+    uint64_t acc = 0;
+
+    if (w[0])
+        return 0; /* most data pages answer here */
+    for (size_t i = 0; i < XCS_PAGE_SIZE / 8; i += 8) {
+        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] |
+               w[i + 6] | w[i + 7];
+        if (acc)
+            return 0;
+    }
+    return 1;
+}
+
+static int add_page(struct save_ctx *ctx, uint64_t pfn, int skip_zero)
+{
+    if (skip_zero && page_is_zero(xcs_sim_page(&ctx->dom, pfn))) {
+        ctx->st->zero_pages++;
+        return 0;
+    }
+    ctx->batch_pfns[ctx->batch_n++] = pfn; /* pfn type NOTAB = 0 */
+    if (ctx->batch_n == XCS_MAX_BATCH_SIZE)
+        return flush_batch(ctx);
+    return 0;
+}
+
+/*
+ * One memory round: every page (bitmap NULL) or those set in bitmap.
+ * skip_zero only for a first full pass (see send_zero_pages).
+ */
+static int send_pages(struct save_ctx *ctx, const uint64_t *bitmap,
+                      uint64_t count, int skip_zero, const char *what)
+{
+    uint64_t nr = ctx->dom.nr_pages;
+    uint64_t done = 0;
+    unsigned int slot;
+
+    ctx->round_sent = 0;
+    xcs_progress_start(&ctx->pr, ctx->cb, count, "%s", what);
+    if (!bitmap) {
+        for (uint64_t pfn = 0; pfn < nr; pfn++) {
+            if (add_page(ctx, pfn, skip_zero) < 0)
+                return -1;
+            xcs_progress_step(&ctx->pr, ++done);
+        }
+    } else {
+        uint64_t words = (nr + 63) / 64;
+
+        for (uint64_t w = 0; w < words; w++) {
+            uint64_t v = bitmap[w];
+
+            while (v) {
+                uint64_t pfn = w * 64 + (uint64_t)__builtin_ctzll(v);
+
+                v &= v - 1;
+                if (pfn >= nr)
+                    break;
+                if (add_page(ctx, pfn, 0) < 0)
+                    return -1;
+                xcs_progress_step(&ctx->pr, ++done);
+            }
+        }
+    }
+    if (flush_batch(ctx) < 0)
+        return -1;
+    xcs_progress_end(&ctx->pr, done);
+
+    slot = ctx->round < XCS_STATS_MAX_ROUNDS ? ctx->round
+                                             : XCS_STATS_MAX_ROUNDS - 1;
+    ctx->st->pages_per_round[slot] += ctx->round_sent;
+    ctx->round++;
+    ctx->st->rounds = ctx->round;
+    return 0;
+}
+
+/* Take the dirty log and send what it names. */
+static int send_dirty(struct save_ctx *ctx, const char *what)
+{
+    uint64_t n = xcs_sim_dirty_fetch_and_clear(&ctx->dom, ctx->dirty);
+
+    return send_pages(ctx, ctx->dirty, n, 0, what);
+}
+
+/*----- headers -----*/
+
+static int write_xl_header(struct save_ctx *ctx)
+{
+    char json[512];
+    const char *cfg = ctx->p->xl_config;
+    size_t cfg_len = ctx->p->xl_config_len;
+    uint8_t hdr[XCS_XL_HDR_SIZE + 4];
+    uint32_t v[5];
+    struct iovec iov[2];
+
+    if (!cfg) {
+        /* libxl_domain_config-shaped JSON; xl counts the trailing NUL. */
+        int n = snprintf(json, sizeof(json),
+                         "{\"c_info\":{\"type\":\"hvm\",\"name\":\"xcsave-sim\"},"
+                         "\"b_info\":{\"max_vcpus\":%u,\"max_memkb\":%llu,"
+                         "\"target_memkb\":%llu}}",
+                         ctx->dom.nr_vcpus,
+                         (unsigned long long)(ctx->dom.nr_pages * 4),
+                         (unsigned long long)(ctx->dom.nr_pages * 4));
+        cfg = json;
+        cfg_len = (size_t)n + 1;
+    }
+    if (cfg_len > UINT32_MAX - 4)
+        return xcs_fail(ctx->cb, EINVAL, "xl config of %zu bytes is too large",
+                        cfg_len);
+    memcpy(hdr, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN);
+    v[0] = XCS_XL_BYTEORDER; /* the xl header is in host order */
+    v[1] = XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2;
+    v[2] = 0;
+    v[3] = (uint32_t)cfg_len + 4; /* optional data: u32 len + config */
+    v[4] = (uint32_t)cfg_len;
+    memcpy(hdr + XCS_XL_MAGIC_LEN, v, sizeof(v));
+    iov[0].iov_base = hdr;
+    iov[0].iov_len = sizeof(hdr);
+    iov[1].iov_base = (void *)cfg;
+    iov[1].iov_len = cfg_len;
+    if (xcs_writev_all(&ctx->w, iov, 2) < 0)
+        return write_failed(ctx, "the xl header");
+    return 0;
+}
+
+static int write_libxl_header(struct save_ctx *ctx)
+{
+    uint8_t hdr[XCS_LIBXL_HDR_SIZE];
+
+    xcs_put_be64(hdr, XCS_LIBXL_IDENT);
+    xcs_put_be32(hdr + 8, XCS_LIBXL_VERSION);
+    xcs_put_be32(hdr + 12, 0); /* little-endian, not legacy */
+    if (xcs_write_all(&ctx->w, hdr, sizeof(hdr)) < 0)
+        return write_failed(ctx, "the libxl header");
+    /* The libxc image follows LIBXC_CONTEXT directly (length 0). */
+    return write_rec(ctx, XCS_LIBXL_REC_LIBXC_CONTEXT, NULL, 0,
+                     "LIBXC_CONTEXT");
+}
+
+static int write_image_header(struct save_ctx *ctx)
+{
+    uint8_t buf[XCS_IHDR_SIZE + XCS_DHDR_SIZE];
+    uint8_t *d = buf + XCS_IHDR_SIZE;
+    uint32_t type = XCS_DHDR_TYPE_X86_HVM, major = 4, minor = 17;
+    uint16_t shift = XCS_PAGE_SHIFT;
+
+    memset(buf, 0, sizeof(buf));
+    xcs_put_be64(buf, XCS_IHDR_MARKER);
+    xcs_put_be32(buf + 8, XCS_IHDR_ID);
+    xcs_put_be32(buf + 12, XCS_IHDR_VERSION_3);
+    /* options 0 = little-endian; reserved fields 0 */
+    memcpy(d, &type, 4);
+    memcpy(d + 4, &shift, 2);
+    memcpy(d + 8, &major, 4);
+    memcpy(d + 12, &minor, 4);
+    if (xcs_write_all(&ctx->w, buf, sizeof(buf)) < 0)
+        return write_failed(ctx, "the image header");
+    /* HVM static data is only the CPUID/MSR policies, which we lack. */
+    return write_rec(ctx, XCS_REC_STATIC_DATA_END, NULL, 0, "STATIC_DATA_END");
+}
+
+static int write_emulator_context(struct save_ctx *ctx)
+{
+    uint8_t body[8 + 24];
+    uint32_t emu[2] = {XCS_EMULATOR_QEMU_UPSTREAM, 0};
+    uint32_t vcpus = ctx->dom.nr_vcpus, zero = 0;
+
+    /* A stand-in for qemu's device state: small and deterministic. */
+    memcpy(body, emu, sizeof(emu));
+    memcpy(body + 8, XCS_SIM_EMU_MAGIC, 8);
+    memcpy(body + 16, &ctx->dom.nr_pages, 8);
+    memcpy(body + 24, &vcpus, 4);
+    memcpy(body + 28, &zero, 4);
+    return write_rec(ctx, XCS_LIBXL_REC_EMULATOR_CONTEXT, body, sizeof(body),
+                     "EMULATOR_CONTEXT");
+}
+
+/*----- end of checkpoint: TSC, HVM context, params -----*/
+
+static uint8_t *put_desc(uint8_t *p, uint16_t code, uint16_t inst,
+                         uint32_t len)
+{
+    memcpy(p, &code, 2);
+    memcpy(p + 2, &inst, 2);
+    memcpy(p + 4, &len, 4);
+    return p + XCS_HVM_DESC_SIZE;
+}
+
+static int build_hvm_ctx(struct save_ctx *ctx)
+{
+    unsigned int nv = ctx->dom.nr_vcpus;
+    uint32_t len = XCS_HVM_DESC_SIZE + XCS_HVM_HEADER_SIZE +
+                   XCS_HVM_DESC_SIZE + XCS_HVM_SIM_SIZE +
+                   nv * (XCS_HVM_DESC_SIZE + XCS_SIM_VCPU_SIZE) +
+                   XCS_HVM_DESC_SIZE;
+
+    ctx->hvm_ctx = calloc(1, len);
+    if (!ctx->hvm_ctx)
+        return xcs_fail(ctx->cb, ENOMEM, "allocating HVM_CONTEXT");
+    ctx->hvm_ctx_len = len;
+    return 0;
+}
+
+/* Fill HVM_CONTEXT from the vCPU blobs as they are now (domain stopped). */
+static void fill_hvm_ctx(struct save_ctx *ctx)
+{
+    uint8_t *p = ctx->hvm_ctx;
+    uint32_t magic = XCS_HVM_HEADER_MAGIC, one = 1, zero = 0;
+    uint32_t khz = 2000000, vsize = XCS_SIM_VCPU_SIZE, shift = XCS_PAGE_SHIFT;
+    uint32_t nv = ctx->dom.nr_vcpus;
+    uint64_t changeset = 0;
+
+    p = put_desc(p, XCS_HVM_SAVE_HEADER, 0, XCS_HVM_HEADER_SIZE);
+    memcpy(p, &magic, 4);
+    memcpy(p + 4, &one, 4);
+    memcpy(p + 8, &changeset, 8);
+    memcpy(p + 16, &zero, 4);
+    memcpy(p + 20, &khz, 4);
+    p += XCS_HVM_HEADER_SIZE;
+
+    p = put_desc(p, XCS_HVM_SAVE_SIM, 0, XCS_HVM_SIM_SIZE);
+    memcpy(p, XCS_HVM_SIM_MAGIC, 8);
+    memcpy(p + 8, &one, 4);
+    memcpy(p + 12, &vsize, 4);
+    memcpy(p + 16, &ctx->dom.nr_pages, 8);
+    memcpy(p + 24, &nv, 4);
+    memcpy(p + 28, &shift, 4);
+    p += XCS_HVM_SIM_SIZE;
+
+    for (unsigned int v = 0; v < nv; v++) {
+        p = put_desc(p, XCS_HVM_SAVE_CPU, (uint16_t)v, XCS_SIM_VCPU_SIZE);
+        memcpy(p, xcs_sim_vcpu(&ctx->dom, v), XCS_SIM_VCPU_SIZE);
+        p += XCS_SIM_VCPU_SIZE;
+    }
+    put_desc(p, XCS_HVM_SAVE_END, 0, 0);
+}
+
+static int end_of_checkpoint(struct save_ctx *ctx)
+{
+    uint64_t nr = ctx->dom.nr_pages;
+    uint8_t tsc[24];
+    uint32_t mode = 0, khz = 2000000, inc = 0, res = 0;
+    uint64_t nsec;
+    /* {index, value}; the magic pfns sit at the top of guest memory. */
+    struct {
+        uint64_t idx, val;
+    } cand[] = {
+        {XCS_HVM_PARAM_STORE_PFN, nr - 1},
+        {XCS_HVM_PARAM_IOREQ_PFN, nr >= 3 ? nr - 3 : 0},
+        {XCS_HVM_PARAM_BUFIOREQ_PFN, nr >= 4 ? nr - 4 : 0},
+        {XCS_HVM_PARAM_CONSOLE_PFN, nr >= 2 ? nr - 2 : 0},
+        {XCS_HVM_PARAM_ACPI_IOPORTS_LOCATION, 1},
+    };
+    uint8_t params[8 + sizeof(cand)];
+    uint32_t count = 0;
+
+    /* Guest time: derived from the domain so equal domains save equal. */
+    nsec = __atomic_load_n(&ctx->dom.hdr->generation, __ATOMIC_RELAXED) * 1000;
+    memcpy(tsc, &mode, 4);
+    memcpy(tsc + 4, &khz, 4);
+    memcpy(tsc + 8, &nsec, 8);
+    memcpy(tsc + 16, &inc, 4);
+    memcpy(tsc + 20, &res, 4);
+    if (write_rec(ctx, XCS_REC_X86_TSC_INFO, tsc, sizeof(tsc),
+                  "X86_TSC_INFO") < 0)
+        return -1;
+
+    fill_hvm_ctx(ctx);
+    if (write_rec(ctx, XCS_REC_HVM_CONTEXT, ctx->hvm_ctx, ctx->hvm_ctx_len,
+                  "HVM_CONTEXT") < 0)
+        return -1;
+
+    for (size_t i = 0; i < sizeof(cand) / sizeof(cand[0]); i++) {
+        if (!cand[i].val)
+            continue; /* like libxc: non-zero params only */
+        memcpy(params + 8 + 16 * count, &cand[i], 16);
+        count++;
+    }
+    memcpy(params, &count, 4);
+    memset(params + 4, 0, 4);
+    return write_rec(ctx, XCS_REC_HVM_PARAMS, params, 8 + 16 * count,
+                     "HVM_PARAMS");
+}
+
+/*----- domain control -----*/
+
+static int suspend_domain(struct save_ctx *ctx)
+{
+    ctx->t_suspend = xcs_now_ns();
+    /* From here a failure must set the source running again. */
+    ctx->stopped = 1;
+    if (ctx->cb->suspend && !ctx->cb->suspend(ctx->cb->data))
+        return xcs_fail(ctx->cb, EIO, "guest did not suspend");
+    /*
+     * The glue's suspend callback normally did this already; doing it here
+     * too (idempotent) makes the final round consistent whatever the
+     * callback did, and waits out writers caught mid-page.
+     */
+    if (xcs_sim_set_state(&ctx->dom, XCS_SIM_SUSPENDED) < 0)
+        return xcs_fail(ctx->cb, errno, "suspending the sim domain: %s",
+                        strerror(errno));
+    xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "Domain now suspended");
+    return 0;
+}
+
+static int resume_domain(struct save_ctx *ctx)
+{
+    if (ctx->cb->postcopy && ctx->cb->postcopy(ctx->cb->data) <= 0)
+        return xcs_fail(ctx->cb, EIO, "postcopy callback failed");
+    if (xcs_sim_set_state(&ctx->dom, XCS_SIM_RUNNING) < 0)
+        return xcs_fail(ctx->cb, errno, "resuming the sim domain: %s",
+                        strerror(errno));
+    ctx->stopped = 0;
+    return 0;
+}
+
+static int policy(struct save_ctx *ctx, unsigned int iteration)
+{
+    struct xcs_precopy_stats s = {
+        .iteration = iteration,
+        .total_written = ctx->total_written,
+        .dirty_count = (int64_t)xcs_sim_dirty_popcount(&ctx->dom),
+    };
+    unsigned int max_iters =
+        ctx->p->max_iters ? ctx->p->max_iters : DEFAULT_MAX_ITERS;
+    unsigned int threshold = ctx->p->dirty_threshold
+                                 ? ctx->p->dirty_threshold
+                                 : DEFAULT_DIRTY_THRESHOLD;
+
+    if (ctx->cb->precopy_policy)
+        return ctx->cb->precopy_policy(s, ctx->cb->data);
+    /* xg_sr_save.c's simple_precopy_policy, with our knobs. */
+    if (s.dirty_count < (int64_t)threshold || iteration >= max_iters)
+        return XCS_POLICY_STOP_AND_COPY;
+    return XCS_POLICY_CONTINUE_PRECOPY;
+}
+
+/*----- the memory of the first checkpoint -----*/
+
+static int send_memory_live(struct save_ctx *ctx)
+{
+    char what[40];
+    int skip_zero = !ctx->p->send_zero_pages;
+
+    if (send_pages(ctx, NULL, ctx->dom.nr_pages, skip_zero,
+                   "Frames iteration 0") < 0)
+        return -1;
+    for (unsigned int it = 1;; it++) {
+        int decision = policy(ctx, it);
+
+        if (decision == XCS_POLICY_ABORT) {
+            xcs_logf(ctx->cb, XCS_LOG_NOTICE, -1,
+                     "precopy policy aborted the save before iteration %u",
+                     it);
+            return xcs_fail(ctx->cb, ECANCELED,
+                            "save aborted by the precopy policy");
+        }
+        if (decision != XCS_POLICY_CONTINUE_PRECOPY)
+            break;
+        snprintf(what, sizeof(what), "Frames iteration %u", it);
+        if (send_dirty(ctx, what) < 0)
+            return -1;
+    }
+    if (suspend_domain(ctx) < 0)
+        return -1;
+    snprintf(what, sizeof(what), "Frames iteration %u", ctx->round);
+    return send_dirty(ctx, what);
+}
+
+static int send_memory_nonlive(struct save_ctx *ctx)
+{
+    if (suspend_domain(ctx) < 0)
+        return -1;
+    if (ctx->logdirty)
+        /* Remus: only writes after the coming resume count. */
+        xcs_sim_dirty_fetch_and_clear(&ctx->dom, ctx->dirty);
+    return send_pages(ctx, NULL, ctx->dom.nr_pages, !ctx->p->send_zero_pages,
+                      "Frames");
+}
+
+/*----- whole save -----*/
+
+static int write_checkpoint_tail(struct save_ctx *ctx)
+{
+    if (write_rec(ctx, XCS_REC_CHECKPOINT, NULL, 0, "CHECKPOINT") < 0)
+        return -1;
+    if (ctx->p->wrap >= XCS_WRAP_LIBXL) {
+        if (write_emulator_context(ctx) < 0 ||
+            write_rec(ctx, XCS_LIBXL_REC_CHECKPOINT_END, NULL, 0,
+                      "CHECKPOINT_END") < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int remus_loop(struct save_ctx *ctx)
+{
+    unsigned int total = ctx->p->checkpoints ? ctx->p->checkpoints : 1;
+
+    for (unsigned int cp = 1;; cp++) {
+        if (end_of_checkpoint(ctx) < 0 || write_checkpoint_tail(ctx) < 0)
+            return -1;
+        ctx->st->downtime_ns = xcs_now_ns() - ctx->t_suspend;
+        xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "checkpoint %u sent", cp);
+        if (resume_domain(ctx) < 0)
+            return -1;
+        if (cp >= total)
+            break;
+        if (ctx->cb->checkpoint && ctx->cb->checkpoint(ctx->cb->data) <= 0)
+            break;
+        if (ctx->p->interval_ms) {
+            struct timespec ts = {
+                .tv_sec = ctx->p->interval_ms / 1000,
+                .tv_nsec = (long)(ctx->p->interval_ms % 1000) * 1000000L};
+
+            while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+                ;
+        }
+        if (suspend_domain(ctx) < 0 ||
+            send_dirty(ctx, "Checkpointed save") < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int xcs_engine_save(const struct xcs_save_params *p,
+                    const struct xcs_engine_callbacks *cb,
+                    struct xcs_save_stats *stats)
+{
+    struct save_ctx ctx;
+    struct xcs_save_stats dummy;
+    uint64_t t0 = xcs_now_ns();
+    int remus = p->stream_type == XCS_STREAM_REMUS;
+    int saved;
+    int rc = -1;
+
+    memset(&ctx, 0, sizeof(ctx));
+    ctx.dom.fd = -1;
+    ctx.p = p;
+    ctx.cb = cb;
+    ctx.st = stats ? stats : &dummy;
+    memset(ctx.st, 0, sizeof(*ctx.st));
+    ctx.w.fd = p->io_fd;
+
+    if (p->stream_type != XCS_STREAM_PLAIN && !remus) {
+        xcs_fail(cb, EOPNOTSUPP, "stream type %d is not supported by the sim "
+                 "engine", p->stream_type);
+        goto out;
+    }
+    if ((unsigned int)p->wrap > XCS_WRAP_XL) {
+        xcs_fail(cb, EINVAL, "unknown stream wrapping %d", (int)p->wrap);
+        goto out;
+    }
+    if (xcs_sim_open(p->sim_path, 0, &ctx.dom) < 0) {
+        xcs_fail(cb, errno, "opening sim domain %s: %s", p->sim_path,
+                 strerror(errno));
+        goto out;
+    }
+    ctx.orig_state = xcs_sim_get_state(&ctx.dom);
+    ctx.dirty = malloc(ctx.dom.hdr->bitmap_bytes);
+    ctx.batch = malloc(BATCH_HDR_SIZE + 8 * XCS_MAX_BATCH_SIZE);
+    ctx.iov = malloc(sizeof(*ctx.iov) * (1 + XCS_MAX_BATCH_SIZE));
+    if (!ctx.dirty || !ctx.batch || !ctx.iov) {
+        xcs_fail(cb, ENOMEM, "allocating save buffers");
+        goto out;
+    }
+    ctx.batch_pfns = (uint64_t *)(ctx.batch + BATCH_HDR_SIZE);
+    if (build_hvm_ctx(&ctx) < 0)
+        goto out;
+    xcs_logf(cb, XCS_LOG_DETAIL, -1,
+             "saving sim domain %s: %llu pages, %u vcpus, %s%s", p->sim_path,
+             (unsigned long long)ctx.dom.nr_pages, ctx.dom.nr_vcpus,
+             p->live ? "live" : "non-live", remus ? ", remus" : "");
+
+    if (p->wrap == XCS_WRAP_XL && write_xl_header(&ctx) < 0)
+        goto out;
+    if (p->wrap >= XCS_WRAP_LIBXL && write_libxl_header(&ctx) < 0)
+        goto out;
+    if (write_image_header(&ctx) < 0)
+        goto out;
+
+    if (p->live || remus) {
+        xcs_sim_logdirty_enable(&ctx.dom);
+        ctx.logdirty = 1;
+    }
+    if (p->live ? send_memory_live(&ctx) : send_memory_nonlive(&ctx))
+        goto out;
+
+    if (remus) {
+        if (remus_loop(&ctx) < 0)
+            goto out;
+    } else {
+        if (end_of_checkpoint(&ctx) < 0 ||
+            write_rec(&ctx, XCS_REC_END, NULL, 0, "END") < 0)
+            goto out;
+        if (p->wrap >= XCS_WRAP_LIBXL &&
+            (write_emulator_context(&ctx) < 0 ||
+             write_rec(&ctx, XCS_LIBXL_REC_END, NULL, 0, "libxl END") < 0))
+            goto out;
+        ctx.st->downtime_ns = xcs_now_ns() - ctx.t_suspend;
+    }
+    xcs_logf(cb, XCS_LOG_DETAIL, -1, "End of stream");
+    rc = 0;
+
+out:
+    saved = errno;
+    if (ctx.dom.hdr) {
+        if (ctx.logdirty)
+            xcs_sim_logdirty_disable(&ctx.dom);
+        if (rc && ctx.stopped) {
+            /* The source must not stay stopped by a save that failed. */
+            xcs_sim_set_state(&ctx.dom, ctx.orig_state);
+            xcs_logf(cb, XCS_LOG_NOTICE, -1,
+                     "save failed: sim domain %s is %s again", p->sim_path,
+                     xcs_sim_state_name(ctx.orig_state));
+        }
+    }
+    ctx.st->bytes_written = ctx.w.bytes;
+    ctx.st->duration_ns = xcs_now_ns() - t0;
+    xcs_sim_close(&ctx.dom);
+    free(ctx.hvm_ctx);
+    free(ctx.iov);
+    free(ctx.batch);
+    free(ctx.dirty);
+    errno = saved;
+    return rc;
+}

@@ -1,0 +1,188 @@
+/*
+ * simdom.h - simulated domains: guest memory, vCPU state and a log-dirty
+ * bitmap in one shared file (docs/sim-format.md has the layout).
+ *
+ * A simulated domain stands in for a Xen guest.  Several processes map the
+ * same file with MAP_SHARED: a workload ("vCPUs") writes pages through the
+ * dirty log the way the hypervisor would, while the save engine suspends the
+ * domain, harvests the dirty log and copies pages straight from the mapping.
+ * All cross-process fields (state, log-dirty flag, counters, bitmap words)
+ * are accessed with __atomic builtins; the memory-ordering rules are spelled
+ * out next to each function in simdom.c.
+ *
+ * Conventions: 0 on success, -1 with errno set on failure.  These functions
+ * never print; callers report.
+ */
+#ifndef XCS_SIMDOM_H
+#define XCS_SIMDOM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define XCS_SIM_MAGIC "XCSIMDOM"       /* 8 bytes, no NUL on disk */
+#define XCS_SIM_VERSION 1
+#define XCS_SIM_HDR_SIZE 4096          /* the header page */
+#define XCS_SIM_PAGE_SHIFT 12
+#define XCS_SIM_PAGE_SIZE 4096u
+#define XCS_SIM_VCPU_SIZE 512u         /* bytes of context per vCPU */
+#define XCS_SIM_MAX_VCPUS 128u
+#define XCS_SIM_MAX_PAGES (1ULL << 24) /* 64 GiB */
+
+enum xcs_sim_state {
+    XCS_SIM_RUNNING = 0,
+    XCS_SIM_PAUSED = 1,
+    XCS_SIM_SUSPENDED = 2
+};
+
+/*
+ * The on-disk header (little-endian, at offset 0, padded to 4096 bytes).
+ * Fields marked (atomic) are shared between processes and must only be
+ * touched with __atomic builtins.
+ */
+struct xcs_sim_hdr {
+    char magic[8];           /* XCS_SIM_MAGIC */
+    uint32_t version;        /* XCS_SIM_VERSION */
+    uint32_t hdr_size;       /* XCS_SIM_HDR_SIZE */
+    uint64_t nr_pages;
+    uint32_t page_shift;     /* 12 */
+    uint32_t nr_vcpus;
+    uint32_t vcpu_size;      /* XCS_SIM_VCPU_SIZE */
+    uint32_t state;          /* (atomic) enum xcs_sim_state */
+    uint32_t logdirty;       /* (atomic) 1 = writers set dirty bits */
+    int32_t inflight;        /* (atomic) writers between state check and done */
+    int64_t dirty_count;     /* (atomic) bits set; see simdom.c */
+    uint64_t generation;     /* (atomic) bumped by every page write/state change */
+    uint64_t pages_written;  /* (atomic) page writes since creation */
+    uint64_t seed;           /* creation seed (informational) */
+    uint64_t pages_off;      /* byte offset of page 0 (page aligned) */
+    uint64_t vcpu_off;       /* byte offset of vCPU 0's context */
+    uint64_t bitmap_off;     /* byte offset of the log-dirty bitmap */
+    uint64_t bitmap_bytes;   /* whole u64 words, ceil(nr_pages / 64) * 8 */
+    uint64_t file_size;
+};
+
+struct xcs_sim_dom {
+    int fd;                  /* -1 when closed */
+    void *map;               /* the whole file, MAP_SHARED */
+    size_t map_len;
+    struct xcs_sim_hdr *hdr; /* == map */
+    uint8_t *pages;          /* page 0 */
+    uint8_t *vcpus;          /* vCPU 0's context */
+    uint64_t *bitmap;        /* log-dirty bitmap, bit (pfn % 64) of word pfn / 64 */
+    uint64_t nr_pages;
+    unsigned int nr_vcpus;
+};
+
+/* xcs_sim_open flags. */
+#define XCS_SIM_RDONLY 0x1   /* map read-only: digest/info only */
+#define XCS_SIM_POPULATE 0x2 /* prefault the mapping (MAP_POPULATE) */
+
+/* File layout for a domain of that shape: offsets as in struct xcs_sim_hdr. */
+void xcs_sim_layout(uint64_t nr_pages, unsigned int nr_vcpus,
+                    struct xcs_sim_hdr *out);
+
+/*
+ * Create a domain file at path (replacing any old one atomically), filled
+ * deterministically from seed: about 25% zero pages, about 10% copies of a
+ * few template pages, the rest pseudo-random; vCPU contexts derived from the
+ * seed.  State running, log-dirty off.
+ */
+int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
+                   uint64_t seed);
+
+/*
+ * Give the open, empty (or sparse) file fd the size and header of a domain of
+ * that shape, leaving its pages as they are: the restore engine writes pages
+ * first (they sit at the fixed offset XCS_SIM_HDR_SIZE whatever the shape)
+ * and learns the shape only from HVM_CONTEXT.
+ */
+int xcs_sim_format_fd(int fd, uint64_t nr_pages, unsigned int nr_vcpus,
+                      uint64_t seed, enum xcs_sim_state state);
+
+/* Map the domain in fd (which stays the caller's: the mapping uses a dup). */
+int xcs_sim_map_fd(int fd, int flags, struct xcs_sim_dom *dom);
+
+/* Map an existing domain file; validates the header against the file size. */
+int xcs_sim_open(const char *path, int flags, struct xcs_sim_dom *dom);
+void xcs_sim_close(struct xcs_sim_dom *dom); /* idempotent */
+int xcs_sim_remove(const char *path);
+
+static inline uint8_t *xcs_sim_page(const struct xcs_sim_dom *dom,
+                                    uint64_t pfn)
+{
+    return dom->pages + (pfn << XCS_SIM_PAGE_SHIFT);
+}
+
+static inline uint8_t *xcs_sim_vcpu(const struct xcs_sim_dom *dom,
+                                    unsigned int vcpu)
+{
+    return dom->vcpus + (size_t)vcpu * XCS_SIM_VCPU_SIZE;
+}
+
+enum xcs_sim_state xcs_sim_get_state(const struct xcs_sim_dom *dom);
+
+/*
+ * Set the state.  Leaving "running" waits until no writer is between its
+ * state check and the end of its write (bounded: a writer that died
+ * mid-write is forgotten after about one second), so once this returns no
+ * page changes until the domain runs again.
+ */
+int xcs_sim_set_state(struct xcs_sim_dom *dom, enum xcs_sim_state st);
+const char *xcs_sim_state_name(enum xcs_sim_state st);
+int xcs_sim_state_parse(const char *name, enum xcs_sim_state *out);
+
+/* Log-dirty: enable clears the bitmap; disable stops writers setting bits. */
+void xcs_sim_logdirty_enable(struct xcs_sim_dom *dom);
+void xcs_sim_logdirty_disable(struct xcs_sim_dom *dom);
+int xcs_sim_logdirty_enabled(const struct xcs_sim_dom *dom);
+
+/* Number of set bits now, without clearing (exact; O(nr_pages / 64)). */
+uint64_t xcs_sim_dirty_popcount(const struct xcs_sim_dom *dom);
+
+/*
+ * Atomically take the dirty log: each bitmap word is exchanged with 0 and
+ * stored into out (bitmap_bytes long).  Returns the number of pages taken.
+ */
+uint64_t xcs_sim_dirty_fetch_and_clear(struct xcs_sim_dom *dom, uint64_t *out);
+
+/*
+ * Write one page like a guest vCPU: pseudo-random content from (seed, pfn),
+ * then the dirty bit if log-dirty is on.  Does not check the state: see
+ * xcs_sim_dirty_run for the guarded writer.
+ */
+void xcs_sim_write_page(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed);
+
+/*
+ * The workload: write pseudo-random pages of the domain at path at
+ * rate_pages_per_s (0 = as fast as possible) for duration_s seconds, paced
+ * in 1 ms slices, never while the domain is not running.  Returns the number
+ * of pages written, or -1 with errno set.
+ */
+int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
+                          double duration_s, uint64_t seed);
+
+#define XCS_SIM_DIGEST_SIZE 32
+
+/*
+ * Digest of memory + vCPU state + shape: four little-endian u64s
+ * [XXH64(pages), XXH64(vcpu contexts), XXH64(shape), XXH64(first three)]
+ * (docs/sim-format.md).  Independent of state and the dirty log.
+ */
+void xcs_sim_digest(const struct xcs_sim_dom *dom,
+                    uint8_t out[XCS_SIM_DIGEST_SIZE]);
+
+/* XXH64 of a buffer (the public xxHash64 algorithm). */
+uint64_t xcs_xxh64(const void *buf, size_t len, uint64_t seed);
+
+/* Fill a vCPU context blob as xcs_sim_create does (exported for tests). */
+void xcs_sim_fill_vcpu(uint8_t *blob, unsigned int vcpu, uint64_t seed);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* XCS_SIMDOM_H */

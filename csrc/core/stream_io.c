@@ -1,0 +1,246 @@
+/*
+ * stream_io.c - exact reads, complete writes, record framing, logging and
+ * progress shared by engine_save.c and engine_restore.c.
+ */
+#include "stream_io.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "xcs_format.h"
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+/*----- logging -----*/
+
+static void vlog(const struct xcs_engine_callbacks *cb,
+                 enum xcs_log_level level, int errnoval, const char *fmt,
+                 va_list ap)
+{
+    char msg[512];
+
+    if (!cb || !cb->log)
+        return;
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    cb->log(level, errnoval, msg, cb->data);
+}
+
+void xcs_logf(const struct xcs_engine_callbacks *cb, enum xcs_log_level level,
+              int errnoval, const char *fmt, ...)
+{
+    va_list ap;
+    int saved = errno;
+
+    va_start(ap, fmt);
+    vlog(cb, level, errnoval, fmt, ap);
+    va_end(ap);
+    errno = saved;
+}
+
+int xcs_fail(const struct xcs_engine_callbacks *cb, int errnum,
+             const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vlog(cb, XCS_LOG_ERROR, errnum, fmt, ap);
+    va_end(ap);
+    errno = errnum;
+    return -1;
+}
+
+uint64_t xcs_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/*----- progress -----*/
+
+void xcs_progress_start(struct xcs_progress *pr,
+                        const struct xcs_engine_callbacks *cb, uint64_t total,
+                        const char *fmt, ...)
+{
+    va_list ap;
+
+    memset(pr, 0, sizeof(*pr));
+    pr->cb = cb;
+    pr->total = total;
+    va_start(ap, fmt);
+    vsnprintf(pr->what, sizeof(pr->what), fmt, ap);
+    va_end(ap);
+    pr->last_ns = xcs_now_ns();
+    if (cb && cb->progress)
+        cb->progress(pr->what, 0, total, cb->data);
+    pr->started = 1;
+}
+
+void xcs_progress_step(struct xcs_progress *pr, uint64_t done)
+{
+    uint64_t now;
+
+    if (!pr->started || !pr->cb || !pr->cb->progress)
+        return;
+    if (done - pr->last_done < XCS_PROGRESS_PAGES)
+        return;
+    now = xcs_now_ns();
+    if (now - pr->last_ns < XCS_PROGRESS_NS)
+        return;
+    pr->last_done = done;
+    pr->last_ns = now;
+    pr->cb->progress(pr->what, done, pr->total, pr->cb->data);
+}
+
+void xcs_progress_end(struct xcs_progress *pr, uint64_t done)
+{
+    if (!pr->started)
+        return;
+    if (pr->cb && pr->cb->progress)
+        pr->cb->progress(pr->what, done, pr->total ? pr->total : done,
+                         pr->cb->data);
+    pr->started = 0;
+}
+
+/*----- writing -----*/
+
+int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
+{
+    while (iovcnt > 0) {
+        ssize_t r;
+        size_t n;
+
+        /* Skip drained entries so that writev never sees a zero count. */
+        if (iov->iov_len == 0) {
+            iov++;
+            iovcnt--;
+            continue;
+        }
+        r = writev(w->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (r == 0) {
+            errno = EIO; /* not expected from writev; never spin */
+            return -1;
+        }
+        w->bytes += (uint64_t)r;
+        /* Short write (pipe, socket, signal): advance past what went out. */
+        n = (size_t)r;
+        while (n > 0 && n >= iov->iov_len) {
+            n -= iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= n;
+        }
+    }
+    return 0;
+}
+
+int xcs_write_all(struct xcs_writer *w, const void *buf, size_t len)
+{
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+
+    return xcs_writev_all(w, &iov, 1);
+}
+
+int xcs_write_record(struct xcs_writer *w, uint32_t type, const void *body,
+                     uint32_t len)
+{
+    static const uint8_t zeros[XCS_REC_ALIGN];
+    uint32_t hdr[2] = {type, len}; /* little-endian host and stream */
+    struct iovec iov[3] = {
+        {.iov_base = hdr, .iov_len = sizeof(hdr)},
+        {.iov_base = (void *)body, .iov_len = len},
+        {.iov_base = (void *)zeros, .iov_len = xcs_rec_padded(len) - len},
+    };
+
+    return xcs_writev_all(w, iov, 3);
+}
+
+/*----- reading -----*/
+
+int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
+                    size_t len, int *eof)
+{
+    size_t got = 0;
+
+    *eof = 0;
+    while (got < len) {
+        ssize_t n;
+        size_t left;
+
+        if (iov->iov_len == 0) {
+            iov++;
+            iovcnt--;
+            continue;
+        }
+        n = readv(r->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0) {
+            *eof = got ? 2 : 1;
+            errno = EIO;
+            return -1;
+        }
+        got += (size_t)n;
+        r->off += (uint64_t)n;
+        left = (size_t)n;
+        while (left > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (left > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+int xcs_read_exact(struct xcs_reader *r, void *buf, size_t len, int *eof)
+{
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+
+    if (len == 0) {
+        *eof = 0;
+        return 0;
+    }
+    return xcs_readv_exact(r, &iov, 1, len, eof);
+}
+
+int xcs_skip_exact(struct xcs_reader *r, uint64_t len, int *eof)
+{
+    uint8_t buf[16384];
+    uint64_t start = r->off;
+
+    *eof = 0;
+    while (len > 0) {
+        size_t n = len > sizeof(buf) ? sizeof(buf) : (size_t)len;
+
+        if (xcs_read_exact(r, buf, n, eof) < 0) {
+            if (*eof && r->off != start)
+                *eof = 2;
+            return -1;
+        }
+        len -= n;
+    }
+    return 0;
+}

@@ -1,0 +1,119 @@
+/*
+ * stream_io.h - what the save and restore engines share: exact reads and
+ * complete (v)writes on the stream fd, record framing, logging and progress
+ * helpers, and the layout of the sim HVM_CONTEXT blob.
+ *
+ * Nothing here buffers: the stream fd is shared with the toolstack (libxl
+ * reads its own records before and after ours), so every read asks for
+ * exactly the bytes the format says come next.
+ */
+#ifndef XCS_STREAM_IO_H
+#define XCS_STREAM_IO_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "xcs_engine.h"
+
+/*----- logging -----*/
+
+void xcs_logf(const struct xcs_engine_callbacks *cb, enum xcs_log_level level,
+              int errnoval, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/*
+ * Log an error (level ERROR, with errnum) and leave errno = errnum.  Always
+ * returns -1 so that callers can write "return xcs_fail(...)".
+ */
+int xcs_fail(const struct xcs_engine_callbacks *cb, int errnum,
+             const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+uint64_t xcs_now_ns(void);
+
+/*----- progress, rate-limited -----*/
+
+/*
+ * Reports at the first and last call of a phase, and in between only when
+ * both XCS_PROGRESS_PAGES pages and XCS_PROGRESS_NS have passed, so that a
+ * fast copy does not flood the helper's control pipe.
+ */
+#define XCS_PROGRESS_PAGES 1024
+#define XCS_PROGRESS_NS 50000000ULL
+
+struct xcs_progress {
+    const struct xcs_engine_callbacks *cb;
+    char what[48];
+    uint64_t total;
+    uint64_t last_done;
+    uint64_t last_ns;
+    int started;
+};
+
+void xcs_progress_start(struct xcs_progress *pr,
+                        const struct xcs_engine_callbacks *cb, uint64_t total,
+                        const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void xcs_progress_step(struct xcs_progress *pr, uint64_t done);
+void xcs_progress_end(struct xcs_progress *pr, uint64_t done);
+
+/*----- writing -----*/
+
+struct xcs_writer {
+    int fd;
+    uint64_t bytes; /* written so far */
+};
+
+/*
+ * Write all of iov[0..iovcnt) to fd: loops over short writes and EINTR and
+ * splits at IOV_MAX.  iov is consumed (advanced in place).
+ */
+int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt);
+int xcs_write_all(struct xcs_writer *w, const void *buf, size_t len);
+
+/* Header + body + zero padding to 8 bytes, in one writev. */
+int xcs_write_record(struct xcs_writer *w, uint32_t type, const void *body,
+                     uint32_t len);
+
+/*----- reading -----*/
+
+struct xcs_reader {
+    int fd;
+    uint64_t off; /* stream offset of the next byte */
+};
+
+/*
+ * Read exactly len bytes (loops over short reads and EINTR).  Returns 0, or
+ * -1 with errno set: EIO with *eof set when the stream ended first (*eof is
+ * 1 when it ended before the first byte, 2 when it ended part way).
+ */
+int xcs_read_exact(struct xcs_reader *r, void *buf, size_t len, int *eof);
+/* The same for a scatter list (consumed in place). */
+int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
+                    size_t len, int *eof);
+/* Read and drop len bytes. */
+int xcs_skip_exact(struct xcs_reader *r, uint64_t len, int *eof);
+
+/*----- the sim HVM_CONTEXT blob -----*/
+
+/*
+ * HVM_CONTEXT carries a Xen-shaped HVM save image: a sequence of
+ * {u16 typecode; u16 instance; u32 length} descriptors, each followed by
+ * length bytes, ending with typecode 0.  The engine writes HEADER (1), one
+ * sim record (XCS_HVM_SAVE_SIM) with the domain's shape, one CPU record (2)
+ * per vCPU holding its context blob, and END.  docs/sim-format.md.
+ */
+#define XCS_HVM_SAVE_END 0
+#define XCS_HVM_SAVE_HEADER 1
+#define XCS_HVM_SAVE_CPU 2
+#define XCS_HVM_SAVE_SIM 0x78 /* xcsave private; Xen's codes stay small */
+#define XCS_HVM_DESC_SIZE 8
+#define XCS_HVM_HEADER_MAGIC 0x54381286U
+#define XCS_HVM_HEADER_SIZE 24 /* magic, version, changeset, cpuid, gtsc_khz */
+#define XCS_HVM_SIM_MAGIC "XCSIMHVM"
+#define XCS_HVM_SIM_SIZE 32    /* magic[8], version, vcpu_size, nr_pages, nr_vcpus, page_shift */
+
+/* The emulator blob carried by EMULATOR_CONTEXT in libxl-wrapped streams. */
+#define XCS_SIM_EMU_MAGIC "XCSIMEMU"
+
+#endif /* XCS_STREAM_IO_H */

@@ -1,0 +1,397 @@
+// ext_sim.cpp - simulated domains and the in-process stream engine for
+// xcsave._ext: create/inspect/dirty sim domains, and run xcs_engine_save /
+// xcs_engine_restore in-process for tests and benchmarks (the product runs
+// them in the helper).  Blocking work runs with the GIL released.
+#include "ext_common.hpp"
+
+#include <pybind11/stl.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+extern "C" {
+#include "simdom.h"
+#include "xcs_engine.h"
+#include "xcs_format.h"
+}
+
+namespace xcsave_ext {
+
+namespace {
+
+// An open sim domain, closed on scope exit.
+struct SimDom {
+    xcs_sim_dom dom{};
+
+    SimDom(const std::string &path, int flags)
+    {
+        if (xcs_sim_open(path.c_str(), flags, &dom) < 0)
+            raise_errno(errno, path);
+    }
+    ~SimDom() { xcs_sim_close(&dom); }
+    SimDom(const SimDom &) = delete;
+    SimDom &operator=(const SimDom &) = delete;
+};
+
+void sim_create(const std::string &path, uint64_t nr_pages, unsigned int vcpus,
+                uint64_t seed)
+{
+    int r;
+    {
+        py::gil_scoped_release nogil;
+        r = xcs_sim_create(path.c_str(), nr_pages, vcpus, seed);
+    }
+    if (r < 0)
+        raise_errno(errno, path);
+}
+
+py::dict sim_info(const std::string &path)
+{
+    SimDom d(path, XCS_SIM_RDONLY);
+    const xcs_sim_hdr *h = d.dom.hdr;
+    int64_t dirty = __atomic_load_n(&h->dirty_count, __ATOMIC_RELAXED);
+    py::dict out;
+
+    out["pages"] = h->nr_pages;
+    out["page_shift"] = h->page_shift;
+    out["vcpus"] = h->nr_vcpus;
+    out["state"] = xcs_sim_state_name(xcs_sim_get_state(&d.dom));
+    out["logdirty"] = xcs_sim_logdirty_enabled(&d.dom) != 0;
+    // Writers and the saver update the counter apart from the bits: it can
+    // be transiently off, never below zero for a reader.
+    out["dirty_count"] = dirty < 0 ? 0 : dirty;
+    out["generation"] = __atomic_load_n(&h->generation, __ATOMIC_RELAXED);
+    out["pages_written"] = __atomic_load_n(&h->pages_written, __ATOMIC_RELAXED);
+    out["memory"] = h->nr_pages << h->page_shift;
+    out["size"] = h->file_size;
+    out["seed"] = h->seed;
+    return out;
+}
+
+std::string sim_digest(const std::string &path)
+{
+    SimDom d(path, XCS_SIM_RDONLY | XCS_SIM_POPULATE);
+    uint8_t dg[XCS_SIM_DIGEST_SIZE];
+    char hex[2 * XCS_SIM_DIGEST_SIZE + 1];
+
+    {
+        py::gil_scoped_release nogil;
+        xcs_sim_digest(&d.dom, dg);
+    }
+    for (size_t i = 0; i < sizeof(dg); i++)
+        std::snprintf(hex + 2 * i, 3, "%02x", dg[i]);
+    return std::string(hex, 2 * XCS_SIM_DIGEST_SIZE);
+}
+
+void sim_set_state(const std::string &path, const std::string &state)
+{
+    xcs_sim_state st;
+
+    if (xcs_sim_state_parse(state.c_str(), &st) < 0)
+        throw py::value_error("state must be running, paused or suspended, "
+                              "not '" + state + "'");
+    SimDom d(path, 0);
+    int r;
+    {
+        py::gil_scoped_release nogil; // may wait for in-flight writers
+        r = xcs_sim_set_state(&d.dom, st);
+    }
+    if (r < 0)
+        raise_errno(errno, path);
+}
+
+int64_t sim_dirty(const std::string &path, uint64_t rate, double duration,
+                  uint64_t seed)
+{
+    int64_t n;
+    {
+        py::gil_scoped_release nogil;
+        n = xcs_sim_dirty_run(path.c_str(), rate, duration, seed);
+    }
+    if (n < 0)
+        raise_errno(errno, path);
+    return n;
+}
+
+void sim_remove(const std::string &path)
+{
+    if (xcs_sim_remove(path.c_str()) < 0)
+        raise_errno(errno, path);
+}
+
+/*----- the engine, in-process -----*/
+
+xcs_wrap parse_wrap(const std::string &wrap)
+{
+    if (wrap == "libxc")
+        return XCS_WRAP_LIBXC;
+    if (wrap == "libxl")
+        return XCS_WRAP_LIBXL;
+    if (wrap == "xl")
+        return XCS_WRAP_XL;
+    throw py::value_error("wrap must be libxc, libxl or xl, not '" + wrap +
+                          "'");
+}
+
+int parse_stream_type(const std::string &t)
+{
+    if (t == "plain")
+        return XCS_STREAM_PLAIN;
+    if (t == "remus")
+        return XCS_STREAM_REMUS;
+    throw py::value_error("stream_type must be plain or remus, not '" + t +
+                          "'");
+}
+
+// Engine callbacks: collect log/progress in C++ (no GIL needed), call the
+// optional Python callables with the GIL re-acquired.  A Python exception
+// in a callable is kept, makes the engine stop, and is re-raised after it.
+struct EngineCtx {
+    std::vector<std::tuple<int, int, std::string>> log;
+    std::vector<std::tuple<std::string, uint64_t, uint64_t>> progress;
+    std::string last_error;
+    py::object policy, suspend, checkpoint;
+    std::exception_ptr py_error;
+
+    static EngineCtx &of(void *data) { return *static_cast<EngineCtx *>(data); }
+
+    static void on_log(xcs_log_level level, int errnoval, const char *msg,
+                       void *data)
+    {
+        EngineCtx &c = of(data);
+        c.log.emplace_back(static_cast<int>(level), errnoval, msg);
+        if (level >= XCS_LOG_ERROR && c.last_error.empty())
+            c.last_error = msg; // the first error is the cause
+    }
+
+    static void on_progress(const char *what, uint64_t done, uint64_t total,
+                            void *data)
+    {
+        of(data).progress.emplace_back(what, done, total);
+    }
+
+    // Runs fn(callable) under the GIL; on exception keeps it, returns dflt.
+    template <typename F>
+    int call(const py::object &fn, int dflt, F &&args)
+    {
+        py::gil_scoped_acquire gil;
+        if (py_error)
+            return dflt;
+        try {
+            return args(fn);
+        } catch (...) {
+            py_error = std::current_exception();
+            return dflt;
+        }
+    }
+
+    static int on_policy(xcs_precopy_stats st, void *data)
+    {
+        EngineCtx &c = of(data);
+        return c.call(c.policy, XCS_POLICY_ABORT, [&](const py::object &fn) {
+            return fn(st.iteration, st.total_written, st.dirty_count)
+                .cast<int>();
+        });
+    }
+
+    static int on_suspend(void *data)
+    {
+        EngineCtx &c = of(data);
+        return c.call(c.suspend, 0, [](const py::object &fn) {
+            return py::bool_(fn()) ? 1 : 0;
+        });
+    }
+
+    static int on_checkpoint(void *data)
+    {
+        EngineCtx &c = of(data);
+        return c.call(c.checkpoint, 0, [](const py::object &fn) {
+            return fn().cast<int>();
+        });
+    }
+
+    xcs_engine_callbacks callbacks()
+    {
+        xcs_engine_callbacks cb{};
+        cb.log = on_log;
+        cb.progress = on_progress;
+        if (!policy.is_none())
+            cb.precopy_policy = on_policy;
+        if (!suspend.is_none())
+            cb.suspend = on_suspend;
+        cb.data = this;
+        return cb;
+    }
+
+    py::list log_list() const
+    {
+        py::list out;
+        for (const auto &e : log)
+            out.append(py::make_tuple(std::get<0>(e), std::get<1>(e),
+                                      std::get<2>(e)));
+        return out;
+    }
+
+    py::list progress_list() const
+    {
+        py::list out;
+        for (const auto &e : progress)
+            out.append(py::make_tuple(std::get<0>(e), std::get<1>(e),
+                                      std::get<2>(e)));
+        return out;
+    }
+
+    // After a failed run: the callable's exception, else OSError(errno, msg).
+    [[noreturn]] void raise_failure(int err)
+    {
+        if (py_error)
+            std::rethrow_exception(py_error);
+        std::string msg = last_error.empty() ? std::strerror(err) : last_error;
+        PyErr_SetObject(PyExc_OSError,
+                        py::make_tuple(err, msg).ptr()); // errno subclass
+        throw py::error_already_set();
+    }
+};
+
+py::dict engine_save(int fd, const std::string &path, bool live,
+                     const std::string &wrap, unsigned int max_iters,
+                     unsigned int dirty_threshold,
+                     const std::string &stream_type, unsigned int checkpoints,
+                     unsigned int interval_ms, bool send_zero_pages,
+                     py::object xl_config, py::object policy,
+                     py::object suspend, py::object checkpoint)
+{
+    EngineCtx ctx;
+    xcs_save_params p{};
+    xcs_save_stats st{};
+    std::string cfg;
+    int r, err;
+
+    p.io_fd = fd;
+    p.sim_path = path.c_str();
+    p.live = live;
+    p.wrap = parse_wrap(wrap);
+    p.stream_type = parse_stream_type(stream_type);
+    p.checkpoints = checkpoints;
+    p.interval_ms = interval_ms;
+    p.max_iters = max_iters;
+    p.dirty_threshold = dirty_threshold;
+    p.send_zero_pages = send_zero_pages;
+    if (!xl_config.is_none()) {
+        cfg = xl_config.cast<std::string>();
+        p.xl_config = cfg.data();
+        p.xl_config_len = cfg.size();
+    }
+    ctx.policy = std::move(policy);
+    ctx.suspend = std::move(suspend);
+    ctx.checkpoint = std::move(checkpoint);
+    xcs_engine_callbacks cb = ctx.callbacks();
+    if (!ctx.checkpoint.is_none())
+        cb.checkpoint = EngineCtx::on_checkpoint;
+    {
+        py::gil_scoped_release nogil;
+        r = xcs_engine_save(&p, &cb, &st);
+        err = errno;
+    }
+    if (r < 0)
+        ctx.raise_failure(err);
+
+    py::dict out;
+    py::list per_round;
+    unsigned int n = st.rounds < XCS_STATS_MAX_ROUNDS ? st.rounds
+                                                      : XCS_STATS_MAX_ROUNDS;
+    for (unsigned int i = 0; i < n; i++)
+        per_round.append(st.pages_per_round[i]);
+    out["rounds"] = st.rounds;
+    out["pages_per_round"] = per_round;
+    out["pages_sent"] = st.pages_sent;
+    out["zero_pages"] = st.zero_pages;
+    out["bytes_written"] = st.bytes_written;
+    out["downtime_ns"] = st.downtime_ns;
+    out["duration_ns"] = st.duration_ns;
+    out["log"] = ctx.log_list();
+    out["progress"] = ctx.progress_list();
+    return out;
+}
+
+py::dict engine_restore(int fd, const std::string &path,
+                        const std::string &wrap, uint64_t max_pages,
+                        const std::string &stream_type, py::object checkpoint)
+{
+    EngineCtx ctx;
+    xcs_restore_params p{};
+    xcs_restore_result res{};
+    int r, err;
+
+    p.io_fd = fd;
+    p.sim_path = path.c_str();
+    p.wrap = parse_wrap(wrap);
+    p.stream_type = parse_stream_type(stream_type);
+    p.max_pages = max_pages;
+    ctx.checkpoint = std::move(checkpoint);
+    xcs_engine_callbacks cb = ctx.callbacks();
+    if (!ctx.checkpoint.is_none())
+        cb.restore_checkpoint = EngineCtx::on_checkpoint;
+    {
+        py::gil_scoped_release nogil;
+        r = xcs_engine_restore(&p, &cb, &res);
+        err = errno;
+    }
+    if (r < 0)
+        ctx.raise_failure(err);
+
+    py::dict out;
+    out["store_gfn"] = res.store_gfn;
+    out["console_gfn"] = res.console_gfn;
+    out["pages_received"] = res.pages_received;
+    out["bytes_read"] = res.bytes_read;
+    out["duration_ns"] = res.duration_ns;
+    out["checkpoints"] = res.checkpoints;
+    out["log"] = ctx.log_list();
+    out["progress"] = ctx.progress_list();
+    return out;
+}
+
+} // namespace
+
+void register_sim(py::module_ &m)
+{
+    using namespace pybind11::literals;
+
+    m.def("sim_create", &sim_create, "path"_a, "nr_pages"_a, "vcpus"_a = 1,
+          "seed"_a = 0,
+          "Create a simulated domain file with seeded, guest-like memory.");
+    m.def("sim_info", &sim_info, "path"_a,
+          "Header of a simulated domain as a dict.");
+    m.def("sim_digest", &sim_digest, "path"_a,
+          "Hex digest of memory + vCPU state + shape (docs/sim-format.md).");
+    m.def("sim_set_state", &sim_set_state, "path"_a, "state"_a,
+          "Set running/paused/suspended; leaving running waits for writers.");
+    m.def("sim_dirty", &sim_dirty, "path"_a, "rate"_a, "duration"_a,
+          "seed"_a = 0,
+          "Dirty pages at rate pages/s (0 = flat out) for duration s while "
+          "the domain runs; returns pages written.");
+    m.def("sim_remove", &sim_remove, "path"_a, "Remove a simulated domain.");
+    m.def("engine_save", &engine_save, "fd"_a, "path"_a, "live"_a = false,
+          "wrap"_a = "libxc", "max_iters"_a = 5, "dirty_threshold"_a = 50,
+          py::kw_only(), "stream_type"_a = "plain", "checkpoints"_a = 0,
+          "interval_ms"_a = 0, "send_zero_pages"_a = false,
+          "xl_config"_a = py::none(), "policy"_a = py::none(),
+          "suspend"_a = py::none(), "checkpoint"_a = py::none(),
+          "Save a sim domain to fd in-process (tests, benchmarks); returns "
+          "the stats.  policy(iteration, total_written, dirty_count) -> "
+          "-1/0/1, suspend() -> bool, checkpoint() -> int.");
+    m.def("engine_restore", &engine_restore, "fd"_a, "path"_a,
+          "wrap"_a = "libxc", "max_pages"_a = 0, py::kw_only(),
+          "stream_type"_a = "plain", "checkpoint"_a = py::none(),
+          "Restore a sim domain from fd in-process; reads exactly the "
+          "stream.  checkpoint() -> 1 go on / 2 failover / 0 error (remus).");
+}
+
+} // namespace xcsave_ext
