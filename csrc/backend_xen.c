@@ -140,14 +140,14 @@ static void send_stats(uint64_t started)
 
 /*----- save / restore -----*/
 
+/* Like Xen's helper: without an interface there is no operation to complete. */
 static xc_interface *open_xc(void)
 {
     xc_interface *xch = xc_interface_open(&relay_logger, &relay_logger, 0);
 
     if (!xch) {
-        int saved = errno;
-        xcs_log(XCS_LOG_ERROR, saved, XCS_HELPER_CONTEXT, "xc_interface_open failed");
-        errno = saved;
+        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT, "xc_interface_open failed");
+        xcs_exit_fatal();
     }
     return xch;
 }
@@ -160,8 +160,6 @@ static int xen_save(const struct xcs_op *op)
     int rc = -1, saved;
 
     xch = open_xc();
-    if (!xch)
-        goto out;
     if (xcs_cb_wanted(op, XCS_MSG_SUSPEND))
         cb.suspend = cb_suspend;
     if (xcs_cb_wanted(op, XCS_MSG_POSTCOPY))
@@ -178,11 +176,9 @@ static int xen_save(const struct xcs_op *op)
     xcs_arm_sigterm_abort(op->io_fd);
     rc = xc_domain_save(xch, op->io_fd, op->domid, op->xcflags, &cb,
                         (xc_stream_type_t)op->stream_type, op->aux_fd);
- out:
     saved = errno;
     send_stats(started);
-    if (xch)
-        xc_interface_close(xch);
+    xc_interface_close(xch);
     errno = saved;
     return rc;
 }
@@ -196,8 +192,6 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     int rc = -1, saved;
 
     xch = open_xc();
-    if (!xch)
-        goto out;
     if (xcs_cb_wanted(op, XCS_MSG_STATIC_DATA_DONE))
         cb.static_data_done = cb_static_data_done;
     if (xcs_cb_wanted(op, XCS_MSG_SUSPEND))
@@ -218,11 +212,9 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
                            (xc_stream_type_t)op->stream_type, &cb, op->aux_fd);
     out->store_gfn = store_mfn;
     out->console_gfn = console_mfn;
- out:
     saved = errno;
     send_stats(started);
-    if (xch)
-        xc_interface_close(xch);
+    xc_interface_close(xch);
     errno = saved;
     return rc;
 }

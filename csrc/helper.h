@@ -73,6 +73,12 @@ void xcs_vlog(uint32_t level, int errnoval, const char *context,
               const char *fmt, va_list al) __attribute__((format(printf, 4, 0)));
 
 /*
+ * Give up before the operation could start (e.g. xc_interface_open failed):
+ * exit 255 without complete, as Xen's helper does with fail().  Log first.
+ */
+void xcs_exit_fatal(void) __attribute__((noreturn));
+
+/*
  * SIGTERM aborts an operation the way Xen's helper does: the handler dup2()s
  * /dev/null over io_fd so that the next read sees EOF and the next write
  * fails, and the backend's own error path (resume the guest, remove a

@@ -101,6 +101,11 @@ static void __attribute__((noreturn, format(printf, 1, 2))) fatal(const char *fm
     exit(XCS_EXIT_FATAL);
 }
 
+void xcs_exit_fatal(void)
+{
+    exit(XCS_EXIT_FATAL);
+}
+
 uint8_t *xcs_msgbuf(size_t len)
 {
     /* Room for the length prefix in front of the body, so one write suffices. */
@@ -486,7 +491,7 @@ int main(int argc, char **argv)
         xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, XCS_HELPER_CONTEXT,
                 "backend '%s' is not built into this helper (built: %s)",
                 backend, XCS_BACKENDS);
-        exit(XCS_EXIT_FATAL);
+        xcs_exit_fatal();
     }
 
     xcs_log(XCS_LOG_DEBUG, 0, XCS_HELPER_CONTEXT, "starting %s",
