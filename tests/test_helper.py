@@ -115,7 +115,7 @@ def _xen_backend() -> None:
 
 
 def test_sigterm_during_save_fails_cleanly(fakexen_lib: Path, tmp_path: Path) -> None:
-    """SIGTERM = dup2(/dev/null) over io_fd: libxc fails on its own, complete(-1, errno), exit 0."""
+    """SIGTERM = dup2(/dev/null) over io_fd: libxc fails by itself; complete(-1, errno); exit 0."""
     _xen_backend()
     env = fake_env(fakexen_lib, pages=2048, delay_ms=50)
     out = tmp_path / "o"
