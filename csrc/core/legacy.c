@@ -1,0 +1,1254 @@
+/*
+ * legacy.c - the pre-4.6 legacy libxc stream reader and the legacy -> v3
+ * converter (see xcs_legacy.h).  Written from shared/specs/
+ * xen-migration-facts.md section 2 (layout), 2.6 (the 2013
+ * LAST_CHECKPOINT fix) and 3 (the v3 / libxl records produced).
+ *
+ * Input layout (W = toolstack unsigned long, 4 or 8 bytes, little-endian):
+ *
+ *   ulong p2m_size
+ *   PV:  [ulong ~0, u32 total, {char id[4]; u32 size; data}...]  extended info
+ *        ulong p2m_frame_list[(p2m_size - 1) / (4096 / guest_width) + 1]
+ *   BODY: chunks, int 0        TAIL: PV tail | HVM tail (+ qemu record)
+ *   (Remus: BODY TAIL repeated)
+ *
+ * Output: [xl header] [libxl header, LIBXC_CONTEXT] image header (v3),
+ * domain header (xen_major 0 = converted), [X86_PV_INFO] STATIC_DATA_END
+ * [X86_PV_P2M_FRAMES] then records in input order, END (or CHECKPOINT),
+ * then for libxl [EMULATOR_XENSTORE_DATA] [EMULATOR_CONTEXT] END (or
+ * CHECKPOINT_END).  HVM_PARAMS merges the param chunks with the tail's
+ * magic pfns and precedes HVM_CONTEXT, as the spec orders them.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "xcs_legacy.h"
+
+#define OBUF_SIZE (256u << 10)
+#define MAX_PARAMS 32
+#define TOOLSTACK_MAX (16u << 20)   /* libxl's physmap blob is tiny */
+#define EXTINFO_MAX (1u << 20)
+#define XSAVE_MAX (1u << 20)
+#define QEMU_MAX (1u << 30)         /* qemu record we are willing to hold */
+#define XS_MAX (16u << 20)
+#define UNMAPPED_MAX (1u << 24)
+#define CONVERTER_VERSION 1         /* dhdr xen_minor for converted streams */
+
+struct conv {
+    struct xcs_src *in;
+    int out_fd;                      /* < 0: check only */
+    const struct xcs_legacy_opts *o;
+    struct xcs_legacy_stats *st;
+    char *err;
+    size_t errlen;
+
+    unsigned int W;                  /* bytes per unsigned long */
+    int pv;
+    int libxl;
+
+    uint8_t *obuf;
+    size_t olen;
+
+    /* where we are, for messages */
+    uint64_t chunk_off;
+    const char *chunk;
+
+    /* PV */
+    uint32_t vcpu_size;
+    int extv;
+    uint32_t xsave_len;
+    uint64_t vcpumap[(XCS_LEGACY_MAX_VCPU_ID + 1) / 64];
+    int vcpu_info_seen;
+
+    /* per image */
+    uint64_t params[MAX_PARAMS][2];
+    unsigned int nparams;
+    uint8_t *xs;
+    size_t xs_len, xs_cap;
+    int last_checkpoint;
+
+    uint64_t *pfns;                  /* one batch, converted */
+    uint64_t *sorted;
+};
+
+/*----- errors -----*/
+
+static int fail(struct conv *c, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int fail(struct conv *c, int code, const char *fmt, ...)
+{
+    struct xcs_legacy_stats *st = c->st;
+    va_list ap;
+
+    if (st->err_reason[0])
+        return code;
+    va_start(ap, fmt);
+    vsnprintf(st->err_reason, sizeof(st->err_reason), fmt, ap);
+    va_end(ap);
+    st->err_offset = c->chunk_off;
+    snprintf(st->err_chunk, sizeof(st->err_chunk), "%s", c->chunk ? c->chunk : "");
+    if (c->err && c->errlen)
+        snprintf(c->err, c->errlen, "offset %llu, chunk %s: %s",
+                 (unsigned long long)c->chunk_off, st->err_chunk, st->err_reason);
+    return code;
+}
+
+static int io_fail(struct conv *c, const char *what)
+{
+    int e = errno;
+    char nb[32];
+
+    if (!c->st->err_reason[0]) {
+        snprintf(c->st->err_reason, sizeof(c->st->err_reason), "%s: %s (%s)",
+                 what, strerror(e), xcs_errno_name(e, nb, sizeof(nb)));
+        c->st->err_offset = c->in->pos;
+        if (c->err && c->errlen)
+            snprintf(c->err, c->errlen, "%s", c->st->err_reason);
+    }
+    errno = e;
+    return XCS_LEGACY_EIO;
+}
+
+static void at(struct conv *c, const char *chunk)
+{
+    c->chunk_off = c->in->pos;
+    c->chunk = chunk;
+}
+
+/*----- input -----*/
+
+static int rd(struct conv *c, size_t n, const uint8_t **p, const char *what)
+{
+    size_t got;
+    int r = xcs_src_get(c->in, n, p, &got);
+
+    if (r < 0)
+        return io_fail(c, "read");
+    if (r > 0)
+        return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %zu of %zu bytes of %s",
+                    got, n, what);
+    return 0;
+}
+
+static int rd_skip(struct conv *c, uint64_t n, const char *what)
+{
+    uint64_t got;
+    int r = xcs_src_skip(c->in, n, &got);
+
+    if (r < 0)
+        return io_fail(c, "read");
+    if (r > 0)
+        return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %llu of %llu bytes of %s",
+                    (unsigned long long)got, (unsigned long long)n, what);
+    return 0;
+}
+
+static inline uint32_t le32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline uint64_t le64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static uint64_t ulong_at(const struct conv *c, const uint8_t *p)
+{
+    return c->W == 8 ? le64(p) : le32(p);
+}
+
+static int rd_ulong(struct conv *c, uint64_t *v, const char *what)
+{
+    const uint8_t *p;
+    int rc = rd(c, c->W, &p, what);
+
+    if (!rc)
+        *v = ulong_at(c, p);
+    return rc;
+}
+
+static int rd_u32(struct conv *c, uint32_t *v, const char *what)
+{
+    const uint8_t *p;
+    int rc = rd(c, 4, &p, what);
+
+    if (!rc)
+        *v = le32(p);
+    return rc;
+}
+
+/*----- output -----*/
+
+static int write_iov(struct conv *c, struct iovec *iov, int cnt)
+{
+    while (cnt > 0) {
+        ssize_t r = writev(c->out_fd, iov, cnt);
+
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return io_fail(c, "write");
+        }
+        while (cnt > 0 && (size_t)r >= iov->iov_len) {
+            r -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + r;
+            iov->iov_len -= (size_t)r;
+        }
+    }
+    return 0;
+}
+
+static int out_flush(struct conv *c)
+{
+    struct iovec iov;
+    int rc;
+
+    if (!c->olen)
+        return 0;
+    if (c->out_fd < 0) {
+        c->olen = 0;
+        return 0;
+    }
+    iov.iov_base = c->obuf;
+    iov.iov_len = c->olen;
+    rc = write_iov(c, &iov, 1);
+    c->olen = 0;
+    return rc;
+}
+
+/* Queue bytes; big ones go out in one writev with what is queued. */
+static int out_put(struct conv *c, const void *p, size_t n)
+{
+    struct iovec iov[2];
+    int rc;
+
+    c->st->out_bytes += n;
+    if (c->out_fd < 0 || n == 0)
+        return 0;
+    if (c->olen + n <= OBUF_SIZE) {
+        memcpy(c->obuf + c->olen, p, n);
+        c->olen += n;
+        return 0;
+    }
+    iov[0].iov_base = c->obuf;
+    iov[0].iov_len = c->olen;
+    iov[1].iov_base = (void *)p;
+    iov[1].iov_len = n;
+    rc = write_iov(c, iov, 2);
+    c->olen = 0;
+    return rc;
+}
+
+static int out_pad(struct conv *c, uint64_t len)
+{
+    static const uint8_t zero[8];
+    size_t pad = (size_t)((8 - (len & 7)) & 7);
+
+    return out_put(c, zero, pad);
+}
+
+static int out_rhdr(struct conv *c, uint32_t type, uint64_t len)
+{
+    uint8_t h[8];
+
+    if (len > UINT32_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "record of %llu bytes does not fit a "
+                                           "v2 record", (unsigned long long)len);
+    memcpy(h, &type, 4);
+    memcpy(h + 4, &(uint32_t){(uint32_t)len}, 4);
+    return out_put(c, h, 8);
+}
+
+/* A record from up to two pieces (a sub-header and a blob). */
+static int out_rec(struct conv *c, uint32_t type, const void *a, size_t alen,
+                   const void *b, size_t blen)
+{
+    int rc = out_rhdr(c, type, (uint64_t)alen + blen);
+
+    if (!rc)
+        rc = out_put(c, a, alen);
+    if (!rc)
+        rc = out_put(c, b, blen);
+    if (!rc)
+        rc = out_pad(c, (uint64_t)alen + blen);
+    return rc;
+}
+
+static int out_vcpu(struct conv *c, uint32_t type, uint32_t id, const void *ctx, size_t len)
+{
+    uint32_t h[2] = {id, 0};
+
+    return out_rec(c, type, h, sizeof(h), ctx, len);
+}
+
+/*----- xenstore data from libxl's toolstack blob -----*/
+
+static int xs_add(struct conv *c, const char *s, size_t n)
+{
+    if (c->xs_len + n + 1 > XS_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "toolstack data yields more than %u "
+                                           "bytes of xenstore data", XS_MAX);
+    if (c->xs_len + n + 1 > c->xs_cap) {
+        size_t cap = c->xs_cap ? c->xs_cap : 256;
+        uint8_t *nb;
+
+        while (cap < c->xs_len + n + 1)
+            cap *= 2;
+        nb = realloc(c->xs, cap);
+        if (!nb)
+            return io_fail(c, "malloc");
+        c->xs = nb;
+        c->xs_cap = cap;
+    }
+    memcpy(c->xs + c->xs_len, s, n);
+    c->xs[c->xs_len + n] = 0;
+    c->xs_len += n + 1;
+    return 0;
+}
+
+/*
+ * libxl's blob: u32 version (1), u32 count, then per entry
+ * {u64 phys_offset, start_addr, size; u32 namelen; char name[namelen]}
+ * plus 4 bytes of struct padding after the name from 64-bit toolstacks
+ * (facts 2.3).  Keys: physmap/<phys_offset>/{start_addr,size,name}.
+ */
+static int parse_toolstack(struct conv *c, const uint8_t *d, uint32_t len)
+{
+    uint32_t ver, count, off = 8;
+    char key[64], val[32];
+    int rc;
+
+    if (len < 8)
+        return fail(c, XCS_LEGACY_EFORMAT, "toolstack data of %u bytes is too short", len);
+    ver = le32(d);
+    count = le32(d + 4);
+    if (ver != 1)
+        return fail(c, XCS_LEGACY_EFORMAT, "cannot decode libxl toolstack version %u", ver);
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t phys, start, size;
+        uint32_t namelen, extra = c->W == 8 ? 4 : 0;
+        const char *name;
+
+        if (len - off < 28)
+            return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap entry %u truncated", i);
+        phys = le64(d + off);
+        start = le64(d + off + 8);
+        size = le64(d + off + 16);
+        namelen = le32(d + off + 24);
+        off += 28;
+        if (namelen == 0)
+            return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap entry %u has no name", i);
+        if ((uint64_t)namelen + extra > len - off)
+            return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap name %u truncated", i);
+        name = (const char *)d + off;
+        if (name[namelen - 1] != 0)
+            return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap name %u not NUL "
+                                               "terminated", i);
+        off += namelen + extra;
+        snprintf(key, sizeof(key), "physmap/%llx/start_addr", (unsigned long long)phys);
+        snprintf(val, sizeof(val), "%llx", (unsigned long long)start);
+        rc = xs_add(c, key, strlen(key));
+        rc = rc ? rc : xs_add(c, val, strlen(val));
+        snprintf(key, sizeof(key), "physmap/%llx/size", (unsigned long long)phys);
+        snprintf(val, sizeof(val), "%llx", (unsigned long long)size);
+        rc = rc ? rc : xs_add(c, key, strlen(key));
+        rc = rc ? rc : xs_add(c, val, strlen(val));
+        snprintf(key, sizeof(key), "physmap/%llx/name", (unsigned long long)phys);
+        rc = rc ? rc : xs_add(c, key, strlen(key));
+        rc = rc ? rc : xs_add(c, name, strlen(name));
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/*----- header -----*/
+
+static int xl_header(struct conv *c)
+{
+    const uint8_t *p;
+    uint8_t hdr[XCS_XL_HDR_SIZE];
+    uint32_t mflags, optlen;
+    int rc;
+
+    at(c, "xl header");
+    rc = rd(c, XCS_XL_HDR_SIZE, &p, "xl header");
+    if (rc)
+        return rc;
+    if (memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
+        return fail(c, XCS_LEGACY_EFORMAT, "no xl header (bad magic)");
+    if (le32(p + 32) != XCS_XL_BYTEORDER)
+        return fail(c, XCS_LEGACY_EFORMAT, "xl byte order word 0x%08x: another host's "
+                                           "byte order", le32(p + 32));
+    mflags = le32(p + 36);
+    optlen = le32(p + 44);
+    if (mflags & XCS_XL_MFLAG_STREAMV2)
+        return fail(c, XCS_LEGACY_EFORMAT, "the xl header says the stream is already v2");
+    if (mflags & ~XCS_XL_MFLAG_JSON)
+        return fail(c, XCS_LEGACY_EFORMAT, "unknown xl mandatory flags 0x%x", mflags);
+    memcpy(hdr, p, sizeof(hdr));
+    mflags |= XCS_XL_MFLAG_STREAMV2;
+    memcpy(hdr + 36, &mflags, 4);
+    if (c->o->out_xl_header) {
+        rc = out_put(c, hdr, sizeof(hdr));
+        if (rc)
+            return rc;
+    }
+    if (optlen > XS_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "xl optional data of %u bytes", optlen);
+    rc = rd(c, optlen, &p, "xl optional data");
+    if (rc)
+        return rc;
+    return c->o->out_xl_header ? out_put(c, p, optlen) : 0;
+}
+
+static int out_headers(struct conv *c)
+{
+    uint8_t ih[XCS_IHDR_SIZE], dh[XCS_DHDR_SIZE];
+    uint32_t type = c->pv ? XCS_DHDR_TYPE_X86_PV : XCS_DHDR_TYPE_X86_HVM;
+    uint32_t major = 0, minor = CONVERTER_VERSION;
+    uint16_t shift = XCS_PAGE_SHIFT;
+    int rc;
+
+    if (c->o->out_xl_header && !c->o->in_has_xl_header) {
+        uint8_t hdr[XCS_XL_HDR_SIZE];
+        uint32_t f[4] = {XCS_XL_BYTEORDER, XCS_XL_MFLAG_STREAMV2, 0, 0};
+
+        memcpy(hdr, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN);
+        memcpy(hdr + 32, f, sizeof(f));
+        rc = out_put(c, hdr, sizeof(hdr));
+        if (rc)
+            return rc;
+    }
+    if (c->libxl) {
+        uint8_t lh[XCS_LIBXL_HDR_SIZE];
+
+        xcs_put_be64(lh, XCS_LIBXL_IDENT);
+        xcs_put_be32(lh + 8, XCS_LIBXL_VERSION);
+        xcs_put_be32(lh + 12, XCS_LIBXL_OPT_LEGACY); /* little-endian, converted */
+        rc = out_put(c, lh, sizeof(lh));
+        rc = rc ? rc : out_rec(c, XCS_LIBXL_REC_LIBXC_CONTEXT, NULL, 0, NULL, 0);
+        if (rc)
+            return rc;
+    }
+    xcs_put_be64(ih, XCS_IHDR_MARKER);
+    xcs_put_be32(ih + 8, XCS_IHDR_ID);
+    xcs_put_be32(ih + 12, XCS_IHDR_VERSION_3);
+    xcs_put_be16(ih + 16, 0);
+    xcs_put_be16(ih + 18, 0);
+    xcs_put_be32(ih + 20, 0);
+    memcpy(dh, &type, 4);
+    memcpy(dh + 4, &shift, 2);
+    memset(dh + 6, 0, 2);
+    memcpy(dh + 8, &major, 4);
+    memcpy(dh + 12, &minor, 4);
+    rc = out_put(c, ih, sizeof(ih));
+    return rc ? rc : out_put(c, dh, sizeof(dh));
+}
+
+/* PV extended info; *first gets the first p2m frame if there was none. */
+static int pv_extended_info(struct conv *c, int *have_first, uint64_t *first)
+{
+    struct xcs_legacy_report *lr = &c->st->legacy;
+    uint64_t marker, all_ones = c->W == 8 ? UINT64_MAX : UINT32_MAX;
+    uint32_t total, done = 0;
+    int vcpu_seen = 0, rc;
+
+    at(c, "extended info");
+    rc = rd_ulong(c, &marker, "extended info marker");
+    if (rc)
+        return rc;
+    if (marker != all_ones) {
+        /* No extended info (oldest senders): the guest is as wide as the
+         * toolstack, and this word was the first p2m frame. */
+        *have_first = 1;
+        *first = marker;
+        lr->guest_width = c->W;
+        lr->pt_levels = c->W == 8 ? 4 : 3;
+        c->vcpu_size = c->W == 8 ? 0x1430 : 0xaf0;
+        lr->vcpu_ctx_size = c->vcpu_size;
+        goto pv_info;
+    }
+    rc = rd_u32(c, &total, "extended info length");
+    if (rc)
+        return rc;
+    if (total > EXTINFO_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "extended info of %u bytes", total);
+    while (done < total) {
+        const uint8_t *p;
+        char id[5];
+        uint32_t size;
+
+        at(c, "extended info block");
+        if (total - done < 8)
+            return fail(c, XCS_LEGACY_EFORMAT, "extended info block header overruns "
+                                               "the %u-byte extended info", total);
+        rc = rd(c, 8, &p, "extended info block header");
+        if (rc)
+            return rc;
+        memcpy(id, p, 4);
+        id[4] = 0;
+        size = le32(p + 4);
+        done += 8;
+        if (size > total - done)
+            return fail(c, XCS_LEGACY_EFORMAT, "block \"%.4s\" of %u bytes overruns "
+                                               "the extended info", id, size);
+        rc = rd(c, size, &p, "extended info block");
+        if (rc)
+            return rc;
+        done += size;
+        if (!memcmp(id, "vcpu", 4)) {
+            if (size == 0x1430) {
+                lr->guest_width = 8;
+                lr->pt_levels = 4;
+            } else if (size == 0xaf0) {
+                lr->guest_width = 4;
+                lr->pt_levels = 3;
+            } else {
+                return fail(c, XCS_LEGACY_EFORMAT, "vcpu context of 0x%x bytes: "
+                                                   "unknown guest width", size);
+            }
+            c->vcpu_size = lr->vcpu_ctx_size = size;
+            vcpu_seen = 1;
+        } else if (!memcmp(id, "extv", 4)) {
+            c->extv = lr->extv = 1;
+        } else if (!memcmp(id, "xcnt", 4)) {
+            if (size < 4)
+                return fail(c, XCS_LEGACY_EFORMAT, "xcnt block of %u bytes", size);
+            c->xsave_len = lr->xsave_len = le32(p);
+            if (c->xsave_len < 16 || c->xsave_len > XSAVE_MAX)
+                return fail(c, XCS_LEGACY_EFORMAT, "xcnt xsave size %u", c->xsave_len);
+        } else {
+            return fail(c, XCS_LEGACY_EFORMAT, "unknown extended info block \"%s\"", id);
+        }
+    }
+    if (!vcpu_seen)
+        return fail(c, XCS_LEGACY_EFORMAT, "extended info without a \"vcpu\" block: "
+                                           "guest width unknown");
+
+pv_info:
+    {
+        uint8_t info[8] = {(uint8_t)lr->guest_width, (uint8_t)lr->pt_levels};
+
+        return out_rec(c, XCS_REC_X86_PV_INFO, info, sizeof(info), NULL, 0);
+    }
+}
+
+static int pv_p2m_frames(struct conv *c, int have_first, uint64_t first)
+{
+    uint64_t fpp = XCS_PAGE_SIZE / c->st->legacy.guest_width;
+    uint64_t n = (c->st->legacy.p2m_size - 1) / fpp + 1, done = 0;
+    uint32_t se[2] = {0, (uint32_t)(c->st->legacy.p2m_size - 1)};
+    uint64_t buf[512];
+    int rc;
+
+    at(c, "p2m frame list");
+    if (8 + n * 8 > XCS_REC_LENGTH_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "p2m_size 0x%llx needs a P2M frame record "
+                                           "over the 128 MiB record limit",
+                    (unsigned long long)c->st->legacy.p2m_size);
+    rc = out_rhdr(c, XCS_REC_X86_PV_P2M_FRAMES, 8 + n * 8);
+    rc = rc ? rc : out_put(c, se, sizeof(se));
+    if (rc)
+        return rc;
+    if (have_first) {
+        rc = out_put(c, &first, 8);
+        done = 1;
+    }
+    while (!rc && done < n) {
+        size_t k = n - done < 512 ? (size_t)(n - done) : 512;
+        const uint8_t *p;
+
+        rc = rd(c, k * c->W, &p, "p2m frame list");
+        if (rc)
+            return rc;
+        for (size_t i = 0; i < k; i++)
+            buf[i] = ulong_at(c, p + i * c->W);
+        rc = out_put(c, buf, k * 8);
+        done += k;
+    }
+    return rc;
+}
+
+/*----- body -----*/
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return (x > y) - (x < y);
+}
+
+static int page_batch(struct conv *c, int count)
+{
+    struct xcs_legacy_stats *st = c->st;
+    const uint8_t *p;
+    uint32_t kept = 0, ndata = 0;
+    int sorted = 1, rc;
+
+    if (count > XCS_LEGACY_MAX_BATCH)
+        return fail(c, XCS_LEGACY_EFORMAT, "Max batch size exceeded (%d)", count);
+    rc = rd(c, (size_t)count * c->W, &p, "pfn types");
+    if (rc)
+        return rc;
+    for (int i = 0; i < count; i++) {
+        uint64_t v = ulong_at(c, p + (size_t)i * c->W);
+        uint32_t type = (uint32_t)(v >> 28) & 0xf, pfn = (uint32_t)v & XCS_PFINFO_PFN_MASK;
+
+        if (v >> 32)
+            return fail(c, XCS_LEGACY_EFORMAT, "pfn_type[%d] 0x%llx has bits above 31 "
+                                               "set", i, (unsigned long long)v);
+        if (v == XCS_PFINFO_XTAB)
+            continue; /* XTAB for pfn 0: padding the sender leaves; no data */
+        if (type >= 5 && type <= 8)
+            return fail(c, XCS_LEGACY_EFORMAT, "invalid page type 0x%x in "
+                                               "pfn_type[%d]", type, i);
+        if (pfn >= st->legacy.p2m_size)
+            return fail(c, XCS_LEGACY_EFORMAT, "pfn 0x%x in pfn_type[%d] out of range "
+                                               "(p2m_size 0x%llx)", pfn, i,
+                        (unsigned long long)st->legacy.p2m_size);
+        if (kept && pfn <= (c->pfns[kept - 1] & XCS_PAGE_DATA_PFN_MASK))
+            sorted = 0;
+        c->pfns[kept++] = ((uint64_t)type << 60) | pfn;
+        if (type < 0xd) {
+            ndata++;
+            if (pfn < st->min_pfn)
+                st->min_pfn = pfn;
+            if (pfn > st->max_pfn)
+                st->max_pfn = pfn;
+        }
+    }
+    if (!sorted) {
+        for (uint32_t i = 0; i < kept; i++)
+            c->sorted[i] = c->pfns[i] & XCS_PAGE_DATA_PFN_MASK;
+        qsort(c->sorted, kept, sizeof(*c->sorted), cmp_u64);
+        for (uint32_t i = 1; i < kept; i++)
+            if (c->sorted[i] == c->sorted[i - 1])
+                return fail(c, XCS_LEGACY_EFORMAT, "duplicate pfn 0x%llx in one batch",
+                            (unsigned long long)c->sorted[i]);
+    }
+    rc = rd(c, (size_t)ndata * XCS_PAGE_SIZE, &p, "page data");
+    if (rc)
+        return rc;
+    st->legacy.batches++;
+    st->page_entries += kept;
+    st->pages += ndata;
+    if (!kept)
+        return 0;
+    {
+        uint32_t hdr[4] = {XCS_REC_PAGE_DATA, 8 + 8 * kept + ndata * XCS_PAGE_SIZE,
+                           kept, 0};
+
+        rc = out_put(c, hdr, sizeof(hdr));
+        rc = rc ? rc : out_put(c, c->pfns, (size_t)kept * 8);
+        rc = rc ? rc : out_put(c, p, (size_t)ndata * XCS_PAGE_SIZE);
+    }
+    return rc;
+}
+
+static void add_param(struct conv *c, uint64_t index, uint64_t value)
+{
+    for (unsigned int i = 0; i < c->nparams; i++)
+        if (c->params[i][0] == index) {
+            c->params[i][1] = value;
+            return;
+        }
+    if (c->nparams < MAX_PARAMS) {
+        c->params[c->nparams][0] = index;
+        c->params[c->nparams][1] = value;
+        c->nparams++;
+    }
+}
+
+static int param_index(int id)
+{
+    switch (id) {
+    case XCS_LEGACY_HVM_IDENT_PT:
+        return XCS_HVM_PARAM_IDENT_PT;
+    case XCS_LEGACY_HVM_VM86_TSS:
+        return XCS_HVM_PARAM_VM86_TSS;
+    case XCS_LEGACY_HVM_CONSOLE_PFN:
+        return XCS_HVM_PARAM_CONSOLE_PFN;
+    case XCS_LEGACY_HVM_ACPI_IOPORTS_LOCATION:
+        return XCS_HVM_PARAM_ACPI_IOPORTS_LOCATION;
+    case XCS_LEGACY_HVM_VIRIDIAN:
+        return XCS_HVM_PARAM_VIRIDIAN;
+    case XCS_LEGACY_HVM_GENERATION_ID_ADDR:
+        return XCS_HVM_PARAM_VM_GENERATION_ID_ADDR;
+    case XCS_LEGACY_HVM_PAGING_RING_PFN:
+        return XCS_HVM_PARAM_PAGING_RING_PFN;
+    case XCS_LEGACY_HVM_ACCESS_RING_PFN:
+        return XCS_HVM_PARAM_MONITOR_RING_PFN;
+    case XCS_LEGACY_HVM_SHARING_RING_PFN:
+        return XCS_HVM_PARAM_SHARING_RING_PFN;
+    case XCS_LEGACY_HVM_IOREQ_SERVER_PFN:
+        return XCS_HVM_PARAM_IOREQ_SERVER_PFN;
+    case XCS_LEGACY_HVM_NR_IOREQ_SERVER_PAGES:
+        return XCS_HVM_PARAM_NR_IOREQ_SERVER_PAGES;
+    default:
+        return -1;
+    }
+}
+
+static const char *unsupported_why(int id)
+{
+    switch (id) {
+    case XCS_LEGACY_ENABLE_VERIFY_MODE:
+        return "debug verify-mode streams are not converted";
+    case XCS_LEGACY_TMEM:
+    case XCS_LEGACY_TMEM_EXTRA:
+        return "transcendent memory has no v2 record";
+    case XCS_LEGACY_COMPRESSED_DATA:
+    case XCS_LEGACY_ENABLE_COMPRESSION:
+        return "Remus checkpoint compression has no v2 equivalent";
+    default:
+        return NULL;
+    }
+}
+
+static int body(struct conv *c)
+{
+    struct xcs_legacy_stats *st = c->st;
+    int rc;
+
+    for (;;) {
+        const uint8_t *p;
+        int id, pidx;
+
+        at(c, "chunk header");
+        rc = rd(c, 4, &p, "chunk id");
+        if (rc)
+            return rc;
+        memcpy(&id, p, 4);
+        c->chunk = xcs_legacy_chunk_name(id);
+        if (id > 0) {
+            rc = page_batch(c, id);
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (id > -XCS_LEGACY_NR_CHUNKS)
+            st->legacy.chunks[-id]++;
+        if (id == 0)
+            return 0;
+        if (unsupported_why(id))
+            return fail(c, XCS_LEGACY_EUNSUP, "cannot convert chunk %s (%d): %s",
+                        xcs_legacy_chunk_name(id), id, unsupported_why(id));
+        pidx = param_index(id);
+        if (pidx >= 0) {
+            rc = rd(c, 12, &p, xcs_legacy_chunk_name(id));
+            if (rc)
+                return rc;
+            if (c->pv)
+                return fail(c, XCS_LEGACY_EFORMAT, "HVM-only chunk in a PV stream");
+            add_param(c, (uint64_t)pidx, le64(p + 4));
+            continue;
+        }
+        switch (id) {
+        case XCS_LEGACY_VCPU_INFO: {
+            int max_id;
+
+            rc = rd(c, 4, &p, "max vcpu id");
+            if (rc)
+                return rc;
+            memcpy(&max_id, p, 4);
+            if (max_id < 0 || max_id > XCS_LEGACY_MAX_VCPU_ID)
+                return fail(c, XCS_LEGACY_EFORMAT, "max vcpu id %d out of range "
+                                                   "(0..%d)", max_id, XCS_LEGACY_MAX_VCPU_ID);
+            rc = rd(c, (size_t)(max_id / 64 + 1) * 8, &p, "vcpu map");
+            if (rc)
+                return rc;
+            memset(c->vcpumap, 0, sizeof(c->vcpumap));
+            memcpy(c->vcpumap, p, (size_t)(max_id / 64 + 1) * 8);
+            /* bits above max_id are not vcpus */
+            if ((max_id + 1) % 64)
+                c->vcpumap[max_id / 64] &= (1ULL << ((max_id + 1) % 64)) - 1;
+            c->vcpu_info_seen = 1;
+            break;
+        }
+        case XCS_LEGACY_TSC_INFO: {
+            uint32_t t[6];
+            uint64_t nsec;
+
+            rc = rd(c, 20, &p, "TSC info");
+            if (rc)
+                return rc;
+            memcpy(&nsec, p + 4, 8);
+            t[0] = le32(p);      /* mode */
+            t[1] = le32(p + 12); /* khz */
+            memcpy(&t[2], &nsec, 8);
+            t[4] = le32(p + 16); /* incarnation */
+            t[5] = 0;
+            rc = out_rec(c, XCS_REC_X86_TSC_INFO, t, sizeof(t), NULL, 0);
+            if (rc)
+                return rc;
+            break;
+        }
+        case XCS_LEGACY_LAST_CHECKPOINT:
+            /*
+             * The 2013 rule: only a checkpointed stream gives -9 meaning.
+             * In a plain stream the image ends at its tail regardless.
+             */
+            st->legacy.last_checkpoint_seen = 1;
+            if (c->o->stream_type != XCS_STREAM_PLAIN)
+                c->last_checkpoint = 1;
+            break;
+        case XCS_LEGACY_TOOLSTACK: {
+            uint32_t len;
+
+            rc = rd_u32(c, &len, "toolstack length");
+            if (rc)
+                return rc;
+            if (len > TOOLSTACK_MAX)
+                return fail(c, XCS_LEGACY_EFORMAT, "toolstack data of %u bytes", len);
+            rc = rd(c, len, &p, "toolstack data");
+            if (rc)
+                return rc;
+            st->legacy.toolstack_bytes += len;
+            if (c->libxl && len) {
+                c->xs_len = 0; /* the latest blob describes the physmap */
+                rc = parse_toolstack(c, p, len);
+                if (rc)
+                    return rc;
+            }
+            break;
+        }
+        default:
+            return fail(c, XCS_LEGACY_EFORMAT, "unknown chunk id %d", id);
+        }
+    }
+}
+
+/*----- tails -----*/
+
+static int online(const struct conv *c, unsigned int v)
+{
+    return (c->vcpumap[v / 64] >> (v % 64)) & 1;
+}
+
+static int pv_tail(struct conv *c)
+{
+    struct xcs_legacy_stats *st = c->st;
+    const uint8_t *p;
+    uint32_t nr;
+    int rc;
+
+    at(c, "PV tail");
+    rc = rd_u32(c, &nr, "unmapped pfn count");
+    if (rc)
+        return rc;
+    if (nr > UNMAPPED_MAX || nr > st->legacy.p2m_size)
+        return fail(c, XCS_LEGACY_EFORMAT, "%u unmapped pfns (p2m_size 0x%llx)", nr,
+                    (unsigned long long)st->legacy.p2m_size);
+    rc = rd_skip(c, (uint64_t)nr * c->W, "unmapped pfns"); /* no v2 meaning */
+    if (rc)
+        return rc;
+    st->vcpus = 0;
+    for (unsigned int v = 0; v <= XCS_LEGACY_MAX_VCPU_ID; v++) {
+        if (!online(c, v))
+            continue;
+        st->vcpus++;
+        at(c, "PV tail vcpu context");
+        rc = rd(c, c->vcpu_size, &p, "vcpu context");
+        rc = rc ? rc : out_vcpu(c, XCS_REC_X86_PV_VCPU_BASIC, v, p, c->vcpu_size);
+        if (rc)
+            return rc;
+        if (c->extv) {
+            rc = rd(c, 128, &p, "extended vcpu context");
+            rc = rc ? rc : out_vcpu(c, XCS_REC_X86_PV_VCPU_EXTENDED, v, p, 128);
+            if (rc)
+                return rc;
+        }
+        if (c->xsave_len) {
+            uint64_t size;
+
+            rc = rd(c, 16, &p, "xsave header");
+            if (rc)
+                return rc;
+            size = le64(p + 8);
+            if (size != c->xsave_len - 16)
+                return fail(c, XCS_LEGACY_EFORMAT, "vcpu %u xsave size %llu, the xcnt "
+                                                   "block says %u", v,
+                            (unsigned long long)size, c->xsave_len - 16);
+            rc = rd(c, (size_t)size, &p, "xsave area");
+            rc = rc ? rc : out_vcpu(c, XCS_REC_X86_PV_VCPU_XSAVE, v, p, (size_t)size);
+            if (rc)
+                return rc;
+        }
+    }
+    at(c, "PV tail shared info");
+    rc = rd(c, XCS_PAGE_SIZE, &p, "shared info");
+    return rc ? rc : out_rec(c, XCS_REC_SHARED_INFO, p, XCS_PAGE_SIZE, NULL, 0);
+}
+
+/* HVM tail up to (not including) the qemu record. */
+static int hvm_tail(struct conv *c)
+{
+    const uint8_t *p;
+    uint64_t magic[3];
+    uint32_t len, h[2];
+    int rc;
+
+    at(c, "HVM tail magic pfns");
+    rc = rd(c, 24, &p, "magic pfns");
+    if (rc)
+        return rc;
+    memcpy(magic, p, sizeof(magic));
+    add_param(c, XCS_HVM_PARAM_IOREQ_PFN, magic[0]);
+    add_param(c, XCS_HVM_PARAM_BUFIOREQ_PFN, magic[1]);
+    add_param(c, XCS_HVM_PARAM_STORE_PFN, magic[2]);
+    h[0] = c->nparams;
+    h[1] = 0;
+    rc = out_rec(c, XCS_REC_HVM_PARAMS, h, sizeof(h), c->params, (size_t)c->nparams * 16);
+    if (rc)
+        return rc;
+    at(c, "HVM tail context");
+    rc = rd_u32(c, &len, "HVM context length");
+    if (rc)
+        return rc;
+    if (len == 0 || len > XCS_REC_LENGTH_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "HVM context of %u bytes", len);
+    rc = rd(c, len, &p, "HVM context");
+    if (rc)
+        return rc;
+    {
+        /* vcpus: CPU (typecode 2) save descriptors */
+        uint32_t off = 0;
+
+        c->st->vcpus = 0;
+        while (len - off >= 8) {
+            uint16_t code;
+            uint32_t dlen = le32(p + off + 4);
+
+            memcpy(&code, p + off, 2);
+            if (code == 0 || dlen > len - off - 8)
+                break;
+            if (code == 2)
+                c->st->vcpus++;
+            off += 8 + dlen;
+        }
+    }
+    return out_rec(c, XCS_REC_HVM_CONTEXT, p, len, NULL, 0);
+}
+
+struct qemu {
+    const uint8_t *data;
+    uint8_t *owned;     /* xend form: read to EOF into this */
+    uint64_t len;
+    int to_eof;
+};
+
+static int read_qemu(struct conv *c, struct qemu *q)
+{
+    struct xcs_legacy_report *lr = &c->st->legacy;
+    const uint8_t *p;
+    char sig[XCS_LEGACY_QEMU_SIG_LEN + 1];
+    int rc;
+
+    at(c, "qemu record");
+    rc = rd(c, XCS_LEGACY_QEMU_SIG_LEN, &p, "qemu signature");
+    if (rc)
+        return rc;
+    memcpy(sig, p, XCS_LEGACY_QEMU_SIG_LEN);
+    sig[XCS_LEGACY_QEMU_SIG_LEN] = 0;
+    if (!memcmp(sig, XCS_LEGACY_QEMU_SIG_0002, XCS_LEGACY_QEMU_SIG_LEN) ||
+        !memcmp(sig, XCS_LEGACY_QEMU_SIG_REMUS, XCS_LEGACY_QEMU_SIG_LEN)) {
+        uint32_t len;
+
+        snprintf(lr->qemu_sig, sizeof(lr->qemu_sig), "%s", sig);
+        rc = rd_u32(c, &len, "qemu record length");
+        if (rc)
+            return rc;
+        if (len > QEMU_MAX)
+            return fail(c, XCS_LEGACY_EFORMAT, "qemu record of %u bytes", len);
+        rc = rd(c, len, &q->data, "qemu record");
+        if (rc)
+            return rc;
+        q->len = len;
+        lr->qemu_len = len;
+        return 0;
+    }
+    if (!memcmp(sig, XCS_LEGACY_QEMU_SIG_XEND, XCS_LEGACY_QEMU_SIG_LEN)) {
+        /* xend / libxl <= 4.0: qemu data runs to EOF, with no length. */
+        size_t cap = 0;
+
+        snprintf(lr->qemu_sig, sizeof(lr->qemu_sig), "%s", sig);
+        q->to_eof = 1;
+        for (;;) {
+            size_t got;
+            int r = xcs_src_get(c->in, 1u << 20, &p, &got);
+
+            if (r < 0)
+                return io_fail(c, "read");
+            if (q->len + got > QEMU_MAX)
+                return fail(c, XCS_LEGACY_EFORMAT, "qemu record over %u bytes", QEMU_MAX);
+            if (q->len + got > cap) {
+                uint8_t *nb;
+
+                cap = cap ? cap : (1u << 20);
+                while (cap < q->len + got)
+                    cap *= 2;
+                nb = realloc(q->owned, cap);
+                if (!nb)
+                    return io_fail(c, "malloc");
+                q->owned = nb;
+            }
+            memcpy(q->owned + q->len, p, got);
+            q->len += got;
+            if (r > 0)
+                break;
+        }
+        q->data = q->owned;
+        lr->qemu_len = q->len;
+        if (q->len < 4 || memcmp(q->data, "QEVM", 4))
+            return fail(c, XCS_LEGACY_EFORMAT, "the qemu data after \"%s\" does not "
+                                               "start with \"QEVM\"", sig);
+        return 0;
+    }
+    for (int i = 0; i < XCS_LEGACY_QEMU_SIG_LEN; i++)
+        if (sig[i] < 0x20 || sig[i] > 0x7e)
+            sig[i] = '?';
+    return fail(c, XCS_LEGACY_EFORMAT, "unrecognised qemu signature \"%s\"", sig);
+}
+
+/* libxl records closing one image: [xenstore] [emulator] END/CHECKPOINT_END */
+static int out_libxl_tail(struct conv *c, const struct qemu *q, int final)
+{
+    uint32_t emu[2] = {XCS_EMULATOR_UNKNOWN, 0};
+    int rc = 0;
+
+    if (c->xs_len)
+        rc = out_rec(c, XCS_LIBXL_REC_EMULATOR_XENSTORE_DATA, emu, sizeof(emu),
+                     c->xs, c->xs_len);
+    if (!rc && q && !c->o->skip_qemu)
+        rc = out_rec(c, XCS_LIBXL_REC_EMULATOR_CONTEXT, emu, sizeof(emu),
+                     q->data, (size_t)q->len);
+    if (!rc)
+        rc = out_rec(c, final ? XCS_LIBXL_REC_END : XCS_LIBXL_REC_CHECKPOINT_END,
+                     NULL, 0, NULL, 0);
+    return rc;
+}
+
+/* One BODY + TAIL; *final says whether the stream ends here. */
+static int image(struct conv *c, int *final)
+{
+    struct qemu q;
+    int rc;
+
+    memset(&q, 0, sizeof(q));
+    c->nparams = 0;
+    rc = body(c);
+    if (rc)
+        goto out;
+    if (c->pv) {
+        rc = pv_tail(c);
+    } else {
+        rc = hvm_tail(c);
+        if (!rc)
+            rc = read_qemu(c, &q); /* always read: skip_qemu only drops it */
+    }
+    if (rc)
+        goto out;
+    c->st->legacy.images++;
+    *final = c->last_checkpoint || q.to_eof;
+    rc = out_rec(c, *final ? XCS_REC_END : XCS_REC_CHECKPOINT, NULL, 0, NULL, 0);
+    if (rc)
+        goto out;
+    if (c->libxl) {
+        rc = out_libxl_tail(c, c->pv ? NULL : &q, *final);
+    } else if (!c->pv && *final && !c->o->skip_qemu) {
+        /* As Xen's converter: the legacy qemu record follows the image. */
+        uint32_t len = (uint32_t)q.len;
+
+        rc = out_put(c, XCS_LEGACY_QEMU_SIG_0002, XCS_LEGACY_QEMU_SIG_LEN);
+        rc = rc ? rc : out_put(c, &len, 4);
+        rc = rc ? rc : out_put(c, q.data, (size_t)q.len);
+    }
+    if (!rc && !*final)
+        c->st->checkpoints++;
+    if (!rc)
+        rc = out_flush(c); /* a complete image is on the wire */
+
+out:
+    free(q.owned);
+    return rc;
+}
+
+/*----- entry points -----*/
+
+static int check_opts(struct conv *c)
+{
+    const struct xcs_legacy_opts *o = c->o;
+
+    c->chunk = "options";
+    if (o->width != 32 && o->width != 64)
+        return fail(c, XCS_LEGACY_EARG, "width must be 32 or 64, not %u", o->width);
+    if (o->guest != XCS_GUEST_PV && o->guest != XCS_GUEST_HVM)
+        return fail(c, XCS_LEGACY_EARG, "guest type must be pv or hvm");
+    if (o->out_format != XCS_LEGACY_OUT_LIBXC && o->out_format != XCS_LEGACY_OUT_LIBXL)
+        return fail(c, XCS_LEGACY_EARG, "output format must be libxc or libxl");
+    if (o->stream_type != XCS_STREAM_PLAIN && o->stream_type != XCS_STREAM_REMUS)
+        return fail(c, XCS_LEGACY_EARG, "legacy streams are plain or remus, not colo");
+    if (o->out_xl_header && o->out_format != XCS_LEGACY_OUT_LIBXL)
+        return fail(c, XCS_LEGACY_EARG, "an xl header announces a libxl stream: "
+                                        "use the libxl output format with it");
+    if (c->out_fd >= 0 && o->guest == XCS_GUEST_HVM &&
+        o->stream_type != XCS_STREAM_PLAIN && o->out_format == XCS_LEGACY_OUT_LIBXC &&
+        !o->skip_qemu)
+        return fail(c, XCS_LEGACY_EARG, "a bare libxc image has no place for each "
+                                        "checkpoint's qemu record: use the libxl "
+                                        "output format or skip qemu");
+    return 0;
+}
+
+int xcs_legacy_run(struct xcs_src *in, int out_fd, const struct xcs_legacy_opts *opts,
+                   char *err, size_t errlen)
+{
+    struct xcs_legacy_stats local;
+    struct conv c;
+    int have_first = 0, final = 0, rc;
+    uint64_t first = 0;
+
+    memset(&c, 0, sizeof(c));
+    memset(&local, 0, sizeof(local));
+    c.in = in;
+    c.out_fd = out_fd;
+    c.o = opts;
+    c.st = opts->stats ? opts->stats : &local;
+    memset(c.st, 0, sizeof(*c.st));
+    c.st->min_pfn = UINT64_MAX;
+    c.err = err;
+    c.errlen = errlen;
+    if (err && errlen)
+        err[0] = 0;
+    c.W = opts->width / 8;
+    c.pv = opts->guest == XCS_GUEST_PV;
+    c.libxl = opts->out_format == XCS_LEGACY_OUT_LIBXL;
+    c.st->legacy.width = opts->width;
+
+    rc = check_opts(&c);
+    if (rc)
+        goto out;
+    c.obuf = malloc(OBUF_SIZE);
+    c.pfns = malloc(XCS_LEGACY_MAX_BATCH * sizeof(*c.pfns));
+    c.sorted = malloc(XCS_LEGACY_MAX_BATCH * sizeof(*c.sorted));
+    if (!c.obuf || !c.pfns || !c.sorted) {
+        rc = io_fail(&c, "malloc");
+        goto out;
+    }
+    if (opts->in_has_xl_header) {
+        rc = xl_header(&c);
+        if (rc)
+            goto out;
+    }
+    at(&c, "p2m_size");
+    rc = rd_ulong(&c, &c.st->legacy.p2m_size, "p2m_size");
+    if (rc)
+        goto out;
+    if (c.st->legacy.p2m_size == 0 || c.st->legacy.p2m_size > UINT32_MAX) {
+        rc = fail(&c, XCS_LEGACY_EFORMAT, "p2m_size 0x%llx is implausible (wrong "
+                                          "width or not a legacy stream?)",
+                  (unsigned long long)c.st->legacy.p2m_size);
+        goto out;
+    }
+    rc = out_headers(&c);
+    if (rc)
+        goto out;
+    if (c.pv) {
+        rc = pv_extended_info(&c, &have_first, &first);
+        if (rc)
+            goto out;
+    }
+    rc = out_rec(&c, XCS_REC_STATIC_DATA_END, NULL, 0, NULL, 0);
+    if (!rc && c.pv)
+        rc = pv_p2m_frames(&c, have_first, first);
+    if (rc)
+        goto out;
+    /* Without VCPU_INFO the legacy restorer assumed vcpu 0 alone. */
+    c.vcpumap[0] = 1;
+
+    for (;;) {
+        /* The 2013 rule: a plain stream is one image from the start. */
+        c.last_checkpoint = opts->stream_type == XCS_STREAM_PLAIN;
+        rc = image(&c, &final);
+        if (rc == XCS_LEGACY_EFORMAT && c.st->legacy.images > 0) {
+            /* Remus: a later checkpoint cut short; the restorer would fail
+             * over to the last complete one.  Output ends at a record edge. */
+            c.st->failover = 1;
+            snprintf(c.st->failover_reason, sizeof(c.st->failover_reason),
+                     "checkpoint %u unreadable (offset %llu, chunk %.40s: %.250s); "
+                     "the last complete one is checkpoint %u",
+                     c.st->legacy.images + 1, (unsigned long long)c.st->err_offset,
+                     c.st->err_chunk, c.st->err_reason, c.st->legacy.images);
+            memset(c.st->err_reason, 0, sizeof(c.st->err_reason));
+            c.st->err_chunk[0] = 0;
+            if (err && errlen)
+                err[0] = 0;
+            rc = out_flush(&c);
+            break;
+        }
+        if (rc || final)
+            break;
+        at(&c, "chunk header");
+        rc = xcs_src_at_eof(in);
+        if (rc < 0) {
+            rc = io_fail(&c, "read");
+            break;
+        }
+        if (rc) {
+            rc = 0; /* Remus sender went away between checkpoints */
+            break;
+        }
+        rc = 0;
+    }
+    if (!rc)
+        rc = out_flush(&c);
+    if (!rc && xcs_src_remaining(in) != UINT64_MAX)
+        c.st->legacy.unread_bytes = xcs_src_remaining(in);
+
+out:
+    c.st->in_bytes = in->pos;
+    if (c.st->min_pfn == UINT64_MAX)
+        c.st->min_pfn = 0;
+    free(c.obuf);
+    free(c.pfns);
+    free(c.sorted);
+    free(c.xs);
+    return rc;
+}
+
+int xcs_legacy_convert(int in_fd, int out_fd, const struct xcs_legacy_opts *opts,
+                       char *err, size_t errlen)
+{
+    struct xcs_src in;
+    int rc;
+
+    if (xcs_src_open(&in, in_fd, 1) < 0) {
+        int e = errno;
+        char nb[32];
+
+        if (err && errlen)
+            snprintf(err, errlen, "fstat: %s (%s)", strerror(e),
+                     xcs_errno_name(e, nb, sizeof(nb)));
+        errno = e;
+        return XCS_LEGACY_EIO;
+    }
+    rc = xcs_legacy_run(&in, out_fd, opts, err, errlen);
+    xcs_src_close(&in);
+    return rc;
+}

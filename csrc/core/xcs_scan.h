@@ -1,0 +1,206 @@
+/*
+ * xcs_scan.h - the native stream scanner and verifier.
+ *
+ * xcs_scan_fd() reads one migration stream from an fd, record by record,
+ * and fills a report: the format (xl header / libxl stream / libxc image
+ * v2-v3 / pre-4.6 legacy image), versions, guest type, per-record-type
+ * counts and bytes, pages, pfn range, vcpus, checkpoints, and on an invalid
+ * stream the FIRST error: byte offset, layer, record and reason.
+ *
+ * It checks everything Xen's verify-stream-v2 checks (facts 4.3) plus what
+ * that tool does not: record order, duplicate and out-of-range pfns, the
+ * mandatory records, bytes after the outermost END, guest-type consistency,
+ * checkpointed streams per the caller's stream type (the libxc and libxl
+ * layers hand the fd to each other at CHECKPOINT / CHECKPOINT_END), and
+ * optional (bit 31) libxc records, which are accepted and skipped.
+ *
+ * Input goes through a small source abstraction (struct xcs_src): a regular
+ * file is mapped, so page data is never touched; anything else (pipes,
+ * sockets) is read with exact reads, never past what the stream needs,
+ * except for the one-byte probe for trailing bytes after the outermost END
+ * (skipped with XCS_SCAN_ALLOW_TRAILING).
+ *
+ * Conventions: 0 on success, -1 with errno set on failure; the scanner
+ * returns XCS_SCAN_INVALID (1) for a stream that is not valid.  Nothing
+ * here prints.
+ */
+#ifndef XCS_SCAN_H
+#define XCS_SCAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "xcs_format.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*----- input source -----*/
+
+struct xcs_src {
+    int fd;
+    int mapped;          /* regular file read through the mapping below */
+    const uint8_t *map;  /* regular file: mapping of [start, EOF), else NULL */
+    size_t map_len;
+    uint64_t start;      /* fd offset at open; offsets are relative to it */
+    uint64_t pos;        /* bytes consumed */
+    uint8_t *buf;        /* exact-read mode: bytes read but not consumed */
+    size_t buf_cap;
+    size_t buf_head;
+    size_t buf_tail;
+    uint8_t *scratch;    /* exact-read mode: discard buffer for skips */
+};
+
+/* Open a source over fd (not owned).  seq: hint that every byte will be read. */
+int xcs_src_open(struct xcs_src *s, int fd, int seq);
+/* Release; a mapped file's fd offset is left just after the consumed bytes. */
+void xcs_src_close(struct xcs_src *s);
+/*
+ * Consume up to n bytes and point *p at them (valid until the next call).
+ * Returns 0 when all n bytes were had, 1 on EOF first (*got says how many
+ * were consumed), -1 on a read error (errno).
+ */
+int xcs_src_get(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got);
+/* Look at up to n bytes without consuming them; *got may be < n at EOF. */
+int xcs_src_peek(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got);
+/* Consume n bytes without looking at them; 1 on EOF first. */
+int xcs_src_skip(struct xcs_src *s, uint64_t n, uint64_t *got);
+/* 1 at EOF, 0 if a byte follows (consumed in exact-read mode), -1 error. */
+int xcs_src_at_eof(struct xcs_src *s);
+/* Bytes left before EOF for a mapped file, UINT64_MAX if unknown. */
+uint64_t xcs_src_remaining(const struct xcs_src *s);
+
+/*----- scanner -----*/
+
+enum xcs_scan_fmt {
+    XCS_FMT_AUTO = 0,
+    XCS_FMT_XL = 1,
+    XCS_FMT_LIBXL = 2,
+    XCS_FMT_LIBXC = 3,
+    XCS_FMT_LEGACY = 4
+};
+
+enum xcs_guest {
+    XCS_GUEST_UNKNOWN = 0,
+    XCS_GUEST_PV = 1,  /* = dhdr type 1 */
+    XCS_GUEST_HVM = 2  /* = dhdr type 2 */
+};
+
+#define XCS_SCAN_ALLOW_TRAILING 0x1u /* bytes after the outermost END are fine */
+
+struct xcs_scan_opts {
+    enum xcs_scan_fmt fmt;
+    enum xcs_stream_type stream_type;
+    unsigned int legacy_width;   /* 32|64; 0 = guess (section 2 hints) */
+    enum xcs_guest legacy_guest; /* UNKNOWN = guess */
+    unsigned int flags;          /* XCS_SCAN_* */
+};
+
+#define XCS_SCAN_INVALID 1
+#define XCS_SCAN_MAX_WARNINGS 8
+#define XCS_SCAN_WARNING_LEN 400
+#define XCS_LEGACY_NR_CHUNKS 21 /* ids 0 .. -20 */
+
+struct xcs_scan_error {
+    uint64_t offset;       /* start of the offending record (or header) */
+    char layer[8];         /* "xl", "libxl", "libxc", "legacy" */
+    uint32_t rtype;        /* record type / chunk id, if has_rtype */
+    int has_rtype;
+    char record[48];       /* record, chunk or header name */
+    char reason[320];
+};
+
+struct xcs_legacy_report {
+    unsigned int width;           /* toolstack unsigned long bits */
+    int width_guessed;            /* width/guest came from the heuristics */
+    uint64_t p2m_size;
+    unsigned int guest_width;     /* PV: from the "vcpu" block size */
+    unsigned int pt_levels;
+    uint32_t vcpu_ctx_size;
+    int extv;
+    uint32_t xsave_len;
+    uint64_t chunks[XCS_LEGACY_NR_CHUNKS]; /* by -id */
+    uint64_t batches;
+    uint32_t images;              /* BODY+TAIL images read (Remus: > 1) */
+    int last_checkpoint_seen;
+    char qemu_sig[24];
+    uint64_t qemu_len;
+    uint64_t toolstack_bytes;
+    uint64_t unread_bytes;        /* left after the image (mapped input) */
+};
+
+struct xcs_scan_report {
+    enum xcs_scan_fmt format;     /* outermost layer found */
+    enum xcs_stream_type stream_type;
+    enum xcs_guest guest;
+
+    /* xl savefile header */
+    int xl;
+    uint32_t xl_mflags, xl_oflags, xl_optlen, xl_config_len;
+
+    /* libxl stream */
+    int libxl;
+    uint32_t libxl_version, libxl_options;
+    uint64_t libxl_count[XCS_LIBXL_REC_TYPE_COUNT];
+    uint64_t libxl_bytes[XCS_LIBXL_REC_TYPE_COUNT];
+
+    /* libxc image */
+    int libxc;
+    uint32_t libxc_version;
+    uint16_t libxc_options;
+    uint32_t xen_major, xen_minor; /* major 0: converted from legacy */
+    uint64_t libxc_offset;         /* where the image header starts */
+    uint64_t libxc_count[XCS_REC_TYPE_COUNT];
+    uint64_t libxc_bytes[XCS_REC_TYPE_COUNT];
+    uint64_t optional_count, optional_bytes;
+    unsigned int pv_width, pv_levels;
+    uint64_t p2m_end_pfn;          /* PV: last pfn the P2M frames cover */
+
+    /* memory and vcpus */
+    uint64_t pages;                /* pages with data */
+    uint64_t pages_unique;         /* distinct pfns with data */
+    uint64_t page_entries;         /* pfn entries, data or not */
+    uint64_t xtab, broken, xalloc;
+    uint64_t min_pfn, max_pfn;     /* over entries other than XTAB */
+    uint32_t max_batch;
+    uint32_t vcpus;                /* PV: vcpu BASIC ids; HVM: CPU descriptors */
+    uint32_t hvm_params;
+
+    /* checkpoints and the end */
+    uint32_t checkpoints;          /* complete checkpoints */
+    int ended;                     /* 1 END, 2 EOF after a checkpoint (failover) */
+    uint64_t discarded_records;    /* after the last checkpoint, when ended == 2 */
+    uint64_t qemu_trailer_len;     /* libxc image + DeviceModelRecord0002 (Xen's converter) */
+    uint64_t bytes;                /* consumed */
+
+    struct xcs_legacy_report legacy;
+
+    unsigned int nr_warnings;
+    char warnings[XCS_SCAN_MAX_WARNINGS][XCS_SCAN_WARNING_LEN];
+
+    int valid;
+    struct xcs_scan_error error;
+};
+
+/*
+ * Scan the stream on fd from its current offset.  Returns 0 (valid),
+ * XCS_SCAN_INVALID (rep->error says where and why) or -1 on an I/O error
+ * (errno; rep->error.reason names the call).
+ */
+int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
+                struct xcs_scan_report *rep);
+
+/* Names for reports ("PAGE_DATA", "EMULATOR_CONTEXT", "LAST_CHECKPOINT"). */
+const char *xcs_libxc_rec_name(uint32_t type);
+const char *xcs_libxl_rec_name(uint32_t type);
+const char *xcs_legacy_chunk_name(int id);
+const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt);
+/* "ENOENT" for ENOENT; "errno N" for numbers without a name. */
+const char *xcs_errno_name(int err, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* XCS_SCAN_H */

@@ -1,0 +1,377 @@
+// ext_stream.cpp - stream inspection, verification and legacy conversion
+// for xcsave._ext (the native code is csrc/core/scan.c and legacy.c).
+//
+//   scan(src, fmt="auto", stream_type="plain", width=0, guest="",
+//        allow_trailing=False) -> dict
+//       src is an fd (int, read from its current offset, not closed) or a
+//       path.  The report dict always comes back, valid or not: an invalid
+//       stream has report["valid"] False and report["error"] =
+//       {"offset", "layer", "record", "type", "reason"}, so Python gets
+//       where and why separately (xcsave.streamtools turns it into
+//       xcsave.errors.StreamError when it wants an exception).  I/O errors
+//       raise OSError.
+//
+//   convert_legacy(in_fd, out_fd, width, guest, fmt="libxc", xl_in=False,
+//                  xl_out=False, stream_type="plain", skip_qemu=False) -> dict
+//       Converts and returns statistics.  An invalid or unconvertible input
+//       raises xcsave.errors.StreamError(reason, offset=, record=); bad
+//       arguments raise ValueError; I/O errors OSError.
+//
+// Both release the GIL for the native work.
+#include "ext_common.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <string>
+
+extern "C" {
+#include "xcs_legacy.h"
+#include "xcs_scan.h"
+}
+
+namespace xcsave_ext {
+
+namespace {
+
+enum xcs_scan_fmt parse_fmt(const std::string &s)
+{
+    if (s == "auto")
+        return XCS_FMT_AUTO;
+    if (s == "xl")
+        return XCS_FMT_XL;
+    if (s == "libxl")
+        return XCS_FMT_LIBXL;
+    if (s == "libxc")
+        return XCS_FMT_LIBXC;
+    if (s == "legacy")
+        return XCS_FMT_LEGACY;
+    throw py::value_error("format must be auto, xl, libxl, libxc or legacy, not " + s);
+}
+
+enum xcs_stream_type parse_stream_type(const std::string &s)
+{
+    if (s == "plain")
+        return XCS_STREAM_PLAIN;
+    if (s == "remus")
+        return XCS_STREAM_REMUS;
+    if (s == "colo")
+        return XCS_STREAM_COLO;
+    throw py::value_error("stream type must be plain, remus or colo, not " + s);
+}
+
+enum xcs_guest parse_guest(const std::string &s, bool allow_empty)
+{
+    if (s == "pv")
+        return XCS_GUEST_PV;
+    if (s == "hvm")
+        return XCS_GUEST_HVM;
+    if (allow_empty && s.empty())
+        return XCS_GUEST_UNKNOWN;
+    throw py::value_error("guest must be pv or hvm, not '" + s + "'");
+}
+
+const char *stream_type_name(enum xcs_stream_type t)
+{
+    switch (t) {
+    case XCS_STREAM_REMUS:
+        return "remus";
+    case XCS_STREAM_COLO:
+        return "colo";
+    case XCS_STREAM_PLAIN:
+        break;
+    }
+    return "plain";
+}
+
+py::object guest_name(enum xcs_guest g)
+{
+    if (g == XCS_GUEST_PV)
+        return py::str("pv");
+    if (g == XCS_GUEST_HVM)
+        return py::str("hvm");
+    return py::none();
+}
+
+// An fd we opened (path) or were given (borrowed).
+class InputFd {
+  public:
+    explicit InputFd(const py::object &src)
+    {
+        if (py::isinstance<py::int_>(src)) {
+            fd_ = src.cast<int>();
+            return;
+        }
+        std::string path = py::module_::import("os").attr("fspath")(src).cast<std::string>();
+        {
+            py::gil_scoped_release nogil;
+            fd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        }
+        if (fd_ < 0)
+            raise_errno(errno, path);
+        owned_ = true;
+    }
+    ~InputFd()
+    {
+        if (owned_)
+            close(fd_);
+    }
+    InputFd(const InputFd &) = delete;
+    InputFd &operator=(const InputFd &) = delete;
+    int fd() const { return fd_; }
+
+  private:
+    int fd_ = -1;
+    bool owned_ = false;
+};
+
+py::dict records_dict(const uint64_t *count, const uint64_t *bytes, unsigned n,
+                      const char *(*name)(uint32_t))
+{
+    py::dict d;
+    for (unsigned i = 0; i < n; i++) {
+        if (!count[i])
+            continue;
+        py::dict e;
+        e["count"] = count[i];
+        e["bytes"] = bytes[i];
+        d[name(i)] = e;
+    }
+    return d;
+}
+
+py::dict legacy_dict(const struct xcs_legacy_report &l)
+{
+    py::dict d, chunks;
+    d["width"] = l.width;
+    d["guessed"] = bool(l.width_guessed);
+    d["p2m_size"] = l.p2m_size;
+    d["guest_width"] = l.guest_width;
+    d["pt_levels"] = l.pt_levels;
+    d["vcpu_ctx_size"] = l.vcpu_ctx_size;
+    d["extv"] = bool(l.extv);
+    d["xsave_len"] = l.xsave_len;
+    for (int i = 0; i < XCS_LEGACY_NR_CHUNKS; i++)
+        if (l.chunks[i])
+            chunks[xcs_legacy_chunk_name(-i)] = l.chunks[i];
+    d["chunks"] = chunks;
+    d["batches"] = l.batches;
+    d["images"] = l.images;
+    d["last_checkpoint_seen"] = bool(l.last_checkpoint_seen);
+    d["qemu_signature"] = l.qemu_sig[0] ? py::object(py::str(l.qemu_sig)) : py::none();
+    d["qemu_len"] = l.qemu_len;
+    d["toolstack_bytes"] = l.toolstack_bytes;
+    d["unread_bytes"] = l.unread_bytes;
+    return d;
+}
+
+py::dict report_dict(const struct xcs_scan_report &r, int rc)
+{
+    py::dict d;
+    py::list layers, warnings;
+
+    d["valid"] = rc == 0;
+    d["format"] = xcs_scan_fmt_name(r.format);
+    d["stream_type"] = stream_type_name(r.stream_type);
+    d["guest"] = guest_name(r.guest);
+    if (r.xl) {
+        py::dict x;
+        layers.append("xl");
+        x["mandatory_flags"] = r.xl_mflags;
+        x["optional_flags"] = r.xl_oflags;
+        x["optional_len"] = r.xl_optlen;
+        x["config_len"] = r.xl_config_len;
+        x["json"] = bool(r.xl_mflags & XCS_XL_MFLAG_JSON);
+        x["streamv2"] = bool(r.xl_mflags & XCS_XL_MFLAG_STREAMV2);
+        d["xl"] = x;
+    } else {
+        d["xl"] = py::none();
+    }
+    if (r.libxl) {
+        py::dict x;
+        layers.append("libxl");
+        x["version"] = r.libxl_version;
+        x["options"] = r.libxl_options;
+        x["legacy"] = bool(r.libxl_options & XCS_LIBXL_OPT_LEGACY);
+        x["records"] = records_dict(r.libxl_count, r.libxl_bytes, XCS_LIBXL_REC_TYPE_COUNT,
+                                    xcs_libxl_rec_name);
+        d["libxl"] = x;
+    } else {
+        d["libxl"] = py::none();
+    }
+    if (r.libxc) {
+        py::dict x, opt;
+        layers.append("libxc");
+        x["version"] = r.libxc_version;
+        x["options"] = r.libxc_options;
+        x["xen_major"] = r.xen_major;
+        x["xen_minor"] = r.xen_minor;
+        x["converted"] = r.xen_major == 0;
+        x["offset"] = r.libxc_offset;
+        x["records"] = records_dict(r.libxc_count, r.libxc_bytes, XCS_REC_TYPE_COUNT,
+                                    xcs_libxc_rec_name);
+        opt["count"] = r.optional_count;
+        opt["bytes"] = r.optional_bytes;
+        x["optional"] = opt;
+        x["pv_width"] = r.pv_width;
+        x["pv_levels"] = r.pv_levels;
+        x["p2m_end_pfn"] = r.p2m_end_pfn;
+        d["libxc"] = x;
+    } else {
+        d["libxc"] = py::none();
+    }
+    if (r.legacy.width) {
+        layers.append("legacy");
+        d["legacy"] = legacy_dict(r.legacy);
+    } else {
+        d["legacy"] = py::none();
+    }
+    d["layers"] = layers;
+
+    py::dict pages;
+    pages["data"] = r.pages;
+    pages["unique"] = r.pages_unique;
+    pages["entries"] = r.page_entries;
+    pages["xtab"] = r.xtab;
+    pages["broken"] = r.broken;
+    pages["xalloc"] = r.xalloc;
+    pages["min_pfn"] = r.page_entries ? py::object(py::int_(r.min_pfn)) : py::none();
+    pages["max_pfn"] = r.page_entries ? py::object(py::int_(r.max_pfn)) : py::none();
+    pages["max_batch"] = r.max_batch;
+    d["pages"] = pages;
+    d["vcpus"] = r.vcpus;
+    d["hvm_params"] = r.hvm_params;
+    d["checkpoints"] = r.checkpoints;
+    d["ended"] = r.ended == 1 ? py::object(py::str("end"))
+                 : r.ended == 2 ? py::object(py::str("eof"))
+                                : py::none();
+    d["discarded_records"] = r.discarded_records;
+    d["qemu_trailer_len"] = r.qemu_trailer_len ? py::object(py::int_(r.qemu_trailer_len))
+                                               : py::none();
+    d["bytes"] = r.bytes;
+    for (unsigned i = 0; i < r.nr_warnings; i++)
+        warnings.append(py::str(r.warnings[i]));
+    d["warnings"] = warnings;
+    if (rc == XCS_SCAN_INVALID) {
+        py::dict e;
+        e["offset"] = r.error.offset;
+        e["layer"] = py::str(r.error.layer);
+        e["record"] = py::str(r.error.record);
+        e["type"] = r.error.has_rtype ? py::object(py::int_(r.error.rtype)) : py::none();
+        e["reason"] = py::str(r.error.reason);
+        d["error"] = e;
+    } else {
+        d["error"] = py::none();
+    }
+    return d;
+}
+
+py::dict scan(const py::object &src, const std::string &fmt, const std::string &stream_type,
+              unsigned width, const std::string &guest, bool allow_trailing)
+{
+    struct xcs_scan_opts opts;
+    std::memset(&opts, 0, sizeof(opts));
+    opts.fmt = parse_fmt(fmt);
+    opts.stream_type = parse_stream_type(stream_type);
+    if (width != 0 && width != 32 && width != 64)
+        throw py::value_error("width must be 32 or 64");
+    opts.legacy_width = width;
+    opts.legacy_guest = parse_guest(guest, true);
+    opts.flags = allow_trailing ? XCS_SCAN_ALLOW_TRAILING : 0;
+
+    InputFd in(src);
+    auto rep = std::make_unique<struct xcs_scan_report>();
+    int rc, err;
+    {
+        py::gil_scoped_release nogil;
+        rc = xcs_scan_fd(in.fd(), &opts, rep.get());
+        err = errno;
+    }
+    if (rc < 0)
+        raise_errno(err, rep->error.reason[0] ? rep->error.reason : "scan");
+    return report_dict(*rep, rc);
+}
+
+[[noreturn]] void raise_stream_error(const std::string &reason, uint64_t offset,
+                                     const std::string &record)
+{
+    py::object cls = py::module_::import("xcsave.errors").attr("StreamError");
+    py::object exc = cls(reason, py::arg("offset") = offset,
+                         py::arg("record") = record.empty() ? py::object(py::none())
+                                                            : py::object(py::str(record)));
+    PyErr_SetObject(cls.ptr(), exc.ptr());
+    throw py::error_already_set();
+}
+
+py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string &guest,
+                        const std::string &fmt, bool xl_in, bool xl_out,
+                        const std::string &stream_type, bool skip_qemu)
+{
+    struct xcs_legacy_opts opts;
+    struct xcs_legacy_stats st;
+    char err[512];
+    int rc, e;
+
+    std::memset(&opts, 0, sizeof(opts));
+    std::memset(&st, 0, sizeof(st));
+    opts.width = width;
+    opts.guest = parse_guest(guest, false);
+    if (fmt == "libxc")
+        opts.out_format = XCS_LEGACY_OUT_LIBXC;
+    else if (fmt == "libxl")
+        opts.out_format = XCS_LEGACY_OUT_LIBXL;
+    else
+        throw py::value_error("output format must be libxc or libxl, not " + fmt);
+    opts.in_has_xl_header = xl_in;
+    opts.out_xl_header = xl_out;
+    opts.stream_type = parse_stream_type(stream_type);
+    opts.skip_qemu = skip_qemu;
+    opts.stats = &st;
+    {
+        py::gil_scoped_release nogil;
+        rc = xcs_legacy_convert(in_fd, out_fd, &opts, err, sizeof(err));
+        e = errno;
+    }
+    switch (rc) {
+    case 0:
+        break;
+    case XCS_LEGACY_EIO:
+        raise_errno(e, st.err_reason[0] ? st.err_reason : err);
+    case XCS_LEGACY_EARG:
+        throw py::value_error(st.err_reason);
+    default:
+        raise_stream_error(st.err_reason, st.err_offset, st.err_chunk);
+    }
+    py::dict d;
+    d["in_bytes"] = st.in_bytes;
+    d["out_bytes"] = st.out_bytes;
+    d["pages"] = st.pages;
+    d["page_entries"] = st.page_entries;
+    d["min_pfn"] = st.page_entries ? py::object(py::int_(st.min_pfn)) : py::none();
+    d["max_pfn"] = st.page_entries ? py::object(py::int_(st.max_pfn)) : py::none();
+    d["vcpus"] = st.vcpus;
+    d["checkpoints"] = st.checkpoints;
+    d["failover"] = st.failover ? py::object(py::str(st.failover_reason)) : py::none();
+    d["legacy"] = legacy_dict(st.legacy);
+    return d;
+}
+
+} // namespace
+
+void register_stream(py::module_ &m)
+{
+    m.def("scan", &scan, py::arg("src"), py::arg("fmt") = "auto",
+          py::arg("stream_type") = "plain", py::arg("width") = 0u, py::arg("guest") = "",
+          py::arg("allow_trailing") = false,
+          "Scan and verify a migration stream (fd or path); returns the report dict.");
+    m.def("convert_legacy", &convert_legacy, py::arg("in_fd"), py::arg("out_fd"),
+          py::arg("width"), py::arg("guest"), py::arg("fmt") = "libxc",
+          py::arg("xl_in") = false, py::arg("xl_out") = false,
+          py::arg("stream_type") = "plain", py::arg("skip_qemu") = false,
+          "Convert a legacy (pre-4.6) stream to v3; returns statistics.");
+}
+
+} // namespace xcsave_ext
