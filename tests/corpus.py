@@ -114,8 +114,14 @@ def rec(rtype: int, body: bytes = b"", *, length: int | None = None, fill: int =
 # ---------------------------------------------------------------- libxc
 
 
-def ihdr(version: int = 3, options: int = 0, res1: int = 0, res2: int = 0,
-         marker: int = 0xFFFFFFFFFFFFFFFF, ident: int = 0x58454E46) -> bytes:
+def ihdr(
+    version: int = 3,
+    options: int = 0,
+    res1: int = 0,
+    res2: int = 0,
+    marker: int = 0xFFFFFFFFFFFFFFFF,
+    ident: int = 0x58454E46,
+) -> bytes:
     return struct.pack(">QIIHHI", marker, ident, version, options, res1, res2)
 
 
@@ -123,8 +129,9 @@ def dhdr(gtype: int, page_shift: int = 12, res: int = 0, major: int = 4, minor: 
     return struct.pack("<IHHII", gtype, page_shift, res, major, minor)
 
 
-def page_data(entries: Sequence[tuple[int, int]], gen: int = 0,
-              res: int = 0, data: bytes | None = None) -> bytes:
+def page_data(
+    entries: Sequence[tuple[int, int]], gen: int = 0, res: int = 0, data: bytes | None = None
+) -> bytes:
     """PAGE_DATA for (pfn, type) entries; types in NO_DATA carry no page."""
     words = b"".join(struct.pack("<Q", (t << 60) | pfn) for pfn, t in entries)
     if data is None:
@@ -134,8 +141,9 @@ def page_data(entries: Sequence[tuple[int, int]], gen: int = 0,
 
 def pages(pfns: Iterable[int], gen: int = 0, batch: int = 1024) -> bytes:
     lst = list(pfns)
-    return b"".join(page_data([(p, NOTAB) for p in lst[i:i + batch]], gen)
-                    for i in range(0, len(lst), batch))
+    return b"".join(
+        page_data([(p, NOTAB) for p in lst[i : i + batch]], gen) for i in range(0, len(lst), batch)
+    )
 
 
 def pv_info(width: int = 8, levels: int = 4) -> bytes:
@@ -143,8 +151,10 @@ def pv_info(width: int = 8, levels: int = 4) -> bytes:
 
 
 def p2m_frames(start: int, end: int, frames: Sequence[int]) -> bytes:
-    return rec(X86_PV_P2M_FRAMES, struct.pack("<II", start, end)
-               + b"".join(struct.pack("<Q", f) for f in frames))
+    return rec(
+        X86_PV_P2M_FRAMES,
+        struct.pack("<II", start, end) + b"".join(struct.pack("<Q", f) for f in frames),
+    )
 
 
 def vcpu(rtype: int, vcpu_id: int, ctx: bytes, res: int = 0) -> bytes:
@@ -155,8 +165,9 @@ def shared_info(data: bytes | None = None) -> bytes:
     return rec(SHARED_INFO, data if data is not None else b"\x55" * PAGE)
 
 
-def tsc(mode: int = 0, khz: int = 2_000_000, nsec: int = 123_456_789, incarn: int = 1,
-        res: int = 0) -> bytes:
+def tsc(
+    mode: int = 0, khz: int = 2_000_000, nsec: int = 123_456_789, incarn: int = 1, res: int = 0
+) -> bytes:
     return rec(X86_TSC_INFO, struct.pack("<IIQII", mode, khz, nsec, incarn, res))
 
 
@@ -173,12 +184,19 @@ def hvm_context(blob: bytes | None = None) -> bytes:
 
 
 def hvm_params(params: Sequence[tuple[int, int]], res: int = 0) -> bytes:
-    return rec(HVM_PARAMS, struct.pack("<II", len(params), res)
-               + b"".join(struct.pack("<QQ", i, v) for i, v in params))
+    return rec(
+        HVM_PARAMS,
+        struct.pack("<II", len(params), res)
+        + b"".join(struct.pack("<QQ", i, v) for i, v in params),
+    )
 
 
-DEFAULT_PARAMS = ((HVM_PARAM_STORE_PFN, 0xFEFFF), (HVM_PARAM_IOREQ_PFN, 0xFEFFE),
-                  (HVM_PARAM_BUFIOREQ_PFN, 0xFEFFD), (HVM_PARAM_CONSOLE_PFN, 0xFEFFC))
+DEFAULT_PARAMS = (
+    (HVM_PARAM_STORE_PFN, 0xFEFFF),
+    (HVM_PARAM_IOREQ_PFN, 0xFEFFE),
+    (HVM_PARAM_BUFIOREQ_PFN, 0xFEFFD),
+    (HVM_PARAM_CONSOLE_PFN, 0xFEFFC),
+)
 
 
 def cpuid_policy(n: int = 2) -> bytes:
@@ -186,8 +204,9 @@ def cpuid_policy(n: int = 2) -> bytes:
 
 
 def msr_policy(n: int = 2) -> bytes:
-    return rec(X86_MSR_POLICY, b"".join(struct.pack("<IIQ", 0xC0000080 + i, 0, i)
-                                        for i in range(n)))
+    return rec(
+        X86_MSR_POLICY, b"".join(struct.pack("<IIQ", 0xC0000080 + i, 0, i) for i in range(n))
+    )
 
 
 def sde() -> bytes:
@@ -198,9 +217,16 @@ def end() -> bytes:
     return rec(END)
 
 
-def libxc_hvm(version: int = 3, pfns: Sequence[int] = tuple(range(16)), *,
-              with_xtab: bool = True, optional: bool = False, policies: bool = True,
-              tail: bool = True, final: bytes | None = None) -> bytes:
+def libxc_hvm(
+    version: int = 3,
+    pfns: Sequence[int] = tuple(range(16)),
+    *,
+    with_xtab: bool = True,
+    optional: bool = False,
+    policies: bool = True,
+    tail: bool = True,
+    final: bytes | None = None,
+) -> bytes:
     """A plain HVM image shaped like 4.17's (section 3.1 record order)."""
     out = ihdr(version) + dhdr(2)
     if version >= 3:
@@ -217,8 +243,15 @@ def libxc_hvm(version: int = 3, pfns: Sequence[int] = tuple(range(16)), *,
     return out + (end() if final is None else final)
 
 
-def libxc_pv(version: int = 3, p2m_size: int = 64, pfns: Sequence[int] = tuple(range(16)), *,
-             nr_vcpus: int = 2, width: int = 8, final: bytes | None = None) -> bytes:
+def libxc_pv(
+    version: int = 3,
+    p2m_size: int = 64,
+    pfns: Sequence[int] = tuple(range(16)),
+    *,
+    nr_vcpus: int = 2,
+    width: int = 8,
+    final: bytes | None = None,
+) -> bytes:
     fpp = PAGE // width
     nframes = (p2m_size - 1) // fpp + 1
     out = ihdr(version) + dhdr(1) + pv_info(width, 4 if width == 8 else 3)
@@ -250,13 +283,16 @@ def xenstore_kv(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"".join(k + b"\x00" + v + b"\x00" for k, v in pairs)
 
 
-PHYSMAP_KV = ((b"physmap/f0000000/start_addr", b"f0000000"),
-              (b"physmap/f0000000/size", b"800000"),
-              (b"physmap/f0000000/name", b"vga.vram"))
+PHYSMAP_KV = (
+    (b"physmap/f0000000/start_addr", b"f0000000"),
+    (b"physmap/f0000000/size", b"800000"),
+    (b"physmap/f0000000/name", b"vga.vram"),
+)
 
 
-def libxl_stream(libxc: bytes, *, xenstore: bool = False, emu_ctx: bytes | None = b"QEVM" * 64,
-                 options: int = 0) -> bytes:
+def libxl_stream(
+    libxc: bytes, *, xenstore: bool = False, emu_ctx: bytes | None = b"QEVM" * 64, options: int = 0
+) -> bytes:
     out = libxl_hdr(options) + rec(L_LIBXC_CONTEXT) + libxc
     if xenstore:
         out += emu(L_EMULATOR_XENSTORE_DATA, xenstore_kv(PHYSMAP_KV))
@@ -265,8 +301,12 @@ def libxl_stream(libxc: bytes, *, xenstore: bool = False, emu_ctx: bytes | None 
     return out + rec(L_END)
 
 
-def xl_hdr(mflags: int = 3, config: bytes = b'{"c_info": {"name": "guest"}}',
-           byteorder: int = 0x01020304, oflags: int = 0) -> bytes:
+def xl_hdr(
+    mflags: int = 3,
+    config: bytes = b'{"c_info": {"name": "guest"}}',
+    byteorder: int = 0x01020304,
+    oflags: int = 0,
+) -> bytes:
     opt = struct.pack("<I", len(config)) + config if config else b""
     return XL_MAGIC + struct.pack("<IIII", byteorder, mflags, oflags, len(opt)) + opt
 
@@ -295,8 +335,8 @@ def remus_libxl(checkpoints: int = 3, *, xenstore: bool = True, final_end: bool 
 class Legacy:
     """A legacy image description; ``build()`` lays it out per section 2."""
 
-    guest: str = "hvm"                 # "pv" | "hvm"
-    width: int = 64                    # toolstack unsigned long bits
+    guest: str = "hvm"  # "pv" | "hvm"
+    width: int = 64  # toolstack unsigned long bits
     p2m_size: int = 0x100
     batches: Sequence[Sequence[tuple[int, int]]] = ((tuple((p, NOTAB) for p in range(16))),)
     gen: int = 0
@@ -305,13 +345,13 @@ class Legacy:
     qemu_data: bytes = b"QEVM" + bytes(range(200))
     toolstack: bool = False
     vcpus: Sequence[int] = (0, 1)
-    guest_width: int = 8               # PV guest word size (vcpu block size)
+    guest_width: int = 8  # PV guest word size (vcpu block size)
     extv: bool = True
-    xsave_len: int = 0                 # "xcnt": xsave size + 16, 0 = absent
+    xsave_len: int = 0  # "xcnt": xsave size + 16, 0 = absent
     tsc_chunk: bool = True
     hvm_param_chunks: bool = True
-    extra_chunks: bytes = b""          # raw bytes added before LAST_CHECKPOINT
-    trailer: bytes = b""               # raw bytes after the image
+    extra_chunks: bytes = b""  # raw bytes added before LAST_CHECKPOINT
+    trailer: bytes = b""  # raw bytes after the image
 
     def ulong(self, v: int) -> bytes:
         return struct.pack("<Q" if self.width == 64 else "<I", v)
@@ -346,7 +386,9 @@ class Legacy:
         words = [0] * (maxid // 64 + 1)
         for v in self.vcpus:
             words[v // 64] |= 1 << (v % 64)
-        out += struct.pack("<ii", C_VCPU_INFO, maxid) + b"".join(struct.pack("<Q", w) for w in words)
+        out += struct.pack("<ii", C_VCPU_INFO, maxid) + b"".join(
+            struct.pack("<Q", w) for w in words
+        )
         if self.guest == "hvm" and self.hvm_param_chunks:
             out += struct.pack("<iiQ", C_HVM_IDENT_PT, 0, 0xFEFFB000)
             out += struct.pack("<iiQ", C_HVM_CONSOLE_PFN, 0, 0xFEFFC)
@@ -403,8 +445,9 @@ class Legacy:
 def legacy_xend_pv_then_qemu() -> bytes:
     """The 2013 case: a plain PV image with no LAST_CHECKPOINT, followed by a
     toolstack-written device-model record starting "QemuDeviceModelRecord"."""
-    return Legacy(guest="pv", last_checkpoint=False,
-                  trailer=SIG_XEND + b"QEVM" + b"\x00" * 60).build()
+    return Legacy(
+        guest="pv", last_checkpoint=False, trailer=SIG_XEND + b"QEVM" + b"\x00" * 60
+    ).build()
 
 
 # ---------------------------------------------------------------- the corpus
@@ -414,13 +457,13 @@ def legacy_xend_pv_then_qemu() -> bytes:
 class Case:
     name: str
     data: bytes
-    fmt: str                        # libxc | libxl | xl | legacy
+    fmt: str  # libxc | libxl | xl | legacy
     stream_type: str = "plain"
-    ok: bool = True                 # xcsave's verdict
-    why: str = ""                   # substring of xcsave's error when not ok
-    xen_ok: bool | None = None      # Xen verify-stream-v2's verdict (None: not applicable)
-    xen_why: str = ""               # substring of Xen's output when not ok
-    disagree: str = ""              # the known reason the verifiers disagree (facts 4.3/4.4)
+    ok: bool = True  # xcsave's verdict
+    why: str = ""  # substring of xcsave's error when not ok
+    xen_ok: bool | None = None  # Xen verify-stream-v2's verdict (None: not applicable)
+    xen_why: str = ""  # substring of Xen's output when not ok
+    disagree: str = ""  # the known reason the verifiers disagree (facts 4.3/4.4)
     width: int | None = None
     guest: str | None = None
 
@@ -442,163 +485,669 @@ def cases() -> list[Case]:
     add(Case("libxc-v3-pv", pv3, "libxc", xen_ok=True))
     add(Case("libxc-v2-pv", libxc_pv(2), "libxc", xen_ok=True))
     add(Case("libxc-v3-pv32", libxc_pv(3, width=4), "libxc", xen_ok=True))
-    add(Case("libxc-v3-hvm-optional", libxc_hvm(3, optional=True), "libxc", xen_ok=False,
-             xen_why="Unrecognised record type 0x80000001",
-             disagree="Xen's verifier rejects optional (bit-31) records (4.4)"))
+    add(
+        Case(
+            "libxc-v3-hvm-optional",
+            libxc_hvm(3, optional=True),
+            "libxc",
+            xen_ok=False,
+            xen_why="Unrecognised record type 0x80000001",
+            disagree="Xen's verifier rejects optional (bit-31) records (4.4)",
+        )
+    )
     add(Case("libxl-hvm", libxl_stream(hvm3), "libxl", xen_ok=True))
-    add(Case("libxl-hvm-xenstore", libxl_stream(hvm3, xenstore=True), "libxl", xen_ok=False,
-             xen_why="Data not NUL terminated",
-             disagree="Xen's verifier fails on any non-empty EMULATOR_XENSTORE_DATA (Py3 bug, 4.4)"))
+    add(
+        Case(
+            "libxl-hvm-xenstore",
+            libxl_stream(hvm3, xenstore=True),
+            "libxl",
+            xen_ok=False,
+            xen_why="Data not NUL terminated",
+            disagree="Xen's verifier fails on any non-empty EMULATOR_XENSTORE_DATA (Py3 bug, 4.4)",
+        )
+    )
     add(Case("libxl-pv", libxl_stream(pv3, emu_ctx=None), "libxl", xen_ok=True))
     add(Case("xl-libxl-hvm", xl_hdr() + libxl_stream(hvm3), "xl", xen_ok=True))
     add(Case("xl-noconfig", xl_hdr(mflags=2, config=b"") + libxl_stream(hvm3), "xl", xen_ok=True))
-    add(Case("remus-libxl", remus_libxl(3), "libxl", "remus", xen_ok=False,
-             xen_why="Error", disagree="Xen's verifier cannot parse checkpointed streams (4.3)"))
-    add(Case("remus-libxl-failover", remus_libxl(2, final_end=False), "libxl", "remus",
-             xen_ok=False, xen_why="Error",
-             disagree="Xen's verifier cannot parse checkpointed streams (4.3)"))
-    add(Case("remus-libxl-noxs", remus_libxl(2, xenstore=False), "libxl", "colo", xen_ok=False,
-             xen_why="Error", disagree="Xen's verifier cannot parse checkpointed streams (4.3)"))
-    add(Case("libxc-v3-hvm-verify", libxc_hvm(3, final=rec(VERIFY) + pages(range(16)) + end()),
-             "libxc", xen_ok=True))
+    add(
+        Case(
+            "remus-libxl",
+            remus_libxl(3),
+            "libxl",
+            "remus",
+            xen_ok=False,
+            xen_why="Error",
+            disagree="Xen's verifier cannot parse checkpointed streams (4.3)",
+        )
+    )
+    add(
+        Case(
+            "remus-libxl-failover",
+            remus_libxl(2, final_end=False),
+            "libxl",
+            "remus",
+            xen_ok=False,
+            xen_why="Error",
+            disagree="Xen's verifier cannot parse checkpointed streams (4.3)",
+        )
+    )
+    add(
+        Case(
+            "remus-libxl-noxs",
+            remus_libxl(2, xenstore=False),
+            "libxl",
+            "colo",
+            xen_ok=False,
+            xen_why="Error",
+            disagree="Xen's verifier cannot parse checkpointed streams (4.3)",
+        )
+    )
+    add(
+        Case(
+            "libxc-v3-hvm-verify",
+            libxc_hvm(3, final=rec(VERIFY) + pages(range(16)) + end()),
+            "libxc",
+            xen_ok=True,
+        )
+    )
 
     # ---- broken: both verifiers must reject
     tsc_pad = rec(X86_TSC_INFO, struct.pack("<IIQII", 0, 1, 2, 3, 0)[:20], fill=0xAA)
     bad_pad = _swap_rec(hvm3, tsc(), tsc_pad)
-    add(Case("bad-padding", bad_pad, "libxc", ok=False, why="padding", xen_ok=False,
-             xen_why="Padding containing non0 bytes found"))
-    add(Case("truncated", hvm3[: len(hvm3) - 100], "libxc", ok=False, why="truncated",
-             xen_ok=False, xen_why="Stream truncated"))
-    add(Case("truncated-header", hvm3[:20], "libxc", ok=False, why="truncated",
-             xen_ok=False, xen_why="Stream truncated"))
-    add(Case("bad-tsc-length", _swap_rec(hvm3, tsc(), rec(X86_TSC_INFO, b"\x00" * 16)), "libxc",
-             ok=False, why="24", xen_ok=False, xen_why="Length should be 24 bytes"))
+    add(
+        Case(
+            "bad-padding",
+            bad_pad,
+            "libxc",
+            ok=False,
+            why="padding",
+            xen_ok=False,
+            xen_why="Padding containing non0 bytes found",
+        )
+    )
+    add(
+        Case(
+            "truncated",
+            hvm3[: len(hvm3) - 100],
+            "libxc",
+            ok=False,
+            why="truncated",
+            xen_ok=False,
+            xen_why="Stream truncated",
+        )
+    )
+    add(
+        Case(
+            "truncated-header",
+            hvm3[:20],
+            "libxc",
+            ok=False,
+            why="truncated",
+            xen_ok=False,
+            xen_why="Stream truncated",
+        )
+    )
+    add(
+        Case(
+            "bad-tsc-length",
+            _swap_rec(hvm3, tsc(), rec(X86_TSC_INFO, b"\x00" * 16)),
+            "libxc",
+            ok=False,
+            why="24",
+            xen_ok=False,
+            xen_why="Length should be 24 bytes",
+        )
+    )
     bad_pd = page_data([(1, NOTAB), (2, NOTAB)], data=page_bytes(1))
-    add(Case("bad-page-data-length", libxc_hvm(3, final=bad_pd + end()), "libxc", ok=False,
-             why="PAGE_DATA", xen_ok=False, xen_why="Expected 8 + 16 + 8192"))
-    add(Case("unknown-mandatory", libxc_hvm(3, final=rec(0x13, b"x") + end()), "libxc", ok=False,
-             why="unknown mandatory", xen_ok=False, xen_why="Unrecognised record type 0x13"))
-    add(Case("bad-marker", ihdr(3, marker=0xFFFFFFFFFFFFFFFE) + hvm3[24:], "libxc", ok=False,
-             why="marker", xen_ok=False, xen_why="Bad image marker"))
-    add(Case("bad-version", ihdr(4) + hvm3[24:], "libxc", ok=False, why="version",
-             xen_ok=False, xen_why="Unknown image version"))
-    add(Case("page-shift", ihdr(3) + dhdr(2, page_shift=13) + hvm3[40:], "libxc", ok=False,
-             why="page_shift", xen_ok=False, xen_why="Page shift expected to be 12"))
-    add(Case("pfn-reserved-bits", libxc_hvm(3, final=rec(PAGE_DATA, struct.pack(
-        "<IIQ", 1, 0, (1 << 55) | 5) + page_bytes(5)) + end()), "libxc", ok=False,
-        why="reserved", xen_ok=False, xen_why="Reserved bits set in pfn[0]"))
-    add(Case("pfn-bad-type", libxc_hvm(3, final=page_data([(7, 6)], data=page_bytes(7))
-                                       + end()), "libxc", ok=False, why="type", xen_ok=False,
-             xen_why="Invalid type value in pfn[0]"))
-    add(Case("sde-in-v2", libxc_hvm(2, final=sde() + end()), "libxc", ok=False,
-             why="STATIC_DATA_END", xen_ok=False, xen_why="Static data end record found in v2"))
-    add(Case("checkpoint-in-plain", libxc_hvm(3, final=rec(CHECKPOINT) + end()), "libxc",
-             ok=False, why="CHECKPOINT in a plain stream", xen_ok=True,
-             disagree="Xen's verifier does not know the stream type (4.3)"))
-    add(Case("dirty-pfn-list", libxc_hvm(3, final=rec(CHECKPOINT_DIRTY_PFN_LIST,
-                                                          struct.pack("<Q", 1)) + end()),
-             "libxc", ok=False, why="CHECKPOINT_DIRTY_PFN_LIST", xen_ok=False,
-             xen_why="checkpoint dirty pfn list"))
-    add(Case("libxl-bad-padding", libxl_stream(hvm3, emu_ctx=None)[:-8]
-             + rec(L_EMULATOR_CONTEXT, struct.pack("<II", 2, 0) + b"abc", fill=1) + rec(L_END),
-             "libxl", ok=False, why="padding", xen_ok=False,
-             xen_why="Padding containing non0 bytes found"))
-    add(Case("libxl-unknown-record", libxl_stream(hvm3, emu_ctx=None)[:-8] + rec(9) + rec(L_END),
-             "libxl", ok=False, why="unknown libxl record", xen_ok=False,
-             xen_why="Unrecognised record type"))
-    add(Case("libxl-bad-emulator", libxl_stream(hvm3, emu_ctx=None)[:-8]
-             + emu(L_EMULATOR_CONTEXT, b"x", emu_id=7) + rec(L_END), "libxl", ok=False,
-             why="emulator id", xen_ok=False, xen_why="Unrecognised emulator id"))
-    add(Case("libxl-xs-odd", libxl_stream(hvm3, emu_ctx=None)[:-8]
-             + emu(L_EMULATOR_XENSTORE_DATA, b"k\x00v\x00x\x00") + rec(L_END), "libxl",
-             ok=False, why="even", xen_ok=False, xen_why="Data not NUL terminated"))
-    add(Case("libxl-xs-nonul", libxl_stream(hvm3, emu_ctx=None)[:-8]
-             + emu(L_EMULATOR_XENSTORE_DATA, b"k\x00v") + rec(L_END), "libxl",
-             ok=False, why="NUL", xen_ok=False, xen_why="Data not NUL terminated"))
-    add(Case("libxl-bad-version", libxl_hdr(version=3) + libxl_stream(hvm3)[16:], "libxl",
-             ok=False, why="version", xen_ok=False, xen_why="Unknown image version"))
-    add(Case("xl-bad-magic", b"Y" + xl_hdr()[1:] + libxl_stream(hvm3), "xl", ok=False,
-             why="magic", xen_ok=False, xen_why="No xl header"))
+    add(
+        Case(
+            "bad-page-data-length",
+            libxc_hvm(3, final=bad_pd + end()),
+            "libxc",
+            ok=False,
+            why="PAGE_DATA",
+            xen_ok=False,
+            xen_why="Expected 8 + 16 + 8192",
+        )
+    )
+    add(
+        Case(
+            "unknown-mandatory",
+            libxc_hvm(3, final=rec(0x13, b"x") + end()),
+            "libxc",
+            ok=False,
+            why="unknown mandatory",
+            xen_ok=False,
+            xen_why="Unrecognised record type 0x13",
+        )
+    )
+    add(
+        Case(
+            "bad-marker",
+            ihdr(3, marker=0xFFFFFFFFFFFFFFFE) + hvm3[24:],
+            "libxc",
+            ok=False,
+            why="marker",
+            xen_ok=False,
+            xen_why="Bad image marker",
+        )
+    )
+    add(
+        Case(
+            "bad-version",
+            ihdr(4) + hvm3[24:],
+            "libxc",
+            ok=False,
+            why="version",
+            xen_ok=False,
+            xen_why="Unknown image version",
+        )
+    )
+    add(
+        Case(
+            "page-shift",
+            ihdr(3) + dhdr(2, page_shift=13) + hvm3[40:],
+            "libxc",
+            ok=False,
+            why="page_shift",
+            xen_ok=False,
+            xen_why="Page shift expected to be 12",
+        )
+    )
+    add(
+        Case(
+            "pfn-reserved-bits",
+            libxc_hvm(
+                3,
+                final=rec(PAGE_DATA, struct.pack("<IIQ", 1, 0, (1 << 55) | 5) + page_bytes(5))
+                + end(),
+            ),
+            "libxc",
+            ok=False,
+            why="reserved",
+            xen_ok=False,
+            xen_why="Reserved bits set in pfn[0]",
+        )
+    )
+    add(
+        Case(
+            "pfn-bad-type",
+            libxc_hvm(3, final=page_data([(7, 6)], data=page_bytes(7)) + end()),
+            "libxc",
+            ok=False,
+            why="type",
+            xen_ok=False,
+            xen_why="Invalid type value in pfn[0]",
+        )
+    )
+    add(
+        Case(
+            "sde-in-v2",
+            libxc_hvm(2, final=sde() + end()),
+            "libxc",
+            ok=False,
+            why="STATIC_DATA_END",
+            xen_ok=False,
+            xen_why="Static data end record found in v2",
+        )
+    )
+    add(
+        Case(
+            "checkpoint-in-plain",
+            libxc_hvm(3, final=rec(CHECKPOINT) + end()),
+            "libxc",
+            ok=False,
+            why="CHECKPOINT in a plain stream",
+            xen_ok=True,
+            disagree="Xen's verifier does not know the stream type (4.3)",
+        )
+    )
+    add(
+        Case(
+            "dirty-pfn-list",
+            libxc_hvm(3, final=rec(CHECKPOINT_DIRTY_PFN_LIST, struct.pack("<Q", 1)) + end()),
+            "libxc",
+            ok=False,
+            why="CHECKPOINT_DIRTY_PFN_LIST",
+            xen_ok=False,
+            xen_why="checkpoint dirty pfn list",
+        )
+    )
+    add(
+        Case(
+            "libxl-bad-padding",
+            libxl_stream(hvm3, emu_ctx=None)[:-8]
+            + rec(L_EMULATOR_CONTEXT, struct.pack("<II", 2, 0) + b"abc", fill=1)
+            + rec(L_END),
+            "libxl",
+            ok=False,
+            why="padding",
+            xen_ok=False,
+            xen_why="Padding containing non0 bytes found",
+        )
+    )
+    add(
+        Case(
+            "libxl-unknown-record",
+            libxl_stream(hvm3, emu_ctx=None)[:-8] + rec(9) + rec(L_END),
+            "libxl",
+            ok=False,
+            why="unknown libxl record",
+            xen_ok=False,
+            xen_why="Unrecognised record type",
+        )
+    )
+    add(
+        Case(
+            "libxl-bad-emulator",
+            libxl_stream(hvm3, emu_ctx=None)[:-8]
+            + emu(L_EMULATOR_CONTEXT, b"x", emu_id=7)
+            + rec(L_END),
+            "libxl",
+            ok=False,
+            why="emulator id",
+            xen_ok=False,
+            xen_why="Unrecognised emulator id",
+        )
+    )
+    add(
+        Case(
+            "libxl-xs-odd",
+            libxl_stream(hvm3, emu_ctx=None)[:-8]
+            + emu(L_EMULATOR_XENSTORE_DATA, b"k\x00v\x00x\x00")
+            + rec(L_END),
+            "libxl",
+            ok=False,
+            why="even",
+            xen_ok=False,
+            xen_why="Data not NUL terminated",
+        )
+    )
+    add(
+        Case(
+            "libxl-xs-nonul",
+            libxl_stream(hvm3, emu_ctx=None)[:-8]
+            + emu(L_EMULATOR_XENSTORE_DATA, b"k\x00v")
+            + rec(L_END),
+            "libxl",
+            ok=False,
+            why="NUL",
+            xen_ok=False,
+            xen_why="Data not NUL terminated",
+        )
+    )
+    add(
+        Case(
+            "libxl-bad-version",
+            libxl_hdr(version=3) + libxl_stream(hvm3)[16:],
+            "libxl",
+            ok=False,
+            why="version",
+            xen_ok=False,
+            xen_why="Unknown image version",
+        )
+    )
+    add(
+        Case(
+            "xl-bad-magic",
+            b"Y" + xl_hdr()[1:] + libxl_stream(hvm3),
+            "xl",
+            ok=False,
+            why="magic",
+            xen_ok=False,
+            xen_why="No xl header",
+        )
+    )
 
     # ---- broken: only xcsave's verifier catches these (4.3 "Not checked")
     nc = "Xen's verifier does not check {} (4.3)"
-    add(Case("bytes-after-end", hvm3 + b"\x00" * 16, "libxc", ok=False, why="after END",
-             xen_ok=True, disagree=nc.format("trailing bytes after END")))
-    add(Case("libxl-bytes-after-end", libxl_stream(hvm3) + b"junk", "libxl", ok=False,
-             why="after END", xen_ok=True, disagree=nc.format("trailing bytes after END")))
-    add(Case("dup-pfn-in-record", libxc_hvm(3, final=page_data([(3, NOTAB), (3, NOTAB)]) + end()),
-             "libxc", ok=False, why="duplicate pfn", xen_ok=True,
-             disagree=nc.format("duplicate pfns")))
-    add(Case("pv-pfn-out-of-range", libxc_pv(3, p2m_size=64, pfns=(1, 2, 100)), "libxc",
-             ok=False, why="out of range", xen_ok=True, disagree=nc.format("out-of-range pfns")))
-    no_sde_order = (ihdr(3) + dhdr(2) + pages(range(4)) + sde() + tsc() + hvm_context()
-                    + hvm_params(DEFAULT_PARAMS) + end())
-    add(Case("page-before-sde", no_sde_order, "libxc", ok=False, why="before STATIC_DATA_END",
-             xen_ok=True, disagree=nc.format("record ordering")))
-    add(Case("no-sde-v3", libxc_hvm(3, policies=False).replace(sde(), b"", 1), "libxc",
-             ok=False, why="STATIC_DATA_END", xen_ok=True, disagree=nc.format("record ordering")))
-    add(Case("two-sde", libxc_hvm(3).replace(sde(), sde() + sde(), 1), "libxc", ok=False,
-             why="second STATIC_DATA_END", xen_ok=True, disagree=nc.format("record ordering")))
-    pv_order = (ihdr(3) + dhdr(1) + cpuid_policy() + pv_info() + sde()
-                + p2m_frames(0, 63, [1]) + page_data([(1, NOTAB)]) + tsc() + shared_info()
-                + vcpu(X86_PV_VCPU_BASIC, 0, b"\x00" * PV64_VCPU_CTX) + end())
-    add(Case("pv-info-not-first", pv_order, "libxc", ok=False, why="X86_PV_INFO",
-             xen_ok=True, disagree=nc.format("record ordering")))
-    pv_p2m_late = (ihdr(3) + dhdr(1) + pv_info() + sde() + page_data([(1, NOTAB)])
-                   + p2m_frames(0, 63, [1]) + tsc() + shared_info()
-                   + vcpu(X86_PV_VCPU_BASIC, 0, b"\x00" * PV64_VCPU_CTX) + end())
-    add(Case("pv-page-before-p2m", pv_p2m_late, "libxc", ok=False, why="P2M_FRAMES",
-             xen_ok=True, disagree=nc.format("record ordering")))
-    add(Case("hvm-missing-context", libxc_hvm(3, tail=False, final=tsc()
-                                              + hvm_params(DEFAULT_PARAMS) + end()),
-             "libxc", ok=False, why="HVM_CONTEXT", xen_ok=True,
-             disagree=nc.format("presence of mandatory records")))
-    add(Case("pv-missing-shinfo", pv3.replace(shared_info(), b"", 1), "libxc", ok=False,
-             why="SHARED_INFO", xen_ok=True, disagree=nc.format("presence of mandatory records")))
-    add(Case("pv-record-in-hvm", libxc_hvm(3, final=shared_info() + end()), "libxc", ok=False,
-             why="HVM stream", xen_ok=True, disagree=nc.format("guest-type consistency")))
-    add(Case("hvm-record-in-pv", pv3[:-8] + hvm_params(DEFAULT_PARAMS) + end(), "libxc",
-             ok=False, why="PV stream", xen_ok=True, disagree=nc.format("guest-type consistency")))
-    add(Case("remus-as-plain", remus_libxl(2), "libxl", "plain", ok=False,
-             why="CHECKPOINT in a plain stream", xen_ok=False, xen_why="Error",
-             disagree="Xen's verifier cannot parse checkpointed streams (4.3)"))
-    add(Case("checkpoint-end-in-plain", libxl_stream(hvm3)[:-8] + rec(L_CHECKPOINT_END)
-             + rec(L_END), "libxl", ok=False, why="CHECKPOINT_END", xen_ok=True,
-             disagree="Xen's verifier does not know the stream type (4.3)"))
-    add(Case("no-libxc-context", libxl_hdr() + rec(L_END), "libxl", ok=False,
-             why="LIBXC_CONTEXT", xen_ok=True, disagree=nc.format("presence of mandatory records")))
+    add(
+        Case(
+            "bytes-after-end",
+            hvm3 + b"\x00" * 16,
+            "libxc",
+            ok=False,
+            why="after END",
+            xen_ok=True,
+            disagree=nc.format("trailing bytes after END"),
+        )
+    )
+    add(
+        Case(
+            "libxl-bytes-after-end",
+            libxl_stream(hvm3) + b"junk",
+            "libxl",
+            ok=False,
+            why="after END",
+            xen_ok=True,
+            disagree=nc.format("trailing bytes after END"),
+        )
+    )
+    add(
+        Case(
+            "dup-pfn-in-record",
+            libxc_hvm(3, final=page_data([(3, NOTAB), (3, NOTAB)]) + end()),
+            "libxc",
+            ok=False,
+            why="duplicate pfn",
+            xen_ok=True,
+            disagree=nc.format("duplicate pfns"),
+        )
+    )
+    add(
+        Case(
+            "pv-pfn-out-of-range",
+            libxc_pv(3, p2m_size=64, pfns=(1, 2, 100)),
+            "libxc",
+            ok=False,
+            why="out of range",
+            xen_ok=True,
+            disagree=nc.format("out-of-range pfns"),
+        )
+    )
+    no_sde_order = (
+        ihdr(3)
+        + dhdr(2)
+        + pages(range(4))
+        + sde()
+        + tsc()
+        + hvm_context()
+        + hvm_params(DEFAULT_PARAMS)
+        + end()
+    )
+    add(
+        Case(
+            "page-before-sde",
+            no_sde_order,
+            "libxc",
+            ok=False,
+            why="before STATIC_DATA_END",
+            xen_ok=True,
+            disagree=nc.format("record ordering"),
+        )
+    )
+    add(
+        Case(
+            "no-sde-v3",
+            libxc_hvm(3, policies=False).replace(sde(), b"", 1),
+            "libxc",
+            ok=False,
+            why="STATIC_DATA_END",
+            xen_ok=True,
+            disagree=nc.format("record ordering"),
+        )
+    )
+    add(
+        Case(
+            "two-sde",
+            libxc_hvm(3).replace(sde(), sde() + sde(), 1),
+            "libxc",
+            ok=False,
+            why="second STATIC_DATA_END",
+            xen_ok=True,
+            disagree=nc.format("record ordering"),
+        )
+    )
+    pv_order = (
+        ihdr(3)
+        + dhdr(1)
+        + cpuid_policy()
+        + pv_info()
+        + sde()
+        + p2m_frames(0, 63, [1])
+        + page_data([(1, NOTAB)])
+        + tsc()
+        + shared_info()
+        + vcpu(X86_PV_VCPU_BASIC, 0, b"\x00" * PV64_VCPU_CTX)
+        + end()
+    )
+    add(
+        Case(
+            "pv-info-not-first",
+            pv_order,
+            "libxc",
+            ok=False,
+            why="X86_PV_INFO",
+            xen_ok=True,
+            disagree=nc.format("record ordering"),
+        )
+    )
+    pv_p2m_late = (
+        ihdr(3)
+        + dhdr(1)
+        + pv_info()
+        + sde()
+        + page_data([(1, NOTAB)])
+        + p2m_frames(0, 63, [1])
+        + tsc()
+        + shared_info()
+        + vcpu(X86_PV_VCPU_BASIC, 0, b"\x00" * PV64_VCPU_CTX)
+        + end()
+    )
+    add(
+        Case(
+            "pv-page-before-p2m",
+            pv_p2m_late,
+            "libxc",
+            ok=False,
+            why="P2M_FRAMES",
+            xen_ok=True,
+            disagree=nc.format("record ordering"),
+        )
+    )
+    add(
+        Case(
+            "hvm-missing-context",
+            libxc_hvm(3, tail=False, final=tsc() + hvm_params(DEFAULT_PARAMS) + end()),
+            "libxc",
+            ok=False,
+            why="HVM_CONTEXT",
+            xen_ok=True,
+            disagree=nc.format("presence of mandatory records"),
+        )
+    )
+    add(
+        Case(
+            "pv-missing-shinfo",
+            pv3.replace(shared_info(), b"", 1),
+            "libxc",
+            ok=False,
+            why="SHARED_INFO",
+            xen_ok=True,
+            disagree=nc.format("presence of mandatory records"),
+        )
+    )
+    add(
+        Case(
+            "pv-record-in-hvm",
+            libxc_hvm(3, final=shared_info() + end()),
+            "libxc",
+            ok=False,
+            why="HVM stream",
+            xen_ok=True,
+            disagree=nc.format("guest-type consistency"),
+        )
+    )
+    add(
+        Case(
+            "hvm-record-in-pv",
+            pv3[:-8] + hvm_params(DEFAULT_PARAMS) + end(),
+            "libxc",
+            ok=False,
+            why="PV stream",
+            xen_ok=True,
+            disagree=nc.format("guest-type consistency"),
+        )
+    )
+    add(
+        Case(
+            "remus-as-plain",
+            remus_libxl(2),
+            "libxl",
+            "plain",
+            ok=False,
+            why="CHECKPOINT in a plain stream",
+            xen_ok=False,
+            xen_why="Error",
+            disagree="Xen's verifier cannot parse checkpointed streams (4.3)",
+        )
+    )
+    add(
+        Case(
+            "checkpoint-end-in-plain",
+            libxl_stream(hvm3)[:-8] + rec(L_CHECKPOINT_END) + rec(L_END),
+            "libxl",
+            ok=False,
+            why="CHECKPOINT_END",
+            xen_ok=True,
+            disagree="Xen's verifier does not know the stream type (4.3)",
+        )
+    )
+    add(
+        Case(
+            "no-libxc-context",
+            libxl_hdr() + rec(L_END),
+            "libxl",
+            ok=False,
+            why="LIBXC_CONTEXT",
+            xen_ok=True,
+            disagree=nc.format("presence of mandatory records"),
+        )
+    )
 
     # ---- legacy streams (Xen's verifier does not read them; its converter does)
     add(Case("legacy-hvm-0002", Legacy().build(), "legacy", width=64, guest="hvm"))
-    add(Case("legacy-hvm-0002-no-9", Legacy(last_checkpoint=False).build(), "legacy",
-             width=64, guest="hvm"))
-    add(Case("legacy-hvm-xend", Legacy(qemu_sig=SIG_XEND, last_checkpoint=False).build(),
-             "legacy", width=64, guest="hvm"))
-    add(Case("legacy-hvm-remus-sig", Legacy(qemu_sig=SIG_REMUS).build(), "legacy",
-             width=64, guest="hvm"))
-    add(Case("legacy-hvm-toolstack", Legacy(toolstack=True).build(), "legacy",
-             width=64, guest="hvm"))
+    add(
+        Case(
+            "legacy-hvm-0002-no-9",
+            Legacy(last_checkpoint=False).build(),
+            "legacy",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-hvm-xend",
+            Legacy(qemu_sig=SIG_XEND, last_checkpoint=False).build(),
+            "legacy",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-hvm-remus-sig",
+            Legacy(qemu_sig=SIG_REMUS).build(),
+            "legacy",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-hvm-toolstack", Legacy(toolstack=True).build(), "legacy", width=64, guest="hvm"
+        )
+    )
     add(Case("legacy-pv", Legacy(guest="pv").build(), "legacy", width=64, guest="pv"))
-    add(Case("legacy-pv-xsave", Legacy(guest="pv", xsave_len=0x340).build(), "legacy",
-             width=64, guest="pv"))
+    add(
+        Case(
+            "legacy-pv-xsave",
+            Legacy(guest="pv", xsave_len=0x340).build(),
+            "legacy",
+            width=64,
+            guest="pv",
+        )
+    )
     add(Case("legacy-pv-2013", legacy_xend_pv_then_qemu(), "legacy", width=64, guest="pv"))
     add(Case("legacy-hvm32", Legacy(width=32).build(), "legacy", width=32, guest="hvm"))
-    add(Case("legacy-remus-hvm", Legacy(qemu_sig=SIG_REMUS).build(checkpoints=3), "legacy",
-             "remus", width=64, guest="hvm"))
-    add(Case("legacy-batch-too-big", Legacy(extra_chunks=struct.pack("<i", 2000)).build(),
-             "legacy", ok=False, why="Max batch size exceeded (2000)", width=64, guest="hvm"))
-    add(Case("legacy-dup-pfn", Legacy(batches=(((1, NOTAB), (1, NOTAB)),)).build(), "legacy",
-             ok=False, why="duplicate pfn", width=64, guest="hvm"))
-    add(Case("legacy-pfn-range", Legacy(batches=(((0x200, NOTAB),),)).build(), "legacy",
-             ok=False, why="out of range", width=64, guest="hvm"))
-    add(Case("legacy-tmem", Legacy(extra_chunks=struct.pack("<i", C_TMEM)).build(), "legacy",
-             ok=False, why="TMEM", width=64, guest="hvm"))
-    add(Case("legacy-compression", Legacy(extra_chunks=struct.pack("<i", C_ENABLE_COMPRESSION))
-             .build(), "legacy", ok=False, why="ENABLE_COMPRESSION", width=64, guest="hvm"))
-    add(Case("legacy-truncated", Legacy().build()[:-50], "legacy", ok=False, why="truncated",
-             width=64, guest="hvm"))
-    add(Case("legacy-bad-qemu-sig", Legacy(qemu_sig=b"NotAQemuSignature!!!!").build(),
-             "legacy", ok=False, why="qemu", width=64, guest="hvm"))
+    add(
+        Case(
+            "legacy-remus-hvm",
+            Legacy(qemu_sig=SIG_REMUS).build(checkpoints=3),
+            "legacy",
+            "remus",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-batch-too-big",
+            Legacy(extra_chunks=struct.pack("<i", 2000)).build(),
+            "legacy",
+            ok=False,
+            why="Max batch size exceeded (2000)",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-dup-pfn",
+            Legacy(batches=(((1, NOTAB), (1, NOTAB)),)).build(),
+            "legacy",
+            ok=False,
+            why="duplicate pfn",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-pfn-range",
+            Legacy(batches=(((0x200, NOTAB),),)).build(),
+            "legacy",
+            ok=False,
+            why="out of range",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-tmem",
+            Legacy(extra_chunks=struct.pack("<i", C_TMEM)).build(),
+            "legacy",
+            ok=False,
+            why="TMEM",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-compression",
+            Legacy(extra_chunks=struct.pack("<i", C_ENABLE_COMPRESSION)).build(),
+            "legacy",
+            ok=False,
+            why="ENABLE_COMPRESSION",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-truncated",
+            Legacy().build()[:-50],
+            "legacy",
+            ok=False,
+            why="truncated",
+            width=64,
+            guest="hvm",
+        )
+    )
+    add(
+        Case(
+            "legacy-bad-qemu-sig",
+            Legacy(qemu_sig=b"NotAQemuSignature!!!!").build(),
+            "legacy",
+            ok=False,
+            why="qemu",
+            width=64,
+            guest="hvm",
+        )
+    )
     return c
 
 
