@@ -9,7 +9,6 @@ domains at once.  Async API here; blocking twins in :mod:`xcsave.sync`.
 from __future__ import annotations
 
 import logging
-
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:

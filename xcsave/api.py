@@ -93,6 +93,31 @@ def _sim_arg(sim: str | os.PathLike[str] | None) -> str | None:
     return str(resolve(sim))
 
 
+def _sim_save_undo(path: str) -> Callable[[int], None]:
+    """After a failed save, put the source back in the state it had (running)."""
+    from .sim import info, set_state
+
+    before = str(info(path)["state"])
+
+    def undo(pid: int) -> None:
+        if str(info(path)["state"]) != before:
+            set_state(path, before)
+
+    return undo
+
+
+def _sim_restore_undo(path: str) -> Callable[[int], None]:
+    """After a failed restore, remove the partial domain a killed helper left."""
+    target = Path(path)
+
+    def undo(pid: int) -> None:
+        for partial in target.parent.glob(f".{target.name}.partial.{pid}.*"):
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+
+    return undo
+
+
 def _check_dialect(dialect: str, *, sim: object, fmt: str) -> proto.Dialect:
     try:
         d = proto.DIALECTS[dialect]
@@ -169,6 +194,7 @@ async def save(
     xcflags = (XCFLAGS_LIVE if live else 0) | (XCFLAGS_DEBUG if debug else 0)
     st = STREAM_TYPES[stream_type]
     helper_p = Path(helper) if helper is not None else None
+    sim_path = _sim_arg(sim)
     async with _open_out(out) as fd:
         io_fd, owned = high_fd(fd)
         try:
@@ -201,10 +227,11 @@ async def save(
                 dialect=d,
                 args=args,
                 pass_fds=(io_fd,),
-                domain=f"domid {domid}" if domid is not None else str(_sim_arg(sim)),
+                domain=f"domid {domid}" if domid is not None else str(sim_path),
                 domid=domid,
                 backend=backend,
                 helper=helper_p,
+                on_failure=_sim_save_undo(sim_path) if sim_path else None,
             )
             return await _run(spec, cbs, supervisor, on_event, timeout)
         finally:
@@ -251,6 +278,7 @@ async def restore(
     cbflags = proto.cbflags_for(d, cbs.installed() | {"restore_results"})
     st = STREAM_TYPES[stream_type]
     helper_p = Path(helper) if helper is not None else None
+    sim_path = _sim_arg(sim)
     async with _open_in(src) as fd:
         io_fd, owned = high_fd(fd)
         try:
@@ -293,10 +321,11 @@ async def restore(
                 dialect=d,
                 args=args,
                 pass_fds=(io_fd,),
-                domain=f"domid {domid}" if domid is not None else str(_sim_arg(sim)),
+                domain=f"domid {domid}" if domid is not None else str(sim_path),
                 domid=domid,
                 backend=backend,
                 helper=helper_p,
+                on_failure=_sim_restore_undo(sim_path) if sim_path else None,
             )
             return await _run(spec, cbs, supervisor, on_event, timeout)
         finally:

@@ -88,7 +88,7 @@ def downtime_target(
             if now > t0 and st.total_written > w0:
                 rate = (st.total_written - w0) * page_size / (now - t0)
         last.append((now, st.total_written))
-        if st.iteration >= max_iters:
+        if st.iteration >= max_iters or st.dirty_count == 0:
             return Decision.STOP_AND_COPY
         if (
             st.dirty_count >= 0

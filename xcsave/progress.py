@@ -143,6 +143,8 @@ def _decision(d: int) -> str:
 def _stats_line(ev: StatsEvent) -> str:
     secs = ev.duration_ns / 1e9
     rate = ev.bytes / secs / 1e9 if secs > 0 else 0.0
+    if ev.op == "restore":
+        return f"{ev.pages_sent} pages, {ev.bytes} bytes received ({rate:.2f} GB/s)"
     return (
         f"{ev.rounds} round(s), {ev.pages_sent} pages, {ev.bytes} bytes "
         f"({rate:.2f} GB/s), downtime {ev.downtime_ns / 1e6:.1f} ms"

@@ -171,6 +171,9 @@ class HelperSpec:
     domid: int | None = None
     backend: str | None = None  # expected in hello (xcsave-1)
     helper: Path | None = None  # default: helper_path()
+    #: Called with the helper's pid once it is reaped, if the run failed in any
+    #: way (even SIGKILL): undo what only the helper could have undone.
+    on_failure: Callable[[int], object] | None = None
 
 
 @dataclass
@@ -228,19 +231,27 @@ class HelperRun:
         """Run the helper to the end; raise a precise exception if it failed."""
         await self._spawn()
         try:
-            async with asyncio.timeout(timeout):
-                await self._pump()
-        except TimeoutError as e:
-            await self.stop()
-            raise HelperTimeout(
-                f"{self._what()} timed out after {timeout} s; helper stopped",
-                **self._ids(),
-            ) from e
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._pump()
+            except TimeoutError as e:
+                await self.stop()
+                raise HelperTimeout(
+                    f"{self._what()} timed out after {timeout} s; helper stopped",
+                    **self._ids(),
+                ) from e
+            except BaseException:
+                # CancelledError, CallbackError, ProtocolError, ...: never leave it running.
+                await self.stop()
+                raise
+            return self._judge()
         except BaseException:
-            # CancelledError, CallbackError, ProtocolError, ...: never leave it running.
-            await self.stop()
+            if self.spec.on_failure is not None and self.proc is not None:
+                try:
+                    self.spec.on_failure(self.proc.pid)
+                except Exception:
+                    log.exception("cleanup after the failed %s", self._what())
             raise
-        return self._judge()
 
     async def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM, wait up to ``grace`` seconds, SIGKILL; always reap."""
