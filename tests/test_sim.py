@@ -532,9 +532,19 @@ def test_policy_sees_the_rounds(tmp_path: Path) -> None:
         return 0 if iteration < 3 else 1
 
     st = save_to_file(src, tmp_path / "s", live=True, policy=policy)
+    # Asked before every round after the first full pass.
     assert [c[0] for c in calls] == [1, 2, 3]
     assert calls[0][1] == st["pages_per_round"][0]
     assert st["rounds"] == 4  # 0, 1, 2 live, then the final round
+
+
+def test_policy_stop_at_once(tmp_path: Path) -> None:
+    src = make(tmp_path, "src", 512, seed=5)
+    dst = str(tmp_path / "dst")
+    st = save_to_file(src, tmp_path / "s", live=True, policy=lambda *_: 1)
+    assert st["rounds"] == 2  # the full pass, then the final round
+    restore_from_bytes((tmp_path / "s").read_bytes(), tmp_path, dst)
+    assert _ext.sim_digest(dst) == _ext.sim_digest(src)
 
 
 def test_policy_abort(tmp_path: Path) -> None:

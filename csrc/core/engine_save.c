@@ -449,6 +449,12 @@ static int policy(struct save_ctx *ctx, unsigned int iteration)
 
 /*----- the memory of the first checkpoint -----*/
 
+/*
+ * Round 0 sends every page; the policy is then asked before each further
+ * round with the round about to start (1 first).  STOP_AND_COPY suspends at
+ * once and sends the final round.  (libxc also asks before round 0 and sends
+ * one more live round after a stop.)
+ */
 static int send_memory_live(struct save_ctx *ctx)
 {
     char what[40];

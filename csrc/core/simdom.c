@@ -26,6 +26,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,13 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+/* The header is an on-disk format (docs/sim-format.md): pin its layout. */
+_Static_assert(offsetof(struct xcs_sim_hdr, nr_pages) == 16, "sim header");
+_Static_assert(offsetof(struct xcs_sim_hdr, state) == 36, "sim header");
+_Static_assert(offsetof(struct xcs_sim_hdr, dirty_count) == 48, "sim header");
+_Static_assert(offsetof(struct xcs_sim_hdr, file_size) == 112, "sim header");
+_Static_assert(sizeof(struct xcs_sim_hdr) == 120, "sim header");
 
 /*----- PRNG: splitmix64 seeds xoshiro256+ (public-domain algorithms) -----*/
 
