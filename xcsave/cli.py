@@ -8,19 +8,25 @@ operation or an invalid stream, 2 for bad usage.  Never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno as errno_mod
 import logging
 import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, api, policy
+from . import __version__, policy
 from .errors import XcsaveError
-from .progress import MODES, Renderer
-from .supervisor import Callbacks, RunResult, helper_path
+from .progress import MODES
+
+if TYPE_CHECKING:
+    from .supervisor import Callbacks, RunResult
+
+# asyncio, the API and the supervisor are imported by the commands that run
+# helpers, not here: `xcsave verify` and `xcsave --version` start faster.
+FORMATS = ("libxc", "libxl", "xl")
+STREAM_TYPES = ("plain", "remus", "colo")
 
 log = logging.getLogger("xcsave.cli")
 
@@ -68,6 +74,8 @@ def parse_policy(text: str) -> policy.Policy:
 
 
 async def _run_cmd(cmd: str, *extra: str) -> int:
+    import asyncio
+
     argv = [*shlex.split(cmd), *extra]
     proc = await asyncio.create_subprocess_exec(*argv)
     return await proc.wait()
@@ -75,6 +83,8 @@ async def _run_cmd(cmd: str, *extra: str) -> int:
 
 def cmd_callbacks(args: argparse.Namespace) -> Callbacks:
     """Callbacks answered by external commands (``--suspend-cmd`` etc.)."""
+    from .supervisor import Callbacks
+
     cbs = Callbacks()
     suspend_cmd = getattr(args, "suspend_cmd", None)
     logdirty_cmd = getattr(args, "logdirty_cmd", None)
@@ -122,6 +132,11 @@ def _describe(res: RunResult) -> str:
 
 
 def do_save(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import api
+    from .progress import Renderer
+
     if args.domid is not None and not args.suspend_cmd:
         raise UsageError(
             "saving a Xen domain needs --suspend-cmd CMD (a command that suspends the "
@@ -152,6 +167,11 @@ def do_save(args: argparse.Namespace) -> int:
 
 
 def do_restore(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import api
+    from .progress import Renderer
+
     src = _stream_target(args.input, for_write=False)
     legacy_width = args.width if args.legacy else None
     legacy_guest = args.guest if args.legacy else None
@@ -197,7 +217,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     dom = p.add_mutually_exclusive_group(required=True)
     dom.add_argument("--sim", metavar="DOM", help="a simulated domain (file path)")
     dom.add_argument("--domid", type=int, metavar="N", help="a Xen domain id")
-    p.add_argument("--format", choices=api.FORMATS, default="libxc", help="stream framing")
+    p.add_argument("--format", choices=FORMATS, default="libxc", help="stream framing")
     p.add_argument("--helper", metavar="PATH", help="helper executable (default: bundled)")
     p.add_argument(
         "--dialect",
@@ -205,7 +225,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="xcsave-1",
         help="helper protocol (xen-4.17 drives Xen's stock libxl-save-helper)",
     )
-    p.add_argument("--stream-type", choices=tuple(api.STREAM_TYPES), default="plain")
+    p.add_argument("--stream-type", choices=STREAM_TYPES, default="plain")
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
     p.add_argument("--progress", choices=MODES, default="auto")
 
@@ -288,6 +308,8 @@ def version_text() -> str:
         lines.append(f"backends: {_ext.BACKENDS}")
     except ImportError as e:
         lines.append(f"backends: unknown (extension not built: {e})")
+    from .supervisor import helper_path
+
     try:
         hp = helper_path()
         lines.append(f"helper: {hp}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -13,12 +12,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import api, policy, sim
-from .cli import parse_policy, parse_size
+from . import policy
+from .cli import FORMATS, parse_policy, parse_size
 from .progress import MODES, Renderer
-from .supervisor import RunResult
+
+if TYPE_CHECKING:
+    from .supervisor import RunResult
+
+# The extension, asyncio and the API load when a command runs, not at parse time.
 
 
 def add_parsers(sub: Any) -> None:
@@ -63,7 +66,7 @@ def add_parsers(sub: Any) -> None:
     )
     demo.add_argument("--memory", type=parse_size, default=parse_size("256M"))
     demo.add_argument("--rate", type=int, default=20000, help="pages/s the workload dirties")
-    demo.add_argument("--format", choices=api.FORMATS, default="libxl")
+    demo.add_argument("--format", choices=FORMATS, default="libxl")
     demo.add_argument(
         "--policy", type=parse_policy, default=None, help="precopy policy (default: xen)"
     )
@@ -75,17 +78,23 @@ def add_parsers(sub: Any) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
+    from . import sim
+
     path = sim.create(args.dom, args.memory, args.vcpus, args.seed)
     sys.stdout.write(f"{path}\n")
     return 0
 
 
 def _digest(args: argparse.Namespace) -> int:
+    from . import sim
+
     sys.stdout.write(sim.digest(args.dom) + "\n")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
+    from . import sim
+
     data = sim.info(args.dom)
     if args.json:
         sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
@@ -96,17 +105,23 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _dirty(args: argparse.Namespace) -> int:
+    from . import sim
+
     n = sim.dirty(args.dom, args.rate, args.duration, args.seed)
     sys.stdout.write(f"{n} pages written\n")
     return 0
 
 
 def _state(args: argparse.Namespace) -> int:
+    from . import sim
+
     sim.set_state(args.dom, args.state)
     return 0
 
 
 def _remove(args: argparse.Namespace) -> int:
+    from . import sim
+
     sim.remove(args.dom)
     return 0
 
@@ -142,6 +157,10 @@ async def live_migrate_local(
     on_event: Any = None,
 ) -> tuple[RunResult, RunResult]:
     """Save ``src`` live into a pipe while restoring from it into ``dst``."""
+    import asyncio
+
+    from . import api
+
     rfd, wfd = os.pipe()
     try:
         async with asyncio.TaskGroup() as tg:
@@ -163,6 +182,10 @@ async def live_migrate_local(
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import sim
+
     base = (
         Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="xcsave-demo-", dir=_shm()))
     )
