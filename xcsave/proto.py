@@ -261,10 +261,10 @@ def encode(dialect: Dialect, name: str, *values: int | str | bytes) -> bytes:
     parts = [struct.pack("=H", num)]
     for arg, v in zip(spec.args, values, strict=True):
         if arg.type == "STRING":
-            raw = v.encode() if isinstance(v, str) else bytes(v)  # type: ignore[arg-type]
+            raw = v.encode() if isinstance(v, str) else bytes(v)
             parts.append(struct.pack("=I", len(raw) + 1) + raw + b"\0")
         elif arg.type == "BLOCK":
-            raw = v.encode() if isinstance(v, str) else bytes(v)  # type: ignore[arg-type]
+            raw = v.encode() if isinstance(v, str) else bytes(v)
             parts.append(struct.pack("=I", len(raw)) + raw)
         else:
             parts.append(struct.pack("=" + arg.code, v))
@@ -378,7 +378,7 @@ class Decoder:
 
     @staticmethod
     def _check_hello(frame: Frame) -> None:
-        version, table_hash = frame.args[0], frame.args[1]
+        version, table_hash = int(frame.args[0]), int(frame.args[1])
         if version != PROTO_VERSION:
             raise ProtocolError(
                 f"helper speaks xcsave protocol version {version}, expected {PROTO_VERSION}"

@@ -384,8 +384,8 @@ class HelperRun:
         dom, op = self.spec.domain, self.spec.mode
         if name == "hello":
             self._backend = str(a[2])
-            if a[3] != op:
-                raise ProtocolError(f"helper says it is doing a {a[3]}, expected a {op}")
+            if str(a[3]) != op:
+                raise ProtocolError(f"helper says it is doing a {a[3]!s}, expected a {op}")
             if self.spec.backend and self._backend != self.spec.backend:
                 raise BackendUnavailable(
                     f"helper runs backend {self._backend!r}, expected {self.spec.backend!r}"
@@ -416,13 +416,14 @@ class HelperRun:
             if self.cb.restore_results is not None:
                 await self._call(name, self.cb.restore_results, *self._results)
         elif name == "stats":
-            raw = bytes(a[6])  # type: ignore[arg-type]
-            if len(raw) % 8:
-                raise ProtocolError(f"stats: pages_per_round of {len(raw)} bytes")
-            per_round = struct.unpack(f"={len(raw) // 8}Q", raw)
-            ints = [int(x) for x in a[:6]]  # type: ignore[call-overload]
-            self._stats = Stats(*ints, pages_per_round=per_round)
-            self._emit(StatsEvent(op, dom, *ints, pages_per_round=per_round))
+            fields = frame.asdict()
+            raw = fields.pop("pages_per_round")
+            if not isinstance(raw, bytes) or len(raw) % 8:
+                raise ProtocolError("stats: pages_per_round is not a whole number of u64s")
+            per_round: tuple[int, ...] = struct.unpack(f"={len(raw) // 8}Q", raw)
+            ints = {k: int(v) for k, v in fields.items() if isinstance(v, int)}
+            self._stats = Stats(**ints, pages_per_round=per_round)
+            self._emit(StatsEvent(op, dom, **ints, pages_per_round=per_round))
         elif name == "complete":
             self._completed = (int(a[0]), int(a[1]))
             await self._reply(0)

@@ -1,0 +1,47 @@
+"""
+xcsave native fast paths (simulated domains, stream tools)
+"""
+from __future__ import annotations
+import typing
+__all__: list[str] = ['BACKENDS', 'convert_legacy', 'engine_restore', 'engine_save', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_state']
+def convert_legacy(in_fd: typing.SupportsInt | typing.SupportsIndex, out_fd: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, guest: str, fmt: str = 'libxc', xl_in: bool = False, xl_out: bool = False, stream_type: str = 'plain', skip_qemu: bool = False) -> dict[str, typing.Any]:
+    """
+    Convert a legacy (pre-4.6) stream to v3; returns statistics.
+    """
+def engine_restore(fd: typing.SupportsInt | typing.SupportsIndex, path: str, wrap: str = 'libxc', max_pages: typing.SupportsInt | typing.SupportsIndex = 0, *, stream_type: str = 'plain', checkpoint: typing.Any = None) -> dict[str, typing.Any]:
+    """
+    Restore a sim domain from fd in-process; reads exactly the stream.  checkpoint() -> 1 go on / 2 failover / 0 error (remus).
+    """
+def engine_save(fd: typing.SupportsInt | typing.SupportsIndex, path: str, live: bool = False, wrap: str = 'libxc', max_iters: typing.SupportsInt | typing.SupportsIndex = 5, dirty_threshold: typing.SupportsInt | typing.SupportsIndex = 50, *, stream_type: str = 'plain', checkpoints: typing.SupportsInt | typing.SupportsIndex = 0, interval_ms: typing.SupportsInt | typing.SupportsIndex = 0, send_zero_pages: bool = False, xl_config: typing.Any = None, policy: typing.Any = None, suspend: typing.Any = None, checkpoint: typing.Any = None) -> dict[str, typing.Any]:
+    """
+    Save a sim domain to fd in-process (tests, benchmarks); returns the stats.  policy(iteration, total_written, dirty_count) -> -1/0/1, suspend() -> bool, checkpoint() -> int.
+    """
+def scan(src: typing.Any, fmt: str = 'auto', stream_type: str = 'plain', width: typing.SupportsInt | typing.SupportsIndex = 0, guest: str = '', allow_trailing: bool = False) -> dict[str, typing.Any]:
+    """
+    Scan and verify a migration stream (fd or path); returns the report dict.
+    """
+def sim_create(path: str, nr_pages: typing.SupportsInt | typing.SupportsIndex, vcpus: typing.SupportsInt | typing.SupportsIndex = 1, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    """
+    Create a simulated domain file with seeded, guest-like memory.
+    """
+def sim_digest(path: str) -> str:
+    """
+    Hex digest of memory + vCPU state + shape (docs/sim-format.md).
+    """
+def sim_dirty(path: str, rate: typing.SupportsInt | typing.SupportsIndex, duration: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
+    """
+    Dirty pages at rate pages/s (0 = flat out) for duration s while the domain runs; returns pages written.
+    """
+def sim_info(path: str) -> dict[str, typing.Any]:
+    """
+    Header of a simulated domain as a dict.
+    """
+def sim_remove(path: str) -> None:
+    """
+    Remove a simulated domain.
+    """
+def sim_set_state(path: str, state: str) -> None:
+    """
+    Set running/paused/suspended; leaving running waits for writers.
+    """
+BACKENDS: str
