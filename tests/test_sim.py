@@ -225,8 +225,9 @@ def test_dirty_writes_at_the_rate(tmp_path: Path) -> None:
     t0 = time.monotonic()
     n = _ext.sim_dirty(path, 2000, 1.0, 5)
     elapsed = time.monotonic() - t0
-    assert 0.95 <= elapsed < 2.0
-    assert 1400 <= n <= 2600
+    assert 0.95 <= elapsed < 2.5
+    # Paced by credit, never ahead of the rate; a loaded CI box may lag.
+    assert 1000 <= n <= 2300
     assert _ext.sim_info(path)["pages_written"] == n
     assert _ext.sim_digest(path) != before
 
@@ -253,7 +254,7 @@ def test_dirty_stops_when_the_domain_is_paused(tmp_path: Path) -> None:
     t.join()
     assert _ext.sim_digest(path) == frozen
     assert result == [written]
-    assert 800 <= written <= 2500
+    assert 300 <= written <= 2500
 
 
 # ------------------------------------------------------------ save/verify
