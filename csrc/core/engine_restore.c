@@ -4,15 +4,20 @@
  *
  * The stream fd is shared with the toolstack, so this reads exactly its own
  * bytes: a record header, then exactly the padded body, never past END (or
- * past the libxl END when wrapped).  PAGE_DATA bodies are read with readv
- * straight into the target domain's mapping once the pfn array is known.
+ * past the libxl END when wrapped).  A PAGE_DATA batch's pages are read into
+ * one reused buffer and written to the target with pwrite, one call per run
+ * of adjacent pfns.  (readv straight into a MAP_SHARED mapping of the target
+ * measured slower here: each fresh tmpfs page then costs a write fault,
+ * while pwrite allocates in the kernel; and a full filesystem becomes
+ * ENOSPC instead of SIGBUS.)
  *
  * The target is built under a temporary name next to the final path and
  * renamed into place only when the stream was complete and consistent, so a
  * failed restore leaves no half-built domain behind.  Pages sit at a fixed
  * offset in a sim file (simdom.c), so they can be written before the stream
- * reveals the domain's shape in HVM_CONTEXT; the file is grown (sparse) to
- * cover the highest pfn seen and given its final size and header at the end.
+ * reveals the domain's shape in HVM_CONTEXT; pages never sent stay holes of
+ * the sparse file (zero), and the file gets its final size and header at the
+ * end.
  *
  * Remus streams: the first checkpoint is applied as it arrives; every later
  * one is buffered whole, checked, and applied only once its CHECKPOINT (and,
@@ -24,7 +29,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -50,9 +54,6 @@ struct restore_ctx {
     struct xcs_reader r;
     char *partial;           /* temporary target path; NULL once renamed */
     int tfd;
-    uint8_t *map;            /* target file from offset 0, VA for max_pages */
-    size_t map_len;
-    uint64_t file_pages;     /* pages the target file covers now */
     uint64_t max_pages;      /* pfn limit before HVM_CONTEXT */
     uint64_t max_pfn;
     int any_pages;
@@ -66,13 +67,17 @@ struct restore_ctx {
     uint8_t *vcpus;          /* nr_vcpus contexts */
 
     uint64_t *pfns;          /* XCS_MAX_BATCH_SIZE */
-    struct iovec *iov;       /* XCS_MAX_BATCH_SIZE */
+    uint8_t *pages;          /* one batch's page data */
     uint8_t *buf;            /* one record body */
     size_t buf_cap;
     struct xcs_progress pr;
 
     int remus;
     int buffering;           /* inside a checkpoint after the first */
+
+    int pv;                  /* foreign PV image (p->foreign only) */
+    uint8_t *dm;             /* device model state to hand over (p->dm_path) */
+    uint32_t dm_len;
     struct arena ckpt;       /* that checkpoint's records */
 };
 
@@ -192,44 +197,92 @@ static int target_create(struct restore_ctx *ctx)
         return xcs_fail(ctx->cb, e, "creating the target domain beside %s: %s",
                         path, strerror(e));
     }
-    if (ftruncate(ctx->tfd, XCS_SIM_HDR_SIZE) < 0)
-        return xcs_fail(ctx->cb, errno, "sizing %s: %s", ctx->partial,
-                        strerror(errno));
-    /*
-     * Reserve address space for the largest domain allowed; the file is
-     * grown under it as pfns arrive (touching beyond EOF would SIGBUS, so
-     * ensure_pages() always runs before any page write).
-     */
-    ctx->map_len = XCS_SIM_HDR_SIZE + (size_t)(ctx->max_pages << XCS_PAGE_SHIFT);
-    ctx->map = mmap(NULL, ctx->map_len, PROT_READ | PROT_WRITE, MAP_SHARED,
-                    ctx->tfd, 0);
-    if (ctx->map == MAP_FAILED) {
-        ctx->map = NULL;
-        return xcs_fail(ctx->cb, errno, "mapping %s: %s", ctx->partial,
-                        strerror(errno));
+    return 0;
+}
+
+/* Write a batch's data pages (packed in data) to their places in the target. */
+static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
+                       uint32_t count, const uint8_t *data)
+{
+    for (uint32_t i = 0; i < count;) {
+        uint64_t pfn = pfns[i] & XCS_PAGE_DATA_PFN_MASK;
+        uint32_t j = i + 1;
+        size_t len, done = 0;
+        off_t off;
+
+        if ((pfns[i] >> 60) >= 0xd) {
+            i++; /* BROKEN, XALLOC, XTAB: no data */
+            continue;
+        }
+        /* One pwrite per run of adjacent pfns. */
+        while (j < count && (pfns[j] >> 60) < 0xd &&
+               (pfns[j] & XCS_PAGE_DATA_PFN_MASK) == pfn + (j - i))
+            j++;
+        len = (size_t)(j - i) * XCS_PAGE_SIZE;
+        off = (off_t)(XCS_SIM_HDR_SIZE + (pfn << XCS_PAGE_SHIFT));
+        while (done < len) {
+            ssize_t r = pwrite(ctx->tfd, data + done, len - done,
+                               off + (off_t)done);
+
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                return xcs_fail(ctx->cb, r < 0 ? errno : EIO,
+                                "writing pfn 0x%llx to %s: %s",
+                                (unsigned long long)pfn, ctx->partial,
+                                r < 0 ? strerror(errno) : "short write");
+            done += (size_t)r;
+        }
+        data += len;
+        i = j;
     }
     return 0;
 }
 
-static int ensure_pages(struct restore_ctx *ctx, uint64_t pfn)
+/* Write the device model's state to p->dm_path: temporary name, rename. */
+static int handover_dm(struct restore_ctx *ctx)
 {
-    uint64_t want = pfn + 1;
+    char *tmp = NULL;
+    size_t done = 0;
+    int fd = -1, rc = -1;
 
-    if (want <= ctx->file_pages)
-        return 0;
-    /* Sparse growth: pages never sent read as zero (see engine_save.c). */
-    if (ftruncate(ctx->tfd,
-                  (off_t)(XCS_SIM_HDR_SIZE + (want << XCS_PAGE_SHIFT))) < 0)
-        return xcs_fail(ctx->cb, errno, "growing %s to %llu pages: %s",
-                        ctx->partial, (unsigned long long)want,
-                        strerror(errno));
-    ctx->file_pages = want;
-    return 0;
-}
+    if (asprintf(&tmp, "%s.partial.%ld", ctx->p->dm_path, (long)getpid()) < 0) {
+        tmp = NULL;
+        xcs_fail(ctx->cb, ENOMEM, "allocating a path");
+        goto out;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        xcs_fail(ctx->cb, errno, "creating %s: %s", tmp, strerror(errno));
+        goto out;
+    }
+    while (done < ctx->dm_len) {
+        ssize_t r = write(fd, ctx->dm + done, ctx->dm_len - done);
 
-static uint8_t *target_page(struct restore_ctx *ctx, uint64_t pfn)
-{
-    return ctx->map + XCS_SIM_HDR_SIZE + (pfn << XCS_PAGE_SHIFT);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            xcs_fail(ctx->cb, r < 0 ? errno : EIO, "writing %s: %s", tmp,
+                     r < 0 ? strerror(errno) : "short write");
+            goto out;
+        }
+        done += (size_t)r;
+    }
+    if (fsync(fd) < 0 || rename(tmp, ctx->p->dm_path) < 0) {
+        xcs_fail(ctx->cb, errno, "saving %s: %s", ctx->p->dm_path,
+                 strerror(errno));
+        goto out;
+    }
+    xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "device model state (%u bytes) "
+             "handed over in %s", ctx->dm_len, ctx->p->dm_path);
+    rc = 0;
+out:
+    if (fd >= 0)
+        close(fd);
+    if (rc < 0 && tmp)
+        unlink(tmp);
+    free(tmp);
+    return rc;
 }
 
 static int finalize(struct restore_ctx *ctx)
@@ -239,11 +292,15 @@ static int finalize(struct restore_ctx *ctx)
     ssize_t r;
 
     if (!ctx->have_ctx)
-        return xcs_fail(ctx->cb, EINVAL, "stream ended without HVM_CONTEXT: "
-                        "the domain's shape is unknown");
-    munmap(ctx->map, ctx->map_len);
-    ctx->map = NULL;
-    /* Final size (growing over the zero vCPU/bitmap area) and header. */
+        return xcs_fail(ctx->cb, EINVAL, "stream ended without %s: the "
+                        "domain's shape is unknown",
+                        ctx->pv ? "vCPU state" : "HVM_CONTEXT");
+    if (ctx->p->foreign) {
+        /* Sized by its pages (or the caller's limit, checked per batch). */
+        ctx->nr_pages = ctx->p->max_pages ? ctx->p->max_pages
+                                          : (ctx->any_pages ? ctx->max_pfn + 1 : 1);
+    }
+    /* Final size (the vCPU and bitmap areas are holes: zero) and header. */
     if (xcs_sim_format_fd(ctx->tfd, ctx->nr_pages, ctx->nr_vcpus, 0,
                           XCS_SIM_PAUSED) < 0)
         return xcs_fail(ctx->cb, errno, "writing the domain header of %s: %s",
@@ -255,6 +312,8 @@ static int finalize(struct restore_ctx *ctx)
         return xcs_fail(ctx->cb, r < 0 ? errno : EIO,
                         "writing vCPU state to %s: %s", ctx->partial,
                         r < 0 ? strerror(errno) : "short write");
+    if (ctx->p->dm_path && ctx->dm && handover_dm(ctx) < 0)
+        return -1;
     if (rename(ctx->partial, ctx->p->sim_path) < 0)
         return xcs_fail(ctx->cb, errno, "renaming %s to %s: %s", ctx->partial,
                         ctx->p->sim_path, strerror(errno));
@@ -272,7 +331,8 @@ static int finalize(struct restore_ctx *ctx)
 static int check_pfns(struct restore_ctx *ctx, const uint64_t *pfns,
                       uint32_t count, uint64_t rec_off, uint64_t *maxpfn)
 {
-    uint64_t limit = ctx->have_ctx ? ctx->nr_pages : ctx->max_pages;
+    /* A sim image is sized by its HVM_CONTEXT; a foreign one only at the end. */
+    uint64_t limit = ctx->have_ctx && !ctx->p->foreign ? ctx->nr_pages : ctx->max_pages;
     int ndata = 0;
 
     *maxpfn = 0;
@@ -343,14 +403,13 @@ static void note_pages(struct restore_ctx *ctx, uint64_t maxpfn, int ndata)
     xcs_progress_step(&ctx->pr, ctx->res->pages_received);
 }
 
-/* Direct PAGE_DATA: pfn array into memory, pages by readv into the target. */
+/* Direct PAGE_DATA: pfn array, then the pages, then out to the target. */
 static int page_data_direct(struct restore_ctx *ctx, uint32_t len,
                             uint64_t rec_off)
 {
     uint32_t head[2];
     uint64_t maxpfn;
-    size_t bytes;
-    int ndata, k = 0, eof;
+    int ndata;
 
     if (len < 8)
         return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: length %u "
@@ -364,31 +423,15 @@ static int page_data_direct(struct restore_ctx *ctx, uint32_t len,
         return -1;
     if (ndata == 0)
         return 0;
-    if (ensure_pages(ctx, maxpfn) < 0)
+    if (read_exact(ctx, ctx->pages, (size_t)ndata * XCS_PAGE_SIZE,
+                   "PAGE_DATA pages") < 0 ||
+        write_pages(ctx, ctx->pfns, head[0], ctx->pages) < 0)
         return -1;
-    for (uint32_t i = 0; i < head[0]; i++) {
-        uint8_t *page;
-
-        if ((ctx->pfns[i] >> 60) >= 0xd)
-            continue;
-        page = target_page(ctx, ctx->pfns[i] & XCS_PAGE_DATA_PFN_MASK);
-        if (k > 0 && (uint8_t *)ctx->iov[k - 1].iov_base +
-                             ctx->iov[k - 1].iov_len == page) {
-            ctx->iov[k - 1].iov_len += XCS_PAGE_SIZE; /* adjacent: merge */
-        } else {
-            ctx->iov[k].iov_base = page;
-            ctx->iov[k].iov_len = XCS_PAGE_SIZE;
-            k++;
-        }
-    }
-    bytes = (size_t)ndata * XCS_PAGE_SIZE;
-    if (xcs_readv_exact(&ctx->r, ctx->iov, k, bytes, &eof) < 0)
-        return read_failed(ctx, "PAGE_DATA pages", eof);
     note_pages(ctx, maxpfn, ndata);
     return 0;
 }
 
-/* PAGE_DATA from memory (buffered checkpoint): check, and copy if apply. */
+/* PAGE_DATA from memory (buffered checkpoint): check, and write if apply. */
 static int page_data_mem(struct restore_ctx *ctx, const uint8_t *body,
                          uint32_t len, uint64_t rec_off, int apply)
 {
@@ -409,24 +452,62 @@ static int page_data_mem(struct restore_ctx *ctx, const uint8_t *body,
         return -1;
     if (!apply || ndata == 0)
         return 0;
-    if (ensure_pages(ctx, maxpfn) < 0)
-        return -1;
     data = body + 8 + 8 * (size_t)count;
-    for (uint32_t i = 0; i < count; i++) {
-        if ((ctx->pfns[i] >> 60) >= 0xd)
-            continue;
-        memcpy(target_page(ctx, ctx->pfns[i] & XCS_PAGE_DATA_PFN_MASK), data,
-               XCS_PAGE_SIZE);
-        data += XCS_PAGE_SIZE;
-    }
+    if (write_pages(ctx, ctx->pfns, count, data) < 0)
+        return -1;
     note_pages(ctx, maxpfn, ndata);
     return 0;
 }
 
 /*----- HVM_CONTEXT, HVM_PARAMS -----*/
 
+static int sim_hvm_context(struct restore_ctx *ctx, const uint8_t *body,
+                           uint32_t len, uint64_t rec_off, int apply);
+
+/*
+ * Foreign images: vCPU v's sim state is the first XCS_SIM_VCPU_SIZE bytes of
+ * the guest's own context for it, zero-padded (xcs_engine.h).
+ */
+static int foreign_vcpu(struct restore_ctx *ctx, unsigned int v,
+                        const uint8_t *ctxt, uint32_t len, uint64_t rec_off)
+{
+    uint8_t *n;
+
+    if (v >= XCS_SIM_MAX_VCPUS)
+        return xcs_fail(ctx->cb, ERANGE, "vCPU %u at offset %llu: more than "
+                        "%u vCPUs", v, (unsigned long long)rec_off,
+                        XCS_SIM_MAX_VCPUS);
+    if (v >= ctx->nr_vcpus) {
+        n = realloc(ctx->vcpus, (size_t)(v + 1) * XCS_SIM_VCPU_SIZE);
+        if (!n)
+            return xcs_fail(ctx->cb, ENOMEM, "allocating vCPU state");
+        memset(n + (size_t)ctx->nr_vcpus * XCS_SIM_VCPU_SIZE, 0,
+               (size_t)(v + 1 - ctx->nr_vcpus) * XCS_SIM_VCPU_SIZE);
+        ctx->vcpus = n;
+        ctx->nr_vcpus = v + 1;
+    }
+    n = ctx->vcpus + (size_t)v * XCS_SIM_VCPU_SIZE;
+    memset(n, 0, XCS_SIM_VCPU_SIZE);
+    memcpy(n, ctxt, len < XCS_SIM_VCPU_SIZE ? len : XCS_SIM_VCPU_SIZE);
+    ctx->have_ctx = 1;
+    return 0;
+}
+
 static int hvm_context(struct restore_ctx *ctx, const uint8_t *body,
                        uint32_t len, uint64_t rec_off, int apply)
+{
+    if (ctx->p->foreign) {
+        /* Opaque guest state: no sim record to size the domain by. */
+        if (len == 0)
+            return xcs_fail(ctx->cb, EINVAL, "HVM_CONTEXT at offset %llu is "
+                            "empty", (unsigned long long)rec_off);
+        return apply ? foreign_vcpu(ctx, 0, body, len, rec_off) : 0;
+    }
+    return sim_hvm_context(ctx, body, len, rec_off, apply);
+}
+
+static int sim_hvm_context(struct restore_ctx *ctx, const uint8_t *body,
+                           uint32_t len, uint64_t rec_off, int apply)
 {
     const uint8_t *cpu[XCS_SIM_MAX_VCPUS] = {NULL};
     const uint8_t *p = body, *end = body + len;
@@ -705,9 +786,12 @@ static int read_image_header(struct restore_ctx *ctx)
     memcpy(&shift, d + 4, 2);
     memcpy(&major, d + 8, 4);
     memcpy(&minor, d + 12, 4);
-    if (type != XCS_DHDR_TYPE_X86_HVM)
+    if (type == XCS_DHDR_TYPE_X86_PV && ctx->p->foreign)
+        ctx->pv = 1;
+    else if (type != XCS_DHDR_TYPE_X86_HVM)
         return xcs_fail(ctx->cb, EINVAL, "domain type %u: the sim engine "
-                        "restores HVM-shaped streams (type 2) only", type);
+                        "restores HVM-shaped streams (type 2)%s", type,
+                        ctx->p->foreign ? " and PV ones (type 1)" : " only");
     if (shift != XCS_PAGE_SHIFT)
         return xcs_fail(ctx->cb, EINVAL, "page shift %u unsupported (12)",
                         shift);
@@ -763,7 +847,36 @@ static int libxc_records(struct restore_ctx *ctx)
         case XCS_REC_HVM_PARAMS:
         case XCS_REC_VERIFY:
             break;
+        case XCS_REC_X86_PV_VCPU_BASIC:
+            if (!ctx->pv)
+                goto not_here;
+            if (len < 8 || read_body(ctx, len, "X86_PV_VCPU_BASIC") < 0)
+                return len < 8 ? xcs_fail(ctx->cb, EINVAL, "X86_PV_VCPU_BASIC "
+                                          "at offset %llu: length %u",
+                                          (unsigned long long)rec_off, len)
+                               : -1;
+            {
+                uint32_t vcpu;
+
+                memcpy(&vcpu, ctx->buf, 4);
+                if (foreign_vcpu(ctx, vcpu, ctx->buf + 8, len - 8, rec_off) < 0)
+                    return -1;
+            }
+            continue;
+        case XCS_REC_X86_PV_INFO:
+        case XCS_REC_X86_PV_P2M_FRAMES:
+        case XCS_REC_X86_PV_VCPU_EXTENDED:
+        case XCS_REC_X86_PV_VCPU_XSAVE:
+        case XCS_REC_X86_PV_VCPU_MSRS:
+        case XCS_REC_SHARED_INFO:
+            if (!ctx->pv)
+                goto not_here;
+            /* PV machinery the sim does not model (no p2m, no shared page). */
+            if (skip_body(ctx, len, rec_name(type)) < 0)
+                return -1;
+            continue;
         default:
+        not_here:
             if (type & XCS_REC_TYPE_OPTIONAL) {
                 xcs_logf(ctx->cb, XCS_LOG_DEBUG, -1, "ignoring optional "
                          "record 0x%x at offset %llu", type,
@@ -774,8 +887,9 @@ static int libxc_records(struct restore_ctx *ctx)
             }
             if (type < XCS_REC_TYPE_COUNT)
                 return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu is not "
-                                "valid in an HVM stream", rec_name(type),
-                                (unsigned long long)rec_off);
+                                "valid in an %s stream", rec_name(type),
+                                (unsigned long long)rec_off,
+                                ctx->pv ? "PV" : "HVM");
             return xcs_fail(ctx->cb, EINVAL, "unknown mandatory record type "
                             "0x%x at offset %llu", type,
                             (unsigned long long)rec_off);
@@ -888,6 +1002,20 @@ static int libxl_records(struct restore_ctx *ctx, int *stop)
                 return xcs_fail(ctx->cb, EINVAL, "emulator record at offset "
                                 "%llu: length %u too short",
                                 (unsigned long long)rec_off, len);
+            if (type == XCS_LIBXL_REC_EMULATOR_CONTEXT && ctx->p->dm_path) {
+                /* Keep it for hand-over (length capped by read_rhdr). */
+                if (read_body(ctx, len, "EMULATOR_CONTEXT") < 0)
+                    return -1;
+                free(ctx->dm);
+                ctx->dm = malloc(len - 8 ? len - 8 : 1);
+                if (!ctx->dm)
+                    return xcs_fail(ctx->cb, ENOMEM, "keeping %u bytes of "
+                                    "device model state", len - 8);
+                memcpy(ctx->dm, ctx->buf + 8, len - 8);
+                ctx->dm_len = len - 8;
+                continue;
+            }
+            /* The sim has no device model: nothing else to apply. */
             if (skip_body(ctx, len, "an emulator record") < 0)
                 return -1;
             continue;
@@ -1038,8 +1166,8 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
         goto out;
     }
     ctx.pfns = malloc(8 * XCS_MAX_BATCH_SIZE);
-    ctx.iov = malloc(sizeof(*ctx.iov) * XCS_MAX_BATCH_SIZE);
-    if (!ctx.pfns || !ctx.iov) {
+    ctx.pages = malloc((size_t)XCS_PAGE_SIZE * XCS_MAX_BATCH_SIZE);
+    if (!ctx.pfns || !ctx.pages) {
         xcs_fail(cb, ENOMEM, "allocating restore buffers");
         goto out;
     }
@@ -1056,8 +1184,6 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
 
 out:
     saved = errno;
-    if (ctx.map)
-        munmap(ctx.map, ctx.map_len);
     if (ctx.tfd >= 0)
         close(ctx.tfd);
     if (ctx.partial) {
@@ -1068,9 +1194,10 @@ out:
     ctx.res->bytes_read = ctx.r.off;
     ctx.res->duration_ns = xcs_now_ns() - t0;
     free(ctx.ckpt.data);
+    free(ctx.dm);
     free(ctx.vcpus);
     free(ctx.buf);
-    free(ctx.iov);
+    free(ctx.pages);
     free(ctx.pfns);
     errno = saved;
     return rc;
