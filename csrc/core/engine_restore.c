@@ -1079,11 +1079,38 @@ static int remus_stream(struct restore_ctx *ctx)
                 return 0;
             continue;
         }
+        if (r == STOP_END) {
+            /*
+             * A clean END: the sender says what came since the last
+             * CHECKPOINT is its final, consistent state (a converted legacy
+             * stream ends so after the image carrying LAST_CHECKPOINT).
+             * Commit it, and read the libxl layer to its END: exactly the
+             * stream, nothing after it.
+             */
+            if (!ctx->buffering || ctx->ckpt.len) {
+                /* The first image was applied as it came; later ones buffered. */
+                if (ctx->buffering && apply_checkpoint(ctx) < 0)
+                    return -1;
+                ctx->res->checkpoints++;
+            }
+            if (wrapped) {
+                if (libxl_records(ctx, &stop) < 0)
+                    return -1;
+                if (stop != XCS_LIBXL_REC_END)
+                    return xcs_fail(ctx->cb, EINVAL, "libxl %s after the final "
+                                    "libxc END", stop ? "LIBXC_CONTEXT or "
+                                    "CHECKPOINT_END" : "END");
+            }
+            return ctx->res->checkpoints ? 0
+                                         : xcs_fail(ctx->cb, EINVAL, "checkpointed "
+                                                    "stream ended before its first "
+                                                    "checkpoint");
+        }
         if (ctx->res->checkpoints == 0)
             return r < 0 ? -1
                          : xcs_fail(ctx->cb, EINVAL, "checkpointed stream "
                                     "ended before its first checkpoint");
-        /* END, EOF or a broken checkpoint: the last complete one stands. */
+        /* EOF or a broken checkpoint: the last complete one stands. */
         xcs_logf(ctx->cb, XCS_LOG_NOTICE, -1, "stream ended: failing over to "
                  "checkpoint %u (%zu buffered bytes dropped)",
                  ctx->res->checkpoints, ctx->ckpt.len);
@@ -1171,6 +1198,7 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
         xcs_fail(cb, ENOMEM, "allocating restore buffers");
         goto out;
     }
+    xcs_pipe_grow(p->io_fd);
     if (target_create(&ctx) < 0)
         goto out;
     xcs_progress_start(&ctx.pr, cb, 0, "Restoring frames");

@@ -575,6 +575,7 @@ int xcs_engine_save(const struct xcs_save_params *p,
         goto out;
     }
     ctx.orig_state = xcs_sim_get_state(&ctx.dom);
+    xcs_pipe_grow(p->io_fd);
     ctx.dirty = malloc(ctx.dom.hdr->bitmap_bytes);
     ctx.batch = malloc(BATCH_HDR_SIZE + 8 * XCS_MAX_BATCH_SIZE);
     ctx.iov = malloc(sizeof(*ctx.iov) * (1 + XCS_MAX_BATCH_SIZE));

@@ -75,6 +75,13 @@ int xcs_write_all(struct xcs_writer *w, const void *buf, size_t len);
 int xcs_write_record(struct xcs_writer *w, uint32_t type, const void *body,
                      uint32_t len);
 
+/*
+ * If fd is a pipe smaller than XCS_PIPE_SIZE, try to enlarge it.  Best
+ * effort, never shrinks; see stream_io.c for why this is safe on a shared fd.
+ */
+#define XCS_PIPE_SIZE (1 << 20)
+void xcs_pipe_grow(int fd);
+
 /*----- reading -----*/
 
 struct xcs_reader {
