@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -13,6 +14,7 @@
 
 #include "helper.h"
 #include "xcs_format.h"
+#include "xcs_legacy.h"
 
 #define SIM_CONTEXT "xcsave-sim"
 #define XL_CONFIG_MAX (1u << 20)
@@ -195,6 +197,100 @@ static int sim_save(const struct xcs_op *op)
     return rc;
 }
 
+/*----- legacy streams: converted on the fly, as libxl runs convert-legacy-stream -----*/
+
+struct legacy_job {
+    int in_fd, out_fd;
+    struct xcs_legacy_opts opts;
+    int rc;
+    char err[512];
+};
+
+static void *legacy_thread(void *arg)
+{
+    struct legacy_job *job = arg;
+
+    job->rc = xcs_legacy_convert(job->in_fd, job->out_fd, &job->opts,
+                                 job->err, sizeof(job->err));
+    /* EOF for the engine if it is still reading (it stops at END anyway). */
+    close(job->out_fd);
+    job->out_fd = -1;
+    return NULL;
+}
+
+/*
+ * Restore a pre-4.6 legacy stream: a thread converts it to a libxl v2 stream
+ * into a pipe, the engine restores from the pipe.  Whether the stream is
+ * checkpointed comes from the caller (op->stream_type), never from the
+ * stream: in a plain stream LAST_CHECKPOINT is a no-op and the image ends at
+ * its tail (the 2013 rule, facts section 2.6).
+ */
+static int restore_legacy(const struct xcs_op *op, struct xcs_restore_params *p,
+                          const struct xcs_engine_callbacks *cb,
+                          struct xcs_restore_result *res)
+{
+    struct legacy_job job;
+    struct xcs_legacy_stats stats;
+    pthread_t tid;
+    int pfd[2] = {-1, -1};
+    int started = 0, rc = -1, saved = 0, r;
+
+    memset(&job, 0, sizeof(job));
+    memset(&stats, 0, sizeof(stats));
+    job.opts.stats = &stats;
+    job.in_fd = op->io_fd;
+    job.opts.width = op->legacy_width;
+    job.opts.guest = op->legacy_hvm ? XCS_GUEST_HVM : XCS_GUEST_PV;
+    job.opts.out_format = XCS_LEGACY_OUT_LIBXL;
+    job.opts.in_has_xl_header = op->wrap == XCS_WRAP_XL;
+    job.opts.stream_type = op->stream_type == XCS_STREAM_REMUS ? XCS_STREAM_REMUS
+                                                               : XCS_STREAM_PLAIN;
+    /* The converter's pipe: CLOEXEC, never inherited by anything we run. */
+    if (pipe2(pfd, O_CLOEXEC) < 0) {
+        xcs_log(XCS_LOG_ERROR, errno, SIM_CONTEXT, "pipe for the legacy converter");
+        goto out;
+    }
+    job.out_fd = pfd[1];
+    pfd[1] = -1; /* the thread owns and closes it */
+    r = pthread_create(&tid, NULL, legacy_thread, &job);
+    if (r) {
+        errno = r;
+        close(job.out_fd);
+        xcs_log(XCS_LOG_ERROR, r, SIM_CONTEXT, "starting the legacy converter");
+        goto out;
+    }
+    started = 1;
+    p->io_fd = pfd[0];
+    p->wrap = XCS_WRAP_LIBXL;
+    /* A checkpointed legacy stream comes out as a checkpointed v3 stream. */
+    p->stream_type = job.opts.stream_type;
+    p->foreign = 1;
+    rc = xcs_engine_restore(p, cb, res);
+    saved = errno;
+ out:
+    if (pfd[0] >= 0)
+        close(pfd[0]); /* a converter still writing gets EPIPE and stops */
+    if (started) {
+        pthread_join(tid, NULL);
+        if (job.rc == 0 && stats.failover)
+            xcs_log(XCS_LOG_WARN, -1, SIM_CONTEXT, "legacy stream: %s",
+                    stats.failover_reason);
+        if (job.rc != 0) {
+            /* The converter's reason is the real one; the engine only saw EOF. */
+            xcs_log(XCS_LOG_ERROR, -1, SIM_CONTEXT, "legacy stream: %s", job.err);
+            if (rc == 0) {
+                /* Restored, then the input failed: still a failed restore. */
+                rc = -1;
+            }
+            saved = job.rc == XCS_LEGACY_EIO ? EIO : EINVAL;
+        }
+    }
+    if (rc < 0 && !saved)
+        saved = errno ? errno : EIO;
+    errno = saved;
+    return rc;
+}
+
 static int sim_restore(const struct xcs_op *op, struct xcs_restore_out *out)
 {
     struct xcs_engine_callbacks cb;
@@ -212,10 +308,14 @@ static int sim_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     p.wrap = op->wrap;
     p.stream_type = op->stream_type;
     p.max_pages = op->max_pages;
+    p.dm_path = op->dm_path;
 
     /* SIGTERM makes the stream read EOF, so the engine removes its partial domain. */
     xcs_arm_sigterm_abort(op->io_fd);
-    rc = xcs_engine_restore(&p, &cb, &res);
+    if (op->legacy_width)
+        rc = restore_legacy(op, &p, &cb, &res);
+    else
+        rc = xcs_engine_restore(&p, &cb, &res);
     out->store_gfn = res.store_gfn;
     out->console_gfn = res.console_gfn;
  out:

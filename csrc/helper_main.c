@@ -36,6 +36,7 @@
  *        [--console-domid N] [--sim PATH] [--format libxc|libxl|xl]
  *        [--max-pages N] [--checkpoints N] [--interval-ms N]
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
+ *        [--dm-out PATH]
  *   --version
  */
 
@@ -329,7 +330,8 @@ enum {
     OPT_BACKEND = 256, OPT_IO_FD, OPT_AUX_FD, OPT_DOMID, OPT_FLAGS, OPT_CBFLAGS,
     OPT_STREAM_TYPE, OPT_STORE_EVTCHN, OPT_STORE_DOMID, OPT_CONSOLE_EVTCHN,
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
-    OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST
+    OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
+    OPT_DM_OUT
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -354,6 +356,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"xl-config", required_argument, NULL, OPT_XL_CONFIG},
         {"legacy-width", required_argument, NULL, OPT_LEGACY_WIDTH},
         {"legacy-guest", required_argument, NULL, OPT_LEGACY_GUEST},
+        {"dm-out", required_argument, NULL, OPT_DM_OUT},
         {NULL, 0, NULL, 0},
     };
     const char *backend = "sim";
@@ -410,6 +413,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             op->interval_ms = (unsigned)parse_num("interval-ms", optarg, 3600u * 1000);
             break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
+        case OPT_DM_OUT: op->dm_path = optarg; break;
         case OPT_LEGACY_WIDTH:
             op->legacy_width = (unsigned)parse_num("legacy-width", optarg, 64);
             if (op->legacy_width != 32 && op->legacy_width != 64)

@@ -256,6 +256,7 @@ async def restore(
     max_pages: int = 0,
     legacy_width: int | None = None,
     legacy_guest: str | None = None,
+    dm_out: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     on_event: Callable[[Event], object] | None = None,
     supervisor: Supervisor | None = None,
@@ -314,6 +315,7 @@ async def restore(
                         "max_pages": max_pages or None,
                         "legacy_width": legacy_width,
                         "legacy_guest": legacy_guest,
+                        "dm_out": os.fspath(dm_out) if dm_out is not None else None,
                     },
                 )
             spec = HelperSpec(

@@ -194,6 +194,7 @@ def do_restore(args: argparse.Namespace) -> int:
                 max_pages=args.max_pages,
                 legacy_width=legacy_width,
                 legacy_guest=legacy_guest,
+                dm_out=args.dm_out,
                 timeout=args.timeout,
                 on_event=rend,
             )
@@ -258,6 +259,8 @@ def add_save_restore(sub: Any) -> None:
     p.add_argument("--width", type=int, choices=(32, 64), help="legacy: toolstack word size")
     p.add_argument("--guest", choices=("pv", "hvm"), help="legacy: guest type")
     p.add_argument("--max-pages", type=int, default=0, help="refuse streams with more pages")
+    p.add_argument("--dm-out", metavar="FILE",
+                   help="hand the device model's saved state over in FILE")
     for name in ("store-evtchn", "store-domid", "console-evtchn", "console-domid"):
         p.add_argument(f"--{name}", type=int, default=0)
     p.set_defaults(func=do_restore)

@@ -152,14 +152,35 @@ static int read_rhdr(struct restore_ctx *ctx, uint32_t *type, uint32_t *len,
     return 0;
 }
 
-/* Read a whole padded body into ctx->buf. */
+/*
+ * Bodies are read in steps that at most double what has arrived: a record
+ * length is the stream's word (capped at XCS_REC_LENGTH_MAX, 128 MiB), and
+ * a header claiming 128 MiB followed by EOF must cost a truncation error,
+ * not an allocation of the claimed size (or ENOMEM under a memory limit).
+ */
+#define READ_STEP (64u << 10)
+
+/* Read a whole padded body into ctx->buf, growing it as the bytes arrive. */
 static int read_body(struct restore_ctx *ctx, uint32_t len, const char *what)
 {
-    size_t padded = xcs_rec_padded(len);
+    size_t padded = xcs_rec_padded(len), got = 0;
 
-    if (reserve_buf(ctx, padded ? padded : 1) < 0)
+    if (reserve_buf(ctx, padded < READ_STEP ? (padded ? padded : 1)
+                                            : READ_STEP) < 0)
         return -1;
-    return read_exact(ctx, ctx->buf, padded, what);
+    while (got < padded) {
+        size_t upto;
+
+        if (got == ctx->buf_cap &&
+            reserve_buf(ctx, padded - got < ctx->buf_cap ? padded
+                                                         : 2 * ctx->buf_cap) < 0)
+            return -1;
+        upto = padded < ctx->buf_cap ? padded : ctx->buf_cap;
+        if (read_exact(ctx, ctx->buf + got, upto - got, what) < 0)
+            return -1;
+        got = upto;
+    }
+    return 0;
 }
 
 static int skip_body(struct restore_ctx *ctx, uint32_t len, const char *what)
@@ -711,28 +732,40 @@ static int buffer_record(struct restore_ctx *ctx, uint32_t type, uint32_t len,
                          uint64_t rec_off)
 {
     struct arena *a = &ctx->ckpt;
-    size_t need = 16 + (size_t)xcs_rec_padded(len);
+    size_t need = 16 + (size_t)xcs_rec_padded(len), got = 16;
     uint8_t *slot;
 
-    if (a->cap - a->len < need) {
-        size_t ncap = a->cap ? a->cap : (1u << 20);
-        uint8_t *n;
+    /*
+     * The arena grows as the record's bytes arrive (as read_body does), so
+     * that what a lying length costs is what the stream actually sent.
+     */
+    for (;;) {
+        size_t room = a->cap - a->len, upto;
 
-        while (ncap - a->len < need)
-            ncap *= 2;
-        n = realloc(a->data, ncap);
-        if (!n)
-            return xcs_fail(ctx->cb, ENOMEM, "buffering a checkpoint of %zu "
-                            "bytes", a->len + need);
-        a->data = n;
-        a->cap = ncap;
+        if (room < need && room <= got) { /* full: double it */
+            size_t ncap = a->cap ? 2 * a->cap : (1u << 20);
+            uint8_t *n = realloc(a->data, ncap);
+
+            if (!n)
+                return xcs_fail(ctx->cb, ENOMEM, "buffering a checkpoint of "
+                                "%zu bytes", a->len + got);
+            a->data = n;
+            a->cap = ncap;
+            room = ncap - a->len;
+        }
+        upto = need < room ? need : room;
+        if (upto > got &&
+            read_exact(ctx, a->data + a->len + got, upto - got,
+                       rec_name(type)) < 0)
+            return -1;
+        got = upto;
+        if (got == need)
+            break;
     }
     slot = a->data + a->len;
     memcpy(slot, &type, 4);
     memcpy(slot + 4, &len, 4);
     memcpy(slot + 8, &rec_off, 8);
-    if (read_exact(ctx, slot + 16, need - 16, rec_name(type)) < 0)
-        return -1;
     /* Check now: a bad record spoils this checkpoint, not the domain. */
     if (libxc_record_mem(ctx, type, slot + 16, len, rec_off, 0) < 0)
         return -1;

@@ -116,6 +116,22 @@ struct xcs_restore_params {
     enum xcs_wrap wrap;
     int stream_type;
     uint64_t max_pages;       /* 0 = the stream decides, capped */
+    /*
+     * Accept a foreign image: one not written by the sim engine (e.g. a
+     * legacy stream converted on the fly), PV or HVM, without xcsave's sim
+     * record.  The domain is then sized by its highest pfn (or max_pages),
+     * and vCPU v's state is the first XCS_SIM_VCPU_SIZE bytes of the
+     * guest's own context (PV: X86_PV_VCPU_BASIC v; HVM: HVM_CONTEXT as
+     * vCPU 0), zero-padded.
+     */
+    int foreign;
+    /*
+     * Where to hand over the device model's state (the body of the libxl
+     * EMULATOR_CONTEXT record after its 8-byte emulator header), as Xen's
+     * restorer dumped it to qemu-resume.<domid>; NULL = skip it.  Written
+     * next to the domain, atomically, only on success.
+     */
+    const char *dm_path;
 };
 
 struct xcs_restore_result {
