@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
@@ -44,7 +46,9 @@ class Renderer:
         self.mode = resolve_mode(mode, self.out)
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
+        self._round_t0: dict[str, float] = {}
         self._last_plain: dict[str, float] = {}
+        self._saved_handlers: list[logging.Handler] | None = None
 
     def __enter__(self) -> Renderer:
         if self.mode == "bar":
@@ -55,20 +59,20 @@ class Renderer:
                 Progress,
                 TextColumn,
                 TimeRemainingColumn,
-                TransferSpeedColumn,
             )
 
             self._progress = Progress(
                 TextColumn("[bold]{task.fields[label]}"),
                 TextColumn("{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
-                TransferSpeedColumn(),
+                MofNCompleteColumn(),  # pages of this round
+                TextColumn("{task.fields[rate]}"),
                 TimeRemainingColumn(),
                 console=Console(file=self.out),
                 transient=False,
             )
             self._progress.start()
+            self._route_logging()
         return self
 
     def __exit__(
@@ -79,6 +83,22 @@ class Renderer:
     ) -> None:
         if self._progress is not None:
             self._progress.stop()
+            self._unroute_logging()
+
+    def _route_logging(self) -> None:
+        """While bars are drawn, log records print above them on the same console."""
+        from rich.logging import RichHandler
+
+        root = logging.getLogger()
+        self._saved_handlers = root.handlers[:]
+        handler = RichHandler(console=self.console, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.handlers = [handler]
+
+    def _unroute_logging(self) -> None:
+        if self._saved_handlers is not None:
+            logging.getLogger().handlers = self._saved_handlers
+            self._saved_handlers = None
 
     @property
     def console(self) -> Any:
@@ -124,16 +144,26 @@ class Renderer:
         key = self._label(ev)
         task = self._tasks.get(key)
         if task is None:
-            task = prog.add_task("starting", total=None, label=key)
+            label = f"{ev.op} {Path(ev.domain).name}"  # the path would squeeze the bar
+            task = prog.add_task("starting", total=None, label=label, rate="")
             self._tasks[key] = task
         if isinstance(ev, ProgressEvent):
-            prog.update(task, description=ev.doing_what, completed=ev.done, total=ev.total or None)
+            if ev.doing_what != prog.tasks[task].description:
+                # A new round: its own bar, speed and ETA.
+                prog.reset(task, description=ev.doing_what, total=ev.total or None)
+                self._round_t0[key] = ev.elapsed
+            secs = ev.elapsed - self._round_t0.get(key, 0.0)
+            rate = f"{ev.done * PAGE_SIZE / secs / 1e9:.2f} GB/s" if secs > 0 and ev.done else ""
+            prog.update(task, completed=ev.done, total=ev.total or None, rate=rate)
         elif isinstance(ev, StatsEvent):
             prog.update(task, description=_stats_line(ev))
         elif isinstance(ev, DoneEvent):
             total = prog.tasks[task].total or 1
             desc = "done" if ev.ok else "failed"
             prog.update(task, description=desc, completed=total if ev.ok else None, total=total)
+
+
+PAGE_SIZE = 4096
 
 
 def _decision(d: int) -> str:
@@ -143,7 +173,7 @@ def _decision(d: int) -> str:
 def _stats_line(ev: StatsEvent) -> str:
     secs = ev.duration_ns / 1e9
     rate = ev.bytes / secs / 1e9 if secs > 0 else 0.0
-    if ev.op == "restore":
+    if ev.op in ("restore", "receive"):
         return f"{ev.pages_sent} pages, {ev.bytes} bytes received ({rate:.2f} GB/s)"
     return (
         f"{ev.rounds} round(s), {ev.pages_sent} pages, {ev.bytes} bytes "
