@@ -1,0 +1,311 @@
+"""CLI: ``xcsave migrate`` (sender) and ``xcsave receive`` (receiver) over TCP.
+
+::
+
+    xcsave receive --listen [HOST:]PORT --sim DOM        # on the target
+    xcsave migrate --sim DOM --to HOST:PORT --live       # on the source
+
+``receive`` prints ``listening on HOST:PORT`` on stdout as soon as it
+listens (``--listen HOST:0`` picks a free port), accepts exactly one
+connection, and exits 0 once the received domain runs.  ``migrate`` exits 0
+once the receiver reports its copy running; ours is then left suspended.
+Either end stopped by SIGTERM or Ctrl-C cleans up like any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .cli import FORMATS, UsageError, parse_policy
+from .errors import XcsaveError
+from .progress import MODES
+
+if TYPE_CHECKING:
+    from .migrate import MigrationResult, ReceiveResult
+    from .progress import Renderer
+
+# asyncio, the API and the extension load when a command runs, not at parse time.
+
+T = TypeVar("T")
+
+
+class Terminated(XcsaveError):
+    """The command was stopped by SIGTERM (after cleaning up)."""
+
+
+def parse_address(text: str, *, host_required: bool = True) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, or (``host_required=False``) a bare ``PORT``."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: expected HOST:PORT")
+    host = m.group(1) or m.group(3) or ""
+    port = int(m.group(2) or m.group(4) or m.group(5))
+    if host_required and not host:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: expected HOST:PORT")
+    if not 0 <= port <= 65535 or (host_required and port == 0):
+        raise argparse.ArgumentTypeError(f"bad port in {text!r}")
+    return host, port
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    return parse_address(text, host_required=False)
+
+
+def _to_address(text: str) -> tuple[str, int]:
+    return parse_address(text)
+
+
+def add_logging_flags(p: argparse.ArgumentParser) -> None:
+    """``-v``/``--log-level`` after the subcommand too (SUPPRESS: the global ones win if unset)."""
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more logging (-v info, -vv debug), shown above the progress bars",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=argparse.SUPPRESS,
+        help="logging level",
+    )
+
+
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        choices=MODES,
+        default="auto",
+        help="auto: bars on a terminal, plain lines otherwise; json: one event per line",
+    )
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="live-migrate a domain to a receiver over TCP (sender)",
+        description="Send a domain to 'xcsave receive' over TCP: xl's handshake around "
+        "the stream, which the helper writes straight to the socket.",
+    )
+    p.add_argument("--sim", metavar="DOM", required=True, help="the simulated domain to send")
+    p.add_argument(
+        "--to", metavar="HOST:PORT", required=True, type=_to_address, help="the receiver"
+    )
+    p.add_argument("--live", action="store_true", help="live precopy rounds")
+    p.add_argument(
+        "--policy",
+        type=parse_policy,
+        metavar="POLICY",
+        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort",
+    )
+    p.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
+    p.add_argument("--timeout", type=float, metavar="S", help="give the helper S seconds")
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="S",
+        default=60.0,
+        help="seconds to wait for each handshake message (default 60)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_progress_flag(p)
+    add_logging_flags(p)
+    p.set_defaults(func=do_migrate)
+
+    r = sub.add_parser(
+        "receive",
+        help="receive one migrated domain over TCP (receiver)",
+        description="Accept exactly one 'xcsave migrate' on the address given and run "
+        "the received domain.",
+    )
+    r.add_argument(
+        "--listen",
+        metavar="[HOST:]PORT",
+        required=True,
+        type=_listen_address,
+        help="address to bind (only that one); port 0 picks a free port",
+    )
+    r.add_argument("--sim", metavar="DOM", required=True, help="the domain to create")
+    r.add_argument(
+        "--format",
+        choices=("auto", *FORMATS),
+        default="auto",
+        help="expected stream framing (auto: from the stream's first bytes)",
+    )
+    r.add_argument("--timeout", type=float, metavar="S", help="give the helper S seconds")
+    r.add_argument(
+        "--accept-timeout", type=float, metavar="S", help="give up if nobody connects in S s"
+    )
+    r.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="S",
+        default=60.0,
+        help="seconds to wait for each handshake message (default 60)",
+    )
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_progress_flag(r)
+    add_logging_flags(r)
+    r.set_defaults(func=do_receive)
+
+
+# ----------------------------------------------------------------- running
+
+
+def renderer(args: argparse.Namespace, out: Any = None) -> Renderer:
+    """The command's progress renderer: bars on a TTY, plain lines otherwise."""
+    from .progress import Renderer
+
+    stream = out if out is not None else (sys.stdout if args.progress == "json" else sys.stderr)
+    mode = args.progress
+    if mode == "auto" and not stream.isatty():
+        mode = "plain"
+    return Renderer(mode, stream)
+
+
+def run_async(make: Callable[[], Awaitable[T]]) -> T:
+    """``asyncio.run`` with SIGTERM cancelling the command, so that it cleans up.
+
+    Ctrl-C already cancels the main task under ``asyncio.run`` (and ends as
+    KeyboardInterrupt); SIGTERM does the same here and ends as
+    :class:`Terminated`.
+    """
+    import asyncio
+    import signal
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        terminated: list[bool] = []
+
+        def on_term() -> None:
+            terminated.append(True)
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        try:
+            return await make()
+        except asyncio.CancelledError:
+            if terminated:
+                raise Terminated("terminated by SIGTERM (cleaned up)") from None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(main())
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if args.json or args.progress == "json":
+        sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def do_migrate(args: argparse.Namespace) -> int:
+    from . import migrate
+
+    with renderer(args) as rend:
+        res = run_async(
+            lambda: migrate.migrate(
+                sim=args.sim,
+                to=args.to,
+                live=args.live,
+                policy=args.policy,
+                fmt=args.format,
+                timeout=args.timeout,
+                handshake_timeout=args.handshake_timeout,
+                on_event=rend,
+            )
+        )
+    _emit(args, migration_json(res), migration_text(res))
+    return 0
+
+
+def migration_json(res: MigrationResult) -> dict[str, Any]:
+    st = res.save.stats
+    return {
+        "event": "migrated",
+        "domain": res.domain,
+        "peer": res.peer,
+        "format": res.fmt,
+        "rounds": st.rounds if st else None,
+        "pages_per_round": list(res.pages_per_round),
+        "pages_sent": st.pages_sent if st else None,
+        "bytes": res.bytes,
+        "gbps": round(res.gbps, 3),
+        "downtime_ms": round(res.downtime_ns / 1e6, 3),
+        "seconds": round(res.seconds, 3),
+    }
+
+
+def migration_text(res: MigrationResult) -> str:
+    st = res.save.stats
+    rounds = f"{st.rounds} round(s), " if st else ""
+    return (
+        f"migrated {res.domain} to {res.peer}: {rounds}{res.bytes / 2**20:.1f} MiB "
+        f"at {res.gbps:.2f} GB/s, downtime {res.downtime_ns / 1e6:.1f} ms "
+        "(suspended here until running there); it runs there, ours stays suspended"
+    )
+
+
+def do_receive(args: argparse.Namespace) -> int:
+    from . import migrate
+
+    if args.accept_timeout is not None and args.accept_timeout <= 0:
+        raise UsageError("--accept-timeout must be positive")
+
+    def listening(addr: tuple[str, int]) -> None:
+        text = migrate.format_address(addr)
+        if args.json or args.progress == "json":
+            line = json.dumps({"event": "listening", "host": addr[0], "port": addr[1]})
+        else:
+            line = f"listening on {text}"
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    with renderer(args) as rend:
+        res = run_async(
+            lambda: migrate.receive(
+                listen=args.listen,
+                sim=args.sim,
+                fmt=args.format,
+                timeout=args.timeout,
+                accept_timeout=args.accept_timeout,
+                handshake_timeout=args.handshake_timeout,
+                on_listening=listening,
+                on_event=rend,
+            )
+        )
+    _emit(args, receive_json(res), receive_text(res))
+    return 0
+
+
+def receive_json(res: ReceiveResult) -> dict[str, Any]:
+    st = res.restore.stats
+    return {
+        "event": "received",
+        "domain": res.domain,
+        "peer": res.peer,
+        "format": res.fmt,
+        "pages": st.pages_sent if st else None,
+        "bytes": st.bytes if st else None,
+        "seconds": round(res.seconds, 3),
+        "report_lost": res.report_lost,
+        "state": "running",
+    }
+
+
+def receive_text(res: ReceiveResult) -> str:
+    text = f"received {res.domain} from {res.peer} ({res.fmt} stream): it runs here"
+    if res.report_lost:
+        text += " (the sender did not get our report: it keeps its copy suspended)"
+    return text

@@ -1,0 +1,954 @@
+"""Live migration over TCP: xl's handshake around the stream, no Python in the data path.
+
+The sender's helper writes the migration stream straight to the connected
+socket and the receiver's helper reads it straight from the accepted one
+(the socket's fd is handed to :func:`xcsave.api.save` / :func:`~xcsave.api.restore`
+by number).  Python only speaks the few fixed-size handshake messages
+around the stream, byte for byte those of ``xl migrate`` (tools/xl/xl.h)::
+
+    receiver -> sender   BANNER   "xl migration receiver ready, send binary domain data.\\n"
+                                  (54 bytes, no NUL)
+    sender -> receiver   the stream (xl, libxl or libxc format), written by the helper;
+                         the receiver's helper reads exactly its records, up to END
+    receiver -> sender   READY    "domain received, ready to unpause\\0"            (34 bytes)
+    sender -> receiver   GO       "domain is yours, you are cleared to unpause\\0"  (44 bytes)
+    receiver -> sender   REPORT   "my copy unpause results are as follows\\0"       (39 bytes)
+                         + 1 status byte: 0 = the receiver's copy is running
+    only if status != 0: the receiver removes its copy, then
+    receiver -> sender   GO       (44 bytes): permission for the sender to resume
+
+The domain runs in exactly one place at the end.  Until the sender has sent
+GO, any failure (the receiver refusing, dying mid-stream, a broken or late
+message, a failed restore) resumes the sender's copy and the receiver
+removes whatever it built.  After GO, the sender resumes only when the
+receiver says its copy failed *and* that it has removed it (the second GO).
+If the connection breaks between GO and the report, nobody can know whether
+the receiver started its copy: like xl, the sender then leaves its copy
+suspended and raises :class:`MigrationInDoubt` instead of risking two
+running copies.
+
+No read-ahead: the helper's stream fd is shared with this process, so
+Python must never consume a byte that belongs to the stream (or to a later
+message).  Every handshake read is ``sock.recv(remaining)`` on the socket
+itself (``loop.sock_recv``, no StreamReader, no buffer) for exactly the
+fixed length of the message expected next; the receiver identifies the
+stream's format with ``MSG_PEEK``, which consumes nothing.  The protocol
+itself keeps the socket quiet at each hand-over: the receiver's helper gets
+the fd right after BANNER was sent and before the sender (who waits for
+BANNER) can have written anything but stream; the sender's helper only
+writes; the peer's next message is sent only after the helper is done.
+While a helper owns the fd the socket is switched to blocking mode (the
+helper's reads and writes expect it) and this process does not touch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno as errno_mod
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Generic, TypeVar
+
+from . import api
+from . import sim as simdom
+from .errors import XcsaveError, errno_name
+from .events import DoneEvent, Event, LogEvent, ProgressEvent
+from .policy import Policy
+from .supervisor import Callbacks, RunResult, Supervisor
+
+__all__ = [
+    "BANNER",
+    "GO",
+    "READY",
+    "REPORT",
+    "HandshakeError",
+    "MigrationError",
+    "MigrationInDoubt",
+    "MigrationResult",
+    "Outcome",
+    "ReceiveResult",
+    "Summary",
+    "migrate",
+    "migrate_local",
+    "migrate_on",
+    "receive",
+    "receive_on",
+    "run_many",
+]
+
+log = logging.getLogger(__name__)
+
+BANNER: Final = b"xl migration receiver ready, send binary domain data.\n"
+READY: Final = b"domain received, ready to unpause\0"
+GO: Final = b"domain is yours, you are cleared to unpause\0"
+REPORT: Final = b"my copy unpause results are as follows\0"
+
+#: How long to wait for each handshake message by default (seconds).
+HANDSHAKE_TIMEOUT: Final = 60.0
+PAGE_SIZE: Final = 4096
+
+#: First bytes of each stream format (the receiver peeks at them).
+_MAGIC: Final[tuple[tuple[bytes, str], ...]] = (
+    (b"Xen save", "xl"),  # "Xen saved domain, xl format\n \0 \r"
+    (b"LibxlFmt", "libxl"),  # libxl header ident, big-endian
+    (b"\xff" * 8, "libxc"),  # libxc image header marker
+)
+_PEEK: Final = 8
+
+Address = tuple[str, int]
+EventSink = Callable[[Event], object]
+
+
+class MigrationError(XcsaveError):
+    """A migration (either end) failed; the message says what state each copy is in."""
+
+    __module__ = "xcsave"
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class HandshakeError(MigrationError):
+    """The peer broke the handshake: closed early, sent the wrong bytes, or was late."""
+
+    __module__ = "xcsave"
+
+
+class MigrationInDoubt(MigrationError):
+    """The connection broke after GO: the receiver may or may not run the domain.
+
+    The sender's copy is left suspended (never two running copies); an
+    operator must look at the receiver before resuming either copy.
+    """
+
+    __module__ = "xcsave"
+
+
+@dataclass
+class MigrationResult:
+    """A successful migration, as the sender saw it."""
+
+    domain: str  # the sender's (now suspended) domain
+    peer: str
+    save: RunResult
+    fmt: str
+    #: suspend -> the receiver's report that its copy runs (sender's clock)
+    downtime_ns: int
+    seconds: float  # connect -> report
+    #: each precopy round's duration (s), from the helper's progress events
+    round_seconds: list[float] = field(default_factory=list)
+    #: ``time.monotonic()`` when the sender's helper had sent the whole stream
+    stream_done_at: float = 0.0
+
+    @property
+    def bytes(self) -> int:
+        return self.save.stats.bytes if self.save.stats else 0
+
+    @property
+    def gbps(self) -> float:
+        """Stream throughput (GB/s, 10^9 bytes) over the helper's own save time."""
+        st = self.save.stats
+        if st is None or st.duration_ns <= 0:
+            return 0.0
+        return st.bytes / st.duration_ns
+
+    @property
+    def pages_per_round(self) -> tuple[int, ...]:
+        return self.save.stats.pages_per_round if self.save.stats else ()
+
+
+@dataclass
+class ReceiveResult:
+    """A successful receive: the domain runs here now."""
+
+    domain: str
+    peer: str
+    restore: RunResult
+    fmt: str
+    seconds: float  # banner -> report sent
+    #: True when the report could not be delivered (the sender may be in doubt)
+    report_lost: bool = False
+
+
+# ----------------------------------------------------------------- socket I/O
+
+
+def _oserror_text(e: OSError) -> str:
+    if e.errno:
+        return f"{e.strerror or os.strerror(e.errno)} ({errno_name(e.errno)})"
+    return str(e) or type(e).__name__
+
+
+def _same_kind(e: BaseException) -> type[MigrationError]:
+    """The class to re-raise ``e`` as, with the migration's context in the message."""
+    if isinstance(e, MigrationError) and not isinstance(e, MigrationInDoubt):
+        return type(e)
+    return MigrationError
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return where + _oserror_text(e)
+    if isinstance(e, asyncio.CancelledError):
+        return "cancelled"
+    return str(e) or type(e).__name__
+
+
+async def _recv_exact(sock: socket.socket, n: int, what: str, timeout: float | None) -> bytes:
+    """Exactly ``n`` bytes, read with the socket's own recv (never more: no read-ahead)."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while len(buf) < n:
+                chunk = await loop.sock_recv(sock, n - len(buf))
+                if not chunk:
+                    raise HandshakeError(
+                        f"the peer closed the connection before {what} ({len(buf)} of {n} bytes)",
+                        errno=errno_mod.ECONNRESET,
+                    )
+                buf += chunk
+    except TimeoutError:
+        raise HandshakeError(
+            f"timed out after {timeout:g} s waiting for {what} "
+            f"({len(buf)} of {n} bytes; ETIMEDOUT)",
+            errno=errno_mod.ETIMEDOUT,
+        ) from None
+    except OSError as e:
+        raise HandshakeError(f"reading {what}: {_oserror_text(e)}", errno=e.errno) from e
+    return bytes(buf)
+
+
+async def _expect(sock: socket.socket, msg: bytes, what: str, timeout: float | None) -> None:
+    got = await _recv_exact(sock, len(msg), what, timeout)
+    if got != msg:
+        raise HandshakeError(f"expected {what} {msg!r}, got {got!r}", errno=errno_mod.EPROTO)
+
+
+async def _send(sock: socket.socket, msg: bytes, what: str, timeout: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(sock, msg)
+    except TimeoutError:
+        raise HandshakeError(
+            f"could not send {what} within {timeout:g} s (ETIMEDOUT)", errno=errno_mod.ETIMEDOUT
+        ) from None
+    except OSError as e:
+        raise HandshakeError(f"sending {what}: {_oserror_text(e)}", errno=e.errno) from e
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _peek(sock: socket.socket, n: int, what: str, timeout: float | None) -> bytes:
+    """The next ``n`` bytes without consuming them (``MSG_PEEK``), or fewer at EOF."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    data = sock.recv(n, socket.MSG_PEEK)
+                except BlockingIOError:
+                    await _readable(sock)
+                    continue
+                if len(data) >= n or not data:
+                    return data
+                # Part of it is here: the rest is a segment away.
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        raise HandshakeError(
+            f"timed out after {timeout:g} s waiting for {what} (ETIMEDOUT)",
+            errno=errno_mod.ETIMEDOUT,
+        ) from None
+    except OSError as e:
+        raise HandshakeError(f"reading {what}: {_oserror_text(e)}", errno=e.errno) from e
+
+
+def _detect_format(head: bytes) -> str:
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    raise HandshakeError(
+        f"the sender's stream starts with {head!r}: not an xl, libxl or libxc stream",
+        errno=errno_mod.EPROTO,
+    )
+
+
+@contextlib.contextmanager
+def _lent_to_helper(sock: socket.socket) -> Iterator[int]:
+    """The socket's fd, in blocking mode, for a helper; non-blocking again afterwards.
+
+    O_NONBLOCK belongs to the open file description, which the helper
+    shares: its engine expects blocking reads and writes.  Nothing in this
+    process touches the socket while the helper has it.
+    """
+    sock.setblocking(True)
+    try:
+        yield sock.fileno()
+    finally:
+        sock.setblocking(False)
+
+
+def _tune(sock: socket.socket, timeout: float | None) -> None:
+    """Small handshake messages go out at once; a dead peer fails a blocked helper."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+    if timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+        # A helper blocked writing to a peer that vanished (no RST) gets
+        # ETIMEDOUT instead of waiting for the kernel's ~15 minutes.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = str(addr[0]), int(addr[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(addr) or "local peer"
+
+
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _connect(to: Address, timeout: float | None) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    host, port = to
+    where = format_address(to)
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise MigrationError(f"cannot resolve {host!r}: {e.strerror}") from e
+    last: OSError | None = None
+    for family, type_, proto, _name, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, addr)
+        except TimeoutError:
+            sock.close()
+            last = TimeoutError(errno_mod.ETIMEDOUT, os.strerror(errno_mod.ETIMEDOUT), where)
+        except OSError as e:
+            sock.close()
+            # asyncio's own text ("Connect call failed ...") repeats the address.
+            last = type(e)(e.errno, os.strerror(e.errno) if e.errno else e.strerror, where)
+        except BaseException:
+            sock.close()
+            raise
+        else:
+            return sock
+    assert last is not None
+    raise last
+
+
+# ----------------------------------------------------------------- events
+
+
+class _Events:
+    """Relabels a helper's events as the migration's and notes round timings."""
+
+    def __init__(self, op: str, domain: str, sink: EventSink | None) -> None:
+        self.op = op
+        self.domain = domain
+        self.sink = sink
+        self.t0 = time.monotonic()
+        self._round_starts: list[float] = []
+        self._round_last: float = 0.0
+        self._doing: str | None = None
+
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, ProgressEvent):
+            if ev.doing_what != self._doing:
+                self._doing = ev.doing_what
+                self._round_starts.append(ev.elapsed)
+            self._round_last = ev.elapsed
+        if isinstance(ev, DoneEvent):
+            return  # the migration is done only after the handshake: see done()
+        if self.sink is not None:
+            self.sink(dataclasses.replace(ev, op=self.op, domain=self.domain))
+
+    def note(self, message: str, level: int = 5) -> None:
+        """A handshake step: to the log (INFO) and, as a log event, to the sink."""
+        log.info("%s %s: %s", self.op, self.domain, message)
+        if self.sink is not None:
+            self.sink(LogEvent(self.op, self.domain, level, -1, self.op, message))
+
+    def done(self, ok: bool, error: str = "") -> None:
+        if self.sink is not None:
+            self.sink(DoneEvent(self.op, self.domain, ok, error, time.monotonic() - self.t0))
+
+    def round_seconds(self) -> list[float]:
+        starts = self._round_starts
+        ends = [*starts[1:], self._round_last]
+        return [max(0.0, e - s) for s, e in zip(starts, ends, strict=True)]
+
+
+# ----------------------------------------------------------------- sender
+
+
+def _state(path: Path) -> str:
+    return str(simdom.info(path)["state"])
+
+
+def _put_back(path: Path, state: str) -> str:
+    """Set the source to ``state`` again (after a failure); returns the state it is in."""
+    try:
+        if _state(path) != state:
+            simdom.set_state(path, state)
+        return _state(path)
+    except OSError as e:
+        log.error("could not set %s %s again: %s", path, state, _oserror_text(e))
+        return "unknown"
+
+
+async def migrate_on(
+    sock: socket.socket,
+    *,
+    sim: str | os.PathLike[str],
+    live: bool = True,
+    policy: Policy | None = None,
+    fmt: str = "libxl",
+    timeout: float | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    on_event: EventSink | None = None,
+    supervisor: Supervisor | None = None,
+) -> MigrationResult:
+    """Migrate a simulated domain over ``sock``, a connected socket (the sender's side).
+
+    ``sock`` stays the caller's (it is not closed).  See the module docstring
+    for the handshake and what each failure leaves where.
+    """
+    if fmt not in api.FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
+    src = simdom.resolve(sim)
+    before = _state(src)  # also: FileNotFoundError for a domain that does not exist
+    peer = _peer_name(sock)
+    ev = _Events("migrate", str(src), on_event)
+    sock.setblocking(False)
+    _tune(sock, handshake_timeout)
+    t0 = time.monotonic()
+    t_suspend: list[float] = []
+
+    def suspended() -> bool:
+        t_suspend.append(time.monotonic())
+        return True  # the engine then marks the domain suspended
+
+    committed = False  # GO sent: from here on, resuming could make two copies run
+    try:
+        await _expect(sock, BANNER, "the receiver's banner", handshake_timeout)
+        ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
+        with _lent_to_helper(sock) as fd:
+            saved = await api.save(
+                fd,
+                sim=src,
+                live=live,
+                fmt=fmt,
+                policy=policy,
+                callbacks=Callbacks(suspend=suspended),
+                timeout=timeout,
+                on_event=ev,
+                supervisor=supervisor,
+            )
+        stream_done_at = time.monotonic()
+        ev.note("stream sent; waiting for the receiver to confirm")
+        await _expect(sock, READY, "the receiver's 'domain received'", handshake_timeout)
+        committed = True  # set first: a failure while sending GO is in doubt too
+        await _send(sock, GO, "'domain is yours'", handshake_timeout)
+        await _expect(sock, REPORT, "the receiver's report", handshake_timeout)
+        status = (await _recv_exact(sock, 1, "the receiver's status byte", handshake_timeout))[0]
+        if status != 0:
+            await _expect(sock, GO, "the receiver's permission to resume", handshake_timeout)
+            committed = False
+            raise MigrationError(
+                f"the receiver could not start its copy (status {status})", errno=status
+            )
+    except BaseException as e:
+        cause = _cause(e)
+        if committed:
+            ev.done(False, f"in doubt: {cause}")
+            if isinstance(e, Exception):
+                raise MigrationInDoubt(
+                    f"migrate {src} to {peer}: the connection broke in the final handshake "
+                    f"({cause}): {src} stays suspended here and may be running there; "
+                    f"check {peer} before resuming either copy (xcsave sim resume)",
+                    errno=getattr(e, "errno", None),
+                ) from e
+            log.error(
+                "migrate %s to %s interrupted in the final handshake: %s stays suspended "
+                "here and may be running there",
+                src,
+                peer,
+                src,
+            )
+            raise
+        state = _put_back(src, before)
+        ev.done(False, cause)
+        if isinstance(e, Exception):
+            raise _same_kind(e)(
+                f"migrate {src} to {peer} failed: {cause}; {src} is {state} here again",
+                errno=getattr(e, "errno", None),
+            ) from e
+        raise
+    t_end = time.monotonic()
+    ev.note("the receiver runs the domain; ours stays suspended")
+    ev.done(True)
+    downtime = t_end - t_suspend[0] if t_suspend else 0.0
+    return MigrationResult(
+        domain=str(src),
+        peer=peer,
+        save=saved,
+        fmt=fmt,
+        downtime_ns=int(downtime * 1e9),
+        seconds=t_end - t0,
+        round_seconds=ev.round_seconds(),
+        stream_done_at=stream_done_at,
+    )
+
+
+async def migrate(
+    *,
+    sim: str | os.PathLike[str],
+    to: Address,
+    live: bool = True,
+    policy: Policy | None = None,
+    fmt: str = "libxl",
+    timeout: float | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    on_event: EventSink | None = None,
+    supervisor: Supervisor | None = None,
+) -> MigrationResult:
+    """Live-migrate the simulated domain ``sim`` to the receiver at ``to=(host, port)``.
+
+    On success the receiver's copy runs and ours is left suspended.  On
+    failure ours runs again (:class:`MigrationError`) -- except when the
+    link broke after we gave the receiver permission to start, where it
+    stays suspended (:class:`MigrationInDoubt`).  Connection failures are
+    the ``OSError`` from connect (e.g. ``ConnectionRefusedError``), with
+    ``host:port`` as its filename; the domain is untouched then.
+    """
+    path = _resolve_existing(sim)
+    sock = await _connect(to, handshake_timeout)
+    with sock:
+        return await migrate_on(
+            sock,
+            sim=path,
+            live=live,
+            policy=policy,
+            fmt=fmt,
+            timeout=timeout,
+            handshake_timeout=handshake_timeout,
+            on_event=on_event,
+            supervisor=supervisor,
+        )
+
+
+def _resolve_existing(dom: str | os.PathLike[str]) -> Path:
+    path = simdom.resolve(dom)
+    _state(path)  # FileNotFoundError (ENOENT) before we connect anywhere
+    return path
+
+
+# ----------------------------------------------------------------- receiver
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        simdom.remove(path)
+
+
+def _sweep_stale_partials(target: Path) -> None:
+    """Remove ``.NAME.partial.PID.N`` files that a killed restore helper left behind.
+
+    A helper stopped normally removes its own partial domain; one killed
+    with SIGKILL (or orphaned by a SIGKILLed receiver) cannot.  Only files
+    whose helper PID is gone are removed.
+    """
+    for partial in target.parent.glob(f".{target.name}.partial.*.*"):
+        try:
+            pid = int(partial.name.split(".partial.", 1)[1].split(".", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            log.info("removing %s, left by a restore helper that was killed", partial)
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (killed, not yet reaped) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state not in (b"Z", b"X")
+
+
+async def receive_on(
+    sock: socket.socket,
+    *,
+    sim: str | os.PathLike[str],
+    fmt: str = "auto",
+    timeout: float | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    on_event: EventSink | None = None,
+    supervisor: Supervisor | None = None,
+) -> ReceiveResult:
+    """Receive a domain over ``sock``, a connected socket (the receiver's side).
+
+    ``sim`` must not exist yet.  ``sock`` stays the caller's.  On any
+    failure before the domain runs, the partial or complete copy is removed.
+    """
+    if fmt != "auto" and fmt not in api.FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected auto or one of {api.FORMATS}")
+    target = simdom.resolve(sim)
+    if target.exists():
+        raise FileExistsError(
+            errno_mod.EEXIST, "the domain to receive into already exists", str(target)
+        )
+    _sweep_stale_partials(target)
+    peer = _peer_name(sock)
+    ev = _Events("receive", str(target), on_event)
+    sock.setblocking(False)
+    _tune(sock, handshake_timeout)
+    t0 = time.monotonic()
+    running = False
+    try:
+        await _send(sock, BANNER, "the banner", handshake_timeout)
+        head = await _peek(sock, _PEEK, "the sender's stream", handshake_timeout)
+        if len(head) < _PEEK:
+            raise HandshakeError(
+                "the sender closed the connection before sending a stream",
+                errno=errno_mod.ECONNRESET,
+            )
+        detected = _detect_format(head)
+        if fmt not in ("auto", detected):
+            raise HandshakeError(
+                f"the sender sends a {detected} stream, not {fmt}", errno=errno_mod.EPROTO
+            )
+        ev.note(f"receiving a {detected} stream from {peer}")
+        with _lent_to_helper(sock) as fd:
+            restored = await api.restore(
+                fd,
+                sim=target,
+                fmt=detected,
+                timeout=timeout,
+                on_event=ev,
+                supervisor=supervisor,
+            )
+        ev.note("stream received; asking for permission to start")
+        await _send(sock, READY, "'domain received'", handshake_timeout)
+        await _expect(sock, GO, "the sender's 'domain is yours'", handshake_timeout)
+        try:
+            simdom.set_state(target, "running")
+            running = True
+            status = 0
+        except OSError as e:
+            log.error("starting %s: %s", target, _oserror_text(e))
+            status = (e.errno or errno_mod.EIO) & 0xFF or 1
+        if status:
+            # xl's order: report, remove our copy, then give the sender its domain back.
+            await _send(sock, REPORT + bytes([status]), "the failure report", handshake_timeout)
+            _remove(target)
+            await _send(sock, GO, "the permission to resume", handshake_timeout)
+            raise MigrationError(
+                f"could not start the received domain (status {status})", errno=status
+            )
+        report_lost = False
+        try:
+            await _send(sock, REPORT + b"\0", "the report", handshake_timeout)
+        except HandshakeError as e:
+            # Ours runs; the sender keeps its copy suspended (it is in doubt).
+            report_lost = True
+            log.warning("%s runs here, but the sender did not get the report: %s", target, e)
+    except BaseException as e:
+        if not running:
+            _remove(target)
+            # A helper cancelled while it was being spawned is SIGKILLed by
+            # asyncio before the supervisor knows its pid: its partial stays.
+            _sweep_stale_partials(target)
+        cause = _cause(e)
+        ev.done(False, cause)
+        if isinstance(e, Exception) and not running:
+            raise _same_kind(e)(
+                f"receive of {target} from {peer} failed: {cause}; nothing was kept here",
+                errno=getattr(e, "errno", None),
+            ) from e
+        raise
+    ev.note("the domain runs here")
+    ev.done(True)
+    return ReceiveResult(
+        domain=str(target),
+        peer=peer,
+        restore=restored,
+        fmt=detected,
+        seconds=time.monotonic() - t0,
+        report_lost=report_lost,
+    )
+
+
+def _listener(listen: Address) -> socket.socket:
+    host, port = listen
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, type_, proto, _name, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, format_address(listen)) from None
+        sock.listen(1)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def receive(
+    *,
+    listen: Address | socket.socket,
+    sim: str | os.PathLike[str],
+    fmt: str = "auto",
+    timeout: float | None = None,
+    accept_timeout: float | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    on_listening: Callable[[Address], object] | None = None,
+    on_event: EventSink | None = None,
+    supervisor: Supervisor | None = None,
+) -> ReceiveResult:
+    """Accept exactly one migration on ``listen`` and run the received domain as ``sim``.
+
+    ``listen`` is ``(host, port)`` (bound exactly; ``port`` 0 picks one, and
+    ``on_listening`` is told the real address) or a listening socket of the
+    caller's.  The listening socket is closed as soon as one connection is
+    accepted: a second sender is refused.
+    """
+    target = simdom.resolve(sim)
+    if target.exists():
+        raise FileExistsError(
+            errno_mod.EEXIST, "the domain to receive into already exists", str(target)
+        )
+    _sweep_stale_partials(target)
+    loop = asyncio.get_running_loop()
+    owned = not isinstance(listen, socket.socket)
+    lsock = _listener(listen) if not isinstance(listen, socket.socket) else listen
+    try:
+        lsock.setblocking(False)
+        name = lsock.getsockname()
+        bound: Address = (str(name[0]), int(name[1]))
+        log.info("receive %s: listening on %s", target, format_address(bound))
+        if on_listening is not None:
+            on_listening(bound)
+        try:
+            async with asyncio.timeout(accept_timeout):
+                conn, _addr = await loop.sock_accept(lsock)
+        except TimeoutError:
+            raise MigrationError(
+                f"no sender connected to {format_address(bound)} within {accept_timeout:g} s "
+                "(ETIMEDOUT)",
+                errno=errno_mod.ETIMEDOUT,
+            ) from None
+    finally:
+        if owned:
+            lsock.close()  # exactly one connection
+    with conn:
+        return await receive_on(
+            conn,
+            sim=target,
+            fmt=fmt,
+            timeout=timeout,
+            handshake_timeout=handshake_timeout,
+            on_event=on_event,
+            supervisor=supervisor,
+        )
+
+
+# ----------------------------------------------------------------- local pairs
+
+
+async def migrate_local(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    live: bool = True,
+    policy: Policy | None = None,
+    fmt: str = "libxl",
+    timeout: float | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    on_event: EventSink | None = None,
+    supervisor: Supervisor | None = None,
+) -> tuple[MigrationResult, ReceiveResult]:
+    """Both ends in this process over a socketpair: the same helpers and handshake as TCP.
+
+    Each side closes its end when it fails, so the other side sees it and
+    cleans up on its own (nothing is cancelled).  Raises the sender's error
+    first (it says where the domain runs), else the receiver's.  With a
+    shared ``supervisor``, its ``max_parallel`` must allow two helpers per
+    pair in flight, or the pairs could starve each other.
+    """
+    a, b = socket.socketpair()
+
+    async def send_side() -> MigrationResult:
+        with a:
+            return await migrate_on(
+                a,
+                sim=src,
+                live=live,
+                policy=policy,
+                fmt=fmt,
+                timeout=timeout,
+                handshake_timeout=handshake_timeout,
+                on_event=on_event,
+                supervisor=supervisor,
+            )
+
+    async def receive_side() -> ReceiveResult:
+        with b:
+            return await receive_on(
+                b,
+                sim=dst,
+                fmt=fmt,
+                timeout=timeout,
+                handshake_timeout=handshake_timeout,
+                on_event=on_event,
+                supervisor=supervisor,
+            )
+
+    sent, received = await asyncio.gather(send_side(), receive_side(), return_exceptions=True)
+    for r in (sent, received):
+        if isinstance(r, BaseException):
+            raise r
+    assert isinstance(sent, MigrationResult)
+    assert isinstance(received, ReceiveResult)
+    return sent, received
+
+
+# ----------------------------------------------------------------- many at once
+
+T = TypeVar("T")
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """One job of :func:`run_many`: its result or its error."""
+
+    name: str
+    ok: bool
+    seconds: float
+    result: T | None = None
+    error: BaseException | None = None
+
+    @property
+    def message(self) -> str:
+        return "" if self.error is None else _cause(self.error)
+
+
+@dataclass
+class Summary(Generic[T]):
+    """All outcomes of :func:`run_many`, in the order the jobs were given."""
+
+    outcomes: list[Outcome[T]]
+    seconds: float
+
+    @property
+    def ok(self) -> list[Outcome[T]]:
+        return [o for o in self.outcomes if o.ok]
+
+    @property
+    def failed(self) -> list[Outcome[T]]:
+        return [o for o in self.outcomes if not o.ok]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{len(self.ok)} of {len(self.outcomes)} succeeded in {self.seconds:.2f} s"
+            + (f", {len(self.failed)} failed" if self.failed else "")
+        ]
+        out += [
+            f"  {o.name}: {'ok' if o.ok else 'FAILED: ' + o.message} ({o.seconds:.2f} s)"
+            for o in self.outcomes
+        ]
+        return out
+
+
+Job = Callable[[Supervisor], Awaitable[T]]
+
+
+async def run_many(
+    jobs: Sequence[tuple[str, Job[T]]],
+    *,
+    max_parallel: int = 8,
+    helpers_per_job: int = 2,
+) -> Summary[T]:
+    """Run named jobs concurrently, ``max_parallel`` at a time, through one Supervisor.
+
+    Each job is ``async def job(supervisor) -> T`` (e.g. a lambda around
+    :func:`migrate_local`, :func:`migrate`, :func:`xcsave.save`).  A job's
+    failure is recorded in its :class:`Outcome` and never cancels or
+    disturbs the others; only cancelling ``run_many`` itself stops them all
+    (every helper is stopped and reaped).  The limit applies to *jobs*; the
+    Supervisor allows ``helpers_per_job`` helpers per job, so that both ends
+    of an in-process migration always run together.
+    """
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel must be at least 1, not {max_parallel}")
+    sem = asyncio.Semaphore(max_parallel)
+    t0 = time.monotonic()
+
+    async with Supervisor(max_parallel=max_parallel * helpers_per_job) as sup:
+
+        async def one(name: str, job: Job[T]) -> Outcome[T]:
+            async with sem:
+                t = time.monotonic()
+                try:
+                    value = await job(sup)
+                except Exception as e:
+                    log.info("%s failed: %s", name, e)
+                    return Outcome(name, False, time.monotonic() - t, error=e)
+                return Outcome(name, True, time.monotonic() - t, result=value)
+
+        outcomes = await asyncio.gather(*(one(n, j) for n, j in jobs))
+    return Summary(list(outcomes), time.monotonic() - t0)
