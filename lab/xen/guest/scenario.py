@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""The lab's scenarios, run by dom0's init inside the Xen lab (Python 3.11, stdlib only).
+
+Each step is judged by what the domain does -- which domains exist, in what
+state, and whether the domU's console goes on with the same boot id and a
+counter that continues -- never by a command's exit status alone.  Every
+``xl`` call has a timeout and one retry: under TCG, dom0 userspace now and
+then segfaults or hangs after the Xen operation itself has succeeded.
+
+Results are JSON objects, one a line, written both to the console (marked
+``@@XCLAB``, so the host can find them in the serial log) and to
+/var/log/xcsave-lab/results.jsonl on dom0's disk (which the host reads back
+from the image after the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+LAB = Path("/opt/xcsave-lab")
+RESULTS = Path("/var/log/xcsave-lab/results.jsonl")
+WORK = Path("/var/tmp/xcsave-lab")
+CONSOLE_DIR = Path("/var/log/xen/console")
+XEN_BIN = Path("/usr/lib/xen-4.17/bin")
+STOCK_HELPER = XEN_BIN / "libxl-save-helper"
+VERIFY_STREAM = XEN_BIN / "verify-stream-v2"
+XEN_PYTHONPATH = "/usr/lib/xen-4.17/lib/python"
+DOMAIN = "lab1"
+MARK = "@@XCLAB "
+TICK = re.compile(r"XCLAB-TICK boot=(\S+) n=(\d+)")
+
+CFG: dict[str, Any] = {}
+OUR_HELPER = ""  # set in main(): the xcsave-helper of the installed package
+
+
+class StepFailed(Exception):
+    """A step's judgement failed; the message says what was seen."""
+
+
+# --------------------------------------------------------------------- output
+
+
+def emit(obj: dict[str, Any]) -> None:
+    line = json.dumps(obj, sort_keys=False)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    # One write() per line: the console may interleave other writers' lines.
+    os.write(1, (MARK + line + "\n").encode())
+
+
+def note(text: str) -> None:
+    os.write(1, f"xcsave-lab: {text}\n".encode())
+
+
+def scaled(secs: float) -> float:
+    return secs * float(CFG.get("slow", 1.0))
+
+
+# --------------------------------------------------------------------- commands
+
+
+class Result:
+    def __init__(self, argv: list[str], rc: int | None, out: str, err: str, secs: float):
+        self.argv, self.rc, self.out, self.err, self.secs = argv, rc, out, err, secs
+
+    @property
+    def timed_out(self) -> bool:
+        return self.rc is None
+
+    def brief(self) -> str:
+        what = "timed out" if self.rc is None else f"rc={self.rc}"
+        tail = (self.err.strip() or self.out.strip()).splitlines()[-3:]
+        return f"{shlex.join(self.argv)}: {what} after {self.secs:.1f}s: {' | '.join(tail)}"
+
+
+def run(
+    argv: list[str], timeout: float, env: dict[str, str] | None = None
+) -> Result:
+    """Run argv with a timeout; output to files (xl's daemons may keep pipes open)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    full_env = dict(os.environ)
+    if env:
+        for k, v in env.items():
+            if v is None:
+                full_env.pop(k, None)
+            else:
+                full_env[k] = v
+    t0 = time.monotonic()
+    with open(WORK / "cmd.out", "w+") as fo, open(WORK / "cmd.err", "w+") as fe:
+        proc = subprocess.Popen(
+            argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=full_env,
+            start_new_session=True,
+        )
+        try:
+            rc: int | None = proc.wait(timeout=scaled(timeout))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        secs = time.monotonic() - t0
+        fo.seek(0)
+        fe.seek(0)
+        return Result(argv, rc, fo.read(), fe.read(), secs)
+
+
+def helper_env(helper: str | None) -> dict[str, Any]:
+    """LIBXL_SAVE_HELPER for xl: our helper, a given one, or unset (stock)."""
+    return {"LIBXL_SAVE_HELPER": helper}
+
+
+def xl_list() -> dict[str, tuple[int, str]] | None:
+    """name -> (domid, state) for every domain, or None if xl list failed twice."""
+    for _ in range(2):
+        r = run(["xl", "list"], timeout=60)
+        if r.rc == 0:
+            doms = {}
+            for line in r.out.splitlines()[1:]:
+                parts = line.split()
+                if len(parts) >= 5:
+                    doms[parts[0]] = (int(parts[1]), parts[4])
+            return doms
+    return None
+
+
+def domain(name: str = DOMAIN) -> tuple[int, str] | None:
+    doms = xl_list()
+    if doms is None:
+        raise StepFailed("xl list failed twice")
+    return doms.get(name)
+
+
+# --------------------------------------------------------------------- console
+
+
+def last_tick(name: str = DOMAIN) -> tuple[str, int] | None:
+    """The newest (boot id, counter) in the domain's console logs (incoming ones too).
+
+    The current boot is the one of the last tick in the most recently written
+    log; its counter is the highest seen for that boot in any of the logs.
+    """
+    paths = sorted(glob.glob(str(CONSOLE_DIR / f"guest-{name}*.log")), key=os.path.getmtime)
+    boot = None
+    for path in reversed(paths):
+        with contextlib.suppress(OSError):
+            found = TICK.findall(Path(path).read_text(errors="replace"))
+            if found:
+                boot = found[-1][0]
+                break
+    if boot is None:
+        return None
+    return boot, max(ticks_of(boot, name))
+
+
+def ticks_of(boot: str, name: str = DOMAIN) -> list[int]:
+    seen = []
+    for path in sorted(glob.glob(str(CONSOLE_DIR / f"guest-{name}*.log"))):
+        with contextlib.suppress(OSError):
+            for m in TICK.finditer(Path(path).read_text(errors="replace")):
+                if m.group(1) == boot:
+                    seen.append(int(m.group(2)))
+    return seen
+
+
+def wait_ticking(
+    boot: str | None = None, after: int = 0, timeout: float = 90, name: str = DOMAIN
+) -> tuple[str, int]:
+    """Wait until the console shows a counter past ``after`` (same ``boot`` if given)."""
+    deadline = time.monotonic() + scaled(timeout)
+    while time.monotonic() < deadline:
+        if boot is not None:
+            seen = ticks_of(boot, name)
+            if seen and max(seen) > after:
+                return boot, max(seen)
+        else:
+            t = last_tick(name)
+            if t is not None and t[1] > after:
+                return t
+        time.sleep(0.5)
+    t = last_tick(name)
+    want = f"boot {boot} past {after}" if boot else f"a tick past {after}"
+    raise StepFailed(f"console did not go on ({want}); last tick seen: {t}")
+
+
+def snapshot() -> tuple[str, int]:
+    """The domain's current (boot, counter), making sure it is advancing."""
+    t = last_tick()
+    if t is None:
+        return wait_ticking()
+    return wait_ticking(t[0], t[1], timeout=60)
+
+
+# --------------------------------------------------------------------- domains
+
+
+def domu_config(name: str = DOMAIN, memory: int | None = None) -> Path:
+    mem = memory or int(CFG.get("domu_mem", 256))
+    path = WORK / f"{name}.cfg"
+    path.write_text(
+        "\n".join(
+            [
+                f'name = "{name}"',
+                'type = "pv"',
+                f'kernel = "{LAB}/domu/vmlinuz"',
+                f'ramdisk = "{LAB}/domu/initrd.cpio.gz"',
+                'extra = "console=hvc0 loglevel=3"',
+                f"memory = {mem}",
+                "vcpus = 1",
+                'on_crash = "preserve"',
+                "",
+            ]
+        )
+    )
+    return path
+
+
+def destroy(name: str = DOMAIN) -> None:
+    for _ in range(3):
+        doms = xl_list() or {}
+        victims = [n for n in doms if n == name or n.startswith(name + "--")]
+        if not victims:
+            return
+        for v in victims:
+            run(["xl", "destroy", v], timeout=60)
+    raise StepFailed(f"could not destroy {name}")
+
+
+def create(name: str = DOMAIN) -> dict[str, Any]:
+    cfg = domu_config(name)
+    last = ""
+    for attempt in (1, 2):
+        r = run(["xl", "create", "-e", str(cfg)], timeout=180)
+        d = domain(name)
+        if d is not None:
+            with contextlib.suppress(StepFailed):
+                boot, n = wait_ticking(timeout=90, name=name)
+                return {"domid": d[0], "boot": boot, "tick": n, "xl_secs": round(r.secs, 2),
+                        "attempts": attempt}
+        last = r.brief()
+        destroy(name)
+    raise StepFailed(f"xl create failed twice: {last}")
+
+
+def ensure_domain() -> dict[str, Any] | None:
+    """A running, ticking lab1; a fresh one (new boot) if the last step lost it."""
+    d = domain()
+    if d is not None and d[1].startswith(("r", "b", "-")) and "s" not in d[1]:
+        with contextlib.suppress(StepFailed):
+            snapshot()
+            return None
+    destroy()
+    return create()
+
+
+# --------------------------------------------------------------------- xl operations
+
+
+def xl_save(path: Path, helper: str | None) -> dict[str, Any]:
+    """``xl save`` with a helper; ok = the domain is gone and the file is an xl image."""
+    d = domain()
+    if d is None:
+        raise StepFailed("no domain to save")
+    boot, n = snapshot()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    last = None
+    for attempt in (1, 2):
+        r = run(["xl", "save", DOMAIN, str(path)], timeout=300, env=helper_env(helper))
+        last = r
+        after = domain()
+        if after is None and path.exists() and path.stat().st_size > 1 << 20:
+            with path.open("rb") as f:
+                magic = f.read(32)
+            if not magic.startswith(b"Xen saved domain, xl format"):
+                raise StepFailed(f"{path} is not an xl savefile (magic {magic!r})")
+            return {"secs": r.secs, "boot": boot, "tick": n, "attempts": attempt,
+                    "rc": r.rc, "bytes": path.stat().st_size}
+        if after is not None and "s" in after[1]:
+            raise StepFailed(f"domain left shut down/suspended after save: {r.brief()}")
+        # still running (the save failed and xl resumed it): try once more
+    assert last is not None
+    raise StepFailed(f"save did not happen (domain still there): {last.brief()}")
+
+
+def xl_restore(path: Path, helper: str | None, boot: str, tick: int) -> dict[str, Any]:
+    """``xl restore``; ok = the domain runs and its console goes on from ``tick``."""
+    last = None
+    for attempt in (1, 2):
+        r = run(["xl", "restore", "-e", str(path)], timeout=300, env=helper_env(helper))
+        last = r
+        d = domain()
+        if d is not None and "p" not in d[1]:
+            try:
+                _, n = wait_ticking(boot, tick, timeout=90)
+            except StepFailed:
+                if attempt == 2:
+                    raise
+            else:
+                return {"secs": r.secs, "attempts": attempt, "rc": r.rc, "domid": d[0],
+                        "tick_after": n, "gap": _gap(boot, tick)}
+        destroy()
+    assert last is not None
+    raise StepFailed(f"restore did not bring the domain back: {last.brief()}")
+
+
+def _gap(boot: str, tick: int) -> int:
+    """The first counter value seen after ``tick`` minus ``tick`` (1 = seamless)."""
+    later = sorted(x for x in ticks_of(boot) if x > tick)
+    return later[0] - tick if later else -1
+
+
+# --------------------------------------------------------------------- steps
+
+
+TIMES: dict[str, list[float]] = {}
+
+
+def step(name: str, fn: Callable[[], dict[str, Any] | None]) -> bool:
+    note(f"step {name} ...")
+    t0 = time.monotonic()
+    try:
+        info = fn() or {}
+        ok = True
+    except Exception as e:  # every failure is reported as the step's result
+        info = {"error": f"{type(e).__name__}: {e}"}
+        if not isinstance(e, StepFailed):
+            info["trace"] = traceback.format_exc(limit=4)[-800:]
+        ok = False
+    emit({"step": name, "ok": ok, "secs": round(time.monotonic() - t0, 2), **info})
+    return ok
+
+
+def save_restore(tag: str, save_helper: str | None, restore_helper: str | None) -> Callable:
+    def fn() -> dict[str, Any]:
+        fresh = ensure_domain()
+        path = WORK / f"{tag}.xl"
+        s = xl_save(path, save_helper)
+        TIMES.setdefault(f"save:{_who(save_helper)}", []).append(s["secs"])
+        res = xl_restore(path, restore_helper, s["boot"], s["tick"])
+        TIMES.setdefault(f"restore:{_who(restore_helper)}", []).append(res["secs"])
+        out = {
+            "save_helper": _who(save_helper), "restore_helper": _who(restore_helper),
+            "save_secs": round(s["secs"], 2), "restore_secs": round(res["secs"], 2),
+            "bytes": s["bytes"], "boot": s["boot"], "tick_before": s["tick"],
+            "tick_after": res["tick_after"], "gap": res["gap"],
+            "attempts": [s["attempts"], res["attempts"]],
+        }
+        if CFG.get("keep_image") != tag:
+            path.unlink()
+        if fresh:
+            out["fresh_domain"] = fresh
+        return out
+
+    return fn
+
+
+def _who(helper: str | None) -> str:
+    if helper is None:
+        return "stock"
+    if helper == OUR_HELPER:
+        return "xcsave"
+    return Path(helper).name
+
+
+def verify_image(path: Path, fmt: str) -> dict[str, Any]:
+    """Both judges: xcsave verify and Xen's verify-stream-v2."""
+    out: dict[str, Any] = {}
+    r = run([sys.executable, "-m", "xcsave", "verify", str(path), "--format", fmt], timeout=300)
+    if r.rc != 0:
+        raise StepFailed(f"xcsave verify: {r.brief()}")
+    out["xcsave_verify"] = "ok"
+    r = run(
+        [sys.executable, str(VERIFY_STREAM), "-q", "-f", fmt, "-i", str(path)],
+        timeout=600, env={"PYTHONPATH": XEN_PYTHONPATH},
+    )
+    if r.rc != 0:
+        raise StepFailed(f"verify-stream-v2: {r.brief()}")
+    out["verify_stream_v2"] = "ok"
+    return out
+
+
+def migrate(helper: str | None) -> Callable:
+    def fn() -> dict[str, Any]:
+        fresh = ensure_domain()
+        d = domain()
+        assert d is not None
+        boot, n = snapshot()
+        env = helper_env(helper)
+        recv = "xl migrate-receive -e"
+        if helper is not None:
+            recv = f"env LIBXL_SAVE_HELPER={shlex.quote(helper)} {recv}"
+        last = None
+        for attempt in (1, 2):
+            r = run(["xl", "migrate", "-s", "", DOMAIN, recv], timeout=400, env=env)
+            last = r
+            # A live migration: afterwards exactly one lab1, a new domid, running.
+            doms = xl_list() or {}
+            incoming = [x for x in doms if x.startswith(DOMAIN + "--")]
+            now = doms.get(DOMAIN)
+            if now is not None and now[0] != d[0] and not incoming:
+                _, n2 = wait_ticking(boot, n, timeout=90)
+                TIMES.setdefault(f"migrate:{_who(helper)}", []).append(r.secs)
+                out = {"helper": _who(helper), "secs_xl": round(r.secs, 2), "rc": r.rc,
+                       "domid_before": d[0], "domid_after": now[0], "boot": boot,
+                       "tick_before": n, "tick_after": n2, "gap": _gap(boot, n),
+                       "attempts": attempt}
+                if fresh:
+                    out["fresh_domain"] = fresh
+                return out
+            if now is not None and now[0] == d[0] and not incoming and "s" not in now[1]:
+                continue  # migration failed cleanly, source still runs: retry
+            break
+        assert last is not None
+        raise StepFailed(f"migration did not complete: {last.brief()}; domains: {xl_list()}")
+
+    return fn
+
+
+# --------------------------------------------------------------------- xcsave supervisor
+
+
+def xl_config_json(domid: int) -> bytes:
+    """The domain's libxl config as JSON (what ``xl save`` puts in its header)."""
+    for _ in range(2):
+        r = run(["xl", "list", "-l", str(domid)], timeout=60)
+        if r.rc == 0:
+            try:
+                data = json.loads(r.out)
+                return json.dumps(data[0]["config"], indent=4).encode()
+            except (ValueError, LookupError, TypeError):
+                pass
+    raise StepFailed(f"xl list -l {domid} failed twice")
+
+
+XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
+XL_FLAG_JSON, XL_FLAG_STREAMV2 = 1, 2
+LIBXL_IDENT = 0x4C6962786C466D74  # "LibxlFmt"
+REC_END, REC_LIBXC_CONTEXT = 0, 1
+
+
+def wrap_xl(libxc: Path, out: Path, config: bytes) -> None:
+    """libxc image -> xl savefile: xl header + JSON config, libxl stream around the image.
+
+    This is exactly what ``xl save`` writes for a PV domain: the xl header
+    (xl.h), then the libxl v2 stream -- header, LIBXC_CONTEXT, the libxc
+    image, END (no emulator records for PV).
+    """
+    cfg = config + b"\0"
+    hdr = XL_MAGIC + struct.pack("=IIII", 0x01020304, XL_FLAG_JSON | XL_FLAG_STREAMV2, 0,
+                                 4 + len(cfg))
+    with out.open("wb") as f, libxc.open("rb") as src:
+        f.write(hdr + struct.pack("=I", len(cfg)) + cfg)
+        f.write(struct.pack(">QII", LIBXL_IDENT, 2, 0))
+        f.write(struct.pack("<II", REC_LIBXC_CONTEXT, 0))
+        while chunk := src.read(1 << 20):
+            f.write(chunk)
+        f.write(struct.pack("<II", REC_END, 0))
+
+
+def supervisor_save(dialect: str, restore_helper: str | None) -> Callable:
+    """xcsave's own supervisor saves the running domU; then xl restores the image."""
+
+    def fn() -> dict[str, Any]:
+        fresh = ensure_domain()
+        d = domain()
+        assert d is not None
+        domid = d[0]
+        config = xl_config_json(domid)
+        boot, n = snapshot()
+        libxc = WORK / f"sup-{dialect}.libxc"
+        with contextlib.suppress(FileNotFoundError):
+            libxc.unlink()
+        argv = [sys.executable, str(LAB / "xcsave_save.py"), "--domid", str(domid),
+                "--out", str(libxc), "--dialect", dialect]
+        if dialect == "xen-4.17":
+            argv += ["--helper", str(STOCK_HELPER)]
+        r = run(argv, timeout=400)
+        try:
+            report = json.loads(r.out.strip().splitlines()[-1]) if r.out.strip() else {}
+        except ValueError:
+            report = {}
+        after = domain()
+        if r.rc != 0 or not libxc.exists():
+            # Put the domain back if the save failed after suspending it.
+            if after is not None and "s" in after[1]:
+                run(["xl", "destroy", DOMAIN], timeout=60)
+            raise StepFailed(f"xcsave save failed: {r.brief()}")
+        if after is None or after[0] != domid or "s" not in after[1]:
+            raise StepFailed(f"after the save the domain should be suspended, is {after}")
+        TIMES.setdefault(f"sup-save:{dialect}", []).append(r.secs)
+        out: dict[str, Any] = {"dialect": dialect, "save_secs": round(r.secs, 2),
+                               "bytes": libxc.stat().st_size, "saver": report}
+        out["libxc"] = verify_image(libxc, "libxc")
+        xl_img = WORK / f"sup-{dialect}.xl"
+        wrap_xl(libxc, xl_img, config)
+        libxc.unlink()
+        out["xl"] = verify_image(xl_img, "xl")
+        # The source is suspended in Xen: destroy it, restore the copy by xl.
+        run(["xl", "destroy", str(domid)], timeout=60)
+        res = xl_restore(xl_img, restore_helper, boot, n)
+        xl_img.unlink()
+        out.update({"restore_helper": _who(restore_helper),
+                    "restore_secs": round(res["secs"], 2), "boot": boot, "tick_before": n,
+                    "tick_after": res["tick_after"], "gap": res["gap"]})
+        if fresh:
+            out["fresh_domain"] = fresh
+        return out
+
+    return fn
+
+
+# --------------------------------------------------------------------- main
+
+
+def ratio_summary() -> dict[str, Any]:
+    def med(key: str) -> float | None:
+        v = TIMES.get(key)
+        return round(statistics.median(v), 2) if v else None
+
+    out: dict[str, Any] = {"samples": {k: [round(x, 2) for x in v] for k, v in TIMES.items()}}
+    for op in ("save", "restore", "migrate"):
+        ours, stock = med(f"{op}:xcsave"), med(f"{op}:stock")
+        if ours and stock:
+            out[f"{op}_xcsave_s"], out[f"{op}_stock_s"] = ours, stock
+            out[f"{op}_ratio"] = round(ours / stock, 3)
+    return out
+
+
+def setup() -> dict[str, Any]:
+    r = run(["xl", "info"], timeout=60)
+    info = {}
+    for line in r.out.splitlines():
+        k, _, v = line.partition(":")
+        if k.strip() in ("xen_version", "xen_extra", "total_memory", "free_memory",
+                         "xen_commandline", "virt_caps"):
+            info[k.strip()] = v.strip()
+    if r.rc != 0:
+        raise StepFailed(f"xl info: {r.brief()}")
+    ver = run(["dpkg-query", "-W", "-f", "${Version}", "xen-hypervisor-4.17-amd64"], timeout=30)
+    info["xen_package"] = ver.out.strip()
+    hv = run([sys.executable, "-m", "xcsave", "--version"], timeout=60)
+    info["xcsave"] = hv.out.strip().replace("\n", "; ")
+    if "xen" not in hv.out.split("backends:")[-1].split("\n")[0]:
+        raise StepFailed(f"xcsave has no xen backend: {hv.out.strip()} {hv.err.strip()}")
+    info["domain"] = create()
+    return info
+
+
+def main() -> int:
+    global OUR_HELPER
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(LAB / "config.json"))
+    args = ap.parse_args()
+    CFG.update(json.loads(Path(args.config).read_text()))
+    WORK.mkdir(parents=True, exist_ok=True)
+    import xcsave.supervisor
+
+    OUR_HELPER = str(xcsave.supervisor.helper_path())
+    # The broken helper wrapper (--broken-helper runs only) wraps ours.
+    os.environ["XCSAVE_LAB_REAL_HELPER"] = OUR_HELPER
+    dropin = CFG.get("dropin_helper") or OUR_HELPER
+    level = CFG.get("level", "default")
+    emit({"event": "start", "level": level, "dropin_helper": dropin,
+          "our_helper": OUR_HELPER})
+
+    if not step("setup", setup):
+        return 1
+    step("dropin-save-restore", save_restore("dropin", dropin, dropin))
+    step("supervisor-xcsave1-live-save", supervisor_save("xcsave-1", None))
+    if level in ("default", "full"):
+        step("stock-save-restore", save_restore("stock", None, None))
+        step("cross-save-xcsave-restore-stock", save_restore("cross1", OUR_HELPER, None))
+        step("cross-save-stock-restore-xcsave", save_restore("cross2", None, OUR_HELPER))
+        step("supervisor-stock-helper-live-save", supervisor_save("xen-4.17", OUR_HELPER))
+        step("migrate-xcsave", migrate(OUR_HELPER))
+    if level == "full":
+        step("migrate-stock", migrate(None))
+        for i in range(int(CFG.get("ratio_rounds", 3))):
+            step(f"ratio-{i}-xcsave", save_restore(f"r{i}a", OUR_HELPER, OUR_HELPER))
+            step(f"ratio-{i}-stock", save_restore(f"r{i}b", None, None))
+    emit({"event": "ratio", **ratio_summary()})
+    emit({"event": "done"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

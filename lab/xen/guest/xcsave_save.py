@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Save a running Xen domain with xcsave's supervisor, from Python, in dom0.
+
+xcsave-1 dialect (xcsave-helper, xen backend): a live save whose precopy
+policy is a Python function here, which records every decision it makes.
+xen-4.17 dialect (Xen's stock libxl-save-helper): the same save through the
+``xcsave save`` command line with ``--suspend-cmd``.
+
+Either way the guest is suspended through xenstore by ``suspend-domain``.
+Prints one JSON line: what the supervisor reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import xcsave
+from xcsave import api, policy
+
+HERE = Path(__file__).resolve().parent
+SUSPEND = HERE / "suspend-domain"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--domid", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dialect", choices=("xcsave-1", "xen-4.17"), required=True)
+    ap.add_argument("--helper")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+
+    if args.dialect == "xen-4.17":
+        # The command line, as a user would type it.
+        argv = [sys.executable, "-m", "xcsave", "save", "--domid", str(args.domid), args.out,
+                "--live", "--dialect", "xen-4.17", "--helper", args.helper,
+                "--suspend-cmd", f"{SUSPEND} {args.domid}", "--progress", "plain"]
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)
+        print(json.dumps({"via": "cli", "rc": r.returncode, "secs": round(time.monotonic() - t0, 2),
+                          "stderr_tail": r.stderr.strip().splitlines()[-2:]}))
+        return r.returncode
+
+    decisions: list[dict[str, int | str]] = []
+    base = policy.xen_default(max_iters=4, threshold=50)
+
+    def lab_policy(st: policy.PrecopyStats) -> policy.Decision:
+        d = base(st)
+        decisions.append({"iteration": st.iteration, "dirty": st.dirty_count, "decision": d.name})
+        return d
+
+    async def suspend() -> int:
+        proc = await asyncio.create_subprocess_exec(str(SUSPEND), str(args.domid))
+        return int(await proc.wait() == 0)
+
+    cbs = xcsave.Callbacks(suspend=suspend, switch_qemu_logdirty=lambda domid, enable: 0)
+    res = asyncio.run(api.save(args.out, domid=args.domid, live=True, dialect="xcsave-1",
+                               callbacks=cbs, policy=lab_policy, timeout=900))
+    stats = res.stats
+    print(json.dumps({
+        "via": "api", "secs": round(time.monotonic() - t0, 2), "elapsed": round(res.elapsed, 2),
+        "rounds": stats.rounds if stats else None,
+        "pages_sent": stats.pages_sent if stats else None,
+        "policy_calls": len(decisions), "decisions": decisions[:8],
+    }))
+    if not decisions:
+        print("the precopy policy was never asked", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
