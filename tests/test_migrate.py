@@ -679,3 +679,42 @@ async def test_receiver_binds_only_the_address_given(shm: Path) -> None:
 async def test_sender_refuses_a_missing_domain_before_connecting(shm: Path) -> None:
     with pytest.raises(FileNotFoundError):
         await migrate.migrate(sim=shm / "nope.dom", to=("127.0.0.1", 9))
+
+
+# ---------------------------------------------------------------- xcsave bench concurrent
+
+
+def test_bench_concurrent_json(shm: Path) -> None:
+    r = subprocess.run(
+        xcsave_argv(
+            "bench", "concurrent", "--domains", "3", "--memory", "16M", "--rate", "2000",
+            "--json", "--dir", shm,
+        ),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert len(data["domains"]) == 3
+    for dom in data["domains"]:
+        assert dom["ok"] is True
+        assert dom["match"] is True  # each copy is bit-exact
+        assert dom["gbps"] > 0
+        assert dom["rounds"] == len(dom["pages_per_round"])
+    assert data["aggregate_gbps"] > 0
+    assert data["single_gbps"] > 0
+    assert list(shm.iterdir()) == []  # its domains are gone again
+
+
+def test_bench_concurrent_plot(shm: Path) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs the 'plot' extra (matplotlib)")
+    png = shm / "rounds.png"
+    r = subprocess.run(
+        xcsave_argv(
+            "bench", "concurrent", "--domains", "2", "--memory", "8M", "--rate", "2000",
+            "--plot", png,
+        ),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "aggregate:" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
