@@ -53,6 +53,7 @@ struct restore_ctx {
     struct xcs_restore_result *res;
     struct xcs_reader r;
     char *partial;           /* temporary target path; NULL once renamed */
+    int on_disk;             /* partial exists as a name (else O_TMPFILE) */
     int tfd;
     uint64_t max_pages;      /* pfn limit before HVM_CONTEXT */
     uint64_t max_pfn;
@@ -194,6 +195,13 @@ static int skip_body(struct restore_ctx *ctx, uint32_t len, const char *what)
 
 /*----- the target file -----*/
 
+/*
+ * fd trick: the target is an O_TMPFILE, an inode with no name, in the final
+ * directory.  If the restorer dies, even by SIGKILL, the kernel frees it: no
+ * half-built domain can survive a crash.  It gets a name (linkat) only once
+ * complete, and is then renamed over the final path.  Filesystems without
+ * O_TMPFILE get the named partial file from the start instead.
+ */
 static int target_create(struct restore_ctx *ctx)
 {
     static unsigned int seq;
@@ -201,23 +209,52 @@ static int target_create(struct restore_ctx *ctx)
     const char *slash = strrchr(path, '/');
     int dirlen = slash ? (int)(slash - path + 1) : 0;
     unsigned int n = __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED);
+    char *dir = NULL;
+    int e;
 
     /* ".<name>.partial.<pid>.<n>" beside the target: same filesystem, so
      * the final rename is atomic; hidden, and unique per restore. */
     if (asprintf(&ctx->partial, "%.*s.%s.partial.%ld.%u", dirlen, path,
-                 path + dirlen, (long)getpid(), n) < 0) {
+                 path + dirlen, (long)getpid(), n) < 0 ||
+        asprintf(&dir, "%.*s", dirlen ? dirlen : 1, dirlen ? path : ".") < 0) {
+        free(ctx->partial);
         ctx->partial = NULL;
         return xcs_fail(ctx->cb, ENOMEM, "allocating a path");
     }
-    ctx->tfd = open(ctx->partial, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (ctx->tfd < 0) {
-        int e = errno;
-
-        free(ctx->partial);
-        ctx->partial = NULL;
-        return xcs_fail(ctx->cb, e, "creating the target domain beside %s: %s",
-                        path, strerror(e));
+    ctx->tfd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+    e = errno;
+    free(dir);
+    if (ctx->tfd >= 0)
+        return 0;
+    if (e == EOPNOTSUPP || e == EISDIR || e == EINVAL) {
+        ctx->tfd = open(ctx->partial, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC,
+                        0644);
+        e = errno;
+        if (ctx->tfd >= 0) {
+            ctx->on_disk = 1;
+            return 0;
+        }
     }
+    free(ctx->partial);
+    ctx->partial = NULL;
+    return xcs_fail(ctx->cb, e, "creating the target domain beside %s: %s",
+                    path, strerror(e));
+}
+
+/* Give the finished O_TMPFILE target its partial name (see target_create). */
+static int target_link(struct restore_ctx *ctx)
+{
+    char proc[64];
+
+    if (ctx->on_disk)
+        return 0;
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", ctx->tfd);
+    /* /proc needs no privilege; AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH. */
+    if (linkat(AT_FDCWD, proc, AT_FDCWD, ctx->partial, AT_SYMLINK_FOLLOW) < 0 &&
+        linkat(ctx->tfd, "", AT_FDCWD, ctx->partial, AT_EMPTY_PATH) < 0)
+        return xcs_fail(ctx->cb, errno, "naming the restored domain %s: %s",
+                        ctx->partial, strerror(errno));
+    ctx->on_disk = 1;
     return 0;
 }
 
@@ -335,9 +372,12 @@ static int finalize(struct restore_ctx *ctx)
                         r < 0 ? strerror(errno) : "short write");
     if (ctx->p->dm_path && ctx->dm && handover_dm(ctx) < 0)
         return -1;
+    if (target_link(ctx) < 0)
+        return -1;
     if (rename(ctx->partial, ctx->p->sim_path) < 0)
         return xcs_fail(ctx->cb, errno, "renaming %s to %s: %s", ctx->partial,
                         ctx->p->sim_path, strerror(errno));
+    ctx->on_disk = 0;
     free(ctx->partial);
     ctx->partial = NULL;
     return 0;
@@ -1248,8 +1288,10 @@ out:
     if (ctx.tfd >= 0)
         close(ctx.tfd);
     if (ctx.partial) {
-        /* No half-built domain: the partial file goes with the failure. */
-        unlink(ctx.partial);
+        /* No half-built domain: the partial file goes with the failure
+         * (an O_TMPFILE never named goes with the close above). */
+        if (ctx.on_disk)
+            unlink(ctx.partial);
         free(ctx.partial);
     }
     ctx.res->bytes_read = ctx.r.off;

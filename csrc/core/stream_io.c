@@ -205,6 +205,10 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
         ssize_t n;
         size_t left;
 
+        if (iovcnt <= 0) {
+            errno = EINVAL; /* the iovecs hold less than len: caller bug */
+            return -1;
+        }
         if (iov->iov_len == 0) {
             iov++;
             iovcnt--;
