@@ -84,7 +84,8 @@ def main() -> int:
         failures.append(f"dom0's scenario exited {events['exit'].get('rc')}")
     if args.qemu_rc not in (0,):
         failures.append(
-            "qemu timed out (overall budget)" if args.qemu_rc == 124
+            "qemu timed out (overall budget)"
+            if args.qemu_rc == 124
             else f"qemu exited {args.qemu_rc}"
         )
 

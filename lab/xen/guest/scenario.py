@@ -92,9 +92,7 @@ class Result:
         return f"{shlex.join(self.argv)}: {what} after {self.secs:.1f}s: {' | '.join(tail)}"
 
 
-def run(
-    argv: list[str], timeout: float, env: dict[str, str] | None = None
-) -> Result:
+def run(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> Result:
     """Run argv with a timeout; output to files (xl's daemons may keep pipes open)."""
     WORK.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ)
@@ -106,8 +104,12 @@ def run(
                 full_env[k] = v
     t0 = time.monotonic()
     with open(WORK / "cmd.out", "w+") as fo, open(WORK / "cmd.err", "w+") as fe:
-        proc = subprocess.Popen(
-            argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=full_env,
+        proc = subprocess.Popen(  # noqa: S603 (the lab's own argv lists)
+            argv,
+            stdout=fo,
+            stderr=fe,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
             start_new_session=True,
         )
         try:
@@ -253,8 +255,13 @@ def create(name: str = DOMAIN) -> dict[str, Any]:
         if d is not None:
             with contextlib.suppress(StepFailed):
                 boot, n = wait_ticking(timeout=90, name=name)
-                return {"domid": d[0], "boot": boot, "tick": n, "xl_secs": round(r.secs, 2),
-                        "attempts": attempt}
+                return {
+                    "domid": d[0],
+                    "boot": boot,
+                    "tick": n,
+                    "xl_secs": round(r.secs, 2),
+                    "attempts": attempt,
+                }
         last = r.brief()
         destroy(name)
     raise StepFailed(f"xl create failed twice: {last}")
@@ -292,8 +299,14 @@ def xl_save(path: Path, helper: str | None) -> dict[str, Any]:
                 magic = f.read(32)
             if not magic.startswith(b"Xen saved domain, xl format"):
                 raise StepFailed(f"{path} is not an xl savefile (magic {magic!r})")
-            return {"secs": r.secs, "boot": boot, "tick": n, "attempts": attempt,
-                    "rc": r.rc, "bytes": path.stat().st_size}
+            return {
+                "secs": r.secs,
+                "boot": boot,
+                "tick": n,
+                "attempts": attempt,
+                "rc": r.rc,
+                "bytes": path.stat().st_size,
+            }
         if after is not None and "s" in after[1]:
             raise StepFailed(f"domain left shut down/suspended after save: {r.brief()}")
         # still running (the save failed and xl resumed it): try once more
@@ -315,8 +328,14 @@ def xl_restore(path: Path, helper: str | None, boot: str, tick: int) -> dict[str
                 if attempt == 2:
                     raise
             else:
-                return {"secs": r.secs, "attempts": attempt, "rc": r.rc, "domid": d[0],
-                        "tick_after": n, "gap": _gap(boot, tick)}
+                return {
+                    "secs": r.secs,
+                    "attempts": attempt,
+                    "rc": r.rc,
+                    "domid": d[0],
+                    "tick_after": n,
+                    "gap": _gap(boot, tick),
+                }
         destroy()
     assert last is not None
     raise StepFailed(f"restore did not bring the domain back: {last.brief()}")
@@ -349,19 +368,34 @@ def step(name: str, fn: Callable[[], dict[str, Any] | None]) -> bool:
     return ok
 
 
-def save_restore(tag: str, save_helper: str | None, restore_helper: str | None) -> Callable:
+def save_restore(
+    tag: str,
+    save_helper: str | None,
+    restore_helper: str | None,
+    where: Path = WORK,
+    timing: str = "",
+) -> Callable:
+    """xl save then xl restore of the same domain; ``timing`` files the times for the ratio."""
+
     def fn() -> dict[str, Any]:
         fresh = ensure_domain()
-        path = WORK / f"{tag}.xl"
+        path = where / f"{tag}.xl"
         s = xl_save(path, save_helper)
-        TIMES.setdefault(f"save:{_who(save_helper)}", []).append(s["secs"])
+        if timing:
+            TIMES.setdefault(f"{timing}save:{_who(save_helper)}", []).append(s["secs"])
         res = xl_restore(path, restore_helper, s["boot"], s["tick"])
-        TIMES.setdefault(f"restore:{_who(restore_helper)}", []).append(res["secs"])
+        if timing:
+            TIMES.setdefault(f"{timing}restore:{_who(restore_helper)}", []).append(res["secs"])
         out = {
-            "save_helper": _who(save_helper), "restore_helper": _who(restore_helper),
-            "save_secs": round(s["secs"], 2), "restore_secs": round(res["secs"], 2),
-            "bytes": s["bytes"], "boot": s["boot"], "tick_before": s["tick"],
-            "tick_after": res["tick_after"], "gap": res["gap"],
+            "save_helper": _who(save_helper),
+            "restore_helper": _who(restore_helper),
+            "save_secs": round(s["secs"], 2),
+            "restore_secs": round(res["secs"], 2),
+            "bytes": s["bytes"],
+            "boot": s["boot"],
+            "tick_before": s["tick"],
+            "tick_after": res["tick_after"],
+            "gap": res["gap"],
             "attempts": [s["attempts"], res["attempts"]],
         }
         if CFG.get("keep_image") != tag:
@@ -390,7 +424,8 @@ def verify_image(path: Path, fmt: str) -> dict[str, Any]:
     out["xcsave_verify"] = "ok"
     r = run(
         [sys.executable, str(VERIFY_STREAM), "-q", "-f", fmt, "-i", str(path)],
-        timeout=600, env={"PYTHONPATH": XEN_PYTHONPATH},
+        timeout=600,
+        env={"PYTHONPATH": XEN_PYTHONPATH},
     )
     if r.rc != 0:
         raise StepFailed(f"verify-stream-v2: {r.brief()}")
@@ -419,10 +454,18 @@ def migrate(helper: str | None) -> Callable:
             if now is not None and now[0] != d[0] and not incoming:
                 _, n2 = wait_ticking(boot, n, timeout=90)
                 TIMES.setdefault(f"migrate:{_who(helper)}", []).append(r.secs)
-                out = {"helper": _who(helper), "secs_xl": round(r.secs, 2), "rc": r.rc,
-                       "domid_before": d[0], "domid_after": now[0], "boot": boot,
-                       "tick_before": n, "tick_after": n2, "gap": _gap(boot, n),
-                       "attempts": attempt}
+                out = {
+                    "helper": _who(helper),
+                    "secs_xl": round(r.secs, 2),
+                    "rc": r.rc,
+                    "domid_before": d[0],
+                    "domid_after": now[0],
+                    "boot": boot,
+                    "tick_before": n,
+                    "tick_after": n2,
+                    "gap": _gap(boot, n),
+                    "attempts": attempt,
+                }
                 if fresh:
                     out["fresh_domain"] = fresh
                 return out
@@ -465,8 +508,9 @@ def wrap_xl(libxc: Path, out: Path, config: bytes) -> None:
     image, END (no emulator records for PV).
     """
     cfg = config + b"\0"
-    hdr = XL_MAGIC + struct.pack("=IIII", 0x01020304, XL_FLAG_JSON | XL_FLAG_STREAMV2, 0,
-                                 4 + len(cfg))
+    hdr = XL_MAGIC + struct.pack(
+        "=IIII", 0x01020304, XL_FLAG_JSON | XL_FLAG_STREAMV2, 0, 4 + len(cfg)
+    )
     with out.open("wb") as f, libxc.open("rb") as src:
         f.write(hdr + struct.pack("=I", len(cfg)) + cfg)
         f.write(struct.pack(">QII", LIBXL_IDENT, 2, 0))
@@ -489,8 +533,16 @@ def supervisor_save(dialect: str, restore_helper: str | None) -> Callable:
         libxc = WORK / f"sup-{dialect}.libxc"
         with contextlib.suppress(FileNotFoundError):
             libxc.unlink()
-        argv = [sys.executable, str(LAB / "xcsave_save.py"), "--domid", str(domid),
-                "--out", str(libxc), "--dialect", dialect]
+        argv = [
+            sys.executable,
+            str(LAB / "xcsave_save.py"),
+            "--domid",
+            str(domid),
+            "--out",
+            str(libxc),
+            "--dialect",
+            dialect,
+        ]
         if dialect == "xen-4.17":
             argv += ["--helper", str(STOCK_HELPER)]
         r = run(argv, timeout=400)
@@ -507,8 +559,12 @@ def supervisor_save(dialect: str, restore_helper: str | None) -> Callable:
         if after is None or after[0] != domid or "s" not in after[1]:
             raise StepFailed(f"after the save the domain should be suspended, is {after}")
         TIMES.setdefault(f"sup-save:{dialect}", []).append(r.secs)
-        out: dict[str, Any] = {"dialect": dialect, "save_secs": round(r.secs, 2),
-                               "bytes": libxc.stat().st_size, "saver": report}
+        out: dict[str, Any] = {
+            "dialect": dialect,
+            "save_secs": round(r.secs, 2),
+            "bytes": libxc.stat().st_size,
+            "saver": report,
+        }
         out["libxc"] = verify_image(libxc, "libxc")
         xl_img = WORK / f"sup-{dialect}.xl"
         wrap_xl(libxc, xl_img, config)
@@ -518,9 +574,16 @@ def supervisor_save(dialect: str, restore_helper: str | None) -> Callable:
         run(["xl", "destroy", str(domid)], timeout=60)
         res = xl_restore(xl_img, restore_helper, boot, n)
         xl_img.unlink()
-        out.update({"restore_helper": _who(restore_helper),
-                    "restore_secs": round(res["secs"], 2), "boot": boot, "tick_before": n,
-                    "tick_after": res["tick_after"], "gap": res["gap"]})
+        out.update(
+            {
+                "restore_helper": _who(restore_helper),
+                "restore_secs": round(res["secs"], 2),
+                "boot": boot,
+                "tick_before": n,
+                "tick_after": res["tick_after"],
+                "gap": res["gap"],
+            }
+        )
         if fresh:
             out["fresh_domain"] = fresh
         return out
@@ -537,7 +600,7 @@ def ratio_summary() -> dict[str, Any]:
         return round(statistics.median(v), 2) if v else None
 
     out: dict[str, Any] = {"samples": {k: [round(x, 2) for x in v] for k, v in TIMES.items()}}
-    for op in ("save", "restore", "migrate"):
+    for op in ("tmpfs-save", "tmpfs-restore", "disk-save", "disk-restore", "migrate"):
         ours, stock = med(f"{op}:xcsave"), med(f"{op}:stock")
         if ours and stock:
             out[f"{op}_xcsave_s"], out[f"{op}_stock_s"] = ours, stock
@@ -550,8 +613,14 @@ def setup() -> dict[str, Any]:
     info = {}
     for line in r.out.splitlines():
         k, _, v = line.partition(":")
-        if k.strip() in ("xen_version", "xen_extra", "total_memory", "free_memory",
-                         "xen_commandline", "virt_caps"):
+        if k.strip() in (
+            "xen_version",
+            "xen_extra",
+            "total_memory",
+            "free_memory",
+            "xen_commandline",
+            "virt_caps",
+        ):
             info[k.strip()] = v.strip()
     if r.rc != 0:
         raise StepFailed(f"xl info: {r.brief()}")
@@ -566,7 +635,7 @@ def setup() -> dict[str, Any]:
 
 
 def main() -> int:
-    global OUR_HELPER
+    global OUR_HELPER  # noqa: PLW0603 (set once, before any step)
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(LAB / "config.json"))
     args = ap.parse_args()
@@ -579,24 +648,31 @@ def main() -> int:
     os.environ["XCSAVE_LAB_REAL_HELPER"] = OUR_HELPER
     dropin = CFG.get("dropin_helper") or OUR_HELPER
     level = CFG.get("level", "default")
-    emit({"event": "start", "level": level, "dropin_helper": dropin,
-          "our_helper": OUR_HELPER})
+    emit({"event": "start", "level": level, "dropin_helper": dropin, "our_helper": OUR_HELPER})
 
     if not step("setup", setup):
         return 1
-    step("dropin-save-restore", save_restore("dropin", dropin, dropin))
+    step("dropin-save-restore", save_restore("dropin", dropin, dropin, timing="disk-"))
     step("supervisor-xcsave1-live-save", supervisor_save("xcsave-1", None))
     if level in ("default", "full"):
-        step("stock-save-restore", save_restore("stock", None, None))
+        step("stock-save-restore", save_restore("stock", None, None, timing="disk-"))
         step("cross-save-xcsave-restore-stock", save_restore("cross1", OUR_HELPER, None))
         step("cross-save-stock-restore-xcsave", save_restore("cross2", None, OUR_HELPER))
         step("supervisor-stock-helper-live-save", supervisor_save("xen-4.17", OUR_HELPER))
         step("migrate-xcsave", migrate(OUR_HELPER))
     if level == "full":
         step("migrate-stock", migrate(None))
+    if level == "full" or CFG.get("ratio_rounds_always"):
+        # Side by side on the same domU and boot, image in dom0's tmpfs (no
+        # disk noise), the order alternating from one round to the next.
+        shm = Path("/dev/shm")
         for i in range(int(CFG.get("ratio_rounds", 3))):
-            step(f"ratio-{i}-xcsave", save_restore(f"r{i}a", OUR_HELPER, OUR_HELPER))
-            step(f"ratio-{i}-stock", save_restore(f"r{i}b", None, None))
+            pair = [("xcsave", OUR_HELPER), ("stock", None)]
+            for who, helper in pair if i % 2 == 0 else pair[::-1]:
+                step(
+                    f"ratio-{i}-{who}",
+                    save_restore(f"r{i}{who}", helper, helper, where=shm, timing="tmpfs-"),
+                )
     emit({"event": "ratio", **ratio_summary()})
     emit({"event": "done"})
     return 0

@@ -38,12 +38,36 @@ def main() -> int:
 
     if args.dialect == "xen-4.17":
         # The command line, as a user would type it.
-        argv = [sys.executable, "-m", "xcsave", "save", "--domid", str(args.domid), args.out,
-                "--live", "--dialect", "xen-4.17", "--helper", args.helper,
-                "--suspend-cmd", f"{SUSPEND} {args.domid}", "--progress", "plain"]
-        r = subprocess.run(argv, capture_output=True, text=True, check=False)
-        print(json.dumps({"via": "cli", "rc": r.returncode, "secs": round(time.monotonic() - t0, 2),
-                          "stderr_tail": r.stderr.strip().splitlines()[-2:]}))
+        argv = [
+            sys.executable,
+            "-m",
+            "xcsave",
+            "save",
+            "--domid",
+            str(args.domid),
+            args.out,
+            "--live",
+            "--dialect",
+            "xen-4.17",
+            "--helper",
+            args.helper,
+            "--suspend-cmd",
+            f"{SUSPEND} {args.domid}",
+            "--progress",
+            "plain",
+        ]
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
+        secs = round(time.monotonic() - t0, 2)
+        print(
+            json.dumps(
+                {
+                    "via": "cli",
+                    "rc": r.returncode,
+                    "secs": secs,
+                    "stderr_tail": r.stderr.strip().splitlines()[-2:],
+                }
+            )
+        )
         return r.returncode
 
     decisions: list[dict[str, int | str]] = []
@@ -59,15 +83,31 @@ def main() -> int:
         return int(await proc.wait() == 0)
 
     cbs = xcsave.Callbacks(suspend=suspend, switch_qemu_logdirty=lambda domid, enable: 0)
-    res = asyncio.run(api.save(args.out, domid=args.domid, live=True, dialect="xcsave-1",
-                               callbacks=cbs, policy=lab_policy, timeout=900))
+    res = asyncio.run(
+        api.save(
+            args.out,
+            domid=args.domid,
+            live=True,
+            dialect="xcsave-1",
+            callbacks=cbs,
+            policy=lab_policy,
+            timeout=900,
+        )
+    )
     stats = res.stats
-    print(json.dumps({
-        "via": "api", "secs": round(time.monotonic() - t0, 2), "elapsed": round(res.elapsed, 2),
-        "rounds": stats.rounds if stats else None,
-        "pages_sent": stats.pages_sent if stats else None,
-        "policy_calls": len(decisions), "decisions": decisions[:8],
-    }))
+    print(
+        json.dumps(
+            {
+                "via": "api",
+                "secs": round(time.monotonic() - t0, 2),
+                "elapsed": round(res.elapsed, 2),
+                "rounds": stats.rounds if stats else None,
+                "pages_sent": stats.pages_sent if stats else None,
+                "policy_calls": len(decisions),
+                "decisions": decisions[:8],
+            }
+        )
+    )
     if not decisions:
         print("the precopy policy was never asked", file=sys.stderr)
         return 1
