@@ -362,6 +362,48 @@ def test_restore_through_a_pipe(tmp_path: Path) -> None:
     assert _ext.sim_digest(str(tmp_path / "dst")) == _ext.sim_digest(src)
 
 
+def test_nonblocking_pipes(tmp_path: Path) -> None:
+    """O_NONBLOCK stream fds (an asyncio toolstack's) wait instead of failing."""
+    src = make(tmp_path, "src", 3000, seed=6)
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while chunk := os.read(rfd, 10000):
+            chunks.append(chunk)
+            time.sleep(0.0005)  # slower than the writer: EAGAIN happens
+
+    t = threading.Thread(target=drain)
+    t.start()
+    try:
+        st = _ext.engine_save(wfd, src, wrap="libxl")
+    finally:
+        os.close(wfd)
+        t.join()
+        os.close(rfd)
+    data = b"".join(chunks)
+    assert len(data) == st["bytes_written"]
+
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+
+    def feed() -> None:
+        with os.fdopen(wfd, "wb", buffering=0) as w:
+            for i in range(0, len(data), 50000):
+                w.write(data[i : i + 50000])
+                time.sleep(0.001)  # slower than the reader: EAGAIN happens
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        _ext.engine_restore(rfd, str(tmp_path / "dst"), wrap="libxl")
+    finally:
+        t.join()
+        os.close(rfd)
+    assert _ext.sim_digest(str(tmp_path / "dst")) == _ext.sim_digest(src)
+
+
 def test_restore_accepts_v2_and_params_before_context(tmp_path: Path) -> None:
     src = make(tmp_path, "src", 700, 2, seed=8)
     stream = tmp_path / "s"

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -114,6 +115,23 @@ void xcs_progress_end(struct xcs_progress *pr, uint64_t done)
 
 /*----- writing -----*/
 
+/*
+ * The stream fd may be non-blocking: O_NONBLOCK lives in the open file
+ * description, which an asyncio toolstack shares with us (its sockets and
+ * pipes are all non-blocking).  EAGAIN then means "wait", not "fail": block
+ * in poll until the fd is ready, as a blocking fd would have.
+ */
+static int wait_ready(int fd, short events)
+{
+    struct pollfd pfd = {.fd = fd, .events = events};
+    int r;
+
+    do {
+        r = poll(&pfd, 1, -1);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -1 : 0;
+}
+
 int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
 {
     while (iovcnt > 0) {
@@ -129,6 +147,9 @@ int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
         r = writev(w->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
         if (r < 0) {
             if (errno == EINTR)
+                continue;
+            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
+                wait_ready(w->fd, POLLOUT) == 0)
                 continue;
             return -1;
         }
@@ -217,6 +238,9 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
         n = readv(r->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
         if (n < 0) {
             if (errno == EINTR)
+                continue;
+            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
+                wait_ready(r->fd, POLLIN) == 0)
                 continue;
             return -1;
         }
