@@ -227,7 +227,7 @@ def test_restore_refuses_more_pages_than_the_domain(small_image: bytes, tmp_path
 
 def test_restore_refuses_a_record_over_the_cap(small_image: bytes, tmp_path: Path) -> None:
     img = bytearray(small_image)
-    off, rtype, _ = next(r for r in _records(small_image) if r[1] == 1)
+    off, _, _ = next(r for r in _records(small_image) if r[1] == 1)
     struct.pack_into("<I", img, off + 4, 200 << 20)  # 200 MiB record
     msg = _refused(tmp_path, bytes(img))
     assert "134217728" in msg or "exceeds" in msg
