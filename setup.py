@@ -158,7 +158,12 @@ class build_ext(_pybind_build_ext):
 
     def copy_extensions_to_source(self) -> None:
         super().copy_extensions_to_source()
-        shutil.copy2(self._helper_build_path(), HERE / "xcsave" / HELPER_NAME)
+        # Copy beside and rename over: writing into the old file fails with
+        # ETXTBSY while any helper from it is running (tests, benchmarks).
+        dest = HERE / "xcsave" / HELPER_NAME
+        tmp = dest.with_name(f".{HELPER_NAME}.{os.getpid()}.tmp")
+        shutil.copy2(self._helper_build_path(), tmp)
+        os.replace(tmp, dest)
 
 
 setup(
