@@ -250,7 +250,7 @@ def test_receiver_killed_mid_stream_resumes_the_sender(
                     sender.kill()
                     sender.wait()
             state_after = sim.info(src)["state"]
-        receiver.communicate(timeout=60)
+        _rout, rerr = receiver.communicate(timeout=60)
     finally:
         if receiver.poll() is None:
             receiver.kill()
@@ -261,7 +261,8 @@ def test_receiver_killed_mid_stream_resumes_the_sender(
     assert state_after == "running"  # resumed: the guest ran on while we looked
     assert not dst.exists()
     if sig == signal.SIGTERM:
-        assert receiver.returncode != 0
+        assert receiver.returncode == 1
+        assert rerr == "xcsave: receive: terminated by SIGTERM\n"
         assert partials(dst) == []  # the receiver cleaned up after itself
     else:
         # A helper killed outright cannot clean up; the next receive sweeps its partial.
@@ -545,11 +546,33 @@ async def test_sender_on_each_receiver_failure(shm: Path, ending: str) -> None:
     assert sim.digest(src) == before
 
 
+async def test_sender_cancelled_after_go_stays_suspended_and_says_so(shm: Path) -> None:
+    src = sim.create(shm / "src.dom", 4 * MiB, seed=4)
+    gone: asyncio.Event = asyncio.Event()
+
+    async def stalls_after_go(conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await _restore_on(conn, shm / "dst.dom")
+        await loop.sock_sendall(conn, READY)
+        assert await _sock_recv_exact(conn, len(GO)) == GO
+        gone.set()
+        assert await _sock_recv_exact(conn, 1) == b""  # until the sender hangs up
+
+    async with fake_receiver(stalls_after_go) as addr:
+        task = asyncio.create_task(migrate.migrate(sim=src, to=addr))
+        await asyncio.wait_for(gone.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+    assert "may be running there" in " ".join(cancelled.value.__notes__)
+    assert sim.info(src)["state"] == "suspended"
+
+
 async def test_sender_gives_up_on_a_silent_receiver(shm: Path) -> None:
     src = sim.create(shm / "src.dom", 4 * MiB, seed=4)
 
     async def silent(conn: socket.socket) -> None:
-        await asyncio.sleep(5)
+        assert await _sock_recv_exact(conn, 1) == b""  # says nothing until hung up on
 
     async with fake_receiver(silent) as addr:
         with pytest.raises(migrate.HandshakeError, match="ETIMEDOUT"):

@@ -170,11 +170,11 @@ def renderer(args: argparse.Namespace, out: Any = None) -> Renderer:
 
 
 def run_async(make: Callable[[], Awaitable[T]]) -> T:
-    """``asyncio.run`` with SIGTERM cancelling the command, so that it cleans up.
+    """``asyncio.run`` where SIGTERM and Ctrl-C cancel the command, so that it cleans up.
 
-    Ctrl-C already cancels the main task under ``asyncio.run`` (and ends as
-    KeyboardInterrupt); SIGTERM does the same here and ends as
-    :class:`Terminated`.
+    Ends as :class:`Terminated` (SIGTERM) or KeyboardInterrupt (Ctrl-C), with
+    any note the operation left on the cancellation (e.g. a migration
+    interrupted in its final handshake says where the domain may run).
     """
     import asyncio
     import signal
@@ -183,21 +183,30 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        terminated: list[bool] = []
+        got: list[signal.Signals] = []
 
-        def on_term() -> None:
-            terminated.append(True)
+        def on_signal(sig: signal.Signals) -> None:
+            got.append(sig)
             task.cancel()
 
-        loop.add_signal_handler(signal.SIGTERM, on_term)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await make()
-        except asyncio.CancelledError:
-            if terminated:
-                raise Terminated("terminated by SIGTERM (cleaned up)") from None
-            raise
+        except asyncio.CancelledError as e:
+            if not got:
+                raise
+            notes = "; ".join(getattr(e, "__notes__", []))
+            if got[0] == signal.SIGTERM:
+                raise Terminated(
+                    f"terminated by SIGTERM: {notes}" if notes else "terminated by SIGTERM"
+                ) from None
+            if notes:
+                raise Terminated(f"interrupted: {notes}") from None
+            raise KeyboardInterrupt from None
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
     return asyncio.run(main())
 

@@ -505,13 +505,13 @@ async def migrate_on(
                     f"check {peer} before resuming either copy (xcsave sim resume)",
                     errno=getattr(e, "errno", None),
                 ) from e
-            log.error(
-                "migrate %s to %s interrupted in the final handshake: %s stays suspended "
-                "here and may be running there",
-                src,
-                peer,
-                src,
+            note = (
+                f"migrate {src} to {peer} was interrupted in the final handshake: {src} "
+                f"stays suspended here and may be running there; check {peer} before "
+                "resuming either copy"
             )
+            log.error("%s", note)
+            e.add_note(note)  # for whoever reports the cancellation (the CLI does)
             raise
         state = _put_back(src, before)
         ev.done(False, cause)
