@@ -1256,6 +1256,10 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
                         ? p->max_pages
                         : XCS_SIM_MAX_PAGES;
 
+    if (!p->sim_path || !*p->sim_path) {
+        xcs_fail(cb, EINVAL, "no sim domain path given");
+        goto out;
+    }
     if (p->stream_type != XCS_STREAM_PLAIN && !ctx.remus) {
         xcs_fail(cb, EOPNOTSUPP, "stream type %d is not supported by the sim "
                  "engine", p->stream_type);

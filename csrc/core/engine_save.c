@@ -560,6 +560,10 @@ int xcs_engine_save(const struct xcs_save_params *p,
     memset(ctx.st, 0, sizeof(*ctx.st));
     ctx.w.fd = p->io_fd;
 
+    if (!p->sim_path || !*p->sim_path) {
+        xcs_fail(cb, EINVAL, "no sim domain path given");
+        goto out;
+    }
     if (p->stream_type != XCS_STREAM_PLAIN && !remus) {
         xcs_fail(cb, EOPNOTSUPP, "stream type %d is not supported by the sim "
                  "engine", p->stream_type);
