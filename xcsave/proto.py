@@ -280,6 +280,33 @@ def encode_reply(value: int) -> bytes:
 
 
 REPLY_SIZE: Final = struct.calcsize("=i")
+_U16: Final = struct.Struct("=H")
+_U32: Final = struct.Struct("=I")
+_LAYOUTS: dict[str, tuple[struct.Struct | Arg, ...]] = {}
+
+
+def _layout(spec: MessageSpec) -> tuple[struct.Struct | Arg, ...]:
+    """How to parse a body: runs of scalars merged into one Struct, var args as themselves.
+
+    Built once per message (the decoder's hot path is one or two unpack_from
+    calls per frame, not one per argument).
+    """
+    steps = _LAYOUTS.get(spec.name)
+    if steps is None:
+        out: list[struct.Struct | Arg] = []
+        codes = ""
+        for arg in spec.args:
+            if arg.is_var:
+                if codes:
+                    out.append(struct.Struct("=" + codes))
+                    codes = ""
+                out.append(arg)
+            else:
+                codes += arg.code
+        if codes:
+            out.append(struct.Struct("=" + codes))
+        steps = _LAYOUTS[spec.name] = tuple(out)
+    return steps
 
 
 class Decoder:
@@ -331,7 +358,7 @@ class Decoder:
         return self._parse(body)
 
     def _parse(self, body: bytes) -> Frame:
-        (num,) = struct.unpack_from("=H", body, 0)
+        (num,) = _U16.unpack_from(body, 0)
         spec = self.dialect.by_number.get(num)
         if spec is None:
             raise ProtocolError(f"unknown message number {num} in dialect {self.dialect.name}")
@@ -346,29 +373,27 @@ class Decoder:
             raise ProtocolError(f"{spec.name} is not a restore-side message")
         off = 2
         values: list[int | str | bytes] = []
-        for arg in spec.args:
-            if arg.is_var:
-                if off + 4 > len(body):
-                    raise ProtocolError(f"{spec.name}: truncated length of {arg.name}")
-                (n,) = struct.unpack_from("=I", body, off)
-                off += 4
-                if n > len(body) - off:
-                    raise ProtocolError(f"{spec.name}: {arg.name} of {n} bytes overruns the frame")
-                raw = body[off : off + n]
-                off += n
-                if arg.type == "STRING":
-                    if n == 0 or raw[-1] != 0:
-                        raise ProtocolError(f"{spec.name}: {arg.name} is not NUL-terminated")
-                    values.append(raw[:-1].decode("utf-8", errors="replace"))
-                else:
-                    values.append(raw)
+        for step in _layout(spec):
+            if isinstance(step, struct.Struct):  # a run of scalars: one unpack
+                if off + step.size > len(body):
+                    raise ProtocolError(f"{spec.name}: truncated after {off} bytes")
+                values.extend(step.unpack_from(body, off))
+                off += step.size
+                continue
+            if off + 4 > len(body):
+                raise ProtocolError(f"{spec.name}: truncated length of {step.name}")
+            (n,) = _U32.unpack_from(body, off)
+            off += 4
+            if n > len(body) - off:
+                raise ProtocolError(f"{spec.name}: {step.name} of {n} bytes overruns the frame")
+            raw = body[off : off + n]
+            off += n
+            if step.type == "STRING":
+                if n == 0 or raw[-1] != 0:
+                    raise ProtocolError(f"{spec.name}: {step.name} is not NUL-terminated")
+                values.append(raw[:-1].decode("utf-8", errors="replace"))
             else:
-                fmt = "=" + arg.code
-                size = struct.calcsize(fmt)
-                if off + size > len(body):
-                    raise ProtocolError(f"{spec.name}: truncated at {arg.name}")
-                values.append(struct.unpack_from(fmt, body, off)[0])
-                off += size
+                values.append(raw)
         if off != len(body):
             raise ProtocolError(f"{spec.name}: {len(body) - off} trailing bytes")
         frame = Frame(spec, tuple(values))
