@@ -53,7 +53,6 @@ struct restore_ctx {
     struct xcs_restore_result *res;
     struct xcs_reader r;
     char *partial;           /* temporary target path; NULL once renamed */
-    int on_disk;             /* partial exists as a name (else O_TMPFILE) */
     int tfd;
     uint64_t max_pages;      /* pfn limit before HVM_CONTEXT */
     uint64_t max_pfn;
@@ -196,11 +195,11 @@ static int skip_body(struct restore_ctx *ctx, uint32_t len, const char *what)
 /*----- the target file -----*/
 
 /*
- * fd trick: the target is an O_TMPFILE, an inode with no name, in the final
- * directory.  If the restorer dies, even by SIGKILL, the kernel frees it: no
- * half-built domain can survive a crash.  It gets a name (linkat) only once
- * complete, and is then renamed over the final path.  Filesystems without
- * O_TMPFILE get the named partial file from the start instead.
+ * The target is ".<name>.partial.<pid>.<n>" beside the final path: the same
+ * filesystem, so the final rename is atomic; hidden; unique per restore.
+ * The name is a contract: a restorer killed by SIGKILL cannot remove its
+ * partial file, and the toolstack (xcsave/api.py, migrate.py) sweeps
+ * ".<name>.partial.<pid>.*" after a helper it knows died.
  */
 static int target_create(struct restore_ctx *ctx)
 {
@@ -209,52 +208,21 @@ static int target_create(struct restore_ctx *ctx)
     const char *slash = strrchr(path, '/');
     int dirlen = slash ? (int)(slash - path + 1) : 0;
     unsigned int n = __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED);
-    char *dir = NULL;
-    int e;
 
-    /* ".<name>.partial.<pid>.<n>" beside the target: same filesystem, so
-     * the final rename is atomic; hidden, and unique per restore. */
     if (asprintf(&ctx->partial, "%.*s.%s.partial.%ld.%u", dirlen, path,
-                 path + dirlen, (long)getpid(), n) < 0 ||
-        asprintf(&dir, "%.*s", dirlen ? dirlen : 1, dirlen ? path : ".") < 0) {
-        free(ctx->partial);
+                 path + dirlen, (long)getpid(), n) < 0) {
         ctx->partial = NULL;
         return xcs_fail(ctx->cb, ENOMEM, "allocating a path");
     }
-    ctx->tfd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
-    e = errno;
-    free(dir);
-    if (ctx->tfd >= 0)
-        return 0;
-    if (e == EOPNOTSUPP || e == EISDIR || e == EINVAL) {
-        ctx->tfd = open(ctx->partial, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC,
-                        0644);
-        e = errno;
-        if (ctx->tfd >= 0) {
-            ctx->on_disk = 1;
-            return 0;
-        }
+    ctx->tfd = open(ctx->partial, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (ctx->tfd < 0) {
+        int e = errno;
+
+        free(ctx->partial);
+        ctx->partial = NULL;
+        return xcs_fail(ctx->cb, e, "creating the target domain beside %s: %s",
+                        path, strerror(e));
     }
-    free(ctx->partial);
-    ctx->partial = NULL;
-    return xcs_fail(ctx->cb, e, "creating the target domain beside %s: %s",
-                    path, strerror(e));
-}
-
-/* Give the finished O_TMPFILE target its partial name (see target_create). */
-static int target_link(struct restore_ctx *ctx)
-{
-    char proc[64];
-
-    if (ctx->on_disk)
-        return 0;
-    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", ctx->tfd);
-    /* /proc needs no privilege; AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH. */
-    if (linkat(AT_FDCWD, proc, AT_FDCWD, ctx->partial, AT_SYMLINK_FOLLOW) < 0 &&
-        linkat(ctx->tfd, "", AT_FDCWD, ctx->partial, AT_EMPTY_PATH) < 0)
-        return xcs_fail(ctx->cb, errno, "naming the restored domain %s: %s",
-                        ctx->partial, strerror(errno));
-    ctx->on_disk = 1;
     return 0;
 }
 
@@ -372,12 +340,9 @@ static int finalize(struct restore_ctx *ctx)
                         r < 0 ? strerror(errno) : "short write");
     if (ctx->p->dm_path && ctx->dm && handover_dm(ctx) < 0)
         return -1;
-    if (target_link(ctx) < 0)
-        return -1;
     if (rename(ctx->partial, ctx->p->sim_path) < 0)
         return xcs_fail(ctx->cb, errno, "renaming %s to %s: %s", ctx->partial,
                         ctx->p->sim_path, strerror(errno));
-    ctx->on_disk = 0;
     free(ctx->partial);
     ctx->partial = NULL;
     return 0;
@@ -1292,10 +1257,8 @@ out:
     if (ctx.tfd >= 0)
         close(ctx.tfd);
     if (ctx.partial) {
-        /* No half-built domain: the partial file goes with the failure
-         * (an O_TMPFILE never named goes with the close above). */
-        if (ctx.on_disk)
-            unlink(ctx.partial);
+        /* No half-built domain: the partial file goes with the failure. */
+        unlink(ctx.partial);
         free(ctx.partial);
     }
     ctx.res->bytes_read = ctx.r.off;
