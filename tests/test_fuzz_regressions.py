@@ -36,6 +36,16 @@ ACCEPTED = "<accepted>"
 
 #: file -> (what the product must say now, the bug it found)
 EXPECT: dict[str, tuple[str, str]] = {
+    "scan-libxl-record-length-1.4g-pipe.bin": (
+        "truncated",
+        "verify from a pipe allocated the record length the stream claimed (1.4 GB) "
+        "before reading it; now the buffer grows as bytes arrive",
+    ),
+    "scan-pfn-sizes-unique-page-bitmap.bin": (
+        "exceeds the restorer's limit",
+        "one pfn word near 2^30 made verify allocate and zero a 128 MiB bitmap; "
+        "now the unique-page tracker is sparse (4 KiB chunks)",
+    ),
     "restore-tsc-length-100m-pipe.bin": (
         "truncated",
         "a record header claiming 100 MiB made the restoring helper allocate it "

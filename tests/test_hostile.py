@@ -1116,13 +1116,11 @@ def verify_mutants(tmp: Path, flips_per_stream: int, seed: int) -> tuple[int, Co
     return len(items), verdicts
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in the next scanner commit")
 def test_verify_mutated_corpus(tmp_path: Path) -> None:
     n, verdicts = verify_mutants(tmp_path, flips_per_stream=CI_FLIPS // 4, seed=1)
     assert n > 1000 and verdicts["invalid"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in the next scanner commit")
 def test_verify_hostile_lengths(tmp_path: Path) -> None:
     """Lengths and pfns that would size an allocation if trusted."""
     hvm = corpus.libxc_hvm(3, pfns=(0, 1))

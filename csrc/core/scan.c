@@ -183,21 +183,29 @@ static int src_fill(struct xcs_src *s, size_t n)
         s->buf_head = 0;
         s->buf_tail = avail;
     }
-    if (s->buf_cap - s->buf_head < n) {
-        size_t cap = s->buf_cap ? s->buf_cap : 4096;
-        uint8_t *nb;
-
-        while (cap - s->buf_head < n)
-            cap *= 2;
-        nb = realloc(s->buf, cap);
-        if (!nb)
-            return -1;
-        s->buf = nb;
-        s->buf_cap = cap;
-    }
     while (s->buf_tail - s->buf_head < n) {
-        ssize_t r = read(s->fd, s->buf + s->buf_tail,
-                         n - (s->buf_tail - s->buf_head));
+        size_t want = n - (s->buf_tail - s->buf_head);
+        ssize_t r;
+
+        /*
+         * n comes from a length field of the stream, which may lie: grow
+         * the buffer only as bytes actually arrive (doubling when full), so
+         * that a record header claiming gigabytes followed by EOF costs a
+         * few KiB, not an allocation of the claimed size.
+         */
+        if (s->buf_tail == s->buf_cap) {
+            size_t cap = s->buf_cap ? s->buf_cap * 2 : 4096;
+            uint8_t *nb;
+
+            nb = realloc(s->buf, cap);
+            if (!nb)
+                return -1;
+            s->buf = nb;
+            s->buf_cap = cap;
+        }
+        if (want > s->buf_cap - s->buf_tail)
+            want = s->buf_cap - s->buf_tail;
+        r = read(s->fd, s->buf + s->buf_tail, want);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -302,6 +310,8 @@ uint64_t xcs_src_remaining(const struct xcs_src *s)
 /*----- scanner state -----*/
 
 #define SEEN_MAX_PFN (1ULL << 30) /* unique-page bitmap cap: 4 TiB of guest */
+#define SEEN_CHUNK_SHIFT 15       /* pfns per bitmap chunk: 4 KiB of bits */
+#define SEEN_CHUNKS (SEEN_MAX_PFN >> SEEN_CHUNK_SHIFT)
 #define MAX_VCPUS 4096
 #define XS_MAX (64u << 20)        /* xenstore data we are willing to hold */
 
@@ -331,9 +341,11 @@ struct scan {
     uint8_t hvm_cpu_seen[MAX_VCPUS / 8];
     uint64_t records_since_cp;
 
-    /* unique-page bitmap: sized by the highest pfn seen, capped */
-    uint64_t *seen;
-    size_t seen_words;
+    /*
+     * unique-page bitmap, two levels: a directory of SEEN_CHUNKS pointers
+     * and 4 KiB chunks allocated as pfns in them are seen (see seen_mark)
+     */
+    uint64_t **seen;
     int seen_capped;
 
     uint64_t *sortbuf;
@@ -458,7 +470,8 @@ static int record_body(struct scan *s, uint32_t len, const uint8_t **p)
 
 static void seen_mark(struct scan *s, uint64_t pfn)
 {
-    size_t word = (size_t)(pfn / 64);
+    uint64_t *chunk;
+    size_t bit;
 
     if (pfn >= SEEN_MAX_PFN) {
         if (!s->seen_capped)
@@ -467,29 +480,34 @@ static void seen_mark(struct scan *s, uint64_t pfn)
         s->seen_capped = 1;
         return;
     }
-    if (word >= s->seen_words) {
-        size_t nw = s->seen_words ? s->seen_words : 1024;
-        uint64_t *n;
-
-        while (nw <= word)
-            nw *= 2;
-        if (nw > SEEN_MAX_PFN / 64)
-            nw = SEEN_MAX_PFN / 64;
-        n = realloc(s->seen, nw * sizeof(*n));
-        if (!n) {
-            if (!s->seen_capped)
-                warn(s, "out of memory tracking unique pages");
-            s->seen_capped = 1;
-            return;
-        }
-        memset(n + s->seen_words, 0, (nw - s->seen_words) * sizeof(*n));
-        s->seen = n;
-        s->seen_words = nw;
+    /*
+     * The pfn is the stream's word: a flat bitmap sized by the highest pfn
+     * would let one 8-byte pfn cost 128 MiB.  Chunks are allocated only
+     * where pfns are, so the tracker costs at most 4 KiB per pfn entry read
+     * (plus the 256 KiB directory).
+     */
+    if (!s->seen) {
+        s->seen = calloc(SEEN_CHUNKS, sizeof(*s->seen));
+        if (!s->seen)
+            goto oom;
     }
-    if (!(s->seen[word] & (1ULL << (pfn % 64)))) {
-        s->seen[word] |= 1ULL << (pfn % 64);
+    chunk = s->seen[pfn >> SEEN_CHUNK_SHIFT];
+    if (!chunk) {
+        chunk = calloc((1u << SEEN_CHUNK_SHIFT) / 64, sizeof(*chunk));
+        if (!chunk)
+            goto oom;
+        s->seen[pfn >> SEEN_CHUNK_SHIFT] = chunk;
+    }
+    bit = (size_t)(pfn & ((1u << SEEN_CHUNK_SHIFT) - 1));
+    if (!(chunk[bit / 64] & (1ULL << (bit % 64)))) {
+        chunk[bit / 64] |= 1ULL << (bit % 64);
         s->rep->pages_unique++;
     }
+    return;
+oom:
+    if (!s->seen_capped)
+        warn(s, "out of memory tracking unique pages");
+    s->seen_capped = 1;
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -1510,6 +1528,9 @@ out:
         rep->bytes = in.pos;
         xcs_src_close(&in);
     }
+    if (s.seen)
+        for (size_t i = 0; i < SEEN_CHUNKS; i++)
+            free(s.seen[i]);
     free(s.seen);
     free(s.sortbuf);
     rep->valid = rc == 0;
