@@ -92,13 +92,21 @@ int xcs_cb_wanted(const struct xcs_op *op, enum xcs_msg m)
 /* Fatal: say so on stderr (inherited from the parent, as in Xen) and exit. */
 static void __attribute__((noreturn, format(printf, 1, 2))) fatal(const char *fmt, ...)
 {
+    char line[1024];
     va_list al;
 
-    fputs(XCS_HELPER_CONTEXT ": ", stderr);
+    /*
+     * The message quotes argv, which is the parent's to choose: escape
+     * control characters, so that it stays ONE line on stderr (the parent
+     * reports the last line) and cannot drive a terminal.
+     */
     va_start(al, fmt);
-    vfprintf(stderr, fmt, al);
+    vsnprintf(line, sizeof(line), fmt, al);
     va_end(al);
-    fputc('\n', stderr);
+    for (char *c = line; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            *c = '?';
+    fprintf(stderr, XCS_HELPER_CONTEXT ": %s\n", line);
     exit(XCS_EXIT_FATAL);
 }
 
@@ -284,9 +292,20 @@ static unsigned long parse_num(const char *what, const char *s, unsigned long ma
 /* An fd number, or -1 ("none") where allowed. */
 static int parse_fd(const char *what, const char *s, int allow_none)
 {
+    int fd;
+
     if (allow_none && s && strcmp(s, "-1") == 0)
         return -1;
-    return (int)parse_num(what, s, INT_MAX);
+    fd = (int)parse_num(what, s, INT_MAX);
+    /*
+     * 0 and 1 are the control pipes and 2 is stderr: a stream there would
+     * be written into (or read from) the protocol itself.  The supervisor
+     * (high_fd) and libxl never pass them.
+     */
+    if (fd <= STDERR_FILENO)
+        fatal("bad <%s> %d: fds 0-2 are the helper's control pipes and stderr",
+              what, fd);
+    return fd;
 }
 
 static void check_fd(const char *what, int fd)

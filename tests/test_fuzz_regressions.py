@@ -51,6 +51,14 @@ EXPECT: dict[str, tuple[str, str]] = {
         "a record header claiming 100 MiB made the restoring helper allocate it "
         "before reading (ENOMEM under a memory limit); now bodies grow as they arrive",
     ),
+    "helper-argv-newline.bin": (
+        "unexpected mode argument",
+        "a newline in argv split the helper's fatal message into several lines",
+    ),
+    "helper-io-fd-is-stdout.bin": (
+        "fds 0-2",
+        "--io-fd 1 made the helper write the migration stream into its control pipe",
+    ),
 }
 
 

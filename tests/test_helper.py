@@ -60,8 +60,8 @@ def test_version_names_protocol_table_and_backends() -> None:
         (("--save-domain", "77", "-1", "1", "0", "0", "0"), "io_fd 77 is not open"),
         (("--xcsave-1", "dance"), "needs a mode"),
         (("--xcsave-1", "save"), "--io-fd is required"),
-        (("--xcsave-1", "save", "--io-fd", "1", "--format", "tar"), "bad --format"),
-        (("--xcsave-1", "save", "--io-fd", "1", "--frobnicate", "2"), "unknown"),
+        (("--xcsave-1", "save", "--io-fd", "5", "--format", "tar"), "bad --format"),
+        (("--xcsave-1", "save", "--io-fd", "5", "--frobnicate", "2"), "unknown"),
     ],
 )
 def test_bad_argv_is_one_line_and_exit_255(args: tuple[str, ...], match: str) -> None:
