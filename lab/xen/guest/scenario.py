@@ -610,6 +610,8 @@ def ratio_summary() -> dict[str, Any]:
 
 def setup() -> dict[str, Any]:
     r = run(["xl", "info"], timeout=60)
+    if r.rc != 0:  # one retry, as for every xl call
+        r = run(["xl", "info"], timeout=60)
     info = {}
     for line in r.out.splitlines():
         k, _, v = line.partition(":")
