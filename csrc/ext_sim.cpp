@@ -106,6 +106,19 @@ void sim_set_state(const std::string &path, const std::string &state)
         raise_errno(errno, path);
 }
 
+// Log-dirty on or off, as the hypervisor's switch.  The toolstack needs
+// "off" after a save helper died mid-precopy: only the helper would have
+// turned it off (xcsave/api.py, the failed save's undo).
+void sim_set_logdirty(const std::string &path, bool enable)
+{
+    SimDom d(path, 0);
+
+    if (enable)
+        xcs_sim_logdirty_enable(&d.dom);
+    else
+        xcs_sim_logdirty_disable(&d.dom);
+}
+
 int64_t sim_dirty(const std::string &path, uint64_t rate, double duration,
                   uint64_t seed)
 {
@@ -315,6 +328,7 @@ py::dict engine_save(int fd, const std::string &path, bool live,
     out["bytes_written"] = st.bytes_written;
     out["downtime_ns"] = st.downtime_ns;
     out["duration_ns"] = st.duration_ns;
+    out["spliced_bytes"] = st.spliced_bytes;
     out["log"] = ctx.log_list();
     out["progress"] = ctx.progress_list();
     return out;
@@ -373,6 +387,8 @@ void register_sim(py::module_ &m)
           "Hex digest of memory + vCPU state + shape (docs/sim-format.md).");
     m.def("sim_set_state", &sim_set_state, "path"_a, "state"_a,
           "Set running/paused/suspended; leaving running waits for writers.");
+    m.def("sim_set_logdirty", &sim_set_logdirty, "path"_a, "enable"_a,
+          "Turn log-dirty on (clearing the bitmap) or off.");
     m.def("sim_dirty", &sim_dirty, "path"_a, "rate"_a, "duration"_a,
           "seed"_a = 0,
           "Dirty pages at rate pages/s (0 = flat out) for duration s while "

@@ -14,8 +14,43 @@
  * Pages go out with writev straight from the MAP_SHARED mapping of the sim
  * file: one record header + pfn array buffer, then the pages themselves,
  * adjacent pfns merged into one iovec.  No page is copied in user space.
+ *
+ * THE PAGE-LIFETIME RULE (vmsplice).  When io_fd is a pipe, pages may go
+ * into it with vmsplice instead: the pipe then holds references to the guest
+ * pages themselves and the reader's read() is the only copy.  A vmspliced
+ * page must not change until the reader has consumed it.  How we guarantee
+ * it:
+ *  1. Only pages of a round sent while THIS save holds the domain suspended
+ *     (ctx->frozen: set after xcs_sim_set_state(SUSPENDED) returned, which
+ *     waits out writers mid-page; the sim's writers check the state) are
+ *     vmspliced: the non-live save and the stop-and-copy round of a live
+ *     one.  Live rounds, whose pages a running guest may rewrite, use
+ *     writev (a copy).  Remus never vmsplices: it resumes after every
+ *     checkpoint.  Record headers and pfn arrays always go with write (their
+ *     buffer is reused for the next batch).
+ *  2. The last pages of that round -- at least one pipe capacity's worth
+ *     (F_GETPIPE_SZ + 2 pages) -- and every record after them go with
+ *     writev.  A pipe is FIFO, so once the unread bytes (FIONREAD) are no
+ *     more than the bytes copied after the last vmsplice, every vmspliced
+ *     byte has been read.  Before a save returns success it checks exactly
+ *     that, and waits (200 us naps) in the rare case it does not hold (the
+ *     pipe was enlarged by someone else mid-save) -- never longer than
+ *     writev would have blocked, in the normal case not at all: the copied
+ *     tail alone fills the pipe.  So when the save returns success, the
+ *     domain (which stays suspended) may be resumed, destroyed or rewritten
+ *     by the toolstack: the pipe holds no reference to it any more.
+ *  3. A save that fails sets the domain running again (it must not stay
+ *     stopped) possibly with vmspliced pages unread.  Such a stream is
+ *     already broken: every failure path leaves it without its final END
+ *     (or libxl END), which every reader rejects, so changed bytes in a
+ *     stream that will be refused cannot be restored.
+ *  Limit: a reader that splice()s the pipe onward (to a socket or another
+ *  pipe) instead of read()ing it carries the page references with it; ours
+ *  (restore engine, libxl, cat, gzip) all read.  XCSAVE_NO_VMSPLICE=1 in the
+ *  environment turns the path off (writev everywhere).
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +86,10 @@ struct save_ctx {
     uint64_t total_written; /* pages sent, all rounds */
     uint64_t round_sent;
     unsigned int round;     /* memory rounds started */
+    int splice_ok;          /* io_fd is a pipe and vmsplice is allowed */
+    int frozen;             /* suspended by this save: pages cannot change */
+    uint64_t splice_below;  /* this round: vmsplice pfns below this */
+    uint64_t splice_end;    /* w.bytes just after the last vmsplice */
     struct xcs_progress pr;
 };
 
@@ -73,8 +112,9 @@ static int write_rec(struct save_ctx *ctx, uint32_t type, const void *body,
 static int flush_batch(struct save_ctx *ctx)
 {
     unsigned int n = ctx->batch_n;
+    unsigned int m = 0; /* pages [0, m) are vmspliced */
     uint32_t hdr[4];
-    int k = 1;
+    int k = 1, ks = 1;
 
     if (n == 0)
         return 0;
@@ -85,12 +125,19 @@ static int flush_batch(struct save_ctx *ctx)
     memcpy(ctx->batch, hdr, sizeof(hdr));
     ctx->iov[0].iov_base = ctx->batch;
     ctx->iov[0].iov_len = BATCH_HDR_SIZE + 8 * (size_t)n;
+    if (ctx->frozen && ctx->splice_ok)
+        /* pfns ascend within a round: a prefix of the batch */
+        while (m < n && ctx->batch_pfns[m] < ctx->splice_below)
+            m++;
     for (unsigned int i = 0; i < n; i++) {
         uint8_t *page = xcs_sim_page(&ctx->dom, ctx->batch_pfns[i]);
         struct iovec *last = &ctx->iov[k - 1];
 
+        if (i == m)
+            ks = k; /* the copied part starts a fresh iovec */
         /* Adjacent pfns are adjacent in the mapping: one iovec for a run. */
-        if (k > 1 && (uint8_t *)last->iov_base + last->iov_len == page) {
+        if (k > 1 && i != m &&
+            (uint8_t *)last->iov_base + last->iov_len == page) {
             last->iov_len += XCS_PAGE_SIZE;
         } else {
             ctx->iov[k].iov_base = page;
@@ -98,9 +145,21 @@ static int flush_batch(struct save_ctx *ctx)
             k++;
         }
     }
+    if (m == n)
+        ks = k;
     /* PAGE_DATA bodies are multiples of 8: no padding. */
-    if (xcs_writev_all(&ctx->w, ctx->iov, k) < 0)
-        return write_failed(ctx, "PAGE_DATA");
+    if (m == 0) {
+        if (xcs_writev_all(&ctx->w, ctx->iov, k) < 0)
+            return write_failed(ctx, "PAGE_DATA");
+    } else {
+        /* header + pfns copied, pages [0, m) by reference, the rest copied */
+        if (xcs_writev_all(&ctx->w, ctx->iov, 1) < 0 ||
+            xcs_vmsplice_all(&ctx->w, ctx->iov + 1, ks - 1) < 0)
+            return write_failed(ctx, "PAGE_DATA (vmsplice)");
+        ctx->splice_end = ctx->w.bytes;
+        if (xcs_writev_all(&ctx->w, ctx->iov + ks, k - ks) < 0)
+            return write_failed(ctx, "PAGE_DATA");
+    }
     ctx->batch_n = 0;
     ctx->st->pages_sent += n;
     ctx->total_written += n;
@@ -137,6 +196,32 @@ static int add_page(struct save_ctx *ctx, uint64_t pfn, int skip_zero)
 }
 
 /*
+ * Page-lifetime rule, part 2: the pfn below which this (frozen) round may
+ * vmsplice, so that at least a pipe capacity plus two pages of the round's
+ * last pages go by copy.  Scans down from the top for pages the round will
+ * send; 0 (vmsplice nothing) for a round smaller than that.
+ */
+static uint64_t splice_limit(struct save_ctx *ctx, const uint64_t *bitmap,
+                             int skip_zero)
+{
+    long cap = xcs_pipe_capacity(ctx->w.fd);
+    uint64_t want, got = 0;
+
+    if (cap <= 0)
+        return 0;
+    want = (uint64_t)cap / XCS_PAGE_SIZE + 2;
+    for (uint64_t pfn = ctx->dom.nr_pages; pfn-- > 0;) {
+        if (bitmap && !(bitmap[pfn / 64] & (1ULL << (pfn % 64))))
+            continue;
+        if (skip_zero && page_is_zero(xcs_sim_page(&ctx->dom, pfn)))
+            continue;
+        if (++got >= want)
+            return pfn;
+    }
+    return 0;
+}
+
+/*
  * One memory round: every page (bitmap NULL) or those set in bitmap.
  * skip_zero only for a first full pass (see send_zero_pages).
  */
@@ -148,6 +233,9 @@ static int send_pages(struct save_ctx *ctx, const uint64_t *bitmap,
     unsigned int slot;
 
     ctx->round_sent = 0;
+    ctx->splice_below = ctx->frozen && ctx->splice_ok
+                            ? splice_limit(ctx, bitmap, skip_zero)
+                            : 0;
     xcs_progress_start(&ctx->pr, ctx->cb, count, "%s", what);
     if (!bitmap) {
         for (uint64_t pfn = 0; pfn < nr; pfn++) {
@@ -411,12 +499,14 @@ static int suspend_domain(struct save_ctx *ctx)
     if (xcs_sim_set_state(&ctx->dom, XCS_SIM_SUSPENDED) < 0)
         return xcs_fail(ctx->cb, errno, "suspending the sim domain: %s",
                         strerror(errno));
+    ctx->frozen = 1; /* page-lifetime rule: pages fixed from here */
     xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "Domain now suspended");
     return 0;
 }
 
 static int resume_domain(struct save_ctx *ctx)
 {
+    ctx->frozen = 0;
     if (ctx->cb->postcopy && ctx->cb->postcopy(ctx->cb->data) <= 0)
         return xcs_fail(ctx->cb, EIO, "postcopy callback failed");
     if (xcs_sim_set_state(&ctx->dom, XCS_SIM_RUNNING) < 0)
@@ -497,6 +587,35 @@ static int send_memory_nonlive(struct save_ctx *ctx)
 }
 
 /*----- whole save -----*/
+
+/*
+ * Page-lifetime rule, part 2 (end): return only once every vmspliced byte
+ * has been read, i.e. the unread bytes all belong to the copied tail.  The
+ * copied tail is at least the pipe's capacity, so this holds at once unless
+ * the pipe grew mid-save; then nap until the reader catches up or goes away
+ * (POLLERR: no reader left, nobody can see the pages).
+ */
+static void wait_spliced_read(struct save_ctx *ctx)
+{
+    uint64_t copied = ctx->w.bytes - ctx->splice_end;
+    int waited = 0;
+
+    for (;;) {
+        long unread = xcs_pipe_unread(ctx->w.fd);
+        struct pollfd pfd = {.fd = ctx->w.fd, .events = 0};
+        struct timespec nap = {.tv_sec = 0, .tv_nsec = 200000};
+
+        if (unread < 0 || (uint64_t)unread <= copied)
+            break;
+        if (poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLERR | POLLHUP)))
+            break;
+        waited = 1;
+        nanosleep(&nap, NULL);
+    }
+    if (waited)
+        xcs_logf(ctx->cb, XCS_LOG_DEBUG, -1,
+                 "waited for the reader to consume the vmspliced pages");
+}
 
 static int write_checkpoint_tail(struct save_ctx *ctx)
 {
@@ -580,6 +699,12 @@ int xcs_engine_save(const struct xcs_save_params *p,
     }
     ctx.orig_state = xcs_sim_get_state(&ctx.dom);
     xcs_pipe_grow(p->io_fd);
+    {
+        const char *no = getenv("XCSAVE_NO_VMSPLICE");
+
+        ctx.splice_ok = !remus && xcs_pipe_capacity(p->io_fd) > 0 &&
+                        !(no && *no && strcmp(no, "0") != 0);
+    }
     ctx.dirty = malloc(ctx.dom.hdr->bitmap_bytes);
     ctx.batch = malloc(BATCH_HDR_SIZE + 8 * XCS_MAX_BATCH_SIZE);
     ctx.iov = malloc(sizeof(*ctx.iov) * (1 + XCS_MAX_BATCH_SIZE));
@@ -622,6 +747,8 @@ int xcs_engine_save(const struct xcs_save_params *p,
             goto out;
         ctx.st->downtime_ns = xcs_now_ns() - ctx.t_suspend;
     }
+    if (ctx.w.spliced)
+        wait_spliced_read(&ctx);
     xcs_logf(cb, XCS_LOG_DETAIL, -1, "End of stream");
     rc = 0;
 
@@ -639,6 +766,11 @@ out:
         }
     }
     ctx.st->bytes_written = ctx.w.bytes;
+    ctx.st->spliced_bytes = ctx.w.spliced;
+    if (ctx.w.spliced)
+        xcs_logf(cb, XCS_LOG_DEBUG, -1, "vmspliced %llu of %llu bytes",
+                 (unsigned long long)ctx.w.spliced,
+                 (unsigned long long)ctx.w.bytes);
     ctx.st->duration_ns = xcs_now_ns() - t0;
     xcs_sim_close(&ctx.dom);
     free(ctx.hvm_ctx);

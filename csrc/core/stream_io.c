@@ -11,6 +11,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -212,6 +213,74 @@ void xcs_pipe_grow(int fd)
     r = fcntl(fd, F_GETPIPE_SZ);
     if (r >= 0 && r < XCS_PIPE_SIZE)
         (void)fcntl(fd, F_SETPIPE_SZ, XCS_PIPE_SIZE);
+}
+
+/*
+ * fd trick: vmsplice(2) without SPLICE_F_GIFT puts references to the caller's
+ * pages into the pipe; the reader's read() copies out of them.  One copy
+ * instead of writev's two (user -> pipe buffer -> reader).  The caller owns
+ * the page-lifetime rule (engine_save.c).  Short transfers (pipe full, a
+ * signal) and EAGAIN on a non-blocking pipe are handled as in writev_all.
+ */
+int xcs_vmsplice_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
+{
+    while (iovcnt > 0) {
+        ssize_t r;
+        size_t n;
+
+        if (iov->iov_len == 0) {
+            iov++;
+            iovcnt--;
+            continue;
+        }
+        r = vmsplice(w->fd, iov, (unsigned long)(iovcnt > IOV_MAX ? IOV_MAX
+                                                                  : iovcnt),
+                     0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
+                wait_ready(w->fd, POLLOUT) == 0)
+                continue;
+            return -1;
+        }
+        if (r == 0) {
+            errno = EIO;
+            return -1;
+        }
+        w->bytes += (uint64_t)r;
+        w->spliced += (uint64_t)r;
+        n = (size_t)r;
+        while (n > 0 && n >= iov->iov_len) {
+            n -= iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= n;
+        }
+    }
+    return 0;
+}
+
+long xcs_pipe_capacity(int fd)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) < 0 || !S_ISFIFO(st.st_mode))
+        return -1;
+    return (long)fcntl(fd, F_GETPIPE_SZ);
+}
+
+/* FIONREAD works on either end of a pipe: both share the one buffer ring. */
+long xcs_pipe_unread(int fd)
+{
+    int n = 0;
+
+    if (ioctl(fd, FIONREAD, &n) < 0)
+        return -1;
+    return n;
 }
 
 /*----- reading -----*/

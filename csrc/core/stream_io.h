@@ -61,7 +61,8 @@ void xcs_progress_end(struct xcs_progress *pr, uint64_t done);
 
 struct xcs_writer {
     int fd;
-    uint64_t bytes; /* written so far */
+    uint64_t bytes;   /* written so far */
+    uint64_t spliced; /* of which vmspliced (xcs_vmsplice_all) */
 };
 
 /*
@@ -81,6 +82,21 @@ int xcs_write_record(struct xcs_writer *w, uint32_t type, const void *body,
  */
 #define XCS_PIPE_SIZE (1 << 20)
 void xcs_pipe_grow(int fd);
+
+/*
+ * vmsplice: map user pages into a pipe instead of copying them (the reader's
+ * read() is then the only copy).  The pipe holds references to the pages
+ * themselves, so they must not change until the reader has consumed them:
+ * see engine_save.c ("the page-lifetime rule") for when that holds.
+ *
+ * xcs_vmsplice_all: like xcs_writev_all, for a pipe fd only; counts the bytes
+ * in w->bytes and w->spliced.  xcs_pipe_capacity: the pipe's size in bytes,
+ * or -1 if fd is no pipe.  xcs_pipe_unread: bytes in the pipe not yet read
+ * (FIONREAD), or -1.
+ */
+int xcs_vmsplice_all(struct xcs_writer *w, struct iovec *iov, int iovcnt);
+long xcs_pipe_capacity(int fd);
+long xcs_pipe_unread(int fd);
 
 /*----- reading -----*/
 

@@ -108,6 +108,7 @@ struct xcs_save_stats {
     uint64_t bytes_written;                     /* whole stream */
     uint64_t downtime_ns;                       /* suspend -> end of stream */
     uint64_t duration_ns;                       /* whole save */
+    uint64_t spliced_bytes;                     /* of bytes_written, vmspliced */
 };
 
 struct xcs_restore_params {
