@@ -177,9 +177,19 @@ def test_live_save_under_dirty_workload_vmsplices_final_round(tmp_path: Path) ->
     not, and the target matches the (then suspended) source bit for bit."""
     src = make(tmp_path, "src", 16384)  # 64 MiB
     dst = str(tmp_path / "dst")
-    work = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "xcsave", "sim", "dirty", src, "--rate", "200000",
-         "--duration", "60"],
+    work = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xcsave",
+            "sim",
+            "dirty",
+            src,
+            "--rate",
+            "200000",
+            "--duration",
+            "60",
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -205,7 +215,6 @@ def test_live_save_under_dirty_workload_vmsplices_final_round(tmp_path: Path) ->
     finally:
         work.kill()
         work.wait()
-    print("live:", st["pages_per_round"], st["spliced_bytes"])
     assert st["rounds"] == 2
     final = st["pages_per_round"][-1]
     assert st["spliced_bytes"] <= final * PAGE
@@ -220,7 +229,7 @@ def test_live_save_under_dirty_workload_vmsplices_final_round(tmp_path: Path) ->
 BENCH_ARGS = {
     "save": ["--memory", "16M", "--repeat", "1"],
     "restore": ["--memory", "16M", "--repeat", "1"],
-    "migrate": ["--memory", "16M", "--rate", "2000"],
+    "migrate": ["--memory", "16M", "--rate", "2000", "--repeat", "1"],
     "callbacks": ["--rounds", "20"],
     "verify": ["--memory", "16M", "--repeat", "1"],
     "convert": ["--memory", "16M", "--repeat", "1"],
@@ -229,7 +238,7 @@ BENCH_ARGS = {
 
 @pytest.mark.parametrize("bench", sorted(BENCH_ARGS))
 def test_bench_subcommand_prints_json(bench: str) -> None:
-    p = subprocess.run(  # noqa: S603
+    p = subprocess.run(
         [sys.executable, "-m", "xcsave", "bench", bench, *BENCH_ARGS[bench], "--json"],
         capture_output=True,
         text=True,

@@ -358,6 +358,502 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
     return Report(data=data, text=text, rounds=series, ok=all_ok)
 
 
+# ----------------------------------------------------------------- save/restore/...
+#
+# Each reports a headline {"bench", "measured", "baseline", "ratio", "unit"}
+# plus its details; "ratio" is always "how many times better than the
+# baseline" (>1 = xcsave ahead), the baseline measured in the same run,
+# best of --repeat, the two sides interleaved so load hits both alike.
+
+
+def _sized_args(default: str, rate: bool = False) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--memory",
+            type=parse_size,
+            default=parse_size(default),
+            help=f"sim domain size (default {default}; 1G for the real figure)",
+        )
+        p.add_argument("--repeat", type=int, default=3, metavar="N", help="best of N")
+        p.add_argument("--dir", help="where domains and streams live (default: /dev/shm)")
+        if rate:
+            p.add_argument(
+                "--rate",
+                type=int,
+                default=20000,
+                metavar="PAGES_PER_S",
+                help="dirtying workload during the migration",
+            )
+
+    return add
+
+
+@contextmanager
+def _workdir(args: argparse.Namespace) -> Iterator[Path]:
+    from .benchmarks import shm_dir
+
+    if args.dir:
+        d = Path(args.dir)
+        d.mkdir(parents=True, exist_ok=True)
+        yield d
+        return
+    with tempfile.TemporaryDirectory(prefix="xcsave-bench-", dir=shm_dir()) as t:
+        yield Path(t)
+
+
+def _check_memory(args: argparse.Namespace) -> None:
+    if args.memory <= 0 or args.memory % PAGE_SIZE:
+        raise UsageError(f"--memory must be a positive multiple of {PAGE_SIZE} bytes")
+
+
+def _headline(
+    bench: str, measured: float, baseline: float, unit: str, **more: Any
+) -> dict[str, Any]:
+    ratio = measured / baseline if unit.endswith("/s") else baseline / measured
+    return {
+        "bench": bench,
+        "measured": round(measured, 4),
+        "baseline": round(baseline, 4),
+        "unit": unit,
+        "ratio": round(ratio, 3),
+        **more,
+    }
+
+
+def _save_stream(src: Path, out: Path, wrap: str = "libxc") -> dict[str, Any]:
+    from . import _ext, sim
+
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        return dict(_ext.engine_save(fd, str(src), wrap=wrap))
+    finally:
+        os.close(fd)
+        sim.set_state(src, "running")
+
+
+def _save_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """Sim save into a pipe read by ``cat >/dev/null`` (vmsplice, and writev
+    with XCSAVE_NO_VMSPLICE=1) vs ``cat STREAM | cat >/dev/null``."""
+    from . import _ext, sim
+
+    _check_memory(args)
+    with _workdir(args) as d:
+        src, stream = d / "save-src.dom", d / "save.stream"
+        sim.create(src, args.memory, vcpus=2, seed=5)
+        try:
+            nbytes = _save_stream(src, stream)["bytes_written"]
+            spliced = 0
+
+            def ours(vmsplice: bool) -> float:
+                nonlocal spliced
+                old = os.environ.pop("XCSAVE_NO_VMSPLICE", None)
+                if not vmsplice:
+                    os.environ["XCSAVE_NO_VMSPLICE"] = "1"
+                try:
+                    t0 = time.perf_counter()
+                    cat = subprocess.Popen(
+                        ["cat"],  # noqa: S607 - the baseline's own tool, from PATH
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                    )
+                    assert cat.stdin is not None
+                    st = _ext.engine_save(cat.stdin.fileno(), str(src))
+                    cat.stdin.close()
+                    cat.wait()
+                    dt = time.perf_counter() - t0
+                finally:
+                    os.environ.pop("XCSAVE_NO_VMSPLICE", None)
+                    if old is not None:
+                        os.environ["XCSAVE_NO_VMSPLICE"] = old
+                sim.set_state(src, "running")  # untimed
+                if vmsplice:
+                    spliced = st["spliced_bytes"]
+                return dt
+
+            def base() -> float:
+                t0 = time.perf_counter()
+                a = subprocess.Popen(["cat", str(stream)], stdout=subprocess.PIPE)  # noqa: S603,S607
+                b = subprocess.Popen(["cat"], stdin=a.stdout, stdout=subprocess.DEVNULL)  # noqa: S607
+                assert a.stdout is not None
+                a.stdout.close()
+                a.wait()
+                b.wait()
+                return time.perf_counter() - t0
+
+            t_vm = t_wv = t_cat = float("inf")
+            for _ in range(max(1, args.repeat)):
+                t_cat = min(t_cat, base())
+                t_vm = min(t_vm, ours(True))
+                t_wv = min(t_wv, ours(False))
+        finally:
+            sim.remove(src)
+            with suppress(FileNotFoundError):
+                stream.unlink()
+    gb = nbytes / 1e9
+    data = _headline(
+        "save",
+        gb / t_vm,
+        gb / t_cat,
+        "GB/s",
+        seconds={"vmsplice": t_vm, "writev": t_wv, "cat": t_cat},
+        writev_gbps=round(gb / t_wv, 4),
+        vmsplice_vs_writev=round(t_wv / t_vm, 3),
+        spliced_bytes=spliced,
+        bytes=nbytes,
+        memory=args.memory,
+        repeat=args.repeat,
+        bar=1.0,
+        goal=2.5,
+    )
+    text = [
+        f"save of a {args.memory >> 20} MiB sim domain ({nbytes / 2**20:.0f} MiB stream) "
+        f"into a pipe read by `cat >/dev/null`, best of {args.repeat}",
+        f"  xcsave vmsplice: {t_vm:.3f} s  {gb / t_vm:.2f} GB/s "
+        f"({spliced / 2**20:.0f} MiB vmspliced)",
+        f"  xcsave writev:   {t_wv:.3f} s  {gb / t_wv:.2f} GB/s",
+        f"  baseline `cat STREAM | cat >/dev/null`: {t_cat:.3f} s  {gb / t_cat:.2f} GB/s",
+        f"  ratio vs cat: {data['ratio']:.2f}x (bar 1.0x, goal 2.5x); "
+        f"vmsplice vs writev {data['vmsplice_vs_writev']:.2f}x",
+    ]
+    return Report(data=data, text=text)
+
+
+def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """Restore a stream file into a fresh domain vs memcpy of the same bytes
+    into fresh memory (the mapped stream copied into a new anonymous mapping
+    by one C-level memcpy: mmap slice assignment) and vs ``dd`` of the file
+    into a fresh tmpfs file."""
+    import mmap
+
+    from . import _ext, sim
+
+    _check_memory(args)
+    with _workdir(args) as d:
+        src, stream, dst = d / "restore-src.dom", d / "restore.stream", d / "restore-dst.dom"
+        sim.create(src, args.memory, vcpus=2, seed=6)
+        try:
+            nbytes = _save_stream(src, stream)["bytes_written"]
+            match = None
+
+            def ours() -> float:
+                nonlocal match
+                with suppress(FileNotFoundError):
+                    sim.remove(dst)
+                fd = os.open(stream, os.O_RDONLY)
+                try:
+                    t0 = time.perf_counter()
+                    _ext.engine_restore(fd, str(dst))
+                    dt = time.perf_counter() - t0
+                finally:
+                    os.close(fd)
+                match = sim.digest(dst) == sim.digest(src)
+                return dt
+
+            with open(stream, "rb") as f:
+                smap = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            try:
+
+                def memcpy() -> float:
+                    dmap = mmap.mmap(-1, nbytes)
+                    try:
+                        t0 = time.perf_counter()
+                        dmap[:] = smap  # one memcpy, faulting in fresh pages
+                        return time.perf_counter() - t0
+                    finally:
+                        dmap.close()
+
+                def dd() -> float:
+                    out = d / "dd.out"
+                    with suppress(FileNotFoundError):
+                        out.unlink()
+                    t0 = time.perf_counter()
+                    subprocess.run(  # noqa: S603
+                        ["dd", f"if={stream}", f"of={out}", "bs=4M", "status=none"],  # noqa: S607
+                        check=True,
+                    )
+                    dt = time.perf_counter() - t0
+                    out.unlink()
+                    return dt
+
+                t_ours = t_mem = t_dd = float("inf")
+                for _ in range(max(1, args.repeat)):
+                    t_mem = min(t_mem, memcpy())
+                    t_ours = min(t_ours, ours())
+                    t_dd = min(t_dd, dd())
+            finally:
+                smap.close()
+        finally:
+            for p in (src, dst):
+                with suppress(FileNotFoundError):
+                    sim.remove(p)
+            with suppress(FileNotFoundError):
+                stream.unlink()
+    gb = nbytes / 1e9
+    data = _headline(
+        "restore",
+        gb / t_ours,
+        gb / t_mem,
+        "GB/s",
+        seconds={"restore": t_ours, "memcpy": t_mem, "dd": t_dd},
+        dd_gbps=round(gb / t_dd, 4),
+        ratio_vs_dd=round(t_dd / t_ours, 3),
+        match=match,
+        bytes=nbytes,
+        memory=args.memory,
+        repeat=args.repeat,
+        bar=1.0,
+        goal=1.5,
+    )
+    text = [
+        f"restore of a {nbytes / 2**20:.0f} MiB stream (page cache, tmpfs) into a fresh "
+        f"domain, best of {args.repeat}" + ("" if match else "  DIGESTS DIFFER"),
+        f"  xcsave restore: {t_ours:.3f} s  {gb / t_ours:.2f} GB/s",
+        f"  baseline memcpy into fresh anonymous memory: {t_mem:.3f} s  {gb / t_mem:.2f} GB/s",
+        f"  reference `dd bs=4M` into a fresh tmpfs file: {t_dd:.3f} s  {gb / t_dd:.2f} GB/s",
+        f"  ratio vs memcpy: {data['ratio']:.2f}x (bar 1.0x, goal 1.5x); vs dd "
+        f"{data['ratio_vs_dd']:.2f}x",
+    ]
+    return Report(data=data, text=text, ok=bool(match))
+
+
+def _migrate_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """Local live migration (helpers over a socketpair, xl's handshake) under
+    a dirtying workload: downtime (suspend -> resumed at the target)."""
+    from . import migrate, sim
+    from .cmd_migrate import run_async
+
+    _check_memory(args)
+    runs: list[dict[str, Any]] = []
+    series: list[RoundSeries] = []
+    with _workdir(args) as d:
+        src, dst = d / "mig-src.dom", d / "mig-dst.dom"
+        try:
+            for i in range(max(1, args.repeat)):
+                for p in (src, dst):
+                    with suppress(FileNotFoundError):
+                        sim.remove(p)
+                sim.create(src, args.memory, vcpus=2, seed=7 + i)
+                with _workloads([src], args.rate):
+                    res, _recv = run_async(
+                        lambda: migrate.migrate_local(src, dst, live=True, on_event=on_event)
+                    )
+                match = sim.digest(src) == sim.digest(dst)
+                runs.append(
+                    {
+                        "downtime_ms": round(res.downtime_ns / 1e6, 3),
+                        "rounds": res.save.stats.rounds if res.save.stats else None,
+                        "pages_per_round": list(res.pages_per_round),
+                        "gbps": round(res.gbps, 3),
+                        "seconds": round(res.seconds, 3),
+                        "match": match,
+                    }
+                )
+                series.append(_series(f"run {i}", res))
+        finally:
+            for p in (src, dst):
+                with suppress(FileNotFoundError):
+                    sim.remove(p)
+    best = min(runs, key=lambda r: r["downtime_ms"])
+    worst = max(r["downtime_ms"] for r in runs)
+    data = _headline(
+        "migrate",
+        best["downtime_ms"],
+        50.0,
+        "ms",
+        runs=runs,
+        worst_downtime_ms=worst,
+        bar=50.0,
+        goal=10.0,
+        rate=args.rate,
+        memory=args.memory,
+        repeat=args.repeat,
+        gbps=best["gbps"],
+        rounds=best["rounds"],
+    )
+    data["baseline_is"] = "the 50 ms bar"
+    text = [
+        f"local live migration of {args.memory >> 20} MiB under {args.rate} pages/s, "
+        f"{len(runs)} run(s)",
+        *(
+            f"  run {i}: downtime {r['downtime_ms']:.1f} ms, {r['rounds']} rounds "
+            f"{r['pages_per_round']}, {r['gbps']:.2f} GB/s, "
+            + ("bit-exact" if r["match"] else "DIGESTS DIFFER")
+            for i, r in enumerate(runs)
+        ),
+        f"  best downtime {best['downtime_ms']:.1f} ms (bar 50 ms, goal 10 ms)",
+    ]
+    return Report(data=data, text=text, rounds=series, ok=all(r["match"] for r in runs))
+
+
+def _xen_args(p: argparse.ArgumentParser) -> None:
+    _sized_args("256M")(p)
+    p.add_argument("--xen-utils", metavar="ROOT", help="an unpacked xen-utils-4.17")
+
+
+def _skipped(bench: str, why: str) -> Report:
+    return Report(
+        data={"bench": bench, "skipped": why, "measured": None},
+        text=[f"{bench}: skipped: {why}"],
+    )
+
+
+def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """``xcsave verify`` (command and in-process API) vs Xen's verify-stream-v2."""
+    from . import benchmarks, sim, streamtools
+
+    _check_memory(args)
+    root = benchmarks.find_xen_utils(args.xen_utils)
+    if root is None:
+        return _skipped("verify", "Xen's tools not found (tools/fetch-xen-utils.sh; --xen-utils)")
+    xen_env = dict(os.environ, PYTHONPATH=str(root / benchmarks.XEN_PY))
+    with _workdir(args) as d:
+        src, img = d / "verify-src.dom", d / "verify.libxc"
+        sim.create(src, args.memory, vcpus=2, seed=8)
+        try:
+            _save_stream(src, img)
+            benchmarks.warm(img)
+            ours_cmd = [
+                sys.executable,
+                "-m",
+                "xcsave",
+                "verify",
+                "-q",
+                "--format",
+                "libxc",
+                str(img),
+            ]
+            xen_cmd = [
+                "python3",
+                str(root / benchmarks.XEN_BIN / "verify-stream-v2"),
+                "-q",
+                "-f",
+                "libxc",
+                "-i",
+                str(img),
+            ]
+            t_cmd = t_api = t_xen = float("inf")
+            for _ in range(max(1, args.repeat)):
+                t_xen = min(t_xen, benchmarks.run_cmd(xen_cmd, xen_env))
+                t_cmd = min(t_cmd, benchmarks.run_cmd(ours_cmd))
+                t0 = time.perf_counter()
+                if not streamtools.verify(img, "libxc").valid:
+                    raise XcsaveError("the benchmark image does not verify")
+                t_api = min(t_api, time.perf_counter() - t0)
+            nbytes = img.stat().st_size
+        finally:
+            sim.remove(src)
+            with suppress(FileNotFoundError):
+                img.unlink()
+    data = _headline(
+        "verify",
+        t_cmd,
+        t_xen,
+        "s",
+        api_s=round(t_api, 4),
+        ratio_api=round(t_xen / t_api, 2),
+        bytes=nbytes,
+        bar=20.0,
+        goal=50.0,
+        repeat=args.repeat,
+    )
+    text = [
+        f"verify of a {nbytes / 2**20:.0f} MiB libxc image, best of {args.repeat}",
+        f"  Xen verify-stream-v2: {t_xen:.3f} s",
+        f"  xcsave verify (command): {t_cmd:.3f} s  ({data['ratio']:.1f}x)",
+        f"  xcsave streamtools.verify (in-process): {t_api * 1000:.1f} ms "
+        f"({data['ratio_api']:.0f}x)   bar 20x, goal 50x",
+    ]
+    return Report(data=data, text=text)
+
+
+def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """``xcsave convert`` of a legacy HVM image vs Xen's convert-legacy-stream."""
+    from . import benchmarks
+
+    _check_memory(args)
+    root = benchmarks.find_xen_utils(args.xen_utils)
+    if root is None:
+        return _skipped("convert", "Xen's tools not found (tools/fetch-xen-utils.sh; --xen-utils)")
+    tests_dir = benchmarks.REPO / "tests"
+    if not (tests_dir / "corpus.py").is_file():
+        return _skipped(
+            "convert", "needs the repository's tests/corpus.py to build a legacy image"
+        )
+    sys.path.insert(0, str(tests_dir))
+    try:
+        import corpus  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tests_dir))
+    xen_env = dict(os.environ, PYTHONPATH=str(root / benchmarks.XEN_PY))
+    with _workdir(args) as d:
+        leg, out_ours, out_xen = d / "image.legacy", d / "ours.out", d / "xen.out"
+        try:
+            corpus.write_big_legacy(leg, args.memory)
+            benchmarks.warm(leg)
+            conv = ["--width", "64", "--guest", "hvm", "--format", "libxc"]
+            ours_cmd = [sys.executable, "-m", "xcsave", "convert", str(leg), "-", *conv]
+            xen_cmd = [
+                "python3",
+                str(root / benchmarks.XEN_BIN / "convert-legacy-stream"),
+                "-i",
+                str(leg),
+                "-o",
+                str(out_xen),
+                "-w",
+                "64",
+                "-g",
+                "hvm",
+                "-f",
+                "libxc",
+            ]
+            t_ours = t_xen = float("inf")
+            for _ in range(max(1, args.repeat)):
+                with suppress(FileNotFoundError):
+                    out_xen.unlink()
+                t_xen = min(t_xen, benchmarks.run_cmd(xen_cmd, xen_env))
+                t_ours = min(t_ours, benchmarks.run_cmd(ours_cmd, stdout=out_ours))
+            nbytes = leg.stat().st_size
+        finally:
+            for p in (leg, out_ours, out_xen):
+                with suppress(FileNotFoundError):
+                    p.unlink()
+    data = _headline("convert", t_ours, t_xen, "s", bytes=nbytes, repeat=args.repeat)
+    text = [
+        f"convert of a {nbytes / 2**20:.0f} MiB legacy HVM image to libxc, best of {args.repeat}",
+        f"  Xen convert-legacy-stream: {t_xen:.3f} s",
+        f"  xcsave convert (to stdout): {t_ours:.3f} s  ({data['ratio']:.1f}x)",
+    ]
+    return Report(data=data, text=text)
+
+
+def _callbacks_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=2000, help="Remus checkpoints (3 callbacks each)")
+
+
+def _callbacks_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """Callback round trip helper -> Python -> helper vs asyncio <-> cat."""
+    from . import benchmarks
+
+    r = benchmarks.callbacks_run(args.rounds)
+    data = _headline(
+        "callbacks",
+        r["us_per_callback"],
+        r["baseline_us_per_rtt"],
+        "us",
+        **{k: v for k, v in r.items() if k not in ("us_per_callback",)},
+        bar=100.0,
+        goal=30.0,
+    )
+    text = [
+        f"callback round trip: xcsave {r['us_per_callback']:.1f} us "
+        f"({r['callbacks']} callbacks + {r['other_frames']} other frames, "
+        f"{r['frames_per_s']:.0f} frames/s)  bar 100 us, goal 30 us",
+        f"  baseline (asyncio <-> cat, stock streams): {r['baseline_us_per_rtt']:.1f} us",
+        f"  ratio baseline/xcsave: {data['ratio']:.2f}x (load average {r['load_average']:.2f})",
+    ]
+    return Report(data=data, text=text)
+
+
 BENCHES: list[Bench] = [
     Bench(
         "concurrent",
@@ -365,4 +861,25 @@ BENCHES: list[Bench] = [
         _concurrent_args,
         _concurrent_run,
     ),
+    Bench(
+        "save",
+        "sim save into a pipe read by cat vs cat of the stream; vmsplice vs writev",
+        _sized_args("256M"),
+        _save_run,
+    ),
+    Bench(
+        "restore",
+        "restore a stream into a fresh domain vs memcpy into fresh memory",
+        _sized_args("256M"),
+        _restore_run,
+    ),
+    Bench(
+        "migrate",
+        "local live migration under a workload: downtime, rounds, GB/s",
+        _sized_args("256M", rate=True),
+        _migrate_run,
+    ),
+    Bench("verify", "xcsave verify vs Xen's verify-stream-v2", _xen_args, _verify_run),
+    Bench("convert", "xcsave convert vs Xen's convert-legacy-stream", _xen_args, _convert_run),
+    Bench("callbacks", "callback round trip vs asyncio <-> cat", _callbacks_args, _callbacks_run),
 ]

@@ -1,0 +1,153 @@
+"""Measurement code shared by ``xcsave bench`` (cmd_bench.py) and bench/*.py.
+
+Lives in the package so the CLI works from an installed xcsave without the
+repository's bench/ directory.  Nothing here judges a timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+XEN_BIN = Path("usr/lib/xen-4.17/bin")
+XEN_PY = Path("usr/lib/xen-4.17/lib/python")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shm_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` calls of ``fn``."""
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_cmd(
+    cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None = None
+) -> float:
+    """Wall time of one command (process start included); raises on failure."""
+    with open(stdout or os.devnull, "wb") as out:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.PIPE, check=False)  # noqa: S603
+        dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({r.returncode}): "
+            f"{r.stderr.decode(errors='replace').strip()[-300:]}"
+        )
+    return dt
+
+
+def find_xen_utils(given: str | None = None) -> Path | None:
+    """Root of an unpacked xen-utils-4.17 (tools/fetch-xen-utils.sh), or None."""
+    candidates = [
+        given,
+        os.environ.get("XCSAVE_XEN_UTILS"),
+        str(REPO / ".cache" / "xen-utils" / "root"),
+        "/tmp/xu/root",
+    ]
+    for c in candidates:
+        if c and (Path(c) / XEN_BIN / "verify-stream-v2").is_file():
+            return Path(c)
+    return None
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+# ------------------------------------------------------------- callbacks
+
+
+async def callback_baseline(n: int) -> float:
+    """Seconds per round trip through `cat` with asyncio streams."""
+    proc = await asyncio.create_subprocess_exec(
+        "cat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    t0 = time.perf_counter()
+    for _ in range(n):
+        proc.stdin.write(b"ping")
+        await proc.stdin.drain()
+        await proc.stdout.readexactly(4)
+    dt = time.perf_counter() - t0
+    proc.stdin.close()
+    await proc.wait()
+    return dt / n
+
+
+async def xcsave_callbacks(checkpoints: int, workdir: Path) -> dict[str, Any]:
+    """A Remus save of a 4-page sim domain into /dev/null with ``checkpoints``
+    checkpoints: three callbacks each (suspend, postcopy, checkpoint)."""
+    import xcsave
+    from xcsave import sim
+
+    dom = sim.create(workdir / "bench-callbacks.dom", 4 * 4096, seed=1)
+    calls = 0
+    frames = 0
+
+    def answer() -> int:
+        nonlocal calls
+        calls += 1
+        return 1
+
+    def checkpoint() -> int:
+        nonlocal calls
+        calls += 1
+        return 1 if calls < 3 * checkpoints else 0
+
+    def count(_ev: object) -> None:
+        nonlocal frames
+        frames += 1
+
+    cbs = xcsave.Callbacks(suspend=answer, postcopy=answer, checkpoint=checkpoint)
+    out = os.open(os.devnull, os.O_WRONLY)
+    try:
+        t0 = time.perf_counter()
+        await xcsave.save(
+            out,
+            sim=dom,
+            stream_type="remus",
+            checkpoints=checkpoints,
+            interval_ms=0,
+            callbacks=cbs,
+            on_event=count,
+        )
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(out)
+        sim.remove(dom)
+    return {
+        "callbacks": calls,
+        "other_frames": frames,
+        "seconds": dt,
+        "us_per_callback": dt / calls * 1e6,
+        "frames_per_s": (calls + frames) / dt,
+    }
+
+
+def callbacks_run(rounds: int) -> dict[str, Any]:
+    base = asyncio.run(callback_baseline(rounds * 3))
+    with tempfile.TemporaryDirectory(dir=shm_dir()) as d:
+        ours = asyncio.run(xcsave_callbacks(rounds, Path(d)))
+    return {
+        "baseline_us_per_rtt": base * 1e6,
+        **ours,
+        "ratio_to_baseline": ours["us_per_callback"] / (base * 1e6),
+        "load_average": os.getloadavg()[0],
+    }
