@@ -99,6 +99,8 @@ def _namespaces() -> Iterator[Net]:
     veth_s, veth_r = f"xcs{tag}s", f"xcs{tag}r"  # IFNAMSIZ: at most 15 characters
     snd_ip, rcv_ip = "169.254.10.1", "169.254.10.2"
     made: list[str] = []
+    for ns in (snd, rcv):  # left over by a crashed run that had our pid
+        _ip("netns", "del", ns)
     try:
         steps: list[tuple[str, ...]] = [
             ("netns", "add", snd),
@@ -237,7 +239,9 @@ def test_receiver_killed_mid_stream_resumes_the_sender(
                     if partials(dst) or sender.poll() is not None:
                         break
                     select.select([], [], [], 0.01)
-                assert partials(dst), "the restore never started"
+                if not partials(dst):
+                    sender.kill()
+                    pytest.fail(f"the restore never started; sender: {sender.communicate()[1]}")
                 select.select([], [], [], 0.25)  # pages are flowing now
                 assert sender.poll() is None
                 if sig == signal.SIGKILL:
