@@ -3,7 +3,7 @@ xcsave native fast paths (simulated domains, stream tools)
 """
 from __future__ import annotations
 import typing
-__all__: list[str] = ['BACKENDS', 'convert_legacy', 'engine_restore', 'engine_save', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_state']
+__all__: list[str] = ['BACKENDS', 'convert_legacy', 'engine_restore', 'engine_save', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state']
 def convert_legacy(in_fd: typing.SupportsInt | typing.SupportsIndex, out_fd: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, guest: str, fmt: str = 'libxc', xl_in: bool = False, xl_out: bool = False, stream_type: str = 'plain', skip_qemu: bool = False) -> dict[str, typing.Any]:
     """
     Convert a legacy (pre-4.6) stream to v3; returns statistics.
@@ -39,6 +39,10 @@ def sim_info(path: str) -> dict[str, typing.Any]:
 def sim_remove(path: str) -> None:
     """
     Remove a simulated domain.
+    """
+def sim_set_logdirty(path: str, enable: bool) -> None:
+    """
+    Turn log-dirty on (clearing the bitmap) or off.
     """
 def sim_set_state(path: str, state: str) -> None:
     """

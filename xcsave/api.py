@@ -94,26 +94,48 @@ def _sim_arg(sim: str | os.PathLike[str] | None) -> str | None:
 
 
 def _sim_save_undo(path: str) -> Callable[[int], None]:
-    """After a failed save, put the source back in the state it had (running)."""
-    from .sim import info, set_state
+    """After a failed save, put the source back as it was: running, log-dirty off.
 
-    before = str(info(path)["state"])
+    The helper does this itself when it fails; a helper that was killed
+    (SIGKILL, a crash) mid-precopy cannot, and would leave the source's
+    log-dirty on (writers paying for a dirty log nobody reads).
+    """
+    from .sim import info, set_logdirty, set_state
+
+    before = info(path)
 
     def undo(pid: int) -> None:
-        if str(info(path)["state"]) != before:
-            set_state(path, before)
+        now = info(path)
+        if now["logdirty"] and not before["logdirty"]:
+            set_logdirty(path, False)
+        if str(now["state"]) != str(before["state"]):
+            set_state(path, str(before["state"]))
 
     return undo
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _sim_restore_undo(path: str) -> Callable[[int], None]:
-    """After a failed restore, remove the partial domain a killed helper left."""
+    """After a failed restore, remove what a killed helper left: its partial
+    domain, or the finished domain it had renamed into place just before it
+    died (the run still failed: the caller must not find a domain there)."""
     target = Path(path)
+    before = _file_id(target)
 
     def undo(pid: int) -> None:
         for partial in target.parent.glob(f".{target.name}.partial.{pid}.*"):
             with contextlib.suppress(FileNotFoundError):
                 partial.unlink()
+        if _file_id(target) not in (None, before):
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
 
     return undo
 

@@ -15,7 +15,17 @@ from typing import Any, Final
 
 from . import _ext
 
-__all__ = ["PAGE_SIZE", "SIM_DIR", "create", "digest", "info", "remove", "resolve", "set_state"]
+__all__ = [
+    "PAGE_SIZE",
+    "SIM_DIR",
+    "create",
+    "digest",
+    "info",
+    "remove",
+    "resolve",
+    "set_logdirty",
+    "set_state",
+]
 
 PAGE_SIZE: Final = 4096
 SIM_DIR: Final = "/dev/shm/xcsave"
@@ -52,6 +62,11 @@ def digest(dom: str | os.PathLike[str]) -> str:
 def set_state(dom: str | os.PathLike[str], state: str) -> None:
     """``running``, ``paused`` or ``suspended``."""
     _ext.sim_set_state(str(resolve(dom)), state)
+
+
+def set_logdirty(dom: str | os.PathLike[str], enable: bool) -> None:
+    """Log-dirty on (clears the bitmap) or off, as the hypervisor's switch."""
+    _ext.sim_set_logdirty(str(resolve(dom)), enable)
 
 
 def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0) -> int:
