@@ -396,7 +396,7 @@ def run_kills(w: World, op: str, n: int) -> list[Trial]:
 # ---------------------------------------------------------------- kill tests
 
 
-@pytest.mark.parametrize("op", ["save", "restore"])
+@pytest.mark.parametrize("op", ["save", "restore", "migrate"])
 def test_helper_killed_at_random_points(op: str, world: World) -> None:
     trials = run_kills(world, op, FAULTS_PER_OP)
     killed = [t for t in trials if t.outcome != "completed"]

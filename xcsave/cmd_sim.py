@@ -156,12 +156,20 @@ async def live_migrate_local(
     live_policy: policy.Policy | None = None,
     on_event: Any = None,
 ) -> tuple[RunResult, RunResult]:
-    """Save ``src`` live into a pipe while restoring from it into ``dst``."""
+    """Save ``src`` live into a pipe while restoring from it into ``dst``.
+
+    If the migration fails the domain runs again at the source, as after a
+    failed ``xl migrate``: also when the save itself completed (and left the
+    source suspended) but the restore then failed; and a target that was
+    completed by then is removed (the receiver's copy never runs).
+    """
     import asyncio
 
-    from . import api
+    from . import api, sim
 
     rfd, wfd = os.pipe()
+    saving: asyncio.Task[RunResult] | None = None
+    restoring: asyncio.Task[RunResult] | None = None
     try:
         async with asyncio.TaskGroup() as tg:
             saving = tg.create_task(
@@ -175,9 +183,26 @@ async def live_migrate_local(
                 )
             )
             restoring = tg.create_task(api.restore(rfd, sim=dst, fmt=fmt, on_event=on_event))
+    except BaseException:
+
+        def succeeded(task: asyncio.Task[RunResult] | None) -> bool:
+            return (
+                task is not None
+                and task.done()
+                and not task.cancelled()
+                and (task.exception() is None)
+            )
+
+        if succeeded(saving):
+            sim.set_state(src, "running")
+        if succeeded(restoring):
+            sim.remove(dst)
+        raise
     finally:
         os.close(rfd)
         os.close(wfd)
+    assert saving is not None
+    assert restoring is not None
     return saving.result(), restoring.result()
 
 
