@@ -454,3 +454,41 @@ def test_cli_helper_killed(op: str, world: World) -> None:
             assert "SIGKILL" in lines[0], err
         trial = Trial(op, "cli", "completed" if proc.returncode == 0 else "HelperDied")
         (check_after_save if op == "save" else check_after_restore)(world, trial)
+
+
+# ---------------------------------------------------------------- supervisor faults
+
+
+def test_cancelled_while_the_helper_starts(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a cancellation that lands while create_subprocess_exec is
+    still connecting the pipes left the helper unseen by the supervisor: not
+    stopped by it, and on_failure never ran (log-dirty stayed on)."""
+    real_exec = asyncio.create_subprocess_exec
+
+    async def slow_exec(*argv: Any, **kw: Any) -> asyncio.subprocess.Process:
+        proc = await real_exec(*argv, **kw)
+        # The helper runs on (it enables log-dirty, sends its first rounds)
+        # while we are "still starting it": the window a cancel can hit.
+        await asyncio.sleep(0.3)
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", slow_exec)
+    before = Snapshot.take()
+
+    async def stuck_policy(st: PrecopyStats) -> Decision:
+        await asyncio.sleep(3600)
+        return Decision.ABORT
+
+    async def go() -> None:
+        task = asyncio.create_task(
+            xcsave.save(world.out, sim=world.src, live=True, policy=_sync(stuck_policy))
+        )
+        await asyncio.sleep(0.15)
+        assert helper_pids(), "the helper should be running by now"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    check_after_save(world, Trial("save", "cancel while starting", "CancelledError"))
+    before.check("cancel while starting")

@@ -229,8 +229,8 @@ class HelperRun:
 
     async def run(self, timeout: float | None = None) -> RunResult:
         """Run the helper to the end; raise a precise exception if it failed."""
-        await self._spawn()
         try:
+            await self._spawn()
             try:
                 async with asyncio.timeout(timeout):
                     await self._pump()
@@ -287,13 +287,27 @@ class HelperRun:
         self._t0 = time.monotonic()
         # close_fds stays True: the helper gets the control pipes, stderr and
         # exactly the fds in pass_fds, nothing else of ours.
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            pass_fds=self.spec.pass_fds,
+        spawning = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=self.spec.pass_fds,
+            )
         )
+        try:
+            self.proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # Cancelled while the helper was being started: it may already
+            # run (and have touched the domain).  Finish starting it, so that
+            # it is stopped and reaped, and on_failure gets its pid, like any
+            # other cancelled run; asyncio would otherwise SIGKILL it unseen.
+            with contextlib.suppress(Exception):
+                self.proc = await spawning
+            if self.proc is not None:
+                await self.stop()
+            raise
         self._log = logging.LoggerAdapter(
             helper_log, {"domain": self.spec.domain, "helper_pid": self.proc.pid}
         )
