@@ -594,6 +594,23 @@ def supervisor_save(dialect: str, restore_helper: str | None) -> Callable:
 # --------------------------------------------------------------------- main
 
 
+def ratio_rounds(rounds: int, migrations: int = 0) -> None:
+    """Side by side on the same domU and boot: xcsave-helper vs the stock helper.
+
+    Save + restore with the image in dom0's tmpfs (no disk noise), then live
+    migrations; the order alternates from one round to the next.
+    """
+    shm = Path("/dev/shm")
+    pair: list[tuple[str, str | None]] = [("xcsave", OUR_HELPER), ("stock", None)]
+    for i in range(rounds):
+        for who, helper in pair if i % 2 == 0 else pair[::-1]:
+            fn = save_restore(f"r{i}{who}", helper, helper, where=shm, timing="tmpfs-")
+            step(f"ratio-{i}-{who}", fn)
+    for i in range(migrations):
+        for who, helper in pair if i % 2 == 0 else pair[::-1]:
+            step(f"ratio-migrate-{i}-{who}", migrate(helper))
+
+
 def ratio_summary() -> dict[str, Any]:
     def med(key: str) -> float | None:
         v = TIMES.get(key)
@@ -654,6 +671,11 @@ def main() -> int:
 
     if not step("setup", setup):
         return 1
+    if level == "ratio":
+        ratio_rounds(int(CFG.get("ratio_rounds", 3)), migrations=2)
+        emit({"event": "ratio", **ratio_summary()})
+        emit({"event": "done"})
+        return 0
     step("dropin-save-restore", save_restore("dropin", dropin, dropin, timing="disk-"))
     step("supervisor-xcsave1-live-save", supervisor_save("xcsave-1", None))
     if level in ("default", "full"):
@@ -664,17 +686,7 @@ def main() -> int:
         step("migrate-xcsave", migrate(OUR_HELPER))
     if level == "full":
         step("migrate-stock", migrate(None))
-    if level == "full" or CFG.get("ratio_rounds_always"):
-        # Side by side on the same domU and boot, image in dom0's tmpfs (no
-        # disk noise), the order alternating from one round to the next.
-        shm = Path("/dev/shm")
-        for i in range(int(CFG.get("ratio_rounds", 3))):
-            pair = [("xcsave", OUR_HELPER), ("stock", None)]
-            for who, helper in pair if i % 2 == 0 else pair[::-1]:
-                step(
-                    f"ratio-{i}-{who}",
-                    save_restore(f"r{i}{who}", helper, helper, where=shm, timing="tmpfs-"),
-                )
+        ratio_rounds(int(CFG.get("ratio_rounds", 3)))
     emit({"event": "ratio", **ratio_summary()})
     emit({"event": "done"})
     return 0
