@@ -72,6 +72,9 @@ static enum xcs_dialect dialect = XCS_DIALECT_XCSAVE_1;
 static uint8_t *msgbuf;
 static size_t msgbuf_size;
 
+/* Set by the SIGTERM handler (see "signals"): the parent is stopping us. */
+static volatile sig_atomic_t sigterm_seen;
+
 enum xcs_dialect xcs_current_dialect(void)
 {
     return dialect;
@@ -174,6 +177,24 @@ void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len)
     write_all(STDOUT_FILENO, frame, lsz + len);
 }
 
+/*
+ * The reply to m once the parent is stopping us: "the callback failed".
+ * suspend, postcopy, checkpoint and wait_checkpoint fail with 0 (and
+ * complete's reply is ignored); switch_qemu_logdirty and static_data_done
+ * fail with any non-zero value; precopy_policy's -1 is XGS_POLICY_ABORT.
+ */
+static int reply_when_stopped(enum xcs_msg m)
+{
+    switch (m) {
+    case XCS_MSG_SWITCH_QEMU_LOGDIRTY:
+    case XCS_MSG_STATIC_DATA_DONE:
+    case XCS_MSG_PRECOPY_POLICY:
+        return -1;
+    default:
+        return 0;
+    }
+}
+
 int xcs_getreply(enum xcs_msg m)
 {
     int v;
@@ -184,6 +205,16 @@ int xcs_getreply(enum xcs_msg m)
         ssize_t r = read(STDIN_FILENO, p + got, sizeof(v) - got);
         if (r < 0 && errno == EINTR)
             continue;
+        /*
+         * After SIGTERM, EOF is the parent saying it will not reply (the
+         * supervisor's stop() closes our stdin; libxl goes on replying, as
+         * its aborted callbacks complete).  Exiting here would skip the
+         * backend's cleanup (resume the guest, log-dirty off, remove a
+         * partial domain): fail the callback instead, so that the
+         * operation fails "naturally" and complete is still sent.
+         */
+        if (r <= 0 && sigterm_seen)
+            return reply_when_stopped(m);
         if (r <= 0) {
             /*
              * EOF (or an error) while the operation waits for a reply: the
@@ -247,9 +278,12 @@ static void sigterm_abort(int signo)
      * read() sees EOF, so the backend fails "naturally" and runs its own
      * cleanup: log-dirty off, the source domain resumed, a partial target
      * removed.  No logging here (Xen learnt that the hard way: cd84a2baad).
-     * Then restore the default action, so a second SIGTERM kills us.
+     * sigterm_seen makes EOF on stdin mean "no reply will come" rather
+     * than "exit 254" (see xcs_getreply()).  Then restore the default
+     * action, so a second SIGTERM kills us.
      */
     (void)signo;
+    sigterm_seen = 1;
     if (sigterm_iofd >= 0)
         dup2(sigterm_nullfd, sigterm_iofd);
     signal(SIGTERM, SIG_DFL);

@@ -459,6 +459,54 @@ def test_cli_helper_killed(op: str, world: World) -> None:
 # ---------------------------------------------------------------- supervisor faults
 
 
+def cancel_trial(w: World, op: str, delay: float, fmt: str) -> Trial:
+    run, check = OPS[op]
+    before = Snapshot.take()
+
+    async def go() -> tuple[str, str]:
+        task = asyncio.create_task(run(w, lambda ev: None, fmt=fmt))
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "CancelledError", ""
+        except (xcsave.XcsaveError, BaseExceptionGroup) as e:
+            return type(e).__name__, str(e)
+        return "completed", ""
+
+    t0 = time.monotonic()
+    outcome, message = asyncio.run(go())
+    trial = Trial(op, f"cancel at {delay * 1000:.1f} ms {fmt}", outcome, message)
+    check(w, trial)
+    before.check(trial.fault)
+    w.tally[f"{op} cancelled: {outcome}"] += 1
+    # Cancellation stops the helper with SIGTERM; it must not need the SIGKILL grace.
+    assert time.monotonic() - t0 < w.durations[op] + 4.0, trial
+    return trial
+
+
+def timeout_trial(w: World, op: str, timeout: float, fmt: str) -> Trial:
+    run, check = OPS[op]
+    before = Snapshot.take()
+
+    async def go() -> tuple[str, str]:
+        try:
+            await run(w, lambda ev: None, fmt=fmt, **({"timeout": timeout} if op != "migrate"
+                                                      else {}))  # fmt: skip
+        except (xcsave.XcsaveError, BaseExceptionGroup) as e:
+            return type(e).__name__, _one_line(e)
+        return "completed", ""
+
+    outcome, message = asyncio.run(go())
+    trial = Trial(op, f"timeout {timeout * 1000:.1f} ms {fmt}", outcome, message)
+    check(w, trial)
+    before.check(trial.fault)
+    assert outcome in ("completed", "HelperTimeout"), trial
+    w.tally[f"{op} timeout: {outcome}"] += 1
+    return trial
+
+
 def test_cancelled_while_the_helper_starts(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: a cancellation that lands while create_subprocess_exec is
     still connecting the pipes left the helper unseen by the supervisor: not
@@ -492,3 +540,77 @@ def test_cancelled_while_the_helper_starts(world: World, monkeypatch: pytest.Mon
     asyncio.run(go())
     check_after_save(world, Trial("save", "cancel while starting", "CancelledError"))
     before.check("cancel while starting")
+
+
+@pytest.mark.parametrize("op", ["save", "restore", "migrate"])
+def test_cancelled_at_random_points(op: str, world: World) -> None:
+    calibrate(world, op)
+    rng = random.Random(SEED + 2)
+    trials = [
+        cancel_trial(world, op, rng.uniform(0, world.durations[op]), FORMATS[i % 3])
+        for i in range(FAULTS_PER_OP // 3)
+    ]
+    assert any(t.outcome == "CancelledError" for t in trials), world.tally
+
+
+@pytest.mark.parametrize("op", ["save", "restore"])
+def test_timeouts_at_random_points(op: str, world: World) -> None:
+    calibrate(world, op)
+    rng = random.Random(SEED + 3)
+    trials = [
+        timeout_trial(world, op, rng.uniform(0.001, world.durations[op]), FORMATS[i % 3])
+        for i in range(FAULTS_PER_OP // 3)
+    ]
+    assert any(t.outcome == "HelperTimeout" for t in trials), world.tally
+
+
+# ---------------------------------------------------------------- callback faults
+
+
+def policy_trial(w: World, behaviour: str, at_iteration: int) -> Trial:
+    """precopy_policy raises, hangs (with a timeout) or hangs (then cancelled)."""
+    before = Snapshot.take()
+
+    async def pol(st: PrecopyStats) -> Decision:
+        if st.iteration >= at_iteration:
+            if behaviour == "raise":
+                raise RuntimeError(f"policy exploded at iteration {st.iteration}")
+            await asyncio.sleep(3600)
+        return Decision.CONTINUE if st.iteration < 3 else Decision.STOP_AND_COPY
+
+    async def go() -> tuple[str, str]:
+        kw: dict[str, Any] = {"timeout": 0.5} if behaviour == "hang" else {}
+        task = asyncio.create_task(
+            xcsave.save(w.out, sim=w.src, live=True, policy=_sync(pol), **kw)
+        )
+        if behaviour == "hang-cancel":
+            await asyncio.sleep(0.3)
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "CancelledError", ""
+        except xcsave.XcsaveError as e:
+            return type(e).__name__, _one_line(e)
+        return "completed", ""
+
+    t0 = time.monotonic()
+    outcome, message = asyncio.run(go())
+    elapsed = time.monotonic() - t0
+    trial = Trial("save", f"policy {behaviour} at {at_iteration}", outcome, message)
+    check_after_save(w, trial)
+    before.check(trial.fault)
+    expected = {"raise": "CallbackError", "hang": "HelperTimeout", "hang-cancel": "CancelledError"}
+    assert outcome == expected[behaviour], trial
+    if behaviour == "raise":
+        assert "policy exploded" in message, trial
+    # A helper waiting for a reply must stop on SIGTERM, not after the SIGKILL grace.
+    assert elapsed < 4.0, f"{trial}: took {elapsed:.1f} s"
+    w.tally[f"policy {behaviour}: {outcome}"] += 1
+    return trial
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "hang", "hang-cancel"])
+def test_policy_callback_raises_or_hangs(behaviour: str, world: World) -> None:
+    for it in (1, 2, 3):
+        policy_trial(world, behaviour, it)

@@ -261,6 +261,10 @@ class HelperRun:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+            # No reply will come now: EOF tells a helper blocked in a reply
+            # read so (xcsave-helper then fails that callback and cleans up;
+            # Xen's helper exits 254) instead of waiting for the SIGKILL.
+            self._close_pipes()
             try:
                 await asyncio.shield(asyncio.wait_for(proc.wait(), grace))
             except TimeoutError:
