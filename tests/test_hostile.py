@@ -577,10 +577,8 @@ class SimStream:
     digest: str  # of the domain it restores to
 
 
-@pytest.fixture(scope="module")
-def sim_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimStream]:
+def build_sim_streams(d: Path) -> dict[str, SimStream]:
     """Small sim domains saved by the helper, in each wrapping, plain and Remus."""
-    d = tmp_path_factory.mktemp("hostile-src")
     dom = sim.create(d / "src.dom", 16 * sim.PAGE_SIZE, vcpus=2, seed=11)
     digest = sim.digest(dom)
     out: dict[str, SimStream] = {}
@@ -598,6 +596,11 @@ def sim_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimStream
 
     asyncio.run(save_all())
     return out
+
+
+@pytest.fixture(scope="module")
+def sim_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimStream]:
+    return build_sim_streams(tmp_path_factory.mktemp("hostile-src"))
 
 
 @pytest.fixture
