@@ -643,6 +643,9 @@ def setup() -> dict[str, Any]:
             info[k.strip()] = v.strip()
     if r.rc != 0:
         raise StepFailed(f"xl info: {r.brief()}")
+    if "shadow" not in info.get("virt_caps", "").split():
+        # Without shadow paging a PV guest has no log-dirty: no live save.
+        raise StepFailed(f"this Xen has no shadow paging: virt_caps {info.get('virt_caps')!r}")
     ver = run(["dpkg-query", "-W", "-f", "${Version}", "xen-hypervisor-4.17-amd64"], timeout=30)
     info["xen_package"] = ver.out.strip()
     hv = run([sys.executable, "-m", "xcsave", "--version"], timeout=60)
