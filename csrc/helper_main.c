@@ -49,6 +49,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include "helper.h"
@@ -133,6 +134,32 @@ uint8_t *xcs_msgbuf(size_t len)
     return msgbuf + sizeof(uint32_t);
 }
 
+/*
+ * The parent went away in the middle of the operation: it closed our stdin
+ * (exit status 254, as Xen's helper) or our stdout broke (255).  Exiting at
+ * once, as Xen's helper does, would leave the source domain suspended or a
+ * partial target behind; so once an operation with an abort path is under
+ * way we take that path, exactly as on SIGTERM, let the backend clean up,
+ * drop the frames nobody will read, and exit with the status at the end.
+ */
+static int parent_gone_status;
+static void abort_io(void);
+static int sigterm_iofd = -1;
+
+static void parent_gone(int status)
+{
+    if (sigterm_iofd < 0)
+        exit(status); /* no operation of ours to clean up */
+    if (!parent_gone_status)
+        parent_gone_status = status;
+    /*
+     * Not the signal handler itself: it re-arms SIGTERM's default action,
+     * and the parent's death signal (PR_SET_PDEATHSIG) may still be on its
+     * way; it must find the handler, not kill us mid-cleanup.
+     */
+    abort_io();
+}
+
 static void write_all(int fd, const uint8_t *p, size_t n)
 {
     while (n) {
@@ -141,7 +168,10 @@ static void write_all(int fd, const uint8_t *p, size_t n)
             if (errno == EINTR)
                 continue;
             /* The parent is gone or closed our stdout: nobody to report to. */
-            fatal("writing to the control pipe: %s", strerror(errno));
+            fprintf(stderr, XCS_HELPER_CONTEXT ": writing to the control pipe: %s\n",
+                    strerror(errno));
+            parent_gone(XCS_EXIT_FATAL);
+            return;
         }
         p += r;
         n -= (size_t)r;
@@ -157,6 +187,8 @@ void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len)
 
     if (num < 0)
         fatal("bug: message %s does not exist in this dialect", xcs_msg_names[m]);
+    if (parent_gone_status == XCS_EXIT_FATAL)
+        return; /* stdout is broken: nobody reads frames any more */
     num16 = (uint16_t)num;
     memcpy((uint8_t *)body, &num16, sizeof(num16));
     if (dialect == XCS_DIALECT_XEN_417) {
@@ -201,6 +233,8 @@ int xcs_getreply(enum xcs_msg m)
     uint8_t *p = (uint8_t *)&v;
     size_t got = 0;
 
+    if (parent_gone_status)
+        return reply_when_stopped(m); /* the question never reached anyone */
     while (got < sizeof(v)) {
         ssize_t r = read(STDIN_FILENO, p + got, sizeof(v) - got);
         if (r < 0 && errno == EINTR)
@@ -218,12 +252,14 @@ int xcs_getreply(enum xcs_msg m)
         if (r <= 0) {
             /*
              * EOF (or an error) while the operation waits for a reply: the
-             * parent has given up on us.  Exit at once, as Xen's helper
-             * does; the parent reads status 254 as "reply pipe closed".
+             * parent has given up on us (or died).  The exit status will be
+             * 254, "reply pipe closed", as Xen's helper's; but first the
+             * operation is aborted so the backend cleans up (parent_gone).
              */
             fprintf(stderr, XCS_HELPER_CONTEXT ": %s reading the reply to %s\n",
                     r == 0 ? "EOF" : strerror(errno), xcs_msg_names[m]);
-            exit(XCS_EXIT_REPLY_EOF);
+            parent_gone(XCS_EXIT_REPLY_EOF);
+            return reply_when_stopped(m);
         }
         got += (size_t)r;
     }
@@ -265,7 +301,14 @@ void xcs_log(uint32_t level, int errnoval, const char *context,
  * SIGTERM handler only has to dup2() (async-signal-safe) and never open().
  */
 static int sigterm_nullfd = -1;
-static int sigterm_iofd = -1;
+
+/* Make the operation fail where it stands (see sigterm_abort); idempotent. */
+static void abort_io(void)
+{
+    sigterm_seen = 1;
+    if (sigterm_iofd >= 0)
+        dup2(sigterm_nullfd, sigterm_iofd);
+}
 
 static void sigterm_abort(int signo)
 {
@@ -283,12 +326,13 @@ static void sigterm_abort(int signo)
      * action, so a second SIGTERM kills us.
      */
     (void)signo;
-    sigterm_seen = 1;
-    if (sigterm_iofd >= 0)
-        dup2(sigterm_nullfd, sigterm_iofd);
+    abort_io();
     signal(SIGTERM, SIG_DFL);
     errno = saved;
 }
+
+/* Our parent when we started: to notice a parent that died before prctl(). */
+static pid_t start_ppid;
 
 void xcs_arm_sigterm_abort(int io_fd)
 {
@@ -305,6 +349,18 @@ void xcs_arm_sigterm_abort(int io_fd)
     sa.sa_flags = 0;
     if (sigaction(SIGTERM, &sa, NULL) < 0)
         fatal("sigaction: %s", strerror(errno));
+    /*
+     * If the toolstack dies (even SIGKILL), the kernel sends us SIGTERM, so
+     * the abort above runs and the backend resumes the source domain or
+     * removes its partial target instead of leaving them behind.  The
+     * signal follows the parent *thread* that forked us (asyncio forks from
+     * the loop's thread).  A parent that died before this call is caught by
+     * comparing getppid() with the one we started with.
+     */
+    if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0)
+        fatal("prctl(PR_SET_PDEATHSIG): %s", strerror(errno));
+    if (getppid() != start_ppid)
+        raise(SIGTERM);
 }
 
 /*----- argv -----*/
@@ -509,6 +565,7 @@ int main(int argc, char **argv)
     const char *backend = "xen";
     int r, errnoval;
 
+    start_ppid = getppid();
     memset(&op, 0, sizeof(op));
     op.io_fd = -1;
     op.aux_fd = -1;
@@ -565,5 +622,5 @@ int main(int argc, char **argv)
     xcs_log(XCS_LOG_DEBUG, errnoval, XCS_HELPER_CONTEXT, "complete r=%d", r);
     xcs_stub_complete(r, errnoval);
     free(msgbuf);
-    return 0;
+    return parent_gone_status;
 }

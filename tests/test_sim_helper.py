@@ -280,3 +280,79 @@ def test_killed_restore_leaves_no_partial_domain(small_image: bytes, tmp_path: P
         os.close(rfd)
         os.close(wfd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.dom", "small.img"]
+
+
+def _helpers_for(path: Path) -> list[int]:
+    """pids of live processes whose argv mentions ``path`` (our helpers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            state = next(
+                ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:")
+            )
+        except (OSError, StopIteration):
+            continue
+        if str(path).encode() in argv and " Z " not in state and argv[0].endswith(b"-helper"):
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.parametrize("when", ["waiting-for-a-reply", "copying"])
+def test_toolstack_killed_mid_save_resumes_the_source(when: str, tmp_path: Path) -> None:
+    """The toolstack dies (SIGKILL) mid live save: the helper aborts as on SIGTERM
+    (PR_SET_PDEATHSIG, or EOF on its reply pipe), the backend resumes the source
+    and turns log-dirty off, and the helper exits instead of lingering."""
+    import time
+
+    src = sim.create(tmp_path / "s.dom", 64 * MiB, seed=5)
+    rfd, wfd = os.pipe()  # the stream: read by nobody, so "copying" blocks
+    out = wfd if when == "copying" else os.open(tmp_path / "o", os.O_WRONLY | os.O_CREAT)
+    script = (
+        "import asyncio, sys, time, xcsave\n"
+        "def policy(st):\n"
+        "    print('ASKED', flush=True)\n"
+        "    time.sleep(3600)  # the toolstack hangs, then dies\n"
+        "def event(ev):\n"
+        "    if ev.kind == 'progress':\n"
+        "        print('COPYING', flush=True)\n"
+        f"asyncio.run(xcsave.save({out}, sim={str(src)!r}, live=True, policy=policy,\n"
+        "                        on_event=event))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-c", script], stdout=subprocess.PIPE, pass_fds=(out,), text=True
+    )
+    try:
+        assert proc.stdout is not None
+        want = "ASKED" if when == "waiting-for-a-reply" else "COPYING"
+        for line in proc.stdout:
+            if line.strip() == want:
+                break
+        time.sleep(0.2)
+        assert sim.info(src)["logdirty"]  # mid-save
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            info = sim.info(src)
+            if info["state"] == "running" and not info["logdirty"] and not _helpers_for(src):
+                break
+            time.sleep(0.05)
+        info = sim.info(src)
+        assert info["state"] == "running"
+        assert not info["logdirty"]
+        assert _helpers_for(src) == []
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+        if out not in (rfd, wfd):
+            os.close(out)
