@@ -41,7 +41,7 @@ def scenario() -> ModuleType:
 
 def _xcsave(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "xcsave", *map(str, args)],
+        [sys.executable, "-P", "-m", "xcsave", *map(str, args)],
         capture_output=True,
         text=True,
         check=False,

@@ -239,7 +239,7 @@ BENCH_ARGS = {
 @pytest.mark.parametrize("bench", sorted(BENCH_ARGS))
 def test_bench_subcommand_prints_json(bench: str) -> None:
     p = subprocess.run(
-        [sys.executable, "-m", "xcsave", "bench", bench, *BENCH_ARGS[bench], "--json"],
+        [sys.executable, "-P", "-m", "xcsave", "bench", bench, *BENCH_ARGS[bench], "--json"],
         capture_output=True,
         text=True,
         timeout=300,
