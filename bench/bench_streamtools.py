@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = find_xen_utils(args.xen_utils)
     xen_env = dict(os.environ, PYTHONPATH=str(root / XEN_PY))
-    xcsave = [sys.executable, "-m", "xcsave"]
+    xcsave = [sys.executable, "-P", "-m", "xcsave"]
     results: dict[str, object] = {"size": args.size, "repeat": args.repeat}
 
     with tempfile.TemporaryDirectory(dir=args.dir) as d:

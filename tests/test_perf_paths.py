@@ -180,6 +180,7 @@ def test_live_save_under_dirty_workload_vmsplices_final_round(tmp_path: Path) ->
     work = subprocess.Popen(
         [
             sys.executable,
+            "-P",
             "-m",
             "xcsave",
             "sim",

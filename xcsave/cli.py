@@ -38,6 +38,16 @@ class UsageError(Exception):
     """Bad arguments: exit 2 with the message."""
 
 
+def self_argv(*args: str) -> list[str]:
+    """argv that runs this xcsave again in a child (workloads, benchmarks).
+
+    ``-P`` keeps the child's cwd off ``sys.path``: run from a source checkout,
+    ``-m xcsave`` would otherwise import the unbuilt tree instead of the
+    installed package with its extension and helper.
+    """
+    return [sys.executable, "-P", "-m", "xcsave", *args]
+
+
 def parse_size(text: str) -> int:
     """``256M``, ``1G``, ``4096``, ``64MiB`` -> bytes."""
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
@@ -259,8 +269,9 @@ def add_save_restore(sub: Any) -> None:
     p.add_argument("--width", type=int, choices=(32, 64), help="legacy: toolstack word size")
     p.add_argument("--guest", choices=("pv", "hvm"), help="legacy: guest type")
     p.add_argument("--max-pages", type=int, default=0, help="refuse streams with more pages")
-    p.add_argument("--dm-out", metavar="FILE",
-                   help="hand the device model's saved state over in FILE")
+    p.add_argument(
+        "--dm-out", metavar="FILE", help="hand the device model's saved state over in FILE"
+    )
     for name in ("store-evtchn", "store-domid", "console-evtchn", "console-domid"):
         p.add_argument(f"--{name}", type=int, default=0)
     p.set_defaults(func=do_restore)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import FORMATS, UsageError, parse_policy, parse_size
+from .cli import FORMATS, UsageError, parse_policy, parse_size, self_argv
 from .cmd_migrate import add_logging_flags, add_progress_flag
 from .errors import XcsaveError
 
@@ -179,7 +179,7 @@ def _workloads(paths: list[Path], rate: int) -> Iterator[None]:
                 procs.append(
                     subprocess.Popen(  # noqa: S603 - our own CLI, no shell
                         [
-                            *(sys.executable, "-m", "xcsave", "sim", "dirty", str(p)),
+                            *self_argv("sim", "dirty", str(p)),
                             *("--rate", str(rate), "--duration", "3600"),
                         ],
                         stdout=subprocess.DEVNULL,
@@ -712,16 +712,7 @@ def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
         try:
             _save_stream(src, img)
             benchmarks.warm(img)
-            ours_cmd = [
-                sys.executable,
-                "-m",
-                "xcsave",
-                "verify",
-                "-q",
-                "--format",
-                "libxc",
-                str(img),
-            ]
+            ours_cmd = self_argv("verify", "-q", "--format", "libxc", str(img))
             xen_cmd = [
                 "python3",
                 str(root / benchmarks.XEN_BIN / "verify-stream-v2"),
@@ -791,7 +782,7 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
             corpus.write_big_legacy(leg, args.memory)
             benchmarks.warm(leg)
             conv = ["--width", "64", "--guest", "hvm", "--format", "libxc"]
-            ours_cmd = [sys.executable, "-m", "xcsave", "convert", str(leg), "-", *conv]
+            ours_cmd = [*self_argv("convert", str(leg), "-"), *conv]
             xen_cmd = [
                 "python3",
                 str(root / benchmarks.XEN_BIN / "convert-legacy-stream"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import policy
-from .cli import FORMATS, parse_policy, parse_size
+from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .progress import MODES, Renderer
 
 if TYPE_CHECKING:
@@ -221,18 +221,7 @@ def _demo(args: argparse.Namespace) -> int:
         sim.create(src, args.memory, vcpus=2, seed=42)
         # The guest's workload runs in its own process, as a guest's vCPUs would.
         workload = subprocess.Popen(  # noqa: S603 - our own CLI, no shell
-            [
-                sys.executable,
-                "-m",
-                "xcsave",
-                "sim",
-                "dirty",
-                str(src),
-                "--rate",
-                str(args.rate),
-                "--duration",
-                "3600",
-            ],
+            self_argv("sim", "dirty", str(src), "--rate", str(args.rate), "--duration", "3600"),
             stdout=subprocess.DEVNULL,
         )
         time.sleep(0.2)  # let it start dirtying before the first round
