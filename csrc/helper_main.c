@@ -237,8 +237,15 @@ int xcs_getreply(enum xcs_msg m)
         return reply_when_stopped(m); /* the question never reached anyone */
     while (got < sizeof(v)) {
         ssize_t r = read(STDIN_FILENO, p + got, sizeof(v) - got);
-        if (r < 0 && errno == EINTR)
+        if (r < 0 && errno == EINTR) {
+            /*
+             * SIGTERM (a stop, or the parent's death) interrupted the wait:
+             * stop waiting, even if something still holds our stdin open.
+             */
+            if (sigterm_seen)
+                return reply_when_stopped(m);
             continue;
+        }
         /*
          * After SIGTERM, EOF is the parent saying it will not reply (the
          * supervisor's stop() closes our stdin; libxl goes on replying, as
