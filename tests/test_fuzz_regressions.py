@@ -46,6 +46,11 @@ EXPECT: dict[str, tuple[str, str]] = {
         "one pfn word near 2^30 made verify allocate and zero a 128 MiB bitmap; "
         "now the unique-page tracker is sparse (4 KiB chunks)",
     ),
+    "scan-libxl-length-padding-wraps.bin": (
+        "no record can be that long",
+        "a libxl record length of 0xfffffffd wrapped its padded size to 0: verify "
+        "read 4 GiB past the record (SIGSEGV); now refused",
+    ),
     "restore-tsc-length-100m-pipe.bin": (
         "truncated",
         "a record header claiming 100 MiB made the restoring helper allocate it "

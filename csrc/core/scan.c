@@ -1209,6 +1209,14 @@ static int libxl_stream(struct scan *s)
                        (t & XCS_REC_TYPE_OPTIONAL)
                            ? " (libxl has no optional records: it rejects any unknown type)"
                            : "");
+        /*
+         * libxl has no length cap of its own (the libxc layer's is
+         * XCS_REC_LENGTH_MAX), but a record is padded to 8 bytes: a length
+         * whose padding overflows 32 bits cannot be one, and would wrap the
+         * padded size to 0 (a 4 GiB read past the body, found by fuzz_scan).
+         */
+        if (len > UINT32_MAX - (XCS_REC_ALIGN - 1))
+            return bad(s, "length 0x%x: no record can be that long", len);
         r->libxl_count[t]++;
         r->libxl_bytes[t] += len;
         rc = libxl_body(s, t, len, &p);
