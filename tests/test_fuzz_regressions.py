@@ -56,6 +56,12 @@ EXPECT: dict[str, tuple[str, str]] = {
         "a record header claiming 100 MiB made the restoring helper allocate it "
         "before reading (ENOMEM under a memory limit); now bodies grow as they arrive",
     ),
+    "restore-end-with-length.bin": (
+        "END at offset",
+        "a libxc END claiming a body was accepted without reading it, so the libxl "
+        "layer after the image would have read that body as its next record; found "
+        "by test_hostile's bit flips; now refused, as the verifier does",
+    ),
     "helper-argv-newline.bin": (
         "unexpected mode argument",
         "a newline in argv split the helper's fatal message into several lines",

@@ -852,6 +852,16 @@ static int libxc_records(struct restore_ctx *ctx)
             return -1;
         switch (type) {
         case XCS_REC_END:
+            /*
+             * END has no body.  A length here was neither read nor skipped,
+             * so a libxl layer after the image would have read it as its
+             * next record: refuse it, as the verifier does ("END with
+             * length").  Found by test_hostile's bit flips.
+             */
+            if (len)
+                return xcs_fail(ctx->cb, EINVAL, "END at offset %llu: length "
+                                "%u, expected 0", (unsigned long long)rec_off,
+                                len);
             return STOP_END;
         case XCS_REC_CHECKPOINT:
             if (!ctx->remus)
