@@ -91,6 +91,44 @@ async def callback_baseline(n: int) -> float:
     return dt / n
 
 
+async def callback_baseline_protocol(n: int) -> float:
+    """Seconds per round trip through `cat` read the way the supervisor reads
+    a helper: ``loop.add_reader`` on a non-blocking pipe, ``os.read`` in the
+    loop callback, the next message written at once with ``os.write``."""
+    loop = asyncio.get_running_loop()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec("cat", stdin=in_r, stdout=out_w)
+    finally:
+        os.close(in_r)
+        os.close(out_w)
+    os.set_blocking(out_r, False)
+    done: asyncio.Future[None] = loop.create_future()
+    got = 0
+
+    def readable() -> None:
+        nonlocal got
+        got += len(os.read(out_r, 4096))
+        if got >= 4 * n:
+            done.set_result(None)
+        elif got % 4 == 0:
+            os.write(in_w, b"ping")
+
+    loop.add_reader(out_r, readable)
+    try:
+        t0 = time.perf_counter()
+        os.write(in_w, b"ping")
+        await done
+        dt = time.perf_counter() - t0
+    finally:
+        loop.remove_reader(out_r)
+        os.close(in_w)
+        os.close(out_r)
+        await proc.wait()
+    return dt / n
+
+
 async def xcsave_callbacks(checkpoints: int, workdir: Path) -> dict[str, Any]:
     """A Remus save of a 4-page sim domain into /dev/null with ``checkpoints``
     checkpoints: three callbacks each (suspend, postcopy, checkpoint)."""
@@ -143,11 +181,14 @@ async def xcsave_callbacks(checkpoints: int, workdir: Path) -> dict[str, Any]:
 
 def callbacks_run(rounds: int) -> dict[str, Any]:
     base = asyncio.run(callback_baseline(rounds * 3))
+    floor = asyncio.run(callback_baseline_protocol(rounds * 3))
     with tempfile.TemporaryDirectory(dir=shm_dir()) as d:
         ours = asyncio.run(xcsave_callbacks(rounds, Path(d)))
     return {
         "baseline_us_per_rtt": base * 1e6,
+        "protocol_us_per_rtt": floor * 1e6,
         **ours,
         "ratio_to_baseline": ours["us_per_callback"] / (base * 1e6),
+        "ratio_to_protocol": ours["us_per_callback"] / (floor * 1e6),
         "load_average": os.getloadavg()[0],
     }

@@ -840,6 +840,8 @@ def _callbacks_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
         f"({r['callbacks']} callbacks + {r['other_frames']} other frames, "
         f"{r['frames_per_s']:.0f} frames/s)  bar 100 us, goal 30 us",
         f"  baseline (asyncio <-> cat, stock streams): {r['baseline_us_per_rtt']:.1f} us",
+        f"  floor (asyncio <-> cat, add_reader + os.write as the supervisor reads): "
+        f"{r['protocol_us_per_rtt']:.1f} us",
         f"  ratio baseline/xcsave: {data['ratio']:.2f}x (load average {r['load_average']:.2f})",
     ]
     return Report(data=data, text=text)

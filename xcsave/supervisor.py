@@ -220,6 +220,12 @@ class HelperRun:
         self._logs: list[LogEvent] = []
         self._stderr_tail: list[str] = []
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        self._reply_fd = -1  # our end of the helper's stdin
+        self._frame_fd = -1  # our end of the helper's stdout
+        self._reading = False
+        self._eof = False
+        self._pending: asyncio.Future[None] | None = None  # an async callback
+        self._done: asyncio.Future[None] | None = None
 
     # -- public ------------------------------------------------------------
 
@@ -289,19 +295,32 @@ class HelperRun:
         argv = [*_wrapper_argv(), str(self._helper()), *self.spec.args]
         log.debug("spawning %s", shlex.join(argv))
         self._t0 = time.monotonic()
+        # The control pipes are ours, not asyncio's streams: frames are read
+        # by _readable() straight from the fd and replies written with one
+        # os.write() (see _pump).  Both parent ends are close-on-exec (os.pipe
+        # default) and non-blocking; the child's ends stay blocking (O_NONBLOCK
+        # belongs to each end's open file description, not to the pipe).
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        os.set_blocking(in_w, False)
+        os.set_blocking(out_r, False)
+        self._reply_fd, self._frame_fd = in_w, out_r
         # close_fds stays True: the helper gets the control pipes, stderr and
         # exactly the fds in pass_fds, nothing else of ours.
         spawning = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdin=in_r,
+                stdout=out_w,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=self.spec.pass_fds,
             )
         )
         try:
             self.proc = await asyncio.shield(spawning)
+            self._log = logging.LoggerAdapter(
+                helper_log, {"domain": self.spec.domain, "helper_pid": self.proc.pid}
+            )
         except asyncio.CancelledError:
             # Cancelled while the helper was being started: it may already
             # run (and have touched the domain).  Finish starting it, so that
@@ -312,31 +331,47 @@ class HelperRun:
             if self.proc is not None:
                 await self.stop()
             raise
-        self._log = logging.LoggerAdapter(
-            helper_log, {"domain": self.spec.domain, "helper_pid": self.proc.pid}
-        )
+        finally:
+            # The child's ends: it has its own copies (or never started).
+            # Without this the helper's exit would never show as EOF here.
+            os.close(in_r)
+            os.close(out_w)
+            if self.proc is None or self._log is None:
+                self._close_pipes(reader=True)  # failed or stopped: no _pump
 
-    def _close_pipes(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()
+    def _close_pipes(self, *, reader: bool = False) -> None:
+        """Close our end of the reply pipe (the helper sees EOF); with
+        ``reader``, stop reading frames and close that end too."""
+        if self._reply_fd >= 0:
+            os.close(self._reply_fd)
+            self._reply_fd = -1
+        if reader and self._frame_fd >= 0:
+            if self._reading:
+                asyncio.get_running_loop().remove_reader(self._frame_fd)
+                self._reading = False
+            os.close(self._frame_fd)
+            self._frame_fd = -1
+
+    # -- the frame pump -----------------------------------------------------
+    #
+    # A Protocol-style reader without the Protocol: the loop calls
+    # _readable() when the helper's stdout has bytes; they are decoded and
+    # every frame is handled right there, synchronous callbacks included, and
+    # a reply goes back with one os.write() -- no task switch, no stream
+    # buffer, no drain() on the round trip.  A callback that returns an
+    # awaitable pauses reading (remove_reader) until a task has awaited it
+    # and replied; frames keep their order.  _pump() only waits for the end.
 
     async def _pump(self) -> None:
         proc = self.proc
         assert proc is not None
-        assert proc.stdout is not None
         assert proc.stderr is not None
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
         stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr))
         try:
-            while True:
-                chunk = await proc.stdout.read(READ_CHUNK)
-                if not chunk:
-                    break
-                self.decoder.feed(chunk)
-                for frame in self.decoder:
-                    await self._dispatch(frame)
+            self._resume_reading()
+            await self._done
             if self.decoder.buffered:
                 raise ProtocolError(
                     f"{self._what()}: helper stdout ended inside a frame "
@@ -345,11 +380,74 @@ class HelperRun:
             await proc.wait()
             await stderr_task
         finally:
-            if not stderr_task.done():
-                stderr_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stderr_task
-        self._close_pipes()
+            self._close_pipes(reader=True)
+            for task in (self._pending, stderr_task):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._frame_fd >= 0:
+            asyncio.get_running_loop().add_reader(self._frame_fd, self._readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self._frame_fd)
+            self._reading = False
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        self._pause_reading()
+        if self._done is not None and not self._done.done():
+            if exc is None:
+                self._done.set_result(None)
+            else:
+                self._done.set_exception(exc)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._frame_fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._finish(e)
+            return
+        if not data:
+            self._eof = True
+            self._pause_reading()
+        else:
+            self.decoder.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every complete frame, until one needs to await."""
+        try:
+            while self._pending is None:
+                frame = next(self.decoder, None)
+                if frame is None:
+                    break
+                later = self._dispatch(frame)
+                if later is not None:
+                    self._pause_reading()
+                    self._pending = asyncio.ensure_future(later)
+                    self._pending.add_done_callback(self._resumed)
+        except Exception as e:  # ProtocolError, CallbackError, on_event's
+            self._finish(e)
+            return
+        if self._pending is None and self._eof:
+            self._finish()
+
+    def _resumed(self, task: asyncio.Future[None]) -> None:
+        self._pending = None
+        if task.cancelled():
+            self._finish(asyncio.CancelledError())
+        elif (exc := task.exception()) is not None:
+            self._finish(exc)
+        elif not (self._done is None or self._done.done()):
+            if not self._eof:
+                self._resume_reading()
+            self._process()
 
     async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
@@ -364,60 +462,70 @@ class HelperRun:
         if self.on_event is not None:
             self.on_event(ev)
 
-    async def _reply(self, value: int) -> None:
-        proc = self.proc
-        assert proc is not None
-        assert proc.stdin is not None
-        proc.stdin.write(proto.encode_reply(value))
+    def _reply(self, value: int) -> None:
+        """One reply, one write: 4 bytes into a pipe the helper drains before
+        it asks again, so it never fills (EAGAIN cannot happen)."""
+        if self._reply_fd < 0:
+            return  # stopped: the helper has been told with EOF
         try:
-            await proc.stdin.drain()
+            os.write(self._reply_fd, proto.encode_reply(value))
         except (BrokenPipeError, ConnectionResetError):
             # The helper died while we answered; its exit status tells why.
-            log.debug("helper %s closed its stdin before our reply", proc.pid)
+            log.debug("helper %s closed its stdin before our reply", self.pid)
 
-    async def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> int:
+    def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> int | Awaitable[int]:
+        """The callback's reply, or an awaitable of it for an async callback."""
         try:
             value = fn(*args)
-            if inspect.isawaitable(value):
-                value = await value
         except Exception as e:
-            raise CallbackError(
-                f"{self._what()}: the {name} callback raised {type(e).__name__}: {e}",
-                **self._ids(),
-            ) from e
+            raise self._callback_raised(name, e) from e
+        if inspect.isawaitable(value):
+            return self._await_callback(name, value)
+        return self._reply_value(name, value)
+
+    async def _await_callback(self, name: str, pending: Awaitable[Any]) -> int:
+        try:
+            value = await pending
+        except Exception as e:
+            raise self._callback_raised(name, e) from e
+        return self._reply_value(name, value)
+
+    def _callback_raised(self, name: str, e: Exception) -> CallbackError:
+        return CallbackError(
+            f"{self._what()}: the {name} callback raised {type(e).__name__}: {e}",
+            **self._ids(),
+        )
+
+    def _reply_value(self, name: str, value: object) -> int:
         if value is None:
             return _OK_REPLY.get(name, 0)
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, int):
+        if isinstance(value, int):  # bool and IntEnum included
             return int(value)
         raise CallbackError(
             f"{self._what()}: the {name} callback returned {value!r}, not an int",
             **self._ids(),
         )
 
-    async def _dispatch(self, frame: proto.Frame) -> None:
+    def _then(
+        self, value: int | Awaitable[int], then: Callable[[int], None]
+    ) -> Awaitable[None] | None:
+        """``then(reply)`` now, or once the async callback has answered."""
+        if isinstance(value, int):
+            then(value)
+            return None
+
+        async def later() -> None:
+            then(await value)
+
+        return later()
+
+    def _dispatch(self, frame: proto.Frame) -> Awaitable[None] | None:
+        """Handle one frame; an awaitable when an async callback must finish
+        (and reply) before the next frame is handled."""
         name = frame.name
         a = frame.args
         dom, op = self.spec.domain, self.spec.mode
-        if name == "hello":
-            self._backend = str(a[2])
-            if str(a[3]) != op:
-                raise ProtocolError(f"helper says it is doing a {a[3]!s}, expected a {op}")
-            if self.spec.backend and self._backend != self.spec.backend:
-                raise BackendUnavailable(
-                    f"helper runs backend {self._backend!r}, expected {self.spec.backend!r}"
-                )
-        elif name == "log":
-            level, err, ctx, text = int(a[0]), int(a[1]), str(a[2]), str(a[3])
-            if err == 0xFFFFFFFF:
-                err = -1
-            ev = LogEvent(op, dom, level, err, ctx, text)
-            self._logs.append(ev)
-            if self._log:
-                self._log.log(XTL_LEVELS.get(level, logging.WARNING), "%s: %s", ctx, text)
-            self._emit(ev)
-        elif name == "progress":
+        if name == "progress":
             self._emit(
                 ProgressEvent(
                     op,
@@ -429,10 +537,53 @@ class HelperRun:
                     time.monotonic() - self._t0,
                 )
             )
+        elif name == "log":
+            level, err, ctx, text = int(a[0]), int(a[1]), str(a[2]), str(a[3])
+            if err == 0xFFFFFFFF:
+                err = -1
+            ev = LogEvent(op, dom, level, err, ctx, text)
+            self._logs.append(ev)
+            if self._log:
+                self._log.log(XTL_LEVELS.get(level, logging.WARNING), "%s: %s", ctx, text)
+            self._emit(ev)
+        elif name == "precopy_policy":
+            st = PrecopyStats(int(a[0]), int(a[1]), int(a[2]))
+            fn = self.cb.precopy_policy
+            if fn is None:
+                raise ProtocolError("helper asked precopy_policy, which was not installed")
+
+            def decided(decision: int) -> None:
+                self._emit(
+                    PolicyEvent(op, dom, st.iteration, st.total_written, st.dirty_count, decision)
+                )
+                self._reply(decision)
+
+            return self._then(self._call(name, fn, st), decided)
+        elif name == "complete":
+            self._completed = (int(a[0]), int(a[1]))
+            self._reply(0)
+        elif frame.spec.needs_reply:
+            fn = getattr(self.cb, name, None)
+            if fn is None:
+                # libxl would never be asked: the cbflags bit was clear.
+                raise ProtocolError(f"helper asked {name}, which was not installed")
+            return self._then(self._call(name, fn, *a), self._reply)
+        elif name == "hello":
+            self._backend = str(a[2])
+            if str(a[3]) != op:
+                raise ProtocolError(f"helper says it is doing a {a[3]!s}, expected a {op}")
+            if self.spec.backend and self._backend != self.spec.backend:
+                raise BackendUnavailable(
+                    f"helper runs backend {self._backend!r}, expected {self.spec.backend!r}"
+                )
         elif name == "restore_results":
             self._results = (int(a[0]), int(a[1]))
             if self.cb.restore_results is not None:
-                await self._call(name, self.cb.restore_results, *self._results)
+                # Its value is not a reply (the helper does not wait), but
+                # an async one is awaited before the next frame all the same.
+                return self._then(
+                    self._call(name, self.cb.restore_results, *self._results), lambda _: None
+                )
         elif name == "stats":
             fields = frame.asdict()
             raw = fields.pop("pages_per_round")
@@ -442,27 +593,9 @@ class HelperRun:
             ints = {k: int(v) for k, v in fields.items() if isinstance(v, int)}
             self._stats = Stats(**ints, pages_per_round=per_round)
             self._emit(StatsEvent(op, dom, **ints, pages_per_round=per_round))
-        elif name == "complete":
-            self._completed = (int(a[0]), int(a[1]))
-            await self._reply(0)
-        elif name == "precopy_policy":
-            st = PrecopyStats(int(a[0]), int(a[1]), int(a[2]))
-            fn = self.cb.precopy_policy
-            if fn is None:
-                raise ProtocolError("helper asked precopy_policy, which was not installed")
-            decision = await self._call(name, fn, st)
-            self._emit(
-                PolicyEvent(op, dom, st.iteration, st.total_written, st.dirty_count, decision)
-            )
-            await self._reply(decision)
-        elif frame.spec.needs_reply:
-            fn = getattr(self.cb, name, None)
-            if fn is None:
-                # libxl would never be asked: the cbflags bit was clear.
-                raise ProtocolError(f"helper asked {name}, which was not installed")
-            await self._reply(await self._call(name, fn, *a))
         else:  # pragma: no cover - every table row is handled above
             raise ProtocolError(f"no handler for {name}")
+        return None
 
     def _judge(self) -> RunResult:
         proc = self.proc
