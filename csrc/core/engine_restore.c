@@ -4,12 +4,14 @@
  *
  * The stream fd is shared with the toolstack, so this reads exactly its own
  * bytes: a record header, then exactly the padded body, never past END (or
- * past the libxl END when wrapped).  A PAGE_DATA batch's pages are read into
- * one reused buffer and written to the target with pwrite, one call per run
- * of adjacent pfns.  (readv straight into a MAP_SHARED mapping of the target
- * measured slower here: each fresh tmpfs page then costs a write fault,
- * while pwrite allocates in the kernel; and a full filesystem becomes
- * ENOSPC instead of SIGBUS.)
+ * past the libxl END when wrapped).  A PAGE_DATA batch's pages go from the
+ * stream to their places in the target without entering user space when the
+ * stream is a file (copy_file_range) or a pipe (splice): one call per run of
+ * adjacent pfns, one kernel copy.  From a socket they are read into one
+ * reused buffer and written with pwrite, one call per run.  (readv straight
+ * into a MAP_SHARED mapping of the target measured slower: each fresh tmpfs
+ * page then costs a write fault, while pwrite and splice allocate in the
+ * kernel; and a full filesystem becomes ENOSPC instead of SIGBUS.)
  *
  * The target is built under a temporary name next to the final path and
  * renamed into place only when the stream was complete and consistent, so a
@@ -226,13 +228,30 @@ static int target_create(struct restore_ctx *ctx)
     return 0;
 }
 
+/* The pfns[i..end) run of adjacent data pages that starts at i. */
+static uint32_t run_end(const uint64_t *pfns, uint32_t count, uint32_t i)
+{
+    uint64_t pfn = pfns[i] & XCS_PAGE_DATA_PFN_MASK;
+    uint32_t j = i + 1;
+
+    while (j < count && (pfns[j] >> 60) < 0xd &&
+           (pfns[j] & XCS_PAGE_DATA_PFN_MASK) == pfn + (j - i))
+        j++;
+    return j;
+}
+
+static off_t target_off(uint64_t pfn)
+{
+    return (off_t)(XCS_SIM_HDR_SIZE +
+                   ((pfn & XCS_PAGE_DATA_PFN_MASK) << XCS_PAGE_SHIFT));
+}
+
 /* Write a batch's data pages (packed in data) to their places in the target. */
 static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
                        uint32_t count, const uint8_t *data)
 {
     for (uint32_t i = 0; i < count;) {
-        uint64_t pfn = pfns[i] & XCS_PAGE_DATA_PFN_MASK;
-        uint32_t j = i + 1;
+        uint32_t j;
         size_t len, done = 0;
         off_t off;
 
@@ -241,11 +260,9 @@ static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
             continue;
         }
         /* One pwrite per run of adjacent pfns. */
-        while (j < count && (pfns[j] >> 60) < 0xd &&
-               (pfns[j] & XCS_PAGE_DATA_PFN_MASK) == pfn + (j - i))
-            j++;
+        j = run_end(pfns, count, i);
         len = (size_t)(j - i) * XCS_PAGE_SIZE;
-        off = (off_t)(XCS_SIM_HDR_SIZE + (pfn << XCS_PAGE_SHIFT));
+        off = target_off(pfns[i]);
         while (done < len) {
             ssize_t r = pwrite(ctx->tfd, data + done, len - done,
                                off + (off_t)done);
@@ -255,11 +272,58 @@ static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
             if (r <= 0)
                 return xcs_fail(ctx->cb, r < 0 ? errno : EIO,
                                 "writing pfn 0x%llx to %s: %s",
-                                (unsigned long long)pfn, ctx->partial,
+                                (unsigned long long)(pfns[i] &
+                                                     XCS_PAGE_DATA_PFN_MASK),
+                                ctx->partial,
                                 r < 0 ? strerror(errno) : "short write");
             done += (size_t)r;
         }
         data += len;
+        i = j;
+    }
+    return 0;
+}
+
+/*
+ * The batch's pages, still in the stream, moved by the kernel straight to
+ * their places in the target (xcs_move_exact: one copy, no user buffer).
+ * Returns 1, having consumed nothing, when the stream fd does not allow it
+ * (a socket): the caller reads the pages and writes them instead.
+ */
+static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
+                      uint32_t count)
+{
+    for (uint32_t i = 0; i < count;) {
+        uint32_t j;
+        size_t len;
+        int eof, rc;
+
+        if ((pfns[i] >> 60) >= 0xd) {
+            i++;
+            continue;
+        }
+        j = run_end(pfns, count, i);
+        len = (size_t)(j - i) * XCS_PAGE_SIZE;
+        rc = xcs_move_exact(&ctx->r, ctx->tfd, (uint64_t)target_off(pfns[i]),
+                            len, &eof);
+        if (rc < 0) {
+            if (eof)
+                return read_failed(ctx, "PAGE_DATA pages", eof);
+            return xcs_fail(ctx->cb, errno,
+                            "moving pfn 0x%llx from offset %llu to %s: %s",
+                            (unsigned long long)(pfns[i] &
+                                                 XCS_PAGE_DATA_PFN_MASK),
+                            (unsigned long long)ctx->r.off, ctx->partial,
+                            strerror(errno));
+        }
+        if (rc > 0) {
+            if (i == 0)
+                return 1;
+            /* Refused part way (never seen): this run the plain way. */
+            if (read_exact(ctx, ctx->pages, len, "PAGE_DATA pages") < 0 ||
+                write_pages(ctx, pfns + i, j - i, ctx->pages) < 0)
+                return -1;
+        }
         i = j;
     }
     return 0;
@@ -435,7 +499,7 @@ static int page_data_direct(struct restore_ctx *ctx, uint32_t len,
 {
     uint32_t head[2];
     uint64_t maxpfn;
-    int ndata;
+    int ndata, rc;
 
     if (len < 8)
         return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: length %u "
@@ -449,9 +513,13 @@ static int page_data_direct(struct restore_ctx *ctx, uint32_t len,
         return -1;
     if (ndata == 0)
         return 0;
-    if (read_exact(ctx, ctx->pages, (size_t)ndata * XCS_PAGE_SIZE,
-                   "PAGE_DATA pages") < 0 ||
-        write_pages(ctx, ctx->pfns, head[0], ctx->pages) < 0)
+    rc = move_pages(ctx, ctx->pfns, head[0]);
+    if (rc > 0 &&
+        (read_exact(ctx, ctx->pages, (size_t)ndata * XCS_PAGE_SIZE,
+                    "PAGE_DATA pages") < 0 ||
+         write_pages(ctx, ctx->pfns, head[0], ctx->pages) < 0))
+        rc = -1;
+    if (rc < 0)
         return -1;
     note_pages(ctx, maxpfn, ndata);
     return 0;

@@ -345,6 +345,63 @@ int xcs_read_exact(struct xcs_reader *r, void *buf, size_t len, int *eof)
     return xcs_readv_exact(r, &iov, 1, len, eof);
 }
 
+enum { MOVE_UNPROBED = 0, MOVE_COPY_RANGE, MOVE_SPLICE, MOVE_NONE };
+
+int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
+                   int *eof)
+{
+    size_t got = 0;
+
+    *eof = 0;
+    if (r->move == MOVE_UNPROBED) {
+        struct stat st;
+
+        r->move = MOVE_NONE;
+        if (fstat(r->fd, &st) == 0)
+            r->move = S_ISREG(st.st_mode)    ? MOVE_COPY_RANGE
+                      : S_ISFIFO(st.st_mode) ? MOVE_SPLICE
+                                             : MOVE_NONE;
+    }
+    while (got < len && r->move != MOVE_NONE) {
+        loff_t o = (loff_t)(off + got);
+        size_t want = len - got;
+        ssize_t n;
+
+        /*
+         * Both read the stream at its file position (NULL offset) and
+         * advance it, exactly like read(): the fd stays where the format
+         * says the next record starts, for whoever reads after us.
+         */
+        if (r->move == MOVE_COPY_RANGE)
+            n = copy_file_range(r->fd, NULL, to, &o, want, 0);
+        else
+            n = splice(r->fd, NULL, to, &o, want, SPLICE_F_MOVE);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
+                wait_ready(r->fd, POLLIN) == 0)
+                continue;
+            /* The kernel cannot do it for this pair of fds: say so, once. */
+            if (got == 0 && (errno == EINVAL || errno == EXDEV ||
+                             errno == ENOSYS || errno == EOPNOTSUPP ||
+                             errno == EBADF)) {
+                r->move = MOVE_NONE;
+                break;
+            }
+            return -1;
+        }
+        if (n == 0) {
+            *eof = 2; /* inside a record: its header has been read */
+            errno = EIO;
+            return -1;
+        }
+        got += (size_t)n;
+        r->off += (uint64_t)n;
+    }
+    return r->move == MOVE_NONE ? 1 : 0;
+}
+
 int xcs_skip_exact(struct xcs_reader *r, uint64_t len, int *eof)
 {
     uint8_t buf[16384];

@@ -103,6 +103,7 @@ long xcs_pipe_unread(int fd);
 struct xcs_reader {
     int fd;
     uint64_t off; /* stream offset of the next byte */
+    int move;     /* xcs_move_exact's method for fd; 0 = not probed yet */
 };
 
 /*
@@ -114,6 +115,18 @@ int xcs_read_exact(struct xcs_reader *r, void *buf, size_t len, int *eof);
 /* The same for a scatter list (consumed in place). */
 int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
                     size_t len, int *eof);
+/*
+ * Move exactly len stream bytes into the file `to` at offset off without
+ * passing them through user space: copy_file_range() when the stream is a
+ * regular file, splice() when it is a pipe (the kernel copies once, straight
+ * into the target's page cache).  Returns 0; -1 with errno set (EIO and *eof
+ * as xcs_read_exact when the stream ended first); or 1, having consumed
+ * nothing, when the kernel cannot do it for these fds (a socket, a
+ * filesystem without splice): the caller then reads and writes itself, and
+ * every later call returns 1 at once.
+ */
+int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
+                   int *eof);
 /* Read and drop len bytes. */
 int xcs_skip_exact(struct xcs_reader *r, uint64_t len, int *eof);
 
