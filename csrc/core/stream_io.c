@@ -133,6 +133,18 @@ static int wait_ready(int fd, short events)
     return r < 0 ? -1 : 0;
 }
 
+/*
+ * After a failed read or write on fd: 1 when the call should simply be made
+ * again (EINTR; EAGAIN once poll says the fd is ready), 0 when it failed.
+ */
+static int again(int fd, short events)
+{
+    if (errno == EINTR)
+        return 1;
+    return (errno == EAGAIN || errno == EWOULDBLOCK) &&
+           wait_ready(fd, events) == 0;
+}
+
 int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
 {
     while (iovcnt > 0) {
@@ -147,10 +159,7 @@ int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
         }
         r = writev(w->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
         if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
-                wait_ready(w->fd, POLLOUT) == 0)
+            if (again(w->fd, POLLOUT))
                 continue;
             return -1;
         }
@@ -237,10 +246,7 @@ int xcs_vmsplice_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
                                                                   : iovcnt),
                      0);
         if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
-                wait_ready(w->fd, POLLOUT) == 0)
+            if (again(w->fd, POLLOUT))
                 continue;
             return -1;
         }
@@ -306,10 +312,7 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
         }
         n = readv(r->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
-                wait_ready(r->fd, POLLIN) == 0)
+            if (again(r->fd, POLLIN))
                 continue;
             return -1;
         }
@@ -377,10 +380,7 @@ int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
         else
             n = splice(r->fd, NULL, to, &o, want, SPLICE_F_MOVE);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if ((errno == EAGAIN || errno == EWOULDBLOCK) &&
-                wait_ready(r->fd, POLLIN) == 0)
+            if (again(r->fd, POLLIN))
                 continue;
             /* The kernel cannot do it for this pair of fds: say so, once. */
             if (got == 0 && (errno == EINVAL || errno == EXDEV ||
