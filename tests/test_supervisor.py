@@ -21,7 +21,7 @@ from conftest import fake_env
 import xcsave
 import xcsave.sync
 from xcsave import proto
-from xcsave.events import Event, PolicyEvent, ProgressEvent
+from xcsave.events import Event, LogEvent, PolicyEvent, ProgressEvent
 from xcsave.policy import Decision, PrecopyStats
 from xcsave.supervisor import Callbacks, HelperSpec, Supervisor, xen_save_args
 
@@ -489,6 +489,68 @@ async def test_restore_without_results(tmp_path: Path) -> None:
     src.write_bytes(b"")
     with pytest.raises(xcsave.HelperDied, match="without providing results"):
         await xcsave.restore(src, domid=7, dialect="xen-4.17", helper=bad)
+
+
+def _burst_helper(tmp_path: Path) -> Path:
+    """A helper that sends suspend, a log line and complete in one write, then
+    reads the two replies: frames queued behind a pending callback."""
+    d = proto.XEN_417
+    burst = (
+        proto.encode(d, "suspend")
+        + proto.encode(d, "log", 6, 0, "fake", "after suspend")
+        + proto.encode(d, "complete", 0, 0)
+    )
+    return _fake_helper(
+        tmp_path,
+        f"out.write({burst!r}); out.flush()\n"
+        "replies = sys.stdin.buffer.read(8)\n"
+        "sys.exit(0 if struct.unpack('=ii', replies) == (1, 0) else 3)",
+    )
+
+
+async def test_frames_behind_an_async_callback_wait_for_it(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    async def suspend() -> int:
+        await asyncio.sleep(0.02)
+        order.append("suspend answered")
+        return 1
+
+    def seen(ev: Event) -> None:
+        if isinstance(ev, LogEvent):
+            order.append(f"log: {ev.message}")
+
+    res = await xcsave.save(
+        tmp_path / "o",
+        domid=7,
+        dialect="xen-4.17",
+        helper=_burst_helper(tmp_path),
+        callbacks=Callbacks(suspend=suspend),
+        on_event=seen,
+    )
+    assert res.retval == 0
+    assert order == ["suspend answered", "log: after suspend"]
+
+
+async def test_sync_callbacks_are_answered_from_the_reader(tmp_path: Path) -> None:
+    """The control path costs no more than an asyncio Protocol: a sync callback
+    runs straight from the loop's reader callback (no task, no StreamReader
+    wake-up per frame) and its reply is written there."""
+    tasks: list[asyncio.Task[object] | None] = []
+
+    def suspend() -> int:
+        tasks.append(asyncio.current_task())
+        return 1
+
+    res = await xcsave.save(
+        tmp_path / "o",
+        domid=7,
+        dialect="xen-4.17",
+        helper=_burst_helper(tmp_path),
+        callbacks=Callbacks(suspend=suspend),
+    )
+    assert res.retval == 0
+    assert tasks == [None]
 
 
 async def test_truncated_frame_at_exit(tmp_path: Path) -> None:
