@@ -36,7 +36,9 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 
 
 def run_cmd(
-    cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None = None
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    stdout: Path | None = None,
 ) -> float:
     """Wall time of one command (process start included); raises on failure."""
     with open(stdout or os.devnull, "wb") as out:
@@ -59,6 +61,16 @@ def xen_cmd(root: Path, tool: str, *args: str) -> list[str]:
     build, or a pyenv shim (a bash script that costs ~0.1 s per start).
     """
     return [sys.executable, str(root / XEN_BIN / tool), *args]
+
+
+def python_env(workdir: Path, **more: str) -> dict[str, str]:
+    """Environment for timed Python commands, ours and Xen's alike: bytecode
+    cached (as an installed package has it) in ``workdir/pycache``, not in
+    anyone's tree, even when PYTHONDONTWRITEBYTECODE is set here.  Run each
+    command once untimed first to fill the cache."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(workdir / "pycache"), **more)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def run_piped(cmd: list[str], env: dict[str, str] | None = None) -> float:
