@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = best_of([*xcsave, "verify", "-q", "--format", "libxc", str(img)], args.repeat)
         xen = best_of(
             [
-                "python3",
+                sys.executable,  # the same interpreter as ours (not a PATH shim)
                 str(root / XEN_BIN / "verify-stream-v2"),
                 "-q",
                 "-f",
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = best_of([*xcsave, *conv[:2], "-", *conv[2:]], args.repeat, stdout=out_ours)
         xen = best_of(
             [
-                "python3",
+                sys.executable,  # the same interpreter as ours (not a PATH shim)
                 str(root / XEN_BIN / "convert-legacy-stream"),
                 "-i",
                 str(leg),

@@ -13,7 +13,9 @@
 //
 //   convert_legacy(in_fd, out_fd, width, guest, fmt="libxc", xl_in=False,
 //                  xl_out=False, stream_type="plain", skip_qemu=False) -> dict
-//       Converts and returns statistics.  An invalid or unconvertible input
+//       Converts and returns statistics (kernel_copied_bytes: page data
+//       moved fd to fd by copy_file_range/sendfile/splice, never through
+//       this process; 0 with XCSAVE_NO_SPLICE=1).  An invalid or unconvertible input
 //       raises xcsave.errors.StreamError(reason, offset=, record=); bad
 //       arguments raise ValueError; I/O errors OSError.
 //
@@ -348,6 +350,7 @@ py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string
     py::dict d;
     d["in_bytes"] = st.in_bytes;
     d["out_bytes"] = st.out_bytes;
+    d["kernel_copied_bytes"] = st.kernel_copied_bytes;
     d["pages"] = st.pages;
     d["page_entries"] = st.page_entries;
     d["min_pfn"] = st.page_entries ? py::object(py::int_(st.min_pfn)) : py::none();

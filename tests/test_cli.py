@@ -251,3 +251,117 @@ def test_progress_modes(
 def test_no_env_leak_of_helper_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XCSAVE_HELPER", raising=False)
     assert os.access(xcsave.helper_path(), os.X_OK)
+
+
+# ---------------------------------------------------------------- the lean path
+
+# What `xcsave inspect|verify|convert` must not import (xcsave/__main__.py
+# sends them to cmd_stream.main): checked structurally with -X importtime,
+# never by timing.  Modules that site imports before us do not count.
+HEAVY = {
+    "asyncio",
+    "logging",
+    "typing",
+    "dataclasses",
+    "inspect",
+    "json",
+    "tempfile",
+    "subprocess",
+    "rich",
+    "xcsave.cli",
+    "xcsave.api",
+    "xcsave.supervisor",
+    "xcsave.migrate",
+    "xcsave.proto",
+    "xcsave.policy",
+    "xcsave.progress",
+    "xcsave.cmd_bench",
+    "xcsave.cmd_migrate",
+    "xcsave.cmd_sim",
+    "xcsave._streamtypes",
+}
+
+
+def imported_after_site(*args: str | Path) -> set[str]:
+    r = subprocess.run(
+        [sys.executable, "-P", "-X", "importtime", "-m", "xcsave", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    names = [
+        line.rsplit("|", 1)[1].strip()
+        for line in r.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    ]
+    assert "site" in names, r.stderr[-500:]  # the top-level `site` import closes its block
+    after = names[len(names) - names[::-1].index("site") :]
+    assert "xcsave.cmd_stream" in after and "xcsave._ext" in after, after
+    return {n.split(".")[0] if not n.startswith("xcsave") else n for n in after} | set(after)
+
+
+def stream_case(name: str) -> bytes:
+    import corpus
+
+    return next(c.data for c in corpus.cases() if c.name == name)
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_stream_commands_start_lean(command: str, tmp_path: Path) -> None:
+    img = tmp_path / "hvm.libxc"
+    img.write_bytes(stream_case("libxc-v3-hvm"))
+    mods = imported_after_site(command, img)
+    assert not mods & HEAVY, sorted(mods & HEAVY)
+
+
+def test_convert_starts_lean(tmp_path: Path) -> None:
+    leg = tmp_path / "hvm.legacy"
+    leg.write_bytes(stream_case("legacy-hvm-0002"))
+    mods = imported_after_site("convert", leg, "-", "--width", "64", "--guest", "hvm")
+    # the result type (a dataclass) is convert's; the rest stays out
+    assert not mods & (HEAVY - {"dataclasses", "inspect", "xcsave._streamtypes"}), sorted(
+        mods & HEAVY
+    )
+
+
+FULL_CLI = "import sys; from xcsave.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_bytes(*argv: str | Path) -> tuple[int, bytes, bytes]:
+    r = subprocess.run(
+        [sys.executable, "-P", *map(str, argv)], capture_output=True, check=False, timeout=60
+    )
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_lean_path_behaves_as_the_full_cli(tmp_path: Path) -> None:
+    good, bad, leg = tmp_path / "good", tmp_path / "bad", tmp_path / "leg"
+    good.write_bytes(stream_case("libxl-hvm"))
+    bad.write_bytes(stream_case("bad-padding"))
+    leg.write_bytes(stream_case("legacy-hvm-xend"))
+    runs: list[tuple[str | Path, ...]] = [
+        ("verify", good),
+        ("verify", "-q", good),
+        ("verify", "--json", good),
+        ("verify", bad),
+        ("verify", tmp_path / "missing"),
+        ("verify", "--format", "nope", good),
+        ("verify", "--help"),
+        ("verify",),
+        ("inspect", good),
+        ("inspect", "--json", bad),
+        ("convert", leg, "-", "--width", "64", "--guest", "hvm", "--json"),
+        ("convert", leg, tmp_path / "out", "--width", "64", "--guest", "hvm"),
+        ("convert", good, "-", "--width", "64", "--guest", "hvm"),
+        ("convert", leg, "-", "--width", "64", "--guest", "hvm", "--xl-out"),
+        ("convert", "--help"),
+    ]
+    for args in runs:
+        lean = run_bytes("-m", "xcsave", *args)  # xcsave/__main__.py: cmd_stream.main
+        full = run_bytes("-c", FULL_CLI, *args)  # every parser, logging set up
+        assert lean == full, args
+        rc, _out, err = lean
+        if rc:
+            assert len(err.splitlines()) == 1 or b"usage:" in err, err

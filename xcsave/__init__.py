@@ -8,10 +8,14 @@ domains at once.  Async API here; blocking twins in :mod:`xcsave.sync`.
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any
-
+# Nothing is imported here at run time (not even typing or logging): the
+# names below load on first use, and ``xcsave verify`` starts lean.  The
+# library's logging.NullHandler is added by xcsave._log, which every
+# module that logs goes through.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .api import restore, save
     from .errors import (
         BackendUnavailable,
@@ -92,8 +96,6 @@ __all__ = [
     "restore",
     "save",
 ]
-
-logging.getLogger("xcsave").addHandler(logging.NullHandler())
 
 
 def backends() -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +36,9 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 
 
 def run_cmd(
-    cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None = None
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    stdout: Path | None = None,
 ) -> float:
     """Wall time of one command (process start included); raises on failure."""
     with open(stdout or os.devnull, "wb") as out:
@@ -46,6 +49,45 @@ def run_cmd(
         raise RuntimeError(
             f"{' '.join(cmd)} failed ({r.returncode}): "
             f"{r.stderr.decode(errors='replace').strip()[-300:]}"
+        )
+    return dt
+
+
+def xen_cmd(root: Path, tool: str, *args: str) -> list[str]:
+    """argv running one of Xen's Python tools with *this* interpreter.
+
+    Same binary as ours (``sys.executable``), so the comparison is of the
+    tools, not of interpreters: the ``python3`` found on PATH may be another
+    build, or a pyenv shim (a bash script that costs ~0.1 s per start).
+    """
+    return [sys.executable, str(root / XEN_BIN / tool), *args]
+
+
+def python_env(workdir: Path, **more: str) -> dict[str, str]:
+    """Environment for timed Python commands, ours and Xen's alike: bytecode
+    cached (as an installed package has it) in ``workdir/pycache``, not in
+    anyone's tree, even when PYTHONDONTWRITEBYTECODE is set here.  Run each
+    command once untimed first to fill the cache."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(workdir / "pycache"), **more)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def run_piped(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    """Wall time of ``cmd`` writing its stdout into a pipe read by
+    ``cat >/dev/null`` (both exits included); raises on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S603
+    assert proc.stdout is not None
+    cat = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)  # noqa: S607
+    proc.stdout.close()
+    _out, err = proc.communicate()
+    cat.wait()
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0 or cat.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} | cat failed ({proc.returncode}/{cat.returncode}): "
+            f"{err.decode(errors='replace').strip()[-300:]}"
         )
     return dt
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, policy
+from ._log import logger
 from .errors import XcsaveError
 from .progress import MODES
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 FORMATS = ("libxc", "libxl", "xl")
 STREAM_TYPES = ("plain", "remus", "colo")
 
-log = logging.getLogger("xcsave.cli")
+log = logger("xcsave.cli")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -366,18 +367,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except UsageError as e:
-        sys.stderr.write(f"xcsave: {args.command}: {e}\n")
+    except (UsageError, ValueError, XcsaveError, OSError, KeyboardInterrupt) as e:
+        return report_failure(args.command, e)
+
+
+def report_failure(command: str, e: BaseException) -> int:
+    """One line on stderr for a command that raised; its exit status.
+    (Also the lean path's, xcsave/cmd_stream.py main().)"""
+    if isinstance(e, (UsageError, ValueError)):
+        sys.stderr.write(f"xcsave: {command}: {e}\n")
         return EXIT_USAGE
-    except ValueError as e:
-        sys.stderr.write(f"xcsave: {args.command}: {e}\n")
-        return EXIT_USAGE
-    except (XcsaveError, OSError) as e:
-        sys.stderr.write(f"xcsave: {args.command}: {describe_error(e)}\n")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        sys.stderr.write(f"xcsave: {args.command}: interrupted\n")
+    if isinstance(e, KeyboardInterrupt):
+        sys.stderr.write(f"xcsave: {command}: interrupted\n")
         return 130
+    sys.stderr.write(f"xcsave: {command}: {describe_error(e)}\n")
+    return EXIT_FAILED
 
 
 __all__ = ["main", "parse_size"]

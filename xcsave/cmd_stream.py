@@ -8,12 +8,19 @@ usage or an I/O error, with the errno name.  Never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any
 
 from . import streamtools
-from .errors import StreamError, errno_name
+from .errors import StreamError, XcsaveError, errno_name
+
+# `xcsave inspect|verify|convert` run from main() below, straight from
+# xcsave/__main__.py: this module, argparse, streamtools and the extension
+# are all they import (no typing, json, logging, asyncio or the other
+# commands); tests/test_cli.py checks that structurally.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -95,6 +102,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 # ----------------------------------------------------------------- helpers
+
+
+def _json(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)
 
 
 def _err(cmd: str, text: str) -> None:
@@ -261,7 +274,7 @@ def do_inspect(args: argparse.Namespace) -> int:
     except OSError as e:
         return _oserror("inspect", e, _label(args.stream))
     if args.json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        sys.stdout.write(_json(r) + "\n")
     else:
         sys.stdout.write(format_table(r, _label(args.stream)) + "\n")
     if not r["valid"]:
@@ -276,7 +289,7 @@ def do_verify(args: argparse.Namespace) -> int:
     except OSError as e:
         return _oserror("verify", e, _label(args.stream))
     if args.json:
-        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+        sys.stdout.write(_json(r) + "\n")
     if not r["valid"]:
         _err("verify", f"{_label(args.stream)}: {_problem(r)}")
         return EXIT_INVALID
@@ -319,7 +332,7 @@ def do_convert(args: argparse.Namespace) -> int:
     stream = sys.stderr if dst == 1 else sys.stdout
     if args.json:
         stream.write(
-            json.dumps(
+            _json(
                 {
                     "in_bytes": res.in_bytes,
                     "out_bytes": res.out_bytes,
@@ -328,8 +341,7 @@ def do_convert(args: argparse.Namespace) -> int:
                     "checkpoints": res.checkpoints,
                     "failover": res.failover,
                     "legacy": res.legacy,
-                },
-                indent=2,
+                }
             )
             + "\n"
         )
@@ -344,16 +356,27 @@ def do_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parsers", "do_convert", "do_inspect", "do_verify", "format_table"]
-
-
-def _main() -> int:  # pragma: no cover - debugging aid: python -m xcsave.cmd_stream
+def main(argv: Sequence[str]) -> int:
+    """``xcsave inspect|verify|convert ...`` (argv[0] is the command): the
+    lean entry xcsave/__main__.py takes for them.  Same parser, exit codes
+    and one-line errors as xcsave.cli.main, which would build every
+    command's parser and import logging first; the quiet logging it sets up
+    needs nothing here (a record from streamtools meets only the library's
+    NullHandler, as it would meet cli's silent root level)."""
     parser = argparse.ArgumentParser(prog="xcsave")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args()
-    rc: int = args.func(args)
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except (ValueError, OSError, XcsaveError, KeyboardInterrupt) as e:
+        from .cli import report_failure
+
+        return report_failure(args.command, e)
     return rc
 
 
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())
+__all__ = ["add_parsers", "do_convert", "do_inspect", "do_verify", "format_table", "main"]
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m xcsave.cmd_stream verify ...
+    raise SystemExit(main(sys.argv[1:]))

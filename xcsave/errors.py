@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import signal as _signal
 
 __all__ = [
     "BackendUnavailable",
@@ -121,6 +120,8 @@ class HelperDied(HelperError):
             -returncode if returncode is not None and returncode < 0 else None
         )
         if self.signal is not None:
+            import signal as _signal  # here, not at import: it loads enum
+
             try:
                 signame = _signal.Signals(self.signal).name
             except ValueError:

@@ -47,7 +47,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno as errno_mod
-import logging
 import os
 import socket
 import time
@@ -58,6 +57,7 @@ from typing import Final, Generic, TypeVar
 
 from . import api
 from . import sim as simdom
+from ._log import logger
 from .errors import XcsaveError, errno_name
 from .events import DoneEvent, Event, LogEvent, ProgressEvent
 from .policy import Policy
@@ -83,7 +83,7 @@ __all__ = [
     "run_many",
 ]
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 BANNER: Final = b"xl migration receiver ready, send binary domain data.\n"
 READY: Final = b"domain received, ready to unpause\0"

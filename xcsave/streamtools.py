@@ -18,24 +18,23 @@ checkpointed is the caller's word, never the stream's (facts 2.6, 3.4).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import importlib
-import logging
 import os
-import tempfile
-from collections.abc import Iterator
-from typing import Any, Literal
 
-from .errors import StreamError
+# Lean on purpose: `xcsave verify` imports this module and the extension
+# and little else (tests/test_cli.py checks it), so no typing, logging,
+# dataclasses or tempfile at import time.  The result classes live in
+# xcsave._streamtypes (dataclasses) and load on first use; a module
+# __getattr__ keeps them importable from here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeAlias, TypeVar
 
-log = logging.getLogger(__name__)
+    from ._streamtypes import ConvertResult, StreamProblem, VerifyResult
 
-Source = str | os.PathLike[str] | int
-Report = dict[str, Any]
-Format = Literal["auto", "xl", "libxl", "libxc", "legacy"]
-StreamType = Literal["plain", "remus", "colo"]
-Guest = Literal["pv", "hvm"]
+    Source: TypeAlias = str | os.PathLike[str] | int
+    Report: TypeAlias = dict[str, Any]
+    _T = TypeVar("_T")
 
 FORMATS: tuple[str, ...] = ("auto", "xl", "libxl", "libxc", "legacy")
 STREAM_TYPES: tuple[str, ...] = ("plain", "remus", "colo")
@@ -51,66 +50,36 @@ __all__ = [
     "verify",
 ]
 
+_RESULT_TYPES = ("ConvertResult", "StreamProblem", "VerifyResult")
+
+
+def __getattr__(name: str) -> object:
+    if name in _RESULT_TYPES:
+        from . import _streamtypes
+
+        return getattr(_streamtypes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _log(level: str, msg: str) -> None:
+    """Log through ``xcsave.streamtools`` (logging is imported only when
+    there is something to say)."""
+    from ._log import logger
+
+    getattr(logger(__name__), level)("%s", msg)
+
 
 def _ext() -> Any:
     """The compiled module, typed loosely (its contract is this file's)."""
-    return importlib.import_module("xcsave._ext")
+    from . import _ext as ext
+
+    return ext
 
 
 def _src(path_or_fd: Source) -> int | str:
     if isinstance(path_or_fd, int):
         return path_or_fd
     return os.fspath(path_or_fd)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StreamProblem:
-    """Where and why a stream is invalid (the FIRST problem found)."""
-
-    offset: int
-    layer: str
-    record: str
-    type: int | None
-    reason: str
-
-    def __str__(self) -> str:
-        return f"offset {self.offset}, record {self.record}: {self.reason}"
-
-    def exception(self) -> StreamError:
-        return StreamError(self.reason, offset=self.offset, record=self.record)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class VerifyResult:
-    """The verdict on one stream; true when valid."""
-
-    valid: bool
-    report: Report
-    error: StreamProblem | None
-
-    def __bool__(self) -> bool:
-        return self.valid
-
-    @property
-    def message(self) -> str:
-        return str(self.error) if self.error else "valid"
-
-    def raise_for_error(self) -> None:
-        if self.error is not None:
-            raise self.error.exception()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConvertResult:
-    """What a legacy conversion read and wrote."""
-
-    in_bytes: int
-    out_bytes: int
-    pages: int
-    vcpus: int
-    checkpoints: int
-    failover: str | None  # Remus: why a later checkpoint was dropped
-    legacy: dict[str, Any]  # what the legacy image held (chunks, qemu, ...)
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -138,7 +107,7 @@ def inspect(
         _src(path_or_fd), fmt, stream_type, width or 0, guest or "", allow_trailing
     )
     for w in report["warnings"]:
-        log.info("%s", w)
+        _log("info", w)
     return report
 
 
@@ -152,6 +121,8 @@ def verify(
     allow_trailing: bool = False,
 ) -> VerifyResult:
     """Verify a stream: everything Xen's verify-stream-v2 checks and more."""
+    from ._streamtypes import StreamProblem, VerifyResult
+
     report = inspect(
         path_or_fd,
         fmt,
@@ -175,14 +146,16 @@ def verify(
     return VerifyResult(valid=bool(report["valid"]), report=report, error=problem)
 
 
-@contextlib.contextmanager
-def _atomic_output(path: str) -> Iterator[int]:
-    """A temp file next to ``path``; fsync'd and renamed over it on success,
-    removed on failure."""
+def _write_atomically(path: str, write: Callable[[int], _T]) -> _T:
+    """``write(fd)`` into a temp file next to ``path``; fsync'd and renamed
+    over it on success, removed on failure."""
+    import contextlib
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".xcsave-", suffix=".tmp", dir=directory)
     try:
-        yield fd
+        result = write(fd)
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -194,6 +167,7 @@ def _atomic_output(path: str) -> Iterator[int]:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+        return result
     finally:
         if fd >= 0:
             os.close(fd)
@@ -234,18 +208,20 @@ def convert(  # noqa: PLR0917 - the brief's positional signature
     if xl_out is None:
         xl_out = xl and fmt == "libxl"
         if xl and not xl_out:
-            log.warning(
-                "the xl header (and its config) is dropped: a bare libxc image cannot carry it"
+            _log(
+                "warning",
+                "the xl header (and its config) is dropped: a bare libxc image cannot carry it",
             )
 
     ext = _ext()
+    from ._streamtypes import ConvertResult
 
     def run(in_fd: int, out_fd: int) -> ConvertResult:
         st: dict[str, Any] = ext.convert_legacy(
             in_fd, out_fd, width, guest, fmt, xl, xl_out, stream_type, skip_qemu
         )
         if st["failover"]:
-            log.warning("%s", st["failover"])
+            _log("warning", st["failover"])
         return ConvertResult(
             in_bytes=st["in_bytes"],
             out_bytes=st["out_bytes"],
@@ -260,8 +236,7 @@ def convert(  # noqa: PLR0917 - the brief's positional signature
     try:
         if isinstance(dst, int):
             return run(in_fd, dst)
-        with _atomic_output(os.fspath(dst)) as out_fd:
-            return run(in_fd, out_fd)
+        return _write_atomically(os.fspath(dst), lambda out_fd: run(in_fd, out_fd))
     finally:
         if not isinstance(src, int):
             os.close(in_fd)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import proto
+from ._log import logger
 from .errors import (
     BackendUnavailable,
     CallbackError,
@@ -56,8 +57,8 @@ __all__ = [
     "helper_path",
 ]
 
-log = logging.getLogger(__name__)
-helper_log = logging.getLogger("xcsave.helper")
+log = logger(__name__)
+helper_log = logger("xcsave.helper")
 
 HELPER_NAME: Final = "xcsave-helper"
 STOP_GRACE_S: Final = 5.0

@@ -18,12 +18,19 @@
  * then for libxl [EMULATOR_XENSTORE_DATA] [EMULATOR_CONTEXT] END (or
  * CHECKPOINT_END).  HVM_PARAMS merges the param chunks with the tail's
  * magic pfns and precedes HVM_CONTEXT, as the spec orders them.
+ *
+ * Page data is >99% of an image and needs no conversion, only a new record
+ * header in front: it is moved fd to fd by the kernel where the fds allow
+ * ("page data" below), so a conversion costs what copying the bytes costs.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -39,9 +46,18 @@
 #define UNMAPPED_MAX (1u << 24)
 #define CONVERTER_VERSION 1         /* dhdr xen_minor for converted streams */
 
+/* How page data gets from the input to the output (see choose_kcopy). */
+enum kcopy {
+    KCOPY_NONE = 0,      /* through memory: the mapping or a buffer, writev */
+    KCOPY_CFR,           /* mapped file -> regular file: copy_file_range */
+    KCOPY_SENDFILE,      /* mapped file -> pipe, socket, other file: sendfile */
+    KCOPY_SPLICE         /* pipe -> anything: splice */
+};
+
 struct conv {
     struct xcs_src *in;
     int out_fd;                      /* < 0: check only */
+    enum kcopy kcopy;
     const struct xcs_legacy_opts *o;
     struct xcs_legacy_stats *st;
     char *err;
@@ -594,6 +610,125 @@ static int cmp_u64(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/*----- page data -----*/
+
+/*
+ * Choose how page data moves (once; env XCSAVE_NO_SPLICE=1: never by the
+ * kernel).  Every method reads exactly the bytes asked for, as the
+ * buffered path does, so nothing past the image is consumed:
+ *
+ * - a mapped (regular) input file is read at explicit offsets (start +
+ *   pos), leaving its fd offset alone as the mapping does.  Into a regular
+ *   file copy_file_range (a reflink where the filesystem shares extents; on
+ *   tmpfs an in-kernel copy); into anything else sendfile, which for a pipe
+ *   hands the reader page-cache pages by reference: the reader sees the
+ *   input file's bytes as they are when it reads them (a saved image is not
+ *   rewritten in place; if it were, the buffered path is the one to use).
+ * - a pipe input is spliced onward (pipe -> pipe moves the buffers).  Only
+ *   in a plain stream: a checkpointed one must end at a record edge when a
+ *   later checkpoint is cut short, and a pipe cannot tell beforehand that
+ *   the page data is all there (a mapped file can: it is checked first).
+ *
+ * Anything else (sockets in, check-only mode) goes through memory.  A
+ * kernel that refuses a method for these fds (EINVAL, EXDEV, ...) drops the
+ * converter to the next one for the rest of the run.
+ */
+static void choose_kcopy(struct conv *c)
+{
+    const char *no = getenv("XCSAVE_NO_SPLICE");
+    struct stat in_st, out_st;
+
+    c->kcopy = KCOPY_NONE;
+    if (c->out_fd < 0 || (no && *no && strcmp(no, "0") != 0))
+        return;
+    if (fstat(c->out_fd, &out_st) < 0 || fstat(c->in->fd, &in_st) < 0)
+        return; /* the first write or read will say why */
+    if (c->in->mapped)
+        c->kcopy = S_ISREG(out_st.st_mode) ? KCOPY_CFR : KCOPY_SENDFILE;
+    else if (S_ISFIFO(in_st.st_mode) && c->o->stream_type == XCS_STREAM_PLAIN)
+        c->kcopy = KCOPY_SPLICE;
+}
+
+/* A method the kernel does not do for these fds: try the next one. */
+static int kcopy_refused(int e)
+{
+    return e == EINVAL || e == EXDEV || e == EOPNOTSUPP || e == ENOSYS || e == EBADF;
+}
+
+/*
+ * Move n bytes of page data from the input to the output, after the queued
+ * record header.  The caller has checked that a mapped file holds them
+ * (page_batch); a pipe that ends first is a truncation, found on the way
+ * (plain streams only, where it is fatal: no failover needs a record edge).
+ */
+static int out_page_data(struct conv *c, size_t n)
+{
+    const uint8_t *p;
+    size_t done = 0;
+    int rc;
+
+    if (n == 0)
+        return 0;
+    if (c->kcopy != KCOPY_NONE) {
+        rc = out_flush(c); /* the record header first, in order */
+        if (rc)
+            return rc;
+    }
+    while (done < n && c->kcopy != KCOPY_NONE) {
+        size_t want = n - done;
+        ssize_t r;
+
+        if (c->kcopy == KCOPY_CFR) {
+            loff_t off = (loff_t)(c->in->start + c->in->pos);
+
+            r = copy_file_range(c->in->fd, &off, c->out_fd, NULL, want, 0);
+        } else if (c->kcopy == KCOPY_SENDFILE) {
+            off_t off = (off_t)(c->in->start + c->in->pos);
+
+            r = sendfile(c->out_fd, c->in->fd, &off, want);
+        } else {
+            size_t buffered = xcs_src_buffered(c->in);
+
+            if (buffered) { /* bytes already read: pass them on first */
+                want = buffered < want ? buffered : want;
+                rc = rd(c, want, &p, "page data");
+                rc = rc ? rc : out_put(c, p, want);
+                rc = rc ? rc : out_flush(c);
+                if (rc)
+                    return rc;
+                done += want;
+                continue;
+            }
+            r = splice(c->in->fd, NULL, c->out_fd, NULL, want, 0);
+        }
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (!kcopy_refused(errno))
+                return io_fail(c, c->kcopy == KCOPY_CFR ? "copy_file_range"
+                                  : c->kcopy == KCOPY_SENDFILE ? "sendfile" : "splice");
+            /* the next method, the rest of the run */
+            c->kcopy = c->kcopy == KCOPY_CFR ? KCOPY_SENDFILE : KCOPY_NONE;
+            continue;
+        }
+        if (r == 0 && c->in->mapped) { /* shrank under us: not the stream's fault */
+            errno = EIO;
+            return io_fail(c, "input file shrank during the conversion");
+        }
+        if (r == 0)
+            return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %zu of %zu bytes of "
+                                               "page data", done, n);
+        xcs_src_consumed(c->in, (uint64_t)r);
+        c->st->out_bytes += (uint64_t)r;
+        c->st->kernel_copied_bytes += (uint64_t)r;
+        done += (size_t)r;
+    }
+    if (done == n)
+        return 0;
+    rc = rd(c, n - done, &p, "page data"); /* through memory */
+    return rc ? rc : out_put(c, p, n - done);
+}
+
 static int page_batch(struct conv *c, int count)
 {
     struct xcs_legacy_stats *st = c->st;
@@ -642,23 +777,34 @@ static int page_batch(struct conv *c, int count)
                 return fail(c, XCS_LEGACY_EFORMAT, "duplicate pfn 0x%llx in one batch",
                             (unsigned long long)c->sorted[i]);
     }
-    rc = rd(c, (size_t)ndata * XCS_PAGE_SIZE, &p, "page data");
-    if (rc)
-        return rc;
-    st->legacy.batches++;
-    st->page_entries += kept;
-    st->pages += ndata;
-    if (!kept)
-        return 0;
-    {
+    /*
+     * Read the pages, or for the kernel's copy check that a mapped file has
+     * them all: a truncation fails here, before this record's header is
+     * queued, so that a Remus failover's output ends at a record edge.
+     */
+    if (!kept || c->out_fd < 0 || c->kcopy == KCOPY_NONE ||
+        (c->in->mapped && xcs_src_remaining(c->in) < (uint64_t)ndata * XCS_PAGE_SIZE)) {
+        rc = rd(c, (size_t)ndata * XCS_PAGE_SIZE, &p, "page data");
+        if (rc)
+            return rc;
+    }
+    if (kept) {
         uint32_t hdr[4] = {XCS_REC_PAGE_DATA, 8 + 8 * kept + ndata * XCS_PAGE_SIZE,
                            kept, 0};
 
         rc = out_put(c, hdr, sizeof(hdr));
         rc = rc ? rc : out_put(c, c->pfns, (size_t)kept * 8);
-        rc = rc ? rc : out_put(c, p, (size_t)ndata * XCS_PAGE_SIZE);
+        if (!rc && c->out_fd >= 0 && c->kcopy != KCOPY_NONE)
+            rc = out_page_data(c, (size_t)ndata * XCS_PAGE_SIZE);
+        else if (!rc)
+            rc = out_put(c, p, (size_t)ndata * XCS_PAGE_SIZE);
+        if (rc)
+            return rc;
     }
-    return rc;
+    st->legacy.batches++;
+    st->page_entries += kept;
+    st->pages += ndata;
+    return 0;
 }
 
 static void add_param(struct conv *c, uint64_t index, uint64_t value)
@@ -1144,6 +1290,7 @@ int xcs_legacy_run(struct xcs_src *in, int out_fd, const struct xcs_legacy_opts 
     rc = check_opts(&c);
     if (rc)
         goto out;
+    choose_kcopy(&c);
     c.obuf = malloc(OBUF_SIZE);
     c.pfns = malloc(XCS_LEGACY_MAX_BATCH * sizeof(*c.pfns));
     c.sorted = malloc(XCS_LEGACY_MAX_BATCH * sizeof(*c.sorted));

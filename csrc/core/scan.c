@@ -307,6 +307,16 @@ uint64_t xcs_src_remaining(const struct xcs_src *s)
     return s->map_len - s->pos;
 }
 
+size_t xcs_src_buffered(const struct xcs_src *s)
+{
+    return s->mapped ? 0 : s->buf_tail - s->buf_head;
+}
+
+void xcs_src_consumed(struct xcs_src *s, uint64_t n)
+{
+    s->pos += n;
+}
+
 /*----- scanner state -----*/
 
 #define SEEN_MAX_PFN (1ULL << 30) /* unique-page bitmap cap: 4 TiB of guest */

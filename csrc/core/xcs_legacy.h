@@ -16,7 +16,11 @@
  * legacy restorer did.
  *
  * Output (libxc v3, optionally inside a libxl stream and an xl header) is
- * written incrementally as the input is read; only one page batch (and the
+ * written incrementally as the input is read.  Page data is moved by the
+ * kernel where the fds allow (legacy.c, "page data": copy_file_range,
+ * sendfile, splice), never through this process; otherwise one page batch
+ * at a time goes through memory (XCSAVE_NO_SPLICE=1 forces that).  Only
+ * one page batch (and the
  * qemu record of the xend read-to-EOF form, whose length is unknown until
  * EOF) is ever held in memory.  Input is read exactly: nothing past the
  * image is consumed, except for the read-to-EOF qemu form.
@@ -62,6 +66,7 @@ struct xcs_legacy_stats {
     struct xcs_legacy_report legacy;  /* what was read */
     uint64_t in_bytes;                /* consumed from the input */
     uint64_t out_bytes;               /* written */
+    uint64_t kernel_copied_bytes;     /* of which page data moved kernel-side */
     uint64_t pages;                   /* pages with data */
     uint64_t page_entries;
     uint64_t min_pfn, max_pfn;

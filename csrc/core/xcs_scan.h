@@ -70,6 +70,15 @@ int xcs_src_skip(struct xcs_src *s, uint64_t n, uint64_t *got);
 int xcs_src_at_eof(struct xcs_src *s);
 /* Bytes left before EOF for a mapped file, UINT64_MAX if unknown. */
 uint64_t xcs_src_remaining(const struct xcs_src *s);
+/* Exact-read mode: bytes read from the fd but not consumed yet. */
+size_t xcs_src_buffered(const struct xcs_src *s);
+/*
+ * The caller consumed n bytes straight from the fd (copy_file_range,
+ * sendfile, splice): a mapped file at offset start + pos, given explicitly
+ * (its fd offset is not moved); otherwise from the fd's own position, with
+ * nothing buffered.
+ */
+void xcs_src_consumed(struct xcs_src *s, uint64_t n);
 
 /*----- scanner -----*/
 
