@@ -34,6 +34,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "stream_io.h"
 #include "xcs_legacy.h"
 
 #define OBUF_SIZE (256u << 10)
@@ -649,12 +650,6 @@ static void choose_kcopy(struct conv *c)
         c->kcopy = KCOPY_SPLICE;
 }
 
-/* A method the kernel does not do for these fds: try the next one. */
-static int kcopy_refused(int e)
-{
-    return e == EINVAL || e == EXDEV || e == EOPNOTSUPP || e == ENOSYS || e == EBADF;
-}
-
 /*
  * Move n bytes of page data from the input to the output, after the queued
  * record header.  The caller has checked that a mapped file holds them
@@ -704,7 +699,7 @@ static int out_page_data(struct conv *c, size_t n)
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            if (!kcopy_refused(errno))
+            if (!xcs_kernel_refused(errno))
                 return io_fail(c, c->kcopy == KCOPY_CFR ? "copy_file_range"
                                   : c->kcopy == KCOPY_SENDFILE ? "sendfile" : "splice");
             /* the next method, the rest of the run */

@@ -348,6 +348,12 @@ int xcs_read_exact(struct xcs_reader *r, void *buf, size_t len, int *eof)
     return xcs_readv_exact(r, &iov, 1, len, eof);
 }
 
+int xcs_kernel_refused(int err)
+{
+    return err == EINVAL || err == EXDEV || err == EOPNOTSUPP ||
+           err == ENOSYS || err == EBADF;
+}
+
 enum { MOVE_UNPROBED = 0, MOVE_COPY_RANGE, MOVE_SPLICE, MOVE_NONE };
 
 int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
@@ -383,9 +389,7 @@ int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
             if (again(r->fd, POLLIN))
                 continue;
             /* The kernel cannot do it for this pair of fds: say so, once. */
-            if (got == 0 && (errno == EINVAL || errno == EXDEV ||
-                             errno == ENOSYS || errno == EOPNOTSUPP ||
-                             errno == EBADF)) {
+            if (got == 0 && xcs_kernel_refused(errno)) {
                 r->move = MOVE_NONE;
                 break;
             }

@@ -127,6 +127,12 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
  */
 int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
                    int *eof);
+/*
+ * After copy_file_range/sendfile/splice failed with err: 1 when that means
+ * "not for this pair of fds" (EINVAL, EXDEV, EOPNOTSUPP, ENOSYS, O_APPEND's
+ * EBADF), so the caller should move the bytes another way.
+ */
+int xcs_kernel_refused(int err);
 /* Read and drop len bytes. */
 int xcs_skip_exact(struct xcs_reader *r, uint64_t len, int *eof);
 
