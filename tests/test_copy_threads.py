@@ -6,15 +6,17 @@ O_APPEND) nothing changes; a write error fails in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import XenVerify
+from test_perf_paths import save_through_pipe
+from test_sim_helper import cli
 
 import xcsave
 import xcsave.sync
@@ -25,16 +27,6 @@ WRAPS = ["libxc", "libxl", "xl"]
 STOP_AND_COPY, CONTINUE = 1, 0
 PREFIX = b"caller's own bytes before the stream\n"
 SUFFIX = b"and the caller's bytes after it\n"
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-P", "-m", "xcsave", *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
 
 
 @pytest.fixture
@@ -74,7 +66,7 @@ def check_stream(stream: bytes, wrap: str, tmp_path: Path, xen_verify: XenVerify
     v = xen_verify(f, wrap)
     assert v.returncode == 0, v.stdout + v.stderr
     target = tmp_path / "restored.dom"
-    with suppress_missing():
+    with contextlib.suppress(FileNotFoundError):
         sim.remove(target)
     fd = os.open(f, os.O_RDONLY)
     try:
@@ -82,14 +74,6 @@ def check_stream(stream: bytes, wrap: str, tmp_path: Path, xen_verify: XenVerify
     finally:
         os.close(fd)
     return target
-
-
-class suppress_missing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, FileNotFoundError)
 
 
 def same_but_guest_time(a: bytes, b: bytes, page_data_end: int) -> None:
@@ -153,24 +137,10 @@ def test_live_threaded_save_with_big_dirty_rounds(
 def test_into_a_pipe_or_o_append_it_falls_back(
     dom: Path, tmp_path: Path, xen_verify: XenVerify
 ) -> None:
-    r, w = os.pipe()
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while chunk := os.read(r, 1 << 20):
-            chunks.append(chunk)
-
-    t = threading.Thread(target=drain)
-    t.start()
-    try:
-        st = _ext.engine_save(w, str(dom), wrap="libxl", copy_threads=4)
-    finally:
-        os.close(w)
-        t.join()
-        os.close(r)
+    stream, st = save_through_pipe(str(dom), vmsplice=True, wrap="libxl", copy_threads=4)
     assert st["threaded_bytes"] == 0
     assert st["copy_threads"] == 0
-    target = check_stream(b"".join(chunks), "libxl", tmp_path, xen_verify)
+    target = check_stream(stream, "libxl", tmp_path, xen_verify)
     assert sim.digest(target) == sim.digest(dom)
 
     sim.set_state(dom, "running")
