@@ -98,11 +98,11 @@ struct copy_pool {
     int skip_zero;
     uint64_t npages;        /* phase 2: pfns[0, npages) go out */
     uint64_t base;          /* file offset of the round's first byte */
-    pthread_mutex_t lock;   /* guards running and the error */
-    pthread_cond_t done_cv; /* a worker finished */
+    pthread_mutex_t lock;   /* guards running, pages_done and the error */
+    pthread_cond_t news;    /* a batch went out, or a worker finished */
     unsigned int running;
     int stop;               /* atomic: an error happened, workers quit */
-    uint64_t pages_done;    /* atomic: written in phase 2, for progress */
+    uint64_t pages_done;    /* written in phase 2, for progress */
     int err;                /* the first error (errno), under lock */
     const char *err_what;
     unsigned int err_thread;
@@ -331,8 +331,8 @@ static uint64_t next_pfn(const uint64_t *bitmap, uint64_t pfn, uint64_t end)
  *  phase 2: each thread pwritev's a contiguous share of the batches at
  *    those offsets; then the file position is set after the last one.
  * Progress comes from the main thread only (the helper's callbacks frame
- * messages on a pipe and are not thread-safe): it waits for the workers in
- * a timed wait and reports between waits.  Errors: the first one wins
+ * messages on a pipe and are not thread-safe): workers signal after each
+ * batch, the main thread wakes and reports (xcs_progress_step rate-limits).  Errors: the first one wins
  * (errno, what, thread, offset), the others stop at their next batch, all
  * are joined, and the main thread reports it in one line.
  */
@@ -414,7 +414,10 @@ static void copy_write(struct copy_worker *w)
             copy_error(pool, errno, "writing PAGE_DATA", w->idx, off);
             return;
         }
-        __atomic_add_fetch(&pool->pages_done, n, __ATOMIC_RELAXED);
+        pthread_mutex_lock(&pool->lock);
+        pool->pages_done += n;
+        pthread_cond_signal(&pool->news);
+        pthread_mutex_unlock(&pool->lock);
     }
 }
 
@@ -429,7 +432,7 @@ static void *copy_main(void *arg)
         copy_write(w);
     pthread_mutex_lock(&pool->lock);
     pool->running--;
-    pthread_cond_signal(&pool->done_cv);
+    pthread_cond_signal(&pool->news);
     pthread_mutex_unlock(&pool->lock);
     return NULL;
 }
@@ -445,7 +448,7 @@ static void copy_run(struct save_ctx *ctx, int phase, uint64_t done0)
     sigset_t all, old;
 
     pool->phase = phase;
-    __atomic_store_n(&pool->pages_done, 0, __ATOMIC_RELAXED);
+    pool->pages_done = 0;
     /*
      * Workers start with every signal blocked (they inherit the mask), so
      * that signals -- the helper's SIGTERM abort, which dup2()s over io_fd
@@ -474,20 +477,14 @@ static void copy_run(struct save_ctx *ctx, int phase, uint64_t done0)
 
     pthread_mutex_lock(&pool->lock);
     while (pool->running > 0) {
-        struct timespec until;
+        uint64_t done;
 
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += (long)(XCS_PROGRESS_NS % 1000000000ULL);
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&pool->done_cv, &pool->lock, &until);
+        pthread_cond_wait(&pool->news, &pool->lock);
+        done = pool->pages_done;
         if (phase == 2) {
+            /* not under the lock: the callback may block on its pipe */
             pthread_mutex_unlock(&pool->lock);
-            xcs_progress_step(&ctx->pr,
-                              done0 + __atomic_load_n(&pool->pages_done,
-                                                      __ATOMIC_RELAXED));
+            xcs_progress_step(&ctx->pr, done0 + done);
             pthread_mutex_lock(&pool->lock);
         }
     }
@@ -600,7 +597,7 @@ static int copy_pool_init(struct save_ctx *ctx)
             return xcs_fail(ctx->cb, ENOMEM, "allocating copy thread buffers");
     }
     pthread_mutex_init(&pool->lock, NULL);
-    pthread_cond_init(&pool->done_cv, NULL);
+    pthread_cond_init(&pool->news, NULL);
     pool->n = n;
     return 0;
 }
@@ -608,7 +605,7 @@ static int copy_pool_init(struct save_ctx *ctx)
 static void copy_pool_free(struct copy_pool *pool)
 {
     if (pool->n) {
-        pthread_cond_destroy(&pool->done_cv);
+        pthread_cond_destroy(&pool->news);
         pthread_mutex_destroy(&pool->lock);
     }
     for (unsigned int i = 0; pool->w && i < pool->ctx->p->copy_threads; i++)
