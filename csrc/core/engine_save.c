@@ -71,6 +71,9 @@
 #define DEFAULT_DIRTY_THRESHOLD 50
 #define BATCH_HDR_SIZE (XCS_RHDR_SIZE + 8) /* rhdr + {count, _res} */
 /* A full PAGE_DATA record: header, pfns, pages (a multiple of 8: no padding) */
+/* copy_threads: wake the main thread for progress every 64 MiB, not more
+ * often: on a busy box each wake-up takes a CPU from a writer. */
+#define COPY_WAKE_PAGES (16 * XCS_MAX_BATCH_SIZE)
 #define FULL_BATCH_BYTES \
     (BATCH_HDR_SIZE + (uint64_t)(8 + XCS_PAGE_SIZE) * XCS_MAX_BATCH_SIZE)
 
@@ -103,6 +106,7 @@ struct copy_pool {
     unsigned int running;
     int stop;               /* atomic: an error happened, workers quit */
     uint64_t pages_done;    /* written in phase 2, for progress */
+    uint64_t pages_told;    /* pages_done when the main thread was woken */
     int err;                /* the first error (errno), under lock */
     const char *err_what;
     unsigned int err_thread;
@@ -331,8 +335,9 @@ static uint64_t next_pfn(const uint64_t *bitmap, uint64_t pfn, uint64_t end)
  *  phase 2: each thread pwritev's a contiguous share of the batches at
  *    those offsets; then the file position is set after the last one.
  * Progress comes from the main thread only (the helper's callbacks frame
- * messages on a pipe and are not thread-safe): workers signal after each
- * batch, the main thread wakes and reports (xcs_progress_step rate-limits).  Errors: the first one wins
+ * messages on a pipe and are not thread-safe): workers wake it every
+ * COPY_WAKE_PAGES pages and when they finish, and it reports
+ * (xcs_progress_step rate-limits).  Errors: the first one wins
  * (errno, what, thread, offset), the others stop at their next batch, all
  * are joined, and the main thread reports it in one line.
  */
@@ -416,7 +421,10 @@ static void copy_write(struct copy_worker *w)
         }
         pthread_mutex_lock(&pool->lock);
         pool->pages_done += n;
-        pthread_cond_signal(&pool->news);
+        if (pool->pages_done - pool->pages_told >= COPY_WAKE_PAGES) {
+            pool->pages_told = pool->pages_done;
+            pthread_cond_signal(&pool->news);
+        }
         pthread_mutex_unlock(&pool->lock);
     }
 }
@@ -448,7 +456,7 @@ static void copy_run(struct save_ctx *ctx, int phase, uint64_t done0)
     sigset_t all, old;
 
     pool->phase = phase;
-    pool->pages_done = 0;
+    pool->pages_done = pool->pages_told = 0;
     /*
      * Workers start with every signal blocked (they inherit the mask), so
      * that signals -- the helper's SIGTERM abort, which dup2()s over io_fd
