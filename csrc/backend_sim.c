@@ -181,6 +181,7 @@ static int sim_save(const struct xcs_op *op)
     p.xl_config_len = xlcfg_len;
     p.max_iters = 5;         /* Xen's default policy, when none is asked */
     p.dirty_threshold = 50;
+    p.copy_threads = op->copy_threads;
 
     xcs_arm_sigterm_abort(op->io_fd);
     rc = xcs_engine_save(&p, &cb, &st);

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -278,7 +279,8 @@ py::dict engine_save(int fd, const std::string &path, bool live,
                      const std::string &stream_type, unsigned int checkpoints,
                      unsigned int interval_ms, bool send_zero_pages,
                      py::object xl_config, py::object policy,
-                     py::object suspend, py::object checkpoint)
+                     py::object suspend, py::object checkpoint,
+                     unsigned int copy_threads)
 {
     EngineCtx ctx;
     xcs_save_params p{};
@@ -296,6 +298,10 @@ py::dict engine_save(int fd, const std::string &path, bool live,
     p.max_iters = max_iters;
     p.dirty_threshold = dirty_threshold;
     p.send_zero_pages = send_zero_pages;
+    if (copy_threads < 1 || copy_threads > XCS_MAX_COPY_THREADS)
+        throw std::invalid_argument("copy_threads must be from 1 to " +
+                                    std::to_string(XCS_MAX_COPY_THREADS));
+    p.copy_threads = copy_threads;
     if (!xl_config.is_none()) {
         cfg = xl_config.cast<std::string>();
         p.xl_config = cfg.data();
@@ -329,6 +335,8 @@ py::dict engine_save(int fd, const std::string &path, bool live,
     out["downtime_ns"] = st.downtime_ns;
     out["duration_ns"] = st.duration_ns;
     out["spliced_bytes"] = st.spliced_bytes;
+    out["threaded_bytes"] = st.threaded_bytes;
+    out["copy_threads"] = st.copy_threads;
     out["log"] = ctx.log_list();
     out["progress"] = ctx.progress_list();
     return out;
@@ -400,9 +408,12 @@ void register_sim(py::module_ &m)
           "interval_ms"_a = 0, "send_zero_pages"_a = false,
           "xl_config"_a = py::none(), "policy"_a = py::none(),
           "suspend"_a = py::none(), "checkpoint"_a = py::none(),
+          "copy_threads"_a = 1,
           "Save a sim domain to fd in-process (tests, benchmarks); returns "
           "the stats.  policy(iteration, total_written, dirty_count) -> "
-          "-1/0/1, suspend() -> bool, checkpoint() -> int.");
+          "-1/0/1, suspend() -> bool, checkpoint() -> int.  copy_threads > 1 "
+          "writes PAGE_DATA into a regular file with that many threads "
+          "(stats: threaded_bytes, copy_threads).");
     m.def("engine_restore", &engine_restore, "fd"_a, "path"_a,
           "wrap"_a = "libxc", "max_pages"_a = 0, py::kw_only(),
           "stream_type"_a = "plain", "checkpoint"_a = py::none(),

@@ -34,6 +34,7 @@ struct xcs_op {
     enum xcs_wrap wrap;
     uint64_t max_pages;
     unsigned int checkpoints, interval_ms;
+    unsigned int copy_threads; /* sim save: PAGE_DATA writer threads (0 = 1) */
     const char *xl_config_path;
     const char *dm_path;  /* restore: hand the device model's state over here */
     /* legacy input (restore): 0 = v2/v3 stream; else 32 or 64 */

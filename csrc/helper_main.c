@@ -36,7 +36,7 @@
  *        [--console-domid N] [--sim PATH] [--format libxc|libxl|xl]
  *        [--max-pages N] [--checkpoints N] [--interval-ms N]
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
- *        [--dm-out PATH]
+ *        [--dm-out PATH] [--copy-threads N]
  *   --version
  */
 
@@ -447,7 +447,7 @@ enum {
     OPT_STREAM_TYPE, OPT_STORE_EVTCHN, OPT_STORE_DOMID, OPT_CONSOLE_EVTCHN,
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
-    OPT_DM_OUT
+    OPT_DM_OUT, OPT_COPY_THREADS
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -473,6 +473,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"legacy-width", required_argument, NULL, OPT_LEGACY_WIDTH},
         {"legacy-guest", required_argument, NULL, OPT_LEGACY_GUEST},
         {"dm-out", required_argument, NULL, OPT_DM_OUT},
+        {"copy-threads", required_argument, NULL, OPT_COPY_THREADS},
         {NULL, 0, NULL, 0},
     };
     const char *backend = "sim";
@@ -527,6 +528,13 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             break;
         case OPT_INTERVAL_MS:
             op->interval_ms = (unsigned)parse_num("interval-ms", optarg, 3600u * 1000);
+            break;
+        case OPT_COPY_THREADS:
+            op->copy_threads = (unsigned)parse_num("copy-threads", optarg,
+                                                   XCS_MAX_COPY_THREADS);
+            if (op->copy_threads == 0)
+                fatal("bad <copy-threads> '%s': expected a number from 1 to %d",
+                      optarg, XCS_MAX_COPY_THREADS);
             break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
         case OPT_DM_OUT: op->dm_path = optarg; break;
@@ -603,6 +611,11 @@ int main(int argc, char **argv)
      * killing us silently with SIGPIPE.
      */
     signal(SIGPIPE, SIG_IGN);
+    /*
+     * Likewise a write past RLIMIT_FSIZE must fail with EFBIG (reported in
+     * one line, the output file removed) rather than kill us with SIGXFSZ.
+     */
+    signal(SIGXFSZ, SIG_IGN);
 
     be = find_backend(backend);
     if (op.dialect == XCS_DIALECT_XCSAVE_1)

@@ -383,6 +383,7 @@ def test_converter_truncated_page_data_by_kernel(
 
 BENCH_ARGS = {
     "save": ["--memory", "16M", "--repeat", "1"],
+    "save-file": ["--memory", "32M", "--repeat", "1", "--copy-threads", "2"],
     "restore": ["--memory", "16M", "--repeat", "1"],
     "migrate": ["--memory", "16M", "--rate", "2000", "--repeat", "1"],
     "callbacks": ["--rounds", "20"],
@@ -404,3 +405,5 @@ def test_bench_subcommand_prints_json(bench: str) -> None:
     data = json.loads(p.stdout.strip().splitlines()[-1])
     assert data["bench"] == bench
     assert "skipped" in data or data["measured"] is not None
+    if bench == "save-file":  # the N-thread side really ran threaded
+        assert data["threaded_bytes"] > 0

@@ -158,6 +158,21 @@ def _check_dialect(dialect: str, *, sim: object, fmt: str) -> proto.Dialect:
     return d
 
 
+MAX_COPY_THREADS: Final = 64  # XCS_MAX_COPY_THREADS in csrc/core/xcs_engine.h
+
+
+def _check_copy_threads(copy_threads: int, *, sim: object) -> None:
+    if isinstance(copy_threads, bool) or not isinstance(copy_threads, int):
+        raise TypeError(f"copy_threads must be an int, not {type(copy_threads).__name__}")
+    if not 1 <= copy_threads <= MAX_COPY_THREADS:
+        raise ValueError(f"copy_threads must be from 1 to {MAX_COPY_THREADS}, not {copy_threads}")
+    if copy_threads != 1 and sim is None:
+        raise ValueError(
+            "copy_threads is a feature of xcsave's own engine: simulated domains "
+            "(sim=...) only; libxc saves a Xen domain with one thread"
+        )
+
+
 async def _run(
     spec: HelperSpec,
     callbacks: Callbacks,
@@ -190,17 +205,22 @@ async def save(
     timeout: float | None = None,
     on_event: Callable[[Event], object] | None = None,
     supervisor: Supervisor | None = None,
+    copy_threads: int = 1,
 ) -> RunResult:
     """Save a domain into ``out`` (fd or path) through a helper.
 
     ``policy`` decides each live round (xcsave-1 only); without it the helper
-    uses Xen's default (5 rounds / 50 dirty pages).  Raises
+    uses Xen's default (5 rounds / 50 dirty pages).  ``copy_threads`` > 1
+    (simulated domains, xcsave-1) writes page data with that many threads
+    when ``out`` is a regular file (a path, or a file fd without O_APPEND);
+    into a pipe or socket it changes nothing.  Raises
     :class:`~xcsave.HelperFailed` (with ``.errno``) when the save fails,
     :class:`~xcsave.HelperDied` when the helper does not finish the protocol.
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
     d = _check_dialect(dialect, sim=sim, fmt=fmt)
+    _check_copy_threads(copy_threads, sim=sim)
     cbs = replace(callbacks) if callbacks is not None else Callbacks()
     if policy is not None:
         if d is proto.XEN_417:
@@ -242,6 +262,7 @@ async def save(
                         "checkpoints": checkpoints or None,
                         "interval_ms": interval_ms or None,
                         "xl_config": os.fspath(xl_config) if xl_config is not None else None,
+                        "copy_threads": copy_threads if copy_threads != 1 else None,
                     },
                 )
             spec = HelperSpec(

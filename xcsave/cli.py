@@ -171,6 +171,7 @@ def do_save(args: argparse.Namespace) -> int:
                 interval_ms=args.interval_ms,
                 timeout=args.timeout,
                 on_event=rend,
+                copy_threads=args.copy_threads,
             )
         )
     log.info("save: %s", _describe(res))
@@ -261,6 +262,13 @@ def add_save_restore(sub: Any) -> None:
     )
     p.add_argument("--checkpoints", type=int, default=0, help="remus: checkpoints to send")
     p.add_argument("--interval-ms", type=int, default=0, help="remus: checkpoint interval")
+    p.add_argument(
+        "--copy-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sim save into a regular file: write page data with N threads (default 1)",
+    )
     p.set_defaults(func=do_save)
 
     p = sub.add_parser("restore", help="restore a domain from a stream")

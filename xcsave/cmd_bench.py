@@ -518,6 +518,87 @@ def _save_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     return Report(data=data, text=text)
 
 
+def _save_file_args(p: argparse.ArgumentParser) -> None:
+    _sized_args("256M")(p)
+    p.add_argument(
+        "--copy-threads",
+        type=int,
+        default=max(2, os.cpu_count() or 2),
+        metavar="N",
+        help="threads to compare with one (default: the CPU count, at least 2)",
+    )
+
+
+def _save_file_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """Sim save into a fresh regular file (tmpfs by default): copy_threads=1
+    vs copy_threads=N, interleaved, best of --repeat."""
+    from . import _ext, sim
+    from .api import MAX_COPY_THREADS
+
+    _check_memory(args)
+    n = args.copy_threads
+    if not 2 <= n <= MAX_COPY_THREADS:
+        raise UsageError(f"--copy-threads must be from 2 to {MAX_COPY_THREADS}")
+    load0 = os.getloadavg()[0]
+    with _workdir(args) as d:
+        src, stream = d / "save-file-src.dom", d / "save-file.stream"
+        sim.create(src, args.memory, vcpus=2, seed=5)
+        nbytes, threaded = 0, 0
+        try:
+
+            def ours(threads: int) -> float:
+                nonlocal nbytes, threaded
+                with suppress(FileNotFoundError):
+                    stream.unlink()  # a fresh file each time: tmpfs allocates anew
+                fd = os.open(stream, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    t0 = time.perf_counter()
+                    st = _ext.engine_save(fd, str(src), copy_threads=threads)
+                    dt = time.perf_counter() - t0
+                finally:
+                    os.close(fd)
+                sim.set_state(src, "running")  # untimed
+                nbytes = st["bytes_written"]
+                if threads > 1:
+                    threaded = st["threaded_bytes"]
+                return dt
+
+            t1 = tn = float("inf")
+            for _ in range(max(1, args.repeat)):
+                t1 = min(t1, ours(1))
+                tn = min(tn, ours(n))
+        finally:
+            sim.remove(src)
+            with suppress(FileNotFoundError):
+                stream.unlink()
+    load1 = os.getloadavg()[0]
+    gb = nbytes / 1e9
+    data = _headline(
+        "save-file",
+        gb / tn,
+        gb / t1,
+        "GB/s",
+        seconds={"1": t1, str(n): tn},
+        copy_threads=n,
+        threaded_bytes=threaded,
+        bytes=nbytes,
+        memory=args.memory,
+        repeat=args.repeat,
+        cpus=os.cpu_count(),
+        load_average=[round(load0, 2), round(load1, 2)],
+    )
+    text = [
+        f"save of a {args.memory >> 20} MiB sim domain ({nbytes / 2**20:.0f} MiB stream) "
+        f"into a fresh file in {args.dir or 'a /dev/shm temp dir'}, best of {args.repeat}",
+        f"  1 thread:   {t1:.3f} s  {gb / t1:.2f} GB/s",
+        f"  {n} threads: {tn:.3f} s  {gb / tn:.2f} GB/s "
+        f"({threaded / 2**20:.0f} MiB written by the threads)",
+        f"  ratio {n} threads vs 1: {data['ratio']:.2f}x "
+        f"({os.cpu_count()} CPUs, load average {load0:.2f} -> {load1:.2f})",
+    ]
+    return Report(data=data, text=text)
+
+
 def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """Restore a stream file into a fresh domain vs memcpy of the same bytes
     into fresh memory (the mapped stream copied into a new anonymous mapping
@@ -931,6 +1012,12 @@ BENCHES: list[Bench] = [
         "sim save into a pipe read by cat vs cat of the stream; vmsplice vs writev",
         _sized_args("256M"),
         _save_run,
+    ),
+    Bench(
+        "save-file",
+        "sim save into a regular file: copy_threads=N vs 1 (pwritev from N threads)",
+        _save_file_args,
+        _save_file_run,
     ),
     Bench(
         "restore",

@@ -50,11 +50,15 @@
  *  environment turns the path off (writev everywhere).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,6 +70,48 @@
 #define DEFAULT_MAX_ITERS 5
 #define DEFAULT_DIRTY_THRESHOLD 50
 #define BATCH_HDR_SIZE (XCS_RHDR_SIZE + 8) /* rhdr + {count, _res} */
+/* A full PAGE_DATA record: header, pfns, pages (a multiple of 8: no padding) */
+/* copy_threads: wake the main thread for progress every 64 MiB, not more
+ * often: on a busy box each wake-up takes a CPU from a writer. */
+#define COPY_WAKE_PAGES (16 * XCS_MAX_BATCH_SIZE)
+#define FULL_BATCH_BYTES \
+    (BATCH_HDR_SIZE + (uint64_t)(8 + XCS_PAGE_SIZE) * XCS_MAX_BATCH_SIZE)
+
+struct save_ctx;
+
+/* copy_threads: one thread's share of a round (see "parallel copy") */
+struct copy_worker {
+    struct copy_pool *pool;
+    pthread_t tid;
+    unsigned int idx;
+    uint64_t lo, hi;     /* phase 1: pfns [lo, hi); phase 2: batches */
+    uint64_t found;      /* phase 1: pfns to send, at pool->pfns + lo */
+    uint64_t zeros;      /* phase 1: all-zero pages skipped */
+    uint8_t hdr[BATCH_HDR_SIZE];
+    struct iovec *iov;   /* 2 + XCS_MAX_BATCH_SIZE entries */
+};
+
+struct copy_pool {
+    struct save_ctx *ctx;
+    unsigned int n;         /* threads; 0 = io_fd does not fit, no pool */
+    struct copy_worker *w;
+    uint64_t *pfns;         /* nr_pages entries: the round's pfns */
+    int phase;              /* 1: find the pfns, 2: write the batches */
+    const uint64_t *bitmap; /* the round's set (NULL: every pfn) */
+    int skip_zero;
+    uint64_t npages;        /* phase 2: pfns[0, npages) go out */
+    uint64_t base;          /* file offset of the round's first byte */
+    pthread_mutex_t lock;   /* guards running, pages_done and the error */
+    pthread_cond_t news;    /* a batch went out, or a worker finished */
+    unsigned int running;
+    int stop;               /* atomic: an error happened, workers quit */
+    uint64_t pages_done;    /* written in phase 2, for progress */
+    uint64_t pages_told;    /* pages_done when the main thread was woken */
+    int err;                /* the first error (errno), under lock */
+    const char *err_what;
+    unsigned int err_thread;
+    uint64_t err_off;       /* file offset it happened at */
+};
 
 struct save_ctx {
     const struct xcs_save_params *p;
@@ -92,6 +138,7 @@ struct save_ctx {
     uint64_t splice_below;  /* this round: vmsplice pfns below this */
     uint64_t splice_end;    /* w.bytes just after the last vmsplice */
     struct xcs_progress pr;
+    struct copy_pool pool;  /* copy_threads > 1 on a regular file */
 };
 
 /*----- writing records -----*/
@@ -110,44 +157,61 @@ static int write_rec(struct save_ctx *ctx, uint32_t type, const void *body,
     return 0;
 }
 
-static int flush_batch(struct save_ctx *ctx)
+/* The PAGE_DATA record header and count for a batch of n pages. */
+static void page_data_hdr(uint8_t *buf, unsigned int n)
 {
-    unsigned int n = ctx->batch_n;
-    unsigned int m = 0; /* pages [0, m) are vmspliced */
     uint32_t hdr[4];
-    int k = 1, ks = 1;
 
-    if (n == 0)
-        return 0;
     hdr[0] = XCS_REC_PAGE_DATA;
     hdr[1] = 8 + 8 * n + XCS_PAGE_SIZE * n; /* <= 4 MiB + 8 KiB */
     hdr[2] = n;
     hdr[3] = 0;
-    memcpy(ctx->batch, hdr, sizeof(hdr));
+    memcpy(buf, hdr, sizeof(hdr));
+}
+
+/*
+ * Append iovecs for the pages of pfns[0, n) at iov[k]; returns the new
+ * count.  Adjacent pfns are adjacent in the mapping: one iovec for a run
+ * (merged only into iovecs this call appended).
+ */
+static int page_iovs(const struct xcs_sim_dom *dom, struct iovec *iov, int k,
+                     const uint64_t *pfns, unsigned int n)
+{
+    int first = k;
+
+    for (unsigned int i = 0; i < n; i++) {
+        uint8_t *page = xcs_sim_page(dom, pfns[i]);
+        struct iovec *last = &iov[k - 1];
+
+        if (k > first && (uint8_t *)last->iov_base + last->iov_len == page) {
+            last->iov_len += XCS_PAGE_SIZE;
+        } else {
+            iov[k].iov_base = page;
+            iov[k].iov_len = XCS_PAGE_SIZE;
+            k++;
+        }
+    }
+    return k;
+}
+
+static int flush_batch(struct save_ctx *ctx)
+{
+    unsigned int n = ctx->batch_n;
+    unsigned int m = 0; /* pages [0, m) are vmspliced */
+    int k, ks;
+
+    if (n == 0)
+        return 0;
+    page_data_hdr(ctx->batch, n);
     ctx->iov[0].iov_base = ctx->batch;
     ctx->iov[0].iov_len = BATCH_HDR_SIZE + 8 * (size_t)n;
     if (ctx->frozen && ctx->splice_ok)
         /* pfns ascend within a round: a prefix of the batch */
         while (m < n && ctx->batch_pfns[m] < ctx->splice_below)
             m++;
-    for (unsigned int i = 0; i < n; i++) {
-        uint8_t *page = xcs_sim_page(&ctx->dom, ctx->batch_pfns[i]);
-        struct iovec *last = &ctx->iov[k - 1];
-
-        if (i == m)
-            ks = k; /* the copied part starts a fresh iovec */
-        /* Adjacent pfns are adjacent in the mapping: one iovec for a run. */
-        if (k > 1 && i != m &&
-            (uint8_t *)last->iov_base + last->iov_len == page) {
-            last->iov_len += XCS_PAGE_SIZE;
-        } else {
-            ctx->iov[k].iov_base = page;
-            ctx->iov[k].iov_len = XCS_PAGE_SIZE;
-            k++;
-        }
-    }
-    if (m == n)
-        ks = k;
+    /* the copied part starts a fresh iovec */
+    ks = page_iovs(&ctx->dom, ctx->iov, 1, ctx->batch_pfns, m);
+    k = page_iovs(&ctx->dom, ctx->iov, ks, ctx->batch_pfns + m, n - m);
     /* PAGE_DATA bodies are multiples of 8: no padding. */
     if (m == 0) {
         if (xcs_writev_all(&ctx->w, ctx->iov, k) < 0)
@@ -238,6 +302,328 @@ static uint64_t splice_limit(struct save_ctx *ctx, const uint64_t *bitmap,
     return 0;
 }
 
+/* The first pfn in [pfn, end) of the round's set (every pfn when bitmap is
+ * NULL), or end. */
+static uint64_t next_pfn(const uint64_t *bitmap, uint64_t pfn, uint64_t end)
+{
+    if (!bitmap)
+        return pfn;
+    while (pfn < end) {
+        uint64_t v = bitmap[pfn / 64] >> (pfn % 64);
+
+        if (v) {
+            pfn += (uint64_t)__builtin_ctzll(v);
+            break;
+        }
+        pfn = (pfn | 63) + 1;
+    }
+    return pfn < end ? pfn : end;
+}
+
+/*----- parallel copy (copy_threads) -----*/
+
+/*
+ * A round's PAGE_DATA written by N threads into a regular file, byte for
+ * byte what the sequential path writes:
+ *  phase 1: each thread lists the pfns of its contiguous pfn range that the
+ *    round sends (skipping all-zero pages exactly where add_page would);
+ *    the main thread then packs the lists into one, in pfn order.
+ *  Batching is that of the sequential path: batch b holds pages
+ *    [b * XCS_MAX_BATCH_SIZE, ...) of the list, so every batch but the last
+ *    is full and batch b starts FULL_BATCH_BYTES * b after the round's first
+ *    byte: no other prefix sum is needed.
+ *  phase 2: each thread pwritev's a contiguous share of the batches at
+ *    those offsets; then the file position is set after the last one.
+ * Progress comes from the main thread only (the helper's callbacks frame
+ * messages on a pipe and are not thread-safe): workers wake it every
+ * COPY_WAKE_PAGES pages and when they finish, and it reports
+ * (xcs_progress_step rate-limits).  Errors: the first one wins
+ * (errno, what, thread, offset), the others stop at their next batch, all
+ * are joined, and the main thread reports it in one line.
+ */
+
+/*
+ * fd trick: pwritev at computed offsets needs a regular file whose position
+ * lseek can read and set, opened without O_APPEND (Linux appends O_APPEND
+ * pwrites at the end whatever the offset).  Anything else (a pipe, socket,
+ * tty) keeps the sequential path.
+ */
+static int copy_fd_fits(int fd)
+{
+    struct stat st;
+    int fl;
+
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+        return 0;
+    fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_APPEND))
+        return 0;
+    return lseek(fd, 0, SEEK_CUR) >= 0;
+}
+
+/* Record an error; the first one wins.  Called with pool->lock NOT held. */
+static void copy_error(struct copy_pool *pool, int err, const char *what,
+                       unsigned int thread, uint64_t off)
+{
+    pthread_mutex_lock(&pool->lock);
+    if (!pool->err) {
+        pool->err = err ? err : EIO;
+        pool->err_what = what;
+        pool->err_thread = thread;
+        pool->err_off = off;
+    }
+    __atomic_store_n(&pool->stop, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&pool->lock);
+}
+
+static void copy_find(struct copy_worker *w)
+{
+    struct copy_pool *pool = w->pool;
+    const struct xcs_sim_dom *dom = &pool->ctx->dom;
+    uint64_t *out = pool->pfns + w->lo;
+
+    w->found = w->zeros = 0;
+    for (uint64_t pfn = next_pfn(pool->bitmap, w->lo, w->hi); pfn < w->hi;
+         pfn = next_pfn(pool->bitmap, pfn + 1, w->hi)) {
+        if (pool->skip_zero && page_is_zero(xcs_sim_page(dom, pfn))) {
+            w->zeros++;
+            continue;
+        }
+        out[w->found++] = pfn;
+    }
+}
+
+static void copy_write(struct copy_worker *w)
+{
+    struct copy_pool *pool = w->pool;
+    const struct xcs_sim_dom *dom = &pool->ctx->dom;
+
+    for (uint64_t b = w->lo; b < w->hi; b++) {
+        uint64_t first = b * XCS_MAX_BATCH_SIZE;
+        uint64_t left = pool->npages - first;
+        unsigned int n = left < XCS_MAX_BATCH_SIZE ? (unsigned int)left
+                                                   : XCS_MAX_BATCH_SIZE;
+        uint64_t off = pool->base + b * FULL_BATCH_BYTES;
+        int k;
+
+        if (__atomic_load_n(&pool->stop, __ATOMIC_RELAXED))
+            return;
+        /* header, then the pfns straight from the packed list, then pages */
+        page_data_hdr(w->hdr, n);
+        w->iov[0].iov_base = w->hdr;
+        w->iov[0].iov_len = BATCH_HDR_SIZE;
+        w->iov[1].iov_base = pool->pfns + first;
+        w->iov[1].iov_len = 8 * (size_t)n;
+        k = page_iovs(dom, w->iov, 2, pool->pfns + first, n);
+        if (xcs_pwritev_all(pool->ctx->w.fd, w->iov, k, off) < 0) {
+            copy_error(pool, errno, "writing PAGE_DATA", w->idx, off);
+            return;
+        }
+        pthread_mutex_lock(&pool->lock);
+        pool->pages_done += n;
+        if (pool->pages_done - pool->pages_told >= COPY_WAKE_PAGES) {
+            pool->pages_told = pool->pages_done;
+            pthread_cond_signal(&pool->news);
+        }
+        pthread_mutex_unlock(&pool->lock);
+    }
+}
+
+static void *copy_main(void *arg)
+{
+    struct copy_worker *w = arg;
+    struct copy_pool *pool = w->pool;
+
+    if (pool->phase == 1)
+        copy_find(w);
+    else
+        copy_write(w);
+    pthread_mutex_lock(&pool->lock);
+    pool->running--;
+    pthread_cond_signal(&pool->news);
+    pthread_mutex_unlock(&pool->lock);
+    return NULL;
+}
+
+/*
+ * Run one phase on every worker and wait for all of them, reporting
+ * progress (phase 2) in between.  The ranges are set by the caller.
+ */
+static void copy_run(struct save_ctx *ctx, int phase, uint64_t done0)
+{
+    struct copy_pool *pool = &ctx->pool;
+    unsigned int started = 0;
+    sigset_t all, old;
+
+    pool->phase = phase;
+    pool->pages_done = pool->pages_told = 0;
+    /*
+     * Workers start with every signal blocked (they inherit the mask), so
+     * that signals -- the helper's SIGTERM abort, which dup2()s over io_fd
+     * to make the next write fail -- are handled by the main thread.
+     */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    for (; started < pool->n; started++) {
+        struct copy_worker *w = &pool->w[started];
+        int r;
+
+        pthread_mutex_lock(&pool->lock);
+        pool->running++;
+        pthread_mutex_unlock(&pool->lock);
+        r = pthread_create(&w->tid, NULL, copy_main, w);
+        if (r) {
+            pthread_mutex_lock(&pool->lock);
+            pool->running--;
+            pthread_mutex_unlock(&pool->lock);
+            copy_error(pool, r, "starting a copy thread", started,
+                       pool->base);
+            break;
+        }
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+
+    pthread_mutex_lock(&pool->lock);
+    while (pool->running > 0) {
+        uint64_t done;
+
+        pthread_cond_wait(&pool->news, &pool->lock);
+        done = pool->pages_done;
+        if (phase == 2) {
+            /* not under the lock: the callback may block on its pipe */
+            pthread_mutex_unlock(&pool->lock);
+            xcs_progress_step(&ctx->pr, done0 + done);
+            pthread_mutex_lock(&pool->lock);
+        }
+    }
+    pthread_mutex_unlock(&pool->lock);
+    for (unsigned int i = 0; i < started; i++)
+        pthread_join(pool->w[i].tid, NULL);
+}
+
+/*
+ * One round through the pool; *visited = pfns of the set looked at (sent +
+ * skipped as zero), as the sequential loop counts them for progress.
+ */
+static int copy_round(struct save_ctx *ctx, int skip_zero,
+                      const uint64_t *bitmap, uint64_t *visited)
+{
+    struct copy_pool *pool = &ctx->pool;
+    uint64_t nr = ctx->dom.nr_pages, per, npages = 0, zeros = 0, nb, bytes;
+    unsigned int n = pool->n;
+    off_t pos;
+
+    pos = lseek(ctx->w.fd, 0, SEEK_CUR);
+    if (pos < 0)
+        return write_failed(ctx, "PAGE_DATA (lseek)");
+    pool->base = (uint64_t)pos;
+    pool->bitmap = bitmap;
+    pool->skip_zero = skip_zero;
+    pool->err = 0;
+    __atomic_store_n(&pool->stop, 0, __ATOMIC_RELAXED);
+
+    /* phase 1: contiguous pfn ranges, whole bitmap words each */
+    per = ((nr + n - 1) / n + 63) & ~(uint64_t)63;
+    for (unsigned int i = 0; i < n; i++) {
+        pool->w[i].lo = (uint64_t)i * per < nr ? (uint64_t)i * per : nr;
+        pool->w[i].hi = pool->w[i].lo + per < nr ? pool->w[i].lo + per : nr;
+    }
+    copy_run(ctx, 1, 0);
+    if (pool->err)
+        goto failed;
+    for (unsigned int i = 0; i < n; i++) {
+        memmove(pool->pfns + npages, pool->pfns + pool->w[i].lo,
+                pool->w[i].found * sizeof(*pool->pfns));
+        npages += pool->w[i].found;
+        zeros += pool->w[i].zeros;
+    }
+    ctx->st->zero_pages += zeros;
+    *visited = npages + zeros;
+
+    /* phase 2: contiguous shares of the batches */
+    pool->npages = npages;
+    nb = (npages + XCS_MAX_BATCH_SIZE - 1) / XCS_MAX_BATCH_SIZE;
+    for (unsigned int i = 0; i < n; i++) {
+        pool->w[i].lo = nb * i / n;
+        pool->w[i].hi = nb * (i + 1) / n;
+    }
+    copy_run(ctx, 2, zeros);
+    if (pool->err)
+        goto failed;
+    bytes = nb ? (nb - 1) * FULL_BATCH_BYTES + BATCH_HDR_SIZE +
+                     (8 + XCS_PAGE_SIZE) *
+                         (npages - (nb - 1) * XCS_MAX_BATCH_SIZE)
+               : 0;
+    /*
+     * fd trick: pwritev left the file position where the round started;
+     * move it past the round, so that what follows -- our next record, or
+     * libxl's through the same open file description -- comes right after.
+     */
+    if (lseek(ctx->w.fd, (off_t)(pool->base + bytes), SEEK_SET) < 0)
+        return write_failed(ctx, "PAGE_DATA (lseek)");
+    ctx->w.bytes += bytes;
+    ctx->st->threaded_bytes += bytes;
+    ctx->st->copy_threads = n;
+    ctx->st->pages_sent += npages;
+    ctx->total_written += npages;
+    ctx->round_sent += npages;
+    return 0;
+
+failed:
+    return xcs_fail(ctx->cb, pool->err,
+                    "%s at stream offset %llu (copy thread %u of %u): %s",
+                    pool->err_what,
+                    (unsigned long long)(ctx->w.bytes + pool->err_off -
+                                         pool->base),
+                    pool->err_thread + 1, n, strerror(pool->err));
+}
+
+/*
+ * Set up the pool once per save when copy_threads > 1 and io_fd fits;
+ * pool->n stays 0 (sequential path) otherwise.
+ */
+static int copy_pool_init(struct save_ctx *ctx)
+{
+    struct copy_pool *pool = &ctx->pool;
+    unsigned int n = ctx->p->copy_threads;
+
+    if (n > XCS_MAX_COPY_THREADS)
+        return xcs_fail(ctx->cb, EINVAL, "copy_threads %u is more than %d", n,
+                        XCS_MAX_COPY_THREADS);
+    if (n <= 1 || !copy_fd_fits(ctx->w.fd))
+        return 0;
+    pool->ctx = ctx;
+    pool->pfns = malloc(sizeof(*pool->pfns) * ctx->dom.nr_pages);
+    pool->w = calloc(n, sizeof(*pool->w));
+    if (!pool->pfns || !pool->w)
+        return xcs_fail(ctx->cb, ENOMEM, "allocating copy thread buffers");
+    for (unsigned int i = 0; i < n; i++) {
+        pool->w[i].pool = pool;
+        pool->w[i].idx = i;
+        pool->w[i].iov = malloc(sizeof(struct iovec) * (2 + XCS_MAX_BATCH_SIZE));
+        if (!pool->w[i].iov)
+            return xcs_fail(ctx->cb, ENOMEM, "allocating copy thread buffers");
+    }
+    pthread_mutex_init(&pool->lock, NULL);
+    pthread_cond_init(&pool->news, NULL);
+    pool->n = n;
+    return 0;
+}
+
+static void copy_pool_free(struct copy_pool *pool)
+{
+    if (pool->n) {
+        pthread_cond_destroy(&pool->news);
+        pthread_mutex_destroy(&pool->lock);
+    }
+    for (unsigned int i = 0; pool->w && i < pool->ctx->p->copy_threads; i++)
+        free(pool->w[i].iov);
+    free(pool->w);
+    free(pool->pfns);
+}
+
+/*----- rounds -----*/
+
 /*
  * One memory round: every page (bitmap NULL) or those set in bitmap.
  * skip_zero only for a first full pass (see send_zero_pages).
@@ -254,32 +640,19 @@ static int send_pages(struct save_ctx *ctx, const uint64_t *bitmap,
                             ? splice_limit(ctx, bitmap, skip_zero)
                             : 0;
     xcs_progress_start(&ctx->pr, ctx->cb, count, "%s", what);
-    if (!bitmap) {
-        for (uint64_t pfn = 0; pfn < nr; pfn++) {
+    if (ctx->pool.n && count >= XCS_COPY_MIN_PAGES) {
+        if (copy_round(ctx, skip_zero, bitmap, &done) < 0)
+            return -1;
+    } else {
+        for (uint64_t pfn = next_pfn(bitmap, 0, nr); pfn < nr;
+             pfn = next_pfn(bitmap, pfn + 1, nr)) {
             if (add_page(ctx, pfn, skip_zero) < 0)
                 return -1;
             xcs_progress_step(&ctx->pr, ++done);
         }
-    } else {
-        uint64_t words = (nr + 63) / 64;
-
-        for (uint64_t w = 0; w < words; w++) {
-            uint64_t v = bitmap[w];
-
-            while (v) {
-                uint64_t pfn = w * 64 + (uint64_t)__builtin_ctzll(v);
-
-                v &= v - 1;
-                if (pfn >= nr)
-                    break;
-                if (add_page(ctx, pfn, 0) < 0)
-                    return -1;
-                xcs_progress_step(&ctx->pr, ++done);
-            }
-        }
+        if (flush_batch(ctx) < 0)
+            return -1;
     }
-    if (flush_batch(ctx) < 0)
-        return -1;
     xcs_progress_end(&ctx->pr, done);
     if (!ctx->frozen)
         drop_ptes(ctx);
@@ -732,7 +1105,7 @@ int xcs_engine_save(const struct xcs_save_params *p,
         goto out;
     }
     ctx.batch_pfns = (uint64_t *)(ctx.batch + BATCH_HDR_SIZE);
-    if (build_hvm_ctx(&ctx) < 0)
+    if (build_hvm_ctx(&ctx) < 0 || copy_pool_init(&ctx) < 0)
         goto out;
     xcs_logf(cb, XCS_LOG_DETAIL, -1,
              "saving sim domain %s: %llu pages, %u vcpus, %s%s", p->sim_path,
@@ -790,7 +1163,14 @@ out:
         xcs_logf(cb, XCS_LOG_DEBUG, -1, "vmspliced %llu of %llu bytes",
                  (unsigned long long)ctx.w.spliced,
                  (unsigned long long)ctx.w.bytes);
+    if (ctx.st->threaded_bytes)
+        xcs_logf(cb, XCS_LOG_DETAIL, -1,
+                 "copy threads: %u threads wrote %llu of %llu bytes",
+                 ctx.st->copy_threads,
+                 (unsigned long long)ctx.st->threaded_bytes,
+                 (unsigned long long)ctx.w.bytes);
     ctx.st->duration_ns = xcs_now_ns() - t0;
+    copy_pool_free(&ctx.pool);
     xcs_sim_close(&ctx.dom);
     free(ctx.hvm_ctx);
     free(ctx.iov);

@@ -145,42 +145,65 @@ static int again(int fd, short events)
            wait_ready(fd, events) == 0;
 }
 
-int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
+/* Consume n bytes from the front of *iov (count *iovcnt), in place. */
+static void iov_advance(struct iovec **iov, int *iovcnt, size_t n)
+{
+    while (n > 0 && n >= (*iov)->iov_len) {
+        n -= (*iov)->iov_len;
+        (*iov)++;
+        (*iovcnt)--;
+    }
+    if (n > 0) {
+        (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
+        (*iov)->iov_len -= n;
+    }
+}
+
+enum xfer { XFER_WRITEV, XFER_VMSPLICE, XFER_PWRITEV };
+
+/*
+ * The one write loop: push all of iov[0..iovcnt) into fd with writev,
+ * vmsplice or pwritev (at off, advancing), looping over short transfers
+ * (pipe, socket, signal, a full disk's last bytes), EINTR and EAGAIN (see
+ * again()), split at IOV_MAX.  *done counts what went out, also on failure.
+ */
+static int xfer_all(int fd, enum xfer how, struct iovec *iov, int iovcnt,
+                    uint64_t off, uint64_t *done)
 {
     while (iovcnt > 0) {
+        int cnt = iovcnt > IOV_MAX ? IOV_MAX : iovcnt;
         ssize_t r;
-        size_t n;
 
-        /* Skip drained entries so that writev never sees a zero count. */
+        /* Skip drained entries so that no call ever sees a zero count. */
         if (iov->iov_len == 0) {
             iov++;
             iovcnt--;
             continue;
         }
-        r = writev(w->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
+        if (how == XFER_VMSPLICE)
+            r = vmsplice(fd, iov, (unsigned long)cnt, 0);
+        else if (how == XFER_PWRITEV)
+            r = pwritev(fd, iov, cnt, (off_t)(off + *done));
+        else
+            r = writev(fd, iov, cnt);
         if (r < 0) {
-            if (again(w->fd, POLLOUT))
+            if (again(fd, POLLOUT))
                 continue;
             return -1;
         }
         if (r == 0) {
-            errno = EIO; /* not expected from writev; never spin */
+            errno = EIO; /* not expected from a write; never spin */
             return -1;
         }
-        w->bytes += (uint64_t)r;
-        /* Short write (pipe, socket, signal): advance past what went out. */
-        n = (size_t)r;
-        while (n > 0 && n >= iov->iov_len) {
-            n -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (n > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + n;
-            iov->iov_len -= n;
-        }
+        *done += (uint64_t)r;
+        iov_advance(&iov, &iovcnt, (size_t)r);
     }
     return 0;
+}
+
+int xcs_writev_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
+{
+    return xfer_all(w->fd, XFER_WRITEV, iov, iovcnt, 0, &w->bytes);
 }
 
 int xcs_write_all(struct xcs_writer *w, const void *buf, size_t len)
@@ -233,41 +256,25 @@ void xcs_pipe_grow(int fd)
  */
 int xcs_vmsplice_all(struct xcs_writer *w, struct iovec *iov, int iovcnt)
 {
-    while (iovcnt > 0) {
-        ssize_t r;
-        size_t n;
+    uint64_t n = 0;
+    int r = xfer_all(w->fd, XFER_VMSPLICE, iov, iovcnt, 0, &n);
 
-        if (iov->iov_len == 0) {
-            iov++;
-            iovcnt--;
-            continue;
-        }
-        r = vmsplice(w->fd, iov, (unsigned long)(iovcnt > IOV_MAX ? IOV_MAX
-                                                                  : iovcnt),
-                     0);
-        if (r < 0) {
-            if (again(w->fd, POLLOUT))
-                continue;
-            return -1;
-        }
-        if (r == 0) {
-            errno = EIO;
-            return -1;
-        }
-        w->bytes += (uint64_t)r;
-        w->spliced += (uint64_t)r;
-        n = (size_t)r;
-        while (n > 0 && n >= iov->iov_len) {
-            n -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (n > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + n;
-            iov->iov_len -= n;
-        }
-    }
-    return 0;
+    w->bytes += n;
+    w->spliced += n;
+    return r;
+}
+
+/*
+ * fd trick: pwritev(2) writes at an explicit offset and leaves the file
+ * position alone, so several threads can fill disjoint parts of one regular
+ * file at once through one fd (engine_save.c, copy_threads).  The caller
+ * sets the position afterwards.
+ */
+int xcs_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t off)
+{
+    uint64_t n = 0;
+
+    return xfer_all(fd, XFER_PWRITEV, iov, iovcnt, off, &n);
 }
 
 long xcs_pipe_capacity(int fd)
@@ -299,7 +306,6 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
     *eof = 0;
     while (got < len) {
         ssize_t n;
-        size_t left;
 
         if (iovcnt <= 0) {
             errno = EINVAL; /* the iovecs hold less than len: caller bug */
@@ -323,16 +329,7 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
         }
         got += (size_t)n;
         r->off += (uint64_t)n;
-        left = (size_t)n;
-        while (left > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (left > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        iov_advance(&iov, &iovcnt, (size_t)n);
     }
     return 0;
 }

@@ -96,6 +96,12 @@ void xcs_pipe_grow(int fd);
  */
 int xcs_vmsplice_all(struct xcs_writer *w, struct iovec *iov, int iovcnt);
 long xcs_pipe_capacity(int fd);
+/*
+ * Write all of iov at file offset off (regular files), looping like
+ * xcs_writev_all; the fd's position does not move.  Safe to call from
+ * several threads at once on disjoint ranges.
+ */
+int xcs_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t off);
 long xcs_pipe_unread(int fd);
 
 /*----- reading -----*/

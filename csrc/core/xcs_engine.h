@@ -96,7 +96,20 @@ struct xcs_save_params {
      * page, zero or not.
      */
     int send_zero_pages;
+    /*
+     * Added (additive; 0 means 1).  Write a round's PAGE_DATA with this many
+     * threads at once, each pwritev'ing its share of the batches at offsets
+     * computed beforehand; the stream is byte for byte what one thread would
+     * write and the fd's position ends right after it.  Only when io_fd is a
+     * regular file without O_APPEND and the round has at least
+     * XCS_COPY_MIN_PAGES pages; otherwise (pipes, sockets) the sequential
+     * path, silently.  At most XCS_MAX_COPY_THREADS.
+     */
+    unsigned int copy_threads;
 };
+
+#define XCS_MAX_COPY_THREADS 64
+#define XCS_COPY_MIN_PAGES 4096 /* four full batches */
 
 #define XCS_STATS_MAX_ROUNDS 64
 
@@ -109,6 +122,8 @@ struct xcs_save_stats {
     uint64_t downtime_ns;                       /* suspend -> end of stream */
     uint64_t duration_ns;                       /* whole save */
     uint64_t spliced_bytes;                     /* of bytes_written, vmspliced */
+    uint64_t threaded_bytes;                    /* of bytes_written, by copy threads */
+    unsigned int copy_threads;                  /* threads that wrote them (0: none) */
 };
 
 struct xcs_restore_params {
