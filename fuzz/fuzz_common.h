@@ -102,17 +102,25 @@ static inline void fuzz_ignore_sigpipe(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
-/* A fresh private directory (under /dev/shm when there is one). */
+static char fuzz_dir[64];
+
+/* At exit: the directory is empty by then (each input cleans up after itself). */
+static inline void fuzz_rmdir(void)
+{
+    if (fuzz_dir[0])
+        (void)rmdir(fuzz_dir);
+}
+
+/* A fresh private directory (under /dev/shm when there is one), removed at exit. */
 static inline char *fuzz_tmpdir(void)
 {
-    static char dir[64];
-
-    if (dir[0])
-        return dir;
-    snprintf(dir, sizeof(dir), "%s/xcsave-fuzz.XXXXXX",
+    if (fuzz_dir[0])
+        return fuzz_dir;
+    snprintf(fuzz_dir, sizeof(fuzz_dir), "%s/xcsave-fuzz.XXXXXX",
              access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
-    FUZZ_CHECK(mkdtemp(dir) != NULL);
-    return dir;
+    FUZZ_CHECK(mkdtemp(fuzz_dir) != NULL);
+    atexit(fuzz_rmdir);
+    return fuzz_dir;
 }
 
 #endif /* XCS_FUZZ_COMMON_H */
