@@ -71,11 +71,11 @@
 #define DEFAULT_DIRTY_THRESHOLD 50
 #define BATCH_HDR_SIZE (XCS_RHDR_SIZE + 8) /* rhdr + {count, _res} */
 /* A full PAGE_DATA record: header, pfns, pages (a multiple of 8: no padding) */
+#define FULL_BATCH_BYTES \
+    (BATCH_HDR_SIZE + (uint64_t)(8 + XCS_PAGE_SIZE) * XCS_MAX_BATCH_SIZE)
 /* copy_threads: wake the main thread for progress every 64 MiB, not more
  * often: on a busy box each wake-up takes a CPU from a writer. */
 #define COPY_WAKE_PAGES (16 * XCS_MAX_BATCH_SIZE)
-#define FULL_BATCH_BYTES \
-    (BATCH_HDR_SIZE + (uint64_t)(8 + XCS_PAGE_SIZE) * XCS_MAX_BATCH_SIZE)
 
 struct save_ctx;
 
