@@ -92,6 +92,25 @@ def run_piped(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return dt
 
 
+def xcsave_command(*args: str) -> tuple[list[str], str]:
+    """argv running ``xcsave ARGS`` as a user does: the console script
+    installed beside this interpreter (its shebang names it), else
+    ``python -P -m xcsave`` (which also pays for runpy).  And which it is."""
+    from .cli import self_argv
+
+    script = Path(sys.executable).with_name("xcsave")
+    try:
+        with open(script, "rb") as f:
+            first = f.readline()
+    except OSError:
+        first = b""
+    if first.startswith(b"#!"):
+        interp = Path(first[2:].strip().decode(errors="replace"))
+        if interp.resolve() == Path(sys.executable).resolve():
+            return [str(script), *args], "the xcsave console script"
+    return self_argv(*args), "python -P -m xcsave"
+
+
 def find_xen_utils(given: str | None = None) -> Path | None:
     """Root of an unpacked xen-utils-4.17 (tools/fetch-xen-utils.sh), or None."""
     candidates = [

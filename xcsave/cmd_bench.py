@@ -797,7 +797,9 @@ def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
         try:
             _save_stream(src, img)
             benchmarks.warm(img)
-            ours_cmd = self_argv("verify", "-q", "--format", "libxc", str(img))
+            ours_cmd, how = benchmarks.xcsave_command(
+                "verify", "-q", "--format", "libxc", str(img)
+            )
             xen_cmd = benchmarks.xen_cmd(
                 root, "verify-stream-v2", "-q", "-f", "libxc", "-i", str(img)
             )
@@ -837,13 +839,14 @@ def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
         goal=50.0,
         repeat=args.repeat,
         interpreter=sys.executable,
+        command=how,
         load_average=round(os.getloadavg()[0], 2),
     )
     text = [
         f"verify of a {nbytes / 2**20:.0f} MiB libxc image ({args.memory >> 20} MiB domain), "
         f"best of {args.repeat}, both tools on {sys.executable}, bytecode cached",
         f"  Xen verify-stream-v2: {t_xen:.3f} s",
-        f"  xcsave verify (command): {t_cmd * 1000:.1f} ms  ({data['ratio']:.1f}x)   "
+        f"  xcsave verify (command, {how}): {t_cmd * 1000:.1f} ms  ({data['ratio']:.1f}x)   "
         "bar 20x, goal 50x",
         f"  xcsave streamtools.verify (in-process): {t_api * 1000:.1f} ms "
         f"({data['ratio_api']:.0f}x)",

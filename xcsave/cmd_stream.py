@@ -7,62 +7,93 @@ usage or an I/O error, with the errno name.  Never a traceback.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from . import streamtools
 from .errors import StreamError, XcsaveError, errno_name
 
 # `xcsave inspect|verify|convert` run from main() below, straight from
-# xcsave/__main__.py: this module, argparse, streamtools and the extension
-# are all they import (no typing, json, logging, asyncio or the other
-# commands); tests/test_cli.py checks that structurally.
+# xcsave/__main__.py: this module, streamtools and the extension are all
+# they import (no typing, json, logging, asyncio or the other commands; for
+# a well-formed inspect/verify not even argparse, see _fast_args);
+# tests/test_cli.py checks that structurally.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
-    from typing import Any
+    from typing import Any, NoReturn
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 
 
+# inspect's and verify's options, declared once: add_parsers builds them into
+# argparse, and _fast_args reads a well-formed command line with them.
+# (flags, dest, type, choices, default, help); type bool is a store_true flag.
+_ScanOpt = tuple[tuple[str, ...], str, type, "tuple[object, ...] | None", object, str]
+_SCAN_OPTS: tuple[_ScanOpt, ...] = (
+    (("--format",), "fmt", str, streamtools.FORMATS, "auto", "stream format (default: detect)"),
+    (
+        ("--stream-type",),
+        "stream_type",
+        str,
+        streamtools.STREAM_TYPES,
+        "plain",
+        "checkpointed or not: the caller says, never the stream",
+    ),
+    (
+        ("--width",),
+        "width",
+        int,
+        (32, 64),
+        None,
+        "legacy streams: toolstack word size (default: guess)",
+    ),
+    (
+        ("--guest",),
+        "guest",
+        str,
+        ("pv", "hvm"),
+        None,
+        "legacy streams: guest type (default: guess)",
+    ),
+    (
+        ("--allow-trailing",),
+        "allow_trailing",
+        bool,
+        None,
+        False,
+        "bytes after the outermost END are not an error",
+    ),
+    (("--json",), "json", bool, None, False, "print the report as JSON"),
+)
+_VERIFY_OPTS: tuple[_ScanOpt, ...] = (
+    (("-q", "--quiet"), "quiet", bool, None, False, "no output when valid"),
+)
+
+
+def _add_opts(p: argparse.ArgumentParser, opts: tuple[_ScanOpt, ...]) -> None:
+    for flags, dest, kind, choices, default, text in opts:
+        if kind is bool:
+            p.add_argument(*flags, dest=dest, action="store_true", help=text)
+        else:
+            p.add_argument(
+                *flags, dest=dest, type=kind, choices=choices, default=default, help=text
+            )
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    import argparse
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("stream", metavar="STREAM", help="stream file, or - for stdin")
-    common.add_argument(
-        "--format",
-        dest="fmt",
-        choices=streamtools.FORMATS,
-        default="auto",
-        help="stream format (default: detect)",
-    )
-    common.add_argument(
-        "--stream-type",
-        choices=streamtools.STREAM_TYPES,
-        default="plain",
-        help="checkpointed or not: the caller says, never the stream",
-    )
-    common.add_argument(
-        "--width",
-        type=int,
-        choices=(32, 64),
-        help="legacy streams: toolstack word size (default: guess)",
-    )
-    common.add_argument(
-        "--guest", choices=("pv", "hvm"), help="legacy streams: guest type (default: guess)"
-    )
-    common.add_argument(
-        "--allow-trailing",
-        action="store_true",
-        help="bytes after the outermost END are not an error",
-    )
-    common.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_opts(common, _SCAN_OPTS)
 
     p = sub.add_parser("inspect", parents=[common], help="describe a migration stream")
     p.set_defaults(func=do_inspect)
 
     p = sub.add_parser("verify", parents=[common], help="verify a migration stream")
-    p.add_argument("-q", "--quiet", action="store_true", help="no output when valid")
+    _add_opts(p, _VERIFY_OPTS)
     p.set_defaults(func=do_verify)
 
     p = sub.add_parser("convert", help="convert a legacy (pre-4.6) stream to v3")
@@ -356,16 +387,93 @@ def do_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fast_args(argv: Sequence[str]) -> argparse.Namespace | None:
+    """A well-formed ``inspect|verify`` command line, read without argparse
+    (argparse, with the gettext, locale and shutil it loads, costs more than
+    scanning a 1 GiB image); None for anything else -- help, an unknown or
+    abbreviated option, a bad value, a missing or extra argument -- which
+    then goes to argparse, whose messages and exit codes are the reference."""
+    from types import SimpleNamespace
+
+    command = argv[0]
+    opts = _SCAN_OPTS + (_VERIFY_OPTS if command == "verify" else ())
+    by_flag = {flag: opt for opt in opts for flag in opt[0]}
+    values: dict[str, object] = {opt[1]: opt[4] for opt in opts}
+    stream = None
+    i = 1
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok == "-" or not tok.startswith("-"):
+            if stream is not None:
+                return None
+            stream = tok
+            continue
+        flag, eq, value = tok.partition("=")
+        opt = by_flag.get(flag)
+        if opt is None:
+            return None
+        _flags, dest, kind, choices, _default, _help = opt
+        if kind is bool:
+            if eq:
+                return None
+            values[dest] = True
+            continue
+        if not eq:
+            if i == len(argv) or argv[i].startswith("-"):
+                return None
+            value = argv[i]
+            i += 1
+        if kind is int and not (value.isascii() and value.isdigit()):
+            return None
+        v = int(value) if kind is int else value
+        if choices is None or v not in choices:
+            return None
+        values[dest] = v
+    if stream is None:
+        return None
+    func = do_verify if command == "verify" else do_inspect
+    ns = SimpleNamespace(command=command, func=func, stream=stream, **values)
+    return ns  # type: ignore[return-value]  # the attributes an argparse.Namespace would have
+
+
+class _UsageError(Exception):
+    """argparse found the command line wrong: xcsave.cli says so."""
+
+
+def _lean_args(argv: Sequence[str]) -> argparse.Namespace | None:
+    """argv parsed by this module's parsers alone; None when it is wrong."""
+    import argparse
+
+    class Lean(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise _UsageError(message)
+
+    parser = Lean(prog="xcsave")
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    try:
+        return parser.parse_args(argv)
+    except _UsageError:
+        return None
+
+
 def main(argv: Sequence[str]) -> int:
     """``xcsave inspect|verify|convert ...`` (argv[0] is the command): the
-    lean entry xcsave/__main__.py takes for them.  Same parser, exit codes
-    and one-line errors as xcsave.cli.main, which would build every
-    command's parser and import logging first; the quiet logging it sets up
-    needs nothing here (a record from streamtools meets only the library's
-    NullHandler, as it would meet cli's silent root level)."""
-    parser = argparse.ArgumentParser(prog="xcsave")
-    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    args = parser.parse_args(argv)
+    lean entry xcsave/__main__.py takes for them.  A well-formed inspect or
+    verify is read by _fast_args, anything else by this module's argparse
+    parsers; a command line either finds wrong goes to xcsave.cli.main,
+    whose parser (every command's, and the global options) prints the usage
+    error, so messages and exit codes are exactly the full CLI's.  The quiet
+    logging cli.main sets up needs nothing here (a record from streamtools
+    meets only the library's NullHandler, as it would meet cli's silent root
+    level)."""
+    args = _fast_args(argv) if argv and argv[0] in ("inspect", "verify") else None
+    if args is None:
+        args = _lean_args(argv)
+    if args is None:
+        from .cli import main as cli_main
+
+        return cli_main(argv)
     try:
         rc: int = args.func(args)
     except (ValueError, OSError, XcsaveError, KeyboardInterrupt) as e:
