@@ -145,14 +145,7 @@ def main(argv: list[str]) -> int:
     small_legacy = corpus.Legacy(batches=(((0, 0), (1, 0)),), qemu_data=b"QEVM")
     for guest in ("pv", "hvm"):
         for width in (32, 64):
-            img = corpus.Legacy(
-                guest=guest,
-                width=width,
-                p2m_size=8,
-                batches=(((0, 0), (1, 0)),),
-                qemu_data=b"QEVM",
-                vcpus=(0,),
-            ).build()
+            img = corpus.tiny_legacy(guest, width).build()
             opts = legacy_opts(width, guest, pipe=False, libxl=True, remus=False)
             _write(out / "legacy", opts + img)
             _write(out / "scan", scan_opts("legacy", "plain", False, (width, guest)) + img)

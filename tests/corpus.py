@@ -442,6 +442,19 @@ class Legacy:
         return out + self.trailer
 
 
+def tiny_legacy(guest: str = "hvm", width: int = 64) -> Legacy:
+    """The smallest legacy image of a kind: two pages, one vCPU, a short qemu
+    record (hostile-input sweeps and fuzz seeds cut or flip every byte)."""
+    return Legacy(
+        guest=guest,
+        width=width,
+        p2m_size=8,
+        batches=(((0, NOTAB), (1, NOTAB)),),
+        qemu_data=b"QEVM",
+        vcpus=(0,),
+    )
+
+
 def legacy_xend_pv_then_qemu() -> bytes:
     """The 2013 case: a plain PV image with no LAST_CHECKPOINT, followed by a
     toolstack-written device-model record starting "QemuDeviceModelRecord"."""

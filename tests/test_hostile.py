@@ -1197,19 +1197,21 @@ def _write_inputs(tmp: Path, named: Sequence[tuple[str, bytes]]) -> list[Path]:
     return paths
 
 
+def _mutants(name: str, data: bytes, flips: int, rng: random.Random) -> list[tuple[str, bytes]]:
+    """``flips`` random single-bit flips of data and 20 random truncations."""
+    bits = rng.sample(range(len(data) * 8), min(flips, len(data) * 8))
+    cuts = rng.sample(range(len(data)), min(20, len(data)))
+    return [(f"{name}-bit{bit}", flip(data, bit)) for bit in bits] + [
+        (f"{name}-cut{cut}", data[:cut]) for cut in cuts
+    ]
+
+
 def verify_mutants(tmp: Path, flips_per_stream: int, seed: int) -> tuple[int, Counter[str]]:
     """Bit flips and truncations of every v2 corpus stream through the verifier."""
     items: list[dict[str, Any]] = []
     rng = random.Random(seed)
     for case in V2_CASES:
-        mutants: list[tuple[str, bytes]] = []
-        for bit in rng.sample(
-            range(len(case.data) * 8), min(flips_per_stream, len(case.data) * 8)
-        ):
-            mutants.append((f"{case.name}-bit{bit}", flip(case.data, bit)))
-        for cut in rng.sample(range(len(case.data)), min(20, len(case.data))):
-            mutants.append((f"{case.name}-cut{cut}", case.data[:cut]))
-        for p in _write_inputs(tmp, mutants):
+        for p in _write_inputs(tmp, _mutants(case.name, case.data, flips_per_stream, rng)):
             items.append({"path": str(p), "fmt": "auto", "stream_type": case.stream_type})
     results = stream_worker("verify", items)
     verdicts: Counter[str] = Counter("valid" if r["ok"] else "invalid" for r in results)
@@ -1252,14 +1254,7 @@ def convert_truncations(tmp_path: Path, cut_step: int) -> int:
     for guest in ("pv", "hvm"):
         for width in (32, 64):
             for checkpoints in (1, 2):
-                data = corpus.Legacy(
-                    guest=guest,
-                    width=width,
-                    p2m_size=8,
-                    batches=(((0, 0), (1, 0)),),
-                    qemu_data=b"QEVM",
-                    vcpus=(0,),
-                ).build(checkpoints)
+                data = corpus.tiny_legacy(guest, width).build(checkpoints)
                 path = tmp_path / f"legacy-{guest}{width}-{checkpoints}"
                 path.write_bytes(data)
                 items.append(
@@ -1323,14 +1318,7 @@ def convert_mutants(tmp: Path, flips_per_stream: int, seed: int) -> tuple[int, C
     items: list[dict[str, Any]] = []
     rng = random.Random(seed)
     for case in LEGACY_CASES:
-        mutants: list[tuple[str, bytes]] = []
-        for bit in rng.sample(
-            range(len(case.data) * 8), min(flips_per_stream, len(case.data) * 8)
-        ):
-            mutants.append((f"{case.name}-bit{bit}", flip(case.data, bit)))
-        for cut in rng.sample(range(len(case.data)), min(20, len(case.data))):
-            mutants.append((f"{case.name}-cut{cut}", case.data[:cut]))
-        for p in _write_inputs(tmp, mutants):
+        for p in _write_inputs(tmp, _mutants(case.name, case.data, flips_per_stream, rng)):
             items.append(
                 {
                     "path": str(p),

@@ -333,26 +333,40 @@ def test_restore_reads_exactly_the_stream(tmp_path: Path, wrap: str) -> None:
         os.close(fd)
 
 
-def test_restore_through_a_pipe(tmp_path: Path) -> None:
-    src = make(tmp_path, "src", 3000, 2, seed=6)
-    stream = tmp_path / "s"
-    save_to_file(src, stream, wrap="xl")
-    data = stream.read_bytes()
+def restore_fed(
+    data: bytes,
+    dst: Path,
+    wrap: str,
+    *,
+    chunk: int,
+    pause: float = 0.0,
+    nonblocking: bool = False,
+) -> None:
+    """engine_restore from a pipe a thread feeds ``chunk`` bytes at a time."""
     rfd, wfd = os.pipe()
+    os.set_blocking(rfd, not nonblocking)
 
     def feed() -> None:
-        # Small writes: the reader must loop over short reads.
         with os.fdopen(wfd, "wb", buffering=0) as w:
-            for i in range(0, len(data), 7000):
-                w.write(data[i : i + 7000])
+            for i in range(0, len(data), chunk):
+                w.write(data[i : i + chunk])
+                time.sleep(pause)
 
     t = threading.Thread(target=feed)
     t.start()
     try:
-        _ext.engine_restore(rfd, str(tmp_path / "dst"), wrap="xl")
+        _ext.engine_restore(rfd, str(dst), wrap=wrap)
     finally:
         t.join()
         os.close(rfd)
+
+
+def test_restore_through_a_pipe(tmp_path: Path) -> None:
+    src = make(tmp_path, "src", 3000, 2, seed=6)
+    stream = tmp_path / "s"
+    save_to_file(src, stream, wrap="xl")
+    # Small writes: the reader must loop over short reads.
+    restore_fed(stream.read_bytes(), tmp_path / "dst", "xl", chunk=7000)
     assert _ext.sim_digest(str(tmp_path / "dst")) == _ext.sim_digest(src)
 
 
@@ -379,22 +393,8 @@ def test_nonblocking_pipes(tmp_path: Path) -> None:
     data = b"".join(chunks)
     assert len(data) == st["bytes_written"]
 
-    rfd, wfd = os.pipe()
-    os.set_blocking(rfd, False)
-
-    def feed() -> None:
-        with os.fdopen(wfd, "wb", buffering=0) as w:
-            for i in range(0, len(data), 50000):
-                w.write(data[i : i + 50000])
-                time.sleep(0.001)  # slower than the reader: EAGAIN happens
-
-    t = threading.Thread(target=feed)
-    t.start()
-    try:
-        _ext.engine_restore(rfd, str(tmp_path / "dst"), wrap="libxl")
-    finally:
-        t.join()
-        os.close(rfd)
+    # A feeder slower than the reader: EAGAIN happens.
+    restore_fed(data, tmp_path / "dst", "libxl", chunk=50000, pause=0.001, nonblocking=True)
     assert _ext.sim_digest(str(tmp_path / "dst")) == _ext.sim_digest(src)
 
 

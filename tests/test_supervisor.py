@@ -11,7 +11,7 @@ import signal
 import stat
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -508,6 +508,19 @@ def _burst_helper(tmp_path: Path) -> Path:
     )
 
 
+async def _save_burst(
+    tmp_path: Path, cbs: Callbacks, on_event: Callable[[Event], object] | None = None
+) -> xcsave.RunResult:
+    return await xcsave.save(
+        tmp_path / "o",
+        domid=7,
+        dialect="xen-4.17",
+        helper=_burst_helper(tmp_path),
+        callbacks=cbs,
+        on_event=on_event,
+    )
+
+
 async def test_frames_behind_an_async_callback_wait_for_it(tmp_path: Path) -> None:
     order: list[str] = []
 
@@ -520,15 +533,7 @@ async def test_frames_behind_an_async_callback_wait_for_it(tmp_path: Path) -> No
         if isinstance(ev, LogEvent):
             order.append(f"log: {ev.message}")
 
-    res = await xcsave.save(
-        tmp_path / "o",
-        domid=7,
-        dialect="xen-4.17",
-        helper=_burst_helper(tmp_path),
-        callbacks=Callbacks(suspend=suspend),
-        on_event=seen,
-    )
-    assert res.retval == 0
+    assert (await _save_burst(tmp_path, Callbacks(suspend=suspend), seen)).retval == 0
     assert order == ["suspend answered", "log: after suspend"]
 
 
@@ -542,14 +547,7 @@ async def test_sync_callbacks_are_answered_from_the_reader(tmp_path: Path) -> No
         tasks.append(asyncio.current_task())
         return 1
 
-    res = await xcsave.save(
-        tmp_path / "o",
-        domid=7,
-        dialect="xen-4.17",
-        helper=_burst_helper(tmp_path),
-        callbacks=Callbacks(suspend=suspend),
-    )
-    assert res.retval == 0
+    assert (await _save_burst(tmp_path, Callbacks(suspend=suspend))).retval == 0
     assert tasks == [None]
 
 
