@@ -899,8 +899,8 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
             benchmarks.warm(leg)
             conv = ["--width", "64", "--guest", "hvm", "--format", "libxc"]
             xconv = ["-w", "64", "-g", "hvm", "-f", "libxc"]
-            ours_cmd = [*self_argv("convert", str(leg), "-"), *conv]
-            ours_path_cmd = [*self_argv("convert", str(leg), str(out_ours)), *conv]
+            ours_cmd, how = benchmarks.xcsave_command("convert", str(leg), "-", *conv)
+            ours_path_cmd = benchmarks.xcsave_command("convert", str(leg), str(out_ours), *conv)[0]
             xen_cmd = benchmarks.xen_cmd(
                 root, "convert-legacy-stream", "-i", str(leg), "-o", str(out_xen), *xconv
             )
@@ -948,12 +948,13 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
         bar=10.0,
         repeat=args.repeat,
         interpreter=sys.executable,
+        command=how,
         load_average=round(os.getloadavg()[0], 2),
     )
     mib = nbytes / 2**20
     text = [
         f"convert of a {mib:.0f} MiB legacy HVM image to libxc, best of {args.repeat}, "
-        f"Xen's tool on {sys.executable}, bytecode cached",
+        f"Xen's tool on {sys.executable}, ours as {how}, bytecode cached",
         f"  into a fresh file in {where}:",
         f"    Xen convert-legacy-stream -o OUT: {t['xen']:.3f} s",
         f"    xcsave convert LEG - >OUT:        {t['ours']:.3f} s  ({data['ratio']:.2f}x)  "

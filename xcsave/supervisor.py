@@ -347,9 +347,7 @@ class HelperRun:
             os.close(self._reply_fd)
             self._reply_fd = -1
         if reader and self._frame_fd >= 0:
-            if self._reading:
-                asyncio.get_running_loop().remove_reader(self._frame_fd)
-                self._reading = False
+            self._pause_reading()
             os.close(self._frame_fd)
             self._frame_fd = -1
 

@@ -293,6 +293,8 @@ static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
 static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
                       uint32_t count)
 {
+    int moved = 0; /* has this batch consumed stream bytes yet? */
+
     for (uint32_t i = 0; i < count;) {
         uint32_t j;
         size_t len;
@@ -317,13 +319,14 @@ static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
                             strerror(errno));
         }
         if (rc > 0) {
-            if (i == 0)
+            if (!moved)
                 return 1;
             /* Refused part way (never seen): this run the plain way. */
             if (read_exact(ctx, ctx->pages, len, "PAGE_DATA pages") < 0 ||
                 write_pages(ctx, pfns + i, j - i, ctx->pages) < 0)
                 return -1;
         }
+        moved = 1;
         i = j;
     }
     return 0;
