@@ -2,7 +2,8 @@
 """Read a lab run's results back and print the verdict, one JSON object a line.
 
 Input: the results.jsonl that dom0 wrote on its disk (read back from the image
-with debugfs), or, failing that, the ``@@XCLAB`` lines of the serial log.
+with debugfs) and the ``@@XCLAB`` lines of the serial log; dom0 writes every
+record to both, and the copy with more records is the one read.
 Output: ``{"step": ..., "ok": ..., "secs": ...}`` for each step (the host's
 steps, already timed by ``run``, come first from --host-steps), a ``ratio``
 line, and last ``{"result": "pass"|"fail", ...}``.  Exit 0 only on pass.
@@ -20,19 +21,7 @@ from typing import Any
 MARK = "@@XCLAB "
 
 
-def load(results: Path | None, serial: Path | None) -> tuple[list[dict[str, Any]], str]:
-    if results is not None and results.is_file() and results.stat().st_size:
-        lines = results.read_text(errors="replace").splitlines()
-        source = "dom0 disk"
-    elif serial is not None and serial.is_file():
-        lines = [
-            ln.split(MARK, 1)[1]
-            for ln in serial.read_text(errors="replace").splitlines()
-            if MARK in ln
-        ]
-        source = "serial log"
-    else:
-        return [], "nothing"
+def parse(lines: list[str]) -> list[dict[str, Any]]:
     out = []
     for ln in lines:
         try:
@@ -41,7 +30,30 @@ def load(results: Path | None, serial: Path | None) -> tuple[list[dict[str, Any]
             continue
         if isinstance(obj, dict):
             out.append(obj)
-    return out, source
+    return out
+
+
+def load(results: Path | None, serial: Path | None) -> tuple[list[dict[str, Any]], str]:
+    """dom0 writes each record to both; the disk copy can lose its tail (a
+    crash before ext4 checkpoints) and the serial copy can lose lines (a full
+    console), so the one with more records wins, the disk on a tie."""
+    disk: list[dict[str, Any]] = []
+    if results is not None and results.is_file():
+        disk = parse(results.read_text(errors="replace").splitlines())
+    console: list[dict[str, Any]] = []
+    if serial is not None and serial.is_file():
+        console = parse(
+            [
+                ln.split(MARK, 1)[1]
+                for ln in serial.read_text(errors="replace").splitlines()
+                if MARK in ln
+            ]
+        )
+    if not disk and not console:
+        return [], "nothing"
+    if len(console) > len(disk):
+        return console, "serial log"
+    return disk, "dom0 disk"
 
 
 def main() -> int:
