@@ -146,6 +146,31 @@ def test_report_passes_only_a_complete_run(tmp_path: Path) -> None:
     assert rc == 1
 
 
+def test_report_reads_the_serial_log_when_the_disk_lost_the_tail(tmp_path: Path) -> None:
+    """A dom0 that died before ext4 checkpointed leaves results.jsonl short;
+    the same records on the serial log are read instead (the CI failure of
+    dd9313f: every step passed, the last one was missing from the disk)."""
+    recs = [
+        {"event": "start"},
+        {"step": "setup", "ok": True, "secs": 1.0},
+        {"step": "dropin", "ok": True, "secs": 2.0},
+        {"event": "done"},
+    ]
+    serial = tmp_path / "serial.log"
+    serial.write_text(
+        "(XEN) boot noise\n"
+        + "".join(f"@@XCLAB {json.dumps(x)}\n" for x in recs)
+        + "[  115.2] Kernel panic\n"
+    )
+    rc, out = _report(tmp_path, recs[:2], "--serial", str(serial), "--expect", "setup,dropin")
+    assert rc == 0, out
+    assert out[-1]["source"] == "serial log"
+    # and the disk, when it has everything, is still the one read
+    rc, out = _report(tmp_path, recs, "--serial", str(serial), "--expect", "setup,dropin")
+    assert rc == 0
+    assert out[-1]["source"] == "dom0 disk"
+
+
 def test_run_ci_skips_cleanly_when_disabled() -> None:
     env = dict(os.environ, XCSAVE_LAB="0")
     r = subprocess.run(
