@@ -373,6 +373,7 @@ py::dict engine_restore(int fd, const std::string &path,
     out["console_gfn"] = res.console_gfn;
     out["pages_received"] = res.pages_received;
     out["bytes_read"] = res.bytes_read;
+    out["kernel_moved_bytes"] = res.kernel_moved_bytes;
     out["duration_ns"] = res.duration_ns;
     out["checkpoints"] = res.checkpoints;
     out["log"] = ctx.log_list();

@@ -171,10 +171,55 @@ def test_vmsplice_stream_restores_bit_exact(tmp_path: Path, wrap: str) -> None:
     assert _ext.sim_digest(dst) == _ext.sim_digest(src)
 
 
-def test_live_save_under_dirty_workload_vmsplices_final_round(tmp_path: Path) -> None:
-    """Live save into a pipe restored concurrently while ``sim dirty``
-    rewrites pages: the stop-and-copy round is vmspliced, live rounds are
-    not, and the target matches the (then suspended) source bit for bit."""
+@pytest.mark.parametrize("source", ["pipe", "file"])
+def test_restore_moves_pages_kernel_side_unless_switched_off(tmp_path: Path, source: str) -> None:
+    """From a pipe (splice) or a file (copy_file_range) the page data never
+    enters the helper; XCSAVE_NO_SPLICE=1 forces read + pwrite.  Both build
+    the same domain."""
+    src = make(tmp_path, "src", 2048)
+    stream, _st = save_through_pipe(src, vmsplice=True)
+    results = {}
+    for switch in ("0", "1"):
+        dst = str(tmp_path / f"dst-{switch}")
+        os.environ["XCSAVE_NO_SPLICE"] = switch
+        try:
+            if source == "file":
+                path = tmp_path / "stream"
+                path.write_bytes(stream)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    res = _ext.engine_restore(fd, dst)
+                finally:
+                    os.close(fd)
+            else:
+                r, w = os.pipe()
+                t = threading.Thread(target=lambda w=w: (os.write(w, stream), os.close(w)))
+                t.start()
+                try:
+                    res = _ext.engine_restore(r, dst)
+                finally:
+                    t.join()
+                    os.close(r)
+        finally:
+            os.environ.pop("XCSAVE_NO_SPLICE", None)
+        assert res["bytes_read"] == len(stream)
+        results[switch] = res["kernel_moved_bytes"]
+        assert _ext.sim_digest(dst) == _ext.sim_digest(src)
+    assert results["0"] >= res["pages_received"] * PAGE
+    assert results["1"] == 0
+
+
+@pytest.mark.parametrize("reader", ["restore", "slow"])
+def test_live_save_under_dirty_workload_vmsplices_every_round(tmp_path: Path, reader: str) -> None:
+    """Live save into a pipe while ``sim dirty`` rewrites pages: every round
+    is vmspliced, live ones too (page-lifetime rule, part 1: a page rewritten
+    while its reference waits in the pipe is dirty again and resent), and the
+    target matches the (then suspended) source bit for bit.
+
+    ``restore`` reads the pipe concurrently; ``slow`` drains it 64 KiB per
+    millisecond into a file first, so that round 0's references wait in the
+    pipe for a second while the workload rewrites every page many times
+    over, and restores from that file afterwards."""
     src = make(tmp_path, "src", 16384)  # 64 MiB
     dst = str(tmp_path / "dst")
     work = subprocess.Popen(
@@ -193,34 +238,51 @@ def test_live_save_under_dirty_workload_vmsplices_final_round(tmp_path: Path) ->
         ],
         stdout=subprocess.DEVNULL,
     )
+    relayed = tmp_path / "stream"
     try:
         deadline = time.monotonic() + 10
         while _ext.sim_info(src)["pages_written"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
+        written_before = _ext.sim_info(src)["pages_written"]
         r, w = os.pipe()
         out: dict[str, Any] = {}
 
         def restore() -> None:
             out["res"] = _ext.engine_restore(r, dst)
 
-        t = threading.Thread(target=restore)
+        def relay() -> None:
+            with relayed.open("wb") as f:
+                while b := os.read(r, 65536):
+                    f.write(b)
+                    time.sleep(0.001)
+
+        t = threading.Thread(target=restore if reader == "restore" else relay)
         t.start()
         try:
             # one live round, then stop: the final round is whatever round 0
-            # let the workload dirty (thousands of pages at this rate)
+            # let the workload dirty
             st = _ext.engine_save(w, src, live=True, policy=lambda it, tw, dc: 1)
         finally:
             os.close(w)
             t.join()
             os.close(r)
+        rewritten = _ext.sim_info(src)["pages_written"] - written_before
     finally:
         work.kill()
         work.wait()
     assert st["rounds"] == 2
-    final = st["pages_per_round"][-1]
-    assert st["spliced_bytes"] <= final * PAGE
-    if final > 300:  # more than the copied tail (1 MiB pipe + 2 pages)
-        assert st["spliced_bytes"] > 0
+    live, final = st["pages_per_round"]
+    assert live > 8192  # round 0: every page but the zero ones
+    assert final > 0  # pages were rewritten after round 0 read the log: resent
+    # the live round went by reference, all of it
+    assert st["spliced_bytes"] >= live * PAGE
+    if reader == "slow":
+        assert rewritten > 16384  # every page, on average, changed in the pipe's time
+        fd = os.open(relayed, os.O_RDONLY)
+        try:
+            _ext.engine_restore(fd, dst)
+        finally:
+            os.close(fd)
     assert _ext.sim_info(src)["state"] == "suspended"
     assert _ext.sim_digest(dst) == _ext.sim_digest(src)
 

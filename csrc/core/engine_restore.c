@@ -1343,6 +1343,7 @@ out:
         free(ctx.partial);
     }
     ctx.res->bytes_read = ctx.r.off;
+    ctx.res->kernel_moved_bytes = ctx.r.moved;
     ctx.res->duration_ns = xcs_now_ns() - t0;
     free(ctx.ckpt.data);
     free(ctx.dm);

@@ -15,39 +15,54 @@
  * file: one record header + pfn array buffer, then the pages themselves,
  * adjacent pfns merged into one iovec.  No page is copied in user space.
  *
- * THE PAGE-LIFETIME RULE (vmsplice).  When io_fd is a pipe, pages may go
- * into it with vmsplice instead: the pipe then holds references to the guest
- * pages themselves and the reader's read() is the only copy.  A vmspliced
- * page must not change until the reader has consumed it.  How we guarantee
- * it:
- *  1. Only pages of a round sent while THIS save holds the domain suspended
- *     (ctx->frozen: set after xcs_sim_set_state(SUSPENDED) returned, which
- *     waits out writers mid-page; the sim's writers check the state) are
- *     vmspliced: the non-live save and the stop-and-copy round of a live
- *     one.  Live rounds, whose pages a running guest may rewrite, use
- *     writev (a copy).  Remus never vmsplices: it resumes after every
- *     checkpoint.  Record headers and pfn arrays always go with write (their
- *     buffer is reused for the next batch).
- *  2. The last pages of that round -- at least one pipe capacity's worth
- *     (F_GETPIPE_SZ + 2 pages) -- and every record after them go with
- *     writev.  A pipe is FIFO, so once the unread bytes (FIONREAD) are no
- *     more than the bytes copied after the last vmsplice, every vmspliced
- *     byte has been read.  Before a save returns success it checks exactly
- *     that, and waits (200 us naps) in the rare case it does not hold (the
- *     pipe was enlarged by someone else mid-save) -- never longer than
- *     writev would have blocked, in the normal case not at all: the copied
- *     tail alone fills the pipe.  So when the save returns success, the
- *     domain (which stays suspended) may be resumed, destroyed or rewritten
- *     by the toolstack: the pipe holds no reference to it any more.
- *  3. A save that fails sets the domain running again (it must not stay
+ * THE PAGE-LIFETIME RULE (vmsplice).  When io_fd is a pipe, pages go into
+ * it with vmsplice: the pipe then holds references to the guest pages
+ * themselves and the reader's read() (or splice into a file) is the only
+ * copy.  The rule: the bytes a reader takes for a vmspliced page must be the
+ * page's content in the domain the stream describes, or be superseded by a
+ * later copy of the same page in the same stream.  How we guarantee it:
+ *  1. A live round (precopy, the domain running): a page may change while
+ *     its reference waits in the pipe, so the reader may get newer bytes, or
+ *     a torn mix, exactly as writev's copy of a page the guest is writing
+ *     would.  Either way the write that changed it came after this round
+ *     fetched-and-cleared the dirty log (or it would have been sent after
+ *     it), so it set the page's dirty bit again (simdom.c: the writer stores
+ *     the page, then sets the bit; the saver exchanges the bitmap before
+ *     reading), and a later round -- at the latest the stop-and-copy round
+ *     -- sends the page again.  A pipe is FIFO and restore applies records
+ *     in order, so that later copy is the one that stays.  This is the
+ *     invariant precopy itself rests on; vmsplice only moves the moment of
+ *     the read from send time to consume time.
+ *  2. The stop-and-copy round and a non-live save: the pages are vmspliced
+ *     only while THIS save holds the domain suspended (ctx->frozen: set
+ *     after xcs_sim_set_state(SUSPENDED) returned, which waits out writers
+ *     mid-page; the sim's writers check the state), so they cannot change
+ *     until the save returns.  Remus never vmsplices: it resumes after every
+ *     checkpoint and no later round may follow.  Record headers and pfn
+ *     arrays always go with write (their buffer is reused for the next
+ *     batch), so framing never depends on page contents.
+ *  3. The save's end: the last pages of the final round -- at least one pipe
+ *     capacity's worth (F_GETPIPE_SZ + 2 pages) -- and every record after
+ *     them go with writev.  A pipe is FIFO, so once the unread bytes
+ *     (FIONREAD) are no more than the bytes copied after the last vmsplice,
+ *     every vmspliced byte has been read.  Before a save returns success it
+ *     checks exactly that, and waits (200 us naps) when it does not hold
+ *     (the pipe was enlarged by someone else mid-save, or the final round
+ *     was smaller than the copied tail must be) -- never longer than writev
+ *     would have blocked on a full pipe in the normal case.  So when the save
+ *     returns success, the domain (which stays suspended) may be resumed,
+ *     destroyed or rewritten by the toolstack: the pipe holds no reference
+ *     to it any more.
+ *  4. A save that fails sets the domain running again (it must not stay
  *     stopped) possibly with vmspliced pages unread.  Such a stream is
  *     already broken: every failure path leaves it without its final END
  *     (or libxl END), which every reader rejects, so changed bytes in a
  *     stream that will be refused cannot be restored.
- *  Limit: a reader that splice()s the pipe onward (to a socket or another
- *  pipe) instead of read()ing it carries the page references with it; ours
- *  (restore engine, libxl, cat, gzip) all read.  XCSAVE_NO_VMSPLICE=1 in the
- *  environment turns the path off (writev everywhere).
+ *  Limit: a reader that splice()s the pipe onward to a socket or another
+ *  pipe (not into a file, which copies) carries the page references past
+ *  point 3; ours (restore engine: splice into the target file; libxl, cat,
+ *  gzip: read) all copy.  XCSAVE_NO_VMSPLICE=1 in the environment turns
+ *  the path off (writev everywhere).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -205,7 +220,7 @@ static int flush_batch(struct save_ctx *ctx)
     page_data_hdr(ctx->batch, n);
     ctx->iov[0].iov_base = ctx->batch;
     ctx->iov[0].iov_len = BATCH_HDR_SIZE + 8 * (size_t)n;
-    if (ctx->frozen && ctx->splice_ok)
+    if (ctx->splice_ok)
         /* pfns ascend within a round: a prefix of the batch */
         while (m < n && ctx->batch_pfns[m] < ctx->splice_below)
             m++;
@@ -277,7 +292,7 @@ static void drop_ptes(struct save_ctx *ctx)
 }
 
 /*
- * Page-lifetime rule, part 2: the pfn below which this (frozen) round may
+ * Page-lifetime rule, part 3: the pfn below which the final (frozen) round may
  * vmsplice, so that at least a pipe capacity plus two pages of the round's
  * last pages go by copy.  Scans down from the top for pages the round will
  * send; 0 (vmsplice nothing) for a round smaller than that.
@@ -636,9 +651,9 @@ static int send_pages(struct save_ctx *ctx, const uint64_t *bitmap,
     unsigned int slot;
 
     ctx->round_sent = 0;
-    ctx->splice_below = ctx->frozen && ctx->splice_ok
-                            ? splice_limit(ctx, bitmap, skip_zero)
-                            : 0;
+    ctx->splice_below = !ctx->splice_ok ? 0
+                        : ctx->frozen ? splice_limit(ctx, bitmap, skip_zero)
+                                      : nr;
     xcs_progress_start(&ctx->pr, ctx->cb, count, "%s", what);
     if (ctx->pool.n && count >= XCS_COPY_MIN_PAGES) {
         if (copy_round(ctx, skip_zero, bitmap, &done) < 0)
@@ -981,11 +996,12 @@ static int send_memory_nonlive(struct save_ctx *ctx)
 /*----- whole save -----*/
 
 /*
- * Page-lifetime rule, part 2 (end): return only once every vmspliced byte
+ * Page-lifetime rule, part 3 (end): return only once every vmspliced byte
  * has been read, i.e. the unread bytes all belong to the copied tail.  The
  * copied tail is at least the pipe's capacity, so this holds at once unless
- * the pipe grew mid-save; then nap until the reader catches up or goes away
- * (POLLERR: no reader left, nobody can see the pages).
+ * the pipe grew mid-save or the final round was smaller than that tail (its
+ * earlier, live rounds were vmspliced); then nap until the reader catches up
+ * or goes away (POLLERR: no reader left, nobody can see the pages).
  */
 static void wait_spliced_read(struct save_ctx *ctx)
 {

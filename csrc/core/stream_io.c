@@ -401,6 +401,7 @@ int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
         }
         got += (size_t)n;
         r->off += (uint64_t)n;
+        r->moved += (uint64_t)n;
     }
     return r->move == MOVE_NONE ? 1 : 0;
 }

@@ -110,6 +110,7 @@ struct xcs_reader {
     int fd;
     uint64_t off; /* stream offset of the next byte */
     int move;     /* xcs_move_exact's method for fd; 0 = not probed yet */
+    uint64_t moved; /* of off: bytes xcs_move_exact moved kernel-side */
 };
 
 /*

@@ -155,6 +155,7 @@ struct xcs_restore_result {
     uint64_t console_gfn;
     uint64_t pages_received;
     uint64_t bytes_read;
+    uint64_t kernel_moved_bytes; /* of bytes_read: never entered the helper */
     uint64_t duration_ns;
     unsigned int checkpoints; /* complete checkpoints applied (remus) */
 };
