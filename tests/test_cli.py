@@ -35,6 +35,15 @@ def test_version_lists_backends() -> None:
     assert str(xcsave.helper_path()) in r.stdout
 
 
+def test_cli_choices_are_the_apis() -> None:
+    """The CLI repeats the API's tuples so that it imports light; they must agree."""
+    from xcsave import api, cli, migrate
+
+    assert cli.FORMATS == api.FORMATS
+    assert tuple(api.STREAM_TYPES) == cli.STREAM_TYPES
+    assert cli.CHANNELS == migrate.CHANNELS
+
+
 def test_save_and_restore_through_the_stock_helper(
     fakexen_lib: Path, stock_helper: Path, tmp_path: Path, xen_verify: XenVerify
 ) -> None:

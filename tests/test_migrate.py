@@ -437,16 +437,63 @@ async def test_run_many_honours_the_limit_and_isolates_failures() -> None:
     assert summary.failed[0].message == "job 2: Input/output error (EIO)"
 
 
-async def test_migrate_local_pair(shm: Path) -> None:
+@pytest.mark.parametrize("channel", migrate.CHANNELS)
+@pytest.mark.parametrize("fmt", ["libxc", "xl"])
+async def test_migrate_local_pair(shm: Path, channel: str, fmt: str) -> None:
     src = sim.create(shm / "src.dom", 16 * MiB, seed=3)
     dst = shm / "dst.dom"
-    sent, received = await migrate.migrate_local(src, dst, fmt="xl")
-    assert received.fmt == "xl"
+    sent, received = await migrate.migrate_local(src, dst, fmt=fmt, channel=channel)
+    assert received.fmt == fmt
     assert sent.bytes > 0
     assert sent.downtime_ns > 0
     assert len(sent.round_seconds) == len(sent.pages_per_round)
     assert sim.digest(dst) == sim.digest(src)
     assert (sim.info(src)["state"], sim.info(dst)["state"]) == ("suspended", "running")
+
+
+def _helpers(mode: str) -> list[int]:
+    """This process's helper children running ``mode`` (save or restore)."""
+    me = Path(f"/proc/{os.getpid()}/task")
+    kids = [int(k) for t in me.iterdir() for k in (t / "children").read_text().split()]
+    found = []
+    for pid in kids:
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"xcsave-helper" in argv[0] and mode.encode() in argv:
+                found.append(pid)
+    return found
+
+
+@pytest.mark.parametrize("who", ["sender", "receiver"])
+async def test_migrate_local_pipe_one_side_failing_mid_stream(shm: Path, who: str) -> None:
+    """Over the pipe channel, a side that fails after round 0 is in the pipe
+    fails the other through the pipe alone (EOF or EPIPE): the source runs
+    again, nothing is left at the target, no helper is left."""
+    src = sim.create(shm / "src.dom", 32 * MiB, seed=5)
+    dst = shm / "dst.dom"
+
+    def policy(st: xcsave.PrecopyStats) -> xcsave.Decision:
+        if st.iteration == 1:
+            if who == "sender":
+                raise RuntimeError("the sender's policy gave up")
+            for pid in _helpers("restore"):
+                os.kill(pid, signal.SIGKILL)
+        return xcsave.Decision.CONTINUE if st.iteration < 3 else xcsave.Decision.STOP_AND_COPY
+
+    with pytest.raises(migrate.MigrationError) as err:
+        await asyncio.wait_for(migrate.migrate_local(src, dst, policy=policy), 60)
+    assert "running here again" in str(err.value), err.value
+    assert sim.info(src)["state"] == "running"
+    assert not dst.exists()
+    assert partials(dst) == []
+    assert _helpers("save") == [] and _helpers("restore") == []
+
+
+async def test_migrate_local_refuses_a_bad_channel(shm: Path) -> None:
+    src = sim.create(shm / "src.dom", 1 * MiB, seed=5)
+    with pytest.raises(ValueError, match="unknown channel 'tcp'"):
+        await migrate.migrate_local(src, shm / "dst.dom", channel="tcp")
+    assert sim.info(src)["state"] == "running"
 
 
 # ---------------------------------------------------------------- the handshake, byte by byte

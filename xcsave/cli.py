@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 # asyncio, the API and the supervisor are imported by the commands that run
 # helpers, not here: `xcsave verify` and `xcsave --version` start faster.
+# The API's own tuples, repeated (tests/test_cli.py checks they agree).
 FORMATS = ("libxc", "libxl", "xl")
 STREAM_TYPES = ("plain", "remus", "colo")
+CHANNELS = ("pipe", "socket")  # migrate.CHANNELS
 
 log = logger("xcsave.cli")
 

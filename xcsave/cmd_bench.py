@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import FORMATS, UsageError, parse_policy, parse_size, self_argv
+from .cli import CHANNELS, FORMATS, UsageError, parse_policy, parse_size, self_argv
 from .cmd_migrate import add_logging_flags, add_progress_flag
 from .errors import XcsaveError
 
@@ -165,6 +165,13 @@ def _concurrent_args(p: argparse.ArgumentParser) -> None:
         "--rate", type=int, default=0, metavar="PAGES_PER_S", help="a dirtying workload per domain"
     )
     p.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
+    p.add_argument(
+        "--channel",
+        choices=CHANNELS,
+        default=CHANNELS[0],
+        help="what carries each stream (default: %(default)s; the handshake always "
+        "goes over a socketpair)",
+    )
     p.add_argument("--policy", type=parse_policy, metavar="POLICY", help="precopy policy")
     p.add_argument("--dir", help="where the domains live (default: a temp dir in /dev/shm)")
 
@@ -271,6 +278,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
                 fmt=args.format,
                 on_event=on_event,
                 supervisor=sup,
+                channel=args.channel,
             )
 
         return run
@@ -333,6 +341,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
         "memory": args.memory,
         "rate": args.rate,
         "format": args.format,
+        "channel": args.channel,
         "max_parallel": parallel,
         "cpus": os.cpu_count(),
         "seconds": round(many.seconds, 3),
@@ -340,7 +349,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
     mib = args.memory >> 20
     text = [
         f"{n} simultaneous local live migrations of {mib} MiB domains "
-        f"({args.format} over socketpairs, workload {args.rate} pages/s, "
+        f"({args.format} over {args.channel}s, workload {args.rate} pages/s, "
         f"at most {parallel} at once, {os.cpu_count()} CPUs)",
         f"  single alone: {single_gbps:.2f} GB/s, downtime {single_res.downtime_ns / 1e6:.1f} ms",
         f"  aggregate:    {aggregate:.2f} GB/s ({data['speedup']}x the single one)",

@@ -65,6 +65,7 @@ from .supervisor import Callbacks, RunResult, Supervisor
 
 __all__ = [
     "BANNER",
+    "CHANNELS",
     "GO",
     "READY",
     "REPORT",
@@ -286,6 +287,22 @@ async def _peek(sock: socket.socket, n: int, what: str, timeout: float | None) -
         raise HandshakeError(f"reading {what}: {_oserror_text(e)}", errno=e.errno) from e
 
 
+async def _stream_format(sock: socket.socket, fmt: str, timeout: float | None) -> str:
+    """The format of the stream waiting on ``sock`` (peeked at, not consumed)."""
+    head = await _peek(sock, _PEEK, "the sender's stream", timeout)
+    if len(head) < _PEEK:
+        raise HandshakeError(
+            "the sender closed the connection before sending a stream",
+            errno=errno_mod.ECONNRESET,
+        )
+    detected = _detect_format(head)
+    if fmt not in ("auto", detected):
+        raise HandshakeError(
+            f"the sender sends a {detected} stream, not {fmt}", errno=errno_mod.EPROTO
+        )
+    return detected
+
+
 def _detect_format(head: bytes) -> str:
     for magic, fmt in _MAGIC:
         if head.startswith(magic):
@@ -297,13 +314,18 @@ def _detect_format(head: bytes) -> str:
 
 
 @contextlib.contextmanager
-def _lent_to_helper(sock: socket.socket) -> Iterator[int]:
-    """The socket's fd, in blocking mode, for a helper; non-blocking again afterwards.
+def _lent_to_helper(sock: socket.socket, stream: int | None = None) -> Iterator[int]:
+    """The fd the stream goes through, for a helper: ``stream`` when there is
+    one (a pipe of :func:`migrate_local`'s, blocking and never read here),
+    else the socket's, in blocking mode, non-blocking again afterwards.
 
     O_NONBLOCK belongs to the open file description, which the helper
     shares: its engine expects blocking reads and writes.  Nothing in this
     process touches the socket while the helper has it.
     """
+    if stream is not None:
+        yield stream
+        return
     sock.setblocking(True)
     try:
         yield sock.fileno()
@@ -444,11 +466,14 @@ async def migrate_on(
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
+    stream: int | None = None,
 ) -> MigrationResult:
     """Migrate a simulated domain over ``sock``, a connected socket (the sender's side).
 
     ``sock`` stays the caller's (it is not closed).  See the module docstring
-    for the handshake and what each failure leaves where.
+    for the handshake and what each failure leaves where.  ``stream``, if
+    given, is a separate fd the stream is written to (the write end of a
+    pipe to a local receiver); the handshake stays on ``sock``.
     """
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
@@ -469,7 +494,7 @@ async def migrate_on(
     try:
         await _expect(sock, BANNER, "the receiver's banner", handshake_timeout)
         ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
-        with _lent_to_helper(sock) as fd:
+        with _lent_to_helper(sock, stream) as fd:
             saved = await api.save(
                 fd,
                 sim=src,
@@ -633,14 +658,20 @@ async def receive_on(
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
+    stream: int | None = None,
 ) -> ReceiveResult:
     """Receive a domain over ``sock``, a connected socket (the receiver's side).
 
     ``sim`` must not exist yet.  ``sock`` stays the caller's.  On any
     failure before the domain runs, the partial or complete copy is removed.
+    ``stream``, if given, is a separate fd the stream is read from (the read
+    end of a pipe from a local sender); a pipe cannot be peeked at, so
+    ``fmt`` must then be given.
     """
     if fmt != "auto" and fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected auto or one of {api.FORMATS}")
+    if stream is not None and fmt == "auto":
+        raise ValueError("a separate stream fd cannot be peeked at: give its format")
     target = simdom.resolve(sim)
     if target.exists():
         raise FileExistsError(
@@ -655,19 +686,11 @@ async def receive_on(
     running = False
     try:
         await _send(sock, BANNER, "the banner", handshake_timeout)
-        head = await _peek(sock, _PEEK, "the sender's stream", handshake_timeout)
-        if len(head) < _PEEK:
-            raise HandshakeError(
-                "the sender closed the connection before sending a stream",
-                errno=errno_mod.ECONNRESET,
-            )
-        detected = _detect_format(head)
-        if fmt not in ("auto", detected):
-            raise HandshakeError(
-                f"the sender sends a {detected} stream, not {fmt}", errno=errno_mod.EPROTO
-            )
+        detected = (
+            fmt if stream is not None else await _stream_format(sock, fmt, handshake_timeout)
+        )
         ev.note(f"receiving a {detected} stream from {peer}")
-        with _lent_to_helper(sock) as fd:
+        with _lent_to_helper(sock, stream) as fd:
             restored = await api.restore(
                 fd,
                 sim=target,
@@ -810,6 +833,20 @@ async def receive(
 # ----------------------------------------------------------------- local pairs
 
 
+#: How :func:`migrate_local` carries the stream.
+CHANNELS: Final = ("pipe", "socket")
+
+
+@contextlib.contextmanager
+def _owned_fd(fd: int | None) -> Iterator[int | None]:
+    """Close ``fd`` (if any) when the block ends, however it ends."""
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 async def migrate_local(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -821,19 +858,36 @@ async def migrate_local(
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
+    channel: str = "pipe",
 ) -> tuple[MigrationResult, ReceiveResult]:
-    """Both ends in this process over a socketpair: the same helpers and handshake as TCP.
+    """Both ends in this process: the same helpers and handshake as TCP.
 
-    Each side closes its end when it fails, so the other side sees it and
-    cleans up on its own (nothing is cancelled).  Raises the sender's error
-    first (it says where the domain runs), else the receiver's.  With a
-    shared ``supervisor``, its ``max_parallel`` must allow two helpers per
-    pair in flight, or the pairs could starve each other.
+    The handshake goes over a socketpair.  With ``channel="pipe"`` (the
+    default) the stream goes over a pipe beside it: the sender's helper
+    vmsplices its stop-and-copy pages into the pipe and the receiver's
+    splices page runs out of it into the target, so a byte is copied twice
+    (into the pipe, into the target) where a socket costs three (into the
+    socket buffer, out of it, into the target).  ``channel="socket"`` sends
+    the stream over the socketpair itself, exactly as over TCP.
+
+    Each side closes its ends when it fails, so the other side sees it and
+    cleans up on its own (nothing is cancelled): a receiver whose sender is
+    gone reads EOF, a sender whose receiver is gone gets EPIPE.  Raises the
+    sender's error first (it says where the domain runs), else the
+    receiver's.  With a shared ``supervisor``, its ``max_parallel`` must
+    allow two helpers per pair in flight, or the pairs could starve each
+    other.
     """
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}: expected one of {CHANNELS}")
+    if fmt not in api.FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
     a, b = socket.socketpair()
+    # Blocking, close-on-exec: the supervisor hands each helper its end alone.
+    rfd, wfd = os.pipe() if channel == "pipe" else (None, None)
 
     async def send_side() -> MigrationResult:
-        with a:
+        with a, _owned_fd(wfd):
             return await migrate_on(
                 a,
                 sim=src,
@@ -844,10 +898,11 @@ async def migrate_local(
                 handshake_timeout=handshake_timeout,
                 on_event=on_event,
                 supervisor=supervisor,
+                stream=wfd,
             )
 
     async def receive_side() -> ReceiveResult:
-        with b:
+        with b, _owned_fd(rfd):
             return await receive_on(
                 b,
                 sim=dst,
@@ -856,6 +911,7 @@ async def migrate_local(
                 handshake_timeout=handshake_timeout,
                 on_event=on_event,
                 supervisor=supervisor,
+                stream=rfd,
             )
 
     sent, received = await asyncio.gather(send_side(), receive_side(), return_exceptions=True)
