@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._log import logger
 from .cli import CHANNELS, FORMATS, UsageError, parse_policy, parse_size, self_argv
 from .cmd_migrate import add_logging_flags, add_progress_flag
 from .errors import XcsaveError
+
+log = logger(__name__)
 
 if TYPE_CHECKING:
     from .events import Event
@@ -173,6 +176,13 @@ def _concurrent_args(p: argparse.ArgumentParser) -> None:
         "goes over a socketpair)",
     )
     p.add_argument("--policy", type=parse_policy, metavar="POLICY", help="precopy policy")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        metavar="R",
+        help="best of R for each side, the single and the N-at-once runs interleaved",
+    )
     p.add_argument("--dir", help="where the domains live (default: a temp dir in /dev/shm)")
 
 
@@ -283,39 +293,60 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
 
         return run
 
-    try:
-        # 1. one alone
-        src1, dst1 = pair("single", 1)
-        with _workloads([src1], args.rate):
-            single = run_async(
-                lambda: migrate.run_many([("single", job(src1, dst1))], max_parallel=1)
-            )
-        single_o = single.outcomes[0]
-        if not single_o.ok or single_o.result is None:
-            raise XcsaveError(f"the single migration failed: {single_o.message}")
-        single_res: MigrationResult = single_o.result[0]
-        single_match = sim.digest(src1) == sim.digest(dst1)
+    def reset(pairs: list[tuple[Path, Path]]) -> None:
+        """The targets gone and the sources running: ready for the next repetition."""
+        for src, dst in pairs:
+            with suppress(FileNotFoundError):
+                sim.remove(dst)
+            sim.set_state(src, "running")
 
-        # 2. n at once
-        names = [f"dom{i}" for i in range(n)]
+    names = [f"dom{i}" for i in range(n)]
+    best_single: tuple[float, MigrationResult, bool] | None = None
+    best_many: tuple[float, Any, list[dict[str, Any]], list[MigrationResult]] | None = None
+    try:
+        src1, dst1 = pair("single", 1)
         pairs = {name: pair(name, 100 + i) for i, name in enumerate(names)}
-        with _workloads([s for s, _d in pairs.values()], args.rate):
-            many = run_async(
-                lambda: migrate.run_many(
-                    [(name, job(s, d)) for name, (s, d) in pairs.items()],
-                    max_parallel=parallel,
+        for rep in range(max(1, args.repeat)):
+            # 1. one alone
+            reset([(src1, dst1)])
+            with _workloads([src1], args.rate):
+                single = run_async(
+                    lambda: migrate.run_many([("single", job(src1, dst1))], max_parallel=1)
                 )
+            single_o = single.outcomes[0]
+            if not single_o.ok or single_o.result is None:
+                raise XcsaveError(f"the single migration failed: {single_o.message}")
+            one: MigrationResult = single_o.result[0]
+            if best_single is None or one.gbps > best_single[0]:
+                best_single = (one.gbps, one, sim.digest(src1) == sim.digest(dst1))
+
+            # 2. n at once
+            reset(list(pairs.values()))
+            with _workloads([s for s, _d in pairs.values()], args.rate):
+                many = run_async(
+                    lambda: migrate.run_many(
+                        [(name, job(s, d)) for name, (s, d) in pairs.items()],
+                        max_parallel=parallel,
+                    )
+                )
+            doms = []
+            ok_res: list[MigrationResult] = []
+            for name, o in zip(names, many.outcomes, strict=True):
+                src, dst = pairs[name]
+                match = sim.digest(src) == sim.digest(dst) if o.ok else None
+                doms.append(_domain_json(name, o, match))
+                if o.ok and o.result is not None:
+                    ok_res.append(o.result[0])
+            agg = _window_gbps(ok_res)
+            failed = any(not d["ok"] or not d["match"] for d in doms)
+            log.info(
+                "repetition %d: single %.3f GB/s, %d at once %.3f GB/s", rep, one.gbps, n, agg
             )
-        domains = []
-        ok_results: list[MigrationResult] = []
-        series = [_series("single", single_res)]
-        for name, o in zip(names, many.outcomes, strict=True):
-            src, dst = pairs[name]
-            match = sim.digest(src) == sim.digest(dst) if o.ok else None
-            domains.append(_domain_json(name, o, match))
-            if o.ok and o.result is not None:
-                ok_results.append(o.result[0])
-                series.append(_series(name, o.result[0]))
+            # A repetition with a failure is the one reported, whatever its speed.
+            if best_many is None or failed or agg > best_many[0]:
+                best_many = (agg, many, doms, ok_res)
+            if failed:
+                break
     finally:
         for p in created:
             with suppress(FileNotFoundError):
@@ -324,8 +355,14 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
             with suppress(OSError):
                 base.rmdir()
 
+    assert best_single is not None
+    assert best_many is not None
+    _g, single_res, single_match = best_single
+    aggregate, many, domains, ok_results = best_many
+    series = [_series("single", single_res)]
+    oks = [d for d in domains if d["ok"]]
+    series += [_series(d["name"], r) for d, r in zip(oks, ok_results, strict=True)]
     single_gbps = single_res.gbps
-    aggregate = _window_gbps(ok_results)
     all_ok = single_match and all(dom["ok"] and dom["match"] for dom in domains)
     data = {
         "domains": domains,
@@ -343,6 +380,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
         "format": args.format,
         "channel": args.channel,
         "max_parallel": parallel,
+        "repeat": max(1, args.repeat),
         "cpus": os.cpu_count(),
         "seconds": round(many.seconds, 3),
     }
@@ -350,7 +388,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
     text = [
         f"{n} simultaneous local live migrations of {mib} MiB domains "
         f"({args.format} over {args.channel}s, workload {args.rate} pages/s, "
-        f"at most {parallel} at once, {os.cpu_count()} CPUs)",
+        f"at most {parallel} at once, {os.cpu_count()} CPUs, best of {max(1, args.repeat)})",
         f"  single alone: {single_gbps:.2f} GB/s, downtime {single_res.downtime_ns / 1e6:.1f} ms",
         f"  aggregate:    {aggregate:.2f} GB/s ({data['speedup']}x the single one)",
     ]
