@@ -42,7 +42,7 @@ from typing import Any, cast
 import pytest
 
 import xcsave
-from xcsave import policy, sim, streamtools
+from xcsave import migrate, policy, sim, streamtools
 from xcsave.cmd_sim import live_migrate_local
 from xcsave.events import DoneEvent, Event
 from xcsave.policy import Decision, PrecopyStats
@@ -297,6 +297,23 @@ def check_after_migrate(w: World, t: Trial) -> None:
     check_source(w, what)
 
 
+def check_after_xl_migrate(w: World, t: Trial) -> None:
+    """migrate.migrate_local: xl's handshake on a socketpair, the stream on a
+    pipe.  Exactly one copy runs: the source again after a failure, or the
+    target after success -- also when a cancellation lands after the sender
+    gave its permission (GO), where the receiver may already run its copy."""
+    what = f"xl-migrate, {t.fault}: {t.outcome} {t.message}"
+    if t.outcome == "completed" or (w.dst.exists() and sim.info(w.dst)["state"] == "running"):
+        assert sim.info(w.src)["state"] == "suspended", what
+        assert sim.digest(w.dst) == sim.digest(w.src), what
+        w.dst.unlink()
+        sim.set_state(w.src, "running")
+    elif t.outcome != "CancelledError":
+        assert "running here again" in t.message, what
+    assert w.leftovers() == [], f"{what}: left {w.leftovers()}"
+    check_source(w, what)
+
+
 async def do_save(w: World, on_event: Callable[[Event], None], **kw: Any) -> None:
     fmt = kw.pop("fmt", "libxl")
     live = kw.pop("live", True)
@@ -323,10 +340,18 @@ async def do_migrate(w: World, on_event: Callable[[Event], None], **kw: Any) -> 
     )  # fmt: skip
 
 
+async def do_xl_migrate(w: World, on_event: Callable[[Event], None], **kw: Any) -> None:
+    await migrate.migrate_local(
+        w.src, w.dst, fmt=kw.pop("fmt", "libxl"), policy=policy.max_iterations(3),
+        on_event=on_event, channel="pipe",
+    )  # fmt: skip
+
+
 OPS: dict[str, tuple[Callable[..., Coroutine[Any, Any, None]], Callable[[World, Trial], None]]] = {
     "save": (do_save, check_after_save),
     "restore": (do_restore, check_after_restore),
     "migrate": (do_migrate, check_after_migrate),
+    "xl-migrate": (do_xl_migrate, check_after_xl_migrate),
 }
 
 
@@ -353,7 +378,7 @@ def calibrate(w: World, op: str) -> None:
 
 def pick_fault(w: World, op: str) -> Fault:
     rng = w.rng
-    which = rng.choice(["save", "restore", "both"]) if op == "migrate" else "any"
+    which = rng.choice(["save", "restore", "both"]) if op.endswith("migrate") else "any"
     if rng.random() < 0.6:
         return Fault(delay=rng.uniform(0, 1.1 * w.durations[op]), which=which)
     return Fault(event=rng.randint(1, max(1, w.events[op])), which=which)
@@ -396,14 +421,17 @@ def run_kills(w: World, op: str, n: int) -> list[Trial]:
 # ---------------------------------------------------------------- kill tests
 
 
-@pytest.mark.parametrize("op", ["save", "restore", "migrate"])
+@pytest.mark.parametrize("op", ["save", "restore", "migrate", "xl-migrate"])
 def test_helper_killed_at_random_points(op: str, world: World) -> None:
     trials = run_kills(world, op, FAULTS_PER_OP)
     killed = [t for t in trials if t.outcome != "completed"]
     # Most points fall inside the operation; every one of them must fail cleanly.
     assert len(killed) >= FAULTS_PER_OP // 3, world.tally
     for t in killed:
-        assert "HelperDied" in t.outcome or "HelperFailed" in t.outcome, t
+        if op == "xl-migrate":  # the sender's error, whichever helper died
+            assert t.outcome in ("MigrationError", "HandshakeError"), t
+        else:
+            assert "HelperDied" in t.outcome or "HelperFailed" in t.outcome, t
 
 
 def test_killed_live_save_leaves_log_dirty_off(world: World) -> None:
@@ -542,7 +570,7 @@ def test_cancelled_while_the_helper_starts(world: World, monkeypatch: pytest.Mon
     before.check("cancel while starting")
 
 
-@pytest.mark.parametrize("op", ["save", "restore", "migrate"])
+@pytest.mark.parametrize("op", ["save", "restore", "migrate", "xl-migrate"])
 def test_cancelled_at_random_points(op: str, world: World) -> None:
     calibrate(world, op)
     rng = random.Random(SEED + 2)

@@ -489,6 +489,40 @@ async def test_migrate_local_pipe_one_side_failing_mid_stream(shm: Path, who: st
     assert _helpers("save") == [] and _helpers("restore") == []
 
 
+@pytest.mark.parametrize("go_arrives", [True, False], ids=["receiver-runs", "receiver-never-runs"])
+async def test_migrate_local_is_never_in_doubt(
+    shm: Path, monkeypatch: pytest.MonkeyPatch, go_arrives: bool
+) -> None:
+    """The link breaks as the sender gives GO.  Over TCP that leaves the
+    sender in doubt, its copy suspended; locally the receiver's copy is plain
+    to see, so exactly one copy runs: the target if GO arrived, else the
+    source again."""
+    src = sim.create(shm / "src.dom", 4 * MiB, seed=9)
+    dst = shm / "dst.dom"
+    real_send = migrate._send
+
+    async def send(sock: socket.socket, msg: bytes, what: str, timeout: float | None) -> None:
+        if what == "'domain is yours'":
+            if go_arrives:
+                await real_send(sock, msg, what, timeout)
+            raise migrate.HandshakeError("sending 'domain is yours': link broke (ECONNRESET)")
+        await real_send(sock, msg, what, timeout)
+
+    monkeypatch.setattr(migrate, "_send", send)
+    with pytest.raises(migrate.MigrationError) as err:
+        await asyncio.wait_for(migrate.migrate_local(src, dst, handshake_timeout=10), 60)
+    assert not isinstance(err.value, migrate.MigrationInDoubt)
+    if go_arrives:
+        assert "runs, " in str(err.value) and "stays suspended" in str(err.value), err.value
+        assert (sim.info(src)["state"], sim.info(dst)["state"]) == ("suspended", "running")
+        assert sim.digest(dst) == sim.digest(src)
+    else:
+        assert "never ran, so" in str(err.value) and "running here again" in str(err.value)
+        assert sim.info(src)["state"] == "running"
+        assert not dst.exists()
+    assert partials(dst) == []
+
+
 async def test_migrate_local_refuses_a_bad_channel(shm: Path) -> None:
     src = sim.create(shm / "src.dom", 1 * MiB, seed=5)
     with pytest.raises(ValueError, match="unknown channel 'tcp'"):

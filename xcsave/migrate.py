@@ -874,14 +874,18 @@ async def migrate_local(
     cleans up on its own (nothing is cancelled): a receiver whose sender is
     gone reads EOF, a sender whose receiver is gone gets EPIPE.  Raises the
     sender's error first (it says where the domain runs), else the
-    receiver's.  With a shared ``supervisor``, its ``max_parallel`` must
-    allow two helpers per pair in flight, or the pairs could starve each
-    other.
+    receiver's.  Never in doubt: with both ends here, a failure or a
+    cancellation after the sender's GO is settled by looking at the
+    receiver's copy (see :func:`_settle_local`), so exactly one copy runs.
+    With a shared ``supervisor``, its ``max_parallel`` must allow two
+    helpers per pair in flight, or the pairs could starve each other.
     """
     if channel not in CHANNELS:
         raise ValueError(f"unknown channel {channel!r}: expected one of {CHANNELS}")
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
+    src_path, dst_path = simdom.resolve(src), simdom.resolve(dst)
+    before = _state(src_path)  # also: FileNotFoundError for a domain that does not exist
     a, b = socket.socketpair()
     # Blocking, close-on-exec: the supervisor hands each helper its end alone.
     rfd, wfd = os.pipe() if channel == "pipe" else (None, None)
@@ -914,13 +918,41 @@ async def migrate_local(
                 stream=rfd,
             )
 
-    sent, received = await asyncio.gather(send_side(), receive_side(), return_exceptions=True)
+    sent: MigrationResult | BaseException | None = None
+    received: ReceiveResult | BaseException | None = None
+    try:
+        sent, received = await asyncio.gather(send_side(), receive_side(), return_exceptions=True)
+    finally:
+        # On cancellation gather has cancelled both sides and waited for them.
+        if not isinstance(sent, MigrationResult):
+            settled = _settle_local(src_path, before, dst_path)
+            if isinstance(sent, MigrationInDoubt):
+                sent = MigrationError(f"{sent}; {settled}", errno=sent.errno)
     for r in (sent, received):
         if isinstance(r, BaseException):
             raise r
     assert isinstance(sent, MigrationResult)
     assert isinstance(received, ReceiveResult)
     return sent, received
+
+
+def _settle_local(src: Path, before: str, dst: Path) -> str:
+    """After a local migration that did not succeed: exactly one copy runs.
+
+    Over TCP a sender that gave GO and then lost the link cannot know whether
+    the receiver started its copy, so it leaves its own suspended (in doubt).
+    Here both ends are in this process and have finished: if the receiver's
+    copy runs it is the one, else the source is put back as it was.
+    """
+    try:
+        runs = _state(dst) == "running"
+    except OSError:
+        runs = False  # removed by the receiver: it never ran
+    if runs:
+        log.warning("%s runs; %s stays suspended", dst, src)
+        return f"settled here: {dst} runs, {src} stays suspended"
+    state = _put_back(src, before)
+    return f"settled here: {dst} never ran, so {src} is {state} here again"
 
 
 # ----------------------------------------------------------------- many at once
