@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -171,11 +172,19 @@ def test_vmsplice_stream_restores_bit_exact(tmp_path: Path, wrap: str) -> None:
     assert _ext.sim_digest(dst) == _ext.sim_digest(src)
 
 
-@pytest.mark.parametrize("source", ["pipe", "file"])
+def _feed(fd: int, data: bytes) -> None:
+    """Write all of data to fd (a pipe or a socket), then close it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.close(fd)
+
+
+@pytest.mark.parametrize("source", ["pipe", "file", "socket"])
 def test_restore_moves_pages_kernel_side_unless_switched_off(tmp_path: Path, source: str) -> None:
-    """From a pipe (splice) or a file (copy_file_range) the page data never
-    enters the helper; XCSAVE_NO_SPLICE=1 forces read + pwrite.  Both build
-    the same domain."""
+    """From a pipe (splice), a file (copy_file_range) or a socket (splice
+    through a private pipe) the page data never enters the helper;
+    XCSAVE_NO_SPLICE=1 forces read + pwrite.  Both build the same domain."""
     src = make(tmp_path, "src", 2048)
     stream, _st = save_through_pipe(src, vmsplice=True)
     results = {}
@@ -192,8 +201,14 @@ def test_restore_moves_pages_kernel_side_unless_switched_off(tmp_path: Path, sou
                 finally:
                     os.close(fd)
             else:
-                r, w = os.pipe()
-                t = threading.Thread(target=lambda w=w: (os.write(w, stream), os.close(w)))
+                if source == "socket":
+                    a, b = socket.socketpair()
+                    r, w = os.dup(a.fileno()), os.dup(b.fileno())
+                    a.close()
+                    b.close()
+                else:
+                    r, w = os.pipe()
+                t = threading.Thread(target=_feed, args=(w, stream))
                 t.start()
                 try:
                     res = _ext.engine_restore(r, dst)

@@ -291,10 +291,11 @@ static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
  * (a socket): the caller reads the pages and writes them instead.
  */
 static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
-                      uint32_t count)
+                      uint32_t count, int ndata)
 {
     int moved = 0; /* has this batch consumed stream bytes yet? */
 
+    xcs_move_expect(&ctx->r, (uint64_t)ndata * XCS_PAGE_SIZE);
     for (uint32_t i = 0; i < count;) {
         uint32_t j;
         size_t len;
@@ -516,7 +517,7 @@ static int page_data_direct(struct restore_ctx *ctx, uint32_t len,
         return -1;
     if (ndata == 0)
         return 0;
-    rc = move_pages(ctx, ctx->pfns, head[0]);
+    rc = move_pages(ctx, ctx->pfns, head[0], ndata);
     if (rc > 0 &&
         (read_exact(ctx, ctx->pages, (size_t)ndata * XCS_PAGE_SIZE,
                     "PAGE_DATA pages") < 0 ||
@@ -1344,6 +1345,7 @@ out:
     }
     ctx.res->bytes_read = ctx.r.off;
     ctx.res->kernel_moved_bytes = ctx.r.moved;
+    xcs_reader_release(&ctx.r);
     ctx.res->duration_ns = xcs_now_ns() - t0;
     free(ctx.ckpt.data);
     free(ctx.dm);

@@ -352,7 +352,120 @@ int xcs_kernel_refused(int err)
            err == ENOSYS || err == EBADF;
 }
 
-enum { MOVE_UNPROBED = 0, MOVE_COPY_RANGE, MOVE_SPLICE, MOVE_NONE };
+enum {
+    MOVE_UNPROBED = 0,
+    MOVE_COPY_RANGE,
+    MOVE_SPLICE,
+    MOVE_RELAY,
+    MOVE_NONE
+};
+
+/*
+ * fd trick: splice() cannot go from a socket straight into a file, but it
+ * can go socket -> pipe (the pipe takes references to the socket buffer's
+ * pages: no copy) and pipe -> file (the one copy, into the target's page
+ * cache).  So a socket stream goes through a private pipe, the relay
+ * (O_CLOEXEC, made on first use, closed by xcs_reader_release), and costs
+ * one copy where read() + pwrite() cost two.  Reading exactly our own bytes
+ * still holds: splice(sock -> relay, n) never takes more than n bytes, and
+ * n never exceeds what the caller announced (xcs_move_expect: the batch's
+ * page bytes) or asked for.  Within a batch the relay is filled a pipe's
+ * capacity at a time (one splice for many page runs) and emptied run by run;
+ * it is only filled when empty, so that splice never waits on a full pipe.
+ */
+void xcs_reader_release(struct xcs_reader *r)
+{
+    if (r->relay_cap) {
+        close(r->relay[0]);
+        close(r->relay[1]);
+        r->relay_cap = 0;
+    }
+}
+
+void xcs_move_expect(struct xcs_reader *r, uint64_t len)
+{
+    r->ahead = len;
+}
+
+/*
+ * Open the relay, and probe that `to` takes splice: one byte of our own
+ * (not the stream's) spliced to `to` at off, which the caller is about to
+ * overwrite with the stream's bytes.  MOVE_NONE if either fails: the stream
+ * is untouched and the caller reads and writes itself.
+ */
+static int relay_open(struct xcs_reader *r, int to, uint64_t off)
+{
+    loff_t o = (loff_t)off;
+    long cap;
+
+    if (pipe2(r->relay, O_CLOEXEC) < 0)
+        return MOVE_NONE;
+    r->relay_cap = 1; /* open: xcs_reader_release closes it */
+    if (write(r->relay[1], "", 1) != 1 ||
+        splice(r->relay[0], NULL, to, &o, 1, 0) != 1)
+        return MOVE_NONE;
+    /* a 1 MiB relay: a few splices per 4 MiB batch (see xcs_pipe_grow) */
+    xcs_pipe_grow(r->relay[1]);
+    cap = xcs_pipe_capacity(r->relay[1]);
+    r->relay_cap = cap > 0 ? (size_t)cap : 65536;
+    return MOVE_RELAY;
+}
+
+static int relay_move(struct xcs_reader *r, int to, uint64_t off, size_t len,
+                      int *eof)
+{
+    size_t got = 0;
+
+    while (got < len) {
+        size_t k;
+
+        if (r->relay_fill == 0) {
+            uint64_t want = r->ahead > len - got ? r->ahead : len - got;
+            ssize_t n;
+
+            if (want > r->relay_cap)
+                want = r->relay_cap;
+            n = splice(r->fd, NULL, r->relay[1], NULL, (size_t)want,
+                       SPLICE_F_MOVE);
+            if (n < 0) {
+                if (again(r->fd, POLLIN))
+                    continue;
+                /* A socket type without splice: said by the first call. */
+                if (r->off == r->relay_probe_off && xcs_kernel_refused(errno)) {
+                    r->move = MOVE_NONE;
+                    return 1;
+                }
+                return -1;
+            }
+            if (n == 0) {
+                *eof = 2; /* inside a record: its header has been read */
+                errno = EIO;
+                return -1;
+            }
+            r->relay_fill = (size_t)n;
+            r->ahead -= r->ahead < (uint64_t)n ? r->ahead : (uint64_t)n;
+            r->off += (uint64_t)n;
+        }
+        k = r->relay_fill < len - got ? r->relay_fill : len - got;
+        while (k > 0) {
+            loff_t o = (loff_t)(off + got);
+            ssize_t m = splice(r->relay[0], NULL, to, &o, k, SPLICE_F_MOVE);
+
+            if (m < 0 && errno == EINTR)
+                continue;
+            if (m <= 0) {
+                if (m == 0) /* cannot happen: the relay holds k bytes */
+                    errno = EIO;
+                return -1;
+            }
+            k -= (size_t)m;
+            got += (size_t)m;
+            r->relay_fill -= (size_t)m;
+            r->moved += (uint64_t)m;
+        }
+    }
+    return 0;
+}
 
 int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
                    int *eof)
@@ -368,8 +481,12 @@ int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
         if (!(no && *no && strcmp(no, "0") != 0) && fstat(r->fd, &st) == 0)
             r->move = S_ISREG(st.st_mode)    ? MOVE_COPY_RANGE
                       : S_ISFIFO(st.st_mode) ? MOVE_SPLICE
+                      : S_ISSOCK(st.st_mode) ? relay_open(r, to, off)
                                              : MOVE_NONE;
+        r->relay_probe_off = r->off;
     }
+    if (r->move == MOVE_RELAY)
+        return relay_move(r, to, off, len, eof);
     while (got < len && r->move != MOVE_NONE) {
         loff_t o = (loff_t)(off + got);
         size_t want = len - got;

@@ -111,7 +111,22 @@ struct xcs_reader {
     uint64_t off; /* stream offset of the next byte */
     int move;     /* xcs_move_exact's method for fd; 0 = not probed yet */
     uint64_t moved; /* of off: bytes xcs_move_exact moved kernel-side */
+    /* socket streams: a private pipe the bytes go through (stream_io.c) */
+    int relay[2];
+    size_t relay_cap;  /* its capacity; 0 = no relay open */
+    size_t relay_fill; /* stream bytes in it, not yet moved out */
+    uint64_t ahead;    /* bytes announced by xcs_move_expect, not yet pulled */
+    uint64_t relay_probe_off; /* off when the method was chosen */
 };
+
+/* Close what xcs_move_exact opened for r (nothing for files and pipes). */
+void xcs_reader_release(struct xcs_reader *r);
+/*
+ * The next len stream bytes are all to be moved by xcs_move_exact (one
+ * PAGE_DATA batch's pages, run by run): from a socket they may then be
+ * pulled into the relay a pipe's capacity at a time instead of run by run.
+ */
+void xcs_move_expect(struct xcs_reader *r, uint64_t len);
 
 /*
  * Read exactly len bytes (loops over short reads and EINTR).  Returns 0, or
@@ -125,12 +140,13 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
 /*
  * Move exactly len stream bytes into the file `to` at offset off without
  * passing them through user space: copy_file_range() when the stream is a
- * regular file, splice() when it is a pipe (the kernel copies once, straight
- * into the target's page cache).  Returns 0; -1 with errno set (EIO and *eof
- * as xcs_read_exact when the stream ended first); or 1, having consumed
- * nothing, when the kernel cannot do it for these fds (a socket, a
- * filesystem without splice): the caller then reads and writes itself, and
- * every later call returns 1 at once.
+ * regular file, splice() when it is a pipe, splice() through a private pipe
+ * when it is a socket (the kernel copies once, straight into the target's
+ * page cache).  Returns 0; -1 with errno set (EIO and *eof as
+ * xcs_read_exact when the stream ended first); or 1, having consumed
+ * nothing, when the kernel cannot do it for these fds (a socket type
+ * without splice, a filesystem without it): the caller then reads and
+ * writes itself, and every later call returns 1 at once.
  */
 int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
                    int *eof);
