@@ -220,10 +220,10 @@ static int flush_batch(struct save_ctx *ctx)
     page_data_hdr(ctx->batch, n);
     ctx->iov[0].iov_base = ctx->batch;
     ctx->iov[0].iov_len = BATCH_HDR_SIZE + 8 * (size_t)n;
-    if (ctx->splice_ok)
-        /* pfns ascend within a round: a prefix of the batch */
-        while (m < n && ctx->batch_pfns[m] < ctx->splice_below)
-            m++;
+    /* pfns ascend within a round: a prefix of the batch (none unless
+     * splice_ok: splice_below is 0 then) */
+    while (m < n && ctx->batch_pfns[m] < ctx->splice_below)
+        m++;
     /* the copied part starts a fresh iovec */
     ks = page_iovs(&ctx->dom, ctx->iov, 1, ctx->batch_pfns, m);
     k = page_iovs(&ctx->dom, ctx->iov, ks, ctx->batch_pfns + m, n - m);

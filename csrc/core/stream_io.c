@@ -388,6 +388,39 @@ void xcs_move_expect(struct xcs_reader *r, uint64_t len)
 }
 
 /*
+ * One kernel-side transfer of at most want stream bytes into `to` (at *o, or
+ * at its own position when o is NULL: the relay), by the reader's method.
+ * It reads the stream at its file position (NULL offset) and advances it,
+ * exactly like read(): the fd stays where the format says the next record
+ * starts, for whoever reads after us.  Returns the bytes moved (r->off
+ * advanced); 0 when the kernel cannot do it for these fds and `first` says
+ * nothing of the caller's run has moved yet; -1 with errno (EIO, *eof = 2:
+ * the stream ended inside a record, whose header has been read).
+ */
+static ssize_t stream_step(struct xcs_reader *r, int to, loff_t *o,
+                           size_t want, int first, int *eof)
+{
+    for (;;) {
+        ssize_t n = r->move == MOVE_COPY_RANGE
+                        ? copy_file_range(r->fd, NULL, to, o, want, 0)
+                        : splice(r->fd, NULL, to, o, want, SPLICE_F_MOVE);
+
+        if (n > 0) {
+            r->off += (uint64_t)n;
+            return n;
+        }
+        if (n == 0) {
+            *eof = 2;
+            errno = EIO;
+            return -1;
+        }
+        if (again(r->fd, POLLIN))
+            continue;
+        return first && xcs_kernel_refused(errno) ? 0 : -1;
+    }
+}
+
+/*
  * Open the relay, and probe that `to` takes splice: one byte of our own
  * (not the stream's) spliced to `to` at off, which the caller is about to
  * overwrite with the stream's bytes.  MOVE_NONE if either fails: the stream
@@ -425,26 +458,16 @@ static int relay_move(struct xcs_reader *r, int to, uint64_t off, size_t len,
 
             if (want > r->relay_cap)
                 want = r->relay_cap;
-            n = splice(r->fd, NULL, r->relay[1], NULL, (size_t)want,
-                       SPLICE_F_MOVE);
-            if (n < 0) {
-                if (again(r->fd, POLLIN))
-                    continue;
-                /* A socket type without splice: said by the first call. */
-                if (r->off == r->relay_probe_off && xcs_kernel_refused(errno)) {
-                    r->move = MOVE_NONE;
-                    return 1;
-                }
-                return -1;
+            /* the relay is empty: got == 0 means nothing of this run moved */
+            n = stream_step(r, r->relay[1], NULL, (size_t)want, got == 0, eof);
+            if (n == 0) { /* a socket type without splice */
+                r->move = MOVE_NONE;
+                return 1;
             }
-            if (n == 0) {
-                *eof = 2; /* inside a record: its header has been read */
-                errno = EIO;
+            if (n < 0)
                 return -1;
-            }
             r->relay_fill = (size_t)n;
             r->ahead -= r->ahead < (uint64_t)n ? r->ahead : (uint64_t)n;
-            r->off += (uint64_t)n;
         }
         k = r->relay_fill < len - got ? r->relay_fill : len - got;
         while (k > 0) {
@@ -483,41 +506,20 @@ int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
                       : S_ISFIFO(st.st_mode) ? MOVE_SPLICE
                       : S_ISSOCK(st.st_mode) ? relay_open(r, to, off)
                                              : MOVE_NONE;
-        r->relay_probe_off = r->off;
     }
     if (r->move == MOVE_RELAY)
         return relay_move(r, to, off, len, eof);
     while (got < len && r->move != MOVE_NONE) {
         loff_t o = (loff_t)(off + got);
-        size_t want = len - got;
-        ssize_t n;
+        ssize_t n = stream_step(r, to, &o, len - got, got == 0, eof);
 
-        /*
-         * Both read the stream at its file position (NULL offset) and
-         * advance it, exactly like read(): the fd stays where the format
-         * says the next record starts, for whoever reads after us.
-         */
-        if (r->move == MOVE_COPY_RANGE)
-            n = copy_file_range(r->fd, NULL, to, &o, want, 0);
-        else
-            n = splice(r->fd, NULL, to, &o, want, SPLICE_F_MOVE);
-        if (n < 0) {
-            if (again(r->fd, POLLIN))
-                continue;
-            /* The kernel cannot do it for this pair of fds: say so, once. */
-            if (got == 0 && xcs_kernel_refused(errno)) {
-                r->move = MOVE_NONE;
-                break;
-            }
-            return -1;
+        if (n == 0) { /* the kernel cannot do it for this pair of fds */
+            r->move = MOVE_NONE;
+            break;
         }
-        if (n == 0) {
-            *eof = 2; /* inside a record: its header has been read */
-            errno = EIO;
+        if (n < 0)
             return -1;
-        }
         got += (size_t)n;
-        r->off += (uint64_t)n;
         r->moved += (uint64_t)n;
     }
     return r->move == MOVE_NONE ? 1 : 0;

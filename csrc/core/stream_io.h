@@ -116,7 +116,6 @@ struct xcs_reader {
     size_t relay_cap;  /* its capacity; 0 = no relay open */
     size_t relay_fill; /* stream bytes in it, not yet moved out */
     uint64_t ahead;    /* bytes announced by xcs_move_expect, not yet pulled */
-    uint64_t relay_probe_off; /* off when the method was chosen */
 };
 
 /* Close what xcs_move_exact opened for r (nothing for files and pipes). */
