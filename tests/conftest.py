@@ -6,6 +6,7 @@ groups below the existing ones rather than inside them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -44,6 +45,31 @@ XEN_UTILS_VERIFY = Path("usr/lib/xen-4.17/bin/verify-stream-v2")
 XEN_UTILS_PYTHON = Path("usr/lib/xen-4.17/lib/python")
 
 XenVerify = Callable[[Path | str, str], subprocess.CompletedProcess[str]]
+
+
+def children(pid: int | None = None) -> list[int]:
+    """Direct children of pid (default: this process), zombies included."""
+    base = f"/proc/{pid}" if pid else "/proc/self"
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"{base}/task"):
+            with contextlib.suppress(OSError):
+                kids += [int(x) for x in Path(f"{base}/task/{task}/children").read_text().split()]
+    return kids
+
+
+def helper_pids(parent: int | None = None, mode: str | None = None) -> list[int]:
+    """The xcsave helpers among parent's children (default: this process's);
+    with ``mode``, only those doing it (``save`` or ``restore``: in their argv)."""
+    found = []
+    for pid in children(parent):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"xcsave-helper" in cmdline and (mode is None or mode.encode() in cmdline.split(b"\0")):
+            found.append(pid)
+    return found
 
 
 def fake_env(fakexen_lib: Path, **knobs: str | int | Path | None) -> dict[str, str]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from conftest import children, helper_pids
 
 import xcsave
 from xcsave import migrate, policy, sim, streamtools
@@ -65,33 +66,11 @@ def open_fds() -> dict[int, str]:
     return out
 
 
-def children(pid: int | None = None) -> list[int]:
-    """Direct children of pid (default: this process), zombies included."""
-    base = f"/proc/{pid}" if pid else "/proc/self"
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"{base}/task"):
-            with contextlib.suppress(OSError):
-                kids += [int(x) for x in Path(f"{base}/task/{task}/children").read_text().split()]
-    return kids
-
-
 def _status(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return ""
-
-
-def is_helper(pid: int) -> bool:
-    try:
-        return b"xcsave-helper" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def helper_pids(parent: int | None = None) -> list[int]:
-    return [k for k in children(parent) if is_helper(k)]
 
 
 def kill_helpers(parent: int | None = None, pick: Callable[[list[int]], list[int]] | None = None
@@ -393,8 +372,7 @@ def kill_trial(w: World, op: str, fault: Fault, fmt: str) -> Trial:
         if fault.which in ("any", "both") or len(pids) < 2:
             return pids
         # migrate: the save helper has --xcsave-1 save in its argv
-        mode = fault.which.encode()
-        return [p for p in pids if b"\0" + mode + b"\0" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        return [p for p in pids if p in helper_pids(mode=fault.which)]
 
     async def go() -> tuple[str, str]:
         return await _strike(

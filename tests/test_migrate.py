@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import helper_pids
 
 import xcsave
 import xcsave.sync
@@ -451,19 +452,6 @@ async def test_migrate_local_pair(shm: Path, channel: str, fmt: str) -> None:
     assert (sim.info(src)["state"], sim.info(dst)["state"]) == ("suspended", "running")
 
 
-def _helpers(mode: str) -> list[int]:
-    """This process's helper children running ``mode`` (save or restore)."""
-    me = Path(f"/proc/{os.getpid()}/task")
-    kids = [int(k) for t in me.iterdir() for k in (t / "children").read_text().split()]
-    found = []
-    for pid in kids:
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"xcsave-helper" in argv[0] and mode.encode() in argv:
-                found.append(pid)
-    return found
-
-
 @pytest.mark.parametrize("who", ["sender", "receiver"])
 async def test_migrate_local_pipe_one_side_failing_mid_stream(shm: Path, who: str) -> None:
     """Over the pipe channel, a side that fails after round 0 is in the pipe
@@ -476,7 +464,7 @@ async def test_migrate_local_pipe_one_side_failing_mid_stream(shm: Path, who: st
         if st.iteration == 1:
             if who == "sender":
                 raise RuntimeError("the sender's policy gave up")
-            for pid in _helpers("restore"):
+            for pid in helper_pids(mode="restore"):
                 os.kill(pid, signal.SIGKILL)
         return xcsave.Decision.CONTINUE if st.iteration < 3 else xcsave.Decision.STOP_AND_COPY
 
@@ -486,7 +474,7 @@ async def test_migrate_local_pipe_one_side_failing_mid_stream(shm: Path, who: st
     assert sim.info(src)["state"] == "running"
     assert not dst.exists()
     assert partials(dst) == []
-    assert _helpers("save") == [] and _helpers("restore") == []
+    assert helper_pids(mode="save") == [] and helper_pids(mode="restore") == []
 
 
 @pytest.mark.parametrize("go_arrives", [True, False], ids=["receiver-runs", "receiver-never-runs"])

@@ -864,11 +864,10 @@ async def migrate_local(
 
     The handshake goes over a socketpair.  With ``channel="pipe"`` (the
     default) the stream goes over a pipe beside it: the sender's helper
-    vmsplices its stop-and-copy pages into the pipe and the receiver's
-    splices page runs out of it into the target, so a byte is copied twice
-    (into the pipe, into the target) where a socket costs three (into the
-    socket buffer, out of it, into the target).  ``channel="socket"`` sends
-    the stream over the socketpair itself, exactly as over TCP.
+    vmsplices its pages into the pipe and the receiver's splices page runs
+    out of it into the target, so a byte is copied once, into the target.
+    ``channel="socket"`` sends the stream over the socketpair itself,
+    exactly as over TCP.
 
     Each side closes its ends when it fails, so the other side sees it and
     cleans up on its own (nothing is cancelled): a receiver whose sender is
@@ -882,8 +881,6 @@ async def migrate_local(
     """
     if channel not in CHANNELS:
         raise ValueError(f"unknown channel {channel!r}: expected one of {CHANNELS}")
-    if fmt not in api.FORMATS:
-        raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
     src_path, dst_path = simdom.resolve(src), simdom.resolve(dst)
     before = _state(src_path)  # also: FileNotFoundError for a domain that does not exist
     a, b = socket.socketpair()
