@@ -1,0 +1,121 @@
+"""Private files and directories: where guest memory and device state may live.
+
+Guest memory is a secret.  Every file xcsave creates that holds guest memory,
+vCPU or device state (saved images, simulated domains, restore targets,
+``--dm-out``, their temporaries) and every lock file is created here, or by
+native code under the same rules (``csrc/core``):
+
+- ``O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC``: never an existing file, never
+  through a planted symlink, never inherited by a child by accident;
+- mode 0600 *whatever the umask*: the mode is set with ``fchmod`` on the open
+  fd after creation, so a umask of 0 cannot widen it and a umask of 0777
+  cannot leave the owner without access.
+
+Directories that hold such files (the sim directory, the lock directory) are
+created 0700 and, whether new or old, refused when they are a symlink, owned
+by someone else, or writable by group or others: whoever can write there can
+plant names, and whoever owns it can read what we put in it.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import stat
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
+    "check_private_dir",
+    "create_private",
+    "private_dir",
+]
+
+PRIVATE_FILE_MODE: Final = 0o600
+PRIVATE_DIR_MODE: Final = 0o700
+
+_CREATE_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def create_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> int:
+    """A new file at ``path``, mode 0600, opened with ``flags``; returns its fd.
+
+    Fails with ``FileExistsError`` (EEXIST) when anything is at ``path``
+    already -- a file, a directory or a symlink, dangling or not (O_EXCL
+    never follows one) -- so nobody can make us write into a file of theirs.
+    """
+    fd = os.open(path, flags | _CREATE_FLAGS, PRIVATE_FILE_MODE)
+    try:
+        # The umask may have removed bits from 0600 (e.g. 0277 -> 0400): set
+        # the mode exactly, on the fd (no race with a rename of the path).
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_private_dir(path: str | os.PathLike[str]) -> None:
+    """Refuse ``path`` unless it is a real directory, ours, not group/world-writable.
+
+    Raises ``PermissionError`` (EPERM) naming what is wrong (a symlink is
+    refused even when it points at a good directory), ``NotADirectoryError``
+    for something else, ``FileNotFoundError`` when it is missing.
+    """
+    fd = _open_dir(path)
+    os.close(fd)
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a private directory: created 0700 (its missing parents get the
+    usual mode) if it does not exist, then checked as :func:`check_private_dir`
+    does.  Returns it as a Path."""
+    p = Path(path)
+    if p.parent != p and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(p, PRIVATE_DIR_MODE)
+        created = True
+    except FileExistsError:
+        created = False
+    # Checked (and, when new, chmod'ed) through one fd opened O_NOFOLLOW: a
+    # directory swapped for a symlink after mkdir fails the open (ELOOP).
+    fd = _open_dir(p, fix_mode=created)
+    os.close(fd)
+    return p
+
+
+def _open_dir(path: str | os.PathLike[str], fix_mode: bool = False) -> int:
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno_mod.ELOOP or (e.errno == errno_mod.ENOTDIR and os.path.islink(name)):
+            raise PermissionError(
+                errno_mod.EPERM, "refusing a symlink as a private directory", name
+            ) from None
+        raise
+    try:
+        if fix_mode:
+            # mkdir's mode is filtered by the umask too: 0700 exactly.
+            os.fchmod(fd, PRIVATE_DIR_MODE)
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise PermissionError(
+                errno_mod.EPERM,
+                f"refusing a directory owned by uid {st.st_uid}, not by us (uid {os.geteuid()})",
+                name,
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise PermissionError(
+                errno_mod.EPERM,
+                "refusing a directory writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o})",
+                name,
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
