@@ -40,16 +40,47 @@ struct SimDom {
     SimDom &operator=(const SimDom &) = delete;
 };
 
+// Asked by xcs_sim_create between steps (GIL released): runs Python's
+// signal handlers (Ctrl-C raises KeyboardInterrupt there), then the caller's
+// cancelled().  An exception from either stops the create and is re-raised
+// once it has cleaned up.
+struct CreateCancel {
+    py::object cancelled;
+    std::exception_ptr error;
+
+    static int check(void *data)
+    {
+        CreateCancel &c = *static_cast<CreateCancel *>(data);
+        py::gil_scoped_acquire gil;
+        if (c.error)
+            return 1;
+        try {
+            if (PyErr_CheckSignals() < 0)
+                throw py::error_already_set();
+            return !c.cancelled.is_none() && py::bool_(c.cancelled()) ? 1 : 0;
+        } catch (...) {
+            c.error = std::current_exception();
+            return 1;
+        }
+    }
+};
+
 void sim_create(const std::string &path, uint64_t nr_pages, unsigned int vcpus,
-                uint64_t seed)
+                uint64_t seed, bool replace, py::object cancelled)
 {
-    int r;
+    CreateCancel cancel{std::move(cancelled), nullptr};
+    int r, err;
     {
         py::gil_scoped_release nogil;
-        r = xcs_sim_create(path.c_str(), nr_pages, vcpus, seed);
+        r = xcs_sim_create(path.c_str(), nr_pages, vcpus, seed,
+                           replace ? XCS_SIM_CREATE_REPLACE : 0,
+                           CreateCancel::check, &cancel);
+        err = errno;
     }
+    if (cancel.error)
+        std::rethrow_exception(cancel.error);
     if (r < 0)
-        raise_errno(errno, path);
+        raise_errno(err, path);
 }
 
 py::dict sim_info(const std::string &path)
@@ -77,7 +108,7 @@ py::dict sim_info(const std::string &path)
 
 std::string sim_digest(const std::string &path)
 {
-    SimDom d(path, XCS_SIM_RDONLY | XCS_SIM_POPULATE);
+    SimDom d(path, XCS_SIM_RDONLY); // never populate: holes stay holes
     uint8_t dg[XCS_SIM_DIGEST_SIZE];
     char hex[2 * XCS_SIM_DIGEST_SIZE + 1];
 
@@ -388,8 +419,12 @@ void register_sim(py::module_ &m)
     using namespace pybind11::literals;
 
     m.def("sim_create", &sim_create, "path"_a, "nr_pages"_a, "vcpus"_a = 1,
-          "seed"_a = 0,
-          "Create a simulated domain file with seeded, guest-like memory.");
+          "seed"_a = 0, py::kw_only(), "replace"_a = false,
+          "cancelled"_a = py::none(),
+          "Create a simulated domain file with seeded, guest-like memory "
+          "(EEXIST if one is there, unless replace).  Signal handlers run "
+          "and cancelled() -> bool is asked between steps: an exception or "
+          "True stops it (InterruptedError), the temporary removed.");
     m.def("sim_info", &sim_info, "path"_a,
           "Header of a simulated domain as a dict.");
     m.def("sim_digest", &sim_digest, "path"_a,

@@ -20,9 +20,9 @@ def scan(src: typing.Any, fmt: str = 'auto', stream_type: str = 'plain', width: 
     """
     Scan and verify a migration stream (fd or path); returns the report dict.
     """
-def sim_create(path: str, nr_pages: typing.SupportsInt | typing.SupportsIndex, vcpus: typing.SupportsInt | typing.SupportsIndex = 1, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+def sim_create(path: str, nr_pages: typing.SupportsInt | typing.SupportsIndex, vcpus: typing.SupportsInt | typing.SupportsIndex = 1, seed: typing.SupportsInt | typing.SupportsIndex = 0, *, replace: bool = False, cancelled: typing.Any = None) -> None:
     """
-    Create a simulated domain file with seeded, guest-like memory.
+    Create a simulated domain file with seeded, guest-like memory (EEXIST if one is there, unless replace).  Signal handlers run and cancelled() -> bool is asked between steps: an exception or True stops it (InterruptedError), the temporary removed.
     """
 def sim_digest(path: str) -> str:
     """

@@ -31,6 +31,7 @@ from ._log import logger
 from .cli import CHANNELS, FORMATS, UsageError, parse_policy, parse_size, self_argv
 from .cmd_migrate import add_logging_flags, add_progress_flag
 from .errors import XcsaveError
+from .files import create_private
 
 log = logger(__name__)
 
@@ -266,7 +267,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
     parallel = args.max_parallel or n
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="xcsave-bench-", dir=shm))
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)  # --dir: the user's choice
     created: list[Path] = []
 
     def pair(name: str, seed: int) -> tuple[Path, Path]:
@@ -441,7 +442,7 @@ def _workdir(args: argparse.Namespace) -> Iterator[Path]:
 
     if args.dir:
         d = Path(args.dir)
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)  # the user's choice
         yield d
         return
     with tempfile.TemporaryDirectory(prefix="xcsave-bench-", dir=shm_dir()) as t:
@@ -470,7 +471,9 @@ def _headline(
 def _save_stream(src: Path, out: Path, wrap: str = "libxc") -> dict[str, Any]:
     from . import _ext, sim
 
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with suppress(FileNotFoundError):
+        out.unlink()
+    fd = create_private(out)
     try:
         return dict(_ext.engine_save(fd, str(src), wrap=wrap))
     finally:
@@ -597,7 +600,7 @@ def _save_file_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
                 nonlocal nbytes, threaded
                 with suppress(FileNotFoundError):
                     stream.unlink()  # a fresh file each time: tmpfs allocates anew
-                fd = os.open(stream, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = create_private(stream)
                 try:
                     t0 = time.perf_counter()
                     st = _ext.engine_save(fd, str(src), copy_threads=threads)
@@ -694,6 +697,7 @@ def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
                     out = d / "dd.out"
                     with suppress(FileNotFoundError):
                         out.unlink()
+                    os.close(create_private(out))  # dd keeps its mode: 0600
                     t0 = time.perf_counter()
                     subprocess.run(  # noqa: S603
                         ["dd", f"if={stream}", f"of={out}", "bs=4M", "status=none"],  # noqa: S607

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
+import secrets
 import stat
 from pathlib import Path
 from typing import Final
@@ -30,6 +31,7 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "check_private_dir",
     "create_private",
+    "create_private_temp",
     "private_dir",
 ]
 
@@ -55,6 +57,24 @@ def create_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> in
         os.close(fd)
         raise
     return fd
+
+
+def create_private_temp(
+    directory: str | os.PathLike[str], prefix: str, suffix: str = "", flags: int = os.O_WRONLY
+) -> tuple[int, str]:
+    """A new private file ``directory/prefix<random>suffix``: its fd and path.
+
+    The random part comes from :mod:`secrets`, so nobody can plant the name
+    first; a name that is taken anyway is drawn again (as native code does,
+    ``xcs_create_private_temp``).
+    """
+    for _ in range(100):
+        path = os.path.join(os.fspath(directory), f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return create_private(path, flags), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno_mod.EEXIST, "no free temporary name", os.fspath(directory))
 
 
 def check_private_dir(path: str | os.PathLike[str]) -> None:

@@ -5,15 +5,23 @@ vCPU state, guest pages and a log-dirty bitmap that any writer sets as it
 writes pages, the way a hypervisor would.  ``DOM`` on the command line is a
 path, or a bare name that lives in ``$XCSAVE_SIM_DIR`` (default
 ``/dev/shm/xcsave``, memory-backed and fast).
+
+The sim directory holds guest memory: it is created 0700 and refused when it
+is a symlink, another user's, or writable by group or others
+(:func:`xcsave.files.private_dir`).  A ``DOM`` given as a path is the user's
+choice of directory; the files we create there are private all the same.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 from . import _ext
+from .files import private_dir
 
 __all__ = [
     "PAGE_SIZE",
@@ -36,17 +44,47 @@ def resolve(dom: str | os.PathLike[str]) -> Path:
     text = os.fspath(dom)
     if "/" in text:
         return Path(text)
-    base = Path(os.environ.get("XCSAVE_SIM_DIR", SIM_DIR))
-    base.mkdir(parents=True, exist_ok=True)
-    return base / text
+    return private_dir(os.environ.get("XCSAVE_SIM_DIR", SIM_DIR)) / text
 
 
-def create(dom: str | os.PathLike[str], memory: int, vcpus: int = 1, seed: int = 0) -> Path:
-    """Create a domain of ``memory`` bytes (a whole number of pages) with seeded contents."""
+def create(
+    dom: str | os.PathLike[str],
+    memory: int,
+    vcpus: int = 1,
+    seed: int = 0,
+    *,
+    force: bool = False,
+    cancelled: Callable[[], bool] | None = None,
+) -> Path:
+    """Create a domain of ``memory`` bytes (a whole number of pages) with seeded contents.
+
+    All of its memory is reserved first (fallocate): no space is
+    ``OSError(ENOSPC)`` before anything is written.  A domain already at
+    that name is ``FileExistsError`` (EEXIST) unless ``force`` (then it is
+    replaced, atomically).  Signal handlers run between steps (Ctrl-C's
+    KeyboardInterrupt stops the create), and ``cancelled()``, if given, is
+    asked there too: True stops it with ``InterruptedError`` (EINTR).
+    Stopped or failed, it leaves nothing behind and an old domain untouched.
+    """
     if memory <= 0 or memory % PAGE_SIZE:
         raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE} bytes, not {memory}")
     path = resolve(dom)
-    _ext.sim_create(str(path), memory // PAGE_SIZE, vcpus, seed)
+    try:
+        _ext.sim_create(
+            str(path), memory // PAGE_SIZE, vcpus, seed, replace=force, cancelled=cancelled
+        )
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise FileExistsError(
+                errno.EEXIST, "the domain already exists; --force replaces it", str(path)
+            ) from None
+        if e.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space for {memory} bytes of guest memory ({os.strerror(errno.ENOSPC)})",
+                str(path),
+            ) from None
+        raise
     return path
 
 

@@ -150,10 +150,12 @@ def _write_atomically(path: str, write: Callable[[int], _T]) -> _T:
     """``write(fd)`` into a temp file next to ``path``; fsync'd and renamed
     over it on success, removed on failure."""
     import contextlib
-    import tempfile
+
+    from .files import create_private_temp
 
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".xcsave-", suffix=".tmp", dir=directory)
+    # The output is guest memory: private, whatever the umask.
+    fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
     try:
         result = write(fd)
         os.fsync(fd)

@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "private_file.h"
 #include "simdom.h"
 #include "stream_io.h"
 #include "xcs_engine.h"
@@ -216,7 +217,7 @@ static int target_create(struct restore_ctx *ctx)
         ctx->partial = NULL;
         return xcs_fail(ctx->cb, ENOMEM, "allocating a path");
     }
-    ctx->tfd = open(ctx->partial, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    ctx->tfd = xcs_create_private(ctx->partial, O_RDWR);
     if (ctx->tfd < 0) {
         int e = errno;
 
@@ -336,18 +337,22 @@ static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
 /* Write the device model's state to p->dm_path: temporary name, rename. */
 static int handover_dm(struct restore_ctx *ctx)
 {
+    char *prefix = NULL;
     char *tmp = NULL;
     size_t done = 0;
     int fd = -1, rc = -1;
 
-    if (asprintf(&tmp, "%s.partial.%ld", ctx->p->dm_path, (long)getpid()) < 0) {
-        tmp = NULL;
+    if (asprintf(&prefix, "%s.partial.%ld.", ctx->p->dm_path,
+                 (long)getpid()) < 0) {
+        prefix = NULL;
         xcs_fail(ctx->cb, ENOMEM, "allocating a path");
         goto out;
     }
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* An unguessable private name: nothing can be planted there first. */
+    fd = xcs_create_private_temp(prefix, O_WRONLY, &tmp);
     if (fd < 0) {
-        xcs_fail(ctx->cb, errno, "creating %s: %s", tmp, strerror(errno));
+        xcs_fail(ctx->cb, errno, "creating a temporary %s*: %s", prefix,
+                 strerror(errno));
         goto out;
     }
     while (done < ctx->dm_len) {
@@ -376,6 +381,7 @@ out:
     if (rc < 0 && tmp)
         unlink(tmp);
     free(tmp);
+    free(prefix);
     return rc;
 }
 

@@ -102,6 +102,7 @@ struct copy_worker {
     uint64_t lo, hi;     /* phase 1: pfns [lo, hi); phase 2: batches */
     uint64_t found;      /* phase 1: pfns to send, at pool->pfns + lo */
     uint64_t zeros;      /* phase 1: all-zero pages skipped */
+    struct xcs_sim_holes holes; /* this thread's, pfns ascending */
     uint8_t hdr[BATCH_HDR_SIZE];
     struct iovec *iov;   /* 2 + XCS_MAX_BATCH_SIZE entries */
 };
@@ -133,6 +134,8 @@ struct save_ctx {
     const struct xcs_engine_callbacks *cb;
     struct xcs_save_stats *st;
     struct xcs_sim_dom dom;
+    struct xcs_sim_holes holes; /* the sequential path's, reset every round */
+    int skip_zero;          /* this round skips all-zero pages (and holes) */
     struct xcs_writer w;
     uint64_t *dirty;        /* harvested log-dirty bitmap */
     uint8_t *batch;         /* rhdr, count, pfn[XCS_MAX_BATCH_SIZE] */
@@ -187,15 +190,20 @@ static void page_data_hdr(uint8_t *buf, unsigned int n)
 /*
  * Append iovecs for the pages of pfns[0, n) at iov[k]; returns the new
  * count.  Adjacent pfns are adjacent in the mapping: one iovec for a run
- * (merged only into iovecs this call appended).
+ * (merged only into iovecs this call appended).  With holes (a round that
+ * sends all-zero pages too), a hole is sent from xcs_sim_zero_page: read
+ * through the mapping it would become a page of the file.
  */
-static int page_iovs(const struct xcs_sim_dom *dom, struct iovec *iov, int k,
-                     const uint64_t *pfns, unsigned int n)
+static int page_iovs(const struct xcs_sim_dom *dom, struct xcs_sim_holes *holes,
+                     struct iovec *iov, int k, const uint64_t *pfns,
+                     unsigned int n)
 {
     int first = k;
 
     for (unsigned int i = 0; i < n; i++) {
-        uint8_t *page = xcs_sim_page(dom, pfns[i]);
+        uint8_t *page = holes && xcs_sim_page_is_hole(holes, pfns[i])
+                            ? (uint8_t *)xcs_sim_zero_page
+                            : xcs_sim_page(dom, pfns[i]);
         struct iovec *last = &iov[k - 1];
 
         if (k > first && (uint8_t *)last->iov_base + last->iov_len == page) {
@@ -213,6 +221,7 @@ static int flush_batch(struct save_ctx *ctx)
 {
     unsigned int n = ctx->batch_n;
     unsigned int m = 0; /* pages [0, m) are vmspliced */
+    struct xcs_sim_holes *holes;
     int k, ks;
 
     if (n == 0)
@@ -225,8 +234,9 @@ static int flush_batch(struct save_ctx *ctx)
     while (m < n && ctx->batch_pfns[m] < ctx->splice_below)
         m++;
     /* the copied part starts a fresh iovec */
-    ks = page_iovs(&ctx->dom, ctx->iov, 1, ctx->batch_pfns, m);
-    k = page_iovs(&ctx->dom, ctx->iov, ks, ctx->batch_pfns + m, n - m);
+    holes = ctx->skip_zero ? NULL : &ctx->holes; /* else: none in the batch */
+    ks = page_iovs(&ctx->dom, holes, ctx->iov, 1, ctx->batch_pfns, m);
+    k = page_iovs(&ctx->dom, holes, ctx->iov, ks, ctx->batch_pfns + m, n - m);
     /* PAGE_DATA bodies are multiples of 8: no padding. */
     if (m == 0) {
         if (xcs_writev_all(&ctx->w, ctx->iov, k) < 0)
@@ -263,9 +273,17 @@ static int page_is_zero(const uint8_t *page)
     return 1;
 }
 
+/* A page that reads as zeros: a hole (not touched: see simdom.h) or zeros. */
+static int page_zero(const struct xcs_sim_dom *dom, struct xcs_sim_holes *holes,
+                     uint64_t pfn)
+{
+    return xcs_sim_page_is_hole(holes, pfn) ||
+           page_is_zero(xcs_sim_page(dom, pfn));
+}
+
 static int add_page(struct save_ctx *ctx, uint64_t pfn, int skip_zero)
 {
-    if (skip_zero && page_is_zero(xcs_sim_page(&ctx->dom, pfn))) {
+    if (skip_zero && page_zero(&ctx->dom, &ctx->holes, pfn)) {
         ctx->st->zero_pages++;
         return 0;
     }
@@ -301,15 +319,23 @@ static uint64_t splice_limit(struct save_ctx *ctx, const uint64_t *bitmap,
                              int skip_zero)
 {
     long cap = xcs_pipe_capacity(ctx->w.fd);
+    struct xcs_sim_holes holes;
     uint64_t want, got = 0;
 
     if (cap <= 0)
         return 0;
     want = (uint64_t)cap / XCS_PAGE_SIZE + 2;
+    xcs_sim_holes_init(&holes, &ctx->dom);
     for (uint64_t pfn = ctx->dom.nr_pages; pfn-- > 0;) {
         if (bitmap && !(bitmap[pfn / 64] & (1ULL << (pfn % 64))))
             continue;
-        if (skip_zero && page_is_zero(xcs_sim_page(&ctx->dom, pfn)))
+        /*
+         * Scanning down, lseek cannot help (it seeks up): a page not in
+         * memory is not counted, hole or swapped out.  Not counting a page
+         * the round does send only lowers the limit: more pages copied.
+         */
+        if (skip_zero && (!xcs_sim_page_resident(&holes, pfn) ||
+                          page_is_zero(xcs_sim_page(&ctx->dom, pfn))))
             continue;
         if (++got >= want)
             return pfn;
@@ -398,9 +424,10 @@ static void copy_find(struct copy_worker *w)
     uint64_t *out = pool->pfns + w->lo;
 
     w->found = w->zeros = 0;
+    xcs_sim_holes_init(&w->holes, dom);
     for (uint64_t pfn = next_pfn(pool->bitmap, w->lo, w->hi); pfn < w->hi;
          pfn = next_pfn(pool->bitmap, pfn + 1, w->hi)) {
-        if (pool->skip_zero && page_is_zero(xcs_sim_page(dom, pfn))) {
+        if (pool->skip_zero && page_zero(dom, &w->holes, pfn)) {
             w->zeros++;
             continue;
         }
@@ -412,7 +439,9 @@ static void copy_write(struct copy_worker *w)
 {
     struct copy_pool *pool = w->pool;
     const struct xcs_sim_dom *dom = &pool->ctx->dom;
+    struct xcs_sim_holes *holes = pool->skip_zero ? NULL : &w->holes;
 
+    xcs_sim_holes_init(&w->holes, dom);
     for (uint64_t b = w->lo; b < w->hi; b++) {
         uint64_t first = b * XCS_MAX_BATCH_SIZE;
         uint64_t left = pool->npages - first;
@@ -429,7 +458,7 @@ static void copy_write(struct copy_worker *w)
         w->iov[0].iov_len = BATCH_HDR_SIZE;
         w->iov[1].iov_base = pool->pfns + first;
         w->iov[1].iov_len = 8 * (size_t)n;
-        k = page_iovs(dom, w->iov, 2, pool->pfns + first, n);
+        k = page_iovs(dom, holes, w->iov, 2, pool->pfns + first, n);
         if (xcs_pwritev_all(pool->ctx->w.fd, w->iov, k, off) < 0) {
             copy_error(pool, errno, "writing PAGE_DATA", w->idx, off);
             return;
@@ -651,6 +680,9 @@ static int send_pages(struct save_ctx *ctx, const uint64_t *bitmap,
     unsigned int slot;
 
     ctx->round_sent = 0;
+    ctx->skip_zero = skip_zero;
+    /* What was a hole last round may have been written since. */
+    xcs_sim_holes_init(&ctx->holes, &ctx->dom);
     ctx->splice_below = !ctx->splice_ok ? 0
                         : ctx->frozen ? splice_limit(ctx, bitmap, skip_zero)
                                       : nr;

@@ -32,8 +32,11 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "private_file.h"
 
 /* The header is an on-disk format (docs/sim-format.md): pin its layout. */
 _Static_assert(offsetof(struct xcs_sim_hdr, nr_pages) == 16, "sim header");
@@ -134,35 +137,80 @@ static inline uint64_t xxh_merge(uint64_t acc, uint64_t v)
     return acc * XXH_P1 + XXH_P4;
 }
 
-uint64_t xcs_xxh64(const void *buf, size_t len, uint64_t seed)
+/*
+ * Streaming XXH64: the same function over a buffer fed in pieces, so that
+ * the digest can hash a hole as zeros from a small buffer without reading
+ * it.  Stripes of 32 bytes go straight through the four lanes; a piece
+ * that ends mid-stripe leaves its tail in buf.
+ */
+struct xxh64_state {
+    uint64_t v[4];
+    uint64_t total;
+    uint64_t seed;
+    uint8_t buf[32];
+    size_t n; /* bytes in buf */
+};
+
+static void xxh64_init(struct xxh64_state *st, uint64_t seed)
+{
+    memset(st, 0, sizeof(*st));
+    st->seed = seed;
+    st->v[0] = seed + XXH_P1 + XXH_P2;
+    st->v[1] = seed + XXH_P2;
+    st->v[2] = seed;
+    st->v[3] = seed - XXH_P1;
+}
+
+static inline void xxh64_stripe(uint64_t v[4], const uint8_t *p)
+{
+    v[0] = xxh_round(v[0], rd64(p));
+    v[1] = xxh_round(v[1], rd64(p + 8));
+    v[2] = xxh_round(v[2], rd64(p + 16));
+    v[3] = xxh_round(v[3], rd64(p + 24));
+}
+
+static void xxh64_update(struct xxh64_state *st, const void *buf, size_t len)
 {
     const uint8_t *p = buf;
     const uint8_t *end = p + len;
+    uint64_t v[4] = {st->v[0], st->v[1], st->v[2], st->v[3]};
+
+    st->total += len;
+    if (st->n) {
+        size_t take = 32 - st->n < len ? 32 - st->n : len;
+
+        memcpy(st->buf + st->n, p, take);
+        st->n += take;
+        p += take;
+        if (st->n < 32)
+            return;
+        xxh64_stripe(v, st->buf);
+        st->n = 0;
+    }
+    while ((size_t)(end - p) >= 32) {
+        xxh64_stripe(v, p);
+        p += 32;
+    }
+    memcpy(st->buf, p, (size_t)(end - p));
+    st->n = (size_t)(end - p);
+    memcpy(st->v, v, sizeof(v));
+}
+
+static uint64_t xxh64_final(const struct xxh64_state *st)
+{
+    const uint8_t *p = st->buf;
+    const uint8_t *end = p + st->n;
     uint64_t h;
 
-    if (len >= 32) {
-        uint64_t v1 = seed + XXH_P1 + XXH_P2;
-        uint64_t v2 = seed + XXH_P2;
-        uint64_t v3 = seed;
-        uint64_t v4 = seed - XXH_P1;
-        const uint8_t *limit = end - 32;
-
-        do {
-            v1 = xxh_round(v1, rd64(p));
-            v2 = xxh_round(v2, rd64(p + 8));
-            v3 = xxh_round(v3, rd64(p + 16));
-            v4 = xxh_round(v4, rd64(p + 24));
-            p += 32;
-        } while (p <= limit);
-        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
-        h = xxh_merge(h, v1);
-        h = xxh_merge(h, v2);
-        h = xxh_merge(h, v3);
-        h = xxh_merge(h, v4);
+    if (st->total >= 32) {
+        h = rotl64(st->v[0], 1) + rotl64(st->v[1], 7) + rotl64(st->v[2], 12) +
+            rotl64(st->v[3], 18);
+        for (int i = 0; i < 4; i++)
+            h = xxh_merge(h, st->v[i]);
     } else {
-        h = seed + XXH_P5;
+        h = st->seed + XXH_P5;
     }
-    h += (uint64_t)len;
+    h += st->total;
     while (p + 8 <= end) {
         h ^= xxh_round(0, rd64(p));
         h = rotl64(h, 27) * XXH_P1 + XXH_P4;
@@ -184,6 +232,15 @@ uint64_t xcs_xxh64(const void *buf, size_t len, uint64_t seed)
     h *= XXH_P3;
     h ^= h >> 32;
     return h;
+}
+
+uint64_t xcs_xxh64(const void *buf, size_t len, uint64_t seed)
+{
+    struct xxh64_state st;
+
+    xxh64_init(&st, seed);
+    xxh64_update(&st, buf, len);
+    return xxh64_final(&st);
 }
 
 /*----- layout -----*/
@@ -289,7 +346,6 @@ int xcs_sim_map_fd(int fd, int flags, struct xcs_sim_dom *dom)
     struct xcs_sim_hdr hdr;
     struct stat st;
     int prot = (flags & XCS_SIM_RDONLY) ? PROT_READ : PROT_READ | PROT_WRITE;
-    int mflags = MAP_SHARED | ((flags & XCS_SIM_POPULATE) ? MAP_POPULATE : 0);
     ssize_t n;
     int saved;
     int rc = -1;
@@ -315,7 +371,7 @@ int xcs_sim_map_fd(int fd, int flags, struct xcs_sim_dom *dom)
     if (dom->fd < 0)
         goto out;
     dom->map_len = (size_t)hdr.file_size;
-    dom->map = mmap(NULL, dom->map_len, prot, mflags, dom->fd, 0);
+    dom->map = mmap(NULL, dom->map_len, prot, MAP_SHARED, dom->fd, 0);
     if (dom->map == MAP_FAILED)
         goto out;
     dom->hdr = dom->map;
@@ -382,11 +438,78 @@ int xcs_sim_format_fd(int fd, uint64_t nr_pages, unsigned int nr_vcpus,
     return 0;
 }
 
+#define CREATE_CHUNK_PAGES 16384u         /* 64 MiB between cancel checks */
+#define RESERVE_CHUNK (256ULL << 20)      /* fallocate steps */
+
+static int cancel_now(xcs_sim_cancel_fn cancelled, void *data)
+{
+    if (cancelled && cancelled(data)) {
+        errno = EINTR;
+        return 1;
+    }
+    return 0;
+}
+
+/*
+ * Reserve [0, size) of fd: ENOSPC now rather than SIGBUS when a page of the
+ * mapping is first written.  statfs first: a domain larger than the free
+ * space is refused before anything is allocated (fallocate on tmpfs takes
+ * pages until it fails, and a big one would press on all of RAM on the
+ * way).  Then fallocate in steps, asking cancelled between them; a signal
+ * interrupts a step (EINTR: tmpfs gives back what the step took) and the
+ * next turn asks cancelled whether to go on.
+ */
+static int reserve(int fd, uint64_t size, xcs_sim_cancel_fn cancelled,
+                   void *data)
+{
+    struct statvfs vfs;
+    int emulate = 0;
+
+    if (fstatvfs(fd, &vfs) == 0 && vfs.f_blocks) {
+        uint64_t avail = geteuid() == 0 ? vfs.f_bfree : vfs.f_bavail;
+
+        if (avail < size / vfs.f_frsize) {
+            errno = ENOSPC;
+            return -1;
+        }
+    }
+    for (uint64_t off = 0; off < size;) {
+        uint64_t len = size - off < RESERVE_CHUNK ? size - off : RESERVE_CHUNK;
+        int r;
+
+        if (cancel_now(cancelled, data))
+            return -1;
+        if (!emulate) {
+            r = fallocate(fd, 0, (off_t)off, (off_t)len);
+            if (r < 0 && errno == EOPNOTSUPP) {
+                emulate = 1; /* a filesystem without fallocate: libc writes */
+                continue;
+            }
+        } else {
+            r = posix_fallocate(fd, (off_t)off, (off_t)len);
+            if (r) {
+                errno = r;
+                r = -1;
+            }
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -1;
+        off += len;
+    }
+    return 0;
+}
+
 int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
-                   uint64_t seed)
+                   uint64_t seed, int flags, xcs_sim_cancel_fn cancelled,
+                   void *data)
 {
     struct xcs_sim_dom dom = {.fd = -1};
+    struct xcs_sim_hdr hdr;
+    struct stat st;
     uint8_t *templates = NULL;
+    char *prefix = NULL;
     char *tmp = NULL;
     int fd = -1;
     int saved;
@@ -396,18 +519,24 @@ int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
         errno = EINVAL;
         goto out;
     }
+    /* Not minutes of work for a rename that must fail (it still decides). */
+    if (!(flags & XCS_SIM_CREATE_REPLACE) && lstat(path, &st) == 0) {
+        errno = EEXIST;
+        goto out;
+    }
     /* Build under a private name, rename into place: never a half domain. */
-    if (asprintf(&tmp, "%s.creating.%ld", path, (long)getpid()) < 0) {
-        tmp = NULL;
+    if (asprintf(&prefix, "%s.creating.%ld.", path, (long)getpid()) < 0) {
+        prefix = NULL;
         errno = ENOMEM;
         goto out;
     }
-    fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    fd = xcs_create_private_temp(prefix, O_RDWR, &tmp);
     if (fd < 0)
         goto out;
-    if (xcs_sim_format_fd(fd, nr_pages, nr_vcpus, seed, XCS_SIM_RUNNING) < 0)
-        goto out;
-    if (xcs_sim_map_fd(fd, 0, &dom) < 0)
+    xcs_sim_layout(nr_pages, nr_vcpus, &hdr);
+    if (xcs_sim_format_fd(fd, nr_pages, nr_vcpus, seed, XCS_SIM_RUNNING) < 0 ||
+        reserve(fd, hdr.file_size, cancelled, data) < 0 ||
+        xcs_sim_map_fd(fd, 0, &dom) < 0)
         goto out;
 
     templates = malloc(NR_TEMPLATES * XCS_SIM_PAGE_SIZE);
@@ -419,9 +548,11 @@ int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
     for (uint64_t pfn = 0; pfn < nr_pages; pfn++) {
         uint64_t sub;
 
+        if (pfn % CREATE_CHUNK_PAGES == 0 && cancel_now(cancelled, data))
+            goto out;
         switch (page_kind(seed, pfn, &sub)) {
         case PAGE_ZERO:
-            break; /* the new file is sparse: left untouched it reads 0 */
+            break; /* reserved, never written: reads as 0 */
         case PAGE_TEMPLATE:
             memcpy(xcs_sim_page(&dom, pfn),
                    templates + sub * XCS_SIM_PAGE_SIZE, XCS_SIM_PAGE_SIZE);
@@ -434,7 +565,9 @@ int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
     for (unsigned int v = 0; v < nr_vcpus; v++)
         xcs_sim_fill_vcpu(xcs_sim_vcpu(&dom, v), v, seed);
 
-    if (rename(tmp, path) < 0)
+    /* The last chance to stop: after the rename the domain is there. */
+    if (cancel_now(cancelled, data) ||
+        xcs_rename_noreplace(tmp, path, flags & XCS_SIM_CREATE_REPLACE) < 0)
         goto out;
     rc = 0;
 
@@ -443,10 +576,11 @@ out:
     xcs_sim_close(&dom);
     if (fd >= 0)
         close(fd);
-    if (rc && tmp && fd >= 0)
+    if (rc && tmp)
         unlink(tmp);
     free(templates);
     free(tmp);
+    free(prefix);
     errno = saved;
     return rc;
 }
@@ -692,17 +826,112 @@ out:
     return rc;
 }
 
+/*----- holes -----*/
+
+const uint8_t xcs_sim_zero_page[XCS_SIM_PAGE_SIZE];
+
+void xcs_sim_holes_init(struct xcs_sim_holes *h, const struct xcs_sim_dom *dom)
+{
+    h->dom = dom;
+    h->lo = h->hi = 0;
+    h->hole_lo = h->hole_hi = 0;
+}
+
+/* vec for the aligned window of pages that holds pfn. */
+static void holes_window(struct xcs_sim_holes *h, uint64_t pfn)
+{
+    const struct xcs_sim_dom *dom = h->dom;
+
+    h->lo = pfn - pfn % XCS_SIM_HOLES_WINDOW;
+    h->hi = h->lo + XCS_SIM_HOLES_WINDOW < dom->nr_pages
+                ? h->lo + XCS_SIM_HOLES_WINDOW
+                : dom->nr_pages;
+    /*
+     * mm trick: mincore() on a shared file mapping reports whether each
+     * page is in the file's page cache (ours or anyone's), without
+     * faulting anything in.  If it fails, every page counts as absent and
+     * lseek decides, page by page.
+     */
+    if (mincore(xcs_sim_page(dom, h->lo),
+                (size_t)(h->hi - h->lo) << XCS_SIM_PAGE_SHIFT, h->vec) < 0)
+        memset(h->vec, 0, sizeof(h->vec));
+}
+
+int xcs_sim_page_resident(struct xcs_sim_holes *h, uint64_t pfn)
+{
+    if (pfn < h->lo || pfn >= h->hi)
+        holes_window(h, pfn);
+    return h->vec[pfn - h->lo] & 1;
+}
+
+int xcs_sim_hole_run(struct xcs_sim_holes *h, uint64_t pfn, uint64_t *run_end)
+{
+    const struct xcs_sim_dom *dom = h->dom;
+    uint64_t base = (uint64_t)(dom->pages - (const uint8_t *)dom->map);
+    uint64_t end, dpfn;
+    off_t d;
+
+    if (pfn >= h->hole_lo && pfn < h->hole_hi) {
+        *run_end = h->hole_hi;
+        return 1;
+    }
+    if (xcs_sim_page_resident(h, pfn)) {
+        end = pfn + 1;
+        while (end < h->hi && (h->vec[end - h->lo] & 1))
+            end++;
+        *run_end = end;
+        return 0;
+    }
+    /*
+     * Not in memory: a hole, or a page swapped out.  SEEK_DATA from its
+     * offset answers (the fd's offset moves; nobody reads through it).
+     */
+    d = lseek(dom->fd, (off_t)(base + (pfn << XCS_SIM_PAGE_SHIFT)), SEEK_DATA);
+    if (d < 0 && errno == ENXIO) {
+        dpfn = dom->nr_pages; /* no data up to the end of the file */
+    } else if (d < 0) {
+        *run_end = pfn + 1; /* no SEEK_DATA here: read it */
+        return 0;
+    } else {
+        /* A page with any data in it is data: round down. */
+        dpfn = ((uint64_t)d - base) >> XCS_SIM_PAGE_SHIFT;
+        if (dpfn > dom->nr_pages)
+            dpfn = dom->nr_pages;
+    }
+    if (dpfn <= pfn) {
+        *run_end = pfn + 1;
+        return 0;
+    }
+    h->hole_lo = pfn;
+    h->hole_hi = dpfn;
+    *run_end = dpfn;
+    return 1;
+}
+
 /*----- digest -----*/
 
 void xcs_sim_digest(const struct xcs_sim_dom *dom,
                     uint8_t out[XCS_SIM_DIGEST_SIZE])
 {
+    struct xcs_sim_holes holes;
+    struct xxh64_state st;
     uint64_t d[4];
     uint64_t shape[4] = {dom->nr_pages, XCS_SIM_PAGE_SHIFT, dom->nr_vcpus,
                          XCS_SIM_VCPU_SIZE};
 
-    d[0] = xcs_xxh64(dom->pages, (size_t)(dom->nr_pages << XCS_SIM_PAGE_SHIFT),
-                     0);
+    /* Data runs from the mapping, holes as the zeros they read as. */
+    xxh64_init(&st, 0);
+    xcs_sim_holes_init(&holes, dom);
+    for (uint64_t pfn = 0, end; pfn < dom->nr_pages; pfn = end) {
+        if (!xcs_sim_hole_run(&holes, pfn, &end)) {
+            xxh64_update(&st, xcs_sim_page(dom, pfn),
+                         (size_t)(end - pfn) << XCS_SIM_PAGE_SHIFT);
+            continue;
+        }
+        for (uint64_t p = pfn; p < end; p++)
+            xxh64_update(&st, xcs_sim_zero_page, XCS_SIM_PAGE_SIZE);
+    }
+    d[0] = xxh64_final(&st);
     d[1] = xcs_xxh64(dom->vcpus, (size_t)dom->nr_vcpus * XCS_SIM_VCPU_SIZE, 0);
     d[2] = xcs_xxh64(shape, sizeof(shape), 0);
     d[3] = xcs_xxh64(d, 3 * sizeof(uint64_t), 0);

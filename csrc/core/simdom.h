@@ -79,20 +79,35 @@ struct xcs_sim_dom {
 
 /* xcs_sim_open flags. */
 #define XCS_SIM_RDONLY 0x1   /* map read-only: digest/info only */
-#define XCS_SIM_POPULATE 0x2 /* prefault the mapping (MAP_POPULATE) */
 
 /* File layout for a domain of that shape: offsets as in struct xcs_sim_hdr. */
 void xcs_sim_layout(uint64_t nr_pages, unsigned int nr_vcpus,
                     struct xcs_sim_hdr *out);
 
+/* xcs_sim_create flags. */
+#define XCS_SIM_CREATE_REPLACE 0x1 /* may replace a domain already at path */
+
+/* Asked between steps of a long job: non-zero stops it (errno EINTR). */
+typedef int (*xcs_sim_cancel_fn)(void *data);
+
 /*
- * Create a domain file at path (replacing any old one atomically), filled
- * deterministically from seed: about 25% zero pages, about 10% copies of a
- * few template pages, the rest pseudo-random; vCPU contexts derived from the
- * seed.  State running, log-dirty off.
+ * Create a domain file at path, filled deterministically from seed: about
+ * 25% zero pages, about 10% copies of a few template pages, the rest
+ * pseudo-random; vCPU contexts derived from the seed.  State running,
+ * log-dirty off.
+ *
+ * Built in a private temporary beside path (private_file.h) whose whole
+ * size is reserved first with fallocate: no space is ENOSPC before any page
+ * is written, never a SIGBUS half way.  cancelled (may be NULL) is asked
+ * between steps (every 64 MiB of pages, every 256 MiB reserved); when it
+ * says stop, or anything fails, the temporary is removed and nothing is at
+ * path that was not there before.  The temporary is renamed to path only if
+ * nothing is there (EEXIST otherwise), unless flags has
+ * XCS_SIM_CREATE_REPLACE.
  */
 int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
-                   uint64_t seed);
+                   uint64_t seed, int flags, xcs_sim_cancel_fn cancelled,
+                   void *data);
 
 /*
  * Give the open, empty (or sparse) file fd the size and header of a domain of
@@ -110,6 +125,52 @@ int xcs_sim_map_fd(int fd, int flags, struct xcs_sim_dom *dom);
 int xcs_sim_open(const char *path, int flags, struct xcs_sim_dom *dom);
 void xcs_sim_close(struct xcs_sim_dom *dom); /* idempotent */
 int xcs_sim_remove(const char *path);
+
+/*
+ * Holes.  A page of a domain file that was never written (a hole of the
+ * sparse file, or space fallocate reserved but nobody wrote) reads as
+ * zeros -- but reading it through the MAP_SHARED mapping makes tmpfs
+ * allocate it: a digest or a save of a sparse 64 GiB domain would fill
+ * /dev/shm.  Readers ask a cursor first and read only pages that are there:
+ * mincore() says which pages are in the page cache (reading those allocates
+ * nothing); for the others lseek(SEEK_DATA) tells a hole (zeros, not to be
+ * touched) from a page that is only swapped out (data).  Neither call
+ * allocates.  One cursor per thread; cheapest when pfns ascend.
+ */
+#define XCS_SIM_HOLES_WINDOW 4096u /* pages per mincore() call */
+
+struct xcs_sim_holes {
+    const struct xcs_sim_dom *dom;
+    uint64_t lo, hi;           /* vec holds pages [lo, hi) */
+    uint64_t hole_lo, hole_hi; /* a known run of holes */
+    unsigned char vec[XCS_SIM_HOLES_WINDOW];
+};
+
+void xcs_sim_holes_init(struct xcs_sim_holes *h, const struct xcs_sim_dom *dom);
+
+/*
+ * Whether page pfn is a hole (reads as zeros; must not be touched), and in
+ * *run_end the end of the run of pages of the same kind that pfn starts
+ * (as far as the cursor knows: a run may continue past it).
+ */
+int xcs_sim_hole_run(struct xcs_sim_holes *h, uint64_t pfn, uint64_t *run_end);
+
+static inline int xcs_sim_page_is_hole(struct xcs_sim_holes *h, uint64_t pfn)
+{
+    uint64_t end;
+
+    return xcs_sim_hole_run(h, pfn, &end);
+}
+
+/*
+ * Whether page pfn is in memory (mincore only, no lseek): 0 for a hole, and
+ * also for a data page that is swapped out.  For estimates that must not
+ * count a page they cannot be sure of.
+ */
+int xcs_sim_page_resident(struct xcs_sim_holes *h, uint64_t pfn);
+
+/* A page of zeros, for a reader to use in place of a hole. */
+extern const uint8_t xcs_sim_zero_page[XCS_SIM_PAGE_SIZE];
 
 static inline uint8_t *xcs_sim_page(const struct xcs_sim_dom *dom,
                                     uint64_t pfn)
@@ -170,7 +231,8 @@ int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
 /*
  * Digest of memory + vCPU state + shape: four little-endian u64s
  * [XXH64(pages), XXH64(vcpu contexts), XXH64(shape), XXH64(first three)]
- * (docs/sim-format.md).  Independent of state and the dirty log.
+ * (docs/sim-format.md).  Independent of state and the dirty log.  Holes are
+ * hashed as the zeros they read as, without touching them (see "Holes").
  */
 void xcs_sim_digest(const struct xcs_sim_dom *dom,
                     uint8_t out[XCS_SIM_DIGEST_SIZE]);

@@ -1,0 +1,307 @@
+"""xcsave/files.py: private files (0600 exactly, O_EXCL|O_NOFOLLOW|O_CLOEXEC)
+and private directories (0700; a symlink, another owner, a group- or
+world-writable mode refused), and the sim directory that uses them."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from xcsave import files
+
+NOBODY = 65534
+XCSAVE = [sys.executable, "-P", "-m", "xcsave"]
+LEGACY_HVM = ["--legacy", "--width", "64", "--guest", "hvm"]
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+
+
+# ------------------------------------------------------------ private files
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o277, 0o777])
+def test_create_private_is_0600_whatever_the_umask(tmp_path: Path, mask: int) -> None:
+    p = tmp_path / "f"
+    with umask(mask):
+        fd = files.create_private(p, os.O_RDWR)
+    try:
+        assert mode(p) == 0o600
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        os.write(fd, b"guest")
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == b"guest"
+
+
+def test_create_private_refuses_an_existing_file(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        files.create_private(p)
+    assert p.read_bytes() == b"theirs"
+
+
+def test_create_private_refuses_a_planted_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_bytes(b"victim")
+    os.chmod(target, 0o644)
+    link = tmp_path / "f"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError):
+        files.create_private(link)
+    assert target.read_bytes() == b"victim"
+    assert mode(target) == 0o644
+
+
+def test_create_private_refuses_a_dangling_symlink(tmp_path: Path) -> None:
+    link = tmp_path / "f"
+    link.symlink_to(tmp_path / "would-be-created")
+    with pytest.raises(FileExistsError):
+        files.create_private(link)
+    assert not (tmp_path / "would-be-created").exists()
+    assert link.is_symlink()
+
+
+def test_create_private_temp_names_are_new_and_private(tmp_path: Path) -> None:
+    seen = set()
+    with umask(0):
+        for _ in range(20):
+            fd, path = files.create_private_temp(tmp_path, ".x-", ".tmp")
+            os.close(fd)
+            p = Path(path)
+            assert p.parent == tmp_path
+            assert p.name.startswith(".x-") and p.name.endswith(".tmp")
+            assert mode(p) == 0o600
+            seen.add(path)
+    assert len(seen) == 20
+
+
+# ------------------------------------------------------ private directories
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o777])
+def test_private_dir_is_created_0700(tmp_path: Path, mask: int) -> None:
+    d = tmp_path / "a" / "b" / "sim"
+    with umask(mask):
+        assert files.private_dir(d) == d
+    assert d.is_dir()
+    assert mode(d) == 0o700
+    files.check_private_dir(d)  # and accepted the second time
+    files.private_dir(d)
+
+
+def test_private_dir_accepts_an_existing_0755_dir_unchanged(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    files.private_dir(d)
+    assert mode(d) == 0o755
+
+
+def test_private_dir_refuses_a_symlink_to_a_good_dir(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "sim"
+    link.symlink_to(real)
+    with pytest.raises(PermissionError, match="symlink") as e:
+        files.private_dir(link)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(PermissionError, match="symlink"):
+        files.check_private_dir(link)
+
+
+def test_private_dir_refuses_a_dangling_symlink(tmp_path: Path) -> None:
+    link = tmp_path / "sim"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PermissionError, match="symlink"):
+        files.private_dir(link)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@needs_root
+def test_private_dir_refuses_another_owner(tmp_path: Path) -> None:
+    d = tmp_path / "sim"
+    d.mkdir(mode=0o700)
+    os.chown(d, NOBODY, -1)
+    with pytest.raises(PermissionError, match=f"owned by uid {NOBODY}") as e:
+        files.private_dir(d)
+    assert e.value.errno == errno.EPERM
+
+
+@pytest.mark.parametrize("bad", [0o777, 0o770, 0o702, 0o1777])
+def test_private_dir_refuses_group_or_world_writable(tmp_path: Path, bad: int) -> None:
+    d = tmp_path / "sim"
+    d.mkdir()
+    os.chmod(d, bad)
+    with pytest.raises(PermissionError, match="writable by group or others"):
+        files.private_dir(d)
+    assert mode(d) == bad  # refused, not "fixed"
+
+
+def test_private_dir_refuses_a_regular_file(tmp_path: Path) -> None:
+    f = tmp_path / "sim"
+    f.write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        files.private_dir(f)
+    with pytest.raises(NotADirectoryError):
+        files.check_private_dir(f)
+
+
+def test_check_private_dir_of_nothing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        files.check_private_dir(tmp_path / "missing")
+
+
+# ------------------------------------------------------------ the sim directory
+
+
+def xcsave(*args: str, env: dict[str, str], mask: int = 0o022) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*XCSAVE, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.umask(mask),
+    )
+
+
+def sim_env(simdir: Path) -> dict[str, str]:
+    return {**os.environ, "XCSAVE_SIM_DIR": str(simdir)}
+
+
+def test_sim_dir_and_domain_are_private_under_umask_000(tmp_path: Path) -> None:
+    simdir = tmp_path / "shm" / "xcsave"
+    r = xcsave("sim", "create", "vm", "--memory", "64K", env=sim_env(simdir), mask=0)
+    assert r.returncode == 0, r.stderr
+    assert mode(simdir) == 0o700
+    assert mode(simdir / "vm") == 0o600
+    assert sorted(p.name for p in simdir.iterdir()) == ["vm"]
+
+
+def one_line_refusal(r: subprocess.CompletedProcess[str], path: Path, what: str) -> None:
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"xcsave: sim: {path}: ")
+    assert what in lines[0]
+    assert lines[0].endswith("(EPERM)")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["create", "vm", "--memory", "64K"], ["digest", "vm"]])
+def test_sim_dir_symlink_is_refused(tmp_path: Path, cmd: list[str]) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    simdir = tmp_path / "xcsave"
+    simdir.symlink_to(real)
+    r = xcsave("sim", *cmd, env=sim_env(simdir))
+    one_line_refusal(r, simdir, "symlink")
+    assert list(real.iterdir()) == []
+
+
+def test_sim_dir_world_writable_is_refused(tmp_path: Path) -> None:
+    simdir = tmp_path / "xcsave"
+    simdir.mkdir()
+    os.chmod(simdir, 0o1777)
+    r = xcsave("sim", "create", "vm", "--memory", "64K", env=sim_env(simdir))
+    one_line_refusal(r, simdir, "writable by group or others")
+    assert list(simdir.iterdir()) == []
+
+
+@needs_root
+def test_sim_dir_of_another_owner_is_refused(tmp_path: Path) -> None:
+    simdir = tmp_path / "xcsave"
+    simdir.mkdir(mode=0o700)
+    os.chown(simdir, NOBODY, -1)
+    r = xcsave("sim", "create", "vm", "--memory", "64K", env=sim_env(simdir))
+    one_line_refusal(r, simdir, f"owned by uid {NOBODY}")
+    assert list(simdir.iterdir()) == []
+
+
+def test_a_dom_path_is_the_users_choice_but_the_file_is_private(tmp_path: Path) -> None:
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o1777)  # not checked: the user named it
+    r = xcsave("sim", "create", str(d / "vm"), "--memory", "64K", env=dict(os.environ), mask=0)
+    assert r.returncode == 0, r.stderr
+    assert mode(d / "vm") == 0o600
+
+
+# ------------------------------------- files native code and the tools create
+
+
+def test_restore_target_and_dm_out_are_private_and_a_planted_dm_symlink_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """The restore's target and --dm-out (whose temporary has an unguessable
+    name) are 0600 under umask 000; a symlink planted at the --dm-out path is
+    replaced by the file, its target untouched."""
+    import corpus
+
+    legacy = corpus.Legacy(guest="hvm", last_checkpoint=True, qemu_sig=corpus.SIG_0002)
+    src = tmp_path / "legacy.img"
+    src.write_bytes(legacy.build())
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    os.chmod(victim, 0o644)
+    dom, dm = tmp_path / "dom", tmp_path / "dom.qemu"
+    dm.symlink_to(victim)
+    r = subprocess.run(
+        [*XCSAVE, "restore", str(src), "--sim", str(dom), *LEGACY_HVM, "--dm-out", str(dm)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        preexec_fn=lambda: os.umask(0),
+    )
+    assert r.returncode == 0, r.stderr
+    assert victim.read_bytes() == b"not yours"
+    assert mode(victim) == 0o644
+    assert not dm.is_symlink()
+    assert dm.read_bytes() == legacy.qemu_data
+    assert mode(dm) == 0o600
+    assert mode(dom) == 0o600
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["dom", "dom.qemu", "legacy.img", "victim"]
+
+
+def test_convert_output_is_private_under_umask_000(tmp_path: Path) -> None:
+    import corpus
+
+    src = tmp_path / "legacy.img"
+    src.write_bytes(corpus.Legacy(guest="hvm").build())
+    out = tmp_path / "out.libxc"
+    r = subprocess.run(
+        [*XCSAVE, "convert", str(src), str(out), "--width", "64", "--guest", "hvm"],
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.umask(0),
+    )
+    assert r.returncode == 0, r.stderr
+    assert mode(out) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.img", "out.libxc"]
