@@ -507,3 +507,28 @@ def test_tls_init_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     )
     assert "ENOENT" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------- the benchmark
+
+
+def test_bench_tls_link_json() -> None:
+    import json
+    import subprocess
+    import sys
+
+    argv = ["bench", "tls-link", "--size", "8M", "--repeat", "1", "--json"]
+    r = subprocess.run(
+        [sys.executable, "-P", "-m", "xcsave", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["bench"] == "tls-link"
+    assert data["bytes"] == 8 << 20
+    assert data["version"] == "TLSv1.3"
+    assert data["measured"] > 0
+    assert data["baseline"] > 0
