@@ -71,6 +71,8 @@ TLS_DIR_ENV: Final = "XCSAVE_TLS_DIR"
 CLOSE_TIMEOUT: Final = 10.0
 #: The helper's own handshake deadline for ``handshake_timeout=None``: an hour.
 _MAX_HANDSHAKE_MS: Final = 3600 * 1000
+#: SO_SNDBUF of both ends of the plaintext socketpair.
+_PLAIN_SNDBUF: Final = 1 << 20
 #: How much longer than the helper's deadline we wait before stopping it.
 _BACKSTOP_S: Final = 5.0
 
@@ -257,6 +259,12 @@ async def _start(
     task: asyncio.Task[RunResult] | None = None
     try:
         ours.setblocking(False)
+        for end in (ours, theirs):
+            # A unix stream socket's writer may have SO_SNDBUF bytes in
+            # flight (default ~208 KiB): room for a few of the tunnel's 256
+            # KiB reads means fewer wake-ups on both sides.  Capped by
+            # net.core.wmem_max; smaller is only slower.
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _PLAIN_SNDBUF)
         args = [
             "--xcsave-1",
             "tunnel",
