@@ -646,6 +646,13 @@ static int relay_step(struct tunnel *t)
         announce_peer(t);
         moved = 1;
     }
+    if (!t->authenticated && t->tls_eof) {
+        /* close_notify instead of the ticket: the server ended it. */
+        xcs_log(XCS_LOG_ERROR, ECONNRESET, TUNNEL_CONTEXT,
+                "TLS handshake with %s failed: the peer closed the connection", t->peer_addr);
+        errno = ECONNRESET;
+        return -1;
+    }
     if (!t->authenticated) {
         r = flush_wire(t);
         return r < 0 ? -1 : (moved | r); /* no plaintext moves before the peer is accepted */

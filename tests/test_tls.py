@@ -407,6 +407,43 @@ async def test_plaintext_silent_or_trickling_client_refused(
 
 
 @pytest.mark.usefixtures("no_leaks")
+@pytest.mark.parametrize("behaviour", ["silent", "close_after_handshake"])
+async def test_rogue_server_refused(pki: dict[str, Path], behaviour: str) -> None:
+    """A server that never answers, or one that completes the handshake with
+    a good certificate but never accepts ours (no ticket, then close_notify)."""
+    c, s = await _tcp_pair()
+
+    def serve() -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki["server"] / "cert.pem", pki["server"] / "key.pem")
+        ctx.load_verify_locations(pki["server"] / "ca-cert.pem")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.num_tickets = 0
+        s.setblocking(True)
+        s.settimeout(5)
+        with ctx.wrap_socket(s, server_side=True) as tls_sock:
+            tls_sock.unwrap()
+
+    with c, s:
+        rogue = asyncio.ensure_future(asyncio.to_thread(serve)) if behaviour != "silent" else None
+        try:
+            e = await _refused(
+                tls.tls_client(
+                    c, tls_dir=pki["client"], server_name="localhost", handshake_timeout=SHORT
+                )
+            )
+        finally:
+            c.close()  # the rogue's unwrap() waits for our close_notify or EOF
+            if rogue is not None:
+                await asyncio.gather(rogue, return_exceptions=True)
+    if behaviour == "silent":
+        assert e.errno == errno.ETIMEDOUT
+    else:
+        assert e.errno == errno.ECONNRESET
+        assert "the peer closed the connection" in str(e)
+
+
+@pytest.mark.usefixtures("no_leaks")
 async def test_group_readable_key_refused(pki: dict[str, Path], tmp_path: Path) -> None:
     d = tmp_path / "loose"
     tlsinit.tls_init(d, ["localhost"], ca_dir=pki["server"])
