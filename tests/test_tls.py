@@ -109,6 +109,18 @@ async def _channels(
     pki: dict[str, Path], client_dir: str = "client", name: str = "127.0.0.1"
 ) -> tuple[tls.TlsChannel, tls.TlsChannel]:
     c, s = await _tcp_pair()
+    return await _channels_over(pki, c, s, client_dir, name)
+
+
+async def _channels_over(
+    pki: dict[str, Path],
+    c: socket.socket,
+    s: socket.socket,
+    client_dir: str = "client",
+    name: str = "127.0.0.1",
+) -> tuple[tls.TlsChannel, tls.TlsChannel]:
+    """Channels over the TCP pair (c, s), which are closed here (the tunnels
+    have their own copies)."""
     try:
         return await asyncio.gather(
             tls.tls_client(c, tls_dir=pki[client_dir], server_name=name),
@@ -174,14 +186,17 @@ async def test_one_side_closes_first_the_other_reads_a_clean_eof(pki: dict[str, 
 
 
 @pytest.mark.usefixtures("no_leaks")
-async def test_cut_without_close_notify_is_an_error_not_eof(pki: dict[str, Path]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_cut_without_close_notify_is_an_error_not_eof(
+    pki: dict[str, Path], sig: signal.Signals
+) -> None:
     client, server = await _channels(pki)
     loop = asyncio.get_running_loop()
     await loop.sock_sendall(server.sock, b"x" * (1 << 20))
     assert await loop.sock_recv(client.sock, 1) == b"x"
     # The server's tunnel dies: its TCP socket closes with no close_notify.
     (pid,) = [p for p in helper_pids(mode="tunnel") if b"server" in _cmdline(p)]
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
     n, _ = await _recv_all(client.sock)
     assert n <= (1 << 20) - 1
     # The failure is known before the EOF could be read, and aclose says it.
@@ -191,8 +206,30 @@ async def test_cut_without_close_notify_is_an_error_not_eof(pki: dict[str, Path]
         await client.aclose()
     assert e.value.errno == errno.ECONNRESET
     _one_line(e.value)
-    with pytest.raises(TlsError):
+    with pytest.raises(TlsError) as e:
         await server.aclose()
+    if sig == signal.SIGTERM:  # a stop: at once, and no close_notify
+        assert e.value.errno == errno.ECANCELED
+        assert "stopped by SIGTERM" in str(e.value)
+
+
+@pytest.mark.usefixtures("no_leaks")
+async def test_bytes_injected_on_the_path_are_an_error(pki: dict[str, Path]) -> None:
+    c, s = await _tcp_pair()
+    path = c.dup()  # someone on the path, writing into the client's TCP stream
+    try:
+        client, server = await _channels_over(pki, c, s)
+        path.send(b"\x17\x03\x03\x00\x20" + b"\xee" * 32)  # a forged application record
+        assert await _recv_all(server.sock) == (0, hashlib.sha256().hexdigest())
+        assert server.error is not None
+        assert server.error.errno == errno.EPROTO
+        assert "bad record mac" in str(server.error)
+        with pytest.raises(TlsError):
+            await server.aclose()
+        with contextlib.suppress(TlsError):  # it hears an alert, or nothing
+            await client.aclose()
+    finally:
+        path.close()
 
 
 async def _until(cond: Callable[[], bool]) -> None:
@@ -373,6 +410,7 @@ async def test_client_refuses_the_server(
         pytest.param(
             b"Xen saved domain, xl format\n \0 \r" + b"\0" * 64, None, errno.EPROTO, id="xl"
         ),
+        pytest.param(b"\x16\x03\x01\xff\xff" + b"\x01" * 64, None, errno.EPROTO, id="bomb"),
         pytest.param(b"", None, errno.ETIMEDOUT, id="silent"),
         pytest.param(
             b"\x16\x03\x01\x02\x00\x01" + b"\0" * 200, 0.2, errno.ETIMEDOUT, id="trickle"
