@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -173,3 +173,26 @@ def xen_verify(xen_utils_root: Path) -> XenVerify:
 
 
 # --------------------------- end of fakexen section ---------------------------
+
+
+# ---------------------------------------------------------------------------
+# tmpfs: a private directory in /dev/shm, for tests whose subject is how
+# tmpfs allocates (holes, fallocate, page-cache residency)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A fresh 0700 directory on /dev/shm, removed afterwards."""
+    import tempfile
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm (tmpfs): the behaviour under test is tmpfs's")
+    d = Path(tempfile.mkdtemp(prefix="xcsave-test-shm-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------ end of tmpfs section ------------------------------

@@ -158,13 +158,13 @@ def test_an_exception_from_cancelled_stops_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
-def test_signals_at_random_instants(tmp_path: Path, sig: signal.Signals) -> None:
+def test_signals_at_random_instants(shm_dir: Path, sig: signal.Signals) -> None:
     """A signal while a --force create of 384 MiB runs: either it stopped
     (the old domain exactly as it was, "interrupted" / "terminated") or it
     had already renamed the new one into place (success, said so).  Never a
     temporary left, never a half domain, never "interrupted" after success."""
     rng = random.Random(int(sig))
-    dom, ref = tmp_path / "vm", tmp_path / "ref.dom"
+    dom, ref = shm_dir / "vm", shm_dir / "ref.dom"
     sim.create(dom, 64 << 10, seed=1)
     old = sim.digest(dom)
     memory = 384 << 20
@@ -179,13 +179,13 @@ def test_signals_at_random_instants(tmp_path: Path, sig: signal.Signals) -> None
         # Wait for the create to have begun (its temporary exists), then a
         # random instant within its run.
         deadline = time.monotonic() + 60
-        while not leftovers(tmp_path) and p.poll() is None and time.monotonic() < deadline:
+        while not leftovers(shm_dir) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.6))
         p.send_signal(sig)
         out, err = p.communicate(timeout=120)
         assert "Traceback" not in err
-        assert leftovers(tmp_path) == []
+        assert leftovers(shm_dir) == []
         if p.returncode == 0:
             outcomes.add("finished")
             assert err == ""

@@ -12,11 +12,8 @@ of the contents (holes hashed as zeros).
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +28,6 @@ BIG = 1 << 20  # pages: a 4 GiB domain
 # Blocks (512 bytes) a restore of a few pages may allocate: the header,
 # the pages, the vCPU context and bitmap pages, with room to spare.
 SLACK_BLOCKS = 64 * 8
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A private directory on tmpfs, where reading a hole allocates."""
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm: the hole problem is tmpfs's")
-    d = Path("/dev/shm") / f"xcsave-holes-{uuid.uuid4().hex}"
-    d.mkdir(mode=0o700)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def sparse_stream(pfns: list[int], pages: int) -> bytes:
@@ -77,10 +61,10 @@ def save(src: str, out: Path, **kw: Any) -> dict[str, Any]:
         _ext.sim_set_state(src, "running")
 
 
-def test_digest_hashes_holes_as_zeros(shm: Path) -> None:
+def test_digest_hashes_holes_as_zeros(shm_dir: Path) -> None:
     """The digest's definition (docs/sim-format.md) holds over holes."""
     pages = 300
-    dom = restore(sparse_stream([3, 200, 299], pages), shm, "d")
+    dom = restore(sparse_stream([3, 200, 299], pages), shm_dir, "d")
     before = blocks(dom)
     data = Path(dom).read_bytes()  # read(2) of a tmpfs hole allocates nothing
     vcpu_off = HDR + pages * PAGE
@@ -95,8 +79,8 @@ def test_digest_hashes_holes_as_zeros(shm: Path) -> None:
     assert blocks(dom) == before
 
 
-def test_digest_and_info_of_a_huge_sparse_domain_allocate_nothing(shm: Path) -> None:
-    dom = restore(sparse_stream([0, 7, BIG - 1], BIG), shm, "big")
+def test_digest_and_info_of_a_huge_sparse_domain_allocate_nothing(shm_dir: Path) -> None:
+    dom = restore(sparse_stream([0, 7, BIG - 1], BIG), shm_dir, "big")
     before = blocks(dom)
     assert os.path.getsize(dom) > BIG * PAGE
     assert before < SLACK_BLOCKS
@@ -119,13 +103,13 @@ def test_digest_and_info_of_a_huge_sparse_domain_allocate_nothing(shm: Path) -> 
     ],
     ids=["plain", "live", "threads", "zeros", "zeros-threads", "zeros-live"],
 )
-def test_save_of_a_sparse_domain_allocates_nothing(shm: Path, how: dict[str, Any]) -> None:
+def test_save_of_a_sparse_domain_allocates_nothing(shm_dir: Path, how: dict[str, Any]) -> None:
     # Sending zero pages writes them all into the stream: a smaller domain.
     pages = 5 * 4096 if how.get("send_zero_pages") else BIG
-    dom = restore(sparse_stream([1, 4096, pages - 2], pages), shm, "src")
+    dom = restore(sparse_stream([1, 4096, pages - 2], pages), shm_dir, "src")
     before = blocks(dom)
     digest = _ext.sim_digest(dom)
-    st = save(dom, shm / "img", **how)
+    st = save(dom, shm_dir / "img", **how)
     # A live save clears and reads the dirty log: the bitmap (a bit per
     # page, 1/32768 of the memory) may become pages; guest pages may not.
     bitmap_blocks = -(-pages // 8 // PAGE) * PAGE // 512 if how.get("live") else 0
@@ -137,16 +121,16 @@ def test_save_of_a_sparse_domain_allocates_nothing(shm: Path, how: dict[str, Any
         assert st["zero_pages"] == pages - 3
     if how.get("copy_threads"):
         assert st["copy_threads"] == 2
-    img = (shm / "img").read_bytes()
-    (shm / "img").unlink()
-    copy = restore(img, shm, "copy")
+    img = (shm_dir / "img").read_bytes()
+    (shm_dir / "img").unlink()
+    copy = restore(img, shm_dir, "copy")
     assert _ext.sim_digest(copy) == digest
 
 
-def test_save_into_a_pipe_of_a_sparse_domain_allocates_nothing(shm: Path) -> None:
+def test_save_into_a_pipe_of_a_sparse_domain_allocates_nothing(shm_dir: Path) -> None:
     """The pipe path: vmsplice, and the final round's copied tail (whose
     size is worked out scanning down from the top page)."""
-    dom = restore(sparse_stream([2, BIG // 2, BIG - 3], BIG), shm, "src")
+    dom = restore(sparse_stream([2, BIG // 2, BIG - 3], BIG), shm_dir, "src")
     before = blocks(dom)
     rfd, wfd = os.pipe()
     chunks: list[bytes] = []
@@ -166,6 +150,6 @@ def test_save_into_a_pipe_of_a_sparse_domain_allocates_nothing(shm: Path) -> Non
         _ext.sim_set_state(dom, "running")
     assert st["pages_sent"] == 3
     assert blocks(dom) == before
-    copy = restore(b"".join(chunks), shm, "copy")
+    copy = restore(b"".join(chunks), shm_dir, "copy")
     assert _ext.sim_digest(copy) == _ext.sim_digest(dom)
     assert blocks(dom) == before

@@ -85,7 +85,15 @@ def _create(args: argparse.Namespace) -> int:
     create asks between them), and it cleans up: nothing left, an old domain
     untouched.  Reported as every command reports them: "interrupted" (130),
     "terminated by SIGTERM" (1).  A signal that comes after the domain was
-    renamed into place is too late to stop it: that create succeeded."""
+    renamed into place is too late to stop it: that create succeeded.
+
+    Signal trick: the handlers only note the signal; once create has
+    returned, SIGINT and SIGTERM are blocked for the rest of the process (a
+    pending one dies with it).  Putting the old handlers back would reopen a
+    window -- the last bytecodes of the command, and the interpreter's exit,
+    which restores SIG_DFL -- where Ctrl-C prints "interrupted" or a signal
+    kills the process after the domain was created: the command is over
+    once create returns."""
     import signal
 
     from . import sim
@@ -96,7 +104,8 @@ def _create(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         got.append(signum)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
     try:
         path = sim.create(
             args.dom,
@@ -112,9 +121,7 @@ def _create(args: argparse.Namespace) -> int:
         if got[0] == signal.SIGTERM:
             raise Terminated("terminated by SIGTERM") from None
         raise KeyboardInterrupt from None
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.stdout.write(f"{path}\n")
     return 0
 

@@ -81,7 +81,7 @@ def create(
         if e.errno == errno.ENOSPC:
             raise OSError(
                 errno.ENOSPC,
-                f"no space for {memory} bytes of guest memory ({os.strerror(errno.ENOSPC)})",
+                f"no space for {memory / 2**30:.2f} GiB of guest memory",
                 str(path),
             ) from None
         raise
