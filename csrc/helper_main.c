@@ -36,7 +36,7 @@
  *        [--console-domid N] [--sim PATH] [--format libxc|libxl|xl]
  *        [--max-pages N] [--checkpoints N] [--interval-ms N]
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
- *        [--dm-out PATH] [--copy-threads N]
+ *        [--dm-out PATH] [--copy-threads N] [--build-only 0|1]
  *   --version
  */
 
@@ -447,7 +447,7 @@ enum {
     OPT_STREAM_TYPE, OPT_STORE_EVTCHN, OPT_STORE_DOMID, OPT_CONSOLE_EVTCHN,
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
-    OPT_DM_OUT, OPT_COPY_THREADS
+    OPT_DM_OUT, OPT_COPY_THREADS, OPT_BUILD_ONLY
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -474,6 +474,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"legacy-guest", required_argument, NULL, OPT_LEGACY_GUEST},
         {"dm-out", required_argument, NULL, OPT_DM_OUT},
         {"copy-threads", required_argument, NULL, OPT_COPY_THREADS},
+        {"build-only", required_argument, NULL, OPT_BUILD_ONLY},
         {NULL, 0, NULL, 0},
     };
     const char *backend = "sim";
@@ -538,6 +539,9 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
         case OPT_DM_OUT: op->dm_path = optarg; break;
+        case OPT_BUILD_ONLY:
+            op->sim_build_only = (int)parse_num("build-only", optarg, 1);
+            break;
         case OPT_LEGACY_WIDTH:
             op->legacy_width = (unsigned)parse_num("legacy-width", optarg, 64);
             if (op->legacy_width != 32 && op->legacy_width != 64)
