@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         StreamError,
         XcsaveError,
     )
+    from .lock import DomainBusy
     from .policy import Decision, PrecopyStats
     from .supervisor import Callbacks, RunResult, Stats, Supervisor, helper_path
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "restore": "api",
     "save": "api",
+    "DomainBusy": "lock",
     "Decision": "policy",
     "PrecopyStats": "policy",
     "Callbacks": "supervisor",
@@ -79,6 +81,7 @@ __all__ = [
     "CallbackError",
     "Callbacks",
     "Decision",
+    "DomainBusy",
     "HelperDied",
     "HelperError",
     "HelperFailed",

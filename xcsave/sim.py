@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from . import _ext
+from . import _ext, lock
 
 __all__ = [
     "PAGE_SIZE",
@@ -46,7 +46,8 @@ def create(dom: str | os.PathLike[str], memory: int, vcpus: int = 1, seed: int =
     if memory <= 0 or memory % PAGE_SIZE:
         raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE} bytes, not {memory}")
     path = resolve(dom)
-    _ext.sim_create(str(path), memory // PAGE_SIZE, vcpus, seed)
+    with lock.domain_lock(sim=path, name=os.fspath(dom)):  # one operation per domain
+        _ext.sim_create(str(path), memory // PAGE_SIZE, vcpus, seed)
     return path
 
 
@@ -75,4 +76,6 @@ def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0
 
 
 def remove(dom: str | os.PathLike[str]) -> None:
-    _ext.sim_remove(str(resolve(dom)))
+    path = resolve(dom)
+    with lock.domain_lock(sim=path, name=os.fspath(dom)):  # not in the middle of a save
+        _ext.sim_remove(str(path))
