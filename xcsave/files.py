@@ -30,7 +30,9 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "check_private_dir",
     "create_private",
+    "fsync_dir",
     "private_dir",
+    "rename_noreplace",
 ]
 
 PRIVATE_FILE_MODE: Final = 0o600
@@ -119,3 +121,36 @@ def _open_dir(path: str | os.PathLike[str], fix_mode: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+_RENAME_NOREPLACE: Final = 1  # <linux/fs.h>
+_AT_FDCWD: Final = -100
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing with ``FileExistsError``
+    (EEXIST) if ``dst`` exists: ``renameat2(RENAME_NOREPLACE)``, which Python's
+    ``os`` lacks.  Where the C library or the filesystem lacks it, ``link``
+    then ``unlink`` gives the same guarantee (link never replaces a name)."""
+    import ctypes
+
+    a, b = os.fsencode(src), os.fsencode(dst)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno_mod.EINVAL, errno_mod.ENOSYS):
+            raise OSError(err, os.strerror(err), os.fsdecode(dst))
+    os.link(a, b)
+    os.unlink(a)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename (or create, unlink) in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
