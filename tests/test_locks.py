@@ -29,6 +29,7 @@ import os
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import helper_pids
 
 import xcsave
 import xcsave.sync
@@ -48,7 +50,7 @@ from xcsave.supervisor import Callbacks
 
 MiB = 1 << 20
 SEED = int(os.environ.get("XCSAVE_FAULT_SEED", "20261202"))
-SIGNAL_TRIALS = int(os.environ.get("XCSAVE_LOCK_TRIALS", "24"))
+SIGNAL_TRIALS = int(os.environ.get("XCSAVE_LOCK_TRIALS", "36"))
 
 
 def xcsave_argv(*args: str | Path) -> list[str]:
@@ -385,80 +387,156 @@ async def test_receive_force_replaces_once_it_runs(shm: Path, dom: Path) -> None
 # ---------------------------------------------------------------- signals at random instants
 
 
-def _restore_duration(image: Path, target: Path) -> float:
+def _helper_started(proc: subprocess.Popen[str]) -> None:
+    while not helper_pids(proc.pid) and proc.poll() is None:
+        time.sleep(0.0005)
+
+
+def command_span(*args: str | Path) -> float:
+    """How long one command runs here once its helper started (the range of
+    the signal instants; a quarter of them land earlier still, in start-up)."""
+    proc = popen(*args, "--progress", "none")
+    _helper_started(proc)
     t0 = time.monotonic()
-    r = run("restore", image, "--sim", target, "--force", "--progress", "none")
-    assert r.returncode == 0, r.stderr
+    _o, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
     return time.monotonic() - t0
+
+
+def signal_at_random(proc: subprocess.Popen[str], span: float, rng: random.Random) -> str:
+    """SIGINT or SIGTERM to ``proc``: during start-up (a quarter of the
+    trials), else at a random instant from its helper's start to a bit past
+    the command's usual end.  Returns the signal's name."""
+    sig = rng.choice((signal.SIGINT, signal.SIGTERM))
+    if rng.random() < 0.25:
+        time.sleep(rng.uniform(0.0, 0.3))
+    else:
+        _helper_started(proc)
+        time.sleep(rng.uniform(0.0, span * 1.3))
+    proc.send_signal(sig)
+    return sig.name
+
+
+def restore_signal_trial(
+    d: Path, dom: Path, image: Path, want: str, span: float, rng: random.Random, trial: int
+) -> str:
+    """SIGINT or SIGTERM at a random instant of ``restore IMAGE --sim DOM
+    --force`` (DOM exists and differs from IMAGE, whose digest is ``want``):
+    either the command reports success and DOM is the image, or DOM is
+    exactly as it was.  Never a partial, temporary or lock file left."""
+    sim.set_state(dom, "running")
+    old = want
+    for n in range(100):  # the old domain differs from the image
+        sim.dirty(dom, 20000, 0.01, seed=trial * 100 + n)
+        old = sim.digest(dom)
+        if old != want:
+            break
+    assert old != want
+    proc = popen("restore", image, "--sim", dom, "--force", "--progress", "none")
+    sig = signal_at_random(proc, span, rng)
+    out, err = proc.communicate(timeout=60)
+    now = sim.digest(dom)
+    where = f"trial {trial} ({sig}): rc {proc.returncode}, {err!r}"
+    assert leftovers(d) == [], where
+    if proc.returncode == 0:
+        assert "store_gfn=" in out, where  # it says so
+        assert now == want, where
+        return "restored"
+    # Interrupted: exit 130 or 1 with one line, or killed before Python's
+    # handlers were up (nothing had been touched then).
+    interrupted_line(err)
+    assert now == old, where
+    return f"kept the old domain (rc {proc.returncode})"
+
+
+def save_signal_trial(
+    d: Path, dom: Path, out: Path, span: float, rng: random.Random, trial: int
+) -> str:
+    """SIGINT or SIGTERM at a random instant of ``save --live``: either it
+    reports success, the image is in place (and restores bit-exactly) and DOM
+    stays suspended, or there is no image and DOM runs with log-dirty off."""
+    out.unlink(missing_ok=True)
+    sim.set_state(dom, "running")
+    proc = popen("save", "--sim", dom, out, "--live", "--progress", "none")
+    sig = signal_at_random(proc, span, rng)
+    _o, err = proc.communicate(timeout=60)
+    where = f"trial {trial} ({sig}): rc {proc.returncode}, {err!r}"
+    info = sim.info(dom)
+    assert not info["logdirty"], where
+    assert leftovers(d) == [], where
+    if proc.returncode == 0:
+        assert out.exists(), where
+        assert info["state"] == "suspended", where
+        restores_to(out, sim.digest(dom), d)
+        return "saved"
+    assert not out.exists(), where  # a save that failed left no image
+    assert info["state"] == "running", where  # and the source runs
+    interrupted_line(err)
+    return f"no image, source runs (rc {proc.returncode})"
 
 
 def test_signals_during_restore_over_an_existing_domain(shm: Path, dom: Path) -> None:
     image = shm / "img"
     assert run("save", "--sim", dom, image).returncode == 0
     want = sim.digest(dom)
-    probe = shm / "probe"
-    span = _restore_duration(image, probe)  # how long a whole command takes here
-    sim.remove(probe)
+    span = command_span("restore", image, "--sim", shm / "probe")
+    sim.remove(shm / "probe")
     rng = random.Random(SEED)
-    outcomes: dict[str, int] = {}
-    for trial in range(SIGNAL_TRIALS):
-        sim.set_state(dom, "running")
-        sim.dirty(dom, 20000, 0.01, seed=trial)  # the old domain differs from the image
-        old = sim.digest(dom)
-        assert old != want
-        sig = rng.choice((signal.SIGINT, signal.SIGTERM))
-        proc = popen("restore", image, "--sim", dom, "--force", "--progress", "none")
-        time.sleep(rng.uniform(0.0, span * 1.1))
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-        now = sim.digest(dom)
-        where = f"trial {trial} ({sig.name}): rc {proc.returncode}, {err!r}"
-        if proc.returncode == 0:
-            assert "store_gfn=" in out, where  # it says so
-            assert now == want, where
-            outcomes["restored"] = outcomes.get("restored", 0) + 1
-        else:
-            # Interrupted: exit 130 / 1 with one line, or killed before Python's
-            # handlers were up (nothing had been touched then).
-            interrupted_line(err)
-            assert now == old, where
-            outcomes[f"rc {proc.returncode}"] = outcomes.get(f"rc {proc.returncode}", 0) + 1
-        assert leftovers(shm) == [], where
-    # Both endings were seen (the instants cover the whole command).
-    assert outcomes.get("restored", 0) < SIGNAL_TRIALS, outcomes
+    outcomes = [
+        restore_signal_trial(shm, dom, image, want, span, rng, i) for i in range(SIGNAL_TRIALS)
+    ]
+    assert outcomes.count("restored") < len(outcomes)  # the signals did land
 
 
 def test_signals_during_save(shm: Path, dom: Path) -> None:
     out = shm / "out.img"
-    probe = shm / "probe"
-    t0 = time.monotonic()
-    assert run("save", "--sim", dom, out, "--live").returncode == 0
-    span = time.monotonic() - t0
+    span = command_span("save", "--sim", dom, out, "--live")
     rng = random.Random(SEED + 1)
-    for trial in range(SIGNAL_TRIALS // 2):
-        out.unlink(missing_ok=True)
-        sim.set_state(dom, "running")
-        sig = rng.choice((signal.SIGINT, signal.SIGTERM))
-        proc = popen("save", "--sim", dom, out, "--live", "--progress", "none")
-        time.sleep(rng.uniform(0.0, span * 1.1))
-        proc.send_signal(sig)
-        _o, err = proc.communicate(timeout=60)
-        where = f"trial {trial} ({sig.name}): rc {proc.returncode}, {err!r}"
-        info = sim.info(dom)
-        assert not info["logdirty"], where
-        if proc.returncode == 0:
-            assert out.exists(), where
-            assert info["state"] == "suspended", where
-            restores_to(out, sim.digest(dom), shm)
-        else:
-            assert not out.exists(), where  # a save that failed left no image
-            assert info["state"] == "running", where  # and the source runs
-            interrupted_line(err)
-        assert not probe.exists()
-        assert leftovers(shm) == [], where
+    outcomes = [save_signal_trial(shm, dom, out, span, rng, i) for i in range(SIGNAL_TRIALS // 2)]
+    assert outcomes.count("saved") < len(outcomes)
 
 
 # ---------------------------------------------------------------- bad OUT
+
+BAD_OUTS = ("directory", "missing-parent", "parent-is-a-file", "read-only-fs")
+
+
+def save_into_bad_out(d: Path, dom: Path, kind: str) -> None:
+    """``save`` into a bad OUT: one line naming OUT and the errno, no
+    temporary, the source untouched and running with log-dirty off."""
+    sim.set_state(dom, "running")
+    before = sim.digest(dom)
+    base = d / f"bad-{kind}"
+    base.mkdir()
+    if kind == "directory":
+        out, want = base / "adir", "EISDIR"
+        out.mkdir()
+    elif kind == "missing-parent":
+        out, want = base / "missing" / "img", "ENOENT"
+    elif kind == "parent-is-a-file":
+        (base / "afile").write_bytes(b"x")
+        out, want = base / "afile" / "img", "ENOTDIR"
+    else:
+        out, want = base / "img", "EROFS"
+    argv = xcsave_argv("save", "--sim", dom, out, "--live")
+    if kind == "read-only-fs":
+        # A private mount namespace with a read-only tmpfs over the directory.
+        script = f"mount -t tmpfs -o ro none {base} || exit 77; exec {shlex.join(argv)}"
+        argv = ["unshare", "-m", "sh", "-c", script]
+        if shutil.which("unshare") is None:
+            pytest.skip("needs unshare (util-linux)")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if kind == "read-only-fs" and (r.returncode == 77 or "unshare:" in r.stderr):
+        pytest.skip(f"cannot mount a read-only filesystem here: {r.stderr.strip()}")
+    assert r.returncode == 1, r.stderr
+    line = one_line(r.stderr)
+    assert want in line and str(out) in line, line
+    _check_source_untouched(dom, before)
+    assert leftovers(d) == []
+    assert leftovers(base) == []
+    if kind == "directory":
+        assert list(out.iterdir()) == []
+    shutil.rmtree(base)
 
 
 def _check_source_untouched(dom: Path, before: str) -> None:
@@ -468,50 +546,9 @@ def _check_source_untouched(dom: Path, before: str) -> None:
     assert sim.digest(dom) == before
 
 
-@pytest.mark.parametrize("kind", ["directory", "missing-parent", "parent-is-a-file"])
+@pytest.mark.parametrize("kind", BAD_OUTS)
 def test_save_into_a_bad_out(shm: Path, dom: Path, kind: str) -> None:
-    before = sim.digest(dom)
-    if kind == "directory":
-        out = shm / "adir"
-        out.mkdir()
-        want = "EISDIR"
-    elif kind == "missing-parent":
-        out = shm / "missing" / "img"
-        want = "ENOENT"
-    else:
-        (shm / "afile").write_bytes(b"x")
-        out = shm / "afile" / "img"
-        want = "ENOTDIR"
-    r = run("save", "--sim", dom, out, "--live")
-    assert r.returncode == 1
-    line = one_line(r.stderr)
-    assert want in line and str(out) in line, line
-    _check_source_untouched(dom, before)
-    assert leftovers(shm) == []
-    if kind == "directory":
-        assert list(out.iterdir()) == []
-
-
-def test_save_onto_a_read_only_filesystem(shm: Path, dom: Path) -> None:
-    ro = shm / "ro"
-    ro.mkdir()
-    before = sim.digest(dom)
-    script = f"mount -t tmpfs -o ro none {ro} || exit 77; " + " ".join(
-        xcsave_argv("save", "--sim", dom, ro / "img")
-    )
-    try:
-        r = subprocess.run(
-            ["unshare", "-m", "sh", "-c", script],
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-    except FileNotFoundError:
-        pytest.skip("needs unshare (util-linux)")
-    if r.returncode == 77 or "unshare" in r.stderr:
-        pytest.skip(f"cannot mount a read-only filesystem here: {r.stderr.strip()}")
-    assert r.returncode == 1
-    assert "EROFS" in one_line(r.stderr)
-    _check_source_untouched(dom, before)
-    assert leftovers(shm) == []
+    save_into_bad_out(shm, dom, kind)
 
 
 def test_out_becomes_a_directory_before_the_commit(shm: Path, dom: Path) -> None:
