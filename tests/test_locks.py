@@ -626,6 +626,28 @@ def test_lock_file_symlink_is_refused(shm: Path, dom: Path) -> None:
     assert not (shm / "img").exists()
 
 
+def test_lock_file_of_another_user_is_refused(shm: Path, dom: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+    planted = shm / ".vm1.lock"
+    planted.write_bytes(b"")
+    os.chown(planted, 65534, 65534)
+    r = run("save", "--sim", dom, shm / "img")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert "owned by uid 65534" in line and "EPERM" in line, line
+    assert not (shm / "img").exists()
+
+
+def test_domain_in_a_missing_directory_is_named(shm: Path) -> None:
+    dom = shm / "missing" / "vm"
+    r = run("save", "--sim", dom, shm / "img")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert f"{dom}:" in line and "ENOENT" in line, line
+    assert not (shm / "missing").exists()
+
+
 def test_lock_is_reentrant_within_one_operation(shm: Path, dom: Path) -> None:
     with lock.domain_lock(sim=dom) as fd, lock.domain_lock(sim=dom) as again:
         assert fd == again

@@ -91,7 +91,10 @@ async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> A
             renamed = True
         except BaseException as e:
             if undo is not None:
-                undo()
+                try:
+                    undo()
+                except Exception:  # the commit's own error is the one to report
+                    log.exception("putting the source back after the failed commit of %s", final)
             if isinstance(e, OSError):  # named as the caller named it
                 raise type(e)(e.errno, e.strerror, os.fspath(out)) from None
             raise

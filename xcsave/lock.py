@@ -71,6 +71,9 @@ T = TypeVar("T")
 _HELD: Final[contextvars.ContextVar[dict[str, int] | None]] = contextvars.ContextVar(
     "xcsave_held_domain_locks", default=None
 )
+_ABOUT_THE_DOMAIN: Final = frozenset(
+    (errno_mod.ENOENT, errno_mod.ENOTDIR, errno_mod.EROFS, errno_mod.EACCES)
+)
 _PID_BYTES: Final = 32  # the holder's pid, as text, at the start of the lock file
 
 
@@ -178,7 +181,13 @@ def domain_lock(
         yield held[key]
         return
     what = name or (os.fspath(sim) if sim is not None else f"domid {domid}")
-    fd = _acquire(path, what)
+    try:
+        fd = _acquire(path, what)
+    except OSError as e:
+        if sim is None or e.errno not in _ABOUT_THE_DOMAIN:
+            raise
+        # Where the domain's directory is missing or read-only: say so of the domain.
+        raise type(e)(e.errno, e.strerror, os.fspath(sim)) from None
     try:
         # Who holds it, for the next one's message; the lock itself is the flock.
         os.ftruncate(fd, 0)
