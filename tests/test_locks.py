@@ -165,6 +165,26 @@ def restores_to(image: Path, digest: str, d: Path, fmt: str = "libxc") -> None:
     sim.remove(probe)
 
 
+def image_and_changed(d: Path, dom: Path, seed: int) -> tuple[Path, str, str]:
+    """Save ``dom`` into ``d/img``, then let it run and write pages: returns
+    the image, its digest and the (different) digest of the domain now."""
+    image = d / "img"
+    assert run("save", "--sim", dom, image).returncode == 0
+    want = sim.digest(dom)
+    return image, want, changed(dom, want, seed)
+
+
+def changed(dom: Path, digest: str, seed: int) -> str:
+    """Let ``dom`` run and write pages until its digest is not ``digest``; the new one."""
+    sim.set_state(dom, "running")
+    for n in range(100):
+        sim.dirty(dom, 20000, 0.01, seed=seed * 100 + n)
+        now = sim.digest(dom)
+        if now != digest:
+            return now
+    raise AssertionError(f"{dom} stayed at {digest}")
+
+
 @pytest.fixture
 def dom(shm: Path) -> Path:
     return sim.create(shm / "vm1", 16 * MiB, vcpus=2, seed=3)
@@ -219,13 +239,7 @@ def _feed_half(proc: subprocess.Popen[str], data: bytes, partial_of: Path) -> No
 
 @pytest.mark.parametrize("second_op", ["restore", "save"])
 def test_a_restore_holds_the_domain(shm: Path, dom: Path, second_op: str) -> None:
-    image = shm / "img"
-    assert run("save", "--sim", dom, image).returncode == 0
-    want = sim.digest(dom)
-    sim.set_state(dom, "running")
-    sim.dirty(dom, 5000, 0.05, seed=9)  # the old domain differs from the image now
-    old = sim.digest(dom)
-    assert old != want
+    image, want, old = image_and_changed(shm, dom, 9)
     data = image.read_bytes()
     first = subprocess.Popen(
         xcsave_argv("restore", "-", "--sim", dom, "--force", "--progress", "none"),
@@ -290,11 +304,7 @@ async def test_api_second_operation_gets_ebusy(shm: Path, dom: Path) -> None:
 
 
 def test_sync_twin_takes_force(shm: Path, dom: Path) -> None:
-    image = shm / "img"
-    xcsave.sync.save(image, sim=dom)
-    want = sim.digest(dom)
-    sim.set_state(dom, "running")
-    sim.dirty(dom, 5000, 0.05, seed=4)
+    image, want, _old = image_and_changed(shm, dom, 4)
     with pytest.raises(FileExistsError, match="force"):
         xcsave.sync.restore(image, sim=dom)
     xcsave.sync.restore(image, sim=dom, force=True)
@@ -322,12 +332,7 @@ def test_existing_domain_needs_force(shm: Path, dom: Path) -> None:
 
 
 def test_force_replaces_only_on_success(shm: Path, dom: Path) -> None:
-    image = shm / "img"
-    assert run("save", "--sim", dom, image).returncode == 0
-    want = sim.digest(dom)
-    sim.set_state(dom, "running")
-    sim.dirty(dom, 5000, 0.05, seed=5)
-    old = sim.digest(dom)
+    image, want, old = image_and_changed(shm, dom, 5)
     bad = shm / "truncated"
     bad.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     r = run("restore", bad, "--sim", dom, "--force")
@@ -424,14 +429,7 @@ def restore_signal_trial(
     --force`` (DOM exists and differs from IMAGE, whose digest is ``want``):
     either the command reports success and DOM is the image, or DOM is
     exactly as it was.  Never a partial, temporary or lock file left."""
-    sim.set_state(dom, "running")
-    old = want
-    for n in range(100):  # the old domain differs from the image
-        sim.dirty(dom, 20000, 0.01, seed=trial * 100 + n)
-        old = sim.digest(dom)
-        if old != want:
-            break
-    assert old != want
+    old = changed(dom, want, trial)
     proc = popen("restore", image, "--sim", dom, "--force", "--progress", "none")
     sig = signal_at_random(proc, span, rng)
     out, err = proc.communicate(timeout=60)
@@ -494,6 +492,60 @@ def test_signals_during_save(shm: Path, dom: Path) -> None:
     rng = random.Random(SEED + 1)
     outcomes = [save_signal_trial(shm, dom, out, span, rng, i) for i in range(SIGNAL_TRIALS // 2)]
     assert outcomes.count("saved") < len(outcomes)
+
+
+def _wait_for_the_lock(dom: Path) -> None:
+    """Until the domain's lock is free (the killed toolstack's helper has exited)."""
+    for _ in range(30000):
+        try:
+            with lock.domain_lock(sim=dom):
+                return
+        except xcsave.DomainBusy:
+            select.select([], [], [], 0.01)
+    pytest.fail(f"{dom} stayed locked")
+
+
+@pytest.mark.parametrize("op", ["restore", "save"])
+def test_toolstack_killed_at_random_instants(shm: Path, dom: Path, op: str) -> None:
+    """SIGKILL of the toolstack itself: its helper (told by its parent-death
+    signal) cleans up, holding the domain's lock until it has; then the domain
+    is in one of exactly two states, and the next operation sweeps any leftover."""
+    image, want, old = image_and_changed(shm, dom, 1)
+    keep = shm / "old-copy"  # the old domain, to put back before each trial
+    shutil.copyfile(dom, keep)
+    out = shm / "out.img"
+    args: tuple[str | Path, ...] = (
+        ("restore", image, "--sim", dom, "--force")
+        if op == "restore"
+        else ("save", "--sim", dom, out, "--live")
+    )
+    span = command_span(*args)
+    rng = random.Random(SEED + 2)
+    for trial in range(SIGNAL_TRIALS // 6):
+        shutil.copyfile(keep, dom)
+        out.unlink(missing_ok=True)
+        assert sim.digest(dom) == old
+        proc = popen(*args, "--progress", "none")
+        _helper_started(proc)
+        time.sleep(rng.uniform(0.0, span * 1.3))
+        proc.kill()
+        proc.communicate()
+        _wait_for_the_lock(dom)
+        where = f"trial {trial}"
+        info = sim.info(dom)
+        assert not info["logdirty"], where
+        if op == "restore":
+            assert sim.digest(dom) in (want, old), where
+        elif out.exists():
+            restores_to(out, sim.digest(dom), shm)  # committed before the kill
+        else:
+            assert info["state"] == "running", where  # the helper resumed it
+            assert sim.digest(dom) == old, where
+        # The next operation on the name sweeps what the killed one could not.
+        sim.set_state(dom, "running")
+        r = run(*args, "--progress", "none")
+        assert r.returncode == 0, r.stderr
+        assert leftovers(shm) == [], where
 
 
 # ---------------------------------------------------------------- bad OUT

@@ -75,6 +75,7 @@ async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> A
         yield out
         return
     final = Path(out)
+    _sweep_dead(final, "xcsave-tmp", "a save")  # a SIGKILLed save's temporary
     tmp = final.with_name(f".{final.name}.xcsave-tmp.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         fd = files.create_private(tmp, os.O_WRONLY)
@@ -228,15 +229,20 @@ def sweep_stale_partials(target: Path) -> None:
     it sees; one killed with SIGKILL cannot.  Called with the domain's lock
     held, so no live restore of this name is building one.
     """
-    for partial in target.parent.glob(f".{target.name}.partial.*.*"):
+    _sweep_dead(target, "partial", "a restore")
+
+
+def _sweep_dead(final: Path, kind: str, what: str) -> None:
+    """Remove ``.NAME.KIND.PID.*`` beside ``final`` whose PID is gone (killed)."""
+    for left in final.parent.glob(f".{final.name}.{kind}.*.*"):
         try:
-            pid = int(partial.name.split(".partial.", 1)[1].split(".", 1)[0])
+            pid = int(left.name.split(f".{kind}.", 1)[1].split(".", 1)[0])
         except ValueError:
             continue
         if not _pid_alive(pid):
-            log.info("removing %s, left by a restore that was killed", partial)
+            log.info("removing %s, left by %s that was killed", left, what)
             with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+                left.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
