@@ -306,6 +306,7 @@ static int sim_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     memset(&p, 0, sizeof(p));
     p.io_fd = op->io_fd;
     p.sim_path = op->sim_path;
+    p.build_only = op->sim_build_only;
     p.wrap = op->wrap;
     p.stream_type = op->stream_type;
     p.max_pages = op->max_pages;

@@ -17,6 +17,7 @@
 #include <vector>
 
 extern "C" {
+#include "private_file.h"
 #include "simdom.h"
 #include "xcs_engine.h"
 #include "xcs_format.h"
@@ -168,6 +169,17 @@ void sim_remove(const std::string &path)
 {
     if (xcs_sim_remove(path.c_str()) < 0)
         raise_errno(errno, path);
+}
+
+void rename_noreplace(const std::string &from, const std::string &to)
+{
+    int r;
+    {
+        py::gil_scoped_release nogil;
+        r = xcs_rename_noreplace(from.c_str(), to.c_str(), 0);
+    }
+    if (r < 0)
+        raise_errno(errno, to);
 }
 
 /*----- the engine, in-process -----*/
@@ -438,6 +450,9 @@ void register_sim(py::module_ &m)
           "Dirty pages at rate pages/s (0 = flat out) for duration s while "
           "the domain runs; returns pages written.");
     m.def("sim_remove", &sim_remove, "path"_a, "Remove a simulated domain.");
+    m.def("rename_noreplace", &rename_noreplace, "src"_a, "dst"_a,
+          "Rename src to dst atomically; EEXIST if dst exists "
+          "(renameat2 RENAME_NOREPLACE).");
     m.def("engine_save", &engine_save, "fd"_a, "path"_a, "live"_a = false,
           "wrap"_a = "libxc", "max_iters"_a = 5, "dirty_threshold"_a = 50,
           py::kw_only(), "stream_type"_a = "plain", "checkpoints"_a = 0,

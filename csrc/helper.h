@@ -31,6 +31,7 @@ struct xcs_op {
     uint32_t store_evtchn, store_domid, console_evtchn, console_domid;
     /* sim backend (xcsave-1 argv only) */
     const char *sim_path;
+    int sim_build_only;   /* restore: build sim_path itself, the caller commits */
     enum xcs_wrap wrap;
     uint64_t max_pages;
     unsigned int checkpoints, interval_ms;

@@ -36,7 +36,7 @@
  *        [--console-domid N] [--sim PATH] [--format libxc|libxl|xl]
  *        [--max-pages N] [--checkpoints N] [--interval-ms N]
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
- *        [--dm-out PATH] [--copy-threads N]
+ *        [--dm-out PATH] [--copy-threads N] [--build-only 0|1]
  *   --xcsave-1 tunnel --io-fd N --plain-fd M --role client|server
  *        --tls-dir DIR [--peer-name HOST] [--handshake-timeout-ms T]
  *        a TLS 1.3 tunnel between the TCP socket N and the plaintext
@@ -461,8 +461,8 @@ enum {
     OPT_STREAM_TYPE, OPT_STORE_EVTCHN, OPT_STORE_DOMID, OPT_CONSOLE_EVTCHN,
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
-    OPT_DM_OUT, OPT_COPY_THREADS, OPT_PLAIN_FD, OPT_ROLE, OPT_TLS_DIR,
-    OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS
+    OPT_DM_OUT, OPT_COPY_THREADS, OPT_BUILD_ONLY, OPT_PLAIN_FD, OPT_ROLE,
+    OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -489,6 +489,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"legacy-guest", required_argument, NULL, OPT_LEGACY_GUEST},
         {"dm-out", required_argument, NULL, OPT_DM_OUT},
         {"copy-threads", required_argument, NULL, OPT_COPY_THREADS},
+        {"build-only", required_argument, NULL, OPT_BUILD_ONLY},
         {"plain-fd", required_argument, NULL, OPT_PLAIN_FD},
         {"role", required_argument, NULL, OPT_ROLE},
         {"tls-dir", required_argument, NULL, OPT_TLS_DIR},
@@ -562,6 +563,9 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
         case OPT_DM_OUT: op->dm_path = optarg; break;
+        case OPT_BUILD_ONLY:
+            op->sim_build_only = (int)parse_num("build-only", optarg, 1);
+            break;
         case OPT_LEGACY_WIDTH:
             op->legacy_width = (unsigned)parse_num("legacy-width", optarg, 64);
             if (op->legacy_width != 32 && op->legacy_width != 64)

@@ -1545,11 +1545,12 @@ def test_sim_helper_gets_only_the_fds_it_needs(mode: str, tmp_path: Path) -> Non
         if mode == "save":
             cbs = xcsave.Callbacks(suspend=suspend)
             asyncio.run(xcsave.save(tmp_path / "o.img", sim=dom, callbacks=cbs))
-            allowed = {str(tmp_path / "o.img"), str(dom)}
+            # The domain's lock, handed on so that it outlives a killed toolstack.
+            allowed = {str(tmp_path / "o.img"), str(dom), str(tmp_path / ".d.dom.lock")}
         else:
             cbs = xcsave.Callbacks(static_data_done=static_data_done)
             asyncio.run(xcsave.restore(img, sim=tmp_path / "r.dom", callbacks=cbs))
-            allowed = {str(img)}
+            allowed = {str(img), str(tmp_path / ".r.dom.lock")}
     finally:
         os.close(leak)
     assert seen, "the callback never ran"

@@ -728,7 +728,9 @@ async def test_receiver_removes_what_it_received_on_failure(
             await writer.drain()
         if how in ("no-go", "wrong-go"):
             assert await recv_exact(reader, len(READY)) == READY
-            assert dst.exists()  # complete, but not confirmed
+            # Complete, but not confirmed: built beside its name, not renamed yet.
+            assert not dst.exists()
+            assert len(partials(dst)) == 1
             if how == "wrong-go":
                 writer.write(b"?" * len(GO))
                 await writer.drain()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         TlsError,
         XcsaveError,
     )
+    from .lock import DomainBusy
     from .policy import Decision, PrecopyStats
     from .supervisor import Callbacks, RunResult, Stats, Supervisor, helper_path
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "restore": "api",
     "save": "api",
+    "DomainBusy": "lock",
     "Decision": "policy",
     "PrecopyStats": "policy",
     "Callbacks": "supervisor",
@@ -81,6 +83,7 @@ __all__ = [
     "CallbackError",
     "Callbacks",
     "Decision",
+    "DomainBusy",
     "HelperDied",
     "HelperError",
     "HelperFailed",

@@ -13,13 +13,16 @@ leaves a file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno as errno_mod
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Final, Literal
 
-from . import proto
+from . import files, lock, proto
+from ._log import logger
 from .errors import BackendUnavailable
 from .events import Event
 from .policy import Policy
@@ -34,7 +37,9 @@ from .supervisor import (
     xen_save_args,
 )
 
-__all__ = ["FORMATS", "STREAM_TYPES", "restore", "save"]
+__all__ = ["FORMATS", "STREAM_TYPES", "SimTarget", "restore", "save"]
+
+log = logger("xcsave.api")
 
 FORMATS: Final = ("libxc", "libxl", "xl")
 STREAM_TYPES: Final[dict[str, int]] = {"plain": 0, "remus": 1, "colo": 2}
@@ -45,32 +50,65 @@ Dialect = Literal["xen-4.17", "xcsave-1"]
 StreamArg = int | str | os.PathLike[str]
 
 
+def _check_out(out: StreamArg) -> None:
+    """Refuse an ``out`` path we could never rename an image onto, before the
+    domain is touched: a directory (EISDIR)."""
+    if not isinstance(out, int) and os.path.isdir(out):
+        raise IsADirectoryError(
+            errno_mod.EISDIR, "the output is a directory, not a file", os.fspath(out)
+        )
+
+
 @contextlib.asynccontextmanager
-async def _open_out(out: StreamArg) -> AsyncIterator[int]:
-    """An fd to write the stream to; for a path, atomic create-fsync-rename."""
+async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> AsyncIterator[int]:
+    """An fd to write the stream to; for a path, a private temporary file
+    beside it that is renamed into place once the block ends without error.
+
+    The rename is the commit point.  If the block fails, or the fsync or the
+    rename does, the temporary file is removed and ``undo`` (if given, called
+    only when the failure is the commit's own: a failed helper run has
+    undone its work already) puts the source back; the exception goes on.
+    Nothing awaits between the block's end and the rename, so a cancellation
+    either lands before it (no image) or not at all (the image is in place).
+    """
     if isinstance(out, int):
         yield out
         return
     final = Path(out)
-    tmp = final.with_name(f".{final.name}.xcsave-tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    ok = False
+    _sweep_dead(final, "xcsave-tmp", "a save")  # a SIGKILLed save's temporary
+    tmp = final.with_name(f".{final.name}.xcsave-tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        fd = files.create_private(tmp, os.O_WRONLY)
+    except OSError as e:  # named as the caller named it: the temporary is ours
+        raise type(e)(e.errno, e.strerror, os.fspath(out)) from None
+    renamed = False
     try:
         yield fd
-        os.fsync(fd)
-        ok = True
-    finally:
-        os.close(fd)
-        if ok:
+        try:
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
             os.replace(tmp, final)
-            dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        else:
+            renamed = True
+        except BaseException as e:
+            if undo is not None:
+                try:
+                    undo()
+                except Exception:  # the commit's own error is the one to report
+                    log.exception("putting the source back after the failed commit of %s", final)
+            if isinstance(e, OSError):  # named as the caller named it
+                raise type(e)(e.errno, e.strerror, os.fspath(out)) from None
+            raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if not renamed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+    try:
+        files.fsync_dir(final.parent)
+    except OSError as e:  # the image is in place: the save succeeded
+        log.warning("saved %s, but could not fsync its directory: %s", final, e)
 
 
 @contextlib.asynccontextmanager
@@ -86,11 +124,22 @@ async def _open_in(src: StreamArg) -> AsyncIterator[int]:
 
 
 def _sim_arg(sim: str | os.PathLike[str] | None) -> str | None:
-    if sim is None:
-        return None
+    return None if sim is None else str(_resolve_sim(sim))
+
+
+def _resolve_sim(sim: str | os.PathLike[str]) -> Path:
     from .sim import resolve
 
-    return str(resolve(sim))
+    return resolve(sim)
+
+
+def _lock(
+    sim: str | os.PathLike[str] | None, domid: int | None
+) -> contextlib.AbstractContextManager[int]:
+    """The domain's lock (see :mod:`xcsave.lock`), named as the caller named it."""
+    if sim is not None:
+        return lock.domain_lock(sim=_sim_arg(sim), name=os.fspath(sim))
+    return lock.domain_lock(domid=domid)
 
 
 def _sim_save_undo(path: str) -> Callable[[int], None]:
@@ -114,30 +163,104 @@ def _sim_save_undo(path: str) -> Callable[[int], None]:
     return undo
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
+class SimTarget:
+    """A simulated domain being restored: built beside its final name, renamed
+    into place (committed) only by the toolstack, after it judged the run.
+
+    :meth:`begin` (with the domain's lock held) refuses an existing domain
+    unless ``force`` (EEXIST) and picks the partial's name,
+    ``.NAME.partial.PID.RANDOM`` beside the target (PID is ours, so a
+    partial whose owner died can be swept; see :func:`sweep_stale_partials`).
+    The helper creates exactly that file (``--build-only``) and leaves it
+    there when it succeeds.  :meth:`commit` renames it over the final name
+    (without ``force``: ``renameat2(RENAME_NOREPLACE)``, EEXIST if a domain
+    appeared meanwhile); :meth:`discard` removes it.  Until the commit, an
+    old domain under the final name is untouched; after it, the new one is
+    there whole.  There is no instant with neither, and never a partial at
+    the final name.
+    """
+
+    def __init__(self, final: Path, partial: Path, force: bool) -> None:
+        self.final = final
+        self.partial = partial
+        self.force = force
+        self.committed = False
+
+    @classmethod
+    def begin(cls, final: str | os.PathLike[str], *, force: bool = False) -> SimTarget:
+        target = Path(final)
+        check_replace(target, force)
+        sweep_stale_partials(target)
+        partial = target.with_name(f".{target.name}.partial.{os.getpid()}.{secrets.token_hex(4)}")
+        return cls(target, partial, force)
+
+    def commit(self) -> None:
+        """Rename the finished partial over the final name; fsync the directory."""
+        if self.force:
+            os.rename(self.partial, self.final)
+        else:
+            files.rename_noreplace(self.partial, self.final)
+        self.committed = True
+        try:
+            files.fsync_dir(self.final.parent)
+        except OSError as e:  # the domain is in place: the restore succeeded
+            log.warning("restored %s, but could not fsync its directory: %s", self.final, e)
+
+    def discard(self) -> None:
+        """Remove the partial (if any is left); the final name is never touched."""
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial)
+
+
+def check_replace(target: Path, force: bool) -> None:
+    """EEXIST for an existing domain ``target`` unless ``force``."""
+    if not force and os.path.lexists(target):
+        raise FileExistsError(
+            errno_mod.EEXIST, "the domain already exists; --force replaces it", str(target)
+        )
+
+
+def sweep_stale_partials(target: Path) -> None:
+    """Remove ``.NAME.partial.PID.*`` files whose PID is gone.
+
+    A restore's partial domain carries its toolstack's pid (or, from a helper
+    run on its own, the helper's).  Its owner removes it on every failure
+    it sees; one killed with SIGKILL cannot.  Called with the domain's lock
+    held, so no live restore of this name is building one.
+    """
+    _sweep_dead(target, "partial", "a restore")
+
+
+def _sweep_dead(final: Path, kind: str, what: str) -> None:
+    """Remove ``.NAME.KIND.PID.*`` beside ``final`` whose PID is gone (killed)."""
+    for left in final.parent.glob(f".{final.name}.{kind}.*.*"):
+        try:
+            pid = int(left.name.split(f".{kind}.", 1)[1].split(".", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            log.info("removing %s, left by %s that was killed", left, what)
+            with contextlib.suppress(FileNotFoundError):
+                left.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (killed, not yet reaped) does not."""
     try:
-        st = path.stat()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
     except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _sim_restore_undo(path: str) -> Callable[[int], None]:
-    """After a failed restore, remove what a killed helper left: its partial
-    domain, or the finished domain it had renamed into place just before it
-    died (the run still failed: the caller must not find a domain there)."""
-    target = Path(path)
-    before = _file_id(target)
-
-    def undo(pid: int) -> None:
-        for partial in target.parent.glob(f".{target.name}.partial.{pid}.*"):
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-        if _file_id(target) not in (None, before):
-            with contextlib.suppress(FileNotFoundError):
-                target.unlink()
-
-    return undo
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state not in (b"Z", b"X")
 
 
 def _check_dialect(dialect: str, *, sim: object, fmt: str) -> proto.Dialect:
@@ -171,6 +294,29 @@ def _check_copy_threads(copy_threads: int, *, sim: object) -> None:
             "copy_threads is a feature of xcsave's own engine: simulated domains "
             "(sim=...) only; libxc saves a Xen domain with one thread"
         )
+
+
+def _spec(
+    mode: str,
+    *,
+    d: proto.Dialect,
+    args: tuple[str, ...],
+    pass_fds: tuple[int, ...],
+    domid: int | None,
+    sim: str | os.PathLike[str] | None,
+    backend: str | None,
+    helper: Path | None,
+) -> HelperSpec:
+    return HelperSpec(
+        mode=mode,
+        dialect=d,
+        args=args,
+        pass_fds=pass_fds,
+        domain=f"domid {domid}" if domid is not None else os.fspath(sim or ""),
+        domid=domid,
+        backend=backend,
+        helper=helper,
+    )
 
 
 async def _run(
@@ -237,56 +383,62 @@ async def save(
     st = STREAM_TYPES[stream_type]
     helper_p = Path(helper) if helper is not None else None
     sim_path = _sim_arg(sim)
-    async with _open_out(out) as fd:
-        io_fd, owned = high_fd(fd)
-        try:
-            if d is proto.XEN_417:
-                assert domid is not None
-                args = xen_save_args(
-                    io_fd, domid, xcflags=xcflags, cbflags=cbflags, stream_type=st
-                )
-                backend = None
-            else:
-                backend = "sim" if sim is not None else "xen"
-                args = xcs_args(
+    _check_out(out)
+    with _lock(sim, domid) as lock_fd:
+        # The source's state before we touch it, for the undo after a failure.
+        undo = _sim_save_undo(sim_path) if sim_path else None
+        async with _open_out(out, (lambda: undo(0)) if undo else None) as fd:
+            io_fd, owned = high_fd(fd)
+            try:
+                if d is proto.XEN_417:
+                    assert domid is not None
+                    args = xen_save_args(
+                        io_fd, domid, xcflags=xcflags, cbflags=cbflags, stream_type=st
+                    )
+                    backend = None
+                else:
+                    backend = "sim" if sim is not None else "xen"
+                    args = xcs_args(
+                        "save",
+                        backend,
+                        io_fd,
+                        {
+                            "domid": domid,
+                            "sim": sim_path,
+                            "flags": xcflags,
+                            "cbflags": cbflags,
+                            "stream_type": st,
+                            "format": fmt,
+                            "checkpoints": checkpoints or None,
+                            "interval_ms": interval_ms or None,
+                            "xl_config": os.fspath(xl_config) if xl_config is not None else None,
+                            "copy_threads": copy_threads if copy_threads != 1 else None,
+                        },
+                    )
+                spec = _spec(
                     "save",
-                    backend,
-                    io_fd,
-                    {
-                        "domid": domid,
-                        "sim": _sim_arg(sim),
-                        "flags": xcflags,
-                        "cbflags": cbflags,
-                        "stream_type": st,
-                        "format": fmt,
-                        "checkpoints": checkpoints or None,
-                        "interval_ms": interval_ms or None,
-                        "xl_config": os.fspath(xl_config) if xl_config is not None else None,
-                        "copy_threads": copy_threads if copy_threads != 1 else None,
-                    },
+                    d=d,
+                    args=args,
+                    pass_fds=(io_fd, lock_fd),
+                    domid=domid,
+                    sim=sim_path,
+                    backend=backend,
+                    helper=helper_p,
                 )
-            spec = HelperSpec(
-                mode="save",
-                dialect=d,
-                args=args,
-                pass_fds=(io_fd,),
-                domain=f"domid {domid}" if domid is not None else str(sim_path),
-                domid=domid,
-                backend=backend,
-                helper=helper_p,
-                on_failure=_sim_save_undo(sim_path) if sim_path else None,
-            )
-            return await _run(spec, cbs, supervisor, on_event, timeout)
-        finally:
-            if owned:
-                os.close(io_fd)
+                return await _run(
+                    replace(spec, on_failure=undo), cbs, supervisor, on_event, timeout
+                )
+            finally:
+                if owned:
+                    os.close(io_fd)
 
 
 async def restore(
     src: StreamArg,
     *,
     domid: int | None = None,
-    sim: str | os.PathLike[str] | None = None,
+    sim: str | os.PathLike[str] | SimTarget | None = None,
+    force: bool = False,
     fmt: str = "libxc",
     dialect: Dialect = "xcsave-1",
     helper: str | os.PathLike[str] | None = None,
@@ -307,9 +459,17 @@ async def restore(
     """Restore a domain from ``src`` (fd or path); ``.store_gfn``/``.console_gfn`` in the result.
 
     A restore reads exactly its stream and nothing after it, so a caller may
-    go on reading the same fd (as libxl does with its own records).  For a
-    simulated domain the target file is created, and removed again if the
-    restore fails: no half-built domain is left behind.
+    go on reading the same fd (as libxl does with its own records).
+
+    A simulated domain is built beside its final name and renamed into place
+    only once the run succeeded (see :class:`SimTarget`): whatever fails or
+    interrupts the restore, at any instant, nothing is left but what was
+    there before.  An existing domain is replaced only with ``force=True``
+    (else ``FileExistsError``, EEXIST, before ``src`` is opened).  ``sim``
+    may also be a :class:`SimTarget` the caller commits itself (a receiver
+    does, once its peer let it start the domain).  The domain's lock is held
+    throughout (:class:`~xcsave.DomainBusy`, EBUSY, if another operation
+    holds it).
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
@@ -322,57 +482,73 @@ async def restore(
     cbflags = proto.cbflags_for(d, cbs.installed() | {"restore_results"})
     st = STREAM_TYPES[stream_type]
     helper_p = Path(helper) if helper is not None else None
-    sim_path = _sim_arg(sim)
-    async with _open_in(src) as fd:
-        io_fd, owned = high_fd(fd)
+    given = sim.final if isinstance(sim, SimTarget) else sim
+    final = _resolve_sim(given) if given is not None else None
+    if final is not None and not isinstance(sim, SimTarget):
+        check_replace(final, force)  # before anything is opened or read
+    with _lock(given, domid) as lock_fd:
+        own = not isinstance(sim, SimTarget)
+        built = sim if isinstance(sim, SimTarget) else None
+        if final is not None and own:
+            built = SimTarget.begin(final, force=force)  # again, with the lock held
         try:
-            if d is proto.XEN_417:
-                assert domid is not None
-                args = xen_restore_args(
-                    io_fd,
-                    domid,
-                    cbflags=cbflags,
-                    store_evtchn=store_evtchn,
-                    store_domid=store_domid,
-                    console_evtchn=console_evtchn,
-                    console_domid=console_domid,
-                    stream_type=st,
-                )
-                backend = None
-            else:
-                backend = "sim" if sim is not None else "xen"
-                args = xcs_args(
-                    "restore",
-                    backend,
-                    io_fd,
-                    {
-                        "domid": domid,
-                        "sim": _sim_arg(sim),
-                        "cbflags": cbflags,
-                        "stream_type": st,
-                        "format": fmt,
-                        "store_evtchn": store_evtchn,
-                        "store_domid": store_domid,
-                        "console_evtchn": console_evtchn,
-                        "console_domid": console_domid,
-                        "max_pages": max_pages or None,
-                        "legacy_width": legacy_width,
-                        "legacy_guest": legacy_guest,
-                        "dm_out": os.fspath(dm_out) if dm_out is not None else None,
-                    },
-                )
-            spec = HelperSpec(
-                mode="restore",
-                dialect=d,
-                args=args,
-                pass_fds=(io_fd,),
-                domain=f"domid {domid}" if domid is not None else str(sim_path),
-                domid=domid,
-                backend=backend,
-                helper=helper_p,
-                on_failure=_sim_restore_undo(sim_path) if sim_path else None,
-            )
-            return await _run(spec, cbs, supervisor, on_event, timeout)
+            async with _open_in(src) as fd:
+                io_fd, owned = high_fd(fd)
+                try:
+                    if d is proto.XEN_417:
+                        assert domid is not None
+                        args = xen_restore_args(
+                            io_fd,
+                            domid,
+                            cbflags=cbflags,
+                            store_evtchn=store_evtchn,
+                            store_domid=store_domid,
+                            console_evtchn=console_evtchn,
+                            console_domid=console_domid,
+                            stream_type=st,
+                        )
+                        backend = None
+                    else:
+                        backend = "sim" if sim is not None else "xen"
+                        args = xcs_args(
+                            "restore",
+                            backend,
+                            io_fd,
+                            {
+                                "domid": domid,
+                                "sim": str(built.partial) if built else None,
+                                "build_only": built is not None,
+                                "cbflags": cbflags,
+                                "stream_type": st,
+                                "format": fmt,
+                                "store_evtchn": store_evtchn,
+                                "store_domid": store_domid,
+                                "console_evtchn": console_evtchn,
+                                "console_domid": console_domid,
+                                "max_pages": max_pages or None,
+                                "legacy_width": legacy_width,
+                                "legacy_guest": legacy_guest,
+                                "dm_out": os.fspath(dm_out) if dm_out is not None else None,
+                            },
+                        )
+                    spec = _spec(
+                        "restore",
+                        d=d,
+                        args=args,
+                        pass_fds=(io_fd, lock_fd),
+                        domid=domid,
+                        sim=final,
+                        backend=backend,
+                        helper=helper_p,
+                    )
+                    res = await _run(spec, cbs, supervisor, on_event, timeout)
+                    # Judged a success: commit now, with no await in between.
+                    if built is not None and own:
+                        built.commit()
+                    return res
+                finally:
+                    if owned:
+                        os.close(io_fd)
         finally:
-            if owned:
-                os.close(io_fd)
+            if built is not None and own:
+                built.discard()  # on every failure path: nothing left but the old domain

@@ -12,6 +12,7 @@ import errno as errno_mod
 import logging
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -145,9 +146,8 @@ def _describe(res: RunResult) -> str:
 
 
 def do_save(args: argparse.Namespace) -> int:
-    import asyncio
-
     from . import api
+    from .cmd_migrate import run_async
     from .progress import Renderer
 
     if args.domid is not None and not args.suspend_cmd:
@@ -157,8 +157,8 @@ def do_save(args: argparse.Namespace) -> int:
         )
     out = _stream_target(args.out, for_write=True)
     with Renderer(args.progress, _event_stream(args)) as rend:
-        res = asyncio.run(
-            api.save(
+        res = run_async(
+            lambda: api.save(
                 out,
                 domid=args.domid,
                 sim=args.sim,
@@ -181,9 +181,8 @@ def do_save(args: argparse.Namespace) -> int:
 
 
 def do_restore(args: argparse.Namespace) -> int:
-    import asyncio
-
     from . import api
+    from .cmd_migrate import run_async
     from .progress import Renderer
 
     src = _stream_target(args.input, for_write=False)
@@ -192,8 +191,8 @@ def do_restore(args: argparse.Namespace) -> int:
     if args.legacy and (args.width is None or args.guest is None):
         raise UsageError("--legacy needs --width 32|64 and --guest pv|hvm")
     with Renderer(args.progress, _event_stream(args)) as rend:
-        res = asyncio.run(
-            api.restore(
+        res = run_async(
+            lambda: api.restore(
                 src,
                 domid=args.domid,
                 sim=args.sim,
@@ -209,6 +208,7 @@ def do_restore(args: argparse.Namespace) -> int:
                 legacy_width=legacy_width,
                 legacy_guest=legacy_guest,
                 dm_out=args.dm_out,
+                force=args.force,
                 timeout=args.timeout,
                 on_event=rend,
             )
@@ -283,6 +283,11 @@ def add_save_restore(sub: Any) -> None:
     p.add_argument(
         "--dm-out", metavar="FILE", help="hand the device model's saved state over in FILE"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --sim DOM (kept as it was unless the restore succeeds)",
+    )
     for name in ("store-evtchn", "store-domid", "console-evtchn", "console-domid"):
         p.add_argument(f"--{name}", type=int, default=0)
     p.set_defaults(func=do_restore)
@@ -353,6 +358,44 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="xcsave: %(name)s: %(message)s", stream=sys.stderr)
 
 
+# ----------------------------------------------------------------- commit point
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_deferring: list[bool] = []  # [True] between defer_signals and signals_deferred
+_saved_handlers: dict[int, Any] = {}
+
+
+def defer_signals() -> None:
+    """The operation has succeeded (its result is committed): from now until
+    the command has reported it, SIGINT and SIGTERM must not turn that success
+    into "interrupted".  Blocked here, while the event loop's handlers still
+    stand (a signal now would only cancel a finished task); ignored by
+    :func:`signals_deferred` once those are removed; put back by
+    :func:`restore_signals` when the command returns.  So a command either
+    fails and says so, with nothing committed, or succeeds and says so."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    _deferring[:] = [True]
+
+
+def signals_deferred() -> None:
+    """After the loop's signal handlers are gone: ignore the stop signals
+    (which discards any that arrived since :func:`defer_signals`), unblock."""
+    if not _deferring:
+        return
+    _deferring.clear()
+    for sig in _STOP_SIGNALS:
+        _saved_handlers.setdefault(sig, signal.getsignal(sig))
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def restore_signals() -> None:
+    """The handlers :func:`signals_deferred` replaced, back (a no-op if none)."""
+    while _saved_handlers:
+        sig, handler = _saved_handlers.popitem()
+        signal.signal(sig, handler)
+
+
 def describe_error(e: BaseException) -> str:
     """One line for any failure we expect, with the errno name when there is one."""
     if isinstance(e, OSError) and e.errno:
@@ -379,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except (UsageError, ValueError, XcsaveError, OSError, KeyboardInterrupt) as e:
         return report_failure(args.command, e)
+    finally:
+        if argv is not None:
+            # Called in-process (not as the program): the caller's handlers
+            # back.  The program itself keeps ignoring the stop signals until
+            # it exits, once its operation succeeded (see defer_signals).
+            restore_signals()
 
 
 def report_failure(command: str, e: BaseException) -> int:

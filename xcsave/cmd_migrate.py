@@ -21,7 +21,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .cli import FORMATS, UsageError, parse_policy
+from .cli import (
+    FORMATS,
+    UsageError,
+    defer_signals,
+    parse_policy,
+    restore_signals,
+    signals_deferred,
+)
 from .errors import XcsaveError
 from .progress import MODES
 
@@ -140,6 +147,11 @@ def add_parsers(sub: Any) -> None:
     )
     r.add_argument("--timeout", type=float, metavar="S", help="give the helper S seconds")
     r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing DOM (kept as it was unless the received copy starts)",
+    )
+    r.add_argument(
         "--accept-timeout", type=float, metavar="S", help="give up if nobody connects in S s"
     )
     r.add_argument(
@@ -179,6 +191,8 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T:
     import asyncio
     import signal
 
+    restore_signals()  # a previous run's deferral (a benchmark runs several)
+
     async def main() -> T:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -192,7 +206,11 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
         try:
-            return await make()
+            result = await make()
+            # Done (committed): a signal from here on must not turn the
+            # success into "interrupted" (see cli.defer_signals).
+            defer_signals()
+            return result
         except asyncio.CancelledError as e:
             if not got:
                 raise
@@ -207,6 +225,7 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            signals_deferred()
 
     return asyncio.run(main())
 
@@ -292,6 +311,7 @@ def do_receive(args: argparse.Namespace) -> int:
                 handshake_timeout=args.handshake_timeout,
                 on_listening=listening,
                 on_event=rend,
+                force=args.force,
             )
         )
     _emit(args, receive_json(res), receive_text(res))

@@ -32,7 +32,9 @@ __all__ = [
     "check_private_dir",
     "create_private",
     "create_private_temp",
+    "fsync_dir",
     "private_dir",
+    "rename_noreplace",
 ]
 
 PRIVATE_FILE_MODE: Final = 0o600
@@ -139,3 +141,23 @@ def _open_dir(path: str | os.PathLike[str], fix_mode: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing with ``FileExistsError``
+    (EEXIST) if ``dst`` exists: ``renameat2(RENAME_NOREPLACE)``, which Python's
+    ``os`` lacks (``xcs_rename_noreplace`` in csrc/core/private_file.c, the
+    one the native creators use; ``link`` then ``unlink`` where the kernel or
+    the filesystem lacks the flag)."""
+    from . import _ext
+
+    _ext.rename_noreplace(os.fspath(src), os.fspath(dst))
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename (or create, unlink) in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Final, Generic, TypeVar
 
 from . import api
+from . import lock as _lock
 from . import sim as simdom
 from ._log import logger
 from .errors import XcsaveError, errno_name
@@ -455,6 +456,7 @@ def _put_back(path: Path, state: str) -> str:
         return "unknown"
 
 
+@_lock.holding("sim", resolve=simdom.resolve)
 async def migrate_on(
     sock: socket.socket,
     *,
@@ -562,6 +564,7 @@ async def migrate_on(
     )
 
 
+@_lock.holding("sim", resolve=simdom.resolve)
 async def migrate(
     *,
     sim: str | os.PathLike[str],
@@ -608,47 +611,7 @@ def _resolve_existing(dom: str | os.PathLike[str]) -> Path:
 # ----------------------------------------------------------------- receiver
 
 
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        simdom.remove(path)
-
-
-def _sweep_stale_partials(target: Path) -> None:
-    """Remove ``.NAME.partial.PID.N`` files that a killed restore helper left behind.
-
-    A helper stopped normally removes its own partial domain; one killed
-    with SIGKILL (or orphaned by a SIGKILLed receiver) cannot.  Only files
-    whose helper PID is gone are removed.
-    """
-    for partial in target.parent.glob(f".{target.name}.partial.*.*"):
-        try:
-            pid = int(partial.name.split(".partial.", 1)[1].split(".", 1)[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            log.info("removing %s, left by a restore helper that was killed", partial)
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie (killed, not yet reaped) does not."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return state not in (b"Z", b"X")
-
-
+@_lock.holding("sim", resolve=simdom.resolve)
 async def receive_on(
     sock: socket.socket,
     *,
@@ -659,11 +622,14 @@ async def receive_on(
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
     stream: int | None = None,
+    force: bool = False,
 ) -> ReceiveResult:
     """Receive a domain over ``sock``, a connected socket (the receiver's side).
 
-    ``sim`` must not exist yet.  ``sock`` stays the caller's.  On any
-    failure before the domain runs, the partial or complete copy is removed.
+    ``sim`` must not exist yet, unless ``force``: an existing one is then
+    replaced when the received copy starts, and stays as it was on any
+    failure before.  ``sock`` stays the caller's.  On any failure before the
+    domain runs, the partial or complete copy is removed.
     ``stream``, if given, is a separate fd the stream is read from (the read
     end of a pipe from a local sender); a pipe cannot be peeked at, so
     ``fmt`` must then be given.
@@ -673,11 +639,7 @@ async def receive_on(
     if stream is not None and fmt == "auto":
         raise ValueError("a separate stream fd cannot be peeked at: give its format")
     target = simdom.resolve(sim)
-    if target.exists():
-        raise FileExistsError(
-            errno_mod.EEXIST, "the domain to receive into already exists", str(target)
-        )
-    _sweep_stale_partials(target)
+    built = api.SimTarget.begin(target, force=force)  # EEXIST unless force
     peer = _peer_name(sock)
     ev = _Events("receive", str(target), on_event)
     sock.setblocking(False)
@@ -693,7 +655,7 @@ async def receive_on(
         with _lent_to_helper(sock, stream) as fd:
             restored = await api.restore(
                 fd,
-                sim=target,
+                sim=built,
                 fmt=detected,
                 timeout=timeout,
                 on_event=ev,
@@ -703,7 +665,8 @@ async def receive_on(
         await _send(sock, READY, "'domain received'", handshake_timeout)
         await _expect(sock, GO, "the sender's 'domain is yours'", handshake_timeout)
         try:
-            simdom.set_state(target, "running")
+            simdom.set_state(built.partial, "running")
+            built.commit()  # the old domain (with force) stays until here
             running = True
             status = 0
         except OSError as e:
@@ -712,7 +675,7 @@ async def receive_on(
         if status:
             # xl's order: report, remove our copy, then give the sender its domain back.
             await _send(sock, REPORT + bytes([status]), "the failure report", handshake_timeout)
-            _remove(target)
+            built.discard()
             await _send(sock, GO, "the permission to resume", handshake_timeout)
             raise MigrationError(
                 f"could not start the received domain (status {status})", errno=status
@@ -726,10 +689,7 @@ async def receive_on(
             log.warning("%s runs here, but the sender did not get the report: %s", target, e)
     except BaseException as e:
         if not running:
-            _remove(target)
-            # A helper cancelled while it was being spawned is SIGKILLed by
-            # asyncio before the supervisor knows its pid: its partial stays.
-            _sweep_stale_partials(target)
+            built.discard()
         cause = _cause(e)
         ev.done(False, cause)
         if isinstance(e, Exception) and not running:
@@ -771,6 +731,7 @@ def _listener(listen: Address) -> socket.socket:
     return sock
 
 
+@_lock.holding("sim", resolve=simdom.resolve)
 async def receive(
     *,
     listen: Address | socket.socket,
@@ -782,8 +743,11 @@ async def receive(
     on_listening: Callable[[Address], object] | None = None,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
+    force: bool = False,
 ) -> ReceiveResult:
     """Accept exactly one migration on ``listen`` and run the received domain as ``sim``.
+
+    An existing ``sim`` is refused (EEXIST) before listening, unless ``force``.
 
     ``listen`` is ``(host, port)`` (bound exactly; ``port`` 0 picks one, and
     ``on_listening`` is told the real address) or a listening socket of the
@@ -791,11 +755,8 @@ async def receive(
     accepted: a second sender is refused.
     """
     target = simdom.resolve(sim)
-    if target.exists():
-        raise FileExistsError(
-            errno_mod.EEXIST, "the domain to receive into already exists", str(target)
-        )
-    _sweep_stale_partials(target)
+    api.check_replace(target, force)
+    api.sweep_stale_partials(target)  # a killed receiver's, before we wait for a sender
     loop = asyncio.get_running_loop()
     owned = not isinstance(listen, socket.socket)
     lsock = _listener(listen) if not isinstance(listen, socket.socket) else listen
@@ -827,6 +788,7 @@ async def receive(
             handshake_timeout=handshake_timeout,
             on_event=on_event,
             supervisor=supervisor,
+            force=force,
         )
 
 
@@ -847,6 +809,7 @@ def _owned_fd(fd: int | None) -> Iterator[int | None]:
             os.close(fd)
 
 
+@_lock.holding("src", "dst", resolve=simdom.resolve)
 async def migrate_local(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -883,6 +846,7 @@ async def migrate_local(
         raise ValueError(f"unknown channel {channel!r}: expected one of {CHANNELS}")
     src_path, dst_path = simdom.resolve(src), simdom.resolve(dst)
     before = _state(src_path)  # also: FileNotFoundError for a domain that does not exist
+    api.check_replace(dst_path, False)  # before either side starts: settling reads dst
     a, b = socket.socketpair()
     # Blocking, close-on-exec: the supervisor hands each helper its end alone.
     rfd, wfd = os.pipe() if channel == "pipe" else (None, None)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from . import _ext
+from . import _ext, lock
 from .files import private_dir
 
 __all__ = [
@@ -70,9 +70,10 @@ def create(
         raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE} bytes, not {memory}")
     path = resolve(dom)
     try:
-        _ext.sim_create(
-            str(path), memory // PAGE_SIZE, vcpus, seed, replace=force, cancelled=cancelled
-        )
+        with lock.domain_lock(sim=path, name=os.fspath(dom)):  # one operation per domain
+            _ext.sim_create(
+                str(path), memory // PAGE_SIZE, vcpus, seed, replace=force, cancelled=cancelled
+            )
     except OSError as e:
         if e.errno == errno.EEXIST:
             raise FileExistsError(
@@ -113,4 +114,6 @@ def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0
 
 
 def remove(dom: str | os.PathLike[str]) -> None:
-    _ext.sim_remove(str(resolve(dom)))
+    path = resolve(dom)
+    with lock.domain_lock(sim=path, name=os.fspath(dom)):  # not in the middle of a save
+        _ext.sim_remove(str(path))

@@ -201,8 +201,12 @@ static int skip_body(struct restore_ctx *ctx, uint32_t len, const char *what)
  * The target is ".<name>.partial.<pid>.<n>" beside the final path: the same
  * filesystem, so the final rename is atomic; hidden; unique per restore.
  * The name is a contract: a restorer killed by SIGKILL cannot remove its
- * partial file, and the toolstack (xcsave/api.py, migrate.py) sweeps
- * ".<name>.partial.<pid>.*" after a helper it knows died.
+ * partial file, and ".<name>.partial.<pid>.*" is swept once <pid> is gone.
+ *
+ * With build_only the toolstack chose the partial name (its own pid in it)
+ * and passes it as sim_path: we build exactly that file and leave the
+ * rename, the commit, to the toolstack (xcsave/api.py), which removes the
+ * file itself if we die.
  */
 static int target_create(struct restore_ctx *ctx)
 {
@@ -212,11 +216,13 @@ static int target_create(struct restore_ctx *ctx)
     int dirlen = slash ? (int)(slash - path + 1) : 0;
     unsigned int n = __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED);
 
-    if (asprintf(&ctx->partial, "%.*s.%s.partial.%ld.%u", dirlen, path,
-                 path + dirlen, (long)getpid(), n) < 0) {
+    if (ctx->p->build_only)
+        ctx->partial = strdup(path);
+    else if (asprintf(&ctx->partial, "%.*s.%s.partial.%ld.%u", dirlen, path,
+                      path + dirlen, (long)getpid(), n) < 0)
         ctx->partial = NULL;
+    if (!ctx->partial)
         return xcs_fail(ctx->cb, ENOMEM, "allocating a path");
-    }
     ctx->tfd = xcs_create_private(ctx->partial, O_RDWR);
     if (ctx->tfd < 0) {
         int e = errno;
@@ -414,7 +420,7 @@ static int finalize(struct restore_ctx *ctx)
                         r < 0 ? strerror(errno) : "short write");
     if (ctx->p->dm_path && ctx->dm && handover_dm(ctx) < 0)
         return -1;
-    if (rename(ctx->partial, ctx->p->sim_path) < 0)
+    if (!ctx->p->build_only && rename(ctx->partial, ctx->p->sim_path) < 0)
         return xcs_fail(ctx->cb, errno, "renaming %s to %s: %s", ctx->partial,
                         ctx->p->sim_path, strerror(errno));
     free(ctx->partial);

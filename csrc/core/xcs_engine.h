@@ -129,6 +129,14 @@ struct xcs_save_stats {
 struct xcs_restore_params {
     int io_fd;                /* read exactly the stream, never past END */
     const char *sim_path;     /* target domain file, created; removed on failure */
+    /*
+     * 0: build beside sim_path under a temporary name and rename it over
+     * sim_path at the end (the helper used on its own).  1: create sim_path
+     * itself (O_EXCL) and leave it there on success: the toolstack chose
+     * that name, judges the run, and renames it into place itself, so no
+     * signal to the toolstack can land between a rename and its verdict.
+     */
+    int build_only;
     enum xcs_wrap wrap;
     int stream_type;
     uint64_t max_pages;       /* 0 = the stream decides, capped */
