@@ -3,7 +3,7 @@ xcsave native fast paths (simulated domains, stream tools)
 """
 from __future__ import annotations
 import typing
-__all__: list[str] = ['BACKENDS', 'convert_legacy', 'engine_restore', 'engine_save', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state']
+__all__: list[str] = ['BACKENDS', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state']
 def convert_legacy(in_fd: typing.SupportsInt | typing.SupportsIndex, out_fd: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, guest: str, fmt: str = 'libxc', xl_in: bool = False, xl_out: bool = False, stream_type: str = 'plain', skip_qemu: bool = False) -> dict[str, typing.Any]:
     """
     Convert a legacy (pre-4.6) stream to v3; returns statistics.
@@ -15,6 +15,10 @@ def engine_restore(fd: typing.SupportsInt | typing.SupportsIndex, path: str, wra
 def engine_save(fd: typing.SupportsInt | typing.SupportsIndex, path: str, live: bool = False, wrap: str = 'libxc', max_iters: typing.SupportsInt | typing.SupportsIndex = 5, dirty_threshold: typing.SupportsInt | typing.SupportsIndex = 50, *, stream_type: str = 'plain', checkpoints: typing.SupportsInt | typing.SupportsIndex = 0, interval_ms: typing.SupportsInt | typing.SupportsIndex = 0, send_zero_pages: bool = False, xl_config: typing.Any = None, policy: typing.Any = None, suspend: typing.Any = None, checkpoint: typing.Any = None, copy_threads: typing.SupportsInt | typing.SupportsIndex = 1) -> dict[str, typing.Any]:
     """
     Save a sim domain to fd in-process (tests, benchmarks); returns the stats.  policy(iteration, total_written, dirty_count) -> -1/0/1, suspend() -> bool, checkpoint() -> int.  copy_threads > 1 writes PAGE_DATA into a regular file with that many threads (stats: threaded_bytes, copy_threads).
+    """
+def rename_noreplace(src: str, dst: str) -> None:
+    """
+    Rename src to dst atomically; EEXIST if dst exists (renameat2 RENAME_NOREPLACE).
     """
 def scan(src: typing.Any, fmt: str = 'auto', stream_type: str = 'plain', width: typing.SupportsInt | typing.SupportsIndex = 0, guest: str = '', allow_trailing: bool = False) -> dict[str, typing.Any]:
     """
