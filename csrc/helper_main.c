@@ -36,7 +36,7 @@
  *        [--console-domid N] [--sim PATH] [--format libxc|libxl|xl]
  *        [--max-pages N] [--checkpoints N] [--interval-ms N]
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
- *        [--dm-out PATH] [--copy-threads N]
+ *        [--dm-out PATH] [--copy-threads N] [--idle-timeout-ms N]
  *   --version
  */
 
@@ -53,6 +53,7 @@
 #include <unistd.h>
 
 #include "helper.h"
+#include "stream_io.h"
 #include "xcs_format.h"
 
 #ifndef XCS_BACKENDS
@@ -447,7 +448,7 @@ enum {
     OPT_STREAM_TYPE, OPT_STORE_EVTCHN, OPT_STORE_DOMID, OPT_CONSOLE_EVTCHN,
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
-    OPT_DM_OUT, OPT_COPY_THREADS
+    OPT_DM_OUT, OPT_COPY_THREADS, OPT_IDLE_TIMEOUT_MS
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -474,6 +475,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"legacy-guest", required_argument, NULL, OPT_LEGACY_GUEST},
         {"dm-out", required_argument, NULL, OPT_DM_OUT},
         {"copy-threads", required_argument, NULL, OPT_COPY_THREADS},
+        {"idle-timeout-ms", required_argument, NULL, OPT_IDLE_TIMEOUT_MS},
         {NULL, 0, NULL, 0},
     };
     const char *backend = "sim";
@@ -535,6 +537,10 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             if (op->copy_threads == 0)
                 fatal("bad <copy-threads> '%s': expected a number from 1 to %d",
                       optarg, XCS_MAX_COPY_THREADS);
+            break;
+        case OPT_IDLE_TIMEOUT_MS:
+            /* at most a day: an int of milliseconds for poll() */
+            op->idle_ms = (unsigned)parse_num("idle-timeout-ms", optarg, 86400u * 1000);
             break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
         case OPT_DM_OUT: op->dm_path = optarg; break;
@@ -628,6 +634,18 @@ int main(int argc, char **argv)
         xcs_exit_fatal();
     }
 
+    /*
+     * The idle timeout on the stream fd (stream_io.c: poll before reads,
+     * SO_RCVTIMEO/SO_SNDTIMEO on a socket, a private non-blocking
+     * description for a pipe we write).  The pipe trick is for the sim
+     * engine only: libxc's own writes expect a blocking fd.
+     */
+    if (op.idle_ms &&
+        xcs_stream_idle(op.io_fd, (int)op.idle_ms, be == &xcs_backend_sim) < 0) {
+        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT,
+                "setting the idle timeout on io_fd %d", op.io_fd);
+        xcs_exit_fatal();
+    }
     xcs_log(XCS_LOG_DEBUG, 0, XCS_HELPER_CONTEXT, "starting %s",
             op.restore ? "restore" : "save");
     errno = 0;

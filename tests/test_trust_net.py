@@ -1,0 +1,512 @@
+"""Who gets in over the network, and what a peer or a stream can make us do.
+
+- The listener (``migrate.receive``) keeps listening until a peer passes
+  authentication (TLS) and starts a stream: rogue clients (garbage, silence,
+  a slow trickle, and over TLS a valid stream sent in clear) create nothing
+  and never keep the real sender out.
+- A bare ``--listen PORT`` binds loopback; direct TCP needs ``--tls-dir`` or
+  ``--insecure``.
+- Bounds: a stream that claims a huge domain is refused under
+  ``--max-memory`` before anything is allocated; a peer that goes silent
+  mid-stream fails the other end with ETIMEDOUT, nothing kept.
+- ssh: a real OpenSSH server (tests generate its keys): a live migration
+  under a workload arrives bit-exact; a wrong client key and a failing
+  remote command are one line each, nothing created, the source running.
+- ``receive --stdio`` over plain pipes, as sshd may give them.
+
+Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import corpus
+import pytest
+import test_hostile as hostile
+import test_migrate
+from conftest import helper_pids
+from test_migrate import partials, workload, xcsave_argv
+
+import xcsave.sync
+from xcsave import migrate, sim
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """Domain files in memory: test_migrate's fixture."""
+    yield from test_migrate.shm.__wrapped__()
+
+
+# ---------------------------------------------------------------- streams
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes, str]:
+    """A small domain saved as libxl (what migrate sends) and as bare libxc, and its digest."""
+    d = tmp_path_factory.mktemp("trust-image")
+    src = sim.create(d / "src.dom", 6 * MiB, vcpus=1, seed=31)
+    xcsave.sync.save(d / "s.libxl", sim=src, fmt="libxl")
+    sim.set_state(src, "running")
+    xcsave.sync.save(d / "s.libxc", sim=src, fmt="libxc")
+    return (d / "s.libxl").read_bytes(), (d / "s.libxc").read_bytes(), sim.digest(src)
+
+
+def size_bomb(libxc: bytes, nr_pages: int = 1 << 24) -> bytes:
+    """A ~6 MB libxc stream whose HVM_CONTEXT claims ``nr_pages`` pages (64 GiB)."""
+    head, recs, _ = hostile._sim_parts(libxc)
+    recs = hostile._with(
+        recs, corpus.HVM_CONTEXT, lambda r: hostile._hvm_ctx_with(r, nr_pages=nr_pages)
+    )
+    return head + b"".join(recs)
+
+
+# ---------------------------------------------------------------- a listener in a task
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    dst: Path, **kw: Any
+) -> AsyncIterator[tuple[tuple[str, int], asyncio.Task[migrate.ReceiveResult]]]:
+    ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        migrate.receive(listen=("127.0.0.1", 0), sim=dst, on_listening=ready.set_result, **kw)
+    )
+    try:
+        yield await asyncio.wait_for(ready, 30), task
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def rogue(addr: tuple[str, int], how: str, payload: bytes = b"") -> socket.socket:
+    """Connect and misbehave; returns the socket, still open (the caller closes it)."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        await loop.sock_connect(s, addr)
+    except OSError:
+        s.close()
+        raise
+    if how == "garbage":
+        await loop.sock_sendall(s, b"GET / HTTP/1.0\r\n\r\n" + os.urandom(64))
+    elif how == "foreign":
+        await loop.sock_sendall(s, payload)
+    elif how == "trickle":
+
+        async def drip() -> None:
+            for b in payload[:64]:
+                await asyncio.sleep(0.3)
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(s, bytes([b]))
+
+        asyncio.get_running_loop().create_task(drip())
+    return s  # "silence": says nothing
+
+
+async def hung_up(s: socket.socket) -> bool:
+    """Whether the listener dropped this client (EOF after whatever it sent us)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                data = await loop.sock_recv(s, 4096)
+                if not data:
+                    return True
+    except ConnectionResetError:
+        return True
+
+
+ROGUES = ["garbage", "silence", "trickle", "foreign"]
+
+
+@pytest.mark.parametrize("how", ROGUES)
+async def test_insecure_rogue_client_never_keeps_the_sender_out(
+    shm: Path, image: tuple[bytes, bytes, str], how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rogue peer connects first; the real sender then migrates, while a
+    silent or trickling rogue is still connected (candidates are handled
+    concurrently).  --insecure admits anyone who sends a stream, so a valid
+    foreign stream *is* taken (that is what the flag means: docs/security.md);
+    here it is sent second, after the real one was admitted, and refused."""
+    libxl, _libxc, _digest = image
+    src = sim.create(shm / "src.dom", 8 * MiB, seed=32)
+    dst = shm / "dst.dom"
+    caplog.set_level(logging.INFO, logger="xcsave.migrate")
+    async with listening(dst, insecure=True, handshake_timeout=20) as (addr, task):
+        bad = None if how == "foreign" else await rogue(addr, how, libxl)
+        sent = await migrate.migrate(sim=src, to=addr, insecure=True)
+        received = await task
+        if how == "foreign":  # after the admission: the listener is closed
+            with pytest.raises(ConnectionRefusedError):
+                await rogue(addr, how, libxl)
+        if bad is not None:
+            if how == "garbage":
+                assert await hung_up(bad)
+            bad.close()
+    assert received.fmt == sent.fmt == "libxl"
+    assert sim.digest(dst) == sim.digest(src)
+    assert sim.info(dst)["state"] == "running"
+    if how == "garbage":
+        assert any("refused" in r.getMessage() for r in caplog.records)
+    assert partials(dst) == []
+
+
+@pytest.mark.parametrize("how", ["silence", "trickle", "garbage"])
+async def test_insecure_rogue_is_dropped_after_the_handshake_timeout(
+    shm: Path, image: tuple[bytes, bytes, str], how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every refused peer is hung up on and logged in one line; nothing is
+    created for it; the listener goes on listening."""
+    libxl, _libxc, _digest = image
+    dst = shm / "dst.dom"
+    caplog.set_level(logging.WARNING, logger="xcsave.migrate")
+    async with listening(dst, insecure=True, handshake_timeout=0.5) as (addr, task):
+        bad = await rogue(addr, how, libxl)
+        assert await hung_up(bad)
+        bad.close()
+        assert not task.done()  # still listening
+        assert not dst.exists() and partials(dst) == []
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1, refusals
+    assert "\n" not in refusals[0]
+    if how != "garbage":
+        assert "ETIMEDOUT" in refusals[0]
+
+
+async def test_at_most_max_candidates_at_once(shm: Path) -> None:
+    """Silent peers beyond MAX_CANDIDATES wait in the backlog, unanswered:
+    the banner goes to at most MAX_CANDIDATES of them at a time."""
+    dst = shm / "dst.dom"
+    n = migrate.MAX_CANDIDATES + 3
+    async with listening(dst, insecure=True, handshake_timeout=30) as (addr, _task):
+        socks = [await rogue(addr, "silence") for _ in range(n)]
+        loop = asyncio.get_running_loop()
+
+        async def banner(s: socket.socket) -> bool:
+            try:
+                async with asyncio.timeout(1.0):
+                    return bool(await loop.sock_recv(s, 1))
+            except TimeoutError:
+                return False
+
+        got = await asyncio.gather(*(banner(s) for s in socks))
+        for s in socks:
+            s.close()
+    assert sum(got) == migrate.MAX_CANDIDATES
+    assert not dst.exists()
+
+
+# ---------------------------------------------------------------- addresses and modes
+
+
+def test_bare_port_listens_on_loopback(shm: Path) -> None:
+    proc = subprocess.Popen(
+        xcsave_argv(
+            "receive", "--listen", "0", "--insecure", "--sim", shm / "d.dom",
+            "--accept-timeout", "30", "--progress", "none",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert line.startswith("listening on 127.0.0.1:"), line
+
+
+@pytest.mark.parametrize("cmd", ["receive", "migrate"])
+def test_direct_tcp_without_tls_or_insecure_is_a_usage_error(
+    shm: Path, tmp_path: Path, cmd: str
+) -> None:
+    src = sim.create(shm / "src.dom", 1 * MiB)
+    argv = (
+        ["receive", "--listen", "127.0.0.1:0", "--sim", shm / "d.dom"]
+        if cmd == "receive"
+        else ["migrate", "--sim", src, "--to", "127.0.0.1:9"]
+    )
+    env = {**os.environ, "XCSAVE_TLS_DIR": str(tmp_path / "no-such-dir")}
+    r = subprocess.run(
+        xcsave_argv(*argv), capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert r.returncode == 2
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert "--tls-dir" in r.stderr and "--insecure" in r.stderr
+    assert sim.info(src)["state"] == "running"
+    assert not (shm / "d.dom").exists()
+
+
+def test_insecure_says_so_on_stderr(shm: Path) -> None:
+    r = subprocess.run(
+        xcsave_argv(
+            "receive", "--listen", "127.0.0.1:0", "--insecure", "--sim", shm / "d.dom",
+            "--accept-timeout", "0.1", "--progress", "none",
+        ),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    warning = r.stderr.splitlines()[0]
+    assert "--insecure" in warning and "neither authenticated nor encrypted" in warning
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def test_restore_refuses_a_size_bomb_under_max_memory(
+    shm: Path, image: tuple[bytes, bytes, str]
+) -> None:
+    bomb = size_bomb(image[1])
+    dst = shm / "bomb.dom"
+    r = subprocess.run(
+        xcsave_argv("restore", "-", "--sim", dst, "--max-memory", "64M", "--progress", "none"),
+        input=bomb, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 1
+    assert len(err.splitlines()) == 1, err
+    assert "ERANGE" in err and "16777216 pages" in err
+    assert not dst.exists() and partials(dst) == []
+
+
+async def _fake_sender(addr: tuple[str, int], payload: bytes, then_silent: bool) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setblocking(False)
+    await loop.sock_connect(s, addr)
+    got = b""
+    while len(got) < len(migrate.BANNER):
+        got += await loop.sock_recv(s, len(migrate.BANNER) - len(got))
+    assert got == migrate.BANNER
+    await loop.sock_sendall(s, payload)
+    if not then_silent:
+        s.shutdown(socket.SHUT_WR)
+    return s
+
+
+@pytest.mark.parametrize("limit", ["explicit", "default"])
+async def test_receive_refuses_a_size_bomb(
+    shm: Path, image: tuple[bytes, bytes, str], limit: str
+) -> None:
+    """The default bound is the host's memory (or the sim directory's
+    filesystem): a stream claiming 64 GiB is refused here too."""
+    if limit == "default" and migrate.default_max_memory(shm / "x") >= 64 << 30:
+        pytest.skip("this host has 64 GiB or more: the default bound admits the bomb")
+    dst = shm / "dst.dom"
+    kw: dict[str, Any] = {"max_memory": 64 * MiB} if limit == "explicit" else {}
+    async with listening(dst, insecure=True, handshake_timeout=30, **kw) as (addr, task):
+        s = await _fake_sender(addr, size_bomb(image[1]), then_silent=True)
+        with pytest.raises(migrate.MigrationError) as err:
+            await asyncio.wait_for(task, 60)
+        s.close()
+    assert "ERANGE" in str(err.value) and "nothing was kept here" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not dst.exists() and partials(dst) == []
+
+
+async def test_receiver_times_out_on_a_silent_sender_mid_stream(
+    shm: Path, image: tuple[bytes, bytes, str]
+) -> None:
+    libxl = image[0]
+    dst = shm / "dst.dom"
+    async with listening(dst, insecure=True, handshake_timeout=30, idle_timeout=0.5) as (
+        addr,
+        task,
+    ):
+        s = await _fake_sender(addr, libxl[: len(libxl) // 2], then_silent=True)
+        with pytest.raises(migrate.MigrationError) as err:
+            await asyncio.wait_for(task, 60)
+        s.close()
+    assert "ETIMEDOUT" in str(err.value) and "nothing was kept here" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not dst.exists() and partials(dst) == []
+    assert helper_pids(mode="restore") == []
+
+
+async def test_sender_times_out_when_the_receiver_stops_reading(shm: Path) -> None:
+    """The receiver sends the banner and then reads nothing: once the socket
+    buffers are full the sender's helper is blocked; after the idle timeout
+    it fails with ETIMEDOUT and the source runs again."""
+    src = sim.create(shm / "src.dom", 64 * MiB, seed=33)
+    before = sim.digest(src)
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.setblocking(False)
+    conns: list[socket.socket] = []
+
+    async def stalled() -> None:
+        conn, _ = await loop.sock_accept(lsock)
+        conns.append(conn)
+        await loop.sock_sendall(conn, migrate.BANNER)
+
+    server = asyncio.create_task(stalled())
+    try:
+        with pytest.raises(migrate.MigrationError) as err:
+            await asyncio.wait_for(
+                migrate.migrate(
+                    sim=src, to=lsock.getsockname()[:2], insecure=True, idle_timeout=0.5
+                ),
+                60,
+            )
+    finally:
+        await server
+        for c in conns:
+            c.close()
+        lsock.close()
+    assert "ETIMEDOUT" in str(err.value) and "running here again" in str(err.value)
+    assert sim.info(src)["state"] == "running"
+    assert sim.digest(src) == before
+    assert helper_pids(mode="save") == []
+
+
+# ---------------------------------------------------------------- receive --stdio over pipes
+
+
+def test_receive_stdio_over_pipes(shm: Path, image: tuple[bytes, bytes, str]) -> None:
+    """sshd may give the remote command pipes, not a socket: the handshake
+    and the stream work over them, and stdout carries only the protocol."""
+    libxl, _libxc, digest = image
+    dst = shm / "dst.dom"
+    proc = subprocess.Popen(
+        xcsave_argv("receive", "--stdio", "--sim", dst, "--format", "libxl", "-v"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    with proc:
+        try:
+            assert proc.stdout.read(len(migrate.BANNER)) == migrate.BANNER
+            proc.stdin.write(libxl)
+            proc.stdin.flush()
+            assert proc.stdout.read(len(migrate.READY)) == migrate.READY
+            proc.stdin.write(migrate.GO)
+            proc.stdin.flush()
+            assert proc.stdout.read(len(migrate.REPORT) + 1) == migrate.REPORT + b"\0"
+            proc.stdin.close()
+            assert proc.stdout.read() == b""  # nothing else, ever
+            err = proc.stderr.read().decode()
+            assert proc.wait(timeout=60) == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "it runs here" in err  # the result went to stderr
+    assert sim.digest(dst) == digest
+    assert sim.info(dst)["state"] == "running"
+
+
+def test_receive_stdio_needs_a_format(shm: Path) -> None:
+    r = subprocess.run(
+        xcsave_argv("receive", "--stdio", "--sim", shm / "d.dom"),
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "--format" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.stdout == ""
+
+
+# ---------------------------------------------------------------- ssh
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from xcsave._sshd import SshdUnavailable
+    from xcsave._sshd import sshd as run_sshd
+
+    try:
+        with run_sshd(tmp_path_factory.mktemp("sshd")) as server:
+            yield server
+    except SshdUnavailable as e:
+        pytest.skip(f"no OpenSSH server to test against: {e}")
+
+
+def remote_command() -> str:
+    return f"{sys.executable} -P -m xcsave"
+
+
+def ssh_migrate(
+    server: Any, src: Path, dst: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        xcsave_argv(
+            "migrate", "--sim", src, "--to", server.url, "--ssh", server.ssh_command,
+            "--remote-command", remote_command(), "--remote-sim", dst, "--progress", "none",
+            *extra,
+        ),
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+
+
+def test_ssh_live_migration_under_load(sshd: Any, shm: Path) -> None:
+    src = sim.create(shm / "src.dom", 64 * MiB, vcpus=2, seed=34)
+    dst = shm / "dst.dom"
+    with workload(src):
+        r = ssh_migrate(sshd, src, dst, "--live", "--json")
+    assert r.returncode == 0, r.stderr + sshd.log()[-2000:]
+    assert f'"peer": "{sshd.url}"' in r.stdout
+    assert '"rounds": 1,' not in r.stdout  # the workload dirtied pages during round 0
+    assert sim.digest(dst) == sim.digest(src)  # src: suspended since the stop-and-copy
+    assert sim.info(dst)["state"] == "running"
+    assert sim.info(src)["state"] == "suspended"
+    assert partials(dst) == []
+
+
+def test_ssh_wrong_client_key_is_one_line(sshd: Any, shm: Path, tmp_path: Path) -> None:
+    from xcsave._sshd import keygen
+
+    src = sim.create(shm / "src.dom", 4 * MiB, seed=35)
+    before = sim.digest(src)
+    cfg = sshd.client_config(keygen(tmp_path / "stranger"), "stranger_config")
+    r = subprocess.run(
+        xcsave_argv(
+            "migrate", "--sim", src, "--to", sshd.url, "--ssh", f"ssh -F {cfg}",
+            "--remote-command", remote_command(), "--remote-sim", shm / "dst.dom",
+            "--progress", "none",
+        ),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"ssh {sshd.user}@{sshd.host}: " in r.stderr
+    assert "Permission denied" in r.stderr and "exit status 255" in r.stderr
+    assert "running here again" in r.stderr
+    assert sim.info(src)["state"] == "running"
+    assert sim.digest(src) == before
+    assert not (shm / "dst.dom").exists()
+
+
+def test_ssh_remote_failure_reports_the_remote_line(sshd: Any, shm: Path) -> None:
+    src = sim.create(shm / "src.dom", 4 * MiB, seed=36)
+    dst = sim.create(shm / "dst.dom", 4 * MiB, seed=37)  # the target exists there
+    theirs = sim.digest(dst)
+    r = ssh_migrate(sshd, src, dst)
+    assert r.returncode == 1
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert "xcsave: receive: " in r.stderr and "EEXIST" in r.stderr  # the remote's own line
+    assert sim.info(src)["state"] == "running"
+    assert sim.digest(dst) == theirs
+
+
+def test_ssh_target_is_checked_before_anything_runs(shm: Path) -> None:
+    src = sim.create(shm / "src.dom", 1 * MiB)
+    r = subprocess.run(
+        xcsave_argv("migrate", "--sim", src, "--to", "ssh://-oProxyCommand=evil"),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "bad ssh target" in r.stderr
