@@ -11,10 +11,14 @@ Native sources:
   csrc/helper_main.c   the helper: argv, protocol loop, backend dispatch
   csrc/backend_*.c     helper backends; backend_xen.c only when xenguest.h is
                        found (Debian libxen-dev) unless XCSAVE_XEN=0
+  csrc/tunnel_tls.c    the helper's TLS tunnel; with OpenSSL when its headers
+                       are found (Debian libssl-dev) unless XCSAVE_TLS=0,
+                       else a tunnel that fails with one line
   csrc/*.cpp           the extension (xcsave_ext.cpp holds the module)
 
 Environment switches:
   XCSAVE_XEN=0|1              force the xen backend off/on (default: autodetect)
+  XCSAVE_TLS=0|1              force the TLS tunnel off/on (default: autodetect)
   XCSAVE_SANITIZE=address,... add -fsanitize=... to the helper (and the C core
                               objects the helper links)
   XCSAVE_SANITIZE_EXT=1       also build the extension with the sanitizers
@@ -50,10 +54,20 @@ EXT_SOURCES = _rel(glob(str(HERE / "csrc" / "*.cpp")))
 
 def _xen_wanted(compiler_cmd: list[str]) -> bool:
     """Whether to build the xen backend: XCSAVE_XEN, else probe for xenguest.h."""
-    forced = os.environ.get("XCSAVE_XEN")
+    return _wanted(compiler_cmd, "XCSAVE_XEN", ["xenctrl.h", "xenguest.h"])
+
+
+def _tls_wanted(compiler_cmd: list[str]) -> bool:
+    """Whether to build the TLS tunnel with OpenSSL: XCSAVE_TLS, else probe for ssl.h."""
+    return _wanted(compiler_cmd, "XCSAVE_TLS", ["openssl/ssl.h"])
+
+
+def _wanted(compiler_cmd: list[str], switch: str, headers: list[str]) -> bool:
+    """The environment switch if set, else whether ``headers`` compile."""
+    forced = os.environ.get(switch)
     if forced is not None:
         return forced not in ("0", "", "no", "off")
-    probe = "#include <xenctrl.h>\n#include <xenguest.h>\nint main(void) { return 0; }\n"
+    probe = "".join(f"#include <{h}>\n" for h in headers) + "int main(void) { return 0; }\n"
     try:
         r = subprocess.run(
             [*compiler_cmd, "-x", "c", "-fsyntax-only", "-"],
@@ -79,10 +93,13 @@ class build_ext(_pybind_build_ext):
     def build_extensions(self) -> None:
         cc = self.compiler.compiler_so[0] if self.compiler.compiler_type == "unix" else "cc"
         self._have_xen = _xen_wanted([cc])
+        self._have_tls = _tls_wanted([cc])
         backends = ["sim", *(["xen"] if self._have_xen else [])]
         defines = [("XCS_BACKENDS", '"' + ",".join(backends) + '"')]
         if self._have_xen:
             defines.append(("XCS_HAVE_XEN", "1"))
+        if self._have_tls:
+            defines.append(("XCS_HAVE_TLS", "1"))
         san = _sanitize_flags()
         include_dirs = [str(HERE / "csrc"), str(HERE / "csrc" / "core")]
 
@@ -111,8 +128,10 @@ class build_ext(_pybind_build_ext):
     def _build_helper(
         self, defines: list[tuple[str, str]], include_dirs: list[str], san: list[str]
     ) -> None:
-        sources = ["csrc/helper_main.c", "csrc/backend_sim.c", *CORE_SOURCES]
+        sources = ["csrc/helper_main.c", "csrc/backend_sim.c", "csrc/tunnel_tls.c", *CORE_SOURCES]
         libraries: list[str] = ["m", "pthread"]
+        if self._have_tls:
+            libraries = ["ssl", "crypto", *libraries]
         out_dir = os.path.join(self.build_temp, "helper")
         objs = self.compiler.compile(
             sources,
@@ -144,8 +163,9 @@ class build_ext(_pybind_build_ext):
             target_lang="c",
         )
         backends = "sim" + (", xen" if self._have_xen else "")
-        self.announce(f"xcsave: built {out} with backends: {backends}", level=2)
-        sys.stderr.write(f"xcsave: helper backends: {backends}\n")
+        tls = "OpenSSL" if self._have_tls else "not built (no libssl-dev)"
+        self.announce(f"xcsave: built {out} with backends: {backends}; TLS: {tls}", level=2)
+        sys.stderr.write(f"xcsave: helper backends: {backends}; TLS tunnel: {tls}\n")
 
     def get_outputs(self) -> list[str]:
         return [*super().get_outputs(), self._helper_build_path()]

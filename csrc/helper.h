@@ -41,6 +41,13 @@ struct xcs_op {
     /* legacy input (restore): 0 = v2/v3 stream; else 32 or 64 */
     unsigned int legacy_width;
     int legacy_hvm;
+    /* tunnel mode (xcsave-1 argv only): io_fd is the TCP socket */
+    int tunnel;           /* 1: --xcsave-1 tunnel */
+    int plain_fd;         /* the plaintext end of the parent's socketpair */
+    int tls_server;       /* --role: 0 client, 1 server */
+    const char *tls_dir;  /* ca-cert.pem, cert.pem, key.pem */
+    const char *peer_name; /* client: the name the server's certificate must carry */
+    unsigned int handshake_timeout_ms;
 };
 
 struct xcs_restore_out {
@@ -88,5 +95,22 @@ void xcs_exit_fatal(void) __attribute__((noreturn));
  * partial domain) runs.  Called by a backend once it knows io_fd.
  */
 void xcs_arm_sigterm_abort(int io_fd);
+
+/*
+ * PR_SET_PDEATHSIG(SIGTERM): the parent's death (even SIGKILL) sends us
+ * SIGTERM; a parent already gone when this runs raises it at once.  Install
+ * the SIGTERM handler first.  (xcs_arm_sigterm_abort does this too.)
+ */
+void xcs_arm_parent_death(void);
+
+/*
+ * The TLS tunnel (tunnel_tls.c): handshake on op->io_fd, then relay between
+ * it and op->plain_fd until both directions are closed.  Sends tls_peer once
+ * the peer is authenticated, tunnel_stats at the end, and log frames naming
+ * what failed.  Returns 0, or -1 with errno set (EACCES: a certificate was
+ * refused; ETIMEDOUT: the handshake deadline passed; ECONNRESET: the peer
+ * cut the stream without close_notify; EOPNOTSUPP: built without OpenSSL).
+ */
+int xcs_tunnel(const struct xcs_op *op);
 
 #endif /* XCS_HELPER_H */

@@ -37,6 +37,10 @@
  *        [--max-pages N] [--checkpoints N] [--interval-ms N]
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
  *        [--dm-out PATH] [--copy-threads N] [--idle-timeout-ms N]
+ *   --xcsave-1 tunnel --io-fd N --plain-fd M --role client|server
+ *        --tls-dir DIR [--peer-name HOST] [--handshake-timeout-ms T]
+ *        a TLS 1.3 tunnel between the TCP socket N and the plaintext
+ *        socket M (tunnel_tls.c); hello's backend is "tls".
  *   --version
  */
 
@@ -365,6 +369,11 @@ void xcs_arm_sigterm_abort(int io_fd)
      * the loop's thread).  A parent that died before this call is caught by
      * comparing getppid() with the one we started with.
      */
+    xcs_arm_parent_death();
+}
+
+void xcs_arm_parent_death(void)
+{
     if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0)
         fatal("prctl(PR_SET_PDEATHSIG): %s", strerror(errno));
     if (getppid() != start_ppid)
@@ -448,7 +457,8 @@ enum {
     OPT_STREAM_TYPE, OPT_STORE_EVTCHN, OPT_STORE_DOMID, OPT_CONSOLE_EVTCHN,
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
-    OPT_DM_OUT, OPT_COPY_THREADS, OPT_IDLE_TIMEOUT_MS
+    OPT_DM_OUT, OPT_COPY_THREADS, OPT_PLAIN_FD, OPT_ROLE, OPT_TLS_DIR,
+    OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS, OPT_IDLE_TIMEOUT_MS
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -476,16 +486,25 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"dm-out", required_argument, NULL, OPT_DM_OUT},
         {"copy-threads", required_argument, NULL, OPT_COPY_THREADS},
         {"idle-timeout-ms", required_argument, NULL, OPT_IDLE_TIMEOUT_MS},
+        {"plain-fd", required_argument, NULL, OPT_PLAIN_FD},
+        {"role", required_argument, NULL, OPT_ROLE},
+        {"tls-dir", required_argument, NULL, OPT_TLS_DIR},
+        {"peer-name", required_argument, NULL, OPT_PEER_NAME},
+        {"handshake-timeout-ms", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT_MS},
         {NULL, 0, NULL, 0},
     };
     const char *backend = "sim";
+    int role = -1;
     int c;
 
     dialect = XCS_DIALECT_XCSAVE_1;
     op->dialect = dialect;
-    if (argc < 3 || (strcmp(argv[2], "save") && strcmp(argv[2], "restore")))
-        fatal("--xcsave-1 needs a mode: save or restore");
+    if (argc < 3 || (strcmp(argv[2], "save") && strcmp(argv[2], "restore") &&
+                     strcmp(argv[2], "tunnel")))
+        fatal("--xcsave-1 needs a mode: save, restore or tunnel");
     op->restore = strcmp(argv[2], "restore") == 0;
+    op->tunnel = strcmp(argv[2], "tunnel") == 0;
+    op->handshake_timeout_ms = 10000;
     optind = 3;
     opterr = 0;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -554,6 +573,20 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
                 fatal("bad --legacy-guest '%s': expected pv or hvm", optarg);
             op->legacy_hvm = !strcmp(optarg, "hvm");
             break;
+        case OPT_PLAIN_FD: op->plain_fd = parse_fd("plain-fd", optarg, 0); break;
+        case OPT_ROLE:
+            if (strcmp(optarg, "client") && strcmp(optarg, "server"))
+                fatal("bad --role '%s': expected client or server", optarg);
+            role = !strcmp(optarg, "server");
+            break;
+        case OPT_TLS_DIR: op->tls_dir = optarg; break;
+        case OPT_PEER_NAME: op->peer_name = optarg; break;
+        case OPT_HANDSHAKE_TIMEOUT_MS:
+            op->handshake_timeout_ms = (unsigned)parse_num("handshake-timeout-ms", optarg,
+                                                           3600u * 1000);
+            if (op->handshake_timeout_ms == 0)
+                fatal("bad <handshake-timeout-ms> 0: expected 1 to %u", 3600u * 1000);
+            break;
         default:
             fatal("unknown or incomplete option '%s'", argv[optind - 1]);
         }
@@ -562,6 +595,18 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         fatal("unexpected argument '%s'", argv[optind]);
     if (op->io_fd < 0)
         fatal("--io-fd is required");
+    if (op->tunnel) {
+        if (op->plain_fd < 0 || role < 0 || !op->tls_dir)
+            fatal("tunnel needs --plain-fd, --role and --tls-dir");
+        if (op->plain_fd == op->io_fd)
+            fatal("--plain-fd and --io-fd must differ");
+        op->tls_server = role;
+        if (!op->tls_server && !op->peer_name)
+            fatal("tunnel --role client needs --peer-name (the server's name to check)");
+        backend = "tls";
+    } else if (op->plain_fd >= 0 || role >= 0 || op->tls_dir || op->peer_name) {
+        fatal("--plain-fd, --role, --tls-dir and --peer-name are tunnel options");
+    }
     return backend;
 }
 
@@ -590,6 +635,7 @@ int main(int argc, char **argv)
     memset(&op, 0, sizeof(op));
     op.io_fd = -1;
     op.aux_fd = -1;
+    op.plain_fd = -1;
 
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
         printf("xcsave-helper %s protocol %d table 0x%016llx backends %s\n",
@@ -610,6 +656,7 @@ int main(int argc, char **argv)
     }
     check_fd("io_fd", op.io_fd);
     check_fd(op.restore ? "send_back_fd" : "recv_fd", op.aux_fd);
+    check_fd("plain_fd", op.plain_fd);
 
     /*
      * A closed control pipe or stream socket must surface as EPIPE from
@@ -623,6 +670,16 @@ int main(int argc, char **argv)
      */
     signal(SIGXFSZ, SIG_IGN);
 
+    if (op.tunnel) {
+        /* Not a domain operation: no backend, no restore_results. */
+        xcs_stub_hello(XCS_PROTO_VERSION, XCS_PROTO_HASH, backend, "tunnel");
+        errno = 0;
+        r = xcs_tunnel(&op);
+        errnoval = r ? (errno ? errno : EIO) : 0;
+        xcs_stub_complete(r, errnoval);
+        free(msgbuf);
+        return parent_gone_status;
+    }
     be = find_backend(backend);
     if (op.dialect == XCS_DIALECT_XCSAVE_1)
         xcs_stub_hello(XCS_PROTO_VERSION, XCS_PROTO_HASH, be ? be->name : backend,

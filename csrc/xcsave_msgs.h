@@ -8,7 +8,7 @@
 #include <string.h>
 
 #define XCS_PROTO_VERSION 1
-#define XCS_PROTO_HASH 0xe02969177e0f245dULL
+#define XCS_PROTO_HASH 0xd9b9ba611ba1966bULL
 
 enum xcs_dialect { XCS_DIALECT_XEN_417 = 0, XCS_DIALECT_XCSAVE_1 = 1 };
 
@@ -27,17 +27,19 @@ enum xcs_msg {
     XCS_MSG_COMPLETE = 10,
     XCS_MSG_PRECOPY_POLICY = 11,
     XCS_MSG_STATS = 12,
-    XCS_MSG_COUNT = 13
+    XCS_MSG_TLS_PEER = 13,
+    XCS_MSG_TUNNEL_STATS = 14,
+    XCS_MSG_COUNT = 15
 };
 
 /* Wire number per dialect; -1 where the dialect lacks the message. */
 static const int xcs_msg_numbers[2][XCS_MSG_COUNT] = {
-    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1}, /* xen-4.17 */
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, /* xcsave-1 */
+    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1, -1, -1}, /* xen-4.17 */
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}, /* xcsave-1 */
 };
 
 static const char *const xcs_msg_names[XCS_MSG_COUNT] = {
-    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats"
+    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats", "tls_peer", "tunnel_stats"
 };
 
 /* cbflags bits: 1 << wire number (the same in both dialects). */
@@ -230,6 +232,36 @@ static inline void xcs_stub_stats(uint32_t rounds, uint64_t pages_sent, uint64_t
     p = xcs_put_var(p, pages_per_round, pages_per_round_len);
     (void)p;
     xcs_transmit(XCS_MSG_STATS, buf, len);
+}
+
+static inline void xcs_stub_tls_peer(const char * subject, const char * address, const char * version, const char * cipher)
+{
+    uint32_t subject_len = (uint32_t)strlen(subject) + 1;
+    uint32_t address_len = (uint32_t)strlen(address) + 1;
+    uint32_t version_len = (uint32_t)strlen(version) + 1;
+    uint32_t cipher_len = (uint32_t)strlen(cipher) + 1;
+    size_t len = 2 + 4 + subject_len + 4 + address_len + 4 + version_len + 4 + cipher_len;
+    uint8_t *buf = xcs_msgbuf(len);
+    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
+    p = xcs_put_var(p, subject, subject_len);
+    p = xcs_put_var(p, address, address_len);
+    p = xcs_put_var(p, version, version_len);
+    p = xcs_put_var(p, cipher, cipher_len);
+    (void)p;
+    xcs_transmit(XCS_MSG_TLS_PEER, buf, len);
+}
+
+static inline void xcs_stub_tunnel_stats(uint64_t sent, uint64_t received, uint64_t discarded, uint64_t duration_ns)
+{
+    size_t len = 2 + sizeof(sent) + sizeof(received) + sizeof(discarded) + sizeof(duration_ns);
+    uint8_t *buf = xcs_msgbuf(len);
+    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
+    p = xcs_put(p, &sent, sizeof(sent));
+    p = xcs_put(p, &received, sizeof(received));
+    p = xcs_put(p, &discarded, sizeof(discarded));
+    p = xcs_put(p, &duration_ns, sizeof(duration_ns));
+    (void)p;
+    xcs_transmit(XCS_MSG_TUNNEL_STATS, buf, len);
 }
 
 #endif /* XCSAVE_MSGS_H */

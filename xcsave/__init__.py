@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         HelperTimeout,
         ProtocolError,
         StreamError,
+        TlsError,
         XcsaveError,
     )
     from .policy import Decision, PrecopyStats
@@ -54,6 +55,7 @@ _LAZY = {
             "HelperTimeout",
             "ProtocolError",
             "StreamError",
+            "TlsError",
             "XcsaveError",
         ),
         "errors",
@@ -89,6 +91,7 @@ __all__ = [
     "Stats",
     "StreamError",
     "Supervisor",
+    "TlsError",
     "XcsaveError",
     "__version__",
     "backends",

@@ -253,3 +253,96 @@ def callbacks_run(rounds: int) -> dict[str, Any]:
         "ratio_to_protocol": ours["us_per_callback"] / (floor * 1e6),
         "load_average": os.getloadavg()[0],
     }
+
+
+# ----------------------------------------------------------------- TLS link
+
+
+async def _tcp_pair() -> tuple[Any, Any]:
+    """A connected loopback TCP pair (client, server), non-blocking."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lsn:
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(1)
+        lsn.setblocking(False)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setblocking(False)
+        await loop.sock_connect(client, lsn.getsockname())
+        server, _ = await loop.sock_accept(lsn)
+    return client, server
+
+
+async def _pump_native(src: Any, dst: Any, nbytes: int) -> float:
+    """Seconds to push ``nbytes`` zeros into socket ``src`` and drain them from
+    socket ``dst``, by two ``dd`` processes: no Python in the data path."""
+    import socket
+
+    src.setblocking(True)  # dd expects blocking fds (the flag is shared)
+    dst.setblocking(True)
+    t0 = time.perf_counter()
+    source = await asyncio.create_subprocess_exec(
+        "dd", "if=/dev/zero", "bs=1M", f"count={nbytes >> 20}", "status=none", stdout=src
+    )
+    sink = await asyncio.create_subprocess_exec(
+        "dd", "of=/dev/null", "bs=1M", "status=none", stdin=dst
+    )
+    rc_source = await source.wait()
+    src.shutdown(socket.SHUT_WR)  # our copy too: the sink's EOF (or close_notify)
+    rc = (rc_source, await sink.wait())
+    dt = time.perf_counter() - t0
+    if rc != (0, 0):
+        raise RuntimeError(f"dd source/sink failed with {rc}")
+    return dt
+
+
+async def tls_link(nbytes: int, tls_dir: Path | None = None, *, repeat: int = 3) -> dict[str, Any]:
+    """``nbytes`` one way over loopback TCP, plain and through two TLS
+    tunnels (xcsave.tls), in the same run: best of ``repeat`` each.
+
+    ``tls_dir`` holds ``server/`` and ``client/`` TLS directories sharing a
+    CA (made with xcsave.tlsinit in a temporary directory when None).  The
+    data comes from ``dd if=/dev/zero`` and goes to ``dd of=/dev/null``.
+    """
+    from . import tls, tlsinit
+
+    with tempfile.TemporaryDirectory(prefix="xcsave-tls-bench.") as tmp:
+        root = tls_dir or Path(tmp)
+        if tls_dir is None:
+            tlsinit.tls_init(root / "server", ["127.0.0.1"])
+            tlsinit.tls_init(root / "client", ["client"], ca_dir=root / "server")
+        plain: list[float] = []
+        tunneled: list[float] = []
+        peer: dict[str, str] = {}
+        for _ in range(max(1, repeat)):
+            client, server = await _tcp_pair()
+            try:
+                plain.append(await _pump_native(client, server, nbytes))
+            finally:
+                client.close()
+                server.close()
+            client, server = await _tcp_pair()
+            try:
+                c, s = await asyncio.gather(
+                    tls.tls_client(client, tls_dir=root / "client", server_name="127.0.0.1"),
+                    tls.tls_server(server, tls_dir=root / "server"),
+                )
+            finally:
+                client.close()
+                server.close()
+            try:
+                tunneled.append(await _pump_native(c.sock, s.sock, nbytes))
+                peer = {"version": c.version, "cipher": c.cipher}
+            finally:
+                await asyncio.gather(c.aclose(), s.aclose())
+    best_plain, best_tls = min(plain), min(tunneled)
+    return {
+        "bytes": nbytes,
+        "plain_gbps": nbytes / best_plain / 1e9,
+        "tls_gbps": nbytes / best_tls / 1e9,
+        "ratio": best_plain / best_tls,
+        "plain_s": plain,
+        "tls_s": tunneled,
+        **peer,
+    }

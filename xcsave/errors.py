@@ -10,7 +10,9 @@
     │   ├── HelperDied       exited without complete/results: .returncode, .signal
     │   ├── HelperTimeout    the operation's deadline passed; the helper was stopped
     │   └── CallbackError    a caller's callback raised (chained with ``from``)
-    └── BackendUnavailable   a backend that was not built or cannot be loaded
+    ├── BackendUnavailable   a backend that was not built or cannot be loaded
+    └── TlsError             a TLS channel failed: handshake refused or timed out,
+                             stream cut without close_notify (.errno)
 
 Spawn failures stay the ``OSError`` that ``asyncio.create_subprocess_exec``
 raises (CPython's errpipe makes it exact).
@@ -30,6 +32,7 @@ __all__ = [
     "HelperTimeout",
     "ProtocolError",
     "StreamError",
+    "TlsError",
     "XcsaveError",
     "errno_name",
 ]
@@ -148,3 +151,23 @@ class BackendUnavailable(XcsaveError):
     """The requested backend was not built into this xcsave, or cannot load."""
 
     __module__ = "xcsave"
+
+
+class TlsError(XcsaveError):
+    """A TLS channel (:mod:`xcsave.tls`) failed; ``errno`` says how.
+
+    EACCES: a certificate was refused (ours by the peer, or the peer's by
+    us); ETIMEDOUT: no complete handshake within the deadline; ECONNRESET:
+    the peer ended the stream without close_notify; EPROTO: the peer does
+    not speak TLS 1.3; EPERM: our key.pem is readable by others.
+    """
+
+    __module__ = "xcsave"
+
+    def __init__(self, message: str, *, errno: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return f"{self.message} ({errno_name(self.errno)})" if self.errno else self.message

@@ -16,7 +16,7 @@ class Event:
     """Base: which operation it is about."""
 
     kind: ClassVar[str] = "event"
-    op: str  # "save" | "restore" | "migrate" | "receive"
+    op: str  # "save" | "restore" | "migrate" | "receive" | "tunnel"
     domain: str  # "domid 7" or the sim domain path
 
     def asdict(self) -> dict[str, Any]:
@@ -73,6 +73,28 @@ class StatsEvent(Event):
     downtime_ns: int
     duration_ns: int
     pages_per_round: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPeerEvent(Event):
+    """A TLS tunnel's handshake succeeded: the authenticated peer (``tls_peer``)."""
+
+    kind: ClassVar[str] = "tls_peer"
+    subject: str  # the peer certificate's subject, RFC 2253 ("CN=hostb")
+    address: str  # "192.0.2.7:4000"
+    version: str  # "TLSv1.3"
+    cipher: str  # "TLS_AES_256_GCM_SHA384"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelStatsEvent(Event):
+    """A TLS tunnel's byte counts at its end (``tunnel_stats``)."""
+
+    kind: ClassVar[str] = "tunnel_stats"
+    sent: int  # plaintext bytes we sent to the peer
+    received: int  # plaintext bytes from the peer handed to our socket
+    discarded: int  # bytes from the peer after our side had closed
+    duration_ns: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,8 @@ Wire format (both dialects, host byte order, no padding):
 ``xcsave-1``
     xcsave's own: LEN is a u32, the helper's first frame is ``hello``
     (protocol version, a hash of this table, backend, mode) and the table
-    adds ``precopy_policy`` and ``stats``.
+    adds ``precopy_policy`` and ``stats``, and the TLS tunnel's ``tls_peer``
+    (the handshake succeeded: who the peer is) and ``tunnel_stats``.
 
 Argument types (LP64 sizes): ``u16``/``u32``/``u64``/``i32``/``i64`` as
 named; ``uint``/``int`` are C's 4-byte ``unsigned``/``int``; ``ulong`` is C's
@@ -28,10 +29,10 @@ x86_64); ``STRING`` is a u32 length followed by that many bytes ending in a
 NUL; ``BLOCK`` is a u32 length followed by that many bytes.
 
 Flags, as in Xen's generator: ``s``/``r`` the message occurs in save /
-restore, ``c`` it is a callback of the caller's, ``x`` whether the caller
-installed it travels in ``cbflags`` bit ``1 << number``, ``W``/``A`` it needs
-a reply (synchronous / asynchronous on the parent side; the same on the
-wire).
+restore (xcsave's own ``t``: in a TLS tunnel run, see ``xcsave.tls``), ``c``
+it is a callback of the caller's, ``x`` whether the caller installed it
+travels in ``cbflags`` bit ``1 << number``, ``W``/``A`` it needs a reply
+(synchronous / asynchronous on the parent side; the same on the wire).
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ class MessageSpec:
         return "r" in self.flags
 
     @property
+    def tunnel(self) -> bool:
+        return "t" in self.flags
+
+    @property
     def needs_reply(self) -> bool:
         return "W" in self.flags or "A" in self.flags
 
@@ -162,9 +167,9 @@ def _row(name: str, xen: int | None, xcs: int, flags: str, args: str = "") -> Me
 #: THE table.  Xen 4.17's ten messages keep their numbers in both dialects.
 TABLE: Final[tuple[MessageSpec, ...]] = (
     # name                  xen  xcs  flags    args
-    _row("hello",           None, 0, "sr",
+    _row("hello",           None, 0, "srt",
          "u32 version u64 table_hash STRING backend STRING mode"),
-    _row("log",             1,   1,  "sr",
+    _row("log",             1,   1,  "srt",
          "u32 level u32 errnoval STRING context STRING formatted"),
     _row("progress",        2,   2,  "sr",
          "STRING context STRING doing_what ulong done ulong total"),
@@ -175,11 +180,15 @@ TABLE: Final[tuple[MessageSpec, ...]] = (
     _row("switch_qemu_logdirty", 7, 7, "scxA", "u32 domid uint enable"),
     _row("static_data_done", 8,  8,  "rcxW",   "uint missing"),
     _row("restore_results", 9,   9,  "rcx",    "pfn store_gfn pfn console_gfn"),
-    _row("complete",        10,  10, "srW",    "int retval int errnoval"),
+    _row("complete",        10,  10, "srtW",   "int retval int errnoval"),
     _row("precopy_policy",  None, 11, "scxW",  "u32 iteration u64 total_written i64 dirty_count"),
     _row("stats",           None, 12, "sr",
          "u32 rounds u64 pages_sent u64 zero_pages u64 bytes u64 downtime_ns u64 duration_ns "
          "BLOCK pages_per_round"),
+    _row("tls_peer",        None, 13, "t",
+         "STRING subject STRING address STRING version STRING cipher"),
+    _row("tunnel_stats",    None, 14, "t",
+         "u64 sent u64 received u64 discarded u64 duration_ns"),
 )  # fmt: skip
 
 _BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in TABLE}
@@ -326,8 +335,8 @@ class Decoder:
     def __init__(
         self, dialect: Dialect, mode: str | None = None, max_frame: int = 1 << 20
     ) -> None:
-        if mode not in (None, "save", "restore"):
-            raise ValueError(f"mode must be 'save', 'restore' or None, not {mode!r}")
+        if mode not in (None, "save", "restore", "tunnel"):
+            raise ValueError(f"mode must be 'save', 'restore', 'tunnel' or None, not {mode!r}")
         self.dialect = dialect
         self.mode = mode
         self.max_frame = min(max_frame, dialect.max_body)
@@ -348,6 +357,8 @@ class Decoder:
                 self._refused[num] = f"{spec.name} is not a save-side message"
             elif mode == "restore" and not spec.restore:
                 self._refused[num] = f"{spec.name} is not a restore-side message"
+            elif mode == "tunnel" and not spec.tunnel:
+                self._refused[num] = f"{spec.name} is not a tunnel message"
             else:
                 steps = _layout(spec)
                 whole = (

@@ -43,7 +43,16 @@ from .errors import (
     HelperTimeout,
     ProtocolError,
 )
-from .events import DoneEvent, Event, LogEvent, PolicyEvent, ProgressEvent, StatsEvent
+from .events import (
+    DoneEvent,
+    Event,
+    LogEvent,
+    PolicyEvent,
+    ProgressEvent,
+    StatsEvent,
+    TlsPeerEvent,
+    TunnelStatsEvent,
+)
 from .policy import Decision, PrecopyStats
 
 __all__ = [
@@ -164,7 +173,7 @@ class Stats:
 class HelperSpec:
     """Everything needed to start one helper run."""
 
-    mode: str  # "save" | "restore"
+    mode: str  # "save" | "restore" | "tunnel" (xcsave.tls)
     dialect: proto.Dialect
     args: tuple[str, ...]  # argv after the helper's path
     pass_fds: tuple[int, ...]
@@ -592,6 +601,10 @@ class HelperRun:
             ints = {k: int(v) for k, v in fields.items() if isinstance(v, int)}
             self._stats = Stats(**ints, pages_per_round=per_round)
             self._emit(StatsEvent(op, dom, **ints, pages_per_round=per_round))
+        elif name == "tls_peer":
+            self._emit(TlsPeerEvent(op, dom, str(a[0]), str(a[1]), str(a[2]), str(a[3])))
+        elif name == "tunnel_stats":
+            self._emit(TunnelStatsEvent(op, dom, int(a[0]), int(a[1]), int(a[2]), int(a[3])))
         else:  # pragma: no cover - every table row is handled above
             raise ProtocolError(f"no handler for {name}")
         return None
