@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -106,7 +107,8 @@ async def rogue(addr: tuple[str, int], how: str, payload: bytes = b"") -> socket
     if how == "garbage":
         await loop.sock_sendall(s, b"GET / HTTP/1.0\r\n\r\n" + os.urandom(64))
     elif how == "foreign":
-        await loop.sock_sendall(s, payload)
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # refused mid-send
+            await loop.sock_sendall(s, payload)
     elif how == "trickle":
 
         async def drip() -> None:
@@ -210,6 +212,118 @@ async def test_at_most_max_candidates_at_once(shm: Path) -> None:
             s.close()
     assert sum(got) == migrate.MAX_CANDIDATES
     assert not dst.exists()
+
+
+# ---------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """TLS directories: the receiver's (a certificate for 127.0.0.1) and the
+    sender's from one CA; a stranger's from another CA."""
+    pytest.importorskip("cryptography", reason="xcsave tls init needs 'cryptography'")
+    from xcsave.tlsinit import tls_init
+
+    base = tmp_path_factory.mktemp("tls")
+    tls_init(base / "receiver", ["127.0.0.1"])
+    tls_init(base / "sender", ["sender.test"], ca_dir=base / "receiver")
+    tls_init(base / "stranger", ["127.0.0.1"])
+    return {name: base / name for name in ("receiver", "sender", "stranger")}
+
+
+@pytest.mark.parametrize("how", [*ROGUES, "stranger-cert"])
+async def test_tls_rogue_client_never_keeps_the_sender_out(
+    shm: Path,
+    image: tuple[bytes, bytes, str],
+    tls: dict[str, Path],
+    how: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over TLS nobody without a certificate from the CA gets in: garbage,
+    silence, a trickle, a valid stream sent in clear, a certificate from
+    another CA.  Each is refused (or still waiting) while the real sender
+    migrates; nothing is created for them."""
+    from xcsave import tls as tlsmod
+    from xcsave.errors import TlsError
+
+    libxl, _libxc, _digest = image
+    src = sim.create(shm / "src.dom", 8 * MiB, seed=38)
+    dst = shm / "dst.dom"
+    caplog.set_level(logging.WARNING, logger="xcsave.migrate")
+    async with listening(dst, tls_dir=tls["receiver"], handshake_timeout=20) as (addr, task):
+        if how == "stranger-cert":
+            s = socket.socket()
+            s.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(s, addr)
+            with s, pytest.raises(TlsError):
+                await tlsmod.tls_client(
+                    s, tls_dir=tls["stranger"], server_name="127.0.0.1", handshake_timeout=10
+                )
+            bad = None
+        else:
+            bad = await rogue(addr, how, libxl)
+            if how in ("garbage", "foreign"):
+                assert await hung_up(bad)  # no TLS handshake: refused
+                assert not dst.exists() and partials(dst) == []
+        sent = await migrate.migrate(sim=src, to=addr, tls_dir=tls["sender"])
+        received = await task
+        if bad is not None:
+            bad.close()
+    assert "CN=" in received.peer or "sender.test" in received.peer, received.peer
+    assert sent.fmt == received.fmt
+    assert sim.digest(dst) == sim.digest(src)
+    assert sim.info(dst)["state"] == "running"
+    if how in ("garbage", "foreign", "stranger-cert"):
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1, refusals
+
+
+async def test_tls_sender_refuses_a_receiver_of_another_ca(
+    shm: Path, tls: dict[str, Path]
+) -> None:
+    from xcsave.errors import TlsError
+
+    src = sim.create(shm / "src.dom", 4 * MiB, seed=39)
+    dst = shm / "dst.dom"
+    async with listening(dst, tls_dir=tls["stranger"], handshake_timeout=5, accept_timeout=30) as (
+        addr,
+        task,
+    ):
+        with pytest.raises(TlsError) as err:
+            await migrate.migrate(sim=src, to=addr, tls_dir=tls["sender"], handshake_timeout=5)
+        assert not task.done()  # the receiver keeps listening for the right peer
+    assert err.value.errno == errno.EACCES, err.value
+    assert "\n" not in str(err.value)
+    assert sim.info(src)["state"] == "running"
+    assert not dst.exists()
+
+
+def test_tls_migration_from_the_command_line(shm: Path, tls: dict[str, Path]) -> None:
+    src = sim.create(shm / "src.dom", 16 * MiB, seed=40)
+    dst = shm / "dst.dom"
+    proc = subprocess.Popen(
+        xcsave_argv(
+            "receive", "--listen", "127.0.0.1:0", "--tls-dir", tls["receiver"], "--sim", dst,
+            "--progress", "none",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with proc:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        r = subprocess.run(
+            xcsave_argv(
+                "migrate", "--sim", src, "--to", f"127.0.0.1:{port}", "--tls-dir", tls["sender"],
+                "--live", "--progress", "none",
+            ),
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        out, err = proc.communicate(timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert proc.returncode == 0, err
+    assert "insecure" not in r.stderr + err  # no warning: it was TLS
+    assert "it runs here" in out
+    assert sim.digest(dst) == sim.digest(src)
 
 
 # ---------------------------------------------------------------- addresses and modes
