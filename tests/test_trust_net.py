@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -624,3 +625,29 @@ def test_ssh_target_is_checked_before_anything_runs(shm: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 2
     assert "bad ssh target" in r.stderr
+
+
+# ---------------------------------------------------------------- xcsave bench migrate --transport
+
+
+@pytest.mark.parametrize("transport", ["insecure", "tls", "ssh"])
+def test_bench_migrate_transport_json(shm: Path, transport: str) -> None:
+    if transport == "tls":
+        pytest.importorskip("cryptography", reason="TLS directories need 'cryptography'")
+    r = subprocess.run(
+        xcsave_argv(
+            "bench", "migrate", "--transport", transport, "--memory", "16M", "--rate", "2000",
+            "--repeat", "1", "--json", "--dir", shm,
+        ),
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    if data.get("skipped"):
+        pytest.skip(data["skipped"])
+    assert data["transport"] == transport
+    assert set(data["runs"]) == {transport, "insecure"}
+    for runs in data["runs"].values():
+        assert [run["match"] for run in runs] == [True]  # each copy is bit-exact
+    assert set(data["downtime_ms"]) == {transport, "insecure"}
+    assert list(shm.iterdir()) == []  # its domains and keys are gone again
