@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -538,66 +539,76 @@ def test_receive_stdio_needs_a_format(shm: Path) -> None:
 # ---------------------------------------------------------------- ssh
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from xcsave._sshd import SshdUnavailable
-    from xcsave._sshd import sshd as run_sshd
+@dataclass
+class Ssh:
+    """A private sshd on the receiver's side of ``net``, and how to migrate to it."""
 
-    try:
-        with run_sshd(tmp_path_factory.mktemp("sshd")) as server:
-            yield server
-    except SshdUnavailable as e:
-        pytest.skip(f"no OpenSSH server to test against: {e}")
+    server: Any  # xcsave._sshd.SshServer
+    net: test_migrate.Net
 
-
-def remote_command() -> str:
-    return f"{sys.executable} -P -m xcsave"
-
-
-def ssh_migrate(
-    server: Any, src: Path, dst: Path, *extra: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        xcsave_argv(
-            "migrate", "--sim", src, "--to", server.url, "--ssh", server.ssh_command,
-            "--remote-command", remote_command(), "--remote-sim", dst, "--progress", "none",
-            *extra,
-        ),
-        capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
+    def migrate(
+        self, src: Path, dst: Path, *extra: str | Path, config: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        ssh = f"ssh -F {config}" if config else self.server.ssh_command
+        return subprocess.run(
+            self.net.sender(
+                "migrate", "--sim", src, "--to", self.server.url, "--ssh", ssh,
+                "--remote-command", f"{sys.executable} -P -m xcsave", "--remote-sim", dst,
+                "--progress", "none", *extra,
+            ),
+            capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
 
 
-def test_ssh_live_migration_under_load(sshd: Any, shm: Path) -> None:
+@pytest.fixture(scope="module", params=["loopback", "netns"])
+def ssh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ssh]:
+    """sshd on loopback, or in the receiver's network namespace (a veth pair
+    between two namespaces, as test_migrate's two-host tests)."""
+    from xcsave._sshd import SshdUnavailable, sshd
+
+    with contextlib.ExitStack() as stack:
+        if request.param == "loopback":
+            net = test_migrate.Net("loopback", "127.0.0.1")
+        else:
+            net = stack.enter_context(test_migrate._namespaces())
+        try:
+            server = stack.enter_context(
+                sshd(
+                    tmp_path_factory.mktemp("sshd"),
+                    host=net.receiver_ip,
+                    netns=net.receiver_ns,
+                )
+            )
+        except SshdUnavailable as e:
+            pytest.skip(f"no OpenSSH server to test against: {e}")
+        yield Ssh(server, net)
+
+
+def test_ssh_live_migration_under_load(ssh: Ssh, shm: Path) -> None:
     src = sim.create(shm / "src.dom", 64 * MiB, vcpus=2, seed=34)
     dst = shm / "dst.dom"
     with workload(src):
-        r = ssh_migrate(sshd, src, dst, "--live", "--json")
-    assert r.returncode == 0, r.stderr + sshd.log()[-2000:]
-    assert f'"peer": "{sshd.url}"' in r.stdout
-    assert '"rounds": 1,' not in r.stdout  # the workload dirtied pages during round 0
+        r = ssh.migrate(src, dst, "--live", "--json")
+    assert r.returncode == 0, r.stderr + ssh.server.log()[-2000:]
+    report = json.loads(r.stdout)
+    assert report["peer"] == ssh.server.url  # it went over that link
+    assert report["rounds"] >= 2  # the workload dirtied pages during round 0
     assert sim.digest(dst) == sim.digest(src)  # src: suspended since the stop-and-copy
     assert sim.info(dst)["state"] == "running"
     assert sim.info(src)["state"] == "suspended"
     assert partials(dst) == []
 
 
-def test_ssh_wrong_client_key_is_one_line(sshd: Any, shm: Path, tmp_path: Path) -> None:
+def test_ssh_wrong_client_key_is_one_line(ssh: Ssh, shm: Path, tmp_path: Path) -> None:
     from xcsave._sshd import keygen
 
     src = sim.create(shm / "src.dom", 4 * MiB, seed=35)
     before = sim.digest(src)
-    cfg = sshd.client_config(keygen(tmp_path / "stranger"), "stranger_config")
-    r = subprocess.run(
-        xcsave_argv(
-            "migrate", "--sim", src, "--to", sshd.url, "--ssh", f"ssh -F {cfg}",
-            "--remote-command", remote_command(), "--remote-sim", shm / "dst.dom",
-            "--progress", "none",
-        ),
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    config = ssh.server.client_config(keygen(tmp_path / "stranger"), "stranger_config")
+    r = ssh.migrate(src, shm / "dst.dom", config=config)
     assert r.returncode == 1
     assert len(r.stderr.splitlines()) == 1, r.stderr
-    assert f"ssh {sshd.user}@{sshd.host}: " in r.stderr
+    assert f"ssh {ssh.server.user}@{ssh.server.host}: " in r.stderr
     assert "Permission denied" in r.stderr and "exit status 255" in r.stderr
     assert "running here again" in r.stderr
     assert sim.info(src)["state"] == "running"
@@ -605,11 +616,11 @@ def test_ssh_wrong_client_key_is_one_line(sshd: Any, shm: Path, tmp_path: Path) 
     assert not (shm / "dst.dom").exists()
 
 
-def test_ssh_remote_failure_reports_the_remote_line(sshd: Any, shm: Path) -> None:
+def test_ssh_remote_failure_reports_the_remote_line(ssh: Ssh, shm: Path) -> None:
     src = sim.create(shm / "src.dom", 4 * MiB, seed=36)
     dst = sim.create(shm / "dst.dom", 4 * MiB, seed=37)  # the target exists there
     theirs = sim.digest(dst)
-    r = ssh_migrate(sshd, src, dst)
+    r = ssh.migrate(src, dst)
     assert r.returncode == 1
     assert len(r.stderr.splitlines()) == 1, r.stderr
     assert "xcsave: receive: " in r.stderr and "EEXIST" in r.stderr  # the remote's own line
