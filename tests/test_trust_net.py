@@ -400,6 +400,33 @@ def test_restore_refuses_a_size_bomb_under_max_memory(
     assert not dst.exists() and partials(dst) == []
 
 
+def test_restore_from_a_pipe_that_goes_silent_times_out(
+    shm: Path, image: tuple[bytes, bytes, str]
+) -> None:
+    """The pipe path of the idle timeout (poll before each read): half a
+    stream, then a writer that holds the pipe open and says nothing."""
+    libxc = image[1]
+    dst = shm / "dst.dom"
+    proc = subprocess.Popen(
+        xcsave_argv("restore", "-", "--sim", dst, "--idle-timeout", "0.5", "--progress", "none"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    with proc:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(libxc[: len(libxc) // 2])
+        proc.stdin.flush()
+        try:
+            proc.wait(timeout=60)  # stdin stays open: only the idle timeout ends it
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = proc.stderr.read().decode()
+    assert proc.returncode == 1
+    assert len(text.splitlines()) == 1, text
+    assert "ETIMEDOUT" in text
+    assert not dst.exists() and partials(dst) == []
+
+
 async def _fake_sender(addr: tuple[str, int], payload: bytes, then_silent: bool) -> socket.socket:
     loop = asyncio.get_running_loop()
     s = socket.socket()
@@ -526,14 +553,23 @@ def test_receive_stdio_over_pipes(shm: Path, image: tuple[bytes, bytes, str]) ->
     assert sim.info(dst)["state"] == "running"
 
 
-def test_receive_stdio_needs_a_format(shm: Path) -> None:
+def test_receive_stdio_refuses_a_stream_of_another_format(
+    shm: Path, image: tuple[bytes, bytes, str]
+) -> None:
+    """Without --format, --stdio expects libxl (what migrate sends by
+    default): a bare libxc stream is refused in one line, nothing created,
+    and stdout still carries nothing but the banner."""
+    dst = shm / "d.dom"
     r = subprocess.run(
-        xcsave_argv("receive", "--stdio", "--sim", shm / "d.dom"),
-        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+        xcsave_argv("receive", "--stdio", "--sim", dst, "--progress", "none"),
+        input=image[1], capture_output=True, timeout=60, check=False,
     )  # fmt: skip
-    assert r.returncode == 2
-    assert "--format" in r.stderr and len(r.stderr.splitlines()) == 1
-    assert r.stdout == ""
+    assert r.returncode == 1
+    assert r.stdout == migrate.BANNER
+    err = r.stderr.decode()
+    assert len(err.splitlines()) == 1, err
+    assert "nothing was kept here" in err
+    assert not dst.exists() and partials(dst) == []
 
 
 # ---------------------------------------------------------------- ssh

@@ -204,8 +204,8 @@ def add_parsers(sub: Any) -> None:
     where.add_argument(
         "--stdio",
         action="store_true",
-        help="the handshake and stream on stdin/stdout (needs --format); "
-        "nothing else is written to stdout",
+        help="the handshake and stream on stdin/stdout (what migrate --to ssh:// runs; "
+        "--format as the sender says, default libxl); nothing else is written to stdout",
     )
     _add_tls_flags(r)
     r.add_argument("--sim", metavar="DOM", required=True, help="the domain to create")
@@ -429,8 +429,9 @@ def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
 
     from . import migrate
 
-    if args.format == "auto":
-        raise UsageError("--stdio needs --format: a pipe cannot be peeked at")
+    # A pipe cannot be peeked at: the sender says the format (migrate passes
+    # --format); without it, libxl, what migrate sends by default.
+    fmt = "libxl" if args.format == "auto" else args.format
     if args.tls_dir is not None or args.insecure or args.accept_timeout is not None:
         raise UsageError("--tls-dir, --insecure and --accept-timeout are for --listen")
     sys.stdout.flush()
@@ -447,7 +448,7 @@ def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
             res = run_async(
                 lambda: migrate.receive_stdio(
                     sim=args.sim,
-                    fmt=args.format,
+                    fmt=fmt,
                     rfd=rfd,
                     wfd=wfd,
                     timeout=args.timeout,
