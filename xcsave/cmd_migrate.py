@@ -217,7 +217,10 @@ def add_parsers(sub: Any) -> None:
     )
     r.add_argument("--timeout", type=float, metavar="S", help="give the helper S seconds")
     r.add_argument(
-        "--accept-timeout", type=float, metavar="S", help="give up if nobody connects in S s"
+        "--accept-timeout",
+        type=float,
+        metavar="S",
+        help="give up if no sender is admitted (authenticated, stream started) within S s",
     )
     r.add_argument(
         "--handshake-timeout",
