@@ -323,25 +323,35 @@ async def test_tls_sender_refuses_a_receiver_of_another_ca(
     assert not dst.exists()
 
 
-def test_tls_migration_from_the_command_line(shm: Path, tls: dict[str, Path]) -> None:
+@pytest.mark.parametrize("where", ["--tls-dir", "default-dir"])
+def test_tls_migration_from_the_command_line(shm: Path, tls: dict[str, Path], where: str) -> None:
+    """With --tls-dir, or with neither flag when the default TLS directory
+    ($XCSAVE_TLS_DIR here) exists: TLS, and no warning."""
     src = sim.create(shm / "src.dom", 16 * MiB, seed=40)
     dst = shm / "dst.dom"
+
+    def mode(side: str) -> tuple[dict[str, str], list[str | Path]]:
+        if where == "--tls-dir":
+            return dict(os.environ), ["--tls-dir", tls[side]]
+        return {**os.environ, "XCSAVE_TLS_DIR": str(tls[side])}, []
+
+    env, flags = mode("receiver")
     proc = subprocess.Popen(
         xcsave_argv(
-            "receive", "--listen", "127.0.0.1:0", "--tls-dir", tls["receiver"], "--sim", dst,
-            "--progress", "none",
+            "receive", "--listen", "127.0.0.1:0", *flags, "--sim", dst, "--progress", "none",
         ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     with proc:
         assert proc.stdout is not None
         port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        env, flags = mode("sender")
         r = subprocess.run(
             xcsave_argv(
-                "migrate", "--sim", src, "--to", f"127.0.0.1:{port}", "--tls-dir", tls["sender"],
+                "migrate", "--sim", src, "--to", f"127.0.0.1:{port}", *flags,
                 "--live", "--progress", "none",
             ),
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True, text=True, timeout=120, check=False, env=env,
         )  # fmt: skip
         out, err = proc.communicate(timeout=60)
     assert r.returncode == 0, r.stderr
