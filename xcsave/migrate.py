@@ -224,7 +224,15 @@ def _same_kind(e: BaseException) -> type[MigrationError]:
     return MigrationError
 
 
-def _cause(e: BaseException) -> str:
+def _cause(e: BaseException, idle_timeout: float | None = None) -> str:
+    """``e`` as the middle of a one-line message; a helper's ETIMEDOUT with
+    an idle timeout says which bound it was."""
+    if (
+        idle_timeout
+        and getattr(e, "errno", None) == errno_mod.ETIMEDOUT
+        and not isinstance(e, (HandshakeError, OSError))
+    ):
+        return f"{e} (no stream bytes moved for {idle_timeout:g} s: --idle-timeout)"
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename is not None else ""
         return where + _oserror_text(e)
@@ -672,7 +680,7 @@ async def migrate_on(
                 f"the receiver could not start its copy (status {status})", errno=status
             )
     except BaseException as e:
-        cause = _cause(e)
+        cause = _cause(e, idle_timeout)
         if committed:
             ev.done(False, f"in doubt: {cause}")
             if isinstance(e, Exception):
@@ -915,7 +923,7 @@ async def receive_on(
             # A helper cancelled while it was being spawned is SIGKILLed by
             # asyncio before the supervisor knows its pid: its partial stays.
             _sweep_stale_partials(target)
-        cause = _cause(e)
+        cause = _cause(e, idle_timeout)
         ev.done(False, cause)
         if isinstance(e, Exception) and not running:
             raise _same_kind(e)(
