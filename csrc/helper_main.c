@@ -64,6 +64,11 @@
 #define XCS_BACKENDS "sim"
 #endif
 #define XCS_HELPER_VERSION "0.1.0"
+#ifdef XCS_HAVE_TLS
+#define XCS_TLS "openssl" /* the tunnel mode (tunnel_tls.c) is built */
+#else
+#define XCS_TLS "none"
+#endif
 
 /* The largest log text we send: xen-4.17 bodies must stay under 64 KiB. */
 #define XCS_LOG_MAX_XEN 4000
@@ -638,9 +643,9 @@ int main(int argc, char **argv)
     op.plain_fd = -1;
 
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
-        printf("xcsave-helper %s protocol %d table 0x%016llx backends %s\n",
+        printf("xcsave-helper %s protocol %d table 0x%016llx backends %s tls %s\n",
                XCS_HELPER_VERSION, XCS_PROTO_VERSION,
-               (unsigned long long)XCS_PROTO_HASH, XCS_BACKENDS);
+               (unsigned long long)XCS_PROTO_HASH, XCS_BACKENDS, XCS_TLS);
         return 0;
     }
     if (argc >= 2 && !strcmp(argv[1], "--save-domain")) {

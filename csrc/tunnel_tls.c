@@ -48,6 +48,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -864,7 +865,7 @@ int xcs_tunnel(const struct xcs_op *op)
     struct sigaction sa;
     sigset_t block;
     uint64_t t0 = now_ns();
-    int rc = -1, saved;
+    int rc = -1, saved, one = 1;
 
     memset(&t, 0, sizeof(t));
     t.op = op;
@@ -894,6 +895,12 @@ int xcs_tunnel(const struct xcs_op *op)
      * the TCP socket's description is shared with the parent's copy, which
      * the parent no longer uses once it has handed the socket to us.
      */
+    /*
+     * Our records leave in large writes already; what Nagle would hold back
+     * is the last, small one of a message the peer is waiting for (the
+     * migration's handshake).  Not a TCP socket (a test's socketpair): fine.
+     */
+    (void)setsockopt(op->io_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (set_nonblock(op->io_fd) < 0 || set_nonblock(op->plain_fd) < 0) {
         saved = errno;
         xcs_log(XCS_LOG_ERROR, saved, TUNNEL_CONTEXT, "O_NONBLOCK: %s", strerror(saved));

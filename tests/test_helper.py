@@ -62,8 +62,29 @@ def test_version_names_protocol_table_and_backends() -> None:
         (("--xcsave-1", "save"), "--io-fd is required"),
         (("--xcsave-1", "save", "--io-fd", "5", "--format", "tar"), "bad --format"),
         (("--xcsave-1", "save", "--io-fd", "5", "--frobnicate", "2"), "unknown"),
+        (("--xcsave-1", "tunnel", "--io-fd", "5"), "tunnel needs --plain-fd, --role"),
+        (
+            ("--xcsave-1", "tunnel", "--io-fd", "5", "--plain-fd", "6", "--role", "peer"),
+            "bad --role",
+        ),
+        (
+            ("--xcsave-1", "tunnel", "--io-fd", "5", "--plain-fd", "5", "--role", "server",
+             "--tls-dir", "/x"),
+            "must differ",
+        ),
+        (
+            ("--xcsave-1", "tunnel", "--io-fd", "5", "--plain-fd", "6", "--role", "client",
+             "--tls-dir", "/x"),
+            "needs --peer-name",
+        ),
+        (
+            ("--xcsave-1", "tunnel", "--io-fd", "5", "--plain-fd", "6", "--role", "server",
+             "--tls-dir", "/x", "--handshake-timeout-ms", "0"),
+            "bad <handshake-timeout-ms>",
+        ),
+        (("--xcsave-1", "save", "--io-fd", "5", "--tls-dir", "/x"), "are tunnel options"),
     ],
-)
+)  # fmt: skip
 def test_bad_argv_is_one_line_and_exit_255(args: tuple[str, ...], match: str) -> None:
     r = _run(*args)
     assert r.returncode == EXIT_FATAL

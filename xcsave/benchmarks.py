@@ -336,6 +336,9 @@ async def tls_link(nbytes: int, tls_dir: Path | None = None, *, repeat: int = 3)
                 peer = {"version": c.version, "cipher": c.cipher}
             finally:
                 await asyncio.gather(c.aclose(), s.aclose())
+            moved = (c.stats.sent if c.stats else -1, s.stats.received if s.stats else -1)
+            if moved != (nbytes, nbytes):
+                raise RuntimeError(f"the tunnels moved {moved} bytes, not {nbytes}")
     best_plain, best_tls = min(plain), min(tunneled)
     return {
         "bytes": nbytes,

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_save_restore(sub)
-    for modname in ("cmd_sim", "cmd_stream", "cmd_migrate", "cmd_bench"):
+    for modname in ("cmd_sim", "cmd_stream", "cmd_migrate", "cmd_bench", "cmd_tls"):
         mod = _optional_module(modname)
         if mod is not None:
             mod.add_parsers(sub)

@@ -1214,6 +1214,40 @@ def _callbacks_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
     return Report(data=data, text=text)
 
 
+def _tls_link_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--size", type=parse_size, default=parse_size("1G"), help="bytes to send (default 1G)"
+    )
+    p.add_argument("--repeat", type=int, default=3, metavar="N", help="best of N")
+
+
+def _tls_link_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """N bytes over loopback TCP: plain vs through two TLS tunnels (xcsave.tls)."""
+    import asyncio
+
+    from . import benchmarks
+
+    if args.size < 1 << 20:
+        raise UsageError("--size must be at least 1M")
+    r = asyncio.run(benchmarks.tls_link(args.size, repeat=args.repeat))
+    data = _headline(
+        "tls-link",
+        r["tls_gbps"],
+        r["plain_gbps"],
+        "GB/s",
+        **{k: v for k, v in r.items() if k not in ("tls_gbps", "plain_gbps", "ratio")},
+        goal=0.7,
+    )
+    text = [
+        f"TLS link: {r['tls_gbps']:.2f} GB/s through two tunnels ({r['version']} "
+        f"{r['cipher']}), plain TCP {r['plain_gbps']:.2f} GB/s, "
+        f"ratio {data['ratio']:.2f}x (goal 0.7x)",
+        f"  {args.size >> 20} MiB one way, best of {args.repeat}; dd source and sink: "
+        "no Python in the data path",
+    ]
+    return Report(data=data, text=text)
+
+
 BENCHES: list[Bench] = [
     Bench(
         "concurrent",
@@ -1249,4 +1283,10 @@ BENCHES: list[Bench] = [
     Bench("verify", "xcsave verify vs Xen's verify-stream-v2", _xen_args, _verify_run),
     Bench("convert", "xcsave convert vs Xen's convert-legacy-stream", _xen_args, _convert_run),
     Bench("callbacks", "callback round trip vs asyncio <-> cat", _callbacks_args, _callbacks_run),
+    Bench(
+        "tls-link",
+        "bytes over loopback TCP through two TLS tunnels vs plain TCP, in the same run",
+        _tls_link_args,
+        _tls_link_run,
+    ),
 ]

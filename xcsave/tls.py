@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._log import logger
-from .errors import TlsError, XcsaveError
+from .errors import HelperDied, TlsError, XcsaveError
 from .events import Event, LogEvent, TlsPeerEvent, TunnelStatsEvent
 from .proto import XCSAVE_1
 from .supervisor import HelperRun, HelperSpec, RunResult, high_fd
@@ -98,10 +98,15 @@ class _Watch:
             self.last_error = ev
 
     def error(self, exc: BaseException | None, fallback: str) -> TlsError:
-        """One TlsError for a failed run: the helper's own line if it sent one."""
+        """One TlsError for a failed run: the helper's own line if it sent one
+        (and, if the helper then died abnormally, how: a crash is no refusal)."""
         if self.last_error is not None:
             err = self.last_error.errno if self.last_error.errno > 0 else errno_mod.EIO
-            return TlsError(self.last_error.message, errno=err)
+            text = self.last_error.message
+            if isinstance(exc, HelperDied):
+                status = f"signal {exc.signal}" if exc.signal else f"exit status {exc.returncode}"
+                text += f" [the tunnel helper then died: {status}]"
+            return TlsError(text, errno=err)
         err = getattr(exc, "errno", None) or errno_mod.EIO
         text = str(exc) if exc is not None else fallback
         return TlsError(text, errno=err)

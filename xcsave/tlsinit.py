@@ -149,9 +149,22 @@ def make_ca(
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(d / CA_KEY, _key_pem(key))
-    _write(d / CA_CERT, _cert_pem(cert))
+    _write_all(d, [(CA_KEY, _key_pem(key)), (CA_CERT, _cert_pem(cert))])
     return d
+
+
+def _write_all(d: Path, files: list[tuple[str, bytes]], *, replace: bool = False) -> None:
+    """Each (name, data) into ``d``; on failure, the new ones written so far are removed."""
+    done: list[Path] = []
+    try:
+        for name, data in files:
+            _write(d / name, data, replace=replace)
+            done.append(d / name)
+    except BaseException:
+        if not replace:
+            for p in done:
+                p.unlink(missing_ok=True)
+        raise
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -187,22 +200,19 @@ def issue_host(
     if not hosts:
         raise ValueError("give at least one --host")
     names = [_san(h) for h in hosts]
-    d = private_dir(directory)
+    start, end = _validity(days, not_before)
+    # The CA first (DIR is made only if there is something to put in it);
+    # DIR's own CA is read once DIR has been checked.
+    d = Path(directory) if ca_dir is not None else private_dir(directory)
     ca = Path(ca_dir) if ca_dir is not None else d
     ca_key = serialization.load_pem_private_key(_read(ca / CA_KEY), password=None)
     ca_cert_pem = _read(ca / CA_CERT)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca / CA_KEY}: not an ECDSA key made by xcsave tls init")
-    exists = (d / HOST_CERT).exists() or (d / HOST_KEY).exists()
-    if exists and not force:
-        raise FileExistsError(
-            errno_mod.EEXIST,
-            "a host certificate is already there (replace it with --force)",
-            str(d / HOST_CERT),
-        )
+    d = private_dir(d)
+    exists = _host_cert_there(d, force)
     key = _new_key()
-    start, end = _validity(days, not_before)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
@@ -240,17 +250,40 @@ def issue_host(
         .sign(ca_key, hashes.SHA256())
     )
     if ca != d:
-        existing = (d / CA_CERT).read_bytes() if (d / CA_CERT).exists() else None
+        existing = _read(d / CA_CERT) if os.path.lexists(d / CA_CERT) else None
+        if existing is not None and existing != ca_cert_pem and not force:
+            raise FileExistsError(
+                errno_mod.EEXIST,
+                "another CA's certificate is already there (replace it with --force)",
+                str(d / CA_CERT),
+            )
         if existing != ca_cert_pem:
-            _write(d / CA_CERT, ca_cert_pem, replace=existing is not None and force)
-    _write(d / HOST_KEY, _key_pem(key), replace=exists)
-    _write(d / HOST_CERT, _cert_pem(cert), replace=exists)
+            _write(d / CA_CERT, ca_cert_pem, replace=existing is not None)
+    _write_all(d, [(HOST_KEY, _key_pem(key)), (HOST_CERT, _cert_pem(cert))], replace=exists)
     return d
+
+
+def _host_cert_there(d: Path, force: bool) -> bool:
+    """Whether cert.pem or key.pem is there (a symlink, even dangling, counts);
+    EEXIST unless ``force``."""
+    there = next((d / n for n in (HOST_CERT, HOST_KEY) if os.path.lexists(d / n)), None)
+    if there is not None and not force:
+        raise FileExistsError(
+            errno_mod.EEXIST,
+            "a host certificate is already there (replace it with --force)",
+            str(there),
+        )
+    return there is not None
 
 
 def _read(path: Path) -> bytes:
     """A PEM file of a CA directory, not through a symlink."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno_mod.ELOOP:
+            raise OSError(errno_mod.ELOOP, "refusing a symlink", str(path)) from None
+        raise
     with os.fdopen(fd, "rb") as f:
         return f.read(1 << 20)
 
@@ -268,8 +301,17 @@ def tls_init(
     the files of ``directory``."""
     if not hosts:
         raise ValueError("give at least one --host")
+    for h in hosts:
+        _san(h)
     d = Path(directory)
-    if ca_dir is None and not (d / CA_KEY).exists():
+    _host_cert_there(d, force)  # before a new CA is made in d
+    if ca_dir is None and not os.path.lexists(d / CA_KEY):
+        if os.path.lexists(d / CA_CERT):
+            raise FileExistsError(
+                errno_mod.EEXIST,
+                "a CA certificate without its key is there (issue from its CA with --ca CA_DIR)",
+                str(d / CA_CERT),
+            )
         make_ca(d, hosts[0])
     issue_host(d, hosts, ca_dir=ca_dir, days=days, force=force)
     return sorted(p for p in d.iterdir() if p.name.endswith(".pem"))
