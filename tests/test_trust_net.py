@@ -25,6 +25,7 @@ import errno
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import ssl
@@ -731,3 +732,59 @@ def test_bench_migrate_transport_json(shm: Path, transport: str) -> None:
         assert [run["match"] for run in runs] == [True]  # each copy is bit-exact
     assert set(data["downtime_ms"]) == {transport, "insecure"}
     assert list(shm.iterdir()) == []  # its domains and keys are gone again
+
+
+# ---------------------------------------------------------------- a real peer goes silent
+
+
+@pytest.mark.parametrize("silent", ["receiver", "sender"])
+def test_a_peer_stopped_mid_stream_times_out_the_other(shm: Path, silent: str) -> None:
+    """Real processes over loopback, live under a workload; one end (with its
+    helper) is stopped with SIGSTOP mid-stream.  The other fails with
+    ETIMEDOUT after --idle-timeout, in one line; once the stopped end goes on
+    it fails too.  Nothing is kept at the target, the source runs again."""
+    src = sim.create(shm / "src.dom", 64 * MiB, vcpus=2, seed=41)
+    dst = shm / "dst.dom"
+    quiet = ("--progress", "none", "--idle-timeout", "1")
+    receiver = subprocess.Popen(
+        xcsave_argv("receive", "--listen", "127.0.0.1:0", "--insecure", "--sim", dst, *quiet),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    sender: subprocess.Popen[str] | None = None
+    try:
+        assert receiver.stdout is not None
+        port = int(receiver.stdout.readline().rsplit(":", 1)[1])
+        with workload(src):
+            # A policy that never stops copying: the stream is surely flowing.
+            sender = subprocess.Popen(
+                xcsave_argv(
+                    "migrate", "--sim", src, "--to", f"127.0.0.1:{port}", "--insecure", "--live",
+                    "--policy", "max-iters:1000000000", *quiet,
+                ),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            for _ in range(3000):  # until the restore writes its partial domain
+                if partials(dst) or sender.poll() is not None:
+                    break
+                select.select([], [], [], 0.01)
+            assert partials(dst), sender.communicate()[1] if sender.poll() is not None else ""
+            stopped, other = (receiver, sender) if silent == "receiver" else (sender, receiver)
+            os.killpg(stopped.pid, signal.SIGSTOP)
+            try:
+                _out, other_err = other.communicate(timeout=60)
+            finally:
+                os.killpg(stopped.pid, signal.SIGCONT)
+            _out, stopped_err = stopped.communicate(timeout=60)
+            state_after = sim.info(src)["state"]
+    finally:
+        for p in (receiver, sender):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    other_lines = test_migrate.without_insecure_warning(other_err).splitlines()
+    assert len(other_lines) == 1, other_err
+    assert "ETIMEDOUT" in other_lines[0] and "--idle-timeout" in other_lines[0]
+    assert (receiver.returncode, sender.returncode) == (1, 1), (other_err, stopped_err)
+    assert state_after == "running"  # the source runs again (the guest went on)
+    assert not dst.exists() and partials(dst) == []
