@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import select
+import shlex
 import signal
 import socket
 import ssl
@@ -696,6 +697,28 @@ def test_ssh_remote_failure_reports_the_remote_line(ssh: Ssh, shm: Path) -> None
     assert "xcsave: receive: " in r.stderr and "EEXIST" in r.stderr  # the remote's own line
     assert sim.info(src)["state"] == "running"
     assert sim.digest(dst) == theirs
+
+
+def test_ssh_remote_sim_defaults_to_our_domains_name(ssh: Ssh, shm: Path) -> None:
+    """A bare domain name here becomes the same name in the remote's own
+    $XCSAVE_SIM_DIR (the remote command may set it: it is shlex-split and
+    quoted back for the remote shell)."""
+    here, there = shm / "here", shm / "there dir"  # a space: the quoting must hold
+    here.mkdir()
+    there.mkdir()
+    src = sim.create(here / "web1", 4 * MiB, seed=42)
+    remote = shlex.join(["env", f"XCSAVE_SIM_DIR={there}", sys.executable, "-P", "-m", "xcsave"])
+    r = subprocess.run(
+        ssh.net.sender(
+            "migrate", "--sim", "web1", "--to", ssh.server.url, "--ssh", ssh.server.ssh_command,
+            "--remote-command", remote, "--progress", "none",
+        ),
+        capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "XCSAVE_SIM_DIR": str(here)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sim.digest(there / "web1") == sim.digest(src)
+    assert sim.info(there / "web1")["state"] == "running"
 
 
 def test_ssh_target_is_checked_before_anything_runs(shm: Path) -> None:
