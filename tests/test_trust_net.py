@@ -462,6 +462,40 @@ def test_restore_from_a_pipe_that_goes_silent_times_out(
     assert not dst.exists() and partials(dst) == []
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"max_memory": 100}, "less than one page"),
+        ({"max_memory": -1}, "must not be negative"),
+        ({"idle_timeout": -1.0}, "idle_timeout"),
+        ({"idle_timeout": 1e9}, "idle_timeout"),
+    ],
+)
+def test_api_refuses_bad_bounds(shm: Path, kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        xcsave.sync.restore(os.devnull, sim=shm / "d.dom", **kw)
+    assert not (shm / "d.dom").exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--idle-timeout", "-1"],
+        ["--idle-timeout", "soon"],
+        ["--max-memory", "lots"],
+        ["--max-memory", "-5M"],
+    ],
+)
+def test_cli_refuses_bad_bounds(shm: Path, flags: list[str]) -> None:
+    r = subprocess.run(
+        xcsave_argv("receive", "--stdio", "--sim", shm / "d.dom", *flags),
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert flags[0] in r.stderr
+    assert r.stdout == ""
+
+
 async def _fake_sender(addr: tuple[str, int], payload: bytes, then_silent: bool) -> socket.socket:
     loop = asyncio.get_running_loop()
     s = socket.socket()
