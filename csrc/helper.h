@@ -36,6 +36,7 @@ struct xcs_op {
     uint64_t max_pages;
     unsigned int checkpoints, interval_ms;
     unsigned int copy_threads; /* sim save: PAGE_DATA writer threads (0 = 1) */
+    unsigned int idle_ms; /* stream silent this long: ETIMEDOUT (0 = never) */
     const char *xl_config_path;
     const char *dm_path;  /* restore: hand the device model's state over here */
     /* legacy input (restore): 0 = v2/v3 stream; else 32 or 64 */

@@ -37,6 +37,7 @@
  *        [--max-pages N] [--checkpoints N] [--interval-ms N]
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
  *        [--dm-out PATH] [--copy-threads N] [--build-only 0|1]
+ *        [--idle-timeout-ms N]
  *   --xcsave-1 tunnel --io-fd N --plain-fd M --role client|server
  *        --tls-dir DIR [--peer-name HOST] [--handshake-timeout-ms T]
  *        a TLS 1.3 tunnel between the TCP socket N and the plaintext
@@ -57,6 +58,7 @@
 #include <unistd.h>
 
 #include "helper.h"
+#include "stream_io.h"
 #include "xcs_format.h"
 
 #ifndef XCS_BACKENDS
@@ -462,7 +464,7 @@ enum {
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
     OPT_DM_OUT, OPT_COPY_THREADS, OPT_BUILD_ONLY, OPT_PLAIN_FD, OPT_ROLE,
-    OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS
+    OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS, OPT_IDLE_TIMEOUT_MS
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -490,6 +492,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"dm-out", required_argument, NULL, OPT_DM_OUT},
         {"copy-threads", required_argument, NULL, OPT_COPY_THREADS},
         {"build-only", required_argument, NULL, OPT_BUILD_ONLY},
+        {"idle-timeout-ms", required_argument, NULL, OPT_IDLE_TIMEOUT_MS},
         {"plain-fd", required_argument, NULL, OPT_PLAIN_FD},
         {"role", required_argument, NULL, OPT_ROLE},
         {"tls-dir", required_argument, NULL, OPT_TLS_DIR},
@@ -560,6 +563,10 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             if (op->copy_threads == 0)
                 fatal("bad <copy-threads> '%s': expected a number from 1 to %d",
                       optarg, XCS_MAX_COPY_THREADS);
+            break;
+        case OPT_IDLE_TIMEOUT_MS:
+            /* at most a day: an int of milliseconds for poll() */
+            op->idle_ms = (unsigned)parse_num("idle-timeout-ms", optarg, 86400u * 1000);
             break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
         case OPT_DM_OUT: op->dm_path = optarg; break;
@@ -694,6 +701,18 @@ int main(int argc, char **argv)
         xcs_exit_fatal();
     }
 
+    /*
+     * The idle timeout on the stream fd (stream_io.c: poll before reads,
+     * SO_RCVTIMEO/SO_SNDTIMEO on a socket, a private non-blocking
+     * description for a pipe we write).  The pipe trick is for the sim
+     * engine only: libxc's own writes expect a blocking fd.
+     */
+    if (op.idle_ms &&
+        xcs_stream_idle(op.io_fd, (int)op.idle_ms, be == &xcs_backend_sim) < 0) {
+        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT,
+                "setting the idle timeout on io_fd %d", op.io_fd);
+        xcs_exit_fatal();
+    }
     xcs_log(XCS_LOG_DEBUG, 0, XCS_HELPER_CONTEXT, "starting %s",
             op.restore ? "restore" : "save");
     errno = 0;

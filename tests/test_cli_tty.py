@@ -149,7 +149,9 @@ def test_migrate_bars_with_logs_above_them(shm: Path) -> None:
     src = sim.create(shm / "src.dom", 64 * MiB, vcpus=2, seed=6)
     dst = shm / "dst.dom"
     receiver = subprocess.Popen(
-        xcsave_argv("receive", "--listen", "127.0.0.1:0", "--sim", dst, "--progress", "none"),
+        xcsave_argv(
+            "receive", "--listen", "127.0.0.1:0", "--insecure", "--sim", dst, "--progress", "none"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -161,7 +163,7 @@ def test_migrate_bars_with_logs_above_them(shm: Path) -> None:
         port = int(line.rsplit(":", 1)[1])
         with workload(src):
             argv = xcsave_argv(
-                "migrate", "--sim", src, "--to", f"127.0.0.1:{port}", "--live", "-v"
+                "migrate", "--sim", src, "--to", f"127.0.0.1:{port}", "--insecure", "--live", "-v"
             )
             rc, raw = run_in_pty(argv)
         receiver.communicate(timeout=60)
@@ -182,7 +184,7 @@ def test_migrate_bars_with_logs_above_them(shm: Path) -> None:
 def test_off_a_terminal_progress_is_plain_lines(shm: Path) -> None:
     src = sim.create(shm / "src.dom", 16 * MiB, seed=7)
     receiver = subprocess.Popen(
-        xcsave_argv("receive", "--listen", "127.0.0.1:0", "--sim", shm / "dst.dom"),
+        xcsave_argv("receive", "--listen", "127.0.0.1:0", "--insecure", "--sim", shm / "dst.dom"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -190,7 +192,7 @@ def test_off_a_terminal_progress_is_plain_lines(shm: Path) -> None:
     assert receiver.stdout is not None
     port = int(receiver.stdout.readline().rsplit(":", 1)[1])
     r = subprocess.run(
-        xcsave_argv("migrate", "--sim", src, "--to", f"127.0.0.1:{port}"),
+        xcsave_argv("migrate", "--sim", src, "--to", f"127.0.0.1:{port}", "--insecure"),
         capture_output=True,
         text=True,
         timeout=120,

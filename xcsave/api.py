@@ -43,6 +43,7 @@ log = logger("xcsave.api")
 
 FORMATS: Final = ("libxc", "libxl", "xl")
 STREAM_TYPES: Final[dict[str, int]] = {"plain": 0, "remus": 1, "colo": 2}
+PAGE_SIZE: Final = 4096
 XCFLAGS_LIVE: Final = 1
 XCFLAGS_DEBUG: Final = 2
 
@@ -319,6 +320,26 @@ def _spec(
     )
 
 
+def page_limit(max_pages: int, max_memory: int) -> int:
+    """The helper's ``--max-pages`` for both limits (0: none given)."""
+    if max_pages < 0 or max_memory < 0:
+        raise ValueError("max_pages and max_memory must not be negative")
+    by_memory = max_memory // PAGE_SIZE if max_memory else 0
+    if max_memory and by_memory == 0:
+        raise ValueError(f"max_memory={max_memory} is less than one page ({PAGE_SIZE} bytes)")
+    limits = [n for n in (max_pages, by_memory) if n]
+    return min(limits) if limits else 0
+
+
+def _idle_ms(idle_timeout: float | None) -> int | None:
+    """The helper's ``--idle-timeout-ms`` (None: no timeout)."""
+    if idle_timeout is None:
+        return None
+    if not 0 < idle_timeout <= 86400:
+        raise ValueError(f"idle_timeout must be in (0, 86400] seconds, not {idle_timeout}")
+    return max(1, round(idle_timeout * 1000))
+
+
 async def _run(
     spec: HelperSpec,
     callbacks: Callbacks,
@@ -352,6 +373,7 @@ async def save(
     on_event: Callable[[Event], object] | None = None,
     supervisor: Supervisor | None = None,
     copy_threads: int = 1,
+    idle_timeout: float | None = None,
 ) -> RunResult:
     """Save a domain into ``out`` (fd or path) through a helper.
 
@@ -359,7 +381,9 @@ async def save(
     uses Xen's default (5 rounds / 50 dirty pages).  ``copy_threads`` > 1
     (simulated domains, xcsave-1) writes page data with that many threads
     when ``out`` is a regular file (a path, or a file fd without O_APPEND);
-    into a pipe or socket it changes nothing.  Raises
+    into a pipe or socket it changes nothing.  ``idle_timeout`` (seconds,
+    xcsave-1): a pipe or socket ``out`` whose reader takes nothing for that
+    long fails the save with ETIMEDOUT (see :func:`restore`).  Raises
     :class:`~xcsave.HelperFailed` (with ``.errno``) when the save fails,
     :class:`~xcsave.HelperDied` when the helper does not finish the protocol.
     """
@@ -413,6 +437,7 @@ async def save(
                             "interval_ms": interval_ms or None,
                             "xl_config": os.fspath(xl_config) if xl_config is not None else None,
                             "copy_threads": copy_threads if copy_threads != 1 else None,
+                            "idle_timeout_ms": _idle_ms(idle_timeout),
                         },
                     )
                 spec = _spec(
@@ -449,6 +474,8 @@ async def restore(
     console_evtchn: int = 0,
     console_domid: int = 0,
     max_pages: int = 0,
+    max_memory: int = 0,
+    idle_timeout: float | None = None,
     legacy_width: int | None = None,
     legacy_guest: str | None = None,
     dm_out: str | os.PathLike[str] | None = None,
@@ -470,6 +497,14 @@ async def restore(
     does, once its peer let it start the domain).  The domain's lock is held
     throughout (:class:`~xcsave.DomainBusy`, EBUSY, if another operation
     holds it).
+
+    Bounds on what the stream can make us do (xcsave-1): ``max_memory``
+    (bytes) and ``max_pages`` refuse, in one line and before anything is
+    allocated, a stream whose domain is larger (ERANGE); the smaller of the
+    two wins, 0 means the helper's own cap (64 GiB for a simulated domain).
+    ``idle_timeout`` (seconds): once the stream has started, a pipe or
+    socket ``src`` that stays silent that long fails the restore with
+    ETIMEDOUT (a regular file never waits).
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
@@ -525,7 +560,8 @@ async def restore(
                                 "store_domid": store_domid,
                                 "console_evtchn": console_evtchn,
                                 "console_domid": console_domid,
-                                "max_pages": max_pages or None,
+                                "max_pages": page_limit(max_pages, max_memory) or None,
+                                "idle_timeout_ms": _idle_ms(idle_timeout),
                                 "legacy_width": legacy_width,
                                 "legacy_guest": legacy_guest,
                                 "dm_out": os.fspath(dm_out) if dm_out is not None else None,

@@ -205,6 +205,8 @@ def do_restore(args: argparse.Namespace) -> int:
                 console_evtchn=args.console_evtchn,
                 console_domid=args.console_domid,
                 max_pages=args.max_pages,
+                max_memory=args.max_memory or 0,
+                idle_timeout=args.idle_timeout or None,  # 0: never
                 legacy_width=legacy_width,
                 legacy_guest=legacy_guest,
                 dm_out=args.dm_out,
@@ -245,6 +247,42 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=MODES, default="auto")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad number of seconds {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 (never) to 86400 seconds")
+    return value
+
+
+#: Default idle timeout of restore, receive and migrate (seconds past the last byte).
+IDLE_TIMEOUT_DEFAULT = 10.0
+
+
+def add_bounds_flags(p: argparse.ArgumentParser, *, max_memory: str | None) -> None:
+    """``--idle-timeout S``, and ``--max-memory SIZE`` unless ``max_memory`` is None
+    (else its text says what the default is)."""
+    if max_memory is not None:
+        p.add_argument(
+            "--max-memory",
+            type=parse_size,
+            default=None if max_memory else 0,
+            metavar="SIZE",
+            help="refuse (ERANGE) a stream whose domain is larger, before allocating it"
+            + (f" (default: {max_memory})" if max_memory else ""),
+        )
+    p.add_argument(
+        "--idle-timeout",
+        type=_positive_seconds,
+        default=IDLE_TIMEOUT_DEFAULT,
+        metavar="S",
+        help="fail (ETIMEDOUT) when the stream stays silent S seconds once started "
+        f"(default {IDLE_TIMEOUT_DEFAULT:g}; 0: never)",
+    )
+
+
 def add_save_restore(sub: Any) -> None:
     p = sub.add_parser("save", help="save a domain into a stream")
     p.add_argument("out", metavar="OUT", help="output stream (file, or - for stdout)")
@@ -280,6 +318,7 @@ def add_save_restore(sub: Any) -> None:
     p.add_argument("--width", type=int, choices=(32, 64), help="legacy: toolstack word size")
     p.add_argument("--guest", choices=("pv", "hvm"), help="legacy: guest type")
     p.add_argument("--max-pages", type=int, default=0, help="refuse streams with more pages")
+    add_bounds_flags(p, max_memory="")
     p.add_argument(
         "--dm-out", metavar="FILE", help="hand the device model's saved state over in FILE"
     )

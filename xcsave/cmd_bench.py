@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -748,6 +749,166 @@ def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     return Report(data=data, text=text, ok=bool(match))
 
 
+#: ``xcsave bench migrate --transport``: local is a socketpair+pipe in one process.
+TRANSPORTS = ("local", "insecure", "tls", "ssh")
+
+
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    _sized_args("256M", rate=True)(p)
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="local",
+        help="local (in-process pair, the default) or over loopback TCP: insecure, tls, "
+        "ssh (a private sshd); the network ones are measured against insecure in the same run",
+    )
+
+
+@contextmanager
+def _transport_env(transport: str) -> Iterator[dict[str, Any]]:
+    """What a network transport needs: TLS directories (one CA), or a private
+    sshd, in a private temporary directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="xcsave-bench-keys-") as tmp:
+        yield from _transport_env_in(transport, Path(tmp))
+
+
+def _transport_env_in(transport: str, d: Path) -> Iterator[dict[str, Any]]:
+    env: dict[str, Any] = {}
+    if transport == "tls":
+        from .tlsinit import tls_init
+
+        tls_init(d / "tls-server", ["127.0.0.1"])
+        tls_init(d / "tls-client", ["bench-client"], ca_dir=d / "tls-server")
+        env["tls"] = d
+    if transport != "ssh":
+        yield env
+        return
+    from ._sshd import sshd
+
+    with sshd(d / "sshd") as server:
+        env["sshd"] = server
+        yield env
+
+
+async def _net_migration(
+    transport: str, src: Path, dst: Path, env: dict[str, Any], on_event: EventSink | None
+) -> MigrationResult:
+    """One live migration of ``src`` into ``dst`` over loopback by ``transport``."""
+    import asyncio
+    import shlex
+
+    from . import migrate
+
+    if transport == "ssh":
+        from .ssh import migrate_ssh
+
+        server = env["sshd"]
+        return await migrate_ssh(
+            sim=src,
+            to=server.url,
+            remote_sim=str(dst),
+            ssh=server.ssh_command,
+            remote_command=f"{shlex.quote(sys.executable)} -P -m xcsave",
+            live=True,
+            on_event=on_event,
+        )
+    tls = transport == "tls"
+    ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    receiving = asyncio.create_task(
+        migrate.receive(
+            listen=("127.0.0.1", 0),
+            sim=dst,
+            on_listening=ready.set_result,
+            tls_dir=env["tls"] / "tls-server" if tls else None,
+            insecure=not tls,
+            accept_timeout=60,
+        )
+    )
+    try:
+        addr = await asyncio.wait_for(asyncio.shield(ready), 60)
+        return await migrate.migrate(
+            sim=src,
+            to=addr,
+            live=True,
+            tls_dir=env["tls"] / "tls-client" if tls else None,
+            insecure=not tls,
+            on_event=on_event,
+        )
+    finally:
+        if not receiving.done():
+            await asyncio.wait({receiving}, timeout=60)
+        if not receiving.done():
+            receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+
+
+def _transport_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
+    """Live migrations over loopback by ``--transport`` and by insecure TCP,
+    interleaved: throughput of each against insecure, downtime of each."""
+    from . import sim
+    from ._sshd import SshdUnavailable
+    from .cmd_migrate import run_async
+
+    kinds = ["insecure"] if args.transport == "insecure" else [args.transport, "insecure"]
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    with _workdir(args) as d:
+        src, dst = d / "mig-src.dom", d / "mig-dst.dom"
+        try:
+            with _transport_env(args.transport) as env:
+                for i in range(max(1, args.repeat)):
+                    for kind in kinds:
+                        for p in (src, dst):
+                            with suppress(FileNotFoundError):
+                                sim.remove(p)
+                        sim.create(src, args.memory, vcpus=2, seed=7 + i)
+                        with _workloads([src], args.rate):
+                            res = run_async(partial(_net_migration, kind, src, dst, env, on_event))
+                        runs[kind].append(
+                            {
+                                "gbps": round(res.gbps, 3),
+                                "downtime_ms": round(res.downtime_ns / 1e6, 3),
+                                "rounds": res.save.stats.rounds if res.save.stats else None,
+                                "seconds": round(res.seconds, 3),
+                                "match": sim.digest(src) == sim.digest(dst),
+                            }
+                        )
+        except SshdUnavailable as e:
+            return _skipped("migrate", f"--transport ssh: {e}")
+        finally:
+            for p in (src, dst):
+                with suppress(FileNotFoundError):
+                    sim.remove(p)
+    best = {k: max(r["gbps"] for r in v) for k, v in runs.items()}
+    down = {k: min(r["downtime_ms"] for r in v) for k, v in runs.items()}
+    ok = all(r["match"] for v in runs.values() for r in v)
+    data = _headline(
+        "migrate",
+        best[args.transport],
+        best["insecure"],
+        "GB/s",
+        transport=args.transport,
+        baseline_is="insecure TCP over loopback, same run",
+        goal=0.7 if args.transport == "tls" else None,
+        downtime_ms=down,
+        runs=runs,
+        rate=args.rate,
+        memory=args.memory,
+        repeat=args.repeat,
+    )
+    text = [
+        f"live migration of {args.memory >> 20} MiB under {args.rate} pages/s over loopback, "
+        f"best of {max(1, args.repeat)}" + ("" if ok else "  DIGESTS DIFFER"),
+        *(
+            f"  {k}: {best[k]:.2f} GB/s ({best[k] / best['insecure']:.2f}x insecure), "
+            f"downtime {down[k]:.1f} ms"
+            for k in kinds
+        ),
+    ]
+    if args.transport == "tls":
+        text.append(f"  goal: TLS >= 0.7x insecure; measured {data['ratio']:.2f}x")
+    return Report(data=data, text=text, ok=ok)
+
+
 def _migrate_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """Local live migration (helpers over a socketpair, xl's handshake) under
     a dirtying workload: downtime (suspend -> resumed at the target)."""
@@ -755,6 +916,8 @@ def _migrate_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     from .cmd_migrate import run_async
 
     _check_memory(args)
+    if getattr(args, "transport", "local") != "local":
+        return _transport_run(args, on_event)
     runs: list[dict[str, Any]] = []
     series: list[RoundSeries] = []
     with _workdir(args) as d:
@@ -1116,8 +1279,9 @@ BENCHES: list[Bench] = [
     ),
     Bench(
         "migrate",
-        "local live migration under a workload: downtime, rounds, GB/s",
-        _sized_args("256M", rate=True),
+        "live migration under a workload: downtime, rounds, GB/s (--transport: over "
+        "loopback TCP, TLS or ssh against insecure)",
+        _migrate_args,
         _migrate_run,
     ),
     Bench("verify", "xcsave verify vs Xen's verify-stream-v2", _xen_args, _verify_run),

@@ -1,15 +1,20 @@
-"""CLI: ``xcsave migrate`` (sender) and ``xcsave receive`` (receiver) over TCP.
+"""CLI: ``xcsave migrate`` (sender) and ``xcsave receive`` (receiver).
 
 ::
 
-    xcsave receive --listen [HOST:]PORT --sim DOM        # on the target
-    xcsave migrate --sim DOM --to HOST:PORT --live       # on the source
+    xcsave migrate --sim DOM --to ssh://[USER@]HOST[:PORT] [--remote-sim NAME] --live
+    xcsave receive --stdio --sim DOM --format FMT        # what ssh runs on the target
 
-``receive`` prints ``listening on HOST:PORT`` on stdout as soon as it
-listens (``--listen HOST:0`` picks a free port), accepts exactly one
-connection, and exits 0 once the received domain runs.  ``migrate`` exits 0
-once the receiver reports its copy running; ours is then left suspended.
-Either end stopped by SIGTERM or Ctrl-C cleans up like any other failure.
+    xcsave receive --listen [HOST:]PORT --sim DOM (--tls-dir DIR | --insecure)
+    xcsave migrate --sim DOM --to HOST:PORT (--tls-dir DIR | --insecure) --live
+
+``receive --listen`` prints ``listening on HOST:PORT`` on stdout as soon as
+it listens (``--listen HOST:0`` picks a free port; a bare PORT is loopback),
+admits the first peer that authenticates and starts a stream, and exits 0
+once the received domain runs.  ``receive --stdio`` writes nothing but the
+protocol to stdout (results go to stderr).  ``migrate`` exits 0 once the
+receiver reports its copy running; ours is then left suspended.  Either
+end stopped by SIGTERM or Ctrl-C cleans up like any other failure.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .cli import (
     FORMATS,
     UsageError,
+    add_bounds_flags,
     defer_signals,
     parse_policy,
     restore_signals,
@@ -60,11 +66,52 @@ def parse_address(text: str, *, host_required: bool = True) -> tuple[str, int]:
 
 
 def _listen_address(text: str) -> tuple[str, int]:
-    return parse_address(text, host_required=False)
+    """``[HOST:]PORT``; a bare PORT binds loopback only."""
+    host, port = parse_address(text, host_required=False)
+    return host or "127.0.0.1", port
 
 
-def _to_address(text: str) -> tuple[str, int]:
+def _to_target(text: str) -> tuple[str, int] | str:
+    """``ssh://[USER@]HOST[:PORT]`` (kept as text) or ``HOST:PORT``."""
+    if text.startswith("ssh://"):
+        from .ssh import parse_ssh_url
+
+        try:
+            parse_ssh_url(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
     return parse_address(text)
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="TLS 1.3 with mutual certificates from DIR (ca-cert.pem, cert.pem, key.pem; "
+        "default /etc/xcsave/tls or $XCSAVE_TLS_DIR when it exists)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain TCP: neither authenticated nor encrypted (trusted networks only)",
+    )
+
+
+def _tls_choice(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """(tls_dir, insecure) for the API, or a usage error naming both options."""
+    from .migrate import INSECURE_WARNING, resolve_tls
+
+    if args.tls_dir is not None and args.insecure:
+        raise UsageError("give --tls-dir DIR or --insecure, not both")
+    try:
+        tls = resolve_tls(args.tls_dir, args.insecure)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if tls is None:
+        sys.stderr.write(f"xcsave: {INSECURE_WARNING}\n")
+        sys.stderr.flush()
+    return (str(tls) if tls is not None else None), args.insecure
 
 
 def add_logging_flags(p: argparse.ArgumentParser) -> None:
@@ -96,14 +143,36 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "migrate",
-        help="live-migrate a domain to a receiver over TCP (sender)",
-        description="Send a domain to 'xcsave receive' over TCP: xl's handshake around "
-        "the stream, which the helper writes straight to the socket.",
+        help="live-migrate a domain over ssh, TLS or (--insecure) plain TCP (sender)",
+        description="Send a domain to 'xcsave receive': through ssh (which runs "
+        "'xcsave receive --stdio' there), or to a listener over TLS or, with --insecure, "
+        "plain TCP.  xl's handshake around the stream, which the helper writes straight "
+        "to the channel.",
     )
     p.add_argument("--sim", metavar="DOM", required=True, help="the simulated domain to send")
     p.add_argument(
-        "--to", metavar="HOST:PORT", required=True, type=_to_address, help="the receiver"
+        "--to",
+        metavar="ssh://[USER@]HOST[:PORT] | HOST:PORT",
+        required=True,
+        type=_to_target,
+        help="the receiver: over ssh, or a listener (then --tls-dir or --insecure)",
     )
+    p.add_argument(
+        "--remote-sim", metavar="NAME", help="ssh: the domain to create there (default: ours)"
+    )
+    p.add_argument(
+        "--ssh",
+        metavar="CMD",
+        default="ssh",
+        help="ssh: the client command, options included (default 'ssh'; e.g. 'ssh -F cfg')",
+    )
+    p.add_argument(
+        "--remote-command",
+        metavar="CMD",
+        default="xcsave",
+        help="ssh: how to run xcsave there (default 'xcsave')",
+    )
+    _add_tls_flags(p)
     p.add_argument("--live", action="store_true", help="live precopy rounds")
     p.add_argument(
         "--policy",
@@ -120,6 +189,7 @@ def add_parsers(sub: Any) -> None:
         default=60.0,
         help="seconds to wait for each handshake message (default 60)",
     )
+    add_bounds_flags(p, max_memory=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_progress_flag(p)
     add_logging_flags(p)
@@ -127,17 +197,25 @@ def add_parsers(sub: Any) -> None:
 
     r = sub.add_parser(
         "receive",
-        help="receive one migrated domain over TCP (receiver)",
-        description="Accept exactly one 'xcsave migrate' on the address given and run "
-        "the received domain.",
+        help="receive one migrated domain: on stdin/stdout (ssh) or a listener (receiver)",
+        description="Receive one 'xcsave migrate' and run the received domain: over "
+        "stdin/stdout (--stdio, what 'migrate --to ssh://' runs), or on a listener that "
+        "admits the first peer that authenticates (TLS) and starts a stream.",
     )
-    r.add_argument(
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--listen",
         metavar="[HOST:]PORT",
-        required=True,
         type=_listen_address,
-        help="address to bind (only that one); port 0 picks a free port",
+        help="address to bind (only that one; a bare PORT is 127.0.0.1); port 0 picks one",
     )
+    where.add_argument(
+        "--stdio",
+        action="store_true",
+        help="the handshake and stream on stdin/stdout (what migrate --to ssh:// runs; "
+        "--format as the sender says, default libxl); nothing else is written to stdout",
+    )
+    _add_tls_flags(r)
     r.add_argument("--sim", metavar="DOM", required=True, help="the domain to create")
     r.add_argument(
         "--format",
@@ -152,15 +230,20 @@ def add_parsers(sub: Any) -> None:
         help="replace an existing DOM (kept as it was unless the received copy starts)",
     )
     r.add_argument(
-        "--accept-timeout", type=float, metavar="S", help="give up if nobody connects in S s"
+        "--accept-timeout",
+        type=float,
+        metavar="S",
+        help="give up if no sender is admitted (authenticated, stream started) within S s",
     )
     r.add_argument(
         "--handshake-timeout",
         type=float,
         metavar="S",
         default=60.0,
-        help="seconds to wait for each handshake message (default 60)",
+        help="seconds to wait for each handshake message, and for a connecting peer to "
+        "authenticate and start its stream (default 60)",
     )
+    add_bounds_flags(r, max_memory="the host's memory or the sim directory's filesystem")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     add_progress_flag(r)
     add_logging_flags(r)
@@ -241,9 +324,36 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 def do_migrate(args: argparse.Namespace) -> int:
     from . import migrate
 
-    with renderer(args) as rend:
-        res = run_async(
-            lambda: migrate.migrate(
+    idle = args.idle_timeout or None  # 0: never
+    if isinstance(args.to, str):  # ssh://
+        from .ssh import migrate_ssh
+
+        if args.tls_dir is not None or args.insecure:
+            raise UsageError("--tls-dir and --insecure are for HOST:PORT; ssh brings its own")
+
+        def run() -> Awaitable[MigrationResult]:
+            return migrate_ssh(
+                sim=args.sim,
+                to=args.to,
+                remote_sim=args.remote_sim,
+                ssh=args.ssh,
+                remote_command=args.remote_command,
+                live=args.live,
+                policy=args.policy,
+                fmt=args.format,
+                timeout=args.timeout,
+                handshake_timeout=args.handshake_timeout,
+                idle_timeout=idle,
+                on_event=rend,
+            )
+
+    else:
+        if args.remote_sim is not None:
+            raise UsageError("--remote-sim is for ssh:// targets: the receiver names its domain")
+        tls_dir, insecure = _tls_choice(args)
+
+        def run() -> Awaitable[MigrationResult]:
+            return migrate.migrate(
                 sim=args.sim,
                 to=args.to,
                 live=args.live,
@@ -251,9 +361,14 @@ def do_migrate(args: argparse.Namespace) -> int:
                 fmt=args.format,
                 timeout=args.timeout,
                 handshake_timeout=args.handshake_timeout,
+                idle_timeout=idle,
+                tls_dir=tls_dir,
+                insecure=insecure,
                 on_event=rend,
             )
-        )
+
+    with renderer(args) as rend:
+        res = run_async(run)
     _emit(args, migration_json(res), migration_text(res))
     return 0
 
@@ -290,6 +405,10 @@ def do_receive(args: argparse.Namespace) -> int:
 
     if args.accept_timeout is not None and args.accept_timeout <= 0:
         raise UsageError("--accept-timeout must be positive")
+    idle = args.idle_timeout or None  # 0: never
+    if args.stdio:
+        return _receive_stdio(args, idle)
+    tls_dir, insecure = _tls_choice(args)
 
     def listening(addr: tuple[str, int]) -> None:
         text = migrate.format_address(addr)
@@ -309,12 +428,65 @@ def do_receive(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 accept_timeout=args.accept_timeout,
                 handshake_timeout=args.handshake_timeout,
+                idle_timeout=idle,
+                max_memory=args.max_memory,
+                tls_dir=tls_dir,
+                insecure=insecure,
                 on_listening=listening,
                 on_event=rend,
                 force=args.force,
             )
         )
     _emit(args, receive_json(res), receive_text(res))
+    return 0
+
+
+def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
+    """``receive --stdio``: the protocol owns stdin and stdout, everything else goes to stderr.
+
+    fd trick: the protocol's ends are private duplicates of fds 0 and 1;
+    then /dev/null is put on fd 0 and stderr on fd 1, so that nothing we
+    or a child print can ever land in the stream (a stray line on stdout
+    would be read by the sender as the handshake).
+    """
+    import os
+
+    from . import migrate
+
+    # A pipe cannot be peeked at: the sender says the format (migrate passes
+    # --format); without it, libxl, what migrate sends by default.
+    fmt = "libxl" if args.format == "auto" else args.format
+    if args.tls_dir is not None or args.insecure or args.accept_timeout is not None:
+        raise UsageError("--tls-dir, --insecure and --accept-timeout are for --listen")
+    sys.stdout.flush()
+    rfd = os.dup(0)
+    wfd = os.dup(1)
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        args.json = args.json or args.progress == "json"
+        with renderer(args, sys.stderr) as rend:
+            res = run_async(
+                lambda: migrate.receive_stdio(
+                    sim=args.sim,
+                    fmt=fmt,
+                    rfd=rfd,
+                    wfd=wfd,
+                    timeout=args.timeout,
+                    handshake_timeout=args.handshake_timeout,
+                    idle_timeout=idle,
+                    max_memory=args.max_memory,
+                    on_event=rend,
+                    force=args.force,
+                )
+            )
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    _emit(args, receive_json(res), receive_text(res))  # stdout is stderr now
     return 0
 
 

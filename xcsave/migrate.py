@@ -39,6 +39,14 @@ BANNER) can have written anything but stream; the sender's helper only
 writes; the peer's next message is sent only after the helper is done.
 While a helper owns the fd the socket is switched to blocking mode (the
 helper's reads and writes expect it) and this process does not touch it.
+
+Transports (who may speak this protocol to us): a listener or a direct
+connection is either TLS with mutual certificates (``tls_dir``, see
+:mod:`xcsave.tls`) or plain TCP by explicit choice (``insecure=True``);
+:mod:`xcsave.ssh` runs the receiver through the system's ``ssh`` and
+:func:`receive_stdio` is its far end (the handshake and the stream on
+stdin/stdout).  The listener keeps listening until a peer passes
+authentication and sends the start of a stream (:func:`receive`).
 """
 
 from __future__ import annotations
@@ -50,10 +58,10 @@ import errno as errno_mod
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from . import api
 from . import lock as _lock
@@ -77,11 +85,14 @@ __all__ = [
     "Outcome",
     "ReceiveResult",
     "Summary",
+    "default_max_memory",
     "migrate",
     "migrate_local",
     "migrate_on",
     "receive",
     "receive_on",
+    "receive_stdio",
+    "resolve_tls",
     "run_many",
 ]
 
@@ -94,6 +105,10 @@ REPORT: Final = b"my copy unpause results are as follows\0"
 
 #: How long to wait for each handshake message by default (seconds).
 HANDSHAKE_TIMEOUT: Final = 60.0
+#: Default idle timeout once the stream has started (seconds past the last byte).
+IDLE_TIMEOUT: Final = 10.0
+#: A listener admits at most this many unauthenticated peers at once.
+MAX_CANDIDATES: Final = 8
 PAGE_SIZE: Final = 4096
 
 #: First bytes of each stream format (the receiver peeks at them).
@@ -106,6 +121,20 @@ _PEEK: Final = 8
 
 Address = tuple[str, int]
 EventSink = Callable[[Event], object]
+
+
+@dataclass(frozen=True)
+class _Fds:
+    """A byte channel that is not a socket: read ``rfd``, write ``wfd`` (stdin/stdout
+    under sshd, which may be pipes).  The helper reads the stream from ``rfd``."""
+
+    rfd: int
+    wfd: int
+    name: str = "stdin/stdout"
+
+
+#: What the handshake runs on: a connected socket, or a pair of fds.
+Endpoint = socket.socket | _Fds
 
 
 class MigrationError(XcsaveError):
@@ -196,7 +225,15 @@ def _same_kind(e: BaseException) -> type[MigrationError]:
     return MigrationError
 
 
-def _cause(e: BaseException) -> str:
+def _cause(e: BaseException, idle_timeout: float | None = None) -> str:
+    """``e`` as the middle of a one-line message; a helper's ETIMEDOUT with
+    an idle timeout says which bound it was."""
+    if (
+        idle_timeout
+        and getattr(e, "errno", None) == errno_mod.ETIMEDOUT
+        and not isinstance(e, (HandshakeError, OSError))
+    ):
+        return f"{e} (no stream bytes moved for {idle_timeout:g} s: --idle-timeout)"
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename is not None else ""
         return where + _oserror_text(e)
@@ -205,14 +242,60 @@ def _cause(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-async def _recv_exact(sock: socket.socket, n: int, what: str, timeout: float | None) -> bytes:
-    """Exactly ``n`` bytes, read with the socket's own recv (never more: no read-ahead)."""
+async def _fd_ready(fd: int, write: bool) -> None:
     loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, ready)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def _recv_some(ep: Endpoint, n: int) -> bytes:
+    """At most ``n`` bytes, as soon as some are there (b"" at EOF)."""
+    if isinstance(ep, socket.socket):
+        return await asyncio.get_running_loop().sock_recv(ep, n)
+    while True:
+        try:
+            return os.read(ep.rfd, n)
+        except BlockingIOError:
+            await _fd_ready(ep.rfd, write=False)
+
+
+async def _send_all(ep: Endpoint, msg: bytes) -> None:
+    if isinstance(ep, socket.socket):
+        await asyncio.get_running_loop().sock_sendall(ep, msg)
+        return
+    view = memoryview(msg)
+    while view:
+        try:
+            view = view[os.write(ep.wfd, view) :]
+        except BlockingIOError:
+            await _fd_ready(ep.wfd, write=True)
+
+
+def _nonblocking(ep: Endpoint, on: bool = True) -> None:
+    """asyncio mode (``on``) or the helper's blocking mode, for the handshake's fds."""
+    if isinstance(ep, socket.socket):
+        ep.setblocking(not on)
+        return
+    for fd in {ep.rfd, ep.wfd}:
+        os.set_blocking(fd, not on)
+
+
+async def _recv_exact(sock: Endpoint, n: int, what: str, timeout: float | None) -> bytes:
+    """Exactly ``n`` bytes, read with the socket's own recv (never more: no read-ahead)."""
     buf = bytearray()
     try:
         async with asyncio.timeout(timeout):
             while len(buf) < n:
-                chunk = await loop.sock_recv(sock, n - len(buf))
+                chunk = await _recv_some(sock, n - len(buf))
                 if not chunk:
                     raise HandshakeError(
                         f"the peer closed the connection before {what} ({len(buf)} of {n} bytes)",
@@ -230,39 +313,22 @@ async def _recv_exact(sock: socket.socket, n: int, what: str, timeout: float | N
     return bytes(buf)
 
 
-async def _expect(sock: socket.socket, msg: bytes, what: str, timeout: float | None) -> None:
+async def _expect(sock: Endpoint, msg: bytes, what: str, timeout: float | None) -> None:
     got = await _recv_exact(sock, len(msg), what, timeout)
     if got != msg:
         raise HandshakeError(f"expected {what} {msg!r}, got {got!r}", errno=errno_mod.EPROTO)
 
 
-async def _send(sock: socket.socket, msg: bytes, what: str, timeout: float | None) -> None:
-    loop = asyncio.get_running_loop()
+async def _send(sock: Endpoint, msg: bytes, what: str, timeout: float | None) -> None:
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_sendall(sock, msg)
+            await _send_all(sock, msg)
     except TimeoutError:
         raise HandshakeError(
             f"could not send {what} within {timeout:g} s (ETIMEDOUT)", errno=errno_mod.ETIMEDOUT
         ) from None
     except OSError as e:
         raise HandshakeError(f"sending {what}: {_oserror_text(e)}", errno=e.errno) from e
-
-
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
 
 
 async def _peek(sock: socket.socket, n: int, what: str, timeout: float | None) -> bytes:
@@ -273,7 +339,7 @@ async def _peek(sock: socket.socket, n: int, what: str, timeout: float | None) -
                 try:
                     data = sock.recv(n, socket.MSG_PEEK)
                 except BlockingIOError:
-                    await _readable(sock)
+                    await _fd_ready(sock.fileno(), write=False)
                     continue
                 if len(data) >= n or not data:
                     return data
@@ -315,7 +381,7 @@ def _detect_format(head: bytes) -> str:
 
 
 @contextlib.contextmanager
-def _lent_to_helper(sock: socket.socket, stream: int | None = None) -> Iterator[int]:
+def _lent_to_helper(sock: Endpoint, stream: int | None = None) -> Iterator[int]:
     """The fd the stream goes through, for a helper: ``stream`` when there is
     one (a pipe of :func:`migrate_local`'s, blocking and never read here),
     else the socket's, in blocking mode, non-blocking again afterwards.
@@ -327,16 +393,16 @@ def _lent_to_helper(sock: socket.socket, stream: int | None = None) -> Iterator[
     if stream is not None:
         yield stream
         return
-    sock.setblocking(True)
+    _nonblocking(sock, False)
     try:
-        yield sock.fileno()
+        yield sock.fileno() if isinstance(sock, socket.socket) else sock.rfd
     finally:
-        sock.setblocking(False)
+        _nonblocking(sock)
 
 
-def _tune(sock: socket.socket, timeout: float | None) -> None:
+def _tune(sock: Endpoint, timeout: float | None) -> None:
     """Small handshake messages go out at once; a dead peer fails a blocked helper."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -349,7 +415,9 @@ def _tune(sock: socket.socket, timeout: float | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
 
 
-def _peer_name(sock: socket.socket) -> str:
+def _peer_name(sock: Endpoint) -> str:
+    if isinstance(sock, _Fds):
+        return sock.name
     try:
         addr = sock.getpeername()
     except OSError:
@@ -394,6 +462,92 @@ async def _connect(to: Address, timeout: float | None) -> socket.socket:
             return sock
     assert last is not None
     raise last
+
+
+# ----------------------------------------------------------------- transport security
+
+#: What --insecure prints (once, on stderr) and the library logs.
+INSECURE_WARNING: Final = (
+    "warning: --insecure: plain TCP, neither authenticated nor encrypted: anyone who can "
+    "reach the port can send a domain, anyone on the path can read its memory"
+)
+
+
+class _Channel(Protocol):
+    """What the handshake runs on once the peer is admitted (TLS or plain TCP)."""
+
+    sock: socket.socket
+    peer: str
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class _Plain:
+    """Plain TCP (``insecure``): the connected socket itself, owned by the caller."""
+
+    sock: socket.socket
+    peer: str
+
+    async def aclose(self) -> None:
+        return None
+
+
+def resolve_tls(tls_dir: str | os.PathLike[str] | None, insecure: bool) -> Path | None:
+    """The TLS directory a direct TCP transport uses, or None for plain TCP.
+
+    ``tls_dir`` wins; ``insecure`` chooses plain TCP (logged as a warning);
+    with neither, the default TLS directory (:func:`xcsave.tls.default_tls_dir`)
+    if it exists.  Otherwise :class:`ValueError` naming both choices: nothing
+    goes over an unauthenticated channel by default.
+    """
+    if tls_dir is not None and insecure:
+        raise ValueError("give tls_dir (TLS) or insecure=True (plain TCP), not both")
+    if insecure:
+        log.info("%s", INSECURE_WARNING)
+        return None
+    if tls_dir is not None:
+        return Path(tls_dir)
+    from .tls import default_tls_dir
+
+    default = default_tls_dir()
+    if default.is_dir():
+        return default
+    raise ValueError(
+        f"a direct TCP migration needs authentication: give a TLS directory (--tls-dir DIR; "
+        f"the default {default} does not exist) or choose plain TCP explicitly (--insecure)"
+    )
+
+
+@contextlib.asynccontextmanager
+async def _secured(
+    sock: socket.socket, tls: Path | None, *, server_name: str | None, timeout: float | None
+) -> AsyncIterator[_Channel]:
+    """``sock`` as a channel: TLS (client when ``server_name`` is given, else
+    server) over it, or itself when ``tls`` is None.  Closed when the block ends."""
+    if tls is None:
+        yield _Plain(sock, _peer_name(sock))
+        return
+    from . import tls as tlsmod
+
+    if server_name is not None:
+        ch: _Channel = await tlsmod.tls_client(
+            sock, tls_dir=tls, server_name=server_name, handshake_timeout=timeout
+        )
+    else:
+        ch = await tlsmod.tls_server(sock, tls_dir=tls, handshake_timeout=timeout)
+    try:
+        yield ch
+    finally:
+        await _close_quietly(ch)
+
+
+async def _close_quietly(ch: _Channel) -> None:
+    """Close a channel whose outcome is already decided: a late failure is logged only."""
+    try:
+        await ch.aclose()
+    except XcsaveError as e:
+        log.warning("closing the channel with %s: %s", ch.peer, e)
 
 
 # ----------------------------------------------------------------- events
@@ -466,9 +620,11 @@ async def migrate_on(
     fmt: str = "libxl",
     timeout: float | None = None,
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = IDLE_TIMEOUT,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
     stream: int | None = None,
+    peer: str | None = None,
 ) -> MigrationResult:
     """Migrate a simulated domain over ``sock``, a connected socket (the sender's side).
 
@@ -476,14 +632,17 @@ async def migrate_on(
     for the handshake and what each failure leaves where.  ``stream``, if
     given, is a separate fd the stream is written to (the write end of a
     pipe to a local receiver); the handshake stays on ``sock``.
+    ``idle_timeout``: a receiver that takes no stream bytes for that long
+    fails the migration (ETIMEDOUT).  ``peer`` names the receiver in
+    messages (default: the socket's peer address).
     """
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
     src = simdom.resolve(sim)
     before = _state(src)  # also: FileNotFoundError for a domain that does not exist
-    peer = _peer_name(sock)
+    peer = peer or _peer_name(sock)
     ev = _Events("migrate", str(src), on_event)
-    sock.setblocking(False)
+    _nonblocking(sock)
     _tune(sock, handshake_timeout)
     t0 = time.monotonic()
     t_suspend: list[float] = []
@@ -505,6 +664,7 @@ async def migrate_on(
                 policy=policy,
                 callbacks=Callbacks(suspend=suspended),
                 timeout=timeout,
+                idle_timeout=idle_timeout,
                 on_event=ev,
                 supervisor=supervisor,
             )
@@ -522,7 +682,7 @@ async def migrate_on(
                 f"the receiver could not start its copy (status {status})", errno=status
             )
     except BaseException as e:
-        cause = _cause(e)
+        cause = _cause(e, idle_timeout)
         if committed:
             ev.done(False, f"in doubt: {cause}")
             if isinstance(e, Exception):
@@ -574,10 +734,19 @@ async def migrate(
     fmt: str = "libxl",
     timeout: float | None = None,
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = IDLE_TIMEOUT,
+    tls_dir: str | os.PathLike[str] | None = None,
+    insecure: bool = False,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
 ) -> MigrationResult:
     """Live-migrate the simulated domain ``sim`` to the receiver at ``to=(host, port)``.
+
+    The channel is TLS with mutual certificates from ``tls_dir`` (the
+    receiver must present a certificate for ``host``), or plain TCP when
+    ``insecure`` (neither authenticated nor encrypted: anyone on the path
+    reads the guest's memory); with neither, the default TLS directory if
+    it exists (see :func:`resolve_tls`).
 
     On success the receiver's copy runs and ours is left suspended.  On
     failure ours runs again (:class:`MigrationError`) -- except when the
@@ -587,19 +756,24 @@ async def migrate(
     ``host:port`` as its filename; the domain is untouched then.
     """
     path = _resolve_existing(sim)
+    tls = resolve_tls(tls_dir, insecure)
     sock = await _connect(to, handshake_timeout)
     with sock:
-        return await migrate_on(
-            sock,
-            sim=path,
-            live=live,
-            policy=policy,
-            fmt=fmt,
-            timeout=timeout,
-            handshake_timeout=handshake_timeout,
-            on_event=on_event,
-            supervisor=supervisor,
-        )
+        _tune(sock, handshake_timeout)
+        async with _secured(sock, tls, server_name=to[0], timeout=handshake_timeout) as ch:
+            return await migrate_on(
+                ch.sock,
+                sim=path,
+                live=live,
+                policy=policy,
+                fmt=fmt,
+                timeout=timeout,
+                handshake_timeout=handshake_timeout,
+                idle_timeout=idle_timeout,
+                on_event=on_event,
+                supervisor=supervisor,
+                peer=ch.peer,
+            )
 
 
 def _resolve_existing(dom: str | os.PathLike[str]) -> Path:
@@ -613,16 +787,20 @@ def _resolve_existing(dom: str | os.PathLike[str]) -> Path:
 
 @_lock.holding("sim", resolve=simdom.resolve)
 async def receive_on(
-    sock: socket.socket,
+    sock: Endpoint,
     *,
     sim: str | os.PathLike[str],
     fmt: str = "auto",
     timeout: float | None = None,
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = IDLE_TIMEOUT,
+    max_memory: int | None = None,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
     stream: int | None = None,
     force: bool = False,
+    admitted_fmt: str | None = None,
+    peer: str | None = None,
 ) -> ReceiveResult:
     """Receive a domain over ``sock``, a connected socket (the receiver's side).
 
@@ -632,25 +810,38 @@ async def receive_on(
     domain runs, the partial or complete copy is removed.
     ``stream``, if given, is a separate fd the stream is read from (the read
     end of a pipe from a local sender); a pipe cannot be peeked at, so
-    ``fmt`` must then be given.
+    ``fmt`` must then be given (so too for a pair of fds, :func:`receive_stdio`).
+
+    Bounds: ``max_memory`` (bytes) refuses a stream whose domain is larger
+    before anything is allocated (None: :func:`default_max_memory`, 0: only
+    the helper's own cap); ``idle_timeout`` fails the receive (ETIMEDOUT)
+    when the stream stays silent that long once started.  ``admitted_fmt``:
+    the caller already sent the banner and checked that the stream starts
+    as this format (:func:`receive`'s listener).  ``peer`` names the sender.
     """
     if fmt != "auto" and fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected auto or one of {api.FORMATS}")
-    if stream is not None and fmt == "auto":
+    if (stream is not None or isinstance(sock, _Fds)) and fmt == "auto" and not admitted_fmt:
         raise ValueError("a separate stream fd cannot be peeked at: give its format")
     target = simdom.resolve(sim)
     built = api.SimTarget.begin(target, force=force)  # EEXIST unless force
-    peer = _peer_name(sock)
+    peer = peer or _peer_name(sock)
+    limit = default_max_memory(target) if max_memory is None else max_memory
     ev = _Events("receive", str(target), on_event)
-    sock.setblocking(False)
+    _nonblocking(sock)
     _tune(sock, handshake_timeout)
     t0 = time.monotonic()
     running = False
     try:
-        await _send(sock, BANNER, "the banner", handshake_timeout)
-        detected = (
-            fmt if stream is not None else await _stream_format(sock, fmt, handshake_timeout)
-        )
+        if admitted_fmt is not None:
+            detected = admitted_fmt
+        else:
+            await _send(sock, BANNER, "the banner", handshake_timeout)
+            detected = (
+                fmt
+                if stream is not None or isinstance(sock, _Fds)
+                else await _stream_format(sock, fmt, handshake_timeout)
+            )
         ev.note(f"receiving a {detected} stream from {peer}")
         with _lent_to_helper(sock, stream) as fd:
             restored = await api.restore(
@@ -658,6 +849,8 @@ async def receive_on(
                 sim=built,
                 fmt=detected,
                 timeout=timeout,
+                max_memory=limit,
+                idle_timeout=idle_timeout,
                 on_event=ev,
                 supervisor=supervisor,
             )
@@ -690,7 +883,7 @@ async def receive_on(
     except BaseException as e:
         if not running:
             built.discard()
-        cause = _cause(e)
+        cause = _cause(e, idle_timeout)
         ev.done(False, cause)
         if isinstance(e, Exception) and not running:
             raise _same_kind(e)(
@@ -710,10 +903,29 @@ async def receive_on(
     )
 
 
+def default_max_memory(target: Path) -> int:
+    """The largest domain a receive accepts by default (bytes).
+
+    The host's physical memory, and no more than the filesystem that holds
+    the target (a simulated domain is a file there: /dev/shm is RAM): a
+    domain larger than either could not run here anyway, so refusing its
+    stream costs nothing legitimate, while a 6 MB stream that claims 64 GiB
+    is stopped before anything is allocated.
+    """
+    limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for d in (target.parent, *target.parent.parents):
+        try:
+            st = os.statvfs(d)
+        except OSError:
+            continue
+        return min(limit, st.f_blocks * st.f_frsize)
+    return limit
+
+
 def _listener(listen: Address) -> socket.socket:
     host, port = listen
     infos = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host or "127.0.0.1", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     family, type_, proto, _name, addr = infos[0]
     sock = socket.socket(family, type_, proto)
@@ -723,12 +935,119 @@ def _listener(listen: Address) -> socket.socket:
             sock.bind(addr)
         except OSError as e:
             raise type(e)(e.errno, e.strerror, format_address(listen)) from None
-        sock.listen(1)
+        sock.listen(MAX_CANDIDATES)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def _admit(
+    conn: socket.socket,
+    tls: Path | None,
+    fmt: str,
+    timeout: float | None,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[_Channel, str]:
+    """Authenticate a candidate (TLS), send the banner, check the start of its
+    stream: all within ``timeout`` (one deadline, so a trickle cannot stretch it)."""
+    try:
+        async with asyncio.timeout(timeout):
+            ch = await stack.enter_async_context(
+                _secured(conn, tls, server_name=None, timeout=timeout)
+            )
+            await _send(ch.sock, BANNER, "the banner", None)
+            detected = await _stream_format(ch.sock, fmt, None)
+    except TimeoutError:
+        raise HandshakeError(
+            f"no TLS handshake, banner and start of a stream within {timeout:g} s (ETIMEDOUT)",
+            errno=errno_mod.ETIMEDOUT,
+        ) from None
+    return ch, detected
+
+
+@dataclass
+class _Admitted:
+    conn: socket.socket
+    channel: _Channel
+    fmt: str
+    stack: contextlib.AsyncExitStack
+
+
+async def _first_admitted(
+    lsock: socket.socket,
+    *,
+    target: Path,
+    tls: Path | None,
+    fmt: str,
+    timeout: float | None,
+) -> _Admitted:
+    """Accept peers on ``lsock`` until one passes :func:`_admit`.
+
+    Candidates are handled concurrently, at most :data:`MAX_CANDIDATES` at
+    once (the rest wait in the kernel's backlog), so a silent or slow peer
+    never blocks a good one; each refused peer is logged in one line and
+    hung up on.  Nothing is created for a refused peer.
+    """
+    loop = asyncio.get_running_loop()
+    won: asyncio.Future[_Admitted] = loop.create_future()
+    slots = asyncio.Semaphore(MAX_CANDIDATES)
+    pending: set[asyncio.Task[None]] = set()
+    # Every accepted socket until it is handed over: a candidate task
+    # cancelled before it ever ran cannot close its own.
+    conns: set[socket.socket] = set()
+
+    async def candidate(conn: socket.socket) -> None:
+        peer = _peer_name(conn)
+        stack = contextlib.AsyncExitStack()
+        admitted: _Admitted | None = None
+        try:
+            with contextlib.suppress(OSError):
+                _tune(conn, timeout)
+            ch, detected = await _admit(conn, tls, fmt, timeout, stack)
+            if not won.done():
+                admitted = _Admitted(conn, ch, detected, stack)
+                conns.discard(conn)
+                won.set_result(admitted)
+        except Exception as e:
+            log.warning("receive %s: refused %s: %s", target, peer, _cause(e))
+        finally:
+            slots.release()
+            if admitted is None:
+                await stack.aclose()
+                conn.close()
+
+    async def accept_loop() -> None:
+        while True:
+            await slots.acquire()
+            try:
+                conn, _addr = await loop.sock_accept(lsock)
+            except BaseException:
+                slots.release()
+                raise
+            conns.add(conn)
+            conn.setblocking(False)
+            task = asyncio.create_task(candidate(conn))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    def accept_failed(task: asyncio.Task[None]) -> None:
+        # accept() itself failed (e.g. EMFILE): that ends the receive.
+        if not won.done() and not task.cancelled():
+            won.set_exception(task.exception() or RuntimeError("the accept loop ended"))
+
+    acceptor = asyncio.create_task(accept_loop())
+    acceptor.add_done_callback(accept_failed)
+    try:
+        return await won
+    finally:
+        acceptor.cancel()
+        for task in list(pending):
+            task.cancel()
+        await asyncio.gather(acceptor, *pending, return_exceptions=True)
+        for conn in conns:
+            conn.close()
 
 
 @_lock.holding("sim", resolve=simdom.resolve)
@@ -740,56 +1059,131 @@ async def receive(
     timeout: float | None = None,
     accept_timeout: float | None = None,
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = IDLE_TIMEOUT,
+    max_memory: int | None = None,
+    tls_dir: str | os.PathLike[str] | None = None,
+    insecure: bool = False,
     on_listening: Callable[[Address], object] | None = None,
     on_event: EventSink | None = None,
     supervisor: Supervisor | None = None,
     force: bool = False,
 ) -> ReceiveResult:
-    """Accept exactly one migration on ``listen`` and run the received domain as ``sim``.
+    """Receive one migration on ``listen`` and run the received domain as ``sim``.
 
-    An existing ``sim`` is refused (EEXIST) before listening, unless ``force``.
+    ``listen`` is ``(host, port)`` (bound exactly; an empty host is
+    127.0.0.1, loopback only; ``port`` 0 picks one, and ``on_listening`` is
+    told the real address) or a listening socket of the caller's.
 
-    ``listen`` is ``(host, port)`` (bound exactly; ``port`` 0 picks one, and
-    ``on_listening`` is told the real address) or a listening socket of the
-    caller's.  The listening socket is closed as soon as one connection is
-    accepted: a second sender is refused.
+    Who gets in: with TLS (``tls_dir``, or the default directory, see
+    :func:`resolve_tls`) only a peer whose certificate the CA signed; with
+    ``insecure`` anyone who can connect.  Either way a peer is admitted
+    only once it has sent the start of an xl, libxl or libxc stream after
+    the banner, all within ``handshake_timeout``; until then the listener
+    keeps listening (up to ``accept_timeout``), admitting up to
+    :data:`MAX_CANDIDATES` peers at once, and drops each that fails (one
+    log line each, nothing created).  The listening socket is closed as soon
+    as one is admitted: a second sender is refused.  ``max_memory`` and
+    ``idle_timeout`` bound the stream (see :func:`receive_on`).  An existing
+    ``sim`` is refused (EEXIST) before listening, unless ``force``.
     """
     target = simdom.resolve(sim)
-    api.check_replace(target, force)
+    api.check_replace(target, force)  # EEXIST before listening, unless force
+    if fmt != "auto" and fmt not in api.FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected auto or one of {api.FORMATS}")
+    tls = resolve_tls(tls_dir, insecure)
     api.sweep_stale_partials(target)  # a killed receiver's, before we wait for a sender
-    loop = asyncio.get_running_loop()
     owned = not isinstance(listen, socket.socket)
     lsock = _listener(listen) if not isinstance(listen, socket.socket) else listen
     try:
         lsock.setblocking(False)
         name = lsock.getsockname()
         bound: Address = (str(name[0]), int(name[1]))
-        log.info("receive %s: listening on %s", target, format_address(bound))
+        log.info(
+            "receive %s: listening on %s (%s)",
+            target,
+            format_address(bound),
+            f"TLS, {tls}" if tls else "insecure",
+        )
         if on_listening is not None:
             on_listening(bound)
         try:
             async with asyncio.timeout(accept_timeout):
-                conn, _addr = await loop.sock_accept(lsock)
+                got = await _first_admitted(
+                    lsock, target=target, tls=tls, fmt=fmt, timeout=handshake_timeout
+                )
         except TimeoutError:
             raise MigrationError(
-                f"no sender connected to {format_address(bound)} within {accept_timeout:g} s "
+                f"no sender was admitted on {format_address(bound)} within {accept_timeout:g} s "
                 "(ETIMEDOUT)",
                 errno=errno_mod.ETIMEDOUT,
             ) from None
     finally:
         if owned:
-            lsock.close()  # exactly one connection
-    with conn:
+            lsock.close()  # exactly one sender
+    async with got.stack:
+        with got.conn:
+            return await receive_on(
+                got.channel.sock,
+                sim=target,
+                fmt=got.fmt,
+                timeout=timeout,
+                handshake_timeout=handshake_timeout,
+                idle_timeout=idle_timeout,
+                max_memory=max_memory,
+                on_event=on_event,
+                supervisor=supervisor,
+                admitted_fmt=got.fmt,
+                peer=got.channel.peer,
+                force=force,
+            )
+
+
+async def receive_stdio(
+    *,
+    sim: str | os.PathLike[str],
+    fmt: str,
+    rfd: int = 0,
+    wfd: int = 1,
+    timeout: float | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = IDLE_TIMEOUT,
+    max_memory: int | None = None,
+    on_event: EventSink | None = None,
+    supervisor: Supervisor | None = None,
+    force: bool = False,
+) -> ReceiveResult:
+    """Receive one migration over ``rfd``/``wfd`` (the far end of ``xcsave
+    migrate --to ssh://...``: sshd's stdin and stdout, pipes or a socket).
+
+    The handshake is read from ``rfd`` and written to ``wfd``; the helper
+    reads the stream from ``rfd`` directly (no read-ahead here), so nothing
+    else may write to ``wfd`` meanwhile.  A pipe cannot be peeked at:
+    ``fmt`` is the format the sender announced (``--format``).  Who may
+    connect is sshd's business (its keys); the bounds are as for
+    :func:`receive_on`.
+    """
+    if fmt not in api.FORMATS:
+        raise ValueError(f"receive over stdio needs the stream's format: one of {api.FORMATS}")
+    client = os.environ.get("SSH_CLIENT", "").split()
+    ep = _Fds(rfd, wfd, f"ssh client {client[0]}" if client else "stdin/stdout")
+    flags = {fd: os.get_blocking(fd) for fd in {rfd, wfd}}
+    try:
         return await receive_on(
-            conn,
-            sim=target,
+            ep,
+            sim=sim,
             fmt=fmt,
             timeout=timeout,
             handshake_timeout=handshake_timeout,
+            idle_timeout=idle_timeout,
+            max_memory=max_memory,
             on_event=on_event,
             supervisor=supervisor,
             force=force,
         )
+    finally:
+        for fd, blocking in flags.items():  # a terminal's O_NONBLOCK outlives us
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, blocking)
 
 
 # ----------------------------------------------------------------- local pairs

@@ -13,7 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -117,33 +119,160 @@ void xcs_progress_end(struct xcs_progress *pr, uint64_t done)
 
 /*----- writing -----*/
 
+/*----- the idle timeout -----*/
+
+/*
+ * Once set (xcs_stream_idle, from the helper's --idle-timeout-ms), a stream
+ * fd that is a pipe or a socket may stay silent for at most idle_ms between
+ * two transfers: a peer that stops sending (or stops reading) fails the
+ * operation with ETIMEDOUT instead of holding us forever.  One fd per
+ * process (the helper moves one stream), so plain statics; -1 = no limit.
+ * Reads count only once the stream has started (idle_armed: after the
+ * first byte), so a reader may wait for its writer to begin.
+ */
+static int idle_fd = -1;
+static int idle_ms = -1;
+static int idle_armed;
+static int idle_sock; /* SO_RCVTIMEO/SO_SNDTIMEO are set on idle_fd */
+
+int xcs_stream_idle(int fd, int ms, int may_reopen)
+{
+    struct stat st;
+
+    if (ms <= 0 || fstat(fd, &st) < 0)
+        return ms <= 0 ? 0 : -1;
+    if (S_ISSOCK(st.st_mode)) {
+        /*
+         * fd trick: SO_RCVTIMEO/SO_SNDTIMEO make a blocking recv/send (and
+         * splice from the socket) give up with EAGAIN after ms with nothing
+         * moved, or return what moved so far: a code that blocks inside
+         * its own reads (libxc, xen backend) is bounded too.  They are the
+         * socket's options, shared with the toolstack, whose asyncio calls
+         * are non-blocking and never wait, so it does not notice them.
+         */
+        struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0 ||
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) < 0)
+            return -1;
+        idle_sock = 1;
+    } else if (S_ISFIFO(st.st_mode) && may_reopen &&
+               (fcntl(fd, F_GETFL) & O_ACCMODE) == O_WRONLY) {
+        /*
+         * fd trick: a blocking write into a pipe sleeps until all of it fits,
+         * however long the reader takes, and poll() first cannot say that
+         * it will fit.  Opening /proc/self/fd/N gives a new open file
+         * description of the same pipe, whose O_NONBLOCK is ours alone (the
+         * toolstack's description is untouched); dup2 puts it at fd.  Every
+         * write then returns what fitted or EAGAIN, and wait_ready polls with
+         * the timeout.  Only our own engine's writers (xfer_all) handle
+         * EAGAIN, hence may_reopen; reads need no trick: poll() before a read
+         * is exact (idle_wait).  Failure (no reader: ENXIO) keeps fd as it is.
+         */
+        char path[64];
+        int nfd;
+
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        nfd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        if (nfd >= 0) {
+            if (dup2(nfd, fd) < 0) {
+                close(nfd);
+                return -1;
+            }
+            close(nfd);
+        }
+    } else if (!S_ISFIFO(st.st_mode) && !S_ISCHR(st.st_mode)) {
+        return 0; /* a regular file or a block device never keeps us waiting */
+    }
+    idle_fd = fd;
+    idle_ms = ms;
+    idle_armed = 0;
+    return 0;
+}
+
+int xcs_stream_idle_ms(int fd)
+{
+    return fd == idle_fd ? idle_ms : -1;
+}
+
+/* Whether fd's waits for events are bounded by the idle timeout now. */
+static int idle_bounded(int fd, short events)
+{
+    return fd == idle_fd && (events != POLLIN || idle_armed);
+}
+
+/* After bytes came in on fd: the stream has started, reads are timed now. */
+static void idle_progress(int fd)
+{
+    if (fd == idle_fd)
+        idle_armed = 1;
+}
+
+/*
+ * Block in poll until fd is ready for events; with the idle timeout, at most
+ * idle_ms (then ETIMEDOUT).  EINTR polls again for the time that is left.
+ */
+static int wait_ready(int fd, short events)
+{
+    struct pollfd pfd = {.fd = fd, .events = events};
+    int bounded = idle_bounded(fd, events);
+    uint64_t end = bounded ? xcs_now_ns() + (uint64_t)idle_ms * 1000000ULL : 0;
+    int r;
+
+    for (;;) {
+        int wait = -1;
+
+        if (bounded) {
+            uint64_t now = xcs_now_ns();
+
+            wait = now >= end ? 0 : (int)((end - now + 999999) / 1000000);
+        }
+        r = poll(&pfd, 1, wait);
+        if (r > 0)
+            return 0;
+        if (r == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+/*
+ * Before a read that would block: with the idle timeout, wait for input at
+ * most idle_ms (ETIMEDOUT), so that a silent peer cannot hold a blocking
+ * read forever.  One poll per read call (a record header, a batch), not per
+ * page.  Without the timeout, or before the stream started, it does nothing.
+ */
+static int idle_wait(int fd)
+{
+    return idle_bounded(fd, POLLIN) ? wait_ready(fd, POLLIN) : 0;
+}
+
 /*
  * The stream fd may be non-blocking: O_NONBLOCK lives in the open file
  * description, which an asyncio toolstack shares with us (its sockets and
  * pipes are all non-blocking).  EAGAIN then means "wait", not "fail": block
  * in poll until the fd is ready, as a blocking fd would have.
- */
-static int wait_ready(int fd, short events)
-{
-    struct pollfd pfd = {.fd = fd, .events = events};
-    int r;
-
-    do {
-        r = poll(&pfd, 1, -1);
-    } while (r < 0 && errno == EINTR);
-    return r < 0 ? -1 : 0;
-}
-
-/*
+ *
  * After a failed read or write on fd: 1 when the call should simply be made
  * again (EINTR; EAGAIN once poll says the fd is ready), 0 when it failed.
+ * EAGAIN from a blocking socket with SO_RCVTIMEO/SO_SNDTIMEO is the idle
+ * timeout itself (ETIMEDOUT), once it applies.
  */
 static int again(int fd, short events)
 {
     if (errno == EINTR)
         return 1;
-    return (errno == EAGAIN || errno == EWOULDBLOCK) &&
-           wait_ready(fd, events) == 0;
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+        return 0;
+    if (idle_sock && idle_bounded(fd, events) &&
+        !(fcntl(fd, F_GETFL) & O_NONBLOCK)) {
+        errno = ETIMEDOUT;
+        return 0;
+    }
+    return wait_ready(fd, events) == 0;
 }
 
 /* Consume n bytes from the front of *iov (count *iovcnt), in place. */
@@ -317,6 +446,8 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
             iovcnt--;
             continue;
         }
+        if (idle_wait(r->fd) < 0)
+            return -1;
         n = readv(r->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
         if (n < 0) {
             if (again(r->fd, POLLIN))
@@ -328,6 +459,7 @@ int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
             errno = EIO;
             return -1;
         }
+        idle_progress(r->fd);
         got += (size_t)n;
         r->off += (uint64_t)n;
         iov_advance(&iov, &iovcnt, (size_t)n);
@@ -401,11 +533,15 @@ static ssize_t stream_step(struct xcs_reader *r, int to, loff_t *o,
                            size_t want, int first, int *eof)
 {
     for (;;) {
-        ssize_t n = r->move == MOVE_COPY_RANGE
-                        ? copy_file_range(r->fd, NULL, to, o, want, 0)
-                        : splice(r->fd, NULL, to, o, want, SPLICE_F_MOVE);
+        ssize_t n;
 
+        if (idle_wait(r->fd) < 0)
+            return -1;
+        n = r->move == MOVE_COPY_RANGE
+                ? copy_file_range(r->fd, NULL, to, o, want, 0)
+                : splice(r->fd, NULL, to, o, want, SPLICE_F_MOVE);
         if (n > 0) {
+            idle_progress(r->fd);
             r->off += (uint64_t)n;
             return n;
         }

@@ -104,6 +104,18 @@ long xcs_pipe_capacity(int fd);
 int xcs_pwritev_all(int fd, struct iovec *iov, int iovcnt, uint64_t off);
 long xcs_pipe_unread(int fd);
 
+/*
+ * The idle timeout: from now on a transfer on fd (a pipe or a socket; a
+ * regular file is left alone) that makes no progress for ms milliseconds
+ * fails with ETIMEDOUT -- reads once the first byte has come in, writes
+ * always.  may_reopen: fd is written only by this engine's writers, so the
+ * write end of a pipe may be made non-blocking privately (stream_io.c).
+ * Returns 0, or -1 with errno.  Process-wide: the helper's one stream.
+ */
+int xcs_stream_idle(int fd, int ms, int may_reopen);
+/* Whether the idle timeout applies to fd, and its milliseconds (-1: none). */
+int xcs_stream_idle_ms(int fd);
+
 /*----- reading -----*/
 
 struct xcs_reader {
