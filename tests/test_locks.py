@@ -321,7 +321,9 @@ def test_existing_domain_needs_force(shm: Path, dom: Path) -> None:
     assert r.returncode == 1
     line = one_line(r.stderr)
     assert "already exists; --force replaces it" in line and "EEXIST" in line, line
-    r = run("receive", "--listen", "127.0.0.1:0", "--sim", dom, "--accept-timeout", "5")
+    r = run(
+        "receive", "--listen", "127.0.0.1:0", "--insecure", "--sim", dom, "--accept-timeout", "5"
+    )
     assert r.returncode == 1
     assert r.stdout == ""  # refused before listening
     assert "EEXIST" in one_line(r.stderr)
