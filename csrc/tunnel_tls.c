@@ -559,7 +559,8 @@ static int ssl_wait(struct tunnel *t, int ret, int *err)
 /*
  * t->wire -> io_fd.  Returns 1 if bytes moved, 0 if none could, -1 on
  * failure (logged).  A peer gone after its own close_notify while only our
- * close_notify was left to send is no failure: nothing is missing.
+ * close_notify was left to send is no failure: nothing is missing; nor is
+ * anything OpenSSL still has to say while we linger (see LINGER_NS).
  */
 static int flush_wire(struct tunnel *t)
 {
@@ -575,7 +576,8 @@ static int flush_wire(struct tunnel *t)
         }
         if (w < 0) {
             int e = errno;
-            if (t->tls_eof && t->notify_sent && t->wire_flushed >= t->wire_notify) {
+            if ((t->tls_eof && t->notify_sent && t->wire_flushed >= t->wire_notify) ||
+                t->linger_until) {
                 t->wire.off = t->wire.len;
                 return 1;
             }
