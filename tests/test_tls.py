@@ -230,6 +230,19 @@ async def test_bytes_injected_on_the_path_are_an_error(pki: dict[str, Path]) -> 
         path.close()
 
 
+@pytest.mark.usefixtures("no_leaks")
+async def test_aclose_after_the_tunnel_was_cancelled(pki: dict[str, Path]) -> None:
+    client, server = await _channels(pki)
+    assert client._task is not None
+    client._task.cancel()  # as the loop's teardown would
+    await asyncio.wait({client._task})  # (else aclose's close could win: a clean end)
+    with pytest.raises(TlsError) as e:
+        await client.aclose()
+    assert e.value.errno == errno.ECANCELED
+    with pytest.raises(TlsError):  # its peer saw a cut
+        await server.aclose()
+
+
 async def _until(cond: Callable[[], bool]) -> None:
     """Poll ``cond`` (a look at /proc: nothing to await) until it holds."""
     for _ in range(1000):
