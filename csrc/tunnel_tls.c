@@ -397,7 +397,35 @@ out:
     return rc;
 }
 
-/* A file of DIR, or a log line and errno when it cannot be read. */
+/*
+ * Whoever can write the TLS directory or one of its files chooses whom we
+ * trust (a CA of theirs) or who we are: refuse one that group or others can
+ * write, as ssh refuses such a ~/.ssh.  stat() follows a symlink: what
+ * counts is the file read.  Returns 0, or -1 with errno set (logged).
+ */
+static int check_tls_path(const char *path, int want_read)
+{
+    struct stat st;
+    int e;
+
+    if (stat(path, &st) < 0 || (want_read && access(path, R_OK) < 0)) {
+        e = errno;
+        xcs_log(XCS_LOG_ERROR, e, TUNNEL_CONTEXT, "%s: %s (make it with: xcsave tls init)",
+                path, strerror(e));
+        errno = e;
+        return -1;
+    }
+    if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+        xcs_log(XCS_LOG_ERROR, EPERM, TUNNEL_CONTEXT,
+                "%s: refusing a TLS %s writable by group or others (mode %04o)", path,
+                S_ISDIR(st.st_mode) ? "directory" : "file", (unsigned)(st.st_mode & 07777));
+        errno = EPERM;
+        return -1;
+    }
+    return 0;
+}
+
+/* A file of DIR, or a log line and errno when it cannot be used. */
 static int dir_file(const char *dir, const char *name, char *out, size_t size)
 {
     if ((size_t)snprintf(out, size, "%s/%s", dir, name) >= size) {
@@ -405,14 +433,7 @@ static int dir_file(const char *dir, const char *name, char *out, size_t size)
         xcs_log(XCS_LOG_ERROR, errno, TUNNEL_CONTEXT, "%s/%s: name too long", dir, name);
         return -1;
     }
-    if (access(out, R_OK) < 0) {
-        int e = errno;
-        xcs_log(XCS_LOG_ERROR, e, TUNNEL_CONTEXT, "%s: %s (make it with: xcsave tls init)",
-                out, strerror(e));
-        errno = e;
-        return -1;
-    }
-    return 0;
+    return check_tls_path(out, 1);
 }
 
 static int setup_ctx(struct tunnel *t)
@@ -422,7 +443,8 @@ static int setup_ctx(struct tunnel *t)
     BIO *rbio = NULL, *wbio = NULL;
     unsigned long e;
 
-    if (dir_file(op->tls_dir, "ca-cert.pem", ca, sizeof(ca)) < 0 ||
+    if (check_tls_path(op->tls_dir, 0) < 0 ||
+        dir_file(op->tls_dir, "ca-cert.pem", ca, sizeof(ca)) < 0 ||
         dir_file(op->tls_dir, "cert.pem", cert, sizeof(cert)) < 0 ||
         dir_file(op->tls_dir, "key.pem", key, sizeof(key)) < 0)
         return -1;

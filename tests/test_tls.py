@@ -505,6 +505,21 @@ async def test_group_readable_key_refused(pki: dict[str, Path], tmp_path: Path) 
 
 
 @pytest.mark.usefixtures("no_leaks")
+@pytest.mark.parametrize("what", [".", "ca-cert.pem", "cert.pem"])
+async def test_tls_dir_or_file_others_can_write_refused(
+    pki: dict[str, Path], tmp_path: Path, what: str
+) -> None:
+    d = tmp_path / "open"
+    tlsinit.tls_init(d, ["localhost"], ca_dir=pki["server"])
+    (d / what).chmod(0o777 if what == "." else 0o666)
+    c, s = await _tcp_pair()
+    with c, s:
+        e = await _refused(tls.tls_server(s, tls_dir=d, handshake_timeout=SHORT))
+    assert e.errno == errno.EPERM
+    assert "writable by group or others" in str(e)
+
+
+@pytest.mark.usefixtures("no_leaks")
 async def test_missing_tls_dir_names_the_file(tmp_path: Path) -> None:
     c, s = await _tcp_pair()
     with c, s:
