@@ -525,7 +525,7 @@ async def test_missing_tls_dir_names_the_file(tmp_path: Path) -> None:
     with c, s:
         e = await _refused(tls.tls_client(c, tls_dir=tmp_path / "none", server_name="x"))
     assert e.errno == errno.ENOENT
-    assert "none/ca-cert.pem" in str(e)
+    assert f"{tmp_path / 'none'}: No such file or directory" in str(e)
     assert "xcsave tls init" in str(e)
 
 
