@@ -63,6 +63,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     foreign = out["foreign"] = root / "foreign"
     foreign.mkdir(mode=0o700)
     (foreign / "ca-cert.pem").write_bytes((out["server"] / "ca-cert.pem").read_bytes())
+    (foreign / "ca-cert.pem").chmod(0o644)  # whatever the umask
     for name in ("cert.pem", "key.pem"):
         (foreign / name).write_bytes((out["other"] / name).read_bytes())
         (foreign / name).chmod(0o600)
