@@ -191,6 +191,25 @@ def test_mode_filters_messages() -> None:
         list(dec)
 
 
+def test_tunnel_mode_takes_its_messages_only() -> None:
+    hello = proto.encode(
+        proto.XCSAVE_1, "hello", proto.PROTO_VERSION, proto.TABLE_HASH, "tls", "tunnel"
+    )
+    peer = proto.encode(proto.XCSAVE_1, "tls_peer", "CN=b", "192.0.2.7:4000", "TLSv1.3", "X")
+    stats = proto.encode(proto.XCSAVE_1, "tunnel_stats", 1, 2, 0, 3)
+    dec = proto.Decoder(proto.XCSAVE_1, "tunnel")
+    dec.feed(hello + peer + stats + proto.encode(proto.XCSAVE_1, "complete", 0, 0))
+    assert [f.name for f in dec] == ["hello", "tls_peer", "tunnel_stats", "complete"]
+    dec = proto.Decoder(proto.XCSAVE_1, "tunnel")
+    dec.feed(hello + proto.encode(proto.XCSAVE_1, "suspend"))
+    with pytest.raises(ProtocolError, match="not a tunnel message"):
+        list(dec)
+    dec = proto.Decoder(proto.XCSAVE_1, "save")
+    dec.feed(proto.encode(proto.XCSAVE_1, "hello", 1, proto.TABLE_HASH, "sim", "save") + peer)
+    with pytest.raises(ProtocolError, match="not a save-side"):
+        list(dec)
+
+
 _U32 = st.integers(0, 2**32 - 1)
 _I32 = st.integers(-(2**31), 2**31 - 1)
 _U64 = st.integers(0, 2**64 - 1)

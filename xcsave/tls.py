@@ -171,6 +171,13 @@ class TlsChannel:
                 errno=errno_mod.ETIMEDOUT,
             ) from None
         except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                # Not us: the tunnel's run was cancelled (e.g. the loop's teardown).
+                raise TlsError(
+                    f"TLS channel with {self.peer}: the tunnel was stopped before it closed",
+                    errno=errno_mod.ECANCELED,
+                ) from None
             await _reap(task)
             raise
         except XcsaveError as e:
