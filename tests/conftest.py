@@ -7,6 +7,7 @@ groups below the existing ones rather than inside them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -196,3 +197,39 @@ def shm_dir() -> Iterator[Path]:
 
 
 # ------------------------------ end of tmpfs section ------------------------------
+
+
+# ---------------------------------------------------------------------------
+# log records of xcsave.migrate, without pytest's logging plugin (caplog):
+# tools/ci-sanitize runs the suite with -p no:logging
+# ---------------------------------------------------------------------------
+
+
+class LogRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, containing: str = "") -> list[str]:
+        return [m for r in self.records if containing in (m := r.getMessage())]
+
+
+@pytest.fixture
+def migrate_log() -> Iterator[LogRecords]:
+    """Every record logged on ``xcsave.migrate`` (INFO and up) during the test."""
+    logger = logging.getLogger("xcsave.migrate")
+    handler = LogRecords()
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+
+
+# ------------------------- end of log records section -------------------------

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import errno
 import json
-import logging
 import os
 import select
 import shlex
@@ -41,7 +40,7 @@ import corpus
 import pytest
 import test_hostile as hostile
 import test_migrate
-from conftest import helper_pids
+from conftest import LogRecords, helper_pids
 from test_migrate import partials, workload, xcsave_argv
 
 import xcsave.sync
@@ -144,7 +143,7 @@ ROGUES = ["garbage", "silence", "trickle", "foreign"]
 
 @pytest.mark.parametrize("how", ROGUES)
 async def test_insecure_rogue_client_never_keeps_the_sender_out(
-    shm: Path, image: tuple[bytes, bytes, str], how: str, caplog: pytest.LogCaptureFixture
+    shm: Path, image: tuple[bytes, bytes, str], how: str, migrate_log: LogRecords
 ) -> None:
     """A rogue peer connects first; the real sender then migrates, while a
     silent or trickling rogue is still connected (candidates are handled
@@ -154,7 +153,6 @@ async def test_insecure_rogue_client_never_keeps_the_sender_out(
     libxl, _libxc, _digest = image
     src = sim.create(shm / "src.dom", 8 * MiB, seed=32)
     dst = shm / "dst.dom"
-    caplog.set_level(logging.INFO, logger="xcsave.migrate")
     async with listening(dst, insecure=True, handshake_timeout=20) as (addr, task):
         bad = None if how == "foreign" else await rogue(addr, how, libxl)
         sent = await migrate.migrate(sim=src, to=addr, insecure=True)
@@ -170,26 +168,25 @@ async def test_insecure_rogue_client_never_keeps_the_sender_out(
     assert sim.digest(dst) == sim.digest(src)
     assert sim.info(dst)["state"] == "running"
     if how == "garbage":
-        assert any("refused" in r.getMessage() for r in caplog.records)
+        assert migrate_log.messages("refused")
     assert partials(dst) == []
 
 
 @pytest.mark.parametrize("how", ["silence", "trickle", "garbage"])
 async def test_insecure_rogue_is_dropped_after_the_handshake_timeout(
-    shm: Path, image: tuple[bytes, bytes, str], how: str, caplog: pytest.LogCaptureFixture
+    shm: Path, image: tuple[bytes, bytes, str], how: str, migrate_log: LogRecords
 ) -> None:
     """Every refused peer is hung up on and logged in one line; nothing is
     created for it; the listener goes on listening."""
     libxl, _libxc, _digest = image
     dst = shm / "dst.dom"
-    caplog.set_level(logging.WARNING, logger="xcsave.migrate")
     async with listening(dst, insecure=True, handshake_timeout=0.5) as (addr, task):
         bad = await rogue(addr, how, libxl)
         assert await hung_up(bad)
         bad.close()
         assert not task.done()  # still listening
         assert not dst.exists() and partials(dst) == []
-    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    refusals = migrate_log.messages("refused")
     assert len(refusals) == 1, refusals
     assert "\n" not in refusals[0]
     if how != "garbage":
@@ -261,7 +258,7 @@ async def test_tls_rogue_client_never_keeps_the_sender_out(
     image: tuple[bytes, bytes, str],
     tls: dict[str, Path],
     how: str,
-    caplog: pytest.LogCaptureFixture,
+    migrate_log: LogRecords,
 ) -> None:
     """Over TLS nobody without a certificate from the CA gets in: garbage,
     silence, a trickle, a valid stream sent in clear, a certificate from
@@ -273,7 +270,6 @@ async def test_tls_rogue_client_never_keeps_the_sender_out(
     libxl, _libxc, _digest = image
     src = sim.create(shm / "src.dom", 8 * MiB, seed=38)
     dst = shm / "dst.dom"
-    caplog.set_level(logging.WARNING, logger="xcsave.migrate")
     async with listening(dst, tls_dir=tls["receiver"], handshake_timeout=20) as (addr, task):
         if how == "stranger-cert":
             s = socket.socket()
@@ -301,7 +297,7 @@ async def test_tls_rogue_client_never_keeps_the_sender_out(
     assert sim.digest(dst) == sim.digest(src)
     assert sim.info(dst)["state"] == "running"
     if how in ("garbage", "foreign", "stranger-cert", "no-cert"):
-        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        refusals = migrate_log.messages("refused")
         assert len(refusals) == 1, refusals
 
 
