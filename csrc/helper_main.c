@@ -338,12 +338,24 @@ static void sigterm_abort(int signo)
      * cleanup: log-dirty off, the source domain resumed, a partial target
      * removed.  No logging here (Xen learnt that the hard way: cd84a2baad).
      * sigterm_seen makes EOF on stdin mean "no reply will come" rather
-     * than "exit 254" (see xcs_getreply()).  Then restore the default
-     * action, so a second SIGTERM kills us.
+     * than "exit 254" (see xcs_getreply()).
+     *
+     * signal trick: the handler stays installed, so a SIGTERM after the
+     * first is absorbed (abort_io is idempotent) and never kills us in the
+     * middle of that cleanup.  It used to re-arm SIG_DFL "so a second
+     * SIGTERM kills", and a toolstack SIGKILLed mid-save then left its
+     * domain running with log-dirty on: PR_SET_PDEATHSIG fires each time
+     * the thread we are parented to exits, and when a multi-threaded parent
+     * dies the kernel reparents us to its next live thread first (CPython
+     * 3.11's asyncio has a child-watcher thread beside the loop's), so its
+     * death can deliver SIGTERM twice; the second one killed us before the
+     * engine's out: path turned log-dirty off.  A stop() followed by the
+     * parent's death is two SIGTERMs too.  Our cleanup is bounded (the
+     * stream is /dev/null, replies fail at once); whoever must end us at
+     * once sends SIGKILL, as the supervisor's stop() does after its grace.
      */
     (void)signo;
     abort_io();
-    signal(SIGTERM, SIG_DFL);
     errno = saved;
 }
 
