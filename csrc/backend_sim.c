@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "helper.h"
+#include "simdom.h"
 #include "xcs_format.h"
 #include "xcs_legacy.h"
 
@@ -156,6 +157,54 @@ static int need_sim_path(const struct xcs_op *op)
     return -1;
 }
 
+/* The source as it was before the save, for sim_save_not_committed. */
+static struct {
+    int known;
+    enum xcs_sim_state state;
+    int logdirty;
+} save_before;
+
+static void note_source(const char *path)
+{
+    struct xcs_sim_dom dom = {.fd = -1};
+
+    if (xcs_sim_open(path, 0, &dom) < 0)
+        return; /* the engine will fail on it and say why */
+    save_before.state = xcs_sim_get_state(&dom);
+    save_before.logdirty = xcs_sim_logdirty_enabled(&dom);
+    save_before.known = 1;
+    xcs_sim_close(&dom);
+}
+
+/*
+ * The save succeeded and left the source suspended, as a save does, but
+ * the caller did not commit the image: it said its commit failed, or it
+ * died before answering (its reply never came).  Without this the source
+ * stayed suspended with no image anywhere.  Put it back: the state it had
+ * (running, normally) and log-dirty off unless it was on before.  Its pages
+ * did not change meanwhile (suspended), so this is the domain as it was.
+ */
+static void sim_save_not_committed(const struct xcs_op *op)
+{
+    struct xcs_sim_dom dom = {.fd = -1};
+
+    if (!save_before.known)
+        return;
+    if (xcs_sim_open(op->sim_path, 0, &dom) < 0) {
+        xcs_log(XCS_LOG_ERROR, errno, SIM_CONTEXT,
+                "the image was not committed, and sim domain %s cannot be "
+                "opened to put it back: %s", op->sim_path, strerror(errno));
+        return;
+    }
+    if (!save_before.logdirty)
+        xcs_sim_logdirty_disable(&dom);
+    xcs_sim_set_state(&dom, save_before.state);
+    xcs_log(XCS_LOG_NOTICE, -1, SIM_CONTEXT,
+            "the image was not committed: sim domain %s is %s again",
+            op->sim_path, xcs_sim_state_name(save_before.state));
+    xcs_sim_close(&dom);
+}
+
 static int sim_save(const struct xcs_op *op)
 {
     struct xcs_engine_callbacks cb;
@@ -183,6 +232,7 @@ static int sim_save(const struct xcs_op *op)
     p.dirty_threshold = 50;
     p.copy_threads = op->copy_threads;
 
+    note_source(op->sim_path);
     xcs_arm_sigterm_abort(op->io_fd);
     rc = xcs_engine_save(&p, &cb, &st);
  out:
@@ -333,4 +383,5 @@ const struct xcs_backend xcs_backend_sim = {
     .name = "sim",
     .save = sim_save,
     .restore = sim_restore,
+    .save_not_committed = sim_save_not_committed,
 };

@@ -223,4 +223,12 @@ const struct xcs_backend xcs_backend_xen = {
     .name = "xen",
     .save = xen_save,
     .restore = xen_restore,
+    /*
+     * No save_not_committed: complete's reply changes nothing here, as in
+     * Xen's helper.  Resuming a real domain is the toolstack's decision and
+     * job (libxl resumes it, or destroys it after a migration; only the
+     * toolstack knows which), and it needs the toolstack's state (xenstore,
+     * the device model) that a helper whose toolstack died cannot reach.
+     */
+    .save_not_committed = NULL,
 };

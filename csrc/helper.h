@@ -39,6 +39,7 @@ struct xcs_op {
     unsigned int idle_ms; /* stream silent this long: ETIMEDOUT (0 = never) */
     const char *xl_config_path;
     const char *dm_path;  /* restore: hand the device model's state over here */
+    const char *out_tmp;  /* save: io_fd's file, the caller's uncommitted temporary */
     /* legacy input (restore): 0 = v2/v3 stream; else 32 or 64 */
     unsigned int legacy_width;
     int legacy_hvm;
@@ -61,6 +62,13 @@ struct xcs_backend {
     /* Each returns 0 or -1 with errno set (xc_domain_save's convention). */
     int (*save)(const struct xcs_op *op);
     int (*restore)(const struct xcs_op *op, struct xcs_restore_out *out);
+    /*
+     * xcsave-1: a save succeeded but the caller did not commit its image
+     * (complete's reply was non-zero, or never came: the toolstack died).
+     * Put the source back as it was before the save.  NULL: nothing to do
+     * (the xen backend: resuming a real domain is the toolstack's job).
+     */
+    void (*save_not_committed)(const struct xcs_op *op);
 };
 
 extern const struct xcs_backend xcs_backend_sim;

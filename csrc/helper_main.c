@@ -23,6 +23,16 @@
  * complete.  We wait for complete's reply, then exit 0.  Exit status 255
  * means a fatal error before or outside the operation (bad argv, the control
  * pipe broke), 254 that stdin reached EOF while we waited for a reply.
+ * In xen-4.17 complete's reply is ignored, as Xen's helper does.  In
+ * xcsave-1 it ends a save: the caller commits the image first (fsync and
+ * rename of the file behind io_fd) and replies 0 when it did, or non-zero
+ * when its commit failed.  Until then the source stays suspended; on
+ * non-zero, or no reply (EOF, SIGTERM: the caller died or stopped us), the
+ * sim backend puts the source back as it was (save_not_committed) and the
+ * caller's temporary (--out-tmp) is removed -- unless its name is gone while
+ * the file still has one: the caller renamed it (committed) and died before
+ * replying.  So a save either has its image in place or leaves its source as
+ * it was, whenever the caller dies.  The xen backend ignores the reply.
  *
  * argv:
  *   --save-domain    <io_fd> <recv_fd> <domid> <xcflags> <cbflags> <stream_type>
@@ -38,6 +48,8 @@
  *        [--xl-config PATH] [--legacy-width 32|64] [--legacy-guest pv|hvm]
  *        [--dm-out PATH] [--copy-threads N] [--build-only 0|1]
  *        [--idle-timeout-ms N]
+ *        [--out-tmp PATH]   (save: the caller's temporary behind --io-fd,
+ *                            removed if the save is not committed)
  *   --xcsave-1 tunnel --io-fd N --plain-fd M --role client|server
  *        --tls-dir DIR [--peer-name HOST] [--handshake-timeout-ms T]
  *        a TLS 1.3 tunnel between the TCP socket N and the plaintext
@@ -55,6 +67,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "helper.h"
@@ -155,12 +168,16 @@ uint8_t *xcs_msgbuf(size_t len)
  */
 static int parent_gone_status;
 static void abort_io(void);
+static void discard_out_tmp(void);
 static int sigterm_iofd = -1;
 
 static void parent_gone(int status)
 {
-    if (sigterm_iofd < 0)
-        exit(status); /* no operation of ours to clean up */
+    if (sigterm_iofd < 0) {
+        /* No operation of ours to clean up; no save of ours to commit. */
+        discard_out_tmp();
+        exit(status);
+    }
     if (!parent_gone_status)
         parent_gone_status = status;
     /*
@@ -222,9 +239,10 @@ void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len)
 
 /*
  * The reply to m once the parent is stopping us: "the callback failed".
- * suspend, postcopy, checkpoint and wait_checkpoint fail with 0 (and
- * complete's reply is ignored); switch_qemu_logdirty and static_data_done
- * fail with any non-zero value; precopy_policy's -1 is XGS_POLICY_ABORT.
+ * suspend, postcopy, checkpoint and wait_checkpoint fail with 0;
+ * switch_qemu_logdirty and static_data_done fail with any non-zero value;
+ * precopy_policy's -1 is XGS_POLICY_ABORT; complete's -1 is "the caller
+ * did not commit" (see main).
  */
 static int reply_when_stopped(enum xcs_msg m)
 {
@@ -232,6 +250,7 @@ static int reply_when_stopped(enum xcs_msg m)
     case XCS_MSG_SWITCH_QEMU_LOGDIRTY:
     case XCS_MSG_STATIC_DATA_DONE:
     case XCS_MSG_PRECOPY_POLICY:
+    case XCS_MSG_COMPLETE:
         return -1;
     default:
         return 0;
@@ -340,12 +359,24 @@ static void sigterm_abort(int signo)
      * cleanup: log-dirty off, the source domain resumed, a partial target
      * removed.  No logging here (Xen learnt that the hard way: cd84a2baad).
      * sigterm_seen makes EOF on stdin mean "no reply will come" rather
-     * than "exit 254" (see xcs_getreply()).  Then restore the default
-     * action, so a second SIGTERM kills us.
+     * than "exit 254" (see xcs_getreply()).
+     *
+     * signal trick: the handler stays installed, so a SIGTERM after the
+     * first is absorbed (abort_io is idempotent) and never kills us in the
+     * middle of that cleanup.  It used to re-arm SIG_DFL "so a second
+     * SIGTERM kills", and a toolstack SIGKILLed mid-save then left its
+     * domain running with log-dirty on: PR_SET_PDEATHSIG fires each time
+     * the thread we are parented to exits, and when a multi-threaded parent
+     * dies the kernel reparents us to its next live thread first (CPython
+     * 3.11's asyncio has a child-watcher thread beside the loop's), so its
+     * death can deliver SIGTERM twice; the second one killed us before the
+     * engine's out: path turned log-dirty off.  A stop() followed by the
+     * parent's death is two SIGTERMs too.  Our cleanup is bounded (the
+     * stream is /dev/null, replies fail at once); whoever must end us at
+     * once sends SIGKILL, as the supervisor's stop() does after its grace.
      */
     (void)signo;
     abort_io();
-    signal(SIGTERM, SIG_DFL);
     errno = saved;
 }
 
@@ -464,7 +495,8 @@ enum {
     OPT_CONSOLE_DOMID, OPT_SIM, OPT_FORMAT, OPT_MAX_PAGES, OPT_CHECKPOINTS,
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
     OPT_DM_OUT, OPT_COPY_THREADS, OPT_BUILD_ONLY, OPT_PLAIN_FD, OPT_ROLE,
-    OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS, OPT_IDLE_TIMEOUT_MS
+    OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS, OPT_IDLE_TIMEOUT_MS,
+    OPT_OUT_TMP
 };
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
@@ -498,6 +530,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"tls-dir", required_argument, NULL, OPT_TLS_DIR},
         {"peer-name", required_argument, NULL, OPT_PEER_NAME},
         {"handshake-timeout-ms", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT_MS},
+        {"out-tmp", required_argument, NULL, OPT_OUT_TMP},
         {NULL, 0, NULL, 0},
     };
     const char *backend = "sim";
@@ -570,6 +603,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
         case OPT_DM_OUT: op->dm_path = optarg; break;
+        case OPT_OUT_TMP: op->out_tmp = optarg; break;
         case OPT_BUILD_ONLY:
             op->sim_build_only = (int)parse_num("build-only", optarg, 1);
             break;
@@ -617,6 +651,8 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
     } else if (op->plain_fd >= 0 || role >= 0 || op->tls_dir || op->peer_name) {
         fatal("--plain-fd, --role, --tls-dir and --peer-name are tunnel options");
     }
+    if (op->out_tmp && (op->restore || op->tunnel))
+        fatal("--out-tmp is a save option");
     return backend;
 }
 
@@ -631,6 +667,78 @@ static const struct xcs_backend *find_backend(const char *name)
     return NULL;
 }
 
+/*----- the caller's temporary (--out-tmp) -----*/
+
+/* io_fd's file, recorded before anything can dup2() over io_fd. */
+static dev_t out_tmp_dev;
+static ino_t out_tmp_ino;
+/*
+ * fd trick: a second fd on io_fd's open file, which the SIGTERM abort does
+ * not dup2() over, so that out_tmp_renamed() can still fstat the file.
+ */
+static int out_tmp_fd = -1;
+static const char *out_tmp_path; /* --out-tmp, once checked */
+
+/*
+ * --out-tmp PATH names the file behind io_fd: the caller's private
+ * temporary, renamed into place by the caller's commit.  Refuse to start
+ * unless PATH (not followed if a symlink) is that very file, so the helper
+ * can only ever remove the file it was given to write.
+ */
+static void check_out_tmp(const struct xcs_op *op)
+{
+    struct stat fd_st, path_st;
+
+    if (!op->out_tmp)
+        return;
+    if (fstat(op->io_fd, &fd_st) < 0 || lstat(op->out_tmp, &path_st) < 0)
+        fatal("--out-tmp %s: %s", op->out_tmp, strerror(errno));
+    if (!S_ISREG(fd_st.st_mode) || fd_st.st_dev != path_st.st_dev ||
+        fd_st.st_ino != path_st.st_ino)
+        fatal("--out-tmp %s is not the file of --io-fd %d", op->out_tmp, op->io_fd);
+    out_tmp_dev = fd_st.st_dev;
+    out_tmp_ino = fd_st.st_ino;
+    out_tmp_fd = fcntl(op->io_fd, F_DUPFD_CLOEXEC, STDERR_FILENO + 1);
+    if (out_tmp_fd < 0)
+        fatal("dup of --io-fd %d: %s", op->io_fd, strerror(errno));
+    out_tmp_path = op->out_tmp;
+}
+
+/* Whether the caller renamed its temporary into place (its commit): the
+ * name is gone but the file still has a name somewhere. */
+static int out_tmp_renamed(void)
+{
+    struct stat st;
+
+    if (!out_tmp_path || fstat(out_tmp_fd, &st) < 0 || st.st_nlink == 0)
+        return 0;
+    if (lstat(out_tmp_path, &st) == 0)
+        return st.st_dev != out_tmp_dev || st.st_ino != out_tmp_ino;
+    return errno == ENOENT;
+}
+
+/*
+ * The save will not be committed (it failed, or the caller said its commit
+ * failed, or died before answering): remove the caller's temporary, so
+ * that a toolstack SIGKILLed mid-save leaves none behind (it cannot remove
+ * it itself).  A live caller removes it too; whoever is second gets ENOENT.
+ * Only while the name is still the file we were given: after a commit
+ * renamed it away the name is gone, and a file put there by someone else is
+ * not ours to remove (the lstat-unlink race needs write access to the
+ * caller's own directory, which could remove the file anyway).
+ */
+static void discard_out_tmp(void)
+{
+    struct stat st;
+
+    if (!out_tmp_path || lstat(out_tmp_path, &st) < 0 ||
+        st.st_dev != out_tmp_dev || st.st_ino != out_tmp_ino)
+        return;
+    if (unlink(out_tmp_path) < 0 && errno != ENOENT)
+        fprintf(stderr, XCS_HELPER_CONTEXT ": removing the uncommitted %s: %s\n",
+                out_tmp_path, strerror(errno));
+}
+
 /*----- main -----*/
 
 int main(int argc, char **argv)
@@ -639,7 +747,7 @@ int main(int argc, char **argv)
     struct xcs_restore_out out = {0, 0};
     const struct xcs_backend *be = NULL;
     const char *backend = "xen";
-    int r, errnoval;
+    int r, errnoval, committed;
 
     start_ppid = getppid();
     memset(&op, 0, sizeof(op));
@@ -667,6 +775,7 @@ int main(int argc, char **argv)
     check_fd("io_fd", op.io_fd);
     check_fd(op.restore ? "send_back_fd" : "recv_fd", op.aux_fd);
     check_fd("plain_fd", op.plain_fd);
+    check_out_tmp(&op);
 
     /*
      * A closed control pipe or stream socket must surface as EPIPE from
@@ -725,7 +834,30 @@ int main(int argc, char **argv)
     if (op.restore)
         xcs_stub_restore_results(out.store_gfn, out.console_gfn);
     xcs_log(XCS_LOG_DEBUG, errnoval, XCS_HELPER_CONTEXT, "complete r=%d", r);
-    xcs_stub_complete(r, errnoval);
+    committed = xcs_stub_complete(r, errnoval);
+    /*
+     * No answer (the caller died, or stopped us), yet the caller may have
+     * died between its rename -- the commit -- and its reply: then the
+     * image is in place and the source stays as a save leaves it.
+     */
+    if (committed != 0 && (sigterm_seen || parent_gone_status) && out_tmp_renamed())
+        committed = 0;
+    /*
+     * xcsave-1: the caller answers a successful save's complete only once
+     * it has committed the image (0), or with non-zero if its commit
+     * failed; a caller that died never answers (-1, reply_when_stopped).
+     * Until that answer the source stays suspended, as a save leaves it;
+     * without a commit the backend puts it back (save_not_committed), so
+     * the source is never left suspended with no image anywhere.  The
+     * xen-4.17 dialect is Xen's: its reply is ignored, as Xen's helper does.
+     */
+    if (!op.restore && r == 0 && committed != 0 &&
+        op.dialect == XCS_DIALECT_XCSAVE_1 && be->save_not_committed)
+        be->save_not_committed(&op);
+    if (!op.restore && (r != 0 || committed != 0))
+        discard_out_tmp();
+    if (out_tmp_fd >= 0)
+        close(out_tmp_fd);
     free(msgbuf);
     return parent_gone_status;
 }

@@ -204,3 +204,40 @@ def test_xen_argv_reaches_the_xen_backend(fakexen_lib: Path, tmp_path: Path) -> 
     assert frames[0].args[2:] == ("xcsave-helper", "starting save")
     assert frames[-1].name == "complete"
     assert r.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["other-file", "symlink", "missing", "restore"])
+def test_out_tmp_must_be_the_stream_file(tmp_path: Path, kind: str) -> None:
+    """--out-tmp names the file the helper may remove: refused (exit 255, one
+    line, nothing touched) unless it is the very file behind --io-fd, not
+    through a symlink; and it is a save option."""
+    stream = tmp_path / "stream"
+    other = tmp_path / "other"
+    other.write_bytes(b"keep")
+    dom = tmp_path / "dom"
+    fd = os.open(stream, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if kind == "symlink":
+            path = tmp_path / "link"
+            path.symlink_to(stream)
+        else:
+            path = {"other-file": other, "missing": tmp_path / "nope"}.get(kind, stream)
+        mode = "restore" if kind == "restore" else "save"
+        r = _run(
+            "--xcsave-1",
+            mode,
+            "--io-fd",
+            str(fd),
+            "--sim",
+            str(dom),
+            "--out-tmp",
+            str(path),
+            fds=(fd,),
+        )
+    finally:
+        os.close(fd)
+    assert r.returncode == EXIT_FATAL
+    assert len(r.stderr.decode().strip().splitlines()) == 1, r.stderr
+    assert b"--out-tmp" in r.stderr
+    assert r.stdout == b""  # refused before hello: nothing was started
+    assert stream.exists() and other.read_bytes() == b"keep" and not dom.exists()

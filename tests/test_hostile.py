@@ -1610,7 +1610,9 @@ def test_helper_under_random_replies(
     """A live save helper answered by arbitrary ints (then EOF, possibly mid-int):
     it exits 0 after complete or 254 after EOF, says at most one line, and
     whatever it was told, the source ends running with log-dirty off unless
-    the save completed (then suspended, as a finished save leaves it)."""
+    the save completed and complete was answered 0, "committed" (then
+    suspended, as a finished save leaves it); any other answer, or none, is
+    "not committed" and the helper puts the source back."""
     stdin = b"".join(struct.pack("=i", r) for r in replies)[: len(replies) * 4 - cut % 4]
     out = tmp_path / "o.img"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -1632,7 +1634,15 @@ def test_helper_under_random_replies(
     complete = [f for f in frames if f.name == "complete"]
     info = sim.info(reply_dom)
     assert info["logdirty"] is False, (replies, cut, info)
-    if complete and complete[0].args[0] == 0:
+    asks = [f for f in frames if f.spec.needs_reply]  # each takes the next reply
+    answers = len(stdin) // 4
+    committed = (
+        bool(complete)
+        and complete[0].args[0] == 0
+        and asks.index(complete[0]) < answers
+        and replies[asks.index(complete[0])] == 0
+    )
+    if committed:
         assert info["state"] == "suspended"
         sim.set_state(reply_dom, "running")
     else:

@@ -509,11 +509,39 @@ def _wait_for_the_lock(dom: Path) -> None:
     pytest.fail(f"{dom} stayed locked")
 
 
+def killed_save_end_state(d: Path, dom: Path, out: Path, old: str, where: str) -> str:
+    """After a save whose toolstack was SIGKILLed, once its helper has exited
+    (the lock is free): exactly one of the two states a save may leave.
+
+    - committed: the image is in place, the source stays suspended (as a
+      save leaves it) and the image restores bit-exactly to what it holds;
+    - not committed: no image, the source running with log-dirty off and
+      unchanged.
+    Never a temporary (the helper removes the dead toolstack's), never
+    log-dirty on, never a suspended source without an image.
+    """
+    _wait_for_the_lock(dom)
+    info = sim.info(dom)
+    assert not info["logdirty"], where
+    if out.exists():
+        assert info["state"] == "suspended", where
+        restores_to(out, sim.digest(dom), d)
+        state = "committed"
+    else:
+        assert info["state"] == "running", where  # the helper put it back
+        assert sim.digest(dom) == old, where
+        state = "not committed"
+    assert leftovers(d) == [], where  # the lock's name went with _wait_for_the_lock
+    return state
+
+
 @pytest.mark.parametrize("op", ["restore", "save"])
 def test_toolstack_killed_at_random_instants(shm: Path, dom: Path, op: str) -> None:
     """SIGKILL of the toolstack itself: its helper (told by its parent-death
     signal) cleans up, holding the domain's lock until it has; then the domain
-    is in one of exactly two states, and the next operation sweeps any leftover."""
+    is in one of exactly two states, and the next operation sweeps any leftover
+    (a restore's partial that its helper finished: only the dead toolstack
+    could have committed it)."""
     image, want, old = image_and_changed(shm, dom, 1)
     keep = shm / "old-copy"  # the old domain, to put back before each trial
     shutil.copyfile(dom, keep)
@@ -534,22 +562,72 @@ def test_toolstack_killed_at_random_instants(shm: Path, dom: Path, op: str) -> N
         time.sleep(rng.uniform(0.0, span * 1.3))
         proc.kill()
         proc.communicate()
-        _wait_for_the_lock(dom)
         where = f"trial {trial}"
-        info = sim.info(dom)
-        assert not info["logdirty"], where
         if op == "restore":
+            _wait_for_the_lock(dom)
+            assert not sim.info(dom)["logdirty"], where
             assert sim.digest(dom) in (want, old), where
-        elif out.exists():
-            restores_to(out, sim.digest(dom), shm)  # committed before the kill
         else:
-            assert info["state"] == "running", where  # the helper resumed it
-            assert sim.digest(dom) == old, where
+            killed_save_end_state(shm, dom, out, old, where)
         # The next operation on the name sweeps what the killed one could not.
         sim.set_state(dom, "running")
         r = run(*args, "--progress", "none")
         assert r.returncode == 0, r.stderr
         assert leftovers(shm) == [], where
+
+
+#: A toolstack (the CLI) whose commit -- the rename of its temporary image
+#: into place -- announces itself by creating the file argv[2] and then
+#: waits to be SIGKILLed: before the rename (argv[1] == "before") or after
+#: it (argv[1] == "after").  A test double for the instant, not for the code:
+#: everything else is the real CLI.
+_KILLED_AT_COMMIT = """
+import os, sys, time
+when, flag = sys.argv[1], sys.argv[2]
+real_replace = os.replace
+def replace(src, dst, *a, **kw):
+    if ".xcsave-tmp." not in os.fspath(src):
+        return real_replace(src, dst, *a, **kw)
+    if when == "after":
+        real_replace(src, dst, *a, **kw)
+    os.close(os.open(flag, os.O_CREAT | os.O_WRONLY, 0o600))
+    time.sleep(120)
+os.replace = replace
+from xcsave.__main__ import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_toolstack_killed_at_the_commit(shm: Path, dom: Path, when: str) -> None:
+    """The toolstack SIGKILLed exactly at its commit, once its helper has
+    finished the save (the source is suspended): just before the rename, the
+    helper -- whose complete was never answered -- puts the source back and
+    removes the temporary; just after it, the image is in place and the
+    source stays suspended.  (The toolstack used to commit only after its
+    helper had exited: killed in between, the source stayed suspended with
+    no image anywhere.)"""
+    old = sim.digest(dom)
+    out = shm / "out.img"
+    flag = shm / "at-commit"
+    for trial in range(3):
+        sim.set_state(dom, "running")
+        out.unlink(missing_ok=True)
+        flag.unlink(missing_ok=True)
+        argv = [sys.executable, "-P", "-c", _KILLED_AT_COMMIT, when, str(flag)]
+        argv += ["save", "--sim", str(dom), str(out), "--live", "--progress", "none"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not flag.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the save ended before its commit: {proc.communicate()}")
+            select.select([], [], [], 0.005)
+        assert sim.info(dom)["state"] == "suspended"  # the helper's save is done
+        proc.kill()
+        proc.communicate()
+        flag.unlink()
+        where = f"{when}, trial {trial}"
+        state = killed_save_end_state(shm, dom, out, old, where)
+        assert state == ("committed" if when == "after" else "not committed"), where
 
 
 # ---------------------------------------------------------------- bad OUT

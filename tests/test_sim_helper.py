@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
+import signal
 import struct
 import subprocess
 import sys
@@ -356,3 +358,97 @@ def test_toolstack_killed_mid_save_resumes_the_source(when: str, tmp_path: Path)
         os.close(wfd)
         if out not in (rfd, wfd):
             os.close(out)
+
+
+def _signal_pending(pid: int, signo: int) -> bool:
+    """Whether ``signo`` is pending for ``pid`` (not yet delivered to a handler)."""
+    bit = 1 << (signo - 1)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigPnd", "ShdPnd") and int(value.strip(), 16) & bit:
+            return True
+    return False
+
+
+def _fill_pipe(wfd: int) -> None:
+    """Fill the pipe whose write end is ``wfd`` to the brim, through an open
+    file of our own (O_NONBLOCK on the shared one would reach the helper's)."""
+    fd = os.open(f"/proc/self/fd/{wfd}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                os.write(fd, b"\0" * 4096)
+            except BlockingIOError:
+                try:
+                    os.write(fd, b"\0")
+                except BlockingIOError:
+                    return
+    finally:
+        os.close(fd)
+
+
+def test_a_second_sigterm_during_the_cleanup_is_absorbed(tmp_path: Path) -> None:
+    """The parent's death can deliver SIGTERM twice (PR_SET_PDEATHSIG fires
+    for each thread of a multi-threaded parent the helper is passed to, as
+    CPython 3.11's asyncio has a child-watcher thread); a stop() followed by
+    the parent's death is two as well.  The second must not kill the helper
+    before its cleanup: it once did (the handler re-armed SIG_DFL), and a
+    toolstack SIGKILLed mid-save left its domain running with log-dirty on.
+
+    Made certain, not timed: the helper is blocked writing a page into a
+    stream nobody reads; its control pipe is full, so after the first SIGTERM
+    it blocks again on the failure's log frame, before the engine's cleanup;
+    the second SIGTERM comes only once the first has been delivered."""
+    from xcsave.supervisor import helper_path, xcs_args
+
+    src = sim.create(tmp_path / "s.dom", 64 * MiB, seed=5)
+    stream_r, stream_w = os.pipe()  # read by nobody: the save blocks in it
+    reply_r, reply_w = os.pipe()
+    frames_r, frames_w = os.pipe()
+    argv = [str(helper_path()), *xcs_args("save", "sim", stream_w, {"sim": src, "flags": 1})]
+    proc = subprocess.Popen(
+        argv, stdin=reply_r, stdout=frames_w, pass_fds=(stream_w,), stderr=subprocess.DEVNULL
+    )
+    os.close(reply_r)
+    try:
+        # Until the stream is full and the helper blocked in it, mid-save.
+        while not (sim.info(src)["logdirty"] and _pipe_full(stream_w)):
+            assert proc.poll() is None
+            if select.select([frames_r], [], [], 0.005)[0]:
+                os.read(frames_r, 1 << 16)  # its frames, meanwhile
+        _fill_pipe(frames_w)
+        os.close(frames_w)  # the helper's is the last: EOF when it exits
+        frames_w = -1
+        proc.send_signal(signal.SIGTERM)  # the first: the abort
+        while _signal_pending(proc.pid, signal.SIGTERM):
+            select.select([], [], [], 0.001)
+        assert sim.info(src)["logdirty"]  # blocked on its log frame, before the cleanup
+        proc.send_signal(signal.SIGTERM)  # the second: absorbed
+        while proc.poll() is None and _signal_pending(proc.pid, signal.SIGTERM):
+            select.select([], [], [], 0.001)
+        # Let it go on: read its frames, and answer nothing (EOF).
+        os.close(reply_w)
+        reply_w = -1
+        while os.read(frames_r, 1 << 16):
+            pass
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for fd in (stream_r, stream_w, frames_r, frames_w, reply_w):
+            if fd >= 0:
+                os.close(fd)
+    assert proc.returncode != -signal.SIGTERM  # not killed: it exited by itself
+    info = sim.info(src)
+    assert info["state"] == "running"
+    assert not info["logdirty"]
+
+
+def _pipe_full(wfd: int) -> bool:
+    import fcntl
+    import termios
+
+    # Full: a record no longer fits (pages go in page-sized slots).
+    unread = struct.unpack("i", fcntl.ioctl(wfd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return bool(unread > fcntl.fcntl(wfd, 1032) // 2)  # F_GETPIPE_SZ

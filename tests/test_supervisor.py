@@ -704,3 +704,91 @@ def _assert_reaped(pid: int) -> None:
 
 def test_struct_sizes_of_417_replies() -> None:
     assert struct.calcsize("=i") == proto.REPLY_SIZE == 4
+
+
+# ------------------------------------------------- the commit (on_commit), sim
+
+
+def _sim_save_spec(
+    tmp_path: Path, on_commit: Callable[[], object]
+) -> tuple[HelperSpec, Path, int]:
+    """A live sim save into a file, with ``on_commit``: (spec, source, out fd)."""
+    from xcsave import sim
+    from xcsave.supervisor import xcs_args
+
+    src = sim.create(tmp_path / "src.dom", 8 << 20, seed=2)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    args = xcs_args("save", "sim", fd, {"sim": str(src), "flags": 1})
+    spec = HelperSpec(
+        "save", proto.XCSAVE_1, args, (fd,), str(src), backend="sim", on_commit=on_commit
+    )
+    return spec, src, fd
+
+
+async def test_on_commit_runs_while_the_helper_awaits_its_reply(tmp_path: Path) -> None:
+    from xcsave import sim
+
+    seen: list[tuple[str, bool]] = []
+    run: list[object] = []
+
+    def commit() -> None:
+        proc = getattr(run[0], "proc", None)
+        assert proc is not None
+        seen.append((str(sim.info(src)["state"]), proc.returncode is None))
+
+    spec, src, fd = _sim_save_spec(tmp_path, commit)
+    try:
+        from xcsave.supervisor import HelperRun
+
+        hr = HelperRun(spec)
+        run.append(hr)
+        res = await hr.run()
+    finally:
+        os.close(fd)
+    assert res.retval == 0 and res.returncode == 0
+    assert seen == [("suspended", True)]  # saved, and the helper still waits for us
+    assert sim.info(src)["state"] == "suspended"  # committed: as a save leaves it
+    assert not sim.info(src)["logdirty"]
+
+
+async def test_failed_on_commit_is_raised_and_the_helper_puts_the_source_back(
+    tmp_path: Path,
+) -> None:
+    from xcsave import sim
+
+    def commit() -> None:
+        raise OSError(28, "No space left on device", "img")
+
+    spec, src, fd = _sim_save_spec(tmp_path, commit)
+    try:
+        async with Supervisor(max_parallel=1) as sup:
+            with pytest.raises(OSError, match="No space left") as ei:
+                await sup.run(spec)
+    finally:
+        os.close(fd)
+    assert ei.value.errno == 28  # the commit's own error, as it was raised
+    info = sim.info(src)
+    assert info["state"] == "running"  # the helper heard "not committed"
+    assert not info["logdirty"]
+
+
+async def test_a_cancel_after_the_commit_still_reports_success(tmp_path: Path) -> None:
+    """A signal (the CLI cancels its task) right at the commit: the run has
+    succeeded, its helper is reaped, the success is returned."""
+    from xcsave import sim
+
+    task = asyncio.current_task()
+    assert task is not None
+
+    def commit() -> None:
+        task.cancel()  # as the CLI's SIGINT handler does
+
+    spec, src, fd = _sim_save_spec(tmp_path, commit)
+    try:
+        async with Supervisor(max_parallel=1) as sup:
+            res = await sup.run(spec)
+    finally:
+        os.close(fd)
+    assert res.retval == 0
+    assert sim.info(src)["state"] == "suspended"
+    _assert_reaped(res.pid)

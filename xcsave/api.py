@@ -60,20 +60,63 @@ def _check_out(out: StreamArg) -> None:
         )
 
 
-@contextlib.asynccontextmanager
-async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> AsyncIterator[int]:
-    """An fd to write the stream to; for a path, a private temporary file
-    beside it that is renamed into place once the block ends without error.
+class _Out:
+    """Where a save writes: ``fd``, and for a path the commit of the image.
 
-    The rename is the commit point.  If the block fails, or the fsync or the
-    rename does, the temporary file is removed and ``undo`` (if given, called
-    only when the failure is the commit's own: a failed helper run has
-    undone its work already) puts the source back; the exception goes on.
-    Nothing awaits between the block's end and the rename, so a cancellation
-    either lands before it (no image) or not at all (the image is in place).
+    :meth:`commit` fsyncs the private temporary file and renames it into
+    place: the commit point.  The save passes it to the supervisor as
+    ``on_commit``, which runs it when the helper reports success and only
+    then answers the helper (see :class:`~xcsave.supervisor.HelperSpec`).
+    """
+
+    def __init__(self, fd: int, final: Path | None = None, tmp: Path | None = None) -> None:
+        self.fd = fd
+        self.final = final
+        self.tmp = tmp
+        self.committed = False
+
+    @property
+    def on_commit(self) -> Callable[[], None] | None:
+        return self.commit if self.final is not None else None
+
+    def commit(self) -> None:
+        """fsync + rename into place (no await: see :func:`_open_out`)."""
+        assert self.final is not None
+        assert self.tmp is not None
+        if self.committed:
+            return
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.final)
+        except OSError as e:  # named as the caller named it
+            raise type(e)(e.errno, e.strerror, os.fspath(self.final)) from None
+        self.committed = True
+        try:
+            files.fsync_dir(self.final.parent)
+        except OSError as e:  # the image is in place: the save succeeded
+            log.warning("saved %s, but could not fsync its directory: %s", self.final, e)
+
+
+@contextlib.asynccontextmanager
+async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> AsyncIterator[_Out]:
+    """Where to write the stream; for a path, a private temporary file
+    beside it that :meth:`_Out.commit` renames into place.
+
+    The commit normally runs inside the helper run (``on_commit``), between
+    the helper's ``complete`` and our reply to it; if the block ends without
+    error and nothing committed yet, it commits here.  If the block fails,
+    or that late commit does, the temporary file is removed and ``undo`` (if
+    given, called only when the failure is the late commit's own: a failed
+    helper run has undone its work already) puts the source back; the
+    exception goes on.  Nothing awaits between a commit and the block's
+    end, so a cancellation either lands before it (no image) or not at all
+    (the image is in place; the supervisor reports a committed run as a
+    success, see :meth:`~xcsave.supervisor.HelperRun.run`).
     """
     if isinstance(out, int):
-        yield out
+        yield _Out(out)
         return
     final = Path(out)
     _sweep_dead(final, "xcsave-tmp", "a save")  # a SIGKILLed save's temporary
@@ -82,34 +125,27 @@ async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> A
         fd = files.create_private(tmp, os.O_WRONLY)
     except OSError as e:  # named as the caller named it: the temporary is ours
         raise type(e)(e.errno, e.strerror, os.fspath(out)) from None
-    renamed = False
+    o = _Out(fd, final, tmp)
     try:
-        yield fd
-        try:
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, final)
-            renamed = True
-        except BaseException as e:
-            if undo is not None:
-                try:
-                    undo()
-                except Exception:  # the commit's own error is the one to report
-                    log.exception("putting the source back after the failed commit of %s", final)
-            if isinstance(e, OSError):  # named as the caller named it
-                raise type(e)(e.errno, e.strerror, os.fspath(out)) from None
-            raise
+        yield o
+        if not o.committed:
+            try:
+                o.commit()
+            except BaseException:
+                if undo is not None:
+                    try:
+                        undo()
+                    except Exception:  # the commit's own error is the one to report
+                        log.exception(
+                            "putting the source back after the failed commit of %s", final
+                        )
+                raise
     finally:
-        if fd >= 0:
-            os.close(fd)
-        if not renamed:
+        if o.fd >= 0:
+            os.close(o.fd)
+        if not o.committed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    try:
-        files.fsync_dir(final.parent)
-    except OSError as e:  # the image is in place: the save succeeded
-        log.warning("saved %s, but could not fsync its directory: %s", final, e)
 
 
 @contextlib.asynccontextmanager
@@ -411,8 +447,8 @@ async def save(
     with _lock(sim, domid) as lock_fd:
         # The source's state before we touch it, for the undo after a failure.
         undo = _sim_save_undo(sim_path) if sim_path else None
-        async with _open_out(out, (lambda: undo(0)) if undo else None) as fd:
-            io_fd, owned = high_fd(fd)
+        async with _open_out(out, (lambda: undo(0)) if undo else None) as o:
+            io_fd, owned = high_fd(o.fd)
             try:
                 if d is proto.XEN_417:
                     assert domid is not None
@@ -438,6 +474,9 @@ async def save(
                             "xl_config": os.fspath(xl_config) if xl_config is not None else None,
                             "copy_threads": copy_threads if copy_threads != 1 else None,
                             "idle_timeout_ms": _idle_ms(idle_timeout),
+                            # The helper removes it if the save is not
+                            # committed: even when we were SIGKILLed.
+                            "out_tmp": os.fspath(o.tmp) if o.tmp is not None else None,
                         },
                     )
                 spec = _spec(
@@ -450,8 +489,16 @@ async def save(
                     backend=backend,
                     helper=helper_p,
                 )
+                # The image is committed by the supervisor between the
+                # helper's complete and its reply (on_commit): a toolstack
+                # killed before the commit leaves a helper that puts the
+                # source back, never a suspended source without an image.
                 return await _run(
-                    replace(spec, on_failure=undo), cbs, supervisor, on_event, timeout
+                    replace(spec, on_failure=undo, on_commit=o.on_commit),
+                    cbs,
+                    supervisor,
+                    on_event,
+                    timeout,
                 )
             finally:
                 if owned:

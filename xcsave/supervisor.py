@@ -184,6 +184,13 @@ class HelperSpec:
     #: Called with the helper's pid once it is reaped, if the run failed in any
     #: way (even SIGKILL): undo what only the helper could have undone.
     on_failure: Callable[[int], object] | None = None
+    #: Commits the operation's result (a save's image: fsync + rename), run
+    #: synchronously when the helper reports ``complete`` with success and
+    #: before the reply to it.  xcsave-1: the reply says whether it did (0,
+    #: else -1) and a helper that gets no reply (we died) or -1 puts its
+    #: source back.  If it raises, the run raises that exception; once it
+    #: returned, the run succeeds whatever happens next (see :meth:`HelperRun.run`).
+    on_commit: Callable[[], object] | None = None
 
 
 @dataclass
@@ -224,6 +231,8 @@ class HelperRun:
         self.proc: asyncio.subprocess.Process | None = None
         self._t0 = 0.0
         self._completed: tuple[int, int] | None = None
+        self._committed = False  # on_commit returned: the run has succeeded
+        self._commit_error: Exception | None = None
         self._results: tuple[int, int] | None = None
         self._stats: Stats | None = None
         self._backend: str | None = None
@@ -244,19 +253,27 @@ class HelperRun:
         return self.proc.pid if self.proc else None
 
     async def run(self, timeout: float | None = None) -> RunResult:
-        """Run the helper to the end; raise a precise exception if it failed."""
+        """Run the helper to the end; raise a precise exception if it failed.
+
+        Once ``on_commit`` has returned, the result is committed and the run
+        succeeds: a cancellation, timeout or error while the helper exits
+        after that is logged, the helper is still reaped, and the success is
+        returned (raising would report a committed save as failed).
+        """
         try:
             await self._spawn()
             try:
                 async with asyncio.timeout(timeout):
                     await self._pump()
-            except TimeoutError as e:
-                await self.stop()
-                raise HelperTimeout(
-                    f"{self._what()} timed out after {timeout} s; helper stopped",
-                    **self._ids(),
-                ) from e
-            except BaseException:
+            except BaseException as e:
+                if self._committed:
+                    return await self._after_commit(e)
+                if isinstance(e, TimeoutError):
+                    await self.stop()
+                    raise HelperTimeout(
+                        f"{self._what()} timed out after {timeout} s; helper stopped",
+                        **self._ids(),
+                    ) from e
                 # CancelledError, CallbackError, ProtocolError, ...: never leave it running.
                 await self.stop()
                 raise
@@ -268,6 +285,29 @@ class HelperRun:
                 except Exception:
                     log.exception("cleanup after the failed %s", self._what())
             raise
+
+    async def _after_commit(self, e: BaseException) -> RunResult:
+        """The run was interrupted (``e``) after its commit: reap the helper,
+        which has its reply and only exits now, and report the success."""
+        log.info("%s committed; %r while its helper exits is ignored", self._what(), e)
+        proc = self.proc
+        assert proc is not None
+        while proc.returncode is None:
+            # asyncio trick: the shield keeps the wait going when the
+            # awaiting task is cancelled (again); the loop waits once more.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(proc.wait())
+        self._close_pipes(reader=True)
+        return self._committed_result(proc.returncode)
+
+    def _committed_result(self, rc: int) -> RunResult:
+        """The success of a committed run: nothing may turn it into a failure."""
+        res = self._result(rc)
+        try:
+            self._emit(DoneEvent(self.spec.mode, self.spec.domain, True, "", res.elapsed))
+        except Exception:  # on_event's: the operation itself has succeeded
+            log.exception("%s committed; its on_event raised", self._what())
+        return res
 
     async def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM, wait up to ``grace`` seconds, SIGKILL; always reap."""
@@ -569,7 +609,7 @@ class HelperRun:
             return self._then(self._call(name, fn, st), decided)
         elif name == "complete":
             self._completed = (int(a[0]), int(a[1]))
-            self._reply(0)
+            self._reply(self._commit())
         elif frame.spec.needs_reply:
             fn = getattr(self.cb, name, None)
             if fn is None:
@@ -609,6 +649,42 @@ class HelperRun:
             raise ProtocolError(f"no handler for {name}")
         return None
 
+    def _commit(self) -> int:
+        """Run ``on_commit`` for a successful ``complete``; the reply to it.
+
+        Synchronous, inside the frame's handling: nothing else runs between
+        the commit and the reply.  xcsave-1: 0 committed (or nothing to
+        commit), -1 the commit failed (the helper then puts the source back).
+        xen-4.17: always 0, as libxl replies (Xen's helper ignores it).
+        """
+        assert self._completed is not None
+        ok = 0
+        if self._completed[0] == 0 and self.spec.on_commit is not None:
+            try:
+                self.spec.on_commit()
+                self._committed = True
+            except Exception as e:  # raised by _judge once the helper is reaped
+                self._commit_error = e
+                ok = -1
+        return 0 if self.spec.dialect is proto.XEN_417 else ok
+
+    def _result(self, rc: int) -> RunResult:
+        proc = self.proc
+        assert proc is not None
+        retval, err = self._completed or (0, 0)
+        return RunResult(
+            retval=retval,
+            errno=err,
+            returncode=rc,
+            pid=proc.pid,
+            backend=self._backend,
+            store_gfn=self._results[0] if self._results else None,
+            console_gfn=self._results[1] if self._results else None,
+            stats=self._stats,
+            elapsed=time.monotonic() - self._t0,
+            logs=self._logs,
+        )
+
     def _judge(self) -> RunResult:
         proc = self.proc
         assert proc is not None
@@ -620,6 +696,14 @@ class HelperRun:
         last_error = next(
             (ev for ev in reversed(self._logs) if ev.level >= 8), None
         )  # ERROR or worse
+        if self._committed:
+            if rc != 0:  # after its reply: nothing of the operation is left to fail
+                log.warning("%s committed; its helper then exited with %d", self._what(), rc)
+            return self._committed_result(rc)
+        if self._commit_error is not None:
+            msg = f"{self._what()}: the commit failed: {self._commit_error}"
+            self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, msg, elapsed))
+            raise self._commit_error
         if rc != 0:
             if rc == 254:
                 msg = f"{self._what()}: helper exited because its reply pipe closed"
@@ -648,18 +732,7 @@ class HelperRun:
             self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, str(exc), elapsed))
             raise exc
         self._emit(DoneEvent(self.spec.mode, self.spec.domain, True, "", elapsed))
-        return RunResult(
-            retval=retval,
-            errno=err,
-            returncode=rc,
-            pid=proc.pid,
-            backend=self._backend,
-            store_gfn=self._results[0] if self._results else None,
-            console_gfn=self._results[1] if self._results else None,
-            stats=self._stats,
-            elapsed=elapsed,
-            logs=self._logs,
-        )
+        return self._result(rc)
 
 
 # ----------------------------------------------------------------- argv build
