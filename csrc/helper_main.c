@@ -396,7 +396,16 @@ void xcs_arm_sigterm_abort(int io_fd)
     sigemptyset(&sa.sa_mask);
     /* No SA_RESTART: a blocked write() returns EINTR and is retried, then fails on /dev/null. */
     sa.sa_flags = 0;
-    if (sigaction(SIGTERM, &sa, NULL) < 0)
+    /*
+     * signal trick: SIGINT and SIGHUP abort the same way.  A terminal's
+     * Ctrl-C (or hangup) goes to its whole foreground process group, and we
+     * are in the toolstack's: their default action would kill us in the
+     * middle of a copy, with log-dirty on, the source suspended or a
+     * partial target left for someone else to clean.  The toolstack got
+     * the same signal and judges the run we then fail.
+     */
+    if (sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGINT, &sa, NULL) < 0 ||
+        sigaction(SIGHUP, &sa, NULL) < 0)
         fatal("sigaction: %s", strerror(errno));
     /*
      * If the toolstack dies (even SIGKILL), the kernel sends us SIGTERM, so

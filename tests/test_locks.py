@@ -412,30 +412,46 @@ def command_span(*args: str | Path) -> float:
     return time.monotonic() - t0
 
 
-def signal_at_random(proc: subprocess.Popen[str], span: float, rng: random.Random) -> str:
+def signal_at_random(
+    proc: subprocess.Popen[str], span: float, rng: random.Random, group: bool = False
+) -> str:
     """SIGINT or SIGTERM to ``proc``: during start-up (a quarter of the
     trials), else at a random instant from its helper's start to a bit past
-    the command's usual end.  Returns the signal's name."""
+    the command's usual end.  With ``group`` (``proc`` leads its own process
+    group) the signal goes to the whole group, helper included, as a
+    terminal's Ctrl-C does.  Returns the signal's name."""
     sig = rng.choice((signal.SIGINT, signal.SIGTERM))
     if rng.random() < 0.25:
         time.sleep(rng.uniform(0.0, 0.3))
     else:
         _helper_started(proc)
         time.sleep(rng.uniform(0.0, span * 1.3))
-    proc.send_signal(sig)
-    return sig.name
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    return sig.name + (" to the group" if group else "")
 
 
 def restore_signal_trial(
-    d: Path, dom: Path, image: Path, want: str, span: float, rng: random.Random, trial: int
+    d: Path,
+    dom: Path,
+    image: Path,
+    want: str,
+    span: float,
+    rng: random.Random,
+    trial: int,
+    group: bool = False,
 ) -> str:
     """SIGINT or SIGTERM at a random instant of ``restore IMAGE --sim DOM
     --force`` (DOM exists and differs from IMAGE, whose digest is ``want``):
     either the command reports success and DOM is the image, or DOM is
     exactly as it was.  Never a partial, temporary or lock file left."""
     old = changed(dom, want, trial)
-    proc = popen("restore", image, "--sim", dom, "--force", "--progress", "none")
-    sig = signal_at_random(proc, span, rng)
+    proc = popen(
+        "restore", image, "--sim", dom, "--force", "--progress", "none", start_new_session=group
+    )
+    sig = signal_at_random(proc, span, rng, group)
     out, err = proc.communicate(timeout=60)
     now = sim.digest(dom)
     where = f"trial {trial} ({sig}): rc {proc.returncode}, {err!r}"
@@ -452,15 +468,23 @@ def restore_signal_trial(
 
 
 def save_signal_trial(
-    d: Path, dom: Path, out: Path, span: float, rng: random.Random, trial: int
+    d: Path,
+    dom: Path,
+    out: Path,
+    span: float,
+    rng: random.Random,
+    trial: int,
+    group: bool = False,
 ) -> str:
     """SIGINT or SIGTERM at a random instant of ``save --live``: either it
     reports success, the image is in place (and restores bit-exactly) and DOM
     stays suspended, or there is no image and DOM runs with log-dirty off."""
     out.unlink(missing_ok=True)
     sim.set_state(dom, "running")
-    proc = popen("save", "--sim", dom, out, "--live", "--progress", "none")
-    sig = signal_at_random(proc, span, rng)
+    proc = popen(
+        "save", "--sim", dom, out, "--live", "--progress", "none", start_new_session=group
+    )
+    sig = signal_at_random(proc, span, rng, group)
     _o, err = proc.communicate(timeout=60)
     where = f"trial {trial} ({sig}): rc {proc.returncode}, {err!r}"
     info = sim.info(dom)
@@ -477,24 +501,36 @@ def save_signal_trial(
     return f"no image, source runs (rc {proc.returncode})"
 
 
-def test_signals_during_restore_over_an_existing_domain(shm: Path, dom: Path) -> None:
+# "command": the signal to the CLI alone; "group": to its whole process
+# group, helper included, as a terminal's Ctrl-C is delivered.
+TARGETS = ["command", "group"]
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_signals_during_restore_over_an_existing_domain(shm: Path, dom: Path, to: str) -> None:
     image = shm / "img"
     assert run("save", "--sim", dom, image).returncode == 0
     want = sim.digest(dom)
     span = command_span("restore", image, "--sim", shm / "probe")
     sim.remove(shm / "probe")
     rng = random.Random(SEED)
+    trials = SIGNAL_TRIALS if to == "command" else SIGNAL_TRIALS // 2
     outcomes = [
-        restore_signal_trial(shm, dom, image, want, span, rng, i) for i in range(SIGNAL_TRIALS)
+        restore_signal_trial(shm, dom, image, want, span, rng, i, group=to == "group")
+        for i in range(trials)
     ]
     assert outcomes.count("restored") < len(outcomes)  # the signals did land
 
 
-def test_signals_during_save(shm: Path, dom: Path) -> None:
+@pytest.mark.parametrize("to", TARGETS)
+def test_signals_during_save(shm: Path, dom: Path, to: str) -> None:
     out = shm / "out.img"
     span = command_span("save", "--sim", dom, out, "--live")
     rng = random.Random(SEED + 1)
-    outcomes = [save_signal_trial(shm, dom, out, span, rng, i) for i in range(SIGNAL_TRIALS // 2)]
+    outcomes = [
+        save_signal_trial(shm, dom, out, span, rng, i, group=to == "group")
+        for i in range(SIGNAL_TRIALS // 2)
+    ]
     assert outcomes.count("saved") < len(outcomes)
 
 
