@@ -399,23 +399,10 @@ def test_a_second_sigterm_during_the_cleanup_is_absorbed(tmp_path: Path) -> None
     stream nobody reads; its control pipe is full, so after the first SIGTERM
     it blocks again on the failure's log frame, before the engine's cleanup;
     the second SIGTERM comes only once the first has been delivered."""
-    from xcsave.supervisor import helper_path, xcs_args
-
     src = sim.create(tmp_path / "s.dom", 64 * MiB, seed=5)
-    stream_r, stream_w = os.pipe()  # read by nobody: the save blocks in it
-    reply_r, reply_w = os.pipe()
-    frames_r, frames_w = os.pipe()
-    argv = [str(helper_path()), *xcs_args("save", "sim", stream_w, {"sim": src, "flags": 1})]
-    proc = subprocess.Popen(
-        argv, stdin=reply_r, stdout=frames_w, pass_fds=(stream_w,), stderr=subprocess.DEVNULL
-    )
-    os.close(reply_r)
+    proc, stream_r, stream_w, reply_w, frames_r, frames_w = _start_save_into_nobody(src)
     try:
-        # Until the stream is full and the helper blocked in it, mid-save.
-        while not (sim.info(src)["logdirty"] and _pipe_full(stream_w)):
-            assert proc.poll() is None
-            if select.select([frames_r], [], [], 0.005)[0]:
-                os.read(frames_r, 1 << 16)  # its frames, meanwhile
+        _until_blocked_in_the_stream(proc, src, stream_w, frames_r)
         _fill_pipe(frames_w)
         os.close(frames_w)  # the helper's is the last: EOF when it exits
         frames_w = -1
@@ -453,23 +440,11 @@ def test_a_terminal_signal_aborts_cleanly(tmp_path: Path, sig: signal.Signals) -
     instead of dying mid-copy by the signal's default action, which for a
     real Xen domain would leave log-dirty on in the hypervisor.  Certain,
     not timed: the helper is blocked writing into a stream nobody reads."""
-    from xcsave.supervisor import helper_path, xcs_args
-
     src = sim.create(tmp_path / "s.dom", 64 * MiB, seed=6)
-    stream_r, stream_w = os.pipe()  # read by nobody: the save blocks in it
-    reply_r, reply_w = os.pipe()
-    frames_r, frames_w = os.pipe()
-    argv = [str(helper_path()), *xcs_args("save", "sim", stream_w, {"sim": src, "flags": 1})]
-    proc = subprocess.Popen(
-        argv, stdin=reply_r, stdout=frames_w, pass_fds=(stream_w,), stderr=subprocess.DEVNULL
-    )
-    os.close(reply_r)
+    proc, stream_r, stream_w, reply_w, frames_r, frames_w = _start_save_into_nobody(src)
     os.close(frames_w)
     try:
-        while not (sim.info(src)["logdirty"] and _pipe_full(stream_w)):
-            assert proc.poll() is None
-            if select.select([frames_r], [], [], 0.005)[0]:
-                os.read(frames_r, 1 << 16)
+        _until_blocked_in_the_stream(proc, src, stream_w, frames_r)
         proc.send_signal(sig)
         os.close(reply_w)  # and no replies: EOF
         reply_w = -1
@@ -487,6 +462,33 @@ def test_a_terminal_signal_aborts_cleanly(tmp_path: Path, sig: signal.Signals) -
     info = sim.info(src)
     assert info["state"] == "running"
     assert not info["logdirty"]
+
+
+def _start_save_into_nobody(src: Path) -> tuple[subprocess.Popen[bytes], int, int, int, int, int]:
+    """A live save of ``src`` by the helper, run directly, into a pipe read by
+    nobody.  Returns (proc, stream_r, stream_w, reply_w, frames_r, frames_w):
+    the caller answers (or not) on reply_w and reads the frames."""
+    from xcsave.supervisor import helper_path, xcs_args
+
+    stream_r, stream_w = os.pipe()  # read by nobody: the save blocks in it
+    reply_r, reply_w = os.pipe()
+    frames_r, frames_w = os.pipe()
+    argv = [str(helper_path()), *xcs_args("save", "sim", stream_w, {"sim": src, "flags": 1})]
+    proc = subprocess.Popen(
+        argv, stdin=reply_r, stdout=frames_w, pass_fds=(stream_w,), stderr=subprocess.DEVNULL
+    )
+    os.close(reply_r)
+    return proc, stream_r, stream_w, reply_w, frames_r, frames_w
+
+
+def _until_blocked_in_the_stream(
+    proc: subprocess.Popen[bytes], src: Path, stream_w: int, frames_r: int
+) -> None:
+    """Until the stream is full and the helper blocked in it, mid-save (log-dirty on)."""
+    while not (sim.info(src)["logdirty"] and _pipe_full(stream_w)):
+        assert proc.poll() is None
+        if select.select([frames_r], [], [], 0.005)[0]:
+            os.read(frames_r, 1 << 16)  # its frames, meanwhile
 
 
 def _pipe_full(wfd: int) -> bool:

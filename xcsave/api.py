@@ -343,6 +343,8 @@ def _spec(
     sim: str | os.PathLike[str] | None,
     backend: str | None,
     helper: Path | None,
+    on_failure: Callable[[int], object] | None = None,
+    on_commit: Callable[[], None] | None = None,
 ) -> HelperSpec:
     return HelperSpec(
         mode=mode,
@@ -353,6 +355,8 @@ def _spec(
         domid=domid,
         backend=backend,
         helper=helper,
+        on_failure=on_failure,
+        on_commit=on_commit,
     )
 
 
@@ -442,6 +446,7 @@ async def save(
     xcflags = (XCFLAGS_LIVE if live else 0) | (XCFLAGS_DEBUG if debug else 0)
     st = STREAM_TYPES[stream_type]
     helper_p = Path(helper) if helper is not None else None
+    idle_ms = _idle_ms(idle_timeout)  # a bad value is refused before anything is touched
     sim_path = _sim_arg(sim)
     _check_out(out)
     with _lock(sim, domid) as lock_fd:
@@ -473,12 +478,16 @@ async def save(
                             "interval_ms": interval_ms or None,
                             "xl_config": os.fspath(xl_config) if xl_config is not None else None,
                             "copy_threads": copy_threads if copy_threads != 1 else None,
-                            "idle_timeout_ms": _idle_ms(idle_timeout),
+                            "idle_timeout_ms": idle_ms,
                             # The helper removes it if the save is not
                             # committed: even when we were SIGKILLed.
                             "out_tmp": os.fspath(o.tmp) if o.tmp is not None else None,
                         },
                     )
+                # The image is committed by the supervisor between the
+                # helper's complete and its reply (on_commit): a toolstack
+                # killed before the commit leaves a helper that puts the
+                # source back, never a suspended source without an image.
                 spec = _spec(
                     "save",
                     d=d,
@@ -488,18 +497,10 @@ async def save(
                     sim=sim_path,
                     backend=backend,
                     helper=helper_p,
+                    on_failure=undo,
+                    on_commit=o.on_commit,
                 )
-                # The image is committed by the supervisor between the
-                # helper's complete and its reply (on_commit): a toolstack
-                # killed before the commit leaves a helper that puts the
-                # source back, never a suspended source without an image.
-                return await _run(
-                    replace(spec, on_failure=undo, on_commit=o.on_commit),
-                    cbs,
-                    supervisor,
-                    on_event,
-                    timeout,
-                )
+                return await _run(spec, cbs, supervisor, on_event, timeout)
             finally:
                 if owned:
                     os.close(io_fd)
@@ -564,6 +565,7 @@ async def restore(
     cbflags = proto.cbflags_for(d, cbs.installed() | {"restore_results"})
     st = STREAM_TYPES[stream_type]
     helper_p = Path(helper) if helper is not None else None
+    limit, idle_ms = page_limit(max_pages, max_memory), _idle_ms(idle_timeout)  # refused early
     given = sim.final if isinstance(sim, SimTarget) else sim
     final = _resolve_sim(given) if given is not None else None
     if final is not None and not isinstance(sim, SimTarget):
@@ -607,8 +609,8 @@ async def restore(
                                 "store_domid": store_domid,
                                 "console_evtchn": console_evtchn,
                                 "console_domid": console_domid,
-                                "max_pages": page_limit(max_pages, max_memory) or None,
-                                "idle_timeout_ms": _idle_ms(idle_timeout),
+                                "max_pages": limit or None,
+                                "idle_timeout_ms": idle_ms,
                                 "legacy_width": legacy_width,
                                 "legacy_guest": legacy_guest,
                                 "dm_out": os.fspath(dm_out) if dm_out is not None else None,

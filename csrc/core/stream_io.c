@@ -117,8 +117,6 @@ void xcs_progress_end(struct xcs_progress *pr, uint64_t done)
     pr->started = 0;
 }
 
-/*----- writing -----*/
-
 /*----- the idle timeout -----*/
 
 /*
@@ -188,11 +186,6 @@ int xcs_stream_idle(int fd, int ms, int may_reopen)
     idle_ms = ms;
     idle_armed = 0;
     return 0;
-}
-
-int xcs_stream_idle_ms(int fd)
-{
-    return fd == idle_fd ? idle_ms : -1;
 }
 
 /* Whether fd's waits for events are bounded by the idle timeout now. */
@@ -274,6 +267,8 @@ static int again(int fd, short events)
     }
     return wait_ready(fd, events) == 0;
 }
+
+/*----- writing -----*/
 
 /* Consume n bytes from the front of *iov (count *iovcnt), in place. */
 static void iov_advance(struct iovec **iov, int *iovcnt, size_t n)

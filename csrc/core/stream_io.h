@@ -113,8 +113,6 @@ long xcs_pipe_unread(int fd);
  * Returns 0, or -1 with errno.  Process-wide: the helper's one stream.
  */
 int xcs_stream_idle(int fd, int ms, int may_reopen);
-/* Whether the idle timeout applies to fd, and its milliseconds (-1: none). */
-int xcs_stream_idle_ms(int fd);
 
 /*----- reading -----*/
 
