@@ -305,3 +305,51 @@ def test_convert_output_is_private_under_umask_000(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert mode(out) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.img", "out.libxc"]
+
+
+def test_saved_image_is_private_and_a_planted_out_symlink_is_replaced(tmp_path: Path) -> None:
+    """``save``'s image is 0600 under umask 000; a symlink planted at OUT is
+    replaced by the image (the rename takes the name), its target untouched;
+    no temporary is left beside it."""
+    env = dict(os.environ)
+    dom = tmp_path / "vm"
+    assert xcsave("sim", "create", str(dom), "--memory", "64K", env=env).returncode == 0
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    os.chmod(victim, 0o644)
+    out = tmp_path / "vm.img"
+    out.symlink_to(victim)
+    r = xcsave("save", "--sim", str(dom), str(out), env=env, mask=0)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_bytes() == b"not yours"
+    assert mode(victim) == 0o644
+    assert not out.is_symlink()
+    assert mode(out) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim", "vm", "vm.img"]
+
+
+def test_a_symlink_planted_at_a_restore_target(tmp_path: Path) -> None:
+    """A symlink at the domain's name is a domain that exists: EEXIST without
+    --force, its target untouched; with --force the rename replaces the
+    link itself (never writes through it), and the new domain is 0600."""
+    env = dict(os.environ)
+    dom, image = tmp_path / "vm", tmp_path / "vm.img"
+    assert xcsave("sim", "create", str(dom), "--memory", "64K", env=env).returncode == 0
+    assert xcsave("save", "--sim", str(dom), str(image), env=env).returncode == 0
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    target = tmp_path / "copy"
+    target.symlink_to(victim)
+    r = xcsave("restore", str(image), "--sim", str(target), env=env)
+    assert r.returncode == 1
+    assert "EEXIST" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert target.is_symlink()
+    r = xcsave("restore", str(image), "--sim", str(target), "--force", env=env, mask=0)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_bytes() == b"not yours"
+    assert not target.is_symlink()
+    assert mode(target) == 0o600
+    assert xcsave("sim", "digest", str(target), env=env).stdout == (
+        xcsave("sim", "digest", str(dom), env=env).stdout
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "victim", "vm", "vm.img"]
