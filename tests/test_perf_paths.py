@@ -484,3 +484,49 @@ def test_bench_subcommand_prints_json(bench: str) -> None:
     assert "skipped" in data or data["measured"] is not None
     if bench == "save-file":  # the N-thread side really ran threaded
         assert data["threaded_bytes"] > 0
+
+
+def _compare_trees() -> Any:
+    """bench/compare_trees.py, loaded from the source tree (it is no module)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "compare_trees.py"
+    spec = importlib.util.spec_from_file_location("compare_trees", path)
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("compare_trees", mod)  # dataclasses look their module up
+    spec.loader.exec_module(sys.modules["compare_trees"])
+    return sys.modules["compare_trees"]
+
+
+def test_compare_trees_runs_both_installs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same install as base and new: every metric measured on both sides."""
+    ct = _compare_trees()
+    argv = ["--base", sys.executable, "--new", sys.executable, "--repeat", "1"]
+    rc = ct.main([*argv, "--memory", "16M", "--benches", "restore", "save", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(m["bench"], m["metric"]) for m in out["metrics"]] == [
+        ("restore", "measured"),
+        ("save", "measured"),
+    ]
+    assert all(m["base"] > 0 and m["new"] > 0 for m in out["metrics"])
+
+
+def test_compare_trees_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tolerance fails a slower candidate, GB/s (higher is better) and seconds
+    (lower is better) alike, and passes one within it."""
+    ct = _compare_trees()
+    figures: dict[str, dict[str, float]] = {}
+    monkeypatch.setattr(ct, "run_one", lambda py, bench, extra: figures[py])
+    argv = ["--base", "base", "--new", "new", "--repeat", "2", "--tolerance", "0.05"]
+    figures.update(base={"measured": 1.0}, new={"measured": 0.9})
+    assert ct.main([*argv, "--benches", "restore"]) == 1  # 0.9 GB/s against 1.0
+    assert ct.main([*argv, "--benches", "save"]) == 1
+    figures.update(new={"measured": 0.97})
+    assert ct.main([*argv, "--benches", "restore"]) == 0
+    figures.update(base={"measured": 1.0, "api_s": 0.01}, new={"measured": 1.1, "api_s": 0.01})
+    assert ct.main([*argv, "--benches", "verify"]) == 1  # 1.1 s against 1.0
+    figures.update(new={"measured": 0.9, "api_s": 0.0101})
+    assert ct.main([*argv, "--benches", "verify"]) == 0
