@@ -78,8 +78,8 @@ static int xcs_tramp_precopy_policy(struct precopy_stats st, void *data)
                                    (int64_t)st.dirty_count);
 }
 
-static void xcs_tramp_restore_results(xen_pfn_t store_gfn, xen_pfn_t console_gfn,
-                               void *data)
+static void xcs_tramp_restore_results(xen_pfn_t store_gfn,
+                                      xen_pfn_t console_gfn, void *data)
 {
     (void)data;
     xcs_stub_restore_results(store_gfn, console_gfn);

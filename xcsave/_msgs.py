@@ -42,7 +42,7 @@ Reply = int | bool | Decision | None
 Answer = Reply | Awaitable[Reply]
 CallbackFn = Callable[..., Answer]
 
-#: The callbacks a caller may install, in table order.
+#: The callbacks a caller may install: the questions, then restore_results.
 CALLBACKS: Final = (
     "suspend",
     "postcopy",
@@ -50,8 +50,8 @@ CALLBACKS: Final = (
     "wait_checkpoint",
     "switch_qemu_logdirty",
     "static_data_done",
-    "restore_results",
     "precopy_policy",
+    "restore_results",
 )
 
 
@@ -71,8 +71,8 @@ class Callbacks:
     wait_checkpoint: Callable[[], Answer] | None = None
     switch_qemu_logdirty: Callable[[int, int], Answer] | None = None  # (domid, enable)
     static_data_done: Callable[[int], Answer] | None = None  # (missing)
-    restore_results: Callable[[int, int], object] | None = None  # (store_gfn, console_gfn)
     precopy_policy: Callable[[PrecopyStats], Answer] | None = None
+    restore_results: Callable[[int, int], object] | None = None  # (store_gfn, console_gfn)
 
     def installed(self) -> frozenset[str]:
         """The names of the callbacks set (announced in ``cbflags``)."""

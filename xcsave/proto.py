@@ -762,7 +762,9 @@ def _py_callback_type(m: MessageSpec) -> str:
 
 def emit_py_module() -> str:
     """The Python side past the codec (``xcsave/_msgs.py``)."""
-    callbacks = [m for m in TABLE if m.callback]
+    # The questions in table order, then what the caller is only told
+    # (restore_results): Callbacks' field order since before the table.
+    callbacks = sorted((m for m in TABLE if m.callback), key=lambda m: not m.needs_reply)
     records = [m for m in TABLE if m.record]
     events = [m for m in TABLE if m.event]
     packs = [m for m in TABLE if m.pack]
@@ -806,7 +808,7 @@ def emit_py_module() -> str:
     w("Answer = Reply | Awaitable[Reply]")
     w("CallbackFn = Callable[..., Answer]")
     w("")
-    w("#: The callbacks a caller may install, in table order.")
+    w("#: The callbacks a caller may install: the questions, then restore_results.")
     w("CALLBACKS: Final = (")
     for m in callbacks:
         w(f'    "{m.name}",')
