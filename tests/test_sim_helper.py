@@ -6,6 +6,7 @@ nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -91,6 +92,26 @@ def test_restore_reports_its_own_stats(dom: Path, tmp_path: Path) -> None:
             "duration_ns": st.duration_ns,
         }
     ]
+
+
+@pytest.mark.parametrize("progress", ["plain", "json"])
+def test_restore_progress_shows_what_was_received(
+    progress: str, dom: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "o"
+    xcsave.sync.save(img, sim=dom)
+    size = img.stat().st_size
+    r = cli("restore", img, "--sim", tmp_path / "dst.dom", "--progress", progress)
+    assert r.returncode == 0, r.stderr
+    if progress == "json":
+        events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        stats = [e for e in events if "stats" in e["event"]]
+        assert [e["event"] for e in stats] == ["restore_stats"]
+        assert stats[0]["bytes"] == size
+        assert stats[0]["pages_received"] > 0
+    else:
+        assert f" {size} bytes received" in r.stderr
+        assert "round(s)" not in r.stderr
 
 
 def test_a_remus_restore_counts_its_checkpoints(dom: Path, tmp_path: Path) -> None:
