@@ -19,8 +19,9 @@ Wire format (both dialects, host byte order, no padding):
 ``xcsave-1``
     xcsave's own: LEN is a u32, the helper's first frame is ``hello``
     (protocol version, a hash of this table, backend, mode) and the table
-    adds ``precopy_policy`` and ``stats``, and the TLS tunnel's ``tls_peer``
-    (the handshake succeeded: who the peer is) and ``tunnel_stats``.
+    adds ``precopy_policy``, a save's ``stats`` and a restore's
+    ``restore_stats``, and the TLS tunnel's ``tls_peer`` (the handshake
+    succeeded: who the peer is) and ``tunnel_stats``.
 
 Argument types (LP64 sizes): ``u16``/``u32``/``u64``/``i32``/``i64`` as
 named; ``uint``/``int`` are C's 4-byte ``unsigned``/``int``; ``ulong`` is C's
@@ -81,6 +82,10 @@ __all__ = [
     "message",
 ]
 
+#: Both must match in hello.  The hash covers every change to the wire
+#: table (rows, numbers, flags, argument types and names), so a row added or
+#: changed is refused by it alone; bump the version only when an unchanged
+#: table starts to mean something else on the wire.
 PROTO_VERSION: Final = 1
 
 # type name -> (struct code, size); "ulong" and "pfn" follow the host ABI.
