@@ -60,24 +60,6 @@ static int sim_precopy_policy(struct xcs_precopy_stats st, void *data)
                                    st.dirty_count);
 }
 
-static int sim_postcopy(void *data)
-{
-    (void)data;
-    return xcs_stub_postcopy();
-}
-
-static int sim_checkpoint(void *data)
-{
-    (void)data;
-    return xcs_stub_checkpoint();
-}
-
-static int sim_static_data_done(unsigned int missing, void *data)
-{
-    (void)data;
-    return xcs_stub_static_data_done(missing);
-}
-
 /* Reads the xl config file for the xl header; NULL/0 if none was given. */
 static int read_xl_config(const char *path, char **buf, size_t *len)
 {
@@ -137,15 +119,15 @@ static void fill_callbacks(const struct xcs_op *op, struct xcs_engine_callbacks 
     if (xcs_cb_wanted(op, XCS_MSG_PRECOPY_POLICY))
         cb->precopy_policy = sim_precopy_policy;
     if (xcs_cb_wanted(op, XCS_MSG_POSTCOPY))
-        cb->postcopy = sim_postcopy;
+        cb->postcopy = xcs_tramp_postcopy;
     if (xcs_cb_wanted(op, XCS_MSG_CHECKPOINT)) {
         if (op->restore)
-            cb->restore_checkpoint = sim_checkpoint;
+            cb->restore_checkpoint = xcs_tramp_checkpoint;
         else
-            cb->checkpoint = sim_checkpoint;
+            cb->checkpoint = xcs_tramp_checkpoint;
     }
     if (xcs_cb_wanted(op, XCS_MSG_STATIC_DATA_DONE))
-        cb->static_data_done = sim_static_data_done;
+        cb->static_data_done = xcs_tramp_static_data_done;
 }
 
 static int need_sim_path(const struct xcs_op *op)
@@ -240,8 +222,7 @@ static int sim_save(const struct xcs_op *op)
     if (xcs_msg_exists(XCS_MSG_STATS)) {
         unsigned int n = st.rounds < XCS_STATS_MAX_ROUNDS ? st.rounds : XCS_STATS_MAX_ROUNDS;
         xcs_stub_stats(st.rounds, st.pages_sent, st.zero_pages, st.bytes_written,
-                       st.downtime_ns, st.duration_ns, st.pages_per_round,
-                       (uint32_t)(n * sizeof(st.pages_per_round[0])));
+                       st.downtime_ns, st.duration_ns, st.pages_per_round, n);
     }
     free(xlcfg);
     errno = saved;
@@ -372,9 +353,9 @@ static int sim_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     out->console_gfn = res.console_gfn;
  out:
     saved = errno;
-    if (xcs_msg_exists(XCS_MSG_STATS))
-        xcs_stub_stats(res.checkpoints, res.pages_received, 0, res.bytes_read, 0,
-                       res.duration_ns, NULL, 0);
+    if (xcs_msg_exists(XCS_MSG_RESTORE_STATS))
+        xcs_stub_restore_stats(res.checkpoints, res.pages_received, res.bytes_read,
+                               res.duration_ns);
     errno = saved;
     return rc;
 }

@@ -67,51 +67,19 @@ static xentoollog_logger relay_logger = {
 
 /*----- callbacks: each one is a message whose reply is the return value -----*/
 
-static int cb_suspend(void *data)
-{
-    (void)data;
-    return xcs_stub_suspend();
-}
-
-static int cb_postcopy(void *data)
-{
-    (void)data;
-    return xcs_stub_postcopy();
-}
-
-static int cb_checkpoint(void *data)
-{
-    (void)data;
-    return xcs_stub_checkpoint();
-}
-
-static int cb_wait_checkpoint(void *data)
-{
-    (void)data;
-    return xcs_stub_wait_checkpoint();
-}
-
-static int cb_switch_qemu_logdirty(uint32_t domid, unsigned enable, void *data)
-{
-    (void)data;
-    return xcs_stub_switch_qemu_logdirty(domid, enable);
-}
-
-static int cb_precopy_policy(struct precopy_stats st, void *data)
+/*
+ * The generated header has the trampolines of the callbacks with plain
+ * integer arguments (xcs_tramp_<name>); these two take libxenguest's types.
+ */
+static int xcs_tramp_precopy_policy(struct precopy_stats st, void *data)
 {
     (void)data;
     return xcs_stub_precopy_policy(st.iteration, (uint64_t)st.total_written,
                                    (int64_t)st.dirty_count);
 }
 
-static int cb_static_data_done(unsigned int missing, void *data)
-{
-    (void)data;
-    return xcs_stub_static_data_done(missing);
-}
-
-static void cb_restore_results(xen_pfn_t store_gfn, xen_pfn_t console_gfn,
-                               void *data)
+static void xcs_tramp_restore_results(xen_pfn_t store_gfn,
+                                      xen_pfn_t console_gfn, void *data)
 {
     (void)data;
     xcs_stub_restore_results(store_gfn, console_gfn);
@@ -125,18 +93,27 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void send_stats(uint64_t started)
+/*
+ * libxc does not report per-round counts, bytes, downtime or checkpoints to
+ * its caller; what we know comes from its progress reports.  Unknown
+ * figures are 0.
+ */
+static void send_stats(const struct xcs_op *op, uint64_t started)
 {
     uint64_t pages = relay.pages_sent + relay.last_done;
 
-    if (!xcs_msg_exists(XCS_MSG_STATS))
-        return;
-    /*
-     * libxc does not report per-round counts or downtime to its caller; what
-     * we know comes from its progress reports.  Unknown figures are 0.
-     */
-    xcs_stub_stats(relay.rounds, pages, 0, 0, 0, now_ns() - started, NULL, 0);
+    if (op->restore) {
+        if (xcs_msg_exists(XCS_MSG_RESTORE_STATS))
+            xcs_stub_restore_stats(0, pages, 0, now_ns() - started);
+    } else if (xcs_msg_exists(XCS_MSG_STATS)) {
+        xcs_stub_stats(relay.rounds, pages, 0, 0, 0, now_ns() - started, NULL, 0);
+    }
 }
+
+/* cb.<name> = its trampoline, for each callback the parent flagged. */
+#define INSTALL_FLAGGED(name, NAME)           \
+    if (xcs_cb_wanted(op, XCS_MSG_##NAME))    \
+        cb.name = xcs_tramp_##name;
 
 /*----- save / restore -----*/
 
@@ -160,24 +137,13 @@ static int xen_save(const struct xcs_op *op)
     int rc = -1, saved;
 
     xch = open_xc();
-    if (xcs_cb_wanted(op, XCS_MSG_SUSPEND))
-        cb.suspend = cb_suspend;
-    if (xcs_cb_wanted(op, XCS_MSG_POSTCOPY))
-        cb.postcopy = cb_postcopy;
-    if (xcs_cb_wanted(op, XCS_MSG_CHECKPOINT))
-        cb.checkpoint = cb_checkpoint;
-    if (xcs_cb_wanted(op, XCS_MSG_WAIT_CHECKPOINT))
-        cb.wait_checkpoint = cb_wait_checkpoint;
-    if (xcs_cb_wanted(op, XCS_MSG_SWITCH_QEMU_LOGDIRTY))
-        cb.switch_qemu_logdirty = cb_switch_qemu_logdirty;
-    if (xcs_cb_wanted(op, XCS_MSG_PRECOPY_POLICY))
-        cb.precopy_policy = cb_precopy_policy;
+    XCS_SAVE_CALLBACKS(INSTALL_FLAGGED)
 
     xcs_arm_sigterm_abort(op->io_fd);
     rc = xc_domain_save(xch, op->io_fd, op->domid, op->xcflags, &cb,
                         (xc_stream_type_t)op->stream_type, op->aux_fd);
     saved = errno;
-    send_stats(started);
+    send_stats(op, started);
     xc_interface_close(xch);
     errno = saved;
     return rc;
@@ -192,18 +158,7 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     int rc = -1, saved;
 
     xch = open_xc();
-    if (xcs_cb_wanted(op, XCS_MSG_STATIC_DATA_DONE))
-        cb.static_data_done = cb_static_data_done;
-    if (xcs_cb_wanted(op, XCS_MSG_SUSPEND))
-        cb.suspend = cb_suspend;
-    if (xcs_cb_wanted(op, XCS_MSG_POSTCOPY))
-        cb.postcopy = cb_postcopy;
-    if (xcs_cb_wanted(op, XCS_MSG_CHECKPOINT))
-        cb.checkpoint = cb_checkpoint;
-    if (xcs_cb_wanted(op, XCS_MSG_WAIT_CHECKPOINT))
-        cb.wait_checkpoint = cb_wait_checkpoint;
-    if (xcs_cb_wanted(op, XCS_MSG_RESTORE_RESULTS))
-        cb.restore_results = cb_restore_results;
+    XCS_RESTORE_CALLBACKS(INSTALL_FLAGGED)
 
     /* Restore keeps SIGTERM's default action, as Xen's helper does. */
     rc = xc_domain_restore(xch, op->io_fd, op->domid, op->store_evtchn,
@@ -213,7 +168,7 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     out->store_gfn = store_mfn;
     out->console_gfn = console_mfn;
     saved = errno;
-    send_stats(started);
+    send_stats(op, started);
     xc_interface_close(xch);
     errno = saved;
     return rc;

@@ -238,23 +238,13 @@ void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len)
 }
 
 /*
- * The reply to m once the parent is stopping us: "the callback failed".
- * suspend, postcopy, checkpoint and wait_checkpoint fail with 0;
- * switch_qemu_logdirty and static_data_done fail with any non-zero value;
- * precopy_policy's -1 is XGS_POLICY_ABORT; complete's -1 is "the caller
- * did not commit" (see main).
+ * The reply to m once the parent is stopping us: "the callback failed",
+ * the table's stopped column (complete's -1 is "the caller did not
+ * commit", see main).
  */
 static int reply_when_stopped(enum xcs_msg m)
 {
-    switch (m) {
-    case XCS_MSG_SWITCH_QEMU_LOGDIRTY:
-    case XCS_MSG_STATIC_DATA_DONE:
-    case XCS_MSG_PRECOPY_POLICY:
-    case XCS_MSG_COMPLETE:
-        return -1;
-    default:
-        return 0;
-    }
+    return xcs_msg_stopped_reply[m];
 }
 
 int xcs_getreply(enum xcs_msg m)

@@ -8,7 +8,7 @@
 #include <string.h>
 
 #define XCS_PROTO_VERSION 1
-#define XCS_PROTO_HASH 0xd9b9ba611ba1966bULL
+#define XCS_PROTO_HASH 0x72baca4dc5df00b2ULL
 
 enum xcs_dialect { XCS_DIALECT_XEN_417 = 0, XCS_DIALECT_XCSAVE_1 = 1 };
 
@@ -29,17 +29,18 @@ enum xcs_msg {
     XCS_MSG_STATS = 12,
     XCS_MSG_TLS_PEER = 13,
     XCS_MSG_TUNNEL_STATS = 14,
-    XCS_MSG_COUNT = 15
+    XCS_MSG_RESTORE_STATS = 15,
+    XCS_MSG_COUNT = 16
 };
 
 /* Wire number per dialect; -1 where the dialect lacks the message. */
 static const int xcs_msg_numbers[2][XCS_MSG_COUNT] = {
-    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1, -1, -1}, /* xen-4.17 */
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}, /* xcsave-1 */
+    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1, -1, -1, -1}, /* xen-4.17 */
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, /* xcsave-1 */
 };
 
 static const char *const xcs_msg_names[XCS_MSG_COUNT] = {
-    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats", "tls_peer", "tunnel_stats"
+    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats", "tls_peer", "tunnel_stats", "restore_stats"
 };
 
 /* cbflags bits: 1 << wire number (the same in both dialects). */
@@ -51,6 +52,43 @@ static const char *const xcs_msg_names[XCS_MSG_COUNT] = {
 #define XCS_CBFLAG_STATIC_DATA_DONE (1u << 8)
 #define XCS_CBFLAG_RESTORE_RESULTS (1u << 9)
 #define XCS_CBFLAG_PRECOPY_POLICY (1u << 11)
+
+/*
+ * The reply to a message that needs one, once the parent is stopping the
+ * helper (it will never answer): the callback failed (0 where 0 fails it,
+ * -1 elsewhere: precopy_policy's ABORT, complete's "not committed").
+ */
+static const int xcs_msg_stopped_reply[XCS_MSG_COUNT] = {
+    [XCS_MSG_SUSPEND] = 0,
+    [XCS_MSG_POSTCOPY] = 0,
+    [XCS_MSG_CHECKPOINT] = 0,
+    [XCS_MSG_WAIT_CHECKPOINT] = 0,
+    [XCS_MSG_SWITCH_QEMU_LOGDIRTY] = -1,
+    [XCS_MSG_STATIC_DATA_DONE] = -1,
+    [XCS_MSG_COMPLETE] = -1,
+    [XCS_MSG_PRECOPY_POLICY] = -1,
+};
+
+/*
+ * The caller's callbacks of each side, X(name, NAME) in table order: a
+ * backend installs its trampoline for each one flagged in cbflags
+ * (libxenguest's save_callbacks/restore_callbacks name them the same).
+ */
+#define XCS_SAVE_CALLBACKS(X) \
+    X(suspend, SUSPEND) \
+    X(postcopy, POSTCOPY) \
+    X(checkpoint, CHECKPOINT) \
+    X(wait_checkpoint, WAIT_CHECKPOINT) \
+    X(switch_qemu_logdirty, SWITCH_QEMU_LOGDIRTY) \
+    X(precopy_policy, PRECOPY_POLICY)
+
+#define XCS_RESTORE_CALLBACKS(X) \
+    X(suspend, SUSPEND) \
+    X(postcopy, POSTCOPY) \
+    X(checkpoint, CHECKPOINT) \
+    X(wait_checkpoint, WAIT_CHECKPOINT) \
+    X(static_data_done, STATIC_DATA_DONE) \
+    X(restore_results, RESTORE_RESULTS)
 
 /*
  * Provided by the helper (helper_main.c):
@@ -218,8 +256,9 @@ static inline int xcs_stub_precopy_policy(uint32_t iteration, uint64_t total_wri
     return xcs_getreply(XCS_MSG_PRECOPY_POLICY);
 }
 
-static inline void xcs_stub_stats(uint32_t rounds, uint64_t pages_sent, uint64_t zero_pages, uint64_t bytes, uint64_t downtime_ns, uint64_t duration_ns, const void * pages_per_round, uint32_t pages_per_round_len)
+static inline void xcs_stub_stats(uint32_t rounds, uint64_t pages_sent, uint64_t zero_pages, uint64_t bytes, uint64_t downtime_ns, uint64_t duration_ns, const uint64_t * pages_per_round, uint32_t pages_per_round_count)
 {
+    uint32_t pages_per_round_len = pages_per_round_count * (uint32_t)sizeof(uint64_t);
     size_t len = 2 + sizeof(rounds) + sizeof(pages_sent) + sizeof(zero_pages) + sizeof(bytes) + sizeof(downtime_ns) + sizeof(duration_ns) + 4 + pages_per_round_len;
     uint8_t *buf = xcs_msgbuf(len);
     uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
@@ -262,6 +301,61 @@ static inline void xcs_stub_tunnel_stats(uint64_t sent, uint64_t received, uint6
     p = xcs_put(p, &duration_ns, sizeof(duration_ns));
     (void)p;
     xcs_transmit(XCS_MSG_TUNNEL_STATS, buf, len);
+}
+
+static inline void xcs_stub_restore_stats(uint32_t checkpoints, uint64_t pages_received, uint64_t bytes, uint64_t duration_ns)
+{
+    size_t len = 2 + sizeof(checkpoints) + sizeof(pages_received) + sizeof(bytes) + sizeof(duration_ns);
+    uint8_t *buf = xcs_msgbuf(len);
+    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
+    p = xcs_put(p, &checkpoints, sizeof(checkpoints));
+    p = xcs_put(p, &pages_received, sizeof(pages_received));
+    p = xcs_put(p, &bytes, sizeof(bytes));
+    p = xcs_put(p, &duration_ns, sizeof(duration_ns));
+    (void)p;
+    xcs_transmit(XCS_MSG_RESTORE_STATS, buf, len);
+}
+
+/*
+ * Trampolines: a callback of the backend's library (args..., void *data)
+ * relayed as its message, the reply its value.  Only for callbacks whose
+ * arguments are plain C integers; a backend writes the others (their
+ * types are the library's: xen_pfn_t, struct precopy_stats).
+ */
+static inline int xcs_tramp_suspend(void *data)
+{
+    (void)data;
+    return xcs_stub_suspend();
+}
+
+static inline int xcs_tramp_postcopy(void *data)
+{
+    (void)data;
+    return xcs_stub_postcopy();
+}
+
+static inline int xcs_tramp_checkpoint(void *data)
+{
+    (void)data;
+    return xcs_stub_checkpoint();
+}
+
+static inline int xcs_tramp_wait_checkpoint(void *data)
+{
+    (void)data;
+    return xcs_stub_wait_checkpoint();
+}
+
+static inline int xcs_tramp_switch_qemu_logdirty(uint32_t domid, unsigned int enable, void *data)
+{
+    (void)data;
+    return xcs_stub_switch_qemu_logdirty(domid, enable);
+}
+
+static inline int xcs_tramp_static_data_done(unsigned int missing, void *data)
+{
+    (void)data;
+    return xcs_stub_static_data_done(missing);
 }
 
 #endif /* XCSAVE_MSGS_H */

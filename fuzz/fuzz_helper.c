@@ -73,7 +73,7 @@ static int stub_save(const struct xcs_op *op)
     if (xcs_msg_exists(XCS_MSG_STATS)) {
         uint64_t per_round[3] = {3, 2, 1};
         xcs_stub_stats(3, 6, 0, 6 * 4096, 1000, 2000, per_round,
-                       sizeof(per_round));
+                       sizeof(per_round) / sizeof(per_round[0]));
     }
     return 0;
 }
@@ -90,6 +90,8 @@ static int stub_restore(const struct xcs_op *op, struct xcs_restore_out *out)
             ;
     out->store_gfn = 0xfefff;
     out->console_gfn = 0xfeffe;
+    if (xcs_msg_exists(XCS_MSG_RESTORE_STATS))
+        xcs_stub_restore_stats(1, 6, 6 * 4096, 2000);
     return 0;
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import struct
 import subprocess
 import sys
@@ -228,6 +230,7 @@ _VALUES: dict[str, st.SearchStrategy[object]] = {
     "i64": st.integers(-(2**63), 2**63 - 1),
     "STRING": _TEXT,
     "BLOCK": st.binary(max_size=64),
+    "U64S": st.lists(_U64, max_size=8).map(tuple),
 }
 
 
@@ -311,3 +314,166 @@ def test_stale_header_is_detected(tmp_path: Path) -> None:
 def test_header_carries_the_table_hash() -> None:
     text = (ROOT / "csrc/xcsave_msgs.h").read_text()
     assert f"#define XCS_PROTO_HASH 0x{proto.TABLE_HASH:016x}ULL" in text
+
+
+def test_restore_has_its_own_stats_message() -> None:
+    """A save ends with stats, a restore with restore_stats; neither takes the other's."""
+    save_stats = proto.encode(proto.XCSAVE_1, "stats", 2, 10, 1, 4096, 5, 9, (8, 2))
+    restore_stats = proto.encode(proto.XCSAVE_1, "restore_stats", 3, 10, 4096, 9)
+    dec = proto.Decoder(proto.XCSAVE_1, "save")
+    dec.feed(_hello("save") + save_stats)
+    assert list(dec)[1].asdict()["pages_per_round"] == (8, 2)
+    dec.feed(restore_stats)
+    with pytest.raises(ProtocolError, match="restore_stats is not a save-side message"):
+        list(dec)
+    dec = proto.Decoder(proto.XCSAVE_1, "restore")
+    dec.feed(_hello("restore") + restore_stats)
+    assert list(dec)[1].asdict() == {
+        "checkpoints": 3,
+        "pages_received": 10,
+        "bytes": 4096,
+        "duration_ns": 9,
+    }
+    dec.feed(save_stats)
+    with pytest.raises(ProtocolError, match="stats is not a restore-side message"):
+        list(dec)
+
+
+@pytest.mark.parametrize("size", [1, 7, 9, 15])
+def test_u64s_of_a_partial_u64_is_refused(size: int) -> None:
+    frame = proto.encode(proto.XCSAVE_1, "stats", 1, 1, 0, 1, 0, 1, b"\xff" * size)
+    dec = proto.Decoder(proto.XCSAVE_1, "save")
+    dec.feed(_hello("save") + frame)
+    with pytest.raises(ProtocolError, match="pages_per_round is not a whole number of u64s"):
+        list(dec)
+
+
+def test_u64s_size_bomb_is_refused_before_buffering() -> None:
+    # A pages_per_round claiming 4 GiB inside a small frame: an overrun, not an allocation.
+    body = struct.pack("=H", 12) + struct.pack("=IQQQQQ", 1, 1, 0, 1, 0, 1)
+    body += struct.pack("=I", 0xFFFFFFF8)
+    dec = proto.Decoder(proto.XCSAVE_1, "save")
+    dec.feed(_hello("save") + struct.pack("=I", len(body)) + body)
+    with pytest.raises(ProtocolError, match="overruns the frame"):
+        list(dec)
+
+
+# ------------------------------------------------- the table past the codec
+
+
+def _run_emit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xcsave.proto", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_generated_python_module_is_fresh() -> None:
+    r = _run_emit("--emit-py", "--check", str(ROOT / "xcsave/_msgs.py"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_stale_python_module_is_detected(tmp_path: Path) -> None:
+    stale = tmp_path / "_msgs.py"
+    stale.write_text(proto.emit_py_module().replace("pages_received", "pages_sent"))
+    r = _run_emit("--emit-py", "--check", str(stale))
+    assert r.returncode == 1
+    assert "stale" in r.stderr
+    assert "--emit-py" in r.stderr
+
+
+def test_one_emitter_at_a_time() -> None:
+    assert _run_emit("--emit-c", "--emit-py").returncode == 2
+    assert _run_emit().returncode == 2
+
+
+def test_reply_columns_are_complete() -> None:
+    for m in proto.TABLE:
+        # Every question has the helper's answer for "stopped" ...
+        assert (m.stopped is not None) == m.needs_reply, m.name
+        # ... and every callback's question the caller's "fine".
+        assert (m.ok is not None) == (m.callback and m.needs_reply), m.name
+
+
+def test_callbacks_are_the_callback_rows() -> None:
+    from xcsave.supervisor import Callbacks
+
+    rows = [m.name for m in proto.TABLE if m.callback]
+    # The questions in table order, then restore_results (only told): the
+    # order the fields had before they were generated.
+    assert [f.name for f in dataclasses.fields(Callbacks)] == [
+        *(n for n in rows if proto.message(n).needs_reply),
+        "restore_results",
+    ]
+    everything = Callbacks(**dict.fromkeys(rows, lambda *a: None))
+    assert everything.installed() == frozenset(rows)
+    assert Callbacks().installed() == frozenset()
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _pynames(name: str) -> list[str]:
+    return [a.pyname for a in proto.message(name).args]
+
+
+def test_events_and_records_carry_the_message_args() -> None:
+    import xcsave.events
+    import xcsave.supervisor
+    from xcsave.policy import PrecopyStats
+
+    for m in proto.TABLE:
+        if m.event:
+            cls = getattr(xcsave.events, m.event)
+            assert m.event in xcsave.events.__all__
+            assert cls.kind == m.name
+            assert _fields(cls) == ["op", "domain", *_pynames(m.name)], m.name
+        if m.record:
+            cls = getattr(xcsave.supervisor, m.record)
+            assert _fields(cls) == _pynames(m.name), m.name
+            assert m.record in xcsave.supervisor.__all__
+    # The hand-written events of a message start with its args, in order.
+    assert _fields(xcsave.events.ProgressEvent)[2:6] == _pynames("progress")
+    assert _fields(xcsave.events.PolicyEvent)[2:5] == _pynames("precopy_policy")
+    assert _fields(PrecopyStats) == _pynames("precopy_policy")
+
+
+def test_every_message_has_exactly_one_handler() -> None:
+    from xcsave import supervisor
+
+    assert set(supervisor._HANDLERS) == {m.name for m in proto.TABLE}
+    # Every message's own handler is for a message of the table (a renamed
+    # row leaves none behind) ...
+    own = {n.removeprefix("_on_") for n in vars(supervisor.HelperRun) if n.startswith("_on_")}
+    generic = {"callback", "event"}
+    assert own - generic <= {m.name for m in proto.TABLE}
+    # ... and a row that no handler fits is refused at import.
+    with pytest.raises(TypeError, match="no handler for message 'bogus'"):
+        supervisor._handler(proto.MessageSpec("bogus", None, 99, "s", ()))
+
+
+def test_every_message_is_sent_by_the_helper() -> None:
+    """A message added to the table is carried through to the C side too."""
+    sources = list((ROOT / "csrc").rglob("*.c"))
+    text = "\n".join(p.read_text() for p in sources)
+    header = (ROOT / "csrc/xcsave_msgs.h").read_text()
+    lists = {side: f"XCS_{side}_CALLBACKS(" for side in ("SAVE", "RESTORE")}
+    for side, use in lists.items():
+        assert use in text, f"no backend installs the {side.lower()} callbacks"
+    for m in proto.TABLE:
+        sent = re.search(rf"\bxcs_(stub|tramp)_{m.name}\b", text) is not None
+        listed = m.callback and f"    X({m.name}, " in header
+        assert sent or listed, f"the helper never sends {m.name}"
+
+
+def test_header_lists_callbacks_and_stopped_replies() -> None:
+    header = proto.emit_c_header()
+    for m in proto.TABLE:
+        if m.needs_reply:
+            assert f"[XCS_MSG_{m.name.upper()}] = {m.stopped}," in header
+        for side, flag in (("SAVE", "s"), ("RESTORE", "r")):
+            block = header.split(f"#define XCS_{side}_CALLBACKS(X)")[1].split("\n\n")[0]
+            assert (f"X({m.name}, {m.name.upper()})" in block) == (m.callback and flag in m.flags)

@@ -6,6 +6,7 @@ nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -62,6 +63,64 @@ def test_non_live_save_resumes_nothing_and_suspends_the_source(dom: Path, tmp_pa
     assert res.stats is not None
     assert res.stats.rounds == 1
     assert sim.info(dom)["state"] == "suspended"
+
+
+def test_restore_reports_its_own_stats(dom: Path, tmp_path: Path) -> None:
+    """A restore ends with restore_stats, what it received; a save's stats never."""
+    img = tmp_path / "o"
+    saved = xcsave.sync.save(img, sim=dom)
+    assert saved.stats is not None
+    assert saved.restore_stats is None
+    events: list[Event] = []
+    res = xcsave.sync.restore(img, sim=tmp_path / "dst.dom", on_event=events.append)
+    assert res.stats is None
+    st = res.restore_stats
+    assert st is not None
+    assert st.pages_received == saved.stats.pages_sent > 0
+    assert st.bytes == saved.stats.bytes == img.stat().st_size
+    assert st.checkpoints == 0
+    assert st.duration_ns > 0
+    assert [e.kind for e in events if "stats" in e.kind] == ["restore_stats"]
+    assert [e.asdict() for e in events if e.kind == "restore_stats"] == [
+        {
+            "event": "restore_stats",
+            "op": "restore",
+            "domain": str(tmp_path / "dst.dom"),
+            "checkpoints": 0,
+            "pages_received": st.pages_received,
+            "bytes": st.bytes,
+            "duration_ns": st.duration_ns,
+        }
+    ]
+
+
+@pytest.mark.parametrize("progress", ["plain", "json"])
+def test_restore_progress_shows_what_was_received(
+    progress: str, dom: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "o"
+    xcsave.sync.save(img, sim=dom)
+    size = img.stat().st_size
+    r = cli("restore", img, "--sim", tmp_path / "dst.dom", "--progress", progress)
+    assert r.returncode == 0, r.stderr
+    if progress == "json":
+        events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        stats = [e for e in events if "stats" in e["event"]]
+        assert [e["event"] for e in stats] == ["restore_stats"]
+        assert stats[0]["bytes"] == size
+        assert stats[0]["pages_received"] > 0
+    else:
+        assert f" {size} bytes received" in r.stderr
+        assert "round(s)" not in r.stderr
+
+
+def test_a_remus_restore_counts_its_checkpoints(dom: Path, tmp_path: Path) -> None:
+    img = tmp_path / "remus.img"
+    xcsave.sync.save(img, sim=dom, fmt="libxl", stream_type="remus", checkpoints=3)
+    res = xcsave.sync.restore(img, sim=tmp_path / "dst.dom", fmt="libxl", stream_type="remus")
+    assert res.restore_stats is not None
+    assert res.restore_stats.checkpoints == 3
+    assert res.restore_stats.bytes == img.stat().st_size
 
 
 def test_save_to_stdout_and_restore_from_stdin(dom: Path, tmp_path: Path) -> None:

@@ -160,6 +160,14 @@ async def test_restore_reads_exactly_what_save_wrote(
     assert restored.read_text() == saved.read_text()
     assert res.store_gfn is not None and res.store_gfn > 0
     assert res.console_gfn is not None and res.console_gfn > 0
+    # A restore's own statistics (xcsave-1 only), never the save's.
+    assert res.stats is None
+    if helper.dialect == "xcsave-1":
+        assert res.restore_stats is not None
+        assert res.restore_stats.checkpoints == 0
+        assert res.restore_stats.duration_ns > 0
+    else:
+        assert res.restore_stats is None
 
 
 async def test_failing_save_names_errno_and_leaves_no_file(

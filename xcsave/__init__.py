@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     )
     from .lock import DomainBusy
     from .policy import Decision, PrecopyStats
-    from .supervisor import Callbacks, RunResult, Stats, Supervisor, helper_path
+    from .supervisor import Callbacks, RestoreStats, RunResult, Stats, Supervisor, helper_path
 
 # Names are imported on first use (PEP 562), so that ``import xcsave`` stays
 # cheap and ``python -m xcsave.proto`` runs without the package importing it
@@ -43,6 +43,7 @@ _LAZY = {
     "Decision": "policy",
     "PrecopyStats": "policy",
     "Callbacks": "supervisor",
+    "RestoreStats": "supervisor",
     "RunResult": "supervisor",
     "Stats": "supervisor",
     "Supervisor": "supervisor",
@@ -90,6 +91,7 @@ __all__ = [
     "HelperTimeout",
     "PrecopyStats",
     "ProtocolError",
+    "RestoreStats",
     "RunResult",
     "Stats",
     "StreamError",

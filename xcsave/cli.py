@@ -135,14 +135,23 @@ def _describe(res: RunResult) -> str:
     parts = [f"ok in {res.elapsed:.2f} s"]
     if res.stats is not None:
         s = res.stats
-        secs = s.duration_ns / 1e9
-        gbps = s.bytes / secs / 1e9 if secs > 0 and s.bytes else 0.0
         parts.append(f"{s.rounds} round(s), {s.pages_sent} pages, {s.bytes} bytes")
-        if gbps:
+        if gbps := _gbps(s.bytes, s.duration_ns):
             parts.append(f"{gbps:.2f} GB/s")
         if s.downtime_ns:
             parts.append(f"downtime {s.downtime_ns / 1e6:.1f} ms")
+    if res.restore_stats is not None:
+        r = res.restore_stats
+        if r.checkpoints:
+            parts.append(f"{r.checkpoints} checkpoint(s)")
+        parts.append(f"{r.pages_received} pages, {r.bytes} bytes received")
+        if gbps := _gbps(r.bytes, r.duration_ns):
+            parts.append(f"{gbps:.2f} GB/s")
     return ", ".join(parts)
+
+
+def _gbps(nbytes: int, duration_ns: int) -> float:
+    return nbytes / duration_ns if duration_ns > 0 and nbytes else 0.0
 
 
 def do_save(args: argparse.Namespace) -> int:

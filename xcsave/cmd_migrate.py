@@ -491,13 +491,13 @@ def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
 
 
 def receive_json(res: ReceiveResult) -> dict[str, Any]:
-    st = res.restore.stats
+    st = res.restore.restore_stats
     return {
         "event": "received",
         "domain": res.domain,
         "peer": res.peer,
         "format": res.fmt,
-        "pages": st.pages_sent if st else None,
+        "pages": st.pages_received if st else None,
         "bytes": st.bytes if st else None,
         "seconds": round(res.seconds, 3),
         "report_lost": res.report_lost,

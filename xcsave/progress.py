@@ -17,7 +17,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from .events import DoneEvent, Event, PolicyEvent, ProgressEvent, StatsEvent
+from .events import (
+    DoneEvent,
+    Event,
+    PolicyEvent,
+    ProgressEvent,
+    RestoreStatsEvent,
+    StatsEvent,
+)
 
 MODES = ("auto", "bar", "plain", "json", "none")
 
@@ -132,7 +139,7 @@ class Renderer:
                 f"{key}: round {ev.iteration}: {ev.dirty_count} dirty, "
                 f"{ev.total_written} written -> {_decision(ev.decision)}\n"
             )
-        elif isinstance(ev, StatsEvent):
+        elif isinstance(ev, StatsEvent | RestoreStatsEvent):
             self.out.write(f"{key}: {_stats_line(ev)}\n")
         elif isinstance(ev, DoneEvent):
             status = "done" if ev.ok else f"failed: {ev.error}"
@@ -155,7 +162,7 @@ class Renderer:
             secs = ev.elapsed - self._round_t0.get(key, 0.0)
             rate = f"{ev.done * PAGE_SIZE / secs / 1e9:.2f} GB/s" if secs > 0 and ev.done else ""
             prog.update(task, completed=ev.done, total=ev.total or None, rate=rate)
-        elif isinstance(ev, StatsEvent):
+        elif isinstance(ev, StatsEvent | RestoreStatsEvent):
             prog.update(task, description=_stats_line(ev))
         elif isinstance(ev, DoneEvent):
             total = prog.tasks[task].total or 1
@@ -170,11 +177,11 @@ def _decision(d: int) -> str:
     return {-1: "abort", 0: "continue", 1: "stop-and-copy"}.get(d, str(d))
 
 
-def _stats_line(ev: StatsEvent) -> str:
+def _stats_line(ev: StatsEvent | RestoreStatsEvent) -> str:
     secs = ev.duration_ns / 1e9
     rate = ev.bytes / secs / 1e9 if secs > 0 else 0.0
-    if ev.op in ("restore", "receive"):
-        return f"{ev.pages_sent} pages, {ev.bytes} bytes received ({rate:.2f} GB/s)"
+    if isinstance(ev, RestoreStatsEvent):
+        return f"{ev.pages_received} pages, {ev.bytes} bytes received ({rate:.2f} GB/s)"
     return (
         f"{ev.rounds} round(s), {ev.pages_sent} pages, {ev.bytes} bytes "
         f"({rate:.2f} GB/s), downtime {ev.downtime_ns / 1e6:.1f} ms"

@@ -19,20 +19,34 @@ Wire format (both dialects, host byte order, no padding):
 ``xcsave-1``
     xcsave's own: LEN is a u32, the helper's first frame is ``hello``
     (protocol version, a hash of this table, backend, mode) and the table
-    adds ``precopy_policy`` and ``stats``, and the TLS tunnel's ``tls_peer``
-    (the handshake succeeded: who the peer is) and ``tunnel_stats``.
+    adds ``precopy_policy``, a save's ``stats`` and a restore's
+    ``restore_stats``, and the TLS tunnel's ``tls_peer`` (the handshake
+    succeeded: who the peer is) and ``tunnel_stats``.
 
 Argument types (LP64 sizes): ``u16``/``u32``/``u64``/``i32``/``i64`` as
 named; ``uint``/``int`` are C's 4-byte ``unsigned``/``int``; ``ulong`` is C's
 ``unsigned long`` and ``pfn`` is ``xen_pfn_t`` (both native, 8 bytes on
 x86_64); ``STRING`` is a u32 length followed by that many bytes ending in a
-NUL; ``BLOCK`` is a u32 length followed by that many bytes.
+NUL; ``BLOCK`` is a u32 length followed by that many bytes; ``U64S`` is a
+BLOCK of native u64s (decoded as a tuple of ints; C passes a pointer and a
+count).
 
 Flags, as in Xen's generator: ``s``/``r`` the message occurs in save /
 restore (xcsave's own ``t``: in a TLS tunnel run, see ``xcsave.tls``), ``c``
 it is a callback of the caller's, ``x`` whether the caller installed it
 travels in ``cbflags`` bit ``1 << number``, ``W``/``A`` it needs a reply
 (synchronous / asynchronous on the parent side; the same on the wire).
+
+Past the codec the table goes on (none of it travels on the wire, so none
+of it is in the hash): ``ok`` is the reply a caller's callback that returns
+None stands for ("fine"), ``stopped`` the reply the helper assumes when it is
+stopped while waiting (the callback failed), ``pack`` the type a callback
+gets its arguments in, ``event`` the :mod:`xcsave.events` class a message
+becomes, and an argument written ``wire=py`` has another name in Python.
+``python -m xcsave.proto --emit-py`` writes ``xcsave/_msgs.py`` from it (the
+caller's :class:`~xcsave.supervisor.Callbacks`, the stats records and the
+message events); ``--emit-c`` the helper's stubs, trampolines, callback
+lists and stopped replies.  A test fails when either file is stale.
 """
 
 from __future__ import annotations
@@ -62,11 +76,16 @@ __all__ = [
     "MessageSpec",
     "cbflags_for",
     "emit_c_header",
+    "emit_py_module",
     "encode",
     "encode_reply",
     "message",
 ]
 
+#: Both must match in hello.  The hash covers every change to the wire
+#: table (rows, numbers, flags, argument types and names), so a row added or
+#: changed is refused by it alone; bump the version only when an unchanged
+#: table starts to mean something else on the wire.
 PROTO_VERSION: Final = 1
 
 # type name -> (struct code, size); "ulong" and "pfn" follow the host ABI.
@@ -94,7 +113,10 @@ _C_TYPES: Final[dict[str, str]] = {
     "pfn": "uint64_t",
     "STRING": "const char *",
     "BLOCK": "const void *",
+    "U64S": "const uint64_t *",
 }
+#: Argument types whose values are variable-length (a u32 byte count first).
+_VAR_TYPES: Final = ("STRING", "BLOCK", "U64S")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +125,8 @@ class Arg:
 
     name: str
     type: str
+    py: str = ""  # its name in Python when not ``name`` (a C name such as errnoval)
+    note: str = ""  # a comment for the generated Python field
 
     @property
     def code(self) -> str:
@@ -110,7 +134,11 @@ class Arg:
 
     @property
     def is_var(self) -> bool:
-        return self.type in ("STRING", "BLOCK")
+        return self.type in _VAR_TYPES
+
+    @property
+    def pyname(self) -> str:
+        return self.py or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +150,12 @@ class MessageSpec:
     xcs: int  # number in xcsave-1
     flags: str
     args: tuple[Arg, ...]
+    ok: int | None = None  # reply of a callback that returned None ("fine")
+    stopped: int | None = None  # the helper's reply when stopped while waiting
+    pack: str | None = None  # a callback gets its args as one of these (xcsave.policy)
+    event: str | None = None  # the xcsave.events class the message becomes
+    record: str | None = None  # the RunResult record it also is (xcsave.supervisor)
+    doc: str = ""  # one line for the generated classes
 
     @property
     def save(self) -> bool:
@@ -158,37 +192,81 @@ class MessageSpec:
         return 1 << num
 
 
-def _row(name: str, xen: int | None, xcs: int, flags: str, args: str = "") -> MessageSpec:
+def _row(
+    name: str,
+    xen: int | None,
+    xcs: int,
+    flags: str,
+    args: str = "",
+    *,
+    ok: int | None = None,
+    stopped: int | None = None,
+    pack: str | None = None,
+    event: str | None = None,
+    record: str | None = None,
+    doc: str = "",
+    notes: dict[str, str] | None = None,
+) -> MessageSpec:
+    """One row; ``args`` is "type name type name=pyname ..."."""
     words = args.split()
-    pairs = tuple(Arg(n, t) for t, n in zip(words[0::2], words[1::2], strict=True))
-    return MessageSpec(name, xen, xcs, flags, pairs)
+    pairs = []
+    for t, n in zip(words[0::2], words[1::2], strict=True):
+        wire, _, py = n.partition("=")
+        pairs.append(Arg(wire, t, py, (notes or {}).get(py or wire, "")))
+    return MessageSpec(name, xen, xcs, flags, tuple(pairs), ok, stopped, pack, event, record, doc)
 
 
 #: THE table.  Xen 4.17's ten messages keep their numbers in both dialects.
+#: ok/stopped: see the module docstring (suspend, postcopy and wait_checkpoint
+#: are fine at 1 and fail at 0; checkpoint's 0 ends the checkpoints; the
+#: others are fine at 0 and fail at -1, precopy_policy's -1 is ABORT and
+#: complete's -1 "the caller did not commit").
 TABLE: Final[tuple[MessageSpec, ...]] = (
     # name                  xen  xcs  flags    args
     _row("hello",           None, 0, "srt",
          "u32 version u64 table_hash STRING backend STRING mode"),
     _row("log",             1,   1,  "srt",
-         "u32 level u32 errnoval STRING context STRING formatted"),
+         "u32 level u32 errnoval=errno STRING context STRING formatted=message",
+         event="LogEvent", doc="A helper log line (also sent to the ``xcsave.helper`` logger).",
+         notes={"level": "xentoollog level 1..9", "errno": "-1 when none"}),
     _row("progress",        2,   2,  "sr",
          "STRING context STRING doing_what ulong done ulong total"),
-    _row("suspend",         3,   3,  "srcxA"),
-    _row("postcopy",        4,   4,  "srcxA"),
-    _row("checkpoint",      5,   5,  "srcxA"),
-    _row("wait_checkpoint", 6,   6,  "srcxA"),
-    _row("switch_qemu_logdirty", 7, 7, "scxA", "u32 domid uint enable"),
-    _row("static_data_done", 8,  8,  "rcxW",   "uint missing"),
+    _row("suspend",         3,   3,  "srcxA", ok=1, stopped=0),
+    _row("postcopy",        4,   4,  "srcxA", ok=1, stopped=0),
+    _row("checkpoint",      5,   5,  "srcxA", ok=0, stopped=0),
+    _row("wait_checkpoint", 6,   6,  "srcxA", ok=1, stopped=0),
+    _row("switch_qemu_logdirty", 7, 7, "scxA", "u32 domid uint enable", ok=0, stopped=-1),
+    _row("static_data_done", 8,  8,  "rcxW",   "uint missing", ok=0, stopped=-1),
     _row("restore_results", 9,   9,  "rcx",    "pfn store_gfn pfn console_gfn"),
-    _row("complete",        10,  10, "srtW",   "int retval int errnoval"),
-    _row("precopy_policy",  None, 11, "scxW",  "u32 iteration u64 total_written i64 dirty_count"),
-    _row("stats",           None, 12, "sr",
+    _row("complete",        10,  10, "srtW",   "int retval int errnoval", stopped=-1),
+    _row("precopy_policy",  None, 11, "scxW",  "u32 iteration u64 total_written i64 dirty_count",
+         ok=0, stopped=-1, pack="PrecopyStats"),
+    _row("stats",           None, 12, "s",
          "u32 rounds u64 pages_sent u64 zero_pages u64 bytes u64 downtime_ns u64 duration_ns "
-         "BLOCK pages_per_round"),
+         "U64S pages_per_round",
+         event="StatsEvent", record="Stats", doc="A save's final statistics (xcsave-1 ``stats``).",
+         notes={"rounds": "precopy rounds, the stop-and-copy one included",
+                "zero_pages": "pages found all-zero (not sent)",
+                "bytes": "stream bytes written"}),
     _row("tls_peer",        None, 13, "t",
-         "STRING subject STRING address STRING version STRING cipher"),
+         "STRING subject STRING address STRING version STRING cipher",
+         event="TlsPeerEvent",
+         doc="A TLS tunnel's handshake succeeded: the authenticated peer (``tls_peer``).",
+         notes={"subject": 'the peer certificate\'s subject, RFC 2253 ("CN=hostb")',
+                "address": '"192.0.2.7:4000"', "version": '"TLSv1.3"',
+                "cipher": '"TLS_AES_256_GCM_SHA384"'}),
     _row("tunnel_stats",    None, 14, "t",
-         "u64 sent u64 received u64 discarded u64 duration_ns"),
+         "u64 sent u64 received u64 discarded u64 duration_ns",
+         event="TunnelStatsEvent", doc="A TLS tunnel's byte counts at its end (``tunnel_stats``).",
+         notes={"sent": "plaintext bytes we sent to the peer",
+                "received": "plaintext bytes from the peer handed to our socket",
+                "discarded": "bytes from the peer after our side had closed"}),
+    _row("restore_stats",   None, 15, "r",
+         "u32 checkpoints u64 pages_received u64 bytes u64 duration_ns",
+         event="RestoreStatsEvent", record="RestoreStats",
+         doc="A restore's final statistics (xcsave-1 ``restore_stats``).",
+         notes={"checkpoints": "complete checkpoints applied (remus; 0 for a plain stream)",
+                "bytes": "stream bytes read"}),
 )  # fmt: skip
 
 _BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in TABLE}
@@ -236,6 +314,10 @@ for _d in DIALECTS.values():
             _d.by_number[_n] = _m
 
 
+#: One decoded argument: an int, a STRING (str), a BLOCK (bytes) or U64S (ints).
+Value = int | str | bytes | tuple[int, ...]
+
+
 class Frame(NamedTuple):
     """One decoded helper message: its row and its argument values in order.
 
@@ -244,13 +326,13 @@ class Frame(NamedTuple):
     """
 
     spec: MessageSpec
-    args: tuple[int | str | bytes, ...]
+    args: tuple[Value, ...]
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def asdict(self) -> dict[str, int | str | bytes]:
+    def asdict(self) -> dict[str, Value]:
         return {a.name: v for a, v in zip(self.spec.args, self.args, strict=True)}
 
 
@@ -262,7 +344,7 @@ def cbflags_for(dialect: Dialect, names: set[str] | frozenset[str]) -> int:
     return flags
 
 
-def encode(dialect: Dialect, name: str, *values: int | str | bytes) -> bytes:
+def encode(dialect: Dialect, name: str, *values: Value) -> bytes:
     """Encode one helper->parent frame (used by tests and Python fakes)."""
     spec = _BY_NAME[name]
     num = spec.number(dialect)
@@ -275,7 +357,9 @@ def encode(dialect: Dialect, name: str, *values: int | str | bytes) -> bytes:
         if arg.type == "STRING":
             raw = v.encode() if isinstance(v, str) else bytes(v)
             parts.append(struct.pack("=I", len(raw) + 1) + raw + b"\0")
-        elif arg.type == "BLOCK":
+        elif arg.type == "U64S" and isinstance(v, tuple):
+            parts.append(struct.pack(f"=I{len(v)}Q", 8 * len(v), *v))
+        elif arg.is_var:  # BLOCK, or raw bytes for a U64S (tests send odd sizes)
             raw = v.encode() if isinstance(v, str) else bytes(v)
             parts.append(struct.pack("=I", len(raw)) + raw)
         else:
@@ -409,7 +493,7 @@ class Decoder:
         if self._need_hello or spec.name == "hello":
             self._check_order(spec)
         off = start + 2
-        values: tuple[int | str | bytes, ...]
+        values: tuple[Value, ...]
         if whole is not None:  # all scalars: one unpack of an exact size
             if end - off != whole.size:
                 if end - off < whole.size:
@@ -437,8 +521,8 @@ class Decoder:
         body: bytearray,
         off: int,
         end: int,
-    ) -> tuple[int | str | bytes, ...]:
-        values: list[int | str | bytes] = []
+    ) -> tuple[Value, ...]:
+        values: list[Value] = []
         for step in steps:
             if isinstance(step, struct.Struct):  # a run of scalars: one unpack
                 if off + step.size > end:
@@ -456,6 +540,10 @@ class Decoder:
                 if n == 0 or body[off + n - 1] != 0:
                     raise ProtocolError(f"{spec.name}: {step.name} is not NUL-terminated")
                 values.append(body[off : off + n - 1].decode("utf-8", errors="replace"))
+            elif step.type == "U64S":
+                if n % 8:
+                    raise ProtocolError(f"{spec.name}: {step.name} is not a whole number of u64s")
+                values.append(struct.unpack_from(f"={n // 8}Q", body, off))
             else:
                 values.append(bytes(body[off : off + n]))
             off += n
@@ -465,7 +553,9 @@ class Decoder:
 
     @staticmethod
     def _check_hello(frame: Frame) -> None:
-        version, table_hash = int(frame.args[0]), int(frame.args[1])
+        version, table_hash = frame.args[0], frame.args[1]
+        assert isinstance(version, int)  # u32
+        assert isinstance(table_hash, int)  # u64
         if version != PROTO_VERSION:
             raise ProtocolError(
                 f"helper speaks xcsave protocol version {version}, expected {PROTO_VERSION}"
@@ -482,6 +572,14 @@ class Decoder:
 
 def _c_ident(name: str) -> str:
     return name.upper()
+
+
+#: Argument types a generated C trampoline can take (the library's own are its).
+_PLAIN_C: Final = ("u16", "u32", "u64", "i32", "i64", "uint", "int")
+
+
+def _trampoline(m: MessageSpec) -> bool:
+    return m.callback and m.pack is None and all(a.type in _PLAIN_C for a in m.args)
 
 
 def emit_c_header() -> str:
@@ -526,6 +624,29 @@ def emit_c_header() -> str:
             w(f"#define XCS_CBFLAG_{_c_ident(m.name)} (1u << {m.xcs})")
     w("")
     w("/*")
+    w(" * The reply to a message that needs one, once the parent is stopping the")
+    w(" * helper (it will never answer): the callback failed (0 where 0 fails it,")
+    w(" * -1 elsewhere: precopy_policy's ABORT, complete's \"not committed\").")
+    w(" */")
+    w("static const int xcs_msg_stopped_reply[XCS_MSG_COUNT] = {")
+    for m in TABLE:
+        if m.needs_reply:
+            w(f"    [XCS_MSG_{_c_ident(m.name)}] = {m.stopped},")
+    w("};")
+    w("")
+    w("/*")
+    w(" * The caller's callbacks of each side, X(name, NAME) in table order: a")
+    w(" * backend installs its trampoline for each one flagged in cbflags")
+    w(" * (libxenguest's save_callbacks/restore_callbacks name them the same).")
+    w(" */")
+    for side, flag in (("SAVE", "s"), ("RESTORE", "r")):
+        items = [m for m in TABLE if m.callback and flag in m.flags]
+        w(f"#define XCS_{side}_CALLBACKS(X) \\")
+        for i, m in enumerate(items):
+            tail = " \\" if i < len(items) - 1 else ""
+            w(f"    X({m.name}, {_c_ident(m.name)}){tail}")
+        w("")
+    w("/*")
     w(" * Provided by the helper (helper_main.c):")
     w(" *   xcs_msgbuf(len)     a buffer of at least len bytes for one body;")
     w(" *   xcs_transmit(m, body, len)  frame and send body (msgtype + args);")
@@ -553,6 +674,8 @@ def emit_c_header() -> str:
             params.append(f"{_C_TYPES[a.type]} {a.name}")
             if a.type == "BLOCK":
                 params.append(f"uint32_t {a.name}_len")
+            elif a.type == "U64S":
+                params.append(f"uint32_t {a.name}_count")
         ret = "int" if m.needs_reply else "void"
         w(f"static inline {ret} xcs_stub_{m.name}({', '.join(params) or 'void'})")
         w("{")
@@ -562,6 +685,9 @@ def emit_c_header() -> str:
                 w(f"    uint32_t {a.name}_len = (uint32_t)strlen({a.name}) + 1;")
                 size_terms.append(f"4 + {a.name}_len")
             elif a.type == "BLOCK":
+                size_terms.append(f"4 + {a.name}_len")
+            elif a.type == "U64S":
+                w(f"    uint32_t {a.name}_len = {a.name}_count * (uint32_t)sizeof(uint64_t);")
                 size_terms.append(f"4 + {a.name}_len")
             else:
                 size_terms.append(f"sizeof({a.name})")
@@ -579,7 +705,176 @@ def emit_c_header() -> str:
             w(f"    return xcs_getreply(XCS_MSG_{_c_ident(m.name)});")
         w("}")
     w("")
+    w("/*")
+    w(" * Trampolines: a callback of the backend's library (args..., void *data)")
+    w(" * relayed as its message, the reply its value.  Only for callbacks whose")
+    w(" * arguments are plain C integers; a backend writes the others (their")
+    w(" * types are the library's: xen_pfn_t, struct precopy_stats).")
+    w(" */")
+    for m in TABLE:
+        if not _trampoline(m):
+            continue
+        ret = "int" if m.needs_reply else "void"
+        params = [f"{_C_TYPES[a.type]} {a.name}" for a in m.args]
+        names = ", ".join(a.name for a in m.args)
+        w(f"static inline {ret} xcs_tramp_{m.name}({', '.join([*params, 'void *data'])})")
+        w("{")
+        w("    (void)data;")
+        w(f"    {'return ' if m.needs_reply else ''}xcs_stub_{m.name}({names});")
+        w("}")
+        w("")
     w("#endif /* XCSAVE_MSGS_H */")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------- Python
+
+_PY_TYPES: Final[dict[str, str]] = {
+    "STRING": "str",
+    "BLOCK": "bytes",
+    "U64S": "tuple[int, ...]",
+}
+
+
+def _py_type(a: Arg) -> str:
+    return _PY_TYPES.get(a.type, "int")
+
+
+def _py_fields(m: MessageSpec) -> list[str]:
+    out = []
+    for a in m.args:
+        note = f"  # {a.note}" if a.note else ""
+        out.append(f"    {a.pyname}: {_py_type(a)}{note}")
+    return out
+
+
+def _py_values(m: MessageSpec) -> list[str]:
+    return [f"cast({_py_type(a)}, a[{i}])" for i, a in enumerate(m.args)]
+
+
+def _py_call(indent: str, callee: str, values: list[str]) -> list[str]:
+    """``return callee(values)`` as ruff format writes it (one line if it fits)."""
+    line = f"{indent}return {callee}({', '.join(values)})"
+    if len(line) <= 99:
+        return [line]
+    return [f"{indent}return {callee}(", *(f"{indent}    {v}," for v in values), f"{indent})"]
+
+
+def _py_callback_type(m: MessageSpec) -> str:
+    params = m.pack or ", ".join("int" for _ in m.args)
+    return f"Callable[[{params}], {'Answer' if m.needs_reply else 'object'}]"
+
+
+def emit_py_module() -> str:
+    """The Python side past the codec (``xcsave/_msgs.py``)."""
+    # The questions in table order, then what the caller is only told
+    # (restore_results): Callbacks' field order since before the table.
+    callbacks = sorted((m for m in TABLE if m.callback), key=lambda m: not m.needs_reply)
+    records = [m for m in TABLE if m.record]
+    events = [m for m in TABLE if m.event]
+    packs = [m for m in TABLE if m.pack]
+    names = sorted(
+        ["CALLBACKS", "EVENTS", "Answer", "Args", "CallbackFn", "Callbacks", "Reply"]
+        + [m.record for m in records if m.record]
+        + [m.event for m in events if m.event]
+        + [f"pack_{m.name}" for m in packs],
+        key=lambda n: (not n.isupper(), not n[0].isupper(), n),  # ruff's RUF022 order
+    )
+    out: list[str] = []
+    w = out.append
+    w("# AUTOGENERATED by python -m xcsave.proto --emit-py  DO NOT EDIT")
+    w("# Source of truth: the message table in xcsave/proto.py.")
+    w('"""The message table past the codec: callbacks, statistics, message events.')
+    w("")
+    w("Generated from :data:`xcsave.proto.TABLE` (``python -m xcsave.proto --emit-py``);")
+    w("a test fails when this file is stale.  Import these from xcsave.supervisor")
+    w("and xcsave.events, which re-export them.")
+    w('"""')
+    w("")
+    w("from __future__ import annotations")
+    w("")
+    w("from collections.abc import Awaitable, Callable")
+    w("from dataclasses import dataclass")
+    w("from typing import ClassVar, Final, cast")
+    w("")
+    w("from ._event import Event")
+    w(f"from .policy import Decision, {', '.join(sorted({m.pack for m in packs if m.pack}))}")
+    w("from .proto import Value")
+    w("")
+    w("__all__ = [")
+    for n in names:
+        w(f'    "{n}",')
+    w("]")
+    w("")
+    w("#: A frame's argument values, in table order.")
+    w("Args = tuple[Value, ...]")
+    w("#: A callback's reply (Xen semantics, an int; True/False are 1/0; None: fine).")
+    w("Reply = int | bool | Decision | None")
+    w("Answer = Reply | Awaitable[Reply]")
+    w("CallbackFn = Callable[..., Answer]")
+    w("")
+    w("#: The callbacks a caller may install: the questions, then restore_results.")
+    w("CALLBACKS: Final = (")
+    for m in callbacks:
+        w(f'    "{m.name}",')
+    w(")")
+    w("")
+    w("")
+    w("@dataclass")
+    w("class Callbacks:")
+    w('    """The caller\'s callbacks.  Each may be sync or async; None = not installed.')
+    w("")
+    w("    Their return value is the reply to the helper (Xen semantics, an int;")
+    w('    ``True``/``False`` are 1/0; ``None`` means "fine": the table\'s ``ok``).')
+    w("    Installed callbacks are announced to the helper in ``cbflags`` exactly as")
+    w("    libxl does; ``restore_results`` is told, not asked (its value is ignored).")
+    w('    """')
+    w("")
+    for m in callbacks:
+        sig = f"  # ({', '.join(a.pyname for a in m.args)})" if m.args and not m.pack else ""
+        w(f"    {m.name}: {_py_callback_type(m)} | None = None{sig}")
+    w("")
+    w("    def installed(self) -> frozenset[str]:")
+    w('        """The names of the callbacks set (announced in ``cbflags``)."""')
+    w("        return frozenset(name for name in CALLBACKS if getattr(self, name) is not None)")
+    for m in packs:
+        w("")
+        w("")
+        w(f"def pack_{m.name}(a: Args) -> {m.pack}:")
+        w(f'    """The {m.name} callback\'s one argument."""')
+        out.extend(_py_call("    ", m.pack or "", _py_values(m)))
+    for m in records:
+        w("")
+        w("")
+        w("@dataclass(frozen=True, slots=True)")
+        w(f"class {m.record}:")
+        w(f'    """{m.doc}"""')
+        w("")
+        out.extend(_py_fields(m))
+        w("")
+        w("    @classmethod")
+        w(f"    def from_args(cls, a: Args) -> {m.record}:")
+        out.extend(_py_call("        ", "cls", _py_values(m)))
+    for m in events:
+        w("")
+        w("")
+        w("@dataclass(frozen=True, slots=True)")
+        w(f"class {m.event}(Event):")
+        w(f'    """{m.doc}"""')
+        w("")
+        w(f'    kind: ClassVar[str] = "{m.name}"')
+        out.extend(_py_fields(m))
+        w("")
+        w("    @classmethod")
+        w(f"    def from_frame(cls, op: str, domain: str, a: Args) -> {m.event}:")
+        out.extend(_py_call("        ", "cls", ["op", "domain", *_py_values(m)]))
+    w("")
+    w("")
+    w("#: Message name -> the event it becomes: (op, domain, args) -> event.")
+    w("EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {")
+    for m in events:
+        w(f'    "{m.name}": {m.event}.from_frame,')
+    w("}")
     return "\n".join(out) + "\n"
 
 
@@ -589,21 +884,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--emit-c", action="store_true", help="print the helper's C header")
     parser.add_argument(
-        "--check", metavar="FILE", help="with --emit-c: exit 1 if FILE differs (stale)"
+        "--emit-py", action="store_true", help="print the Python module xcsave/_msgs.py"
+    )
+    parser.add_argument(
+        "--check", metavar="FILE", help="with --emit-*: exit 1 if FILE differs (stale)"
     )
     parser.add_argument("--hash", action="store_true", help="print the table hash")
     args = parser.parse_args(argv)
     if args.hash:
         sys.stdout.write(f"0x{TABLE_HASH:016x}\n")
         return 0
-    if not args.emit_c:
-        parser.error("nothing to do: give --emit-c or --hash")
-    text = emit_c_header()
+    if args.emit_c == args.emit_py:
+        parser.error("give one of --emit-c, --emit-py or --hash")
+    text = emit_c_header() if args.emit_c else emit_py_module()
     if args.check:
         current = Path(args.check).read_text() if Path(args.check).exists() else ""
         if current != text:
+            flag = "--emit-c" if args.emit_c else "--emit-py"
             sys.stderr.write(
-                f"{args.check} is stale: regenerate with python -m xcsave.proto --emit-c\n"
+                f"{args.check} is stale: regenerate with python -m xcsave.proto {flag}\n"
             )
             return 1
         return 0

@@ -25,7 +25,6 @@ import logging
 import os
 import shlex
 import signal
-import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,15 @@ from typing import Any, Final
 
 from . import proto
 from ._log import logger
+from ._msgs import (
+    EVENTS,
+    CallbackFn,
+    Callbacks,
+    Reply,
+    RestoreStats,
+    Stats,
+    pack_precopy_policy,
+)
 from .errors import (
     BackendUnavailable,
     CallbackError,
@@ -43,23 +51,16 @@ from .errors import (
     HelperTimeout,
     ProtocolError,
 )
-from .events import (
-    DoneEvent,
-    Event,
-    LogEvent,
-    PolicyEvent,
-    ProgressEvent,
-    StatsEvent,
-    TlsPeerEvent,
-    TunnelStatsEvent,
-)
-from .policy import Decision, PrecopyStats
+from .events import DoneEvent, Event, LogEvent, PolicyEvent, ProgressEvent
 
 __all__ = [
     "HELPER_NAME",
+    "CallbackFn",
     "Callbacks",
     "HelperRun",
     "HelperSpec",
+    "Reply",
+    "RestoreStats",
     "RunResult",
     "Stats",
     "Supervisor",
@@ -86,17 +87,6 @@ XTL_LEVELS: Final[dict[int, int]] = {
     9: logging.CRITICAL,  # CRITICAL
 }
 
-#: What a callback returning None means, per message ("it went fine").
-_OK_REPLY: Final[dict[str, int]] = {
-    "suspend": 1,
-    "postcopy": 1,
-    "checkpoint": 0,
-    "wait_checkpoint": 1,
-    "switch_qemu_logdirty": 0,
-    "static_data_done": 0,
-    "precopy_policy": int(Decision.CONTINUE),
-}
-
 
 def helper_path() -> Path:
     """The helper to run: ``$XCSAVE_HELPER``, else the one bundled in the package.
@@ -114,59 +104,6 @@ def helper_path() -> Path:
             "install it with 'pip install .' (or set XCSAVE_HELPER)"
         )
     return path
-
-
-Reply = int | bool | Decision | None
-CallbackFn = Callable[..., Reply | Awaitable[Reply]]
-
-
-@dataclass
-class Callbacks:
-    """The caller's callbacks.  Each may be sync or async; None = not installed.
-
-    Their return value is the reply to the helper (Xen semantics, an int;
-    ``True``/``False`` are 1/0; ``None`` means "fine", see ``_OK_REPLY``).
-    Installed callbacks are announced to the helper in ``cbflags`` exactly as
-    libxl does.
-    """
-
-    suspend: CallbackFn | None = None
-    postcopy: CallbackFn | None = None
-    checkpoint: CallbackFn | None = None
-    wait_checkpoint: CallbackFn | None = None
-    switch_qemu_logdirty: CallbackFn | None = None  # (domid, enable)
-    static_data_done: CallbackFn | None = None  # (missing)
-    precopy_policy: Callable[[PrecopyStats], Reply | Awaitable[Reply]] | None = None
-    restore_results: Callable[[int, int], object] | None = None  # (store, console)
-
-    def installed(self) -> frozenset[str]:
-        return frozenset(
-            name
-            for name in (
-                "suspend",
-                "postcopy",
-                "checkpoint",
-                "wait_checkpoint",
-                "switch_qemu_logdirty",
-                "static_data_done",
-                "precopy_policy",
-                "restore_results",
-            )
-            if getattr(self, name) is not None
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """The helper's final statistics (xcsave-1 only)."""
-
-    rounds: int
-    pages_sent: int
-    zero_pages: int
-    bytes: int
-    downtime_ns: int
-    duration_ns: int
-    pages_per_round: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -204,7 +141,8 @@ class RunResult:
     backend: str | None = None
     store_gfn: int | None = None
     console_gfn: int | None = None
-    stats: Stats | None = None
+    stats: Stats | None = None  # a save's (xcsave-1)
+    restore_stats: RestoreStats | None = None  # a restore's (xcsave-1)
     elapsed: float = 0.0
     logs: list[LogEvent] = field(default_factory=list)
 
@@ -235,6 +173,7 @@ class HelperRun:
         self._commit_error: Exception | None = None
         self._results: tuple[int, int] | None = None
         self._stats: Stats | None = None
+        self._restore_stats: RestoreStats | None = None
         self._backend: str | None = None
         self._logs: list[LogEvent] = []
         self._stderr_tail: list[str] = []
@@ -521,22 +460,24 @@ class HelperRun:
             # The helper died while we answered; its exit status tells why.
             log.debug("helper %s closed its stdin before our reply", self.pid)
 
-    def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> int | Awaitable[int]:
+    def _call(
+        self, spec: proto.MessageSpec, fn: Callable[..., Any], *args: Any
+    ) -> int | Awaitable[int]:
         """The callback's reply, or an awaitable of it for an async callback."""
         try:
             value = fn(*args)
         except Exception as e:
-            raise self._callback_raised(name, e) from e
+            raise self._callback_raised(spec.name, e) from e
         if inspect.isawaitable(value):
-            return self._await_callback(name, value)
-        return self._reply_value(name, value)
+            return self._await_callback(spec, value)
+        return self._reply_value(spec, value)
 
-    async def _await_callback(self, name: str, pending: Awaitable[Any]) -> int:
+    async def _await_callback(self, spec: proto.MessageSpec, pending: Awaitable[Any]) -> int:
         try:
             value = await pending
         except Exception as e:
-            raise self._callback_raised(name, e) from e
-        return self._reply_value(name, value)
+            raise self._callback_raised(spec.name, e) from e
+        return self._reply_value(spec, value)
 
     def _callback_raised(self, name: str, e: Exception) -> CallbackError:
         return CallbackError(
@@ -544,13 +485,13 @@ class HelperRun:
             **self._ids(),
         )
 
-    def _reply_value(self, name: str, value: object) -> int:
+    def _reply_value(self, spec: proto.MessageSpec, value: object) -> int:
         if value is None:
-            return _OK_REPLY.get(name, 0)
+            return spec.ok or 0  # the table's "fine"
         if isinstance(value, int):  # bool and IntEnum included
             return int(value)
         raise CallbackError(
-            f"{self._what()}: the {name} callback returned {value!r}, not an int",
+            f"{self._what()}: the {spec.name} callback returned {value!r}, not an int",
             **self._ids(),
         )
 
@@ -570,84 +511,96 @@ class HelperRun:
     def _dispatch(self, frame: proto.Frame) -> Awaitable[None] | None:
         """Handle one frame; an awaitable when an async callback must finish
         (and reply) before the next frame is handled."""
-        name = frame.name
-        a = frame.args
-        dom, op = self.spec.domain, self.spec.mode
-        if name == "progress":
-            self._emit(
-                ProgressEvent(
-                    op,
-                    dom,
-                    str(a[0]),
-                    str(a[1]),
-                    int(a[2]),
-                    int(a[3]),
-                    time.monotonic() - self._t0,
-                )
+        return _HANDLERS[frame.spec.name](self, frame)
+
+    # One handler per message of the table (_HANDLERS, built below): the
+    # message's own _on_<name>, else the generic one its row calls for.
+
+    def _on_hello(self, frame: proto.Frame) -> None:
+        _version, _hash, backend, mode = frame.args
+        self._backend = str(backend)
+        if mode != self.spec.mode:
+            raise ProtocolError(f"helper says it is doing a {mode!s}, expected a {self.spec.mode}")
+        if self.spec.backend and self._backend != self.spec.backend:
+            raise BackendUnavailable(
+                f"helper runs backend {self._backend!r}, expected {self.spec.backend!r}"
             )
-        elif name == "log":
-            level, err, ctx, text = int(a[0]), int(a[1]), str(a[2]), str(a[3])
-            if err == 0xFFFFFFFF:
-                err = -1
-            ev = LogEvent(op, dom, level, err, ctx, text)
-            self._logs.append(ev)
-            if self._log:
-                self._log.log(XTL_LEVELS.get(level, logging.WARNING), "%s: %s", ctx, text)
-            self._emit(ev)
-        elif name == "precopy_policy":
-            st = PrecopyStats(int(a[0]), int(a[1]), int(a[2]))
-            fn = self.cb.precopy_policy
-            if fn is None:
-                raise ProtocolError("helper asked precopy_policy, which was not installed")
 
-            def decided(decision: int) -> None:
-                self._emit(
-                    PolicyEvent(op, dom, st.iteration, st.total_written, st.dirty_count, decision)
-                )
-                self._reply(decision)
+    def _on_log(self, frame: proto.Frame) -> None:
+        ev = LogEvent.from_frame(self.spec.mode, self.spec.domain, frame.args)
+        if ev.errno == 0xFFFFFFFF:  # a u32 on the wire; the helper's -1
+            ev = LogEvent(ev.op, ev.domain, ev.level, -1, ev.context, ev.message)
+        self._logs.append(ev)
+        if self._log:
+            self._log.log(
+                XTL_LEVELS.get(ev.level, logging.WARNING), "%s: %s", ev.context, ev.message
+            )
+        self._emit(ev)
 
-            return self._then(self._call(name, fn, st), decided)
-        elif name == "complete":
-            self._completed = (int(a[0]), int(a[1]))
-            self._reply(self._commit())
-        elif frame.spec.needs_reply:
-            fn = getattr(self.cb, name, None)
-            if fn is None:
-                # libxl would never be asked: the cbflags bit was clear.
-                raise ProtocolError(f"helper asked {name}, which was not installed")
-            return self._then(self._call(name, fn, *a), self._reply)
-        elif name == "hello":
-            self._backend = str(a[2])
-            if str(a[3]) != op:
-                raise ProtocolError(f"helper says it is doing a {a[3]!s}, expected a {op}")
-            if self.spec.backend and self._backend != self.spec.backend:
-                raise BackendUnavailable(
-                    f"helper runs backend {self._backend!r}, expected {self.spec.backend!r}"
-                )
-        elif name == "restore_results":
-            self._results = (int(a[0]), int(a[1]))
-            if self.cb.restore_results is not None:
-                # Its value is not a reply (the helper does not wait), but
-                # an async one is awaited before the next frame all the same.
-                return self._then(
-                    self._call(name, self.cb.restore_results, *self._results), lambda _: None
-                )
-        elif name == "stats":
-            fields = frame.asdict()
-            raw = fields.pop("pages_per_round")
-            if not isinstance(raw, bytes) or len(raw) % 8:
-                raise ProtocolError("stats: pages_per_round is not a whole number of u64s")
-            per_round: tuple[int, ...] = struct.unpack(f"={len(raw) // 8}Q", raw)
-            ints = {k: int(v) for k, v in fields.items() if isinstance(v, int)}
-            self._stats = Stats(**ints, pages_per_round=per_round)
-            self._emit(StatsEvent(op, dom, **ints, pages_per_round=per_round))
-        elif name == "tls_peer":
-            self._emit(TlsPeerEvent(op, dom, str(a[0]), str(a[1]), str(a[2]), str(a[3])))
-        elif name == "tunnel_stats":
-            self._emit(TunnelStatsEvent(op, dom, int(a[0]), int(a[1]), int(a[2]), int(a[3])))
-        else:  # pragma: no cover - every table row is handled above
-            raise ProtocolError(f"no handler for {name}")
-        return None
+    def _on_progress(self, frame: proto.Frame) -> None:
+        context, doing_what, done, total = frame.args
+        self._emit(
+            ProgressEvent(
+                self.spec.mode,
+                self.spec.domain,
+                str(context),
+                str(doing_what),
+                _int(done),
+                _int(total),
+                time.monotonic() - self._t0,
+            )
+        )
+
+    def _on_precopy_policy(self, frame: proto.Frame) -> Awaitable[None] | None:
+        st = pack_precopy_policy(frame.args)
+        fn = self.cb.precopy_policy
+        if fn is None:
+            raise ProtocolError("helper asked precopy_policy, which was not installed")
+        op, dom = self.spec.mode, self.spec.domain
+
+        def decided(decision: int) -> None:
+            self._emit(
+                PolicyEvent(op, dom, st.iteration, st.total_written, st.dirty_count, decision)
+            )
+            self._reply(decision)
+
+        return self._then(self._call(frame.spec, fn, st), decided)
+
+    def _on_callback(self, frame: proto.Frame) -> Awaitable[None] | None:
+        """A callback the helper waits for: its value is the reply."""
+        name = frame.spec.name
+        fn = getattr(self.cb, name, None)
+        if fn is None:
+            # libxl would never be asked: the cbflags bit was clear.
+            raise ProtocolError(f"helper asked {name}, which was not installed")
+        return self._then(self._call(frame.spec, fn, *frame.args), self._reply)
+
+    def _on_complete(self, frame: proto.Frame) -> None:
+        retval, errnoval = frame.args
+        self._completed = (_int(retval), _int(errnoval))
+        self._reply(self._commit())
+
+    def _on_restore_results(self, frame: proto.Frame) -> Awaitable[None] | None:
+        store, console = frame.args
+        self._results = (_int(store), _int(console))
+        if self.cb.restore_results is None:
+            return None
+        # Its value is not a reply (the helper does not wait), but an async
+        # one is awaited before the next frame all the same.
+        fn = self.cb.restore_results
+        return self._then(self._call(frame.spec, fn, *self._results), lambda _: None)
+
+    def _on_stats(self, frame: proto.Frame) -> None:
+        self._stats = Stats.from_args(frame.args)
+        self._on_event(frame)
+
+    def _on_restore_stats(self, frame: proto.Frame) -> None:
+        self._restore_stats = RestoreStats.from_args(frame.args)
+        self._on_event(frame)
+
+    def _on_event(self, frame: proto.Frame) -> None:
+        """A message that is only news: its event (the table's event column)."""
+        self._emit(EVENTS[frame.spec.name](self.spec.mode, self.spec.domain, frame.args))
 
     def _commit(self) -> int:
         """Run ``on_commit`` for a successful ``complete``; the reply to it.
@@ -681,6 +634,7 @@ class HelperRun:
             store_gfn=self._results[0] if self._results else None,
             console_gfn=self._results[1] if self._results else None,
             stats=self._stats,
+            restore_stats=self._restore_stats,
             elapsed=time.monotonic() - self._t0,
             logs=self._logs,
         )
@@ -733,6 +687,35 @@ class HelperRun:
             raise exc
         self._emit(DoneEvent(self.spec.mode, self.spec.domain, True, "", elapsed))
         return self._result(rc)
+
+
+Handler = Callable[[HelperRun, proto.Frame], Awaitable[None] | None]
+
+
+def _int(value: proto.Value) -> int:
+    """A scalar argument (the decoder made it an int)."""
+    assert isinstance(value, int)
+    return value
+
+
+def _handler(spec: proto.MessageSpec) -> Handler:
+    """The message's own ``_on_<name>``, else what its row calls for.
+
+    A row no handler fits fails here, at import: a message added to the
+    table is carried through or nothing runs.
+    """
+    own: Handler | None = getattr(HelperRun, f"_on_{spec.name}", None)
+    if own is not None:
+        return own
+    if spec.callback and spec.needs_reply:
+        return HelperRun._on_callback
+    if spec.event is not None:
+        return HelperRun._on_event
+    raise TypeError(f"xcsave.supervisor has no handler for message {spec.name!r}")
+
+
+#: Message name -> its handler, for every row of the table.
+_HANDLERS: Final[dict[str, Handler]] = {m.name: _handler(m) for m in proto.TABLE}
 
 
 # ----------------------------------------------------------------- argv build
