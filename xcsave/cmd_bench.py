@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 from ._log import logger
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
-from .defaults import CHANNELS, PAGE_SIZE
+from .defaults import CHANNELS, PAGE_SIZE, shm_dir
 from .errors import UsageError, XcsaveError
-from .files import create_private
+from .files import create_private, scratch_dir
 
 log = logger(__name__)
 
@@ -261,12 +261,9 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
     n = args.domains
     if n < 1:
         raise UsageError("--domains must be at least 1")
-    if args.memory <= 0 or args.memory % PAGE_SIZE:
-        raise UsageError(f"--memory must be a positive multiple of {PAGE_SIZE} bytes")
+    _check_memory(args)
     parallel = args.max_parallel or n
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="xcsave-bench-", dir=shm))
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)  # --dir: the user's choice
+    base = scratch_dir(args.dir, "xcsave-bench-")
     created: list[Path] = []
 
     def pair(name: str, seed: int) -> tuple[Path, Path]:
@@ -437,7 +434,6 @@ def _sized_args(default: str, rate: bool = False) -> Callable[[argparse.Argument
 
 @contextmanager
 def _workdir(args: argparse.Namespace) -> Iterator[Path]:
-    from .benchmarks import shm_dir
 
     if args.dir:
         d = Path(args.dir)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
+from .files import scratch_dir
 
 # The extension, asyncio and the API load when a command runs, not at parse time.
 
@@ -192,10 +190,7 @@ def _demo(args: argparse.Namespace) -> int:
     from . import policy, sim
     from .local import migrate_local
 
-    base = (
-        Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="xcsave-demo-", dir=_shm()))
-    )
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)  # --dir: the user's choice
+    base = scratch_dir(args.dir, "xcsave-demo-")
     src, dst = base / "source.dom", base / "target.dom"
     workload: subprocess.Popen[bytes] | None = None
     try:
@@ -256,10 +251,6 @@ def _demo(args: argparse.Namespace) -> int:
                 base.rmdir()
     _print_report(report, args.json)
     return 0 if report.match else 1
-
-
-def _shm() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def _print_report(r: DemoReport, as_json: bool) -> None:

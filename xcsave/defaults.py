@@ -7,6 +7,7 @@ emitted by ``python -m xcsave.proto --emit-c`` from these).
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 __all__ = [
@@ -14,9 +15,11 @@ __all__ = [
     "HANDSHAKE_TIMEOUT",
     "IDLE_TIMEOUT",
     "PAGE_SIZE",
+    "SHM_DIR",
     "SIM_DIR",
     "XEN_DIRTY_THRESHOLD",
     "XEN_MAX_ITERS",
+    "shm_dir",
 ]
 
 #: Guest page size (bytes).
@@ -33,8 +36,15 @@ HANDSHAKE_TIMEOUT: Final = 60.0
 #: (seconds past the last byte).
 IDLE_TIMEOUT: Final = 10.0
 
+#: Memory-backed scratch space: demos' and benchmarks' domains live there.
+SHM_DIR: Final = "/dev/shm"
 #: Where a bare domain name lives unless ``$XCSAVE_SIM_DIR`` says otherwise.
-SIM_DIR: Final = "/dev/shm/xcsave"
+SIM_DIR: Final = f"{SHM_DIR}/xcsave"
 
 #: How a local migration (:func:`xcsave.local.migrate_local`) carries the stream.
 CHANNELS: Final = ("pipe", "socket")
+
+
+def shm_dir() -> str | None:
+    """:data:`SHM_DIR` where this machine has it, else None (the system's temp dir)."""
+    return SHM_DIR if os.path.isdir(SHM_DIR) else None

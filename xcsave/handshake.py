@@ -244,7 +244,7 @@ def _detect_format(head: bytes) -> str:
 @contextlib.contextmanager
 def lent_to_helper(sock: Endpoint, stream: int | None = None) -> Iterator[int]:
     """The fd the stream goes through, for a helper: ``stream`` when there is
-    one (a pipe of :func:`migrate_local`'s, blocking and never read here),
+    one (a pipe of :func:`xcsave.local.migrate_local`'s, blocking and never read here),
     else the socket's, in blocking mode, non-blocking again afterwards.
 
     O_NONBLOCK belongs to the open file description, which the helper
