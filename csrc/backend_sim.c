@@ -210,8 +210,8 @@ static int sim_save(const struct xcs_op *op)
     p.interval_ms = op->interval_ms;
     p.xl_config = xlcfg;
     p.xl_config_len = xlcfg_len;
-    p.max_iters = 5;         /* Xen's default policy, when none is asked */
-    p.dirty_threshold = 50;
+    p.max_iters = XCS_XEN_MAX_ITERS; /* Xen's default policy, when none is asked */
+    p.dirty_threshold = XCS_XEN_DIRTY_THRESHOLD;
     p.copy_threads = op->copy_threads;
 
     note_source(op->sim_path);

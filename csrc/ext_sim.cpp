@@ -454,14 +454,15 @@ void register_sim(py::module_ &m)
           "Rename src to dst atomically; EEXIST if dst exists "
           "(renameat2 RENAME_NOREPLACE).");
     m.def("engine_save", &engine_save, "fd"_a, "path"_a, "live"_a = false,
-          "wrap"_a = "libxc", "max_iters"_a = 5, "dirty_threshold"_a = 50,
+          "wrap"_a = "libxc", "max_iters"_a = 0, "dirty_threshold"_a = 0,
           py::kw_only(), "stream_type"_a = "plain", "checkpoints"_a = 0,
           "interval_ms"_a = 0, "send_zero_pages"_a = false,
           "xl_config"_a = py::none(), "policy"_a = py::none(),
           "suspend"_a = py::none(), "checkpoint"_a = py::none(),
           "copy_threads"_a = 1,
           "Save a sim domain to fd in-process (tests, benchmarks); returns "
-          "the stats.  policy(iteration, total_written, dirty_count) -> "
+          "the stats (max_iters, dirty_threshold 0: Xen's default policy).  "
+          "policy(iteration, total_written, dirty_count) -> "
           "-1/0/1, suspend() -> bool, checkpoint() -> int.  copy_threads > 1 "
           "writes PAGE_DATA into a regular file with that many threads "
           "(stats: threaded_bytes, copy_threads).");

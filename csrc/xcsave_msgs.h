@@ -10,6 +10,10 @@
 #define XCS_PROTO_VERSION 1
 #define XCS_PROTO_HASH 0x72baca4dc5df00b2ULL
 
+/* Xen's default precopy policy, from xcsave/defaults.py (the one place). */
+#define XCS_XEN_MAX_ITERS 5
+#define XCS_XEN_DIRTY_THRESHOLD 50
+
 enum xcs_dialect { XCS_DIALECT_XEN_417 = 0, XCS_DIALECT_XCSAVE_1 = 1 };
 
 /* Row indices of the table (not wire numbers). */

@@ -1,8 +1,9 @@
 """Faults during an operation (issue 7, part 1).
 
 The helper is SIGKILLed at random points of a sim save, a sim restore and a
-local live migration (a live save into a pipe while a restore reads it,
-``xcsave.cmd_sim.live_migrate_local``); the supervisor cancels and times out
+local live migration (``xcsave.local.migrate_local``, the library's one local
+migration: xl's handshake on a socketpair, the stream on the socketpair
+itself for "migrate", on a pipe for "xl-migrate"); the supervisor cancels and times out
 operations at random points; the caller's precopy_policy raises or hangs.
 After every trial, whatever happened:
 
@@ -43,8 +44,7 @@ import pytest
 from conftest import children, helper_pids
 
 import xcsave
-from xcsave import migrate, policy, sim, streamtools
-from xcsave.cmd_sim import live_migrate_local
+from xcsave import local, policy, sim, streamtools
 from xcsave.events import DoneEvent, Event
 from xcsave.policy import Decision, PrecopyStats
 
@@ -267,21 +267,11 @@ def check_after_restore(w: World, t: Trial) -> None:
 
 
 def check_after_migrate(w: World, t: Trial) -> None:
-    what = f"migrate, kill at {t.fault}: {t.outcome} {t.message}"
-    if t.outcome == "completed":
-        assert sim.digest(w.dst) == sim.digest(w.src), what
-        w.dst.unlink()
-        sim.set_state(w.src, "running")
-    assert w.leftovers() == [], f"{what}: left {w.leftovers()}"
-    check_source(w, what)
-
-
-def check_after_xl_migrate(w: World, t: Trial) -> None:
-    """migrate.migrate_local: xl's handshake on a socketpair, the stream on a
-    pipe.  Exactly one copy runs: the source again after a failure, or the
-    target after success -- also when a cancellation lands after the sender
-    gave its permission (GO), where the receiver may already run its copy."""
-    what = f"xl-migrate, {t.fault}: {t.outcome} {t.message}"
+    """local.migrate_local, either channel.  Exactly one copy runs: the source
+    again after a failure, or the target after success -- also when a
+    cancellation lands after the sender gave its permission (GO), where the
+    receiver may already run its copy."""
+    what = f"{t.op}, {t.fault}: {t.outcome} {t.message}"
     if t.outcome == "completed" or (w.dst.exists() and sim.info(w.dst)["state"] == "running"):
         assert sim.info(w.src)["state"] == "suspended", what
         assert sim.digest(w.dst) == sim.digest(w.src), what
@@ -313,14 +303,14 @@ async def do_restore(w: World, on_event: Callable[[Event], None], **kw: Any) -> 
 
 
 async def do_migrate(w: World, on_event: Callable[[Event], None], **kw: Any) -> None:
-    await live_migrate_local(
-        w.src, w.dst, fmt=kw.pop("fmt", "libxl"), live_policy=policy.max_iterations(3),
-        on_event=on_event,
+    await local.migrate_local(
+        w.src, w.dst, fmt=kw.pop("fmt", "libxl"), policy=policy.max_iterations(3),
+        on_event=on_event, channel="socket",
     )  # fmt: skip
 
 
 async def do_xl_migrate(w: World, on_event: Callable[[Event], None], **kw: Any) -> None:
-    await migrate.migrate_local(
+    await local.migrate_local(
         w.src, w.dst, fmt=kw.pop("fmt", "libxl"), policy=policy.max_iterations(3),
         on_event=on_event, channel="pipe",
     )  # fmt: skip
@@ -330,7 +320,7 @@ OPS: dict[str, tuple[Callable[..., Coroutine[Any, Any, None]], Callable[[World, 
     "save": (do_save, check_after_save),
     "restore": (do_restore, check_after_restore),
     "migrate": (do_migrate, check_after_migrate),
-    "xl-migrate": (do_xl_migrate, check_after_xl_migrate),
+    "xl-migrate": (do_xl_migrate, check_after_migrate),
 }
 
 
@@ -406,7 +396,7 @@ def test_helper_killed_at_random_points(op: str, world: World) -> None:
     # Most points fall inside the operation; every one of them must fail cleanly.
     assert len(killed) >= FAULTS_PER_OP // 3, world.tally
     for t in killed:
-        if op == "xl-migrate":  # the sender's error, whichever helper died
+        if op.endswith("migrate"):  # the sender's error, whichever helper died
             assert t.outcome in ("MigrationError", "HandshakeError"), t
         else:
             assert "HelperDied" in t.outcome or "HelperFailed" in t.outcome, t
@@ -498,8 +488,7 @@ def timeout_trial(w: World, op: str, timeout: float, fmt: str) -> Trial:
 
     async def go() -> tuple[str, str]:
         try:
-            await run(w, lambda ev: None, fmt=fmt, **({"timeout": timeout} if op != "migrate"
-                                                      else {}))  # fmt: skip
+            await run(w, lambda ev: None, fmt=fmt, timeout=timeout)
         except (xcsave.XcsaveError, BaseExceptionGroup) as e:
             return type(e).__name__, _one_line(e)
         return "completed", ""

@@ -33,7 +33,7 @@ from conftest import helper_pids
 
 import xcsave
 import xcsave.sync
-from xcsave import migrate, sim
+from xcsave import handshake, migrate, sim
 from xcsave.cmd_migrate import parse_address
 from xcsave.migrate import BANNER, GO, READY, REPORT
 
@@ -285,6 +285,101 @@ def test_receiver_killed_mid_stream_resumes_the_sender(
         assert partials(dst) == []
 
 
+def _mid_copy(proc: subprocess.Popen[str], started: Callable[[], bool]) -> None:
+    """Until ``started()`` (the copy is under way), then a quarter second more."""
+    for _ in range(3000):
+        if started() or proc.poll() is not None:
+            break
+        select.select([], [], [], 0.01)
+    if not started():
+        proc.kill()
+        pytest.fail(f"the copy never started: {proc.communicate()[1]}")
+    select.select([], [], [], 0.25)  # pages are flowing now
+    assert proc.poll() is None, proc.communicate()
+
+
+def _terminated(proc: subprocess.Popen[str], command: str) -> list[int]:
+    """SIGTERM to ``proc`` (alone, not its group); it ends as migrate does: exit
+    1, one line on stderr, no traceback.  Returns the helpers it had."""
+    helpers = helper_pids(proc.pid)
+    assert helpers, "no helper was running"
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert err == f"xcsave: {command}: terminated by SIGTERM\n", err
+    assert proc.returncode == 1, err
+    return helpers
+
+
+def _gone(pids: list[int]) -> bool:
+    """None of ``pids`` is an xcsave helper any more (stopped and reaped)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if b"xcsave-helper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return False
+    return True
+
+
+def test_save_terminated_mid_copy_cleans_up_as_migrate_does(shm: Path) -> None:
+    """SIGTERM to ``xcsave save --live`` in the middle of its copy cancels it as
+    it cancels ``migrate``: the helper is stopped, the source runs with
+    log-dirty off, nothing lies under OUT (nor a temporary image beside it),
+    one line on stderr and exit 1."""
+    src = sim.create(shm / "src.dom", 64 * MiB, vcpus=2, seed=21)
+    out = shm / "out.img"
+
+    def copying() -> bool:
+        tmp = [p for p in shm.iterdir() if ".xcsave-tmp." in p.name]
+        return bool(tmp) and tmp[0].stat().st_size > 0 and bool(sim.info(src)["logdirty"])
+
+    with workload(src):
+        # A policy that never stops copying: mid-copy whenever the signal lands.
+        proc = subprocess.Popen(
+            xcsave_argv(
+                "save", "--sim", src, out, "--live", "--policy", "max-iters:1000000000",
+                "--progress", "none",
+            ),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _mid_copy(proc, copying)
+            helpers = _terminated(proc, "save")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        info = sim.info(src)
+    assert _gone(helpers)
+    assert (info["state"], info["logdirty"]) == ("running", False)
+    assert not out.exists()
+    assert sorted(p.name for p in shm.iterdir()) == ["src.dom"]  # no temporary, no lock
+
+
+def test_demo_terminated_mid_migration_puts_the_source_back(shm: Path) -> None:
+    """``xcsave demo`` runs the library's one local migration through the same
+    plumbing: SIGTERM mid-stream leaves the source running and no target."""
+    d = shm / "demo"
+    src, dst = d / "source.dom", d / "target.dom"
+    proc = subprocess.Popen(
+        xcsave_argv(
+            "demo", "--memory", "64M", "--rate", "2000", "--dir", d, "--keep",
+            "--policy", "max-iters:1000000000", "--progress", "none",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _mid_copy(proc, lambda: bool(partials(dst)))
+        helpers = _terminated(proc, "demo")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _gone(helpers)
+    assert sim.info(src)["state"] == "running"
+    assert not dst.exists()
+    assert partials(dst) == []
+
+
 def without_insecure_warning(stderr: str) -> str:
     """stderr without the line --insecure prints first (it is not an error)."""
     first, _, rest = stderr.partition("\n")
@@ -500,7 +595,7 @@ async def test_migrate_local_is_never_in_doubt(
     source again."""
     src = sim.create(shm / "src.dom", 4 * MiB, seed=9)
     dst = shm / "dst.dom"
-    real_send = migrate._send
+    real_send = handshake.send
 
     async def send(sock: socket.socket, msg: bytes, what: str, timeout: float | None) -> None:
         if what == "'domain is yours'":
@@ -509,7 +604,7 @@ async def test_migrate_local_is_never_in_doubt(
             raise migrate.HandshakeError("sending 'domain is yours': link broke (ECONNRESET)")
         await real_send(sock, msg, what, timeout)
 
-    monkeypatch.setattr(migrate, "_send", send)
+    monkeypatch.setattr(handshake, "send", send)
     with pytest.raises(migrate.MigrationError) as err:
         await asyncio.wait_for(migrate.migrate_local(src, dst, handshake_timeout=10), 60)
     assert not isinstance(err.value, migrate.MigrationInDoubt)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .errors import (
         BackendUnavailable,
         CallbackError,
+        DomainBusy,
         HelperDied,
         HelperError,
         HelperFailed,
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
         TlsError,
         XcsaveError,
     )
-    from .lock import DomainBusy
     from .policy import Decision, PrecopyStats
     from .supervisor import Callbacks, RestoreStats, RunResult, Stats, Supervisor, helper_path
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 _LAZY = {
     "restore": "api",
     "save": "api",
-    "DomainBusy": "lock",
     "Decision": "policy",
     "PrecopyStats": "policy",
     "Callbacks": "supervisor",
@@ -52,6 +51,7 @@ _LAZY = {
         (
             "BackendUnavailable",
             "CallbackError",
+            "DomainBusy",
             "HelperDied",
             "HelperError",
             "HelperFailed",

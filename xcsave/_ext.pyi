@@ -12,9 +12,9 @@ def engine_restore(fd: typing.SupportsInt | typing.SupportsIndex, path: str, wra
     """
     Restore a sim domain from fd in-process; reads exactly the stream.  checkpoint() -> 1 go on / 2 failover / 0 error (remus).
     """
-def engine_save(fd: typing.SupportsInt | typing.SupportsIndex, path: str, live: bool = False, wrap: str = 'libxc', max_iters: typing.SupportsInt | typing.SupportsIndex = 5, dirty_threshold: typing.SupportsInt | typing.SupportsIndex = 50, *, stream_type: str = 'plain', checkpoints: typing.SupportsInt | typing.SupportsIndex = 0, interval_ms: typing.SupportsInt | typing.SupportsIndex = 0, send_zero_pages: bool = False, xl_config: typing.Any = None, policy: typing.Any = None, suspend: typing.Any = None, checkpoint: typing.Any = None, copy_threads: typing.SupportsInt | typing.SupportsIndex = 1) -> dict[str, typing.Any]:
+def engine_save(fd: typing.SupportsInt | typing.SupportsIndex, path: str, live: bool = False, wrap: str = 'libxc', max_iters: typing.SupportsInt | typing.SupportsIndex = 0, dirty_threshold: typing.SupportsInt | typing.SupportsIndex = 0, *, stream_type: str = 'plain', checkpoints: typing.SupportsInt | typing.SupportsIndex = 0, interval_ms: typing.SupportsInt | typing.SupportsIndex = 0, send_zero_pages: bool = False, xl_config: typing.Any = None, policy: typing.Any = None, suspend: typing.Any = None, checkpoint: typing.Any = None, copy_threads: typing.SupportsInt | typing.SupportsIndex = 1) -> dict[str, typing.Any]:
     """
-    Save a sim domain to fd in-process (tests, benchmarks); returns the stats.  policy(iteration, total_written, dirty_count) -> -1/0/1, suspend() -> bool, checkpoint() -> int.  copy_threads > 1 writes PAGE_DATA into a regular file with that many threads (stats: threaded_bytes, copy_threads).
+    Save a sim domain to fd in-process (tests, benchmarks); returns the stats (max_iters, dirty_threshold 0: Xen's default policy).  policy(iteration, total_written, dirty_count) -> -1/0/1, suspend() -> bool, checkpoint() -> int.  copy_threads > 1 writes PAGE_DATA into a regular file with that many threads (stats: threaded_bytes, copy_threads).
     """
 def rename_noreplace(src: str, dst: str) -> None:
     """

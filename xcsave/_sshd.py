@@ -23,14 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SshdUnavailable
+
 __all__ = ["SshServer", "SshdUnavailable", "sshd"]
 
 _SSHD_PATHS = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 _ALIAS = "xcsave-test-sshd"
-
-
-class SshdUnavailable(RuntimeError):
-    """No sshd (or ssh, ssh-keygen) here, or it would not start: the reason."""
 
 
 @dataclass

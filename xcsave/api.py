@@ -23,6 +23,7 @@ from typing import Final, Literal
 
 from . import files, lock, proto
 from ._log import logger
+from .defaults import PAGE_SIZE
 from .errors import BackendUnavailable
 from .events import Event
 from .policy import Policy
@@ -43,7 +44,6 @@ log = logger("xcsave.api")
 
 FORMATS: Final = ("libxc", "libxl", "xl")
 STREAM_TYPES: Final[dict[str, int]] = {"plain": 0, "remus": 1, "colo": 2}
-PAGE_SIZE: Final = 4096
 XCFLAGS_LIVE: Final = 1
 XCFLAGS_DEBUG: Final = 2
 

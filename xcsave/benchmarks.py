@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .defaults import shm_dir
+
 XEN_BIN = Path("usr/lib/xen-4.17/bin")
 XEN_PY = Path("usr/lib/xen-4.17/lib/python")
 REPO = Path(__file__).resolve().parent.parent
-
-
-def shm_dir() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:

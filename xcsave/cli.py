@@ -8,19 +8,18 @@ operation or an invalid stream, 2 for bad usage.  Never a traceback.
 from __future__ import annotations
 
 import argparse
-import errno as errno_mod
 import logging
 import re
 import shlex
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, policy
 from ._log import logger
-from .errors import XcsaveError
-from .progress import MODES
+from .cli_run import add_logging_flags, add_progress_flag, renderer, restore_signals, run_async
+from .defaults import CHANNELS, IDLE_TIMEOUT
+from .errors import UsageError, XcsaveError, oserror_text
 
 if TYPE_CHECKING:
     from .supervisor import Callbacks, RunResult
@@ -30,16 +29,11 @@ if TYPE_CHECKING:
 # The API's own tuples, repeated (tests/test_cli.py checks they agree).
 FORMATS = ("libxc", "libxl", "xl")
 STREAM_TYPES = ("plain", "remus", "colo")
-CHANNELS = ("pipe", "socket")  # migrate.CHANNELS
 
 log = logger("xcsave.cli")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad arguments: exit 2 with the message."""
 
 
 def self_argv(*args: str) -> list[str]:
@@ -156,8 +150,6 @@ def _gbps(nbytes: int, duration_ns: int) -> float:
 
 def do_save(args: argparse.Namespace) -> int:
     from . import api
-    from .cmd_migrate import run_async
-    from .progress import Renderer
 
     if args.domid is not None and not args.suspend_cmd:
         raise UsageError(
@@ -165,7 +157,7 @@ def do_save(args: argparse.Namespace) -> int:
             "guest; exit 0 = suspended); xenstore-based suspend is not built in"
         )
     out = _stream_target(args.out, for_write=True)
-    with Renderer(args.progress, _event_stream(args)) as rend:
+    with renderer(args, _event_stream(args)) as rend:
         res = run_async(
             lambda: api.save(
                 out,
@@ -191,15 +183,13 @@ def do_save(args: argparse.Namespace) -> int:
 
 def do_restore(args: argparse.Namespace) -> int:
     from . import api
-    from .cmd_migrate import run_async
-    from .progress import Renderer
 
     src = _stream_target(args.input, for_write=False)
     legacy_width = args.width if args.legacy else None
     legacy_guest = args.guest if args.legacy else None
     if args.legacy and (args.width is None or args.guest is None):
         raise UsageError("--legacy needs --width 32|64 and --guest pv|hvm")
-    with Renderer(args.progress, _event_stream(args)) as rend:
+    with renderer(args, _event_stream(args)) as rend:
         res = run_async(
             lambda: api.restore(
                 src,
@@ -253,7 +243,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stream-type", choices=STREAM_TYPES, default="plain")
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
-    p.add_argument("--progress", choices=MODES, default="auto")
+    add_progress_flag(p, off_tty="none")
+    add_logging_flags(p)
 
 
 def _positive_seconds(text: str) -> float:
@@ -264,10 +255,6 @@ def _positive_seconds(text: str) -> float:
     if not 0 <= value <= 86400:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 0 (never) to 86400 seconds")
     return value
-
-
-#: Default idle timeout of restore, receive and migrate (seconds past the last byte).
-IDLE_TIMEOUT_DEFAULT = 10.0
 
 
 def add_bounds_flags(p: argparse.ArgumentParser, *, max_memory: str | None) -> None:
@@ -285,10 +272,10 @@ def add_bounds_flags(p: argparse.ArgumentParser, *, max_memory: str | None) -> N
     p.add_argument(
         "--idle-timeout",
         type=_positive_seconds,
-        default=IDLE_TIMEOUT_DEFAULT,
+        default=IDLE_TIMEOUT,
         metavar="S",
         help="fail (ETIMEDOUT) when the stream stays silent S seconds once started "
-        f"(default {IDLE_TIMEOUT_DEFAULT:g}; 0: never)",
+        f"(default {IDLE_TIMEOUT:g}; 0: never)",
     )
 
 
@@ -406,50 +393,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="xcsave: %(name)s: %(message)s", stream=sys.stderr)
 
 
-# ----------------------------------------------------------------- commit point
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_deferring: list[bool] = []  # [True] between defer_signals and signals_deferred
-_saved_handlers: dict[int, Any] = {}
-
-
-def defer_signals() -> None:
-    """The operation has succeeded (its result is committed): from now until
-    the command has reported it, SIGINT and SIGTERM must not turn that success
-    into "interrupted".  Blocked here, while the event loop's handlers still
-    stand (a signal now would only cancel a finished task); ignored by
-    :func:`signals_deferred` once those are removed; put back by
-    :func:`restore_signals` when the command returns.  So a command either
-    fails and says so, with nothing committed, or succeeds and says so."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    _deferring[:] = [True]
-
-
-def signals_deferred() -> None:
-    """After the loop's signal handlers are gone: ignore the stop signals
-    (which discards any that arrived since :func:`defer_signals`), unblock."""
-    if not _deferring:
-        return
-    _deferring.clear()
-    for sig in _STOP_SIGNALS:
-        _saved_handlers.setdefault(sig, signal.getsignal(sig))
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
-def restore_signals() -> None:
-    """The handlers :func:`signals_deferred` replaced, back (a no-op if none)."""
-    while _saved_handlers:
-        sig, handler = _saved_handlers.popitem()
-        signal.signal(sig, handler)
-
-
 def describe_error(e: BaseException) -> str:
     """One line for any failure we expect, with the errno name when there is one."""
     if isinstance(e, OSError) and e.errno:
-        name = errno_mod.errorcode.get(e.errno, str(e.errno))
-        where = f"{e.filename}: " if e.filename is not None else ""
-        return f"{where}{e.strerror} ({name})"
+        return oserror_text(e)
     if isinstance(e, XcsaveError):
         return str(e)
     return f"{type(e).__name__}: {e}"
@@ -491,4 +438,4 @@ def report_failure(command: str, e: BaseException) -> int:
     return EXIT_FAILED
 
 
-__all__ = ["main", "parse_size"]
+__all__ = ["CHANNELS", "UsageError", "main", "parse_size"]

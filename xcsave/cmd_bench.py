@@ -29,20 +29,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._log import logger
-from .cli import CHANNELS, FORMATS, UsageError, parse_policy, parse_size, self_argv
-from .cmd_migrate import add_logging_flags, add_progress_flag
-from .errors import XcsaveError
-from .files import create_private
+from .cli import FORMATS, parse_policy, parse_size, self_argv
+from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
+from .defaults import CHANNELS, PAGE_SIZE, shm_dir
+from .errors import UsageError, XcsaveError
+from .files import create_private, scratch_dir
 
 log = logger(__name__)
 
 if TYPE_CHECKING:
     from .events import Event
-    from .migrate import MigrationResult, Outcome
+    from .jobs import Outcome
+    from .migrate import MigrationResult
 
 # asyncio, the API and the extension load when a benchmark runs, not at parse time.
 
-PAGE_SIZE = 4096
 EventSink = Callable[["Event"], object]
 
 
@@ -100,8 +101,6 @@ def add_parsers(sub: Any) -> None:
 
 def _runner(bench: Bench) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from .cmd_migrate import renderer
-
         if args.plot:
             _need_matplotlib()
         with renderer(args) as rend:  # events: stderr, or stdout for --progress json
@@ -257,18 +256,14 @@ def _window_gbps(results: list[MigrationResult]) -> float:
 
 
 def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
-    from . import migrate, sim
-    from .cmd_migrate import run_async
+    from . import jobs, local, sim
 
     n = args.domains
     if n < 1:
         raise UsageError("--domains must be at least 1")
-    if args.memory <= 0 or args.memory % PAGE_SIZE:
-        raise UsageError(f"--memory must be a positive multiple of {PAGE_SIZE} bytes")
+    _check_memory(args)
     parallel = args.max_parallel or n
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="xcsave-bench-", dir=shm))
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)  # --dir: the user's choice
+    base = scratch_dir(args.dir, "xcsave-bench-")
     created: list[Path] = []
 
     def pair(name: str, seed: int) -> tuple[Path, Path]:
@@ -282,7 +277,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
 
     def job(src: Path, dst: Path) -> Callable[[Any], Any]:
         async def run(sup: Any) -> tuple[MigrationResult, Any]:
-            return await migrate.migrate_local(
+            return await local.migrate_local(
                 src,
                 dst,
                 live=True,
@@ -313,7 +308,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
             reset([(src1, dst1)])
             with _workloads([src1], args.rate):
                 single = run_async(
-                    lambda: migrate.run_many([("single", job(src1, dst1))], max_parallel=1)
+                    lambda: jobs.run_many([("single", job(src1, dst1))], max_parallel=1)
                 )
             single_o = single.outcomes[0]
             if not single_o.ok or single_o.result is None:
@@ -326,7 +321,7 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
             reset(list(pairs.values()))
             with _workloads([s for s, _d in pairs.values()], args.rate):
                 many = run_async(
-                    lambda: migrate.run_many(
+                    lambda: jobs.run_many(
                         [(name, job(s, d)) for name, (s, d) in pairs.items()],
                         max_parallel=parallel,
                     )
@@ -439,7 +434,6 @@ def _sized_args(default: str, rate: bool = False) -> Callable[[argparse.Argument
 
 @contextmanager
 def _workdir(args: argparse.Namespace) -> Iterator[Path]:
-    from .benchmarks import shm_dir
 
     if args.dir:
         d = Path(args.dir)
@@ -847,7 +841,6 @@ def _transport_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
     interleaved: throughput of each against insecure, downtime of each."""
     from . import sim
     from ._sshd import SshdUnavailable
-    from .cmd_migrate import run_async
 
     kinds = ["insecure"] if args.transport == "insecure" else [args.transport, "insecure"]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
@@ -912,8 +905,7 @@ def _transport_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
 def _migrate_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """Local live migration (helpers over a socketpair, xl's handshake) under
     a dirtying workload: downtime (suspend -> resumed at the target)."""
-    from . import migrate, sim
-    from .cmd_migrate import run_async
+    from . import local, sim
 
     _check_memory(args)
     if getattr(args, "transport", "local") != "local":
@@ -930,7 +922,7 @@ def _migrate_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
                 sim.create(src, args.memory, vcpus=2, seed=7 + i)
                 with _workloads([src], args.rate):
                     res, _recv = run_async(
-                        lambda: migrate.migrate_local(src, dst, live=True, on_event=on_event)
+                        lambda: local.migrate_local(src, dst, live=True, on_event=on_event)
                     )
                 match = sim.digest(src) == sim.digest(dst)
                 runs.append(
@@ -1227,13 +1219,11 @@ def _tls_link_args(p: argparse.ArgumentParser) -> None:
 
 def _tls_link_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """N bytes over loopback TCP: plain vs through two TLS tunnels (xcsave.tls)."""
-    import asyncio
-
     from . import benchmarks
 
     if args.size < 1 << 20:
         raise UsageError("--size must be at least 1M")
-    r = asyncio.run(benchmarks.tls_link(args.size, repeat=args.repeat))
+    r = run_async(lambda: benchmarks.tls_link(args.size, repeat=args.repeat))
     data = _headline(
         "tls-link",
         r["tls_gbps"],

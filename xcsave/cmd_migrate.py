@@ -23,32 +23,36 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
-from .cli import (
-    FORMATS,
-    UsageError,
-    add_bounds_flags,
-    defer_signals,
-    parse_policy,
-    restore_signals,
-    signals_deferred,
+from .cli import FORMATS, add_bounds_flags, parse_policy
+from .cli_run import (
+    Terminated,
+    add_logging_flags,
+    add_progress_flag,
+    renderer,
+    run_async,
 )
-from .errors import XcsaveError
-from .progress import MODES
+from .defaults import HANDSHAKE_TIMEOUT
+from .errors import UsageError
 
 if TYPE_CHECKING:
     from .migrate import MigrationResult, ReceiveResult
-    from .progress import Renderer
 
 # asyncio, the API and the extension load when a command runs, not at parse time.
 
-T = TypeVar("T")
-
-
-class Terminated(XcsaveError):
-    """The command was stopped by SIGTERM (after cleaning up)."""
+__all__ = [  # the CLI plumbing first lived here: xcsave.cli_run now
+    "Terminated",
+    "add_logging_flags",
+    "add_parsers",
+    "add_progress_flag",
+    "do_migrate",
+    "do_receive",
+    "parse_address",
+    "renderer",
+    "run_async",
+]
 
 
 def parse_address(text: str, *, host_required: bool = True) -> tuple[str, int]:
@@ -114,32 +118,6 @@ def _tls_choice(args: argparse.Namespace) -> tuple[str | None, bool]:
     return (str(tls) if tls is not None else None), args.insecure
 
 
-def add_logging_flags(p: argparse.ArgumentParser) -> None:
-    """``-v``/``--log-level`` after the subcommand too (SUPPRESS: the global ones win if unset)."""
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=argparse.SUPPRESS,
-        help="more logging (-v info, -vv debug), shown above the progress bars",
-    )
-    p.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default=argparse.SUPPRESS,
-        help="logging level",
-    )
-
-
-def add_progress_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--progress",
-        choices=MODES,
-        default="auto",
-        help="auto: bars on a terminal, plain lines otherwise; json: one event per line",
-    )
-
-
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "migrate",
@@ -186,8 +164,8 @@ def add_parsers(sub: Any) -> None:
         "--handshake-timeout",
         type=float,
         metavar="S",
-        default=60.0,
-        help="seconds to wait for each handshake message (default 60)",
+        default=HANDSHAKE_TIMEOUT,
+        help=f"seconds to wait for each handshake message (default {HANDSHAKE_TIMEOUT:g})",
     )
     add_bounds_flags(p, max_memory=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -239,9 +217,9 @@ def add_parsers(sub: Any) -> None:
         "--handshake-timeout",
         type=float,
         metavar="S",
-        default=60.0,
+        default=HANDSHAKE_TIMEOUT,
         help="seconds to wait for each handshake message, and for a connecting peer to "
-        "authenticate and start its stream (default 60)",
+        f"authenticate and start its stream (default {HANDSHAKE_TIMEOUT:g})",
     )
     add_bounds_flags(r, max_memory="the host's memory or the sim directory's filesystem")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -251,66 +229,6 @@ def add_parsers(sub: Any) -> None:
 
 
 # ----------------------------------------------------------------- running
-
-
-def renderer(args: argparse.Namespace, out: Any = None) -> Renderer:
-    """The command's progress renderer: bars on a TTY, plain lines otherwise."""
-    from .progress import Renderer
-
-    stream = out if out is not None else (sys.stdout if args.progress == "json" else sys.stderr)
-    mode = args.progress
-    if mode == "auto" and not stream.isatty():
-        mode = "plain"
-    return Renderer(mode, stream)
-
-
-def run_async(make: Callable[[], Awaitable[T]]) -> T:
-    """``asyncio.run`` where SIGTERM and Ctrl-C cancel the command, so that it cleans up.
-
-    Ends as :class:`Terminated` (SIGTERM) or KeyboardInterrupt (Ctrl-C), with
-    any note the operation left on the cancellation (e.g. a migration
-    interrupted in its final handshake says where the domain may run).
-    """
-    import asyncio
-    import signal
-
-    restore_signals()  # a previous run's deferral (a benchmark runs several)
-
-    async def main() -> T:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        got: list[signal.Signals] = []
-
-        def on_signal(sig: signal.Signals) -> None:
-            got.append(sig)
-            task.cancel()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
-        try:
-            result = await make()
-            # Done (committed): a signal from here on must not turn the
-            # success into "interrupted" (see cli.defer_signals).
-            defer_signals()
-            return result
-        except asyncio.CancelledError as e:
-            if not got:
-                raise
-            notes = "; ".join(getattr(e, "__notes__", []))
-            if got[0] == signal.SIGTERM:
-                raise Terminated(
-                    f"terminated by SIGTERM: {notes}" if notes else "terminated by SIGTERM"
-                ) from None
-            if notes:
-                raise Terminated(f"interrupted: {notes}") from None
-            raise KeyboardInterrupt from None
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            signals_deferred()
-
-    return asyncio.run(main())
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:

@@ -5,21 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import policy
 from .cli import FORMATS, parse_policy, parse_size, self_argv
-from .progress import MODES, Renderer
-
-if TYPE_CHECKING:
-    from .supervisor import RunResult
+from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
+from .files import scratch_dir
 
 # The extension, asyncio and the API load when a command runs, not at parse time.
 
@@ -76,7 +70,8 @@ def add_parsers(sub: Any) -> None:
     demo.add_argument("--dir", help="where the two domains live (default: a temp dir in /dev/shm)")
     demo.add_argument("--keep", action="store_true", help="keep the domains afterwards")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
-    demo.add_argument("--progress", choices=MODES, default="auto")
+    add_progress_flag(demo, off_tty="none")
+    add_logging_flags(demo)
     demo.set_defaults(func=_demo)
 
 
@@ -97,7 +92,6 @@ def _create(args: argparse.Namespace) -> int:
     import signal
 
     from . import sim
-    from .cmd_migrate import Terminated
 
     got: list[int] = []
 
@@ -189,73 +183,14 @@ class DemoReport:
     target_state: str
 
 
-async def live_migrate_local(
-    src: Path,
-    dst: Path,
-    *,
-    fmt: str = "libxl",
-    live_policy: policy.Policy | None = None,
-    on_event: Any = None,
-) -> tuple[RunResult, RunResult]:
-    """Save ``src`` live into a pipe while restoring from it into ``dst``.
-
-    If the migration fails the domain runs again at the source, as after a
-    failed ``xl migrate``: also when the save itself completed (and left the
-    source suspended) but the restore then failed; and a target that was
-    completed by then is removed (the receiver's copy never runs).
-    """
-    import asyncio
-
-    from . import api, sim
-
-    rfd, wfd = os.pipe()
-    saving: asyncio.Task[RunResult] | None = None
-    restoring: asyncio.Task[RunResult] | None = None
-    try:
-        async with asyncio.TaskGroup() as tg:
-            saving = tg.create_task(
-                api.save(
-                    wfd,
-                    sim=src,
-                    live=True,
-                    fmt=fmt,
-                    policy=live_policy or policy.xen_default(),
-                    on_event=on_event,
-                )
-            )
-            restoring = tg.create_task(api.restore(rfd, sim=dst, fmt=fmt, on_event=on_event))
-    except BaseException:
-
-        def succeeded(task: asyncio.Task[RunResult] | None) -> bool:
-            return (
-                task is not None
-                and task.done()
-                and not task.cancelled()
-                and (task.exception() is None)
-            )
-
-        if succeeded(saving):
-            sim.set_state(src, "running")
-        if succeeded(restoring):
-            sim.remove(dst)
-        raise
-    finally:
-        os.close(rfd)
-        os.close(wfd)
-    assert saving is not None
-    assert restoring is not None
-    return saving.result(), restoring.result()
-
-
 def _demo(args: argparse.Namespace) -> int:
-    import asyncio
+    """``xcsave demo``: :func:`xcsave.local.migrate_local` (the library's one
+    local migration) under a workload.  SIGTERM or Ctrl-C cancel it as they do
+    every command (:func:`xcsave.cli_run.run_async`): the source runs again."""
+    from . import policy, sim
+    from .local import migrate_local
 
-    from . import sim
-
-    base = (
-        Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="xcsave-demo-", dir=_shm()))
-    )
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)  # --dir: the user's choice
+    base = scratch_dir(args.dir, "xcsave-demo-")
     src, dst = base / "source.dom", base / "target.dom"
     workload: subprocess.Popen[bytes] | None = None
     try:
@@ -267,19 +202,24 @@ def _demo(args: argparse.Namespace) -> int:
         )
         time.sleep(0.2)  # let it start dirtying before the first round
         t0 = time.monotonic()
-        with Renderer(args.progress) as rend:
+        with renderer(args, sys.stderr) as rend:
             on_event: Any = rend if rend.mode != "none" else None
-            saved, _restored = asyncio.run(
-                live_migrate_local(
-                    src, dst, fmt=args.format, live_policy=args.policy, on_event=on_event
+            sent, _received = run_async(
+                lambda: migrate_local(
+                    src,
+                    dst,
+                    live=True,
+                    policy=args.policy or policy.xen_default(),
+                    fmt=args.format,
+                    on_event=on_event,
                 )
             )
         seconds = time.monotonic() - t0
         workload.terminate()
         workload.wait()
         workload = None
-        sim.set_state(dst, "running")  # the target copy runs; the source stays suspended
-        st = saved.stats
+        # The target copy runs; the source stays suspended.
+        st = sent.save.stats
         assert st is not None
         report = DemoReport(
             memory=args.memory,
@@ -311,10 +251,6 @@ def _demo(args: argparse.Namespace) -> int:
                 base.rmdir()
     _print_report(report, args.json)
     return 0 if report.match else 1
-
-
-def _shm() -> str | None:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def _print_report(r: DemoReport, as_json: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from . import streamtools
-from .errors import StreamError, XcsaveError, errno_name
+from .errors import StreamError, UsageError, XcsaveError, oserror_text
 
 # `xcsave inspect|verify|convert` run from main() below, straight from
 # xcsave/__main__.py: this module, streamtools and the extension are all
@@ -147,8 +147,7 @@ def _err(cmd: str, text: str) -> None:
 
 def _oserror(cmd: str, e: OSError, default_name: str) -> int:
     name = e.filename if e.filename is not None else default_name
-    what = e.strerror or str(e)
-    _err(cmd, f"{name}: {what} ({errno_name(e.errno)})" if e.errno else f"{name}: {what}")
+    _err(cmd, f"{name}: {oserror_text(e, filename=False) if e.errno else e.strerror or e}")
     return EXIT_USAGE
 
 
@@ -437,23 +436,19 @@ def _fast_args(argv: Sequence[str]) -> argparse.Namespace | None:
     return ns  # type: ignore[return-value]  # the attributes an argparse.Namespace would have
 
 
-class _UsageError(Exception):
-    """argparse found the command line wrong: xcsave.cli says so."""
-
-
 def _lean_args(argv: Sequence[str]) -> argparse.Namespace | None:
     """argv parsed by this module's parsers alone; None when it is wrong."""
     import argparse
 
     class Lean(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
-            raise _UsageError(message)
+            raise UsageError(message)
 
     parser = Lean(prog="xcsave")
     add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
     try:
         return parser.parse_args(argv)
-    except _UsageError:
+    except UsageError:
         return None
 
 

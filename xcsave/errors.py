@@ -11,8 +11,23 @@
     │   ├── HelperTimeout    the operation's deadline passed; the helper was stopped
     │   └── CallbackError    a caller's callback raised (chained with ``from``)
     ├── BackendUnavailable   a backend that was not built or cannot be loaded
-    └── TlsError             a TLS channel failed: handshake refused or timed out,
-                             stream cut without close_notify (.errno)
+    ├── TlsError             a TLS channel failed: handshake refused or timed out,
+    │                        stream cut without close_notify (.errno)
+    ├── MigrationError       a migration (either end) failed (.errno)
+    │   ├── HandshakeError   the peer broke xl's handshake: closed, wrong bytes, late
+    │   └── MigrationInDoubt the link broke after GO: the receiver may run the domain
+    └── Terminated           a command was stopped by SIGTERM (after cleaning up)
+
+    OSError
+    └── DomainBusy           another operation holds the domain's lock (EBUSY)
+
+    UsageError               the command line is wrong (the CLI exits 2)
+    SshdUnavailable          no sshd here for the tests' private server (RuntimeError)
+
+Every exception xcsave defines is here; the modules that raised them first
+re-export them (``xcsave.migrate.MigrationError``, ``xcsave.lock.DomainBusy``,
+``xcsave.cli.UsageError`` ...).  :func:`oserror_text` and :func:`errno_text`
+are the one way an errno becomes text.
 
 Spawn failures stay the ``OSError`` that ``asyncio.create_subprocess_exec``
 raises (CPython's errpipe makes it exact).
@@ -22,19 +37,30 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import sys
 
 __all__ = [
     "BackendUnavailable",
     "CallbackError",
+    "DomainBusy",
+    "HandshakeError",
     "HelperDied",
     "HelperError",
     "HelperFailed",
     "HelperTimeout",
+    "MigrationError",
+    "MigrationInDoubt",
     "ProtocolError",
+    "SshdUnavailable",
     "StreamError",
+    "Terminated",
     "TlsError",
+    "UsageError",
     "XcsaveError",
     "errno_name",
+    "errno_text",
+    "error_text",
+    "oserror_text",
 ]
 
 
@@ -43,6 +69,34 @@ def errno_name(err: int | None) -> str:
     if not err:
         return "0"
     return _errno.errorcode.get(err, f"errno {err}")
+
+
+def errno_text(err: int, strerror: str | None = None) -> str:
+    """``Input/output error (EIO)``: the errno's text (``strerror`` when the
+    error carries its own) and its name."""
+    return f"{strerror or os.strerror(err)} ({errno_name(err)})"
+
+
+def oserror_text(e: OSError, *, filename: bool = True) -> str:
+    """One line for an ``OSError``: ``FILE: text (ENAME)`` (without ``FILE: ``
+    when it has none, or ``filename`` is False); one without an errno is its
+    own text."""
+    where = f"{e.filename}: " if filename and e.filename is not None else ""
+    if e.errno:
+        return where + errno_text(e.errno, e.strerror)
+    return where + (str(e) or type(e).__name__)
+
+
+def error_text(e: BaseException) -> str:
+    """``e`` as the middle of a one-line message: an ``OSError`` as
+    :func:`oserror_text`, a cancellation as ``cancelled``, anything else as
+    its own text (or its class's name when it has none)."""
+    if isinstance(e, OSError):
+        return oserror_text(e)
+    aio = sys.modules.get("asyncio")  # not loaded: e cannot be its CancelledError
+    if aio is not None and isinstance(e, aio.CancelledError):
+        return "cancelled"
+    return str(e) or type(e).__name__
 
 
 class XcsaveError(Exception):
@@ -108,7 +162,7 @@ class HelperFailed(HelperError):
     def __init__(self, message: str, *, retval: int, errno: int, **kw: object) -> None:
         self.retval = retval
         self.errno = errno
-        text = f"{message}: {os.strerror(errno)} ({errno_name(errno)})" if errno else message
+        text = f"{message}: {errno_text(errno)}" if errno else message
         super().__init__(text, **kw)  # type: ignore[arg-type]
 
 
@@ -171,3 +225,59 @@ class TlsError(XcsaveError):
 
     def __str__(self) -> str:
         return f"{self.message} ({errno_name(self.errno)})" if self.errno else self.message
+
+
+class MigrationError(XcsaveError):
+    """A migration (either end) failed; the message says what state each copy is in."""
+
+    __module__ = "xcsave"
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class HandshakeError(MigrationError):
+    """The peer broke the handshake: closed early, sent the wrong bytes, or was late."""
+
+    __module__ = "xcsave"
+
+
+class MigrationInDoubt(MigrationError):
+    """The connection broke after GO: the receiver may or may not run the domain.
+
+    The sender's copy is left suspended (never two running copies); an
+    operator must look at the receiver before resuming either copy.
+    """
+
+    __module__ = "xcsave"
+
+
+class Terminated(XcsaveError):
+    """The command was stopped by SIGTERM (after cleaning up)."""
+
+
+class DomainBusy(OSError):
+    """Another operation holds the domain's lock (``errno`` EBUSY)."""
+
+    __module__ = "xcsave"
+
+    def __init__(self, domain: str, holder: int | None) -> None:
+        who = f" (pid {holder})" if holder is not None else ""
+        super().__init__(
+            _errno.EBUSY,
+            f"domain {domain} is busy: another xcsave operation{who} holds its lock",
+        )
+        self.domain = domain
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return errno_text(_errno.EBUSY, self.strerror)
+
+
+class UsageError(Exception):
+    """Bad arguments: the CLI exits 2 with the message."""
+
+
+class SshdUnavailable(RuntimeError):
+    """No sshd (or ssh, ssh-keygen) here, or it would not start: the reason."""

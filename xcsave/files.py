@@ -26,6 +26,8 @@ import stat
 from pathlib import Path
 from typing import Final
 
+from .defaults import shm_dir
+
 __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
@@ -35,6 +37,7 @@ __all__ = [
     "fsync_dir",
     "private_dir",
     "rename_noreplace",
+    "scratch_dir",
 ]
 
 PRIVATE_FILE_MODE: Final = 0o600
@@ -161,3 +164,16 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def scratch_dir(given: str | os.PathLike[str] | None, prefix: str) -> Path:
+    """Where a demo or a benchmark makes its domains: ``given`` (the user's
+    choice, created 0700 if missing), else a new private temporary directory
+    (memory-backed where /dev/shm exists, :func:`xcsave.defaults.shm_dir`)."""
+    if given:
+        d = Path(given)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return d
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=shm_dir()))

@@ -53,6 +53,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 from . import files
 from ._log import logger
+from .errors import DomainBusy
 
 __all__ = [
     "DomainBusy",
@@ -75,24 +76,6 @@ _ABOUT_THE_DOMAIN: Final = frozenset(
     (errno_mod.ENOENT, errno_mod.ENOTDIR, errno_mod.EROFS, errno_mod.EACCES)
 )
 _PID_BYTES: Final = 32  # the holder's pid, as text, at the start of the lock file
-
-
-class DomainBusy(OSError):
-    """Another operation holds the domain's lock (``errno`` EBUSY)."""
-
-    __module__ = "xcsave"
-
-    def __init__(self, domain: str, holder: int | None) -> None:
-        who = f" (pid {holder})" if holder is not None else ""
-        super().__init__(
-            errno_mod.EBUSY,
-            f"domain {domain} is busy: another xcsave operation{who} holds its lock",
-        )
-        self.domain = domain
-        self.holder = holder
-
-    def __str__(self) -> str:
-        return f"{self.strerror} (EBUSY)"
 
 
 def lock_dir() -> Path:

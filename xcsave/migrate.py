@@ -3,19 +3,9 @@
 The sender's helper writes the migration stream straight to the connected
 socket and the receiver's helper reads it straight from the accepted one
 (the socket's fd is handed to :func:`xcsave.api.save` / :func:`~xcsave.api.restore`
-by number).  Python only speaks the few fixed-size handshake messages
-around the stream, byte for byte those of ``xl migrate`` (tools/xl/xl.h)::
-
-    receiver -> sender   BANNER   "xl migration receiver ready, send binary domain data.\\n"
-                                  (54 bytes, no NUL)
-    sender -> receiver   the stream (xl, libxl or libxc format), written by the helper;
-                         the receiver's helper reads exactly its records, up to END
-    receiver -> sender   READY    "domain received, ready to unpause\\0"            (34 bytes)
-    sender -> receiver   GO       "domain is yours, you are cleared to unpause\\0"  (44 bytes)
-    receiver -> sender   REPORT   "my copy unpause results are as follows\\0"       (39 bytes)
-                         + 1 status byte: 0 = the receiver's copy is running
-    only if status != 0: the receiver removes its copy, then
-    receiver -> sender   GO       (44 bytes): permission for the sender to resume
+by number).  Python only speaks the few fixed-size messages of xl's
+handshake around the stream (:mod:`xcsave.handshake`, which also says why
+nothing here ever reads ahead).
 
 The domain runs in exactly one place at the end.  Until the sender has sent
 GO, any failure (the receiver refusing, dying mid-stream, a broken or late
@@ -26,19 +16,6 @@ If the connection breaks between GO and the report, nobody can know whether
 the receiver started its copy: like xl, the sender then leaves its copy
 suspended and raises :class:`MigrationInDoubt` instead of risking two
 running copies.
-
-No read-ahead: the helper's stream fd is shared with this process, so
-Python must never consume a byte that belongs to the stream (or to a later
-message).  Every handshake read is ``sock.recv(remaining)`` on the socket
-itself (``loop.sock_recv``, no StreamReader, no buffer) for exactly the
-fixed length of the message expected next; the receiver identifies the
-stream's format with ``MSG_PEEK``, which consumes nothing.  The protocol
-itself keeps the socket quiet at each hand-over: the receiver's helper gets
-the fd right after BANNER was sent and before the sender (who waits for
-BANNER) can have written anything but stream; the sender's helper only
-writes; the peer's next message is sent only after the helper is done.
-While a helper owns the fd the socket is switched to blocking mode (the
-helper's reads and writes expect it) and this process does not touch it.
 
 Transports (who may speak this protocol to us): a listener or a direct
 connection is either TLS with mutual certificates (``tls_dir``, see
@@ -58,17 +35,28 @@ import errno as errno_mod
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 from . import api
+from . import handshake as hs
 from . import lock as _lock
 from . import sim as simdom
 from ._log import logger
-from .errors import XcsaveError, errno_name
+from .defaults import CHANNELS, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT
+from .errors import (
+    HandshakeError,
+    MigrationError,
+    MigrationInDoubt,
+    XcsaveError,
+    error_text,
+    oserror_text,
+)
 from .events import DoneEvent, Event, LogEvent, ProgressEvent
+from .handshake import BANNER, GO, READY, REPORT, Address, Endpoint, Fds, format_address
+from .jobs import Outcome, Summary, run_many
 from .policy import Policy
 from .supervisor import Callbacks, RunResult, Supervisor
 
@@ -76,6 +64,8 @@ __all__ = [
     "BANNER",
     "CHANNELS",
     "GO",
+    "HANDSHAKE_TIMEOUT",
+    "IDLE_TIMEOUT",
     "READY",
     "REPORT",
     "HandshakeError",
@@ -86,8 +76,8 @@ __all__ = [
     "ReceiveResult",
     "Summary",
     "default_max_memory",
+    "format_address",
     "migrate",
-    "migrate_local",
     "migrate_on",
     "receive",
     "receive_on",
@@ -98,69 +88,10 @@ __all__ = [
 
 log = logger(__name__)
 
-BANNER: Final = b"xl migration receiver ready, send binary domain data.\n"
-READY: Final = b"domain received, ready to unpause\0"
-GO: Final = b"domain is yours, you are cleared to unpause\0"
-REPORT: Final = b"my copy unpause results are as follows\0"
-
-#: How long to wait for each handshake message by default (seconds).
-HANDSHAKE_TIMEOUT: Final = 60.0
-#: Default idle timeout once the stream has started (seconds past the last byte).
-IDLE_TIMEOUT: Final = 10.0
 #: A listener admits at most this many unauthenticated peers at once.
 MAX_CANDIDATES: Final = 8
-PAGE_SIZE: Final = 4096
 
-#: First bytes of each stream format (the receiver peeks at them).
-_MAGIC: Final[tuple[tuple[bytes, str], ...]] = (
-    (b"Xen save", "xl"),  # "Xen saved domain, xl format\n \0 \r"
-    (b"LibxlFmt", "libxl"),  # libxl header ident, big-endian
-    (b"\xff" * 8, "libxc"),  # libxc image header marker
-)
-_PEEK: Final = 8
-
-Address = tuple[str, int]
 EventSink = Callable[[Event], object]
-
-
-@dataclass(frozen=True)
-class _Fds:
-    """A byte channel that is not a socket: read ``rfd``, write ``wfd`` (stdin/stdout
-    under sshd, which may be pipes).  The helper reads the stream from ``rfd``."""
-
-    rfd: int
-    wfd: int
-    name: str = "stdin/stdout"
-
-
-#: What the handshake runs on: a connected socket, or a pair of fds.
-Endpoint = socket.socket | _Fds
-
-
-class MigrationError(XcsaveError):
-    """A migration (either end) failed; the message says what state each copy is in."""
-
-    __module__ = "xcsave"
-
-    def __init__(self, message: str, *, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
-class HandshakeError(MigrationError):
-    """The peer broke the handshake: closed early, sent the wrong bytes, or was late."""
-
-    __module__ = "xcsave"
-
-
-class MigrationInDoubt(MigrationError):
-    """The connection broke after GO: the receiver may or may not run the domain.
-
-    The sender's copy is left suspended (never two running copies); an
-    operator must look at the receiver before resuming either copy.
-    """
-
-    __module__ = "xcsave"
 
 
 @dataclass
@@ -212,12 +143,6 @@ class ReceiveResult:
 # ----------------------------------------------------------------- socket I/O
 
 
-def _oserror_text(e: OSError) -> str:
-    if e.errno:
-        return f"{e.strerror or os.strerror(e.errno)} ({errno_name(e.errno)})"
-    return str(e) or type(e).__name__
-
-
 def _same_kind(e: BaseException) -> type[MigrationError]:
     """The class to re-raise ``e`` as, with the migration's context in the message."""
     if isinstance(e, MigrationError) and not isinstance(e, MigrationInDoubt):
@@ -234,203 +159,7 @@ def _cause(e: BaseException, idle_timeout: float | None = None) -> str:
         and not isinstance(e, (HandshakeError, OSError))
     ):
         return f"{e} (no stream bytes moved for {idle_timeout:g} s: --idle-timeout)"
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename is not None else ""
-        return where + _oserror_text(e)
-    if isinstance(e, asyncio.CancelledError):
-        return "cancelled"
-    return str(e) or type(e).__name__
-
-
-async def _fd_ready(fd: int, write: bool) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    (loop.add_writer if write else loop.add_reader)(fd, ready)
-    try:
-        await fut
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
-
-
-async def _recv_some(ep: Endpoint, n: int) -> bytes:
-    """At most ``n`` bytes, as soon as some are there (b"" at EOF)."""
-    if isinstance(ep, socket.socket):
-        return await asyncio.get_running_loop().sock_recv(ep, n)
-    while True:
-        try:
-            return os.read(ep.rfd, n)
-        except BlockingIOError:
-            await _fd_ready(ep.rfd, write=False)
-
-
-async def _send_all(ep: Endpoint, msg: bytes) -> None:
-    if isinstance(ep, socket.socket):
-        await asyncio.get_running_loop().sock_sendall(ep, msg)
-        return
-    view = memoryview(msg)
-    while view:
-        try:
-            view = view[os.write(ep.wfd, view) :]
-        except BlockingIOError:
-            await _fd_ready(ep.wfd, write=True)
-
-
-def _nonblocking(ep: Endpoint, on: bool = True) -> None:
-    """asyncio mode (``on``) or the helper's blocking mode, for the handshake's fds."""
-    if isinstance(ep, socket.socket):
-        ep.setblocking(not on)
-        return
-    for fd in {ep.rfd, ep.wfd}:
-        os.set_blocking(fd, not on)
-
-
-async def _recv_exact(sock: Endpoint, n: int, what: str, timeout: float | None) -> bytes:
-    """Exactly ``n`` bytes, read with the socket's own recv (never more: no read-ahead)."""
-    buf = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            while len(buf) < n:
-                chunk = await _recv_some(sock, n - len(buf))
-                if not chunk:
-                    raise HandshakeError(
-                        f"the peer closed the connection before {what} ({len(buf)} of {n} bytes)",
-                        errno=errno_mod.ECONNRESET,
-                    )
-                buf += chunk
-    except TimeoutError:
-        raise HandshakeError(
-            f"timed out after {timeout:g} s waiting for {what} "
-            f"({len(buf)} of {n} bytes; ETIMEDOUT)",
-            errno=errno_mod.ETIMEDOUT,
-        ) from None
-    except OSError as e:
-        raise HandshakeError(f"reading {what}: {_oserror_text(e)}", errno=e.errno) from e
-    return bytes(buf)
-
-
-async def _expect(sock: Endpoint, msg: bytes, what: str, timeout: float | None) -> None:
-    got = await _recv_exact(sock, len(msg), what, timeout)
-    if got != msg:
-        raise HandshakeError(f"expected {what} {msg!r}, got {got!r}", errno=errno_mod.EPROTO)
-
-
-async def _send(sock: Endpoint, msg: bytes, what: str, timeout: float | None) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            await _send_all(sock, msg)
-    except TimeoutError:
-        raise HandshakeError(
-            f"could not send {what} within {timeout:g} s (ETIMEDOUT)", errno=errno_mod.ETIMEDOUT
-        ) from None
-    except OSError as e:
-        raise HandshakeError(f"sending {what}: {_oserror_text(e)}", errno=e.errno) from e
-
-
-async def _peek(sock: socket.socket, n: int, what: str, timeout: float | None) -> bytes:
-    """The next ``n`` bytes without consuming them (``MSG_PEEK``), or fewer at EOF."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    data = sock.recv(n, socket.MSG_PEEK)
-                except BlockingIOError:
-                    await _fd_ready(sock.fileno(), write=False)
-                    continue
-                if len(data) >= n or not data:
-                    return data
-                # Part of it is here: the rest is a segment away.
-                await asyncio.sleep(0.001)
-    except TimeoutError:
-        raise HandshakeError(
-            f"timed out after {timeout:g} s waiting for {what} (ETIMEDOUT)",
-            errno=errno_mod.ETIMEDOUT,
-        ) from None
-    except OSError as e:
-        raise HandshakeError(f"reading {what}: {_oserror_text(e)}", errno=e.errno) from e
-
-
-async def _stream_format(sock: socket.socket, fmt: str, timeout: float | None) -> str:
-    """The format of the stream waiting on ``sock`` (peeked at, not consumed)."""
-    head = await _peek(sock, _PEEK, "the sender's stream", timeout)
-    if len(head) < _PEEK:
-        raise HandshakeError(
-            "the sender closed the connection before sending a stream",
-            errno=errno_mod.ECONNRESET,
-        )
-    detected = _detect_format(head)
-    if fmt not in ("auto", detected):
-        raise HandshakeError(
-            f"the sender sends a {detected} stream, not {fmt}", errno=errno_mod.EPROTO
-        )
-    return detected
-
-
-def _detect_format(head: bytes) -> str:
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return fmt
-    raise HandshakeError(
-        f"the sender's stream starts with {head!r}: not an xl, libxl or libxc stream",
-        errno=errno_mod.EPROTO,
-    )
-
-
-@contextlib.contextmanager
-def _lent_to_helper(sock: Endpoint, stream: int | None = None) -> Iterator[int]:
-    """The fd the stream goes through, for a helper: ``stream`` when there is
-    one (a pipe of :func:`migrate_local`'s, blocking and never read here),
-    else the socket's, in blocking mode, non-blocking again afterwards.
-
-    O_NONBLOCK belongs to the open file description, which the helper
-    shares: its engine expects blocking reads and writes.  Nothing in this
-    process touches the socket while the helper has it.
-    """
-    if stream is not None:
-        yield stream
-        return
-    _nonblocking(sock, False)
-    try:
-        yield sock.fileno() if isinstance(sock, socket.socket) else sock.rfd
-    finally:
-        _nonblocking(sock)
-
-
-def _tune(sock: Endpoint, timeout: float | None) -> None:
-    """Small handshake messages go out at once; a dead peer fails a blocked helper."""
-    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, opt):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-    if timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
-        # A helper blocked writing to a peer that vanished (no RST) gets
-        # ETIMEDOUT instead of waiting for the kernel's ~15 minutes.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
-
-
-def _peer_name(sock: Endpoint) -> str:
-    if isinstance(sock, _Fds):
-        return sock.name
-    try:
-        addr = sock.getpeername()
-    except OSError:
-        return "?"
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = str(addr[0]), int(addr[1])
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(addr) or "local peer"
-
-
-def format_address(addr: Address) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return error_text(e)
 
 
 async def _connect(to: Address, timeout: float | None) -> socket.socket:
@@ -526,7 +255,7 @@ async def _secured(
     """``sock`` as a channel: TLS (client when ``server_name`` is given, else
     server) over it, or itself when ``tls`` is None.  Closed when the block ends."""
     if tls is None:
-        yield _Plain(sock, _peer_name(sock))
+        yield _Plain(sock, hs.peer_name(sock))
         return
     from . import tls as tlsmod
 
@@ -595,21 +324,6 @@ class _Events:
 # ----------------------------------------------------------------- sender
 
 
-def _state(path: Path) -> str:
-    return str(simdom.info(path)["state"])
-
-
-def _put_back(path: Path, state: str) -> str:
-    """Set the source to ``state`` again (after a failure); returns the state it is in."""
-    try:
-        if _state(path) != state:
-            simdom.set_state(path, state)
-        return _state(path)
-    except OSError as e:
-        log.error("could not set %s %s again: %s", path, state, _oserror_text(e))
-        return "unknown"
-
-
 @_lock.holding("sim", resolve=simdom.resolve)
 async def migrate_on(
     sock: socket.socket,
@@ -639,11 +353,11 @@ async def migrate_on(
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
     src = simdom.resolve(sim)
-    before = _state(src)  # also: FileNotFoundError for a domain that does not exist
-    peer = peer or _peer_name(sock)
+    before = simdom.state(src)  # also: FileNotFoundError for a domain that does not exist
+    peer = peer or hs.peer_name(sock)
     ev = _Events("migrate", str(src), on_event)
-    _nonblocking(sock)
-    _tune(sock, handshake_timeout)
+    hs.nonblocking(sock)
+    hs.tune(sock, handshake_timeout)
     t0 = time.monotonic()
     t_suspend: list[float] = []
 
@@ -653,9 +367,9 @@ async def migrate_on(
 
     committed = False  # GO sent: from here on, resuming could make two copies run
     try:
-        await _expect(sock, BANNER, "the receiver's banner", handshake_timeout)
+        await hs.expect(sock, BANNER, "the receiver's banner", handshake_timeout)
         ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
-        with _lent_to_helper(sock, stream) as fd:
+        with hs.lent_to_helper(sock, stream) as fd:
             saved = await api.save(
                 fd,
                 sim=src,
@@ -670,13 +384,13 @@ async def migrate_on(
             )
         stream_done_at = time.monotonic()
         ev.note("stream sent; waiting for the receiver to confirm")
-        await _expect(sock, READY, "the receiver's 'domain received'", handshake_timeout)
+        await hs.expect(sock, READY, "the receiver's 'domain received'", handshake_timeout)
         committed = True  # set first: a failure while sending GO is in doubt too
-        await _send(sock, GO, "'domain is yours'", handshake_timeout)
-        await _expect(sock, REPORT, "the receiver's report", handshake_timeout)
-        status = (await _recv_exact(sock, 1, "the receiver's status byte", handshake_timeout))[0]
+        await hs.send(sock, GO, "'domain is yours'", handshake_timeout)
+        await hs.expect(sock, REPORT, "the receiver's report", handshake_timeout)
+        status = (await hs.recv_exact(sock, 1, "the receiver's status byte", handshake_timeout))[0]
         if status != 0:
-            await _expect(sock, GO, "the receiver's permission to resume", handshake_timeout)
+            await hs.expect(sock, GO, "the receiver's permission to resume", handshake_timeout)
             committed = False
             raise MigrationError(
                 f"the receiver could not start its copy (status {status})", errno=status
@@ -700,7 +414,7 @@ async def migrate_on(
             log.error("%s", note)
             e.add_note(note)  # for whoever reports the cancellation (the CLI does)
             raise
-        state = _put_back(src, before)
+        state = simdom.put_back(src, before)
         ev.done(False, cause)
         if isinstance(e, Exception):
             raise _same_kind(e)(
@@ -759,7 +473,7 @@ async def migrate(
     tls = resolve_tls(tls_dir, insecure)
     sock = await _connect(to, handshake_timeout)
     with sock:
-        _tune(sock, handshake_timeout)
+        hs.tune(sock, handshake_timeout)
         async with _secured(sock, tls, server_name=to[0], timeout=handshake_timeout) as ch:
             return await migrate_on(
                 ch.sock,
@@ -778,7 +492,7 @@ async def migrate(
 
 def _resolve_existing(dom: str | os.PathLike[str]) -> Path:
     path = simdom.resolve(dom)
-    _state(path)  # FileNotFoundError (ENOENT) before we connect anywhere
+    simdom.state(path)  # FileNotFoundError (ENOENT) before we connect anywhere
     return path
 
 
@@ -821,29 +535,29 @@ async def receive_on(
     """
     if fmt != "auto" and fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected auto or one of {api.FORMATS}")
-    if (stream is not None or isinstance(sock, _Fds)) and fmt == "auto" and not admitted_fmt:
+    if (stream is not None or isinstance(sock, Fds)) and fmt == "auto" and not admitted_fmt:
         raise ValueError("a separate stream fd cannot be peeked at: give its format")
     target = simdom.resolve(sim)
     built = api.SimTarget.begin(target, force=force)  # EEXIST unless force
-    peer = peer or _peer_name(sock)
+    peer = peer or hs.peer_name(sock)
     limit = default_max_memory(target) if max_memory is None else max_memory
     ev = _Events("receive", str(target), on_event)
-    _nonblocking(sock)
-    _tune(sock, handshake_timeout)
+    hs.nonblocking(sock)
+    hs.tune(sock, handshake_timeout)
     t0 = time.monotonic()
     running = False
     try:
         if admitted_fmt is not None:
             detected = admitted_fmt
         else:
-            await _send(sock, BANNER, "the banner", handshake_timeout)
+            await hs.send(sock, BANNER, "the banner", handshake_timeout)
             detected = (
                 fmt
-                if stream is not None or isinstance(sock, _Fds)
-                else await _stream_format(sock, fmt, handshake_timeout)
+                if stream is not None or isinstance(sock, Fds)
+                else await hs.stream_format(sock, fmt, handshake_timeout)
             )
         ev.note(f"receiving a {detected} stream from {peer}")
-        with _lent_to_helper(sock, stream) as fd:
+        with hs.lent_to_helper(sock, stream) as fd:
             restored = await api.restore(
                 fd,
                 sim=built,
@@ -855,27 +569,27 @@ async def receive_on(
                 supervisor=supervisor,
             )
         ev.note("stream received; asking for permission to start")
-        await _send(sock, READY, "'domain received'", handshake_timeout)
-        await _expect(sock, GO, "the sender's 'domain is yours'", handshake_timeout)
+        await hs.send(sock, READY, "'domain received'", handshake_timeout)
+        await hs.expect(sock, GO, "the sender's 'domain is yours'", handshake_timeout)
         try:
             simdom.set_state(built.partial, "running")
             built.commit()  # the old domain (with force) stays until here
             running = True
             status = 0
         except OSError as e:
-            log.error("starting %s: %s", target, _oserror_text(e))
+            log.error("starting %s: %s", target, oserror_text(e, filename=False))
             status = (e.errno or errno_mod.EIO) & 0xFF or 1
         if status:
             # xl's order: report, remove our copy, then give the sender its domain back.
-            await _send(sock, REPORT + bytes([status]), "the failure report", handshake_timeout)
+            await hs.send(sock, REPORT + bytes([status]), "the failure report", handshake_timeout)
             built.discard()
-            await _send(sock, GO, "the permission to resume", handshake_timeout)
+            await hs.send(sock, GO, "the permission to resume", handshake_timeout)
             raise MigrationError(
                 f"could not start the received domain (status {status})", errno=status
             )
         report_lost = False
         try:
-            await _send(sock, REPORT + b"\0", "the report", handshake_timeout)
+            await hs.send(sock, REPORT + b"\0", "the report", handshake_timeout)
         except HandshakeError as e:
             # Ours runs; the sender keeps its copy suspended (it is in doubt).
             report_lost = True
@@ -957,8 +671,8 @@ async def _admit(
             ch = await stack.enter_async_context(
                 _secured(conn, tls, server_name=None, timeout=timeout)
             )
-            await _send(ch.sock, BANNER, "the banner", None)
-            detected = await _stream_format(ch.sock, fmt, None)
+            await hs.send(ch.sock, BANNER, "the banner", None)
+            detected = await hs.stream_format(ch.sock, fmt, None)
     except TimeoutError:
         raise HandshakeError(
             f"no TLS handshake, banner and start of a stream within {timeout:g} s (ETIMEDOUT)",
@@ -999,12 +713,12 @@ async def _first_admitted(
     conns: set[socket.socket] = set()
 
     async def candidate(conn: socket.socket) -> None:
-        peer = _peer_name(conn)
+        peer = hs.peer_name(conn)
         stack = contextlib.AsyncExitStack()
         admitted: _Admitted | None = None
         try:
             with contextlib.suppress(OSError):
-                _tune(conn, timeout)
+                hs.tune(conn, timeout)
             ch, detected = await _admit(conn, tls, fmt, timeout, stack)
             if not won.done():
                 admitted = _Admitted(conn, ch, detected, stack)
@@ -1165,7 +879,7 @@ async def receive_stdio(
     if fmt not in api.FORMATS:
         raise ValueError(f"receive over stdio needs the stream's format: one of {api.FORMATS}")
     client = os.environ.get("SSH_CLIENT", "").split()
-    ep = _Fds(rfd, wfd, f"ssh client {client[0]}" if client else "stdin/stdout")
+    ep = Fds(rfd, wfd, f"ssh client {client[0]}" if client else "stdin/stdout")
     flags = {fd: os.get_blocking(fd) for fd in {rfd, wfd}}
     try:
         return await receive_on(
@@ -1186,212 +900,11 @@ async def receive_stdio(
                 os.set_blocking(fd, blocking)
 
 
-# ----------------------------------------------------------------- local pairs
+def __getattr__(name: str) -> Any:
+    """``migrate_local`` moved to :mod:`xcsave.local`, which builds on this
+    module: found there on first use (no import circle)."""
+    if name == "migrate_local":
+        from . import local
 
-
-#: How :func:`migrate_local` carries the stream.
-CHANNELS: Final = ("pipe", "socket")
-
-
-@contextlib.contextmanager
-def _owned_fd(fd: int | None) -> Iterator[int | None]:
-    """Close ``fd`` (if any) when the block ends, however it ends."""
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-@_lock.holding("src", "dst", resolve=simdom.resolve)
-async def migrate_local(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    live: bool = True,
-    policy: Policy | None = None,
-    fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
-    channel: str = "pipe",
-) -> tuple[MigrationResult, ReceiveResult]:
-    """Both ends in this process: the same helpers and handshake as TCP.
-
-    The handshake goes over a socketpair.  With ``channel="pipe"`` (the
-    default) the stream goes over a pipe beside it: the sender's helper
-    vmsplices its pages into the pipe and the receiver's splices page runs
-    out of it into the target, so a byte is copied once, into the target.
-    ``channel="socket"`` sends the stream over the socketpair itself,
-    exactly as over TCP.
-
-    Each side closes its ends when it fails, so the other side sees it and
-    cleans up on its own (nothing is cancelled): a receiver whose sender is
-    gone reads EOF, a sender whose receiver is gone gets EPIPE.  Raises the
-    sender's error first (it says where the domain runs), else the
-    receiver's.  Never in doubt: with both ends here, a failure or a
-    cancellation after the sender's GO is settled by looking at the
-    receiver's copy (see :func:`_settle_local`), so exactly one copy runs.
-    With a shared ``supervisor``, its ``max_parallel`` must allow two
-    helpers per pair in flight, or the pairs could starve each other.
-    """
-    if channel not in CHANNELS:
-        raise ValueError(f"unknown channel {channel!r}: expected one of {CHANNELS}")
-    src_path, dst_path = simdom.resolve(src), simdom.resolve(dst)
-    before = _state(src_path)  # also: FileNotFoundError for a domain that does not exist
-    api.check_replace(dst_path, False)  # before either side starts: settling reads dst
-    a, b = socket.socketpair()
-    # Blocking, close-on-exec: the supervisor hands each helper its end alone.
-    rfd, wfd = os.pipe() if channel == "pipe" else (None, None)
-
-    async def send_side() -> MigrationResult:
-        with a, _owned_fd(wfd):
-            return await migrate_on(
-                a,
-                sim=src,
-                live=live,
-                policy=policy,
-                fmt=fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                on_event=on_event,
-                supervisor=supervisor,
-                stream=wfd,
-            )
-
-    async def receive_side() -> ReceiveResult:
-        with b, _owned_fd(rfd):
-            return await receive_on(
-                b,
-                sim=dst,
-                fmt=fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                on_event=on_event,
-                supervisor=supervisor,
-                stream=rfd,
-            )
-
-    sent: MigrationResult | BaseException | None = None
-    received: ReceiveResult | BaseException | None = None
-    try:
-        sent, received = await asyncio.gather(send_side(), receive_side(), return_exceptions=True)
-    finally:
-        # On cancellation gather has cancelled both sides and waited for them.
-        if not isinstance(sent, MigrationResult):
-            settled = _settle_local(src_path, before, dst_path)
-            if isinstance(sent, MigrationInDoubt):
-                sent = MigrationError(f"{sent}; {settled}", errno=sent.errno)
-    for r in (sent, received):
-        if isinstance(r, BaseException):
-            raise r
-    assert isinstance(sent, MigrationResult)
-    assert isinstance(received, ReceiveResult)
-    return sent, received
-
-
-def _settle_local(src: Path, before: str, dst: Path) -> str:
-    """After a local migration that did not succeed: exactly one copy runs.
-
-    Over TCP a sender that gave GO and then lost the link cannot know whether
-    the receiver started its copy, so it leaves its own suspended (in doubt).
-    Here both ends are in this process and have finished: if the receiver's
-    copy runs it is the one, else the source is put back as it was.
-    """
-    try:
-        runs = _state(dst) == "running"
-    except OSError:
-        runs = False  # removed by the receiver: it never ran
-    if runs:
-        log.warning("%s runs; %s stays suspended", dst, src)
-        return f"settled here: {dst} runs, {src} stays suspended"
-    state = _put_back(src, before)
-    return f"settled here: {dst} never ran, so {src} is {state} here again"
-
-
-# ----------------------------------------------------------------- many at once
-
-T = TypeVar("T")
-
-
-@dataclass
-class Outcome(Generic[T]):
-    """One job of :func:`run_many`: its result or its error."""
-
-    name: str
-    ok: bool
-    seconds: float
-    result: T | None = None
-    error: BaseException | None = None
-
-    @property
-    def message(self) -> str:
-        return "" if self.error is None else _cause(self.error)
-
-
-@dataclass
-class Summary(Generic[T]):
-    """All outcomes of :func:`run_many`, in the order the jobs were given."""
-
-    outcomes: list[Outcome[T]]
-    seconds: float
-
-    @property
-    def ok(self) -> list[Outcome[T]]:
-        return [o for o in self.outcomes if o.ok]
-
-    @property
-    def failed(self) -> list[Outcome[T]]:
-        return [o for o in self.outcomes if not o.ok]
-
-    def lines(self) -> list[str]:
-        out = [
-            f"{len(self.ok)} of {len(self.outcomes)} succeeded in {self.seconds:.2f} s"
-            + (f", {len(self.failed)} failed" if self.failed else "")
-        ]
-        out += [
-            f"  {o.name}: {'ok' if o.ok else 'FAILED: ' + o.message} ({o.seconds:.2f} s)"
-            for o in self.outcomes
-        ]
-        return out
-
-
-Job = Callable[[Supervisor], Awaitable[T]]
-
-
-async def run_many(
-    jobs: Sequence[tuple[str, Job[T]]],
-    *,
-    max_parallel: int = 8,
-    helpers_per_job: int = 2,
-) -> Summary[T]:
-    """Run named jobs concurrently, ``max_parallel`` at a time, through one Supervisor.
-
-    Each job is ``async def job(supervisor) -> T`` (e.g. a lambda around
-    :func:`migrate_local`, :func:`migrate`, :func:`xcsave.save`).  A job's
-    failure is recorded in its :class:`Outcome` and never cancels or
-    disturbs the others; only cancelling ``run_many`` itself stops them all
-    (every helper is stopped and reaped).  The limit applies to *jobs*; the
-    Supervisor allows ``helpers_per_job`` helpers per job, so that both ends
-    of an in-process migration always run together.
-    """
-    if max_parallel < 1:
-        raise ValueError(f"max_parallel must be at least 1, not {max_parallel}")
-    sem = asyncio.Semaphore(max_parallel)
-    t0 = time.monotonic()
-
-    async with Supervisor(max_parallel=max_parallel * helpers_per_job) as sup:
-
-        async def one(name: str, job: Job[T]) -> Outcome[T]:
-            async with sem:
-                t = time.monotonic()
-                try:
-                    value = await job(sup)
-                except Exception as e:
-                    log.info("%s failed: %s", name, e)
-                    return Outcome(name, False, time.monotonic() - t, error=e)
-                return Outcome(name, True, time.monotonic() - t, result=value)
-
-        outcomes = await asyncio.gather(*(one(n, j) for n, j in jobs))
-    return Summary(list(outcomes), time.monotonic() - t0)
+        return local.migrate_local
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from .defaults import PAGE_SIZE, XEN_DIRTY_THRESHOLD, XEN_MAX_ITERS
+
 __all__ = [
     "Decision",
     "Policy",
@@ -45,8 +47,10 @@ class PrecopyStats:
 Policy = Callable[[PrecopyStats], Decision]
 
 
-def xen_default(max_iters: int = 5, threshold: int = 50) -> Policy:
-    """libxc 4.17's built-in policy: stop when few pages are dirty or after 5 rounds."""
+def xen_default(max_iters: int = XEN_MAX_ITERS, threshold: int = XEN_DIRTY_THRESHOLD) -> Policy:
+    """libxc 4.17's built-in policy: stop when fewer than ``threshold`` pages
+    are dirty or after ``max_iters`` rounds (Xen's 5 and 50, :mod:`xcsave.defaults`:
+    the helper's own policy when none is given is the same)."""
 
     def policy(st: PrecopyStats) -> Decision:
         if (0 <= st.dirty_count < threshold) or st.iteration >= max_iters:
@@ -68,7 +72,7 @@ def max_iterations(n: int) -> Policy:
 def downtime_target(
     max_downtime_s: float,
     *,
-    page_size: int = 4096,
+    page_size: int = PAGE_SIZE,
     max_iters: int = 30,
     clock: Callable[[], float] = time.monotonic,
 ) -> Policy:

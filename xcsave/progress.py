@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from .defaults import PAGE_SIZE
 from .events import (
     DoneEvent,
     Event,
@@ -168,9 +169,6 @@ class Renderer:
             total = prog.tasks[task].total or 1
             desc = "done" if ev.ok else "failed"
             prog.update(task, description=desc, completed=total if ev.ok else None, total=total)
-
-
-PAGE_SIZE = 4096
 
 
 def _decision(d: int) -> str:

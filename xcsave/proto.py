@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from .defaults import XEN_DIRTY_THRESHOLD, XEN_MAX_ITERS
 from .errors import ProtocolError
 
 __all__ = [
@@ -597,6 +598,10 @@ def emit_c_header() -> str:
     w("")
     w(f"#define XCS_PROTO_VERSION {PROTO_VERSION}")
     w(f"#define XCS_PROTO_HASH 0x{TABLE_HASH:016x}ULL")
+    w("")
+    w("/* Xen's default precopy policy, from xcsave/defaults.py (the one place). */")
+    w(f"#define XCS_XEN_MAX_ITERS {XEN_MAX_ITERS}")
+    w(f"#define XCS_XEN_DIRTY_THRESHOLD {XEN_DIRTY_THRESHOLD}")
     w("")
     w("enum xcs_dialect { XCS_DIALECT_XEN_417 = 0, XCS_DIALECT_XCSAVE_1 = 1 };")
     w("")

@@ -18,9 +18,12 @@ import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from . import _ext, lock
+from ._log import logger
+from .defaults import PAGE_SIZE, SIM_DIR
+from .errors import oserror_text
 from .files import private_dir
 
 __all__ = [
@@ -29,14 +32,15 @@ __all__ = [
     "create",
     "digest",
     "info",
+    "put_back",
     "remove",
     "resolve",
     "set_logdirty",
     "set_state",
+    "state",
 ]
 
-PAGE_SIZE: Final = 4096
-SIM_DIR: Final = "/dev/shm/xcsave"
+log = logger(__name__)
 
 
 def resolve(dom: str | os.PathLike[str]) -> Path:
@@ -101,6 +105,23 @@ def digest(dom: str | os.PathLike[str]) -> str:
 def set_state(dom: str | os.PathLike[str], state: str) -> None:
     """``running``, ``paused`` or ``suspended``."""
     _ext.sim_set_state(str(resolve(dom)), state)
+
+
+def state(dom: str | os.PathLike[str]) -> str:
+    """``running``, ``paused`` or ``suspended`` (``FileNotFoundError`` for no such domain)."""
+    return str(info(dom)["state"])
+
+
+def put_back(dom: str | os.PathLike[str], was: str) -> str:
+    """After a failed operation: set the domain ``was`` again (if it is not);
+    returns the state it is in now (``unknown`` when that failed: logged)."""
+    try:
+        if state(dom) != was:
+            set_state(dom, was)
+        return state(dom)
+    except OSError as e:
+        log.error("could not set %s %s again: %s", dom, was, oserror_text(e, filename=False))
+        return "unknown"
 
 
 def set_logdirty(dom: str | os.PathLike[str], enable: bool) -> None:

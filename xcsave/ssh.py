@@ -34,6 +34,8 @@ from . import api
 from . import migrate as mig
 from . import sim as simdom
 from ._log import logger
+from .defaults import HANDSHAKE_TIMEOUT, IDLE_TIMEOUT
+from .errors import MigrationError, error_text
 from .policy import Policy
 from .supervisor import Supervisor
 
@@ -172,8 +174,8 @@ async def migrate_ssh(
     policy: Policy | None = None,
     fmt: str = "libxl",
     timeout: float | None = None,
-    handshake_timeout: float | None = mig.HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = mig.IDLE_TIMEOUT,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = IDLE_TIMEOUT,
     on_event: mig.EventSink | None = None,
     supervisor: Supervisor | None = None,
 ) -> mig.MigrationResult:
@@ -188,7 +190,7 @@ async def migrate_ssh(
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
     src = simdom.resolve(sim)
-    mig._state(src)  # FileNotFoundError (ENOENT) before anything runs
+    simdom.state(src)  # FileNotFoundError (ENOENT) before anything runs
     remote = remote_receive_argv(
         remote_command,
         sim=remote_sim or src.name,
@@ -212,8 +214,8 @@ async def migrate_ssh(
                 start_new_session=True,
             )
         except OSError as e:
-            raise mig.MigrationError(
-                f"migrate {src} to {target}: cannot run {argv[0]}: {mig._cause(e)}; "
+            raise MigrationError(
+                f"migrate {src} to {target}: cannot run {argv[0]}: {error_text(e)}; "
                 f"{src} is untouched",
                 errno=e.errno,
             ) from e
@@ -235,7 +237,7 @@ async def migrate_ssh(
                 supervisor=supervisor,
                 peer=str(target),
             )
-        except mig.MigrationError as e:
+        except MigrationError as e:
             ours.close()  # ssh sees EOF, the remote receiver fails and cleans up
             rc = await _end_ssh(proc, err)
             said = err.last()

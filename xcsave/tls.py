@@ -69,6 +69,8 @@ DEFAULT_TLS_DIR: Final = "/etc/xcsave/tls"
 TLS_DIR_ENV: Final = "XCSAVE_TLS_DIR"
 #: How long :meth:`TlsChannel.aclose` waits for the peer's close_notify.
 CLOSE_TIMEOUT: Final = 10.0
+#: How long :func:`tls_client` and :func:`tls_server` wait for a handshake by default.
+HANDSHAKE_TIMEOUT: Final = 10.0
 #: The helper's own handshake deadline for ``handshake_timeout=None``: an hour.
 _MAX_HANDSHAKE_MS: Final = 3600 * 1000
 #: SO_SNDBUF of both ends of the plaintext socketpair.
@@ -207,7 +209,7 @@ async def tls_client(
     *,
     tls_dir: str | os.PathLike[str] | None = None,
     server_name: str,
-    handshake_timeout: float | None = 10.0,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
 ) -> TlsChannel:
     """TLS 1.3 client over the connected TCP socket ``sock``.
 
@@ -225,7 +227,7 @@ async def tls_server(
     sock: socket.socket,
     *,
     tls_dir: str | os.PathLike[str] | None = None,
-    handshake_timeout: float | None = 10.0,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
 ) -> TlsChannel:
     """TLS 1.3 server over the accepted TCP socket ``sock``: the client must
     present a certificate signed by the CA.  As :func:`tls_client` otherwise."""

@@ -81,9 +81,8 @@
 #include "stream_io.h"
 #include "xcs_engine.h"
 #include "xcs_format.h"
+#include "xcsave_msgs.h" /* XCS_XEN_*: Xen's default policy (xcsave/defaults.py) */
 
-#define DEFAULT_MAX_ITERS 5
-#define DEFAULT_DIRTY_THRESHOLD 50
 #define BATCH_HDR_SIZE (XCS_RHDR_SIZE + 8) /* rhdr + {count, _res} */
 /* A full PAGE_DATA record: header, pfns, pages (a multiple of 8: no padding) */
 #define FULL_BATCH_BYTES \
@@ -963,10 +962,10 @@ static int policy(struct save_ctx *ctx, unsigned int iteration)
         .dirty_count = (int64_t)xcs_sim_dirty_popcount(&ctx->dom),
     };
     unsigned int max_iters =
-        ctx->p->max_iters ? ctx->p->max_iters : DEFAULT_MAX_ITERS;
+        ctx->p->max_iters ? ctx->p->max_iters : XCS_XEN_MAX_ITERS;
     unsigned int threshold = ctx->p->dirty_threshold
                                  ? ctx->p->dirty_threshold
-                                 : DEFAULT_DIRTY_THRESHOLD;
+                                 : XCS_XEN_DIRTY_THRESHOLD;
 
     if (ctx->cb->precopy_policy)
         return ctx->cb->precopy_policy(s, ctx->cb->data);

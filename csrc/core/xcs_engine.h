@@ -85,7 +85,8 @@ struct xcs_save_params {
     unsigned int interval_ms; /* remus: time between checkpoints */
     const char *xl_config;    /* xl header config bytes (may be NULL) */
     size_t xl_config_len;
-    unsigned int max_iters;   /* policy fallback when precopy_policy NULL */
+    unsigned int max_iters;   /* policy fallback when precopy_policy NULL; */
+                              /* 0 for either: Xen's, XCS_XEN_* */
     unsigned int dirty_threshold;
     /*
      * Added by the engine (additive).  The first full pass omits all-zero
