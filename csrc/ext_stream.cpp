@@ -39,30 +39,22 @@ namespace xcsave_ext {
 
 namespace {
 
-enum xcs_scan_fmt parse_fmt(const std::string &s)
+enum xcs_fmt parse_fmt(const std::string &s)
 {
-    if (s == "auto")
-        return XCS_FMT_AUTO;
-    if (s == "xl")
-        return XCS_FMT_XL;
-    if (s == "libxl")
-        return XCS_FMT_LIBXL;
-    if (s == "libxc")
-        return XCS_FMT_LIBXC;
-    if (s == "legacy")
-        return XCS_FMT_LEGACY;
-    throw py::value_error("format must be auto, xl, libxl, libxc or legacy, not " + s);
+    xcs_fmt f;
+
+    if (!named(xcs_fmt_parse, s, &f))
+        throw py::value_error("format must be auto, xl, libxl, libxc or legacy, not " + s);
+    return f;
 }
 
 enum xcs_stream_type parse_stream_type(const std::string &s)
 {
-    if (s == "plain")
-        return XCS_STREAM_PLAIN;
-    if (s == "remus")
-        return XCS_STREAM_REMUS;
-    if (s == "colo")
-        return XCS_STREAM_COLO;
-    throw py::value_error("stream type must be plain, remus or colo, not " + s);
+    xcs_stream_type t;
+
+    if (!named(xcs_stream_type_parse, s, &t))
+        throw py::value_error("stream type must be plain, remus or colo, not " + s);
+    return t;
 }
 
 enum xcs_guest parse_guest(const std::string &s, bool allow_empty)
@@ -74,19 +66,6 @@ enum xcs_guest parse_guest(const std::string &s, bool allow_empty)
     if (allow_empty && s.empty())
         return XCS_GUEST_UNKNOWN;
     throw py::value_error("guest must be pv or hvm, not '" + s + "'");
-}
-
-const char *stream_type_name(enum xcs_stream_type t)
-{
-    switch (t) {
-    case XCS_STREAM_REMUS:
-        return "remus";
-    case XCS_STREAM_COLO:
-        return "colo";
-    case XCS_STREAM_PLAIN:
-        break;
-    }
-    return "plain";
 }
 
 py::object guest_name(enum xcs_guest g)
@@ -176,8 +155,8 @@ py::dict report_dict(const struct xcs_scan_report &r, int rc)
     py::list layers, warnings;
 
     d["valid"] = rc == 0;
-    d["format"] = xcs_scan_fmt_name(r.format);
-    d["stream_type"] = stream_type_name(r.stream_type);
+    d["format"] = xcs_fmt_name(r.format);
+    d["stream_type"] = xcs_stream_type_name(r.stream_type);
     d["guest"] = guest_name(r.guest);
     if (r.xl) {
         py::dict x;
@@ -321,11 +300,7 @@ py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string
     std::memset(&st, 0, sizeof(st));
     opts.width = width;
     opts.guest = parse_guest(guest, false);
-    if (fmt == "libxc")
-        opts.out_format = XCS_LEGACY_OUT_LIBXC;
-    else if (fmt == "libxl")
-        opts.out_format = XCS_LEGACY_OUT_LIBXL;
-    else
+    if (!named(xcs_fmt_parse, fmt, {XCS_FMT_LIBXC, XCS_FMT_LIBXL}, &opts.out_format))
         throw py::value_error("output format must be libxc or libxl, not " + fmt);
     opts.in_has_xl_header = xl_in;
     opts.out_xl_header = xl_out;
