@@ -44,7 +44,9 @@ bool named(int (*parse)(const char *, E *), const std::string &name,
 // Raise OSError (the right subclass for errno) naming what failed.
 [[noreturn]] void raise_errno(int err, const std::string &what);
 
-// Raise xcsave.errors.<name>(message); name is a class in xcsave/errors.py.
-[[noreturn]] void raise_xcsave(const char *name, const std::string &message);
+// Raise xcsave.errors.<name>(*args, **kwargs); name is a class in
+// xcsave/errors.py (the one place the extension's own errors are made).
+[[noreturn]] void raise_xcsave(const char *name, const py::tuple &args,
+                               const py::dict &kwargs);
 
 } // namespace xcsave_ext

@@ -11,6 +11,8 @@
 //       xcsave.errors.StreamError when it wants an exception).  I/O errors
 //       raise OSError.
 //
+//   sniff_format(head) -> str | None; FORMATS, STREAM_TYPES: the C name tables.
+//
 //   convert_legacy(in_fd, out_fd, width, guest, fmt="libxc", xl_in=False,
 //                  xl_out=False, stream_type="plain", skip_qemu=False) -> dict
 //       Converts and returns statistics (kernel_copied_bytes: page data
@@ -22,12 +24,15 @@
 // Both release the GIL for the native work.
 #include "ext_common.hpp"
 
+#include <pybind11/stl.h>
+
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 extern "C" {
@@ -279,12 +284,11 @@ py::dict scan(const py::object &src, const std::string &fmt, const std::string &
 [[noreturn]] void raise_stream_error(const std::string &reason, uint64_t offset,
                                      const std::string &record)
 {
-    py::object cls = py::module_::import("xcsave.errors").attr("StreamError");
-    py::object exc = cls(reason, py::arg("offset") = offset,
-                         py::arg("record") = record.empty() ? py::object(py::none())
-                                                            : py::object(py::str(record)));
-    PyErr_SetObject(cls.ptr(), exc.ptr());
-    throw py::error_already_set();
+    py::dict kw;
+
+    kw["offset"] = offset;
+    kw["record"] = record.empty() ? py::object(py::none()) : py::object(py::str(record));
+    raise_xcsave("StreamError", py::make_tuple(reason), kw);
 }
 
 py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string &guest,
@@ -337,10 +341,38 @@ py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string
     return d;
 }
 
+// The format a stream's head announces (it goes on past head): "xl",
+// "libxl", "libxc", "legacy" (8 bytes or more without a magic), or None for
+// fewer than 8 bytes.  scan.c's detection, on a peek.
+std::optional<std::string> sniff_format(const py::bytes &head)
+{
+    std::string h = head;
+    enum xcs_fmt f = xcs_fmt_sniff(reinterpret_cast<const uint8_t *>(h.data()), h.size(), 1);
+
+    if (f == XCS_FMT_AUTO)
+        return std::nullopt;
+    return std::string(xcs_fmt_name(f));
+}
+
+py::tuple name_table(const char *const *names, size_t n)
+{
+    py::tuple t(n);
+
+    for (size_t i = 0; i < n; i++)
+        t[i] = py::str(names[i]);
+    return t;
+}
+
 } // namespace
 
 void register_stream(py::module_ &m)
 {
+    // codec.c's name tables, in enum order (xcsave/formats.py holds the same).
+    m.attr("FORMATS") = name_table(xcs_fmt_names, XCS_FMT_COUNT);
+    m.attr("STREAM_TYPES") = name_table(xcs_stream_type_names, XCS_STREAM_TYPE_COUNT);
+    m.def("sniff_format", &sniff_format, py::arg("head"),
+          "The format a stream's first bytes announce: xl, libxl, libxc, legacy "
+          "(no magic), or None under 8 bytes.");
     m.def("scan", &scan, py::arg("src"), py::arg("fmt") = "auto",
           py::arg("stream_type") = "plain", py::arg("width") = 0u, py::arg("guest") = "",
           py::arg("allow_trailing") = false,

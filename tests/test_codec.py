@@ -8,21 +8,30 @@ tests hold the codec to the format from the outside:
   specification's layout (``struct`` here, not the codec), so a builder and a
   parser that agree on a wrong layout still fail;
 - every header fault is refused by the verifier and by the restore engine
-  with the same reason, the codec's, so the two readers cannot drift.
+  with the same reason, the codec's, so the two readers cannot drift;
+- the format and stream type names are the C tables' (``_ext.FORMATS``,
+  ``_ext.STREAM_TYPES``) wherever Python lists them (xcsave/formats.py),
+  and every entry point that parses a name takes exactly its subset;
+- ``_ext.sniff_format`` is the verifier's format detection on a peek.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
 import struct
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import corpus
 import pytest
 
-from xcsave import _ext
+from xcsave import _ext, api, cli, formats, streamtools
+from xcsave.errors import XcsaveError
+from xcsave.supervisor import helper_path
 
 XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
 LIBXL_IDENT = 0x4C6962786C466D74  # "LibxlFmt"
@@ -180,3 +189,131 @@ def test_xl_config_length_must_fit_its_optional_data(tmp_path: Path) -> None:
     assert rep["error"]["reason"] == (
         f"config length {optlen - 3} overruns the optional data ({optlen} bytes)"
     )
+
+
+# ------------------------------------------------------------ format names
+
+
+def test_python_format_names_are_the_c_tables() -> None:
+    assert formats.ALL == _ext.FORMATS
+    assert formats.STREAM_TYPES == _ext.STREAM_TYPES
+    assert set(formats.STREAM) | set(formats.CONVERTED) <= set(formats.ALL) - {"auto"}
+    assert set(formats.LEGACY_STREAM_TYPES) <= set(formats.STREAM_TYPES)
+    # Every Python list of names is the one in xcsave.formats.
+    assert api.FORMATS is formats.STREAM and cli.FORMATS is formats.STREAM
+    assert streamtools.FORMATS is formats.ALL
+    assert cli.STREAM_TYPES is formats.STREAM_TYPES is streamtools.STREAM_TYPES
+    # A stream type's number (the helper's argv, xc_stream_type_t) is its index.
+    assert api.STREAM_TYPES == {"plain": 0, "remus": 1, "colo": 2}
+
+
+CANDIDATES = [*formats.ALL, "", "XL", "xl\0", "libxc ", "qcow2"]
+
+
+def accepts(call: object) -> bool:
+    """Whether a call got past its name arguments (a ValueError is a refusal)."""
+    try:
+        call()  # type: ignore[operator]
+    except (OSError, XcsaveError):
+        pass  # the name was taken; the garbage input or the path was not
+    except ValueError:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class Ends:
+    """What the entry points are called with: names are what is under test."""
+
+    junk: str  # a file of garbage, open as fd
+    fd: int
+    missing: str  # a path that does not exist
+    out: int  # a writable file
+
+
+@pytest.fixture
+def ends(tmp_path: Path) -> Iterator[Ends]:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x01" * 64)
+    with open(junk, "rb") as f, open(tmp_path / "out", "wb") as out:
+        yield Ends(str(junk), f.fileno(), str(tmp_path / "missing"), out.fileno())
+
+
+@pytest.mark.parametrize("name", CANDIDATES, ids=repr)
+def test_each_entry_point_takes_its_subset_of_the_names(name: str, ends: Ends) -> None:
+    e = ends
+    assert accepts(lambda: _ext.scan(e.junk, name)) == (name in formats.ALL)
+    assert accepts(lambda: _ext.engine_restore(e.fd, e.missing, name)) == (name in formats.STREAM)
+    assert accepts(lambda: _ext.engine_save(e.fd, e.missing, wrap=name)) == (
+        name in formats.STREAM
+    )
+    assert accepts(lambda: _ext.convert_legacy(e.fd, e.out, 64, "hvm", name)) == (
+        name in formats.CONVERTED
+    )
+    if "\0" not in name:  # argv cannot carry one
+        r = subprocess.run(
+            [str(helper_path()), "--xcsave-1", "save", "--format", name, "--io-fd", "3"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert ("bad --format" in r.stderr) == (name not in formats.STREAM), r.stderr
+
+
+@pytest.mark.parametrize("name", [*formats.STREAM_TYPES, "", "Remus", "plain\0", "1"], ids=repr)
+def test_each_entry_point_takes_its_subset_of_the_stream_types(name: str, ends: Ends) -> None:
+    e = ends
+    assert accepts(lambda: _ext.scan(e.junk, stream_type=name)) == (name in formats.STREAM_TYPES)
+    # The sim engines do plain and remus streams.
+    assert accepts(lambda: _ext.engine_restore(e.fd, e.missing, stream_type=name)) == (
+        name in ("plain", "remus")
+    )
+    # The converter's C code parses all three and refuses COLO for legacy.
+    assert accepts(
+        lambda: _ext.convert_legacy(e.fd, e.out, 64, "hvm", "libxl", stream_type=name)
+    ) == (name in formats.LEGACY_STREAM_TYPES)
+
+
+# ------------------------------------------------------------ detection
+
+
+def test_sniff_format_is_the_verifiers_detection(tmp_path: Path) -> None:
+    seen = set()
+    for case in corpus.cases():
+        path = tmp_path / case.name
+        path.write_bytes(case.data)
+        detected = _ext.scan(str(path))["format"]
+        assert _ext.sniff_format(case.data) == detected, case.name
+        # A peek at the head says the same as the whole stream.
+        assert _ext.sniff_format(case.data[:8]) == detected, case.name
+        seen.add(detected)
+    assert seen == set(formats.ALL) - {"auto"}
+
+
+@pytest.mark.parametrize(
+    ("head", "fmt"),
+    [
+        (XL_MAGIC, "xl"),
+        (XL_MAGIC[:8], "xl"),  # a peek at an xl savefile's first 8 bytes
+        (XL_MAGIC[:7] + b"X", "legacy"),
+        (b"LibxlFmt", "libxl"),
+        (b"LibxlFmt\0\0\0\x02", "libxl"),
+        (b"\xff" * 8, "libxc"),
+        (b"\xff" * 7 + b"\xfe", "legacy"),
+        (b"\0" * 8, "legacy"),  # no magic: the legacy heuristics decide
+        (b"\xff" * 7, None),  # too short to tell
+        (b"", None),
+    ],
+    ids=repr,
+)
+def test_sniff_format_on_a_peek(head: bytes, fmt: str | None) -> None:
+    assert _ext.sniff_format(head) == fmt
+
+
+def test_a_stream_shorter_than_the_xl_magic_is_no_xl_savefile(tmp_path: Path) -> None:
+    """The verifier has the whole stream: 8..31 bytes of the magic are not an xl header."""
+    path = tmp_path / "short"
+    path.write_bytes(XL_MAGIC[:20])
+    rep = _ext.scan(str(path))
+    assert rep["format"] == "legacy" and not rep["valid"]

@@ -42,14 +42,15 @@ int xcs_fmt_parse(const char *name, enum xcs_fmt *fmt)
     return i < 0 ? -1 : 0;
 }
 
-enum xcs_fmt xcs_fmt_sniff(const uint8_t *p, size_t n)
+enum xcs_fmt xcs_fmt_sniff(const uint8_t *p, size_t n, int more)
 {
     static const uint8_t ff[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 
-    if (n >= XCS_XL_MAGIC_LEN && !memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
-        return XCS_FMT_XL;
     if (n < 8)
         return XCS_FMT_AUTO;
+    if ((n >= XCS_XL_MAGIC_LEN || more) &&
+        !memcmp(p, XCS_XL_MAGIC, n < XCS_XL_MAGIC_LEN ? n : XCS_XL_MAGIC_LEN))
+        return XCS_FMT_XL;
     if (xcs_get_be64(p) == XCS_LIBXL_IDENT)
         return XCS_FMT_LIBXL;
     if (!memcmp(p, ff, 8))

@@ -145,12 +145,15 @@ static inline int xcs_fmt_has_libxl(enum xcs_fmt fmt)
 }
 
 /*
- * The format a stream's first bytes announce: XCS_FMT_XL / LIBXL / LIBXC
+ * The format a stream's first n bytes announce: XCS_FMT_XL / LIBXL / LIBXC
  * by their magic, XCS_FMT_LEGACY for 8 or more bytes without one (the
  * legacy format has none), XCS_FMT_AUTO when fewer than 8 bytes were given
- * (too short to be any known format).  Reads at most XCS_XL_MAGIC_LEN.
+ * (too short to tell).  more: the stream goes on past p[n - 1] (a peek at
+ * its head), so 8 or more bytes of the xl magic are the xl format; without
+ * it a stream shorter than the magic is no xl savefile.  Reads at most
+ * XCS_FMT_SNIFF_LEN bytes.
  */
-enum xcs_fmt xcs_fmt_sniff(const uint8_t *p, size_t n);
+enum xcs_fmt xcs_fmt_sniff(const uint8_t *p, size_t n, int more);
 #define XCS_FMT_SNIFF_LEN XCS_XL_MAGIC_LEN /* enough to decide */
 
 #define XCS_STREAM_TYPE_COUNT 3

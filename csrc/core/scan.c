@@ -1344,7 +1344,7 @@ static int detect(struct scan *s, enum xcs_fmt *fmt)
     at(s, "", "format detection");
     if (xcs_src_peek(s->in, XCS_FMT_SNIFF_LEN, &p, &got) < 0)
         return io_error(s, "read");
-    *fmt = xcs_fmt_sniff(p, got);
+    *fmt = xcs_fmt_sniff(p, got, 0); /* got < XCS_FMT_SNIFF_LEN: the whole stream */
     if (*fmt == XCS_FMT_AUTO)
         return bad(s, "stream too short (%zu bytes) to be any known format", got);
     return 0;
