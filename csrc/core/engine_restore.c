@@ -34,11 +34,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "private_file.h"
 #include "simdom.h"
 #include "stream_io.h"
 #include "xcs_engine.h"
-#include "xcs_format.h"
 
 #define XL_OPTDATA_MAX (16u << 20) /* xl config: a few KiB in practice */
 
@@ -85,21 +85,6 @@ struct restore_ctx {
 };
 
 /*----- small helpers -----*/
-
-static const char *rec_name(uint32_t type)
-{
-    static const char *const names[] = {
-        "END", "PAGE_DATA", "X86_PV_INFO", "X86_PV_P2M_FRAMES",
-        "X86_PV_VCPU_BASIC", "X86_PV_VCPU_EXTENDED", "X86_PV_VCPU_XSAVE",
-        "SHARED_INFO", "X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS",
-        "TOOLSTACK", "X86_PV_VCPU_MSRS", "VERIFY", "CHECKPOINT",
-        "CHECKPOINT_DIRTY_PFN_LIST", "STATIC_DATA_END", "X86_CPUID_POLICY",
-        "X86_MSR_POLICY"};
-
-    if (type < sizeof(names) / sizeof(names[0]))
-        return names[type];
-    return "record";
-}
 
 static int read_failed(struct restore_ctx *ctx, const char *what, int eof)
 {
@@ -443,20 +428,20 @@ static int check_pfns(struct restore_ctx *ctx, const uint64_t *pfns,
 
     *maxpfn = 0;
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t pfn = pfns[i] & XCS_PAGE_DATA_PFN_MASK;
-        unsigned int type = (unsigned int)(pfns[i] >> 60);
+        uint64_t pfn = xcs_pfn_of(pfns[i]);
+        unsigned int type = xcs_pfn_type(pfns[i]);
 
         if (pfns[i] & XCS_PAGE_DATA_RSVD_MASK)
             return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: "
                             "reserved bits set in pfn word 0x%016llx",
                             (unsigned long long)rec_off,
                             (unsigned long long)pfns[i]);
-        if (type >= 5 && type <= 8)
+        if (!xcs_pfn_type_valid(type))
             return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: "
                             "invalid page type %u for pfn 0x%llx",
                             (unsigned long long)rec_off, type,
                             (unsigned long long)pfn);
-        if (type >= 0xd)
+        if (!xcs_pfn_type_has_data(type))
             continue; /* BROKEN, XALLOC, XTAB: no data */
         if (pfn >= limit)
             return xcs_fail(ctx->cb, ERANGE, "PAGE_DATA at offset %llu: pfn "
@@ -553,7 +538,7 @@ static int page_data_mem(struct restore_ctx *ctx, const uint8_t *body,
     if (len < 8)
         return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: length %u "
                         "too short", (unsigned long long)rec_off, len);
-    memcpy(&count, body, 4);
+    count = xcs_get_le32(body);
     if (check_batch_head(ctx, len, count, rec_off) < 0)
         return -1;
     memcpy(ctx->pfns, body + 8, 8 * (size_t)count); /* align the words */
@@ -751,7 +736,7 @@ static int hvm_params(struct restore_ctx *ctx, const uint8_t *body,
     if (len < 8)
         return xcs_fail(ctx->cb, EINVAL, "HVM_PARAMS at offset %llu: length "
                         "%u too short", (unsigned long long)rec_off, len);
-    memcpy(&count, body, 4);
+    count = xcs_get_le32(body);
     if (len != 8 + 16 * (uint64_t)count)
         return xcs_fail(ctx->cb, EINVAL, "HVM_PARAMS at offset %llu: length "
                         "%u for %u entries", (unsigned long long)rec_off, len,
@@ -813,7 +798,7 @@ static int libxc_record_mem(struct restore_ctx *ctx, uint32_t type,
         return 0; /* later memory records repeat pages: harmless here */
     default:
         return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu is not valid here",
-                        rec_name(type), (unsigned long long)rec_off);
+                        xcs_libxc_rec_name(type), (unsigned long long)rec_off);
     }
 }
 
@@ -845,7 +830,7 @@ static int buffer_record(struct restore_ctx *ctx, uint32_t type, uint32_t len,
         upto = need < room ? need : room;
         if (upto > got &&
             read_exact(ctx, a->data + a->len + got, upto - got,
-                       rec_name(type)) < 0)
+                       xcs_libxc_rec_name(type)) < 0)
             return -1;
         got = upto;
         if (got == need)
@@ -887,38 +872,26 @@ static int apply_checkpoint(struct restore_ctx *ctx)
 static int read_image_header(struct restore_ctx *ctx)
 {
     uint8_t b[XCS_IHDR_SIZE + XCS_DHDR_SIZE];
-    uint8_t *d = b + XCS_IHDR_SIZE;
     uint64_t start = ctx->r.off;
-    uint32_t type, major, minor;
-    uint16_t opts, shift;
+    struct xcs_ihdr ih;
+    struct xcs_dhdr dh;
+    char why[XCS_WHY_LEN];
 
     if (read_exact(ctx, b, sizeof(b), "the libxc image header") < 0)
         return -1;
-    if (xcs_get_be64(b) != XCS_IHDR_MARKER || xcs_get_be32(b + 8) != XCS_IHDR_ID)
-        return xcs_fail(ctx->cb, EINVAL, "no libxc image at offset %llu "
-                        "(bad marker or id)", (unsigned long long)start);
-    ctx->version = xcs_get_be32(b + 12);
-    if (ctx->version < XCS_IHDR_VERSION_2 || ctx->version > XCS_IHDR_VERSION_3)
-        return xcs_fail(ctx->cb, EINVAL, "libxc image version %u unsupported "
-                        "(2 or 3)", ctx->version);
-    opts = xcs_get_be16(b + 16);
-    if (opts & XCS_IHDR_OPT_BIG_ENDIAN)
-        return xcs_fail(ctx->cb, EINVAL, "big-endian libxc image unsupported");
-    memcpy(&type, d, 4);
-    memcpy(&shift, d + 4, 2);
-    memcpy(&major, d + 8, 4);
-    memcpy(&minor, d + 12, 4);
-    if (type == XCS_DHDR_TYPE_X86_PV && ctx->p->foreign)
+    if (xcs_ihdr_parse(b, &ih, why, sizeof(why)) ||
+        xcs_dhdr_parse(b + XCS_IHDR_SIZE, &dh, why, sizeof(why)))
+        return xcs_fail(ctx->cb, EINVAL, "the libxc image at offset %llu: %s",
+                        (unsigned long long)start, why);
+    ctx->version = ih.version;
+    if (dh.type == XCS_DHDR_TYPE_X86_PV && ctx->p->foreign)
         ctx->pv = 1;
-    else if (type != XCS_DHDR_TYPE_X86_HVM)
+    else if (dh.type != XCS_DHDR_TYPE_X86_HVM)
         return xcs_fail(ctx->cb, EINVAL, "domain type %u: the sim engine "
-                        "restores HVM-shaped streams (type 2)%s", type,
+                        "restores HVM-shaped streams (type 2)%s", dh.type,
                         ctx->p->foreign ? " and PV ones (type 1)" : " only");
-    if (shift != XCS_PAGE_SHIFT)
-        return xcs_fail(ctx->cb, EINVAL, "page shift %u unsupported (12)",
-                        shift);
     xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "libxc image v%u from Xen %u.%u",
-             ctx->version, major, minor);
+             ctx->version, dh.xen_major, dh.xen_minor);
     return 0;
 }
 
@@ -967,10 +940,10 @@ static int libxc_records(struct restore_ctx *ctx)
         case XCS_REC_X86_MSR_POLICY:
             if (ctx->sde_seen)
                 return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu after "
-                                "STATIC_DATA_END", rec_name(type),
+                                "STATIC_DATA_END", xcs_libxc_rec_name(type),
                                 (unsigned long long)rec_off);
             ctx->policies |= type == XCS_REC_X86_CPUID_POLICY ? 1 : 2;
-            if (skip_body(ctx, len, rec_name(type)) < 0) /* no CPU to set */
+            if (skip_body(ctx, len, xcs_libxc_rec_name(type)) < 0) /* no CPU to set */
                 return -1;
             continue;
         case XCS_REC_PAGE_DATA:
@@ -987,13 +960,9 @@ static int libxc_records(struct restore_ctx *ctx)
                                           "at offset %llu: length %u",
                                           (unsigned long long)rec_off, len)
                                : -1;
-            {
-                uint32_t vcpu;
-
-                memcpy(&vcpu, ctx->buf, 4);
-                if (foreign_vcpu(ctx, vcpu, ctx->buf + 8, len - 8, rec_off) < 0)
-                    return -1;
-            }
+            if (foreign_vcpu(ctx, xcs_get_le32(ctx->buf), ctx->buf + 8,
+                             len - 8, rec_off) < 0)
+                return -1;
             continue;
         case XCS_REC_X86_PV_INFO:
         case XCS_REC_X86_PV_P2M_FRAMES:
@@ -1004,7 +973,7 @@ static int libxc_records(struct restore_ctx *ctx)
             if (!ctx->pv)
                 goto not_here;
             /* PV machinery the sim does not model (no p2m, no shared page). */
-            if (skip_body(ctx, len, rec_name(type)) < 0)
+            if (skip_body(ctx, len, xcs_libxc_rec_name(type)) < 0)
                 return -1;
             continue;
         default:
@@ -1019,7 +988,7 @@ static int libxc_records(struct restore_ctx *ctx)
             }
             if (type < XCS_REC_TYPE_COUNT)
                 return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu is not "
-                                "valid in an %s stream", rec_name(type),
+                                "valid in an %s stream", xcs_libxc_rec_name(type),
                                 (unsigned long long)rec_off,
                                 ctx->pv ? "PV" : "HVM");
             return xcs_fail(ctx->cb, EINVAL, "unknown mandatory record type "
@@ -1031,7 +1000,7 @@ static int libxc_records(struct restore_ctx *ctx)
         if (!ctx->sde_seen) {
             if (ctx->version >= XCS_IHDR_VERSION_3)
                 return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu before "
-                                "STATIC_DATA_END", rec_name(type),
+                                "STATIC_DATA_END", xcs_libxc_rec_name(type),
                                 (unsigned long long)rec_off);
             if (static_data_end(ctx) < 0) /* v2: implied here */
                 return -1;
@@ -1043,7 +1012,7 @@ static int libxc_records(struct restore_ctx *ctx)
             if (page_data_direct(ctx, len, rec_off) < 0)
                 return -1;
         } else {
-            if (read_body(ctx, len, rec_name(type)) < 0 ||
+            if (read_body(ctx, len, xcs_libxc_rec_name(type)) < 0 ||
                 libxc_record_mem(ctx, type, ctx->buf, len, rec_off, 1) < 0)
                 return -1;
         }
@@ -1055,30 +1024,24 @@ static int libxc_records(struct restore_ctx *ctx)
 static int read_xl_header(struct restore_ctx *ctx)
 {
     uint8_t b[XCS_XL_HDR_SIZE];
-    uint32_t v[4];
+    struct xcs_xl_hdr h;
+    char why[XCS_WHY_LEN];
 
     if (read_exact(ctx, b, sizeof(b), "the xl header") < 0)
         return -1;
-    if (memcmp(b, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN) != 0)
-        return xcs_fail(ctx->cb, EINVAL, "not an xl savefile (bad magic)");
-    memcpy(v, b + XCS_XL_MAGIC_LEN, sizeof(v));
-    if (v[0] != XCS_XL_BYTEORDER)
-        return xcs_fail(ctx->cb, EINVAL, "xl savefile of another byte order "
-                        "(0x%08x)", v[0]);
-    if (!(v[1] & XCS_XL_MFLAG_STREAMV2))
+    if (xcs_xl_hdr_parse(b, &h, why, sizeof(why)))
+        return xcs_fail(ctx->cb, EINVAL, "the xl header: %s", why);
+    if (!(h.mflags & XCS_XL_MFLAG_STREAMV2))
         return xcs_fail(ctx->cb, EINVAL, "xl savefile carries a legacy "
                         "(pre-4.6) stream: convert it first");
-    if (v[1] & ~(XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2))
-        return xcs_fail(ctx->cb, EINVAL, "xl savefile has unknown mandatory "
-                        "flags 0x%x", v[1]);
-    if (v[3] > XL_OPTDATA_MAX)
+    if (h.optlen > XL_OPTDATA_MAX)
         return xcs_fail(ctx->cb, EMSGSIZE, "xl optional data of %u bytes "
-                        "exceeds %u", v[3], XL_OPTDATA_MAX);
+                        "exceeds %u", h.optlen, XL_OPTDATA_MAX);
     /* The domain config is the toolstack's business, not ours. */
-    if (v[3]) {
+    if (h.optlen) {
         int eof;
 
-        if (xcs_skip_exact(&ctx->r, v[3], &eof) < 0)
+        if (xcs_skip_exact(&ctx->r, h.optlen, &eof) < 0)
             return read_failed(ctx, "the xl config", eof);
     }
     return 0;
@@ -1087,21 +1050,13 @@ static int read_xl_header(struct restore_ctx *ctx)
 static int read_libxl_header(struct restore_ctx *ctx)
 {
     uint8_t b[XCS_LIBXL_HDR_SIZE];
-    uint32_t opts;
+    struct xcs_libxl_hdr h;
+    char why[XCS_WHY_LEN];
 
     if (read_exact(ctx, b, sizeof(b), "the libxl header") < 0)
         return -1;
-    if (xcs_get_be64(b) != XCS_LIBXL_IDENT)
-        return xcs_fail(ctx->cb, EINVAL, "not a libxl stream (bad ident)");
-    if (xcs_get_be32(b + 8) != XCS_LIBXL_VERSION)
-        return xcs_fail(ctx->cb, EINVAL, "libxl stream version %u "
-                        "unsupported (2)", xcs_get_be32(b + 8));
-    opts = xcs_get_be32(b + 12);
-    if (opts & XCS_LIBXL_OPT_BIG_ENDIAN)
-        return xcs_fail(ctx->cb, EINVAL, "big-endian libxl stream unsupported");
-    if (opts & ~(XCS_LIBXL_OPT_BIG_ENDIAN | XCS_LIBXL_OPT_LEGACY))
-        return xcs_fail(ctx->cb, EINVAL, "libxl stream has unknown options "
-                        "0x%x", opts);
+    if (xcs_libxl_hdr_parse(b, &h, why, sizeof(why)))
+        return xcs_fail(ctx->cb, EINVAL, "the libxl header: %s", why);
     return 0;
 }
 
@@ -1191,7 +1146,7 @@ static int checkpoint_done(struct restore_ctx *ctx, int *stop_now)
  */
 static int remus_stream(struct restore_ctx *ctx)
 {
-    int wrapped = ctx->p->wrap >= XCS_WRAP_LIBXL;
+    int wrapped = xcs_fmt_has_libxl(ctx->p->wrap);
 
     for (;;) {
         int stop, stop_now, r;
@@ -1269,9 +1224,9 @@ static int restore_stream(struct restore_ctx *ctx)
 {
     int stop;
 
-    if (ctx->p->wrap == XCS_WRAP_XL && read_xl_header(ctx) < 0)
+    if (ctx->p->wrap == XCS_FMT_XL && read_xl_header(ctx) < 0)
         return -1;
-    if (ctx->p->wrap == XCS_WRAP_LIBXC)
+    if (ctx->p->wrap == XCS_FMT_LIBXC)
         return restore_image(ctx);
     if (read_libxl_header(ctx) < 0 || libxl_records(ctx, &stop) < 0)
         return -1;
@@ -1324,7 +1279,7 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
                  "engine", p->stream_type);
         goto out;
     }
-    if ((unsigned int)p->wrap > XCS_WRAP_XL) {
+    if (!xcs_fmt_has_libxl(p->wrap) && p->wrap != XCS_FMT_LIBXC) {
         xcs_fail(cb, EINVAL, "unknown stream wrapping %d", (int)p->wrap);
         goto out;
     }

@@ -34,6 +34,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "stream_io.h"
 #include "xcs_legacy.h"
 
@@ -166,23 +167,9 @@ static int rd_skip(struct conv *c, uint64_t n, const char *what)
     return 0;
 }
 
-static inline uint32_t le32(const uint8_t *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint64_t le64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
 static uint64_t ulong_at(const struct conv *c, const uint8_t *p)
 {
-    return c->W == 8 ? le64(p) : le32(p);
+    return c->W == 8 ? xcs_get_le64(p) : xcs_get_le32(p);
 }
 
 static int rd_ulong(struct conv *c, uint64_t *v, const char *what)
@@ -201,7 +188,7 @@ static int rd_u32(struct conv *c, uint32_t *v, const char *what)
     int rc = rd(c, 4, &p, what);
 
     if (!rc)
-        *v = le32(p);
+        *v = xcs_get_le32(p);
     return rc;
 }
 
@@ -286,8 +273,7 @@ static int out_rhdr(struct conv *c, uint32_t type, uint64_t len)
     if (len > UINT32_MAX)
         return fail(c, XCS_LEGACY_EFORMAT, "record of %llu bytes does not fit a "
                                            "v2 record", (unsigned long long)len);
-    memcpy(h, &type, 4);
-    memcpy(h + 4, &(uint32_t){(uint32_t)len}, 4);
+    xcs_rhdr_put(h, type, (uint32_t)len);
     return out_put(c, h, 8);
 }
 
@@ -352,8 +338,8 @@ static int parse_toolstack(struct conv *c, const uint8_t *d, uint32_t len)
 
     if (len < 8)
         return fail(c, XCS_LEGACY_EFORMAT, "toolstack data of %u bytes is too short", len);
-    ver = le32(d);
-    count = le32(d + 4);
+    ver = xcs_get_le32(d);
+    count = xcs_get_le32(d + 4);
     if (ver != 1)
         return fail(c, XCS_LEGACY_EFORMAT, "cannot decode libxl toolstack version %u", ver);
     for (uint32_t i = 0; i < count; i++) {
@@ -363,10 +349,10 @@ static int parse_toolstack(struct conv *c, const uint8_t *d, uint32_t len)
 
         if (len - off < 28)
             return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap entry %u truncated", i);
-        phys = le64(d + off);
-        start = le64(d + off + 8);
-        size = le64(d + off + 16);
-        namelen = le32(d + off + 24);
+        phys = xcs_get_le64(d + off);
+        start = xcs_get_le64(d + off + 8);
+        size = xcs_get_le64(d + off + 16);
+        namelen = xcs_get_le32(d + off + 24);
         off += 28;
         if (namelen == 0)
             return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap entry %u has no name", i);
@@ -400,54 +386,44 @@ static int xl_header(struct conv *c)
 {
     const uint8_t *p;
     uint8_t hdr[XCS_XL_HDR_SIZE];
-    uint32_t mflags, optlen;
+    struct xcs_xl_hdr h;
+    char why[XCS_WHY_LEN];
     int rc;
 
     at(c, "xl header");
     rc = rd(c, XCS_XL_HDR_SIZE, &p, "xl header");
     if (rc)
         return rc;
-    if (memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
-        return fail(c, XCS_LEGACY_EFORMAT, "no xl header (bad magic)");
-    if (le32(p + 32) != XCS_XL_BYTEORDER)
-        return fail(c, XCS_LEGACY_EFORMAT, "xl byte order word 0x%08x: another host's "
-                                           "byte order", le32(p + 32));
-    mflags = le32(p + 36);
-    optlen = le32(p + 44);
-    if (mflags & XCS_XL_MFLAG_STREAMV2)
+    if (xcs_xl_hdr_parse(p, &h, why, sizeof(why)))
+        return fail(c, XCS_LEGACY_EFORMAT, "%s", why);
+    if (h.mflags & XCS_XL_MFLAG_STREAMV2)
         return fail(c, XCS_LEGACY_EFORMAT, "the xl header says the stream is already v2");
-    if (mflags & ~XCS_XL_MFLAG_JSON)
-        return fail(c, XCS_LEGACY_EFORMAT, "unknown xl mandatory flags 0x%x", mflags);
-    memcpy(hdr, p, sizeof(hdr));
-    mflags |= XCS_XL_MFLAG_STREAMV2;
-    memcpy(hdr + 36, &mflags, 4);
+    /* The same header says what follows is v2 now. */
+    h.mflags |= XCS_XL_MFLAG_STREAMV2;
+    xcs_xl_hdr_build(hdr, &h);
     if (c->o->out_xl_header) {
         rc = out_put(c, hdr, sizeof(hdr));
         if (rc)
             return rc;
     }
-    if (optlen > XS_MAX)
-        return fail(c, XCS_LEGACY_EFORMAT, "xl optional data of %u bytes", optlen);
-    rc = rd(c, optlen, &p, "xl optional data");
+    if (h.optlen > XS_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "xl optional data of %u bytes", h.optlen);
+    rc = rd(c, h.optlen, &p, "xl optional data");
     if (rc)
         return rc;
-    return c->o->out_xl_header ? out_put(c, p, optlen) : 0;
+    return c->o->out_xl_header ? out_put(c, p, h.optlen) : 0;
 }
 
 static int out_headers(struct conv *c)
 {
     uint8_t ih[XCS_IHDR_SIZE], dh[XCS_DHDR_SIZE];
-    uint32_t type = c->pv ? XCS_DHDR_TYPE_X86_PV : XCS_DHDR_TYPE_X86_HVM;
-    uint32_t major = 0, minor = CONVERTER_VERSION;
-    uint16_t shift = XCS_PAGE_SHIFT;
     int rc;
 
     if (c->o->out_xl_header && !c->o->in_has_xl_header) {
         uint8_t hdr[XCS_XL_HDR_SIZE];
-        uint32_t f[4] = {XCS_XL_BYTEORDER, XCS_XL_MFLAG_STREAMV2, 0, 0};
+        const struct xcs_xl_hdr h = {XCS_XL_BYTEORDER, XCS_XL_MFLAG_STREAMV2, 0, 0};
 
-        memcpy(hdr, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN);
-        memcpy(hdr + 32, f, sizeof(f));
+        xcs_xl_hdr_build(hdr, &h);
         rc = out_put(c, hdr, sizeof(hdr));
         if (rc)
             return rc;
@@ -455,25 +431,16 @@ static int out_headers(struct conv *c)
     if (c->libxl) {
         uint8_t lh[XCS_LIBXL_HDR_SIZE];
 
-        xcs_put_be64(lh, XCS_LIBXL_IDENT);
-        xcs_put_be32(lh + 8, XCS_LIBXL_VERSION);
-        xcs_put_be32(lh + 12, XCS_LIBXL_OPT_LEGACY); /* little-endian, converted */
+        xcs_libxl_hdr_build(lh, XCS_LIBXL_OPT_LEGACY); /* little-endian, converted */
         rc = out_put(c, lh, sizeof(lh));
         rc = rc ? rc : out_rec(c, XCS_LIBXL_REC_LIBXC_CONTEXT, NULL, 0, NULL, 0);
         if (rc)
             return rc;
     }
-    xcs_put_be64(ih, XCS_IHDR_MARKER);
-    xcs_put_be32(ih + 8, XCS_IHDR_ID);
-    xcs_put_be32(ih + 12, XCS_IHDR_VERSION_3);
-    xcs_put_be16(ih + 16, 0);
-    xcs_put_be16(ih + 18, 0);
-    xcs_put_be32(ih + 20, 0);
-    memcpy(dh, &type, 4);
-    memcpy(dh + 4, &shift, 2);
-    memset(dh + 6, 0, 2);
-    memcpy(dh + 8, &major, 4);
-    memcpy(dh + 12, &minor, 4);
+    xcs_ihdr_build(ih);
+    /* xen_major 0 marks a converted stream (the verifier tolerates its gaps). */
+    xcs_dhdr_build(dh, c->pv ? XCS_DHDR_TYPE_X86_PV : XCS_DHDR_TYPE_X86_HVM, 0,
+                   CONVERTER_VERSION);
     rc = out_put(c, ih, sizeof(ih));
     return rc ? rc : out_put(c, dh, sizeof(dh));
 }
@@ -520,7 +487,7 @@ static int pv_extended_info(struct conv *c, int *have_first, uint64_t *first)
             return rc;
         memcpy(id, p, 4);
         id[4] = 0;
-        size = le32(p + 4);
+        size = xcs_get_le32(p + 4);
         done += 8;
         if (size > total - done)
             return fail(c, XCS_LEGACY_EFORMAT, "block \"%.4s\" of %u bytes overruns "
@@ -547,7 +514,7 @@ static int pv_extended_info(struct conv *c, int *have_first, uint64_t *first)
         } else if (!memcmp(id, "xcnt", 4)) {
             if (size < 4)
                 return fail(c, XCS_LEGACY_EFORMAT, "xcnt block of %u bytes", size);
-            c->xsave_len = lr->xsave_len = le32(p);
+            c->xsave_len = lr->xsave_len = xcs_get_le32(p);
             if (c->xsave_len < 16 || c->xsave_len > XSAVE_MAX)
                 return fail(c, XCS_LEGACY_EFORMAT, "xcnt xsave size %u", c->xsave_len);
         } else {
@@ -784,9 +751,9 @@ static int page_batch(struct conv *c, int count)
             return rc;
     }
     if (kept) {
-        uint32_t hdr[4] = {XCS_REC_PAGE_DATA, 8 + 8 * kept + ndata * XCS_PAGE_SIZE,
-                           kept, 0};
+        uint8_t hdr[XCS_PAGE_DATA_HDR_SIZE];
 
+        xcs_page_data_hdr_put(hdr, kept, ndata);
         rc = out_put(c, hdr, sizeof(hdr));
         rc = rc ? rc : out_put(c, c->pfns, (size_t)kept * 8);
         if (!rc && c->out_fd >= 0 && c->kcopy != KCOPY_NONE)
@@ -897,7 +864,7 @@ static int body(struct conv *c)
                 return rc;
             if (c->pv)
                 return fail(c, XCS_LEGACY_EFORMAT, "HVM-only chunk in a PV stream");
-            add_param(c, (uint64_t)pidx, le64(p + 4));
+            add_param(c, (uint64_t)pidx, xcs_get_le64(p + 4));
             continue;
         }
         switch (id) {
@@ -930,10 +897,10 @@ static int body(struct conv *c)
             if (rc)
                 return rc;
             memcpy(&nsec, p + 4, 8);
-            t[0] = le32(p);      /* mode */
-            t[1] = le32(p + 12); /* khz */
+            t[0] = xcs_get_le32(p);      /* mode */
+            t[1] = xcs_get_le32(p + 12); /* khz */
             memcpy(&t[2], &nsec, 8);
-            t[4] = le32(p + 16); /* incarnation */
+            t[4] = xcs_get_le32(p + 16); /* incarnation */
             t[5] = 0;
             rc = out_rec(c, XCS_REC_X86_TSC_INFO, t, sizeof(t), NULL, 0);
             if (rc)
@@ -1021,7 +988,7 @@ static int pv_tail(struct conv *c)
             rc = rd(c, 16, &p, "xsave header");
             if (rc)
                 return rc;
-            size = le64(p + 8);
+            size = xcs_get_le64(p + 8);
             if (size != c->xsave_len - 16)
                 return fail(c, XCS_LEGACY_EFORMAT, "vcpu %u xsave size %llu, the xcnt "
                                                    "block says %u", v,
@@ -1074,7 +1041,7 @@ static int hvm_tail(struct conv *c)
         c->st->vcpus = 0;
         while (len - off >= 8) {
             uint16_t code;
-            uint32_t dlen = le32(p + off + 4);
+            uint32_t dlen = xcs_get_le32(p + off + 4);
 
             memcpy(&code, p + off, 2);
             if (code == 0 || dlen > len - off - 8)
@@ -1241,15 +1208,15 @@ static int check_opts(struct conv *c)
         return fail(c, XCS_LEGACY_EARG, "width must be 32 or 64, not %u", o->width);
     if (o->guest != XCS_GUEST_PV && o->guest != XCS_GUEST_HVM)
         return fail(c, XCS_LEGACY_EARG, "guest type must be pv or hvm");
-    if (o->out_format != XCS_LEGACY_OUT_LIBXC && o->out_format != XCS_LEGACY_OUT_LIBXL)
+    if (o->out_format != XCS_FMT_LIBXC && o->out_format != XCS_FMT_LIBXL)
         return fail(c, XCS_LEGACY_EARG, "output format must be libxc or libxl");
     if (o->stream_type != XCS_STREAM_PLAIN && o->stream_type != XCS_STREAM_REMUS)
         return fail(c, XCS_LEGACY_EARG, "legacy streams are plain or remus, not colo");
-    if (o->out_xl_header && o->out_format != XCS_LEGACY_OUT_LIBXL)
+    if (o->out_xl_header && o->out_format != XCS_FMT_LIBXL)
         return fail(c, XCS_LEGACY_EARG, "an xl header announces a libxl stream: "
                                         "use the libxl output format with it");
     if (c->out_fd >= 0 && o->guest == XCS_GUEST_HVM &&
-        o->stream_type != XCS_STREAM_PLAIN && o->out_format == XCS_LEGACY_OUT_LIBXC &&
+        o->stream_type != XCS_STREAM_PLAIN && o->out_format == XCS_FMT_LIBXC &&
         !o->skip_qemu)
         return fail(c, XCS_LEGACY_EARG, "a bare libxc image has no place for each "
                                         "checkpoint's qemu record: use the libxl "
@@ -1279,7 +1246,7 @@ int xcs_legacy_run(struct xcs_src *in, int out_fd, const struct xcs_legacy_opts 
         err[0] = 0;
     c.W = opts->width / 8;
     c.pv = opts->guest == XCS_GUEST_PV;
-    c.libxl = opts->out_format == XCS_LEGACY_OUT_LIBXL;
+    c.libxl = opts->out_format == XCS_FMT_LIBXL;
     c.st->legacy.width = opts->width;
 
     rc = check_opts(&c);

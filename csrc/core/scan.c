@@ -20,105 +20,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "xcs_legacy.h"
 #include "xcs_scan.h"
-
-/*----- little-endian field access -----*/
-
-static inline uint16_t le16(const uint8_t *p)
-{
-    uint16_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint32_t le32(const uint8_t *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint64_t le64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-/*----- names -----*/
-
-static const char *const libxc_names[XCS_REC_TYPE_COUNT] = {
-    "END", "PAGE_DATA", "X86_PV_INFO", "X86_PV_P2M_FRAMES",
-    "X86_PV_VCPU_BASIC", "X86_PV_VCPU_EXTENDED", "X86_PV_VCPU_XSAVE",
-    "SHARED_INFO", "X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS", "TOOLSTACK",
-    "X86_PV_VCPU_MSRS", "VERIFY", "CHECKPOINT", "CHECKPOINT_DIRTY_PFN_LIST",
-    "STATIC_DATA_END", "X86_CPUID_POLICY", "X86_MSR_POLICY",
-};
-
-static const char *const libxl_names[XCS_LIBXL_REC_TYPE_COUNT] = {
-    "END", "LIBXC_CONTEXT", "EMULATOR_XENSTORE_DATA", "EMULATOR_CONTEXT",
-    "CHECKPOINT_END", "CHECKPOINT_STATE",
-};
-
-static const char *const legacy_names[XCS_LEGACY_NR_CHUNKS] = {
-    "END_OF_BODY", "ENABLE_VERIFY_MODE", "VCPU_INFO", "HVM_IDENT_PT",
-    "HVM_VM86_TSS", "TMEM", "TMEM_EXTRA", "TSC_INFO", "HVM_CONSOLE_PFN",
-    "LAST_CHECKPOINT", "HVM_ACPI_IOPORTS_LOCATION", "HVM_VIRIDIAN",
-    "COMPRESSED_DATA", "ENABLE_COMPRESSION", "HVM_GENERATION_ID_ADDR",
-    "HVM_PAGING_RING_PFN", "HVM_ACCESS_RING_PFN", "HVM_SHARING_RING_PFN",
-    "TOOLSTACK", "HVM_IOREQ_SERVER_PFN", "HVM_NR_IOREQ_SERVER_PAGES",
-};
-
-const char *xcs_libxc_rec_name(uint32_t type)
-{
-    if (type < XCS_REC_TYPE_COUNT)
-        return libxc_names[type];
-    return (type & XCS_REC_TYPE_OPTIONAL) ? "optional record" : "unknown record";
-}
-
-const char *xcs_libxl_rec_name(uint32_t type)
-{
-    if (type < XCS_LIBXL_REC_TYPE_COUNT)
-        return libxl_names[type];
-    return "unknown record";
-}
-
-const char *xcs_legacy_chunk_name(int id)
-{
-    if (id > 0)
-        return "page batch";
-    if (id > -XCS_LEGACY_NR_CHUNKS)
-        return legacy_names[-id];
-    return "unknown chunk";
-}
-
-const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt)
-{
-    switch (fmt) {
-    case XCS_FMT_XL:
-        return "xl";
-    case XCS_FMT_LIBXL:
-        return "libxl";
-    case XCS_FMT_LIBXC:
-        return "libxc";
-    case XCS_FMT_LEGACY:
-        return "legacy";
-    case XCS_FMT_AUTO:
-        break;
-    }
-    return "auto";
-}
-
-const char *xcs_errno_name(int err, char *buf, size_t len)
-{
-    const char *name = strerrorname_np(err);
-
-    if (name)
-        return name;
-    snprintf(buf, len, "errno %d", err);
-    return buf;
-}
 
 /*----- input source -----*/
 
@@ -455,14 +359,6 @@ static int skip(struct scan *s, uint64_t n, const char *what)
     return 0;
 }
 
-static int padding_ok(const uint8_t *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (p[i])
-            return 0;
-    return 1;
-}
-
 /* Body of a record (length + padding), checking the padding is zero. */
 static int record_body(struct scan *s, uint32_t len, const uint8_t **p)
 {
@@ -471,7 +367,7 @@ static int record_body(struct scan *s, uint32_t len, const uint8_t **p)
 
     if (rc)
         return rc;
-    if (!padding_ok(*p + len, padded - len))
+    if (!xcs_zeros(*p + len, padded - len))
         return bad(s, "padding containing non-zero bytes");
     return 0;
 }
@@ -535,7 +431,7 @@ static int page_dups(struct scan *s, const uint8_t *words, uint32_t count)
     size_t n = 0;
 
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = le64(words + 8 * (size_t)i);
+        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
         uint64_t pfn = w & XCS_PAGE_DATA_PFN_MASK;
 
         if ((w >> 60) == 0xf)
@@ -558,7 +454,7 @@ static int page_dups(struct scan *s, const uint8_t *words, uint32_t count)
         s->sortbuf_len = count;
     }
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = le64(words + 8 * (size_t)i);
+        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
 
         if ((w >> 60) != 0xf)
             s->sortbuf[n++] = w & XCS_PAGE_DATA_PFN_MASK;
@@ -584,8 +480,8 @@ static int libxc_page_data(struct scan *s, uint32_t len)
     rc = need(s, 8, &p, "PAGE_DATA header");
     if (rc)
         return rc;
-    count = le32(p);
-    res = le32(p + 4);
+    count = xcs_get_le32(p);
+    res = xcs_get_le32(p + 4);
     if (res)
         return bad(s, "reserved field set (0x%x)", res);
     if (count == 0)
@@ -597,16 +493,16 @@ static int libxc_page_data(struct scan *s, uint32_t len)
     if (rc)
         return rc;
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = le64(words + 8 * (size_t)i);
-        unsigned int type = (unsigned int)(w >> 60);
+        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
+        unsigned int type = xcs_pfn_type(w);
 
         if (w & XCS_PAGE_DATA_RSVD_MASK)
             return bad(s, "reserved bits set in pfn[%u]: 0x%016llx", i,
                        (unsigned long long)(w & XCS_PAGE_DATA_RSVD_MASK));
-        if (type >= 5 && type <= 8)
+        if (!xcs_pfn_type_valid(type))
             return bad(s, "invalid page type %u in pfn[%u] (0x%016llx)", type, i,
                        (unsigned long long)w);
-        if (type < 0xd)
+        if (xcs_pfn_type_has_data(type))
             npages++;
     }
     expect = 8 + (uint64_t)count * 8 + (uint64_t)npages * XCS_PAGE_SIZE;
@@ -616,9 +512,9 @@ static int libxc_page_data(struct scan *s, uint32_t len)
                    (unsigned long long)npages * XCS_PAGE_SIZE,
                    (unsigned long long)expect, count, npages);
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = le64(words + 8 * (size_t)i);
-        unsigned int type = (unsigned int)(w >> 60);
-        uint64_t pfn = w & XCS_PAGE_DATA_PFN_MASK;
+        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
+        unsigned int type = xcs_pfn_type(w);
+        uint64_t pfn = xcs_pfn_of(w);
 
         if (s->guest == XCS_GUEST_PV && pfn > r->p2m_end_pfn && type != 0xf)
             return bad(s, "pfn 0x%llx (pfn[%u]) out of range: the P2M frames "
@@ -637,7 +533,7 @@ static int libxc_page_data(struct scan *s, uint32_t len)
             r->min_pfn = pfn;
         if (pfn > r->max_pfn)
             r->max_pfn = pfn;
-        if (type < 0xd)
+        if (xcs_pfn_type_has_data(type))
             seen_mark(s, pfn);
     }
     rc = page_dups(s, words, count);
@@ -656,8 +552,8 @@ static void count_hvm_cpus(struct scan *s, const uint8_t *p, uint32_t len)
     uint32_t off = 0;
 
     while (len - off >= 8) {
-        uint16_t code = le16(p + off), inst = le16(p + off + 2);
-        uint32_t dlen = le32(p + off + 4);
+        uint16_t code = xcs_get_le16(p + off), inst = xcs_get_le16(p + off + 2);
+        uint32_t dlen = xcs_get_le32(p + off + 4);
 
         if (code == 0)
             return;
@@ -681,8 +577,8 @@ static int check_vcpu(struct scan *s, uint32_t type, const uint8_t *p, uint32_t 
 
     if (len < 8)
         return bad(s, "length %u: a vcpu record needs at least 8 bytes", len);
-    id = le32(p);
-    res = le32(p + 4);
+    id = xcs_get_le32(p);
+    res = xcs_get_le32(p + 4);
     if (res)
         return bad(s, "reserved field set (0x%x)", res);
     if (id >= MAX_VCPUS)
@@ -790,9 +686,9 @@ static int libxc_headers(struct scan *s)
 {
     struct xcs_scan_report *r = s->rep;
     const uint8_t *p;
-    uint64_t marker;
-    uint32_t id, res2;
-    uint16_t opts, res1, pshift, dres;
+    struct xcs_ihdr ih;
+    struct xcs_dhdr dh;
+    char why[XCS_WHY_LEN];
     int rc;
 
     r->libxc = 1;
@@ -801,43 +697,22 @@ static int libxc_headers(struct scan *s)
     rc = need(s, XCS_IHDR_SIZE, &p, "image header");
     if (rc)
         return rc;
-    marker = xcs_get_be64(p);
-    id = xcs_get_be32(p + 8);
-    r->libxc_version = s->version = xcs_get_be32(p + 12);
-    opts = xcs_get_be16(p + 16);
-    res1 = xcs_get_be16(p + 18);
-    res2 = xcs_get_be32(p + 20);
-    r->libxc_options = opts;
-    if (marker != XCS_IHDR_MARKER)
-        return bad(s, "bad image marker 0x%016llx", (unsigned long long)marker);
-    if (id != XCS_IHDR_ID)
-        return bad(s, "bad image id 0x%08x (expected \"XENF\")", id);
-    if (s->version < 2 || s->version > 3)
-        return bad(s, "unknown image version %u (expected 2 or 3)", s->version);
-    if (opts & ~XCS_IHDR_OPT_BIG_ENDIAN)
-        return bad(s, "reserved bits set in image options: 0x%x",
-                   opts & ~XCS_IHDR_OPT_BIG_ENDIAN);
-    if (res1 || res2)
-        return bad(s, "reserved fields set in image header: 0x%04x:0x%08x", res1, res2);
-    if (opts & XCS_IHDR_OPT_BIG_ENDIAN)
-        return bad(s, "big-endian image: not supported (x86 streams are little-endian)");
+    rc = xcs_ihdr_parse(p, &ih, why, sizeof(why)) ? bad(s, "%s", why) : 0;
+    r->libxc_version = s->version = ih.version;
+    r->libxc_options = ih.options;
+    if (rc)
+        return rc;
 
     at(s, "libxc", "domain header");
     rc = need(s, XCS_DHDR_SIZE, &p, "domain header");
     if (rc)
         return rc;
-    id = le32(p);
-    pshift = le16(p + 4);
-    dres = le16(p + 6);
-    r->xen_major = le32(p + 8);
-    r->xen_minor = le32(p + 12);
-    if (id != XCS_DHDR_TYPE_X86_PV && id != XCS_DHDR_TYPE_X86_HVM)
-        return bad(s, "unknown domain type 0x%x", id);
-    if (dres)
-        return bad(s, "reserved field set in domain header: 0x%04x", dres);
-    if (pshift != XCS_PAGE_SHIFT)
-        return bad(s, "page_shift %u (expected 12)", pshift);
-    s->guest = r->guest = (enum xcs_guest)id;
+    rc = xcs_dhdr_parse(p, &dh, why, sizeof(why)) ? bad(s, "%s", why) : 0;
+    r->xen_major = dh.xen_major;
+    r->xen_minor = dh.xen_minor;
+    if (rc)
+        return rc;
+    s->guest = r->guest = (enum xcs_guest)dh.type;
     return 0;
 }
 
@@ -872,8 +747,8 @@ static int libxc_records(struct scan *s, int *how)
         rc = need(s, XCS_RHDR_SIZE, &p, "record header");
         if (rc)
             return rc;
-        t = le32(p);
-        len = le32(p + 4);
+        t = xcs_get_le32(p);
+        len = xcs_get_le32(p + 4);
         at_rec(s, off, "libxc", t, xcs_libxc_rec_name(t));
         s->records_since_cp++;
         if (len > XCS_REC_LENGTH_MAX)
@@ -886,7 +761,7 @@ static int libxc_records(struct scan *s, int *how)
             rc = skip(s, len & ~7u, "optional record body");
             if (!rc && (len & 7)) {
                 rc = need(s, 8, &p, "optional record body");
-                if (!rc && !padding_ok(p + (len & 7), 8 - (len & 7)))
+                if (!rc && !xcs_zeros(p + (len & 7), 8 - (len & 7)))
                     rc = bad(s, "padding containing non-zero bytes");
             }
             if (rc)
@@ -940,7 +815,7 @@ static int libxc_record(struct scan *s, uint32_t t, uint32_t len, int *how)
             return bad(s, "guest width %u (expected 4 or 8)", p[0]);
         if (p[1] != 3 && p[1] != 4)
             return bad(s, "pagetable levels %u (expected 3 or 4)", p[1]);
-        if (!padding_ok(p + 2, 6))
+        if (!xcs_zeros(p + 2, 6))
             return bad(s, "reserved bytes set");
         if ((p[0] == 8) != (p[1] == 4))
             return bad(s, "guest width %u with %u pagetable levels (64-bit guests "
@@ -956,8 +831,8 @@ static int libxc_record(struct scan *s, uint32_t t, uint32_t len, int *how)
 
         if (len < 8 || len % 8)
             return bad(s, "length %u (expected at least 8, a multiple of 8)", len);
-        start = le32(p);
-        endp = le32(p + 4);
+        start = xcs_get_le32(p);
+        endp = xcs_get_le32(p + 4);
         if (start > endp)
             return bad(s, "start pfn 0x%x after end pfn 0x%x", start, endp);
         fpp = XCS_PAGE_SIZE / r->pv_width;
@@ -988,8 +863,8 @@ static int libxc_record(struct scan *s, uint32_t t, uint32_t len, int *how)
     case XCS_REC_X86_TSC_INFO:
         if (len != 24)
             return bad(s, "length %u (expected 24)", len);
-        if (le32(p + 20))
-            return bad(s, "reserved field set (0x%x)", le32(p + 20));
+        if (xcs_get_le32(p + 20))
+            return bad(s, "reserved field set (0x%x)", xcs_get_le32(p + 20));
         s->have_tsc = 1;
         return 0;
 
@@ -1005,9 +880,9 @@ static int libxc_record(struct scan *s, uint32_t t, uint32_t len, int *how)
 
         if (len < 8)
             return bad(s, "length %u (expected at least 8)", len);
-        count = le32(p);
-        if (le32(p + 4))
-            return bad(s, "reserved field set (0x%x)", le32(p + 4));
+        count = xcs_get_le32(p);
+        if (xcs_get_le32(p + 4))
+            return bad(s, "reserved field set (0x%x)", xcs_get_le32(p + 4));
         if ((uint64_t)8 + (uint64_t)count * 16 != len)
             return bad(s, "length %u, expected 8 + 16 * %u", len, count);
         if (count == 0)
@@ -1056,9 +931,9 @@ static int libxc_record(struct scan *s, uint32_t t, uint32_t len, int *how)
         if (len < 16 || len % 16)
             return bad(s, "length %u (expected a non-zero multiple of 16)", len);
         for (uint32_t i = 0; i < len; i += 16)
-            if (le32(p + i + 4))
+            if (xcs_get_le32(p + i + 4))
                 return bad(s, "MSR entry %u has flags 0x%x (must be zero)",
-                           i / 16, le32(p + i + 4));
+                           i / 16, xcs_get_le32(p + i + 4));
         return 0;
     }
     return bad(s, "unhandled record type 0x%x", t);
@@ -1086,7 +961,7 @@ static int check_trailing(struct scan *s, int libxc_outer)
             return io_error(s, "read");
         if (got == XCS_LEGACY_QEMU_SIG_LEN + 4 &&
             !memcmp(p, XCS_LEGACY_QEMU_SIG_0002, XCS_LEGACY_QEMU_SIG_LEN)) {
-            uint32_t qlen = le32(p + XCS_LEGACY_QEMU_SIG_LEN);
+            uint32_t qlen = xcs_get_le32(p + XCS_LEGACY_QEMU_SIG_LEN);
             int rc;
 
             s->w.name = "qemu record after END";
@@ -1118,7 +993,7 @@ static int check_emulator(struct scan *s, uint32_t t, const uint8_t *p, uint32_t
 
     if (len < 8)
         return bad(s, "length %u: an emulator record needs at least 8 bytes", len);
-    id = le32(p);
+    id = xcs_get_le32(p);
     if (id > XCS_EMULATOR_QEMU_UPSTREAM)
         return bad(s, "unknown emulator id 0x%x", id);
     if (t == XCS_LIBXL_REC_EMULATOR_XENSTORE_DATA && len > 8) {
@@ -1148,12 +1023,12 @@ static int libxl_body(struct scan *s, uint32_t t, uint32_t len, const uint8_t **
         rc = need(s, 8, p, "emulator header");
         if (rc)
             return rc;
-        if (le32(*p) > XCS_EMULATOR_QEMU_UPSTREAM)
-            return bad(s, "unknown emulator id 0x%x", le32(*p));
+        if (xcs_get_le32(*p) > XCS_EMULATOR_QEMU_UPSTREAM)
+            return bad(s, "unknown emulator id 0x%x", xcs_get_le32(*p));
         rc = skip(s, (len & ~7u) - 8, "emulator context");
         if (!rc && (len & 7)) {
             rc = need(s, 8, &q, "emulator context");
-            if (!rc && !padding_ok(q + (len & 7), 8 - (len & 7)))
+            if (!rc && !xcs_zeros(q + (len & 7), 8 - (len & 7)))
                 rc = bad(s, "padding containing non-zero bytes");
         }
         *p = NULL;
@@ -1169,6 +1044,8 @@ static int libxl_stream(struct scan *s)
 {
     struct xcs_scan_report *r = s->rep;
     const uint8_t *p;
+    struct xcs_libxl_hdr lh;
+    char why[XCS_WHY_LEN];
     int libxc_seen = 0, libxc_done = 0, in_cp = 0, how, rc;
 
     r->libxl = 1;
@@ -1176,18 +1053,13 @@ static int libxl_stream(struct scan *s)
     rc = need(s, XCS_LIBXL_HDR_SIZE, &p, "libxl header");
     if (rc)
         return rc;
-    if (xcs_get_be64(p) != XCS_LIBXL_IDENT)
-        return bad(s, "bad libxl ident 0x%016llx (expected \"LibxlFmt\")",
-                   (unsigned long long)xcs_get_be64(p));
-    r->libxl_version = xcs_get_be32(p + 8);
-    r->libxl_options = xcs_get_be32(p + 12);
-    if (r->libxl_version != XCS_LIBXL_VERSION)
-        return bad(s, "unknown libxl version %u (expected 2)", r->libxl_version);
-    if (r->libxl_options & ~(XCS_LIBXL_OPT_BIG_ENDIAN | XCS_LIBXL_OPT_LEGACY))
-        return bad(s, "reserved bits set in libxl options: 0x%x",
-                   r->libxl_options & ~(XCS_LIBXL_OPT_BIG_ENDIAN | XCS_LIBXL_OPT_LEGACY));
-    if (r->libxl_options & XCS_LIBXL_OPT_BIG_ENDIAN)
-        return bad(s, "big-endian libxl stream: not supported");
+    rc = xcs_libxl_hdr_parse(p, &lh, why, sizeof(why)) ? bad(s, "%s", why) : 0;
+    if (lh.ident == XCS_LIBXL_IDENT) { /* the report shows a libxl header's fields */
+        r->libxl_version = lh.version;
+        r->libxl_options = lh.options;
+    }
+    if (rc)
+        return rc;
 
     for (;;) {
         uint64_t off = s->in->pos;
@@ -1210,8 +1082,8 @@ static int libxl_stream(struct scan *s)
         rc = need(s, XCS_RHDR_SIZE, &p, "record header");
         if (rc)
             return rc;
-        t = le32(p);
-        len = le32(p + 4);
+        t = xcs_get_le32(p);
+        len = xcs_get_le32(p + 4);
         at_rec(s, off, "libxl", t, xcs_libxl_rec_name(t));
         s->records_since_cp++;
         if (t >= XCS_LIBXL_REC_TYPE_COUNT)
@@ -1285,8 +1157,8 @@ static int libxl_stream(struct scan *s)
                 return bad(s, "CHECKPOINT_STATE outside a COLO stream");
             if (len != 8)
                 return bad(s, "length %u (expected 8)", len);
-            if (le32(p) > 3)
-                return bad(s, "unknown checkpoint state %u", le32(p));
+            if (xcs_get_le32(p) > 3)
+                return bad(s, "unknown checkpoint state %u", xcs_get_le32(p));
             continue;
         }
         return bad(s, "unhandled libxl record type %u", t);
@@ -1355,7 +1227,7 @@ static void guess_legacy(struct scan *s, unsigned int *width, enum xcs_guest *gu
     }
     if (!*width) {
         /* facts 2: octets 4-7 are zero for 64-bit toolstacks (p2m_size < 2^32). */
-        *width = le32(p + 4) == 0 ? 64 : 32;
+        *width = xcs_get_le32(p + 4) == 0 ? 64 : 32;
         s->rep->legacy.width_guessed = 1;
     }
     if (!*guest) {
@@ -1381,7 +1253,7 @@ static int legacy_stream(struct scan *s)
     lo.width = s->opts->legacy_width;
     lo.guest = s->opts->legacy_guest;
     lo.stream_type = s->opts->stream_type;
-    lo.out_format = XCS_LEGACY_OUT_LIBXL;
+    lo.out_format = XCS_FMT_LIBXL;
     lo.stats = &st;
     guess_legacy(s, &lo.width, &lo.guest);
     r->guest = s->guest = lo.guest;
@@ -1424,11 +1296,12 @@ static int legacy_stream(struct scan *s)
 
 /*----- xl header -----*/
 
-static int xl_header(struct scan *s, enum xcs_scan_fmt *inner)
+static int xl_header(struct scan *s, enum xcs_fmt *inner)
 {
     struct xcs_scan_report *r = s->rep;
     const uint8_t *p;
-    uint32_t order;
+    struct xcs_xl_hdr h;
+    char why[XCS_WHY_LEN];
     int rc;
 
     r->xl = 1;
@@ -1436,56 +1309,43 @@ static int xl_header(struct scan *s, enum xcs_scan_fmt *inner)
     rc = need(s, XCS_XL_HDR_SIZE, &p, "xl header");
     if (rc)
         return rc;
-    if (memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
-        return bad(s, "bad xl magic");
-    order = le32(p + 32);
-    r->xl_mflags = le32(p + 36);
-    r->xl_oflags = le32(p + 40);
-    r->xl_optlen = le32(p + 44);
-    if (order != XCS_XL_BYTEORDER)
-        return bad(s, "byte order word 0x%08x: written by a host of another "
-                      "byte order", order);
-    if (r->xl_mflags & ~(XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2))
-        return bad(s, "unknown mandatory flags 0x%x",
-                   r->xl_mflags & ~(XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2));
-    if (r->xl_optlen >= 4) {
-        rc = need(s, 4, &p, "xl config length");
-        if (rc)
-            return rc;
-        r->xl_config_len = le32(p);
-        if (r->xl_config_len > r->xl_optlen - 4)
-            return bad(s, "config length %u overruns the optional data (%u bytes)",
-                       r->xl_config_len, r->xl_optlen);
-        rc = skip(s, r->xl_optlen - 4, "xl optional data");
-    } else {
-        rc = skip(s, r->xl_optlen, "xl optional data");
+    rc = xcs_xl_hdr_parse(p, &h, why, sizeof(why)) ? bad(s, "%s", why) : 0;
+    if (!memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN)) { /* the report shows an xl header's fields */
+        r->xl_mflags = h.mflags;
+        r->xl_oflags = h.oflags;
+        r->xl_optlen = h.optlen;
     }
     if (rc)
         return rc;
-    *inner = (r->xl_mflags & XCS_XL_MFLAG_STREAMV2) ? XCS_FMT_LIBXL : XCS_FMT_LEGACY;
+    if (h.optlen >= 4) {
+        rc = need(s, 4, &p, "xl config length");
+        if (rc)
+            return rc;
+        r->xl_config_len = xcs_get_le32(p);
+        if (xcs_xl_config_check(&h, r->xl_config_len, why, sizeof(why)))
+            return bad(s, "%s", why);
+        rc = skip(s, h.optlen - 4, "xl optional data");
+    } else {
+        rc = skip(s, h.optlen, "xl optional data");
+    }
+    if (rc)
+        return rc;
+    *inner = (h.mflags & XCS_XL_MFLAG_STREAMV2) ? XCS_FMT_LIBXL : XCS_FMT_LEGACY;
     return 0;
 }
 
 /*----- entry point -----*/
 
-static int detect(struct scan *s, enum xcs_scan_fmt *fmt)
+static int detect(struct scan *s, enum xcs_fmt *fmt)
 {
-    static const uint8_t ff[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
     const uint8_t *p;
     size_t got;
 
     at(s, "", "format detection");
-    if (xcs_src_peek(s->in, XCS_XL_MAGIC_LEN, &p, &got) < 0)
+    if (xcs_src_peek(s->in, XCS_FMT_SNIFF_LEN, &p, &got) < 0)
         return io_error(s, "read");
-    if (got == XCS_XL_MAGIC_LEN && !memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
-        *fmt = XCS_FMT_XL;
-    else if (got >= 8 && xcs_get_be64(p) == XCS_LIBXL_IDENT)
-        *fmt = XCS_FMT_LIBXL;
-    else if (got >= 8 && !memcmp(p, ff, 8))
-        *fmt = XCS_FMT_LIBXC;
-    else if (got >= 8)
-        *fmt = XCS_FMT_LEGACY; /* no magic: the legacy heuristics decide */
-    else
+    *fmt = xcs_fmt_sniff(p, got, 0); /* got < XCS_FMT_SNIFF_LEN: the whole stream */
+    if (*fmt == XCS_FMT_AUTO)
         return bad(s, "stream too short (%zu bytes) to be any known format", got);
     return 0;
 }
@@ -1495,7 +1355,7 @@ int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
 {
     struct xcs_src in;
     struct scan s;
-    enum xcs_scan_fmt fmt = opts->fmt;
+    enum xcs_fmt fmt = opts->fmt;
     int in_open = 0, rc;
 
     memset(rep, 0, sizeof(*rep));

@@ -30,7 +30,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "xcs_format.h"
+#include "codec.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -82,14 +82,6 @@ void xcs_src_consumed(struct xcs_src *s, uint64_t n);
 
 /*----- scanner -----*/
 
-enum xcs_scan_fmt {
-    XCS_FMT_AUTO = 0,
-    XCS_FMT_XL = 1,
-    XCS_FMT_LIBXL = 2,
-    XCS_FMT_LIBXC = 3,
-    XCS_FMT_LEGACY = 4
-};
-
 enum xcs_guest {
     XCS_GUEST_UNKNOWN = 0,
     XCS_GUEST_PV = 1,  /* = dhdr type 1 */
@@ -99,7 +91,7 @@ enum xcs_guest {
 #define XCS_SCAN_ALLOW_TRAILING 0x1u /* bytes after the outermost END are fine */
 
 struct xcs_scan_opts {
-    enum xcs_scan_fmt fmt;
+    enum xcs_fmt fmt;
     enum xcs_stream_type stream_type;
     unsigned int legacy_width;   /* 32|64; 0 = guess (section 2 hints) */
     enum xcs_guest legacy_guest; /* UNKNOWN = guess */
@@ -109,7 +101,6 @@ struct xcs_scan_opts {
 #define XCS_SCAN_INVALID 1
 #define XCS_SCAN_MAX_WARNINGS 8
 #define XCS_SCAN_WARNING_LEN 400
-#define XCS_LEGACY_NR_CHUNKS 21 /* ids 0 .. -20 */
 
 struct xcs_scan_error {
     uint64_t offset;       /* start of the offending record (or header) */
@@ -140,7 +131,7 @@ struct xcs_legacy_report {
 };
 
 struct xcs_scan_report {
-    enum xcs_scan_fmt format;     /* outermost layer found */
+    enum xcs_fmt format;          /* outermost layer found */
     enum xcs_stream_type stream_type;
     enum xcs_guest guest;
 
@@ -199,14 +190,6 @@ struct xcs_scan_report {
  */
 int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
                 struct xcs_scan_report *rep);
-
-/* Names for reports ("PAGE_DATA", "EMULATOR_CONTEXT", "LAST_CHECKPOINT"). */
-const char *xcs_libxc_rec_name(uint32_t type);
-const char *xcs_libxl_rec_name(uint32_t type);
-const char *xcs_legacy_chunk_name(int id);
-const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt);
-/* "ENOENT" for ENOENT; "errno N" for numbers without a name. */
-const char *xcs_errno_name(int err, char *buf, size_t len);
 
 #ifdef __cplusplus
 }
