@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, formats, policy
 from ._log import logger
-from .cli_run import add_logging_flags, add_progress_flag, renderer, restore_signals, run_async
+from .cli_run import (
+    LOG_LEVELS,
+    add_logging_flags,
+    add_progress_flag,
+    renderer,
+    restore_signals,
+    run_async,
+)
 from .defaults import CHANNELS, IDLE_TIMEOUT
 from .errors import UsageError, XcsaveError, oserror_text
 
@@ -342,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         help="logging level (default: quiet; failures are one line)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

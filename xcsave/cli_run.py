@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .progress import Renderer
 
 __all__ = [
+    "LOG_LEVELS",
     "Terminated",
     "add_logging_flags",
     "add_progress_flag",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: ``--log-level`` choices (the global option's and each command's).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_logging_flags(p: argparse.ArgumentParser) -> None:
@@ -53,7 +57,7 @@ def add_logging_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         default=argparse.SUPPRESS,
         help="logging level",
     )
