@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from . import _ext, formats
 from .defaults import HANDSHAKE_TIMEOUT
 from .errors import HandshakeError, oserror_text
 
@@ -73,12 +74,7 @@ GO: Final = b"domain is yours, you are cleared to unpause\0"
 REPORT: Final = b"my copy unpause results are as follows\0"
 
 #: First bytes of each stream format (the receiver peeks at them).
-_MAGIC: Final[tuple[tuple[bytes, str], ...]] = (
-    (b"Xen save", "xl"),  # "Xen saved domain, xl format\n \0 \r"
-    (b"LibxlFmt", "libxl"),  # libxl header ident, big-endian
-    (b"\xff" * 8, "libxc"),  # libxc image header marker
-)
-_PEEK: Final = 8
+_PEEK: Final = 8  # what the native detection needs to tell the formats apart
 
 Address = tuple[str, int]
 
@@ -232,9 +228,11 @@ async def stream_format(sock: socket.socket, fmt: str, timeout: float | None) ->
 
 
 def _detect_format(head: bytes) -> str:
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return fmt
+    """The format of a stream starting with head: the verifier's own detection
+    (codec.c), so that a receiver and ``xcsave verify`` cannot disagree."""
+    fmt = _ext.sniff_format(head)
+    if fmt in formats.STREAM:
+        return fmt
     raise HandshakeError(
         f"the sender's stream starts with {head!r}: not an xl, libxl or libxc stream",
         errno=errno_mod.EPROTO,
