@@ -7,12 +7,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -353,3 +356,129 @@ def test_a_symlink_planted_at_a_restore_target(tmp_path: Path) -> None:
         xcsave("sim", "digest", str(dom), env=env).stdout
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "victim", "vm", "vm.img"]
+
+
+# ------------------------------------------------------ unnamed until complete
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o277])
+def test_unnamed_file_is_private_and_nameless_until_published(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        fd = files.create_private_unnamed(tmp_path)
+    finally:
+        os.umask(old)
+    if fd is None:
+        pytest.skip("this filesystem has no O_TMPFILE")
+    try:
+        os.write(fd, b"guest memory")
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        assert list(tmp_path.iterdir()) == []  # nothing to find, open or race for
+        out = tmp_path / "out.img"
+        files.publish_unnamed(fd, out)
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == b"guest memory"
+    assert mode(out) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["out.img"]
+
+
+def test_publish_replaces_a_file_and_a_planted_symlink_without_writing_through(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    out = tmp_path / "out.img"
+    for before in ("file", "symlink"):
+        if before == "file":
+            out.write_bytes(b"old image")
+        else:
+            out.unlink()
+            out.symlink_to(victim)
+        fd = files.create_private_unnamed(tmp_path)
+        if fd is None:
+            pytest.skip("this filesystem has no O_TMPFILE")
+        try:
+            os.write(fd, before.encode())
+            files.publish_unnamed(fd, out)
+        finally:
+            os.close(fd)
+        assert not out.is_symlink()
+        assert out.read_bytes() == before.encode()
+    assert victim.read_bytes() == b"not yours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.img", "victim"]
+
+
+def test_unnamed_falls_back_where_the_filesystem_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No O_TMPFILE (EOPNOTSUPP): None, and the converter writes through a
+    named private temporary instead, still leaving only OUT."""
+    import corpus
+
+    from xcsave import streamtools
+
+    real_open = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    assert files.create_private_unnamed(tmp_path) is None
+    src = tmp_path / "legacy.img"
+    src.write_bytes(corpus.Legacy(guest="hvm").build())
+    out = tmp_path / "out.libxc"
+    streamtools.convert(src, out, 64, "hvm")
+    assert mode(out) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.img", "out.libxc"]
+
+
+def _holds_a_file_in(pid: int, directory: Path, but: Path) -> bool:
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{n}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith(f"{directory}/") and target != str(but):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_convert_killed_mid_write_leaves_out_as_it_was(tmp_path: Path, sig: int) -> None:
+    """A signal while convert is writing OUT (its input stalled half way, from
+    a FIFO): OUT keeps its old content and no other file is left beside it."""
+    import corpus
+
+    image = corpus.Legacy(guest="hvm").build()
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.libxc"
+    out.write_bytes(b"the previous image")
+    p = subprocess.Popen(
+        [*XCSAVE, "convert", str(fifo), str(out), "--width", "64", "--guest", "hvm"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with open(fifo, "wb", buffering=0) as w:
+            w.write(image[: len(image) // 2])
+            # convert has written its headers and some pages by now: wait
+            # until it holds its output file open (/proc shows the fds).
+            deadline = time.monotonic() + 30
+            while not _holds_a_file_in(p.pid, tmp_path, but=fifo):
+                assert time.monotonic() < deadline, "convert never opened its output"
+                time.sleep(0.01)
+            p.send_signal(sig)
+            _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0
+    assert "Traceback" not in err
+    assert out.read_bytes() == b"the previous image"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["in.fifo", "out.libxc"]

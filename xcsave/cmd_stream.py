@@ -7,6 +7,7 @@ usage or an I/O error, with the errno name.  Never a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from . import formats, streamtools
@@ -298,7 +299,19 @@ def format_table(r: dict[str, Any], label: str) -> str:
     return "\n".join(out)
 
 
+def _signals_end_the_command() -> None:
+    """inspect, verify and convert spend their time in one native call, which
+    Python's SIGINT handler cannot interrupt (it runs only once the call has
+    returned, and a read blocked on a pipe never returns).  So SIGINT keeps
+    its default action, like SIGTERM and SIGHUP: the command ends at once, and
+    leaves nothing behind (convert's output has no name until it is complete:
+    streamtools._write_atomically)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def do_inspect(args: argparse.Namespace) -> int:
+    _signals_end_the_command()
     try:
         r = _scan(args)
     except OSError as e:
@@ -314,6 +327,7 @@ def do_inspect(args: argparse.Namespace) -> int:
 
 
 def do_verify(args: argparse.Namespace) -> int:
+    _signals_end_the_command()
     try:
         r = _scan(args)
     except OSError as e:
@@ -332,6 +346,7 @@ def do_verify(args: argparse.Namespace) -> int:
 
 
 def do_convert(args: argparse.Namespace) -> int:
+    _signals_end_the_command()
     src: str | int = 0 if args.legacy == "-" else args.legacy
     dst: str | int = 1 if args.out == "-" else args.out
     if dst == 1:

@@ -34,8 +34,10 @@ __all__ = [
     "check_private_dir",
     "create_private",
     "create_private_temp",
+    "create_private_unnamed",
     "fsync_dir",
     "private_dir",
+    "publish_unnamed",
     "rename_noreplace",
     "scratch_dir",
 ]
@@ -80,6 +82,69 @@ def create_private_temp(
         except FileExistsError:
             continue
     raise FileExistsError(errno_mod.EEXIST, "no free temporary name", os.fspath(directory))
+
+
+def create_private_unnamed(directory: str | os.PathLike[str]) -> int | None:
+    """A new private file in ``directory`` that has no name yet (``O_TMPFILE``),
+    opened read-write; ``None`` where the filesystem cannot make one.
+
+    Until :func:`publish_unnamed` gives it one, no signal, crash or SIGKILL
+    can leave it behind: the kernel frees an unnamed file with its last fd.
+    Nobody can open it by a name either, so there is no name to race for.
+    """
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    except OSError as e:
+        # EOPNOTSUPP: the filesystem lacks O_TMPFILE; EISDIR/EINVAL: the kernel does.
+        if e.errno in (errno_mod.EOPNOTSUPP, errno_mod.EISDIR, errno_mod.EINVAL):
+            return None
+        raise
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # exactly 0600, whatever the umask
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def publish_unnamed(fd: int, path: str | os.PathLike[str]) -> None:
+    """Give the unnamed file ``fd`` (:func:`create_private_unnamed`) the name
+    ``path``, replacing whatever file is there, atomically.
+
+    ``linkat`` cannot replace, so the file is linked at a fresh random name
+    beside ``path`` (failing, like ``O_EXCL``, rather than taking one that
+    exists) and renamed over it.  SIGINT, SIGTERM and SIGHUP are held off
+    between the two, so a signal finds the old file at ``path`` or the new
+    one, never the extra name.
+    """
+    import signal
+
+    directory, name = os.path.split(os.path.abspath(path))
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for _ in range(100):
+            tmp = f".xcsave-{secrets.token_hex(6)}.tmp"
+            try:
+                # /proc/self/fd/N names the open file, and linkat with
+                # AT_SYMLINK_FOLLOW gives an O_TMPFILE file its first name
+                # (open(2)).  A dir fd makes os.link call linkat, not link(2),
+                # which would link the /proc symlink itself (EXDEV).
+                os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd, follow_symlinks=True)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(errno_mod.EEXIST, "no free temporary name", directory)
+        try:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def check_private_dir(path: str | os.PathLike[str]) -> None:

@@ -149,32 +149,36 @@ def verify(
 
 
 def _write_atomically(path: str, write: Callable[[int], _T]) -> _T:
-    """``write(fd)`` into a temp file next to ``path``; fsync'd and renamed
-    over it on success, removed on failure."""
+    """``write(fd)`` into a new private file in ``path``'s directory, fsync'd
+    and put at ``path`` on success; on failure ``path`` is as it was.
+
+    The file has no name until it is complete (``O_TMPFILE``), so a signal
+    that kills the command mid-write leaves nothing behind; where the
+    filesystem cannot do that, a named temporary is removed on failure.
+    """
     import contextlib
 
-    from .files import create_private_temp
+    from .files import create_private_temp, create_private_unnamed, fsync_dir, publish_unnamed
 
     directory = os.path.dirname(os.path.abspath(path))
     # The output is guest memory: private, whatever the umask.
-    fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
+    fd = create_private_unnamed(directory)
+    tmp = ""
+    if fd is None:
+        fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
     try:
         result = write(fd)
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        tmp = ""
+        if tmp:
+            os.replace(tmp, path)
+            tmp = ""
+        else:
+            publish_unnamed(fd, path)
         with contextlib.suppress(OSError):
-            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(directory)
         return result
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
         if tmp:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
