@@ -36,6 +36,7 @@
 
 #include "private_file.h"
 #include "simdom.h"
+#include "source.h"
 #include "stream_io.h"
 #include "xcs_engine.h"
 #include "xcs_format.h"
@@ -54,7 +55,7 @@ struct restore_ctx {
     const struct xcs_restore_params *p;
     const struct xcs_engine_callbacks *cb;
     struct xcs_restore_result *res;
-    struct xcs_reader r;
+    struct xcs_source r;     /* the stream, exact reads */
     char *partial;           /* temporary target path; NULL once renamed */
     int tfd;
     uint64_t max_pages;      /* pfn limit before HVM_CONTEXT */
@@ -71,8 +72,7 @@ struct restore_ctx {
 
     uint64_t *pfns;          /* XCS_MAX_BATCH_SIZE */
     uint8_t *pages;          /* one batch's page data */
-    uint8_t *buf;            /* one record body */
-    size_t buf_cap;
+    const uint8_t *buf;      /* one record body, in the source's buffer */
     struct xcs_progress pr;
 
     int remus;
@@ -116,24 +116,8 @@ static int read_exact(struct restore_ctx *ctx, void *buf, size_t len,
 {
     int eof;
 
-    if (xcs_read_exact(&ctx->r, buf, len, &eof) < 0)
+    if (xcs_source_read(&ctx->r, buf, len, &eof) < 0)
         return read_failed(ctx, what, eof);
-    return 0;
-}
-
-/* Make ctx->buf hold at least len bytes (len is already capped). */
-static int reserve_buf(struct restore_ctx *ctx, size_t len)
-{
-    uint8_t *n;
-
-    if (len <= ctx->buf_cap)
-        return 0;
-    n = realloc(ctx->buf, len);
-    if (!n)
-        return xcs_fail(ctx->cb, ENOMEM, "allocating %zu bytes for a record",
-                        len);
-    ctx->buf = n;
-    ctx->buf_cap = len;
     return 0;
 }
 
@@ -155,44 +139,41 @@ static int read_rhdr(struct restore_ctx *ctx, uint32_t *type, uint32_t *len,
     return 0;
 }
 
-/*
- * Bodies are read in steps that at most double what has arrived: a record
- * length is the stream's word (capped at XCS_REC_LENGTH_MAX, 128 MiB), and
- * a header claiming 128 MiB followed by EOF must cost a truncation error,
- * not an allocation of the claimed size (or ENOMEM under a memory limit).
- */
-#define READ_STEP (64u << 10)
+/* What a source call that returned r (1: EOF after got bytes) means. */
+static int source_checked(struct restore_ctx *ctx, int r, uint64_t got,
+                          const char *what)
+{
+    if (r > 0)
+        errno = EIO;
+    return r ? read_failed(ctx, what, r > 0 ? (got ? 2 : 1) : 0) : 0;
+}
 
-/* Read a whole padded body into ctx->buf, growing it as the bytes arrive. */
+/*
+ * Read a whole padded body; ctx->buf points at it until the next read.  The
+ * source grows its buffer as the bytes arrive (source.c): a record length
+ * is the stream's word (capped at XCS_REC_LENGTH_MAX, 128 MiB), and a header
+ * claiming 128 MiB followed by EOF must cost a truncation error, not an
+ * allocation of the claimed size (or ENOMEM under a memory limit).
+ */
 static int read_body(struct restore_ctx *ctx, uint32_t len, const char *what)
 {
-    size_t padded = xcs_rec_padded(len), got = 0;
+    size_t got = 0;
+    int r = xcs_source_get(&ctx->r, xcs_rec_padded(len), &ctx->buf, &got);
 
-    if (reserve_buf(ctx, padded < READ_STEP ? (padded ? padded : 1)
-                                            : READ_STEP) < 0)
-        return -1;
-    while (got < padded) {
-        size_t upto;
+    return source_checked(ctx, r, got, what);
+}
 
-        if (got == ctx->buf_cap &&
-            reserve_buf(ctx, padded - got < ctx->buf_cap ? padded
-                                                         : 2 * ctx->buf_cap) < 0)
-            return -1;
-        upto = padded < ctx->buf_cap ? padded : ctx->buf_cap;
-        if (read_exact(ctx, ctx->buf + got, upto - got, what) < 0)
-            return -1;
-        got = upto;
-    }
-    return 0;
+/* Read and drop len bytes. */
+static int skip_exact(struct restore_ctx *ctx, uint64_t len, const char *what)
+{
+    uint64_t got = 0;
+
+    return source_checked(ctx, xcs_source_skip(&ctx->r, len, &got), got, what);
 }
 
 static int skip_body(struct restore_ctx *ctx, uint32_t len, const char *what)
 {
-    int eof;
-
-    if (xcs_skip_exact(&ctx->r, xcs_rec_padded(len), &eof) < 0)
-        return read_failed(ctx, what, eof);
-    return 0;
+    return skip_exact(ctx, xcs_rec_padded(len), what);
 }
 
 /*----- the target file -----*/
@@ -293,7 +274,7 @@ static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
 
 /*
  * The batch's pages, still in the stream, moved by the kernel straight to
- * their places in the target (xcs_move_exact: one copy, no user buffer).
+ * their places in the target (xcs_source_move: one copy, no user buffer).
  * Returns 1, having consumed nothing, when the stream fd does not allow it
  * (a socket): the caller reads the pages and writes them instead.
  */
@@ -302,7 +283,7 @@ static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
 {
     int moved = 0; /* has this batch consumed stream bytes yet? */
 
-    xcs_move_expect(&ctx->r, (uint64_t)ndata * XCS_PAGE_SIZE);
+    xcs_source_move_expect(&ctx->r, (uint64_t)ndata * XCS_PAGE_SIZE);
     for (uint32_t i = 0; i < count;) {
         uint32_t j;
         size_t len;
@@ -314,7 +295,7 @@ static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
         }
         j = run_end(pfns, count, i);
         len = (size_t)(j - i) * XCS_PAGE_SIZE;
-        rc = xcs_move_exact(&ctx->r, ctx->tfd, (uint64_t)target_off(pfns[i]),
+        rc = xcs_source_move(&ctx->r, ctx->tfd, (uint64_t)target_off(pfns[i]),
                             len, &eof);
         if (rc < 0) {
             if (eof)
@@ -1075,12 +1056,8 @@ static int read_xl_header(struct restore_ctx *ctx)
         return xcs_fail(ctx->cb, EMSGSIZE, "xl optional data of %u bytes "
                         "exceeds %u", v[3], XL_OPTDATA_MAX);
     /* The domain config is the toolstack's business, not ours. */
-    if (v[3]) {
-        int eof;
-
-        if (xcs_skip_exact(&ctx->r, v[3], &eof) < 0)
-            return read_failed(ctx, "the xl config", eof);
-    }
+    if (v[3] && skip_exact(ctx, v[3], "the xl config") < 0)
+        return -1;
     return 0;
 }
 
@@ -1309,7 +1286,6 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
     ctx.cb = cb;
     ctx.res = res ? res : &dummy;
     memset(ctx.res, 0, sizeof(*ctx.res));
-    ctx.r.fd = p->io_fd;
     ctx.remus = p->stream_type == XCS_STREAM_REMUS;
     ctx.max_pages = p->max_pages && p->max_pages < XCS_SIM_MAX_PAGES
                         ? p->max_pages
@@ -1332,6 +1308,11 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
     ctx.pages = malloc((size_t)XCS_PAGE_SIZE * XCS_MAX_BATCH_SIZE);
     if (!ctx.pfns || !ctx.pages) {
         xcs_fail(cb, ENOMEM, "allocating restore buffers");
+        goto out;
+    }
+    /* Exact reads even from a regular file: the fd offset must follow. */
+    if (xcs_source_open(&ctx.r, p->io_fd, 0) < 0) {
+        xcs_fail(cb, errno, "opening the stream: %s", strerror(errno));
         goto out;
     }
     xcs_pipe_grow(p->io_fd);
@@ -1357,12 +1338,11 @@ out:
     }
     ctx.res->bytes_read = ctx.r.off;
     ctx.res->kernel_moved_bytes = ctx.r.moved;
-    xcs_reader_release(&ctx.r);
+    xcs_source_close(&ctx.r);
     ctx.res->duration_ns = xcs_now_ns() - t0;
     free(ctx.ckpt.data);
     free(ctx.dm);
     free(ctx.vcpus);
-    free(ctx.buf);
     free(ctx.pages);
     free(ctx.pfns);
     errno = saved;

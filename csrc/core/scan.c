@@ -16,9 +16,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "xcs_legacy.h"
 #include "xcs_scan.h"
@@ -61,15 +58,6 @@ static const char *const libxl_names[XCS_LIBXL_REC_TYPE_COUNT] = {
     "CHECKPOINT_END", "CHECKPOINT_STATE",
 };
 
-static const char *const legacy_names[XCS_LEGACY_NR_CHUNKS] = {
-    "END_OF_BODY", "ENABLE_VERIFY_MODE", "VCPU_INFO", "HVM_IDENT_PT",
-    "HVM_VM86_TSS", "TMEM", "TMEM_EXTRA", "TSC_INFO", "HVM_CONSOLE_PFN",
-    "LAST_CHECKPOINT", "HVM_ACPI_IOPORTS_LOCATION", "HVM_VIRIDIAN",
-    "COMPRESSED_DATA", "ENABLE_COMPRESSION", "HVM_GENERATION_ID_ADDR",
-    "HVM_PAGING_RING_PFN", "HVM_ACCESS_RING_PFN", "HVM_SHARING_RING_PFN",
-    "TOOLSTACK", "HVM_IOREQ_SERVER_PFN", "HVM_NR_IOREQ_SERVER_PAGES",
-};
-
 const char *xcs_libxc_rec_name(uint32_t type)
 {
     if (type < XCS_REC_TYPE_COUNT)
@@ -82,15 +70,6 @@ const char *xcs_libxl_rec_name(uint32_t type)
     if (type < XCS_LIBXL_REC_TYPE_COUNT)
         return libxl_names[type];
     return "unknown record";
-}
-
-const char *xcs_legacy_chunk_name(int id)
-{
-    if (id > 0)
-        return "page batch";
-    if (id > -XCS_LEGACY_NR_CHUNKS)
-        return legacy_names[-id];
-    return "unknown chunk";
 }
 
 const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt)
@@ -110,213 +89,6 @@ const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt)
     return "auto";
 }
 
-const char *xcs_errno_name(int err, char *buf, size_t len)
-{
-    const char *name = strerrorname_np(err);
-
-    if (name)
-        return name;
-    snprintf(buf, len, "errno %d", err);
-    return buf;
-}
-
-/*----- input source -----*/
-
-#define SRC_SCRATCH (1u << 20)
-
-int xcs_src_open(struct xcs_src *s, int fd, int seq)
-{
-    struct stat st;
-    off_t cur;
-    void *m;
-
-    memset(s, 0, sizeof(*s));
-    s->fd = fd;
-    if (fstat(fd, &st) < 0)
-        return -1;
-    if (!S_ISREG(st.st_mode))
-        return 0;
-    cur = lseek(fd, 0, SEEK_CUR);
-    if (cur < 0)
-        return 0;
-    s->mapped = 1;
-    s->start = (uint64_t)cur;
-    if (st.st_size <= cur)
-        return 0; /* empty remainder: mapped mode with nothing mapped */
-    m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-    if (m == MAP_FAILED) {
-        s->mapped = 0; /* e.g. a filesystem without mmap: read instead */
-        return 0;
-    }
-    s->map = (const uint8_t *)m + cur;
-    s->map_len = (size_t)(st.st_size - cur);
-    /* The scanner touches headers only; the converter reads every page. */
-    (void)madvise(m, (size_t)st.st_size, seq ? MADV_SEQUENTIAL : MADV_RANDOM);
-    return 0;
-}
-
-void xcs_src_close(struct xcs_src *s)
-{
-    int saved = errno;
-
-    if (s->map)
-        munmap((void *)(s->map - s->start), (size_t)(s->start + s->map_len));
-    if (s->mapped)
-        (void)lseek(s->fd, (off_t)(s->start + s->pos), SEEK_SET);
-    free(s->buf);
-    free(s->scratch);
-    s->map = NULL;
-    s->buf = NULL;
-    s->scratch = NULL;
-    errno = saved;
-}
-
-/* Exact-read mode: make n bytes available in buf (fewer at EOF). */
-static int src_fill(struct xcs_src *s, size_t n)
-{
-    size_t avail = s->buf_tail - s->buf_head;
-
-    if (avail >= n)
-        return 0;
-    if (s->buf_head && (s->buf_cap - s->buf_head < n)) {
-        memmove(s->buf, s->buf + s->buf_head, avail);
-        s->buf_head = 0;
-        s->buf_tail = avail;
-    }
-    while (s->buf_tail - s->buf_head < n) {
-        size_t want = n - (s->buf_tail - s->buf_head);
-        ssize_t r;
-
-        /*
-         * n comes from a length field of the stream, which may lie: grow
-         * the buffer only as bytes actually arrive (doubling when full), so
-         * that a record header claiming gigabytes followed by EOF costs a
-         * few KiB, not an allocation of the claimed size.
-         */
-        if (s->buf_tail == s->buf_cap) {
-            size_t cap = s->buf_cap ? s->buf_cap * 2 : 4096;
-            uint8_t *nb;
-
-            nb = realloc(s->buf, cap);
-            if (!nb)
-                return -1;
-            s->buf = nb;
-            s->buf_cap = cap;
-        }
-        if (want > s->buf_cap - s->buf_tail)
-            want = s->buf_cap - s->buf_tail;
-        r = read(s->fd, s->buf + s->buf_tail, want);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        if (r == 0)
-            break;
-        s->buf_tail += (size_t)r;
-    }
-    return 0;
-}
-
-int xcs_src_peek(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got)
-{
-    if (s->mapped) {
-        size_t left = s->map_len - (size_t)s->pos;
-
-        *p = s->map ? s->map + s->pos : NULL;
-        *got = n < left ? n : left;
-        return 0;
-    }
-    if (src_fill(s, n) < 0)
-        return -1;
-    *p = s->buf + s->buf_head;
-    *got = s->buf_tail - s->buf_head < n ? s->buf_tail - s->buf_head : n;
-    return 0;
-}
-
-int xcs_src_get(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got)
-{
-    size_t have;
-
-    if (xcs_src_peek(s, n, p, &have) < 0)
-        return -1;
-    if (!s->mapped)
-        s->buf_head += have;
-    s->pos += have;
-    *got = have;
-    return have == n ? 0 : 1;
-}
-
-int xcs_src_skip(struct xcs_src *s, uint64_t n, uint64_t *got)
-{
-    uint64_t done = 0;
-
-    if (s->mapped) {
-        uint64_t left = s->map_len - s->pos;
-
-        done = n < left ? n : left;
-        s->pos += done;
-        *got = done;
-        return done == n ? 0 : 1;
-    }
-    {
-        size_t avail = s->buf_tail - s->buf_head;
-        size_t take = n < avail ? (size_t)n : avail;
-
-        s->buf_head += take;
-        done = take;
-    }
-    if (done < n && !s->scratch) {
-        s->scratch = malloc(SRC_SCRATCH);
-        if (!s->scratch)
-            return -1;
-    }
-    while (done < n) {
-        size_t want = n - done < SRC_SCRATCH ? (size_t)(n - done) : SRC_SCRATCH;
-        ssize_t r = read(s->fd, s->scratch, want);
-
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            s->pos += done;
-            return -1;
-        }
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    s->pos += done;
-    *got = done;
-    return done == n ? 0 : 1;
-}
-
-int xcs_src_at_eof(struct xcs_src *s)
-{
-    const uint8_t *p;
-    size_t got;
-
-    if (xcs_src_peek(s, 1, &p, &got) < 0)
-        return -1;
-    return got == 0;
-}
-
-uint64_t xcs_src_remaining(const struct xcs_src *s)
-{
-    if (!s->mapped)
-        return UINT64_MAX;
-    return s->map_len - s->pos;
-}
-
-size_t xcs_src_buffered(const struct xcs_src *s)
-{
-    return s->mapped ? 0 : s->buf_tail - s->buf_head;
-}
-
-void xcs_src_consumed(struct xcs_src *s, uint64_t n)
-{
-    s->pos += n;
-}
-
 /*----- scanner state -----*/
 
 #define SEEN_MAX_PFN (1ULL << 30) /* unique-page bitmap cap: 4 TiB of guest */
@@ -334,7 +106,7 @@ struct where {
 };
 
 struct scan {
-    struct xcs_src *in;
+    struct xcs_source *in;
     const struct xcs_scan_opts *opts;
     struct xcs_scan_report *rep;
     struct where w;
@@ -390,7 +162,7 @@ static int io_error(struct scan *s, const char *what)
 
     snprintf(s->rep->error.reason, sizeof(s->rep->error.reason),
              "%s: %s (%s)", what, strerror(err), xcs_errno_name(err, nb, sizeof(nb)));
-    s->rep->error.offset = s->in->pos;
+    s->rep->error.offset = s->in->off;
     errno = err;
     return -1;
 }
@@ -412,7 +184,7 @@ static void warn(struct scan *s, const char *fmt, ...)
 
 static void at(struct scan *s, const char *layer, const char *name)
 {
-    s->w.off = s->in->pos;
+    s->w.off = s->in->off;
     s->w.layer = layer;
     s->w.name = name;
     s->w.has_type = 0;
@@ -433,7 +205,7 @@ static void at_rec(struct scan *s, uint64_t off, const char *layer,
 static int need(struct scan *s, size_t n, const uint8_t **p, const char *what)
 {
     size_t got;
-    int r = xcs_src_get(s->in, n, p, &got);
+    int r = xcs_source_get(s->in, n, p, &got);
 
     if (r < 0)
         return io_error(s, "read");
@@ -445,7 +217,7 @@ static int need(struct scan *s, size_t n, const uint8_t **p, const char *what)
 static int skip(struct scan *s, uint64_t n, const char *what)
 {
     uint64_t got;
-    int r = xcs_src_skip(s->in, n, &got);
+    int r = xcs_source_skip(s->in, n, &got);
 
     if (r < 0)
         return io_error(s, "read");
@@ -796,7 +568,7 @@ static int libxc_headers(struct scan *s)
     int rc;
 
     r->libxc = 1;
-    r->libxc_offset = s->in->pos;
+    r->libxc_offset = s->in->off;
     at(s, "libxc", "image header");
     rc = need(s, XCS_IHDR_SIZE, &p, "image header");
     if (rc)
@@ -855,12 +627,12 @@ static int libxc_records(struct scan *s, int *how)
     int rc;
 
     for (;;) {
-        uint64_t off = s->in->pos;
+        uint64_t off = s->in->off;
         uint32_t t, len;
 
         at(s, "libxc", "record header");
         if (s->opts->stream_type != XCS_STREAM_PLAIN && r->checkpoints > 0) {
-            int e = xcs_src_at_eof(s->in);
+            int e = xcs_source_at_eof(s->in);
 
             if (e < 0)
                 return io_error(s, "read");
@@ -1082,7 +854,7 @@ static int check_trailing(struct scan *s, int libxc_outer)
          * ("DeviceModelRecord0002", u32 length, data) after a bare libxc
          * image.  Accept exactly that, ending at EOF.
          */
-        if (xcs_src_peek(s->in, XCS_LEGACY_QEMU_SIG_LEN + 4, &p, &got) < 0)
+        if (xcs_source_peek(s->in, XCS_LEGACY_QEMU_SIG_LEN + 4, &p, &got) < 0)
             return io_error(s, "read");
         if (got == XCS_LEGACY_QEMU_SIG_LEN + 4 &&
             !memcmp(p, XCS_LEGACY_QEMU_SIG_0002, XCS_LEGACY_QEMU_SIG_LEN)) {
@@ -1097,11 +869,11 @@ static int check_trailing(struct scan *s, int libxc_outer)
             at(s, "libxc", "trailing data");
         }
     }
-    e = xcs_src_at_eof(s->in);
+    e = xcs_source_at_eof(s->in);
     if (e < 0)
         return io_error(s, "read");
     if (!e) {
-        uint64_t left = xcs_src_remaining(s->in);
+        uint64_t left = xcs_source_remaining(s->in);
 
         if (left != UINT64_MAX)
             return bad(s, "%llu bytes after END", (unsigned long long)left);
@@ -1190,12 +962,12 @@ static int libxl_stream(struct scan *s)
         return bad(s, "big-endian libxl stream: not supported");
 
     for (;;) {
-        uint64_t off = s->in->pos;
+        uint64_t off = s->in->off;
         uint32_t t, len;
 
         at(s, "libxl", "record header");
         if (in_cp && r->checkpoints > 0) {
-            int e = xcs_src_at_eof(s->in);
+            int e = xcs_source_at_eof(s->in);
 
             if (e < 0)
                 return io_error(s, "read");
@@ -1348,7 +1120,7 @@ static void guess_legacy(struct scan *s, unsigned int *width, enum xcs_guest *gu
     size_t got;
     static const uint8_t ff[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 
-    if (xcs_src_peek(s->in, 16, &p, &got) < 0 || got < 8) {
+    if (xcs_source_peek(s->in, 16, &p, &got) < 0 || got < 8) {
         *width = *width ? *width : 64;
         *guest = *guest ? *guest : XCS_GUEST_HVM;
         return;
@@ -1475,7 +1247,7 @@ static int detect(struct scan *s, enum xcs_scan_fmt *fmt)
     size_t got;
 
     at(s, "", "format detection");
-    if (xcs_src_peek(s->in, XCS_XL_MAGIC_LEN, &p, &got) < 0)
+    if (xcs_source_peek(s->in, XCS_XL_MAGIC_LEN, &p, &got) < 0)
         return io_error(s, "read");
     if (got == XCS_XL_MAGIC_LEN && !memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
         *fmt = XCS_FMT_XL;
@@ -1493,7 +1265,7 @@ static int detect(struct scan *s, enum xcs_scan_fmt *fmt)
 int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
                 struct xcs_scan_report *rep)
 {
-    struct xcs_src in;
+    struct xcs_source in;
     struct scan s;
     enum xcs_scan_fmt fmt = opts->fmt;
     int in_open = 0, rc;
@@ -1506,7 +1278,7 @@ int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
     s.opts = opts;
     s.rep = rep;
 
-    if (xcs_src_open(&in, fd, 0) < 0) {
+    if (xcs_source_open(&in, fd, XCS_SOURCE_MAP) < 0) {
         s.in = NULL;
         snprintf(rep->error.reason, sizeof(rep->error.reason), "fstat: %s", strerror(errno));
         rc = -1;
@@ -1543,8 +1315,8 @@ out:
     if (rep->min_pfn == UINT64_MAX)
         rep->min_pfn = 0;
     if (in_open) {
-        rep->bytes = in.pos;
-        xcs_src_close(&in);
+        rep->bytes = in.off;
+        xcs_source_close(&in);
     }
     if (s.seen)
         for (size_t i = 0; i < SEEN_CHUNKS; i++)

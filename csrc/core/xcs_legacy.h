@@ -95,7 +95,7 @@ int xcs_legacy_convert(int in_fd, int out_fd,
  * writing (the scanner's legacy path).  The xl header, if any, must have
  * been consumed by the caller unless opts->in_has_xl_header.
  */
-int xcs_legacy_run(struct xcs_src *in, int out_fd,
+int xcs_legacy_run(struct xcs_source *in, int out_fd,
                    const struct xcs_legacy_opts *opts,
                    char *err, size_t errlen);
 
