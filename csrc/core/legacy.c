@@ -186,23 +186,9 @@ static int rd_skip(struct conv *c, uint64_t n, const char *what)
     return 0;
 }
 
-static inline uint32_t le32(const uint8_t *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint64_t le64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
 static uint64_t ulong_at(const struct conv *c, const uint8_t *p)
 {
-    return c->W == 8 ? le64(p) : le32(p);
+    return c->W == 8 ? xcs_get_le64(p) : xcs_get_le32(p);
 }
 
 static int rd_ulong(struct conv *c, uint64_t *v, const char *what)
@@ -221,7 +207,7 @@ static int rd_u32(struct conv *c, uint32_t *v, const char *what)
     int rc = rd(c, 4, &p, what);
 
     if (!rc)
-        *v = le32(p);
+        *v = xcs_get_le32(p);
     return rc;
 }
 
@@ -372,8 +358,8 @@ static int parse_toolstack(struct conv *c, const uint8_t *d, uint32_t len)
 
     if (len < 8)
         return fail(c, XCS_LEGACY_EFORMAT, "toolstack data of %u bytes is too short", len);
-    ver = le32(d);
-    count = le32(d + 4);
+    ver = xcs_get_le32(d);
+    count = xcs_get_le32(d + 4);
     if (ver != 1)
         return fail(c, XCS_LEGACY_EFORMAT, "cannot decode libxl toolstack version %u", ver);
     for (uint32_t i = 0; i < count; i++) {
@@ -383,10 +369,10 @@ static int parse_toolstack(struct conv *c, const uint8_t *d, uint32_t len)
 
         if (len - off < 28)
             return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap entry %u truncated", i);
-        phys = le64(d + off);
-        start = le64(d + off + 8);
-        size = le64(d + off + 16);
-        namelen = le32(d + off + 24);
+        phys = xcs_get_le64(d + off);
+        start = xcs_get_le64(d + off + 8);
+        size = xcs_get_le64(d + off + 16);
+        namelen = xcs_get_le32(d + off + 24);
         off += 28;
         if (namelen == 0)
             return fail(c, XCS_LEGACY_EFORMAT, "toolstack physmap entry %u has no name", i);
@@ -429,11 +415,11 @@ static int xl_header(struct conv *c)
         return rc;
     if (memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
         return fail(c, XCS_LEGACY_EFORMAT, "no xl header (bad magic)");
-    if (le32(p + 32) != XCS_XL_BYTEORDER)
+    if (xcs_get_le32(p + 32) != XCS_XL_BYTEORDER)
         return fail(c, XCS_LEGACY_EFORMAT, "xl byte order word 0x%08x: another host's "
-                                           "byte order", le32(p + 32));
-    mflags = le32(p + 36);
-    optlen = le32(p + 44);
+                                           "byte order", xcs_get_le32(p + 32));
+    mflags = xcs_get_le32(p + 36);
+    optlen = xcs_get_le32(p + 44);
     if (mflags & XCS_XL_MFLAG_STREAMV2)
         return fail(c, XCS_LEGACY_EFORMAT, "the xl header says the stream is already v2");
     if (mflags & ~XCS_XL_MFLAG_JSON)
@@ -540,7 +526,7 @@ static int pv_extended_info(struct conv *c, int *have_first, uint64_t *first)
             return rc;
         memcpy(id, p, 4);
         id[4] = 0;
-        size = le32(p + 4);
+        size = xcs_get_le32(p + 4);
         done += 8;
         if (size > total - done)
             return fail(c, XCS_LEGACY_EFORMAT, "block \"%.4s\" of %u bytes overruns "
@@ -567,7 +553,7 @@ static int pv_extended_info(struct conv *c, int *have_first, uint64_t *first)
         } else if (!memcmp(id, "xcnt", 4)) {
             if (size < 4)
                 return fail(c, XCS_LEGACY_EFORMAT, "xcnt block of %u bytes", size);
-            c->xsave_len = lr->xsave_len = le32(p);
+            c->xsave_len = lr->xsave_len = xcs_get_le32(p);
             if (c->xsave_len < 16 || c->xsave_len > XSAVE_MAX)
                 return fail(c, XCS_LEGACY_EFORMAT, "xcnt xsave size %u", c->xsave_len);
         } else {
@@ -917,7 +903,7 @@ static int body(struct conv *c)
                 return rc;
             if (c->pv)
                 return fail(c, XCS_LEGACY_EFORMAT, "HVM-only chunk in a PV stream");
-            add_param(c, (uint64_t)pidx, le64(p + 4));
+            add_param(c, (uint64_t)pidx, xcs_get_le64(p + 4));
             continue;
         }
         switch (id) {
@@ -950,10 +936,10 @@ static int body(struct conv *c)
             if (rc)
                 return rc;
             memcpy(&nsec, p + 4, 8);
-            t[0] = le32(p);      /* mode */
-            t[1] = le32(p + 12); /* khz */
+            t[0] = xcs_get_le32(p);      /* mode */
+            t[1] = xcs_get_le32(p + 12); /* khz */
             memcpy(&t[2], &nsec, 8);
-            t[4] = le32(p + 16); /* incarnation */
+            t[4] = xcs_get_le32(p + 16); /* incarnation */
             t[5] = 0;
             rc = out_rec(c, XCS_REC_X86_TSC_INFO, t, sizeof(t), NULL, 0);
             if (rc)
@@ -1041,7 +1027,7 @@ static int pv_tail(struct conv *c)
             rc = rd(c, 16, &p, "xsave header");
             if (rc)
                 return rc;
-            size = le64(p + 8);
+            size = xcs_get_le64(p + 8);
             if (size != c->xsave_len - 16)
                 return fail(c, XCS_LEGACY_EFORMAT, "vcpu %u xsave size %llu, the xcnt "
                                                    "block says %u", v,
@@ -1094,7 +1080,7 @@ static int hvm_tail(struct conv *c)
         c->st->vcpus = 0;
         while (len - off >= 8) {
             uint16_t code;
-            uint32_t dlen = le32(p + off + 4);
+            uint32_t dlen = xcs_get_le32(p + off + 4);
 
             memcpy(&code, p + off, 2);
             if (code == 0 || dlen > len - off - 8)

@@ -11,6 +11,7 @@
 #define XCS_FORMAT_H
 
 #include <stdint.h>
+#include <string.h>
 
 /*----- libxc image (v2/v3) -----*/
 
@@ -213,6 +214,27 @@ static inline uint16_t xcs_get_be16(const uint8_t *p)
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "xcsave's stream code assumes a little-endian host"
 #endif
+
+static inline uint16_t xcs_get_le16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline uint32_t xcs_get_le32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline uint64_t xcs_get_le64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
 
 static inline uint32_t xcs_rec_padded(uint32_t length)
 {

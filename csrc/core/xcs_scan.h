@@ -31,6 +31,7 @@
 #include <stdint.h>
 
 #include "source.h"
+#include "walker.h"
 #include "xcs_format.h"
 
 #ifdef __cplusplus
@@ -68,14 +69,6 @@ struct xcs_scan_opts {
 #define XCS_SCAN_WARNING_LEN 400
 #define XCS_LEGACY_NR_CHUNKS 21 /* ids 0 .. -20 */
 
-struct xcs_scan_error {
-    uint64_t offset;       /* start of the offending record (or header) */
-    char layer[8];         /* "xl", "libxl", "libxc", "legacy" */
-    uint32_t rtype;        /* record type / chunk id, if has_rtype */
-    int has_rtype;
-    char record[48];       /* record, chunk or header name */
-    char reason[320];
-};
 
 struct xcs_legacy_report {
     unsigned int width;           /* toolstack unsigned long bits */
@@ -146,7 +139,7 @@ struct xcs_scan_report {
     char warnings[XCS_SCAN_MAX_WARNINGS][XCS_SCAN_WARNING_LEN];
 
     int valid;
-    struct xcs_scan_error error;
+    struct xcs_stream_error error;
 };
 
 /*
@@ -157,9 +150,7 @@ struct xcs_scan_report {
 int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
                 struct xcs_scan_report *rep);
 
-/* Names for reports ("PAGE_DATA", "EMULATOR_CONTEXT", "LAST_CHECKPOINT"). */
-const char *xcs_libxc_rec_name(uint32_t type);
-const char *xcs_libxl_rec_name(uint32_t type);
+/* Names for reports ("LAST_CHECKPOINT"); walker.h names v2/v3 records. */
 const char *xcs_legacy_chunk_name(int id);
 const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt);
 
