@@ -292,8 +292,8 @@ static int restore_legacy(const struct xcs_op *op, struct xcs_restore_params *p,
     job.in_fd = op->io_fd;
     job.opts.width = op->legacy_width;
     job.opts.guest = op->legacy_hvm ? XCS_GUEST_HVM : XCS_GUEST_PV;
-    job.opts.out_format = XCS_LEGACY_OUT_LIBXL;
-    job.opts.in_has_xl_header = op->wrap == XCS_WRAP_XL;
+    job.opts.out_format = XCS_FMT_LIBXL;
+    job.opts.in_has_xl_header = op->wrap == XCS_FMT_XL;
     job.opts.stream_type = op->stream_type == XCS_STREAM_REMUS ? XCS_STREAM_REMUS
                                                                : XCS_STREAM_PLAIN;
     /* The converter's pipe: CLOEXEC, never inherited by anything we run. */
@@ -312,7 +312,7 @@ static int restore_legacy(const struct xcs_op *op, struct xcs_restore_params *p,
     }
     started = 1;
     p->io_fd = pfd[0];
-    p->wrap = XCS_WRAP_LIBXL;
+    p->wrap = XCS_FMT_LIBXL;
     /* A checkpointed legacy stream comes out as a checkpointed v3 stream. */
     p->stream_type = job.opts.stream_type;
     p->foreign = 1;

@@ -7,7 +7,10 @@
 
 #include <pybind11/pybind11.h>
 
+#include <initializer_list>
 #include <string>
+
+#include "codec.h"
 
 namespace xcsave_ext {
 
@@ -16,10 +19,34 @@ namespace py = pybind11;
 void register_sim(py::module_ &m);    // ext_sim.cpp: simulated domains
 void register_stream(py::module_ &m); // ext_stream.cpp: inspect/verify/convert
 
+// A format or stream type by its name in codec.c's table (parse is
+// xcs_fmt_parse or xcs_stream_type_parse); a name with a NUL in it is none.
+template <typename E>
+bool named(int (*parse)(const char *, E *), const std::string &name, E *out)
+{
+    return name.find('\0') == std::string::npos && parse(name.c_str(), out) == 0;
+}
+
+// The same, if it is one of allowed: each entry point takes its own subset
+// and words its own refusal.
+template <typename E>
+bool named(int (*parse)(const char *, E *), const std::string &name,
+           std::initializer_list<E> allowed, E *out)
+{
+    if (!named(parse, name, out))
+        return false;
+    for (E v : allowed)
+        if (v == *out)
+            return true;
+    return false;
+}
+
 // Raise OSError (the right subclass for errno) naming what failed.
 [[noreturn]] void raise_errno(int err, const std::string &what);
 
-// Raise xcsave.errors.<name>(message); name is a class in xcsave/errors.py.
-[[noreturn]] void raise_xcsave(const char *name, const std::string &message);
+// Raise xcsave.errors.<name>(*args, **kwargs); name is a class in
+// xcsave/errors.py (the one place the extension's own errors are made).
+[[noreturn]] void raise_xcsave(const char *name, const py::tuple &args,
+                               const py::dict &kwargs);
 
 } // namespace xcsave_ext

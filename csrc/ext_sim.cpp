@@ -20,7 +20,6 @@ extern "C" {
 #include "private_file.h"
 #include "simdom.h"
 #include "xcs_engine.h"
-#include "xcs_format.h"
 }
 
 namespace xcsave_ext {
@@ -184,26 +183,24 @@ void rename_noreplace(const std::string &from, const std::string &to)
 
 /*----- the engine, in-process -----*/
 
-xcs_wrap parse_wrap(const std::string &wrap)
+xcs_fmt parse_wrap(const std::string &wrap)
 {
-    if (wrap == "libxc")
-        return XCS_WRAP_LIBXC;
-    if (wrap == "libxl")
-        return XCS_WRAP_LIBXL;
-    if (wrap == "xl")
-        return XCS_WRAP_XL;
-    throw py::value_error("wrap must be libxc, libxl or xl, not '" + wrap +
-                          "'");
+    xcs_fmt f;
+
+    if (!named(xcs_fmt_parse, wrap, {XCS_FMT_LIBXC, XCS_FMT_LIBXL, XCS_FMT_XL}, &f))
+        throw py::value_error("wrap must be libxc, libxl or xl, not '" + wrap +
+                              "'");
+    return f;
 }
 
 int parse_stream_type(const std::string &t)
 {
-    if (t == "plain")
-        return XCS_STREAM_PLAIN;
-    if (t == "remus")
-        return XCS_STREAM_REMUS;
-    throw py::value_error("stream_type must be plain or remus, not '" + t +
-                          "'");
+    xcs_stream_type st;
+
+    if (!named(xcs_stream_type_parse, t, {XCS_STREAM_PLAIN, XCS_STREAM_REMUS}, &st))
+        throw py::value_error("stream_type must be plain or remus, not '" + t +
+                              "'");
+    return st;
 }
 
 // Engine callbacks: collect log/progress in C++ (no GIL needed), call the

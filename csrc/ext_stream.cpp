@@ -11,6 +11,8 @@
 //       xcsave.errors.StreamError when it wants an exception).  I/O errors
 //       raise OSError.
 //
+//   sniff_format(head) -> str | None; FORMATS, STREAM_TYPES: the C name tables.
+//
 //   convert_legacy(in_fd, out_fd, width, guest, fmt="libxc", xl_in=False,
 //                  xl_out=False, stream_type="plain", skip_qemu=False) -> dict
 //       Converts and returns statistics (kernel_copied_bytes: page data
@@ -22,12 +24,15 @@
 // Both release the GIL for the native work.
 #include "ext_common.hpp"
 
+#include <pybind11/stl.h>
+
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 extern "C" {
@@ -39,30 +44,22 @@ namespace xcsave_ext {
 
 namespace {
 
-enum xcs_scan_fmt parse_fmt(const std::string &s)
+enum xcs_fmt parse_fmt(const std::string &s)
 {
-    if (s == "auto")
-        return XCS_FMT_AUTO;
-    if (s == "xl")
-        return XCS_FMT_XL;
-    if (s == "libxl")
-        return XCS_FMT_LIBXL;
-    if (s == "libxc")
-        return XCS_FMT_LIBXC;
-    if (s == "legacy")
-        return XCS_FMT_LEGACY;
-    throw py::value_error("format must be auto, xl, libxl, libxc or legacy, not " + s);
+    xcs_fmt f;
+
+    if (!named(xcs_fmt_parse, s, &f))
+        throw py::value_error("format must be auto, xl, libxl, libxc or legacy, not " + s);
+    return f;
 }
 
 enum xcs_stream_type parse_stream_type(const std::string &s)
 {
-    if (s == "plain")
-        return XCS_STREAM_PLAIN;
-    if (s == "remus")
-        return XCS_STREAM_REMUS;
-    if (s == "colo")
-        return XCS_STREAM_COLO;
-    throw py::value_error("stream type must be plain, remus or colo, not " + s);
+    xcs_stream_type t;
+
+    if (!named(xcs_stream_type_parse, s, &t))
+        throw py::value_error("stream type must be plain, remus or colo, not " + s);
+    return t;
 }
 
 enum xcs_guest parse_guest(const std::string &s, bool allow_empty)
@@ -74,19 +71,6 @@ enum xcs_guest parse_guest(const std::string &s, bool allow_empty)
     if (allow_empty && s.empty())
         return XCS_GUEST_UNKNOWN;
     throw py::value_error("guest must be pv or hvm, not '" + s + "'");
-}
-
-const char *stream_type_name(enum xcs_stream_type t)
-{
-    switch (t) {
-    case XCS_STREAM_REMUS:
-        return "remus";
-    case XCS_STREAM_COLO:
-        return "colo";
-    case XCS_STREAM_PLAIN:
-        break;
-    }
-    return "plain";
 }
 
 py::object guest_name(enum xcs_guest g)
@@ -176,8 +160,8 @@ py::dict report_dict(const struct xcs_scan_report &r, int rc)
     py::list layers, warnings;
 
     d["valid"] = rc == 0;
-    d["format"] = xcs_scan_fmt_name(r.format);
-    d["stream_type"] = stream_type_name(r.stream_type);
+    d["format"] = xcs_fmt_name(r.format);
+    d["stream_type"] = xcs_stream_type_name(r.stream_type);
     d["guest"] = guest_name(r.guest);
     if (r.xl) {
         py::dict x;
@@ -300,12 +284,11 @@ py::dict scan(const py::object &src, const std::string &fmt, const std::string &
 [[noreturn]] void raise_stream_error(const std::string &reason, uint64_t offset,
                                      const std::string &record)
 {
-    py::object cls = py::module_::import("xcsave.errors").attr("StreamError");
-    py::object exc = cls(reason, py::arg("offset") = offset,
-                         py::arg("record") = record.empty() ? py::object(py::none())
-                                                            : py::object(py::str(record)));
-    PyErr_SetObject(cls.ptr(), exc.ptr());
-    throw py::error_already_set();
+    py::dict kw;
+
+    kw["offset"] = offset;
+    kw["record"] = record.empty() ? py::object(py::none()) : py::object(py::str(record));
+    raise_xcsave("StreamError", py::make_tuple(reason), kw);
 }
 
 py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string &guest,
@@ -321,11 +304,7 @@ py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string
     std::memset(&st, 0, sizeof(st));
     opts.width = width;
     opts.guest = parse_guest(guest, false);
-    if (fmt == "libxc")
-        opts.out_format = XCS_LEGACY_OUT_LIBXC;
-    else if (fmt == "libxl")
-        opts.out_format = XCS_LEGACY_OUT_LIBXL;
-    else
+    if (!named(xcs_fmt_parse, fmt, {XCS_FMT_LIBXC, XCS_FMT_LIBXL}, &opts.out_format))
         throw py::value_error("output format must be libxc or libxl, not " + fmt);
     opts.in_has_xl_header = xl_in;
     opts.out_xl_header = xl_out;
@@ -362,10 +341,38 @@ py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string
     return d;
 }
 
+// The format a stream's head announces (it goes on past head): "xl",
+// "libxl", "libxc", "legacy" (8 bytes or more without a magic), or None for
+// fewer than 8 bytes.  scan.c's detection, on a peek.
+std::optional<std::string> sniff_format(const py::bytes &head)
+{
+    std::string h = head;
+    enum xcs_fmt f = xcs_fmt_sniff(reinterpret_cast<const uint8_t *>(h.data()), h.size(), 1);
+
+    if (f == XCS_FMT_AUTO)
+        return std::nullopt;
+    return std::string(xcs_fmt_name(f));
+}
+
+py::tuple name_table(const char *const *names, size_t n)
+{
+    py::tuple t(n);
+
+    for (size_t i = 0; i < n; i++)
+        t[i] = py::str(names[i]);
+    return t;
+}
+
 } // namespace
 
 void register_stream(py::module_ &m)
 {
+    // codec.c's name tables, in enum order (xcsave/formats.py holds the same).
+    m.attr("FORMATS") = name_table(xcs_fmt_names, XCS_FMT_COUNT);
+    m.attr("STREAM_TYPES") = name_table(xcs_stream_type_names, XCS_STREAM_TYPE_COUNT);
+    m.def("sniff_format", &sniff_format, py::arg("head"),
+          "The format a stream's first bytes announce: xl, libxl, libxc, legacy "
+          "(no magic), or None under 8 bytes.");
     m.def("scan", &scan, py::arg("src"), py::arg("fmt") = "auto",
           py::arg("stream_type") = "plain", py::arg("width") = 0u, py::arg("guest") = "",
           py::arg("allow_trailing") = false,

@@ -32,7 +32,7 @@ struct xcs_op {
     /* sim backend (xcsave-1 argv only) */
     const char *sim_path;
     int sim_build_only;   /* restore: build sim_path itself, the caller commits */
-    enum xcs_wrap wrap;
+    enum xcs_fmt wrap;
     uint64_t max_pages;
     unsigned int checkpoints, interval_ms;
     unsigned int copy_threads; /* sim save: PAGE_DATA writer threads (0 = 1) */

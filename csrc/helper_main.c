@@ -70,9 +70,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "helper.h"
 #include "stream_io.h"
-#include "xcs_format.h"
 
 #ifndef XCS_BACKENDS
 #define XCS_BACKENDS "sim"
@@ -581,13 +581,9 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             break;
         case OPT_SIM: op->sim_path = optarg; break;
         case OPT_FORMAT:
-            if (!strcmp(optarg, "libxc"))
-                op->wrap = XCS_WRAP_LIBXC;
-            else if (!strcmp(optarg, "libxl"))
-                op->wrap = XCS_WRAP_LIBXL;
-            else if (!strcmp(optarg, "xl"))
-                op->wrap = XCS_WRAP_XL;
-            else
+            /* A stream the engines write and read: not auto, not legacy. */
+            if (xcs_fmt_parse(optarg, &op->wrap) < 0 ||
+                (op->wrap != XCS_FMT_LIBXC && !xcs_fmt_has_libxl(op->wrap)))
                 fatal("bad --format '%s': expected libxc, libxl or xl", optarg);
             break;
         case OPT_MAX_PAGES:
@@ -763,6 +759,7 @@ int main(int argc, char **argv)
     op.io_fd = -1;
     op.aux_fd = -1;
     op.plain_fd = -1;
+    op.wrap = XCS_FMT_LIBXC; /* --format's default */
 
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
         printf("xcsave-helper %s protocol %d table 0x%016llx backends %s tls %s\n",

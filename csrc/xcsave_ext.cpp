@@ -15,10 +15,12 @@ void raise_errno(int err, const std::string &what)
     throw py::error_already_set();
 }
 
-void raise_xcsave(const char *name, const std::string &message)
+void raise_xcsave(const char *name, const py::tuple &args, const py::dict &kwargs)
 {
     py::object cls = py::module_::import("xcsave.errors").attr(name);
-    PyErr_SetObject(cls.ptr(), py::str(message).ptr());
+    py::object exc = cls(*args, **kwargs);
+
+    PyErr_SetObject(cls.ptr(), exc.ptr());
     throw py::error_already_set();
 }
 

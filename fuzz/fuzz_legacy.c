@@ -42,7 +42,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memset(&opts, 0, sizeof(opts));
     opts.width = (o & 2) ? 32 : 64;
     opts.guest = (o & 4) ? XCS_GUEST_HVM : XCS_GUEST_PV;
-    opts.out_format = (o & 8) ? XCS_LEGACY_OUT_LIBXL : XCS_LEGACY_OUT_LIBXC;
+    opts.out_format = (o & 8) ? XCS_FMT_LIBXL : XCS_FMT_LIBXC;
     opts.in_has_xl_header = (o & 16) != 0;
     opts.out_xl_header = (o & 32) != 0;
     opts.stream_type = (o & 64) ? XCS_STREAM_REMUS : XCS_STREAM_PLAIN;
@@ -65,9 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else {
         /* What the converter wrote must verify. */
         memset(&so, 0, sizeof(so));
-        so.fmt = opts.out_xl_header ? XCS_FMT_XL
-                 : opts.out_format == XCS_LEGACY_OUT_LIBXL ? XCS_FMT_LIBXL
-                                                           : XCS_FMT_LIBXC;
+        so.fmt = opts.out_xl_header ? XCS_FMT_XL : opts.out_format;
         so.stream_type = opts.stream_type;
         FUZZ_CHECK(lseek(out, 0, SEEK_SET) == 0);
         if (xcs_scan_fd(out, &so, &rep) != 0) {

@@ -108,7 +108,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     memset(&p, 0, sizeof(p));
     p.sim_path = target;
-    p.wrap = ((o >> 1) & 3) == 3 ? XCS_WRAP_LIBXC : (enum xcs_wrap)((o >> 1) & 3);
+    {
+        static const enum xcs_fmt wraps[4] = {XCS_FMT_LIBXC, XCS_FMT_LIBXL,
+                                              XCS_FMT_XL, XCS_FMT_LIBXC};
+
+        p.wrap = wraps[(o >> 1) & 3];
+    }
     p.stream_type = (o & 8) ? XCS_STREAM_REMUS : XCS_STREAM_PLAIN;
     p.max_pages = (o & 128) ? 64 : 4096;
 

@@ -40,7 +40,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     o2 = data[1];
     memset(&opts, 0, sizeof(opts));
     fmt = (o >> 1) & 7;
-    opts.fmt = fmt <= 4 ? (enum xcs_scan_fmt)fmt : XCS_FMT_AUTO;
+    opts.fmt = fmt <= 4 ? (enum xcs_fmt)fmt : XCS_FMT_AUTO;
     opts.stream_type = (enum xcs_stream_type)(((o >> 4) & 3) % 3);
     if (o2 & 1) {
         opts.legacy_width = (o2 & 2) ? 32 : 64;

@@ -3,7 +3,7 @@ xcsave native fast paths (simulated domains, stream tools)
 """
 from __future__ import annotations
 import typing
-__all__: list[str] = ['BACKENDS', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state']
+__all__: list[str] = ['BACKENDS', 'FORMATS', 'STREAM_TYPES', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state', 'sniff_format']
 def convert_legacy(in_fd: typing.SupportsInt | typing.SupportsIndex, out_fd: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, guest: str, fmt: str = 'libxc', xl_in: bool = False, xl_out: bool = False, stream_type: str = 'plain', skip_qemu: bool = False) -> dict[str, typing.Any]:
     """
     Convert a legacy (pre-4.6) stream to v3; returns statistics.
@@ -52,4 +52,10 @@ def sim_set_state(path: str, state: str) -> None:
     """
     Set running/paused/suspended; leaving running waits for writers.
     """
+def sniff_format(head: bytes) -> str | None:
+    """
+    The format a stream's first bytes announce: xl, libxl, libxc, legacy (no magic), or None under 8 bytes.
+    """
 BACKENDS: str
+FORMATS: tuple[str, ...] = ('auto', 'xl', 'libxl', 'libxc', 'legacy')
+STREAM_TYPES: tuple[str, ...] = ('plain', 'remus', 'colo')

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Final, Literal
 
-from . import files, lock, proto
+from . import files, formats, lock, proto
 from ._log import logger
 from .errors import BackendUnavailable
 from .events import Event
@@ -41,8 +41,8 @@ __all__ = ["FORMATS", "STREAM_TYPES", "SimTarget", "restore", "save"]
 
 log = logger("xcsave.api")
 
-FORMATS: Final = ("libxc", "libxl", "xl")
-STREAM_TYPES: Final[dict[str, int]] = {"plain": 0, "remus": 1, "colo": 2}
+FORMATS: Final = formats.STREAM
+STREAM_TYPES: Final[dict[str, int]] = {name: n for n, name in enumerate(formats.STREAM_TYPES)}
 PAGE_SIZE: Final = 4096
 XCFLAGS_LIVE: Final = 1
 XCFLAGS_DEBUG: Final = 2

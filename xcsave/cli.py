@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, policy
+from . import __version__, formats, policy
 from ._log import logger
 from .errors import XcsaveError
 from .progress import MODES
@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 # asyncio, the API and the supervisor are imported by the commands that run
 # helpers, not here: `xcsave verify` and `xcsave --version` start faster.
-# The API's own tuples, repeated (tests/test_cli.py checks they agree).
-FORMATS = ("libxc", "libxl", "xl")
-STREAM_TYPES = ("plain", "remus", "colo")
+# The API's own names (xcsave.formats, which imports nothing).
+FORMATS = formats.STREAM
+STREAM_TYPES = formats.STREAM_TYPES
 CHANNELS = ("pipe", "socket")  # migrate.CHANNELS
 
 log = logger("xcsave.cli")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import streamtools
+from . import formats, streamtools
 from .errors import StreamError, XcsaveError, errno_name
 
 # `xcsave inspect|verify|convert` run from main() below, straight from
@@ -110,7 +110,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument(
         "--format",
         dest="fmt",
-        choices=("libxc", "libxl"),
+        choices=formats.CONVERTED,
         default="libxc",
         help="output format (default libxc)",
     )
@@ -123,7 +123,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     p.add_argument(
         "--stream-type",
-        choices=("plain", "remus"),
+        choices=formats.LEGACY_STREAM_TYPES,
         default="plain",
         help="remus: a checkpointed legacy stream (LAST_CHECKPOINT counts)",
     )

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 
+from . import formats
+
 # Lean on purpose: `xcsave verify` imports this module and the extension
 # and little else (tests/test_cli.py checks it), so no typing, logging,
 # dataclasses or tempfile at import time.  The result classes live in
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
     Report: TypeAlias = dict[str, Any]
     _T = TypeVar("_T")
 
-FORMATS: tuple[str, ...] = ("auto", "xl", "libxl", "libxc", "legacy")
-STREAM_TYPES: tuple[str, ...] = ("plain", "remus", "colo")
+FORMATS: tuple[str, ...] = formats.ALL
+STREAM_TYPES: tuple[str, ...] = formats.STREAM_TYPES
 
 __all__ = [
     "FORMATS",
@@ -202,8 +204,8 @@ def convert(  # noqa: PLR0917 - the brief's positional signature
     is written atomically; an fd is written in place and not closed.
     Invalid input raises StreamError; I/O errors OSError.
     """
-    _check(fmt, ("libxc", "libxl"), "output format")
-    _check(stream_type, ("plain", "remus"), "legacy stream type")
+    _check(fmt, formats.CONVERTED, "output format")
+    _check(stream_type, formats.LEGACY_STREAM_TYPES, "legacy stream type")
     if width not in (32, 64):
         raise ValueError(f"width must be 32 or 64, not {width}")
     _check(guest, ("pv", "hvm"), "guest type")

@@ -34,13 +34,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "private_file.h"
 #include "simdom.h"
 #include "source.h"
 #include "stream_io.h"
 #include "walker.h"
 #include "xcs_engine.h"
-#include "xcs_format.h"
 
 #define XL_OPTDATA_MAX (16u << 20) /* xl config: a few KiB in practice */
 
@@ -791,7 +791,6 @@ static int on_record(struct xcs_walker *w, uint32_t type, const uint8_t *body,
                      uint32_t len)
 {
     struct restore_ctx *ctx = w->data;
-    uint32_t vcpu;
 
     switch (type) {
     case XCS_REC_STATIC_DATA_END: /* also a v2 stream's implied one */
@@ -805,8 +804,8 @@ static int on_record(struct xcs_walker *w, uint32_t type, const uint8_t *body,
     case XCS_REC_END:
         return ctx->remus ? remus_end(ctx) : 0;
     case XCS_REC_X86_PV_VCPU_BASIC: /* the walker allows it in PV only */
-        memcpy(&vcpu, body, 4);
-        return foreign_vcpu(ctx, vcpu, body + 8, len - 8, w->rec_off);
+        return foreign_vcpu(ctx, xcs_get_le32(body), body + 8, len - 8,
+                            w->rec_off);
     case XCS_REC_X86_TSC_INFO:
     case XCS_REC_HVM_CONTEXT:
     case XCS_REC_HVM_PARAMS:
@@ -889,14 +888,9 @@ static const struct xcs_walk_ops restore_ops = {
 
 static int restore_stream(struct restore_ctx *ctx)
 {
-    static const enum xcs_walk_start start[] = {
-        [XCS_WRAP_LIBXC] = XCS_WALK_LIBXC,
-        [XCS_WRAP_LIBXL] = XCS_WALK_LIBXL,
-        [XCS_WRAP_XL] = XCS_WALK_XL,
-    };
     int rc;
 
-    ctx->wo.start = start[ctx->p->wrap];
+    ctx->wo.start = ctx->p->wrap;
     ctx->wo.stream_type = (enum xcs_stream_type)ctx->p->stream_type;
     ctx->wo.flags = ctx->p->dm_path ? XCS_WALK_EMU_BODY : 0;
     ctx->wo.max_batch = XCS_MAX_BATCH_SIZE;
@@ -959,7 +953,7 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
                  "engine", p->stream_type);
         goto out;
     }
-    if ((unsigned int)p->wrap > XCS_WRAP_XL) {
+    if (!xcs_fmt_has_libxl(p->wrap) && p->wrap != XCS_FMT_LIBXC) {
         xcs_fail(cb, EINVAL, "unknown stream wrapping %d", (int)p->wrap);
         goto out;
     }

@@ -77,17 +77,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "simdom.h"
 #include "stream_io.h"
 #include "xcs_engine.h"
-#include "xcs_format.h"
 
 #define DEFAULT_MAX_ITERS 5
 #define DEFAULT_DIRTY_THRESHOLD 50
-#define BATCH_HDR_SIZE (XCS_RHDR_SIZE + 8) /* rhdr + {count, _res} */
 /* A full PAGE_DATA record: header, pfns, pages (a multiple of 8: no padding) */
 #define FULL_BATCH_BYTES \
-    (BATCH_HDR_SIZE + (uint64_t)(8 + XCS_PAGE_SIZE) * XCS_MAX_BATCH_SIZE)
+    (XCS_PAGE_DATA_HDR_SIZE + (uint64_t)(8 + XCS_PAGE_SIZE) * XCS_MAX_BATCH_SIZE)
 /* copy_threads: wake the main thread for progress every 64 MiB, not more
  * often: on a busy box each wake-up takes a CPU from a writer. */
 #define COPY_WAKE_PAGES (16 * XCS_MAX_BATCH_SIZE)
@@ -103,7 +102,7 @@ struct copy_worker {
     uint64_t found;      /* phase 1: pfns to send, at pool->pfns + lo */
     uint64_t zeros;      /* phase 1: all-zero pages skipped */
     struct xcs_sim_holes holes; /* this thread's, pfns ascending */
-    uint8_t hdr[BATCH_HDR_SIZE];
+    uint8_t hdr[XCS_PAGE_DATA_HDR_SIZE];
     struct iovec *iov;   /* 2 + XCS_MAX_BATCH_SIZE entries */
 };
 
@@ -175,18 +174,6 @@ static int write_rec(struct save_ctx *ctx, uint32_t type, const void *body,
     return 0;
 }
 
-/* The PAGE_DATA record header and count for a batch of n pages. */
-static void page_data_hdr(uint8_t *buf, unsigned int n)
-{
-    uint32_t hdr[4];
-
-    hdr[0] = XCS_REC_PAGE_DATA;
-    hdr[1] = 8 + 8 * n + XCS_PAGE_SIZE * n; /* <= 4 MiB + 8 KiB */
-    hdr[2] = n;
-    hdr[3] = 0;
-    memcpy(buf, hdr, sizeof(hdr));
-}
-
 /*
  * Append iovecs for the pages of pfns[0, n) at iov[k]; returns the new
  * count.  Adjacent pfns are adjacent in the mapping: one iovec for a run
@@ -226,9 +213,9 @@ static int flush_batch(struct save_ctx *ctx)
 
     if (n == 0)
         return 0;
-    page_data_hdr(ctx->batch, n);
+    xcs_page_data_hdr_put(ctx->batch, n, n);
     ctx->iov[0].iov_base = ctx->batch;
-    ctx->iov[0].iov_len = BATCH_HDR_SIZE + 8 * (size_t)n;
+    ctx->iov[0].iov_len = XCS_PAGE_DATA_HDR_SIZE + 8 * (size_t)n;
     /* pfns ascend within a round: a prefix of the batch (none unless
      * splice_ok: splice_below is 0 then) */
     while (m < n && ctx->batch_pfns[m] < ctx->splice_below)
@@ -453,9 +440,9 @@ static void copy_write(struct copy_worker *w)
         if (__atomic_load_n(&pool->stop, __ATOMIC_RELAXED))
             return;
         /* header, then the pfns straight from the packed list, then pages */
-        page_data_hdr(w->hdr, n);
+        xcs_page_data_hdr_put(w->hdr, n, n);
         w->iov[0].iov_base = w->hdr;
-        w->iov[0].iov_len = BATCH_HDR_SIZE;
+        w->iov[0].iov_len = XCS_PAGE_DATA_HDR_SIZE;
         w->iov[1].iov_base = pool->pfns + first;
         w->iov[1].iov_len = 8 * (size_t)n;
         k = page_iovs(dom, holes, w->iov, 2, pool->pfns + first, n);
@@ -594,7 +581,7 @@ static int copy_round(struct save_ctx *ctx, int skip_zero,
     copy_run(ctx, 2, zeros);
     if (pool->err)
         goto failed;
-    bytes = nb ? (nb - 1) * FULL_BATCH_BYTES + BATCH_HDR_SIZE +
+    bytes = nb ? (nb - 1) * FULL_BATCH_BYTES + XCS_PAGE_DATA_HDR_SIZE +
                      (8 + XCS_PAGE_SIZE) *
                          (npages - (nb - 1) * XCS_MAX_BATCH_SIZE)
                : 0;
@@ -728,7 +715,8 @@ static int write_xl_header(struct save_ctx *ctx)
     const char *cfg = ctx->p->xl_config;
     size_t cfg_len = ctx->p->xl_config_len;
     uint8_t hdr[XCS_XL_HDR_SIZE + 4];
-    uint32_t v[5];
+    struct xcs_xl_hdr h = {XCS_XL_BYTEORDER, XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2,
+                           0, 0};
     struct iovec iov[2];
 
     if (!cfg) {
@@ -746,13 +734,9 @@ static int write_xl_header(struct save_ctx *ctx)
     if (cfg_len > UINT32_MAX - 4)
         return xcs_fail(ctx->cb, EINVAL, "xl config of %zu bytes is too large",
                         cfg_len);
-    memcpy(hdr, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN);
-    v[0] = XCS_XL_BYTEORDER; /* the xl header is in host order */
-    v[1] = XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2;
-    v[2] = 0;
-    v[3] = (uint32_t)cfg_len + 4; /* optional data: u32 len + config */
-    v[4] = (uint32_t)cfg_len;
-    memcpy(hdr + XCS_XL_MAGIC_LEN, v, sizeof(v));
+    h.optlen = (uint32_t)cfg_len + 4; /* optional data: u32 len + config */
+    xcs_xl_hdr_build(hdr, &h);
+    xcs_put_le32(hdr + XCS_XL_HDR_SIZE, (uint32_t)cfg_len);
     iov[0].iov_base = hdr;
     iov[0].iov_len = sizeof(hdr);
     iov[1].iov_base = (void *)cfg;
@@ -766,9 +750,7 @@ static int write_libxl_header(struct save_ctx *ctx)
 {
     uint8_t hdr[XCS_LIBXL_HDR_SIZE];
 
-    xcs_put_be64(hdr, XCS_LIBXL_IDENT);
-    xcs_put_be32(hdr + 8, XCS_LIBXL_VERSION);
-    xcs_put_be32(hdr + 12, 0); /* little-endian, not legacy */
+    xcs_libxl_hdr_build(hdr, 0); /* little-endian, not legacy */
     if (xcs_write_all(&ctx->w, hdr, sizeof(hdr)) < 0)
         return write_failed(ctx, "the libxl header");
     /* The libxc image follows LIBXC_CONTEXT directly (length 0). */
@@ -779,19 +761,9 @@ static int write_libxl_header(struct save_ctx *ctx)
 static int write_image_header(struct save_ctx *ctx)
 {
     uint8_t buf[XCS_IHDR_SIZE + XCS_DHDR_SIZE];
-    uint8_t *d = buf + XCS_IHDR_SIZE;
-    uint32_t type = XCS_DHDR_TYPE_X86_HVM, major = 4, minor = 17;
-    uint16_t shift = XCS_PAGE_SHIFT;
 
-    memset(buf, 0, sizeof(buf));
-    xcs_put_be64(buf, XCS_IHDR_MARKER);
-    xcs_put_be32(buf + 8, XCS_IHDR_ID);
-    xcs_put_be32(buf + 12, XCS_IHDR_VERSION_3);
-    /* options 0 = little-endian; reserved fields 0 */
-    memcpy(d, &type, 4);
-    memcpy(d + 4, &shift, 2);
-    memcpy(d + 8, &major, 4);
-    memcpy(d + 12, &minor, 4);
+    xcs_ihdr_build(buf);
+    xcs_dhdr_build(buf + XCS_IHDR_SIZE, XCS_DHDR_TYPE_X86_HVM, 4, 17);
     if (xcs_write_all(&ctx->w, buf, sizeof(buf)) < 0)
         return write_failed(ctx, "the image header");
     /* HVM static data is only the CPUID/MSR policies, which we lack. */
@@ -1061,7 +1033,7 @@ static int write_checkpoint_tail(struct save_ctx *ctx)
 {
     if (write_rec(ctx, XCS_REC_CHECKPOINT, NULL, 0, "CHECKPOINT") < 0)
         return -1;
-    if (ctx->p->wrap >= XCS_WRAP_LIBXL) {
+    if (xcs_fmt_has_libxl(ctx->p->wrap)) {
         if (write_emulator_context(ctx) < 0 ||
             write_rec(ctx, XCS_LIBXL_REC_CHECKPOINT_END, NULL, 0,
                       "CHECKPOINT_END") < 0)
@@ -1128,7 +1100,7 @@ int xcs_engine_save(const struct xcs_save_params *p,
                  "engine", p->stream_type);
         goto out;
     }
-    if ((unsigned int)p->wrap > XCS_WRAP_XL) {
+    if (!xcs_fmt_has_libxl(p->wrap) && p->wrap != XCS_FMT_LIBXC) {
         xcs_fail(cb, EINVAL, "unknown stream wrapping %d", (int)p->wrap);
         goto out;
     }
@@ -1146,13 +1118,13 @@ int xcs_engine_save(const struct xcs_save_params *p,
                         !(no && *no && strcmp(no, "0") != 0);
     }
     ctx.dirty = malloc(ctx.dom.hdr->bitmap_bytes);
-    ctx.batch = malloc(BATCH_HDR_SIZE + 8 * XCS_MAX_BATCH_SIZE);
+    ctx.batch = malloc(XCS_PAGE_DATA_HDR_SIZE + 8 * XCS_MAX_BATCH_SIZE);
     ctx.iov = malloc(sizeof(*ctx.iov) * (1 + XCS_MAX_BATCH_SIZE));
     if (!ctx.dirty || !ctx.batch || !ctx.iov) {
         xcs_fail(cb, ENOMEM, "allocating save buffers");
         goto out;
     }
-    ctx.batch_pfns = (uint64_t *)(ctx.batch + BATCH_HDR_SIZE);
+    ctx.batch_pfns = (uint64_t *)(ctx.batch + XCS_PAGE_DATA_HDR_SIZE);
     if (build_hvm_ctx(&ctx) < 0 || copy_pool_init(&ctx) < 0)
         goto out;
     xcs_logf(cb, XCS_LOG_DETAIL, -1,
@@ -1160,9 +1132,9 @@ int xcs_engine_save(const struct xcs_save_params *p,
              (unsigned long long)ctx.dom.nr_pages, ctx.dom.nr_vcpus,
              p->live ? "live" : "non-live", remus ? ", remus" : "");
 
-    if (p->wrap == XCS_WRAP_XL && write_xl_header(&ctx) < 0)
+    if (p->wrap == XCS_FMT_XL && write_xl_header(&ctx) < 0)
         goto out;
-    if (p->wrap >= XCS_WRAP_LIBXL && write_libxl_header(&ctx) < 0)
+    if (xcs_fmt_has_libxl(p->wrap) && write_libxl_header(&ctx) < 0)
         goto out;
     if (write_image_header(&ctx) < 0)
         goto out;
@@ -1181,7 +1153,7 @@ int xcs_engine_save(const struct xcs_save_params *p,
         if (end_of_checkpoint(&ctx) < 0 ||
             write_rec(&ctx, XCS_REC_END, NULL, 0, "END") < 0)
             goto out;
-        if (p->wrap >= XCS_WRAP_LIBXL &&
+        if (xcs_fmt_has_libxl(p->wrap) &&
             (write_emulator_context(&ctx) < 0 ||
              write_rec(&ctx, XCS_LIBXL_REC_END, NULL, 0, "libxl END") < 0))
             goto out;

@@ -34,6 +34,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "stream_io.h"
 #include "xcs_legacy.h"
 
@@ -92,26 +93,6 @@ struct conv {
     uint64_t *pfns;                  /* one batch, converted */
     uint64_t *sorted;
 };
-
-/*----- names -----*/
-
-static const char *const legacy_names[XCS_LEGACY_NR_CHUNKS] = {
-    "END_OF_BODY", "ENABLE_VERIFY_MODE", "VCPU_INFO", "HVM_IDENT_PT",
-    "HVM_VM86_TSS", "TMEM", "TMEM_EXTRA", "TSC_INFO", "HVM_CONSOLE_PFN",
-    "LAST_CHECKPOINT", "HVM_ACPI_IOPORTS_LOCATION", "HVM_VIRIDIAN",
-    "COMPRESSED_DATA", "ENABLE_COMPRESSION", "HVM_GENERATION_ID_ADDR",
-    "HVM_PAGING_RING_PFN", "HVM_ACCESS_RING_PFN", "HVM_SHARING_RING_PFN",
-    "TOOLSTACK", "HVM_IOREQ_SERVER_PFN", "HVM_NR_IOREQ_SERVER_PAGES",
-};
-
-const char *xcs_legacy_chunk_name(int id)
-{
-    if (id > 0)
-        return "page batch";
-    if (id > -XCS_LEGACY_NR_CHUNKS)
-        return legacy_names[-id];
-    return "unknown chunk";
-}
 
 /*----- errors -----*/
 
@@ -292,8 +273,7 @@ static int out_rhdr(struct conv *c, uint32_t type, uint64_t len)
     if (len > UINT32_MAX)
         return fail(c, XCS_LEGACY_EFORMAT, "record of %llu bytes does not fit a "
                                            "v2 record", (unsigned long long)len);
-    memcpy(h, &type, 4);
-    memcpy(h + 4, &(uint32_t){(uint32_t)len}, 4);
+    xcs_rhdr_put(h, type, (uint32_t)len);
     return out_put(c, h, 8);
 }
 
@@ -406,54 +386,44 @@ static int xl_header(struct conv *c)
 {
     const uint8_t *p;
     uint8_t hdr[XCS_XL_HDR_SIZE];
-    uint32_t mflags, optlen;
+    struct xcs_xl_hdr h;
+    char why[XCS_WHY_LEN];
     int rc;
 
     at(c, "xl header");
     rc = rd(c, XCS_XL_HDR_SIZE, &p, "xl header");
     if (rc)
         return rc;
-    if (memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
-        return fail(c, XCS_LEGACY_EFORMAT, "no xl header (bad magic)");
-    if (xcs_get_le32(p + 32) != XCS_XL_BYTEORDER)
-        return fail(c, XCS_LEGACY_EFORMAT, "xl byte order word 0x%08x: another host's "
-                                           "byte order", xcs_get_le32(p + 32));
-    mflags = xcs_get_le32(p + 36);
-    optlen = xcs_get_le32(p + 44);
-    if (mflags & XCS_XL_MFLAG_STREAMV2)
+    if (xcs_xl_hdr_parse(p, &h, why, sizeof(why)))
+        return fail(c, XCS_LEGACY_EFORMAT, "%s", why);
+    if (h.mflags & XCS_XL_MFLAG_STREAMV2)
         return fail(c, XCS_LEGACY_EFORMAT, "the xl header says the stream is already v2");
-    if (mflags & ~XCS_XL_MFLAG_JSON)
-        return fail(c, XCS_LEGACY_EFORMAT, "unknown xl mandatory flags 0x%x", mflags);
-    memcpy(hdr, p, sizeof(hdr));
-    mflags |= XCS_XL_MFLAG_STREAMV2;
-    memcpy(hdr + 36, &mflags, 4);
+    /* The same header says what follows is v2 now. */
+    h.mflags |= XCS_XL_MFLAG_STREAMV2;
+    xcs_xl_hdr_build(hdr, &h);
     if (c->o->out_xl_header) {
         rc = out_put(c, hdr, sizeof(hdr));
         if (rc)
             return rc;
     }
-    if (optlen > XS_MAX)
-        return fail(c, XCS_LEGACY_EFORMAT, "xl optional data of %u bytes", optlen);
-    rc = rd(c, optlen, &p, "xl optional data");
+    if (h.optlen > XS_MAX)
+        return fail(c, XCS_LEGACY_EFORMAT, "xl optional data of %u bytes", h.optlen);
+    rc = rd(c, h.optlen, &p, "xl optional data");
     if (rc)
         return rc;
-    return c->o->out_xl_header ? out_put(c, p, optlen) : 0;
+    return c->o->out_xl_header ? out_put(c, p, h.optlen) : 0;
 }
 
 static int out_headers(struct conv *c)
 {
     uint8_t ih[XCS_IHDR_SIZE], dh[XCS_DHDR_SIZE];
-    uint32_t type = c->pv ? XCS_DHDR_TYPE_X86_PV : XCS_DHDR_TYPE_X86_HVM;
-    uint32_t major = 0, minor = CONVERTER_VERSION;
-    uint16_t shift = XCS_PAGE_SHIFT;
     int rc;
 
     if (c->o->out_xl_header && !c->o->in_has_xl_header) {
         uint8_t hdr[XCS_XL_HDR_SIZE];
-        uint32_t f[4] = {XCS_XL_BYTEORDER, XCS_XL_MFLAG_STREAMV2, 0, 0};
+        const struct xcs_xl_hdr h = {XCS_XL_BYTEORDER, XCS_XL_MFLAG_STREAMV2, 0, 0};
 
-        memcpy(hdr, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN);
-        memcpy(hdr + 32, f, sizeof(f));
+        xcs_xl_hdr_build(hdr, &h);
         rc = out_put(c, hdr, sizeof(hdr));
         if (rc)
             return rc;
@@ -461,25 +431,16 @@ static int out_headers(struct conv *c)
     if (c->libxl) {
         uint8_t lh[XCS_LIBXL_HDR_SIZE];
 
-        xcs_put_be64(lh, XCS_LIBXL_IDENT);
-        xcs_put_be32(lh + 8, XCS_LIBXL_VERSION);
-        xcs_put_be32(lh + 12, XCS_LIBXL_OPT_LEGACY); /* little-endian, converted */
+        xcs_libxl_hdr_build(lh, XCS_LIBXL_OPT_LEGACY); /* little-endian, converted */
         rc = out_put(c, lh, sizeof(lh));
         rc = rc ? rc : out_rec(c, XCS_LIBXL_REC_LIBXC_CONTEXT, NULL, 0, NULL, 0);
         if (rc)
             return rc;
     }
-    xcs_put_be64(ih, XCS_IHDR_MARKER);
-    xcs_put_be32(ih + 8, XCS_IHDR_ID);
-    xcs_put_be32(ih + 12, XCS_IHDR_VERSION_3);
-    xcs_put_be16(ih + 16, 0);
-    xcs_put_be16(ih + 18, 0);
-    xcs_put_be32(ih + 20, 0);
-    memcpy(dh, &type, 4);
-    memcpy(dh + 4, &shift, 2);
-    memset(dh + 6, 0, 2);
-    memcpy(dh + 8, &major, 4);
-    memcpy(dh + 12, &minor, 4);
+    xcs_ihdr_build(ih);
+    /* xen_major 0 marks a converted stream (the verifier tolerates its gaps). */
+    xcs_dhdr_build(dh, c->pv ? XCS_DHDR_TYPE_X86_PV : XCS_DHDR_TYPE_X86_HVM, 0,
+                   CONVERTER_VERSION);
     rc = out_put(c, ih, sizeof(ih));
     return rc ? rc : out_put(c, dh, sizeof(dh));
 }
@@ -790,9 +751,9 @@ static int page_batch(struct conv *c, int count)
             return rc;
     }
     if (kept) {
-        uint32_t hdr[4] = {XCS_REC_PAGE_DATA, 8 + 8 * kept + ndata * XCS_PAGE_SIZE,
-                           kept, 0};
+        uint8_t hdr[XCS_PAGE_DATA_HDR_SIZE];
 
+        xcs_page_data_hdr_put(hdr, kept, ndata);
         rc = out_put(c, hdr, sizeof(hdr));
         rc = rc ? rc : out_put(c, c->pfns, (size_t)kept * 8);
         if (!rc && c->out_fd >= 0 && c->kcopy != KCOPY_NONE)
@@ -1247,15 +1208,15 @@ static int check_opts(struct conv *c)
         return fail(c, XCS_LEGACY_EARG, "width must be 32 or 64, not %u", o->width);
     if (o->guest != XCS_GUEST_PV && o->guest != XCS_GUEST_HVM)
         return fail(c, XCS_LEGACY_EARG, "guest type must be pv or hvm");
-    if (o->out_format != XCS_LEGACY_OUT_LIBXC && o->out_format != XCS_LEGACY_OUT_LIBXL)
+    if (o->out_format != XCS_FMT_LIBXC && o->out_format != XCS_FMT_LIBXL)
         return fail(c, XCS_LEGACY_EARG, "output format must be libxc or libxl");
     if (o->stream_type != XCS_STREAM_PLAIN && o->stream_type != XCS_STREAM_REMUS)
         return fail(c, XCS_LEGACY_EARG, "legacy streams are plain or remus, not colo");
-    if (o->out_xl_header && o->out_format != XCS_LEGACY_OUT_LIBXL)
+    if (o->out_xl_header && o->out_format != XCS_FMT_LIBXL)
         return fail(c, XCS_LEGACY_EARG, "an xl header announces a libxl stream: "
                                         "use the libxl output format with it");
     if (c->out_fd >= 0 && o->guest == XCS_GUEST_HVM &&
-        o->stream_type != XCS_STREAM_PLAIN && o->out_format == XCS_LEGACY_OUT_LIBXC &&
+        o->stream_type != XCS_STREAM_PLAIN && o->out_format == XCS_FMT_LIBXC &&
         !o->skip_qemu)
         return fail(c, XCS_LEGACY_EARG, "a bare libxc image has no place for each "
                                         "checkpoint's qemu record: use the libxl "
@@ -1285,7 +1246,7 @@ int xcs_legacy_run(struct xcs_source *in, int out_fd, const struct xcs_legacy_op
         err[0] = 0;
     c.W = opts->width / 8;
     c.pv = opts->guest == XCS_GUEST_PV;
-    c.libxl = opts->out_format == XCS_LEGACY_OUT_LIBXL;
+    c.libxl = opts->out_format == XCS_FMT_LIBXL;
     c.st->legacy.width = opts->width;
 
     rc = check_opts(&c);

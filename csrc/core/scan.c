@@ -17,28 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "codec.h"
 #include "walker.h"
 #include "xcs_legacy.h"
 #include "xcs_scan.h"
-
-/*----- names -----*/
-
-const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt)
-{
-    switch (fmt) {
-    case XCS_FMT_XL:
-        return "xl";
-    case XCS_FMT_LIBXL:
-        return "libxl";
-    case XCS_FMT_LIBXC:
-        return "libxc";
-    case XCS_FMT_LEGACY:
-        return "legacy";
-    case XCS_FMT_AUTO:
-        break;
-    }
-    return "auto";
-}
 
 /*----- scanner state -----*/
 
@@ -303,7 +285,7 @@ static int legacy_stream(struct scan *s)
     lo.width = s->opts->legacy_width;
     lo.guest = s->opts->legacy_guest;
     lo.stream_type = s->opts->stream_type;
-    lo.out_format = XCS_LEGACY_OUT_LIBXL;
+    lo.out_format = XCS_FMT_LIBXL;
     lo.stats = &st;
     guess_legacy(s, &lo.width, &lo.guest);
     r->guest = s->guest = lo.guest;
@@ -347,24 +329,16 @@ static int legacy_stream(struct scan *s)
 
 /*----- entry point -----*/
 
-static int detect(struct scan *s, enum xcs_scan_fmt *fmt)
+static int detect(struct scan *s, enum xcs_fmt *fmt)
 {
-    static const uint8_t ff[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
     const uint8_t *p;
     size_t got;
 
     at(s, "", "format detection");
-    if (xcs_source_peek(s->in, XCS_XL_MAGIC_LEN, &p, &got) < 0)
+    if (xcs_source_peek(s->in, XCS_FMT_SNIFF_LEN, &p, &got) < 0)
         return io_error(s, "read");
-    if (got == XCS_XL_MAGIC_LEN && !memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
-        *fmt = XCS_FMT_XL;
-    else if (got >= 8 && xcs_get_be64(p) == XCS_LIBXL_IDENT)
-        *fmt = XCS_FMT_LIBXL;
-    else if (got >= 8 && !memcmp(p, ff, 8))
-        *fmt = XCS_FMT_LIBXC;
-    else if (got >= 8)
-        *fmt = XCS_FMT_LEGACY; /* no magic: the legacy heuristics decide */
-    else
+    *fmt = xcs_fmt_sniff(p, got, 0); /* got < XCS_FMT_SNIFF_LEN: the whole stream */
+    if (*fmt == XCS_FMT_AUTO)
         return xcs_walk_bad(&s->w, EINVAL, "stream too short (%zu bytes) to be "
                             "any known format", got);
     return 0;
@@ -376,7 +350,7 @@ int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
     struct xcs_walk_opts wo;
     struct xcs_source in;
     struct scan s;
-    enum xcs_scan_fmt fmt = opts->fmt;
+    enum xcs_fmt fmt = opts->fmt;
     int in_open = 0, rc;
 
     memset(rep, 0, sizeof(*rep));
@@ -408,7 +382,7 @@ int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
     case XCS_FMT_XL:
     case XCS_FMT_LIBXL:
     case XCS_FMT_LIBXC:
-        wo.start = (enum xcs_walk_start)fmt;
+        wo.start = fmt;
         wo.stream_type = opts->stream_type;
         wo.flags = XCS_WALK_PADDING | XCS_WALK_DUPS | XCS_WALK_MANDATORY;
         if (!(opts->flags & XCS_SCAN_ALLOW_TRAILING))

@@ -6,7 +6,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -481,14 +480,4 @@ int xcs_source_move(struct xcs_source *s, int to, uint64_t off, size_t len,
         s->moved += (uint64_t)n;
     }
     return s->move == MOVE_NONE ? 1 : 0;
-}
-
-const char *xcs_errno_name(int err, char *buf, size_t len)
-{
-    const char *name = strerrorname_np(err);
-
-    if (name)
-        return name;
-    snprintf(buf, len, "errno %d", err);
-    return buf;
 }

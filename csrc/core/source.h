@@ -123,9 +123,6 @@ void xcs_source_move_expect(struct xcs_source *s, uint64_t len);
  */
 int xcs_source_move(struct xcs_source *s, int to, uint64_t off, size_t len, int *eof);
 
-/* "ENOENT" for ENOENT; "errno N" for numbers without a name (messages). */
-const char *xcs_errno_name(int err, char *buf, size_t len);
-
 #ifdef __cplusplus
 }
 #endif

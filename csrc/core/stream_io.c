@@ -19,7 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "xcs_format.h"
+#include "codec.h"
 
 #ifndef IOV_MAX
 #define IOV_MAX 1024
@@ -343,13 +343,14 @@ int xcs_write_record(struct xcs_writer *w, uint32_t type, const void *body,
                      uint32_t len)
 {
     static const uint8_t zeros[XCS_REC_ALIGN];
-    uint32_t hdr[2] = {type, len}; /* little-endian host and stream */
+    uint8_t hdr[XCS_RHDR_SIZE];
     struct iovec iov[3] = {
         {.iov_base = hdr, .iov_len = sizeof(hdr)},
         {.iov_base = (void *)body, .iov_len = len},
         {.iov_base = (void *)zeros, .iov_len = xcs_rec_padded(len) - len},
     };
 
+    xcs_rhdr_put(hdr, type, len);
     return xcs_writev_all(w, iov, 3);
 }
 

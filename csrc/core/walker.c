@@ -18,35 +18,6 @@
 
 enum { LX_MORE = -1, LX_END = 0, LX_CHECKPOINT = 1, LX_EOF = 2 };
 
-/*----- names -----*/
-
-static const char *const libxc_names[XCS_REC_TYPE_COUNT] = {
-    "END", "PAGE_DATA", "X86_PV_INFO", "X86_PV_P2M_FRAMES",
-    "X86_PV_VCPU_BASIC", "X86_PV_VCPU_EXTENDED", "X86_PV_VCPU_XSAVE",
-    "SHARED_INFO", "X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS", "TOOLSTACK",
-    "X86_PV_VCPU_MSRS", "VERIFY", "CHECKPOINT", "CHECKPOINT_DIRTY_PFN_LIST",
-    "STATIC_DATA_END", "X86_CPUID_POLICY", "X86_MSR_POLICY",
-};
-
-static const char *const libxl_names[XCS_LIBXL_REC_TYPE_COUNT] = {
-    "END", "LIBXC_CONTEXT", "EMULATOR_XENSTORE_DATA", "EMULATOR_CONTEXT",
-    "CHECKPOINT_END", "CHECKPOINT_STATE",
-};
-
-const char *xcs_libxc_rec_name(uint32_t type)
-{
-    if (type < XCS_REC_TYPE_COUNT)
-        return libxc_names[type];
-    return (type & XCS_REC_TYPE_OPTIONAL) ? "optional record" : "unknown record";
-}
-
-const char *xcs_libxl_rec_name(uint32_t type)
-{
-    if (type < XCS_LIBXL_REC_TYPE_COUNT)
-        return libxl_names[type];
-    return "unknown record";
-}
-
 /*----- errors and position -----*/
 
 static int vbad(struct xcs_walker *w, int errnum, const char *fmt, va_list ap)
@@ -164,14 +135,6 @@ int xcs_walk_skip(struct xcs_walker *w, uint64_t n, const char *what)
     return 0;
 }
 
-static int padding_ok(const uint8_t *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (p[i])
-            return 0;
-    return 1;
-}
-
 /* Body of a record (length + padding); the padding is zero (verifier). */
 static int record_body(struct xcs_walker *w, uint32_t len, const uint8_t **p)
 {
@@ -180,7 +143,7 @@ static int record_body(struct xcs_walker *w, uint32_t len, const uint8_t **p)
 
     if (rc)
         return rc;
-    if ((w->opts->flags & XCS_WALK_PADDING) && !padding_ok(*p + len, padded - len))
+    if ((w->opts->flags & XCS_WALK_PADDING) && !xcs_zeros(*p + len, padded - len))
         return bad(w, "padding containing non-zero bytes");
     return 0;
 }
@@ -197,7 +160,7 @@ static int skip_body(struct xcs_walker *w, uint32_t len, uint32_t from,
     rc = xcs_walk_skip(w, (len & ~7u) - from, what);
     if (!rc && (len & 7)) {
         rc = need(w, 8, &q, what);
-        if (!rc && !padding_ok(q + (len & 7), 8 - (len & 7)))
+        if (!rc && !xcs_zeros(q + (len & 7), 8 - (len & 7)))
             rc = bad(w, "padding containing non-zero bytes");
     }
     return rc;
@@ -470,7 +433,7 @@ static int libxc_check(struct xcs_walker *w, uint32_t t, const uint8_t *p,
             return bad(w, "guest width %u (expected 4 or 8)", p[0]);
         if (p[1] != 3 && p[1] != 4)
             return bad(w, "pagetable levels %u (expected 3 or 4)", p[1]);
-        if (!padding_ok(p + 2, 6))
+        if (!xcs_zeros(p + 2, 6))
             return bad(w, "reserved bytes set");
         if ((p[0] == 8) != (p[1] == 4))
             return bad(w, "guest width %u with %u pagetable levels (64-bit guests "
@@ -592,10 +555,10 @@ static int libxc_check(struct xcs_walker *w, uint32_t t, const uint8_t *p,
 
 static int libxc_headers(struct xcs_walker *w)
 {
+    char why[XCS_WHY_LEN];
+    struct xcs_ihdr ih;
+    struct xcs_dhdr dh;
     const uint8_t *p;
-    uint64_t marker;
-    uint32_t id, res2;
-    uint16_t opts, res1, pshift, dres;
     int rc;
 
     w->libxc = 1;
@@ -604,44 +567,22 @@ static int libxc_headers(struct xcs_walker *w)
     rc = need(w, XCS_IHDR_SIZE, &p, "image header");
     if (rc)
         return rc;
-    marker = xcs_get_be64(p);
-    id = xcs_get_be32(p + 8);
-    w->version = xcs_get_be32(p + 12);
-    opts = xcs_get_be16(p + 16);
-    res1 = xcs_get_be16(p + 18);
-    res2 = xcs_get_be32(p + 20);
-    w->libxc_options = opts;
-    if (marker != XCS_IHDR_MARKER)
-        return bad(w, "bad image marker 0x%016llx",
-                   (unsigned long long)marker);
-    if (id != XCS_IHDR_ID)
-        return bad(w, "bad image id 0x%08x (expected \"XENF\")", id);
-    if (w->version < 2 || w->version > 3)
-        return bad(w, "unknown image version %u (expected 2 or 3)", w->version);
-    if (opts & ~XCS_IHDR_OPT_BIG_ENDIAN)
-        return bad(w, "reserved bits set in image options: 0x%x",
-                   opts & ~XCS_IHDR_OPT_BIG_ENDIAN);
-    if (res1 || res2)
-        return bad(w, "reserved fields set in image header: 0x%04x:0x%08x", res1, res2);
-    if (opts & XCS_IHDR_OPT_BIG_ENDIAN)
-        return bad(w, "big-endian image: not supported (x86 streams are little-endian)");
+    rc = xcs_ihdr_parse(p, &ih, why, sizeof(why)) ? bad(w, "%s", why) : 0;
+    w->version = ih.version;
+    w->libxc_options = ih.options;
+    if (rc)
+        return rc;
 
     at(w, "libxc", "domain header");
     rc = need(w, XCS_DHDR_SIZE, &p, "domain header");
     if (rc)
         return rc;
-    id = xcs_get_le32(p);
-    pshift = xcs_get_le16(p + 4);
-    dres = xcs_get_le16(p + 6);
-    w->xen_major = xcs_get_le32(p + 8);
-    w->xen_minor = xcs_get_le32(p + 12);
-    if (id != XCS_DHDR_TYPE_X86_PV && id != XCS_DHDR_TYPE_X86_HVM)
-        return bad(w, "unknown domain type 0x%x", id);
-    if (dres)
-        return bad(w, "reserved field set in domain header: 0x%04x", dres);
-    if (pshift != XCS_PAGE_SHIFT)
-        return bad(w, "page_shift %u (expected 12)", pshift);
-    w->dtype = id;
+    rc = xcs_dhdr_parse(p, &dh, why, sizeof(why)) ? bad(w, "%s", why) : 0;
+    w->xen_major = dh.xen_major;
+    w->xen_minor = dh.xen_minor;
+    if (rc)
+        return rc;
+    w->dtype = dh.type;
     return w->ops->on_image ? w->ops->on_image(w) : 0;
 }
 
@@ -844,6 +785,8 @@ static int libxl_body(struct xcs_walker *w, uint32_t t, uint32_t len, const uint
 
 static int libxl_header(struct xcs_walker *w)
 {
+    char why[XCS_WHY_LEN];
+    struct xcs_libxl_hdr h;
     const uint8_t *p;
     int rc;
 
@@ -852,19 +795,10 @@ static int libxl_header(struct xcs_walker *w)
     rc = need(w, XCS_LIBXL_HDR_SIZE, &p, "libxl header");
     if (rc)
         return rc;
-    if (xcs_get_be64(p) != XCS_LIBXL_IDENT)
-        return bad(w, "bad libxl ident 0x%016llx (expected \"LibxlFmt\")",
-                   (unsigned long long)xcs_get_be64(p));
-    w->libxl_version = xcs_get_be32(p + 8);
-    w->libxl_options = xcs_get_be32(p + 12);
-    if (w->libxl_version != XCS_LIBXL_VERSION)
-        return bad(w, "unknown libxl version %u (expected 2)", w->libxl_version);
-    if (w->libxl_options & ~(XCS_LIBXL_OPT_BIG_ENDIAN | XCS_LIBXL_OPT_LEGACY))
-        return bad(w, "reserved bits set in libxl options: 0x%x",
-                   w->libxl_options & ~(XCS_LIBXL_OPT_BIG_ENDIAN | XCS_LIBXL_OPT_LEGACY));
-    if (w->libxl_options & XCS_LIBXL_OPT_BIG_ENDIAN)
-        return bad(w, "big-endian libxl stream: not supported");
-    return 0;
+    rc = xcs_libxl_hdr_parse(p, &h, why, sizeof(why)) ? bad(w, "%s", why) : 0;
+    w->libxl_version = h.version;
+    w->libxl_options = h.options;
+    return rc;
 }
 
 static int libxl_stream(struct xcs_walker *w)
@@ -1013,8 +947,10 @@ static int libxc_stream(struct xcs_walker *w)
 
 static int xl_header(struct xcs_walker *w)
 {
+    char why[XCS_WHY_LEN];
+    struct xcs_xl_hdr h;
     const uint8_t *p;
-    uint32_t order, max = w->opts->xl_optdata_max;
+    uint32_t max = w->opts->xl_optdata_max;
     int rc;
 
     w->xl = 1;
@@ -1022,36 +958,29 @@ static int xl_header(struct xcs_walker *w)
     rc = need(w, XCS_XL_HDR_SIZE, &p, "xl header");
     if (rc)
         return rc;
-    if (memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
-        return bad(w, "not an xl savefile (bad xl magic)");
-    order = xcs_get_le32(p + 32);
-    w->xl_mflags = xcs_get_le32(p + 36);
-    w->xl_oflags = xcs_get_le32(p + 40);
-    w->xl_optlen = xcs_get_le32(p + 44);
-    if (order != XCS_XL_BYTEORDER)
-        return bad(w, "byte order word 0x%08x: written by a host of another "
-                      "byte order", order);
-    if (w->xl_mflags & ~(XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2))
-        return bad(w, "unknown mandatory flags 0x%x",
-                   w->xl_mflags & ~(XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2));
-    if (max && w->xl_optlen > max)
+    rc = xcs_xl_hdr_parse(p, &h, why, sizeof(why)) ? bad(w, "%s", why) : 0;
+    w->xl_mflags = h.mflags;
+    w->xl_oflags = h.oflags;
+    w->xl_optlen = h.optlen;
+    if (rc)
+        return rc;
+    if (max && h.optlen > max)
         return xcs_walk_bad(w, EMSGSIZE, "xl optional data of %u bytes "
-                            "exceeds %u", w->xl_optlen, max);
-    if (w->xl_optlen >= 4) {
+                            "exceeds %u", h.optlen, max);
+    if (h.optlen >= 4) {
         rc = need(w, 4, &p, "xl config length");
         if (rc)
             return rc;
         w->xl_config_len = xcs_get_le32(p);
-        if (w->xl_config_len > w->xl_optlen - 4)
-            return bad(w, "config length %u overruns the optional data (%u bytes)",
-                       w->xl_config_len, w->xl_optlen);
-        rc = xcs_walk_skip(w, w->xl_optlen - 4, "xl optional data");
+        if (xcs_xl_config_check(&h, w->xl_config_len, why, sizeof(why)))
+            return bad(w, "%s", why);
+        rc = xcs_walk_skip(w, h.optlen - 4, "xl optional data");
     } else {
-        rc = xcs_walk_skip(w, w->xl_optlen, "xl optional data");
+        rc = xcs_walk_skip(w, h.optlen, "xl optional data");
     }
     if (rc)
         return rc;
-    w->xl_legacy = !(w->xl_mflags & XCS_XL_MFLAG_STREAMV2);
+    w->xl_legacy = !(h.mflags & XCS_XL_MFLAG_STREAMV2);
     return 0;
 }
 
@@ -1062,15 +991,17 @@ int xcs_walk(struct xcs_walker *w)
     int rc;
 
     switch (w->opts->start) {
-    case XCS_WALK_XL:
+    case XCS_FMT_XL:
         rc = xl_header(w);
         if (rc || w->xl_legacy)
             return rc;
         return libxl_stream(w);
-    case XCS_WALK_LIBXL:
+    case XCS_FMT_LIBXL:
         return libxl_stream(w);
-    case XCS_WALK_LIBXC:
+    case XCS_FMT_LIBXC:
         return libxc_stream(w);
+    default:
+        break;
     }
     at(w, "", "format detection");
     return bad(w, "no format to walk");

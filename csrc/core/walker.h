@@ -44,8 +44,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codec.h"
 #include "source.h"
-#include "xcs_format.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -54,13 +54,6 @@ extern "C" {
 #define XCS_WALK_INVALID 1
 #define XCS_WALK_STOP 2 /* a callback ends the walk early, successfully */
 #define XCS_WALK_MAX_VCPUS 4096 /* vcpu ids a stream may use */
-
-/* The outermost layer the caller says the stream starts with. */
-enum xcs_walk_start {
-    XCS_WALK_XL = 1,    /* = XCS_FMT_XL */
-    XCS_WALK_LIBXL = 2, /* = XCS_FMT_LIBXL */
-    XCS_WALK_LIBXC = 3  /* = XCS_FMT_LIBXC */
-};
 
 /* Options (XCS_WALK_*): the verifier's extra strictness. */
 #define XCS_WALK_PADDING 0x1u   /* record padding must be zero */
@@ -95,7 +88,7 @@ struct xcs_walk_ops {
 };
 
 struct xcs_walk_opts {
-    enum xcs_walk_start start;
+    enum xcs_fmt start;        /* XCS_FMT_XL, _LIBXL or _LIBXC */
     enum xcs_stream_type stream_type;
     unsigned int flags;        /* XCS_WALK_* */
     uint32_t max_batch;        /* pfns per PAGE_DATA; 0 = no limit */
@@ -184,9 +177,6 @@ int xcs_walk_io_error(struct xcs_walker *w, const char *what);
  * a short stream being a truncation of `what`.
  */
 int xcs_walk_skip(struct xcs_walker *w, uint64_t n, const char *what);
-/* Names for reports and messages ("PAGE_DATA", "EMULATOR_CONTEXT"). */
-const char *xcs_libxc_rec_name(uint32_t type);
-const char *xcs_libxl_rec_name(uint32_t type);
 /* 1 when the current guest is PV (domain header type 1). */
 int xcs_walk_pv(const struct xcs_walker *w);
 

@@ -16,6 +16,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codec.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -42,12 +44,6 @@ enum xcs_log_level {
 #define XCS_CHECKPOINT_ERROR 0
 #define XCS_CHECKPOINT_SUCCESS 1
 #define XCS_CHECKPOINT_FAILOVER 2
-
-enum xcs_wrap {
-    XCS_WRAP_LIBXC = 0, /* bare libxc image */
-    XCS_WRAP_LIBXL = 1, /* libxl stream around the image */
-    XCS_WRAP_XL = 2     /* xl savefile header + libxl stream */
-};
 
 struct xcs_precopy_stats {
     unsigned int iteration;  /* round about to start (0 = first) */
@@ -79,7 +75,7 @@ struct xcs_save_params {
     int io_fd;                /* written with write/writev/vmsplice only */
     const char *sim_path;     /* the simulated domain file */
     int live;                 /* precopy rounds from the dirty log */
-    enum xcs_wrap wrap;
+    enum xcs_fmt wrap;        /* XCS_FMT_XL, _LIBXL or _LIBXC */
     int stream_type;          /* enum xcs_stream_type */
     unsigned int checkpoints; /* remus: number of checkpoints to send */
     unsigned int interval_ms; /* remus: time between checkpoints */
@@ -137,7 +133,7 @@ struct xcs_restore_params {
      * signal to the toolstack can land between a rename and its verdict.
      */
     int build_only;
-    enum xcs_wrap wrap;
+    enum xcs_fmt wrap;        /* XCS_FMT_XL, _LIBXL or _LIBXC */
     int stream_type;
     uint64_t max_pages;       /* 0 = the stream decides, capped */
     /*

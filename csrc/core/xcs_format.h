@@ -5,13 +5,13 @@
  * libxl migration stream revision 2, the xl savefile header, the pre-4.6
  * legacy format); see shared/specs/xen-migration-facts.md sections 2 and 3.
  * One place for every magic number: the engine, the verifier, the legacy
- * reader and the extension all include this header.
+ * reader and the extension all include this header (through codec.h, which
+ * holds the byte-order helpers and the header codecs).
  */
 #ifndef XCS_FORMAT_H
 #define XCS_FORMAT_H
 
 #include <stdint.h>
-#include <string.h>
 
 /*----- libxc image (v2/v3) -----*/
 
@@ -167,78 +167,6 @@ enum xcs_legacy_chunk {
 #define XCS_LEGACY_QEMU_SIG_0002 "DeviceModelRecord0002" /* u32 len */
 #define XCS_LEGACY_QEMU_SIG_REMUS "RemusDeviceModelState" /* u32 len */
 
-/*----- byte order helpers (streams are little-endian but for the headers) -----*/
-
-static inline void xcs_put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (uint8_t)v;
-        v >>= 8;
-    }
-}
-
-static inline uint64_t xcs_get_be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static inline void xcs_put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static inline uint32_t xcs_get_be32(const uint8_t *p)
-{
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
-           ((uint32_t)p[2] << 8) | p[3];
-}
-
-static inline void xcs_put_be16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static inline uint16_t xcs_get_be16(const uint8_t *p)
-{
-    return (uint16_t)(((unsigned)p[0] << 8) | p[1]);
-}
-
-/* The x86 streams are little-endian and so is every host we build for. */
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "xcsave's stream code assumes a little-endian host"
-#endif
-
-static inline uint16_t xcs_get_le16(const uint8_t *p)
-{
-    uint16_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint32_t xcs_get_le32(const uint8_t *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint64_t xcs_get_le64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint32_t xcs_rec_padded(uint32_t length)
-{
-    return (length + (XCS_REC_ALIGN - 1)) & ~(uint32_t)(XCS_REC_ALIGN - 1);
-}
+/* Byte order, header codecs and names: codec.h. */
 
 #endif /* XCS_FORMAT_H */

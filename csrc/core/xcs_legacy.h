@@ -31,24 +31,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "xcs_format.h"
+#include "codec.h"
 #include "xcs_scan.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-enum xcs_legacy_out {
-    XCS_LEGACY_OUT_LIBXC = 0,  /* bare libxc v3 image */
-    XCS_LEGACY_OUT_LIBXL = 1   /* libxl stream around it */
-};
-
 struct xcs_legacy_stats; /* below */
 
 struct xcs_legacy_opts {
     unsigned int width;             /* 32 | 64: the saving toolstack's unsigned long */
     enum xcs_guest guest;           /* XCS_GUEST_PV | XCS_GUEST_HVM */
-    enum xcs_legacy_out out_format;
+    enum xcs_fmt out_format;        /* XCS_FMT_LIBXC (bare v3 image) | XCS_FMT_LIBXL */
     int in_has_xl_header;           /* input starts with an xl header (legacy inside) */
     int out_xl_header;              /* write an xl header (libxl output only) */
     enum xcs_stream_type stream_type; /* PLAIN or REMUS (COLO is not a legacy thing) */

@@ -30,23 +30,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codec.h"
 #include "source.h"
 #include "walker.h"
-#include "xcs_format.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /*----- scanner -----*/
-
-enum xcs_scan_fmt {
-    XCS_FMT_AUTO = 0,
-    XCS_FMT_XL = 1,
-    XCS_FMT_LIBXL = 2,
-    XCS_FMT_LIBXC = 3,
-    XCS_FMT_LEGACY = 4
-};
 
 enum xcs_guest {
     XCS_GUEST_UNKNOWN = 0,
@@ -57,7 +49,7 @@ enum xcs_guest {
 #define XCS_SCAN_ALLOW_TRAILING 0x1u /* bytes after the outermost END are fine */
 
 struct xcs_scan_opts {
-    enum xcs_scan_fmt fmt;
+    enum xcs_fmt fmt;
     enum xcs_stream_type stream_type;
     unsigned int legacy_width;   /* 32|64; 0 = guess (section 2 hints) */
     enum xcs_guest legacy_guest; /* UNKNOWN = guess */
@@ -67,7 +59,6 @@ struct xcs_scan_opts {
 #define XCS_SCAN_INVALID 1
 #define XCS_SCAN_MAX_WARNINGS 8
 #define XCS_SCAN_WARNING_LEN 400
-#define XCS_LEGACY_NR_CHUNKS 21 /* ids 0 .. -20 */
 
 
 struct xcs_legacy_report {
@@ -90,7 +81,7 @@ struct xcs_legacy_report {
 };
 
 struct xcs_scan_report {
-    enum xcs_scan_fmt format;     /* outermost layer found */
+    enum xcs_fmt format;          /* outermost layer found */
     enum xcs_stream_type stream_type;
     enum xcs_guest guest;
 
@@ -149,10 +140,6 @@ struct xcs_scan_report {
  */
 int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
                 struct xcs_scan_report *rep);
-
-/* Names for reports ("LAST_CHECKPOINT"); walker.h names v2/v3 records. */
-const char *xcs_legacy_chunk_name(int id);
-const char *xcs_scan_fmt_name(enum xcs_scan_fmt fmt);
 
 #ifdef __cplusplus
 }

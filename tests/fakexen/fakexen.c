@@ -49,7 +49,7 @@
 #include <xenguest.h>
 #include <xentoollog.h>
 
-#include "../../csrc/core/xcs_format.h"
+#include "../../csrc/core/codec.h" /* constants and byte order only: not linked with codec.c */
 
 /*----- constants of the simulated guest -----*/
 
