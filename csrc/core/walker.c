@@ -59,6 +59,10 @@ int xcs_walk_io_error(struct xcs_walker *w, const char *what)
         snprintf(w->err.reason, sizeof(w->err.reason), "%s: %s (%s)", what,
                  strerror(err), xcs_errno_name(err, nb, sizeof(nb)));
         w->err.offset = w->in->off;
+        snprintf(w->err.layer, sizeof(w->err.layer), "%s",
+                 w->at_layer ? w->at_layer : "");
+        snprintf(w->err.record, sizeof(w->err.record), "%s",
+                 w->at_name ? w->at_name : "stream");
         w->err.errnum = err;
     }
     errno = err;

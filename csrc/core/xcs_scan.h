@@ -33,6 +33,7 @@
 #include "codec.h"
 #include "source.h"
 #include "walker.h"
+#include "xcs_legacy.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -40,11 +41,6 @@ extern "C" {
 
 /*----- scanner -----*/
 
-enum xcs_guest {
-    XCS_GUEST_UNKNOWN = 0,
-    XCS_GUEST_PV = 1,  /* = dhdr type 1 */
-    XCS_GUEST_HVM = 2  /* = dhdr type 2 */
-};
 
 #define XCS_SCAN_ALLOW_TRAILING 0x1u /* bytes after the outermost END are fine */
 
@@ -61,24 +57,6 @@ struct xcs_scan_opts {
 #define XCS_SCAN_WARNING_LEN 400
 
 
-struct xcs_legacy_report {
-    unsigned int width;           /* toolstack unsigned long bits */
-    int width_guessed;            /* width/guest came from the heuristics */
-    uint64_t p2m_size;
-    unsigned int guest_width;     /* PV: from the "vcpu" block size */
-    unsigned int pt_levels;
-    uint32_t vcpu_ctx_size;
-    int extv;
-    uint32_t xsave_len;
-    uint64_t chunks[XCS_LEGACY_NR_CHUNKS]; /* by -id */
-    uint64_t batches;
-    uint32_t images;              /* BODY+TAIL images read (Remus: > 1) */
-    int last_checkpoint_seen;
-    char qemu_sig[24];
-    uint64_t qemu_len;
-    uint64_t toolstack_bytes;
-    uint64_t unread_bytes;        /* left after the image (mapped input) */
-};
 
 struct xcs_scan_report {
     enum xcs_fmt format;          /* outermost layer found */
