@@ -7,7 +7,8 @@ it next to the extension, and it is never put on ``$PATH``.
 
 Native sources:
   csrc/core/*.c        shared by the helper and the extension (stream engine,
-                       simulated domains, verifier, legacy reader)
+                       simulated domains, legacy reader; the verifier scan.c
+                       is the extension's only)
   csrc/helper_main.c   the helper: argv, protocol loop, backend dispatch
   csrc/backend_*.c     helper backends; backend_xen.c only when xenguest.h is
                        found (Debian libxen-dev) unless XCSAVE_XEN=0
@@ -49,6 +50,8 @@ def _rel(paths: list[str]) -> list[str]:
 
 
 CORE_SOURCES = _rel(glob(str(HERE / "csrc" / "core" / "*.c")))
+# The verifier serves the extension only: the helper restores and converts.
+HELPER_CORE_SOURCES = [s for s in CORE_SOURCES if os.path.basename(s) != "scan.c"]
 EXT_SOURCES = _rel(glob(str(HERE / "csrc" / "*.cpp")))
 
 
@@ -128,7 +131,12 @@ class build_ext(_pybind_build_ext):
     def _build_helper(
         self, defines: list[tuple[str, str]], include_dirs: list[str], san: list[str]
     ) -> None:
-        sources = ["csrc/helper_main.c", "csrc/backend_sim.c", "csrc/tunnel_tls.c", *CORE_SOURCES]
+        sources = [
+            "csrc/helper_main.c",
+            "csrc/backend_sim.c",
+            "csrc/tunnel_tls.c",
+            *HELPER_CORE_SOURCES,
+        ]
         libraries: list[str] = ["m", "pthread"]
         if self._have_tls:
             libraries = ["ssl", "crypto", *libraries]

@@ -1091,8 +1091,9 @@ def test_restore_crafted_fields_through_a_pipe(
         assert o.accepted == ok and why in o.message, f"{name}: {o}"
 
 
-def test_restore_wrapped_fields(sim_streams: dict[str, SimStream], target: Path) -> None:
-    """The libxl and xl layers: lengths, unknown records, headers."""
+def wrapped_cases(sim_streams: dict[str, SimStream]) -> list[tuple[str, bytes, str, str]]:
+    """(name, stream, format, substring of the rejection): the libxl and xl
+    layers' lengths, unknown records and headers, all refused."""
     xl = sim_streams["xl"].data
     libxl = sim_streams["libxl"].data
     xl_fields = walk(xl, "xl")
@@ -1129,6 +1130,12 @@ def test_restore_wrapped_fields(sim_streams: dict[str, SimStream], target: Path)
         ("libxl-end-with-body", libxl_end + corpus.rec(0, b"12345678"), "libxl", "length"),
         ("libxl-no-end", libxl_end, "libxl", "truncated"),
     ]
+    return cases
+
+
+def test_restore_wrapped_fields(sim_streams: dict[str, SimStream], target: Path) -> None:
+    """The libxl and xl layers: lengths, unknown records, headers."""
+    cases = wrapped_cases(sim_streams)
     with helper_as_limit():
         for name, data, fmt, why in cases:
             o = asyncio.run(restore_one(data, target, fmt=fmt))

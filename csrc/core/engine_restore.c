@@ -37,13 +37,12 @@
 #include "codec.h"
 #include "private_file.h"
 #include "simdom.h"
+#include "source.h"
 #include "stream_io.h"
+#include "walker.h"
 #include "xcs_engine.h"
 
 #define XL_OPTDATA_MAX (16u << 20) /* xl config: a few KiB in practice */
-
-/* Why a libxc record loop returned. */
-enum libxc_stop { STOP_END = 1, STOP_CHECKPOINT = 2 };
 
 struct arena {
     uint8_t *data;
@@ -54,15 +53,15 @@ struct restore_ctx {
     const struct xcs_restore_params *p;
     const struct xcs_engine_callbacks *cb;
     struct xcs_restore_result *res;
-    struct xcs_reader r;
+    struct xcs_source r;     /* the stream, exact reads */
+    struct xcs_walker w;     /* its layers and order rules (walker.c) */
+    struct xcs_walk_opts wo;
     char *partial;           /* temporary target path; NULL once renamed */
     int tfd;
     uint64_t max_pages;      /* pfn limit before HVM_CONTEXT */
     uint64_t max_pfn;
     int any_pages;
 
-    unsigned int version;    /* image header version */
-    int sde_seen;
     unsigned int policies;   /* CPUID (1) / MSR (2) policy records seen */
     int have_ctx;
     uint64_t nr_pages;
@@ -71,12 +70,11 @@ struct restore_ctx {
 
     uint64_t *pfns;          /* XCS_MAX_BATCH_SIZE */
     uint8_t *pages;          /* one batch's page data */
-    uint8_t *buf;            /* one record body */
-    size_t buf_cap;
     struct xcs_progress pr;
 
     int remus;
     int buffering;           /* inside a checkpoint after the first */
+    int fatal;               /* an error no failover may hide */
 
     int pv;                  /* foreign PV image (p->foreign only) */
     uint8_t *dm;             /* device model state to hand over (p->dm_path) */
@@ -101,83 +99,21 @@ static int read_exact(struct restore_ctx *ctx, void *buf, size_t len,
 {
     int eof;
 
-    if (xcs_read_exact(&ctx->r, buf, len, &eof) < 0)
+    if (xcs_source_read(&ctx->r, buf, len, &eof) < 0)
         return read_failed(ctx, what, eof);
     return 0;
 }
 
-/* Make ctx->buf hold at least len bytes (len is already capped). */
-static int reserve_buf(struct restore_ctx *ctx, size_t len)
+/* The walker's error (the one shape) as the restore's one line. */
+static int walk_failed(struct restore_ctx *ctx)
 {
-    uint8_t *n;
+    const struct xcs_stream_error *e = &ctx->w.err;
 
-    if (len <= ctx->buf_cap)
-        return 0;
-    n = realloc(ctx->buf, len);
-    if (!n)
-        return xcs_fail(ctx->cb, ENOMEM, "allocating %zu bytes for a record",
-                        len);
-    ctx->buf = n;
-    ctx->buf_cap = len;
-    return 0;
-}
-
-/* Read a record header; lengths over the cap are refused here, first. */
-static int read_rhdr(struct restore_ctx *ctx, uint32_t *type, uint32_t *len,
-                     const char *layer)
-{
-    uint32_t h[2];
-
-    if (read_exact(ctx, h, sizeof(h), layer) < 0)
-        return -1;
-    *type = h[0];
-    *len = h[1];
-    if (*len > XCS_REC_LENGTH_MAX)
-        return xcs_fail(ctx->cb, EMSGSIZE,
-                        "%s 0x%x at offset %llu: record length %u exceeds %u",
-                        layer, *type, (unsigned long long)(ctx->r.off - 8),
-                        *len, XCS_REC_LENGTH_MAX);
-    return 0;
-}
-
-/*
- * Bodies are read in steps that at most double what has arrived: a record
- * length is the stream's word (capped at XCS_REC_LENGTH_MAX, 128 MiB), and
- * a header claiming 128 MiB followed by EOF must cost a truncation error,
- * not an allocation of the claimed size (or ENOMEM under a memory limit).
- */
-#define READ_STEP (64u << 10)
-
-/* Read a whole padded body into ctx->buf, growing it as the bytes arrive. */
-static int read_body(struct restore_ctx *ctx, uint32_t len, const char *what)
-{
-    size_t padded = xcs_rec_padded(len), got = 0;
-
-    if (reserve_buf(ctx, padded < READ_STEP ? (padded ? padded : 1)
-                                            : READ_STEP) < 0)
-        return -1;
-    while (got < padded) {
-        size_t upto;
-
-        if (got == ctx->buf_cap &&
-            reserve_buf(ctx, padded - got < ctx->buf_cap ? padded
-                                                         : 2 * ctx->buf_cap) < 0)
-            return -1;
-        upto = padded < ctx->buf_cap ? padded : ctx->buf_cap;
-        if (read_exact(ctx, ctx->buf + got, upto - got, what) < 0)
-            return -1;
-        got = upto;
-    }
-    return 0;
-}
-
-static int skip_body(struct restore_ctx *ctx, uint32_t len, const char *what)
-{
-    int eof;
-
-    if (xcs_skip_exact(&ctx->r, xcs_rec_padded(len), &eof) < 0)
-        return read_failed(ctx, what, eof);
-    return 0;
+    if (!e->reason[0])
+        return -1; /* the restore's own error, already reported */
+    return xcs_fail(ctx->cb, e->errnum ? e->errnum : EINVAL,
+                    "%s at offset %llu: %s", e->record[0] ? e->record : e->layer,
+                    (unsigned long long)e->offset, e->reason);
 }
 
 /*----- the target file -----*/
@@ -278,7 +214,7 @@ static int write_pages(struct restore_ctx *ctx, const uint64_t *pfns,
 
 /*
  * The batch's pages, still in the stream, moved by the kernel straight to
- * their places in the target (xcs_move_exact: one copy, no user buffer).
+ * their places in the target (xcs_source_move: one copy, no user buffer).
  * Returns 1, having consumed nothing, when the stream fd does not allow it
  * (a socket): the caller reads the pages and writes them instead.
  */
@@ -287,7 +223,7 @@ static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
 {
     int moved = 0; /* has this batch consumed stream bytes yet? */
 
-    xcs_move_expect(&ctx->r, (uint64_t)ndata * XCS_PAGE_SIZE);
+    xcs_source_move_expect(&ctx->r, (uint64_t)ndata * XCS_PAGE_SIZE);
     for (uint32_t i = 0; i < count;) {
         uint32_t j;
         size_t len;
@@ -299,7 +235,7 @@ static int move_pages(struct restore_ctx *ctx, const uint64_t *pfns,
         }
         j = run_end(pfns, count, i);
         len = (size_t)(j - i) * XCS_PAGE_SIZE;
-        rc = xcs_move_exact(&ctx->r, ctx->tfd, (uint64_t)target_off(pfns[i]),
+        rc = xcs_source_move(&ctx->r, ctx->tfd, (uint64_t)target_off(pfns[i]),
                             len, &eof);
         if (rc < 0) {
             if (eof)
@@ -416,8 +352,8 @@ static int finalize(struct restore_ctx *ctx)
 /*----- PAGE_DATA -----*/
 
 /*
- * Check a batch's pfn words against the format and the domain.  Returns the
- * number of pages that carry data, or -1.
+ * Check a batch's pfns (their format is the walker's) against the domain.
+ * Returns the number of pages that carry data, or -1.
  */
 static int check_pfns(struct restore_ctx *ctx, const uint64_t *pfns,
                       uint32_t count, uint64_t rec_off, uint64_t *maxpfn)
@@ -428,20 +364,9 @@ static int check_pfns(struct restore_ctx *ctx, const uint64_t *pfns,
 
     *maxpfn = 0;
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t pfn = xcs_pfn_of(pfns[i]);
-        unsigned int type = xcs_pfn_type(pfns[i]);
+        uint64_t pfn = pfns[i] & XCS_PAGE_DATA_PFN_MASK;
 
-        if (pfns[i] & XCS_PAGE_DATA_RSVD_MASK)
-            return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: "
-                            "reserved bits set in pfn word 0x%016llx",
-                            (unsigned long long)rec_off,
-                            (unsigned long long)pfns[i]);
-        if (!xcs_pfn_type_valid(type))
-            return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: "
-                            "invalid page type %u for pfn 0x%llx",
-                            (unsigned long long)rec_off, type,
-                            (unsigned long long)pfn);
-        if (!xcs_pfn_type_has_data(type))
+        if ((pfns[i] >> 60) >= 0xd)
             continue; /* BROKEN, XALLOC, XTAB: no data */
         if (pfn >= limit)
             return xcs_fail(ctx->cb, ERANGE, "PAGE_DATA at offset %llu: pfn "
@@ -456,34 +381,6 @@ static int check_pfns(struct restore_ctx *ctx, const uint64_t *pfns,
     return ndata;
 }
 
-static int check_batch_head(struct restore_ctx *ctx, uint32_t len,
-                            uint32_t count, uint64_t rec_off)
-{
-    if (count == 0 || count > XCS_MAX_BATCH_SIZE)
-        return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: batch of "
-                        "%u pages (must be 1..%u)",
-                        (unsigned long long)rec_off, count,
-                        XCS_MAX_BATCH_SIZE);
-    if (len < 8 + 8 * (uint64_t)count)
-        return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: length %u "
-                        "too short for %u pfns", (unsigned long long)rec_off,
-                        len, count);
-    return 0;
-}
-
-static int check_batch_len(struct restore_ctx *ctx, uint32_t len,
-                           uint32_t count, int ndata, uint64_t rec_off)
-{
-    uint64_t want = 8 + 8 * (uint64_t)count + XCS_PAGE_SIZE * (uint64_t)ndata;
-
-    if (len != want)
-        return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: length "
-                        "%u, expected %llu for %u pfns with %d data pages",
-                        (unsigned long long)rec_off, len,
-                        (unsigned long long)want, count, ndata);
-    return 0;
-}
-
 static void note_pages(struct restore_ctx *ctx, uint64_t maxpfn, int ndata)
 {
     if (ndata > 0 && (!ctx->any_pages || maxpfn > ctx->max_pfn))
@@ -494,31 +391,21 @@ static void note_pages(struct restore_ctx *ctx, uint64_t maxpfn, int ndata)
     xcs_progress_step(&ctx->pr, ctx->res->pages_received);
 }
 
-/* Direct PAGE_DATA: pfn array, then the pages, then out to the target. */
-static int page_data_direct(struct restore_ctx *ctx, uint32_t len,
+/* Direct PAGE_DATA: the pfns are checked, the pages go to the target. */
+static int page_data_direct(struct restore_ctx *ctx, uint32_t count,
                             uint64_t rec_off)
 {
-    uint32_t head[2];
     uint64_t maxpfn;
     int ndata, rc;
 
-    if (len < 8)
-        return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: length %u "
-                        "too short", (unsigned long long)rec_off, len);
-    if (read_exact(ctx, head, sizeof(head), "PAGE_DATA") < 0 ||
-        check_batch_head(ctx, len, head[0], rec_off) < 0 ||
-        read_exact(ctx, ctx->pfns, 8 * (size_t)head[0], "PAGE_DATA pfns") < 0)
-        return -1;
-    ndata = check_pfns(ctx, ctx->pfns, head[0], rec_off, &maxpfn);
-    if (ndata < 0 || check_batch_len(ctx, len, head[0], ndata, rec_off) < 0)
-        return -1;
-    if (ndata == 0)
-        return 0;
-    rc = move_pages(ctx, ctx->pfns, head[0], ndata);
+    ndata = check_pfns(ctx, ctx->pfns, count, rec_off, &maxpfn);
+    if (ndata <= 0)
+        return ndata;
+    rc = move_pages(ctx, ctx->pfns, count, ndata);
     if (rc > 0 &&
         (read_exact(ctx, ctx->pages, (size_t)ndata * XCS_PAGE_SIZE,
                     "PAGE_DATA pages") < 0 ||
-         write_pages(ctx, ctx->pfns, head[0], ctx->pages) < 0))
+         write_pages(ctx, ctx->pfns, count, ctx->pages) < 0))
         rc = -1;
     if (rc < 0)
         return -1;
@@ -528,25 +415,18 @@ static int page_data_direct(struct restore_ctx *ctx, uint32_t len,
 
 /* PAGE_DATA from memory (buffered checkpoint): check, and write if apply. */
 static int page_data_mem(struct restore_ctx *ctx, const uint8_t *body,
-                         uint32_t len, uint64_t rec_off, int apply)
+                         uint64_t rec_off, int apply)
 {
     uint32_t count;
     const uint8_t *data;
     uint64_t maxpfn;
     int ndata;
 
-    if (len < 8)
-        return xcs_fail(ctx->cb, EINVAL, "PAGE_DATA at offset %llu: length %u "
-                        "too short", (unsigned long long)rec_off, len);
-    count = xcs_get_le32(body);
-    if (check_batch_head(ctx, len, count, rec_off) < 0)
-        return -1;
+    memcpy(&count, body, 4);
     memcpy(ctx->pfns, body + 8, 8 * (size_t)count); /* align the words */
     ndata = check_pfns(ctx, ctx->pfns, count, rec_off, &maxpfn);
-    if (ndata < 0 || check_batch_len(ctx, len, count, ndata, rec_off) < 0)
-        return -1;
-    if (!apply || ndata == 0)
-        return 0;
+    if (ndata < 0 || !apply || ndata == 0)
+        return ndata < 0 ? -1 : 0;
     data = body + 8 + 8 * (size_t)count;
     if (write_pages(ctx, ctx->pfns, count, data) < 0)
         return -1;
@@ -726,23 +606,12 @@ static int sim_hvm_context(struct restore_ctx *ctx, const uint8_t *body,
     return 0;
 }
 
-static int hvm_params(struct restore_ctx *ctx, const uint8_t *body,
-                      uint32_t len, uint64_t rec_off, int apply)
+/* The store and console pfns (the walker checked len == 8 + 16 * count). */
+static void hvm_params(struct restore_ctx *ctx, const uint8_t *body)
 {
     uint32_t count;
 
-    if (len == 0)
-        return 0; /* Xen 4.6-4.8 could send an empty one (spec erratum) */
-    if (len < 8)
-        return xcs_fail(ctx->cb, EINVAL, "HVM_PARAMS at offset %llu: length "
-                        "%u too short", (unsigned long long)rec_off, len);
-    count = xcs_get_le32(body);
-    if (len != 8 + 16 * (uint64_t)count)
-        return xcs_fail(ctx->cb, EINVAL, "HVM_PARAMS at offset %llu: length "
-                        "%u for %u entries", (unsigned long long)rec_off, len,
-                        count);
-    if (!apply)
-        return 0;
+    memcpy(&count, body, 4);
     for (uint32_t i = 0; i < count; i++) {
         uint64_t idx, val;
 
@@ -753,7 +622,6 @@ static int hvm_params(struct restore_ctx *ctx, const uint8_t *body,
         else if (idx == XCS_HVM_PARAM_CONSOLE_PFN)
             ctx->res->console_gfn = val;
     }
-    return 0;
 }
 
 /*----- libxc records -----*/
@@ -762,7 +630,6 @@ static int static_data_end(struct restore_ctx *ctx)
 {
     unsigned int missing = 0;
 
-    ctx->sde_seen = 1;
     if (!(ctx->policies & 1))
         missing |= 1; /* XGR_SDD_MISSING_CPUID */
     if (!(ctx->policies & 2))
@@ -774,8 +641,8 @@ static int static_data_end(struct restore_ctx *ctx)
 }
 
 /*
- * Everything but PAGE_DATA bodies in direct mode: body in memory.  With
- * apply 0 only checks (a buffered checkpoint is checked whole first).
+ * A memory or register record whose body is in memory.  With apply 0 only
+ * checks (a buffered checkpoint is checked whole first).
  */
 static int libxc_record_mem(struct restore_ctx *ctx, uint32_t type,
                             const uint8_t *body, uint32_t len,
@@ -783,67 +650,82 @@ static int libxc_record_mem(struct restore_ctx *ctx, uint32_t type,
 {
     switch (type) {
     case XCS_REC_PAGE_DATA:
-        return page_data_mem(ctx, body, len, rec_off, apply);
-    case XCS_REC_X86_TSC_INFO:
-        if (len != 24)
-            return xcs_fail(ctx->cb, EINVAL, "X86_TSC_INFO at offset %llu: "
-                            "length %u, expected 24",
-                            (unsigned long long)rec_off, len);
-        return 0; /* the sim has no TSC to set */
+        return page_data_mem(ctx, body, rec_off, apply);
     case XCS_REC_HVM_CONTEXT:
         return hvm_context(ctx, body, len, rec_off, apply);
     case XCS_REC_HVM_PARAMS:
-        return hvm_params(ctx, body, len, rec_off, apply);
-    case XCS_REC_VERIFY:
-        return 0; /* later memory records repeat pages: harmless here */
+        if (apply)
+            hvm_params(ctx, body);
+        return 0;
     default:
-        return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu is not valid here",
-                        xcs_libxc_rec_name(type), (unsigned long long)rec_off);
+        return 0; /* X86_TSC_INFO (the sim has no TSC to set), VERIFY */
     }
 }
 
-static int buffer_record(struct restore_ctx *ctx, uint32_t type, uint32_t len,
-                         uint64_t rec_off)
+/*
+ * The arena grows to hold one more record of len body bytes; a record's
+ * bytes arrived (or, for pages, their length was checked) before it grows.
+ */
+static uint8_t *arena_slot(struct restore_ctx *ctx, uint32_t type,
+                           uint32_t len, uint64_t rec_off)
 {
     struct arena *a = &ctx->ckpt;
-    size_t need = 16 + (size_t)xcs_rec_padded(len), got = 16;
+    size_t need = 16 + (size_t)xcs_rec_padded(len);
     uint8_t *slot;
 
-    /*
-     * The arena grows as the record's bytes arrive (as read_body does), so
-     * that what a lying length costs is what the stream actually sent.
-     */
-    for (;;) {
-        size_t room = a->cap - a->len, upto;
+    if (a->cap - a->len < need) {
+        size_t ncap = a->cap ? a->cap : (1u << 20);
+        uint8_t *n;
 
-        if (room < need && room <= got) { /* full: double it */
-            size_t ncap = a->cap ? 2 * a->cap : (1u << 20);
-            uint8_t *n = realloc(a->data, ncap);
-
-            if (!n)
-                return xcs_fail(ctx->cb, ENOMEM, "buffering a checkpoint of "
-                                "%zu bytes", a->len + got);
-            a->data = n;
-            a->cap = ncap;
-            room = ncap - a->len;
+        while (ncap - a->len < need)
+            ncap *= 2;
+        n = realloc(a->data, ncap);
+        if (!n) {
+            xcs_fail(ctx->cb, ENOMEM, "buffering a checkpoint of %zu bytes",
+                     a->len + need);
+            return NULL;
         }
-        upto = need < room ? need : room;
-        if (upto > got &&
-            read_exact(ctx, a->data + a->len + got, upto - got,
-                       xcs_libxc_rec_name(type)) < 0)
-            return -1;
-        got = upto;
-        if (got == need)
-            break;
+        a->data = n;
+        a->cap = ncap;
     }
     slot = a->data + a->len;
     memcpy(slot, &type, 4);
     memcpy(slot + 4, &len, 4);
     memcpy(slot + 8, &rec_off, 8);
-    /* Check now: a bad record spoils this checkpoint, not the domain. */
+    return slot;
+}
+
+/* Keep a checked record for the checkpoint's end; a bad one spoils it. */
+static int buffer_record(struct restore_ctx *ctx, uint32_t type,
+                         const uint8_t *body, uint32_t len, uint64_t rec_off)
+{
+    uint8_t *slot = arena_slot(ctx, type, len, rec_off);
+
+    if (!slot)
+        return -1;
+    memcpy(slot + 16, body, len);
     if (libxc_record_mem(ctx, type, slot + 16, len, rec_off, 0) < 0)
         return -1;
-    a->len += need;
+    ctx->ckpt.len += 16 + (size_t)xcs_rec_padded(len);
+    return 0;
+}
+
+static int buffer_page_batch(struct restore_ctx *ctx, uint32_t count,
+                             uint32_t ndata, uint64_t rec_off)
+{
+    uint32_t len = 8 + 8 * count + ndata * XCS_PAGE_SIZE, zero = 0;
+    uint8_t *slot = arena_slot(ctx, XCS_REC_PAGE_DATA, len, rec_off);
+
+    if (!slot)
+        return -1;
+    memcpy(slot + 16, &count, 4);
+    memcpy(slot + 20, &zero, 4);
+    memcpy(slot + 24, ctx->pfns, 8 * (size_t)count);
+    if (read_exact(ctx, slot + 24 + 8 * (size_t)count,
+                   (size_t)ndata * XCS_PAGE_SIZE, "PAGE_DATA pages") < 0 ||
+        libxc_record_mem(ctx, XCS_REC_PAGE_DATA, slot + 16, len, rec_off, 0) < 0)
+        return -1;
+    ctx->ckpt.len += 16 + (size_t)xcs_rec_padded(len);
     return 0;
 }
 
@@ -869,259 +751,110 @@ static int apply_checkpoint(struct restore_ctx *ctx)
     return 0;
 }
 
-static int read_image_header(struct restore_ctx *ctx)
-{
-    uint8_t b[XCS_IHDR_SIZE + XCS_DHDR_SIZE];
-    uint64_t start = ctx->r.off;
-    struct xcs_ihdr ih;
-    struct xcs_dhdr dh;
-    char why[XCS_WHY_LEN];
+/*----- the walker's client -----*/
 
-    if (read_exact(ctx, b, sizeof(b), "the libxc image header") < 0)
-        return -1;
-    if (xcs_ihdr_parse(b, &ih, why, sizeof(why)) ||
-        xcs_dhdr_parse(b + XCS_IHDR_SIZE, &dh, why, sizeof(why)))
-        return xcs_fail(ctx->cb, EINVAL, "the libxc image at offset %llu: %s",
-                        (unsigned long long)start, why);
-    ctx->version = ih.version;
-    if (dh.type == XCS_DHDR_TYPE_X86_PV && ctx->p->foreign)
+static int on_image(struct xcs_walker *w)
+{
+    struct restore_ctx *ctx = w->data;
+
+    if (w->dtype == XCS_DHDR_TYPE_X86_PV && ctx->p->foreign)
         ctx->pv = 1;
-    else if (dh.type != XCS_DHDR_TYPE_X86_HVM)
+    else if (w->dtype != XCS_DHDR_TYPE_X86_HVM)
         return xcs_fail(ctx->cb, EINVAL, "domain type %u: the sim engine "
-                        "restores HVM-shaped streams (type 2)%s", dh.type,
+                        "restores HVM-shaped streams (type 2)%s", w->dtype,
                         ctx->p->foreign ? " and PV ones (type 1)" : " only");
     xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "libxc image v%u from Xen %u.%u",
-             ctx->version, dh.xen_major, dh.xen_minor);
+             w->version, w->xen_major, w->xen_minor);
     return 0;
 }
 
-/*
- * Read libxc records until END, or CHECKPOINT in a Remus stream.  Returns
- * STOP_END / STOP_CHECKPOINT, or -1.
- */
-static int libxc_records(struct restore_ctx *ctx)
+/* The clean END of a checkpointed stream: its last state is final. */
+static int remus_end(struct restore_ctx *ctx)
 {
-    for (;;) {
-        uint32_t type, len;
-        uint64_t rec_off = ctx->r.off;
-
-        if (read_rhdr(ctx, &type, &len, "libxc record") < 0)
-            return -1;
-        switch (type) {
-        case XCS_REC_END:
-            /*
-             * END has no body.  A length here was neither read nor skipped,
-             * so a libxl layer after the image would have read it as its
-             * next record: refuse it, as the verifier does ("END with
-             * length").  Found by test_hostile's bit flips.
-             */
-            if (len)
-                return xcs_fail(ctx->cb, EINVAL, "END at offset %llu: length "
-                                "%u, expected 0", (unsigned long long)rec_off,
-                                len);
-            return STOP_END;
-        case XCS_REC_CHECKPOINT:
-            if (!ctx->remus)
-                return xcs_fail(ctx->cb, EINVAL, "CHECKPOINT at offset %llu: "
-                                "found a checkpoint in a non-checkpointed "
-                                "stream", (unsigned long long)rec_off);
-            if (len && skip_body(ctx, len, "CHECKPOINT") < 0)
-                return -1;
-            return STOP_CHECKPOINT;
-        case XCS_REC_STATIC_DATA_END:
-            if (ctx->version < XCS_IHDR_VERSION_3 || ctx->sde_seen)
-                return xcs_fail(ctx->cb, EINVAL, "STATIC_DATA_END at offset "
-                                "%llu unexpected", (unsigned long long)rec_off);
-            if ((len && skip_body(ctx, len, "STATIC_DATA_END") < 0) ||
-                static_data_end(ctx) < 0)
-                return -1;
-            continue;
-        case XCS_REC_X86_CPUID_POLICY:
-        case XCS_REC_X86_MSR_POLICY:
-            if (ctx->sde_seen)
-                return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu after "
-                                "STATIC_DATA_END", xcs_libxc_rec_name(type),
-                                (unsigned long long)rec_off);
-            ctx->policies |= type == XCS_REC_X86_CPUID_POLICY ? 1 : 2;
-            if (skip_body(ctx, len, xcs_libxc_rec_name(type)) < 0) /* no CPU to set */
-                return -1;
-            continue;
-        case XCS_REC_PAGE_DATA:
-        case XCS_REC_X86_TSC_INFO:
-        case XCS_REC_HVM_CONTEXT:
-        case XCS_REC_HVM_PARAMS:
-        case XCS_REC_VERIFY:
-            break;
-        case XCS_REC_X86_PV_VCPU_BASIC:
-            if (!ctx->pv)
-                goto not_here;
-            if (len < 8 || read_body(ctx, len, "X86_PV_VCPU_BASIC") < 0)
-                return len < 8 ? xcs_fail(ctx->cb, EINVAL, "X86_PV_VCPU_BASIC "
-                                          "at offset %llu: length %u",
-                                          (unsigned long long)rec_off, len)
-                               : -1;
-            if (foreign_vcpu(ctx, xcs_get_le32(ctx->buf), ctx->buf + 8,
-                             len - 8, rec_off) < 0)
-                return -1;
-            continue;
-        case XCS_REC_X86_PV_INFO:
-        case XCS_REC_X86_PV_P2M_FRAMES:
-        case XCS_REC_X86_PV_VCPU_EXTENDED:
-        case XCS_REC_X86_PV_VCPU_XSAVE:
-        case XCS_REC_X86_PV_VCPU_MSRS:
-        case XCS_REC_SHARED_INFO:
-            if (!ctx->pv)
-                goto not_here;
-            /* PV machinery the sim does not model (no p2m, no shared page). */
-            if (skip_body(ctx, len, xcs_libxc_rec_name(type)) < 0)
-                return -1;
-            continue;
-        default:
-        not_here:
-            if (type & XCS_REC_TYPE_OPTIONAL) {
-                xcs_logf(ctx->cb, XCS_LOG_DEBUG, -1, "ignoring optional "
-                         "record 0x%x at offset %llu", type,
-                         (unsigned long long)rec_off);
-                if (skip_body(ctx, len, "an optional record") < 0)
-                    return -1;
-                continue;
-            }
-            if (type < XCS_REC_TYPE_COUNT)
-                return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu is not "
-                                "valid in an %s stream", xcs_libxc_rec_name(type),
-                                (unsigned long long)rec_off,
-                                ctx->pv ? "PV" : "HVM");
-            return xcs_fail(ctx->cb, EINVAL, "unknown mandatory record type "
-                            "0x%x at offset %llu", type,
-                            (unsigned long long)rec_off);
-        }
-
-        /* Memory and register records: static data must be over. */
-        if (!ctx->sde_seen) {
-            if (ctx->version >= XCS_IHDR_VERSION_3)
-                return xcs_fail(ctx->cb, EINVAL, "%s at offset %llu before "
-                                "STATIC_DATA_END", xcs_libxc_rec_name(type),
-                                (unsigned long long)rec_off);
-            if (static_data_end(ctx) < 0) /* v2: implied here */
-                return -1;
-        }
-        if (ctx->buffering) {
-            if (buffer_record(ctx, type, len, rec_off) < 0)
-                return -1;
-        } else if (type == XCS_REC_PAGE_DATA) {
-            if (page_data_direct(ctx, len, rec_off) < 0)
-                return -1;
-        } else {
-            if (read_body(ctx, len, xcs_libxc_rec_name(type)) < 0 ||
-                libxc_record_mem(ctx, type, ctx->buf, len, rec_off, 1) < 0)
-                return -1;
-        }
-    }
-}
-
-/*----- libxl and xl layers -----*/
-
-static int read_xl_header(struct restore_ctx *ctx)
-{
-    uint8_t b[XCS_XL_HDR_SIZE];
-    struct xcs_xl_hdr h;
-    char why[XCS_WHY_LEN];
-
-    if (read_exact(ctx, b, sizeof(b), "the xl header") < 0)
+    /*
+     * The sender says what came since the last CHECKPOINT is its final,
+     * consistent state (a converted legacy stream ends so after the image
+     * carrying LAST_CHECKPOINT): commit it.  The first image was applied as
+     * it came; later ones were buffered.
+     */
+    if (ctx->buffering && !ctx->ckpt.len)
+        return 0;
+    if (ctx->buffering && apply_checkpoint(ctx) < 0) {
+        ctx->fatal = 1;
         return -1;
-    if (xcs_xl_hdr_parse(b, &h, why, sizeof(why)))
-        return xcs_fail(ctx->cb, EINVAL, "the xl header: %s", why);
-    if (!(h.mflags & XCS_XL_MFLAG_STREAMV2))
-        return xcs_fail(ctx->cb, EINVAL, "xl savefile carries a legacy "
-                        "(pre-4.6) stream: convert it first");
-    if (h.optlen > XL_OPTDATA_MAX)
-        return xcs_fail(ctx->cb, EMSGSIZE, "xl optional data of %u bytes "
-                        "exceeds %u", h.optlen, XL_OPTDATA_MAX);
-    /* The domain config is the toolstack's business, not ours. */
-    if (h.optlen) {
-        int eof;
-
-        if (xcs_skip_exact(&ctx->r, h.optlen, &eof) < 0)
-            return read_failed(ctx, "the xl config", eof);
     }
+    ctx->res->checkpoints++;
     return 0;
 }
 
-static int read_libxl_header(struct restore_ctx *ctx)
+static int on_record(struct xcs_walker *w, uint32_t type, const uint8_t *body,
+                     uint32_t len)
 {
-    uint8_t b[XCS_LIBXL_HDR_SIZE];
-    struct xcs_libxl_hdr h;
-    char why[XCS_WHY_LEN];
+    struct restore_ctx *ctx = w->data;
 
-    if (read_exact(ctx, b, sizeof(b), "the libxl header") < 0)
-        return -1;
-    if (xcs_libxl_hdr_parse(b, &h, why, sizeof(why)))
-        return xcs_fail(ctx->cb, EINVAL, "the libxl header: %s", why);
-    return 0;
-}
-
-/*
- * libxl records after the libxc image (or after its CHECKPOINT): emulator
- * state is skipped (the sim has no device model); returns the type that
- * ends this stretch: END, LIBXC_CONTEXT or CHECKPOINT_END.
- */
-static int libxl_records(struct restore_ctx *ctx, int *stop)
-{
-    for (;;) {
-        uint32_t type, len;
-        uint64_t rec_off = ctx->r.off;
-
-        if (read_rhdr(ctx, &type, &len, "libxl record") < 0)
-            return -1;
-        switch (type) {
-        case XCS_LIBXL_REC_END:
-        case XCS_LIBXL_REC_LIBXC_CONTEXT:
-        case XCS_LIBXL_REC_CHECKPOINT_END:
-            if (len != 0)
-                return xcs_fail(ctx->cb, EINVAL, "libxl record %u at offset "
-                                "%llu: length %u, expected 0", type,
-                                (unsigned long long)rec_off, len);
-            *stop = (int)type;
-            return 0;
-        case XCS_LIBXL_REC_EMULATOR_XENSTORE_DATA:
-        case XCS_LIBXL_REC_EMULATOR_CONTEXT:
-            if (len < 8)
-                return xcs_fail(ctx->cb, EINVAL, "emulator record at offset "
-                                "%llu: length %u too short",
-                                (unsigned long long)rec_off, len);
-            if (type == XCS_LIBXL_REC_EMULATOR_CONTEXT && ctx->p->dm_path) {
-                /* Keep it for hand-over (length capped by read_rhdr). */
-                if (read_body(ctx, len, "EMULATOR_CONTEXT") < 0)
-                    return -1;
-                free(ctx->dm);
-                ctx->dm = malloc(len - 8 ? len - 8 : 1);
-                if (!ctx->dm)
-                    return xcs_fail(ctx->cb, ENOMEM, "keeping %u bytes of "
-                                    "device model state", len - 8);
-                memcpy(ctx->dm, ctx->buf + 8, len - 8);
-                ctx->dm_len = len - 8;
-                continue;
-            }
-            /* The sim has no device model: nothing else to apply. */
-            if (skip_body(ctx, len, "an emulator record") < 0)
-                return -1;
-            continue;
-        default:
-            return xcs_fail(ctx->cb, EINVAL, "libxl record type %u at offset "
-                            "%llu not valid here", type,
-                            (unsigned long long)rec_off);
-        }
+    switch (type) {
+    case XCS_REC_STATIC_DATA_END: /* also a v2 stream's implied one */
+        return static_data_end(ctx);
+    case XCS_REC_X86_CPUID_POLICY: /* no CPU to set */
+        ctx->policies |= 1;
+        return 0;
+    case XCS_REC_X86_MSR_POLICY:
+        ctx->policies |= 2;
+        return 0;
+    case XCS_REC_END:
+        return ctx->remus ? remus_end(ctx) : 0;
+    case XCS_REC_X86_PV_VCPU_BASIC: /* the walker allows it in PV only */
+        return foreign_vcpu(ctx, xcs_get_le32(body), body + 8, len - 8,
+                            w->rec_off);
+    case XCS_REC_X86_TSC_INFO:
+    case XCS_REC_HVM_CONTEXT:
+    case XCS_REC_HVM_PARAMS:
+    case XCS_REC_VERIFY:
+        if (ctx->buffering)
+            return buffer_record(ctx, type, body, len, w->rec_off);
+        return libxc_record_mem(ctx, type, body, len, w->rec_off, 1);
+    default:
+        /* CHECKPOINT (on_checkpoint); PV machinery the sim does not model */
+        return 0;
     }
 }
 
-/*----- checkpoints -----*/
+static int on_page_batch(struct xcs_walker *w, const uint8_t *pfns,
+                         uint32_t count, uint32_t ndata)
+{
+    struct restore_ctx *ctx = w->data;
+
+    memcpy(ctx->pfns, pfns, 8 * (size_t)count); /* align the words */
+    if (ctx->buffering)
+        return buffer_page_batch(ctx, count, ndata, w->rec_off);
+    return page_data_direct(ctx, count, w->rec_off);
+}
+
+/* libxl emulator records: the sim has no device model; hand its state over. */
+static int on_libxl_record(struct xcs_walker *w, uint32_t type,
+                           const uint8_t *body, uint32_t len)
+{
+    struct restore_ctx *ctx = w->data;
+
+    if (type != XCS_LIBXL_REC_EMULATOR_CONTEXT || !ctx->p->dm_path || !body)
+        return 0;
+    free(ctx->dm);
+    ctx->dm = malloc(len - 8 ? len - 8 : 1);
+    if (!ctx->dm)
+        return xcs_fail(ctx->cb, ENOMEM, "keeping %u bytes of device model "
+                        "state", len - 8);
+    memcpy(ctx->dm, body + 8, len - 8);
+    ctx->dm_len = len - 8;
+    return 0;
+}
 
 /* A checkpoint is complete: apply it, count it, ask whether to go on. */
-static int checkpoint_done(struct restore_ctx *ctx, int *stop_now)
+static int on_checkpoint(struct xcs_walker *w)
 {
+    struct restore_ctx *ctx = w->data;
     int r;
 
-    *stop_now = 0;
+    ctx->fatal = 1; /* what fails here is no broken checkpoint */
     if (ctx->buffering && apply_checkpoint(ctx) < 0)
         return -1;
     if (!ctx->have_ctx)
@@ -1129,122 +862,64 @@ static int checkpoint_done(struct restore_ctx *ctx, int *stop_now)
                         ctx->res->checkpoints + 1);
     ctx->res->checkpoints++;
     ctx->buffering = 1;
-    if (!ctx->cb->restore_checkpoint)
-        return 0;
-    r = ctx->cb->restore_checkpoint(ctx->cb->data);
-    if (r == XCS_CHECKPOINT_FAILOVER)
-        *stop_now = 1;
-    else if (r != XCS_CHECKPOINT_SUCCESS)
-        return xcs_fail(ctx->cb, ECANCELED, "restore_checkpoint callback "
-                        "failed (%d)", r);
+    if (ctx->cb->restore_checkpoint) {
+        r = ctx->cb->restore_checkpoint(ctx->cb->data);
+        if (r == XCS_CHECKPOINT_FAILOVER) {
+            ctx->fatal = 0;
+            return XCS_WALK_STOP;
+        }
+        if (r != XCS_CHECKPOINT_SUCCESS)
+            return xcs_fail(ctx->cb, ECANCELED, "restore_checkpoint callback "
+                            "failed (%d)", r);
+    }
+    ctx->fatal = 0;
     return 0;
 }
 
-/*
- * The Remus loop from after the image header: checkpoints until the stream
- * ends.  Reading errors after a complete checkpoint mean failover.
- */
-static int remus_stream(struct restore_ctx *ctx)
-{
-    int wrapped = xcs_fmt_has_libxl(ctx->p->wrap);
-
-    for (;;) {
-        int stop, stop_now, r;
-
-        r = libxc_records(ctx);
-        if (r == STOP_CHECKPOINT && wrapped) {
-            if (libxl_records(ctx, &stop) < 0)
-                r = -1;
-            else if (stop != XCS_LIBXL_REC_CHECKPOINT_END)
-                r = xcs_fail(ctx->cb, EINVAL, "libxl %s where CHECKPOINT_END "
-                             "was expected", stop ? "LIBXC_CONTEXT" : "END");
-        }
-        if (r == STOP_CHECKPOINT) {
-            if (checkpoint_done(ctx, &stop_now) < 0)
-                return -1;
-            if (stop_now)
-                return 0;
-            continue;
-        }
-        if (r == STOP_END) {
-            /*
-             * A clean END: the sender says what came since the last
-             * CHECKPOINT is its final, consistent state (a converted legacy
-             * stream ends so after the image carrying LAST_CHECKPOINT).
-             * Commit it, and read the libxl layer to its END: exactly the
-             * stream, nothing after it.
-             */
-            if (!ctx->buffering || ctx->ckpt.len) {
-                /* The first image was applied as it came; later ones buffered. */
-                if (ctx->buffering && apply_checkpoint(ctx) < 0)
-                    return -1;
-                ctx->res->checkpoints++;
-            }
-            if (wrapped) {
-                if (libxl_records(ctx, &stop) < 0)
-                    return -1;
-                if (stop != XCS_LIBXL_REC_END)
-                    return xcs_fail(ctx->cb, EINVAL, "libxl %s after the final "
-                                    "libxc END", stop ? "LIBXC_CONTEXT or "
-                                    "CHECKPOINT_END" : "END");
-            }
-            return ctx->res->checkpoints ? 0
-                                         : xcs_fail(ctx->cb, EINVAL, "checkpointed "
-                                                    "stream ended before its first "
-                                                    "checkpoint");
-        }
-        if (ctx->res->checkpoints == 0)
-            return r < 0 ? -1
-                         : xcs_fail(ctx->cb, EINVAL, "checkpointed stream "
-                                    "ended before its first checkpoint");
-        /* EOF or a broken checkpoint: the last complete one stands. */
-        xcs_logf(ctx->cb, XCS_LOG_NOTICE, -1, "stream ended: failing over to "
-                 "checkpoint %u (%zu buffered bytes dropped)",
-                 ctx->res->checkpoints, ctx->ckpt.len);
-        ctx->ckpt.len = 0;
-        return 0;
-    }
-}
+static const struct xcs_walk_ops restore_ops = {
+    .on_image = on_image,
+    .on_record = on_record,
+    .on_page_batch = on_page_batch,
+    .on_libxl_record = on_libxl_record,
+    .on_checkpoint = on_checkpoint,
+};
 
 /*----- whole restore -----*/
 
-static int restore_image(struct restore_ctx *ctx)
-{
-    int r;
-
-    if (read_image_header(ctx) < 0)
-        return -1;
-    if (ctx->remus)
-        return remus_stream(ctx);
-    r = libxc_records(ctx);
-    return r < 0 ? -1 : 0;
-}
-
 static int restore_stream(struct restore_ctx *ctx)
 {
-    int stop;
+    int rc;
 
-    if (ctx->p->wrap == XCS_FMT_XL && read_xl_header(ctx) < 0)
-        return -1;
-    if (ctx->p->wrap == XCS_FMT_LIBXC)
-        return restore_image(ctx);
-    if (read_libxl_header(ctx) < 0 || libxl_records(ctx, &stop) < 0)
-        return -1;
-    if (stop != XCS_LIBXL_REC_LIBXC_CONTEXT)
-        return xcs_fail(ctx->cb, EINVAL, "libxl stream has no libxc image "
-                        "(LIBXC_CONTEXT) before its %s",
-                        stop ? "CHECKPOINT_END" : "END");
-    if (restore_image(ctx) < 0)
-        return -1;
-    if (ctx->remus)
-        return 0; /* the stream ended inside remus_stream */
-    if (libxl_records(ctx, &stop) < 0)
-        return -1;
-    if (stop != XCS_LIBXL_REC_END)
-        return xcs_fail(ctx->cb, EINVAL, "libxl stream: %s after the libxc "
-                        "image", stop == XCS_LIBXL_REC_LIBXC_CONTEXT
-                                     ? "a second LIBXC_CONTEXT"
-                                     : "CHECKPOINT_END in a plain stream");
+    ctx->wo.start = ctx->p->wrap;
+    ctx->wo.stream_type = (enum xcs_stream_type)ctx->p->stream_type;
+    ctx->wo.flags = ctx->p->dm_path ? XCS_WALK_EMU_BODY : 0;
+    ctx->wo.max_batch = XCS_MAX_BATCH_SIZE;
+    ctx->wo.libxl_len_max = XCS_REC_LENGTH_MAX;
+    ctx->wo.xl_optdata_max = XL_OPTDATA_MAX;
+    ctx->w.in = &ctx->r;
+    ctx->w.opts = &ctx->wo;
+    ctx->w.ops = &restore_ops;
+    ctx->w.data = ctx;
+
+    rc = xcs_walk(&ctx->w);
+    if (rc == XCS_WALK_STOP)
+        return 0;
+    if (rc == 0 && ctx->w.xl_legacy)
+        return xcs_fail(ctx->cb, EINVAL, "xl savefile carries a legacy "
+                        "(pre-4.6) stream: convert it first");
+    if (rc == 0 && ctx->w.ended != 2)
+        return 0;
+    if (rc != 0) {
+        walk_failed(ctx);
+        /* Remus: a broken later checkpoint leaves the last complete one. */
+        if (!ctx->remus || ctx->fatal || ctx->res->checkpoints == 0)
+            return -1;
+    }
+    /* EOF or a broken checkpoint: the last complete one stands. */
+    xcs_logf(ctx->cb, XCS_LOG_NOTICE, -1, "stream ended: failing over to "
+             "checkpoint %u (%zu buffered bytes dropped)",
+             ctx->res->checkpoints, ctx->ckpt.len);
+    ctx->ckpt.len = 0;
     return 0;
 }
 
@@ -1264,7 +939,6 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
     ctx.cb = cb;
     ctx.res = res ? res : &dummy;
     memset(ctx.res, 0, sizeof(*ctx.res));
-    ctx.r.fd = p->io_fd;
     ctx.remus = p->stream_type == XCS_STREAM_REMUS;
     ctx.max_pages = p->max_pages && p->max_pages < XCS_SIM_MAX_PAGES
                         ? p->max_pages
@@ -1287,6 +961,11 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
     ctx.pages = malloc((size_t)XCS_PAGE_SIZE * XCS_MAX_BATCH_SIZE);
     if (!ctx.pfns || !ctx.pages) {
         xcs_fail(cb, ENOMEM, "allocating restore buffers");
+        goto out;
+    }
+    /* Exact reads even from a regular file: the fd offset must follow. */
+    if (xcs_source_open(&ctx.r, p->io_fd, 0) < 0) {
+        xcs_fail(cb, errno, "opening the stream: %s", strerror(errno));
         goto out;
     }
     xcs_pipe_grow(p->io_fd);
@@ -1312,12 +991,12 @@ out:
     }
     ctx.res->bytes_read = ctx.r.off;
     ctx.res->kernel_moved_bytes = ctx.r.moved;
-    xcs_reader_release(&ctx.r);
+    xcs_source_close(&ctx.r);
+    xcs_walk_release(&ctx.w);
     ctx.res->duration_ns = xcs_now_ns() - t0;
     free(ctx.ckpt.data);
     free(ctx.dm);
     free(ctx.vcpus);
-    free(ctx.buf);
     free(ctx.pages);
     free(ctx.pfns);
     errno = saved;

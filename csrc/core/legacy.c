@@ -57,7 +57,7 @@ enum kcopy {
 };
 
 struct conv {
-    struct xcs_src *in;
+    struct xcs_source *in;
     int out_fd;                      /* < 0: check only */
     enum kcopy kcopy;
     const struct xcs_legacy_opts *o;
@@ -125,7 +125,7 @@ static int io_fail(struct conv *c, const char *what)
     if (!c->st->err_reason[0]) {
         snprintf(c->st->err_reason, sizeof(c->st->err_reason), "%s: %s (%s)",
                  what, strerror(e), xcs_errno_name(e, nb, sizeof(nb)));
-        c->st->err_offset = c->in->pos;
+        c->st->err_offset = c->in->off;
         if (c->err && c->errlen)
             snprintf(c->err, c->errlen, "%s", c->st->err_reason);
     }
@@ -135,7 +135,7 @@ static int io_fail(struct conv *c, const char *what)
 
 static void at(struct conv *c, const char *chunk)
 {
-    c->chunk_off = c->in->pos;
+    c->chunk_off = c->in->off;
     c->chunk = chunk;
 }
 
@@ -144,7 +144,7 @@ static void at(struct conv *c, const char *chunk)
 static int rd(struct conv *c, size_t n, const uint8_t **p, const char *what)
 {
     size_t got;
-    int r = xcs_src_get(c->in, n, p, &got);
+    int r = xcs_source_get(c->in, n, p, &got);
 
     if (r < 0)
         return io_fail(c, "read");
@@ -157,7 +157,7 @@ static int rd(struct conv *c, size_t n, const uint8_t **p, const char *what)
 static int rd_skip(struct conv *c, uint64_t n, const char *what)
 {
     uint64_t got;
-    int r = xcs_src_skip(c->in, n, &got);
+    int r = xcs_source_skip(c->in, n, &got);
 
     if (r < 0)
         return io_fail(c, "read");
@@ -641,15 +641,15 @@ static int out_page_data(struct conv *c, size_t n)
         ssize_t r;
 
         if (c->kcopy == KCOPY_CFR) {
-            loff_t off = (loff_t)(c->in->start + c->in->pos);
+            loff_t off = (loff_t)(c->in->start + c->in->off);
 
             r = copy_file_range(c->in->fd, &off, c->out_fd, NULL, want, 0);
         } else if (c->kcopy == KCOPY_SENDFILE) {
-            off_t off = (off_t)(c->in->start + c->in->pos);
+            off_t off = (off_t)(c->in->start + c->in->off);
 
             r = sendfile(c->out_fd, c->in->fd, &off, want);
         } else {
-            size_t buffered = xcs_src_buffered(c->in);
+            size_t buffered = xcs_source_buffered(c->in);
 
             if (buffered) { /* bytes already read: pass them on first */
                 want = buffered < want ? buffered : want;
@@ -680,7 +680,7 @@ static int out_page_data(struct conv *c, size_t n)
         if (r == 0)
             return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %zu of %zu bytes of "
                                                "page data", done, n);
-        xcs_src_consumed(c->in, (uint64_t)r);
+        xcs_source_consumed(c->in, (uint64_t)r);
         c->st->out_bytes += (uint64_t)r;
         c->st->kernel_copied_bytes += (uint64_t)r;
         done += (size_t)r;
@@ -745,7 +745,7 @@ static int page_batch(struct conv *c, int count)
      * queued, so that a Remus failover's output ends at a record edge.
      */
     if (!kept || c->out_fd < 0 || c->kcopy == KCOPY_NONE ||
-        (c->in->mapped && xcs_src_remaining(c->in) < (uint64_t)ndata * XCS_PAGE_SIZE)) {
+        (c->in->mapped && xcs_source_remaining(c->in) < (uint64_t)ndata * XCS_PAGE_SIZE)) {
         rc = rd(c, (size_t)ndata * XCS_PAGE_SIZE, &p, "page data");
         if (rc)
             return rc;
@@ -1099,7 +1099,7 @@ static int read_qemu(struct conv *c, struct qemu *q)
         q->to_eof = 1;
         for (;;) {
             size_t got;
-            int r = xcs_src_get(c->in, 1u << 20, &p, &got);
+            int r = xcs_source_get(c->in, 1u << 20, &p, &got);
 
             if (r < 0)
                 return io_fail(c, "read");
@@ -1224,7 +1224,7 @@ static int check_opts(struct conv *c)
     return 0;
 }
 
-int xcs_legacy_run(struct xcs_src *in, int out_fd, const struct xcs_legacy_opts *opts,
+int xcs_legacy_run(struct xcs_source *in, int out_fd, const struct xcs_legacy_opts *opts,
                    char *err, size_t errlen)
 {
     struct xcs_legacy_stats local;
@@ -1314,7 +1314,7 @@ int xcs_legacy_run(struct xcs_src *in, int out_fd, const struct xcs_legacy_opts 
         if (rc || final)
             break;
         at(&c, "chunk header");
-        rc = xcs_src_at_eof(in);
+        rc = xcs_source_at_eof(in);
         if (rc < 0) {
             rc = io_fail(&c, "read");
             break;
@@ -1327,11 +1327,11 @@ int xcs_legacy_run(struct xcs_src *in, int out_fd, const struct xcs_legacy_opts 
     }
     if (!rc)
         rc = out_flush(&c);
-    if (!rc && xcs_src_remaining(in) != UINT64_MAX)
-        c.st->legacy.unread_bytes = xcs_src_remaining(in);
+    if (!rc && xcs_source_remaining(in) != UINT64_MAX)
+        c.st->legacy.unread_bytes = xcs_source_remaining(in);
 
 out:
-    c.st->in_bytes = in->pos;
+    c.st->in_bytes = in->off;
     if (c.st->min_pfn == UINT64_MAX)
         c.st->min_pfn = 0;
     free(c.obuf);
@@ -1344,10 +1344,10 @@ out:
 int xcs_legacy_convert(int in_fd, int out_fd, const struct xcs_legacy_opts *opts,
                        char *err, size_t errlen)
 {
-    struct xcs_src in;
+    struct xcs_source in;
     int rc;
 
-    if (xcs_src_open(&in, in_fd, 1) < 0) {
+    if (xcs_source_open(&in, in_fd, XCS_SOURCE_MAP | XCS_SOURCE_SEQ) < 0) {
         int e = errno;
         char nb[32];
 
@@ -1358,6 +1358,6 @@ int xcs_legacy_convert(int in_fd, int out_fd, const struct xcs_legacy_opts *opts
         return XCS_LEGACY_EIO;
     }
     rc = xcs_legacy_run(&in, out_fd, opts, err, errlen);
-    xcs_src_close(&in);
+    xcs_source_close(&in);
     return rc;
 }

@@ -16,244 +16,27 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "codec.h"
+#include "walker.h"
 #include "xcs_legacy.h"
 #include "xcs_scan.h"
-
-/*----- input source -----*/
-
-#define SRC_SCRATCH (1u << 20)
-
-int xcs_src_open(struct xcs_src *s, int fd, int seq)
-{
-    struct stat st;
-    off_t cur;
-    void *m;
-
-    memset(s, 0, sizeof(*s));
-    s->fd = fd;
-    if (fstat(fd, &st) < 0)
-        return -1;
-    if (!S_ISREG(st.st_mode))
-        return 0;
-    cur = lseek(fd, 0, SEEK_CUR);
-    if (cur < 0)
-        return 0;
-    s->mapped = 1;
-    s->start = (uint64_t)cur;
-    if (st.st_size <= cur)
-        return 0; /* empty remainder: mapped mode with nothing mapped */
-    m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-    if (m == MAP_FAILED) {
-        s->mapped = 0; /* e.g. a filesystem without mmap: read instead */
-        return 0;
-    }
-    s->map = (const uint8_t *)m + cur;
-    s->map_len = (size_t)(st.st_size - cur);
-    /* The scanner touches headers only; the converter reads every page. */
-    (void)madvise(m, (size_t)st.st_size, seq ? MADV_SEQUENTIAL : MADV_RANDOM);
-    return 0;
-}
-
-void xcs_src_close(struct xcs_src *s)
-{
-    int saved = errno;
-
-    if (s->map)
-        munmap((void *)(s->map - s->start), (size_t)(s->start + s->map_len));
-    if (s->mapped)
-        (void)lseek(s->fd, (off_t)(s->start + s->pos), SEEK_SET);
-    free(s->buf);
-    free(s->scratch);
-    s->map = NULL;
-    s->buf = NULL;
-    s->scratch = NULL;
-    errno = saved;
-}
-
-/* Exact-read mode: make n bytes available in buf (fewer at EOF). */
-static int src_fill(struct xcs_src *s, size_t n)
-{
-    size_t avail = s->buf_tail - s->buf_head;
-
-    if (avail >= n)
-        return 0;
-    if (s->buf_head && (s->buf_cap - s->buf_head < n)) {
-        memmove(s->buf, s->buf + s->buf_head, avail);
-        s->buf_head = 0;
-        s->buf_tail = avail;
-    }
-    while (s->buf_tail - s->buf_head < n) {
-        size_t want = n - (s->buf_tail - s->buf_head);
-        ssize_t r;
-
-        /*
-         * n comes from a length field of the stream, which may lie: grow
-         * the buffer only as bytes actually arrive (doubling when full), so
-         * that a record header claiming gigabytes followed by EOF costs a
-         * few KiB, not an allocation of the claimed size.
-         */
-        if (s->buf_tail == s->buf_cap) {
-            size_t cap = s->buf_cap ? s->buf_cap * 2 : 4096;
-            uint8_t *nb;
-
-            nb = realloc(s->buf, cap);
-            if (!nb)
-                return -1;
-            s->buf = nb;
-            s->buf_cap = cap;
-        }
-        if (want > s->buf_cap - s->buf_tail)
-            want = s->buf_cap - s->buf_tail;
-        r = read(s->fd, s->buf + s->buf_tail, want);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        if (r == 0)
-            break;
-        s->buf_tail += (size_t)r;
-    }
-    return 0;
-}
-
-int xcs_src_peek(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got)
-{
-    if (s->mapped) {
-        size_t left = s->map_len - (size_t)s->pos;
-
-        *p = s->map ? s->map + s->pos : NULL;
-        *got = n < left ? n : left;
-        return 0;
-    }
-    if (src_fill(s, n) < 0)
-        return -1;
-    *p = s->buf + s->buf_head;
-    *got = s->buf_tail - s->buf_head < n ? s->buf_tail - s->buf_head : n;
-    return 0;
-}
-
-int xcs_src_get(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got)
-{
-    size_t have;
-
-    if (xcs_src_peek(s, n, p, &have) < 0)
-        return -1;
-    if (!s->mapped)
-        s->buf_head += have;
-    s->pos += have;
-    *got = have;
-    return have == n ? 0 : 1;
-}
-
-int xcs_src_skip(struct xcs_src *s, uint64_t n, uint64_t *got)
-{
-    uint64_t done = 0;
-
-    if (s->mapped) {
-        uint64_t left = s->map_len - s->pos;
-
-        done = n < left ? n : left;
-        s->pos += done;
-        *got = done;
-        return done == n ? 0 : 1;
-    }
-    {
-        size_t avail = s->buf_tail - s->buf_head;
-        size_t take = n < avail ? (size_t)n : avail;
-
-        s->buf_head += take;
-        done = take;
-    }
-    if (done < n && !s->scratch) {
-        s->scratch = malloc(SRC_SCRATCH);
-        if (!s->scratch)
-            return -1;
-    }
-    while (done < n) {
-        size_t want = n - done < SRC_SCRATCH ? (size_t)(n - done) : SRC_SCRATCH;
-        ssize_t r = read(s->fd, s->scratch, want);
-
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            s->pos += done;
-            return -1;
-        }
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    s->pos += done;
-    *got = done;
-    return done == n ? 0 : 1;
-}
-
-int xcs_src_at_eof(struct xcs_src *s)
-{
-    const uint8_t *p;
-    size_t got;
-
-    if (xcs_src_peek(s, 1, &p, &got) < 0)
-        return -1;
-    return got == 0;
-}
-
-uint64_t xcs_src_remaining(const struct xcs_src *s)
-{
-    if (!s->mapped)
-        return UINT64_MAX;
-    return s->map_len - s->pos;
-}
-
-size_t xcs_src_buffered(const struct xcs_src *s)
-{
-    return s->mapped ? 0 : s->buf_tail - s->buf_head;
-}
-
-void xcs_src_consumed(struct xcs_src *s, uint64_t n)
-{
-    s->pos += n;
-}
 
 /*----- scanner state -----*/
 
 #define SEEN_MAX_PFN (1ULL << 30) /* unique-page bitmap cap: 4 TiB of guest */
 #define SEEN_CHUNK_SHIFT 15       /* pfns per bitmap chunk: 4 KiB of bits */
 #define SEEN_CHUNKS (SEEN_MAX_PFN >> SEEN_CHUNK_SHIFT)
-#define MAX_VCPUS 4096
-#define XS_MAX (64u << 20)        /* xenstore data we are willing to hold */
-
-struct where {
-    uint64_t off;
-    const char *layer;
-    uint32_t type;
-    int has_type;
-    const char *name;
-};
 
 struct scan {
-    struct xcs_src *in;
+    struct xcs_source *in;
     const struct xcs_scan_opts *opts;
     struct xcs_scan_report *rep;
-    struct where w;
-
-    /* libxc layer */
+    struct xcs_walker w;       /* the v2/v3 layers (walker.c) */
     enum xcs_guest guest;
-    uint32_t version;
-    int sde;
-    int pv_info;
-    int p2m;
-    int mandatory_done;
-    int have_ctx, have_params, have_tsc, have_shinfo, have_basic;
-    uint8_t vcpu_seen[MAX_VCPUS / 8];
-    uint8_t hvm_cpu_seen[MAX_VCPUS / 8];
-    uint64_t records_since_cp;
+
+    uint8_t hvm_cpu_seen[XCS_WALK_MAX_VCPUS / 8];
+    uint32_t hvm_vcpus;
 
     /*
      * unique-page bitmap, two levels: a directory of SEEN_CHUNKS pointers
@@ -261,42 +44,21 @@ struct scan {
      */
     uint64_t **seen;
     int seen_capped;
-
-    uint64_t *sortbuf;
-    size_t sortbuf_len;
 };
 
-static int bad(struct scan *s, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static int bad(struct scan *s, const char *fmt, ...)
+/* Where the scan is, for an error outside the walker's layers. */
+static void at(struct scan *s, const char *layer, const char *name)
 {
-    struct xcs_scan_error *e = &s->rep->error;
-    va_list ap;
-
-    if (e->reason[0])
-        return XCS_SCAN_INVALID; /* report the FIRST error only */
-    e->offset = s->w.off;
-    snprintf(e->layer, sizeof(e->layer), "%s", s->w.layer ? s->w.layer : "");
-    e->rtype = s->w.type;
-    e->has_rtype = s->w.has_type;
-    snprintf(e->record, sizeof(e->record), "%s", s->w.name ? s->w.name : "");
-    va_start(ap, fmt);
-    vsnprintf(e->reason, sizeof(e->reason), fmt, ap);
-    va_end(ap);
-    return XCS_SCAN_INVALID;
+    s->w.at_off = s->in->off;
+    s->w.at_layer = layer;
+    s->w.at_name = name;
+    s->w.at_has_type = 0;
+    s->w.at_type = 0;
 }
 
 static int io_error(struct scan *s, const char *what)
 {
-    int err = errno;
-    char nb[32];
-
-    snprintf(s->rep->error.reason, sizeof(s->rep->error.reason),
-             "%s: %s (%s)", what, strerror(err), xcs_errno_name(err, nb, sizeof(nb)));
-    s->rep->error.offset = s->in->pos;
-    errno = err;
-    return -1;
+    return xcs_walk_io_error(&s->w, what);
 }
 
 static void warn(struct scan *s, const char *fmt, ...)
@@ -314,65 +76,7 @@ static void warn(struct scan *s, const char *fmt, ...)
     va_end(ap);
 }
 
-static void at(struct scan *s, const char *layer, const char *name)
-{
-    s->w.off = s->in->pos;
-    s->w.layer = layer;
-    s->w.name = name;
-    s->w.has_type = 0;
-    s->w.type = 0;
-}
-
-static void at_rec(struct scan *s, uint64_t off, const char *layer,
-                   uint32_t type, const char *name)
-{
-    s->w.off = off;
-    s->w.layer = layer;
-    s->w.type = type;
-    s->w.has_type = 1;
-    s->w.name = name;
-}
-
-/* Consume exactly n bytes of `what`; a short stream is invalid. */
-static int need(struct scan *s, size_t n, const uint8_t **p, const char *what)
-{
-    size_t got;
-    int r = xcs_src_get(s->in, n, p, &got);
-
-    if (r < 0)
-        return io_error(s, "read");
-    if (r > 0)
-        return bad(s, "stream truncated: %zu of %zu bytes of %s", got, n, what);
-    return 0;
-}
-
-static int skip(struct scan *s, uint64_t n, const char *what)
-{
-    uint64_t got;
-    int r = xcs_src_skip(s->in, n, &got);
-
-    if (r < 0)
-        return io_error(s, "read");
-    if (r > 0)
-        return bad(s, "stream truncated: %llu of %llu bytes of %s",
-                   (unsigned long long)got, (unsigned long long)n, what);
-    return 0;
-}
-
-/* Body of a record (length + padding), checking the padding is zero. */
-static int record_body(struct scan *s, uint32_t len, const uint8_t **p)
-{
-    uint32_t padded = xcs_rec_padded(len);
-    int rc = need(s, padded, p, "record body");
-
-    if (rc)
-        return rc;
-    if (!xcs_zeros(*p + len, padded - len))
-        return bad(s, "padding containing non-zero bytes");
-    return 0;
-}
-
-/*----- pages -----*/
+/*----- the walker's client: counts, pages, vcpus -----*/
 
 static void seen_mark(struct scan *s, uint64_t pfn)
 {
@@ -416,110 +120,21 @@ oom:
     s->seen_capped = 1;
 }
 
-static int cmp_u64(const void *a, const void *b)
+/* A checked batch: count it, and skip its pages (never touched when mapped). */
+static int on_page_batch(struct xcs_walker *w, const uint8_t *words,
+                         uint32_t count, uint32_t npages)
 {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-
-    return (x > y) - (x < y);
-}
-
-/* Duplicate pfns in one record (XTAB entries excepted). */
-static int page_dups(struct scan *s, const uint8_t *words, uint32_t count)
-{
-    uint64_t prev = 0;
-    int first = 1, sorted = 1;
-    size_t n = 0;
-
-    for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
-        uint64_t pfn = w & XCS_PAGE_DATA_PFN_MASK;
-
-        if ((w >> 60) == 0xf)
-            continue;
-        if (!first && pfn <= prev) {
-            sorted = 0;
-            break;
-        }
-        prev = pfn;
-        first = 0;
-    }
-    if (sorted)
-        return 0; /* the common case: senders write ascending pfns */
-    if (s->sortbuf_len < count) {
-        uint64_t *nb = realloc(s->sortbuf, (size_t)count * sizeof(*nb));
-
-        if (!nb)
-            return io_error(s, "malloc");
-        s->sortbuf = nb;
-        s->sortbuf_len = count;
-    }
-    for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
-
-        if ((w >> 60) != 0xf)
-            s->sortbuf[n++] = w & XCS_PAGE_DATA_PFN_MASK;
-    }
-    qsort(s->sortbuf, n, sizeof(*s->sortbuf), cmp_u64);
-    for (size_t i = 1; i < n; i++)
-        if (s->sortbuf[i] == s->sortbuf[i - 1])
-            return bad(s, "duplicate pfn 0x%llx in one record",
-                       (unsigned long long)s->sortbuf[i]);
-    return 0;
-}
-
-static int libxc_page_data(struct scan *s, uint32_t len)
-{
+    struct scan *s = w->data;
     struct xcs_scan_report *r = s->rep;
-    const uint8_t *p, *words;
-    uint32_t count, res, npages = 0;
-    uint64_t expect;
-    int rc;
 
-    if (len <= 8)
-        return bad(s, "length %u: a PAGE_DATA record needs a header and a pfn", len);
-    rc = need(s, 8, &p, "PAGE_DATA header");
-    if (rc)
-        return rc;
-    count = xcs_get_le32(p);
-    res = xcs_get_le32(p + 4);
-    if (res)
-        return bad(s, "reserved field set (0x%x)", res);
-    if (count == 0)
-        return bad(s, "count is 0");
-    if ((uint64_t)count * 8 > len - 8)
-        return bad(s, "count %u needs %llu bytes of pfns, the record has %u",
-                   count, (unsigned long long)count * 8, len - 8);
-    rc = need(s, (size_t)count * 8, &words, "PAGE_DATA pfns");
-    if (rc)
-        return rc;
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
-        unsigned int type = xcs_pfn_type(w);
+        uint64_t v;
+        unsigned int type;
+        uint64_t pfn;
 
-        if (w & XCS_PAGE_DATA_RSVD_MASK)
-            return bad(s, "reserved bits set in pfn[%u]: 0x%016llx", i,
-                       (unsigned long long)(w & XCS_PAGE_DATA_RSVD_MASK));
-        if (!xcs_pfn_type_valid(type))
-            return bad(s, "invalid page type %u in pfn[%u] (0x%016llx)", type, i,
-                       (unsigned long long)w);
-        if (xcs_pfn_type_has_data(type))
-            npages++;
-    }
-    expect = 8 + (uint64_t)count * 8 + (uint64_t)npages * XCS_PAGE_SIZE;
-    if (len != expect)
-        return bad(s, "length %u, expected 8 + %llu + %llu = %llu for %u pfns "
-                      "and %u pages", len, (unsigned long long)count * 8,
-                   (unsigned long long)npages * XCS_PAGE_SIZE,
-                   (unsigned long long)expect, count, npages);
-    for (uint32_t i = 0; i < count; i++) {
-        uint64_t w = xcs_get_le64(words + 8 * (size_t)i);
-        unsigned int type = xcs_pfn_type(w);
-        uint64_t pfn = xcs_pfn_of(w);
-
-        if (s->guest == XCS_GUEST_PV && pfn > r->p2m_end_pfn && type != 0xf)
-            return bad(s, "pfn 0x%llx (pfn[%u]) out of range: the P2M frames "
-                          "cover pfns 0..0x%llx", (unsigned long long)pfn, i,
-                       (unsigned long long)r->p2m_end_pfn);
+        memcpy(&v, words + 8 * (size_t)i, 8);
+        type = (unsigned int)(v >> 60);
+        pfn = v & XCS_PAGE_DATA_PFN_MASK;
         r->page_entries++;
         if (type == 0xf) {
             r->xtab++;
@@ -533,35 +148,31 @@ static int libxc_page_data(struct scan *s, uint32_t len)
             r->min_pfn = pfn;
         if (pfn > r->max_pfn)
             r->max_pfn = pfn;
-        if (xcs_pfn_type_has_data(type))
+        if (type < 0xd)
             seen_mark(s, pfn);
     }
-    rc = page_dups(s, words, count);
-    if (rc)
-        return rc;
     r->pages += npages;
     if (count > r->max_batch)
         r->max_batch = count;
-    return skip(s, (uint64_t)npages * XCS_PAGE_SIZE, "page data");
+    return xcs_walk_skip(w, (uint64_t)npages * XCS_PAGE_SIZE, "page data");
 }
-
-/*----- other libxc records -----*/
 
 static void count_hvm_cpus(struct scan *s, const uint8_t *p, uint32_t len)
 {
     uint32_t off = 0;
 
     while (len - off >= 8) {
-        uint16_t code = xcs_get_le16(p + off), inst = xcs_get_le16(p + off + 2);
+        uint16_t code, inst;
         uint32_t dlen = xcs_get_le32(p + off + 4);
 
+        memcpy(&code, p + off, 2);
+        memcpy(&inst, p + off + 2, 2);
         if (code == 0)
             return;
-        if (code == 2 && inst < MAX_VCPUS &&
+        if (code == 2 && inst < XCS_WALK_MAX_VCPUS &&
             !(s->hvm_cpu_seen[inst / 8] & (1u << (inst % 8)))) {
             s->hvm_cpu_seen[inst / 8] |= (uint8_t)(1u << (inst % 8));
-            if (s->guest == XCS_GUEST_HVM && s->rep->vcpus < MAX_VCPUS)
-                s->rep->vcpus++;
+            s->hvm_vcpus++;
         }
         if (dlen > len - off - 8) {
             warn(s, "HVM_CONTEXT descriptor at +%u overruns the record", off);
@@ -571,645 +182,66 @@ static void count_hvm_cpus(struct scan *s, const uint8_t *p, uint32_t len)
     }
 }
 
-static int check_vcpu(struct scan *s, uint32_t type, const uint8_t *p, uint32_t len)
+static int on_record(struct xcs_walker *w, uint32_t t, const uint8_t *p,
+                     uint32_t len)
 {
-    uint32_t id, res;
+    struct scan *s = w->data;
 
-    if (len < 8)
-        return bad(s, "length %u: a vcpu record needs at least 8 bytes", len);
-    id = xcs_get_le32(p);
-    res = xcs_get_le32(p + 4);
-    if (res)
-        return bad(s, "reserved field set (0x%x)", res);
-    if (id >= MAX_VCPUS)
-        return bad(s, "vcpu id %u out of range (max %u)", id, MAX_VCPUS - 1);
-    if (len == 8 && type != XCS_REC_X86_PV_VCPU_BASIC)
-        warn(s, "%s for vcpu %u with zero content (tolerated, spec erratum 1)",
-             xcs_libxc_rec_name(type), id);
-    if (type == XCS_REC_X86_PV_VCPU_BASIC) {
-        if (len == 8)
-            return bad(s, "vcpu %u basic context is empty", id);
-        s->have_basic = 1;
-        if (!(s->vcpu_seen[id / 8] & (1u << (id % 8)))) {
-            s->vcpu_seen[id / 8] |= (uint8_t)(1u << (id % 8));
-            s->rep->vcpus++;
-        }
-    }
-    return 0;
-}
-
-static int check_mandatory(struct scan *s)
-{
-    if (s->mandatory_done)
-        return 0;
-    s->mandatory_done = 1;
-    if (s->guest == XCS_GUEST_HVM) {
-        if (!s->have_ctx)
-            return bad(s, "HVM stream lacks the mandatory HVM_CONTEXT record");
-        if (!s->have_params)
-            return bad(s, "HVM stream lacks the mandatory HVM_PARAMS record");
-        if (!s->have_tsc) {
-            if (s->rep->xen_major != 0)
-                return bad(s, "HVM stream lacks the mandatory X86_TSC_INFO record");
-            warn(s, "no X86_TSC_INFO (tolerated: converted from a legacy stream)");
-        }
-    } else {
-        if (!s->p2m)
-            return bad(s, "PV stream lacks the mandatory X86_PV_P2M_FRAMES record");
-        if (!s->have_shinfo)
-            return bad(s, "PV stream lacks the mandatory SHARED_INFO record");
-        if (!s->have_basic)
-            return bad(s, "PV stream lacks a mandatory X86_PV_VCPU_BASIC record");
-    }
-    return 0;
-}
-
-static int is_pv_only(uint32_t t)
-{
-    return t == XCS_REC_X86_PV_INFO || t == XCS_REC_X86_PV_P2M_FRAMES ||
-           t == XCS_REC_X86_PV_VCPU_BASIC || t == XCS_REC_X86_PV_VCPU_EXTENDED ||
-           t == XCS_REC_X86_PV_VCPU_XSAVE || t == XCS_REC_SHARED_INFO ||
-           t == XCS_REC_X86_PV_VCPU_MSRS;
-}
-
-static int is_static(uint32_t t)
-{
-    return t == XCS_REC_X86_PV_INFO || t == XCS_REC_X86_CPUID_POLICY ||
-           t == XCS_REC_X86_MSR_POLICY;
-}
-
-/* Order, guest-type and stream-type rules that depend only on the type. */
-static int libxc_order(struct scan *s, uint32_t t)
-{
-    const char *name = xcs_libxc_rec_name(t);
-
-    if (s->guest == XCS_GUEST_HVM && is_pv_only(t))
-        return bad(s, "%s in an HVM stream (PV only)", name);
-    if (s->guest == XCS_GUEST_PV &&
-        (t == XCS_REC_HVM_CONTEXT || t == XCS_REC_HVM_PARAMS))
-        return bad(s, "%s in a PV stream (HVM only)", name);
-    if (s->guest == XCS_GUEST_PV && !s->pv_info && t != XCS_REC_X86_PV_INFO)
-        return bad(s, "X86_PV_INFO must be the first record of a PV stream, "
-                      "found %s", name);
-    if (t == XCS_REC_STATIC_DATA_END) {
-        if (s->version < 3)
-            return bad(s, "STATIC_DATA_END in a v2 stream");
-        if (s->sde)
-            return bad(s, "second STATIC_DATA_END");
-        return 0;
-    }
-    if (is_static(t)) {
-        if (s->version >= 3 && s->sde)
-            return bad(s, "%s after STATIC_DATA_END", name);
-        if (s->version < 3 && t != XCS_REC_X86_PV_INFO)
-            return bad(s, "%s in a v2 stream", name);
-        return 0;
-    }
-    if (t == XCS_REC_TOOLSTACK || t == XCS_REC_CHECKPOINT_DIRTY_PFN_LIST)
-        return 0; /* rejected by their own checks */
-    /* Everything else is memory, register or control content. */
-    if (s->version >= 3 && !s->sde)
-        return bad(s, "%s before STATIC_DATA_END", name);
-    if (s->version < 3)
-        s->sde = 1; /* v2: implied by the first memory record (facts 3.1) */
-    if (s->guest == XCS_GUEST_PV && !s->p2m &&
-        (t == XCS_REC_PAGE_DATA || t == XCS_REC_X86_PV_VCPU_BASIC ||
-         t == XCS_REC_X86_PV_VCPU_EXTENDED || t == XCS_REC_X86_PV_VCPU_XSAVE ||
-         t == XCS_REC_X86_PV_VCPU_MSRS))
-        return bad(s, "%s before X86_PV_P2M_FRAMES", name);
-    return 0;
-}
-
-enum { LX_END = 0, LX_CHECKPOINT = 1, LX_EOF = 2 };
-
-static int libxc_headers(struct scan *s)
-{
-    struct xcs_scan_report *r = s->rep;
-    const uint8_t *p;
-    struct xcs_ihdr ih;
-    struct xcs_dhdr dh;
-    char why[XCS_WHY_LEN];
-    int rc;
-
-    r->libxc = 1;
-    r->libxc_offset = s->in->pos;
-    at(s, "libxc", "image header");
-    rc = need(s, XCS_IHDR_SIZE, &p, "image header");
-    if (rc)
-        return rc;
-    rc = xcs_ihdr_parse(p, &ih, why, sizeof(why)) ? bad(s, "%s", why) : 0;
-    r->libxc_version = s->version = ih.version;
-    r->libxc_options = ih.options;
-    if (rc)
-        return rc;
-
-    at(s, "libxc", "domain header");
-    rc = need(s, XCS_DHDR_SIZE, &p, "domain header");
-    if (rc)
-        return rc;
-    rc = xcs_dhdr_parse(p, &dh, why, sizeof(why)) ? bad(s, "%s", why) : 0;
-    r->xen_major = dh.xen_major;
-    r->xen_minor = dh.xen_minor;
-    if (rc)
-        return rc;
-    s->guest = r->guest = (enum xcs_guest)dh.type;
-    return 0;
-}
-
-static int libxc_record(struct scan *s, uint32_t t, uint32_t len, int *how);
-
-/*
- * libxc records until END (LX_END), CHECKPOINT (LX_CHECKPOINT, checkpointed
- * streams) or, after a complete checkpoint, EOF at a record boundary
- * (LX_EOF: the restorer fails over to the last checkpoint).
- */
-static int libxc_records(struct scan *s, int *how)
-{
-    struct xcs_scan_report *r = s->rep;
-    const uint8_t *p;
-    int rc;
-
-    for (;;) {
-        uint64_t off = s->in->pos;
-        uint32_t t, len;
-
-        at(s, "libxc", "record header");
-        if (s->opts->stream_type != XCS_STREAM_PLAIN && r->checkpoints > 0) {
-            int e = xcs_src_at_eof(s->in);
-
-            if (e < 0)
-                return io_error(s, "read");
-            if (e) {
-                *how = LX_EOF;
-                return 0;
-            }
-        }
-        rc = need(s, XCS_RHDR_SIZE, &p, "record header");
-        if (rc)
-            return rc;
-        t = xcs_get_le32(p);
-        len = xcs_get_le32(p + 4);
-        at_rec(s, off, "libxc", t, xcs_libxc_rec_name(t));
-        s->records_since_cp++;
-        if (len > XCS_REC_LENGTH_MAX)
-            return bad(s, "length %u exceeds the restorer's limit of %u bytes",
-                       len, XCS_REC_LENGTH_MAX);
-        if (t & XCS_REC_TYPE_OPTIONAL) {
-            /* Optional: skip, as libxc's restore does; padding still zero. */
-            r->optional_count++;
-            r->optional_bytes += len;
-            rc = skip(s, len & ~7u, "optional record body");
-            if (!rc && (len & 7)) {
-                rc = need(s, 8, &p, "optional record body");
-                if (!rc && !xcs_zeros(p + (len & 7), 8 - (len & 7)))
-                    rc = bad(s, "padding containing non-zero bytes");
-            }
-            if (rc)
-                return rc;
-            continue;
-        }
-        if (t >= XCS_REC_TYPE_COUNT)
-            return bad(s, "unknown mandatory record type 0x%x", t);
-        r->libxc_count[t]++;
-        r->libxc_bytes[t] += len;
-        rc = libxc_order(s, t);
-        if (rc)
-            return rc;
-        rc = libxc_record(s, t, len, how);
-        if (rc || *how != -1)
-            return rc;
-    }
-}
-
-static int libxc_record(struct scan *s, uint32_t t, uint32_t len, int *how)
-{
-    struct xcs_scan_report *r = s->rep;
-    const uint8_t *p;
-    int rc;
-
-    *how = -1;
-    if (t == XCS_REC_PAGE_DATA)
-        return libxc_page_data(s, len);
-    rc = record_body(s, len, &p);
-    if (rc)
-        return rc;
-
-    switch (t) {
-    case XCS_REC_END:
-        if (len)
-            return bad(s, "END with length %u", len);
-        if (s->version >= 3 && !s->sde)
-            return bad(s, "no STATIC_DATA_END in a v3 stream");
-        rc = check_mandatory(s);
-        if (rc)
-            return rc;
-        *how = LX_END;
-        return 0;
-
-    case XCS_REC_X86_PV_INFO:
-        if (s->pv_info)
-            return bad(s, "second X86_PV_INFO");
-        if (len != 8)
-            return bad(s, "length %u (expected 8)", len);
-        if (p[0] != 4 && p[0] != 8)
-            return bad(s, "guest width %u (expected 4 or 8)", p[0]);
-        if (p[1] != 3 && p[1] != 4)
-            return bad(s, "pagetable levels %u (expected 3 or 4)", p[1]);
-        if (!xcs_zeros(p + 2, 6))
-            return bad(s, "reserved bytes set");
-        if ((p[0] == 8) != (p[1] == 4))
-            return bad(s, "guest width %u with %u pagetable levels (64-bit guests "
-                          "use 4, 32-bit PAE guests 3)", p[0], p[1]);
-        s->pv_info = 1;
-        r->pv_width = p[0];
-        r->pv_levels = p[1];
-        return 0;
-
-    case XCS_REC_X86_PV_P2M_FRAMES: {
-        uint32_t start, endp, fpp;
-        uint64_t need_frames, have;
-
-        if (len < 8 || len % 8)
-            return bad(s, "length %u (expected at least 8, a multiple of 8)", len);
-        start = xcs_get_le32(p);
-        endp = xcs_get_le32(p + 4);
-        if (start > endp)
-            return bad(s, "start pfn 0x%x after end pfn 0x%x", start, endp);
-        fpp = XCS_PAGE_SIZE / r->pv_width;
-        need_frames = endp / fpp - start / fpp + 1;
-        have = (len - 8) / 8;
-        if (have < need_frames)
-            return bad(s, "%llu frames cannot cover pfns 0x%x..0x%x (%llu needed)",
-                       (unsigned long long)have, start, endp,
-                       (unsigned long long)need_frames);
-        if (!s->p2m || endp > r->p2m_end_pfn)
-            r->p2m_end_pfn = endp;
-        s->p2m = 1;
-        return 0;
-    }
-
-    case XCS_REC_X86_PV_VCPU_BASIC:
-    case XCS_REC_X86_PV_VCPU_EXTENDED:
-    case XCS_REC_X86_PV_VCPU_XSAVE:
-    case XCS_REC_X86_PV_VCPU_MSRS:
-        return check_vcpu(s, t, p, len);
-
-    case XCS_REC_SHARED_INFO:
-        if (len != XCS_PAGE_SIZE)
-            return bad(s, "length %u (expected 4096)", len);
-        s->have_shinfo = 1;
-        return 0;
-
-    case XCS_REC_X86_TSC_INFO:
-        if (len != 24)
-            return bad(s, "length %u (expected 24)", len);
-        if (xcs_get_le32(p + 20))
-            return bad(s, "reserved field set (0x%x)", xcs_get_le32(p + 20));
-        s->have_tsc = 1;
-        return 0;
-
-    case XCS_REC_HVM_CONTEXT:
-        if (len == 0)
-            return bad(s, "empty HVM context");
-        s->have_ctx = 1;
+    if (t == XCS_REC_HVM_CONTEXT)
         count_hvm_cpus(s, p, len);
-        return 0;
-
-    case XCS_REC_HVM_PARAMS: {
-        uint32_t count;
-
-        if (len < 8)
-            return bad(s, "length %u (expected at least 8)", len);
-        count = xcs_get_le32(p);
-        if (xcs_get_le32(p + 4))
-            return bad(s, "reserved field set (0x%x)", xcs_get_le32(p + 4));
-        if ((uint64_t)8 + (uint64_t)count * 16 != len)
-            return bad(s, "length %u, expected 8 + 16 * %u", len, count);
-        if (count == 0)
-            warn(s, "HVM_PARAMS with no entries (tolerated, spec erratum 1)");
-        r->hvm_params += count;
-        s->have_params = 1;
-        return 0;
-    }
-
-    case XCS_REC_TOOLSTACK:
-        return bad(s, "deprecated TOOLSTACK record (no v2 restorer accepts it)");
-
-    case XCS_REC_VERIFY:
-        if (len)
-            return bad(s, "VERIFY with length %u", len);
-        return 0;
-
-    case XCS_REC_CHECKPOINT:
-        if (len)
-            return bad(s, "CHECKPOINT with length %u", len);
-        if (s->opts->stream_type == XCS_STREAM_PLAIN)
-            return bad(s, "CHECKPOINT in a plain stream (pass the stream type "
-                          "remus or colo for a checkpointed stream)");
-        rc = check_mandatory(s);
-        if (rc)
-            return rc;
-        *how = LX_CHECKPOINT;
-        return 0;
-
-    case XCS_REC_CHECKPOINT_DIRTY_PFN_LIST:
-        return bad(s, "CHECKPOINT_DIRTY_PFN_LIST belongs on the COLO back "
-                      "channel, not in a migration stream");
-
-    case XCS_REC_STATIC_DATA_END:
-        if (len)
-            return bad(s, "STATIC_DATA_END with length %u", len);
-        s->sde = 1;
-        return 0;
-
-    case XCS_REC_X86_CPUID_POLICY:
-        if (len < 24 || len % 24)
-            return bad(s, "length %u (expected a non-zero multiple of 24)", len);
-        return 0;
-
-    case XCS_REC_X86_MSR_POLICY:
-        if (len < 16 || len % 16)
-            return bad(s, "length %u (expected a non-zero multiple of 16)", len);
-        for (uint32_t i = 0; i < len; i += 16)
-            if (xcs_get_le32(p + i + 4))
-                return bad(s, "MSR entry %u has flags 0x%x (must be zero)",
-                           i / 16, xcs_get_le32(p + i + 4));
-        return 0;
-    }
-    return bad(s, "unhandled record type 0x%x", t);
-}
-
-/*----- trailing bytes -----*/
-
-static int check_trailing(struct scan *s, int libxc_outer)
-{
-    struct xcs_scan_report *r = s->rep;
-    const uint8_t *p;
-    size_t got;
-    int e;
-
-    if (s->opts->flags & XCS_SCAN_ALLOW_TRAILING)
-        return 0;
-    at(s, r->libxc && libxc_outer ? "libxc" : "libxl", "trailing data");
-    if (libxc_outer && s->guest == XCS_GUEST_HVM) {
-        /*
-         * Xen's convert-legacy-stream appends the legacy qemu record
-         * ("DeviceModelRecord0002", u32 length, data) after a bare libxc
-         * image.  Accept exactly that, ending at EOF.
-         */
-        if (xcs_src_peek(s->in, XCS_LEGACY_QEMU_SIG_LEN + 4, &p, &got) < 0)
-            return io_error(s, "read");
-        if (got == XCS_LEGACY_QEMU_SIG_LEN + 4 &&
-            !memcmp(p, XCS_LEGACY_QEMU_SIG_0002, XCS_LEGACY_QEMU_SIG_LEN)) {
-            uint32_t qlen = xcs_get_le32(p + XCS_LEGACY_QEMU_SIG_LEN);
-            int rc;
-
-            s->w.name = "qemu record after END";
-            rc = skip(s, XCS_LEGACY_QEMU_SIG_LEN + 4 + (uint64_t)qlen, "qemu record");
-            if (rc)
-                return rc;
-            r->qemu_trailer_len = qlen;
-            at(s, "libxc", "trailing data");
-        }
-    }
-    e = xcs_src_at_eof(s->in);
-    if (e < 0)
-        return io_error(s, "read");
-    if (!e) {
-        uint64_t left = xcs_src_remaining(s->in);
-
-        if (left != UINT64_MAX)
-            return bad(s, "%llu bytes after END", (unsigned long long)left);
-        return bad(s, "bytes after END");
-    }
+    else if (t == XCS_REC_HVM_PARAMS)
+        s->rep->hvm_params += xcs_get_le32(p);
     return 0;
 }
 
-/*----- libxl layer -----*/
-
-static int check_emulator(struct scan *s, uint32_t t, const uint8_t *p, uint32_t len)
+static void on_warning(struct xcs_walker *w, const char *text)
 {
-    uint32_t id;
-
-    if (len < 8)
-        return bad(s, "length %u: an emulator record needs at least 8 bytes", len);
-    id = xcs_get_le32(p);
-    if (id > XCS_EMULATOR_QEMU_UPSTREAM)
-        return bad(s, "unknown emulator id 0x%x", id);
-    if (t == XCS_LIBXL_REC_EMULATOR_XENSTORE_DATA && len > 8) {
-        const uint8_t *d = p + 8;
-        uint32_t n = len - 8, strings = 0;
-
-        if (d[n - 1] != 0)
-            return bad(s, "xenstore data not NUL terminated");
-        for (uint32_t i = 0; i < n; i++)
-            strings += d[i] == 0;
-        if (strings % 2)
-            return bad(s, "odd number of xenstore strings (%u): expected an even "
-                          "number (key/value pairs)", strings);
-    }
-    return 0;
+    warn(w->data, "%s", text);
 }
 
-/* A libxl record whose body we need only in part: emulator context. */
-static int libxl_body(struct scan *s, uint32_t t, uint32_t len, const uint8_t **p)
-{
-    uint32_t padded = xcs_rec_padded(len);
-    const uint8_t *q;
-    int rc;
+static const struct xcs_walk_ops scan_ops = {
+    .on_record = on_record,
+    .on_page_batch = on_page_batch,
+    .on_warning = on_warning,
+};
 
-    if (t == XCS_LIBXL_REC_EMULATOR_CONTEXT && len > 64) {
-        /* Only the 8-byte emulator header and the padding matter. */
-        rc = need(s, 8, p, "emulator header");
-        if (rc)
-            return rc;
-        if (xcs_get_le32(*p) > XCS_EMULATOR_QEMU_UPSTREAM)
-            return bad(s, "unknown emulator id 0x%x", xcs_get_le32(*p));
-        rc = skip(s, (len & ~7u) - 8, "emulator context");
-        if (!rc && (len & 7)) {
-            rc = need(s, 8, &q, "emulator context");
-            if (!rc && !xcs_zeros(q + (len & 7), 8 - (len & 7)))
-                rc = bad(s, "padding containing non-zero bytes");
-        }
-        *p = NULL;
-        return rc;
-    }
-    if (t == XCS_LIBXL_REC_EMULATOR_XENSTORE_DATA && padded > XS_MAX)
-        return bad(s, "xenstore data of %u bytes: larger than this checker's "
-                      "%u-byte limit", len, XS_MAX);
-    return record_body(s, len, p);
-}
-
-static int libxl_stream(struct scan *s)
+/* What the walk found, into the report (also for an invalid stream). */
+static void report_walk(struct scan *s)
 {
     struct xcs_scan_report *r = s->rep;
-    const uint8_t *p;
-    struct xcs_libxl_hdr lh;
-    char why[XCS_WHY_LEN];
-    int libxc_seen = 0, libxc_done = 0, in_cp = 0, how, rc;
+    const struct xcs_walker *w = &s->w;
 
-    r->libxl = 1;
-    at(s, "libxl", "libxl header");
-    rc = need(s, XCS_LIBXL_HDR_SIZE, &p, "libxl header");
-    if (rc)
-        return rc;
-    rc = xcs_libxl_hdr_parse(p, &lh, why, sizeof(why)) ? bad(s, "%s", why) : 0;
-    if (lh.ident == XCS_LIBXL_IDENT) { /* the report shows a libxl header's fields */
-        r->libxl_version = lh.version;
-        r->libxl_options = lh.options;
-    }
-    if (rc)
-        return rc;
-
-    for (;;) {
-        uint64_t off = s->in->pos;
-        uint32_t t, len;
-
-        at(s, "libxl", "record header");
-        if (in_cp && r->checkpoints > 0) {
-            int e = xcs_src_at_eof(s->in);
-
-            if (e < 0)
-                return io_error(s, "read");
-            if (e) {
-                r->ended = 2;
-                r->discarded_records = s->records_since_cp;
-                warn(s, "stream ends inside checkpoint %u: a restore fails over "
-                        "to checkpoint %u", r->checkpoints + 1, r->checkpoints);
-                return 0;
-            }
-        }
-        rc = need(s, XCS_RHDR_SIZE, &p, "record header");
-        if (rc)
-            return rc;
-        t = xcs_get_le32(p);
-        len = xcs_get_le32(p + 4);
-        at_rec(s, off, "libxl", t, xcs_libxl_rec_name(t));
-        s->records_since_cp++;
-        if (t >= XCS_LIBXL_REC_TYPE_COUNT)
-            return bad(s, "unknown libxl record type 0x%x%s", t,
-                       (t & XCS_REC_TYPE_OPTIONAL)
-                           ? " (libxl has no optional records: it rejects any unknown type)"
-                           : "");
-        /*
-         * libxl has no length cap of its own (the libxc layer's is
-         * XCS_REC_LENGTH_MAX), but a record is padded to 8 bytes: a length
-         * whose padding overflows 32 bits cannot be one, and would wrap the
-         * padded size to 0 (a 4 GiB read past the body, found by fuzz_scan).
-         */
-        if (len > UINT32_MAX - (XCS_REC_ALIGN - 1))
-            return bad(s, "length 0x%x: no record can be that long", len);
-        r->libxl_count[t]++;
-        r->libxl_bytes[t] += len;
-        rc = libxl_body(s, t, len, &p);
-        if (rc)
-            return rc;
-
-        switch (t) {
-        case XCS_LIBXL_REC_END:
-            if (len)
-                return bad(s, "END with length %u", len);
-            if (!libxc_seen)
-                return bad(s, "END without a LIBXC_CONTEXT record: no libxc image");
-            if (in_cp)
-                return bad(s, "END inside a checkpoint (expected CHECKPOINT_END)");
-            if (!libxc_done)
-                return bad(s, "END before the libxc image ended");
-            r->ended = 1;
-            return check_trailing(s, 0);
-
-        case XCS_LIBXL_REC_LIBXC_CONTEXT:
-            if (len)
-                return bad(s, "LIBXC_CONTEXT with length %u", len);
-            if (libxc_seen)
-                return bad(s, "second LIBXC_CONTEXT");
-            libxc_seen = 1;
-            rc = libxc_headers(s);
-            if (rc)
-                return rc;
-            goto run_libxc;
-
-        case XCS_LIBXL_REC_EMULATOR_XENSTORE_DATA:
-        case XCS_LIBXL_REC_EMULATOR_CONTEXT:
-            if (p) {
-                rc = check_emulator(s, t, p, len);
-                if (rc)
-                    return rc;
-            }
-            continue;
-
-        case XCS_LIBXL_REC_CHECKPOINT_END:
-            if (len)
-                return bad(s, "CHECKPOINT_END with length %u", len);
-            if (s->opts->stream_type == XCS_STREAM_PLAIN)
-                return bad(s, "CHECKPOINT_END in a plain stream");
-            if (!in_cp)
-                return bad(s, "CHECKPOINT_END without a libxc CHECKPOINT before it");
-            in_cp = 0;
-            r->checkpoints++;
-            s->records_since_cp = 0;
-            goto run_libxc; /* the libxc layer owns the fd again */
-
-        case XCS_LIBXL_REC_CHECKPOINT_STATE:
-            if (len == 0)
-                return bad(s, "empty CHECKPOINT_STATE");
-            if (s->opts->stream_type != XCS_STREAM_COLO)
-                return bad(s, "CHECKPOINT_STATE outside a COLO stream");
-            if (len != 8)
-                return bad(s, "length %u (expected 8)", len);
-            if (xcs_get_le32(p) > 3)
-                return bad(s, "unknown checkpoint state %u", xcs_get_le32(p));
-            continue;
-        }
-        return bad(s, "unhandled libxl record type %u", t);
-
-    run_libxc:
-        rc = libxc_records(s, &how);
-        if (rc)
-            return rc;
-        if (how == LX_END) {
-            libxc_done = 1;
-        } else if (how == LX_CHECKPOINT) {
-            in_cp = 1;
-        } else {
-            r->ended = 2;
-            r->discarded_records = s->records_since_cp;
-            if (s->records_since_cp)
-                warn(s, "stream ends inside checkpoint %u: a restore fails over "
-                        "to checkpoint %u", r->checkpoints + 1, r->checkpoints);
-            return 0;
-        }
-    }
-}
-
-static int libxc_stream(struct scan *s)
-{
-    struct xcs_scan_report *r = s->rep;
-    int how, rc;
-
-    rc = libxc_headers(s);
-    if (rc)
-        return rc;
-    for (;;) {
-        rc = libxc_records(s, &how);
-        if (rc)
-            return rc;
-        if (how == LX_END) {
-            r->ended = 1;
-            return check_trailing(s, 1);
-        }
-        if (how == LX_EOF) {
-            r->ended = 2;
-            r->discarded_records = s->records_since_cp;
-            if (s->records_since_cp)
-                warn(s, "stream ends inside checkpoint %u: a restore fails over "
-                        "to checkpoint %u", r->checkpoints + 1, r->checkpoints);
-            return 0;
-        }
-        /* No libxl layer: the next checkpoint's records follow directly. */
-        r->checkpoints++;
-        s->records_since_cp = 0;
-    }
+    r->xl = w->xl;
+    r->xl_mflags = w->xl_mflags;
+    r->xl_oflags = w->xl_oflags;
+    r->xl_optlen = w->xl_optlen;
+    r->xl_config_len = w->xl_config_len;
+    r->libxl = w->libxl;
+    r->libxl_version = w->libxl_version;
+    r->libxl_options = w->libxl_options;
+    memcpy(r->libxl_count, w->libxl_count, sizeof(r->libxl_count));
+    memcpy(r->libxl_bytes, w->libxl_bytes, sizeof(r->libxl_bytes));
+    r->libxc = w->libxc;
+    r->libxc_version = w->version;
+    r->libxc_options = w->libxc_options;
+    r->xen_major = w->xen_major;
+    r->xen_minor = w->xen_minor;
+    r->libxc_offset = w->libxc_offset;
+    memcpy(r->libxc_count, w->libxc_count, sizeof(r->libxc_count));
+    memcpy(r->libxc_bytes, w->libxc_bytes, sizeof(r->libxc_bytes));
+    r->optional_count = w->optional_count;
+    r->optional_bytes = w->optional_bytes;
+    r->pv_width = w->pv_width;
+    r->pv_levels = w->pv_levels;
+    r->p2m_end_pfn = w->p2m_end_pfn;
+    if (w->dtype)
+        r->guest = (enum xcs_guest)w->dtype;
+    r->vcpus = w->vcpus + s->hvm_vcpus;
+    r->checkpoints = w->checkpoints;
+    r->ended = w->ended;
+    if (w->ended == 2)
+        r->discarded_records = w->records_since_cp;
+    r->qemu_trailer_len = w->qemu_trailer_len;
 }
 
 /*----- legacy (through legacy.c) -----*/
@@ -1220,7 +252,7 @@ static void guess_legacy(struct scan *s, unsigned int *width, enum xcs_guest *gu
     size_t got;
     static const uint8_t ff[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 
-    if (xcs_src_peek(s->in, 16, &p, &got) < 0 || got < 8) {
+    if (xcs_source_peek(s->in, 16, &p, &got) < 0 || got < 8) {
         *width = *width ? *width : 64;
         *guest = *guest ? *guest : XCS_GUEST_HVM;
         return;
@@ -1278,60 +310,21 @@ static int legacy_stream(struct scan *s)
     if (rc == XCS_LEGACY_EIO) {
         int e = errno;
 
-        snprintf(r->error.reason, sizeof(r->error.reason), "%.300s", err);
-        r->error.offset = st.err_offset;
+        snprintf(s->w.err.reason, sizeof(s->w.err.reason), "%.300s", err);
+        s->w.err.offset = st.err_offset;
+        s->w.err.errnum = e;
         errno = e;
         return -1;
     }
-    s->w.off = st.err_offset;
-    s->w.layer = "legacy";
-    s->w.name = st.err_chunk;
-    s->w.has_type = 0;
+    s->w.at_off = st.err_offset;
+    s->w.at_layer = "legacy";
+    s->w.at_name = st.err_chunk;
+    s->w.at_has_type = 0;
     if (r->legacy.width_guessed)
-        return bad(s, "%s (width %u and guest %s were guessed; pass them "
-                      "explicitly)", st.err_reason, lo.width,
-                   lo.guest == XCS_GUEST_PV ? "pv" : "hvm");
-    return bad(s, "%s", st.err_reason);
-}
-
-/*----- xl header -----*/
-
-static int xl_header(struct scan *s, enum xcs_fmt *inner)
-{
-    struct xcs_scan_report *r = s->rep;
-    const uint8_t *p;
-    struct xcs_xl_hdr h;
-    char why[XCS_WHY_LEN];
-    int rc;
-
-    r->xl = 1;
-    at(s, "xl", "xl header");
-    rc = need(s, XCS_XL_HDR_SIZE, &p, "xl header");
-    if (rc)
-        return rc;
-    rc = xcs_xl_hdr_parse(p, &h, why, sizeof(why)) ? bad(s, "%s", why) : 0;
-    if (!memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN)) { /* the report shows an xl header's fields */
-        r->xl_mflags = h.mflags;
-        r->xl_oflags = h.oflags;
-        r->xl_optlen = h.optlen;
-    }
-    if (rc)
-        return rc;
-    if (h.optlen >= 4) {
-        rc = need(s, 4, &p, "xl config length");
-        if (rc)
-            return rc;
-        r->xl_config_len = xcs_get_le32(p);
-        if (xcs_xl_config_check(&h, r->xl_config_len, why, sizeof(why)))
-            return bad(s, "%s", why);
-        rc = skip(s, h.optlen - 4, "xl optional data");
-    } else {
-        rc = skip(s, h.optlen, "xl optional data");
-    }
-    if (rc)
-        return rc;
-    *inner = (h.mflags & XCS_XL_MFLAG_STREAMV2) ? XCS_FMT_LIBXL : XCS_FMT_LEGACY;
-    return 0;
+        return xcs_walk_bad(&s->w, EINVAL, "%s (width %u and guest %s were "
+                            "guessed; pass them explicitly)", st.err_reason,
+                            lo.width, lo.guest == XCS_GUEST_PV ? "pv" : "hvm");
+    return xcs_walk_bad(&s->w, EINVAL, "%s", st.err_reason);
 }
 
 /*----- entry point -----*/
@@ -1342,32 +335,38 @@ static int detect(struct scan *s, enum xcs_fmt *fmt)
     size_t got;
 
     at(s, "", "format detection");
-    if (xcs_src_peek(s->in, XCS_FMT_SNIFF_LEN, &p, &got) < 0)
+    if (xcs_source_peek(s->in, XCS_FMT_SNIFF_LEN, &p, &got) < 0)
         return io_error(s, "read");
     *fmt = xcs_fmt_sniff(p, got, 0); /* got < XCS_FMT_SNIFF_LEN: the whole stream */
     if (*fmt == XCS_FMT_AUTO)
-        return bad(s, "stream too short (%zu bytes) to be any known format", got);
+        return xcs_walk_bad(&s->w, EINVAL, "stream too short (%zu bytes) to be "
+                            "any known format", got);
     return 0;
 }
 
 int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
                 struct xcs_scan_report *rep)
 {
-    struct xcs_src in;
+    struct xcs_walk_opts wo;
+    struct xcs_source in;
     struct scan s;
     enum xcs_fmt fmt = opts->fmt;
     int in_open = 0, rc;
 
     memset(rep, 0, sizeof(*rep));
     memset(&s, 0, sizeof(s));
+    memset(&wo, 0, sizeof(wo));
     rep->min_pfn = UINT64_MAX;
     rep->stream_type = opts->stream_type;
     s.in = &in;
     s.opts = opts;
     s.rep = rep;
+    s.w.in = &in;
+    s.w.opts = &wo;
+    s.w.ops = &scan_ops;
+    s.w.data = &s;
 
-    if (xcs_src_open(&in, fd, 0) < 0) {
-        s.in = NULL;
+    if (xcs_source_open(&in, fd, XCS_SOURCE_MAP) < 0) {
         snprintf(rep->error.reason, sizeof(rep->error.reason), "fstat: %s", strerror(errno));
         rc = -1;
         goto out;
@@ -1379,38 +378,43 @@ int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
             goto out;
     }
     rep->format = fmt;
-    if (fmt == XCS_FMT_XL) {
-        rc = xl_header(&s, &fmt);
-        if (rc)
-            goto out;
-    }
     switch (fmt) {
+    case XCS_FMT_XL:
     case XCS_FMT_LIBXL:
-        rc = libxl_stream(&s);
-        break;
     case XCS_FMT_LIBXC:
-        rc = libxc_stream(&s);
+        wo.start = fmt;
+        wo.stream_type = opts->stream_type;
+        wo.flags = XCS_WALK_PADDING | XCS_WALK_DUPS | XCS_WALK_MANDATORY;
+        if (!(opts->flags & XCS_SCAN_ALLOW_TRAILING))
+            wo.flags |= XCS_WALK_TRAILING;
+        rc = xcs_walk(&s.w);
+        report_walk(&s);
+        if (!rc && s.w.xl_legacy)
+            rc = legacy_stream(&s);
         break;
     case XCS_FMT_LEGACY:
         rc = legacy_stream(&s);
         break;
     default:
-        rc = bad(&s, "no format to scan");
+        at(&s, "", "format detection");
+        rc = xcs_walk_bad(&s.w, EINVAL, "no format to scan");
         break;
     }
 
 out:
+    if (s.w.err.reason[0])
+        rep->error = s.w.err;
     if (rep->min_pfn == UINT64_MAX)
         rep->min_pfn = 0;
     if (in_open) {
-        rep->bytes = in.pos;
-        xcs_src_close(&in);
+        rep->bytes = in.off;
+        xcs_source_close(&in);
     }
     if (s.seen)
         for (size_t i = 0; i < SEEN_CHUNKS; i++)
             free(s.seen[i]);
     free(s.seen);
-    free(s.sortbuf);
+    xcs_walk_release(&s.w);
     rep->valid = rc == 0;
     return rc;
 }

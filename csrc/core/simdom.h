@@ -247,4 +247,26 @@ void xcs_sim_fill_vcpu(uint8_t *blob, unsigned int vcpu, uint64_t seed);
 }
 #endif
 
+/*----- the sim HVM_CONTEXT blob -----*/
+
+/*
+ * HVM_CONTEXT carries a Xen-shaped HVM save image: a sequence of
+ * {u16 typecode; u16 instance; u32 length} descriptors, each followed by
+ * length bytes, ending with typecode 0.  The engine writes HEADER (1), one
+ * sim record (XCS_HVM_SAVE_SIM) with the domain's shape, one CPU record (2)
+ * per vCPU holding its context blob, and END.  docs/sim-format.md.
+ */
+#define XCS_HVM_SAVE_END 0
+#define XCS_HVM_SAVE_HEADER 1
+#define XCS_HVM_SAVE_CPU 2
+#define XCS_HVM_SAVE_SIM 0x78 /* xcsave private; Xen's codes stay small */
+#define XCS_HVM_DESC_SIZE 8
+#define XCS_HVM_HEADER_MAGIC 0x54381286U
+#define XCS_HVM_HEADER_SIZE 24 /* magic, version, changeset, cpuid, gtsc_khz */
+#define XCS_HVM_SIM_MAGIC "XCSIMHVM"
+#define XCS_HVM_SIM_SIZE 32    /* magic[8], version, vcpu_size, nr_pages, nr_vcpus, page_shift */
+
+/* The emulator blob carried by EMULATOR_CONTEXT in libxl-wrapped streams. */
+#define XCS_SIM_EMU_MAGIC "XCSIMEMU"
+
 #endif /* XCS_SIMDOM_H */

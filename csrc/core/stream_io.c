@@ -1,6 +1,6 @@
 /*
- * stream_io.c - exact reads, complete writes, record framing, logging and
- * progress shared by engine_save.c and engine_restore.c.
+ * stream_io.c - complete writes, record framing, the idle timeout, logging
+ * and progress shared by the engines; exact reads are source.c's.
  */
 #include "stream_io.h"
 
@@ -195,7 +195,7 @@ static int idle_bounded(int fd, short events)
 }
 
 /* After bytes came in on fd: the stream has started, reads are timed now. */
-static void idle_progress(int fd)
+void xcs_idle_progress(int fd)
 {
     if (fd == idle_fd)
         idle_armed = 1;
@@ -238,7 +238,7 @@ static int wait_ready(int fd, short events)
  * read forever.  One poll per read call (a record header, a batch), not per
  * page.  Without the timeout, or before the stream started, it does nothing.
  */
-static int idle_wait(int fd)
+int xcs_idle_wait(int fd)
 {
     return idle_bounded(fd, POLLIN) ? wait_ready(fd, POLLIN) : 0;
 }
@@ -254,7 +254,7 @@ static int idle_wait(int fd)
  * EAGAIN from a blocking socket with SO_RCVTIMEO/SO_SNDTIMEO is the idle
  * timeout itself (ETIMEDOUT), once it applies.
  */
-static int again(int fd, short events)
+int xcs_io_again(int fd, short events)
 {
     if (errno == EINTR)
         return 1;
@@ -290,7 +290,8 @@ enum xfer { XFER_WRITEV, XFER_VMSPLICE, XFER_PWRITEV };
  * The one write loop: push all of iov[0..iovcnt) into fd with writev,
  * vmsplice or pwritev (at off, advancing), looping over short transfers
  * (pipe, socket, signal, a full disk's last bytes), EINTR and EAGAIN (see
- * again()), split at IOV_MAX.  *done counts what went out, also on failure.
+ * xcs_io_again), split at IOV_MAX.  *done counts what went out, also on
+ * failure.
  */
 static int xfer_all(int fd, enum xfer how, struct iovec *iov, int iovcnt,
                     uint64_t off, uint64_t *done)
@@ -312,7 +313,7 @@ static int xfer_all(int fd, enum xfer how, struct iovec *iov, int iovcnt,
         else
             r = writev(fd, iov, cnt);
         if (r < 0) {
-            if (again(fd, POLLOUT))
+            if (xcs_io_again(fd, POLLOUT))
                 continue;
             return -1;
         }
@@ -422,256 +423,8 @@ long xcs_pipe_unread(int fd)
     return n;
 }
 
-/*----- reading -----*/
-
-int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
-                    size_t len, int *eof)
-{
-    size_t got = 0;
-
-    *eof = 0;
-    while (got < len) {
-        ssize_t n;
-
-        if (iovcnt <= 0) {
-            errno = EINVAL; /* the iovecs hold less than len: caller bug */
-            return -1;
-        }
-        if (iov->iov_len == 0) {
-            iov++;
-            iovcnt--;
-            continue;
-        }
-        if (idle_wait(r->fd) < 0)
-            return -1;
-        n = readv(r->fd, iov, iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
-        if (n < 0) {
-            if (again(r->fd, POLLIN))
-                continue;
-            return -1;
-        }
-        if (n == 0) {
-            *eof = got ? 2 : 1;
-            errno = EIO;
-            return -1;
-        }
-        idle_progress(r->fd);
-        got += (size_t)n;
-        r->off += (uint64_t)n;
-        iov_advance(&iov, &iovcnt, (size_t)n);
-    }
-    return 0;
-}
-
-int xcs_read_exact(struct xcs_reader *r, void *buf, size_t len, int *eof)
-{
-    struct iovec iov = {.iov_base = buf, .iov_len = len};
-
-    if (len == 0) {
-        *eof = 0;
-        return 0;
-    }
-    return xcs_readv_exact(r, &iov, 1, len, eof);
-}
-
 int xcs_kernel_refused(int err)
 {
     return err == EINVAL || err == EXDEV || err == EOPNOTSUPP ||
            err == ENOSYS || err == EBADF;
-}
-
-enum {
-    MOVE_UNPROBED = 0,
-    MOVE_COPY_RANGE,
-    MOVE_SPLICE,
-    MOVE_RELAY,
-    MOVE_NONE
-};
-
-/*
- * fd trick: splice() cannot go from a socket straight into a file, but it
- * can go socket -> pipe (the pipe takes references to the socket buffer's
- * pages: no copy) and pipe -> file (the one copy, into the target's page
- * cache).  So a socket stream goes through a private pipe, the relay
- * (O_CLOEXEC, made on first use, closed by xcs_reader_release), and costs
- * one copy where read() + pwrite() cost two.  Reading exactly our own bytes
- * still holds: splice(sock -> relay, n) never takes more than n bytes, and
- * n never exceeds what the caller announced (xcs_move_expect: the batch's
- * page bytes) or asked for.  Within a batch the relay is filled a pipe's
- * capacity at a time (one splice for many page runs) and emptied run by run;
- * it is only filled when empty, so that splice never waits on a full pipe.
- */
-void xcs_reader_release(struct xcs_reader *r)
-{
-    if (r->relay_cap) {
-        close(r->relay[0]);
-        close(r->relay[1]);
-        r->relay_cap = 0;
-    }
-}
-
-void xcs_move_expect(struct xcs_reader *r, uint64_t len)
-{
-    r->ahead = len;
-}
-
-/*
- * One kernel-side transfer of at most want stream bytes into `to` (at *o, or
- * at its own position when o is NULL: the relay), by the reader's method.
- * It reads the stream at its file position (NULL offset) and advances it,
- * exactly like read(): the fd stays where the format says the next record
- * starts, for whoever reads after us.  Returns the bytes moved (r->off
- * advanced); 0 when the kernel cannot do it for these fds and `first` says
- * nothing of the caller's run has moved yet; -1 with errno (EIO, *eof = 2:
- * the stream ended inside a record, whose header has been read).
- */
-static ssize_t stream_step(struct xcs_reader *r, int to, loff_t *o,
-                           size_t want, int first, int *eof)
-{
-    for (;;) {
-        ssize_t n;
-
-        if (idle_wait(r->fd) < 0)
-            return -1;
-        n = r->move == MOVE_COPY_RANGE
-                ? copy_file_range(r->fd, NULL, to, o, want, 0)
-                : splice(r->fd, NULL, to, o, want, SPLICE_F_MOVE);
-        if (n > 0) {
-            idle_progress(r->fd);
-            r->off += (uint64_t)n;
-            return n;
-        }
-        if (n == 0) {
-            *eof = 2;
-            errno = EIO;
-            return -1;
-        }
-        if (again(r->fd, POLLIN))
-            continue;
-        return first && xcs_kernel_refused(errno) ? 0 : -1;
-    }
-}
-
-/*
- * Open the relay, and probe that `to` takes splice: one byte of our own
- * (not the stream's) spliced to `to` at off, which the caller is about to
- * overwrite with the stream's bytes.  MOVE_NONE if either fails: the stream
- * is untouched and the caller reads and writes itself.
- */
-static int relay_open(struct xcs_reader *r, int to, uint64_t off)
-{
-    loff_t o = (loff_t)off;
-    long cap;
-
-    if (pipe2(r->relay, O_CLOEXEC) < 0)
-        return MOVE_NONE;
-    r->relay_cap = 1; /* open: xcs_reader_release closes it */
-    if (write(r->relay[1], "", 1) != 1 ||
-        splice(r->relay[0], NULL, to, &o, 1, 0) != 1)
-        return MOVE_NONE;
-    /* a 1 MiB relay: a few splices per 4 MiB batch (see xcs_pipe_grow) */
-    xcs_pipe_grow(r->relay[1]);
-    cap = xcs_pipe_capacity(r->relay[1]);
-    r->relay_cap = cap > 0 ? (size_t)cap : 65536;
-    return MOVE_RELAY;
-}
-
-static int relay_move(struct xcs_reader *r, int to, uint64_t off, size_t len,
-                      int *eof)
-{
-    size_t got = 0;
-
-    while (got < len) {
-        size_t k;
-
-        if (r->relay_fill == 0) {
-            uint64_t want = r->ahead > len - got ? r->ahead : len - got;
-            ssize_t n;
-
-            if (want > r->relay_cap)
-                want = r->relay_cap;
-            /* the relay is empty: got == 0 means nothing of this run moved */
-            n = stream_step(r, r->relay[1], NULL, (size_t)want, got == 0, eof);
-            if (n == 0) { /* a socket type without splice */
-                r->move = MOVE_NONE;
-                return 1;
-            }
-            if (n < 0)
-                return -1;
-            r->relay_fill = (size_t)n;
-            r->ahead -= r->ahead < (uint64_t)n ? r->ahead : (uint64_t)n;
-        }
-        k = r->relay_fill < len - got ? r->relay_fill : len - got;
-        while (k > 0) {
-            loff_t o = (loff_t)(off + got);
-            ssize_t m = splice(r->relay[0], NULL, to, &o, k, SPLICE_F_MOVE);
-
-            if (m < 0 && errno == EINTR)
-                continue;
-            if (m <= 0) {
-                if (m == 0) /* cannot happen: the relay holds k bytes */
-                    errno = EIO;
-                return -1;
-            }
-            k -= (size_t)m;
-            got += (size_t)m;
-            r->relay_fill -= (size_t)m;
-            r->moved += (uint64_t)m;
-        }
-    }
-    return 0;
-}
-
-int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
-                   int *eof)
-{
-    size_t got = 0;
-
-    *eof = 0;
-    if (r->move == MOVE_UNPROBED) {
-        const char *no = getenv("XCSAVE_NO_SPLICE");
-        struct stat st;
-
-        r->move = MOVE_NONE;
-        if (!(no && *no && strcmp(no, "0") != 0) && fstat(r->fd, &st) == 0)
-            r->move = S_ISREG(st.st_mode)    ? MOVE_COPY_RANGE
-                      : S_ISFIFO(st.st_mode) ? MOVE_SPLICE
-                      : S_ISSOCK(st.st_mode) ? relay_open(r, to, off)
-                                             : MOVE_NONE;
-    }
-    if (r->move == MOVE_RELAY)
-        return relay_move(r, to, off, len, eof);
-    while (got < len && r->move != MOVE_NONE) {
-        loff_t o = (loff_t)(off + got);
-        ssize_t n = stream_step(r, to, &o, len - got, got == 0, eof);
-
-        if (n == 0) { /* the kernel cannot do it for this pair of fds */
-            r->move = MOVE_NONE;
-            break;
-        }
-        if (n < 0)
-            return -1;
-        got += (size_t)n;
-        r->moved += (uint64_t)n;
-    }
-    return r->move == MOVE_NONE ? 1 : 0;
-}
-
-int xcs_skip_exact(struct xcs_reader *r, uint64_t len, int *eof)
-{
-    uint8_t buf[16384];
-    uint64_t start = r->off;
-
-    *eof = 0;
-    while (len > 0) {
-        size_t n = len > sizeof(buf) ? sizeof(buf) : (size_t)len;
-
-        if (xcs_read_exact(r, buf, n, eof) < 0) {
-            if (*eof && r->off != start)
-                *eof = 2;
-            return -1;
-        }
-        len -= n;
-    }
-    return 0;
 }

@@ -1,11 +1,10 @@
 /*
- * stream_io.h - what the save and restore engines share: exact reads and
- * complete (v)writes on the stream fd, record framing, logging and progress
- * helpers, and the layout of the sim HVM_CONTEXT blob.
+ * stream_io.h - what the save and restore engines share: complete (v)writes
+ * on the stream fd, record framing, the idle timeout, logging and progress
+ * helpers.  Reading is source.h's (the one exact-read source).
  *
  * Nothing here buffers: the stream fd is shared with the toolstack (libxl
- * reads its own records before and after ours), so every read asks for
- * exactly the bytes the format says come next.
+ * reads its own records before and after ours).
  */
 #ifndef XCS_STREAM_IO_H
 #define XCS_STREAM_IO_H
@@ -114,80 +113,26 @@ long xcs_pipe_unread(int fd);
  */
 int xcs_stream_idle(int fd, int ms, int may_reopen);
 
-/*----- reading -----*/
-
-struct xcs_reader {
-    int fd;
-    uint64_t off; /* stream offset of the next byte */
-    int move;     /* xcs_move_exact's method for fd; 0 = not probed yet */
-    uint64_t moved; /* of off: bytes xcs_move_exact moved kernel-side */
-    /* socket streams: a private pipe the bytes go through (stream_io.c) */
-    int relay[2];
-    size_t relay_cap;  /* its capacity; 0 = no relay open */
-    size_t relay_fill; /* stream bytes in it, not yet moved out */
-    uint64_t ahead;    /* bytes announced by xcs_move_expect, not yet pulled */
-};
-
-/* Close what xcs_move_exact opened for r (nothing for files and pipes). */
-void xcs_reader_release(struct xcs_reader *r);
-/*
- * The next len stream bytes are all to be moved by xcs_move_exact (one
- * PAGE_DATA batch's pages, run by run): from a socket they may then be
- * pulled into the relay a pipe's capacity at a time instead of run by run.
- */
-void xcs_move_expect(struct xcs_reader *r, uint64_t len);
+/*----- for readers (source.c) -----*/
 
 /*
- * Read exactly len bytes (loops over short reads and EINTR).  Returns 0, or
- * -1 with errno set: EIO with *eof set when the stream ended first (*eof is
- * 1 when it ended before the first byte, 2 when it ended part way).
+ * Before a read that would block: with the idle timeout, wait for input at
+ * most its ms (ETIMEDOUT); without it, or before the stream started, 0 at
+ * once.  After bytes came in: xcs_idle_progress (the stream has started).
  */
-int xcs_read_exact(struct xcs_reader *r, void *buf, size_t len, int *eof);
-/* The same for a scatter list (consumed in place). */
-int xcs_readv_exact(struct xcs_reader *r, struct iovec *iov, int iovcnt,
-                    size_t len, int *eof);
+int xcs_idle_wait(int fd);
+void xcs_idle_progress(int fd);
 /*
- * Move exactly len stream bytes into the file `to` at offset off without
- * passing them through user space: copy_file_range() when the stream is a
- * regular file, splice() when it is a pipe, splice() through a private pipe
- * when it is a socket (the kernel copies once, straight into the target's
- * page cache).  Returns 0; -1 with errno set (EIO and *eof as
- * xcs_read_exact when the stream ended first); or 1, having consumed
- * nothing, when the kernel cannot do it for these fds (a socket type
- * without splice, a filesystem without it): the caller then reads and
- * writes itself, and every later call returns 1 at once.
+ * After a failed read or write on fd: 1 when the call should be made again
+ * (EINTR; EAGAIN once poll says fd is ready for events), 0 when it failed
+ * (errno; ETIMEDOUT for the idle timeout).
  */
-int xcs_move_exact(struct xcs_reader *r, int to, uint64_t off, size_t len,
-                   int *eof);
+int xcs_io_again(int fd, short events);
 /*
  * After copy_file_range/sendfile/splice failed with err: 1 when that means
  * "not for this pair of fds" (EINVAL, EXDEV, EOPNOTSUPP, ENOSYS, O_APPEND's
  * EBADF), so the caller should move the bytes another way.
  */
 int xcs_kernel_refused(int err);
-/* Read and drop len bytes. */
-int xcs_skip_exact(struct xcs_reader *r, uint64_t len, int *eof);
-
-/*----- the sim HVM_CONTEXT blob -----*/
-
-/*
- * HVM_CONTEXT carries a Xen-shaped HVM save image: a sequence of
- * {u16 typecode; u16 instance; u32 length} descriptors, each followed by
- * length bytes, ending with typecode 0.  The engine writes HEADER (1), one
- * sim record (XCS_HVM_SAVE_SIM) with the domain's shape, one CPU record (2)
- * per vCPU holding its context blob, and END.  docs/sim-format.md.
- */
-#define XCS_HVM_SAVE_END 0
-#define XCS_HVM_SAVE_HEADER 1
-#define XCS_HVM_SAVE_CPU 2
-#define XCS_HVM_SAVE_SIM 0x78 /* xcsave private; Xen's codes stay small */
-#define XCS_HVM_DESC_SIZE 8
-#define XCS_HVM_HEADER_MAGIC 0x54381286U
-#define XCS_HVM_HEADER_SIZE 24 /* magic, version, changeset, cpuid, gtsc_khz */
-#define XCS_HVM_SIM_MAGIC "XCSIMHVM"
-#define XCS_HVM_SIM_SIZE 32    /* magic[8], version, vcpu_size, nr_pages, nr_vcpus, page_shift */
-
-/* The emulator blob carried by EMULATOR_CONTEXT in libxl-wrapped streams. */
-#define XCS_SIM_EMU_MAGIC "XCSIMEMU"
 
 #endif /* XCS_STREAM_IO_H */

@@ -32,11 +32,37 @@
 #include <stdint.h>
 
 #include "codec.h"
-#include "xcs_scan.h"
+#include "source.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+enum xcs_guest {
+    XCS_GUEST_UNKNOWN = 0,
+    XCS_GUEST_PV = 1,  /* = dhdr type 1 */
+    XCS_GUEST_HVM = 2  /* = dhdr type 2 */
+};
+
+/* What the legacy reader found (the verifier reports it too). */
+struct xcs_legacy_report {
+    unsigned int width;           /* toolstack unsigned long bits */
+    int width_guessed;            /* width/guest came from the heuristics */
+    uint64_t p2m_size;
+    unsigned int guest_width;     /* PV: from the "vcpu" block size */
+    unsigned int pt_levels;
+    uint32_t vcpu_ctx_size;
+    int extv;
+    uint32_t xsave_len;
+    uint64_t chunks[XCS_LEGACY_NR_CHUNKS]; /* by -id */
+    uint64_t batches;
+    uint32_t images;              /* BODY+TAIL images read (Remus: > 1) */
+    int last_checkpoint_seen;
+    char qemu_sig[24];
+    uint64_t qemu_len;
+    uint64_t toolstack_bytes;
+    uint64_t unread_bytes;        /* left after the image (mapped input) */
+};
 
 struct xcs_legacy_stats; /* below */
 
@@ -90,7 +116,7 @@ int xcs_legacy_convert(int in_fd, int out_fd,
  * writing (the scanner's legacy path).  The xl header, if any, must have
  * been consumed by the caller unless opts->in_has_xl_header.
  */
-int xcs_legacy_run(struct xcs_src *in, int out_fd,
+int xcs_legacy_run(struct xcs_source *in, int out_fd,
                    const struct xcs_legacy_opts *opts,
                    char *err, size_t errlen);
 

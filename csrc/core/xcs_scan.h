@@ -14,9 +14,9 @@
  * layers hand the fd to each other at CHECKPOINT / CHECKPOINT_END), and
  * optional (bit 31) libxc records, which are accepted and skipped.
  *
- * Input goes through a small source abstraction (struct xcs_src): a regular
- * file is mapped, so page data is never touched; anything else (pipes,
- * sockets) is read with exact reads, never past what the stream needs,
+ * Input goes through the exact-read source (source.h) in its mapped mode: a
+ * regular file is mapped, so page data is never touched; anything else
+ * (pipes, sockets) is read with exact reads, never past what the stream needs,
  * except for the one-byte probe for trailing bytes after the outermost END
  * (skipped with XCS_SCAN_ALLOW_TRAILING).
  *
@@ -31,62 +31,16 @@
 #include <stdint.h>
 
 #include "codec.h"
+#include "source.h"
+#include "walker.h"
+#include "xcs_legacy.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/*----- input source -----*/
-
-struct xcs_src {
-    int fd;
-    int mapped;          /* regular file read through the mapping below */
-    const uint8_t *map;  /* regular file: mapping of [start, EOF), else NULL */
-    size_t map_len;
-    uint64_t start;      /* fd offset at open; offsets are relative to it */
-    uint64_t pos;        /* bytes consumed */
-    uint8_t *buf;        /* exact-read mode: bytes read but not consumed */
-    size_t buf_cap;
-    size_t buf_head;
-    size_t buf_tail;
-    uint8_t *scratch;    /* exact-read mode: discard buffer for skips */
-};
-
-/* Open a source over fd (not owned).  seq: hint that every byte will be read. */
-int xcs_src_open(struct xcs_src *s, int fd, int seq);
-/* Release; a mapped file's fd offset is left just after the consumed bytes. */
-void xcs_src_close(struct xcs_src *s);
-/*
- * Consume up to n bytes and point *p at them (valid until the next call).
- * Returns 0 when all n bytes were had, 1 on EOF first (*got says how many
- * were consumed), -1 on a read error (errno).
- */
-int xcs_src_get(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got);
-/* Look at up to n bytes without consuming them; *got may be < n at EOF. */
-int xcs_src_peek(struct xcs_src *s, size_t n, const uint8_t **p, size_t *got);
-/* Consume n bytes without looking at them; 1 on EOF first. */
-int xcs_src_skip(struct xcs_src *s, uint64_t n, uint64_t *got);
-/* 1 at EOF, 0 if a byte follows (consumed in exact-read mode), -1 error. */
-int xcs_src_at_eof(struct xcs_src *s);
-/* Bytes left before EOF for a mapped file, UINT64_MAX if unknown. */
-uint64_t xcs_src_remaining(const struct xcs_src *s);
-/* Exact-read mode: bytes read from the fd but not consumed yet. */
-size_t xcs_src_buffered(const struct xcs_src *s);
-/*
- * The caller consumed n bytes straight from the fd (copy_file_range,
- * sendfile, splice): a mapped file at offset start + pos, given explicitly
- * (its fd offset is not moved); otherwise from the fd's own position, with
- * nothing buffered.
- */
-void xcs_src_consumed(struct xcs_src *s, uint64_t n);
-
 /*----- scanner -----*/
 
-enum xcs_guest {
-    XCS_GUEST_UNKNOWN = 0,
-    XCS_GUEST_PV = 1,  /* = dhdr type 1 */
-    XCS_GUEST_HVM = 2  /* = dhdr type 2 */
-};
 
 #define XCS_SCAN_ALLOW_TRAILING 0x1u /* bytes after the outermost END are fine */
 
@@ -102,33 +56,7 @@ struct xcs_scan_opts {
 #define XCS_SCAN_MAX_WARNINGS 8
 #define XCS_SCAN_WARNING_LEN 400
 
-struct xcs_scan_error {
-    uint64_t offset;       /* start of the offending record (or header) */
-    char layer[8];         /* "xl", "libxl", "libxc", "legacy" */
-    uint32_t rtype;        /* record type / chunk id, if has_rtype */
-    int has_rtype;
-    char record[48];       /* record, chunk or header name */
-    char reason[320];
-};
 
-struct xcs_legacy_report {
-    unsigned int width;           /* toolstack unsigned long bits */
-    int width_guessed;            /* width/guest came from the heuristics */
-    uint64_t p2m_size;
-    unsigned int guest_width;     /* PV: from the "vcpu" block size */
-    unsigned int pt_levels;
-    uint32_t vcpu_ctx_size;
-    int extv;
-    uint32_t xsave_len;
-    uint64_t chunks[XCS_LEGACY_NR_CHUNKS]; /* by -id */
-    uint64_t batches;
-    uint32_t images;              /* BODY+TAIL images read (Remus: > 1) */
-    int last_checkpoint_seen;
-    char qemu_sig[24];
-    uint64_t qemu_len;
-    uint64_t toolstack_bytes;
-    uint64_t unread_bytes;        /* left after the image (mapped input) */
-};
 
 struct xcs_scan_report {
     enum xcs_fmt format;          /* outermost layer found */
@@ -180,7 +108,7 @@ struct xcs_scan_report {
     char warnings[XCS_SCAN_MAX_WARNINGS][XCS_SCAN_WARNING_LEN];
 
     int valid;
-    struct xcs_scan_error error;
+    struct xcs_stream_error error;
 };
 
 /*
