@@ -651,63 +651,74 @@ def emit_c_header() -> str:
             tail = " \\" if i < len(items) - 1 else ""
             w(f"    X({m.name}, {_c_ident(m.name)}){tail}")
         w("")
+    w("/* One argument of a body: n bytes at v, after a u32 byte count when var. */")
+    w("struct xcs_arg {")
+    w("    const void *v;")
+    w("    uint32_t n;")
+    w("    int var;")
+    w("};")
+    w("#define XCS_FIXED(x) {&(x), (uint32_t)sizeof(x), 0}")
+    w("#define XCS_STR(s) {(s), (uint32_t)strlen(s) + 1, 1}")
+    w("#define XCS_VAR(v, n) {(v), (n), 1}")
+    w("")
     w("/*")
-    w(" * Provided by the helper (helper_main.c):")
-    w(" *   xcs_msgbuf(len)     a buffer of at least len bytes for one body;")
-    w(" *   xcs_transmit(m, body, len)  frame and send body (msgtype + args);")
-    w(" *   xcs_getreply(m)     wait for the parent's int reply to message m.")
+    w(" * Provided by the helper (helper_main.c), for the stubs below:")
+    w(" *   xcs_send(m, a, n)   frame message m's n args (in order) and send it;")
+    w(" *   xcs_ask(m, a, n)    the same, then wait for the parent's int reply.")
     w(" */")
-    w("uint8_t *xcs_msgbuf(size_t len);")
-    w("void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len);")
-    w("int xcs_getreply(enum xcs_msg m);")
+    w("void xcs_send(enum xcs_msg m, const struct xcs_arg *a, size_t n);")
+    w("int xcs_ask(enum xcs_msg m, const struct xcs_arg *a, size_t n);")
+    # The questions without arguments are all alike: one macro writes their
+    # stub and trampoline (a backend installs it for the library's callback).
+    bare = [m for m in TABLE if not m.args and m.needs_reply]
+    assert all(_trampoline(m) for m in bare), "a bare question that is no callback"
     w("")
-    w("static inline uint8_t *xcs_put(uint8_t *p, const void *v, size_t n)")
-    w("{")
-    w("    memcpy(p, v, n);")
-    w("    return p + n;")
-    w("}")
+    w("/*")
+    w(" * Stubs: xcs_stub_<name>(args...) sends the message (and returns the")
+    w(" * reply where it needs one).  The questions without arguments, X(name,")
+    w(" * NAME), get theirs and their trampoline (below) from one macro.")
+    w(" */")
+    w("#define XCS_BARE_QUESTIONS(X) \\")
+    for i, m in enumerate(bare):
+        tail = " \\" if i < len(bare) - 1 else ""
+        w(f"    X({m.name}, {_c_ident(m.name)}){tail}")
     w("")
-    w("static inline uint8_t *xcs_put_var(uint8_t *p, const void *v, uint32_t n)")
-    w("{")
-    w("    p = xcs_put(p, &n, sizeof(n));")
-    w("    return n ? xcs_put(p, v, n) : p;")
-    w("}")
+    w("#define XCS_BARE_QUESTION(name, NAME) \\")
+    w("    static inline int xcs_stub_##name(void) \\")
+    w("    { \\")
+    w("        return xcs_ask(XCS_MSG_##NAME, NULL, 0); \\")
+    w("    } \\")
+    w("    static inline int xcs_tramp_##name(void *data) \\")
+    w("    { \\")
+    w("        (void)data; \\")
+    w("        return xcs_stub_##name(); \\")
+    w("    }")
+    w("XCS_BARE_QUESTIONS(XCS_BARE_QUESTION)")
+    w("#undef XCS_BARE_QUESTION")
     for m in TABLE:
+        if m in bare:
+            continue
         w("")
         params: list[str] = []
+        body: list[str] = []
         for a in m.args:
             params.append(f"{_C_TYPES[a.type]} {a.name}")
-            if a.type == "BLOCK":
+            if a.type == "STRING":
+                body.append(f"XCS_STR({a.name})")
+            elif a.type == "BLOCK":
                 params.append(f"uint32_t {a.name}_len")
+                body.append(f"XCS_VAR({a.name}, {a.name}_len)")
             elif a.type == "U64S":
                 params.append(f"uint32_t {a.name}_count")
+                body.append(f"XCS_VAR({a.name}, {a.name}_count * (uint32_t)sizeof(uint64_t))")
+            else:
+                body.append(f"XCS_FIXED({a.name})")
         ret = "int" if m.needs_reply else "void"
         w(f"static inline {ret} xcs_stub_{m.name}({', '.join(params) or 'void'})")
         w("{")
-        size_terms = ["2"]
-        for a in m.args:
-            if a.type == "STRING":
-                w(f"    uint32_t {a.name}_len = (uint32_t)strlen({a.name}) + 1;")
-                size_terms.append(f"4 + {a.name}_len")
-            elif a.type == "BLOCK":
-                size_terms.append(f"4 + {a.name}_len")
-            elif a.type == "U64S":
-                w(f"    uint32_t {a.name}_len = {a.name}_count * (uint32_t)sizeof(uint64_t);")
-                size_terms.append(f"4 + {a.name}_len")
-            else:
-                size_terms.append(f"sizeof({a.name})")
-        w(f"    size_t len = {' + '.join(size_terms)};")
-        w("    uint8_t *buf = xcs_msgbuf(len);")
-        w("    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */")
-        for a in m.args:
-            if a.is_var:
-                w(f"    p = xcs_put_var(p, {a.name}, {a.name}_len);")
-            else:
-                w(f"    p = xcs_put(p, &{a.name}, sizeof({a.name}));")
-        w("    (void)p;")
-        w(f"    xcs_transmit(XCS_MSG_{_c_ident(m.name)}, buf, len);")
-        if m.needs_reply:
-            w(f"    return xcs_getreply(XCS_MSG_{_c_ident(m.name)});")
+        w(f"    const struct xcs_arg a[] = {{{', '.join(body)}}};")
+        call = "return xcs_ask" if m.needs_reply else "xcs_send"
+        w(f"    {call}(XCS_MSG_{_c_ident(m.name)}, a, {len(body)});")
         w("}")
     w("")
     w("/*")
@@ -717,7 +728,7 @@ def emit_c_header() -> str:
     w(" * types are the library's: xen_pfn_t, struct precopy_stats).")
     w(" */")
     for m in TABLE:
-        if not _trampoline(m):
+        if not _trampoline(m) or m in bare:
             continue
         ret = "int" if m.needs_reply else "void"
         params = [f"{_C_TYPES[a.type]} {a.name}" for a in m.args]
@@ -800,7 +811,7 @@ def emit_py_module() -> str:
     w("")
     w("from collections.abc import Awaitable, Callable")
     w("from dataclasses import dataclass")
-    w("from typing import ClassVar, Final, cast")
+    w("from typing import Any, ClassVar, Final, Self, cast")
     w("")
     w("from ._event import Event")
     w(f"from .policy import Decision, {', '.join(sorted({m.pack for m in packs if m.pack}))}")
@@ -848,31 +859,56 @@ def emit_py_module() -> str:
         w(f"def pack_{m.name}(a: Args) -> {m.pack}:")
         w(f'    """The {m.name} callback\'s one argument."""')
         out.extend(_py_call("    ", m.pack or "", _py_values(m)))
+    # A message both kept as a record and emitted as an event declares its
+    # fields once, in a slot-less base both classes are built on.
+    shared = {m.name for m in records if m.event}
+    if records:
+        w("")
+        w("")
+        w("class _Record:")
+        w('    """A record\'s constructor from its message\'s argument values."""')
+        w("")
+        w("    __slots__ = ()")
+        w("")
+        w("    @classmethod")
+        w("    def from_args(cls, a: Args) -> Self:")
+        w("        return cls(*cast(tuple[Any, ...], a))  # the codec typed them by the table")
+    for m in records:
+        if m.name not in shared:
+            continue
+        w("")
+        w("")
+        w("@dataclass(frozen=True)")
+        w(f"class _{m.record}Fields:")
+        w(f'    """The fields of :class:`{m.record}` and :class:`{m.event}`."""')
+        w("")
+        w("    __slots__ = ()")
+        out.extend(_py_fields(m))
     for m in records:
         w("")
         w("")
         w("@dataclass(frozen=True, slots=True)")
-        w(f"class {m.record}:")
-        w(f'    """{m.doc}"""')
-        w("")
-        out.extend(_py_fields(m))
-        w("")
-        w("    @classmethod")
-        w(f"    def from_args(cls, a: Args) -> {m.record}:")
-        out.extend(_py_call("        ", "cls", _py_values(m)))
+        if m.name in shared:
+            w(f"class {m.record}(_{m.record}Fields, _Record):")
+            w(f'    """{m.doc}"""')
+        else:
+            w(f"class {m.record}(_Record):")
+            w(f'    """{m.doc}"""')
+            w("")
+            out.extend(_py_fields(m))
     for m in events:
         w("")
         w("")
         w("@dataclass(frozen=True, slots=True)")
-        w(f"class {m.event}(Event):")
+        if m.name in shared:
+            w(f"class {m.event}(_{m.record}Fields, Event):")
+        else:
+            w(f"class {m.event}(Event):")
         w(f'    """{m.doc}"""')
         w("")
         w(f'    kind: ClassVar[str] = "{m.name}"')
-        out.extend(_py_fields(m))
-        w("")
-        w("    @classmethod")
-        w(f"    def from_frame(cls, op: str, domain: str, a: Args) -> {m.event}:")
-        out.extend(_py_call("        ", "cls", ["op", "domain", *_py_values(m)]))
+        if m.name not in shared:
+            out.extend(_py_fields(m))
     w("")
     w("")
     w("#: Message name -> the event it becomes: (op, domain, args) -> event.")
