@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "msg_stub.h"
+
 #define XCS_PROTO_VERSION 1
 #define XCS_PROTO_HASH 0x72baca4dc5df00b2ULL
 
@@ -94,16 +96,6 @@ static const int xcs_msg_stopped_reply[XCS_MSG_COUNT] = {
     X(static_data_done, STATIC_DATA_DONE) \
     X(restore_results, RESTORE_RESULTS)
 
-/* One argument of a body: n bytes at v, after a u32 byte count when var. */
-struct xcs_arg {
-    const void *v;
-    uint32_t n;
-    int var;
-};
-#define XCS_FIXED(x) {&(x), (uint32_t)sizeof(x), 0}
-#define XCS_STR(s) {(s), (uint32_t)strlen(s) + 1, 1}
-#define XCS_VAR(v, n) {(v), (n), 1}
-
 /*
  * Provided by the helper (helper_main.c), for the stubs below:
  *   xcs_send(m, a, n)   frame message m's n args (in order) and send it;
@@ -114,27 +106,15 @@ int xcs_ask(enum xcs_msg m, const struct xcs_arg *a, size_t n);
 
 /*
  * Stubs: xcs_stub_<name>(args...) sends the message (and returns the
- * reply where it needs one).  The questions without arguments, X(name,
- * NAME), get theirs and their trampoline (below) from one macro.
+ * reply where it needs one).  The questions without arguments get
+ * theirs and their trampoline from XCS_BARE_QUESTION (msg_stub.h).
  */
 #define XCS_BARE_QUESTIONS(X) \
     X(suspend, SUSPEND) \
     X(postcopy, POSTCOPY) \
     X(checkpoint, CHECKPOINT) \
     X(wait_checkpoint, WAIT_CHECKPOINT)
-
-#define XCS_BARE_QUESTION(name, NAME) \
-    static inline int xcs_stub_##name(void) \
-    { \
-        return xcs_ask(XCS_MSG_##NAME, NULL, 0); \
-    } \
-    static inline int xcs_tramp_##name(void *data) \
-    { \
-        (void)data; \
-        return xcs_stub_##name(); \
-    }
 XCS_BARE_QUESTIONS(XCS_BARE_QUESTION)
-#undef XCS_BARE_QUESTION
 
 static inline void xcs_stub_hello(uint32_t version, uint64_t table_hash, const char * backend, const char * mode)
 {

@@ -91,7 +91,7 @@ class _Record:
 
     @classmethod
     def from_args(cls, a: Args) -> Self:
-        return cls(*cast(tuple[Any, ...], a))  # the codec typed them by the table
+        return cls(*cast(tuple[Any, ...], a))  # typed by the codec
 
 
 @dataclass(frozen=True)
