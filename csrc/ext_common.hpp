@@ -41,6 +41,17 @@ bool named(int (*parse)(const char *, E *), const std::string &name,
     return false;
 }
 
+// d[key] = value for each (key, value) pair, in order: a C struct's
+// fields copied into the dict Python reads.
+inline void put(py::dict &) {}
+
+template <typename V, typename... Rest>
+void put(py::dict &d, const char *key, const V &value, const Rest &...rest)
+{
+    d[key] = value;
+    put(d, rest...);
+}
+
 // Raise OSError (the right subclass for errno) naming what failed.
 [[noreturn]] void raise_errno(int err, const std::string &what);
 

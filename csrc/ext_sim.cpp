@@ -270,7 +270,9 @@ struct EngineCtx {
         });
     }
 
-    xcs_engine_callbacks callbacks()
+    // The engine's callbacks for the callables set; an installed checkpoint
+    // goes in slot (save's checkpoint, restore's restore_checkpoint).
+    xcs_engine_callbacks callbacks(int (*xcs_engine_callbacks::*slot)(void *))
     {
         xcs_engine_callbacks cb{};
         cb.log = on_log;
@@ -279,25 +281,40 @@ struct EngineCtx {
             cb.precopy_policy = on_policy;
         if (!suspend.is_none())
             cb.suspend = on_suspend;
+        if (!checkpoint.is_none())
+            cb.*slot = on_checkpoint;
         cb.data = this;
         return cb;
     }
 
-    py::list log_list() const
+    template <typename A, typename B, typename C>
+    static py::list tuples(const std::vector<std::tuple<A, B, C>> &v)
     {
         py::list out;
-        for (const auto &e : log)
+        for (const auto &e : v)
             out.append(py::make_tuple(std::get<0>(e), std::get<1>(e),
                                       std::get<2>(e)));
         return out;
     }
 
-    py::list progress_list() const
+    // Runs the engine (op) with the GIL released; raises its failure.
+    template <typename Op> void run(Op op)
     {
-        py::list out;
-        for (const auto &e : progress)
-            out.append(py::make_tuple(std::get<0>(e), std::get<1>(e),
-                                      std::get<2>(e)));
+        int r, err;
+        {
+            py::gil_scoped_release nogil;
+            r = op();
+            err = errno;
+        }
+        if (r < 0)
+            raise_failure(err);
+    }
+
+    // The result: out, and what the engine logged and reported on the way.
+    py::dict result(py::dict out) const
+    {
+        out["log"] = tuples(log);
+        out["progress"] = tuples(progress);
         return out;
     }
 
@@ -326,7 +343,6 @@ py::dict engine_save(int fd, const std::string &path, bool live,
     xcs_save_params p{};
     xcs_save_stats st{};
     std::string cfg;
-    int r, err;
 
     p.io_fd = fd;
     p.sim_path = path.c_str();
@@ -350,16 +366,8 @@ py::dict engine_save(int fd, const std::string &path, bool live,
     ctx.policy = std::move(policy);
     ctx.suspend = std::move(suspend);
     ctx.checkpoint = std::move(checkpoint);
-    xcs_engine_callbacks cb = ctx.callbacks();
-    if (!ctx.checkpoint.is_none())
-        cb.checkpoint = EngineCtx::on_checkpoint;
-    {
-        py::gil_scoped_release nogil;
-        r = xcs_engine_save(&p, &cb, &st);
-        err = errno;
-    }
-    if (r < 0)
-        ctx.raise_failure(err);
+    xcs_engine_callbacks cb = ctx.callbacks(&xcs_engine_callbacks::checkpoint);
+    ctx.run([&] { return xcs_engine_save(&p, &cb, &st); });
 
     py::dict out;
     py::list per_round;
@@ -367,19 +375,12 @@ py::dict engine_save(int fd, const std::string &path, bool live,
                                                       : XCS_STATS_MAX_ROUNDS;
     for (unsigned int i = 0; i < n; i++)
         per_round.append(st.pages_per_round[i]);
-    out["rounds"] = st.rounds;
-    out["pages_per_round"] = per_round;
-    out["pages_sent"] = st.pages_sent;
-    out["zero_pages"] = st.zero_pages;
-    out["bytes_written"] = st.bytes_written;
-    out["downtime_ns"] = st.downtime_ns;
-    out["duration_ns"] = st.duration_ns;
-    out["spliced_bytes"] = st.spliced_bytes;
-    out["threaded_bytes"] = st.threaded_bytes;
-    out["copy_threads"] = st.copy_threads;
-    out["log"] = ctx.log_list();
-    out["progress"] = ctx.progress_list();
-    return out;
+    put(out, "rounds", st.rounds, "pages_per_round", per_round);
+    put(out, "pages_sent", st.pages_sent, "zero_pages", st.zero_pages,
+        "bytes_written", st.bytes_written, "downtime_ns", st.downtime_ns,
+        "duration_ns", st.duration_ns, "spliced_bytes", st.spliced_bytes,
+        "threaded_bytes", st.threaded_bytes, "copy_threads", st.copy_threads);
+    return ctx.result(out);
 }
 
 py::dict engine_restore(int fd, const std::string &path,
@@ -389,7 +390,6 @@ py::dict engine_restore(int fd, const std::string &path,
     EngineCtx ctx;
     xcs_restore_params p{};
     xcs_restore_result res{};
-    int r, err;
 
     p.io_fd = fd;
     p.sim_path = path.c_str();
@@ -397,28 +397,15 @@ py::dict engine_restore(int fd, const std::string &path,
     p.stream_type = parse_stream_type(stream_type);
     p.max_pages = max_pages;
     ctx.checkpoint = std::move(checkpoint);
-    xcs_engine_callbacks cb = ctx.callbacks();
-    if (!ctx.checkpoint.is_none())
-        cb.restore_checkpoint = EngineCtx::on_checkpoint;
-    {
-        py::gil_scoped_release nogil;
-        r = xcs_engine_restore(&p, &cb, &res);
-        err = errno;
-    }
-    if (r < 0)
-        ctx.raise_failure(err);
+    xcs_engine_callbacks cb = ctx.callbacks(&xcs_engine_callbacks::restore_checkpoint);
+    ctx.run([&] { return xcs_engine_restore(&p, &cb, &res); });
 
     py::dict out;
-    out["store_gfn"] = res.store_gfn;
-    out["console_gfn"] = res.console_gfn;
-    out["pages_received"] = res.pages_received;
-    out["bytes_read"] = res.bytes_read;
-    out["kernel_moved_bytes"] = res.kernel_moved_bytes;
-    out["duration_ns"] = res.duration_ns;
-    out["checkpoints"] = res.checkpoints;
-    out["log"] = ctx.log_list();
-    out["progress"] = ctx.progress_list();
-    return out;
+    put(out, "store_gfn", res.store_gfn, "console_gfn", res.console_gfn,
+        "pages_received", res.pages_received, "bytes_read", res.bytes_read,
+        "kernel_moved_bytes", res.kernel_moved_bytes,
+        "duration_ns", res.duration_ns, "checkpoints", res.checkpoints);
+    return ctx.result(out);
 }
 
 } // namespace

@@ -114,6 +114,12 @@ class InputFd {
     bool owned_ = false;
 };
 
+// A pfn, or None where there is no page entry to take it from.
+py::object pfn_or_none(uint64_t entries, uint64_t pfn)
+{
+    return entries ? py::object(py::int_(pfn)) : py::none();
+}
+
 py::dict records_dict(const uint64_t *count, const uint64_t *bytes, unsigned n,
                       const char *(*name)(uint32_t))
 {
@@ -218,15 +224,10 @@ py::dict report_dict(const struct xcs_scan_report &r, int rc)
     d["layers"] = layers;
 
     py::dict pages;
-    pages["data"] = r.pages;
-    pages["unique"] = r.pages_unique;
-    pages["entries"] = r.page_entries;
-    pages["xtab"] = r.xtab;
-    pages["broken"] = r.broken;
-    pages["xalloc"] = r.xalloc;
-    pages["min_pfn"] = r.page_entries ? py::object(py::int_(r.min_pfn)) : py::none();
-    pages["max_pfn"] = r.page_entries ? py::object(py::int_(r.max_pfn)) : py::none();
-    pages["max_batch"] = r.max_batch;
+    put(pages, "data", r.pages, "unique", r.pages_unique, "entries", r.page_entries,
+        "xtab", r.xtab, "broken", r.broken, "xalloc", r.xalloc,
+        "min_pfn", pfn_or_none(r.page_entries, r.min_pfn),
+        "max_pfn", pfn_or_none(r.page_entries, r.max_pfn), "max_batch", r.max_batch);
     d["pages"] = pages;
     d["vcpus"] = r.vcpus;
     d["hvm_params"] = r.hvm_params;
@@ -327,17 +328,13 @@ py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string
         raise_stream_error(st.err_reason, st.err_offset, st.err_chunk);
     }
     py::dict d;
-    d["in_bytes"] = st.in_bytes;
-    d["out_bytes"] = st.out_bytes;
-    d["kernel_copied_bytes"] = st.kernel_copied_bytes;
-    d["pages"] = st.pages;
-    d["page_entries"] = st.page_entries;
-    d["min_pfn"] = st.page_entries ? py::object(py::int_(st.min_pfn)) : py::none();
-    d["max_pfn"] = st.page_entries ? py::object(py::int_(st.max_pfn)) : py::none();
-    d["vcpus"] = st.vcpus;
-    d["checkpoints"] = st.checkpoints;
-    d["failover"] = st.failover ? py::object(py::str(st.failover_reason)) : py::none();
-    d["legacy"] = legacy_dict(st.legacy);
+    put(d, "in_bytes", st.in_bytes, "out_bytes", st.out_bytes,
+        "kernel_copied_bytes", st.kernel_copied_bytes, "pages", st.pages,
+        "page_entries", st.page_entries, "min_pfn", pfn_or_none(st.page_entries, st.min_pfn),
+        "max_pfn", pfn_or_none(st.page_entries, st.max_pfn), "vcpus", st.vcpus,
+        "checkpoints", st.checkpoints,
+        "failover", st.failover ? py::object(py::str(st.failover_reason)) : py::none(),
+        "legacy", legacy_dict(st.legacy));
     return d;
 }
 

@@ -143,7 +143,8 @@ void xcs_exit_fatal(void)
     exit(XCS_EXIT_FATAL);
 }
 
-uint8_t *xcs_msgbuf(size_t len)
+/* A buffer of at least len bytes for one body (msgtype + args). */
+static uint8_t *xcs_msgbuf(size_t len)
 {
     /* Room for the length prefix in front of the body, so one write suffices. */
     size_t need = len + sizeof(uint32_t);
@@ -206,7 +207,8 @@ static void write_all(int fd, const uint8_t *p, size_t n)
     }
 }
 
-void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len)
+/* Frame body (its msgtype filled in here) and send it. */
+static void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len)
 {
     int num = xcs_msg_numbers[dialect][m];
     uint16_t num16;
@@ -247,7 +249,8 @@ static int reply_when_stopped(enum xcs_msg m)
     return xcs_msg_stopped_reply[m];
 }
 
-int xcs_getreply(enum xcs_msg m)
+/* Wait for the parent's int reply to message m. */
+static int xcs_getreply(enum xcs_msg m)
 {
     int v;
     uint8_t *p = (uint8_t *)&v;
@@ -291,6 +294,37 @@ int xcs_getreply(enum xcs_msg m)
         got += (size_t)r;
     }
     return v;
+}
+
+static uint8_t *put(uint8_t *p, const void *v, size_t n)
+{
+    memcpy(p, v, n);
+    return p + n;
+}
+
+/* What the generated stubs call (xcsave_msgs.h): each arg in order. */
+void xcs_send(enum xcs_msg m, const struct xcs_arg *a, size_t n)
+{
+    size_t len = 2;
+    uint8_t *buf, *p;
+
+    for (size_t i = 0; i < n; i++)
+        len += (a[i].var ? sizeof(a[i].n) : 0) + a[i].n;
+    buf = xcs_msgbuf(len);
+    p = buf + 2; /* the msgtype is filled in by xcs_transmit */
+    for (size_t i = 0; i < n; i++) {
+        if (a[i].var)
+            p = put(p, &a[i].n, sizeof(a[i].n));
+        if (a[i].n)
+            p = put(p, a[i].v, a[i].n);
+    }
+    xcs_transmit(m, buf, len);
+}
+
+int xcs_ask(enum xcs_msg m, const struct xcs_arg *a, size_t n)
+{
+    xcs_send(m, a, n);
+    return xcs_getreply(m);
 }
 
 void xcs_vlog(uint32_t level, int errnoval, const char *context,

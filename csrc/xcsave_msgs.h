@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "msg_stub.h"
+
 #define XCS_PROTO_VERSION 1
 #define XCS_PROTO_HASH 0x72baca4dc5df00b2ULL
 
@@ -95,229 +97,95 @@ static const int xcs_msg_stopped_reply[XCS_MSG_COUNT] = {
     X(restore_results, RESTORE_RESULTS)
 
 /*
- * Provided by the helper (helper_main.c):
- *   xcs_msgbuf(len)     a buffer of at least len bytes for one body;
- *   xcs_transmit(m, body, len)  frame and send body (msgtype + args);
- *   xcs_getreply(m)     wait for the parent's int reply to message m.
+ * Provided by the helper (helper_main.c), for the stubs below:
+ *   xcs_send(m, a, n)   frame message m's n args (in order) and send it;
+ *   xcs_ask(m, a, n)    the same, then wait for the parent's int reply.
  */
-uint8_t *xcs_msgbuf(size_t len);
-void xcs_transmit(enum xcs_msg m, const uint8_t *body, size_t len);
-int xcs_getreply(enum xcs_msg m);
+void xcs_send(enum xcs_msg m, const struct xcs_arg *a, size_t n);
+int xcs_ask(enum xcs_msg m, const struct xcs_arg *a, size_t n);
 
-static inline uint8_t *xcs_put(uint8_t *p, const void *v, size_t n)
-{
-    memcpy(p, v, n);
-    return p + n;
-}
-
-static inline uint8_t *xcs_put_var(uint8_t *p, const void *v, uint32_t n)
-{
-    p = xcs_put(p, &n, sizeof(n));
-    return n ? xcs_put(p, v, n) : p;
-}
+/*
+ * Stubs: xcs_stub_<name>(args...) sends the message (and returns the
+ * reply where it needs one).  The questions without arguments get
+ * theirs and their trampoline from XCS_BARE_QUESTION (msg_stub.h).
+ */
+#define XCS_BARE_QUESTIONS(X) \
+    X(suspend, SUSPEND) \
+    X(postcopy, POSTCOPY) \
+    X(checkpoint, CHECKPOINT) \
+    X(wait_checkpoint, WAIT_CHECKPOINT)
+XCS_BARE_QUESTIONS(XCS_BARE_QUESTION)
 
 static inline void xcs_stub_hello(uint32_t version, uint64_t table_hash, const char * backend, const char * mode)
 {
-    uint32_t backend_len = (uint32_t)strlen(backend) + 1;
-    uint32_t mode_len = (uint32_t)strlen(mode) + 1;
-    size_t len = 2 + sizeof(version) + sizeof(table_hash) + 4 + backend_len + 4 + mode_len;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &version, sizeof(version));
-    p = xcs_put(p, &table_hash, sizeof(table_hash));
-    p = xcs_put_var(p, backend, backend_len);
-    p = xcs_put_var(p, mode, mode_len);
-    (void)p;
-    xcs_transmit(XCS_MSG_HELLO, buf, len);
+    const struct xcs_arg a[] = {XCS_FIXED(version), XCS_FIXED(table_hash), XCS_STR(backend), XCS_STR(mode)};
+    xcs_send(XCS_MSG_HELLO, a, 4);
 }
 
 static inline void xcs_stub_log(uint32_t level, uint32_t errnoval, const char * context, const char * formatted)
 {
-    uint32_t context_len = (uint32_t)strlen(context) + 1;
-    uint32_t formatted_len = (uint32_t)strlen(formatted) + 1;
-    size_t len = 2 + sizeof(level) + sizeof(errnoval) + 4 + context_len + 4 + formatted_len;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &level, sizeof(level));
-    p = xcs_put(p, &errnoval, sizeof(errnoval));
-    p = xcs_put_var(p, context, context_len);
-    p = xcs_put_var(p, formatted, formatted_len);
-    (void)p;
-    xcs_transmit(XCS_MSG_LOG, buf, len);
+    const struct xcs_arg a[] = {XCS_FIXED(level), XCS_FIXED(errnoval), XCS_STR(context), XCS_STR(formatted)};
+    xcs_send(XCS_MSG_LOG, a, 4);
 }
 
 static inline void xcs_stub_progress(const char * context, const char * doing_what, unsigned long done, unsigned long total)
 {
-    uint32_t context_len = (uint32_t)strlen(context) + 1;
-    uint32_t doing_what_len = (uint32_t)strlen(doing_what) + 1;
-    size_t len = 2 + 4 + context_len + 4 + doing_what_len + sizeof(done) + sizeof(total);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put_var(p, context, context_len);
-    p = xcs_put_var(p, doing_what, doing_what_len);
-    p = xcs_put(p, &done, sizeof(done));
-    p = xcs_put(p, &total, sizeof(total));
-    (void)p;
-    xcs_transmit(XCS_MSG_PROGRESS, buf, len);
-}
-
-static inline int xcs_stub_suspend(void)
-{
-    size_t len = 2;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    (void)p;
-    xcs_transmit(XCS_MSG_SUSPEND, buf, len);
-    return xcs_getreply(XCS_MSG_SUSPEND);
-}
-
-static inline int xcs_stub_postcopy(void)
-{
-    size_t len = 2;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    (void)p;
-    xcs_transmit(XCS_MSG_POSTCOPY, buf, len);
-    return xcs_getreply(XCS_MSG_POSTCOPY);
-}
-
-static inline int xcs_stub_checkpoint(void)
-{
-    size_t len = 2;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    (void)p;
-    xcs_transmit(XCS_MSG_CHECKPOINT, buf, len);
-    return xcs_getreply(XCS_MSG_CHECKPOINT);
-}
-
-static inline int xcs_stub_wait_checkpoint(void)
-{
-    size_t len = 2;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    (void)p;
-    xcs_transmit(XCS_MSG_WAIT_CHECKPOINT, buf, len);
-    return xcs_getreply(XCS_MSG_WAIT_CHECKPOINT);
+    const struct xcs_arg a[] = {XCS_STR(context), XCS_STR(doing_what), XCS_FIXED(done), XCS_FIXED(total)};
+    xcs_send(XCS_MSG_PROGRESS, a, 4);
 }
 
 static inline int xcs_stub_switch_qemu_logdirty(uint32_t domid, unsigned int enable)
 {
-    size_t len = 2 + sizeof(domid) + sizeof(enable);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &domid, sizeof(domid));
-    p = xcs_put(p, &enable, sizeof(enable));
-    (void)p;
-    xcs_transmit(XCS_MSG_SWITCH_QEMU_LOGDIRTY, buf, len);
-    return xcs_getreply(XCS_MSG_SWITCH_QEMU_LOGDIRTY);
+    const struct xcs_arg a[] = {XCS_FIXED(domid), XCS_FIXED(enable)};
+    return xcs_ask(XCS_MSG_SWITCH_QEMU_LOGDIRTY, a, 2);
 }
 
 static inline int xcs_stub_static_data_done(unsigned int missing)
 {
-    size_t len = 2 + sizeof(missing);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &missing, sizeof(missing));
-    (void)p;
-    xcs_transmit(XCS_MSG_STATIC_DATA_DONE, buf, len);
-    return xcs_getreply(XCS_MSG_STATIC_DATA_DONE);
+    const struct xcs_arg a[] = {XCS_FIXED(missing)};
+    return xcs_ask(XCS_MSG_STATIC_DATA_DONE, a, 1);
 }
 
 static inline void xcs_stub_restore_results(uint64_t store_gfn, uint64_t console_gfn)
 {
-    size_t len = 2 + sizeof(store_gfn) + sizeof(console_gfn);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &store_gfn, sizeof(store_gfn));
-    p = xcs_put(p, &console_gfn, sizeof(console_gfn));
-    (void)p;
-    xcs_transmit(XCS_MSG_RESTORE_RESULTS, buf, len);
+    const struct xcs_arg a[] = {XCS_FIXED(store_gfn), XCS_FIXED(console_gfn)};
+    xcs_send(XCS_MSG_RESTORE_RESULTS, a, 2);
 }
 
 static inline int xcs_stub_complete(int retval, int errnoval)
 {
-    size_t len = 2 + sizeof(retval) + sizeof(errnoval);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &retval, sizeof(retval));
-    p = xcs_put(p, &errnoval, sizeof(errnoval));
-    (void)p;
-    xcs_transmit(XCS_MSG_COMPLETE, buf, len);
-    return xcs_getreply(XCS_MSG_COMPLETE);
+    const struct xcs_arg a[] = {XCS_FIXED(retval), XCS_FIXED(errnoval)};
+    return xcs_ask(XCS_MSG_COMPLETE, a, 2);
 }
 
 static inline int xcs_stub_precopy_policy(uint32_t iteration, uint64_t total_written, int64_t dirty_count)
 {
-    size_t len = 2 + sizeof(iteration) + sizeof(total_written) + sizeof(dirty_count);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &iteration, sizeof(iteration));
-    p = xcs_put(p, &total_written, sizeof(total_written));
-    p = xcs_put(p, &dirty_count, sizeof(dirty_count));
-    (void)p;
-    xcs_transmit(XCS_MSG_PRECOPY_POLICY, buf, len);
-    return xcs_getreply(XCS_MSG_PRECOPY_POLICY);
+    const struct xcs_arg a[] = {XCS_FIXED(iteration), XCS_FIXED(total_written), XCS_FIXED(dirty_count)};
+    return xcs_ask(XCS_MSG_PRECOPY_POLICY, a, 3);
 }
 
 static inline void xcs_stub_stats(uint32_t rounds, uint64_t pages_sent, uint64_t zero_pages, uint64_t bytes, uint64_t downtime_ns, uint64_t duration_ns, const uint64_t * pages_per_round, uint32_t pages_per_round_count)
 {
-    uint32_t pages_per_round_len = pages_per_round_count * (uint32_t)sizeof(uint64_t);
-    size_t len = 2 + sizeof(rounds) + sizeof(pages_sent) + sizeof(zero_pages) + sizeof(bytes) + sizeof(downtime_ns) + sizeof(duration_ns) + 4 + pages_per_round_len;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &rounds, sizeof(rounds));
-    p = xcs_put(p, &pages_sent, sizeof(pages_sent));
-    p = xcs_put(p, &zero_pages, sizeof(zero_pages));
-    p = xcs_put(p, &bytes, sizeof(bytes));
-    p = xcs_put(p, &downtime_ns, sizeof(downtime_ns));
-    p = xcs_put(p, &duration_ns, sizeof(duration_ns));
-    p = xcs_put_var(p, pages_per_round, pages_per_round_len);
-    (void)p;
-    xcs_transmit(XCS_MSG_STATS, buf, len);
+    const struct xcs_arg a[] = {XCS_FIXED(rounds), XCS_FIXED(pages_sent), XCS_FIXED(zero_pages), XCS_FIXED(bytes), XCS_FIXED(downtime_ns), XCS_FIXED(duration_ns), XCS_VAR(pages_per_round, pages_per_round_count * (uint32_t)sizeof(uint64_t))};
+    xcs_send(XCS_MSG_STATS, a, 7);
 }
 
 static inline void xcs_stub_tls_peer(const char * subject, const char * address, const char * version, const char * cipher)
 {
-    uint32_t subject_len = (uint32_t)strlen(subject) + 1;
-    uint32_t address_len = (uint32_t)strlen(address) + 1;
-    uint32_t version_len = (uint32_t)strlen(version) + 1;
-    uint32_t cipher_len = (uint32_t)strlen(cipher) + 1;
-    size_t len = 2 + 4 + subject_len + 4 + address_len + 4 + version_len + 4 + cipher_len;
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put_var(p, subject, subject_len);
-    p = xcs_put_var(p, address, address_len);
-    p = xcs_put_var(p, version, version_len);
-    p = xcs_put_var(p, cipher, cipher_len);
-    (void)p;
-    xcs_transmit(XCS_MSG_TLS_PEER, buf, len);
+    const struct xcs_arg a[] = {XCS_STR(subject), XCS_STR(address), XCS_STR(version), XCS_STR(cipher)};
+    xcs_send(XCS_MSG_TLS_PEER, a, 4);
 }
 
 static inline void xcs_stub_tunnel_stats(uint64_t sent, uint64_t received, uint64_t discarded, uint64_t duration_ns)
 {
-    size_t len = 2 + sizeof(sent) + sizeof(received) + sizeof(discarded) + sizeof(duration_ns);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &sent, sizeof(sent));
-    p = xcs_put(p, &received, sizeof(received));
-    p = xcs_put(p, &discarded, sizeof(discarded));
-    p = xcs_put(p, &duration_ns, sizeof(duration_ns));
-    (void)p;
-    xcs_transmit(XCS_MSG_TUNNEL_STATS, buf, len);
+    const struct xcs_arg a[] = {XCS_FIXED(sent), XCS_FIXED(received), XCS_FIXED(discarded), XCS_FIXED(duration_ns)};
+    xcs_send(XCS_MSG_TUNNEL_STATS, a, 4);
 }
 
 static inline void xcs_stub_restore_stats(uint32_t checkpoints, uint64_t pages_received, uint64_t bytes, uint64_t duration_ns)
 {
-    size_t len = 2 + sizeof(checkpoints) + sizeof(pages_received) + sizeof(bytes) + sizeof(duration_ns);
-    uint8_t *buf = xcs_msgbuf(len);
-    uint8_t *p = buf + 2; /* the msgtype is filled in by xcs_transmit */
-    p = xcs_put(p, &checkpoints, sizeof(checkpoints));
-    p = xcs_put(p, &pages_received, sizeof(pages_received));
-    p = xcs_put(p, &bytes, sizeof(bytes));
-    p = xcs_put(p, &duration_ns, sizeof(duration_ns));
-    (void)p;
-    xcs_transmit(XCS_MSG_RESTORE_STATS, buf, len);
+    const struct xcs_arg a[] = {XCS_FIXED(checkpoints), XCS_FIXED(pages_received), XCS_FIXED(bytes), XCS_FIXED(duration_ns)};
+    xcs_send(XCS_MSG_RESTORE_STATS, a, 4);
 }
 
 /*
@@ -326,30 +194,6 @@ static inline void xcs_stub_restore_stats(uint32_t checkpoints, uint64_t pages_r
  * arguments are plain C integers; a backend writes the others (their
  * types are the library's: xen_pfn_t, struct precopy_stats).
  */
-static inline int xcs_tramp_suspend(void *data)
-{
-    (void)data;
-    return xcs_stub_suspend();
-}
-
-static inline int xcs_tramp_postcopy(void *data)
-{
-    (void)data;
-    return xcs_stub_postcopy();
-}
-
-static inline int xcs_tramp_checkpoint(void *data)
-{
-    (void)data;
-    return xcs_stub_checkpoint();
-}
-
-static inline int xcs_tramp_wait_checkpoint(void *data)
-{
-    (void)data;
-    return xcs_stub_wait_checkpoint();
-}
-
 static inline int xcs_tramp_switch_qemu_logdirty(uint32_t domid, unsigned int enable, void *data)
 {
     (void)data;

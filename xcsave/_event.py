@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +14,11 @@ class Event:
     kind: ClassVar[str] = "event"
     op: str  # "save" | "restore" | "migrate" | "receive" | "tunnel"
     domain: str  # "domid 7" or the sim domain path
+
+    @classmethod
+    def from_frame(cls, op: str, domain: str, a: tuple[Any, ...]) -> Self:
+        """The event of a message's frame: its fields are the message's args in order."""
+        return cls(op, domain, *a)
 
     def asdict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"event": self.kind}

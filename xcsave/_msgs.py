@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ClassVar, Final, cast
+from typing import Any, ClassVar, Final, Self, cast
 
 from ._event import Event
 from .policy import Decision, PrecopyStats
@@ -84,10 +84,21 @@ def pack_precopy_policy(a: Args) -> PrecopyStats:
     return PrecopyStats(cast(int, a[0]), cast(int, a[1]), cast(int, a[2]))
 
 
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """A save's final statistics (xcsave-1 ``stats``)."""
+class _Record:
+    """A record's constructor from its message's argument values."""
 
+    __slots__ = ()
+
+    @classmethod
+    def from_args(cls, a: Args) -> Self:
+        return cls(*cast(tuple[Any, ...], a))  # typed by the codec
+
+
+@dataclass(frozen=True)
+class _StatsFields:
+    """The fields of :class:`Stats` and :class:`StatsEvent`."""
+
+    __slots__ = ()
     rounds: int  # precopy rounds, the stop-and-copy one included
     pages_sent: int
     zero_pages: int  # pages found all-zero (not sent)
@@ -96,31 +107,26 @@ class Stats:
     duration_ns: int
     pages_per_round: tuple[int, ...]
 
-    @classmethod
-    def from_args(cls, a: Args) -> Stats:
-        return cls(
-            cast(int, a[0]),
-            cast(int, a[1]),
-            cast(int, a[2]),
-            cast(int, a[3]),
-            cast(int, a[4]),
-            cast(int, a[5]),
-            cast(tuple[int, ...], a[6]),
-        )
 
+@dataclass(frozen=True)
+class _RestoreStatsFields:
+    """The fields of :class:`RestoreStats` and :class:`RestoreStatsEvent`."""
 
-@dataclass(frozen=True, slots=True)
-class RestoreStats:
-    """A restore's final statistics (xcsave-1 ``restore_stats``)."""
-
+    __slots__ = ()
     checkpoints: int  # complete checkpoints applied (remus; 0 for a plain stream)
     pages_received: int
     bytes: int  # stream bytes read
     duration_ns: int
 
-    @classmethod
-    def from_args(cls, a: Args) -> RestoreStats:
-        return cls(cast(int, a[0]), cast(int, a[1]), cast(int, a[2]), cast(int, a[3]))
+
+@dataclass(frozen=True, slots=True)
+class Stats(_StatsFields, _Record):
+    """A save's final statistics (xcsave-1 ``stats``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreStats(_RestoreStatsFields, _Record):
+    """A restore's final statistics (xcsave-1 ``restore_stats``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,37 +139,12 @@ class LogEvent(Event):
     context: str
     message: str
 
-    @classmethod
-    def from_frame(cls, op: str, domain: str, a: Args) -> LogEvent:
-        return cls(op, domain, cast(int, a[0]), cast(int, a[1]), cast(str, a[2]), cast(str, a[3]))
-
 
 @dataclass(frozen=True, slots=True)
-class StatsEvent(Event):
+class StatsEvent(_StatsFields, Event):
     """A save's final statistics (xcsave-1 ``stats``)."""
 
     kind: ClassVar[str] = "stats"
-    rounds: int  # precopy rounds, the stop-and-copy one included
-    pages_sent: int
-    zero_pages: int  # pages found all-zero (not sent)
-    bytes: int  # stream bytes written
-    downtime_ns: int
-    duration_ns: int
-    pages_per_round: tuple[int, ...]
-
-    @classmethod
-    def from_frame(cls, op: str, domain: str, a: Args) -> StatsEvent:
-        return cls(
-            op,
-            domain,
-            cast(int, a[0]),
-            cast(int, a[1]),
-            cast(int, a[2]),
-            cast(int, a[3]),
-            cast(int, a[4]),
-            cast(int, a[5]),
-            cast(tuple[int, ...], a[6]),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,10 +157,6 @@ class TlsPeerEvent(Event):
     version: str  # "TLSv1.3"
     cipher: str  # "TLS_AES_256_GCM_SHA384"
 
-    @classmethod
-    def from_frame(cls, op: str, domain: str, a: Args) -> TlsPeerEvent:
-        return cls(op, domain, cast(str, a[0]), cast(str, a[1]), cast(str, a[2]), cast(str, a[3]))
-
 
 @dataclass(frozen=True, slots=True)
 class TunnelStatsEvent(Event):
@@ -191,24 +168,12 @@ class TunnelStatsEvent(Event):
     discarded: int  # bytes from the peer after our side had closed
     duration_ns: int
 
-    @classmethod
-    def from_frame(cls, op: str, domain: str, a: Args) -> TunnelStatsEvent:
-        return cls(op, domain, cast(int, a[0]), cast(int, a[1]), cast(int, a[2]), cast(int, a[3]))
-
 
 @dataclass(frozen=True, slots=True)
-class RestoreStatsEvent(Event):
+class RestoreStatsEvent(_RestoreStatsFields, Event):
     """A restore's final statistics (xcsave-1 ``restore_stats``)."""
 
     kind: ClassVar[str] = "restore_stats"
-    checkpoints: int  # complete checkpoints applied (remus; 0 for a plain stream)
-    pages_received: int
-    bytes: int  # stream bytes read
-    duration_ns: int
-
-    @classmethod
-    def from_frame(cls, op: str, domain: str, a: Args) -> RestoreStatsEvent:
-        return cls(op, domain, cast(int, a[0]), cast(int, a[1]), cast(int, a[2]), cast(int, a[3]))
 
 
 #: Message name -> the event it becomes: (op, domain, args) -> event.

@@ -463,6 +463,34 @@ def _headline(
     }
 
 
+def _throughput(
+    bench: str,
+    args: argparse.Namespace,
+    nbytes: int,
+    seconds: dict[str, float],
+    *,
+    vs: tuple[str, str],
+    goal: float,
+    **more: Any,
+) -> dict[str, Any]:
+    """A GB/s headline over nbytes from the best ``seconds`` of each: ``vs``
+    names ours and the baseline the ratio is against (bar 1.0)."""
+    gb = nbytes / 1e9
+    return _headline(
+        bench,
+        gb / seconds[vs[0]],
+        gb / seconds[vs[1]],
+        "GB/s",
+        seconds=seconds,
+        **more,
+        bytes=nbytes,
+        memory=args.memory,
+        repeat=args.repeat,
+        bar=1.0,
+        goal=goal,
+    )
+
+
 def _save_stream(src: Path, out: Path, wrap: str = "libxc") -> dict[str, Any]:
     from . import _ext, sim
 
@@ -535,20 +563,16 @@ def _save_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
             with suppress(FileNotFoundError):
                 stream.unlink()
     gb = nbytes / 1e9
-    data = _headline(
+    data = _throughput(
         "save",
-        gb / t_vm,
-        gb / t_cat,
-        "GB/s",
-        seconds={"vmsplice": t_vm, "writev": t_wv, "cat": t_cat},
+        args,
+        nbytes,
+        {"vmsplice": t_vm, "writev": t_wv, "cat": t_cat},
+        vs=("vmsplice", "cat"),
+        goal=2.5,
         writev_gbps=round(gb / t_wv, 4),
         vmsplice_vs_writev=round(t_wv / t_vm, 3),
         spliced_bytes=spliced,
-        bytes=nbytes,
-        memory=args.memory,
-        repeat=args.repeat,
-        bar=1.0,
-        goal=2.5,
     )
     text = [
         f"save of a {args.memory >> 20} MiB sim domain ({nbytes / 2**20:.0f} MiB stream) "
@@ -716,20 +740,16 @@ def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
             with suppress(FileNotFoundError):
                 stream.unlink()
     gb = nbytes / 1e9
-    data = _headline(
+    data = _throughput(
         "restore",
-        gb / t_ours,
-        gb / t_mem,
-        "GB/s",
-        seconds={"restore": t_ours, "memcpy": t_mem, "dd": t_dd},
+        args,
+        nbytes,
+        {"restore": t_ours, "memcpy": t_mem, "dd": t_dd},
+        vs=("restore", "memcpy"),
+        goal=1.5,
         dd_gbps=round(gb / t_dd, 4),
         ratio_vs_dd=round(t_dd / t_ours, 3),
         match=match,
-        bytes=nbytes,
-        memory=args.memory,
-        repeat=args.repeat,
-        bar=1.0,
-        goal=1.5,
     )
     text = [
         f"restore of a {nbytes / 2**20:.0f} MiB stream (page cache, tmpfs) into a fresh "

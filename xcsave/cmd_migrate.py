@@ -20,10 +20,11 @@ end stopped by SIGTERM or Ctrl-C cleans up like any other failure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .cli import FORMATS, add_bounds_flags, parse_policy
@@ -249,41 +250,30 @@ def do_migrate(args: argparse.Namespace) -> int:
         if args.tls_dir is not None or args.insecure:
             raise UsageError("--tls-dir and --insecure are for HOST:PORT; ssh brings its own")
 
-        def run() -> Awaitable[MigrationResult]:
-            return migrate_ssh(
-                sim=args.sim,
-                to=args.to,
-                remote_sim=args.remote_sim,
-                ssh=args.ssh,
-                remote_command=args.remote_command,
-                live=args.live,
-                policy=args.policy,
-                fmt=args.format,
-                timeout=args.timeout,
-                handshake_timeout=args.handshake_timeout,
-                idle_timeout=idle,
-                on_event=rend,
-            )
-
+        target: Callable[..., Awaitable[MigrationResult]] = functools.partial(
+            migrate_ssh,
+            remote_sim=args.remote_sim,
+            ssh=args.ssh,
+            remote_command=args.remote_command,
+        )
     else:
         if args.remote_sim is not None:
             raise UsageError("--remote-sim is for ssh:// targets: the receiver names its domain")
         tls_dir, insecure = _tls_choice(args)
+        target = functools.partial(migrate.migrate, tls_dir=tls_dir, insecure=insecure)
 
-        def run() -> Awaitable[MigrationResult]:
-            return migrate.migrate(
-                sim=args.sim,
-                to=args.to,
-                live=args.live,
-                policy=args.policy,
-                fmt=args.format,
-                timeout=args.timeout,
-                handshake_timeout=args.handshake_timeout,
-                idle_timeout=idle,
-                tls_dir=tls_dir,
-                insecure=insecure,
-                on_event=rend,
-            )
+    def run() -> Awaitable[MigrationResult]:
+        return target(
+            sim=args.sim,
+            to=args.to,
+            live=args.live,
+            policy=args.policy,
+            fmt=args.format,
+            timeout=args.timeout,
+            handshake_timeout=args.handshake_timeout,
+            idle_timeout=idle,
+            on_event=rend,
+        )
 
     with renderer(args) as rend:
         res = run_async(run)
@@ -291,13 +281,14 @@ def do_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result_json(event: str, res: MigrationResult | ReceiveResult) -> dict[str, Any]:
+    """What either side's JSON result starts with."""
+    return {"event": event, "domain": res.domain, "peer": res.peer, "format": res.fmt}
+
+
 def migration_json(res: MigrationResult) -> dict[str, Any]:
     st = res.save.stats
-    return {
-        "event": "migrated",
-        "domain": res.domain,
-        "peer": res.peer,
-        "format": res.fmt,
+    return _result_json("migrated", res) | {
         "rounds": st.rounds if st else None,
         "pages_per_round": list(res.pages_per_round),
         "pages_sent": st.pages_sent if st else None,
@@ -410,11 +401,7 @@ def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
 
 def receive_json(res: ReceiveResult) -> dict[str, Any]:
     st = res.restore.restore_stats
-    return {
-        "event": "received",
-        "domain": res.domain,
-        "peer": res.peer,
-        "format": res.fmt,
+    return _result_json("received", res) | {
         "pages": st.pages_received if st else None,
         "bytes": st.bytes if st else None,
         "seconds": round(res.seconds, 3),

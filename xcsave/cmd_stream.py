@@ -310,36 +310,32 @@ def _signals_end_the_command() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def do_inspect(args: argparse.Namespace) -> int:
+def _scan_command(args: argparse.Namespace, cmd: str) -> int:
+    """inspect (the report: a table or JSON) and verify (a line; JSON with --json)."""
     _signals_end_the_command()
+    label = _label(args.stream)
     try:
         r = _scan(args)
     except OSError as e:
-        return _oserror("inspect", e, _label(args.stream))
+        return _oserror(cmd, e, label)
     if args.json:
         sys.stdout.write(_json(r) + "\n")
-    else:
-        sys.stdout.write(format_table(r, _label(args.stream)) + "\n")
+    elif cmd == "inspect":
+        sys.stdout.write(format_table(r, label) + "\n")
     if not r["valid"]:
-        _err("inspect", f"{_label(args.stream)}: {_problem(r)}")
+        _err(cmd, f"{label}: {_problem(r)}")
         return EXIT_INVALID
+    if cmd == "verify" and not args.json and not args.quiet:
+        sys.stdout.write(f"{label}: valid {_summary(r)}\n")
     return 0
+
+
+def do_inspect(args: argparse.Namespace) -> int:
+    return _scan_command(args, "inspect")
 
 
 def do_verify(args: argparse.Namespace) -> int:
-    _signals_end_the_command()
-    try:
-        r = _scan(args)
-    except OSError as e:
-        return _oserror("verify", e, _label(args.stream))
-    if args.json:
-        sys.stdout.write(_json(r) + "\n")
-    if not r["valid"]:
-        _err("verify", f"{_label(args.stream)}: {_problem(r)}")
-        return EXIT_INVALID
-    if not args.json and not args.quiet:
-        sys.stdout.write(f"{_label(args.stream)}: valid {_summary(r)}\n")
-    return 0
+    return _scan_command(args, "verify")
 
 
 # ----------------------------------------------------------------- convert

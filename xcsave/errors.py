@@ -102,19 +102,13 @@ def error_text(e: BaseException) -> str:
 class XcsaveError(Exception):
     """Base class of everything xcsave raises on purpose."""
 
-    __module__ = "xcsave"
-
 
 class ProtocolError(XcsaveError):
     """The helper sent something the protocol does not allow."""
 
-    __module__ = "xcsave"
-
 
 class StreamError(XcsaveError):
     """An invalid migration stream: where (offset, record) and why."""
-
-    __module__ = "xcsave"
 
     def __init__(self, message: str, offset: int | None = None, record: str | None = None) -> None:
         super().__init__(message)
@@ -133,8 +127,6 @@ class StreamError(XcsaveError):
 
 class HelperError(XcsaveError):
     """Something about one helper run."""
-
-    __module__ = "xcsave"
 
     def __init__(
         self,
@@ -157,8 +149,6 @@ class HelperError(XcsaveError):
 class HelperFailed(HelperError):
     """The helper completed with ``retval != 0``; ``errno`` says why."""
 
-    __module__ = "xcsave"
-
     def __init__(self, message: str, *, retval: int, errno: int, **kw: object) -> None:
         self.retval = retval
         self.errno = errno
@@ -168,8 +158,6 @@ class HelperFailed(HelperError):
 
 class HelperDied(HelperError):
     """The helper exited or was killed before finishing the protocol."""
-
-    __module__ = "xcsave"
 
     def __init__(self, message: str, *, returncode: int | None, **kw: object) -> None:
         self.returncode = returncode
@@ -192,19 +180,13 @@ class HelperDied(HelperError):
 class HelperTimeout(HelperError):
     """The operation's deadline passed; the helper was stopped and reaped."""
 
-    __module__ = "xcsave"
-
 
 class CallbackError(HelperError):
     """A callback supplied by the caller raised; the original is ``__cause__``."""
 
-    __module__ = "xcsave"
-
 
 class BackendUnavailable(XcsaveError):
     """The requested backend was not built into this xcsave, or cannot load."""
-
-    __module__ = "xcsave"
 
 
 class TlsError(XcsaveError):
@@ -215,8 +197,6 @@ class TlsError(XcsaveError):
     the peer ended the stream without close_notify; EPROTO: the peer does
     not speak TLS 1.3; EPERM: our key.pem is readable by others.
     """
-
-    __module__ = "xcsave"
 
     def __init__(self, message: str, *, errno: int = 0) -> None:
         super().__init__(message)
@@ -230,8 +210,6 @@ class TlsError(XcsaveError):
 class MigrationError(XcsaveError):
     """A migration (either end) failed; the message says what state each copy is in."""
 
-    __module__ = "xcsave"
-
     def __init__(self, message: str, *, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
@@ -239,8 +217,6 @@ class MigrationError(XcsaveError):
 
 class HandshakeError(MigrationError):
     """The peer broke the handshake: closed early, sent the wrong bytes, or was late."""
-
-    __module__ = "xcsave"
 
 
 class MigrationInDoubt(MigrationError):
@@ -250,8 +226,6 @@ class MigrationInDoubt(MigrationError):
     operator must look at the receiver before resuming either copy.
     """
 
-    __module__ = "xcsave"
-
 
 class Terminated(XcsaveError):
     """The command was stopped by SIGTERM (after cleaning up)."""
@@ -259,8 +233,6 @@ class Terminated(XcsaveError):
 
 class DomainBusy(OSError):
     """Another operation holds the domain's lock (``errno`` EBUSY)."""
-
-    __module__ = "xcsave"
 
     def __init__(self, domain: str, holder: int | None) -> None:
         who = f" (pid {holder})" if holder is not None else ""
@@ -281,3 +253,23 @@ class UsageError(Exception):
 
 class SshdUnavailable(RuntimeError):
     """No sshd (or ssh, ssh-keygen) here, or it would not start: the reason."""
+
+
+#: What xcsave exports names itself xcsave.<Name>, as users import it.
+for _cls in (
+    XcsaveError,
+    ProtocolError,
+    StreamError,
+    HelperError,
+    HelperFailed,
+    HelperDied,
+    HelperTimeout,
+    CallbackError,
+    BackendUnavailable,
+    TlsError,
+    MigrationError,
+    HandshakeError,
+    MigrationInDoubt,
+    DomainBusy,
+):
+    _cls.__module__ = "xcsave"

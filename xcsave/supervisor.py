@@ -725,15 +725,7 @@ def xen_save_args(
     io_fd: int, domid: int, *, xcflags: int, cbflags: int, stream_type: int = 0, recv_fd: int = -1
 ) -> tuple[str, ...]:
     """Xen 4.17's ``--save-domain`` argv (libxl_save_callout.c's layout)."""
-    return (
-        "--save-domain",
-        str(io_fd),
-        str(recv_fd),
-        str(domid),
-        str(xcflags),
-        str(cbflags),
-        str(stream_type),
-    )
+    return ("--save-domain", *map(str, (io_fd, recv_fd, domid, xcflags, cbflags, stream_type)))
 
 
 def xen_restore_args(
@@ -749,18 +741,9 @@ def xen_restore_args(
     send_back_fd: int = -1,
 ) -> tuple[str, ...]:
     """Xen 4.17's ``--restore-domain`` argv."""
-    return (
-        "--restore-domain",
-        str(io_fd),
-        str(send_back_fd),
-        str(domid),
-        str(store_evtchn),
-        str(store_domid),
-        str(console_evtchn),
-        str(console_domid),
-        str(cbflags),
-        str(stream_type),
-    )
+    numbers: tuple[int, ...] = (io_fd, send_back_fd, domid, store_evtchn, store_domid)
+    numbers += (console_evtchn, console_domid, cbflags, stream_type)  # libxl_save_callout.c
+    return ("--restore-domain", *map(str, numbers))
 
 
 def xcs_args(
