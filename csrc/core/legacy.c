@@ -141,30 +141,15 @@ static void at(struct conv *c, const char *chunk)
 
 /*----- input -----*/
 
-static int rd(struct conv *c, size_t n, const uint8_t **p, const char *what)
+/* Exactly n bytes of `what` (or skip them: p NULL); a short stream is bad. */
+static int rd(struct conv *c, uint64_t n, const uint8_t **p, const char *what)
 {
-    size_t got;
-    int r = xcs_source_get(c->in, n, p, &got);
+    char why[XCS_WHY_LEN];
+    int r = xcs_source_need(c->in, n, p, what, why, sizeof(why));
 
     if (r < 0)
         return io_fail(c, "read");
-    if (r > 0)
-        return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %zu of %zu bytes of %s",
-                    got, n, what);
-    return 0;
-}
-
-static int rd_skip(struct conv *c, uint64_t n, const char *what)
-{
-    uint64_t got;
-    int r = xcs_source_skip(c->in, n, &got);
-
-    if (r < 0)
-        return io_fail(c, "read");
-    if (r > 0)
-        return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %llu of %llu bytes of %s",
-                    (unsigned long long)got, (unsigned long long)n, what);
-    return 0;
+    return r ? fail(c, XCS_LEGACY_EFORMAT, "%s", why) : 0;
 }
 
 static uint64_t ulong_at(const struct conv *c, const uint8_t *p)
@@ -973,7 +958,7 @@ static int pv_tail(struct conv *c)
     if (nr > UNMAPPED_MAX || nr > st->legacy.p2m_size)
         return fail(c, XCS_LEGACY_EFORMAT, "%u unmapped pfns (p2m_size 0x%llx)", nr,
                     (unsigned long long)st->legacy.p2m_size);
-    rc = rd_skip(c, (uint64_t)nr * c->W, "unmapped pfns"); /* no v2 meaning */
+    rc = rd(c, (uint64_t)nr * c->W, NULL, "unmapped pfns"); /* no v2 meaning */
     if (rc)
         return rc;
     st->vcpus = 0;

@@ -112,31 +112,23 @@ int xcs_walk_pv(const struct xcs_walker *w)
 
 /*----- reading -----*/
 
-/* Consume exactly n bytes of `what`; a short stream is invalid. */
-static int need(struct xcs_walker *w, size_t n, const uint8_t **p, const char *what)
+/*
+ * Consume exactly n bytes of `what` (or skip them: p NULL); a short stream
+ * is invalid.
+ */
+static int need(struct xcs_walker *w, uint64_t n, const uint8_t **p, const char *what)
 {
-    size_t got;
-    int r = xcs_source_get(w->in, n, p, &got);
+    char why[XCS_WHY_LEN];
+    int r = xcs_source_need(w->in, n, p, what, why, sizeof(why));
 
     if (r < 0)
         return xcs_walk_io_error(w, "read");
-    if (r > 0)
-        return xcs_walk_bad(w, EIO, "stream truncated: %zu of %zu bytes of %s",
-                            got, n, what);
-    return 0;
+    return r ? xcs_walk_bad(w, EIO, "%s", why) : 0;
 }
 
 int xcs_walk_skip(struct xcs_walker *w, uint64_t n, const char *what)
 {
-    uint64_t got;
-    int r = xcs_source_skip(w->in, n, &got);
-
-    if (r < 0)
-        return xcs_walk_io_error(w, "read");
-    if (r > 0)
-        return xcs_walk_bad(w, EIO, "stream truncated: %llu of %llu bytes of %s",
-                            (unsigned long long)got, (unsigned long long)n, what);
-    return 0;
+    return need(w, n, NULL, what);
 }
 
 /* Body of a record (length + padding); the padding is zero (verifier). */
