@@ -764,7 +764,7 @@ static int on_image(struct xcs_walker *w)
                         "restores HVM-shaped streams (type 2)%s", w->dtype,
                         ctx->p->foreign ? " and PV ones (type 1)" : " only");
     xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "libxc image v%u from Xen %u.%u",
-             w->version, w->xen_major, w->xen_minor);
+             w->ihdr.version, w->dhdr.xen_major, w->dhdr.xen_minor);
     return 0;
 }
 
@@ -944,19 +944,8 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
                         ? p->max_pages
                         : XCS_SIM_MAX_PAGES;
 
-    if (!p->sim_path || !*p->sim_path) {
-        xcs_fail(cb, EINVAL, "no sim domain path given");
+    if (xcs_engine_check_params(cb, p->sim_path, p->stream_type, p->wrap) < 0)
         goto out;
-    }
-    if (p->stream_type != XCS_STREAM_PLAIN && !ctx.remus) {
-        xcs_fail(cb, EOPNOTSUPP, "stream type %d is not supported by the sim "
-                 "engine", p->stream_type);
-        goto out;
-    }
-    if (!xcs_fmt_has_libxl(p->wrap) && p->wrap != XCS_FMT_LIBXC) {
-        xcs_fail(cb, EINVAL, "unknown stream wrapping %d", (int)p->wrap);
-        goto out;
-    }
     ctx.pfns = malloc(8 * XCS_MAX_BATCH_SIZE);
     ctx.pages = malloc((size_t)XCS_PAGE_SIZE * XCS_MAX_BATCH_SIZE);
     if (!ctx.pfns || !ctx.pages) {

@@ -1089,19 +1089,8 @@ int xcs_engine_save(const struct xcs_save_params *p,
     memset(ctx.st, 0, sizeof(*ctx.st));
     ctx.w.fd = p->io_fd;
 
-    if (!p->sim_path || !*p->sim_path) {
-        xcs_fail(cb, EINVAL, "no sim domain path given");
+    if (xcs_engine_check_params(cb, p->sim_path, p->stream_type, p->wrap) < 0)
         goto out;
-    }
-    if (p->stream_type != XCS_STREAM_PLAIN && !remus) {
-        xcs_fail(cb, EOPNOTSUPP, "stream type %d is not supported by the sim "
-                 "engine", p->stream_type);
-        goto out;
-    }
-    if (!xcs_fmt_has_libxl(p->wrap) && p->wrap != XCS_FMT_LIBXC) {
-        xcs_fail(cb, EINVAL, "unknown stream wrapping %d", (int)p->wrap);
-        goto out;
-    }
     if (xcs_sim_open(p->sim_path, 0, &ctx.dom) < 0) {
         xcs_fail(cb, errno, "opening sim domain %s: %s", p->sim_path,
                  strerror(errno));

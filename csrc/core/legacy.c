@@ -141,30 +141,15 @@ static void at(struct conv *c, const char *chunk)
 
 /*----- input -----*/
 
-static int rd(struct conv *c, size_t n, const uint8_t **p, const char *what)
+/* Exactly n bytes of `what` (or skip them: p NULL); a short stream is bad. */
+static int rd(struct conv *c, uint64_t n, const uint8_t **p, const char *what)
 {
-    size_t got;
-    int r = xcs_source_get(c->in, n, p, &got);
+    char why[XCS_WHY_LEN];
+    int r = xcs_source_need(c->in, n, p, what, why, sizeof(why));
 
     if (r < 0)
         return io_fail(c, "read");
-    if (r > 0)
-        return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %zu of %zu bytes of %s",
-                    got, n, what);
-    return 0;
-}
-
-static int rd_skip(struct conv *c, uint64_t n, const char *what)
-{
-    uint64_t got;
-    int r = xcs_source_skip(c->in, n, &got);
-
-    if (r < 0)
-        return io_fail(c, "read");
-    if (r > 0)
-        return fail(c, XCS_LEGACY_EFORMAT, "stream truncated: %llu of %llu bytes of %s",
-                    (unsigned long long)got, (unsigned long long)n, what);
-    return 0;
+    return r ? fail(c, XCS_LEGACY_EFORMAT, "%s", why) : 0;
 }
 
 static uint64_t ulong_at(const struct conv *c, const uint8_t *p)
@@ -189,6 +174,20 @@ static int rd_u32(struct conv *c, uint32_t *v, const char *what)
 
     if (!rc)
         *v = xcs_get_le32(p);
+    return rc;
+}
+
+/*
+ * A u32 length ("<what> length") announcing `what`: outside [min, max] it is
+ * "<what> of N bytes".  The caller reads or skips the data itself.
+ */
+static int rd_len(struct conv *c, uint32_t *len, uint32_t min, uint32_t max,
+                  const char *lenwhat, const char *what)
+{
+    int rc = rd_u32(c, len, lenwhat);
+
+    if (!rc && (*len < min || *len > max))
+        rc = fail(c, XCS_LEGACY_EFORMAT, "%s of %u bytes", what, *len);
     return rc;
 }
 
@@ -468,11 +467,9 @@ static int pv_extended_info(struct conv *c, int *have_first, uint64_t *first)
         lr->vcpu_ctx_size = c->vcpu_size;
         goto pv_info;
     }
-    rc = rd_u32(c, &total, "extended info length");
+    rc = rd_len(c, &total, 0, EXTINFO_MAX, "extended info length", "extended info");
     if (rc)
         return rc;
-    if (total > EXTINFO_MAX)
-        return fail(c, XCS_LEGACY_EFORMAT, "extended info of %u bytes", total);
     while (done < total) {
         const uint8_t *p;
         char id[5];
@@ -919,12 +916,10 @@ static int body(struct conv *c)
         case XCS_LEGACY_TOOLSTACK: {
             uint32_t len;
 
-            rc = rd_u32(c, &len, "toolstack length");
-            if (rc)
-                return rc;
-            if (len > TOOLSTACK_MAX)
-                return fail(c, XCS_LEGACY_EFORMAT, "toolstack data of %u bytes", len);
-            rc = rd(c, len, &p, "toolstack data");
+            rc = rd_len(c, &len, 0, TOOLSTACK_MAX, "toolstack length",
+                        "toolstack data");
+            if (!rc)
+                rc = rd(c, len, &p, "toolstack data");
             if (rc)
                 return rc;
             st->legacy.toolstack_bytes += len;
@@ -963,7 +958,7 @@ static int pv_tail(struct conv *c)
     if (nr > UNMAPPED_MAX || nr > st->legacy.p2m_size)
         return fail(c, XCS_LEGACY_EFORMAT, "%u unmapped pfns (p2m_size 0x%llx)", nr,
                     (unsigned long long)st->legacy.p2m_size);
-    rc = rd_skip(c, (uint64_t)nr * c->W, "unmapped pfns"); /* no v2 meaning */
+    rc = rd(c, (uint64_t)nr * c->W, NULL, "unmapped pfns"); /* no v2 meaning */
     if (rc)
         return rc;
     st->vcpus = 0;
@@ -1026,12 +1021,9 @@ static int hvm_tail(struct conv *c)
     if (rc)
         return rc;
     at(c, "HVM tail context");
-    rc = rd_u32(c, &len, "HVM context length");
-    if (rc)
-        return rc;
-    if (len == 0 || len > XCS_REC_LENGTH_MAX)
-        return fail(c, XCS_LEGACY_EFORMAT, "HVM context of %u bytes", len);
-    rc = rd(c, len, &p, "HVM context");
+    rc = rd_len(c, &len, 1, XCS_REC_LENGTH_MAX, "HVM context length", "HVM context");
+    if (!rc)
+        rc = rd(c, len, &p, "HVM context");
     if (rc)
         return rc;
     {
@@ -1079,12 +1071,9 @@ static int read_qemu(struct conv *c, struct qemu *q)
         uint32_t len;
 
         snprintf(lr->qemu_sig, sizeof(lr->qemu_sig), "%s", sig);
-        rc = rd_u32(c, &len, "qemu record length");
-        if (rc)
-            return rc;
-        if (len > QEMU_MAX)
-            return fail(c, XCS_LEGACY_EFORMAT, "qemu record of %u bytes", len);
-        rc = rd(c, len, &q->data, "qemu record");
+        rc = rd_len(c, &len, 0, QEMU_MAX, "qemu record length", "qemu record");
+        if (!rc)
+            rc = rd(c, len, &q->data, "qemu record");
         if (rc)
             return rc;
         q->len = len;

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -179,6 +180,25 @@ static size_t take_buffered(struct xcs_source *s, uint8_t *to, size_t n)
     s->buf_head += take;
     s->off += take;
     return take;
+}
+
+int xcs_source_need(struct xcs_source *s, uint64_t n, const uint8_t **p,
+                    const char *what, char *why, size_t whylen)
+{
+    uint64_t got = 0;
+    size_t part = 0;
+    int r;
+
+    if (p) {
+        r = xcs_source_get(s, (size_t)n, p, &part);
+        got = part;
+    } else {
+        r = xcs_source_skip(s, n, &got);
+    }
+    if (r > 0)
+        snprintf(why, whylen, "stream truncated: %llu of %llu bytes of %s",
+                 (unsigned long long)got, (unsigned long long)n, what);
+    return r;
 }
 
 int xcs_source_skip(struct xcs_source *s, uint64_t n, uint64_t *got)

@@ -83,6 +83,14 @@ void xcs_source_close(struct xcs_source *s);
  * were consumed), -1 on a read error (errno).
  */
 int xcs_source_get(struct xcs_source *s, size_t n, const uint8_t **p, size_t *got);
+/*
+ * For readers that need all n bytes: xcs_source_get (p set) or, with p NULL,
+ * xcs_source_skip.  0; 1 when the stream ends first, with why set to "stream
+ * truncated: G of N bytes of <what>" (whylen bytes); -1 on a read error
+ * (errno).
+ */
+int xcs_source_need(struct xcs_source *s, uint64_t n, const uint8_t **p,
+                    const char *what, char *why, size_t whylen);
 /* Look at up to n bytes without consuming them; *got may be < n at EOF. */
 int xcs_source_peek(struct xcs_source *s, size_t n, const uint8_t **p, size_t *got);
 /* Consume n bytes without looking at them; 1 on EOF first (*got). */

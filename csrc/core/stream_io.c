@@ -71,6 +71,20 @@ uint64_t xcs_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+int xcs_engine_check_params(const struct xcs_engine_callbacks *cb,
+                            const char *sim_path, int stream_type,
+                            enum xcs_fmt wrap)
+{
+    if (!sim_path || !*sim_path)
+        return xcs_fail(cb, EINVAL, "no sim domain path given");
+    if (stream_type != XCS_STREAM_PLAIN && stream_type != XCS_STREAM_REMUS)
+        return xcs_fail(cb, EOPNOTSUPP, "stream type %d is not supported by "
+                        "the sim engine", stream_type);
+    if (!xcs_fmt_has_libxl(wrap) && wrap != XCS_FMT_LIBXC)
+        return xcs_fail(cb, EINVAL, "unknown stream wrapping %d", (int)wrap);
+    return 0;
+}
+
 /*----- progress -----*/
 
 void xcs_progress_start(struct xcs_progress *pr,

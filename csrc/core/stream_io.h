@@ -30,6 +30,15 @@ int xcs_fail(const struct xcs_engine_callbacks *cb, int errnum,
 
 uint64_t xcs_now_ns(void);
 
+/*
+ * The parameters both engines check first: a sim domain path, a plain or
+ * remus stream, and a wrapping the engines write and read (xl, libxl or a
+ * bare libxc image).  0, or -1 via xcs_fail.
+ */
+int xcs_engine_check_params(const struct xcs_engine_callbacks *cb,
+                            const char *sim_path, int stream_type,
+                            enum xcs_fmt wrap);
+
 /*----- progress, rate-limited -----*/
 
 /*

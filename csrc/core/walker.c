@@ -112,31 +112,23 @@ int xcs_walk_pv(const struct xcs_walker *w)
 
 /*----- reading -----*/
 
-/* Consume exactly n bytes of `what`; a short stream is invalid. */
-static int need(struct xcs_walker *w, size_t n, const uint8_t **p, const char *what)
+/*
+ * Consume exactly n bytes of `what` (or skip them: p NULL); a short stream
+ * is invalid.
+ */
+static int need(struct xcs_walker *w, uint64_t n, const uint8_t **p, const char *what)
 {
-    size_t got;
-    int r = xcs_source_get(w->in, n, p, &got);
+    char why[XCS_WHY_LEN];
+    int r = xcs_source_need(w->in, n, p, what, why, sizeof(why));
 
     if (r < 0)
         return xcs_walk_io_error(w, "read");
-    if (r > 0)
-        return xcs_walk_bad(w, EIO, "stream truncated: %zu of %zu bytes of %s",
-                            got, n, what);
-    return 0;
+    return r ? xcs_walk_bad(w, EIO, "%s", why) : 0;
 }
 
 int xcs_walk_skip(struct xcs_walker *w, uint64_t n, const char *what)
 {
-    uint64_t got;
-    int r = xcs_source_skip(w->in, n, &got);
-
-    if (r < 0)
-        return xcs_walk_io_error(w, "read");
-    if (r > 0)
-        return xcs_walk_bad(w, EIO, "stream truncated: %llu of %llu bytes of %s",
-                            (unsigned long long)got, (unsigned long long)n, what);
-    return 0;
+    return need(w, n, NULL, what);
 }
 
 /* Body of a record (length + padding); the padding is zero (verifier). */
@@ -168,6 +160,20 @@ static int skip_body(struct xcs_walker *w, uint32_t len, uint32_t from,
             rc = bad(w, "padding containing non-zero bytes");
     }
     return rc;
+}
+
+/* A fixed-size header of `layer`: where it starts, then its bytes. */
+static int header(struct xcs_walker *w, const char *layer, const char *name,
+                  size_t size, const uint8_t **p)
+{
+    at(w, layer, name);
+    return need(w, size, p, name);
+}
+
+/* A header parser's verdict (codec.h: NULL, or why it is invalid). */
+static int parsed(struct xcs_walker *w, const char *why)
+{
+    return why ? bad(w, "%s", why) : 0;
 }
 
 /* A record length over the restorer's cap (XCS_REC_LENGTH_MAX). */
@@ -336,7 +342,7 @@ static int check_mandatory(struct xcs_walker *w)
         if (!w->have_params)
             return bad(w, "HVM stream lacks the mandatory HVM_PARAMS record");
         if (!w->have_tsc) {
-            if (w->xen_major != 0)
+            if (w->dhdr.xen_major != 0)
                 return bad(w, "HVM stream lacks the mandatory X86_TSC_INFO record");
             warn(w, "no X86_TSC_INFO (tolerated: converted from a legacy stream)");
         }
@@ -379,25 +385,25 @@ static int libxc_order(struct xcs_walker *w, uint32_t t)
         return bad(w, "X86_PV_INFO must be the first record of a PV stream, "
                       "found %s", name);
     if (t == XCS_REC_STATIC_DATA_END) {
-        if (w->version < 3)
+        if (w->ihdr.version < 3)
             return bad(w, "STATIC_DATA_END in a v2 stream");
         if (w->sde)
             return bad(w, "second STATIC_DATA_END");
         return 0;
     }
     if (is_static(t)) {
-        if (w->version >= 3 && w->sde)
+        if (w->ihdr.version >= 3 && w->sde)
             return bad(w, "%s after STATIC_DATA_END", name);
-        if (w->version < 3 && t != XCS_REC_X86_PV_INFO)
+        if (w->ihdr.version < 3 && t != XCS_REC_X86_PV_INFO)
             return bad(w, "%s in a v2 stream", name);
         return 0;
     }
     if (t == XCS_REC_TOOLSTACK || t == XCS_REC_CHECKPOINT_DIRTY_PFN_LIST)
         return 0; /* rejected by their own checks */
     /* Everything else is memory, register or control content. */
-    if (w->version >= 3 && !w->sde)
+    if (w->ihdr.version >= 3 && !w->sde)
         return bad(w, "%s before STATIC_DATA_END", name);
-    if (w->version < 3 && !w->sde) {
+    if (w->ihdr.version < 3 && !w->sde) {
         /* v2: implied by the first memory record (facts 3.1) */
         w->sde = 1;
         if (w->ops->on_record) {
@@ -423,7 +429,7 @@ static int libxc_check(struct xcs_walker *w, uint32_t t, const uint8_t *p,
     case XCS_REC_END:
         if (len)
             return bad(w, "END with length %u", len);
-        if (w->version >= 3 && !w->sde)
+        if (w->ihdr.version >= 3 && !w->sde)
             return bad(w, "no STATIC_DATA_END in a v3 stream");
         *how = LX_END;
         return check_mandatory(w);
@@ -560,33 +566,21 @@ static int libxc_check(struct xcs_walker *w, uint32_t t, const uint8_t *p,
 static int libxc_headers(struct xcs_walker *w)
 {
     char why[XCS_WHY_LEN];
-    struct xcs_ihdr ih;
-    struct xcs_dhdr dh;
     const uint8_t *p;
     int rc;
 
     w->libxc = 1;
     w->libxc_offset = w->in->off;
-    at(w, "libxc", "image header");
-    rc = need(w, XCS_IHDR_SIZE, &p, "image header");
+    rc = header(w, "libxc", "image header", XCS_IHDR_SIZE, &p);
+    if (!rc)
+        rc = parsed(w, xcs_ihdr_parse(p, &w->ihdr, why, sizeof(why)));
+    if (!rc)
+        rc = header(w, "libxc", "domain header", XCS_DHDR_SIZE, &p);
+    if (!rc)
+        rc = parsed(w, xcs_dhdr_parse(p, &w->dhdr, why, sizeof(why)));
     if (rc)
         return rc;
-    rc = xcs_ihdr_parse(p, &ih, why, sizeof(why)) ? bad(w, "%s", why) : 0;
-    w->version = ih.version;
-    w->libxc_options = ih.options;
-    if (rc)
-        return rc;
-
-    at(w, "libxc", "domain header");
-    rc = need(w, XCS_DHDR_SIZE, &p, "domain header");
-    if (rc)
-        return rc;
-    rc = xcs_dhdr_parse(p, &dh, why, sizeof(why)) ? bad(w, "%s", why) : 0;
-    w->xen_major = dh.xen_major;
-    w->xen_minor = dh.xen_minor;
-    if (rc)
-        return rc;
-    w->dtype = dh.type;
+    w->dtype = w->dhdr.type;
     return w->ops->on_image ? w->ops->on_image(w) : 0;
 }
 
@@ -787,30 +781,16 @@ static int libxl_body(struct xcs_walker *w, uint32_t t, uint32_t len, const uint
     return record_body(w, len, p);
 }
 
-static int libxl_header(struct xcs_walker *w)
-{
-    char why[XCS_WHY_LEN];
-    struct xcs_libxl_hdr h;
-    const uint8_t *p;
-    int rc;
-
-    w->libxl = 1;
-    at(w, "libxl", "libxl header");
-    rc = need(w, XCS_LIBXL_HDR_SIZE, &p, "libxl header");
-    if (rc)
-        return rc;
-    rc = xcs_libxl_hdr_parse(p, &h, why, sizeof(why)) ? bad(w, "%s", why) : 0;
-    w->libxl_version = h.version;
-    w->libxl_options = h.options;
-    return rc;
-}
-
 static int libxl_stream(struct xcs_walker *w)
 {
+    char why[XCS_WHY_LEN];
     const uint8_t *p;
     int libxc_seen = 0, libxc_done = 0, in_cp = 0, how, rc;
 
-    rc = libxl_header(w);
+    w->libxl = 1;
+    rc = header(w, "libxl", "libxl header", XCS_LIBXL_HDR_SIZE, &p);
+    if (!rc)
+        rc = parsed(w, xcs_libxl_hdr_parse(p, &w->libxl_hdr, why, sizeof(why)));
     if (rc)
         return rc;
     for (;;) {
@@ -952,39 +932,34 @@ static int libxc_stream(struct xcs_walker *w)
 static int xl_header(struct xcs_walker *w)
 {
     char why[XCS_WHY_LEN];
-    struct xcs_xl_hdr h;
+    const struct xcs_xl_hdr *h = &w->xl_hdr;
     const uint8_t *p;
     uint32_t max = w->opts->xl_optdata_max;
     int rc;
 
     w->xl = 1;
-    at(w, "xl", "xl header");
-    rc = need(w, XCS_XL_HDR_SIZE, &p, "xl header");
+    rc = header(w, "xl", "xl header", XCS_XL_HDR_SIZE, &p);
+    if (!rc)
+        rc = parsed(w, xcs_xl_hdr_parse(p, &w->xl_hdr, why, sizeof(why)));
     if (rc)
         return rc;
-    rc = xcs_xl_hdr_parse(p, &h, why, sizeof(why)) ? bad(w, "%s", why) : 0;
-    w->xl_mflags = h.mflags;
-    w->xl_oflags = h.oflags;
-    w->xl_optlen = h.optlen;
-    if (rc)
-        return rc;
-    if (max && h.optlen > max)
+    if (max && h->optlen > max)
         return xcs_walk_bad(w, EMSGSIZE, "xl optional data of %u bytes "
-                            "exceeds %u", h.optlen, max);
-    if (h.optlen >= 4) {
+                            "exceeds %u", h->optlen, max);
+    if (h->optlen >= 4) {
         rc = need(w, 4, &p, "xl config length");
         if (rc)
             return rc;
         w->xl_config_len = xcs_get_le32(p);
-        if (xcs_xl_config_check(&h, w->xl_config_len, why, sizeof(why)))
+        if (xcs_xl_config_check(h, w->xl_config_len, why, sizeof(why)))
             return bad(w, "%s", why);
-        rc = xcs_walk_skip(w, h.optlen - 4, "xl optional data");
+        rc = xcs_walk_skip(w, h->optlen - 4, "xl optional data");
     } else {
-        rc = xcs_walk_skip(w, h.optlen, "xl optional data");
+        rc = xcs_walk_skip(w, h->optlen, "xl optional data");
     }
     if (rc)
         return rc;
-    w->xl_legacy = !(h.mflags & XCS_XL_MFLAG_STREAMV2);
+    w->xl_legacy = !(h->mflags & XCS_XL_MFLAG_STREAMV2);
     return 0;
 }
 

@@ -113,20 +113,20 @@ struct xcs_walker {
 
     /* xl header */
     int xl;
-    uint32_t xl_mflags, xl_oflags, xl_optlen, xl_config_len;
+    struct xcs_xl_hdr xl_hdr;  /* as parsed (also when invalid) */
+    uint32_t xl_config_len;
     int xl_legacy;             /* the xl header announces a legacy stream */
 
     /* libxl header */
     int libxl;
-    uint32_t libxl_version, libxl_options;
+    struct xcs_libxl_hdr libxl_hdr; /* as parsed (also when invalid) */
 
     /* libxc image */
     int libxc;
     uint64_t libxc_offset;
-    uint32_t version;
-    uint16_t libxc_options;
-    uint32_t dtype;            /* domain header type: 1 PV, 2 HVM */
-    uint32_t xen_major, xen_minor;
+    struct xcs_ihdr ihdr;      /* as parsed (also when invalid) */
+    struct xcs_dhdr dhdr;      /* as parsed (also when invalid) */
+    uint32_t dtype;            /* a valid domain header's type: 1 PV, 2 HVM */
     int sde;                   /* STATIC_DATA_END seen (or implied, v2) */
     int pv_info, p2m;
     unsigned int pv_width, pv_levels;
