@@ -22,7 +22,6 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 # bench -> (metric key in its --json report, higher_is_better)
@@ -31,15 +30,6 @@ METRICS: dict[str, list[tuple[str, bool]]] = {
     "restore": [("measured", True)],
     "verify": [("measured", False), ("api_s", False)],
 }
-
-
-@dataclass
-class Best:
-    value: float | None = None
-
-    def add(self, v: float, higher: bool) -> None:
-        if self.value is None or (v > self.value if higher else v < self.value):
-            self.value = v
 
 
 def run_one(python: str, bench: str, extra: list[str]) -> dict[str, Any]:
@@ -62,18 +52,19 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         extra = ["--memory", args.memory] if args.memory else []
         if bench == "verify" and args.xen_utils:
             extra += ["--xen-utils", args.xen_utils]
-        best = {(t, k): Best() for t in trees for k, _ in METRICS[bench]}
+        runs: dict[tuple[str, str], list[float]] = {
+            (t, k): [] for t in trees for k, _ in METRICS[bench]
+        }
         for i in range(args.repeat):
             # alternate which tree goes first, so neither always runs on a warm cache
             order = list(trees) if i % 2 == 0 else list(reversed(trees))
             for t in order:
                 rep = run_one(trees[t], bench, extra)
-                for key, higher in METRICS[bench]:
-                    best[t, key].add(float(rep[key]), higher)
+                for key, _ in METRICS[bench]:
+                    runs[t, key].append(float(rep[key]))
         for key, higher in METRICS[bench]:
-            b, n = best["base", key].value, best["new", key].value
-            assert b is not None  # repeat >= 1: every tree ran every bench
-            assert n is not None
+            best = max if higher else min
+            b, n = best(runs["base", key]), best(runs["new", key])
             ratio = n / b if higher else b / n
             out["metrics"].append(
                 {"bench": bench, "metric": key, "base": b, "new": n, "ratio": round(ratio, 3)}

@@ -495,9 +495,8 @@ def _compare_trees() -> Any:
     assert spec is not None
     assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compare_trees", mod)  # dataclasses look their module up
-    spec.loader.exec_module(sys.modules["compare_trees"])
-    return sys.modules["compare_trees"]
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_compare_trees_runs_both_installs(capsys: pytest.CaptureFixture[str]) -> None:

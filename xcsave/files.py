@@ -23,8 +23,9 @@ import errno as errno_mod
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from .defaults import shm_dir
 
@@ -41,6 +42,8 @@ __all__ = [
     "rename_noreplace",
     "scratch_dir",
 ]
+
+_T = TypeVar("_T")
 
 PRIVATE_FILE_MODE: Final = 0o600
 PRIVATE_DIR_MODE: Final = 0o700
@@ -75,13 +78,26 @@ def create_private_temp(
     first; a name that is taken anyway is drawn again (as native code does,
     ``xcs_create_private_temp``).
     """
+    d = os.fspath(directory)
+    fd, name = _at_fresh_name(
+        d, prefix, suffix, lambda n: create_private(os.path.join(d, n), flags)
+    )
+    return fd, os.path.join(d, name)
+
+
+def _at_fresh_name(
+    directory: str, prefix: str, suffix: str, make: Callable[[str], _T]
+) -> tuple[_T, str]:
+    """``make(name)`` for a fresh ``prefix<random>suffix`` in ``directory``: its
+    result and the name.  ``make`` must fail with FileExistsError when the name
+    is taken; the random part (:mod:`secrets`) is then drawn again."""
     for _ in range(100):
-        path = os.path.join(os.fspath(directory), f"{prefix}{secrets.token_hex(6)}{suffix}")
+        name = f"{prefix}{secrets.token_hex(6)}{suffix}"
         try:
-            return create_private(path, flags), path
+            return make(name), name
         except FileExistsError:
             continue
-    raise FileExistsError(errno_mod.EEXIST, "no free temporary name", os.fspath(directory))
+    raise FileExistsError(errno_mod.EEXIST, "no free temporary name", directory)
 
 
 def create_private_unnamed(directory: str | os.PathLike[str]) -> int | None:
@@ -124,19 +140,16 @@ def publish_unnamed(fd: int, path: str | os.PathLike[str]) -> None:
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        for _ in range(100):
-            tmp = f".xcsave-{secrets.token_hex(6)}.tmp"
-            try:
-                # /proc/self/fd/N names the open file, and linkat with
-                # AT_SYMLINK_FOLLOW gives an O_TMPFILE file its first name
-                # (open(2)).  A dir fd makes os.link call linkat, not link(2),
-                # which would link the /proc symlink itself (EXDEV).
-                os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd, follow_symlinks=True)
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise FileExistsError(errno_mod.EEXIST, "no free temporary name", directory)
+        # /proc/self/fd/N names the open file, and linkat with AT_SYMLINK_FOLLOW
+        # gives an O_TMPFILE file its first name (open(2)).  A dir fd makes
+        # os.link call linkat, not link(2), which would link the /proc symlink
+        # itself (EXDEV).
+        _, tmp = _at_fresh_name(
+            directory,
+            ".xcsave-",
+            ".tmp",
+            lambda n: os.link(f"/proc/self/fd/{fd}", n, dst_dir_fd=dfd, follow_symlinks=True),
+        )
         try:
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
