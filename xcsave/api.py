@@ -17,7 +17,7 @@ import errno as errno_mod
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
@@ -333,31 +333,49 @@ def _check_copy_threads(copy_threads: int, *, sim: object) -> None:
         )
 
 
-def _spec(
-    mode: str,
-    *,
-    d: proto.Dialect,
-    args: tuple[str, ...],
-    pass_fds: tuple[int, ...],
-    domid: int | None,
-    sim: str | os.PathLike[str] | None,
-    backend: str | None,
-    helper: Path | None,
-    on_failure: Callable[[int], object] | None = None,
-    on_commit: Callable[[], None] | None = None,
-) -> HelperSpec:
-    return HelperSpec(
-        mode=mode,
-        dialect=d,
-        args=args,
-        pass_fds=pass_fds,
-        domain=f"domid {domid}" if domid is not None else os.fspath(sim or ""),
-        domid=domid,
-        backend=backend,
-        helper=helper,
-        on_failure=on_failure,
-        on_commit=on_commit,
-    )
+@dataclass(frozen=True)
+class _Job:
+    """What a save or a restore hands the supervisor, fixed before anything is opened."""
+
+    mode: str
+    d: proto.Dialect
+    helper: str | os.PathLike[str] | None
+    callbacks: Callbacks
+    domid: int | None
+    supervisor: Supervisor | None
+    on_event: Callable[[Event], object] | None
+    timeout: float | None
+
+    async def run(
+        self,
+        args: tuple[str, ...],
+        pass_fds: tuple[int, ...],
+        *,
+        sim: str | os.PathLike[str] | None,
+        backend: str | None,
+        on_failure: Callable[[int], object] | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> RunResult:
+        """Run the helper with ``args`` (its fds ``pass_fds``) to its end."""
+        spec = HelperSpec(
+            mode=self.mode,
+            dialect=self.d,
+            args=args,
+            pass_fds=pass_fds,
+            domain=f"domid {self.domid}" if self.domid is not None else os.fspath(sim or ""),
+            domid=self.domid,
+            backend=backend,
+            helper=Path(self.helper) if self.helper is not None else None,
+            on_failure=on_failure,
+            on_commit=on_commit,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            sup = self.supervisor
+            if sup is None:  # one of its own, for this run only
+                sup = await stack.enter_async_context(Supervisor(max_parallel=1))
+            return await sup.run(
+                spec, self.callbacks, on_event=self.on_event, timeout=self.timeout
+            )
 
 
 def page_limit(max_pages: int, max_memory: int) -> int:
@@ -378,19 +396,6 @@ def _idle_ms(idle_timeout: float | None) -> int | None:
     if not 0 < idle_timeout <= 86400:
         raise ValueError(f"idle_timeout must be in (0, 86400] seconds, not {idle_timeout}")
     return max(1, round(idle_timeout * 1000))
-
-
-async def _run(
-    spec: HelperSpec,
-    callbacks: Callbacks,
-    supervisor: Supervisor | None,
-    on_event: Callable[[Event], object] | None,
-    timeout: float | None,
-) -> RunResult:
-    if supervisor is not None:
-        return await supervisor.run(spec, callbacks, on_event=on_event, timeout=timeout)
-    async with Supervisor(max_parallel=1) as sup:
-        return await sup.run(spec, callbacks, on_event=on_event, timeout=timeout)
 
 
 async def save(
@@ -445,7 +450,7 @@ async def save(
     cbflags = proto.cbflags_for(d, cbs.installed() - {"restore_results"})
     xcflags = (XCFLAGS_LIVE if live else 0) | (XCFLAGS_DEBUG if debug else 0)
     st = STREAM_TYPES[stream_type]
-    helper_p = Path(helper) if helper is not None else None
+    job = _Job("save", d, helper, cbs, domid, supervisor, on_event, timeout)
     idle_ms = _idle_ms(idle_timeout)  # a bad value is refused before anything is touched
     sim_path = _sim_arg(sim)
     _check_out(out)
@@ -488,19 +493,14 @@ async def save(
                 # helper's complete and its reply (on_commit): a toolstack
                 # killed before the commit leaves a helper that puts the
                 # source back, never a suspended source without an image.
-                spec = _spec(
-                    "save",
-                    d=d,
-                    args=args,
-                    pass_fds=(io_fd, lock_fd),
-                    domid=domid,
+                return await job.run(
+                    args,
+                    (io_fd, lock_fd),
                     sim=sim_path,
                     backend=backend,
-                    helper=helper_p,
                     on_failure=undo,
                     on_commit=o.on_commit,
                 )
-                return await _run(spec, cbs, supervisor, on_event, timeout)
             finally:
                 if owned:
                     os.close(io_fd)
@@ -564,7 +564,7 @@ async def restore(
     cbs = replace(callbacks) if callbacks is not None else Callbacks()
     cbflags = proto.cbflags_for(d, cbs.installed() | {"restore_results"})
     st = STREAM_TYPES[stream_type]
-    helper_p = Path(helper) if helper is not None else None
+    job = _Job("restore", d, helper, cbs, domid, supervisor, on_event, timeout)
     limit, idle_ms = page_limit(max_pages, max_memory), _idle_ms(idle_timeout)  # refused early
     given = sim.final if isinstance(sim, SimTarget) else sim
     final = _resolve_sim(given) if given is not None else None
@@ -616,17 +616,7 @@ async def restore(
                                 "dm_out": os.fspath(dm_out) if dm_out is not None else None,
                             },
                         )
-                    spec = _spec(
-                        "restore",
-                        d=d,
-                        args=args,
-                        pass_fds=(io_fd, lock_fd),
-                        domid=domid,
-                        sim=final,
-                        backend=backend,
-                        helper=helper_p,
-                    )
-                    res = await _run(spec, cbs, supervisor, on_event, timeout)
+                    res = await job.run(args, (io_fd, lock_fd), sim=final, backend=backend)
                     # Judged a success: commit now, with no await in between.
                     if built is not None and own:
                         built.commit()
