@@ -176,6 +176,21 @@ static int parsed(struct xcs_walker *w, const char *why)
     return why ? bad(w, "%s", why) : 0;
 }
 
+/*
+ * Sets rc: read the `layer` header `name` (size bytes) and decode it into *h
+ * with codec.h's PARSE.  Every fixed header the walker reads goes through
+ * here; a macro because each codec parser takes its own struct.
+ */
+#define READ_HEADER(rc, w, layer, name, size, parse, h)                     \
+    do {                                                                   \
+        const uint8_t *hp_;                                                \
+        char why_[XCS_WHY_LEN];                                            \
+                                                                           \
+        (rc) = header((w), (layer), (name), (size), &hp_);                 \
+        if (!(rc))                                                         \
+            (rc) = parsed((w), parse(hp_, (h), why_, sizeof(why_)));       \
+    } while (0)
+
 /* A record length over the restorer's cap (XCS_REC_LENGTH_MAX). */
 static int over_cap(struct xcs_walker *w, uint32_t len, uint32_t cap)
 {
@@ -565,19 +580,14 @@ static int libxc_check(struct xcs_walker *w, uint32_t t, const uint8_t *p,
 
 static int libxc_headers(struct xcs_walker *w)
 {
-    char why[XCS_WHY_LEN];
-    const uint8_t *p;
     int rc;
 
     w->libxc = 1;
     w->libxc_offset = w->in->off;
-    rc = header(w, "libxc", "image header", XCS_IHDR_SIZE, &p);
+    READ_HEADER(rc, w, "libxc", "image header", XCS_IHDR_SIZE, xcs_ihdr_parse, &w->ihdr);
     if (!rc)
-        rc = parsed(w, xcs_ihdr_parse(p, &w->ihdr, why, sizeof(why)));
-    if (!rc)
-        rc = header(w, "libxc", "domain header", XCS_DHDR_SIZE, &p);
-    if (!rc)
-        rc = parsed(w, xcs_dhdr_parse(p, &w->dhdr, why, sizeof(why)));
+        READ_HEADER(rc, w, "libxc", "domain header", XCS_DHDR_SIZE, xcs_dhdr_parse,
+                    &w->dhdr);
     if (rc)
         return rc;
     w->dtype = w->dhdr.type;
@@ -783,14 +793,12 @@ static int libxl_body(struct xcs_walker *w, uint32_t t, uint32_t len, const uint
 
 static int libxl_stream(struct xcs_walker *w)
 {
-    char why[XCS_WHY_LEN];
     const uint8_t *p;
     int libxc_seen = 0, libxc_done = 0, in_cp = 0, how, rc;
 
     w->libxl = 1;
-    rc = header(w, "libxl", "libxl header", XCS_LIBXL_HDR_SIZE, &p);
-    if (!rc)
-        rc = parsed(w, xcs_libxl_hdr_parse(p, &w->libxl_hdr, why, sizeof(why)));
+    READ_HEADER(rc, w, "libxl", "libxl header", XCS_LIBXL_HDR_SIZE, xcs_libxl_hdr_parse,
+                &w->libxl_hdr);
     if (rc)
         return rc;
     for (;;) {
@@ -938,9 +946,7 @@ static int xl_header(struct xcs_walker *w)
     int rc;
 
     w->xl = 1;
-    rc = header(w, "xl", "xl header", XCS_XL_HDR_SIZE, &p);
-    if (!rc)
-        rc = parsed(w, xcs_xl_hdr_parse(p, &w->xl_hdr, why, sizeof(why)));
+    READ_HEADER(rc, w, "xl", "xl header", XCS_XL_HDR_SIZE, xcs_xl_hdr_parse, &w->xl_hdr);
     if (rc)
         return rc;
     if (max && h->optlen > max)
