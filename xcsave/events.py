@@ -22,6 +22,7 @@ from ._msgs import (
     TlsPeerEvent,
     TunnelStatsEvent,
 )
+from .policy import _PrecopyFields
 
 __all__ = [
     "DoneEvent",
@@ -53,13 +54,11 @@ class ProgressEvent(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyEvent(Event):
-    """A precopy_policy decision (one per round, asked before it)."""
+class PolicyEvent(_PrecopyFields, Event):
+    """A precopy_policy decision (one per round, asked before it): the
+    :class:`~xcsave.policy.PrecopyStats` it was asked with, and the answer."""
 
     kind: ClassVar[str] = "policy"
-    iteration: int
-    total_written: int
-    dirty_count: int
     decision: int  # xcsave.policy.Decision
 
 

@@ -35,13 +35,19 @@ class Decision(IntEnum):
     STOP_AND_COPY = 1
 
 
-@dataclass(frozen=True, slots=True)
-class PrecopyStats:
-    """What the helper knows before round ``iteration``."""
+@dataclass(frozen=True)
+class _PrecopyFields:
+    """The fields of :class:`PrecopyStats` and :class:`~xcsave.events.PolicyEvent`."""
 
+    __slots__ = ()
     iteration: int  # round about to start (0 = the first, all pages)
     total_written: int  # pages written so far
     dirty_count: int  # pages dirty now; -1 if unknown
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyStats(_PrecopyFields):
+    """What the helper knows before round ``iteration``."""
 
 
 Policy = Callable[[PrecopyStats], Decision]
