@@ -498,28 +498,23 @@ static void parse_xen_argv(int argc, char **argv, struct xcs_op *op)
 
     dialect = XCS_DIALECT_XEN_417;
     op->dialect = dialect;
+    if (n != (op->restore ? 9 : 6))
+        fatal("--%s-domain takes %d arguments, got %d",
+              op->restore ? "restore" : "save", op->restore ? 9 : 6, n);
+    /* Xen's order: the fds and the domid, the mode's own, cbflags, stream type. */
+    op->io_fd = parse_fd("io_fd", a[0], 0);
+    op->aux_fd = parse_fd(op->restore ? "send_back_fd" : "recv_fd", a[1], 1);
+    op->domid = (uint32_t)parse_num("domid", a[2], UINT32_MAX);
     if (!op->restore) {
-        if (n != 6)
-            fatal("--save-domain takes 6 arguments, got %d", n);
-        op->io_fd = parse_fd("io_fd", a[0], 0);
-        op->aux_fd = parse_fd("recv_fd", a[1], 1);
-        op->domid = (uint32_t)parse_num("domid", a[2], UINT32_MAX);
         op->xcflags = (uint32_t)parse_num("xcflags", a[3], UINT32_MAX);
-        op->cbflags = (uint32_t)parse_num("cbflags", a[4], UINT32_MAX);
-        op->stream_type = (int)parse_num("stream_type", a[5], XCS_STREAM_COLO);
     } else {
-        if (n != 9)
-            fatal("--restore-domain takes 9 arguments, got %d", n);
-        op->io_fd = parse_fd("io_fd", a[0], 0);
-        op->aux_fd = parse_fd("send_back_fd", a[1], 1);
-        op->domid = (uint32_t)parse_num("domid", a[2], UINT32_MAX);
         op->store_evtchn = (uint32_t)parse_num("store_evtchn", a[3], UINT32_MAX);
         op->store_domid = (uint32_t)parse_num("store_domid", a[4], UINT32_MAX);
         op->console_evtchn = (uint32_t)parse_num("console_evtchn", a[5], UINT32_MAX);
         op->console_domid = (uint32_t)parse_num("console_domid", a[6], UINT32_MAX);
-        op->cbflags = (uint32_t)parse_num("cbflags", a[7], UINT32_MAX);
-        op->stream_type = (int)parse_num("stream_type", a[8], XCS_STREAM_COLO);
     }
+    op->cbflags = (uint32_t)parse_num("cbflags", a[n - 2], UINT32_MAX);
+    op->stream_type = (int)parse_num("stream_type", a[n - 1], XCS_STREAM_COLO);
 }
 
 enum {
@@ -566,9 +561,34 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"out-tmp", required_argument, NULL, OPT_OUT_TMP},
         {NULL, 0, NULL, 0},
     };
+    /*
+     * The options that are a number and nothing more: parsed (named after
+     * the long option) into their unsigned field of op, from 0 to max.  The
+     * int fields are written through their unsigned variant, which C allows.
+     */
+    const struct {
+        int id;
+        unsigned int *to;
+        unsigned long max;
+    } nums[] = {
+        {OPT_DOMID, &op->domid, UINT32_MAX},
+        {OPT_FLAGS, &op->xcflags, UINT32_MAX},
+        {OPT_CBFLAGS, &op->cbflags, UINT32_MAX},
+        {OPT_STREAM_TYPE, (unsigned int *)&op->stream_type, XCS_STREAM_COLO},
+        {OPT_STORE_EVTCHN, &op->store_evtchn, UINT32_MAX},
+        {OPT_STORE_DOMID, &op->store_domid, UINT32_MAX},
+        {OPT_CONSOLE_EVTCHN, &op->console_evtchn, UINT32_MAX},
+        {OPT_CONSOLE_DOMID, &op->console_domid, UINT32_MAX},
+        {OPT_CHECKPOINTS, &op->checkpoints, 1u << 20},
+        {OPT_INTERVAL_MS, &op->interval_ms, 3600u * 1000},
+        /* at most a day: an int of milliseconds for poll() */
+        {OPT_IDLE_TIMEOUT_MS, &op->idle_ms, 86400u * 1000},
+        {OPT_BUILD_ONLY, (unsigned int *)&op->sim_build_only, 1},
+    };
     const char *backend = "sim";
     int role = -1;
-    int c;
+    int c, idx = 0;
+    size_t i;
 
     dialect = XCS_DIALECT_XCSAVE_1;
     op->dialect = dialect;
@@ -580,29 +600,17 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
     op->handshake_timeout_ms = 10000;
     optind = 3;
     opterr = 0;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "", opts, &idx)) != -1) {
+        for (i = 0; i < sizeof(nums) / sizeof(nums[0]) && nums[i].id != c; i++)
+            ;
+        if (i < sizeof(nums) / sizeof(nums[0])) {
+            *nums[i].to = (unsigned int)parse_num(opts[idx].name, optarg, nums[i].max);
+            continue;
+        }
         switch (c) {
         case OPT_BACKEND: backend = optarg; break;
         case OPT_IO_FD: op->io_fd = parse_fd("io-fd", optarg, 0); break;
         case OPT_AUX_FD: op->aux_fd = parse_fd("aux-fd", optarg, 1); break;
-        case OPT_DOMID: op->domid = (uint32_t)parse_num("domid", optarg, UINT32_MAX); break;
-        case OPT_FLAGS: op->xcflags = (uint32_t)parse_num("flags", optarg, UINT32_MAX); break;
-        case OPT_CBFLAGS: op->cbflags = (uint32_t)parse_num("cbflags", optarg, UINT32_MAX); break;
-        case OPT_STREAM_TYPE:
-            op->stream_type = (int)parse_num("stream-type", optarg, XCS_STREAM_COLO);
-            break;
-        case OPT_STORE_EVTCHN:
-            op->store_evtchn = (uint32_t)parse_num("store-evtchn", optarg, UINT32_MAX);
-            break;
-        case OPT_STORE_DOMID:
-            op->store_domid = (uint32_t)parse_num("store-domid", optarg, UINT32_MAX);
-            break;
-        case OPT_CONSOLE_EVTCHN:
-            op->console_evtchn = (uint32_t)parse_num("console-evtchn", optarg, UINT32_MAX);
-            break;
-        case OPT_CONSOLE_DOMID:
-            op->console_domid = (uint32_t)parse_num("console-domid", optarg, UINT32_MAX);
-            break;
         case OPT_SIM: op->sim_path = optarg; break;
         case OPT_FORMAT:
             /* A stream the engines write and read: not auto, not legacy. */
@@ -613,12 +621,6 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         case OPT_MAX_PAGES:
             op->max_pages = parse_num("max-pages", optarg, 1UL << 40);
             break;
-        case OPT_CHECKPOINTS:
-            op->checkpoints = (unsigned)parse_num("checkpoints", optarg, 1u << 20);
-            break;
-        case OPT_INTERVAL_MS:
-            op->interval_ms = (unsigned)parse_num("interval-ms", optarg, 3600u * 1000);
-            break;
         case OPT_COPY_THREADS:
             op->copy_threads = (unsigned)parse_num("copy-threads", optarg,
                                                    XCS_MAX_COPY_THREADS);
@@ -626,16 +628,9 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
                 fatal("bad <copy-threads> '%s': expected a number from 1 to %d",
                       optarg, XCS_MAX_COPY_THREADS);
             break;
-        case OPT_IDLE_TIMEOUT_MS:
-            /* at most a day: an int of milliseconds for poll() */
-            op->idle_ms = (unsigned)parse_num("idle-timeout-ms", optarg, 86400u * 1000);
-            break;
         case OPT_XL_CONFIG: op->xl_config_path = optarg; break;
         case OPT_DM_OUT: op->dm_path = optarg; break;
         case OPT_OUT_TMP: op->out_tmp = optarg; break;
-        case OPT_BUILD_ONLY:
-            op->sim_build_only = (int)parse_num("build-only", optarg, 1);
-            break;
         case OPT_LEGACY_WIDTH:
             op->legacy_width = (unsigned)parse_num("legacy-width", optarg, 64);
             if (op->legacy_width != 32 && op->legacy_width != 64)
