@@ -463,31 +463,48 @@ def _headline(
     }
 
 
+@dataclass(frozen=True)
+class _Bars:
+    """What a throughput bench is judged by: ``ours`` against ``baseline``
+    (the ratio: bar 1.0, ``goal``), and against a second reference ``ref``
+    (its GB/s, and ours' ratio to it under the key ``ref_ratio``)."""
+
+    ours: str
+    baseline: str
+    goal: float
+    ref: str
+    ref_ratio: str
+
+
+_BARS = {
+    "save": _Bars("vmsplice", "cat", 2.5, "writev", "vmsplice_vs_writev"),
+    "restore": _Bars("restore", "memcpy", 1.5, "dd", "ratio_vs_dd"),
+}
+
+
 def _throughput(
-    bench: str,
-    args: argparse.Namespace,
-    nbytes: int,
-    seconds: dict[str, float],
-    *,
-    vs: tuple[str, str],
-    goal: float,
-    **more: Any,
+    bench: str, args: argparse.Namespace, nbytes: int, seconds: dict[str, float], **more: Any
 ) -> dict[str, Any]:
-    """A GB/s headline over nbytes from the best ``seconds`` of each: ``vs``
-    names ours and the baseline the ratio is against (bar 1.0)."""
+    """A GB/s headline over nbytes from the best ``seconds`` of each, judged
+    by the bench's :data:`_BARS`."""
     gb = nbytes / 1e9
+    b = _BARS[bench]
     return _headline(
         bench,
-        gb / seconds[vs[0]],
-        gb / seconds[vs[1]],
+        gb / seconds[b.ours],
+        gb / seconds[b.baseline],
         "GB/s",
         seconds=seconds,
+        **{
+            f"{b.ref}_gbps": round(gb / seconds[b.ref], 4),
+            b.ref_ratio: round(seconds[b.ref] / seconds[b.ours], 3),
+        },
         **more,
         bytes=nbytes,
         memory=args.memory,
         repeat=args.repeat,
         bar=1.0,
-        goal=goal,
+        goal=b.goal,
     )
 
 
@@ -579,17 +596,7 @@ def _save_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
             sim.remove(src)
             with suppress(FileNotFoundError):
                 stream.unlink()
-    data = _throughput(
-        "save",
-        args,
-        nbytes,
-        t,
-        vs=("vmsplice", "cat"),
-        goal=2.5,
-        writev_gbps=round(nbytes / 1e9 / t["writev"], 4),
-        vmsplice_vs_writev=round(t["writev"] / t["vmsplice"], 3),
-        spliced_bytes=spliced,
-    )
+    data = _throughput("save", args, nbytes, t, spliced_bytes=spliced)
     text = [
         f"save of a {args.memory >> 20} MiB sim domain ({nbytes / 2**20:.0f} MiB stream) "
         f"into a pipe read by `cat >/dev/null`, best of {args.repeat}",
@@ -753,17 +760,7 @@ def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
                     sim.remove(p)
             with suppress(FileNotFoundError):
                 stream.unlink()
-    data = _throughput(
-        "restore",
-        args,
-        nbytes,
-        t,
-        vs=("restore", "memcpy"),
-        goal=1.5,
-        dd_gbps=round(nbytes / 1e9 / t["dd"], 4),
-        ratio_vs_dd=round(t["dd"] / t["restore"], 3),
-        match=match,
-    )
+    data = _throughput("restore", args, nbytes, t, match=match)
     text = [
         f"restore of a {nbytes / 2**20:.0f} MiB stream (page cache, tmpfs) into a fresh "
         f"domain, best of {args.repeat}" + ("" if match else "  DIGESTS DIFFER"),
