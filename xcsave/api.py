@@ -346,13 +346,24 @@ class _Job:
     on_event: Callable[[Event], object] | None
     timeout: float | None
 
+    @property
+    def backend(self) -> str | None:
+        """xcsave-1's ``--backend`` (None: a xen-4.17 helper has none)."""
+        if self.d is proto.XEN_417:
+            return None
+        return "xen" if self.domid is not None else "sim"
+
+    def xcs_args(self, io_fd: int, options: dict[str, object]) -> tuple[str, ...]:
+        """The xcsave-1 argv: mode, backend, io fd and domid, then ``options``."""
+        assert self.backend is not None
+        return xcs_args(self.mode, self.backend, io_fd, {"domid": self.domid, **options})
+
     async def run(
         self,
         args: tuple[str, ...],
         pass_fds: tuple[int, ...],
         *,
         sim: str | os.PathLike[str] | None,
-        backend: str | None,
         on_failure: Callable[[int], object] | None = None,
         on_commit: Callable[[], None] | None = None,
     ) -> RunResult:
@@ -364,7 +375,7 @@ class _Job:
             pass_fds=pass_fds,
             domain=f"domid {self.domid}" if self.domid is not None else os.fspath(sim or ""),
             domid=self.domid,
-            backend=backend,
+            backend=self.backend,
             helper=Path(self.helper) if self.helper is not None else None,
             on_failure=on_failure,
             on_commit=on_commit,
@@ -465,15 +476,10 @@ async def save(
                     args = xen_save_args(
                         io_fd, domid, xcflags=xcflags, cbflags=cbflags, stream_type=st
                     )
-                    backend = None
                 else:
-                    backend = "sim" if sim is not None else "xen"
-                    args = xcs_args(
-                        "save",
-                        backend,
+                    args = job.xcs_args(
                         io_fd,
                         {
-                            "domid": domid,
                             "sim": sim_path,
                             "flags": xcflags,
                             "cbflags": cbflags,
@@ -497,7 +503,6 @@ async def save(
                     args,
                     (io_fd, lock_fd),
                     sim=sim_path,
-                    backend=backend,
                     on_failure=undo,
                     on_commit=o.on_commit,
                 )
@@ -591,15 +596,10 @@ async def restore(
                             console_domid=console_domid,
                             stream_type=st,
                         )
-                        backend = None
                     else:
-                        backend = "sim" if sim is not None else "xen"
-                        args = xcs_args(
-                            "restore",
-                            backend,
+                        args = job.xcs_args(
                             io_fd,
                             {
-                                "domid": domid,
                                 "sim": str(built.partial) if built else None,
                                 "build_only": built is not None,
                                 "cbflags": cbflags,
@@ -616,7 +616,7 @@ async def restore(
                                 "dm_out": os.fspath(dm_out) if dm_out is not None else None,
                             },
                         )
-                    res = await job.run(args, (io_fd, lock_fd), sim=final, backend=backend)
+                    res = await job.run(args, (io_fd, lock_fd), sim=final)
                     # Judged a success: commit now, with no await in between.
                     if built is not None and own:
                         built.commit()
