@@ -85,13 +85,11 @@ class _Out:
         assert self.tmp is not None
         if self.committed:
             return
-        try:
+        with files.named_as(self.final):
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
             os.replace(self.tmp, self.final)
-        except OSError as e:  # named as the caller named it
-            raise type(e)(e.errno, e.strerror, os.fspath(self.final)) from None
         self.committed = True
         try:
             files.fsync_dir(self.final.parent)
@@ -121,10 +119,8 @@ async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> A
     final = Path(out)
     _sweep_dead(final, "xcsave-tmp", "a save")  # a SIGKILLed save's temporary
     tmp = final.with_name(f".{final.name}.xcsave-tmp.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
+    with files.named_as(out):  # the temporary is ours: name the caller's path
         fd = files.create_private(tmp, os.O_WRONLY)
-    except OSError as e:  # named as the caller named it: the temporary is ours
-        raise type(e)(e.errno, e.strerror, os.fspath(out)) from None
     o = _Out(fd, final, tmp)
     try:
         yield o

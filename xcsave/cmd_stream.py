@@ -7,6 +7,7 @@ usage or an I/O error, with the errno name.  Never a traceback.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any, NoReturn
 
-EXIT_INVALID = 1
+EXIT_INVALID = 1  # an invalid stream
+EXIT_FAILED = 1  # the operation failed (an OSError: a missing file, a directory, EROFS)
 EXIT_USAGE = 2
 
 
@@ -149,15 +151,15 @@ def _err(cmd: str, text: str) -> None:
 def _oserror(cmd: str, e: OSError, default_name: str) -> int:
     name = e.filename if e.filename is not None else default_name
     _err(cmd, f"{name}: {oserror_text(e, filename=False) if e.errno else e.strerror or e}")
-    return EXIT_USAGE
+    return EXIT_FAILED
 
 
 def _source(path: str) -> str | int:
     return 0 if path == "-" else path
 
 
-def _label(path: str) -> str:
-    return "<stdin>" if path == "-" else path
+def _label(path: str, std: str = "<stdin>") -> str:
+    return std if path == "-" else path
 
 
 def _scan(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,6 +343,9 @@ def do_verify(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- convert
 
 
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EPIPE})
+
+
 def do_convert(args: argparse.Namespace) -> int:
     _signals_end_the_command()
     src: str | int = 0 if args.legacy == "-" else args.legacy
@@ -363,6 +368,10 @@ def do_convert(args: argparse.Namespace) -> int:
         _err("convert", f"{_label(args.legacy)}: {e}")
         return EXIT_INVALID
     except OSError as e:
+        # The native converter reads LEGACY and writes OUT through one call;
+        # errors only a write can have are OUT's.
+        if e.errno in _WRITE_ONLY_ERRNOS:
+            return _oserror("convert", e, _label(args.out, "<stdout>"))
         return _oserror("convert", e, _label(args.legacy))
     except ValueError as e:
         _err("convert", str(e))

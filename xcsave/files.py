@@ -19,11 +19,12 @@ plant names, and whoever owns it can read what we put in it.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -49,6 +50,16 @@ PRIVATE_FILE_MODE: Final = 0o600
 PRIVATE_DIR_MODE: Final = 0o700
 
 _CREATE_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def named_as(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An ``OSError`` raised inside names ``path`` (the file the user asked
+    for), never the private temporary the work went through."""
+    try:
+        yield
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
 
 
 def create_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> int:

@@ -158,22 +158,32 @@ def _write_atomically(path: str, write: Callable[[int], _T]) -> _T:
     """
     import contextlib
 
-    from .files import create_private_temp, create_private_unnamed, fsync_dir, publish_unnamed
+    from .files import (
+        create_private_temp,
+        create_private_unnamed,
+        fsync_dir,
+        named_as,
+        publish_unnamed,
+    )
 
     directory = os.path.dirname(os.path.abspath(path))
-    # The output is guest memory: private, whatever the umask.
-    fd = create_private_unnamed(directory)
-    tmp = ""
-    if fd is None:
-        fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
+    # The output is guest memory: private, whatever the umask.  Errors of
+    # our own steps name ``path``, never the temporary (write's own name
+    # what they read).
+    with named_as(path):
+        fd = create_private_unnamed(directory)
+        tmp = ""
+        if fd is None:
+            fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
     try:
         result = write(fd)
-        os.fsync(fd)
-        if tmp:
-            os.replace(tmp, path)
-            tmp = ""
-        else:
-            publish_unnamed(fd, path)
+        with named_as(path):
+            os.fsync(fd)
+            if tmp:
+                os.replace(tmp, path)
+                tmp = ""
+            else:
+                publish_unnamed(fd, path)
         with contextlib.suppress(OSError):
             fsync_dir(directory)
         return result
