@@ -16,6 +16,7 @@ import contextlib
 import errno as errno_mod
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Final, Literal
 from . import files, formats, lock, proto
 from ._log import logger
 from .defaults import PAGE_SIZE
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, StreamError
 from .events import Event
 from .policy import Policy
 from .supervisor import (
@@ -154,6 +155,45 @@ async def _open_in(src: StreamArg) -> AsyncIterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _stream_name(src: StreamArg) -> str:
+    if isinstance(src, int):
+        return "<stdin>" if src == 0 else f"fd {src}"
+    return os.fspath(src)
+
+
+def restore_format(fd: int, fmt: str, *, legacy: bool, name: str) -> str:
+    """The format a restore reads from ``fd``: ``fmt``, or for ``auto`` the
+    one the stream's first 8 bytes announce (``xcsave._ext.sniff_format``,
+    the verifier's own detection).  Only a regular file is looked at (a
+    ``pread`` that moves nothing); a pipe or socket cannot be peeked at
+    without taking its bytes, so ``auto`` reads it as ``libxc``, save's
+    default.  A file whose bytes contradict ``fmt``, or that has no magic
+    at all (a pre-4.6 image) while ``legacy`` is not set, is refused in one
+    line that says which flags to use (``StreamError``)."""
+    if legacy:
+        return "libxc"  # the legacy reader's input; the format flag does not apply
+    from . import _ext  # here: the API imports light until a helper runs
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return "libxc" if fmt == "auto" else fmt
+    head = os.pread(fd, 8, os.lseek(fd, 0, os.SEEK_CUR))
+    found = _ext.sniff_format(head)
+    if found == "legacy":
+        raise StreamError(
+            f"{name}: not an xl, libxl or libxc stream; if it is a pre-4.6 (legacy) image, "
+            "restore it with --legacy --width 32|64 --guest pv|hvm"
+        )
+    if found is None:
+        raise StreamError(f"{name}: {len(head)} bytes: too short for a stream")
+    if fmt not in ("auto", found):
+        raise StreamError(
+            f"{name}: {'an' if found == 'xl' else 'a'} {found} stream, not {fmt}: "
+            f"restore it with --format {found} "
+            "(or --format auto)"
+        )
+    return found
 
 
 def _sim_arg(sim: str | os.PathLike[str] | None) -> str | None:
@@ -508,7 +548,7 @@ async def restore(
     domid: int | None = None,
     sim: str | os.PathLike[str] | SimTarget | None = None,
     force: bool = False,
-    fmt: str = "libxc",
+    fmt: str = "auto",
     dialect: Dialect = "xcsave-1",
     helper: str | os.PathLike[str] | None = None,
     callbacks: Callbacks | None = None,
@@ -552,7 +592,7 @@ async def restore(
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
-    d = _check_dialect(dialect, sim=sim, fmt=fmt)
+    d = _check_dialect(dialect, sim=sim, fmt="libxc" if fmt == "auto" else fmt)
     if stream_type not in STREAM_TYPES:
         raise ValueError(f"unknown stream type {stream_type!r}")
     if legacy_width is not None and sim is None:
@@ -573,6 +613,13 @@ async def restore(
             built = SimTarget.begin(final, force=force)  # again, with the lock held
         try:
             async with _open_in(src) as fd:
+                fmt = restore_format(
+                    fd,
+                    fmt,
+                    legacy=legacy_width is not None,
+                    name=_stream_name(src),
+                )
+                _check_dialect(dialect, sim=sim, fmt=fmt)
                 io_fd, owned = high_fd(fd)
                 try:
                     if d is proto.XEN_417:

@@ -236,11 +236,22 @@ def _event_stream(args: argparse.Namespace) -> Any:
     return sys.stderr
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
     dom = p.add_mutually_exclusive_group(required=True)
     dom.add_argument("--sim", metavar="DOM", help="a simulated domain (file path)")
     dom.add_argument("--domid", type=int, metavar="N", help="a Xen domain id")
-    p.add_argument("--format", choices=FORMATS, default="libxc", help="stream framing")
+    if reading:
+        p.add_argument(
+            "--format",
+            choices=("auto", *FORMATS),
+            default="auto",
+            help="stream framing (default auto: what a file's first bytes say; "
+            "a pipe or socket is read as libxc)",
+        )
+    else:
+        p.add_argument(
+            "--format", choices=FORMATS, default="libxc", help="stream framing (default libxc)"
+        )
     p.add_argument("--helper", metavar="PATH", help="helper executable (default: bundled)")
     p.add_argument(
         "--dialect",
@@ -316,7 +327,7 @@ def add_save_restore(sub: Any) -> None:
 
     p = sub.add_parser("restore", help="restore a domain from a stream")
     p.add_argument("input", metavar="IN", help="input stream (file, or - for stdin)")
-    _add_common(p)
+    _add_common(p, reading=True)
     p.add_argument("--legacy", action="store_true", help="the input is a pre-4.6 legacy stream")
     p.add_argument("--width", type=int, choices=(32, 64), help="legacy: toolstack word size")
     p.add_argument("--guest", choices=("pv", "hvm"), help="legacy: guest type")
