@@ -312,7 +312,7 @@ def imported_after_site(*args: str | Path) -> set[str]:
 
 
 def stream_case(name: str) -> bytes:
-    import corpus
+    from xcsave import corpus
 
     return next(c.data for c in corpus.cases() if c.name == name)
 

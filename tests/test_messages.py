@@ -11,10 +11,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import corpus
 import pytest
 from test_cli import xcsave_cli
 
+from xcsave import corpus
 from xcsave.errors import HelperFailed, with_errno
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import corpus
 import pytest
 from test_cli import xcsave_cli
 
 import xcsave
-from xcsave import api
+from xcsave import api, corpus
 
 
 @pytest.fixture
@@ -94,3 +93,17 @@ def test_the_api_detects_from_an_fd_without_moving_it(tmp_path: Path) -> None:
     with pytest.raises(xcsave.StreamError):
         with open(img, "rb") as f:  # at offset 0: "junk..." has no magic
             api.restore_format(f.fileno(), "auto", legacy=False, name="x")
+
+
+def test_sim_legacy_image_gives_an_image_convert_and_restore_take(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The legacy corpus ships in the package (issue 15, item 9): an installed
+    xcsave writes an image to try convert on, privately and whole."""
+    leg = tmp_path / "old.img"
+    out = _ok("sim", "legacy-image", leg, "--memory", "2M", env=env)
+    assert "--width 64 --guest hvm" in out
+    assert (leg.stat().st_mode & 0o777) == 0o600
+    _ok("convert", leg, tmp_path / "new.img", "--width", "64", "--guest", "hvm", env=env)
+    _ok("verify", tmp_path / "new.img", env=env)
+    _ok("restore", leg, "--sim", "b", "--legacy", "--width", "64", "--guest", "hvm", env=env)

@@ -1,6 +1,6 @@
 """Stream tools: the native verifier and legacy converter against Xen's own.
 
-Every corpus stream (tests/corpus.py, generated from the facts, not from
+Every corpus stream (xcsave/corpus.py, generated from the facts, not from
 Xen's code) goes through xcsave's verifier AND Xen's verify-stream-v2
 (conftest's ``xen_verify``); where the two disagree the test asserts the
 known reason (facts 4.3/4.4).  Legacy conversion is cross-checked against
@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import corpus
 import pytest
 
-from xcsave import streamtools
+from xcsave import corpus, streamtools
 from xcsave.errors import StreamError
 
 XEN_CONVERT = Path("usr/lib/xen-4.17/bin/convert-legacy-stream")

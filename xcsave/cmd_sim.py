@@ -53,6 +53,17 @@ def add_parsers(sub: Any) -> None:
         s.add_argument("dom", metavar="DOM")
         s.set_defaults(func=_state, state=state)
 
+    g = ss.add_parser(
+        "legacy-image",
+        help="write a pre-4.6 (legacy) HVM image to try `xcsave convert` and "
+        "`restore --legacy` on",
+    )
+    g.add_argument("out", metavar="OUT", help="the file to write (0600, whole or not at all)")
+    g.add_argument(
+        "--memory", type=parse_size, default=parse_size("64M"), help="page data (default 64M)"
+    )
+    g.set_defaults(func=_legacy_image)
+
     r = ss.add_parser("remove", help="delete a simulated domain")
     r.add_argument("dom", metavar="DOM")
     r.set_defaults(func=_remove)
@@ -151,6 +162,28 @@ def _state(args: argparse.Namespace) -> int:
     from . import sim
 
     sim.set_state(args.dom, args.state)
+    return 0
+
+
+def _legacy_image(args: argparse.Namespace) -> int:
+    """A 64-bit legacy HVM image (xcsave.corpus, written from the format's
+    facts): synthetic pages, but written as every image is, private (0600)
+    and whole or not at all (files.write_atomically, as convert writes)."""
+    import os
+
+    from . import corpus
+    from .files import write_atomically
+
+    def write(fd: int) -> int:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            return corpus.write_big_legacy(f, args.memory)
+
+    pages = write_atomically(args.out, write)
+    sys.stdout.write(
+        f"{args.out}: a legacy 64-bit HVM image of {pages} pages; try "
+        f"`xcsave convert {args.out} OUT --width 64 --guest hvm` or "
+        f"`xcsave restore {args.out} --sim DOM --legacy --width 64 --guest hvm`\n"
+    )
     return 0
 
 

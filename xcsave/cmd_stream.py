@@ -307,7 +307,7 @@ def _signals_end_the_command() -> None:
     returned, and a read blocked on a pipe never returns).  So SIGINT keeps
     its default action, like SIGTERM and SIGHUP: the command ends at once, and
     leaves nothing behind (convert's output has no name until it is complete:
-    streamtools._write_atomically)."""
+    files.write_atomically)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
 

@@ -266,3 +266,39 @@ def scratch_dir(given: str | os.PathLike[str] | None, prefix: str) -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix=prefix, dir=shm_dir()))
+
+
+def write_atomically(path: str, write: Callable[[int], _T]) -> _T:
+    """``write(fd)`` into a new private file in ``path``'s directory, fsync'd
+    and put at ``path`` on success; on failure ``path`` is as it was.
+
+    The file has no name until it is complete (``O_TMPFILE``), so a signal
+    that kills the command mid-write leaves nothing behind; where the
+    filesystem cannot do that, a named temporary is removed on failure.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    # The output is guest memory: private, whatever the umask.  Errors of
+    # our own steps name ``path``, never the temporary (write's own name
+    # what they read).
+    with named_as(path):
+        fd = create_private_unnamed(directory)
+        tmp = ""
+        if fd is None:
+            fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
+    try:
+        result = write(fd)
+        with named_as(path):
+            os.fsync(fd)
+            if tmp:
+                os.replace(tmp, path)
+                tmp = ""
+            else:
+                publish_unnamed(fd, path)
+        with contextlib.suppress(OSError):
+            fsync_dir(directory)
+        return result
+    finally:
+        os.close(fd)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
