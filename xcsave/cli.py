@@ -127,9 +127,45 @@ def cmd_callbacks(args: argparse.Namespace) -> Callbacks:
 
 
 def _stream_target(path: str, for_write: bool) -> int | str:
-    if path == "-":
-        return sys.stdout.fileno() if for_write else sys.stdin.fileno()
-    return path
+    """A path, or for ``-`` stdout/stdin's fd -- never a terminal's: a stream
+    is binary, and nobody types one (refused as gzip refuses)."""
+    if path != "-":
+        return path
+    std = sys.stdout if for_write else sys.stdin
+    if std.isatty():
+        raise UsageError(
+            "refusing to write a binary stream to a terminal: name a file or redirect stdout"
+            if for_write
+            else "refusing to read a stream from a terminal: name a file or redirect stdin"
+        )
+    return std.fileno()
+
+
+def _result_json(res: RunResult, **what: object) -> str:
+    """``--json``: what was done, the run's statistics, and its elapsed time."""
+    import dataclasses
+    import json
+
+    doc: dict[str, object] = {**what, "elapsed_s": round(res.elapsed, 6)}
+    for name in ("stats", "restore_stats"):
+        rec = getattr(res, name)
+        if rec is not None:
+            doc[name] = dataclasses.asdict(rec)
+    if res.store_gfn is not None:
+        doc["store_gfn"] = res.store_gfn
+        doc["console_gfn"] = res.console_gfn
+    return json.dumps(doc, sort_keys=True)
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    """The command's result: on stdout, or on stderr when stdout carries the
+    stream (``save ... -``) or JSON events (``--progress json``, one object a
+    line) that a line of text would break."""
+    from .progress import write_result
+
+    stream_out = getattr(args, "out", None) == "-"
+    events_out = args.progress == "json" and not args.json
+    write_result(sys.stderr if stream_out or events_out else sys.stdout, line)
 
 
 def _describe(res: RunResult) -> str:
@@ -184,7 +220,12 @@ def do_save(args: argparse.Namespace) -> int:
                 copy_threads=args.copy_threads,
             )
         )
-    log.info("save: %s", _describe(res))
+    where = "<stdout>" if args.out == "-" else args.out
+    dom = args.sim if args.sim is not None else f"domain {args.domid}"
+    if args.json:
+        _say(args, _result_json(res, op="save", domain=dom, out=where, format=args.format))
+    else:
+        _say(args, f"saved {dom} to {where}: {_describe(res)}")
     return 0
 
 
@@ -221,8 +262,16 @@ def do_restore(args: argparse.Namespace) -> int:
                 on_event=rend,
             )
         )
-    sys.stdout.write(f"store_gfn={res.store_gfn:#x} console_gfn={res.console_gfn:#x}\n")
-    log.info("restore: %s", _describe(res))
+    where = "<stdin>" if args.input == "-" else args.input
+    dom = args.sim if args.sim is not None else f"domain {args.domid}"
+    if args.json:
+        _say(args, _result_json(res, op="restore", domain=dom, input=where))
+    else:
+        _say(
+            args,
+            f"restored {dom} from {where}: {_describe(res)}; "
+            f"store_gfn={res.store_gfn:#x} console_gfn={res.console_gfn:#x}",
+        )
     return 0
 
 
@@ -262,6 +311,9 @@ def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
     p.add_argument("--stream-type", choices=STREAM_TYPES, default="plain")
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
     add_progress_flag(p, off_tty="none")
+    p.add_argument(
+        "--json", action="store_true", help="print the result and statistics as one JSON object"
+    )
     add_logging_flags(p)
 
 
