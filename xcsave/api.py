@@ -169,9 +169,10 @@ def restore_format(fd: int, fmt: str, *, legacy: bool, name: str) -> str:
     the verifier's own detection).  Only a regular file is looked at (a
     ``pread`` that moves nothing); a pipe or socket cannot be peeked at
     without taking its bytes, so ``auto`` reads it as ``libxc``, save's
-    default.  A file whose bytes contradict ``fmt``, or that has no magic
-    at all (a pre-4.6 image) while ``legacy`` is not set, is refused in one
-    line that says which flags to use (``StreamError``)."""
+    default.  Refused in one line that says which flags to use
+    (``StreamError``): a file that is another known format than ``fmt``
+    says; for ``auto``, a file with no magic (a pre-4.6 image?) or too
+    short for one.  Anything else is the helper's to judge."""
     if legacy:
         return "libxc"  # the legacy reader's input; the format flag does not apply
     from . import _ext  # here: the API imports light until a helper runs
@@ -180,6 +181,13 @@ def restore_format(fd: int, fmt: str, *, legacy: bool, name: str) -> str:
         return "libxc" if fmt == "auto" else fmt
     head = os.pread(fd, 8, os.lseek(fd, 0, os.SEEK_CUR))
     found = _ext.sniff_format(head)
+    if found in FORMATS and fmt not in ("auto", found):
+        raise StreamError(
+            f"{name}: {'an' if found == 'xl' else 'a'} {found} stream, not {fmt}: "
+            f"restore it with --format {found} (or --format auto)"
+        )
+    if fmt != "auto":
+        return fmt
     if found == "legacy":
         raise StreamError(
             f"{name}: not an xl, libxl or libxc stream; if it is a pre-4.6 (legacy) image, "
@@ -187,12 +195,6 @@ def restore_format(fd: int, fmt: str, *, legacy: bool, name: str) -> str:
         )
     if found is None:
         raise StreamError(f"{name}: {len(head)} bytes: too short for a stream")
-    if fmt not in ("auto", found):
-        raise StreamError(
-            f"{name}: {'an' if found == 'xl' else 'a'} {found} stream, not {fmt}: "
-            f"restore it with --format {found} "
-            "(or --format auto)"
-        )
     return found
 
 
@@ -548,7 +550,7 @@ async def restore(
     domid: int | None = None,
     sim: str | os.PathLike[str] | SimTarget | None = None,
     force: bool = False,
-    fmt: str = "auto",
+    fmt: str = "libxc",
     dialect: Dialect = "xcsave-1",
     helper: str | os.PathLike[str] | None = None,
     callbacks: Callbacks | None = None,
@@ -571,6 +573,10 @@ async def restore(
 
     A restore reads exactly its stream and nothing after it, so a caller may
     go on reading the same fd (as libxl does with its own records).
+
+    ``fmt``: ``libxc``, ``libxl`` or ``xl``, or ``auto`` to take what a
+    regular file's first bytes announce (:func:`restore_format`; the CLI's
+    default).  A file that announces another format is refused first.
 
     A simulated domain is built beside its final name and renamed into place
     only once the run succeeded (see :class:`SimTarget`): whatever fails or
