@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, formats, policy
+from ._argparse import Parser
 from ._log import logger
 from .cli_run import (
     LOG_LEVELS,
@@ -25,7 +26,7 @@ from .cli_run import (
     restore_signals,
     run_async,
 )
-from .defaults import CHANNELS, IDLE_TIMEOUT
+from .defaults import CHANNELS, DOM_HELP, IDLE_TIMEOUT
 from .errors import UsageError, XcsaveError, oserror_text
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ def _event_stream(args: argparse.Namespace) -> Any:
 
 def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
     dom = p.add_mutually_exclusive_group(required=True)
-    dom.add_argument("--sim", metavar="DOM", help="a simulated domain (file path)")
+    dom.add_argument("--sim", metavar="DOM", help=DOM_HELP)
     dom.add_argument("--domid", type=int, metavar="N", help="a Xen domain id")
     if reading:
         p.add_argument(
@@ -308,7 +309,12 @@ def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
         default="xcsave-1",
         help="helper protocol (xen-4.17 drives Xen's stock libxl-save-helper)",
     )
-    p.add_argument("--stream-type", choices=STREAM_TYPES, default="plain")
+    p.add_argument(
+        "--stream-type",
+        choices=STREAM_TYPES,
+        default="plain",
+        help="plain: one image; remus/colo: checkpointed (a stream of checkpoints)",
+    )
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
     add_progress_flag(p, off_tty="none")
     p.add_argument(
@@ -358,7 +364,7 @@ def add_save_restore(sub: Any) -> None:
         "--policy",
         type=parse_policy,
         metavar="POLICY",
-        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort",
+        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort (default: xen)",
     )
     p.add_argument("--suspend-cmd", metavar="CMD", help="command that suspends the guest")
     p.add_argument(
@@ -393,8 +399,13 @@ def add_save_restore(sub: Any) -> None:
         action="store_true",
         help="replace an existing --sim DOM (kept as it was unless the restore succeeds)",
     )
-    for name in ("store-evtchn", "store-domid", "console-evtchn", "console-domid"):
-        p.add_argument(f"--{name}", type=int, default=0)
+    for name, what in (
+        ("store-evtchn", "xenstore's event channel in the new domain"),
+        ("store-domid", "the domain that runs xenstore"),
+        ("console-evtchn", "the console's event channel in the new domain"),
+        ("console-domid", "the domain that runs the console backend"),
+    ):
+        p.add_argument(f"--{name}", type=int, default=0, help=f"Xen: {what}")
     p.set_defaults(func=do_restore)
 
 
@@ -402,7 +413,7 @@ def add_save_restore(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="xcsave",
         description="Save, restore and live-migrate Xen domains through a native helper.",
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
+from .defaults import DOM_HELP
 from .files import scratch_dir
 
 # The extension, asyncio and the API load when a command runs, not at parse time.
@@ -23,9 +24,9 @@ def add_parsers(sub: Any) -> None:
     ss = p.add_subparsers(dest="sim_command", metavar="SIMCOMMAND", required=True)
 
     c = ss.add_parser("create", help="make a simulated domain")
-    c.add_argument("dom", metavar="DOM", help="path, or a name in $XCSAVE_SIM_DIR")
+    c.add_argument("dom", metavar="DOM", help=DOM_HELP)
     c.add_argument("--memory", type=parse_size, required=True, help="e.g. 256M")
-    c.add_argument("--vcpus", type=int, default=1)
+    c.add_argument("--vcpus", type=int, default=1, help="virtual CPUs")
     c.add_argument("--seed", type=int, default=0, help="contents are a function of the seed")
     c.add_argument(
         "--force", action="store_true", help="replace a domain of that name (else EEXIST)"
@@ -33,24 +34,28 @@ def add_parsers(sub: Any) -> None:
     c.set_defaults(func=_create)
 
     d = ss.add_parser("digest", help="one hash of memory + vCPU state")
-    d.add_argument("dom", metavar="DOM")
+    d.add_argument("dom", metavar="DOM", help=DOM_HELP)
     d.set_defaults(func=_digest)
 
     i = ss.add_parser("info", help="size, state, dirty count")
-    i.add_argument("dom", metavar="DOM")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("dom", metavar="DOM", help=DOM_HELP)
+    i.add_argument("--json", action="store_true", help="one JSON object")
     i.set_defaults(func=_info)
 
     w = ss.add_parser("dirty", help="a workload that writes pages through the dirty log")
-    w.add_argument("dom", metavar="DOM")
-    w.add_argument("--rate", type=int, required=True, metavar="PAGES_PER_S")
-    w.add_argument("--duration", type=float, required=True, metavar="SECONDS")
-    w.add_argument("--seed", type=int, default=1)
+    w.add_argument("dom", metavar="DOM", help=DOM_HELP)
+    w.add_argument(
+        "--rate", type=int, required=True, metavar="PAGES_PER_S", help="pages written per second"
+    )
+    w.add_argument(
+        "--duration", type=float, required=True, metavar="SECONDS", help="how long to write"
+    )
+    w.add_argument("--seed", type=int, default=1, help="which pages, and what is written")
     w.set_defaults(func=_dirty)
 
     for name, state in (("pause", "paused"), ("resume", "running"), ("suspend", "suspended")):
         s = ss.add_parser(name, help=f"set the domain {state}")
-        s.add_argument("dom", metavar="DOM")
+        s.add_argument("dom", metavar="DOM", help=DOM_HELP)
         s.set_defaults(func=_state, state=state)
 
     g = ss.add_parser(
@@ -65,16 +70,21 @@ def add_parsers(sub: Any) -> None:
     g.set_defaults(func=_legacy_image)
 
     r = ss.add_parser("remove", help="delete a simulated domain")
-    r.add_argument("dom", metavar="DOM")
+    r.add_argument("dom", metavar="DOM", help=DOM_HELP)
     r.set_defaults(func=_remove)
 
     demo = sub.add_parser(
         "demo",
         help="live-migrate a simulated domain under load through two helpers and check it",
     )
-    demo.add_argument("--memory", type=parse_size, default=parse_size("256M"))
+    demo.add_argument(
+        "--memory",
+        type=parse_size,
+        default=parse_size("256M"),
+        help="the domain's memory (default 256M)",
+    )
     demo.add_argument("--rate", type=int, default=20000, help="pages/s the workload dirties")
-    demo.add_argument("--format", choices=FORMATS, default="libxl")
+    demo.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
     demo.add_argument(
         "--policy", type=parse_policy, default=None, help="precopy policy (default: xen)"
     )

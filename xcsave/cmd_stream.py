@@ -109,7 +109,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         required=True,
         help="the saving toolstack's word size",
     )
-    p.add_argument("--guest", choices=("pv", "hvm"), required=True)
+    p.add_argument("--guest", choices=("pv", "hvm"), required=True, help="the guest's type")
     p.add_argument(
         "--format",
         dest="fmt",
@@ -458,9 +458,10 @@ def _fast_args(argv: Sequence[str]) -> argparse.Namespace | None:
 
 def _lean_args(argv: Sequence[str]) -> argparse.Namespace | None:
     """argv parsed by this module's parsers alone; None when it is wrong."""
-    import argparse
 
-    class Lean(argparse.ArgumentParser):
+    from ._argparse import Parser
+
+    class Lean(Parser):
         def error(self, message: str) -> NoReturn:
             raise UsageError(message)
 

@@ -41,6 +41,11 @@ SHM_DIR: Final = "/dev/shm"
 #: Where a bare domain name lives unless ``$XCSAVE_SIM_DIR`` says otherwise.
 SIM_DIR: Final = f"{SHM_DIR}/xcsave"
 
+#: The help line of every DOM argument and --sim option.
+DOM_HELP: Final = (
+    f"a simulated domain: a path, or a bare name kept in $XCSAVE_SIM_DIR (default {SIM_DIR})"
+)
+
 #: How a local migration (:func:`xcsave.local.migrate_local`) carries the stream.
 CHANNELS: Final = ("pipe", "socket")
 

@@ -130,8 +130,21 @@ def set_logdirty(dom: str | os.PathLike[str], enable: bool) -> None:
 
 
 def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0) -> int:
-    """Write ``rate`` pages/s for ``duration`` s through the dirty log; returns pages written."""
-    return int(_ext.sim_dirty(str(resolve(dom)), rate, duration, seed))
+    """Write ``rate`` pages/s for ``duration`` s through the dirty log; returns pages written.
+
+    A guest writes only while it runs: a domain suspended when the workload
+    starts is refused (EAGAIN) rather than written 0 pages for the whole
+    duration; one suspended on the way (a migration's last round) stops it
+    writing, as a real guest would."""
+    path = resolve(dom)
+    if state(path) == "suspended":
+        raise OSError(
+            errno.EAGAIN,
+            f"the domain is suspended: its guest writes nothing until it runs "
+            f"(xcsave sim resume {os.fspath(dom)})",
+            os.fspath(dom),
+        )
+    return int(_ext.sim_dirty(str(path), rate, duration, seed))
 
 
 def remove(dom: str | os.PathLike[str]) -> None:
