@@ -24,7 +24,7 @@ from typing import Final, Literal
 
 from . import files, formats, lock, proto
 from ._log import logger
-from .defaults import PAGE_SIZE
+from .defaults import MAX_COPY_THREADS, PAGE_SIZE
 from .errors import BackendUnavailable, StreamError
 from .events import Event
 from .policy import Policy
@@ -354,9 +354,6 @@ def _check_dialect(dialect: str, *, sim: object, fmt: str) -> proto.Dialect:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
     return d
-
-
-MAX_COPY_THREADS: Final = 64  # XCS_MAX_COPY_THREADS in csrc/core/xcs_engine.h
 
 
 def _check_copy_threads(copy_threads: int, *, sim: object) -> None:

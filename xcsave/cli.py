@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, formats, policy
-from ._argparse import Parser
+from ._argparse import Parser, integer, seconds, size
 from ._log import logger
 from .cli_run import (
     LOG_LEVELS,
@@ -26,7 +25,7 @@ from .cli_run import (
     restore_signals,
     run_async,
 )
-from .defaults import CHANNELS, DOM_HELP, IDLE_TIMEOUT
+from .defaults import CHANNELS, DOM_HELP, IDLE_TIMEOUT, MAX_COPY_THREADS, MAX_DOMID, U32_MAX
 from .errors import UsageError, XcsaveError, oserror_text
 
 if TYPE_CHECKING:
@@ -54,13 +53,9 @@ def self_argv(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "xcsave", *args]
 
 
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``4096``, ``64MiB`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 256M or 1G")
-    shift = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
-    return int(m.group(1)) << shift
+#: ``256M``, ``1G``, ``4096``, ``64MiB`` -> bytes (any size; bounded ones:
+#: xcsave._argparse.size).
+parse_size = size()
 
 
 def parse_policy(text: str) -> policy.Policy:
@@ -289,7 +284,7 @@ def _event_stream(args: argparse.Namespace) -> Any:
 def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
     dom = p.add_mutually_exclusive_group(required=True)
     dom.add_argument("--sim", metavar="DOM", help=DOM_HELP)
-    dom.add_argument("--domid", type=int, metavar="N", help="a Xen domain id")
+    dom.add_argument("--domid", type=integer(0, MAX_DOMID), metavar="N", help="a Xen domain id")
     if reading:
         p.add_argument(
             "--format",
@@ -315,7 +310,7 @@ def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
         default="plain",
         help="plain: one image; remus/colo: checkpointed (a stream of checkpoints)",
     )
-    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
+    p.add_argument("--timeout", type=seconds(), metavar="S", help="give up after S seconds")
     add_progress_flag(p, off_tty="none")
     p.add_argument(
         "--json", action="store_true", help="print the result and statistics as one JSON object"
@@ -372,11 +367,11 @@ def add_save_restore(sub: Any) -> None:
         metavar="CMD",
         help="command run as CMD DOMID 0|1 for switch_qemu_logdirty",
     )
-    p.add_argument("--checkpoints", type=int, default=0, help="remus: checkpoints to send")
-    p.add_argument("--interval-ms", type=int, default=0, help="remus: checkpoint interval")
+    p.add_argument("--checkpoints", type=integer(0), default=0, help="remus: checkpoints to send")
+    p.add_argument("--interval-ms", type=integer(0), default=0, help="remus: checkpoint interval")
     p.add_argument(
         "--copy-threads",
-        type=int,
+        type=integer(1, MAX_COPY_THREADS),
         default=1,
         metavar="N",
         help="sim save into a regular file: write page data with N threads (default 1)",
@@ -405,7 +400,7 @@ def add_save_restore(sub: Any) -> None:
         ("console-evtchn", "the console's event channel in the new domain"),
         ("console-domid", "the domain that runs the console backend"),
     ):
-        p.add_argument(f"--{name}", type=int, default=0, help=f"Xen: {what}")
+        p.add_argument(f"--{name}", type=integer(0, U32_MAX), default=0, help=f"Xen: {what}")
     p.set_defaults(func=do_restore)
 
 

@@ -602,7 +602,7 @@ def _save_file_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
     """Sim save into a fresh regular file (tmpfs by default): copy_threads=1
     vs copy_threads=N, interleaved, best of --repeat."""
     from . import _ext, sim
-    from .api import MAX_COPY_THREADS
+    from .defaults import MAX_COPY_THREADS
 
     _check_memory(args)
     n = args.copy_threads

@@ -11,10 +11,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ._argparse import integer, seconds, size
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
-from .defaults import DOM_HELP
+from .defaults import DOM_HELP, MAX_SEED, PAGE_SIZE, SIM_MAX_MEMORY, SIM_MAX_VCPUS
 from .files import scratch_dir
+
+#: A simulated domain's memory: whole pages, up to the simulator's limit.
+SIM_MEMORY = size(PAGE_SIZE, SIM_MAX_MEMORY, multiple=PAGE_SIZE)
+#: More pages a second than any memory bus writes: a typo, not a workload.
+MAX_DIRTY_RATE = 1 << 30
 
 # The extension, asyncio and the API load when a command runs, not at parse time.
 
@@ -25,9 +31,11 @@ def add_parsers(sub: Any) -> None:
 
     c = ss.add_parser("create", help="make a simulated domain")
     c.add_argument("dom", metavar="DOM", help=DOM_HELP)
-    c.add_argument("--memory", type=parse_size, required=True, help="e.g. 256M")
-    c.add_argument("--vcpus", type=int, default=1, help="virtual CPUs")
-    c.add_argument("--seed", type=int, default=0, help="contents are a function of the seed")
+    c.add_argument("--memory", type=SIM_MEMORY, required=True, help="e.g. 256M")
+    c.add_argument("--vcpus", type=integer(1, SIM_MAX_VCPUS), default=1, help="virtual CPUs")
+    c.add_argument(
+        "--seed", type=integer(0, MAX_SEED), default=0, help="contents are a function of the seed"
+    )
     c.add_argument(
         "--force", action="store_true", help="replace a domain of that name (else EEXIST)"
     )
@@ -45,12 +53,18 @@ def add_parsers(sub: Any) -> None:
     w = ss.add_parser("dirty", help="a workload that writes pages through the dirty log")
     w.add_argument("dom", metavar="DOM", help=DOM_HELP)
     w.add_argument(
-        "--rate", type=int, required=True, metavar="PAGES_PER_S", help="pages written per second"
+        "--rate",
+        type=integer(1, MAX_DIRTY_RATE),
+        required=True,
+        metavar="PAGES_PER_S",
+        help="pages written per second",
     )
     w.add_argument(
-        "--duration", type=float, required=True, metavar="SECONDS", help="how long to write"
+        "--duration", type=seconds(), required=True, metavar="SECONDS", help="how long to write"
     )
-    w.add_argument("--seed", type=int, default=1, help="which pages, and what is written")
+    w.add_argument(
+        "--seed", type=integer(0, MAX_SEED), default=1, help="which pages, and what is written"
+    )
     w.set_defaults(func=_dirty)
 
     for name, state in (("pause", "paused"), ("resume", "running"), ("suspend", "suspended")):
@@ -79,11 +93,16 @@ def add_parsers(sub: Any) -> None:
     )
     demo.add_argument(
         "--memory",
-        type=parse_size,
+        type=SIM_MEMORY,
         default=parse_size("256M"),
         help="the domain's memory (default 256M)",
     )
-    demo.add_argument("--rate", type=int, default=20000, help="pages/s the workload dirties")
+    demo.add_argument(
+        "--rate",
+        type=integer(0, MAX_DIRTY_RATE),
+        default=20000,
+        help="pages/s the workload dirties (0: none)",
+    )
     demo.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
     demo.add_argument(
         "--policy", type=parse_policy, default=None, help="precopy policy (default: xen)"

@@ -14,9 +14,15 @@ __all__ = [
     "CHANNELS",
     "HANDSHAKE_TIMEOUT",
     "IDLE_TIMEOUT",
+    "MAX_COPY_THREADS",
+    "MAX_DOMID",
+    "MAX_SEED",
     "PAGE_SIZE",
     "SHM_DIR",
     "SIM_DIR",
+    "SIM_MAX_MEMORY",
+    "SIM_MAX_VCPUS",
+    "U32_MAX",
     "XEN_DIRTY_THRESHOLD",
     "XEN_MAX_ITERS",
     "shm_dir",
@@ -24,6 +30,19 @@ __all__ = [
 
 #: Guest page size (bytes).
 PAGE_SIZE: Final = 4096
+
+#: A simulated domain's limits (csrc/core/simdom.h XCS_SIM_MAX_VCPUS and
+#: XCS_SIM_MAX_PAGES; tests/test_cli_numbers.py checks they agree with the
+#: extension's ``SIM_MAX_VCPUS``/``SIM_MAX_PAGES``).
+SIM_MAX_VCPUS: Final = 128
+SIM_MAX_MEMORY: Final = (1 << 24) * PAGE_SIZE  # 64 GiB
+#: Seeds are u64 in the native code.
+MAX_SEED: Final = (1 << 64) - 1
+U32_MAX: Final = (1 << 32) - 1
+#: The last ordinary Xen domain id (DOMID_FIRST_RESERVED - 1).
+MAX_DOMID: Final = 0x7FEF
+#: Copy threads of a sim save (XCS_MAX_COPY_THREADS in csrc/core/xcs_engine.h).
+MAX_COPY_THREADS: Final = 64
 
 #: Xen's default precopy policy (libxc 4.17): stop and copy after this many
 #: rounds, or as soon as fewer than :data:`XEN_DIRTY_THRESHOLD` pages are dirty.
