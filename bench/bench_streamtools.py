@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+from xcsave import corpus
 
-import corpus  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 XEN_BIN = Path("usr/lib/xen-4.17/bin")
 XEN_PY = Path("usr/lib/xen-4.17/lib/python")

@@ -55,6 +55,14 @@ void put(py::dict &d, const char *key, const V &value, const Rest &...rest)
 // Raise OSError (the right subclass for errno) naming what failed.
 [[noreturn]] void raise_errno(int err, const std::string &what);
 
+// Raise OSError(err, text, filename) for a failure the native code
+// described itself ("read: Is a directory (EISDIR)"): text is that reason
+// without its trailing errno name (Python's one-line text adds the name
+// once), or strerror(err) when there is none; filename is the path the
+// caller opened, or None for an fd it was given.
+[[noreturn]] void raise_errno_reason(int err, const std::string &reason,
+                                     const py::object &filename);
+
 // Raise xcsave.errors.<name>(*args, **kwargs); name is a class in
 // xcsave/errors.py (the one place the extension's own errors are made).
 [[noreturn]] void raise_xcsave(const char *name, const py::tuple &args,

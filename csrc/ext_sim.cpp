@@ -414,6 +414,8 @@ void register_sim(py::module_ &m)
 {
     using namespace pybind11::literals;
 
+    m.attr("SIM_MAX_VCPUS") = XCS_SIM_MAX_VCPUS;
+    m.attr("SIM_MAX_PAGES") = XCS_SIM_MAX_PAGES;
     m.def("sim_create", &sim_create, "path"_a, "nr_pages"_a, "vcpus"_a = 1,
           "seed"_a = 0, py::kw_only(), "replace"_a = false,
           "cancelled"_a = py::none(),

@@ -92,6 +92,7 @@ class InputFd {
             return;
         }
         std::string path = py::module_::import("os").attr("fspath")(src).cast<std::string>();
+        name_ = py::str(path);
         {
             py::gil_scoped_release nogil;
             fd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -108,8 +109,11 @@ class InputFd {
     InputFd(const InputFd &) = delete;
     InputFd &operator=(const InputFd &) = delete;
     int fd() const { return fd_; }
+    // The path opened, or None for a borrowed fd (the caller names it).
+    const py::object &name() const { return name_; }
 
   private:
+    py::object name_ = py::none();
     int fd_ = -1;
     bool owned_ = false;
 };
@@ -278,7 +282,7 @@ py::dict scan(const py::object &src, const std::string &fmt, const std::string &
         err = errno;
     }
     if (rc < 0)
-        raise_errno(err, rep->error.reason[0] ? rep->error.reason : "scan");
+        raise_errno_reason(err, rep->error.reason, in.name());
     return report_dict(*rep, rc);
 }
 
@@ -321,7 +325,7 @@ py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string
     case 0:
         break;
     case XCS_LEGACY_EIO:
-        raise_errno(e, st.err_reason[0] ? st.err_reason : err);
+        raise_errno_reason(e, st.err_reason[0] ? st.err_reason : err, py::none());
     case XCS_LEGACY_EARG:
         throw py::value_error(st.err_reason);
     default:

@@ -15,6 +15,24 @@ void raise_errno(int err, const std::string &what)
     throw py::error_already_set();
 }
 
+void raise_errno_reason(int err, const std::string &reason, const py::object &filename)
+{
+    std::string text = reason.empty() ? std::string(std::strerror(err)) : reason;
+    // Drop a trailing " (ENAME)": an upper-case errno name in parentheses.
+    size_t open = text.rfind(" (");
+    if (open != std::string::npos && text.back() == ')' &&
+        text.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", open + 2) ==
+            text.size() - 1)
+        text.resize(open);
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "isO", err, text.c_str(),
+                                          filename.ptr());
+    if (exc) {
+        PyErr_SetObject(reinterpret_cast<PyObject *>(Py_TYPE(exc)), exc);
+        Py_DECREF(exc);
+    }
+    throw py::error_already_set();
+}
+
 void raise_xcsave(const char *name, const py::tuple &args, const py::dict &kwargs)
 {
     py::object cls = py::module_::import("xcsave.errors").attr(name);

@@ -5,7 +5,7 @@
 
 Creates OUTDIR/{scan,legacy,restore,helper}/ with one file per seed, each
 starting with the option byte(s) its harness expects.  Seeds come from
-tests/corpus.py (every named case, valid and broken, plus small variants)
+xcsave/corpus.py (every named case, valid and broken, plus small variants)
 and from simulated domains saved by xcsave's own engine (the only streams
 the restore engine accepts), in every wrapping, plain and Remus.  The
 output is deterministic, so the seeds need not be committed.
@@ -20,9 +20,10 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+# The source tree's xcsave/corpus.py: pure Python, so no build or install is needed.
+sys.path.insert(0, str(HERE.parent))
 
-import corpus  # noqa: E402  (tests/corpus.py, after the path tweak)
+from xcsave import corpus  # noqa: E402 - after the path it comes from
 
 FMT_BITS = {"auto": 0, "xl": 1, "libxl": 2, "libxc": 3, "legacy": 4}
 STREAM_BITS = {"plain": 0, "remus": 1, "colo": 2}

@@ -26,10 +26,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import corpus
 import pytest
 
-from xcsave import _ext, api, cli, formats, streamtools
+from xcsave import _ext, api, cli, corpus, formats, streamtools
 from xcsave.errors import XcsaveError
 from xcsave.supervisor import helper_path
 

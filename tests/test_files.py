@@ -263,7 +263,7 @@ def test_restore_target_and_dm_out_are_private_and_a_planted_dm_symlink_is_repla
     """The restore's target and --dm-out (whose temporary has an unguessable
     name) are 0600 under umask 000; a symlink planted at the --dm-out path is
     replaced by the file, its target untouched."""
-    import corpus
+    from xcsave import corpus
 
     legacy = corpus.Legacy(guest="hvm", last_checkpoint=True, qemu_sig=corpus.SIG_0002)
     src = tmp_path / "legacy.img"
@@ -293,7 +293,7 @@ def test_restore_target_and_dm_out_are_private_and_a_planted_dm_symlink_is_repla
 
 
 def test_convert_output_is_private_under_umask_000(tmp_path: Path) -> None:
-    import corpus
+    from xcsave import corpus
 
     src = tmp_path / "legacy.img"
     src.write_bytes(corpus.Legacy(guest="hvm").build())
@@ -414,9 +414,7 @@ def test_unnamed_falls_back_where_the_filesystem_cannot(
 ) -> None:
     """No O_TMPFILE (EOPNOTSUPP): None, and the converter writes through a
     named private temporary instead, still leaving only OUT."""
-    import corpus
-
-    from xcsave import streamtools
+    from xcsave import corpus, streamtools
 
     real_open = os.open
 
@@ -450,7 +448,7 @@ def _holds_a_file_in(pid: int, directory: Path, but: Path) -> bool:
 def test_convert_killed_mid_write_leaves_out_as_it_was(tmp_path: Path, sig: int) -> None:
     """A signal while convert is writing OUT (its input stalled half way, from
     a FIFO): OUT keeps its old content and no other file is left beside it."""
-    import corpus
+    from xcsave import corpus
 
     image = corpus.Legacy(guest="hvm").build()
     fifo = tmp_path / "in.fifo"

@@ -40,13 +40,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import corpus
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xcsave
-from xcsave import proto, sim
+from xcsave import corpus, proto, sim
 from xcsave.supervisor import helper_path
 
 REPO = Path(__file__).resolve().parent.parent

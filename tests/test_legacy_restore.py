@@ -13,12 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import corpus
 import pytest
 
 import xcsave
 import xcsave.sync
-from xcsave import sim
+from xcsave import corpus, sim
 
 PAGE = 4096
 HDR = 4096  # the sim file's header page; guest pages follow (docs/sim-format.md)

@@ -309,7 +309,7 @@ LEGACY_PAGES = 700  # several batches: write_big_legacy(..., batch=256)
 
 @pytest.fixture(scope="module")
 def legacy_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import corpus
+    from xcsave import corpus
 
     path = tmp_path_factory.mktemp("legacy") / "hvm.legacy"
     corpus.write_big_legacy(path, LEGACY_PAGES * PAGE, batch=256)

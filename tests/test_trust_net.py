@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import corpus
 import pytest
 import test_hostile as hostile
 import test_migrate
@@ -44,7 +43,7 @@ from conftest import LogRecords, helper_pids
 from test_migrate import partials, workload, xcsave_argv
 
 import xcsave.sync
-from xcsave import migrate, sim
+from xcsave import corpus, migrate, sim
 
 MiB = 1 << 20
 

@@ -18,14 +18,21 @@ LEAN_COMMANDS = frozenset(("inspect", "verify", "convert"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in LEAN_COMMANDS:
-        from .cmd_stream import main as stream_main
+    try:
+        args = sys.argv[1:] if argv is None else list(argv)
+        if args and args[0] in LEAN_COMMANDS:
+            from .cmd_stream import main as stream_main
 
-        return stream_main(args)
-    from .cli import main as cli_main
+            return stream_main(args)
+        from .cli import main as cli_main
 
-    return cli_main(argv)
+        return cli_main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while the command starts (its imports, its parsers), before
+        # it has anything to clean up: the line every interrupted command
+        # prints, not a traceback.
+        sys.stderr.write("xcsave: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

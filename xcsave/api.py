@@ -16,6 +16,7 @@ import contextlib
 import errno as errno_mod
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Final, Literal
 
 from . import files, formats, lock, proto
 from ._log import logger
-from .defaults import PAGE_SIZE
-from .errors import BackendUnavailable
+from .defaults import MAX_COPY_THREADS, PAGE_SIZE
+from .errors import BackendUnavailable, StreamError
 from .events import Event
 from .policy import Policy
 from .supervisor import (
@@ -85,13 +86,11 @@ class _Out:
         assert self.tmp is not None
         if self.committed:
             return
-        try:
+        with files.named_as(self.final):
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
             os.replace(self.tmp, self.final)
-        except OSError as e:  # named as the caller named it
-            raise type(e)(e.errno, e.strerror, os.fspath(self.final)) from None
         self.committed = True
         try:
             files.fsync_dir(self.final.parent)
@@ -121,10 +120,8 @@ async def _open_out(out: StreamArg, undo: Callable[[], None] | None = None) -> A
     final = Path(out)
     _sweep_dead(final, "xcsave-tmp", "a save")  # a SIGKILLed save's temporary
     tmp = final.with_name(f".{final.name}.xcsave-tmp.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
+    with files.named_as(out):  # the temporary is ours: name the caller's path
         fd = files.create_private(tmp, os.O_WRONLY)
-    except OSError as e:  # named as the caller named it: the temporary is ours
-        raise type(e)(e.errno, e.strerror, os.fspath(out)) from None
     o = _Out(fd, final, tmp)
     try:
         yield o
@@ -158,6 +155,47 @@ async def _open_in(src: StreamArg) -> AsyncIterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _stream_name(src: StreamArg) -> str:
+    if isinstance(src, int):
+        return "<stdin>" if src == 0 else f"fd {src}"
+    return os.fspath(src)
+
+
+def restore_format(fd: int, fmt: str, *, legacy: bool, name: str) -> str:
+    """The format a restore reads from ``fd``: ``fmt``, or for ``auto`` the
+    one the stream's first 8 bytes announce (``xcsave._ext.sniff_format``,
+    the verifier's own detection).  Only a regular file is looked at (a
+    ``pread`` that moves nothing); a pipe or socket cannot be peeked at
+    without taking its bytes, so ``auto`` reads it as ``libxc``, save's
+    default.  Refused in one line that says which flags to use
+    (``StreamError``): a file that is another known format than ``fmt``
+    says; for ``auto``, a file with no magic (a pre-4.6 image?) or too
+    short for one.  Anything else is the helper's to judge."""
+    if legacy:
+        return "libxc"  # the legacy reader's input; the format flag does not apply
+    from . import _ext  # here: the API imports light until a helper runs
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return "libxc" if fmt == "auto" else fmt
+    head = os.pread(fd, 8, os.lseek(fd, 0, os.SEEK_CUR))
+    found = _ext.sniff_format(head)
+    if found in FORMATS and fmt not in ("auto", found):
+        raise StreamError(
+            f"{name}: {'an' if found == 'xl' else 'a'} {found} stream, not {fmt}: "
+            f"restore it with --format {found} (or --format auto)"
+        )
+    if fmt != "auto":
+        return fmt
+    if found == "legacy":
+        raise StreamError(
+            f"{name}: not an xl, libxl or libxc stream; if it is a pre-4.6 (legacy) image, "
+            "restore it with --legacy --width 32|64 --guest pv|hvm"
+        )
+    if found is None:
+        raise StreamError(f"{name}: {len(head)} bytes: too short for a stream")
+    return found
 
 
 def _sim_arg(sim: str | os.PathLike[str] | None) -> str | None:
@@ -316,9 +354,6 @@ def _check_dialect(dialect: str, *, sim: object, fmt: str) -> proto.Dialect:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
     return d
-
-
-MAX_COPY_THREADS: Final = 64  # XCS_MAX_COPY_THREADS in csrc/core/xcs_engine.h
 
 
 def _check_copy_threads(copy_threads: int, *, sim: object) -> None:
@@ -541,6 +576,10 @@ async def restore(
     A restore reads exactly its stream and nothing after it, so a caller may
     go on reading the same fd (as libxl does with its own records).
 
+    ``fmt``: ``libxc``, ``libxl`` or ``xl``, or ``auto`` to take what a
+    regular file's first bytes announce (:func:`restore_format`; the CLI's
+    default).  A file that announces another format is refused first.
+
     A simulated domain is built beside its final name and renamed into place
     only once the run succeeded (see :class:`SimTarget`): whatever fails or
     interrupts the restore, at any instant, nothing is left but what was
@@ -561,7 +600,7 @@ async def restore(
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
-    d = _check_dialect(dialect, sim=sim, fmt=fmt)
+    d = _check_dialect(dialect, sim=sim, fmt="libxc" if fmt == "auto" else fmt)
     if stream_type not in STREAM_TYPES:
         raise ValueError(f"unknown stream type {stream_type!r}")
     if legacy_width is not None and sim is None:
@@ -582,6 +621,13 @@ async def restore(
             built = SimTarget.begin(final, force=force)  # again, with the lock held
         try:
             async with _open_in(src) as fd:
+                fmt = restore_format(
+                    fd,
+                    fmt,
+                    legacy=legacy_width is not None,
+                    name=_stream_name(src),
+                )
+                _check_dialect(dialect, sim=sim, fmt=fmt)
                 io_fd, owned = high_fd(fd)
                 try:
                     if d is proto.XEN_417:

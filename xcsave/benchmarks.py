@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .defaults import shm_dir
 
@@ -109,13 +109,23 @@ def xcsave_command(*args: str) -> tuple[list[str], str]:
     return self_argv(*args), "python -P -m xcsave"
 
 
+#: How to get Xen's tools when find_xen_utils finds none (one line).
+XEN_UTILS_HINT: Final = (
+    "Xen's tools not found: run tools/fetch-xen-utils.sh in a checkout of xcsave (it "
+    "unpacks Debian's xen-utils-4.17 into .cache/xen-utils/root, installing nothing), "
+    "then run from that checkout or pass --xen-utils ROOT (or set XCSAVE_XEN_UTILS)"
+)
+
+
 def find_xen_utils(given: str | None = None) -> Path | None:
-    """Root of an unpacked xen-utils-4.17 (tools/fetch-xen-utils.sh), or None."""
+    """Root of an unpacked xen-utils-4.17 (tools/fetch-xen-utils.sh), or None:
+    ``given``, ``$XCSAVE_XEN_UTILS``, then where tools/test puts it in the
+    checkout this xcsave runs from or in the current directory."""
     candidates = [
         given,
         os.environ.get("XCSAVE_XEN_UTILS"),
         str(REPO / ".cache" / "xen-utils" / "root"),
-        "/tmp/xu/root",
+        str(Path.cwd() / ".cache" / "xen-utils" / "root"),
     ]
     for c in candidates:
         if c and (Path(c) / XEN_BIN / "verify-stream-v2").is_file():

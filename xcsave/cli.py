@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, formats, policy
+from ._argparse import Parser, integer, seconds, size
 from ._log import logger
 from .cli_run import (
     LOG_LEVELS,
@@ -25,7 +25,7 @@ from .cli_run import (
     restore_signals,
     run_async,
 )
-from .defaults import CHANNELS, IDLE_TIMEOUT
+from .defaults import CHANNELS, DOM_HELP, IDLE_TIMEOUT, MAX_COPY_THREADS, MAX_DOMID, U32_MAX
 from .errors import UsageError, XcsaveError, oserror_text
 
 if TYPE_CHECKING:
@@ -53,13 +53,9 @@ def self_argv(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "xcsave", *args]
 
 
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``4096``, ``64MiB`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: expected e.g. 256M or 1G")
-    shift = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
-    return int(m.group(1)) << shift
+#: ``256M``, ``1G``, ``4096``, ``64MiB`` -> bytes (any size; bounded ones:
+#: xcsave._argparse.size).
+parse_size = size()
 
 
 def parse_policy(text: str) -> policy.Policy:
@@ -127,9 +123,45 @@ def cmd_callbacks(args: argparse.Namespace) -> Callbacks:
 
 
 def _stream_target(path: str, for_write: bool) -> int | str:
-    if path == "-":
-        return sys.stdout.fileno() if for_write else sys.stdin.fileno()
-    return path
+    """A path, or for ``-`` stdout/stdin's fd -- never a terminal's: a stream
+    is binary, and nobody types one (refused as gzip refuses)."""
+    if path != "-":
+        return path
+    std = sys.stdout if for_write else sys.stdin
+    if std.isatty():
+        raise UsageError(
+            "refusing to write a binary stream to a terminal: name a file or redirect stdout"
+            if for_write
+            else "refusing to read a stream from a terminal: name a file or redirect stdin"
+        )
+    return std.fileno()
+
+
+def _result_json(res: RunResult, **what: object) -> str:
+    """``--json``: what was done, the run's statistics, and its elapsed time."""
+    import dataclasses
+    import json
+
+    doc: dict[str, object] = {**what, "elapsed_s": round(res.elapsed, 6)}
+    for name in ("stats", "restore_stats"):
+        rec = getattr(res, name)
+        if rec is not None:
+            doc[name] = dataclasses.asdict(rec)
+    if res.store_gfn is not None:
+        doc["store_gfn"] = res.store_gfn
+        doc["console_gfn"] = res.console_gfn
+    return json.dumps(doc, sort_keys=True)
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    """The command's result: on stdout, or on stderr when stdout carries the
+    stream (``save ... -``) or JSON events (``--progress json``, one object a
+    line) that a line of text would break."""
+    from .progress import write_result
+
+    stream_out = getattr(args, "out", None) == "-"
+    events_out = args.progress == "json" and not args.json
+    write_result(sys.stderr if stream_out or events_out else sys.stdout, line)
 
 
 def _describe(res: RunResult) -> str:
@@ -184,7 +216,12 @@ def do_save(args: argparse.Namespace) -> int:
                 copy_threads=args.copy_threads,
             )
         )
-    log.info("save: %s", _describe(res))
+    where = "<stdout>" if args.out == "-" else args.out
+    dom = args.sim if args.sim is not None else f"domain {args.domid}"
+    if args.json:
+        _say(args, _result_json(res, op="save", domain=dom, out=where, format=args.format))
+    else:
+        _say(args, f"saved {dom} to {where}: {_describe(res)}")
     return 0
 
 
@@ -221,8 +258,16 @@ def do_restore(args: argparse.Namespace) -> int:
                 on_event=rend,
             )
         )
-    sys.stdout.write(f"store_gfn={res.store_gfn:#x} console_gfn={res.console_gfn:#x}\n")
-    log.info("restore: %s", _describe(res))
+    where = "<stdin>" if args.input == "-" else args.input
+    dom = args.sim if args.sim is not None else f"domain {args.domid}"
+    if args.json:
+        _say(args, _result_json(res, op="restore", domain=dom, input=where))
+    else:
+        _say(
+            args,
+            f"restored {dom} from {where}: {_describe(res)}; "
+            f"store_gfn={res.store_gfn:#x} console_gfn={res.console_gfn:#x}",
+        )
     return 0
 
 
@@ -236,11 +281,22 @@ def _event_stream(args: argparse.Namespace) -> Any:
     return sys.stderr
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
     dom = p.add_mutually_exclusive_group(required=True)
-    dom.add_argument("--sim", metavar="DOM", help="a simulated domain (file path)")
-    dom.add_argument("--domid", type=int, metavar="N", help="a Xen domain id")
-    p.add_argument("--format", choices=FORMATS, default="libxc", help="stream framing")
+    dom.add_argument("--sim", metavar="DOM", help=DOM_HELP)
+    dom.add_argument("--domid", type=integer(0, MAX_DOMID), metavar="N", help="a Xen domain id")
+    if reading:
+        p.add_argument(
+            "--format",
+            choices=("auto", *FORMATS),
+            default="auto",
+            help="stream framing (default auto: what a file's first bytes say; "
+            "a pipe or socket is read as libxc)",
+        )
+    else:
+        p.add_argument(
+            "--format", choices=FORMATS, default="libxc", help="stream framing (default libxc)"
+        )
     p.add_argument("--helper", metavar="PATH", help="helper executable (default: bundled)")
     p.add_argument(
         "--dialect",
@@ -248,9 +304,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="xcsave-1",
         help="helper protocol (xen-4.17 drives Xen's stock libxl-save-helper)",
     )
-    p.add_argument("--stream-type", choices=STREAM_TYPES, default="plain")
-    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
+    p.add_argument(
+        "--stream-type",
+        choices=STREAM_TYPES,
+        default="plain",
+        help="plain: one image; remus/colo: checkpointed (a stream of checkpoints)",
+    )
+    p.add_argument("--timeout", type=seconds(), metavar="S", help="give up after S seconds")
     add_progress_flag(p, off_tty="none")
+    p.add_argument(
+        "--json", action="store_true", help="print the result and statistics as one JSON object"
+    )
     add_logging_flags(p)
 
 
@@ -295,7 +359,7 @@ def add_save_restore(sub: Any) -> None:
         "--policy",
         type=parse_policy,
         metavar="POLICY",
-        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort",
+        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort (default: xen)",
     )
     p.add_argument("--suspend-cmd", metavar="CMD", help="command that suspends the guest")
     p.add_argument(
@@ -303,11 +367,11 @@ def add_save_restore(sub: Any) -> None:
         metavar="CMD",
         help="command run as CMD DOMID 0|1 for switch_qemu_logdirty",
     )
-    p.add_argument("--checkpoints", type=int, default=0, help="remus: checkpoints to send")
-    p.add_argument("--interval-ms", type=int, default=0, help="remus: checkpoint interval")
+    p.add_argument("--checkpoints", type=integer(0), default=0, help="remus: checkpoints to send")
+    p.add_argument("--interval-ms", type=integer(0), default=0, help="remus: checkpoint interval")
     p.add_argument(
         "--copy-threads",
-        type=int,
+        type=integer(1, MAX_COPY_THREADS),
         default=1,
         metavar="N",
         help="sim save into a regular file: write page data with N threads (default 1)",
@@ -316,7 +380,7 @@ def add_save_restore(sub: Any) -> None:
 
     p = sub.add_parser("restore", help="restore a domain from a stream")
     p.add_argument("input", metavar="IN", help="input stream (file, or - for stdin)")
-    _add_common(p)
+    _add_common(p, reading=True)
     p.add_argument("--legacy", action="store_true", help="the input is a pre-4.6 legacy stream")
     p.add_argument("--width", type=int, choices=(32, 64), help="legacy: toolstack word size")
     p.add_argument("--guest", choices=("pv", "hvm"), help="legacy: guest type")
@@ -330,8 +394,13 @@ def add_save_restore(sub: Any) -> None:
         action="store_true",
         help="replace an existing --sim DOM (kept as it was unless the restore succeeds)",
     )
-    for name in ("store-evtchn", "store-domid", "console-evtchn", "console-domid"):
-        p.add_argument(f"--{name}", type=int, default=0)
+    for name, what in (
+        ("store-evtchn", "xenstore's event channel in the new domain"),
+        ("store-domid", "the domain that runs xenstore"),
+        ("console-evtchn", "the console's event channel in the new domain"),
+        ("console-domid", "the domain that runs the console backend"),
+    ):
+        p.add_argument(f"--{name}", type=integer(0, U32_MAX), default=0, help=f"Xen: {what}")
     p.set_defaults(func=do_restore)
 
 
@@ -339,7 +408,7 @@ def add_save_restore(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="xcsave",
         description="Save, restore and live-migrate Xen domains through a native helper.",
     )

@@ -59,7 +59,7 @@ def add_logging_flags(p: argparse.ArgumentParser) -> None:
         "--log-level",
         choices=LOG_LEVELS,
         default=argparse.SUPPRESS,
-        help="logging level",
+        help="logging level (default: quiet; failures are one line)",
     )
 
 

@@ -625,7 +625,7 @@ def _save_file_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
     """Sim save into a fresh regular file (tmpfs by default): copy_threads=1
     vs copy_threads=N, interleaved, best of --repeat."""
     from . import _ext, sim
-    from .api import MAX_COPY_THREADS
+    from .defaults import MAX_COPY_THREADS
 
     _check_memory(args)
     n = args.copy_threads
@@ -1006,7 +1006,12 @@ def _xen_args(p: argparse.ArgumentParser) -> None:
     # 1 GiB by default: the issue's figure, and a run still takes well under
     # a minute on 2 cores (about 10 s for verify, 30 s for convert).
     _sized_args("1G")(p)
-    p.add_argument("--xen-utils", metavar="ROOT", help="an unpacked xen-utils-4.17")
+    p.add_argument(
+        "--xen-utils",
+        metavar="ROOT",
+        help="an unpacked xen-utils-4.17: the folder holding usr/lib/xen-4.17 "
+        "(tools/fetch-xen-utils.sh makes .cache/xen-utils/root)",
+    )
 
 
 def _skipped(bench: str, why: str) -> Report:
@@ -1024,7 +1029,7 @@ def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     _check_memory(args)
     root = benchmarks.find_xen_utils(args.xen_utils)
     if root is None:
-        return _skipped("verify", "Xen's tools not found (tools/fetch-xen-utils.sh; --xen-utils)")
+        return _skipped("verify", benchmarks.XEN_UTILS_HINT)
     with _workdir(args) as d:
         env = benchmarks.python_env(d)
         xen_env = benchmarks.python_env(d, PYTHONPATH=str(root / benchmarks.XEN_PY))
@@ -1103,17 +1108,9 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     _check_memory(args)
     root = benchmarks.find_xen_utils(args.xen_utils)
     if root is None:
-        return _skipped("convert", "Xen's tools not found (tools/fetch-xen-utils.sh; --xen-utils)")
-    tests_dir = benchmarks.REPO / "tests"
-    if not (tests_dir / "corpus.py").is_file():
-        return _skipped(
-            "convert", "needs the repository's tests/corpus.py to build a legacy image"
-        )
-    sys.path.insert(0, str(tests_dir))
-    try:
-        import corpus  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(tests_dir))
+        return _skipped("convert", benchmarks.XEN_UTILS_HINT)
+    from . import corpus
+
     with _workdir(args) as d:
         env = benchmarks.python_env(d)
         xen_env = benchmarks.python_env(d, PYTHONPATH=str(root / benchmarks.XEN_PY))

@@ -11,9 +11,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ._argparse import integer, seconds, size
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
+from .defaults import DOM_HELP, MAX_SEED, PAGE_SIZE, SIM_MAX_MEMORY, SIM_MAX_VCPUS
 from .files import scratch_dir
+
+#: A simulated domain's memory: whole pages, up to the simulator's limit.
+SIM_MEMORY = size(PAGE_SIZE, SIM_MAX_MEMORY, multiple=PAGE_SIZE)
+#: More pages a second than any memory bus writes: a typo, not a workload.
+MAX_DIRTY_RATE = 1 << 30
 
 # The extension, asyncio and the API load when a command runs, not at parse time.
 
@@ -23,47 +30,80 @@ def add_parsers(sub: Any) -> None:
     ss = p.add_subparsers(dest="sim_command", metavar="SIMCOMMAND", required=True)
 
     c = ss.add_parser("create", help="make a simulated domain")
-    c.add_argument("dom", metavar="DOM", help="path, or a name in $XCSAVE_SIM_DIR")
-    c.add_argument("--memory", type=parse_size, required=True, help="e.g. 256M")
-    c.add_argument("--vcpus", type=int, default=1)
-    c.add_argument("--seed", type=int, default=0, help="contents are a function of the seed")
+    c.add_argument("dom", metavar="DOM", help=DOM_HELP)
+    c.add_argument("--memory", type=SIM_MEMORY, required=True, help="e.g. 256M")
+    c.add_argument("--vcpus", type=integer(1, SIM_MAX_VCPUS), default=1, help="virtual CPUs")
+    c.add_argument(
+        "--seed", type=integer(0, MAX_SEED), default=0, help="contents are a function of the seed"
+    )
     c.add_argument(
         "--force", action="store_true", help="replace a domain of that name (else EEXIST)"
     )
     c.set_defaults(func=_create)
 
     d = ss.add_parser("digest", help="one hash of memory + vCPU state")
-    d.add_argument("dom", metavar="DOM")
+    d.add_argument("dom", metavar="DOM", help=DOM_HELP)
     d.set_defaults(func=_digest)
 
     i = ss.add_parser("info", help="size, state, dirty count")
-    i.add_argument("dom", metavar="DOM")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("dom", metavar="DOM", help=DOM_HELP)
+    i.add_argument("--json", action="store_true", help="one JSON object")
     i.set_defaults(func=_info)
 
     w = ss.add_parser("dirty", help="a workload that writes pages through the dirty log")
-    w.add_argument("dom", metavar="DOM")
-    w.add_argument("--rate", type=int, required=True, metavar="PAGES_PER_S")
-    w.add_argument("--duration", type=float, required=True, metavar="SECONDS")
-    w.add_argument("--seed", type=int, default=1)
+    w.add_argument("dom", metavar="DOM", help=DOM_HELP)
+    w.add_argument(
+        "--rate",
+        type=integer(1, MAX_DIRTY_RATE),
+        required=True,
+        metavar="PAGES_PER_S",
+        help="pages written per second",
+    )
+    w.add_argument(
+        "--duration", type=seconds(), required=True, metavar="SECONDS", help="how long to write"
+    )
+    w.add_argument(
+        "--seed", type=integer(0, MAX_SEED), default=1, help="which pages, and what is written"
+    )
     w.set_defaults(func=_dirty)
 
     for name, state in (("pause", "paused"), ("resume", "running"), ("suspend", "suspended")):
         s = ss.add_parser(name, help=f"set the domain {state}")
-        s.add_argument("dom", metavar="DOM")
+        s.add_argument("dom", metavar="DOM", help=DOM_HELP)
         s.set_defaults(func=_state, state=state)
 
+    g = ss.add_parser(
+        "legacy-image",
+        help="write a pre-4.6 (legacy) HVM image to try `xcsave convert` and "
+        "`restore --legacy` on",
+    )
+    g.add_argument("out", metavar="OUT", help="the file to write (0600, whole or not at all)")
+    g.add_argument(
+        "--memory", type=parse_size, default=parse_size("64M"), help="page data (default 64M)"
+    )
+    g.set_defaults(func=_legacy_image)
+
     r = ss.add_parser("remove", help="delete a simulated domain")
-    r.add_argument("dom", metavar="DOM")
+    r.add_argument("dom", metavar="DOM", help=DOM_HELP)
     r.set_defaults(func=_remove)
 
     demo = sub.add_parser(
         "demo",
         help="live-migrate a simulated domain under load through two helpers and check it",
     )
-    demo.add_argument("--memory", type=parse_size, default=parse_size("256M"))
-    demo.add_argument("--rate", type=int, default=20000, help="pages/s the workload dirties")
-    demo.add_argument("--format", choices=FORMATS, default="libxl")
+    demo.add_argument(
+        "--memory",
+        type=SIM_MEMORY,
+        default=parse_size("256M"),
+        help="the domain's memory (default 256M)",
+    )
+    demo.add_argument(
+        "--rate",
+        type=integer(0, MAX_DIRTY_RATE),
+        default=20000,
+        help="pages/s the workload dirties (0: none)",
+    )
+    demo.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
     demo.add_argument(
         "--policy", type=parse_policy, default=None, help="precopy policy (default: xen)"
     )
@@ -151,6 +191,28 @@ def _state(args: argparse.Namespace) -> int:
     from . import sim
 
     sim.set_state(args.dom, args.state)
+    return 0
+
+
+def _legacy_image(args: argparse.Namespace) -> int:
+    """A 64-bit legacy HVM image (xcsave.corpus, written from the format's
+    facts): synthetic pages, but written as every image is, private (0600)
+    and whole or not at all (files.write_atomically, as convert writes)."""
+    import os
+
+    from . import corpus
+    from .files import write_atomically
+
+    def write(fd: int) -> int:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            return corpus.write_big_legacy(f, args.memory)
+
+    pages = write_atomically(args.out, write)
+    sys.stdout.write(
+        f"{args.out}: a legacy 64-bit HVM image of {pages} pages; try "
+        f"`xcsave convert {args.out} OUT --width 64 --guest hvm` or "
+        f"`xcsave restore {args.out} --sim DOM --legacy --width 64 --guest hvm`\n"
+    )
     return 0
 
 

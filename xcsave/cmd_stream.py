@@ -7,6 +7,7 @@ usage or an I/O error, with the errno name.  Never a traceback.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any, NoReturn
 
-EXIT_INVALID = 1
+EXIT_INVALID = 1  # an invalid stream
+EXIT_FAILED = 1  # the operation failed (an OSError: a missing file, a directory, EROFS)
 EXIT_USAGE = 2
 
 
@@ -107,7 +109,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         required=True,
         help="the saving toolstack's word size",
     )
-    p.add_argument("--guest", choices=("pv", "hvm"), required=True)
+    p.add_argument("--guest", choices=("pv", "hvm"), required=True, help="the guest's type")
     p.add_argument(
         "--format",
         dest="fmt",
@@ -149,15 +151,15 @@ def _err(cmd: str, text: str) -> None:
 def _oserror(cmd: str, e: OSError, default_name: str) -> int:
     name = e.filename if e.filename is not None else default_name
     _err(cmd, f"{name}: {oserror_text(e, filename=False) if e.errno else e.strerror or e}")
-    return EXIT_USAGE
+    return EXIT_FAILED
 
 
 def _source(path: str) -> str | int:
     return 0 if path == "-" else path
 
 
-def _label(path: str) -> str:
-    return "<stdin>" if path == "-" else path
+def _label(path: str, std: str = "<stdin>") -> str:
+    return std if path == "-" else path
 
 
 def _scan(args: argparse.Namespace) -> dict[str, Any]:
@@ -305,7 +307,7 @@ def _signals_end_the_command() -> None:
     returned, and a read blocked on a pipe never returns).  So SIGINT keeps
     its default action, like SIGTERM and SIGHUP: the command ends at once, and
     leaves nothing behind (convert's output has no name until it is complete:
-    streamtools._write_atomically)."""
+    files.write_atomically)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
 
@@ -341,6 +343,9 @@ def do_verify(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- convert
 
 
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EPIPE})
+
+
 def do_convert(args: argparse.Namespace) -> int:
     _signals_end_the_command()
     src: str | int = 0 if args.legacy == "-" else args.legacy
@@ -363,6 +368,10 @@ def do_convert(args: argparse.Namespace) -> int:
         _err("convert", f"{_label(args.legacy)}: {e}")
         return EXIT_INVALID
     except OSError as e:
+        # The native converter reads LEGACY and writes OUT through one call;
+        # errors only a write can have are OUT's.
+        if e.errno in _WRITE_ONLY_ERRNOS:
+            return _oserror("convert", e, _label(args.out, "<stdout>"))
         return _oserror("convert", e, _label(args.legacy))
     except ValueError as e:
         _err("convert", str(e))
@@ -449,9 +458,10 @@ def _fast_args(argv: Sequence[str]) -> argparse.Namespace | None:
 
 def _lean_args(argv: Sequence[str]) -> argparse.Namespace | None:
     """argv parsed by this module's parsers alone; None when it is wrong."""
-    import argparse
 
-    class Lean(argparse.ArgumentParser):
+    from ._argparse import Parser
+
+    class Lean(Parser):
         def error(self, message: str) -> NoReturn:
             raise UsageError(message)
 

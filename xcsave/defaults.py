@@ -14,9 +14,15 @@ __all__ = [
     "CHANNELS",
     "HANDSHAKE_TIMEOUT",
     "IDLE_TIMEOUT",
+    "MAX_COPY_THREADS",
+    "MAX_DOMID",
+    "MAX_SEED",
     "PAGE_SIZE",
     "SHM_DIR",
     "SIM_DIR",
+    "SIM_MAX_MEMORY",
+    "SIM_MAX_VCPUS",
+    "U32_MAX",
     "XEN_DIRTY_THRESHOLD",
     "XEN_MAX_ITERS",
     "shm_dir",
@@ -24,6 +30,19 @@ __all__ = [
 
 #: Guest page size (bytes).
 PAGE_SIZE: Final = 4096
+
+#: A simulated domain's limits (csrc/core/simdom.h XCS_SIM_MAX_VCPUS and
+#: XCS_SIM_MAX_PAGES; tests/test_cli_numbers.py checks they agree with the
+#: extension's ``SIM_MAX_VCPUS``/``SIM_MAX_PAGES``).
+SIM_MAX_VCPUS: Final = 128
+SIM_MAX_MEMORY: Final = (1 << 24) * PAGE_SIZE  # 64 GiB
+#: Seeds are u64 in the native code.
+MAX_SEED: Final = (1 << 64) - 1
+U32_MAX: Final = (1 << 32) - 1
+#: The last ordinary Xen domain id (DOMID_FIRST_RESERVED - 1).
+MAX_DOMID: Final = 0x7FEF
+#: Copy threads of a sim save (XCS_MAX_COPY_THREADS in csrc/core/xcs_engine.h).
+MAX_COPY_THREADS: Final = 64
 
 #: Xen's default precopy policy (libxc 4.17): stop and copy after this many
 #: rounds, or as soon as fewer than :data:`XEN_DIRTY_THRESHOLD` pages are dirty.
@@ -40,6 +59,11 @@ IDLE_TIMEOUT: Final = 10.0
 SHM_DIR: Final = "/dev/shm"
 #: Where a bare domain name lives unless ``$XCSAVE_SIM_DIR`` says otherwise.
 SIM_DIR: Final = f"{SHM_DIR}/xcsave"
+
+#: The help line of every DOM argument and --sim option.
+DOM_HELP: Final = (
+    f"a simulated domain: a path, or a bare name kept in $XCSAVE_SIM_DIR (default {SIM_DIR})"
+)
 
 #: How a local migration (:func:`xcsave.local.migrate_local`) carries the stream.
 CHANNELS: Final = ("pipe", "socket")

@@ -61,6 +61,7 @@ __all__ = [
     "errno_text",
     "error_text",
     "oserror_text",
+    "with_errno",
 ]
 
 
@@ -75,6 +76,19 @@ def errno_text(err: int, strerror: str | None = None) -> str:
     """``Input/output error (EIO)``: the errno's text (``strerror`` when the
     error carries its own) and its name."""
     return f"{strerror or os.strerror(err)} ({errno_name(err)})"
+
+
+def with_errno(message: str, err: int) -> str:
+    """``message`` with ``err`` said once: a message that already names it
+    (``... (ENOSPC)``) stays; one that ends with its text gets the name;
+    any other gets ``: text (ENAME)``.  Helpers' lines often carry the
+    strerror already ("writing PAGE_DATA: No space left on device")."""
+    name = errno_name(err)
+    if message.endswith(f"({name})"):
+        return message
+    if message.endswith(os.strerror(err)):
+        return f"{message} ({name})"
+    return f"{message}: {errno_text(err)}"
 
 
 def oserror_text(e: OSError, *, filename: bool = True) -> str:
@@ -152,7 +166,7 @@ class HelperFailed(HelperError):
     def __init__(self, message: str, *, retval: int, errno: int, **kw: object) -> None:
         self.retval = retval
         self.errno = errno
-        text = f"{message}: {errno_text(errno)}" if errno else message
+        text = with_errno(message, errno) if errno else message
         super().__init__(text, **kw)  # type: ignore[arg-type]
 
 

@@ -19,11 +19,12 @@ plant names, and whoever owns it can read what we put in it.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -49,6 +50,16 @@ PRIVATE_FILE_MODE: Final = 0o600
 PRIVATE_DIR_MODE: Final = 0o700
 
 _CREATE_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def named_as(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An ``OSError`` raised inside names ``path`` (the file the user asked
+    for), never the private temporary the work went through."""
+    try:
+        yield
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
 
 
 def create_private(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> int:
@@ -255,3 +266,39 @@ def scratch_dir(given: str | os.PathLike[str] | None, prefix: str) -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix=prefix, dir=shm_dir()))
+
+
+def write_atomically(path: str, write: Callable[[int], _T]) -> _T:
+    """``write(fd)`` into a new private file in ``path``'s directory, fsync'd
+    and put at ``path`` on success; on failure ``path`` is as it was.
+
+    The file has no name until it is complete (``O_TMPFILE``), so a signal
+    that kills the command mid-write leaves nothing behind; where the
+    filesystem cannot do that, a named temporary is removed on failure.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    # The output is guest memory: private, whatever the umask.  Errors of
+    # our own steps name ``path``, never the temporary (write's own name
+    # what they read).
+    with named_as(path):
+        fd = create_private_unnamed(directory)
+        tmp = ""
+        if fd is None:
+            fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
+    try:
+        result = write(fd)
+        with named_as(path):
+            os.fsync(fd)
+            if tmp:
+                os.replace(tmp, path)
+                tmp = ""
+            else:
+                publish_unnamed(fd, path)
+        with contextlib.suppress(OSError):
+            fsync_dir(directory)
+        return result
+    finally:
+        os.close(fd)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from ._log import logger
 from .defaults import PAGE_SIZE
 from .events import (
     DoneEvent,
@@ -28,6 +30,8 @@ from .events import (
 )
 
 MODES = ("auto", "bar", "plain", "json", "none")
+
+log = logger("xcsave.progress")
 
 
 def _rich_available() -> bool:
@@ -114,13 +118,23 @@ class Renderer:
         return self._progress.console if self._progress is not None else None
 
     def __call__(self, ev: Event) -> None:
-        if self.mode == "json":
-            self.out.write(json.dumps(ev.asdict(), default=str) + "\n")
-            self.out.flush()
-        elif self.mode == "plain":
-            self._plain(ev)
-        elif self.mode == "bar":
-            self._bar(ev)
+        try:
+            if self.mode == "json":
+                self.out.write(json.dumps(ev.asdict(), default=str) + "\n")
+                self.out.flush()
+            elif self.mode == "plain":
+                self._plain(ev)
+            elif self.mode == "bar":
+                self._bar(ev)
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        """Whoever read the progress went away (``--progress json | head -2``):
+        the progress stops, the job goes on."""
+        self.mode = "none"
+        log.warning("progress output closed (EPIPE): no more progress, the operation goes on")
+        reader_gone(self.out)
 
     def _label(self, ev: Event) -> str:
         return f"{ev.op} {ev.domain}"
@@ -169,6 +183,35 @@ class Renderer:
             total = prog.tasks[task].total or 1
             desc = "done" if ev.ok else "failed"
             prog.update(task, description=desc, completed=total if ev.ok else None, total=total)
+
+
+def reader_gone(stream: IO[str]) -> None:
+    """``stream``'s reader went away (EPIPE): write nothing more to it.
+
+    fd trick: the stream's fd is pointed at /dev/null (dup2), so that what
+    is still buffered, and the interpreter's final flush of it, go nowhere
+    instead of raising EPIPE again ("Exception ignored ... BrokenPipeError"
+    at exit).  Python ignores SIGPIPE, so the write raised instead of
+    killing us."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file: nothing is flushed at exit either
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def write_result(stream: IO[str], line: str) -> None:
+    """A command's result line; nobody reading it (``| true``) does not turn
+    a done operation into a failure."""
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        reader_gone(stream)
 
 
 def _decision(d: int) -> str:

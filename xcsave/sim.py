@@ -15,6 +15,7 @@ choice of directory; the files we create there are private all the same.
 from __future__ import annotations
 
 import errno
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from . import _ext, lock
 from ._log import logger
-from .defaults import PAGE_SIZE, SIM_DIR
+from .defaults import MAX_SEED, PAGE_SIZE, SIM_DIR, SIM_MAX_MEMORY, SIM_MAX_VCPUS
 from .errors import oserror_text
 from .files import private_dir
 
@@ -70,8 +71,13 @@ def create(
     asked there too: True stops it with ``InterruptedError`` (EINTR).
     Stopped or failed, it leaves nothing behind and an old domain untouched.
     """
-    if memory <= 0 or memory % PAGE_SIZE:
-        raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE} bytes, not {memory}")
+    if memory <= 0 or memory % PAGE_SIZE or memory > SIM_MAX_MEMORY:
+        raise ValueError(
+            f"memory must be a multiple of {PAGE_SIZE} bytes from {PAGE_SIZE} to "
+            f"{SIM_MAX_MEMORY >> 30} GiB, not {memory}"
+        )
+    _check_int("vcpus", vcpus, 1, SIM_MAX_VCPUS)
+    _check_int("seed", seed, 0, MAX_SEED)
     path = resolve(dom)
     try:
         with lock.domain_lock(sim=path, name=os.fspath(dom)):  # one operation per domain
@@ -129,9 +135,36 @@ def set_logdirty(dom: str | os.PathLike[str], enable: bool) -> None:
     _ext.sim_set_logdirty(str(resolve(dom)), enable)
 
 
+def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int in [lo, hi]
+    (TypeError for a non-int): never the extension's TypeError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        span = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise ValueError(f"{name} must be {span}, not {value}")
+
+
 def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0) -> int:
-    """Write ``rate`` pages/s for ``duration`` s through the dirty log; returns pages written."""
-    return int(_ext.sim_dirty(str(resolve(dom)), rate, duration, seed))
+    """Write ``rate`` pages/s for ``duration`` s through the dirty log; returns pages written.
+
+    A guest writes only while it runs: a domain suspended when the workload
+    starts is refused (EAGAIN) rather than written 0 pages for the whole
+    duration; one suspended on the way (a migration's last round) stops it
+    writing, as a real guest would."""
+    _check_int("rate", rate, 1, None)
+    _check_int("seed", seed, 0, MAX_SEED)
+    if not (isinstance(duration, int | float) and math.isfinite(duration) and duration > 0):
+        raise ValueError(f"duration must be a finite number of seconds above 0, not {duration!r}")
+    path = resolve(dom)
+    if state(path) == "suspended":
+        raise OSError(
+            errno.EAGAIN,
+            f"the domain is suspended: its guest writes nothing until it runs "
+            f"(xcsave sim resume {os.fspath(dom)})",
+            os.fspath(dom),
+        )
+    return int(_ext.sim_dirty(str(path), rate, duration, seed))
 
 
 def remove(dom: str | os.PathLike[str]) -> None:

@@ -155,42 +155,6 @@ def verify(report: Report) -> VerifyResult:
     return VerifyResult(valid=bool(report["valid"]), report=report, error=problem)
 
 
-def _write_atomically(path: str, write: Callable[[int], _T]) -> _T:
-    """``write(fd)`` into a new private file in ``path``'s directory, fsync'd
-    and put at ``path`` on success; on failure ``path`` is as it was.
-
-    The file has no name until it is complete (``O_TMPFILE``), so a signal
-    that kills the command mid-write leaves nothing behind; where the
-    filesystem cannot do that, a named temporary is removed on failure.
-    """
-    import contextlib
-
-    from .files import create_private_temp, create_private_unnamed, fsync_dir, publish_unnamed
-
-    directory = os.path.dirname(os.path.abspath(path))
-    # The output is guest memory: private, whatever the umask.
-    fd = create_private_unnamed(directory)
-    tmp = ""
-    if fd is None:
-        fd, tmp = create_private_temp(directory, ".xcsave-", ".tmp", os.O_RDWR)
-    try:
-        result = write(fd)
-        os.fsync(fd)
-        if tmp:
-            os.replace(tmp, path)
-            tmp = ""
-        else:
-            publish_unnamed(fd, path)
-        with contextlib.suppress(OSError):
-            fsync_dir(directory)
-        return result
-    finally:
-        os.close(fd)
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
 def convert(  # noqa: PLR0917 - the brief's positional signature
     src: Source,
     dst: Source,
@@ -251,7 +215,9 @@ def convert(  # noqa: PLR0917 - the brief's positional signature
     try:
         if isinstance(dst, int):
             return run(in_fd, dst)
-        return _write_atomically(os.fspath(dst), lambda out_fd: run(in_fd, out_fd))
+        from .files import write_atomically
+
+        return write_atomically(os.fspath(dst), lambda out_fd: run(in_fd, out_fd))
     finally:
         if not isinstance(src, int):
             os.close(in_fd)

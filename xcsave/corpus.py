@@ -8,17 +8,20 @@ broken variants of each.
 
 Every builder returns ``bytes``.  ``cases()`` lists named streams with what
 xcsave's verifier and Xen's ``verify-stream-v2`` are expected to say, and
-why they disagree where they do.  ``python tests/corpus.py DIR`` writes the
-corpus to DIR.  The big-image writers stream to a file for benchmarks.
+why they disagree where they do.  ``python -m xcsave.corpus DIR`` writes the
+corpus to DIR.  The big-image writers stream to a file for benchmarks and
+``xcsave sim legacy-image`` (an image to try ``convert`` on).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 PAGE = 4096
 
@@ -114,7 +117,7 @@ def rec(rtype: int, body: bytes = b"", *, length: int | None = None, fill: int =
 # ---------------------------------------------------------------- libxc
 
 
-def ihdr(
+def ihdr(  # noqa: PLR0917 - every header field, positionally, as the tests write them
     version: int = 3,
     options: int = 0,
     res1: int = 0,
@@ -1182,12 +1185,13 @@ def write_big_libxc(path: str | Path, size: int, batch: int = 1024) -> int:
     return npages
 
 
-def write_big_legacy(path: str | Path, size: int, batch: int = 1024) -> int:
-    """Write a 64-bit legacy HVM image with about ``size`` bytes of pages."""
+def write_big_legacy(path: str | Path | BinaryIO, size: int, batch: int = 1024) -> int:
+    """Write a 64-bit legacy HVM image with about ``size`` bytes of pages
+    to ``path`` (or into an open binary file)."""
     npages = max(1, size // PAGE)
     lg = Legacy(p2m_size=npages + 16, batches=())
     chunk = bytes(range(256)) * (PAGE * batch // 256)
-    with open(path, "wb") as f:
+    with open(path, "wb") if isinstance(path, (str, Path)) else contextlib.nullcontext(path) as f:
         f.write(lg.header())
         f.write(struct.pack("<iIQII", C_TSC_INFO, 1, 987654321, 1_500_000, 3))
         for base in range(0, npages, batch):
@@ -1200,7 +1204,7 @@ def write_big_legacy(path: str | Path, size: int, batch: int = 1024) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        sys.stderr.write("usage: corpus.py OUTDIR\n")
+        sys.stderr.write("usage: python -m xcsave.corpus OUTDIR\n")
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)

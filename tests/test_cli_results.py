@@ -1,0 +1,135 @@
+"""What save and restore say, and where (issue 15, items 5 and 6): a result
+line on success without -v, --json with the statistics, a stream never
+written to or read from a terminal, and progress that stops -- not the job
+-- when its reader goes away."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli_tty import run_in_pty, xcsave_argv
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e["XCSAVE_SIM_DIR"] = str(tmp_path / "sim")
+    e["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
+    return e
+
+
+def _run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        xcsave_argv(*args), capture_output=True, text=True, env=env, check=False, timeout=120
+    )
+
+
+def _domain(env: dict[str, str], memory: str = "8M") -> None:
+    r = _run("sim", "create", "d", "--memory", memory, env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_save_and_restore_say_what_they_did(tmp_path: Path, env: dict[str, str]) -> None:
+    _domain(env)
+    img = tmp_path / "d.img"
+    r = _run("save", "--sim", "d", img, env=env)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith(f"saved d to {img}: ok in ") and " pages, " in r.stdout
+    r = _run("restore", img, "--sim", "e", env=env)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith(f"restored e from {img}: ok in ")
+    assert "pages, " in r.stdout and "store_gfn=0x" in r.stdout
+
+
+def test_save_and_restore_json(tmp_path: Path, env: dict[str, str]) -> None:
+    _domain(env)
+    img = tmp_path / "d.img"
+    r = _run("save", "--sim", "d", img, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(r.stdout)
+    assert saved["op"] == "save" and saved["out"] == str(img) and saved["format"] == "libxc"
+    assert saved["stats"]["pages_sent"] + saved["stats"]["zero_pages"] == 2048
+    assert saved["stats"]["bytes"] == img.stat().st_size
+    r = _run("restore", img, "--sim", "e", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    restored = json.loads(r.stdout)
+    assert restored["op"] == "restore" and restored["restore_stats"]["bytes"] == img.stat().st_size
+    assert restored["store_gfn"] > 0
+
+
+def test_a_stream_to_stdout_leaves_stdout_to_the_stream(env: dict[str, str]) -> None:
+    _domain(env)
+    r = subprocess.run(
+        xcsave_argv("save", "--sim", "d", "-"), capture_output=True, env=env, check=False
+    )
+    assert r.returncode == 0
+    assert r.stdout[:8] == b"\xff" * 8  # the libxc image's marker, nothing before it
+    assert r.stderr.decode().startswith("saved d to <stdout>: ok in ")
+
+
+def test_a_stream_is_never_written_to_a_terminal(env: dict[str, str]) -> None:
+    _domain(env)
+    status, out = run_in_pty(xcsave_argv("save", "--sim", "d", "-"))
+    assert status == 2
+    text = out.decode(errors="replace").strip()
+    assert text == (
+        "xcsave: save: refusing to write a binary stream to a terminal: name a file or "
+        "redirect stdout"
+    )
+
+
+def test_a_stream_is_never_read_from_a_terminal(env: dict[str, str]) -> None:
+    status, out = run_in_pty(xcsave_argv("restore", "-", "--sim", "e"))
+    assert status == 2
+    assert out.decode(errors="replace").strip() == (
+        "xcsave: restore: refusing to read a stream from a terminal: name a file or redirect stdin"
+    )
+
+
+def test_progress_reader_gone_keeps_the_job(tmp_path: Path, env: dict[str, str]) -> None:
+    """`xcsave save ... --progress json | head -1`: the save completes."""
+    _domain(env, "64M")
+    img = tmp_path / "d.img"
+    proc = subprocess.Popen(
+        xcsave_argv("save", "--sim", "d", img, "--live", "--progress", "json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert json.loads(first)["op"] == "save"
+    proc.stdout.close()  # head -1 exits
+    _, errb = proc.communicate(timeout=120)
+    err = errb.decode()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    r = _run("verify", img, env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_no_traceback_when_the_result_reader_is_gone(tmp_path: Path, env: dict[str, str]) -> None:
+    _domain(env)
+    img = tmp_path / "d.img"
+    r = subprocess.run(
+        f"{' '.join(map(str, xcsave_argv('save', '--sim', 'd', img)))} | true; "
+        "exit ${PIPESTATUS[0]}",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        executable="/bin/bash",
+    )
+    # The save is done when its result line cannot be delivered: success, silently.
+    assert r.returncode == 0 and r.stderr == ""
+    assert img.exists()
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytest.skip("Linux only", allow_module_level=True)
