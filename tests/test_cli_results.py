@@ -6,6 +6,7 @@ written to or read from a terminal, and progress that stops -- not the job
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -133,3 +134,18 @@ def test_no_traceback_when_the_result_reader_is_gone(tmp_path: Path, env: dict[s
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("Linux only", allow_module_level=True)
+
+
+def test_one_downtime(tmp_path: Path, env: dict[str, str]) -> None:
+    """"downtime" means one thing (suspended there until running here); the
+    save's own figure is named stop-and-copy (issue 15, item 7)."""
+    args = ["demo", "--memory", "16M", "--rate", "500", "--dir", tmp_path / "demo"]
+    r = _run(*args, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["downtime_ms"] >= rep["stop_copy_ms"] > 0
+    r = _run(*args, "--progress", "plain", env=env)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout + r.stderr
+    assert len(re.findall(r"downtime \d", text)) == 1, text  # a figure called downtime
+    assert "stop-and-copy" in r.stderr  # the save's statistics line

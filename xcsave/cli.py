@@ -171,8 +171,8 @@ def _describe(res: RunResult) -> str:
         parts.append(f"{s.rounds} round(s), {s.pages_sent} pages, {s.bytes} bytes")
         if gbps := _gbps(s.bytes, s.duration_ns):
             parts.append(f"{gbps:.2f} GB/s")
-        if s.downtime_ns:
-            parts.append(f"downtime {s.downtime_ns / 1e6:.1f} ms")
+        if s.downtime_ns:  # suspended -> end of stream; a migration's downtime is longer
+            parts.append(f"stop-and-copy {s.downtime_ns / 1e6:.1f} ms")
     if res.restore_stats is not None:
         r = res.restore_stats
         if r.checkpoints:

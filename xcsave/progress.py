@@ -225,5 +225,5 @@ def _stats_line(ev: StatsEvent | RestoreStatsEvent) -> str:
         return f"{ev.pages_received} pages, {ev.bytes} bytes received ({rate:.2f} GB/s)"
     return (
         f"{ev.rounds} round(s), {ev.pages_sent} pages, {ev.bytes} bytes "
-        f"({rate:.2f} GB/s), downtime {ev.downtime_ns / 1e6:.1f} ms"
+        f"({rate:.2f} GB/s), stop-and-copy {ev.downtime_ns / 1e6:.1f} ms"
     )
