@@ -3,10 +3,11 @@
 Every benchmark gets ``--json`` (print its report as one JSON object),
 ``--plot FILE.png`` (throughput and pages per precopy round, with the
 optional ``plot`` extra: matplotlib) and ``--progress``.  To add one, write
-``run(args, on_event) -> Report`` and an ``add_arguments(parser)``, and
-append a :class:`Bench` to :data:`BENCHES`::
+``run(args, on_event) -> Report``, list its options as data (flag,
+``add_argument`` keywords; :func:`_sized_options` gives the common
+--memory/--repeat/--dir), and append a :class:`Bench` to :data:`BENCHES`::
 
-    BENCHES.append(Bench("mine", "what it measures", _mine_args, _mine_run))
+    BENCHES.append(Bench("mine", "what it measures", _sized_options("256M"), _mine_run))
 
 Benchmarks report what they measured; they never judge timings (nor do the
 tests that run them).
@@ -28,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import benchmarks
 from ._log import logger
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
@@ -74,11 +76,15 @@ class Report:
     ok: bool = True
 
 
+#: A bench option as data: its flag and ``add_argument``'s keywords.
+Option = tuple[str, dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
+    options: tuple[Option, ...]
     run: Callable[[argparse.Namespace, EventSink | None], Report]
 
 
@@ -87,7 +93,8 @@ def add_parsers(sub: Any) -> None:
     bs = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     for bench in BENCHES:
         bp = bs.add_parser(bench.name, help=bench.help, description=bench.help)
-        bench.add_arguments(bp)
+        for flag, kwargs in bench.options:
+            bp.add_argument(flag, **kwargs)
         bp.add_argument("--json", action="store_true", help="print the report as JSON")
         bp.add_argument(
             "--plot",
@@ -157,34 +164,47 @@ def plot_rounds(series: list[RoundSeries], out: Path, *, title: str) -> None:
 # ----------------------------------------------------------------- concurrent
 
 
-def _concurrent_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--domains", type=int, default=4, metavar="N", help="migrations at once")
-    p.add_argument(
-        "--memory", type=parse_size, default=parse_size("64M"), help="each domain (e.g. 256M)"
-    )
-    p.add_argument(
-        "--max-parallel", type=int, metavar="M", help="at most M migrations at once (default N)"
-    )
-    p.add_argument(
-        "--rate", type=int, default=0, metavar="PAGES_PER_S", help="a dirtying workload per domain"
-    )
-    p.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
-    p.add_argument(
+_CONCURRENT_OPTIONS: tuple[Option, ...] = (
+    ("--domains", {"type": int, "default": 4, "metavar": "N", "help": "migrations at once"}),
+    (
+        "--memory",
+        {"type": parse_size, "default": parse_size("64M"), "help": "each domain (e.g. 256M)"},
+    ),
+    (
+        "--max-parallel",
+        {"type": int, "metavar": "M", "help": "at most M migrations at once (default N)"},
+    ),
+    (
+        "--rate",
+        {
+            "type": int,
+            "default": 0,
+            "metavar": "PAGES_PER_S",
+            "help": "a dirtying workload per domain",
+        },
+    ),
+    ("--format", {"choices": FORMATS, "default": "libxl", "help": "stream framing"}),
+    (
         "--channel",
-        choices=CHANNELS,
-        default=CHANNELS[0],
-        help="what carries each stream (default: %(default)s; the handshake always "
-        "goes over a socketpair)",
-    )
-    p.add_argument("--policy", type=parse_policy, metavar="POLICY", help="precopy policy")
-    p.add_argument(
+        {
+            "choices": CHANNELS,
+            "default": CHANNELS[0],
+            "help": "what carries each stream (default: %(default)s; the handshake always "
+            "goes over a socketpair)",
+        },
+    ),
+    ("--policy", {"type": parse_policy, "metavar": "POLICY", "help": "precopy policy"}),
+    (
         "--repeat",
-        type=int,
-        default=3,
-        metavar="R",
-        help="best of R for each side, the single and the N-at-once runs interleaved",
-    )
-    p.add_argument("--dir", help="where the domains live (default: a temp dir in /dev/shm)")
+        {
+            "type": int,
+            "default": 3,
+            "metavar": "R",
+            "help": "best of R for each side, the single and the N-at-once runs interleaved",
+        },
+    ),
+    ("--dir", {"help": "where the domains live (default: a temp dir in /dev/shm)"}),
+)
 
 
 @contextmanager
@@ -410,26 +430,21 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
 # best of --repeat, the two sides interleaved so load hits both alike.
 
 
-def _sized_args(default: str, rate: bool = False) -> Callable[[argparse.ArgumentParser], None]:
-    def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--memory",
-            type=parse_size,
-            default=parse_size(default),
-            help=f"sim domain size (default {default}; 1G for the real figure)",
-        )
-        p.add_argument("--repeat", type=int, default=3, metavar="N", help="best of N")
-        p.add_argument("--dir", help="where domains and streams live (default: /dev/shm)")
-        if rate:
-            p.add_argument(
-                "--rate",
-                type=int,
-                default=20000,
-                metavar="PAGES_PER_S",
-                help="dirtying workload during the migration",
-            )
+_REPEAT: Option = ("--repeat", {"type": int, "default": 3, "metavar": "N", "help": "best of N"})
 
-    return add
+
+def _sized_options(default: str, *more: Option) -> tuple[Option, ...]:
+    """--memory (default `default`), --repeat and --dir, then `more`."""
+    memory: Option = (
+        "--memory",
+        {
+            "type": parse_size,
+            "default": parse_size(default),
+            "help": f"sim domain size (default {default}; 1G for the real figure)",
+        },
+    )
+    where: Option = ("--dir", {"help": "where domains and streams live (default: /dev/shm)"})
+    return (memory, _REPEAT, where, *more)
 
 
 @contextmanager
@@ -610,15 +625,18 @@ def _save_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     return Report(data=data, text=text)
 
 
-def _save_file_args(p: argparse.ArgumentParser) -> None:
-    _sized_args("256M")(p)
-    p.add_argument(
+_SAVE_FILE_OPTIONS = _sized_options(
+    "256M",
+    (
         "--copy-threads",
-        type=int,
-        default=max(2, os.cpu_count() or 2),
-        metavar="N",
-        help="threads to compare with one (default: the CPU count, at least 2)",
-    )
+        {
+            "type": int,
+            "default": max(2, os.cpu_count() or 2),
+            "metavar": "N",
+            "help": "threads to compare with one (default: the CPU count, at least 2)",
+        },
+    ),
+)
 
 
 def _save_file_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
@@ -777,15 +795,28 @@ def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
 TRANSPORTS = ("local", "insecure", "tls", "ssh")
 
 
-def _migrate_args(p: argparse.ArgumentParser) -> None:
-    _sized_args("256M", rate=True)(p)
-    p.add_argument(
+_MIGRATE_OPTIONS = _sized_options(
+    "256M",
+    (
+        "--rate",
+        {
+            "type": int,
+            "default": 20000,
+            "metavar": "PAGES_PER_S",
+            "help": "dirtying workload during the migration",
+        },
+    ),
+    (
         "--transport",
-        choices=TRANSPORTS,
-        default="local",
-        help="local (in-process pair, the default) or over loopback TCP: insecure, tls, "
-        "ssh (a private sshd); the network ones are measured against insecure in the same run",
-    )
+        {
+            "choices": TRANSPORTS,
+            "default": "local",
+            "help": "local (in-process pair, the default) or over loopback TCP: insecure, tls, "
+            "ssh (a private sshd); the network ones are measured against insecure in the same "
+            "run",
+        },
+    ),
+)
 
 
 @contextmanager
@@ -1002,16 +1033,19 @@ def _migrate_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     return Report(data=data, text=text, rounds=series, ok=all(r["match"] for r in runs))
 
 
-def _xen_args(p: argparse.ArgumentParser) -> None:
-    # 1 GiB by default: the issue's figure, and a run still takes well under
-    # a minute on 2 cores (about 10 s for verify, 30 s for convert).
-    _sized_args("1G")(p)
-    p.add_argument(
+# 1 GiB by default: the issue's figure, and a run still takes well under a
+# minute on 2 cores (about 10 s for verify, 30 s for convert).
+_XEN_OPTIONS = _sized_options(
+    "1G",
+    (
         "--xen-utils",
-        metavar="ROOT",
-        help="an unpacked xen-utils-4.17: the folder holding usr/lib/xen-4.17 "
-        "(tools/fetch-xen-utils.sh makes .cache/xen-utils/root)",
-    )
+        {
+            "metavar": "ROOT",
+            "help": "an unpacked xen-utils-4.17: the folder holding usr/lib/xen-4.17 "
+            "(tools/fetch-xen-utils.sh makes .cache/xen-utils/root)",
+        },
+    ),
+)
 
 
 def _skipped(bench: str, why: str) -> Report:
@@ -1024,7 +1058,7 @@ def _skipped(bench: str, why: str) -> Report:
 def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """``xcsave verify`` (command and in-process API) vs Xen's verify-stream-v2,
     both on this interpreter; interpreter start-up measured as a reference."""
-    from . import benchmarks, sim, streamtools
+    from . import sim, streamtools
 
     _check_memory(args)
     root = benchmarks.find_xen_utils(args.xen_utils)
@@ -1103,8 +1137,6 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     """``xcsave convert`` of a legacy HVM image vs Xen's convert-legacy-stream:
     into a fresh file and into a pipe read by ``cat``, with ``cp`` and ``cat``
     of the same bytes as the references for what moving them costs at all."""
-    from . import benchmarks
-
     _check_memory(args)
     root = benchmarks.find_xen_utils(args.xen_utils)
     if root is None:
@@ -1207,14 +1239,8 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     return Report(data=data, text=text)
 
 
-def _callbacks_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rounds", type=int, default=2000, help="Remus checkpoints (3 callbacks each)")
-
-
 def _callbacks_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """Callback round trip helper -> Python -> helper vs asyncio <-> cat."""
-    from . import benchmarks
-
     r = benchmarks.callbacks_run(args.rounds)
     data = _headline(
         "callbacks",
@@ -1237,17 +1263,8 @@ def _callbacks_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
     return Report(data=data, text=text)
 
 
-def _tls_link_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--size", type=parse_size, default=parse_size("1G"), help="bytes to send (default 1G)"
-    )
-    p.add_argument("--repeat", type=int, default=3, metavar="N", help="best of N")
-
-
 def _tls_link_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """N bytes over loopback TCP: plain vs through two TLS tunnels (xcsave.tls)."""
-    from . import benchmarks
-
     if args.size < 1 << 20:
         raise UsageError("--size must be at least 1M")
     r = run_async(lambda: benchmarks.tls_link(args.size, repeat=args.repeat))
@@ -1273,41 +1290,61 @@ BENCHES: list[Bench] = [
     Bench(
         "concurrent",
         "N simultaneous local live migrations against one alone, in the same run",
-        _concurrent_args,
+        _CONCURRENT_OPTIONS,
         _concurrent_run,
     ),
     Bench(
         "save",
         "sim save into a pipe read by cat vs cat of the stream; vmsplice vs writev",
-        _sized_args("256M"),
+        _sized_options("256M"),
         _save_run,
     ),
     Bench(
         "save-file",
         "sim save into a regular file: copy_threads=N vs 1 (pwritev from N threads)",
-        _save_file_args,
+        _SAVE_FILE_OPTIONS,
         _save_file_run,
     ),
     Bench(
         "restore",
         "restore a stream into a fresh domain vs memcpy into fresh memory",
-        _sized_args("256M"),
+        _sized_options("256M"),
         _restore_run,
     ),
     Bench(
         "migrate",
         "live migration under a workload: downtime, rounds, GB/s (--transport: over "
         "loopback TCP, TLS or ssh against insecure)",
-        _migrate_args,
+        _MIGRATE_OPTIONS,
         _migrate_run,
     ),
-    Bench("verify", "xcsave verify vs Xen's verify-stream-v2", _xen_args, _verify_run),
-    Bench("convert", "xcsave convert vs Xen's convert-legacy-stream", _xen_args, _convert_run),
-    Bench("callbacks", "callback round trip vs asyncio <-> cat", _callbacks_args, _callbacks_run),
+    Bench("verify", "xcsave verify vs Xen's verify-stream-v2", _XEN_OPTIONS, _verify_run),
+    Bench("convert", "xcsave convert vs Xen's convert-legacy-stream", _XEN_OPTIONS, _convert_run),
+    Bench(
+        "callbacks",
+        "callback round trip vs asyncio <-> cat",
+        (
+            (
+                "--rounds",
+                {"type": int, "default": 2000, "help": "Remus checkpoints (3 callbacks each)"},
+            ),
+        ),
+        _callbacks_run,
+    ),
     Bench(
         "tls-link",
         "bytes over loopback TCP through two TLS tunnels vs plain TCP, in the same run",
-        _tls_link_args,
+        (
+            (
+                "--size",
+                {
+                    "type": parse_size,
+                    "default": parse_size("1G"),
+                    "help": "bytes to send (default 1G)",
+                },
+            ),
+            _REPEAT,
+        ),
         _tls_link_run,
     ),
 ]

@@ -6,6 +6,7 @@
  * "where" prefix), so tests and users see one wording per fault.
  */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -92,17 +93,101 @@ static const char *why_f(char *why, size_t whylen, const char *fmt, ...)
     return why;
 }
 
+/*
+ * The headers' wire layouts as data: each field's offset in the header,
+ * width (2, 4 or 8 bytes, the same in the struct), byte order and place in
+ * the struct.  One get and one put serve every header's parse and build;
+ * what a header must hold stays with its own parse.
+ */
+struct xcs_field {
+    uint8_t wire;  /* offset in the wire header */
+    uint8_t width; /* 2, 4 or 8 */
+    uint8_t be;    /* 1: big-endian */
+    uint8_t off;   /* offsetof in the struct */
+};
+
+#define FIELD(wire_, type_, member_, be_)                                     \
+    {(wire_), sizeof(((type_ *)0)->member_), (be_), offsetof(type_, member_)}
+#define NFIELDS(t) (sizeof(t) / sizeof((t)[0]))
+
+static void fields_get(const struct xcs_field *f, size_t n, const uint8_t *p,
+                       void *h)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *w = p + f[i].wire;
+        uint8_t *to = (uint8_t *)h + f[i].off;
+
+        if (f[i].width == 8) {
+            uint64_t v = f[i].be ? xcs_get_be64(w) : xcs_get_le64(w);
+
+            memcpy(to, &v, sizeof(v));
+        } else if (f[i].width == 4) {
+            uint32_t v = f[i].be ? xcs_get_be32(w) : xcs_get_le32(w);
+
+            memcpy(to, &v, sizeof(v));
+        } else {
+            uint16_t v = f[i].be ? xcs_get_be16(w) : xcs_get_le16(w);
+
+            memcpy(to, &v, sizeof(v));
+        }
+    }
+}
+
+static void fields_put(const struct xcs_field *f, size_t n, uint8_t *p,
+                       const void *h)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *w = p + f[i].wire;
+        const uint8_t *from = (const uint8_t *)h + f[i].off;
+        uint64_t v8;
+        uint32_t v4;
+        uint16_t v2;
+
+        if (f[i].width == 8) {
+            memcpy(&v8, from, sizeof(v8));
+            f[i].be ? xcs_put_be64(w, v8) : xcs_put_le64(w, v8);
+        } else if (f[i].width == 4) {
+            memcpy(&v4, from, sizeof(v4));
+            f[i].be ? xcs_put_be32(w, v4) : xcs_put_le32(w, v4);
+        } else {
+            memcpy(&v2, from, sizeof(v2));
+            f[i].be ? xcs_put_be16(w, v2) : xcs_put_le16(w, v2);
+        }
+    }
+}
+
+/* The xl header's words, after its magic. */
+static const struct xcs_field xl_fields[] = {
+    FIELD(XCS_XL_MAGIC_LEN, struct xcs_xl_hdr, byteorder, 0),
+    FIELD(XCS_XL_MAGIC_LEN + 4, struct xcs_xl_hdr, mflags, 0),
+    FIELD(XCS_XL_MAGIC_LEN + 8, struct xcs_xl_hdr, oflags, 0),
+    FIELD(XCS_XL_MAGIC_LEN + 12, struct xcs_xl_hdr, optlen, 0),
+};
+
+static const struct xcs_field libxl_fields[] = {
+    FIELD(0, struct xcs_libxl_hdr, ident, 1),
+    FIELD(8, struct xcs_libxl_hdr, version, 1),
+    FIELD(12, struct xcs_libxl_hdr, options, 1),
+};
+
+static const struct xcs_field ihdr_fields[] = {
+    FIELD(0, struct xcs_ihdr, marker, 1),   FIELD(8, struct xcs_ihdr, id, 1),
+    FIELD(12, struct xcs_ihdr, version, 1), FIELD(16, struct xcs_ihdr, options, 1),
+    FIELD(18, struct xcs_ihdr, res1, 1),    FIELD(20, struct xcs_ihdr, res2, 1),
+};
+
+static const struct xcs_field dhdr_fields[] = {
+    FIELD(0, struct xcs_dhdr, type, 0),       FIELD(4, struct xcs_dhdr, page_shift, 0),
+    FIELD(6, struct xcs_dhdr, res, 0),        FIELD(8, struct xcs_dhdr, xen_major, 0),
+    FIELD(12, struct xcs_dhdr, xen_minor, 0),
+};
+
 #define XL_MFLAGS_KNOWN (XCS_XL_MFLAG_JSON | XCS_XL_MFLAG_STREAMV2)
 
 const char *xcs_xl_hdr_parse(const uint8_t *p, struct xcs_xl_hdr *h,
                              char *why, size_t whylen)
 {
-    const uint8_t *w = p + XCS_XL_MAGIC_LEN;
-
-    h->byteorder = xcs_get_le32(w);
-    h->mflags = xcs_get_le32(w + 4);
-    h->oflags = xcs_get_le32(w + 8);
-    h->optlen = xcs_get_le32(w + 12);
+    fields_get(xl_fields, NFIELDS(xl_fields), p, h);
     if (memcmp(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN))
         return why_f(why, whylen, "not an xl savefile (bad magic)");
     if (h->byteorder != XCS_XL_BYTEORDER)
@@ -125,13 +210,8 @@ const char *xcs_xl_config_check(const struct xcs_xl_hdr *h, uint32_t config_len,
 
 void xcs_xl_hdr_build(uint8_t *p, const struct xcs_xl_hdr *h)
 {
-    uint8_t *w = p + XCS_XL_MAGIC_LEN;
-
     memcpy(p, XCS_XL_MAGIC, XCS_XL_MAGIC_LEN);
-    xcs_put_le32(w, h->byteorder);
-    xcs_put_le32(w + 4, h->mflags);
-    xcs_put_le32(w + 8, h->oflags);
-    xcs_put_le32(w + 12, h->optlen);
+    fields_put(xl_fields, NFIELDS(xl_fields), p, h);
 }
 
 #define LIBXL_OPTS_KNOWN (XCS_LIBXL_OPT_BIG_ENDIAN | XCS_LIBXL_OPT_LEGACY)
@@ -139,9 +219,7 @@ void xcs_xl_hdr_build(uint8_t *p, const struct xcs_xl_hdr *h)
 const char *xcs_libxl_hdr_parse(const uint8_t *p, struct xcs_libxl_hdr *h,
                                 char *why, size_t whylen)
 {
-    h->ident = xcs_get_be64(p);
-    h->version = xcs_get_be32(p + 8);
-    h->options = xcs_get_be32(p + 12);
+    fields_get(libxl_fields, NFIELDS(libxl_fields), p, h);
     if (h->ident != XCS_LIBXL_IDENT)
         return why_f(why, whylen, "bad libxl ident 0x%016llx (expected "
                                   "\"LibxlFmt\")", (unsigned long long)h->ident);
@@ -158,20 +236,15 @@ const char *xcs_libxl_hdr_parse(const uint8_t *p, struct xcs_libxl_hdr *h,
 
 void xcs_libxl_hdr_build(uint8_t *p, uint32_t options)
 {
-    xcs_put_be64(p, XCS_LIBXL_IDENT);
-    xcs_put_be32(p + 8, XCS_LIBXL_VERSION);
-    xcs_put_be32(p + 12, options);
+    const struct xcs_libxl_hdr h = {XCS_LIBXL_IDENT, XCS_LIBXL_VERSION, options};
+
+    fields_put(libxl_fields, NFIELDS(libxl_fields), p, &h);
 }
 
 const char *xcs_ihdr_parse(const uint8_t *p, struct xcs_ihdr *h, char *why,
                            size_t whylen)
 {
-    h->marker = xcs_get_be64(p);
-    h->id = xcs_get_be32(p + 8);
-    h->version = xcs_get_be32(p + 12);
-    h->options = xcs_get_be16(p + 16);
-    h->res1 = xcs_get_be16(p + 18);
-    h->res2 = xcs_get_be32(p + 20);
+    fields_get(ihdr_fields, NFIELDS(ihdr_fields), p, h);
     if (h->marker != XCS_IHDR_MARKER)
         return why_f(why, whylen, "bad image marker 0x%016llx",
                      (unsigned long long)h->marker);
@@ -194,22 +267,17 @@ const char *xcs_ihdr_parse(const uint8_t *p, struct xcs_ihdr *h, char *why,
 
 void xcs_ihdr_build(uint8_t *p)
 {
-    xcs_put_be64(p, XCS_IHDR_MARKER);
-    xcs_put_be32(p + 8, XCS_IHDR_ID);
-    xcs_put_be32(p + 12, XCS_IHDR_VERSION_3);
-    xcs_put_be16(p + 16, 0); /* options: little-endian */
-    xcs_put_be16(p + 18, 0);
-    xcs_put_be32(p + 20, 0);
+    /* options 0: little-endian; reserved fields zero */
+    const struct xcs_ihdr h = {XCS_IHDR_MARKER, XCS_IHDR_ID, XCS_IHDR_VERSION_3,
+                               0, 0, 0};
+
+    fields_put(ihdr_fields, NFIELDS(ihdr_fields), p, &h);
 }
 
 const char *xcs_dhdr_parse(const uint8_t *p, struct xcs_dhdr *h, char *why,
                            size_t whylen)
 {
-    h->type = xcs_get_le32(p);
-    h->page_shift = xcs_get_le16(p + 4);
-    h->res = xcs_get_le16(p + 6);
-    h->xen_major = xcs_get_le32(p + 8);
-    h->xen_minor = xcs_get_le32(p + 12);
+    fields_get(dhdr_fields, NFIELDS(dhdr_fields), p, h);
     if (h->type != XCS_DHDR_TYPE_X86_PV && h->type != XCS_DHDR_TYPE_X86_HVM)
         return why_f(why, whylen, "unknown domain type 0x%x", h->type);
     if (h->res)
@@ -223,11 +291,9 @@ const char *xcs_dhdr_parse(const uint8_t *p, struct xcs_dhdr *h, char *why,
 void xcs_dhdr_build(uint8_t *p, uint32_t type, uint32_t xen_major,
                     uint32_t xen_minor)
 {
-    xcs_put_le32(p, type);
-    xcs_put_le16(p + 4, XCS_PAGE_SHIFT);
-    xcs_put_le16(p + 6, 0);
-    xcs_put_le32(p + 8, xen_major);
-    xcs_put_le32(p + 12, xen_minor);
+    const struct xcs_dhdr h = {type, XCS_PAGE_SHIFT, 0, xen_major, xen_minor};
+
+    fields_put(dhdr_fields, NFIELDS(dhdr_fields), p, &h);
 }
 
 /*----- names -----*/

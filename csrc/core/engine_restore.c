@@ -927,25 +927,19 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
                        const struct xcs_engine_callbacks *cb,
                        struct xcs_restore_result *res)
 {
-    struct restore_ctx ctx;
-    struct xcs_restore_result dummy;
-    uint64_t t0 = xcs_now_ns();
+    struct restore_ctx ctx = {.tfd = -1, .p = p, .cb = cb, .res = res};
+    uint64_t t0;
     int saved;
     int rc = -1;
 
-    memset(&ctx, 0, sizeof(ctx));
-    ctx.tfd = -1;
-    ctx.p = p;
-    ctx.cb = cb;
-    ctx.res = res ? res : &dummy;
-    memset(ctx.res, 0, sizeof(*ctx.res));
+    if (xcs_engine_begin(&t0, res, sizeof(*res), cb, p->sim_path,
+                         p->stream_type, p->wrap) < 0)
+        goto out;
     ctx.remus = p->stream_type == XCS_STREAM_REMUS;
     ctx.max_pages = p->max_pages && p->max_pages < XCS_SIM_MAX_PAGES
                         ? p->max_pages
                         : XCS_SIM_MAX_PAGES;
 
-    if (xcs_engine_check_params(cb, p->sim_path, p->stream_type, p->wrap) < 0)
-        goto out;
     ctx.pfns = malloc(8 * XCS_MAX_BATCH_SIZE);
     ctx.pages = malloc((size_t)XCS_PAGE_SIZE * XCS_MAX_BATCH_SIZE);
     if (!ctx.pfns || !ctx.pages) {

@@ -1074,22 +1074,15 @@ int xcs_engine_save(const struct xcs_save_params *p,
                     const struct xcs_engine_callbacks *cb,
                     struct xcs_save_stats *stats)
 {
-    struct save_ctx ctx;
-    struct xcs_save_stats dummy;
-    uint64_t t0 = xcs_now_ns();
+    struct save_ctx ctx = {.dom.fd = -1, .p = p, .cb = cb, .st = stats,
+                           .w.fd = p->io_fd};
+    uint64_t t0;
     int remus = p->stream_type == XCS_STREAM_REMUS;
     int saved;
     int rc = -1;
 
-    memset(&ctx, 0, sizeof(ctx));
-    ctx.dom.fd = -1;
-    ctx.p = p;
-    ctx.cb = cb;
-    ctx.st = stats ? stats : &dummy;
-    memset(ctx.st, 0, sizeof(*ctx.st));
-    ctx.w.fd = p->io_fd;
-
-    if (xcs_engine_check_params(cb, p->sim_path, p->stream_type, p->wrap) < 0)
+    if (xcs_engine_begin(&t0, stats, sizeof(*stats), cb, p->sim_path,
+                         p->stream_type, p->wrap) < 0)
         goto out;
     if (xcs_sim_open(p->sim_path, 0, &ctx.dom) < 0) {
         xcs_fail(cb, errno, "opening sim domain %s: %s", p->sim_path,

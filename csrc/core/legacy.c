@@ -144,12 +144,13 @@ static void at(struct conv *c, const char *chunk)
 /* Exactly n bytes of `what` (or skip them: p NULL); a short stream is bad. */
 static int rd(struct conv *c, uint64_t n, const uint8_t **p, const char *what)
 {
-    char why[XCS_WHY_LEN];
-    int r = xcs_source_need(c->in, n, p, what, why, sizeof(why));
+    return xcs_source_must(c->in, n, p, what);
+}
 
-    if (r < 0)
-        return io_fail(c, "read");
-    return r ? fail(c, XCS_LEGACY_EFORMAT, "%s", why) : 0;
+/* The input's fault report (xcs_source_fault): into st, as EFORMAT or EIO. */
+static int rd_fault(void *c, int read_error, const char *why)
+{
+    return read_error ? io_fail(c, why) : fail(c, XCS_LEGACY_EFORMAT, "%s", why);
 }
 
 static uint64_t ulong_at(const struct conv *c, const uint8_t *p)
@@ -1217,6 +1218,7 @@ int xcs_legacy_run(struct xcs_source *in, int out_fd, const struct xcs_legacy_op
                    char *err, size_t errlen)
 {
     struct xcs_legacy_stats local;
+    const struct xcs_source_fault prev = in->fault;
     struct conv c;
     int have_first = 0, final = 0, rc;
     uint64_t first = 0;
@@ -1224,6 +1226,8 @@ int xcs_legacy_run(struct xcs_source *in, int out_fd, const struct xcs_legacy_op
     memset(&c, 0, sizeof(c));
     memset(&local, 0, sizeof(local));
     c.in = in;
+    /* in reports to c until the run ends, then to its previous reader */
+    in->fault = (struct xcs_source_fault){rd_fault, &c};
     c.out_fd = out_fd;
     c.o = opts;
     c.st = opts->stats ? opts->stats : &local;
@@ -1320,6 +1324,7 @@ int xcs_legacy_run(struct xcs_source *in, int out_fd, const struct xcs_legacy_op
         c.st->legacy.unread_bytes = xcs_source_remaining(in);
 
 out:
+    in->fault = prev;
     c.st->in_bytes = in->off;
     if (c.st->min_pfn == UINT64_MAX)
         c.st->min_pfn = 0;

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "stream_io.h"
 
 #define SRC_SCRATCH (1u << 20)
@@ -182,8 +183,9 @@ static size_t take_buffered(struct xcs_source *s, uint8_t *to, size_t n)
     return take;
 }
 
-int xcs_source_need(struct xcs_source *s, uint64_t n, const uint8_t **p,
-                    const char *what, char *why, size_t whylen)
+/* xcs_source_must's reading: 0; 1 at EOF first (why set); -1 (errno). */
+static int need(struct xcs_source *s, uint64_t n, const uint8_t **p,
+                const char *what, char *why, size_t whylen)
 {
     uint64_t got = 0;
     size_t part = 0;
@@ -199,6 +201,17 @@ int xcs_source_need(struct xcs_source *s, uint64_t n, const uint8_t **p,
         snprintf(why, whylen, "stream truncated: %llu of %llu bytes of %s",
                  (unsigned long long)got, (unsigned long long)n, what);
     return r;
+}
+
+int xcs_source_must(struct xcs_source *s, uint64_t n, const uint8_t **p,
+                    const char *what)
+{
+    char why[XCS_WHY_LEN];
+    int r = need(s, n, p, what, why, sizeof(why));
+
+    if (r < 0)
+        return s->fault.report(s->fault.ctx, 1, "read");
+    return r ? s->fault.report(s->fault.ctx, 0, why) : 0;
 }
 
 int xcs_source_skip(struct xcs_source *s, uint64_t n, uint64_t *got)

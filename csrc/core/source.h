@@ -43,6 +43,17 @@ extern "C" {
 #define XCS_SOURCE_MAP 0x1u /* map a regular file (else exact reads) */
 #define XCS_SOURCE_SEQ 0x2u /* mapped: every byte will be read (madvise) */
 
+/*
+ * Who hears of a short or failed exact read (xcs_source_must), set by the
+ * reader before it reads: report(ctx, 1, "read") on a read error (errno
+ * set), report(ctx, 0, why) when the stream ends first, why being "stream
+ * truncated: G of N bytes of <what>".  It returns the reader's error code.
+ */
+struct xcs_source_fault {
+    int (*report)(void *ctx, int read_error, const char *why);
+    void *ctx;
+};
+
 struct xcs_source {
     int fd;
     uint64_t off;        /* stream bytes consumed since open */
@@ -67,6 +78,7 @@ struct xcs_source {
     size_t relay_cap;    /* its capacity; 0 = no relay open */
     size_t relay_fill;   /* stream bytes in it, not yet moved out */
     uint64_t ahead;      /* bytes announced by xcs_source_move_expect */
+    struct xcs_source_fault fault; /* set by the reader (walker, legacy) */
 };
 
 /* Open a source over fd (not owned); flags XCS_SOURCE_*. */
@@ -85,12 +97,12 @@ void xcs_source_close(struct xcs_source *s);
 int xcs_source_get(struct xcs_source *s, size_t n, const uint8_t **p, size_t *got);
 /*
  * For readers that need all n bytes: xcs_source_get (p set) or, with p NULL,
- * xcs_source_skip.  0; 1 when the stream ends first, with why set to "stream
- * truncated: G of N bytes of <what>" (whylen bytes); -1 on a read error
- * (errno).
+ * xcs_source_skip.  0, or what s->fault.report returned: the one path
+ * from a short or failed read to a reader's error record (the walker's and
+ * the legacy converter's).
  */
-int xcs_source_need(struct xcs_source *s, uint64_t n, const uint8_t **p,
-                    const char *what, char *why, size_t whylen);
+int xcs_source_must(struct xcs_source *s, uint64_t n, const uint8_t **p,
+                    const char *what);
 /* Look at up to n bytes without consuming them; *got may be < n at EOF. */
 int xcs_source_peek(struct xcs_source *s, size_t n, const uint8_t **p, size_t *got);
 /* Consume n bytes without looking at them; 1 on EOF first (*got). */

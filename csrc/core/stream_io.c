@@ -71,10 +71,12 @@ uint64_t xcs_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-int xcs_engine_check_params(const struct xcs_engine_callbacks *cb,
-                            const char *sim_path, int stream_type,
-                            enum xcs_fmt wrap)
+int xcs_engine_begin(uint64_t *t0, void *result, size_t size,
+                     const struct xcs_engine_callbacks *cb,
+                     const char *sim_path, int stream_type, enum xcs_fmt wrap)
 {
+    *t0 = xcs_now_ns();
+    memset(result, 0, size);
     if (!sim_path || !*sim_path)
         return xcs_fail(cb, EINVAL, "no sim domain path given");
     if (stream_type != XCS_STREAM_PLAIN && stream_type != XCS_STREAM_REMUS)

@@ -31,13 +31,15 @@ int xcs_fail(const struct xcs_engine_callbacks *cb, int errnum,
 uint64_t xcs_now_ns(void);
 
 /*
- * The parameters both engines check first: a sim domain path, a plain or
- * remus stream, and a wrapping the engines write and read (xl, libxl or a
+ * The start both engine entry points share: *t0 = now (the result's
+ * duration_ns is measured from it), the caller's result (size bytes, never
+ * NULL) zeroed, then the parameters both check: a sim domain path, a plain
+ * or remus stream, and a wrapping the engines write and read (xl, libxl or a
  * bare libxc image).  0, or -1 via xcs_fail.
  */
-int xcs_engine_check_params(const struct xcs_engine_callbacks *cb,
-                            const char *sim_path, int stream_type,
-                            enum xcs_fmt wrap);
+int xcs_engine_begin(uint64_t *t0, void *result, size_t size,
+                     const struct xcs_engine_callbacks *cb,
+                     const char *sim_path, int stream_type, enum xcs_fmt wrap);
 
 /*----- progress, rate-limited -----*/
 

@@ -118,12 +118,13 @@ int xcs_walk_pv(const struct xcs_walker *w)
  */
 static int need(struct xcs_walker *w, uint64_t n, const uint8_t **p, const char *what)
 {
-    char why[XCS_WHY_LEN];
-    int r = xcs_source_need(w->in, n, p, what, why, sizeof(why));
+    return xcs_source_must(w->in, n, p, what);
+}
 
-    if (r < 0)
-        return xcs_walk_io_error(w, "read");
-    return r ? xcs_walk_bad(w, EIO, "%s", why) : 0;
+/* The input's fault report (xcs_source_fault): into w->err. */
+static int need_fault(void *w, int read_error, const char *why)
+{
+    return read_error ? xcs_walk_io_error(w, why) : xcs_walk_bad(w, EIO, "%s", why);
 }
 
 int xcs_walk_skip(struct xcs_walker *w, uint64_t n, const char *what)
@@ -975,6 +976,7 @@ int xcs_walk(struct xcs_walker *w)
 {
     int rc;
 
+    w->in->fault = (struct xcs_source_fault){need_fault, w};
     switch (w->opts->start) {
     case XCS_FMT_XL:
         rc = xl_header(w);

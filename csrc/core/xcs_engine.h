@@ -165,6 +165,11 @@ struct xcs_restore_result {
     unsigned int checkpoints; /* complete checkpoints applied (remus) */
 };
 
+/*
+ * The two entry points: 0, or -1 with errno after an error logged through
+ * cb.  stats / res are the caller's (never NULL), zeroed first and filled
+ * on success and failure alike.
+ */
 int xcs_engine_save(const struct xcs_save_params *p,
                     const struct xcs_engine_callbacks *cb,
                     struct xcs_save_stats *stats);
