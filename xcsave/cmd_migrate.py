@@ -27,7 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .cli import FORMATS, add_bounds_flags, parse_policy
+from .cli import FORMATS, add_bounds_flags, add_live_flags
 from .cli_run import (
     Terminated,
     add_logging_flags,
@@ -39,7 +39,7 @@ from .defaults import HANDSHAKE_TIMEOUT
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .migrate import MigrationResult, ReceiveResult
+    from .migrate import EventSink, MigrationResult, NetOptions, ReceiveOptions, ReceiveResult
 
 # asyncio, the API and the extension load when a command runs, not at parse time.
 
@@ -103,8 +103,8 @@ def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _tls_choice(args: argparse.Namespace) -> tuple[str | None, bool]:
-    """(tls_dir, insecure) for the API, or a usage error naming both options."""
+def _tls_choice(args: argparse.Namespace) -> dict[str, Any]:
+    """``tls_dir`` and ``insecure`` for the API, or a usage error naming both options."""
     from .migrate import INSECURE_WARNING, resolve_tls
 
     if args.tls_dir is not None and args.insecure:
@@ -116,7 +116,7 @@ def _tls_choice(args: argparse.Namespace) -> tuple[str | None, bool]:
     if tls is None:
         sys.stderr.write(f"xcsave: {INSECURE_WARNING}\n")
         sys.stderr.flush()
-    return (str(tls) if tls is not None else None), args.insecure
+    return {"tls_dir": str(tls) if tls is not None else None, "insecure": args.insecure}
 
 
 def add_parsers(sub: Any) -> None:
@@ -152,13 +152,7 @@ def add_parsers(sub: Any) -> None:
         help="ssh: how to run xcsave there (default 'xcsave')",
     )
     _add_tls_flags(p)
-    p.add_argument("--live", action="store_true", help="live precopy rounds")
-    p.add_argument(
-        "--policy",
-        type=parse_policy,
-        metavar="POLICY",
-        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort",
-    )
+    add_live_flags(p)
     p.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
     p.add_argument("--timeout", type=float, metavar="S", help="give the helper S seconds")
     p.add_argument(
@@ -240,10 +234,24 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     sys.stdout.flush()
 
 
+def net_options(args: argparse.Namespace, on_event: EventSink) -> NetOptions:
+    """The options both ends take (:class:`xcsave.migrate.NetOptions`), from the command line."""
+    return {
+        "timeout": args.timeout,
+        "handshake_timeout": args.handshake_timeout,
+        "idle_timeout": args.idle_timeout or None,  # 0: never
+        "on_event": on_event,
+    }
+
+
+def receive_options(args: argparse.Namespace, on_event: EventSink) -> ReceiveOptions:
+    """A receiver's options (:class:`xcsave.migrate.ReceiveOptions`), from the command line."""
+    return {**net_options(args, on_event), "max_memory": args.max_memory, "force": args.force}
+
+
 def do_migrate(args: argparse.Namespace) -> int:
     from . import migrate
 
-    idle = args.idle_timeout or None  # 0: never
     if isinstance(args.to, str):  # ssh://
         from .ssh import migrate_ssh
 
@@ -259,8 +267,7 @@ def do_migrate(args: argparse.Namespace) -> int:
     else:
         if args.remote_sim is not None:
             raise UsageError("--remote-sim is for ssh:// targets: the receiver names its domain")
-        tls_dir, insecure = _tls_choice(args)
-        target = functools.partial(migrate.migrate, tls_dir=tls_dir, insecure=insecure)
+        target = functools.partial(migrate.migrate, **_tls_choice(args))
 
     def run() -> Awaitable[MigrationResult]:
         return target(
@@ -269,10 +276,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             live=args.live,
             policy=args.policy,
             fmt=args.format,
-            timeout=args.timeout,
-            handshake_timeout=args.handshake_timeout,
-            idle_timeout=idle,
-            on_event=rend,
+            **net_options(args, rend),
         )
 
     with renderer(args) as rend:
@@ -314,10 +318,9 @@ def do_receive(args: argparse.Namespace) -> int:
 
     if args.accept_timeout is not None and args.accept_timeout <= 0:
         raise UsageError("--accept-timeout must be positive")
-    idle = args.idle_timeout or None  # 0: never
     if args.stdio:
-        return _receive_stdio(args, idle)
-    tls_dir, insecure = _tls_choice(args)
+        return _receive_stdio(args)
+    tls = _tls_choice(args)
 
     def listening(addr: tuple[str, int]) -> None:
         text = migrate.format_address(addr)
@@ -334,23 +337,17 @@ def do_receive(args: argparse.Namespace) -> int:
                 listen=args.listen,
                 sim=args.sim,
                 fmt=args.format,
-                timeout=args.timeout,
                 accept_timeout=args.accept_timeout,
-                handshake_timeout=args.handshake_timeout,
-                idle_timeout=idle,
-                max_memory=args.max_memory,
-                tls_dir=tls_dir,
-                insecure=insecure,
                 on_listening=listening,
-                on_event=rend,
-                force=args.force,
+                **tls,
+                **receive_options(args, rend),
             )
         )
     _emit(args, receive_json(res), receive_text(res))
     return 0
 
 
-def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
+def _receive_stdio(args: argparse.Namespace) -> int:
     """``receive --stdio``: the protocol owns stdin and stdout, everything else goes to stderr.
 
     fd trick: the protocol's ends are private duplicates of fds 0 and 1;
@@ -380,16 +377,7 @@ def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
         with renderer(args, sys.stderr) as rend:
             res = run_async(
                 lambda: migrate.receive_stdio(
-                    sim=args.sim,
-                    fmt=fmt,
-                    rfd=rfd,
-                    wfd=wfd,
-                    timeout=args.timeout,
-                    handshake_timeout=args.handshake_timeout,
-                    idle_timeout=idle,
-                    max_memory=args.max_memory,
-                    on_event=rend,
-                    force=args.force,
+                    sim=args.sim, fmt=fmt, rfd=rfd, wfd=wfd, **receive_options(args, rend)
                 )
             )
     finally:

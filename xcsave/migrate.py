@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypedDict, Unpack
 
 from . import api
 from . import handshake as hs
@@ -72,7 +72,9 @@ __all__ = [
     "MigrationError",
     "MigrationInDoubt",
     "MigrationResult",
+    "NetOptions",
     "Outcome",
+    "ReceiveOptions",
     "ReceiveResult",
     "Summary",
     "default_max_memory",
@@ -92,6 +94,53 @@ log = logger(__name__)
 MAX_CANDIDATES: Final = 8
 
 EventSink = Callable[[Event], object]
+
+
+class NetOptions(TypedDict, total=False):
+    """What every migration entry point takes by keyword and passes on as
+    ``**net`` (one list; the defaults are :data:`NET_DEFAULTS`)."""
+
+    #: the helper's overall bound (s; None: none)
+    timeout: float | None
+    #: each handshake message, and a connecting peer's admission (s)
+    handshake_timeout: float | None
+    #: a stream silent this long once started fails (ETIMEDOUT; None: never)
+    idle_timeout: float | None
+    #: told every event (the helper's, relabelled, and the handshake's steps)
+    on_event: EventSink | None
+    #: runs the helpers (default: a private one)
+    supervisor: Supervisor | None
+
+
+class ReceiveOptions(NetOptions, total=False):
+    """A receiver's options besides :class:`NetOptions` (see :func:`receive_on`)."""
+
+    #: refuse a larger domain before allocating it (None: :func:`default_max_memory`)
+    max_memory: int | None
+    #: replace an existing domain of that name once the received copy starts
+    force: bool
+
+
+#: What an option left out of :class:`NetOptions` is.
+NET_DEFAULTS: Final[NetOptions] = {
+    "timeout": None,
+    "handshake_timeout": HANDSHAKE_TIMEOUT,
+    "idle_timeout": IDLE_TIMEOUT,
+    "on_event": None,
+    "supervisor": None,
+}
+#: ... and one left out of :class:`ReceiveOptions`.
+RECEIVE_DEFAULTS: Final[ReceiveOptions] = {**NET_DEFAULTS, "max_memory": None, "force": False}
+
+
+def _helper_options(o: NetOptions, ev: EventSink) -> dict[str, Any]:
+    """What a migration's helper run (:func:`xcsave.api.save` / ``restore``) is given of ``o``."""
+    return {
+        "timeout": o["timeout"],
+        "idle_timeout": o["idle_timeout"],
+        "on_event": ev,
+        "supervisor": o["supervisor"],
+    }
 
 
 @dataclass
@@ -332,13 +381,9 @@ async def migrate_on(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
     stream: int | None = None,
     peer: str | None = None,
+    **net: Unpack[NetOptions],
 ) -> MigrationResult:
     """Migrate a simulated domain over ``sock``, a connected socket (the sender's side).
 
@@ -355,7 +400,9 @@ async def migrate_on(
     src = simdom.resolve(sim)
     before = simdom.state(src)  # also: FileNotFoundError for a domain that does not exist
     peer = peer or hs.peer_name(sock)
-    ev = _Events("migrate", str(src), on_event)
+    o: NetOptions = {**NET_DEFAULTS, **net}
+    handshake_timeout = o["handshake_timeout"]
+    ev = _Events("migrate", str(src), o["on_event"])
     hs.nonblocking(sock)
     hs.tune(sock, handshake_timeout)
     t0 = time.monotonic()
@@ -377,10 +424,7 @@ async def migrate_on(
                 fmt=fmt,
                 policy=policy,
                 callbacks=Callbacks(suspend=suspended),
-                timeout=timeout,
-                idle_timeout=idle_timeout,
-                on_event=ev,
-                supervisor=supervisor,
+                **_helper_options(o, ev),
             )
         stream_done_at = time.monotonic()
         ev.note("stream sent; waiting for the receiver to confirm")
@@ -396,7 +440,7 @@ async def migrate_on(
                 f"the receiver could not start its copy (status {status})", errno=status
             )
     except BaseException as e:
-        cause = _cause(e, idle_timeout)
+        cause = _cause(e, o["idle_timeout"])
         if committed:
             ev.done(False, f"in doubt: {cause}")
             if isinstance(e, Exception):
@@ -446,13 +490,9 @@ async def migrate(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
     tls_dir: str | os.PathLike[str] | None = None,
     insecure: bool = False,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
+    **net: Unpack[NetOptions],
 ) -> MigrationResult:
     """Live-migrate the simulated domain ``sim`` to the receiver at ``to=(host, port)``.
 
@@ -471,22 +511,13 @@ async def migrate(
     """
     path = _resolve_existing(sim)
     tls = resolve_tls(tls_dir, insecure)
+    handshake_timeout = net.get("handshake_timeout", HANDSHAKE_TIMEOUT)
     sock = await _connect(to, handshake_timeout)
     with sock:
         hs.tune(sock, handshake_timeout)
         async with _secured(sock, tls, server_name=to[0], timeout=handshake_timeout) as ch:
             return await migrate_on(
-                ch.sock,
-                sim=path,
-                live=live,
-                policy=policy,
-                fmt=fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                idle_timeout=idle_timeout,
-                on_event=on_event,
-                supervisor=supervisor,
-                peer=ch.peer,
+                ch.sock, sim=path, live=live, policy=policy, fmt=fmt, peer=ch.peer, **net
             )
 
 
@@ -505,16 +536,10 @@ async def receive_on(
     *,
     sim: str | os.PathLike[str],
     fmt: str = "auto",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    max_memory: int | None = None,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
     stream: int | None = None,
-    force: bool = False,
     admitted_fmt: str | None = None,
     peer: str | None = None,
+    **opts: Unpack[ReceiveOptions],
 ) -> ReceiveResult:
     """Receive a domain over ``sock``, a connected socket (the receiver's side).
 
@@ -538,10 +563,13 @@ async def receive_on(
     if (stream is not None or isinstance(sock, Fds)) and fmt == "auto" and not admitted_fmt:
         raise ValueError("a separate stream fd cannot be peeked at: give its format")
     target = simdom.resolve(sim)
-    built = api.SimTarget.begin(target, force=force)  # EEXIST unless force
+    o: ReceiveOptions = {**RECEIVE_DEFAULTS, **opts}
+    handshake_timeout = o["handshake_timeout"]
+    built = api.SimTarget.begin(target, force=o["force"])  # EEXIST unless force
     peer = peer or hs.peer_name(sock)
+    max_memory = o["max_memory"]
     limit = default_max_memory(target) if max_memory is None else max_memory
-    ev = _Events("receive", str(target), on_event)
+    ev = _Events("receive", str(target), o["on_event"])
     hs.nonblocking(sock)
     hs.tune(sock, handshake_timeout)
     t0 = time.monotonic()
@@ -562,11 +590,8 @@ async def receive_on(
                 fd,
                 sim=built,
                 fmt=detected,
-                timeout=timeout,
                 max_memory=limit,
-                idle_timeout=idle_timeout,
-                on_event=ev,
-                supervisor=supervisor,
+                **_helper_options(o, ev),
             )
         ev.note("stream received; asking for permission to start")
         await hs.send(sock, READY, "'domain received'", handshake_timeout)
@@ -597,7 +622,7 @@ async def receive_on(
     except BaseException as e:
         if not running:
             built.discard()
-        cause = _cause(e, idle_timeout)
+        cause = _cause(e, o["idle_timeout"])
         ev.done(False, cause)
         if isinstance(e, Exception) and not running:
             raise _same_kind(e)(
@@ -770,17 +795,11 @@ async def receive(
     listen: Address | socket.socket,
     sim: str | os.PathLike[str],
     fmt: str = "auto",
-    timeout: float | None = None,
     accept_timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    max_memory: int | None = None,
     tls_dir: str | os.PathLike[str] | None = None,
     insecure: bool = False,
     on_listening: Callable[[Address], object] | None = None,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
-    force: bool = False,
+    **opts: Unpack[ReceiveOptions],
 ) -> ReceiveResult:
     """Receive one migration on ``listen`` and run the received domain as ``sim``.
 
@@ -801,7 +820,7 @@ async def receive(
     ``sim`` is refused (EEXIST) before listening, unless ``force``.
     """
     target = simdom.resolve(sim)
-    api.check_replace(target, force)  # EEXIST before listening, unless force
+    api.check_replace(target, opts.get("force", False))  # EEXIST before listening, unless force
     if fmt != "auto" and fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected auto or one of {api.FORMATS}")
     tls = resolve_tls(tls_dir, insecure)
@@ -823,7 +842,11 @@ async def receive(
         try:
             async with asyncio.timeout(accept_timeout):
                 got = await _first_admitted(
-                    lsock, target=target, tls=tls, fmt=fmt, timeout=handshake_timeout
+                    lsock,
+                    target=target,
+                    tls=tls,
+                    fmt=fmt,
+                    timeout=opts.get("handshake_timeout", HANDSHAKE_TIMEOUT),
                 )
         except TimeoutError:
             raise MigrationError(
@@ -840,15 +863,9 @@ async def receive(
                 got.channel.sock,
                 sim=target,
                 fmt=got.fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                idle_timeout=idle_timeout,
-                max_memory=max_memory,
-                on_event=on_event,
-                supervisor=supervisor,
                 admitted_fmt=got.fmt,
                 peer=got.channel.peer,
-                force=force,
+                **opts,
             )
 
 
@@ -858,13 +875,7 @@ async def receive_stdio(
     fmt: str,
     rfd: int = 0,
     wfd: int = 1,
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    max_memory: int | None = None,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
-    force: bool = False,
+    **opts: Unpack[ReceiveOptions],
 ) -> ReceiveResult:
     """Receive one migration over ``rfd``/``wfd`` (the far end of ``xcsave
     migrate --to ssh://...``: sshd's stdin and stdout, pipes or a socket).
@@ -882,18 +893,7 @@ async def receive_stdio(
     ep = Fds(rfd, wfd, f"ssh client {client[0]}" if client else "stdin/stdout")
     flags = {fd: os.get_blocking(fd) for fd in {rfd, wfd}}
     try:
-        return await receive_on(
-            ep,
-            sim=sim,
-            fmt=fmt,
-            timeout=timeout,
-            handshake_timeout=handshake_timeout,
-            idle_timeout=idle_timeout,
-            max_memory=max_memory,
-            on_event=on_event,
-            supervisor=supervisor,
-            force=force,
-        )
+        return await receive_on(ep, sim=sim, fmt=fmt, **opts)
     finally:
         for fd, blocking in flags.items():  # a terminal's O_NONBLOCK outlives us
             with contextlib.suppress(OSError):

@@ -28,7 +28,7 @@ import shlex
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Unpack
 
 from . import api
 from . import migrate as mig
@@ -37,7 +37,6 @@ from ._log import logger
 from .defaults import HANDSHAKE_TIMEOUT, IDLE_TIMEOUT
 from .errors import MigrationError, error_text
 from .policy import Policy
-from .supervisor import Supervisor
 
 __all__ = ["SshTarget", "migrate_ssh", "parse_ssh_url", "remote_receive_argv", "ssh_argv"]
 
@@ -173,11 +172,7 @@ async def migrate_ssh(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    on_event: mig.EventSink | None = None,
-    supervisor: Supervisor | None = None,
+    **net: Unpack[mig.NetOptions],
 ) -> mig.MigrationResult:
     """Migrate ``sim`` to ``to`` (``ssh://[USER@]HOST[:PORT]``) through ``ssh``.
 
@@ -195,8 +190,8 @@ async def migrate_ssh(
         remote_command,
         sim=remote_sim or src.name,
         fmt=fmt,
-        idle_timeout=idle_timeout,
-        handshake_timeout=handshake_timeout,
+        idle_timeout=net.get("idle_timeout", IDLE_TIMEOUT),
+        handshake_timeout=net.get("handshake_timeout", HANDSHAKE_TIMEOUT),
     )
     argv = ssh_argv(ssh, target, remote)
     log.info("migrate %s: running %s", src, shlex.join(argv))
@@ -225,17 +220,7 @@ async def migrate_ssh(
         err = _SshStderr(proc.stderr, target)
         try:
             result = await mig.migrate_on(
-                ours,
-                sim=src,
-                live=live,
-                policy=policy,
-                fmt=fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                idle_timeout=idle_timeout,
-                on_event=on_event,
-                supervisor=supervisor,
-                peer=str(target),
+                ours, sim=src, live=live, policy=policy, fmt=fmt, peer=str(target), **net
             )
         except MigrationError as e:
             ours.close()  # ssh sees EOF, the remote receiver fails and cleans up
