@@ -39,7 +39,14 @@ from .defaults import HANDSHAKE_TIMEOUT
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .migrate import EventSink, MigrationResult, NetOptions, ReceiveOptions, ReceiveResult
+    from .migrate import (
+        EventSink,
+        MigrationResult,
+        NetOptions,
+        ReceiveOptions,
+        ReceiveResult,
+        SendOptions,
+    )
 
 # asyncio, the API and the extension load when a command runs, not at parse time.
 
@@ -153,6 +160,7 @@ def add_parsers(sub: Any) -> None:
     )
     _add_tls_flags(p)
     add_live_flags(p)
+    _add_wire_flags(p)
     p.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
     p.add_argument("--timeout", type=float, metavar="S", help="give the helper S seconds")
     p.add_argument(
@@ -217,6 +225,13 @@ def add_parsers(sub: Any) -> None:
         f"authenticate and start its stream (default {HANDSHAKE_TIMEOUT:g})",
     )
     add_bounds_flags(r, max_memory="the host's memory or the sim directory's filesystem")
+    r.add_argument(
+        "--save-to",
+        metavar="FILE",
+        help="also write the received stream into FILE (new, 0600; removed on failure): "
+        "a plain stream 'xcsave verify' and Xen's verify-stream-v2 read (needs a sender "
+        "using the wire: --compress, --channels or --resume)",
+    )
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     add_progress_flag(r)
     add_logging_flags(r)
@@ -244,9 +259,77 @@ def net_options(args: argparse.Namespace, on_event: EventSink) -> NetOptions:
     }
 
 
+def send_options(args: argparse.Namespace, on_event: EventSink) -> SendOptions:
+    """A sender's options (:class:`xcsave.migrate.SendOptions`), from the command line."""
+    return {
+        **net_options(args, on_event),
+        "compress": args.compress,
+        "channels": args.channels,
+        "max_bandwidth": args.max_bandwidth,
+        "resume": args.resume,
+        "control": None,
+    }
+
+
 def receive_options(args: argparse.Namespace, on_event: EventSink) -> ReceiveOptions:
     """A receiver's options (:class:`xcsave.migrate.ReceiveOptions`), from the command line."""
-    return {**net_options(args, on_event), "max_memory": args.max_memory, "force": args.force}
+    return {
+        **net_options(args, on_event),
+        "max_memory": args.max_memory,
+        "force": args.force,
+        "save_to": args.save_to,
+    }
+
+
+def _rate(text: str) -> int:
+    from .wire import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _channels(text: str) -> int:
+    from .wire import MAX_CHANNELS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"bad channel count {text!r}: expected 1..{MAX_CHANNELS}")
+    return int(text)
+
+
+def _add_wire_flags(p: argparse.ArgumentParser) -> None:
+    """The sender's wire extensions (issue 14; xcsave receivers only, but for the cap)."""
+    p.add_argument(
+        "--compress",
+        choices=("off", "zstd", "adaptive"),
+        default="off",
+        help="compress page data on the wire (xcsave receivers only; adaptive: only while "
+        "it pays, skipped for incompressible pages or when the CPU, not the link, is slow)",
+    )
+    p.add_argument(
+        "--channels",
+        type=_channels,
+        default=1,
+        metavar="N",
+        help="spread the stream over N connections, each secured like the first "
+        "(TCP/TLS to an xcsave receiver; default 1)",
+    )
+    p.add_argument(
+        "--max-bandwidth",
+        type=_rate,
+        default=0,
+        metavar="RATE",
+        help="cap the link: 1gbit, 500mbit (bits/s, decimal, as tc writes them) or 100M, "
+        "125MB/s (bytes/s, binary: 100M = 100 MiB/s); 0: none (default).  Works towards any "
+        "receiver",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reconnect a channel lost during the live rounds and send only what the "
+        "receiver has not confirmed (TCP/TLS to an xcsave receiver)",
+    )
 
 
 def do_migrate(args: argparse.Namespace) -> int:
@@ -276,7 +359,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             live=args.live,
             policy=args.policy,
             fmt=args.format,
-            **net_options(args, rend),
+            **send_options(args, rend),
         )
 
     with renderer(args) as rend:

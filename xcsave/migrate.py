@@ -34,13 +34,14 @@ import dataclasses
 import errno as errno_mod
 import os
 import socket
+import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, TypedDict, Unpack
 
-from . import api
+from . import api, files, wire
 from . import handshake as hs
 from . import lock as _lock
 from . import sim as simdom
@@ -58,7 +59,9 @@ from .events import DoneEvent, Event, LogEvent, ProgressEvent
 from .handshake import BANNER, GO, READY, REPORT, Address, Endpoint, Fds, format_address
 from .jobs import Outcome, Summary, run_many
 from .policy import Policy
-from .supervisor import Callbacks, RunResult, Supervisor
+from .proto import XCSAVE_1
+from .supervisor import Callbacks, HelperRun, HelperSpec, RunResult, Supervisor
+from .wire import MigrationControl
 
 __all__ = [
     "BANNER",
@@ -69,6 +72,7 @@ __all__ = [
     "READY",
     "REPORT",
     "HandshakeError",
+    "MigrationControl",
     "MigrationError",
     "MigrationInDoubt",
     "MigrationResult",
@@ -76,6 +80,7 @@ __all__ = [
     "Outcome",
     "ReceiveOptions",
     "ReceiveResult",
+    "SendOptions",
     "Summary",
     "default_max_memory",
     "format_address",
@@ -112,6 +117,23 @@ class NetOptions(TypedDict, total=False):
     supervisor: Supervisor | None
 
 
+class SendOptions(NetOptions, total=False):
+    """A sender's options besides :class:`NetOptions`: the wire extensions
+    (issue 14; offered only when asked for, and then the receiver must be
+    xcsave's: see :mod:`xcsave.wire`)."""
+
+    #: "off" (default), "zstd", or "adaptive" (zstd only when it pays)
+    compress: str
+    #: data channels (TCP/TLS only; default 1)
+    channels: int
+    #: the cap, bytes/s or a :func:`xcsave.wire.parse_rate` text (0: none)
+    max_bandwidth: int | str
+    #: reconnect a channel lost during the live rounds (TCP/TLS only)
+    resume: bool
+    #: changes the cap while the migration runs
+    control: MigrationControl | None
+
+
 class ReceiveOptions(NetOptions, total=False):
     """A receiver's options besides :class:`NetOptions` (see :func:`receive_on`)."""
 
@@ -119,6 +141,8 @@ class ReceiveOptions(NetOptions, total=False):
     max_memory: int | None
     #: replace an existing domain of that name once the received copy starts
     force: bool
+    #: also write the received plain stream into this new file (0600; needs the wire)
+    save_to: str | os.PathLike[str] | None
 
 
 #: What an option left out of :class:`NetOptions` is.
@@ -130,7 +154,21 @@ NET_DEFAULTS: Final[NetOptions] = {
     "supervisor": None,
 }
 #: ... and one left out of :class:`ReceiveOptions`.
-RECEIVE_DEFAULTS: Final[ReceiveOptions] = {**NET_DEFAULTS, "max_memory": None, "force": False}
+RECEIVE_DEFAULTS: Final[ReceiveOptions] = {
+    **NET_DEFAULTS,
+    "max_memory": None,
+    "force": False,
+    "save_to": None,
+}
+#: ... and one left out of :class:`SendOptions`.
+SEND_DEFAULTS: Final[SendOptions] = {
+    **NET_DEFAULTS,
+    "compress": "off",
+    "channels": 1,
+    "max_bandwidth": 0,
+    "resume": False,
+    "control": None,
+}
 
 
 def _helper_options(o: NetOptions, ev: EventSink) -> dict[str, Any]:
@@ -370,6 +408,269 @@ class _Events:
         return [max(0.0, e - s) for s, e in zip(starts, ends, strict=True)]
 
 
+# ----------------------------------------------------------------- the wire (issue 14)
+
+
+async def _recv_body(ep: Endpoint, magic: bytes, what: str, timeout: float | None) -> Any:
+    """One negotiation message (``magic`` + u32 length + JSON), all within
+    ``timeout``: the length is checked before a byte of the body is read."""
+    async with _deadline(timeout, what):
+        head = await hs.recv_exact(ep, wire.MAGIC_LEN + 4, what, None)
+        n = wire.body_length(head, magic, what)
+        return wire.decode(await hs.recv_exact(ep, n, what, None), what)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(timeout: float | None, what: str) -> AsyncIterator[None]:
+    """The block within ``timeout`` (one deadline: a trickle cannot stretch it)."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        raise HandshakeError(
+            f"no complete {what} within {timeout:g} s (ETIMEDOUT)", errno=errno_mod.ETIMEDOUT
+        ) from None
+
+
+def _offer(o: SendOptions, fmt: str) -> wire.Offer | None:
+    """The offer these options make (None: no extension, the plain xl stream);
+    ValueError for an option out of range."""
+    if o["compress"] not in wire.COMPRESS:
+        raise ValueError(f"compress is one of {wire.COMPRESS}, not {o['compress']!r}")
+    if not 1 <= o["channels"] <= wire.MAX_CHANNELS:
+        raise ValueError(f"channels is 1..{wire.MAX_CHANNELS}, not {o['channels']}")
+    if o["compress"] == "off" and o["channels"] == 1 and not o["resume"]:
+        return None
+    compress = "off" if o["compress"] == "off" else "zstd"
+    return wire.Offer(compress=compress, channels=o["channels"], resume=o["resume"], format=fmt)
+
+
+def _checked(o: SendOptions, fmt: str) -> tuple[wire.Offer | None, int]:
+    """The offer and the cap (bytes/s) of these options; ValueError for a bad one."""
+    return _offer(o, fmt), _rate(o)
+
+
+def _rate(o: SendOptions) -> int:
+    cap = o["max_bandwidth"]
+    rate = wire.parse_rate(cap) if isinstance(cap, str) else int(cap)
+    if rate < 0:
+        raise ValueError(f"max_bandwidth is >= 0 bytes/s, not {rate}")
+    return rate
+
+
+async def _negotiate(sock: socket.socket, offer: wire.Offer, timeout: float | None) -> wire.Accept:
+    """Send ``offer``, read the receiver's answer (the sender's side)."""
+    await hs.send(sock, wire.encode(wire.OFFER_MAGIC, offer.body()), "our wire offer", timeout)
+    try:
+        body = await _recv_body(sock, wire.OFFER_MAGIC, "answer to our wire offer", timeout)
+    except HandshakeError as e:
+        if e.errno != errno_mod.ECONNRESET:
+            raise
+        raise HandshakeError(
+            "the receiver hung up on our wire offer: it does not speak xcsave's wire "
+            "extensions (a stock xl receiver?); migrate without --compress, --channels "
+            "and --resume (EPROTONOSUPPORT)",
+            errno=errno_mod.EPROTONOSUPPORT,
+        ) from e
+    return wire.Accept.parse(body, offer)
+
+
+#: Opens one more channel of a migration to the same receiver (secured like
+#: channel 0), reads its banner and sends ``join``: the sender's side of a JOIN.
+ChannelOpener = Callable[[wire.Join], contextlib.AbstractAsyncContextManager[_Channel]]
+
+
+async def _pump(
+    plan: wire.PumpPlan, domain: str, ev: EventSink, control: MigrationControl | None
+) -> RunResult:
+    """One wire pump run (``xcsave-helper wire-send`` / ``wire-recv``) to its end."""
+    spec = HelperSpec(
+        mode=plan.mode,
+        dialect=XCSAVE_1,
+        args=plan.argv(),
+        pass_fds=plan.fds(),
+        domain=domain,
+        backend="wire",
+    )
+    run = HelperRun(spec, on_event=ev)
+    if control is not None:
+        control.attach(run)
+    try:
+        return await run.run()
+    finally:
+        if control is not None:
+            control.attach(None)
+
+
+async def _with_pump(
+    pump: Callable[[], Awaitable[RunResult]],
+    pump_fd: int,
+    helper: Callable[[], Awaitable[RunResult]],
+    helper_fd: int,
+) -> RunResult:
+    """Run a pump and a save/restore helper joined by a pipe; the helper's result.
+
+    Each pipe end is closed here as soon as its run ends, so the other sees
+    EOF (the pump: the stream is complete) or EPIPE.  The first failure
+    stops the other run; the pump's error wins (a lost link is the cause,
+    the helper's EPIPE its consequence).
+    """
+
+    async def owning(run: Callable[[], Awaitable[RunResult]], fd: int) -> RunResult:
+        try:
+            return await run()
+        finally:
+            os.close(fd)
+
+    pumping = asyncio.create_task(owning(pump, pump_fd))
+    helping = asyncio.create_task(owning(helper, helper_fd))
+    tasks = (pumping, helping)
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            raise exc
+    return helping.result()
+
+
+@dataclass
+class _WireSend:
+    """The sender's use of the wire: what was accepted, its extra channels, resume."""
+
+    o: SendOptions
+    offer: wire.Offer | None
+    rate: int
+    opener: ChannelOpener | None
+    stack: contextlib.AsyncExitStack
+    accepted: wire.Accept | None = None
+    channels: list[socket.socket] = field(default_factory=list)
+    resume_sock: socket.socket | None = None
+    suspended: bool = False
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def pumped(self) -> bool:
+        """Whether the stream goes through a pump (any extension, a cap, or a control)."""
+        return self.offer is not None or self.rate > 0 or self.o["control"] is not None
+
+    async def start(self, sock: socket.socket, ev: _Events, timeout: float | None) -> None:
+        """Negotiate on channel 0 and open the others (after the banner)."""
+        self.channels = [sock]
+        if self.offer is None:
+            return
+        acc = self.accepted = await _negotiate(sock, self.offer, timeout)
+        ev.note(
+            f"wire: compress {acc.compress}, {acc.channels} channel(s)"
+            + (", resume" if acc.resume else "")
+        )
+        if acc.channels > 1 and self.opener is None:
+            raise MigrationError("--channels needs a TCP or TLS transport", errno=errno_mod.EINVAL)
+        for i in range(1, acc.channels):
+            assert self.opener is not None
+            ch = await self.stack.enter_async_context(self.opener(wire.Join(acc.token, i)))
+            self.channels.append(ch.sock)
+
+    async def send(
+        self, save: Callable[[int, EventSink], Awaitable[RunResult]], ev: _Events, domain: str
+    ) -> RunResult:
+        """The save helper writes into a pipe; the pump puts it on the channels."""
+        acc = self.accepted
+        control = self.o["control"]
+        if control is not None and self.rate:
+            control.max_bandwidth = self.rate
+        rate = control.max_bandwidth if control is not None else self.rate
+        r, w = os.pipe()
+        resume_theirs: socket.socket | None = None
+        if acc is not None and acc.resume:
+            self.resume_sock, resume_theirs = socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET
+            )
+        plan = wire.PumpPlan(
+            "wire-send",
+            r,
+            tuple(c.fileno() for c in self.channels),
+            raw=acc is None,
+            compress=self.o["compress"] if acc is not None and acc.compress != "off" else "off",
+            max_bandwidth=rate,
+            frame=acc.frame if acc else wire.FRAME_DEFAULT,
+            window=acc.window if acc else wire.WINDOW_DEFAULT,
+            resume_fd=resume_theirs.fileno() if resume_theirs is not None else None,
+            idle_timeout=self.o["idle_timeout"],
+        )
+        stats = wire.LiveStats("migrate", domain, ev.sink)
+
+        def pump_event(e: Event) -> None:
+            stats.feed(e)
+            ev(e)
+            if getattr(e, "kind", None) == "wire_lost":
+                self._lost(int(getattr(e, "channel", 0)))
+
+        def save_event(e: Event) -> None:
+            stats.feed(e)
+            ev(e)
+
+        for c in self.channels:
+            c.setblocking(True)  # the pump's; see hs.lent_to_helper
+        try:
+            return await _with_pump(
+                lambda: _pump(plan, domain, pump_event, control),
+                r,
+                lambda: save(w, save_event),
+                w,
+            )
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for c in self.channels:
+                c.setblocking(False)
+            for end in (self.resume_sock, resume_theirs):
+                if end is not None:
+                    end.close()
+
+    def _lost(self, index: int) -> None:
+        """A channel failed (the pump's ``wire_lost``): reconnect it, if resume
+        was negotiated and the domain still runs (after suspension the
+        existing in-doubt rules stand: no new connection)."""
+        if self.resume_sock is None or self.opener is None or self.suspended:
+            return
+        task = asyncio.create_task(self._reconnect(index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconnect(self, index: int) -> None:
+        assert self.accepted is not None
+        assert self.opener is not None
+        assert self.resume_sock is not None
+        delay = wire.RESUME_BACKOFF
+        for attempt in range(1, wire.RESUME_TRIES + 1):
+            try:
+                join = wire.Join(self.accepted.token, index, resume=True)
+                ch = await self.stack.enter_async_context(self.opener(join))
+                ch.sock.setblocking(True)
+                # fd trick: the pump takes the new connection over from its
+                # resume socket (SCM_RIGHTS), in the lost channel's slot.
+                socket.send_fds(self.resume_sock, [struct.pack("<I", index)], [ch.sock.fileno()])
+                log.info("wire: channel %d reconnected (attempt %d)", index, attempt)
+                return
+            except (OSError, XcsaveError) as e:
+                log.warning(
+                    "wire: reconnecting channel %d, attempt %d of %d: %s",
+                    index,
+                    attempt,
+                    wire.RESUME_TRIES,
+                    error_text(e),
+                )
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, wire.RESUME_BACKOFF_MAX)
+        log.error("wire: channel %d lost for good; the pump gives up", index)
+
+
 # ----------------------------------------------------------------- sender
 
 
@@ -383,7 +684,8 @@ async def migrate_on(
     fmt: str = "libxl",
     stream: int | None = None,
     peer: str | None = None,
-    **net: Unpack[NetOptions],
+    opener: ChannelOpener | None = None,
+    **net: Unpack[SendOptions],
 ) -> MigrationResult:
     """Migrate a simulated domain over ``sock``, a connected socket (the sender's side).
 
@@ -394,13 +696,22 @@ async def migrate_on(
     ``idle_timeout``: a receiver that takes no stream bytes for that long
     fails the migration (ETIMEDOUT).  ``peer`` names the receiver in
     messages (default: the socket's peer address).
+
+    The wire extensions (:class:`SendOptions`: ``compress``, ``channels``,
+    ``resume``) are offered to the receiver right after its banner;
+    ``opener`` opens channels 1..n-1 (:func:`migrate` gives one).  With
+    them, or a ``max_bandwidth`` cap, or a ``control``, the helper writes
+    into a pipe and a wire pump puts the stream on the channel(s).
     """
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
+    o: SendOptions = {**SEND_DEFAULTS, **net}
+    offer, rate = _checked(o, fmt)  # ValueError before anything happens
+    if stream is not None and (offer is not None or rate or o["control"] is not None):
+        raise ValueError("the wire extensions and the cap need the stream on the socket")
     src = simdom.resolve(sim)
     before = simdom.state(src)  # also: FileNotFoundError for a domain that does not exist
     peer = peer or hs.peer_name(sock)
-    o: NetOptions = {**NET_DEFAULTS, **net}
     handshake_timeout = o["handshake_timeout"]
     ev = _Events("migrate", str(src), o["on_event"])
     hs.nonblocking(sock)
@@ -408,24 +719,37 @@ async def migrate_on(
     t0 = time.monotonic()
     t_suspend: list[float] = []
 
+    stack = contextlib.AsyncExitStack()
+    wired = _WireSend(o, offer, rate, opener if isinstance(sock, socket.socket) else None, stack)
+
     def suspended() -> bool:
         t_suspend.append(time.monotonic())
+        wired.suspended = True  # a link lost from here on is not reconnected
         return True  # the engine then marks the domain suspended
+
+    async def save(fd: int, sink: EventSink) -> RunResult:
+        return await api.save(
+            fd,
+            sim=src,
+            live=live,
+            fmt=fmt,
+            policy=policy,
+            callbacks=Callbacks(suspend=suspended),
+            **_helper_options(o, sink),
+        )
 
     committed = False  # GO sent: from here on, resuming could make two copies run
     try:
         await hs.expect(sock, BANNER, "the receiver's banner", handshake_timeout)
-        ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
-        with hs.lent_to_helper(sock, stream) as fd:
-            saved = await api.save(
-                fd,
-                sim=src,
-                live=live,
-                fmt=fmt,
-                policy=policy,
-                callbacks=Callbacks(suspend=suspended),
-                **_helper_options(o, ev),
-            )
+        async with stack:
+            await wired.start(sock, ev, handshake_timeout)
+            ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
+            if wired.pumped:
+                assert isinstance(sock, socket.socket)
+                saved = await wired.send(save, ev, str(src))
+            else:
+                with hs.lent_to_helper(sock, stream) as fd:
+                    saved = await save(fd, ev)
         stream_done_at = time.monotonic()
         ev.note("stream sent; waiting for the receiver to confirm")
         await hs.expect(sock, READY, "the receiver's 'domain received'", handshake_timeout)
@@ -492,7 +816,7 @@ async def migrate(
     fmt: str = "libxl",
     tls_dir: str | os.PathLike[str] | None = None,
     insecure: bool = False,
-    **net: Unpack[NetOptions],
+    **net: Unpack[SendOptions],
 ) -> MigrationResult:
     """Live-migrate the simulated domain ``sim`` to the receiver at ``to=(host, port)``.
 
@@ -508,17 +832,45 @@ async def migrate(
     stays suspended (:class:`MigrationInDoubt`).  Connection failures are
     the ``OSError`` from connect (e.g. ``ConnectionRefusedError``), with
     ``host:port`` as its filename; the domain is untouched then.
+
+    The wire extensions of :class:`SendOptions` need an xcsave receiver;
+    its further channels go to the same address, secured like the first.
     """
     path = _resolve_existing(sim)
     tls = resolve_tls(tls_dir, insecure)
+    _checked({**SEND_DEFAULTS, **net}, fmt)  # ValueError before connecting
     handshake_timeout = net.get("handshake_timeout", HANDSHAKE_TIMEOUT)
-    sock = await _connect(to, handshake_timeout)
-    with sock:
-        hs.tune(sock, handshake_timeout)
-        async with _secured(sock, tls, server_name=to[0], timeout=handshake_timeout) as ch:
-            return await migrate_on(
-                ch.sock, sim=path, live=live, policy=policy, fmt=fmt, peer=ch.peer, **net
+
+    @contextlib.asynccontextmanager
+    async def connected() -> AsyncIterator[_Channel]:
+        sock = await _connect(to, handshake_timeout)
+        with sock:
+            hs.tune(sock, handshake_timeout)
+            async with _secured(sock, tls, server_name=to[0], timeout=handshake_timeout) as ch:
+                yield ch
+
+    @contextlib.asynccontextmanager
+    async def opener(join: wire.Join) -> AsyncIterator[_Channel]:
+        async with connected() as ch:
+            hs.nonblocking(ch.sock)
+            await hs.expect(ch.sock, BANNER, "the receiver's banner", handshake_timeout)
+            what = f"the JOIN of channel {join.channel}"
+            await hs.send(
+                ch.sock, wire.encode(wire.JOIN_MAGIC, join.body()), what, handshake_timeout
             )
+            yield ch
+
+    async with connected() as ch:
+        return await migrate_on(
+            ch.sock,
+            sim=path,
+            live=live,
+            policy=policy,
+            fmt=fmt,
+            peer=ch.peer,
+            opener=opener,
+            **net,
+        )
 
 
 def _resolve_existing(dom: str | os.PathLike[str]) -> Path:
@@ -539,6 +891,7 @@ async def receive_on(
     stream: int | None = None,
     admitted_fmt: str | None = None,
     peer: str | None = None,
+    desk: _JoinDesk | None = None,
     **opts: Unpack[ReceiveOptions],
 ) -> ReceiveResult:
     """Receive a domain over ``sock``, a connected socket (the receiver's side).
@@ -574,6 +927,13 @@ async def receive_on(
     hs.tune(sock, handshake_timeout)
     t0 = time.monotonic()
     running = False
+    tee: _Tee | None = None
+
+    async def restore(fd: int, fmt: str, sink: EventSink) -> RunResult:
+        return await api.restore(
+            fd, sim=built, fmt=fmt, max_memory=limit, **_helper_options(o, sink)
+        )
+
     try:
         if admitted_fmt is not None:
             detected = admitted_fmt
@@ -582,17 +942,26 @@ async def receive_on(
             detected = (
                 fmt
                 if stream is not None or isinstance(sock, Fds)
-                else await hs.stream_format(sock, fmt, handshake_timeout)
+                else await hs.stream_format(
+                    sock, fmt, handshake_timeout, {wire.OFFER_MAGIC: "wire"}
+                )
             )
-        ev.note(f"receiving a {detected} stream from {peer}")
-        with hs.lent_to_helper(sock, stream) as fd:
-            restored = await api.restore(
-                fd,
-                sim=built,
-                fmt=detected,
-                max_memory=limit,
-                **_helper_options(o, ev),
+        if o["save_to"] is not None:
+            if detected != "wire":
+                raise MigrationError(
+                    "--save-to needs the wire: the sender's --compress, --channels or --resume",
+                    errno=errno_mod.EPROTONOSUPPORT,
+                )
+            tee = _Tee(o["save_to"])
+        if detected == "wire":
+            assert isinstance(sock, socket.socket)
+            detected, restored = await _receive_wire(
+                sock, desk=desk, o=o, fmt=fmt, ev=ev, restore=restore, domain=str(target), tee=tee
             )
+        else:
+            ev.note(f"receiving a {detected} stream from {peer}")
+            with hs.lent_to_helper(sock, stream) as fd:
+                restored = await restore(fd, detected, ev)
         ev.note("stream received; asking for permission to start")
         await hs.send(sock, READY, "'domain received'", handshake_timeout)
         await hs.expect(sock, GO, "the sender's 'domain is yours'", handshake_timeout)
@@ -622,6 +991,8 @@ async def receive_on(
     except BaseException as e:
         if not running:
             built.discard()
+            if tee is not None:
+                tee.discard()
         cause = _cause(e, o["idle_timeout"])
         ev.done(False, cause)
         if isinstance(e, Exception) and not running:
@@ -640,6 +1011,123 @@ async def receive_on(
         seconds=time.monotonic() - t0,
         report_lost=report_lost,
     )
+
+
+class _Tee:
+    """``--save-to FILE``: a new private file (0600, O_EXCL|O_NOFOLLOW|O_CLOEXEC)
+    the receiver's pump also writes the plain stream into; removed on failure."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.fd: int | None = files.create_private(self.path)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+async def _receive_wire(
+    sock: socket.socket,
+    *,
+    desk: _JoinDesk | None,
+    o: ReceiveOptions,
+    fmt: str,
+    ev: _Events,
+    restore: Callable[[int, str, EventSink], Awaitable[RunResult]],
+    domain: str,
+    tee: _Tee | None,
+) -> tuple[str, RunResult]:
+    """The receiver's side of the wire: answer the offer on ``sock`` (channel
+    0), admit the other channels' JOINs from ``desk`` (None: channel 0 only,
+    no resume), and run the wire-recv pump into a pipe the restore reads."""
+    hto = o["handshake_timeout"]
+    body = await _recv_body(sock, wire.OFFER_MAGIC, "wire offer", hto)
+    offer = wire.Offer.parse(body)
+    if fmt not in ("auto", offer.format):
+        raise HandshakeError(
+            f"the sender sends a {offer.format} stream, not {fmt}", errno=errno_mod.EPROTO
+        )
+    acc = offer.accept(
+        max_channels=wire.MAX_CHANNELS if desk is not None else 1, resume=desk is not None
+    )
+    await hs.send(sock, wire.encode(wire.OFFER_MAGIC, acc.body()), "our wire answer", hto)
+    ev.note(
+        f"receiving a {offer.format} stream over the wire: compress {acc.compress}, "
+        f"{acc.channels} channel(s)" + (", resume" if acc.resume else "")
+    )
+    extra: dict[int, _Admitted] = {}
+    resumed: list[_Admitted] = []
+    channels = [sock]
+    ours: socket.socket | None = None
+    theirs: socket.socket | None = None
+    feeding: asyncio.Task[None] | None = None
+    try:
+        if desk is not None:
+            desk.book = wire.Joins(acc)
+            async with _deadline(hto, f"JOIN of all {acc.channels} channels"):
+                while len(extra) < acc.channels - 1:
+                    join, got = await desk.arrived.get()
+                    extra[join.channel] = got
+            if not acc.resume:
+                desk.stop()  # every channel is here: nobody else gets in
+            channels += [extra[i].channel.sock for i in sorted(extra)]
+        if acc.resume and desk is not None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            feeding = asyncio.create_task(_feed_resumed(desk, ours, resumed))
+        r, w = os.pipe()
+        plan = wire.PumpPlan(
+            "wire-recv",
+            w,
+            tuple(c.fileno() for c in channels),
+            frame=acc.frame,
+            window=acc.window,
+            resume_fd=theirs.fileno() if theirs is not None else None,
+            tee_fd=tee.fd if tee is not None else None,
+            idle_timeout=o["idle_timeout"],
+        )
+        for c in channels:
+            c.setblocking(True)  # the pump's; see hs.lent_to_helper
+        try:
+            restored = await _with_pump(
+                lambda: _pump(plan, domain, ev, None), w, lambda: restore(r, offer.format, ev), r
+            )
+        finally:
+            for c in channels:
+                c.setblocking(False)
+    finally:
+        if desk is not None:
+            desk.stop()
+            if desk.book is not None:
+                desk.book.closed = True
+        if feeding is not None:
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
+        for end in (ours, theirs):
+            if end is not None:
+                end.close()
+        for got in [*extra.values(), *resumed]:
+            await got.aclose()
+        if tee is not None:
+            tee.close()
+    return offer.format, restored
+
+
+async def _feed_resumed(desk: _JoinDesk, resume: socket.socket, kept: list[_Admitted]) -> None:
+    """Hand each resuming JOIN's connection to the receiver's pump."""
+    while True:
+        join, got = await desk.arrived.get()
+        kept.append(got)
+        got.channel.sock.setblocking(True)
+        # fd trick: the pump takes the connection over (SCM_RIGHTS) in the
+        # lost channel's slot, and sends RESUME on it first thing.
+        socket.send_fds(resume, [struct.pack("<I", join.channel)], [got.channel.sock.fileno()])
+        log.info("wire: channel %d resumed", join.channel)
 
 
 def default_max_memory(target: Path) -> int:
@@ -697,7 +1185,7 @@ async def _admit(
                 _secured(conn, tls, server_name=None, timeout=timeout)
             )
             await hs.send(ch.sock, BANNER, "the banner", None)
-            detected = await hs.stream_format(ch.sock, fmt, None)
+            detected = await hs.stream_format(ch.sock, fmt, None, _WIRE_MAGICS)
     except TimeoutError:
         raise HandshakeError(
             f"no TLS handshake, banner and start of a stream within {timeout:g} s (ETIMEDOUT)",
@@ -713,21 +1201,58 @@ class _Admitted:
     fmt: str
     stack: contextlib.AsyncExitStack
 
+    async def aclose(self) -> None:
+        await self.stack.aclose()
+        self.conn.close()
 
-async def _first_admitted(
+
+#: What the listener's peek may find besides a stream: the wire's OFFER (a
+#: sender with extensions) and JOIN (a further channel of one).
+_WIRE_MAGICS: Final = {wire.OFFER_MAGIC: "wire", wire.JOIN_MAGIC: "join"}
+
+
+class _JoinDesk:
+    """Where the listener hands the channels that JOIN to the receive under way.
+
+    ``book`` is set once the receive has accepted an offer; until then (and
+    for a JOIN that :class:`xcsave.wire.Joins` refuses) a JOIN is refused.
+    ``stop`` ends the listening (set by :func:`_admitting`).
+    """
+
+    def __init__(self) -> None:
+        self.book: wire.Joins | None = None
+        self.arrived: asyncio.Queue[tuple[wire.Join, _Admitted]] = asyncio.Queue()
+        self.stop: Callable[[], None] = lambda: None
+
+    def claim(self, join: wire.Join, got: _Admitted) -> str | None:
+        """None when ``got`` is the receive's now, else why it is refused."""
+        if self.book is None:
+            return "a JOIN while no wire migration is under way"
+        why = self.book.claim(join)
+        if why is None:
+            self.arrived.put_nowait((join, got))
+        return why
+
+
+@contextlib.asynccontextmanager
+async def _admitting(
     lsock: socket.socket,
     *,
     target: Path,
     tls: Path | None,
     fmt: str,
     timeout: float | None,
-) -> _Admitted:
-    """Accept peers on ``lsock`` until one passes :func:`_admit`.
+    desk: _JoinDesk,
+) -> AsyncIterator[asyncio.Future[_Admitted]]:
+    """Accept peers on ``lsock`` while the block runs; the first that passes
+    :func:`_admit` with a stream (or a wire offer) wins the future.
 
     Candidates are handled concurrently, at most :data:`MAX_CANDIDATES` at
     once (the rest wait in the kernel's backlog), so a silent or slow peer
     never blocks a good one; each refused peer is logged in one line and
-    hung up on.  Nothing is created for a refused peer.
+    hung up on.  Nothing is created for a refused peer.  A peer that sends
+    a JOIN goes to ``desk`` (the receive under way decides).  ``desk.stop()``
+    stops accepting.
     """
     loop = asyncio.get_running_loop()
     won: asyncio.Future[_Admitted] = loop.create_future()
@@ -739,23 +1264,31 @@ async def _first_admitted(
 
     async def candidate(conn: socket.socket) -> None:
         peer = hs.peer_name(conn)
-        stack = contextlib.AsyncExitStack()
-        admitted: _Admitted | None = None
+        got = _Admitted(conn, _Plain(conn, peer), "", contextlib.AsyncExitStack())
+        kept = False
         try:
             with contextlib.suppress(OSError):
                 hs.tune(conn, timeout)
-            ch, detected = await _admit(conn, tls, fmt, timeout, stack)
-            if not won.done():
-                admitted = _Admitted(conn, ch, detected, stack)
-                conns.discard(conn)
-                won.set_result(admitted)
+            got.channel, got.fmt = await _admit(conn, tls, fmt, timeout, got.stack)
+            if got.fmt == "join":
+                body = await _recv_body(got.channel.sock, wire.JOIN_MAGIC, "JOIN", timeout)
+                why = desk.claim(wire.Join.parse(body), got)
+                if why is not None:
+                    raise HandshakeError(why, errno=errno_mod.EPERM)
+                kept = True
+            elif not won.done():
+                won.set_result(got)
+                kept = True
+            else:
+                raise HandshakeError("a second sender", errno=errno_mod.EBUSY)
         except Exception as e:
             log.warning("receive %s: refused %s: %s", target, peer, _cause(e))
         finally:
             slots.release()
-            if admitted is None:
-                await stack.aclose()
-                conn.close()
+            if kept:
+                conns.discard(conn)
+            else:
+                await got.aclose()
 
     async def accept_loop() -> None:
         while True:
@@ -778,8 +1311,13 @@ async def _first_admitted(
 
     acceptor = asyncio.create_task(accept_loop())
     acceptor.add_done_callback(accept_failed)
+
+    def stop() -> None:
+        acceptor.cancel()
+
+    desk.stop = stop
     try:
-        return await won
+        yield won
     finally:
         acceptor.cancel()
         for task in list(pending):
@@ -839,34 +1377,45 @@ async def receive(
         )
         if on_listening is not None:
             on_listening(bound)
-        try:
-            async with asyncio.timeout(accept_timeout):
-                got = await _first_admitted(
-                    lsock,
-                    target=target,
-                    tls=tls,
-                    fmt=fmt,
-                    timeout=opts.get("handshake_timeout", HANDSHAKE_TIMEOUT),
+        desk = _JoinDesk()
+
+        async def received(got: _Admitted, desk: _JoinDesk | None) -> ReceiveResult:
+            try:
+                return await receive_on(
+                    got.channel.sock,
+                    sim=target,
+                    fmt=fmt if got.fmt == "wire" else got.fmt,
+                    admitted_fmt=got.fmt,
+                    peer=got.channel.peer,
+                    desk=desk,
+                    **opts,
                 )
-        except TimeoutError:
-            raise MigrationError(
-                f"no sender was admitted on {format_address(bound)} within {accept_timeout:g} s "
-                "(ETIMEDOUT)",
-                errno=errno_mod.ETIMEDOUT,
-            ) from None
+            finally:
+                await got.aclose()
+
+        async with _admitting(
+            lsock,
+            target=target,
+            tls=tls,
+            fmt=fmt,
+            timeout=opts.get("handshake_timeout", HANDSHAKE_TIMEOUT),
+            desk=desk,
+        ) as won:
+            try:
+                async with asyncio.timeout(accept_timeout):
+                    got = await won
+            except TimeoutError:
+                raise MigrationError(
+                    f"no sender was admitted on {format_address(bound)} within "
+                    f"{accept_timeout:g} s (ETIMEDOUT)",
+                    errno=errno_mod.ETIMEDOUT,
+                ) from None
+            if got.fmt == "wire":  # the listener stays open for its channels' JOINs
+                return await received(got, desk)
     finally:
         if owned:
             lsock.close()  # exactly one sender
-    async with got.stack:
-        with got.conn:
-            return await receive_on(
-                got.channel.sock,
-                sim=target,
-                fmt=got.fmt,
-                admitted_fmt=got.fmt,
-                peer=got.channel.peer,
-                **opts,
-            )
+    return await received(got, None)
 
 
 async def receive_stdio(

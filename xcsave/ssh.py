@@ -172,7 +172,7 @@ async def migrate_ssh(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    **net: Unpack[mig.NetOptions],
+    **net: Unpack[mig.SendOptions],
 ) -> mig.MigrationResult:
     """Migrate ``sim`` to ``to`` (``ssh://[USER@]HOST[:PORT]``) through ``ssh``.
 
@@ -182,6 +182,11 @@ async def migrate_ssh(
     message starts with what ssh (or the remote receiver) said on stderr.
     """
     target = parse_ssh_url(to) if isinstance(to, str) else to
+    if net.get("compress", "off") != "off" or net.get("channels", 1) != 1 or net.get("resume"):
+        raise ValueError(
+            "--compress, --channels and --resume need a TCP or TLS transport "
+            "(xcsave receive --listen); over ssh only --max-bandwidth applies"
+        )
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
     src = simdom.resolve(sim)
