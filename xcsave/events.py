@@ -21,6 +21,8 @@ from ._msgs import (
     StatsEvent,
     TlsPeerEvent,
     TunnelStatsEvent,
+    WireLostEvent,
+    WireStatsEvent,
 )
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "StatsEvent",
     "TlsPeerEvent",
     "TunnelStatsEvent",
+    "WireLostEvent",
+    "WireStatsEvent",
 ]
 
 
