@@ -21,6 +21,8 @@ from ._msgs import (
     StatsEvent,
     TlsPeerEvent,
     TunnelStatsEvent,
+    WireLostEvent,
+    WireStatsEvent,
 )
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "StatsEvent",
     "TlsPeerEvent",
     "TunnelStatsEvent",
+    "WireLostEvent",
+    "WireStatsEvent",
 ]
 
 
