@@ -32,6 +32,7 @@ import pytest
 import test_migrate
 from conftest import LogRecords
 from test_migrate import partials, xcsave_argv
+from test_trust_net import listening
 
 from xcsave import migrate, sim, wire
 from xcsave.errors import HandshakeError
@@ -282,19 +283,9 @@ def test_live_stats_combine_rounds_and_wire_figures() -> None:
 async def receiving(
     dst: Path, **kw: Any
 ) -> AsyncIterator[tuple[tuple[str, int], asyncio.Task[migrate.ReceiveResult]]]:
-    ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        migrate.receive(
-            listen=("127.0.0.1", 0), sim=dst, on_listening=ready.set_result, insecure=True, **kw
-        )
-    )
-    try:
-        yield await asyncio.wait_for(ready, 30), task
-    finally:
-        if not task.done():
-            task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+    """A listener in a task (test_trust_net's), --insecure."""
+    async with listening(dst, insecure=True, **kw) as got:
+        yield got
 
 
 async def peer(
@@ -421,18 +412,20 @@ async def fake_receiver(
     says nothing more, ``bomb`` answers with a 1 GiB length."""
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(BANNER)
-        await w.drain()
-        if behaviour == "stock":
-            await r.read(64)
-            w.close()
-            return
-        if behaviour == "bomb":
-            await r.read(64)
-            w.write(wire.OFFER_MAGIC + struct.pack("<I", 1 << 30))
+        try:
+            w.write(BANNER)
             await w.drain()
-        await asyncio.sleep(30)
-        w.close()
+            if behaviour != "silent":
+                await r.read(64)
+            if behaviour == "bomb":
+                w.write(wire.OFFER_MAGIC + struct.pack("<I", 1 << 30))
+                await w.drain()
+            if behaviour != "stock":
+                await asyncio.sleep(30)
+        except (asyncio.CancelledError, OSError):
+            pass  # the test is over, or the sender hung up
+        finally:
+            w.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:

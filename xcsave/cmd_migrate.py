@@ -25,7 +25,7 @@ import json
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .cli import FORMATS, add_bounds_flags, add_live_flags
 from .cli_run import (
@@ -259,26 +259,23 @@ def net_options(args: argparse.Namespace, on_event: EventSink) -> NetOptions:
     }
 
 
+def _with(args: argparse.Namespace, on_event: EventSink, *names: str) -> dict[str, Any]:
+    """:func:`net_options` and the options ``names`` (each the flag's own dest)."""
+    return {**net_options(args, on_event), **{n: getattr(args, n) for n in names}}
+
+
 def send_options(args: argparse.Namespace, on_event: EventSink) -> SendOptions:
     """A sender's options (:class:`xcsave.migrate.SendOptions`), from the command line."""
-    return {
-        **net_options(args, on_event),
-        "compress": args.compress,
-        "channels": args.channels,
-        "max_bandwidth": args.max_bandwidth,
-        "resume": args.resume,
-        "control": None,
-    }
+    return cast("SendOptions", _with(args, on_event, *_SEND))
 
 
 def receive_options(args: argparse.Namespace, on_event: EventSink) -> ReceiveOptions:
     """A receiver's options (:class:`xcsave.migrate.ReceiveOptions`), from the command line."""
-    return {
-        **net_options(args, on_event),
-        "max_memory": args.max_memory,
-        "force": args.force,
-        "save_to": args.save_to,
-    }
+    return cast("ReceiveOptions", _with(args, on_event, "max_memory", "force", "save_to"))
+
+
+#: The sender's wire options (``_add_wire_flags``): their flags' dests are the API's names.
+_SEND = ("compress", "channels", "max_bandwidth", "resume")
 
 
 def _rate(text: str) -> int:

@@ -32,9 +32,11 @@ import asyncio
 import contextlib
 import dataclasses
 import errno as errno_mod
+import functools
 import os
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ from .handshake import BANNER, GO, READY, REPORT, Address, Endpoint, Fds, format
 from .jobs import Outcome, Summary, run_many
 from .policy import Policy
 from .proto import XCSAVE_1
-from .supervisor import Callbacks, HelperRun, HelperSpec, RunResult, Supervisor
+from .supervisor import Callbacks, HelperRun, HelperSpec, RunResult, Supervisor, helper_path
 from .wire import MigrationControl
 
 __all__ = [
@@ -1013,6 +1015,13 @@ async def receive_on(
     )
 
 
+@functools.cache
+def _helper_has_zstd() -> bool:
+    """Whether the helper was built with libzstd (its ``--version`` says)."""
+    r = subprocess.run([str(helper_path()), "--version"], capture_output=True, check=False)  # noqa: S603 (our helper)
+    return b" zstd " in r.stdout
+
+
 class _Tee:
     """``--save-to FILE``: a new private file (0600, O_EXCL|O_NOFOLLOW|O_CLOEXEC)
     the receiver's pump also writes the plain stream into; removed on failure."""
@@ -1054,7 +1063,9 @@ async def _receive_wire(
             f"the sender sends a {offer.format} stream, not {fmt}", errno=errno_mod.EPROTO
         )
     acc = offer.accept(
-        max_channels=wire.MAX_CHANNELS if desk is not None else 1, resume=desk is not None
+        zstd=_helper_has_zstd(),
+        max_channels=wire.MAX_CHANNELS if desk is not None else 1,
+        resume=desk is not None,
     )
     await hs.send(sock, wire.encode(wire.OFFER_MAGIC, acc.body()), "our wire answer", hto)
     ev.note(

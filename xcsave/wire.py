@@ -30,6 +30,7 @@ copies the plain stream under the cap: a stock receiver still reads it).
 
 from __future__ import annotations
 
+import dataclasses
 import errno as errno_mod
 import hmac
 import json
@@ -147,7 +148,15 @@ def _compress(body: Mapping[str, Any], what: str) -> str:
 
 
 @dataclass(frozen=True)
-class Offer:
+class _Message:
+    """A negotiation message: its JSON body is its fields."""
+
+    def body(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Offer(_Message):
     """What the sender asks for (channel 0, after the banner)."""
 
     compress: str = "off"  # "off" | "zstd" ("adaptive" is offered as zstd)
@@ -156,16 +165,6 @@ class Offer:
     frame: int = FRAME_DEFAULT
     window: int = WINDOW_DEFAULT
     format: str = "libxl"
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "compress": self.compress,
-            "channels": self.channels,
-            "resume": self.resume,
-            "frame": self.frame,
-            "window": self.window,
-            "format": self.format,
-        }
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> Offer:
@@ -201,7 +200,7 @@ class Offer:
 
 
 @dataclass(frozen=True)
-class Accept:
+class Accept(_Message):
     """What the receiver grants (never more than offered) and the migration's token."""
 
     compress: str
@@ -210,16 +209,6 @@ class Accept:
     token: str
     frame: int = FRAME_DEFAULT
     window: int = WINDOW_DEFAULT
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "compress": self.compress,
-            "channels": self.channels,
-            "resume": self.resume,
-            "token": self.token,
-            "frame": self.frame,
-            "window": self.window,
-        }
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], offer: Offer) -> Accept:
@@ -246,15 +235,12 @@ class Accept:
 
 
 @dataclass(frozen=True)
-class Join:
+class Join(_Message):
     """A further channel (or, with ``resume``, a replacement) names its migration."""
 
     token: str
     channel: int
     resume: bool = False
-
-    def body(self) -> dict[str, Any]:
-        return {"token": self.token, "channel": self.channel, "resume": self.resume}
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> Join:
