@@ -658,6 +658,7 @@ class _WireSend:
                 # fd trick: the pump takes the new connection over from its
                 # resume socket (SCM_RIGHTS), in the lost channel's slot.
                 socket.send_fds(self.resume_sock, [struct.pack("<I", index)], [ch.sock.fileno()])
+                self.channels[index] = ch.sock
                 log.info("wire: channel %d reconnected (attempt %d)", index, attempt)
                 return
             except (OSError, XcsaveError) as e:
@@ -743,15 +744,15 @@ async def migrate_on(
     committed = False  # GO sent: from here on, resuming could make two copies run
     try:
         await hs.expect(sock, BANNER, "the receiver's banner", handshake_timeout)
-        async with stack:
-            await wired.start(sock, ev, handshake_timeout)
-            ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
-            if wired.pumped:
-                assert isinstance(sock, socket.socket)
-                saved = await wired.send(save, ev, str(src))
-            else:
-                with hs.lent_to_helper(sock, stream) as fd:
-                    saved = await save(fd, ev)
+        await wired.start(sock, ev, handshake_timeout)
+        ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
+        if wired.pumped:
+            assert isinstance(sock, socket.socket)
+            saved = await wired.send(save, ev, str(src))
+            sock = wired.channels[0]  # a resumed channel 0 carries the rest
+        else:
+            with hs.lent_to_helper(sock, stream) as fd:
+                saved = await save(fd, ev)
         stream_done_at = time.monotonic()
         ev.note("stream sent; waiting for the receiver to confirm")
         await hs.expect(sock, READY, "the receiver's 'domain received'", handshake_timeout)
@@ -792,6 +793,8 @@ async def migrate_on(
                 errno=getattr(e, "errno", None),
             ) from e
         raise
+    finally:
+        await stack.aclose()  # the wire's other channels (and replacements)
     t_end = time.monotonic()
     ev.note("the receiver runs the domain; ours stays suspended")
     ev.done(True)
@@ -930,6 +933,7 @@ async def receive_on(
     t0 = time.monotonic()
     running = False
     tee: _Tee | None = None
+    keep = contextlib.AsyncExitStack()  # the wire's channels, until the report is sent
 
     async def restore(fd: int, fmt: str, sink: EventSink) -> RunResult:
         return await api.restore(
@@ -957,8 +961,16 @@ async def receive_on(
             tee = _Tee(o["save_to"])
         if detected == "wire":
             assert isinstance(sock, socket.socket)
-            detected, restored = await _receive_wire(
-                sock, desk=desk, o=o, fmt=fmt, ev=ev, restore=restore, domain=str(target), tee=tee
+            detected, restored, sock = await _receive_wire(
+                sock,
+                desk=desk,
+                o=o,
+                fmt=fmt,
+                ev=ev,
+                restore=restore,
+                domain=str(target),
+                tee=tee,
+                keep=keep,
             )
         else:
             ev.note(f"receiving a {detected} stream from {peer}")
@@ -1003,6 +1015,8 @@ async def receive_on(
                 errno=getattr(e, "errno", None),
             ) from e
         raise
+    finally:
+        await keep.aclose()
     ev.note("the domain runs here")
     ev.done(True)
     return ReceiveResult(
@@ -1051,10 +1065,13 @@ async def _receive_wire(
     restore: Callable[[int, str, EventSink], Awaitable[RunResult]],
     domain: str,
     tee: _Tee | None,
-) -> tuple[str, RunResult]:
+    keep: contextlib.AsyncExitStack,
+) -> tuple[str, RunResult, socket.socket]:
     """The receiver's side of the wire: answer the offer on ``sock`` (channel
     0), admit the other channels' JOINs from ``desk`` (None: channel 0 only,
-    no resume), and run the wire-recv pump into a pipe the restore reads."""
+    no resume), and run the wire-recv pump into a pipe the restore reads.
+    The channels are closed by ``keep``; returns the format, the restore's
+    result and channel 0 (a replacement, if the first was lost and resumed)."""
     hto = o["handshake_timeout"]
     body = await _recv_body(sock, wire.OFFER_MAGIC, "wire offer", hto)
     offer = wire.Offer.parse(body)
@@ -1073,7 +1090,6 @@ async def _receive_wire(
         f"{acc.channels} channel(s)" + (", resume" if acc.resume else "")
     )
     extra: dict[int, _Admitted] = {}
-    resumed: list[_Admitted] = []
     channels = [sock]
     ours: socket.socket | None = None
     theirs: socket.socket | None = None
@@ -1084,13 +1100,14 @@ async def _receive_wire(
             async with _deadline(hto, f"JOIN of all {acc.channels} channels"):
                 while len(extra) < acc.channels - 1:
                     join, got = await desk.arrived.get()
+                    keep.push_async_callback(got.aclose)
                     extra[join.channel] = got
             if not acc.resume:
                 desk.stop()  # every channel is here: nobody else gets in
             channels += [extra[i].channel.sock for i in sorted(extra)]
         if acc.resume and desk is not None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            feeding = asyncio.create_task(_feed_resumed(desk, ours, resumed))
+            feeding = asyncio.create_task(_feed_resumed(desk, ours, channels, keep))
         r, w = os.pipe()
         plan = wire.PumpPlan(
             "wire-recv",
@@ -1122,18 +1139,23 @@ async def _receive_wire(
         for end in (ours, theirs):
             if end is not None:
                 end.close()
-        for got in [*extra.values(), *resumed]:
-            await got.aclose()
         if tee is not None:
             tee.close()
-    return offer.format, restored
+    return offer.format, restored, channels[0]
 
 
-async def _feed_resumed(desk: _JoinDesk, resume: socket.socket, kept: list[_Admitted]) -> None:
-    """Hand each resuming JOIN's connection to the receiver's pump."""
+async def _feed_resumed(
+    desk: _JoinDesk,
+    resume: socket.socket,
+    channels: list[socket.socket],
+    keep: contextlib.AsyncExitStack,
+) -> None:
+    """Hand each resuming JOIN's connection to the receiver's pump (in ``channels``
+    too: a new channel 0 carries the rest of the handshake)."""
     while True:
         join, got = await desk.arrived.get()
-        kept.append(got)
+        keep.push_async_callback(got.aclose)
+        channels[join.channel] = got.channel.sock
         got.channel.sock.setblocking(True)
         # fd trick: the pump takes the connection over (SCM_RIGHTS) in the
         # lost channel's slot, and sends RESUME on it first thing.

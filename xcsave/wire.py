@@ -261,7 +261,8 @@ class Joins:
     Channel 0 is the negotiating connection itself.  A JOIN is admitted when
     its token is this migration's (compared in constant time), its index is
     1..n-1 and that index has not joined yet -- or, with resume granted, when
-    it replaces a channel that joined before (``resume=True``).  Anything else
+    it replaces any channel, 0 included (``resume=True``): a replaced channel
+    0 then carries the rest of xl's handshake.  Anything else
     is refused with the reason (the listener logs it, hangs up and goes on).
     """
 
@@ -276,7 +277,7 @@ class Joins:
             return "a JOIN with an unknown token"
         if self.closed:
             return "a JOIN after the stream ended"
-        if not 1 <= join.channel < self.accept.channels:
+        if not (0 if join.resume else 1) <= join.channel < self.accept.channels:
             return f"a JOIN for channel {join.channel} of {self.accept.channels}"
         if join.resume:
             if not self.accept.resume:
