@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import test_migrate
 from conftest import XenVerify
-from test_migrate import partials, workload, xcsave_argv
+from test_migrate import Net, partials, start_receiver, workload, xcsave_argv
 from test_trust_net import listening as receiving
 from test_trust_net import tls
 
@@ -279,16 +279,10 @@ def test_wire_options_from_the_command_line(shm: Path, tmp_path: Path) -> None:
     src = sim.create(shm / "src.dom", 32 * MiB, seed=58)
     dst = shm / "dst.dom"
     copy = tmp_path / "copy.libxl"
-    receiver = subprocess.Popen(
-        xcsave_argv(
-            "receive", "--listen", "127.0.0.1:0", "--insecure", "--sim", dst,
-            "--save-to", copy, "--progress", "none",
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    receiver, port = start_receiver(
+        Net("loopback", "127.0.0.1"), dst, "--insecure", "--save-to", copy
+    )
     try:
-        assert receiver.stdout is not None
-        port = receiver.stdout.readline().split(":")[-1].strip()
         with workload(src):
             sender = subprocess.run(
                 xcsave_argv(
