@@ -239,6 +239,12 @@ def _same_kind(e: BaseException) -> type[MigrationError]:
     return MigrationError
 
 
+def _failure(e: BaseException, text: str) -> MigrationError:
+    """``e`` re-raised as its kind (:func:`_same_kind`) with the migration's ``text``
+    (raise it ``from e``)."""
+    return _same_kind(e)(text, errno=getattr(e, "errno", None))
+
+
 def _cause(e: BaseException, idle_timeout: float | None = None) -> str:
     """``e`` as the middle of a one-line message; a helper's ETIMEDOUT with
     an idle timeout says which bound it was."""
@@ -788,9 +794,8 @@ async def migrate_on(
         state = simdom.put_back(src, before)
         ev.done(False, cause)
         if isinstance(e, Exception):
-            raise _same_kind(e)(
-                f"migrate {src} to {peer} failed: {cause}; {src} is {state} here again",
-                errno=getattr(e, "errno", None),
+            raise _failure(
+                e, f"migrate {src} to {peer} failed: {cause}; {src} is {state} here again"
             ) from e
         raise
     finally:
@@ -1010,9 +1015,8 @@ async def receive_on(
         cause = _cause(e, o["idle_timeout"])
         ev.done(False, cause)
         if isinstance(e, Exception) and not running:
-            raise _same_kind(e)(
-                f"receive of {target} from {peer} failed: {cause}; nothing was kept here",
-                errno=getattr(e, "errno", None),
+            raise _failure(
+                e, f"receive of {target} from {peer} failed: {cause}; nothing was kept here"
             ) from e
         raise
     finally:
