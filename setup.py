@@ -15,11 +15,15 @@ Native sources:
   csrc/tunnel_tls.c    the helper's TLS tunnel; with OpenSSL when its headers
                        are found (Debian libssl-dev) unless XCSAVE_TLS=0,
                        else a tunnel that fails with one line
+  csrc/wire.c          the helper's wire pumps (wire-send/wire-recv); zstd
+                       compression when zstd.h is found (Debian libzstd-dev)
+                       unless XCSAVE_ZSTD=0, else --compress off only
   csrc/*.cpp           the extension (xcsave_ext.cpp holds the module)
 
 Environment switches:
   XCSAVE_XEN=0|1              force the xen backend off/on (default: autodetect)
   XCSAVE_TLS=0|1              force the TLS tunnel off/on (default: autodetect)
+  XCSAVE_ZSTD=0|1             force wire compression off/on (default: autodetect)
   XCSAVE_SANITIZE=address,... add -fsanitize=... to the helper (and the C core
                               objects the helper links)
   XCSAVE_SANITIZE_EXT=1       also build the extension with the sanitizers
@@ -65,6 +69,11 @@ def _tls_wanted(compiler_cmd: list[str]) -> bool:
     return _wanted(compiler_cmd, "XCSAVE_TLS", ["openssl/ssl.h"])
 
 
+def _zstd_wanted(compiler_cmd: list[str]) -> bool:
+    """Whether to build wire compression with libzstd: XCSAVE_ZSTD, else probe for zstd.h."""
+    return _wanted(compiler_cmd, "XCSAVE_ZSTD", ["zstd.h"])
+
+
 def _wanted(compiler_cmd: list[str], switch: str, headers: list[str]) -> bool:
     """The environment switch if set, else whether ``headers`` compile."""
     forced = os.environ.get(switch)
@@ -97,12 +106,15 @@ class build_ext(_pybind_build_ext):
         cc = self.compiler.compiler_so[0] if self.compiler.compiler_type == "unix" else "cc"
         self._have_xen = _xen_wanted([cc])
         self._have_tls = _tls_wanted([cc])
+        self._have_zstd = _zstd_wanted([cc])
         backends = ["sim", *(["xen"] if self._have_xen else [])]
         defines = [("XCS_BACKENDS", '"' + ",".join(backends) + '"')]
         if self._have_xen:
             defines.append(("XCS_HAVE_XEN", "1"))
         if self._have_tls:
             defines.append(("XCS_HAVE_TLS", "1"))
+        if self._have_zstd:
+            defines.append(("XCS_HAVE_ZSTD", "1"))
         san = _sanitize_flags()
         include_dirs = [str(HERE / "csrc"), str(HERE / "csrc" / "core")]
 
@@ -135,11 +147,14 @@ class build_ext(_pybind_build_ext):
             "csrc/helper_main.c",
             "csrc/backend_sim.c",
             "csrc/tunnel_tls.c",
+            "csrc/wire.c",
             *HELPER_CORE_SOURCES,
         ]
         libraries: list[str] = ["m", "pthread"]
         if self._have_tls:
             libraries = ["ssl", "crypto", *libraries]
+        if self._have_zstd:
+            libraries = ["zstd", *libraries]
         out_dir = os.path.join(self.build_temp, "helper")
         objs = self.compiler.compile(
             sources,
@@ -172,8 +187,13 @@ class build_ext(_pybind_build_ext):
         )
         backends = "sim" + (", xen" if self._have_xen else "")
         tls = "OpenSSL" if self._have_tls else "not built (no libssl-dev)"
-        self.announce(f"xcsave: built {out} with backends: {backends}; TLS: {tls}", level=2)
-        sys.stderr.write(f"xcsave: helper backends: {backends}; TLS tunnel: {tls}\n")
+        zstd = "libzstd" if self._have_zstd else "not built (no libzstd-dev)"
+        self.announce(
+            f"xcsave: built {out} with backends: {backends}; TLS: {tls}; zstd: {zstd}", level=2
+        )
+        sys.stderr.write(
+            f"xcsave: helper backends: {backends}; TLS tunnel: {tls}; wire zstd: {zstd}\n"
+        )
 
     def get_outputs(self) -> list[str]:
         return [*super().get_outputs(), self._helper_build_path()]

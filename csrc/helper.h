@@ -12,11 +12,20 @@
 
 #include <stdarg.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "xcs_engine.h"
 #include "xcsave_msgs.h"
 
 #define XCS_HELPER_CONTEXT "xcsave-helper"
+
+/* wire modes: channels, frame sizes (see wire.c and WIRE.md) */
+#define XCS_WIRE_MAX_CHANNELS 16
+#define XCS_WIRE_FRAME_MIN 4096u
+#define XCS_WIRE_FRAME_MAX (4u << 20)
+#define XCS_WIRE_FRAME_DEFAULT (1u << 20)
+#define XCS_WIRE_WINDOW_DEFAULT (64ull << 20)
+#define XCS_WIRE_WINDOW_MAX (1ull << 30)
 
 struct xcs_op {
     enum xcs_dialect dialect;
@@ -50,6 +59,19 @@ struct xcs_op {
     const char *tls_dir;  /* ca-cert.pem, cert.pem, key.pem */
     const char *peer_name; /* client: the name the server's certificate must carry */
     unsigned int handshake_timeout_ms;
+    /* wire modes (xcsave-1 argv only, wire.c): io_fd is --in-fd / --out-fd */
+    int wire;             /* 0: none, 1: wire-send, 2: wire-recv */
+    int wire_chan[XCS_WIRE_MAX_CHANNELS]; /* --channel-fd, in channel order */
+    unsigned int wire_nchan;
+    int wire_raw;         /* wire-send --raw: no framing, channel 0 only */
+    int wire_compress;    /* 0 off, 1 zstd, 2 adaptive */
+    int wire_level;       /* zstd level */
+    uint64_t wire_rate;   /* bytes/s on the wire, 0 = no cap */
+    uint32_t wire_frame;  /* frame_max */
+    uint64_t wire_window; /* bytes of unacknowledged / out-of-order data */
+    int wire_tee_fd;      /* wire-recv: a copy of the plain stream, -1 none */
+    int wire_resume_sock; /* SOCK_SEQPACKET end replacement channels arrive on, -1 */
+    unsigned int wire_resume_ms;
 };
 
 struct xcs_restore_out {
@@ -121,5 +143,27 @@ void xcs_arm_parent_death(void);
  * cut the stream without close_notify; EOPNOTSUPP: built without OpenSSL).
  */
 int xcs_tunnel(const struct xcs_op *op);
+
+/*
+ * The wire pumps (wire.c): op->wire 1 sends the plain stream read from
+ * op->io_fd over op->wire_chan[] in frames (or, with wire_raw, as it is),
+ * 2 receives them and writes the plain stream in order to op->io_fd.
+ * Sends wire_stats (every 500 ms and at the end) and wire_lost, applies
+ * wire_rate read from stdin.  Returns 0, or -1 with errno set (EPROTO: a
+ * frame broke the rules; ETIMEDOUT: silence; ECONNRESET/EPIPE: a channel
+ * failed without resume).
+ */
+int xcs_wire(const struct xcs_op *op);
+
+/*
+ * A parent->helper message (wire_rate) at the start of buf[0..have): its
+ * row and body.  Returns the bytes it takes, 0 if incomplete, -1 if it is
+ * no valid xcsave-1 frame of a parent->helper message (errno EPROTO).
+ */
+ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
+                             const uint8_t **body, uint32_t *body_len);
+
+/* Whether zstd (wire compression) is built into this helper. */
+int xcs_wire_zstd_built(void);
 
 #endif /* XCS_HELPER_H */

@@ -54,7 +54,16 @@
  *        --tls-dir DIR [--peer-name HOST] [--handshake-timeout-ms T]
  *        a TLS 1.3 tunnel between the TCP socket N and the plaintext
  *        socket M (tunnel_tls.c); hello's backend is "tls".
- *   --version
+ *   --xcsave-1 wire-send --in-fd P (--channel-fd FD)... [--raw]
+ *        [--compress off|zstd|adaptive] [--level N] [--max-bandwidth BYTES_PER_S]
+ *        [--frame-size BYTES] [--window BYTES] [--resume-sock FD
+ *        --resume-timeout-ms T] [--idle-timeout-ms T]
+ *   --xcsave-1 wire-recv --out-fd P (--channel-fd FD)... [--tee-fd F]
+ *        [--frame-size BYTES] [--window BYTES] [--resume-sock FD
+ *        --resume-timeout-ms T] [--idle-timeout-ms T]
+ *        the wire pumps between the plain stream and the channels to the
+ *        peer (wire.c, WIRE.md); hello's backend is "wire".
+ *   --version   (its "zstd libzstd|none" says whether wire compression is built)
  */
 
 #include <errno.h>
@@ -96,6 +105,14 @@
 static enum xcs_dialect dialect = XCS_DIALECT_XCSAVE_1;
 static uint8_t *msgbuf;
 static size_t msgbuf_size;
+
+/*
+ * Wire modes: the parent may send wire_rate (unasked) until it has seen our
+ * complete, so one may sit in front of complete's reply.  Replies there are
+ * 0 or -1 and a frame's length is 2..XCS_PARENT_MSG_MAX: such a "reply" is
+ * a frame, skipped (see xcs_getreply).
+ */
+static int reply_after_parent_msgs;
 
 /* Set by the SIGTERM handler (see "signals"): the parent is stopping us. */
 static volatile sig_atomic_t sigterm_seen;
@@ -292,6 +309,21 @@ static int xcs_getreply(enum xcs_msg m)
             return reply_when_stopped(m);
         }
         got += (size_t)r;
+        if (got == sizeof(v) && reply_after_parent_msgs && v >= 2 &&
+            v <= XCS_PARENT_MSG_MAX) {
+            /* A parent->helper frame's length, not a reply: drop its body. */
+            uint8_t skip[XCS_PARENT_MSG_MAX];
+            size_t left = (size_t)v;
+            while (left) {
+                ssize_t k = read(STDIN_FILENO, skip, left);
+                if (k < 0 && errno == EINTR)
+                    continue;
+                if (k <= 0)
+                    break;
+                left -= (size_t)k;
+            }
+            got = 0;
+        }
     }
     return v;
 }
@@ -325,6 +357,39 @@ int xcs_ask(enum xcs_msg m, const struct xcs_arg *a, size_t n)
 {
     xcs_send(m, a, n);
     return xcs_getreply(m);
+}
+
+/*
+ * The other direction's framing (xcsave-1 only): a message the parent sends
+ * unasked (wire_rate), LEN u32 | u16 number | args, the same layout as
+ * ours.  Only rows the parent may send (the table's `p` flag) are taken.
+ */
+ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
+                             const uint8_t **body, uint32_t *body_len)
+{
+    uint32_t len;
+    uint16_t num;
+
+    if (have < sizeof(len) + sizeof(num))
+        return 0;
+    memcpy(&len, buf, sizeof(len));
+    memcpy(&num, buf + sizeof(len), sizeof(num));
+    if (len < sizeof(num) || len > XCS_PARENT_MSG_MAX) {
+        errno = EPROTO;
+        return -1;
+    }
+    if (have < sizeof(len) + len)
+        return 0;
+    for (int i = 0; i < XCS_MSG_COUNT; i++) {
+        if (xcs_msg_numbers[XCS_DIALECT_XCSAVE_1][i] == num && xcs_msg_from_parent[i]) {
+            *m = (enum xcs_msg)i;
+            *body = buf + sizeof(len) + sizeof(num);
+            *body_len = len - (uint32_t)sizeof(num);
+            return (ssize_t)(sizeof(len) + len);
+        }
+    }
+    errno = EPROTO;
+    return -1;
 }
 
 void xcs_vlog(uint32_t level, int errnoval, const char *context,
@@ -524,8 +589,55 @@ enum {
     OPT_INTERVAL_MS, OPT_XL_CONFIG, OPT_LEGACY_WIDTH, OPT_LEGACY_GUEST,
     OPT_DM_OUT, OPT_COPY_THREADS, OPT_BUILD_ONLY, OPT_PLAIN_FD, OPT_ROLE,
     OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS, OPT_IDLE_TIMEOUT_MS,
-    OPT_OUT_TMP
+    OPT_OUT_TMP, OPT_IN_FD, OPT_OUT_FD, OPT_CHANNEL_FD, OPT_RAW, OPT_COMPRESS, OPT_LEVEL,
+    OPT_MAX_BANDWIDTH, OPT_FRAME_SIZE, OPT_WINDOW, OPT_TEE_FD, OPT_RESUME_SOCK,
+    OPT_RESUME_TIMEOUT_MS
 };
+
+/* The wire modes' own options (wire-send/wire-recv), checked once parsed. */
+static void check_wire_argv(struct xcs_op *op, int given)
+{
+    if (!op->wire) {
+        if (given)
+            fatal("--in-fd, --out-fd, --channel-fd, --raw, --compress, --level, "
+                  "--max-bandwidth, --frame-size, --window, --tee-fd and --resume-* "
+                  "are wire-send/wire-recv options");
+        return;
+    }
+    if (op->io_fd < 0)
+        fatal("%s needs %s", op->wire == 1 ? "wire-send" : "wire-recv",
+              op->wire == 1 ? "--in-fd" : "--out-fd");
+    if (op->wire_nchan == 0)
+        fatal("the wire modes need at least one --channel-fd");
+    if (op->wire == 2 && (op->wire_raw || op->wire_compress || op->wire_rate))
+        fatal("--raw, --compress and --max-bandwidth are wire-send options");
+    if (op->wire == 1 && op->wire_tee_fd >= 0)
+        fatal("--tee-fd is a wire-recv option");
+    if (op->wire_raw && (op->wire_nchan != 1 || op->wire_compress ||
+                         op->wire_resume_sock >= 0))
+        fatal("wire-send --raw takes one --channel-fd and no --compress or --resume-sock");
+    if (op->wire_window < op->wire_frame)
+        fatal("--window %llu is smaller than --frame-size %u",
+              (unsigned long long)op->wire_window, op->wire_frame);
+    if ((op->wire_resume_sock >= 0) != (op->wire_resume_ms > 0))
+        fatal("--resume-sock and --resume-timeout-ms go together");
+    for (unsigned i = 0; i < op->wire_nchan; i++) {
+        if (op->wire_chan[i] == op->io_fd || op->wire_chan[i] == op->wire_tee_fd ||
+            op->wire_chan[i] == op->wire_resume_sock)
+            fatal("--channel-fd %d is also another fd of this run", op->wire_chan[i]);
+        for (unsigned j = 0; j < i; j++)
+            if (op->wire_chan[i] == op->wire_chan[j])
+                fatal("--channel-fd %d is given twice", op->wire_chan[i]);
+    }
+    if (op->wire_tee_fd >= 0 && op->wire_tee_fd == op->io_fd)
+        fatal("--tee-fd and --out-fd must differ");
+#ifndef XCS_HAVE_ZSTD
+    if (op->wire_compress)
+        fatal("--compress %s: zstd is not built into this helper (libzstd-dev was "
+              "missing when xcsave was built); use --compress off",
+              op->wire_compress == 1 ? "zstd" : "adaptive");
+#endif
+}
 
 static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
 {
@@ -559,6 +671,18 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"peer-name", required_argument, NULL, OPT_PEER_NAME},
         {"handshake-timeout-ms", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT_MS},
         {"out-tmp", required_argument, NULL, OPT_OUT_TMP},
+        {"in-fd", required_argument, NULL, OPT_IN_FD},
+        {"out-fd", required_argument, NULL, OPT_OUT_FD},
+        {"channel-fd", required_argument, NULL, OPT_CHANNEL_FD},
+        {"raw", no_argument, NULL, OPT_RAW},
+        {"compress", required_argument, NULL, OPT_COMPRESS},
+        {"level", required_argument, NULL, OPT_LEVEL},
+        {"max-bandwidth", required_argument, NULL, OPT_MAX_BANDWIDTH},
+        {"frame-size", required_argument, NULL, OPT_FRAME_SIZE},
+        {"window", required_argument, NULL, OPT_WINDOW},
+        {"tee-fd", required_argument, NULL, OPT_TEE_FD},
+        {"resume-sock", required_argument, NULL, OPT_RESUME_SOCK},
+        {"resume-timeout-ms", required_argument, NULL, OPT_RESUME_TIMEOUT_MS},
         {NULL, 0, NULL, 0},
     };
     /*
@@ -587,16 +711,22 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
     };
     const char *backend = "sim";
     int role = -1;
+    int wire_given = 0;
     int c, idx = 0;
     size_t i;
 
     dialect = XCS_DIALECT_XCSAVE_1;
     op->dialect = dialect;
     if (argc < 3 || (strcmp(argv[2], "save") && strcmp(argv[2], "restore") &&
-                     strcmp(argv[2], "tunnel")))
-        fatal("--xcsave-1 needs a mode: save, restore or tunnel");
+                     strcmp(argv[2], "tunnel") && strcmp(argv[2], "wire-send") &&
+                     strcmp(argv[2], "wire-recv")))
+        fatal("--xcsave-1 needs a mode: save, restore, tunnel, wire-send or wire-recv");
     op->restore = strcmp(argv[2], "restore") == 0;
     op->tunnel = strcmp(argv[2], "tunnel") == 0;
+    op->wire = !strcmp(argv[2], "wire-send") ? 1 : !strcmp(argv[2], "wire-recv") ? 2 : 0;
+    op->wire_level = 1;
+    op->wire_frame = XCS_WIRE_FRAME_DEFAULT;
+    op->wire_window = XCS_WIRE_WINDOW_DEFAULT;
     op->handshake_timeout_ms = 10000;
     optind = 3;
     opterr = 0;
@@ -655,12 +785,70 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             if (op->handshake_timeout_ms == 0)
                 fatal("bad <handshake-timeout-ms> 0: expected 1 to %u", 3600u * 1000);
             break;
+        case OPT_IN_FD:
+        case OPT_OUT_FD:
+            if (op->wire != (c == OPT_IN_FD ? 1 : 2))
+                fatal("--%s is a %s option", c == OPT_IN_FD ? "in-fd" : "out-fd",
+                      c == OPT_IN_FD ? "wire-send" : "wire-recv");
+            op->io_fd = parse_fd(c == OPT_IN_FD ? "in-fd" : "out-fd", optarg, 0);
+            break;
+        case OPT_CHANNEL_FD:
+            if (op->wire_nchan >= XCS_WIRE_MAX_CHANNELS)
+                fatal("more than %d --channel-fd", XCS_WIRE_MAX_CHANNELS);
+            op->wire_chan[op->wire_nchan++] = parse_fd("channel-fd", optarg, 0);
+            wire_given = 1;
+            break;
+        case OPT_RAW: op->wire_raw = 1; wire_given = 1; break;
+        case OPT_COMPRESS:
+            if (!strcmp(optarg, "off"))
+                op->wire_compress = 0;
+            else if (!strcmp(optarg, "zstd"))
+                op->wire_compress = 1;
+            else if (!strcmp(optarg, "adaptive"))
+                op->wire_compress = 2;
+            else
+                fatal("bad --compress '%s': expected off, zstd or adaptive", optarg);
+            wire_given = 1;
+            break;
+        case OPT_LEVEL:
+            op->wire_level = (int)parse_num("level", optarg, 19);
+            if (op->wire_level == 0)
+                fatal("bad <level> 0: expected 1 to 19");
+            wire_given = 1;
+            break;
+        case OPT_MAX_BANDWIDTH:
+            op->wire_rate = parse_num("max-bandwidth", optarg, 1ul << 50);
+            wire_given = 1;
+            break;
+        case OPT_FRAME_SIZE:
+            op->wire_frame = (uint32_t)parse_num("frame-size", optarg, XCS_WIRE_FRAME_MAX);
+            if (op->wire_frame < XCS_WIRE_FRAME_MIN)
+                fatal("bad <frame-size> %u: expected %u to %u", op->wire_frame,
+                      XCS_WIRE_FRAME_MIN, XCS_WIRE_FRAME_MAX);
+            wire_given = 1;
+            break;
+        case OPT_WINDOW:
+            op->wire_window = parse_num("window", optarg, XCS_WIRE_WINDOW_MAX);
+            wire_given = 1;
+            break;
+        case OPT_TEE_FD: op->wire_tee_fd = parse_fd("tee-fd", optarg, 0); wire_given = 1; break;
+        case OPT_RESUME_SOCK:
+            op->wire_resume_sock = parse_fd("resume-sock", optarg, 0);
+            wire_given = 1;
+            break;
+        case OPT_RESUME_TIMEOUT_MS:
+            op->wire_resume_ms = (unsigned)parse_num("resume-timeout-ms", optarg, 3600u * 1000);
+            wire_given = 1;
+            break;
         default:
             fatal("unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
     if (optind != argc)
         fatal("unexpected argument '%s'", argv[optind]);
+    check_wire_argv(op, wire_given);
+    if (op->wire)
+        return "wire";
     if (op->io_fd < 0)
         fatal("--io-fd is required");
     if (op->tunnel) {
@@ -778,12 +966,15 @@ int main(int argc, char **argv)
     op.io_fd = -1;
     op.aux_fd = -1;
     op.plain_fd = -1;
+    op.wire_tee_fd = -1;
+    op.wire_resume_sock = -1;
     op.wrap = XCS_FMT_LIBXC; /* --format's default */
 
     if (argc >= 2 && !strcmp(argv[1], "--version")) {
-        printf("xcsave-helper %s protocol %d table 0x%016llx backends %s tls %s\n",
+        printf("xcsave-helper %s protocol %d table 0x%016llx backends %s tls %s zstd %s\n",
                XCS_HELPER_VERSION, XCS_PROTO_VERSION,
-               (unsigned long long)XCS_PROTO_HASH, XCS_BACKENDS, XCS_TLS);
+               (unsigned long long)XCS_PROTO_HASH, XCS_BACKENDS, XCS_TLS,
+               xcs_wire_zstd_built() ? "libzstd" : "none");
         return 0;
     }
     if (argc >= 2 && !strcmp(argv[1], "--save-domain")) {
@@ -800,6 +991,10 @@ int main(int argc, char **argv)
     check_fd("io_fd", op.io_fd);
     check_fd(op.restore ? "send_back_fd" : "recv_fd", op.aux_fd);
     check_fd("plain_fd", op.plain_fd);
+    check_fd("tee_fd", op.wire_tee_fd);
+    check_fd("resume_sock", op.wire_resume_sock);
+    for (unsigned i = 0; i < op.wire_nchan; i++)
+        check_fd("channel_fd", op.wire_chan[i]);
     check_out_tmp(&op);
 
     /*
@@ -814,11 +1009,13 @@ int main(int argc, char **argv)
      */
     signal(SIGXFSZ, SIG_IGN);
 
-    if (op.tunnel) {
+    if (op.tunnel || op.wire) {
         /* Not a domain operation: no backend, no restore_results. */
-        xcs_stub_hello(XCS_PROTO_VERSION, XCS_PROTO_HASH, backend, "tunnel");
+        xcs_stub_hello(XCS_PROTO_VERSION, XCS_PROTO_HASH, backend,
+                       op.tunnel ? "tunnel" : op.wire == 1 ? "wire-send" : "wire-recv");
         errno = 0;
-        r = xcs_tunnel(&op);
+        r = op.tunnel ? xcs_tunnel(&op) : xcs_wire(&op);
+        reply_after_parent_msgs = op.wire;
         errnoval = r ? (errno ? errno : EIO) : 0;
         xcs_stub_complete(r, errnoval);
         free(msgbuf);

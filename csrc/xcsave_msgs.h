@@ -10,7 +10,7 @@
 #include "msg_stub.h"
 
 #define XCS_PROTO_VERSION 1
-#define XCS_PROTO_HASH 0x72baca4dc5df00b2ULL
+#define XCS_PROTO_HASH 0x33fcef642258a535ULL
 
 /* Xen's default precopy policy, from xcsave/defaults.py (the one place). */
 #define XCS_XEN_MAX_ITERS 5
@@ -36,18 +36,27 @@ enum xcs_msg {
     XCS_MSG_TLS_PEER = 13,
     XCS_MSG_TUNNEL_STATS = 14,
     XCS_MSG_RESTORE_STATS = 15,
-    XCS_MSG_COUNT = 16
+    XCS_MSG_WIRE_STATS = 16,
+    XCS_MSG_WIRE_LOST = 17,
+    XCS_MSG_WIRE_RATE = 18,
+    XCS_MSG_COUNT = 19
 };
 
 /* Wire number per dialect; -1 where the dialect lacks the message. */
 static const int xcs_msg_numbers[2][XCS_MSG_COUNT] = {
-    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1, -1, -1, -1}, /* xen-4.17 */
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, /* xcsave-1 */
+    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1, -1, -1, -1, -1, -1, -1}, /* xen-4.17 */
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18}, /* xcsave-1 */
 };
 
 static const char *const xcs_msg_names[XCS_MSG_COUNT] = {
-    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats", "tls_peer", "tunnel_stats", "restore_stats"
+    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats", "tls_peer", "tunnel_stats", "restore_stats", "wire_stats", "wire_lost", "wire_rate"
 };
+
+/* Messages the parent sends on our stdin unasked (the table's p flag). */
+static const unsigned char xcs_msg_from_parent[XCS_MSG_COUNT] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+};
+#define XCS_PARENT_MSG_MAX 4096
 
 /* cbflags bits: 1 << wire number (the same in both dialects). */
 #define XCS_CBFLAG_SUSPEND (1u << 3)
@@ -186,6 +195,18 @@ static inline void xcs_stub_restore_stats(uint32_t checkpoints, uint64_t pages_r
 {
     const struct xcs_arg a[] = {XCS_FIXED(checkpoints), XCS_FIXED(pages_received), XCS_FIXED(bytes), XCS_FIXED(duration_ns)};
     xcs_send(XCS_MSG_RESTORE_STATS, a, 4);
+}
+
+static inline void xcs_stub_wire_stats(uint64_t stream_bytes, uint64_t wire_bytes, uint64_t frames, uint64_t frames_compressed, uint64_t rate_limit, uint64_t blocked_ns, uint64_t duration_ns, const uint64_t * channel_bytes, uint32_t channel_bytes_count)
+{
+    const struct xcs_arg a[] = {XCS_FIXED(stream_bytes), XCS_FIXED(wire_bytes), XCS_FIXED(frames), XCS_FIXED(frames_compressed), XCS_FIXED(rate_limit), XCS_FIXED(blocked_ns), XCS_FIXED(duration_ns), XCS_VAR(channel_bytes, channel_bytes_count * (uint32_t)sizeof(uint64_t))};
+    xcs_send(XCS_MSG_WIRE_STATS, a, 8);
+}
+
+static inline void xcs_stub_wire_lost(uint32_t channel, int errnoval, const char * why)
+{
+    const struct xcs_arg a[] = {XCS_FIXED(channel), XCS_FIXED(errnoval), XCS_STR(why)};
+    xcs_send(XCS_MSG_WIRE_LOST, a, 3);
 }
 
 /*

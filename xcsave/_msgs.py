@@ -32,6 +32,8 @@ __all__ = [
     "StatsEvent",
     "TlsPeerEvent",
     "TunnelStatsEvent",
+    "WireLostEvent",
+    "WireStatsEvent",
     "pack_precopy_policy",
 ]
 
@@ -176,6 +178,31 @@ class RestoreStatsEvent(_RestoreStatsFields, Event):
     kind: ClassVar[str] = "restore_stats"
 
 
+@dataclass(frozen=True, slots=True)
+class WireStatsEvent(Event):
+    """A wire pump's figures, every 500 ms and at its end (``wire_stats``)."""
+
+    kind: ClassVar[str] = "wire_stats"
+    stream_bytes: int  # plain stream bytes read (send) / written (recv)
+    wire_bytes: int  # bytes on the channels, frame headers included
+    frames: int
+    frames_compressed: int  # DATA frames sent (or received) zstd-compressed
+    rate_limit: int  # the cap in force, bytes/s (0: none)
+    blocked_ns: int  # time spent waiting for the channels or the cap
+    duration_ns: int
+    channel_bytes: tuple[int, ...]  # wire bytes per channel, in channel order
+
+
+@dataclass(frozen=True, slots=True)
+class WireLostEvent(Event):
+    """A wire channel failed (``wire_lost``)."""
+
+    kind: ClassVar[str] = "wire_lost"
+    channel: int
+    errno: int
+    why: str  # "EOF", "connection reset", "idle for 5000 ms"
+
+
 #: Message name -> the event it becomes: (op, domain, args) -> event.
 EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "log": LogEvent.from_frame,
@@ -183,4 +210,6 @@ EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "tls_peer": TlsPeerEvent.from_frame,
     "tunnel_stats": TunnelStatsEvent.from_frame,
     "restore_stats": RestoreStatsEvent.from_frame,
+    "wire_stats": WireStatsEvent.from_frame,
+    "wire_lost": WireLostEvent.from_frame,
 }

@@ -187,6 +187,20 @@ def _gbps(nbytes: int, duration_ns: int) -> float:
     return nbytes / duration_ns if duration_ns > 0 and nbytes else 0.0
 
 
+def _run_options(args: argparse.Namespace, on_event: Callable[[Any], object]) -> dict[str, Any]:
+    """What save and restore are both given from :func:`_add_common`'s options."""
+    return {
+        "domid": args.domid,
+        "sim": args.sim,
+        "fmt": args.format,
+        "dialect": args.dialect,
+        "helper": args.helper,
+        "stream_type": args.stream_type,
+        "timeout": args.timeout,
+        "on_event": on_event,
+    }
+
+
 def do_save(args: argparse.Namespace) -> int:
     from . import api
 
@@ -200,20 +214,13 @@ def do_save(args: argparse.Namespace) -> int:
         res = run_async(
             lambda: api.save(
                 out,
-                domid=args.domid,
-                sim=args.sim,
                 live=args.live,
-                fmt=args.format,
-                dialect=args.dialect,
-                helper=args.helper,
                 callbacks=cmd_callbacks(args),
                 policy=args.policy,
-                stream_type=args.stream_type,
                 checkpoints=args.checkpoints,
                 interval_ms=args.interval_ms,
-                timeout=args.timeout,
-                on_event=rend,
                 copy_threads=args.copy_threads,
+                **_run_options(args, rend),
             )
         )
     where = "<stdout>" if args.out == "-" else args.out
@@ -237,12 +244,6 @@ def do_restore(args: argparse.Namespace) -> int:
         res = run_async(
             lambda: api.restore(
                 src,
-                domid=args.domid,
-                sim=args.sim,
-                fmt=args.format,
-                dialect=args.dialect,
-                helper=args.helper,
-                stream_type=args.stream_type,
                 store_evtchn=args.store_evtchn,
                 store_domid=args.store_domid,
                 console_evtchn=args.console_evtchn,
@@ -254,8 +255,7 @@ def do_restore(args: argparse.Namespace) -> int:
                 legacy_guest=legacy_guest,
                 dm_out=args.dm_out,
                 force=args.force,
-                timeout=args.timeout,
-                on_event=rend,
+                **_run_options(args, rend),
             )
         )
     where = "<stdin>" if args.input == "-" else args.input
@@ -350,10 +350,8 @@ def add_bounds_flags(p: argparse.ArgumentParser, *, max_memory: str | None) -> N
     )
 
 
-def add_save_restore(sub: Any) -> None:
-    p = sub.add_parser("save", help="save a domain into a stream")
-    p.add_argument("out", metavar="OUT", help="output stream (file, or - for stdout)")
-    _add_common(p)
+def add_live_flags(p: argparse.ArgumentParser) -> None:
+    """``--live`` and ``--policy POLICY`` (save and migrate)."""
     p.add_argument("--live", action="store_true", help="live precopy rounds")
     p.add_argument(
         "--policy",
@@ -361,6 +359,13 @@ def add_save_restore(sub: Any) -> None:
         metavar="POLICY",
         help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort (default: xen)",
     )
+
+
+def add_save_restore(sub: Any) -> None:
+    p = sub.add_parser("save", help="save a domain into a stream")
+    p.add_argument("out", metavar="OUT", help="output stream (file, or - for stdout)")
+    _add_common(p)
+    add_live_flags(p)
     p.add_argument("--suspend-cmd", metavar="CMD", help="command that suspends the guest")
     p.add_argument(
         "--logdirty-cmd",

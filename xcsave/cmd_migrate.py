@@ -25,9 +25,9 @@ import json
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from .cli import FORMATS, add_bounds_flags, parse_policy
+from .cli import FORMATS, add_bounds_flags, add_live_flags
 from .cli_run import (
     Terminated,
     add_logging_flags,
@@ -39,7 +39,14 @@ from .defaults import HANDSHAKE_TIMEOUT
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .migrate import MigrationResult, ReceiveResult
+    from .migrate import (
+        EventSink,
+        MigrationResult,
+        NetOptions,
+        ReceiveOptions,
+        ReceiveResult,
+        SendOptions,
+    )
 
 # asyncio, the API and the extension load when a command runs, not at parse time.
 
@@ -103,8 +110,8 @@ def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _tls_choice(args: argparse.Namespace) -> tuple[str | None, bool]:
-    """(tls_dir, insecure) for the API, or a usage error naming both options."""
+def _tls_choice(args: argparse.Namespace) -> dict[str, Any]:
+    """``tls_dir`` and ``insecure`` for the API, or a usage error naming both options."""
     from .migrate import INSECURE_WARNING, resolve_tls
 
     if args.tls_dir is not None and args.insecure:
@@ -116,7 +123,7 @@ def _tls_choice(args: argparse.Namespace) -> tuple[str | None, bool]:
     if tls is None:
         sys.stderr.write(f"xcsave: {INSECURE_WARNING}\n")
         sys.stderr.flush()
-    return (str(tls) if tls is not None else None), args.insecure
+    return {"tls_dir": str(tls) if tls is not None else None, "insecure": args.insecure}
 
 
 def add_parsers(sub: Any) -> None:
@@ -152,13 +159,8 @@ def add_parsers(sub: Any) -> None:
         help="ssh: how to run xcsave there (default 'xcsave')",
     )
     _add_tls_flags(p)
-    p.add_argument("--live", action="store_true", help="live precopy rounds")
-    p.add_argument(
-        "--policy",
-        type=parse_policy,
-        metavar="POLICY",
-        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort",
-    )
+    add_live_flags(p)
+    _add_wire_flags(p)
     p.add_argument("--format", choices=FORMATS, default="libxl", help="stream framing")
     p.add_argument("--timeout", type=float, metavar="S", help="give the helper S seconds")
     p.add_argument(
@@ -223,6 +225,13 @@ def add_parsers(sub: Any) -> None:
         f"authenticate and start its stream (default {HANDSHAKE_TIMEOUT:g})",
     )
     add_bounds_flags(r, max_memory="the host's memory or the sim directory's filesystem")
+    r.add_argument(
+        "--save-to",
+        metavar="FILE",
+        help="also write the received stream into FILE (new, 0600; removed on failure): "
+        "a plain stream 'xcsave verify' and Xen's verify-stream-v2 read (needs a sender "
+        "using the wire: --compress, --channels or --resume)",
+    )
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     add_progress_flag(r)
     add_logging_flags(r)
@@ -240,10 +249,89 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     sys.stdout.flush()
 
 
+def net_options(args: argparse.Namespace, on_event: EventSink) -> NetOptions:
+    """The options both ends take (:class:`xcsave.migrate.NetOptions`), from the command line."""
+    return {
+        "timeout": args.timeout,
+        "handshake_timeout": args.handshake_timeout,
+        "idle_timeout": args.idle_timeout or None,  # 0: never
+        "on_event": on_event,
+    }
+
+
+def _with(args: argparse.Namespace, on_event: EventSink, *names: str) -> dict[str, Any]:
+    """:func:`net_options` and the options ``names`` (each the flag's own dest)."""
+    return {**net_options(args, on_event), **{n: getattr(args, n) for n in names}}
+
+
+def send_options(args: argparse.Namespace, on_event: EventSink) -> SendOptions:
+    """A sender's options (:class:`xcsave.migrate.SendOptions`), from the command line."""
+    return cast("SendOptions", _with(args, on_event, *_SEND))
+
+
+def receive_options(args: argparse.Namespace, on_event: EventSink) -> ReceiveOptions:
+    """A receiver's options (:class:`xcsave.migrate.ReceiveOptions`), from the command line."""
+    return cast("ReceiveOptions", _with(args, on_event, "max_memory", "force", "save_to"))
+
+
+#: The sender's wire options (``_add_wire_flags``): their flags' dests are the API's names.
+_SEND = ("compress", "channels", "max_bandwidth", "resume")
+
+
+def _rate(text: str) -> int:
+    from .wire import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _channels(text: str) -> int:
+    from .wire import MAX_CHANNELS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"bad channel count {text!r}: expected 1..{MAX_CHANNELS}")
+    return int(text)
+
+
+def _add_wire_flags(p: argparse.ArgumentParser) -> None:
+    """The sender's wire extensions (issue 14; xcsave receivers only, but for the cap)."""
+    p.add_argument(
+        "--compress",
+        choices=("off", "zstd", "adaptive"),
+        default="off",
+        help="compress page data on the wire (xcsave receivers only; adaptive: only while "
+        "it pays, skipped for incompressible pages or when the CPU, not the link, is slow)",
+    )
+    p.add_argument(
+        "--channels",
+        type=_channels,
+        default=1,
+        metavar="N",
+        help="spread the stream over N connections, each secured like the first "
+        "(TCP/TLS to an xcsave receiver; default 1)",
+    )
+    p.add_argument(
+        "--max-bandwidth",
+        type=_rate,
+        default=0,
+        metavar="RATE",
+        help="cap the link: 1gbit, 500mbit (bits/s, decimal, as tc writes them) or 100M, "
+        "125MB/s (bytes/s, binary: 100M = 100 MiB/s); 0: none (default).  Works towards any "
+        "receiver",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reconnect a channel lost during the live rounds and send only what the "
+        "receiver has not confirmed (TCP/TLS to an xcsave receiver)",
+    )
+
+
 def do_migrate(args: argparse.Namespace) -> int:
     from . import migrate
 
-    idle = args.idle_timeout or None  # 0: never
     if isinstance(args.to, str):  # ssh://
         from .ssh import migrate_ssh
 
@@ -259,8 +347,7 @@ def do_migrate(args: argparse.Namespace) -> int:
     else:
         if args.remote_sim is not None:
             raise UsageError("--remote-sim is for ssh:// targets: the receiver names its domain")
-        tls_dir, insecure = _tls_choice(args)
-        target = functools.partial(migrate.migrate, tls_dir=tls_dir, insecure=insecure)
+        target = functools.partial(migrate.migrate, **_tls_choice(args))
 
     def run() -> Awaitable[MigrationResult]:
         return target(
@@ -269,10 +356,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             live=args.live,
             policy=args.policy,
             fmt=args.format,
-            timeout=args.timeout,
-            handshake_timeout=args.handshake_timeout,
-            idle_timeout=idle,
-            on_event=rend,
+            **send_options(args, rend),
         )
 
     with renderer(args) as rend:
@@ -314,10 +398,9 @@ def do_receive(args: argparse.Namespace) -> int:
 
     if args.accept_timeout is not None and args.accept_timeout <= 0:
         raise UsageError("--accept-timeout must be positive")
-    idle = args.idle_timeout or None  # 0: never
     if args.stdio:
-        return _receive_stdio(args, idle)
-    tls_dir, insecure = _tls_choice(args)
+        return _receive_stdio(args)
+    tls = _tls_choice(args)
 
     def listening(addr: tuple[str, int]) -> None:
         text = migrate.format_address(addr)
@@ -334,23 +417,17 @@ def do_receive(args: argparse.Namespace) -> int:
                 listen=args.listen,
                 sim=args.sim,
                 fmt=args.format,
-                timeout=args.timeout,
                 accept_timeout=args.accept_timeout,
-                handshake_timeout=args.handshake_timeout,
-                idle_timeout=idle,
-                max_memory=args.max_memory,
-                tls_dir=tls_dir,
-                insecure=insecure,
                 on_listening=listening,
-                on_event=rend,
-                force=args.force,
+                **tls,
+                **receive_options(args, rend),
             )
         )
     _emit(args, receive_json(res), receive_text(res))
     return 0
 
 
-def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
+def _receive_stdio(args: argparse.Namespace) -> int:
     """``receive --stdio``: the protocol owns stdin and stdout, everything else goes to stderr.
 
     fd trick: the protocol's ends are private duplicates of fds 0 and 1;
@@ -380,16 +457,7 @@ def _receive_stdio(args: argparse.Namespace, idle: float | None) -> int:
         with renderer(args, sys.stderr) as rend:
             res = run_async(
                 lambda: migrate.receive_stdio(
-                    sim=args.sim,
-                    fmt=fmt,
-                    rfd=rfd,
-                    wfd=wfd,
-                    timeout=args.timeout,
-                    handshake_timeout=args.handshake_timeout,
-                    idle_timeout=idle,
-                    max_memory=args.max_memory,
-                    on_event=rend,
-                    force=args.force,
+                    sim=args.sim, fmt=fmt, rfd=rfd, wfd=wfd, **receive_options(args, rend)
                 )
             )
     finally:

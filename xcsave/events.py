@@ -21,6 +21,8 @@ from ._msgs import (
     StatsEvent,
     TlsPeerEvent,
     TunnelStatsEvent,
+    WireLostEvent,
+    WireStatsEvent,
 )
 from .policy import _PrecopyFields
 
@@ -28,12 +30,15 @@ __all__ = [
     "DoneEvent",
     "Event",
     "LogEvent",
+    "MigrationStatsEvent",
     "PolicyEvent",
     "ProgressEvent",
     "RestoreStatsEvent",
     "StatsEvent",
     "TlsPeerEvent",
     "TunnelStatsEvent",
+    "WireLostEvent",
+    "WireStatsEvent",
 ]
 
 
@@ -70,3 +75,21 @@ class DoneEvent(Event):
     ok: bool
     error: str
     elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStatsEvent(Event):
+    """A live migration's figures, like QEMU's query-migrate (every 500 ms
+    while the wire pump runs; see :class:`xcsave.wire.LiveStats`)."""
+
+    kind: ClassVar[str] = "migration_stats"
+    bytes_sent: int  # on the wire, frame headers included
+    stream_bytes: int  # of the plain stream, pumped so far
+    bytes_remaining: int  # estimate: the last round's dirty pages x 4096
+    dirty_rate: float  # pages/s in the last round
+    throughput: float  # wire bytes/s since the previous figures
+    compression_ratio: float  # stream bytes / wire bytes
+    expected_downtime_ms: float  # bytes_remaining / throughput
+    iteration: int  # the precopy round
+    rate_limit: int  # the cap in force (bytes/s, 0: none)
+    channel_bytes: tuple[int, ...]  # wire bytes per channel

@@ -39,7 +39,7 @@ import contextlib
 import errno as errno_mod
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -211,14 +211,20 @@ async def peek(sock: socket.socket, n: int, what: str, timeout: float | None) ->
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-async def stream_format(sock: socket.socket, fmt: str, timeout: float | None) -> str:
-    """The format of the stream waiting on ``sock`` (peeked at, not consumed)."""
+async def stream_format(
+    sock: socket.socket, fmt: str, timeout: float | None, magics: Mapping[bytes, str] = {}
+) -> str:
+    """The format of the stream waiting on ``sock`` (peeked at, not consumed);
+    or, when its first 8 bytes are one of ``magics``, that one's name (the
+    wire's OFFER and JOIN, see :mod:`xcsave.wire`)."""
     head = await peek(sock, _PEEK, "the sender's stream", timeout)
     if len(head) < _PEEK:
         raise HandshakeError(
             "the sender closed the connection before sending a stream",
             errno=errno_mod.ECONNRESET,
         )
+    if head in magics:
+        return magics[head]
     detected = _detect_format(head)
     if fmt not in ("auto", detected):
         raise HandshakeError(

@@ -17,17 +17,16 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Unpack
 
 from . import api
 from . import lock as _lock
 from . import sim as simdom
 from ._log import logger
-from .defaults import CHANNELS, HANDSHAKE_TIMEOUT
+from .defaults import CHANNELS
 from .errors import MigrationError, MigrationInDoubt
-from .migrate import EventSink, MigrationResult, ReceiveResult, migrate_on, receive_on
+from .migrate import MigrationResult, NetOptions, ReceiveResult, migrate_on, receive_on
 from .policy import Policy
-from .supervisor import Supervisor
 
 __all__ = ["CHANNELS", "migrate_local"]
 
@@ -52,11 +51,8 @@ async def migrate_local(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
     channel: str = "pipe",
+    **net: Unpack[NetOptions],
 ) -> tuple[MigrationResult, ReceiveResult]:
     """Both ends in this process: the same helpers and handshake as TCP.
 
@@ -86,22 +82,15 @@ async def migrate_local(
     # Blocking, close-on-exec: the supervisor hands each helper its end alone.
     rfd, wfd = os.pipe() if channel == "pipe" else (None, None)
 
-    # What both ends are given alike.
-    both: dict[str, Any] = {
-        "fmt": fmt,
-        "timeout": timeout,
-        "handshake_timeout": handshake_timeout,
-        "on_event": on_event,
-        "supervisor": supervisor,
-    }
-
     async def send_side() -> MigrationResult:
         with a, _owned_fd(wfd):
-            return await migrate_on(a, sim=src, live=live, policy=policy, stream=wfd, **both)
+            return await migrate_on(
+                a, sim=src, live=live, policy=policy, fmt=fmt, stream=wfd, **net
+            )
 
     async def receive_side() -> ReceiveResult:
         with b, _owned_fd(rfd):
-            return await receive_on(b, sim=dst, stream=rfd, **both)
+            return await receive_on(b, sim=dst, fmt=fmt, stream=rfd, **net)
 
     sent: MigrationResult | BaseException | None = None
     received: ReceiveResult | BaseException | None = None

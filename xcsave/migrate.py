@@ -32,15 +32,18 @@ import asyncio
 import contextlib
 import dataclasses
 import errno as errno_mod
+import functools
 import os
 import socket
+import struct
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypedDict, Unpack
 
-from . import api
+from . import api, files, wire
 from . import handshake as hs
 from . import lock as _lock
 from . import sim as simdom
@@ -58,7 +61,9 @@ from .events import DoneEvent, Event, LogEvent, ProgressEvent
 from .handshake import BANNER, GO, READY, REPORT, Address, Endpoint, Fds, format_address
 from .jobs import Outcome, Summary, run_many
 from .policy import Policy
-from .supervisor import Callbacks, RunResult, Supervisor
+from .proto import XCSAVE_1
+from .supervisor import Callbacks, HelperRun, HelperSpec, RunResult, Supervisor, helper_path
+from .wire import MigrationControl
 
 __all__ = [
     "BANNER",
@@ -69,11 +74,15 @@ __all__ = [
     "READY",
     "REPORT",
     "HandshakeError",
+    "MigrationControl",
     "MigrationError",
     "MigrationInDoubt",
     "MigrationResult",
+    "NetOptions",
     "Outcome",
+    "ReceiveOptions",
     "ReceiveResult",
+    "SendOptions",
     "Summary",
     "default_max_memory",
     "format_address",
@@ -92,6 +101,86 @@ log = logger(__name__)
 MAX_CANDIDATES: Final = 8
 
 EventSink = Callable[[Event], object]
+
+
+class NetOptions(TypedDict, total=False):
+    """What every migration entry point takes by keyword and passes on as
+    ``**net`` (one list; the defaults are :data:`NET_DEFAULTS`)."""
+
+    #: the helper's overall bound (s; None: none)
+    timeout: float | None
+    #: each handshake message, and a connecting peer's admission (s)
+    handshake_timeout: float | None
+    #: a stream silent this long once started fails (ETIMEDOUT; None: never)
+    idle_timeout: float | None
+    #: told every event (the helper's, relabelled, and the handshake's steps)
+    on_event: EventSink | None
+    #: runs the helpers (default: a private one)
+    supervisor: Supervisor | None
+
+
+class SendOptions(NetOptions, total=False):
+    """A sender's options besides :class:`NetOptions`: the wire extensions
+    (issue 14; offered only when asked for, and then the receiver must be
+    xcsave's: see :mod:`xcsave.wire`)."""
+
+    #: "off" (default), "zstd", or "adaptive" (zstd only when it pays)
+    compress: str
+    #: data channels (TCP/TLS only; default 1)
+    channels: int
+    #: the cap, bytes/s or a :func:`xcsave.wire.parse_rate` text (0: none)
+    max_bandwidth: int | str
+    #: reconnect a channel lost during the live rounds (TCP/TLS only)
+    resume: bool
+    #: changes the cap while the migration runs
+    control: MigrationControl | None
+
+
+class ReceiveOptions(NetOptions, total=False):
+    """A receiver's options besides :class:`NetOptions` (see :func:`receive_on`)."""
+
+    #: refuse a larger domain before allocating it (None: :func:`default_max_memory`)
+    max_memory: int | None
+    #: replace an existing domain of that name once the received copy starts
+    force: bool
+    #: also write the received plain stream into this new file (0600; needs the wire)
+    save_to: str | os.PathLike[str] | None
+
+
+#: What an option left out of :class:`NetOptions` is.
+NET_DEFAULTS: Final[NetOptions] = {
+    "timeout": None,
+    "handshake_timeout": HANDSHAKE_TIMEOUT,
+    "idle_timeout": IDLE_TIMEOUT,
+    "on_event": None,
+    "supervisor": None,
+}
+#: ... and one left out of :class:`ReceiveOptions`.
+RECEIVE_DEFAULTS: Final[ReceiveOptions] = {
+    **NET_DEFAULTS,
+    "max_memory": None,
+    "force": False,
+    "save_to": None,
+}
+#: ... and one left out of :class:`SendOptions`.
+SEND_DEFAULTS: Final[SendOptions] = {
+    **NET_DEFAULTS,
+    "compress": "off",
+    "channels": 1,
+    "max_bandwidth": 0,
+    "resume": False,
+    "control": None,
+}
+
+
+def _helper_options(o: NetOptions, ev: EventSink) -> dict[str, Any]:
+    """What a migration's helper run (:func:`xcsave.api.save` / ``restore``) is given of ``o``."""
+    return {
+        "timeout": o["timeout"],
+        "idle_timeout": o["idle_timeout"],
+        "on_event": ev,
+        "supervisor": o["supervisor"],
+    }
 
 
 @dataclass
@@ -148,6 +237,12 @@ def _same_kind(e: BaseException) -> type[MigrationError]:
     if isinstance(e, MigrationError) and not isinstance(e, MigrationInDoubt):
         return type(e)
     return MigrationError
+
+
+def _failure(e: BaseException, text: str) -> MigrationError:
+    """``e`` re-raised as its kind (:func:`_same_kind`) with the migration's ``text``
+    (raise it ``from e``)."""
+    return _same_kind(e)(text, errno=getattr(e, "errno", None))
 
 
 def _cause(e: BaseException, idle_timeout: float | None = None) -> str:
@@ -321,6 +416,270 @@ class _Events:
         return [max(0.0, e - s) for s, e in zip(starts, ends, strict=True)]
 
 
+# ----------------------------------------------------------------- the wire (issue 14)
+
+
+async def _recv_body(ep: Endpoint, magic: bytes, what: str, timeout: float | None) -> Any:
+    """One negotiation message (``magic`` + u32 length + JSON), all within
+    ``timeout``: the length is checked before a byte of the body is read."""
+    async with _deadline(timeout, what):
+        head = await hs.recv_exact(ep, wire.MAGIC_LEN + 4, what, None)
+        n = wire.body_length(head, magic, what)
+        return wire.decode(await hs.recv_exact(ep, n, what, None), what)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(timeout: float | None, what: str) -> AsyncIterator[None]:
+    """The block within ``timeout`` (one deadline: a trickle cannot stretch it)."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        raise HandshakeError(
+            f"no complete {what} within {timeout:g} s (ETIMEDOUT)", errno=errno_mod.ETIMEDOUT
+        ) from None
+
+
+def _offer(o: SendOptions, fmt: str) -> wire.Offer | None:
+    """The offer these options make (None: no extension, the plain xl stream);
+    ValueError for an option out of range."""
+    if o["compress"] not in wire.COMPRESS:
+        raise ValueError(f"compress is one of {wire.COMPRESS}, not {o['compress']!r}")
+    if not 1 <= o["channels"] <= wire.MAX_CHANNELS:
+        raise ValueError(f"channels is 1..{wire.MAX_CHANNELS}, not {o['channels']}")
+    if o["compress"] == "off" and o["channels"] == 1 and not o["resume"]:
+        return None
+    compress = "off" if o["compress"] == "off" else "zstd"
+    return wire.Offer(compress=compress, channels=o["channels"], resume=o["resume"], format=fmt)
+
+
+def _checked(o: SendOptions, fmt: str) -> tuple[wire.Offer | None, int]:
+    """The offer and the cap (bytes/s) of these options; ValueError for a bad one."""
+    return _offer(o, fmt), _rate(o)
+
+
+def _rate(o: SendOptions) -> int:
+    cap = o["max_bandwidth"]
+    rate = wire.parse_rate(cap) if isinstance(cap, str) else int(cap)
+    if rate < 0:
+        raise ValueError(f"max_bandwidth is >= 0 bytes/s, not {rate}")
+    return rate
+
+
+async def _negotiate(sock: socket.socket, offer: wire.Offer, timeout: float | None) -> wire.Accept:
+    """Send ``offer``, read the receiver's answer (the sender's side)."""
+    await hs.send(sock, wire.encode(wire.OFFER_MAGIC, offer.body()), "our wire offer", timeout)
+    try:
+        body = await _recv_body(sock, wire.OFFER_MAGIC, "answer to our wire offer", timeout)
+    except HandshakeError as e:
+        if e.errno != errno_mod.ECONNRESET:
+            raise
+        raise HandshakeError(
+            "the receiver hung up on our wire offer: it does not speak xcsave's wire "
+            "extensions (a stock xl receiver?); migrate without --compress, --channels "
+            "and --resume (EPROTONOSUPPORT)",
+            errno=errno_mod.EPROTONOSUPPORT,
+        ) from e
+    return wire.Accept.parse(body, offer)
+
+
+#: Opens one more channel of a migration to the same receiver (secured like
+#: channel 0), reads its banner and sends ``join``: the sender's side of a JOIN.
+ChannelOpener = Callable[[wire.Join], contextlib.AbstractAsyncContextManager[_Channel]]
+
+
+async def _pump(
+    plan: wire.PumpPlan, domain: str, ev: EventSink, control: MigrationControl | None
+) -> RunResult:
+    """One wire pump run (``xcsave-helper wire-send`` / ``wire-recv``) to its end."""
+    spec = HelperSpec(
+        mode=plan.mode,
+        dialect=XCSAVE_1,
+        args=plan.argv(),
+        pass_fds=plan.fds(),
+        domain=domain,
+        backend="wire",
+    )
+    run = HelperRun(spec, on_event=ev)
+    if control is not None:
+        control.attach(run)
+    try:
+        return await run.run()
+    finally:
+        if control is not None:
+            control.attach(None)
+
+
+async def _with_pump(
+    pump: Callable[[], Awaitable[RunResult]],
+    pump_fd: int,
+    helper: Callable[[], Awaitable[RunResult]],
+    helper_fd: int,
+) -> RunResult:
+    """Run a pump and a save/restore helper joined by a pipe; the helper's result.
+
+    Each pipe end is closed here as soon as its run ends, so the other sees
+    EOF (the pump: the stream is complete) or EPIPE.  The first failure
+    stops the other run; the pump's error wins (a lost link is the cause,
+    the helper's EPIPE its consequence).
+    """
+
+    async def owning(run: Callable[[], Awaitable[RunResult]], fd: int) -> RunResult:
+        try:
+            return await run()
+        finally:
+            os.close(fd)
+
+    pumping = asyncio.create_task(owning(pump, pump_fd))
+    helping = asyncio.create_task(owning(helper, helper_fd))
+    tasks = (pumping, helping)
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            raise exc
+    return helping.result()
+
+
+@dataclass
+class _WireSend:
+    """The sender's use of the wire: what was accepted, its extra channels, resume."""
+
+    o: SendOptions
+    offer: wire.Offer | None
+    rate: int
+    opener: ChannelOpener | None
+    stack: contextlib.AsyncExitStack
+    accepted: wire.Accept | None = None
+    channels: list[socket.socket] = field(default_factory=list)
+    resume_sock: socket.socket | None = None
+    suspended: bool = False
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def pumped(self) -> bool:
+        """Whether the stream goes through a pump (any extension, a cap, or a control)."""
+        return self.offer is not None or self.rate > 0 or self.o["control"] is not None
+
+    async def start(self, sock: socket.socket, ev: _Events, timeout: float | None) -> None:
+        """Negotiate on channel 0 and open the others (after the banner)."""
+        self.channels = [sock]
+        if self.offer is None:
+            return
+        acc = self.accepted = await _negotiate(sock, self.offer, timeout)
+        ev.note(
+            f"wire: compress {acc.compress}, {acc.channels} channel(s)"
+            + (", resume" if acc.resume else "")
+        )
+        if acc.channels > 1 and self.opener is None:
+            raise MigrationError("--channels needs a TCP or TLS transport", errno=errno_mod.EINVAL)
+        for i in range(1, acc.channels):
+            assert self.opener is not None
+            ch = await self.stack.enter_async_context(self.opener(wire.Join(acc.token, i)))
+            self.channels.append(ch.sock)
+
+    async def send(
+        self, save: Callable[[int, EventSink], Awaitable[RunResult]], ev: _Events, domain: str
+    ) -> RunResult:
+        """The save helper writes into a pipe; the pump puts it on the channels."""
+        acc = self.accepted
+        control = self.o["control"]
+        if control is not None and self.rate:
+            control.max_bandwidth = self.rate
+        rate = control.max_bandwidth if control is not None else self.rate
+        r, w = os.pipe()
+        resume_theirs: socket.socket | None = None
+        if acc is not None and acc.resume:
+            self.resume_sock, resume_theirs = socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET
+            )
+        plan = wire.PumpPlan(
+            "wire-send",
+            r,
+            tuple(c.fileno() for c in self.channels),
+            raw=acc is None,
+            compress=self.o["compress"] if acc is not None and acc.compress != "off" else "off",
+            max_bandwidth=rate,
+            frame=acc.frame if acc else wire.FRAME_DEFAULT,
+            window=acc.window if acc else wire.WINDOW_DEFAULT,
+            resume_fd=resume_theirs.fileno() if resume_theirs is not None else None,
+            idle_timeout=self.o["idle_timeout"],
+        )
+        stats = wire.LiveStats("migrate", domain, ev.sink)
+
+        def pump_event(e: Event) -> None:
+            stats.feed(e)
+            ev(e)
+            if getattr(e, "kind", None) == "wire_lost":
+                self._lost(int(getattr(e, "channel", 0)))
+
+        def save_event(e: Event) -> None:
+            stats.feed(e)
+            ev(e)
+
+        for c in self.channels:
+            c.setblocking(True)  # the pump's; see hs.lent_to_helper
+        try:
+            return await _with_pump(
+                lambda: _pump(plan, domain, pump_event, control),
+                r,
+                lambda: save(w, save_event),
+                w,
+            )
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for c in self.channels:
+                c.setblocking(False)
+            for end in (self.resume_sock, resume_theirs):
+                if end is not None:
+                    end.close()
+
+    def _lost(self, index: int) -> None:
+        """A channel failed (the pump's ``wire_lost``): reconnect it, if resume
+        was negotiated and the domain still runs (after suspension the
+        existing in-doubt rules stand: no new connection)."""
+        if self.resume_sock is None or self.opener is None or self.suspended:
+            return
+        task = asyncio.create_task(self._reconnect(index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconnect(self, index: int) -> None:
+        assert self.accepted is not None
+        assert self.opener is not None
+        assert self.resume_sock is not None
+        delay = wire.RESUME_BACKOFF
+        for attempt in range(1, wire.RESUME_TRIES + 1):
+            try:
+                join = wire.Join(self.accepted.token, index, resume=True)
+                ch = await self.stack.enter_async_context(self.opener(join))
+                ch.sock.setblocking(True)
+                # fd trick: the pump takes the new connection over from its
+                # resume socket (SCM_RIGHTS), in the lost channel's slot.
+                socket.send_fds(self.resume_sock, [struct.pack("<I", index)], [ch.sock.fileno()])
+                self.channels[index] = ch.sock
+                log.info("wire: channel %d reconnected (attempt %d)", index, attempt)
+                return
+            except (OSError, XcsaveError) as e:
+                log.warning(
+                    "wire: reconnecting channel %d, attempt %d of %d: %s",
+                    index,
+                    attempt,
+                    wire.RESUME_TRIES,
+                    error_text(e),
+                )
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, wire.RESUME_BACKOFF_MAX)
+        log.error("wire: channel %d lost for good; the pump gives up", index)
+
+
 # ----------------------------------------------------------------- sender
 
 
@@ -332,13 +691,10 @@ async def migrate_on(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
     stream: int | None = None,
     peer: str | None = None,
+    opener: ChannelOpener | None = None,
+    **net: Unpack[SendOptions],
 ) -> MigrationResult:
     """Migrate a simulated domain over ``sock``, a connected socket (the sender's side).
 
@@ -349,39 +705,60 @@ async def migrate_on(
     ``idle_timeout``: a receiver that takes no stream bytes for that long
     fails the migration (ETIMEDOUT).  ``peer`` names the receiver in
     messages (default: the socket's peer address).
+
+    The wire extensions (:class:`SendOptions`: ``compress``, ``channels``,
+    ``resume``) are offered to the receiver right after its banner;
+    ``opener`` opens channels 1..n-1 (:func:`migrate` gives one).  With
+    them, or a ``max_bandwidth`` cap, or a ``control``, the helper writes
+    into a pipe and a wire pump puts the stream on the channel(s).
     """
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
+    o: SendOptions = {**SEND_DEFAULTS, **net}
+    offer, rate = _checked(o, fmt)  # ValueError before anything happens
+    if stream is not None and (offer is not None or rate or o["control"] is not None):
+        raise ValueError("the wire extensions and the cap need the stream on the socket")
     src = simdom.resolve(sim)
     before = simdom.state(src)  # also: FileNotFoundError for a domain that does not exist
     peer = peer or hs.peer_name(sock)
-    ev = _Events("migrate", str(src), on_event)
+    handshake_timeout = o["handshake_timeout"]
+    ev = _Events("migrate", str(src), o["on_event"])
     hs.nonblocking(sock)
     hs.tune(sock, handshake_timeout)
     t0 = time.monotonic()
     t_suspend: list[float] = []
 
+    stack = contextlib.AsyncExitStack()
+    wired = _WireSend(o, offer, rate, opener if isinstance(sock, socket.socket) else None, stack)
+
     def suspended() -> bool:
         t_suspend.append(time.monotonic())
+        wired.suspended = True  # a link lost from here on is not reconnected
         return True  # the engine then marks the domain suspended
+
+    async def save(fd: int, sink: EventSink) -> RunResult:
+        return await api.save(
+            fd,
+            sim=src,
+            live=live,
+            fmt=fmt,
+            policy=policy,
+            callbacks=Callbacks(suspend=suspended),
+            **_helper_options(o, sink),
+        )
 
     committed = False  # GO sent: from here on, resuming could make two copies run
     try:
         await hs.expect(sock, BANNER, "the receiver's banner", handshake_timeout)
+        await wired.start(sock, ev, handshake_timeout)
         ev.note(f"receiver {peer} ready; sending {'live ' if live else ''}{fmt} stream")
-        with hs.lent_to_helper(sock, stream) as fd:
-            saved = await api.save(
-                fd,
-                sim=src,
-                live=live,
-                fmt=fmt,
-                policy=policy,
-                callbacks=Callbacks(suspend=suspended),
-                timeout=timeout,
-                idle_timeout=idle_timeout,
-                on_event=ev,
-                supervisor=supervisor,
-            )
+        if wired.pumped:
+            assert isinstance(sock, socket.socket)
+            saved = await wired.send(save, ev, str(src))
+            sock = wired.channels[0]  # a resumed channel 0 carries the rest
+        else:
+            with hs.lent_to_helper(sock, stream) as fd:
+                saved = await save(fd, ev)
         stream_done_at = time.monotonic()
         ev.note("stream sent; waiting for the receiver to confirm")
         await hs.expect(sock, READY, "the receiver's 'domain received'", handshake_timeout)
@@ -396,7 +773,7 @@ async def migrate_on(
                 f"the receiver could not start its copy (status {status})", errno=status
             )
     except BaseException as e:
-        cause = _cause(e, idle_timeout)
+        cause = _cause(e, o["idle_timeout"])
         if committed:
             ev.done(False, f"in doubt: {cause}")
             if isinstance(e, Exception):
@@ -417,11 +794,12 @@ async def migrate_on(
         state = simdom.put_back(src, before)
         ev.done(False, cause)
         if isinstance(e, Exception):
-            raise _same_kind(e)(
-                f"migrate {src} to {peer} failed: {cause}; {src} is {state} here again",
-                errno=getattr(e, "errno", None),
+            raise _failure(
+                e, f"migrate {src} to {peer} failed: {cause}; {src} is {state} here again"
             ) from e
         raise
+    finally:
+        await stack.aclose()  # the wire's other channels (and replacements)
     t_end = time.monotonic()
     ev.note("the receiver runs the domain; ours stays suspended")
     ev.done(True)
@@ -446,13 +824,9 @@ async def migrate(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
     tls_dir: str | os.PathLike[str] | None = None,
     insecure: bool = False,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
+    **net: Unpack[SendOptions],
 ) -> MigrationResult:
     """Live-migrate the simulated domain ``sim`` to the receiver at ``to=(host, port)``.
 
@@ -468,26 +842,45 @@ async def migrate(
     stays suspended (:class:`MigrationInDoubt`).  Connection failures are
     the ``OSError`` from connect (e.g. ``ConnectionRefusedError``), with
     ``host:port`` as its filename; the domain is untouched then.
+
+    The wire extensions of :class:`SendOptions` need an xcsave receiver;
+    its further channels go to the same address, secured like the first.
     """
     path = _resolve_existing(sim)
     tls = resolve_tls(tls_dir, insecure)
-    sock = await _connect(to, handshake_timeout)
-    with sock:
-        hs.tune(sock, handshake_timeout)
-        async with _secured(sock, tls, server_name=to[0], timeout=handshake_timeout) as ch:
-            return await migrate_on(
-                ch.sock,
-                sim=path,
-                live=live,
-                policy=policy,
-                fmt=fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                idle_timeout=idle_timeout,
-                on_event=on_event,
-                supervisor=supervisor,
-                peer=ch.peer,
+    _checked({**SEND_DEFAULTS, **net}, fmt)  # ValueError before connecting
+    handshake_timeout = net.get("handshake_timeout", HANDSHAKE_TIMEOUT)
+
+    @contextlib.asynccontextmanager
+    async def connected() -> AsyncIterator[_Channel]:
+        sock = await _connect(to, handshake_timeout)
+        with sock:
+            hs.tune(sock, handshake_timeout)
+            async with _secured(sock, tls, server_name=to[0], timeout=handshake_timeout) as ch:
+                yield ch
+
+    @contextlib.asynccontextmanager
+    async def opener(join: wire.Join) -> AsyncIterator[_Channel]:
+        async with connected() as ch:
+            hs.nonblocking(ch.sock)
+            await hs.expect(ch.sock, BANNER, "the receiver's banner", handshake_timeout)
+            what = f"the JOIN of channel {join.channel}"
+            await hs.send(
+                ch.sock, wire.encode(wire.JOIN_MAGIC, join.body()), what, handshake_timeout
             )
+            yield ch
+
+    async with connected() as ch:
+        return await migrate_on(
+            ch.sock,
+            sim=path,
+            live=live,
+            policy=policy,
+            fmt=fmt,
+            peer=ch.peer,
+            opener=opener,
+            **net,
+        )
 
 
 def _resolve_existing(dom: str | os.PathLike[str]) -> Path:
@@ -505,16 +898,11 @@ async def receive_on(
     *,
     sim: str | os.PathLike[str],
     fmt: str = "auto",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    max_memory: int | None = None,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
     stream: int | None = None,
-    force: bool = False,
     admitted_fmt: str | None = None,
     peer: str | None = None,
+    desk: _JoinDesk | None = None,
+    **opts: Unpack[ReceiveOptions],
 ) -> ReceiveResult:
     """Receive a domain over ``sock``, a connected socket (the receiver's side).
 
@@ -538,14 +926,25 @@ async def receive_on(
     if (stream is not None or isinstance(sock, Fds)) and fmt == "auto" and not admitted_fmt:
         raise ValueError("a separate stream fd cannot be peeked at: give its format")
     target = simdom.resolve(sim)
-    built = api.SimTarget.begin(target, force=force)  # EEXIST unless force
+    o: ReceiveOptions = {**RECEIVE_DEFAULTS, **opts}
+    handshake_timeout = o["handshake_timeout"]
+    built = api.SimTarget.begin(target, force=o["force"])  # EEXIST unless force
     peer = peer or hs.peer_name(sock)
+    max_memory = o["max_memory"]
     limit = default_max_memory(target) if max_memory is None else max_memory
-    ev = _Events("receive", str(target), on_event)
+    ev = _Events("receive", str(target), o["on_event"])
     hs.nonblocking(sock)
     hs.tune(sock, handshake_timeout)
     t0 = time.monotonic()
     running = False
+    tee: _Tee | None = None
+    keep = contextlib.AsyncExitStack()  # the wire's channels, until the report is sent
+
+    async def restore(fd: int, fmt: str, sink: EventSink) -> RunResult:
+        return await api.restore(
+            fd, sim=built, fmt=fmt, max_memory=limit, **_helper_options(o, sink)
+        )
+
     try:
         if admitted_fmt is not None:
             detected = admitted_fmt
@@ -554,20 +953,34 @@ async def receive_on(
             detected = (
                 fmt
                 if stream is not None or isinstance(sock, Fds)
-                else await hs.stream_format(sock, fmt, handshake_timeout)
+                else await hs.stream_format(
+                    sock, fmt, handshake_timeout, {wire.OFFER_MAGIC: "wire"}
+                )
             )
-        ev.note(f"receiving a {detected} stream from {peer}")
-        with hs.lent_to_helper(sock, stream) as fd:
-            restored = await api.restore(
-                fd,
-                sim=built,
-                fmt=detected,
-                timeout=timeout,
-                max_memory=limit,
-                idle_timeout=idle_timeout,
-                on_event=ev,
-                supervisor=supervisor,
+        if o["save_to"] is not None:
+            if detected != "wire":
+                raise MigrationError(
+                    "--save-to needs the wire: the sender's --compress, --channels or --resume",
+                    errno=errno_mod.EPROTONOSUPPORT,
+                )
+            tee = _Tee(o["save_to"])
+        if detected == "wire":
+            assert isinstance(sock, socket.socket)
+            detected, restored, sock = await _receive_wire(
+                sock,
+                desk=desk,
+                o=o,
+                fmt=fmt,
+                ev=ev,
+                restore=restore,
+                domain=str(target),
+                tee=tee,
+                keep=keep,
             )
+        else:
+            ev.note(f"receiving a {detected} stream from {peer}")
+            with hs.lent_to_helper(sock, stream) as fd:
+                restored = await restore(fd, detected, ev)
         ev.note("stream received; asking for permission to start")
         await hs.send(sock, READY, "'domain received'", handshake_timeout)
         await hs.expect(sock, GO, "the sender's 'domain is yours'", handshake_timeout)
@@ -597,14 +1010,17 @@ async def receive_on(
     except BaseException as e:
         if not running:
             built.discard()
-        cause = _cause(e, idle_timeout)
+            if tee is not None:
+                tee.discard()
+        cause = _cause(e, o["idle_timeout"])
         ev.done(False, cause)
         if isinstance(e, Exception) and not running:
-            raise _same_kind(e)(
-                f"receive of {target} from {peer} failed: {cause}; nothing was kept here",
-                errno=getattr(e, "errno", None),
+            raise _failure(
+                e, f"receive of {target} from {peer} failed: {cause}; nothing was kept here"
             ) from e
         raise
+    finally:
+        await keep.aclose()
     ev.note("the domain runs here")
     ev.done(True)
     return ReceiveResult(
@@ -615,6 +1031,140 @@ async def receive_on(
         seconds=time.monotonic() - t0,
         report_lost=report_lost,
     )
+
+
+@functools.cache
+def _helper_has_zstd() -> bool:
+    """Whether the helper was built with libzstd (its ``--version`` says)."""
+    r = subprocess.run([str(helper_path()), "--version"], capture_output=True, check=False)  # noqa: S603 (our helper)
+    return b" zstd " in r.stdout
+
+
+class _Tee:
+    """``--save-to FILE``: a new private file (0600, O_EXCL|O_NOFOLLOW|O_CLOEXEC)
+    the receiver's pump also writes the plain stream into; removed on failure."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.fd: int | None = files.create_private(self.path)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+async def _receive_wire(
+    sock: socket.socket,
+    *,
+    desk: _JoinDesk | None,
+    o: ReceiveOptions,
+    fmt: str,
+    ev: _Events,
+    restore: Callable[[int, str, EventSink], Awaitable[RunResult]],
+    domain: str,
+    tee: _Tee | None,
+    keep: contextlib.AsyncExitStack,
+) -> tuple[str, RunResult, socket.socket]:
+    """The receiver's side of the wire: answer the offer on ``sock`` (channel
+    0), admit the other channels' JOINs from ``desk`` (None: channel 0 only,
+    no resume), and run the wire-recv pump into a pipe the restore reads.
+    The channels are closed by ``keep``; returns the format, the restore's
+    result and channel 0 (a replacement, if the first was lost and resumed)."""
+    hto = o["handshake_timeout"]
+    body = await _recv_body(sock, wire.OFFER_MAGIC, "wire offer", hto)
+    offer = wire.Offer.parse(body)
+    if fmt not in ("auto", offer.format):
+        raise HandshakeError(
+            f"the sender sends a {offer.format} stream, not {fmt}", errno=errno_mod.EPROTO
+        )
+    acc = offer.accept(
+        zstd=_helper_has_zstd(),
+        max_channels=wire.MAX_CHANNELS if desk is not None else 1,
+        resume=desk is not None,
+    )
+    await hs.send(sock, wire.encode(wire.OFFER_MAGIC, acc.body()), "our wire answer", hto)
+    ev.note(
+        f"receiving a {offer.format} stream over the wire: compress {acc.compress}, "
+        f"{acc.channels} channel(s)" + (", resume" if acc.resume else "")
+    )
+    extra: dict[int, _Admitted] = {}
+    channels = [sock]
+    ours: socket.socket | None = None
+    theirs: socket.socket | None = None
+    feeding: asyncio.Task[None] | None = None
+    try:
+        if desk is not None:
+            desk.book = wire.Joins(acc)
+            async with _deadline(hto, f"JOIN of all {acc.channels} channels"):
+                while len(extra) < acc.channels - 1:
+                    join, got = await desk.arrived.get()
+                    keep.push_async_callback(got.aclose)
+                    extra[join.channel] = got
+            if not acc.resume:
+                desk.stop()  # every channel is here: nobody else gets in
+            channels += [extra[i].channel.sock for i in sorted(extra)]
+        if acc.resume and desk is not None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            feeding = asyncio.create_task(_feed_resumed(desk, ours, channels, keep))
+        r, w = os.pipe()
+        plan = wire.PumpPlan(
+            "wire-recv",
+            w,
+            tuple(c.fileno() for c in channels),
+            frame=acc.frame,
+            window=acc.window,
+            resume_fd=theirs.fileno() if theirs is not None else None,
+            tee_fd=tee.fd if tee is not None else None,
+            idle_timeout=o["idle_timeout"],
+        )
+        for c in channels:
+            c.setblocking(True)  # the pump's; see hs.lent_to_helper
+        try:
+            restored = await _with_pump(
+                lambda: _pump(plan, domain, ev, None), w, lambda: restore(r, offer.format, ev), r
+            )
+        finally:
+            for c in channels:
+                c.setblocking(False)
+    finally:
+        if desk is not None:
+            desk.stop()
+            if desk.book is not None:
+                desk.book.closed = True
+        if feeding is not None:
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
+        for end in (ours, theirs):
+            if end is not None:
+                end.close()
+        if tee is not None:
+            tee.close()
+    return offer.format, restored, channels[0]
+
+
+async def _feed_resumed(
+    desk: _JoinDesk,
+    resume: socket.socket,
+    channels: list[socket.socket],
+    keep: contextlib.AsyncExitStack,
+) -> None:
+    """Hand each resuming JOIN's connection to the receiver's pump (in ``channels``
+    too: a new channel 0 carries the rest of the handshake)."""
+    while True:
+        join, got = await desk.arrived.get()
+        keep.push_async_callback(got.aclose)
+        channels[join.channel] = got.channel.sock
+        got.channel.sock.setblocking(True)
+        # fd trick: the pump takes the connection over (SCM_RIGHTS) in the
+        # lost channel's slot, and sends RESUME on it first thing.
+        socket.send_fds(resume, [struct.pack("<I", join.channel)], [got.channel.sock.fileno()])
+        log.info("wire: channel %d resumed", join.channel)
 
 
 def default_max_memory(target: Path) -> int:
@@ -672,7 +1222,7 @@ async def _admit(
                 _secured(conn, tls, server_name=None, timeout=timeout)
             )
             await hs.send(ch.sock, BANNER, "the banner", None)
-            detected = await hs.stream_format(ch.sock, fmt, None)
+            detected = await hs.stream_format(ch.sock, fmt, None, _WIRE_MAGICS)
     except TimeoutError:
         raise HandshakeError(
             f"no TLS handshake, banner and start of a stream within {timeout:g} s (ETIMEDOUT)",
@@ -688,21 +1238,58 @@ class _Admitted:
     fmt: str
     stack: contextlib.AsyncExitStack
 
+    async def aclose(self) -> None:
+        await self.stack.aclose()
+        self.conn.close()
 
-async def _first_admitted(
+
+#: What the listener's peek may find besides a stream: the wire's OFFER (a
+#: sender with extensions) and JOIN (a further channel of one).
+_WIRE_MAGICS: Final = {wire.OFFER_MAGIC: "wire", wire.JOIN_MAGIC: "join"}
+
+
+class _JoinDesk:
+    """Where the listener hands the channels that JOIN to the receive under way.
+
+    ``book`` is set once the receive has accepted an offer; until then (and
+    for a JOIN that :class:`xcsave.wire.Joins` refuses) a JOIN is refused.
+    ``stop`` ends the listening (set by :func:`_admitting`).
+    """
+
+    def __init__(self) -> None:
+        self.book: wire.Joins | None = None
+        self.arrived: asyncio.Queue[tuple[wire.Join, _Admitted]] = asyncio.Queue()
+        self.stop: Callable[[], None] = lambda: None
+
+    def claim(self, join: wire.Join, got: _Admitted) -> str | None:
+        """None when ``got`` is the receive's now, else why it is refused."""
+        if self.book is None:
+            return "a JOIN while no wire migration is under way"
+        why = self.book.claim(join)
+        if why is None:
+            self.arrived.put_nowait((join, got))
+        return why
+
+
+@contextlib.asynccontextmanager
+async def _admitting(
     lsock: socket.socket,
     *,
     target: Path,
     tls: Path | None,
     fmt: str,
     timeout: float | None,
-) -> _Admitted:
-    """Accept peers on ``lsock`` until one passes :func:`_admit`.
+    desk: _JoinDesk,
+) -> AsyncIterator[asyncio.Future[_Admitted]]:
+    """Accept peers on ``lsock`` while the block runs; the first that passes
+    :func:`_admit` with a stream (or a wire offer) wins the future.
 
     Candidates are handled concurrently, at most :data:`MAX_CANDIDATES` at
     once (the rest wait in the kernel's backlog), so a silent or slow peer
     never blocks a good one; each refused peer is logged in one line and
-    hung up on.  Nothing is created for a refused peer.
+    hung up on.  Nothing is created for a refused peer.  A peer that sends
+    a JOIN goes to ``desk`` (the receive under way decides).  ``desk.stop()``
+    stops accepting.
     """
     loop = asyncio.get_running_loop()
     won: asyncio.Future[_Admitted] = loop.create_future()
@@ -714,23 +1301,31 @@ async def _first_admitted(
 
     async def candidate(conn: socket.socket) -> None:
         peer = hs.peer_name(conn)
-        stack = contextlib.AsyncExitStack()
-        admitted: _Admitted | None = None
+        got = _Admitted(conn, _Plain(conn, peer), "", contextlib.AsyncExitStack())
+        kept = False
         try:
             with contextlib.suppress(OSError):
                 hs.tune(conn, timeout)
-            ch, detected = await _admit(conn, tls, fmt, timeout, stack)
-            if not won.done():
-                admitted = _Admitted(conn, ch, detected, stack)
-                conns.discard(conn)
-                won.set_result(admitted)
+            got.channel, got.fmt = await _admit(conn, tls, fmt, timeout, got.stack)
+            if got.fmt == "join":
+                body = await _recv_body(got.channel.sock, wire.JOIN_MAGIC, "JOIN", timeout)
+                why = desk.claim(wire.Join.parse(body), got)
+                if why is not None:
+                    raise HandshakeError(why, errno=errno_mod.EPERM)
+                kept = True
+            elif not won.done():
+                won.set_result(got)
+                kept = True
+            else:
+                raise HandshakeError("a second sender", errno=errno_mod.EBUSY)
         except Exception as e:
             log.warning("receive %s: refused %s: %s", target, peer, _cause(e))
         finally:
             slots.release()
-            if admitted is None:
-                await stack.aclose()
-                conn.close()
+            if kept:
+                conns.discard(conn)
+            else:
+                await got.aclose()
 
     async def accept_loop() -> None:
         while True:
@@ -753,8 +1348,13 @@ async def _first_admitted(
 
     acceptor = asyncio.create_task(accept_loop())
     acceptor.add_done_callback(accept_failed)
+
+    def stop() -> None:
+        acceptor.cancel()
+
+    desk.stop = stop
     try:
-        return await won
+        yield won
     finally:
         acceptor.cancel()
         for task in list(pending):
@@ -770,17 +1370,11 @@ async def receive(
     listen: Address | socket.socket,
     sim: str | os.PathLike[str],
     fmt: str = "auto",
-    timeout: float | None = None,
     accept_timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    max_memory: int | None = None,
     tls_dir: str | os.PathLike[str] | None = None,
     insecure: bool = False,
     on_listening: Callable[[Address], object] | None = None,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
-    force: bool = False,
+    **opts: Unpack[ReceiveOptions],
 ) -> ReceiveResult:
     """Receive one migration on ``listen`` and run the received domain as ``sim``.
 
@@ -801,7 +1395,7 @@ async def receive(
     ``sim`` is refused (EEXIST) before listening, unless ``force``.
     """
     target = simdom.resolve(sim)
-    api.check_replace(target, force)  # EEXIST before listening, unless force
+    api.check_replace(target, opts.get("force", False))  # EEXIST before listening, unless force
     if fmt != "auto" and fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected auto or one of {api.FORMATS}")
     tls = resolve_tls(tls_dir, insecure)
@@ -820,36 +1414,45 @@ async def receive(
         )
         if on_listening is not None:
             on_listening(bound)
-        try:
-            async with asyncio.timeout(accept_timeout):
-                got = await _first_admitted(
-                    lsock, target=target, tls=tls, fmt=fmt, timeout=handshake_timeout
+        desk = _JoinDesk()
+
+        async def received(got: _Admitted, desk: _JoinDesk | None) -> ReceiveResult:
+            try:
+                return await receive_on(
+                    got.channel.sock,
+                    sim=target,
+                    fmt=fmt if got.fmt == "wire" else got.fmt,
+                    admitted_fmt=got.fmt,
+                    peer=got.channel.peer,
+                    desk=desk,
+                    **opts,
                 )
-        except TimeoutError:
-            raise MigrationError(
-                f"no sender was admitted on {format_address(bound)} within {accept_timeout:g} s "
-                "(ETIMEDOUT)",
-                errno=errno_mod.ETIMEDOUT,
-            ) from None
+            finally:
+                await got.aclose()
+
+        async with _admitting(
+            lsock,
+            target=target,
+            tls=tls,
+            fmt=fmt,
+            timeout=opts.get("handshake_timeout", HANDSHAKE_TIMEOUT),
+            desk=desk,
+        ) as won:
+            try:
+                async with asyncio.timeout(accept_timeout):
+                    got = await won
+            except TimeoutError:
+                raise MigrationError(
+                    f"no sender was admitted on {format_address(bound)} within "
+                    f"{accept_timeout:g} s (ETIMEDOUT)",
+                    errno=errno_mod.ETIMEDOUT,
+                ) from None
+            if got.fmt == "wire":  # the listener stays open for its channels' JOINs
+                return await received(got, desk)
     finally:
         if owned:
             lsock.close()  # exactly one sender
-    async with got.stack:
-        with got.conn:
-            return await receive_on(
-                got.channel.sock,
-                sim=target,
-                fmt=got.fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                idle_timeout=idle_timeout,
-                max_memory=max_memory,
-                on_event=on_event,
-                supervisor=supervisor,
-                admitted_fmt=got.fmt,
-                peer=got.channel.peer,
-                force=force,
-            )
+    return await received(got, None)
 
 
 async def receive_stdio(
@@ -858,13 +1461,7 @@ async def receive_stdio(
     fmt: str,
     rfd: int = 0,
     wfd: int = 1,
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    max_memory: int | None = None,
-    on_event: EventSink | None = None,
-    supervisor: Supervisor | None = None,
-    force: bool = False,
+    **opts: Unpack[ReceiveOptions],
 ) -> ReceiveResult:
     """Receive one migration over ``rfd``/``wfd`` (the far end of ``xcsave
     migrate --to ssh://...``: sshd's stdin and stdout, pipes or a socket).
@@ -882,18 +1479,7 @@ async def receive_stdio(
     ep = Fds(rfd, wfd, f"ssh client {client[0]}" if client else "stdin/stdout")
     flags = {fd: os.get_blocking(fd) for fd in {rfd, wfd}}
     try:
-        return await receive_on(
-            ep,
-            sim=sim,
-            fmt=fmt,
-            timeout=timeout,
-            handshake_timeout=handshake_timeout,
-            idle_timeout=idle_timeout,
-            max_memory=max_memory,
-            on_event=on_event,
-            supervisor=supervisor,
-            force=force,
-        )
+        return await receive_on(ep, sim=sim, fmt=fmt, **opts)
     finally:
         for fd, blocking in flags.items():  # a terminal's O_NONBLOCK outlives us
             with contextlib.suppress(OSError):

@@ -23,6 +23,7 @@ from .defaults import PAGE_SIZE
 from .events import (
     DoneEvent,
     Event,
+    MigrationStatsEvent,
     PolicyEvent,
     ProgressEvent,
     RestoreStatsEvent,
@@ -154,7 +155,7 @@ class Renderer:
                 f"{key}: round {ev.iteration}: {ev.dirty_count} dirty, "
                 f"{ev.total_written} written -> {_decision(ev.decision)}\n"
             )
-        elif isinstance(ev, StatsEvent | RestoreStatsEvent):
+        elif isinstance(ev, StatsEvent | RestoreStatsEvent | MigrationStatsEvent):
             self.out.write(f"{key}: {_stats_line(ev)}\n")
         elif isinstance(ev, DoneEvent):
             status = "done" if ev.ok else f"failed: {ev.error}"
@@ -179,6 +180,8 @@ class Renderer:
             prog.update(task, completed=ev.done, total=ev.total or None, rate=rate)
         elif isinstance(ev, StatsEvent | RestoreStatsEvent):
             prog.update(task, description=_stats_line(ev))
+        elif isinstance(ev, MigrationStatsEvent):
+            prog.update(task, rate=_stats_line(ev))
         elif isinstance(ev, DoneEvent):
             total = prog.tasks[task].total or 1
             desc = "done" if ev.ok else "failed"
@@ -218,7 +221,15 @@ def _decision(d: int) -> str:
     return {-1: "abort", 0: "continue", 1: "stop-and-copy"}.get(d, str(d))
 
 
-def _stats_line(ev: StatsEvent | RestoreStatsEvent) -> str:
+def _stats_line(ev: StatsEvent | RestoreStatsEvent | MigrationStatsEvent) -> str:
+    if isinstance(ev, MigrationStatsEvent):
+        per = "+".join(f"{b / 2**20:.0f}" for b in ev.channel_bytes)
+        return (
+            f"wire {ev.throughput * 8 / 1e6:.0f} Mbit/s, {ev.bytes_sent / 2**20:.1f} MiB sent "
+            f"({per} MiB per channel), x{ev.compression_ratio:.2f} compressed, "
+            f"{ev.bytes_remaining / 2**20:.1f} MiB dirty ({ev.dirty_rate:.0f} pages/s), "
+            f"downtime ~{ev.expected_downtime_ms:.0f} ms"
+        )
     secs = ev.duration_ns / 1e9
     rate = ev.bytes / secs / 1e9 if secs > 0 else 0.0
     if isinstance(ev, RestoreStatsEvent):

@@ -32,7 +32,8 @@ BLOCK of native u64s (decoded as a tuple of ints; C passes a pointer and a
 count).
 
 Flags, as in Xen's generator: ``s``/``r`` the message occurs in save /
-restore (xcsave's own ``t``: in a TLS tunnel run, see ``xcsave.tls``), ``c``
+restore (xcsave's own ``t``: in a TLS tunnel run, see ``xcsave.tls``; ``w``: in
+a wire pump run; ``p``: sent by the parent on the helper's stdin, unasked), ``c``
 it is a callback of the caller's, ``x`` whether the caller installed it
 travels in ``cbflags`` bit ``1 << number``, ``W``/``A`` it needs a reply
 (synchronous / asynchronous on the parent side; the same on the wire).
@@ -65,6 +66,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "DIALECTS",
+    "MODE_FLAGS",
     "PROTO_VERSION",
     "TABLE",
     "TABLE_HASH",
@@ -120,6 +122,18 @@ _C_TYPES: Final[dict[str, str]] = {
 _VAR_TYPES: Final = ("STRING", "BLOCK", "U64S")
 
 
+#: A helper run's mode -> the flag of the messages it may send.
+MODE_FLAGS: Final[dict[str, str]] = {
+    "save": "s",
+    "restore": "r",
+    "tunnel": "t",
+    "wire-send": "w",
+    "wire-recv": "w",
+}
+#: The largest parent->helper message body (wire_rate's is 10 bytes).
+PARENT_MSG_MAX: Final = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Arg:
     """One typed argument of a message."""
@@ -158,17 +172,14 @@ class MessageSpec:
     record: str | None = None  # the RunResult record it also is (xcsave.supervisor)
     doc: str = ""  # one line for the generated classes
 
-    @property
-    def save(self) -> bool:
-        return "s" in self.flags
+    def allowed(self, mode: str | None) -> bool:
+        """Whether a helper run in ``mode`` may send it (None: any message at all)."""
+        return mode is None or (not self.from_parent and MODE_FLAGS[mode] in self.flags)
 
     @property
-    def restore(self) -> bool:
-        return "r" in self.flags
-
-    @property
-    def tunnel(self) -> bool:
-        return "t" in self.flags
+    def from_parent(self) -> bool:
+        """Sent by the parent to the helper (``p``), never the other way."""
+        return "p" in self.flags
 
     @property
     def needs_reply(self) -> bool:
@@ -224,9 +235,9 @@ def _row(
 #: complete's -1 "the caller did not commit").
 TABLE: Final[tuple[MessageSpec, ...]] = (
     # name                  xen  xcs  flags    args
-    _row("hello",           None, 0, "srt",
+    _row("hello",           None, 0, "srtw",
          "u32 version u64 table_hash STRING backend STRING mode"),
-    _row("log",             1,   1,  "srt",
+    _row("log",             1,   1,  "srtw",
          "u32 level u32 errnoval=errno STRING context STRING formatted=message",
          event="LogEvent", doc="A helper log line (also sent to the ``xcsave.helper`` logger).",
          notes={"level": "xentoollog level 1..9", "errno": "-1 when none"}),
@@ -239,7 +250,7 @@ TABLE: Final[tuple[MessageSpec, ...]] = (
     _row("switch_qemu_logdirty", 7, 7, "scxA", "u32 domid uint enable", ok=0, stopped=-1),
     _row("static_data_done", 8,  8,  "rcxW",   "uint missing", ok=0, stopped=-1),
     _row("restore_results", 9,   9,  "rcx",    "pfn store_gfn pfn console_gfn"),
-    _row("complete",        10,  10, "srtW",   "int retval int errnoval", stopped=-1),
+    _row("complete",        10,  10, "srtwW",   "int retval int errnoval", stopped=-1),
     _row("precopy_policy",  None, 11, "scxW",  "u32 iteration u64 total_written i64 dirty_count",
          ok=0, stopped=-1, pack="PrecopyStats"),
     _row("stats",           None, 12, "s",
@@ -268,6 +279,23 @@ TABLE: Final[tuple[MessageSpec, ...]] = (
          doc="A restore's final statistics (xcsave-1 ``restore_stats``).",
          notes={"checkpoints": "complete checkpoints applied (remus; 0 for a plain stream)",
                 "bytes": "stream bytes read"}),
+    _row("wire_stats",      None, 16, "w",
+         "u64 stream_bytes u64 wire_bytes u64 frames u64 frames_compressed u64 rate_limit "
+         "u64 blocked_ns u64 duration_ns U64S channel_bytes",
+         event="WireStatsEvent",
+         doc="A wire pump's figures, every 500 ms and at its end (``wire_stats``).",
+         notes={"stream_bytes": "plain stream bytes read (send) / written (recv)",
+                "wire_bytes": "bytes on the channels, frame headers included",
+                "frames_compressed": "DATA frames sent (or received) zstd-compressed",
+                "rate_limit": "the cap in force, bytes/s (0: none)",
+                "blocked_ns": "time spent waiting for the channels or the cap",
+                "channel_bytes": "wire bytes per channel, in channel order"}),
+    _row("wire_lost",       None, 17, "w",
+         "u32 channel int errnoval=errno STRING why",
+         event="WireLostEvent", doc="A wire channel failed (``wire_lost``).",
+         notes={"why": '"EOF", "connection reset", "idle for 5000 ms"'}),
+    _row("wire_rate",       None, 18, "wp", "u64 bytes_per_s",
+         doc="The parent's new cap for a wire-send pump (0: none; sent on its stdin)."),
 )  # fmt: skip
 
 _BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in TABLE}
@@ -407,6 +435,16 @@ def _layout(spec: MessageSpec) -> tuple[struct.Struct | Arg, ...]:
     return steps
 
 
+#: How a refusal names a mode's messages ("is not a save-side message").
+_MODE_WORDS: Final[dict[str, str]] = {
+    "save": "save-side",
+    "restore": "restore-side",
+    "tunnel": "tunnel",
+    "wire-send": "wire",
+    "wire-recv": "wire",
+}
+
+
 class Decoder:
     """Sans-I/O decoder of helper->parent frames, msgpack ``feed()`` style.
 
@@ -420,8 +458,9 @@ class Decoder:
     def __init__(
         self, dialect: Dialect, mode: str | None = None, max_frame: int = 1 << 20
     ) -> None:
-        if mode not in (None, "save", "restore", "tunnel"):
-            raise ValueError(f"mode must be 'save', 'restore', 'tunnel' or None, not {mode!r}")
+        if mode is not None and mode not in MODE_FLAGS:
+            modes = ", ".join(repr(m) for m in MODE_FLAGS)
+            raise ValueError(f"mode must be one of {modes} or None, not {mode!r}")
         self.dialect = dialect
         self.mode = mode
         self.max_frame = min(max_frame, dialect.max_body)
@@ -438,12 +477,12 @@ class Decoder:
         ] = {}
         self._refused: dict[int, str] = {}
         for num, spec in dialect.by_number.items():
-            if mode == "save" and not spec.save:
-                self._refused[num] = f"{spec.name} is not a save-side message"
-            elif mode == "restore" and not spec.restore:
-                self._refused[num] = f"{spec.name} is not a restore-side message"
-            elif mode == "tunnel" and not spec.tunnel:
-                self._refused[num] = f"{spec.name} is not a tunnel message"
+            if not spec.allowed(mode):
+                self._refused[num] = (
+                    f"{spec.name} is a parent->helper message"
+                    if spec.from_parent
+                    else f"{spec.name} is not a {_MODE_WORDS[mode or '']} message"
+                )
             else:
                 steps = _layout(spec)
                 whole = (
@@ -644,6 +683,7 @@ def emit_c_header() -> str:
     flags = "".join(
         f"#define XCS_CBFLAG_{_c_ident(m.name)} (1u << {m.xcs})\n" for m in TABLE if m.flagged
     )
+    from_parent = ", ".join("1" if m.from_parent else "0" for m in TABLE)
     stopped = "".join(
         f"    [XCS_MSG_{_c_ident(m.name)}] = {m.stopped},\n" for m in TABLE if m.needs_reply
     )
@@ -682,6 +722,12 @@ static const int xcs_msg_numbers[2][XCS_MSG_COUNT] = {{
 static const char *const xcs_msg_names[XCS_MSG_COUNT] = {{
     {names}
 }};
+
+/* Messages the parent sends on our stdin unasked (the table's p flag). */
+static const unsigned char xcs_msg_from_parent[XCS_MSG_COUNT] = {{
+    {from_parent}
+}};
+#define XCS_PARENT_MSG_MAX {PARENT_MSG_MAX}
 
 /* cbflags bits: 1 << wire number (the same in both dialects). */
 {flags}
@@ -729,7 +775,7 @@ static const int xcs_msg_stopped_reply[XCS_MSG_COUNT] = {{
         "",
     ]
     for m in TABLE:
-        if m not in bare:
+        if m not in bare and not m.from_parent:
             lines += _c_stub(m)
     lines += [
         "/*",

@@ -28,7 +28,7 @@ import shlex
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Unpack
 
 from . import api
 from . import migrate as mig
@@ -37,7 +37,6 @@ from ._log import logger
 from .defaults import HANDSHAKE_TIMEOUT, IDLE_TIMEOUT
 from .errors import MigrationError, error_text
 from .policy import Policy
-from .supervisor import Supervisor
 
 __all__ = ["SshTarget", "migrate_ssh", "parse_ssh_url", "remote_receive_argv", "ssh_argv"]
 
@@ -173,11 +172,7 @@ async def migrate_ssh(
     live: bool = True,
     policy: Policy | None = None,
     fmt: str = "libxl",
-    timeout: float | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
-    idle_timeout: float | None = IDLE_TIMEOUT,
-    on_event: mig.EventSink | None = None,
-    supervisor: Supervisor | None = None,
+    **net: Unpack[mig.SendOptions],
 ) -> mig.MigrationResult:
     """Migrate ``sim`` to ``to`` (``ssh://[USER@]HOST[:PORT]``) through ``ssh``.
 
@@ -187,6 +182,11 @@ async def migrate_ssh(
     message starts with what ssh (or the remote receiver) said on stderr.
     """
     target = parse_ssh_url(to) if isinstance(to, str) else to
+    if net.get("compress", "off") != "off" or net.get("channels", 1) != 1 or net.get("resume"):
+        raise ValueError(
+            "--compress, --channels and --resume need a TCP or TLS transport "
+            "(xcsave receive --listen); over ssh only --max-bandwidth applies"
+        )
     if fmt not in api.FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {api.FORMATS}")
     src = simdom.resolve(sim)
@@ -195,8 +195,8 @@ async def migrate_ssh(
         remote_command,
         sim=remote_sim or src.name,
         fmt=fmt,
-        idle_timeout=idle_timeout,
-        handshake_timeout=handshake_timeout,
+        idle_timeout=net.get("idle_timeout", IDLE_TIMEOUT),
+        handshake_timeout=net.get("handshake_timeout", HANDSHAKE_TIMEOUT),
     )
     argv = ssh_argv(ssh, target, remote)
     log.info("migrate %s: running %s", src, shlex.join(argv))
@@ -225,17 +225,7 @@ async def migrate_ssh(
         err = _SshStderr(proc.stderr, target)
         try:
             result = await mig.migrate_on(
-                ours,
-                sim=src,
-                live=live,
-                policy=policy,
-                fmt=fmt,
-                timeout=timeout,
-                handshake_timeout=handshake_timeout,
-                idle_timeout=idle_timeout,
-                on_event=on_event,
-                supervisor=supervisor,
-                peer=str(target),
+                ours, sim=src, live=live, policy=policy, fmt=fmt, peer=str(target), **net
             )
         except MigrationError as e:
             ours.close()  # ssh sees EOF, the remote receiver fails and cleans up

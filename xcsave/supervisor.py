@@ -110,7 +110,7 @@ def helper_path() -> Path:
 class HelperSpec:
     """Everything needed to start one helper run."""
 
-    mode: str  # "save" | "restore" | "tunnel" (xcsave.tls)
+    mode: str  # "save" | "restore" | "tunnel" (xcsave.tls) | "wire-send" | "wire-recv"
     dialect: proto.Dialect
     args: tuple[str, ...]  # argv after the helper's path
     pass_fds: tuple[int, ...]
@@ -247,6 +247,30 @@ class HelperRun:
         except Exception:  # on_event's: the operation itself has succeeded
             log.exception("%s committed; its on_event raised", self._what())
         return res
+
+    def send(self, name: str, *args: proto.Value) -> bool:
+        """Send the helper an unasked message (the table's ``p`` rows: ``wire_rate``).
+
+        One xcsave-1 frame written to its stdin with one ``os.write()``: a
+        frame is far smaller than a pipe's atomic write (``PIPE_BUF``), and
+        the helper reads its stdin whenever it waits.  False if the helper
+        is not running (not started, stopped or gone).
+        """
+        spec = proto.message(name)
+        if not spec.from_parent:
+            raise ProtocolError(f"{name} is not a message the parent sends")
+        frame = proto.encode(self.spec.dialect, name, *args)
+        if self._reply_fd < 0 or self._completed is not None or self.proc is None:
+            return False  # not started, stopped, or complete seen: nobody reads it
+        try:
+            os.write(self._reply_fd, frame)
+        except BlockingIOError:
+            # The helper has stopped reading (it is ending): nobody to tell.
+            return False
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("helper %s closed its stdin before %s", self.pid, name)
+            return False
+        return True
 
     async def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM, wait up to ``grace`` seconds, SIGKILL; always reap."""
@@ -714,8 +738,11 @@ def _handler(spec: proto.MessageSpec) -> Handler:
     raise TypeError(f"xcsave.supervisor has no handler for message {spec.name!r}")
 
 
-#: Message name -> its handler, for every row of the table.
-_HANDLERS: Final[dict[str, Handler]] = {m.name: _handler(m) for m in proto.TABLE}
+#: Message name -> its handler, for every row of the table the helper sends
+#: (the decoder refuses the others: those the parent sends, ``HelperRun.send``).
+_HANDLERS: Final[dict[str, Handler]] = {
+    m.name: _handler(m) for m in proto.TABLE if not m.from_parent
+}
 
 
 # ----------------------------------------------------------------- argv build

@@ -8,12 +8,16 @@ from a running event loop: use the async functions there.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from . import api
 from .supervisor import RunResult
 
-__all__ = ["restore", "save"]
+if TYPE_CHECKING:
+    from .migrate import MigrationResult, ReceiveResult
+
+__all__ = ["migrate", "receive", "restore", "save"]
 
 
 def _no_running_loop(name: str) -> None:
@@ -27,13 +31,37 @@ def _no_running_loop(name: str) -> None:
     )
 
 
+def _blocking(name: str, make: Any, *args: Any, **kwargs: Any) -> Any:
+    """``make(*args, **kwargs)`` run to its end in a new event loop."""
+    _no_running_loop(name)
+    coro: Coroutine[Any, Any, Any] = make(*args, **kwargs)
+    return asyncio.run(coro)
+
+
 def save(out: api.StreamArg, **kwargs: Any) -> RunResult:
     """Blocking :func:`xcsave.save`."""
-    _no_running_loop("save")
-    return asyncio.run(api.save(out, **kwargs))
+    result: RunResult = _blocking("save", api.save, out, **kwargs)
+    return result
 
 
 def restore(src: api.StreamArg, **kwargs: Any) -> RunResult:
     """Blocking :func:`xcsave.restore`."""
-    _no_running_loop("restore")
-    return asyncio.run(api.restore(src, **kwargs))
+    result: RunResult = _blocking("restore", api.restore, src, **kwargs)
+    return result
+
+
+def migrate(**kwargs: Any) -> MigrationResult:
+    """Blocking :func:`xcsave.migrate.migrate` (the sender, TCP or TLS; with its
+    :class:`~xcsave.migrate.SendOptions`: compress, channels, max_bandwidth, ...)."""
+    from . import migrate as mig
+
+    result: MigrationResult = _blocking("migrate", mig.migrate, **kwargs)
+    return result
+
+
+def receive(**kwargs: Any) -> ReceiveResult:
+    """Blocking :func:`xcsave.migrate.receive` (one migration on a listener)."""
+    from . import migrate as mig
+
+    result: ReceiveResult = _blocking("receive", mig.receive, **kwargs)
+    return result

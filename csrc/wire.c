@@ -1,0 +1,1499 @@
+/*
+ * wire.c - the helper's wire pumps (xcsave-helper --xcsave-1 wire-send /
+ * wire-recv): the plain migration stream between two xcsave hosts, over
+ * one or more channels, optionally compressed, under a rate cap, resumable.
+ *
+ *   save helper --pipe--> wire-send ==ch0..chN-1==> wire-recv --pipe--> restore helper
+ *
+ * Python opened (and authenticated) the channels and hands us their fds;
+ * bulk data never crosses the control pipe.  WIRE.md is the contract; in
+ * short:
+ *
+ * Frames (wire.h): a 32-byte header, then for DATA the payload.  The
+ * sender cuts the plain stream into frames of at most frame_max bytes,
+ * numbers them (seq 0, 1, ...), compresses each one that pays, and hands
+ * each to whichever channel is free; the receiver keeps out-of-order frames
+ * (at most `window` bytes: seq < next expected + window / frame_max) and
+ * writes them strictly in seq order, so the plain stream's order, and with
+ * it "a page re-sent in a later round wins", is kept.  The receiver ACKs
+ * (seq = next expected) every 1 MiB or 100 ms, and at least every second
+ * while it runs (a keepalive); the sender holds at most window/frame_max
+ * frames unacknowledged and stops reading its input beyond (back-pressure
+ * to the save helper).  At the input's EOF the sender sends END (seq =
+ * frames, aux = bytes) on every channel; the receiver, once everything is
+ * written and END has come on every channel, answers with an END of its
+ * own on every channel (the final acknowledgement) and both pumps finish.
+ * Neither reads a byte past the last frame it expects on a channel (headers
+ * and payloads are read to their exact length), so Python continues on
+ * channel 0 with the stream's next message.
+ *
+ * Compression (sender, zstd): a frame goes raw when zstd does not bring it
+ * under 90% of its size.  "adaptive" also skips zstd when the CPU rather
+ * than the link is the bottleneck: an EWMA (1/8) of the time one frame's
+ * compression takes is compared with an EWMA of the time per frame spent
+ * waiting for the channels or the cap; while compressing costs more than
+ * the wait it hides in, only 1 frame in 8 is compressed (to keep both
+ * figures fresh).  Two frames in a row that did not pay make the next 7 go
+ * raw without trying (random memory costs zstd time for nothing).
+ *
+ * Rate cap (sender): a token bucket on wire bytes, headers included; burst
+ * max(64 KiB, rate/20).  wire_rate on stdin changes it at once.
+ *
+ * Resume: a channel that fails (EOF, reset, no progress for the idle
+ * timeout) is reported in wire_lost; without --resume-sock that fails the
+ * pump, with it the pump goes on with the others and waits up to
+ * --resume-timeout-ms for a replacement fd (SCM_RIGHTS on the SEQPACKET
+ * resume socket, u32 channel index as data).  The receiver sends RESUME
+ * (seq = next expected) first on a replacement; the sender then re-sends
+ * the frames it had sent on the lost channel from that seq on, on any
+ * channel.  Frames already held are discarded as duplicates.
+ *
+ * Every fd is polled in one ppoll() loop; SIGTERM is blocked except inside
+ * ppoll (tunnel_tls.c's way).  Channels are used with MSG_DONTWAIT, not
+ * O_NONBLOCK: their open file descriptions are shared with Python's
+ * sockets.  The plain-stream pipe is made O_NONBLOCK for the run and put
+ * back at the end.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "helper.h"
+#include "wire.h"
+
+#ifdef XCS_HAVE_ZSTD
+#include <zstd.h>
+#endif
+
+#define WIRE_CONTEXT "xcsave-helper wire"
+#define MS (1000000ull)
+#define STATS_NS (500 * MS)
+#define ACK_NS (100 * MS)
+#define ACK_BYTES (1u << 20)
+#define KEEPALIVE_NS (1000 * MS)
+#define RAW_BUF (256u * 1024u)
+#define MIN_WRITE (16u * 1024u)
+
+/* ------------------------------------------------------------ frames */
+
+void xcs_wire_hdr_put(uint8_t *p, const struct xcs_wire_hdr *h)
+{
+    xcs_put_le32(p, h->magic);
+    p[4] = h->type;
+    p[5] = h->codec;
+    xcs_put_le16(p + 6, h->channel);
+    xcs_put_le32(p + 8, h->raw_len);
+    xcs_put_le32(p + 12, h->wire_len);
+    xcs_put_le64(p + 16, h->seq);
+    xcs_put_le64(p + 24, h->aux);
+}
+
+void xcs_wire_hdr_get(const uint8_t *p, struct xcs_wire_hdr *h)
+{
+    h->magic = xcs_get_le32(p);
+    h->type = p[4];
+    h->codec = p[5];
+    h->channel = xcs_get_le16(p + 6);
+    h->raw_len = xcs_get_le32(p + 8);
+    h->wire_len = xcs_get_le32(p + 12);
+    h->seq = xcs_get_le64(p + 16);
+    h->aux = xcs_get_le64(p + 24);
+}
+
+static const char *const type_names[] = {"?", "DATA", "END", "ACK", "RESUME"};
+
+int xcs_wire_check(const struct xcs_wire_hdr *h, unsigned channel, unsigned accept,
+                   uint32_t frame_max, int zstd_built, char *why, size_t size)
+{
+    if (h->magic != XCS_WIRE_MAGIC) {
+        snprintf(why, size, "bad frame magic 0x%08x (not an xcsave wire frame)", h->magic);
+        return -1;
+    }
+    if (h->type < XCS_WT_DATA || h->type > XCS_WT_RESUME || !(accept & (1u << h->type))) {
+        snprintf(why, size, "unexpected frame type %u", h->type);
+        return -1;
+    }
+    if (h->channel != channel) {
+        snprintf(why, size, "%s frame names channel %u", type_names[h->type], h->channel);
+        return -1;
+    }
+    if (h->type != XCS_WT_DATA) {
+        if (h->codec || h->raw_len || h->wire_len || (h->type != XCS_WT_END &&
+                                                      h->type != XCS_WT_ACK && h->aux)) {
+            snprintf(why, size, "%s frame with codec/lengths/aux set", type_names[h->type]);
+            return -1;
+        }
+        return 0;
+    }
+    if (h->raw_len == 0 || h->raw_len > frame_max) {
+        snprintf(why, size, "DATA frame of %u plain bytes (1 to %u allowed)", h->raw_len,
+                 frame_max);
+        return -1;
+    }
+    if (h->aux) {
+        snprintf(why, size, "DATA frame with aux set");
+        return -1;
+    }
+    if (h->codec == XCS_WC_RAW && h->wire_len != h->raw_len) {
+        snprintf(why, size, "raw DATA frame of %u bytes says %u plain bytes", h->wire_len,
+                 h->raw_len);
+        return -1;
+    }
+    if (h->codec == XCS_WC_ZSTD && (h->wire_len == 0 || h->wire_len >= h->raw_len)) {
+        snprintf(why, size, "zstd DATA frame of %u bytes for %u plain bytes", h->wire_len,
+                 h->raw_len);
+        return -1;
+    }
+    if (h->codec == XCS_WC_ZSTD && !zstd_built) {
+        snprintf(why, size, "zstd DATA frame, but zstd is not built into this helper");
+        return -1;
+    }
+    if (h->codec > XCS_WC_ZSTD) {
+        snprintf(why, size, "DATA frame with unknown codec %u", h->codec);
+        return -1;
+    }
+    return 0;
+}
+
+int xcs_wire_unpack(const struct xcs_wire_hdr *h, const uint8_t *payload, uint8_t *out,
+                    void *ctx, char *why, size_t size)
+{
+    if (h->codec == XCS_WC_RAW) {
+        memcpy(out, payload, h->raw_len);
+        return 0;
+    }
+#ifdef XCS_HAVE_ZSTD
+    {
+        ZSTD_DCtx *d = ctx ? ctx : ZSTD_createDCtx();
+        size_t n;
+        int rc = -1;
+
+        if (!d) {
+            snprintf(why, size, "out of memory for a zstd context");
+            return -1;
+        }
+        /* The output is bounded by raw_len: a frame that claims more is refused by zstd. */
+        n = ZSTD_decompressDCtx(d, out, h->raw_len, payload, h->wire_len);
+        if (ZSTD_isError(n))
+            snprintf(why, size, "zstd DATA frame %llu: %s", (unsigned long long)h->seq,
+                     ZSTD_getErrorName(n));
+        else if (n != h->raw_len)
+            snprintf(why, size, "zstd DATA frame %llu expands to %zu bytes, not %u",
+                     (unsigned long long)h->seq, n, h->raw_len);
+        else
+            rc = 0;
+        if (!ctx)
+            ZSTD_freeDCtx(d);
+        return rc;
+    }
+#else
+    (void)payload;
+    (void)out;
+    (void)ctx;
+    snprintf(why, size, "zstd DATA frame, but zstd is not built into this helper");
+    return -1;
+#endif
+}
+
+int xcs_wire_zstd_built(void)
+{
+#ifdef XCS_HAVE_ZSTD
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------ pump state */
+
+enum { FR_FREE = 0, FR_QUEUED, FR_WRITING, FR_WRITTEN };
+
+/* A sender's frame, kept until acknowledged (slot seq % window_frames). */
+struct sframe {
+    uint8_t *buf; /* header + payload */
+    size_t len;
+    uint32_t raw_len;
+    int state;
+    int ch;       /* the channel it went (or goes) out on */
+};
+
+/* A receiver's frame, waiting for its turn (slot seq % window_frames). */
+struct rframe {
+    uint8_t *data;
+    uint32_t len;
+};
+
+struct chan {
+    int fd;                /* our copy; -1 while lost */
+    int lost_errno;
+    uint64_t lost_at;
+    int awaiting_resume;   /* sender: a replacement, its RESUME not read yet */
+    /* out: a control header, or (sender) a DATA frame, one at a time */
+    uint8_t ctl[XCS_WIRE_HDR];
+    size_t ctl_len, ctl_off;
+    int64_t cur;           /* sender: seq of the DATA frame being written, -1 none */
+    size_t cur_off;
+    uint64_t stall_since;  /* output pending without progress since (0: none) */
+    /* in: a header, then (receiver, DATA) its payload */
+    uint8_t hdr[XCS_WIRE_HDR];
+    size_t hdr_have;
+    struct xcs_wire_hdr h;
+    uint8_t *payload;
+    size_t pay_have;
+    int end_sent, end_seen; /* sender: END sent / receiver's END read; receiver: mirror */
+    uint64_t bytes;         /* wire bytes sent (sender) or received (receiver) */
+};
+
+struct pump {
+    const struct xcs_op *op;
+    int send;
+    unsigned nch;
+    struct chan ch[XCS_WIRE_MAX_CHANNELS];
+    uint64_t wf;           /* window in frames */
+    uint32_t fmax;
+    /* sender */
+    struct sframe *sf;
+    uint64_t acked, next_seq;
+    uint64_t ack_hi;       /* the highest ACK/RESUME seq read (acked stops at a frame
+                              still being written: a re-send the receiver had) */
+    size_t raw_off;        /* --raw: bytes of stage written */
+    uint8_t *stage;
+    size_t stage_len;
+    int in_eof, in_dry;
+    /* receiver */
+    struct rframe *rf;
+    uint64_t next_exp, total, total_bytes;
+    size_t out_off;
+    uint64_t acked_bytes, last_ack;
+    int finishing;
+    uint64_t ack_every;    /* ACK after this many bytes written: min(1 MiB, window / 2) */
+    /* both */
+    uint64_t stream_bytes, wire_bytes, frames, frames_compressed, blocked_ns;
+    uint64_t t0, last_stats, last_rx;
+    int in_flags;          /* io_fd's file status flags before the run */
+    /* rate cap */
+    uint64_t rate, bucket_t;
+    double tokens;
+    /* the parent's messages on stdin */
+    uint8_t pin[XCS_PARENT_MSG_MAX + 8];
+    size_t pin_have;
+    /* zstd and the adaptive rule */
+    void *cctx, *dctx;
+    uint8_t *zbuf;
+    uint64_t ew_comp, ew_wait, blocked_at_frame;
+    int cpu_bound, not_worth, skip;
+};
+
+static volatile sig_atomic_t wire_stop;
+
+static void wire_sigterm(int signo)
+{
+    (void)signo;
+    wire_stop = 1;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int __attribute__((format(printf, 3, 4))) fail(struct pump *p, int eno,
+                                                      const char *fmt, ...)
+{
+    char line[512];
+    va_list al;
+
+    va_start(al, fmt);
+    vsnprintf(line, sizeof(line), fmt, al);
+    va_end(al);
+    xcs_log(XCS_LOG_ERROR, eno, WIRE_CONTEXT, "%s: %s", p->send ? "wire-send" : "wire-recv",
+            line);
+    errno = eno;
+    return -1;
+}
+
+static void send_stats(struct pump *p)
+{
+    uint64_t per[XCS_WIRE_MAX_CHANNELS];
+
+    for (unsigned i = 0; i < p->nch; i++)
+        per[i] = p->ch[i].bytes;
+    xcs_stub_wire_stats(p->stream_bytes, p->wire_bytes, p->frames, p->frames_compressed,
+                        p->rate, p->blocked_ns, now_ns() - p->t0, per, p->nch);
+    p->last_stats = now_ns();
+}
+
+/* ------------------------------------------------------------ rate cap */
+
+static uint64_t burst(const struct pump *p)
+{
+    return p->rate / 20 > 65536 ? p->rate / 20 : 65536;
+}
+
+static void bucket_refill(struct pump *p, uint64_t now)
+{
+    if (p->rate) {
+        p->tokens += (double)(now - p->bucket_t) * (double)p->rate / 1e9;
+        if (p->tokens > (double)burst(p))
+            p->tokens = (double)burst(p);
+    }
+    p->bucket_t = now;
+}
+
+/* How many of `want` bytes may go now (0: wait, see bucket_wait). */
+static size_t bucket_allow(const struct pump *p, size_t want)
+{
+    size_t least = want < MIN_WRITE ? want : MIN_WRITE;
+
+    if (!p->rate)
+        return want;
+    if (least > burst(p) / 4)
+        least = burst(p) / 4;
+    if (p->tokens < (double)least)
+        return 0;
+    return p->tokens < (double)want ? (size_t)p->tokens : want;
+}
+
+/* Nanoseconds until bucket_allow(want) is not 0. */
+static uint64_t bucket_wait(const struct pump *p, size_t want)
+{
+    size_t least = want < MIN_WRITE ? want : MIN_WRITE;
+
+    if (least > burst(p) / 4)
+        least = burst(p) / 4;
+    if (!p->rate || p->tokens >= (double)least)
+        return 0;
+    return (uint64_t)(((double)least - p->tokens) * 1e9 / (double)p->rate) + 1;
+}
+
+static void set_rate(struct pump *p, uint64_t rate)
+{
+    uint64_t now = now_ns();
+
+    bucket_refill(p, now); /* what the old rate earned until now */
+    p->rate = rate;
+    if (rate && p->tokens > (double)burst(p))
+        p->tokens = (double)burst(p);
+    if (!rate)
+        p->tokens = 0;
+    xcs_log(XCS_LOG_INFO, 0, WIRE_CONTEXT, "rate cap %llu bytes/s", (unsigned long long)rate);
+}
+
+/* ------------------------------------------------------------ the parent */
+
+/*
+ * Our stdin: the parent's wire_rate messages; EOF means the parent has gone
+ * (or stopped us).  One read() after POLLIN never blocks (a pipe returns
+ * what it holds), so stdin keeps its blocking mode for complete's reply.
+ */
+static int read_parent(struct pump *p)
+{
+    ssize_t n = read(STDIN_FILENO, p->pin + p->pin_have, sizeof(p->pin) - p->pin_have);
+
+    if (n < 0 && (errno == EINTR || errno == EAGAIN))
+        return 0;
+    if (n <= 0)
+        return fail(p, EPIPE, "the parent closed the control pipe");
+    p->pin_have += (size_t)n;
+    for (;;) {
+        enum xcs_msg m;
+        const uint8_t *body;
+        uint32_t blen;
+        uint64_t rate;
+        ssize_t used = xcs_parse_parent_msg(p->pin, p->pin_have, &m, &body, &blen);
+
+        if (used < 0)
+            return fail(p, EPROTO, "the parent sent a bad control message");
+        if (used == 0)
+            break;
+        if (m != XCS_MSG_WIRE_RATE || blen != sizeof(rate))
+            return fail(p, EPROTO, "the parent sent an unexpected %s message",
+                        xcs_msg_names[m]);
+        memcpy(&rate, body, sizeof(rate));
+        if (p->send)
+            set_rate(p, rate);
+        memmove(p->pin, p->pin + used, p->pin_have - (size_t)used);
+        p->pin_have -= (size_t)used;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ channels */
+
+/* Reset a channel's in/out state (a new fd, or lost). */
+static void chan_reset(struct chan *c)
+{
+    c->ctl_len = c->ctl_off = 0;
+    c->cur = -1;
+    c->cur_off = 0;
+    c->stall_since = 0;
+    c->hdr_have = 0;
+    c->pay_have = 0;
+    free(c->payload);
+    c->payload = NULL;
+    c->end_sent = c->end_seen = 0;
+    c->awaiting_resume = 0;
+}
+
+/* The sender's frames that were on channel i and may not have arrived: queued again. */
+static void requeue(struct pump *p, unsigned i, uint64_t from, int written_too)
+{
+    for (uint64_t s = from; s < p->next_seq; s++) {
+        struct sframe *f = &p->sf[s % p->wf];
+        if (f->ch == (int)i && (f->state == FR_WRITING ||
+                                (written_too && f->state == FR_WRITTEN)))
+            f->state = FR_QUEUED;
+    }
+}
+
+/*
+ * Channel i failed: wire_lost, and without resume the end of the pump.
+ * With resume it waits for a replacement (take_replacement).
+ */
+static int chan_lost(struct pump *p, unsigned i, int eno, const char *why)
+{
+    struct chan *c = &p->ch[i];
+
+    xcs_stub_wire_lost(i, eno, why);
+    if (p->op->wire_resume_sock < 0)
+        return fail(p, eno, "channel %u: %s", i, why);
+    xcs_log(XCS_LOG_WARN, eno, WIRE_CONTEXT, "channel %u lost (%s); waiting up to %u ms "
+            "for a replacement", i, why, p->op->wire_resume_ms);
+    close(c->fd);
+    c->fd = -1;
+    c->lost_errno = eno;
+    c->lost_at = now_ns();
+    chan_reset(c);
+    if (p->send)
+        requeue(p, i, p->acked, 0);
+    return 0;
+}
+
+static int chan_io_failed(struct pump *p, unsigned i, int eno)
+{
+    char why[128];
+
+    if (eno == 0)
+        snprintf(why, sizeof(why), "the peer closed the channel (EOF)");
+    else
+        snprintf(why, sizeof(why), "%s", strerror(eno));
+    return chan_lost(p, i, eno == 0 || eno == EPIPE ? ECONNRESET : eno, why);
+}
+
+/*
+ * A replacement channel on the resume socket: SCM_RIGHTS, u32 index.  The
+ * fd arrives close-on-exec (MSG_CMSG_CLOEXEC); any extra fd is closed.
+ */
+static int take_replacement(struct pump *p)
+{
+    struct msghdr mh;
+    struct iovec iov;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(4 * sizeof(int))];
+    } cm;
+    uint8_t data[8];
+    int fd = -1, rc = -1;
+    ssize_t n;
+    uint32_t idx;
+    struct chan *c;
+
+    memset(&mh, 0, sizeof(mh));
+    iov.iov_base = data;
+    iov.iov_len = sizeof(data);
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cm.buf;
+    mh.msg_controllen = sizeof(cm.buf);
+    n = recvmsg(p->op->wire_resume_sock, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return 0;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&mh); h; h = CMSG_NXTHDR(&mh, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
+            continue;
+        for (size_t k = 0; k < (h->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
+            int got;
+            memcpy(&got, CMSG_DATA(h) + k * sizeof(int), sizeof(int));
+            if (fd < 0)
+                fd = got;
+            else
+                close(got);
+        }
+    }
+    if (n < 0) {
+        rc = fail(p, errno, "the resume socket: %s", strerror(errno));
+        goto out;
+    }
+    if (n == 0) {
+        rc = fail(p, EPIPE, "the parent closed the resume socket");
+        goto out;
+    }
+    if (n != 4 || fd < 0 || (mh.msg_flags & (MSG_CTRUNC | MSG_TRUNC))) {
+        rc = fail(p, EINVAL, "the resume socket: a message without one fd and a u32 index");
+        goto out;
+    }
+    memcpy(&idx, data, sizeof(idx));
+    if (idx >= p->nch) {
+        rc = fail(p, EINVAL, "the resume socket: channel %u of %u", idx, p->nch);
+        goto out;
+    }
+    c = &p->ch[idx];
+    if (c->fd >= 0) {
+        /* Replaced before we noticed the loss (a silent link): the old one is dead to us. */
+        xcs_log(XCS_LOG_WARN, 0, WIRE_CONTEXT, "channel %u replaced", idx);
+        close(c->fd);
+        chan_reset(c);
+        if (p->send)
+            requeue(p, idx, p->acked, 0);
+    }
+    c->fd = fd;
+    fd = -1;
+    c->lost_at = 0;
+    chan_reset(c);
+    if (p->send) {
+        c->awaiting_resume = 1;
+    } else {
+        struct xcs_wire_hdr h = {XCS_WIRE_MAGIC, XCS_WT_RESUME, 0, (uint16_t)idx, 0, 0,
+                                 p->next_exp, 0};
+        xcs_wire_hdr_put(c->ctl, &h);
+        c->ctl_len = XCS_WIRE_HDR;
+    }
+    xcs_log(XCS_LOG_INFO, 0, WIRE_CONTEXT, "channel %u resumed", idx);
+    rc = 1;
+out:
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* Lost channels past the resume timeout fail the pump. */
+static int check_lost(struct pump *p, uint64_t now, uint64_t *wake)
+{
+    for (unsigned i = 0; i < p->nch; i++) {
+        struct chan *c = &p->ch[i];
+        uint64_t until;
+        if (c->fd >= 0)
+            continue;
+        until = c->lost_at + (uint64_t)p->op->wire_resume_ms * MS;
+        if (now >= until)
+            return fail(p, c->lost_errno, "channel %u was lost and not replaced within %u ms",
+                        i, p->op->wire_resume_ms);
+        if (until < *wake)
+            *wake = until;
+    }
+    return 0;
+}
+
+/*
+ * Write from buf[*off..len) on channel i, under the cap when `capped`.
+ * Returns 1 if bytes moved, 0 if none could, -1 if the pump fails; a
+ * channel failure with resume returns 0 with the channel lost (fd -1).
+ */
+static int chan_write(struct pump *p, unsigned i, const uint8_t *buf, size_t len, size_t *off,
+                      int capped)
+{
+    struct chan *c = &p->ch[i];
+    size_t want = len - *off;
+    ssize_t w;
+
+    if (capped) {
+        want = bucket_allow(p, want);
+        if (want == 0)
+            return 0;
+    }
+    w = send(c->fd, buf + *off, want, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (w < 0 && (errno == EAGAIN || errno == EINTR))
+        return 0;
+    if (w < 0)
+        return chan_io_failed(p, i, errno) < 0 ? -1 : 0;
+    *off += (size_t)w;
+    if (p->send) { /* the data direction's bytes only: a receiver counts what it reads */
+        c->bytes += (uint64_t)w;
+        p->wire_bytes += (uint64_t)w;
+    }
+    c->stall_since = 0;
+    if (capped && p->rate)
+        p->tokens -= (double)w;
+    return w > 0;
+}
+
+/* Read into buf[*have..want) from channel i: 1 moved, 0 nothing, -1 failed (as above). */
+static int chan_read(struct pump *p, unsigned i, uint8_t *buf, size_t want, size_t *have)
+{
+    ssize_t n = recv(p->ch[i].fd, buf + *have, want - *have, MSG_DONTWAIT);
+
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return 0;
+    if (n <= 0)
+        return chan_io_failed(p, i, n < 0 ? errno : 0) < 0 ? -1 : 0;
+    *have += (size_t)n;
+    p->last_rx = now_ns();
+    if (!p->send) {
+        p->ch[i].bytes += (uint64_t)n;
+        p->wire_bytes += (uint64_t)n;
+    }
+    return 1;
+}
+
+static void queue_ctl(struct pump *p, unsigned i, int type, uint64_t seq, uint64_t aux)
+{
+    struct chan *c = &p->ch[i];
+    struct xcs_wire_hdr h = {XCS_WIRE_MAGIC, (uint8_t)type, 0, (uint16_t)i, 0, 0, seq, aux};
+
+    xcs_wire_hdr_put(c->ctl, &h);
+    c->ctl_len = XCS_WIRE_HDR;
+    c->ctl_off = 0;
+}
+
+/* A channel's pending control header out: 1 moved, 0 not, -1 failed. */
+static int flush_ctl(struct pump *p, unsigned i)
+{
+    struct chan *c = &p->ch[i];
+    int r;
+
+    if (c->fd < 0 || c->ctl_len == 0)
+        return 0;
+    r = chan_write(p, i, c->ctl, c->ctl_len, &c->ctl_off, p->send);
+    if (r > 0 && c->fd >= 0 && c->ctl_off == c->ctl_len)
+        c->ctl_len = c->ctl_off = 0;
+    return r;
+}
+
+/* ------------------------------------------------------------ sender */
+
+/* Whether to try zstd on the next frame (the adaptive rule: see the top). */
+static int want_compress(struct pump *p)
+{
+    if (p->op->wire_compress == 0)
+        return 0;
+    if (p->op->wire_compress == 1)
+        return 1;
+    if (p->skip > 0) {
+        p->skip--;
+        return 0;
+    }
+    if (p->cpu_bound)
+        return p->next_seq % 8 == 0;
+    return 1;
+}
+
+/* The staged plain bytes become frame next_seq (queued). */
+static int make_frame(struct pump *p)
+{
+    struct sframe *f = &p->sf[p->next_seq % p->wf];
+    struct xcs_wire_hdr h = {XCS_WIRE_MAGIC, XCS_WT_DATA, XCS_WC_RAW, 0,
+                             (uint32_t)p->stage_len, (uint32_t)p->stage_len, p->next_seq, 0};
+    const uint8_t *payload = p->stage;
+    uint64_t wait = p->blocked_ns - p->blocked_at_frame;
+
+    p->ew_wait = p->ew_wait - p->ew_wait / 8 + wait / 8;
+    p->blocked_at_frame = p->blocked_ns;
+#ifdef XCS_HAVE_ZSTD
+    if (want_compress(p)) {
+        uint64_t t = now_ns();
+        size_t cap = p->stage_len - p->stage_len / 10;
+        size_t n = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len,
+                                     p->op->wire_level);
+        uint64_t spent = now_ns() - t;
+        p->ew_comp = p->ew_comp - p->ew_comp / 8 + spent / 8;
+        if (!ZSTD_isError(n) && n > 0 && n * 10 < p->stage_len * 9) {
+            h.codec = XCS_WC_ZSTD;
+            h.wire_len = (uint32_t)n;
+            payload = p->zbuf;
+            p->not_worth = 0;
+        } else if (++p->not_worth >= 2 && p->op->wire_compress == 2) {
+            p->skip = 7;
+            p->not_worth = 0;
+        }
+    }
+    p->cpu_bound = p->ew_comp > p->ew_wait;
+#else
+    (void)want_compress;
+#endif
+    f->len = XCS_WIRE_HDR + h.wire_len;
+    f->buf = malloc(f->len);
+    if (!f->buf)
+        return fail(p, ENOMEM, "out of memory for a frame of %zu bytes", f->len);
+    xcs_wire_hdr_put(f->buf, &h);
+    memcpy(f->buf + XCS_WIRE_HDR, payload, h.wire_len);
+    f->raw_len = h.raw_len;
+    f->state = FR_QUEUED;
+    f->ch = -1;
+    p->frames++;
+    if (h.codec == XCS_WC_ZSTD)
+        p->frames_compressed++;
+    p->next_seq++;
+    p->stage_len = 0;
+    return 1;
+}
+
+/*
+ * Free the frames the receiver has (before ack_hi), up to the first one
+ * still being written: a re-sent frame the receiver held already must
+ * still go out whole (the channel is in the middle of it).
+ */
+static void release(struct pump *p)
+{
+    for (; p->acked < p->ack_hi; p->acked++) {
+        struct sframe *f = &p->sf[p->acked % p->wf];
+        if (f->state == FR_WRITING)
+            break;
+        free(f->buf);
+        memset(f, 0, sizeof(*f));
+    }
+}
+
+/*
+ * ACK, RESUME or END seq: the receiver has every frame before it.  Read on
+ * different channels they may come out of order: an older one is stale.
+ */
+static int acked_to(struct pump *p, uint64_t seq, const char *what, unsigned i)
+{
+    if (seq > p->next_seq)
+        return fail(p, EPROTO, "channel %u: %s of frame %llu, but we sent %llu", i, what,
+                    (unsigned long long)seq, (unsigned long long)p->next_seq);
+    if (seq > p->ack_hi)
+        p->ack_hi = seq;
+    release(p);
+    return 1;
+}
+
+/*
+ * Channel i's next header, read to its exact length (never a byte of what
+ * follows) and checked against the types in `accept`: 2 complete (c->h),
+ * 1 partial, 0 nothing to read now, -1 the pump fails.
+ */
+static int read_header(struct pump *p, unsigned i, unsigned accept)
+{
+    struct chan *c = &p->ch[i];
+    char why[160];
+    int r = chan_read(p, i, c->hdr, XCS_WIRE_HDR, &c->hdr_have);
+
+    if (r <= 0)
+        return r;
+    if (c->hdr_have < XCS_WIRE_HDR)
+        return 1;
+    xcs_wire_hdr_get(c->hdr, &c->h);
+    if (xcs_wire_check(&c->h, i, accept, p->fmax, xcs_wire_zstd_built(), why, sizeof(why)) < 0)
+        return fail(p, EPROTO, "channel %u: %s", i, why);
+    return 2;
+}
+
+/* Read the receiver's frames on channel i (headers only). */
+static int sender_read(struct pump *p, unsigned i)
+{
+    struct chan *c = &p->ch[i];
+    int moved = 0, r;
+
+    while (c->fd >= 0 && c->end_seen == 0) {
+        r = read_header(p, i, 1u << XCS_WT_ACK | 1u << XCS_WT_RESUME | 1u << XCS_WT_END);
+        if (r <= 0)
+            return r < 0 ? -1 : moved;
+        moved = 1;
+        if (r == 1)
+            continue;
+        c->hdr_have = 0;
+        if (c->h.type == XCS_WT_RESUME) {
+            if (!c->awaiting_resume)
+                return fail(p, EPROTO, "channel %u: RESUME on a channel not resumed", i);
+            if (acked_to(p, c->h.seq, "RESUME", i) < 0)
+                return -1;
+            c->awaiting_resume = 0;
+            /* What went out on the lost channel and the receiver lacks: again. */
+            requeue(p, i, p->ack_hi, 1);
+        } else if (c->awaiting_resume) {
+            return fail(p, EPROTO, "channel %u: %s before RESUME", i, type_names[c->h.type]);
+        } else if (c->h.type == XCS_WT_ACK) {
+            if (acked_to(p, c->h.seq, "ACK", i) < 0)
+                return -1;
+        } else {
+            if (!c->end_sent || c->h.seq != p->next_seq || c->h.aux != p->stream_bytes)
+                return fail(p, EPROTO, "channel %u: the receiver ended at frame %llu, %llu "
+                            "bytes; we sent %llu frames, %llu bytes", i,
+                            (unsigned long long)c->h.seq, (unsigned long long)c->h.aux,
+                            (unsigned long long)p->next_seq,
+                            (unsigned long long)p->stream_bytes);
+            if (acked_to(p, c->h.seq, "END", i) < 0)
+                return -1;
+            c->end_seen = 1;
+        }
+    }
+    return moved;
+}
+
+/* Input pipe -> the staging frame. */
+static int sender_input(struct pump *p)
+{
+    int moved = 0;
+
+    while (!p->in_eof && p->stage_len < p->fmax && p->next_seq - p->acked < p->wf) {
+        ssize_t n = read(p->op->io_fd, p->stage + p->stage_len, p->fmax - p->stage_len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            p->in_dry = 1;
+            break;
+        }
+        if (n < 0)
+            return fail(p, errno, "reading the plain stream: %s", strerror(errno));
+        if (n == 0)
+            p->in_eof = 1;
+        p->in_dry = 0;
+        p->stage_len += (size_t)n;
+        p->stream_bytes += (uint64_t)n;
+        moved = 1;
+    }
+    return moved;
+}
+
+static int64_t next_queued(const struct pump *p);
+
+/* Whether the channels have anything left to write. */
+static int link_busy(const struct pump *p)
+{
+    for (unsigned i = 0; i < p->nch; i++)
+        if (p->ch[i].fd >= 0 && (p->ch[i].cur >= 0 || p->ch[i].ctl_len))
+            return 1;
+    return next_queued(p) >= 0;
+}
+
+/* The lowest queued frame the receiver lacks, or -1. */
+static int64_t next_queued(const struct pump *p)
+{
+    for (uint64_t s = p->ack_hi > p->acked ? p->ack_hi : p->acked; s < p->next_seq; s++)
+        if (p->sf[s % p->wf].state == FR_QUEUED)
+            return (int64_t)s;
+    return -1;
+}
+
+static int sender_step(struct pump *p)
+{
+    int moved = 0, r;
+
+    r = sender_input(p);
+    if (r < 0)
+        return -1;
+    moved |= r;
+    /*
+     * A frame is cut when full, at EOF, or when the input has run dry and
+     * the link idles (waiting for more would only delay the receiver).
+     */
+    if (p->stage_len && (p->stage_len == p->fmax || p->in_eof || (p->in_dry && !link_busy(p)))) {
+        if (make_frame(p) < 0)
+            return -1;
+        moved = 1;
+    }
+    for (unsigned i = 0; i < p->nch; i++) {
+        struct chan *c = &p->ch[i];
+        if (c->fd < 0)
+            continue;
+        r = sender_read(p, i);
+        if (r < 0)
+            return -1;
+        moved |= r;
+        if (c->fd < 0 || c->awaiting_resume)
+            continue;
+        if (c->cur < 0 && c->ctl_len) {
+            r = flush_ctl(p, i);
+            if (r < 0)
+                return -1;
+            moved |= r;
+            continue;
+        }
+        if (c->cur < 0 && !c->end_sent) {
+            int64_t s = next_queued(p);
+            if (s >= 0) {
+                struct sframe *f = &p->sf[(uint64_t)s % p->wf];
+                f->state = FR_WRITING;
+                f->ch = (int)i;
+                xcs_put_le16(f->buf + 6, (uint16_t)i); /* the channel it goes out on */
+                c->cur = s;
+                c->cur_off = 0;
+            }
+        }
+        while (c->fd >= 0 && c->cur >= 0) {
+            struct sframe *f = &p->sf[(uint64_t)c->cur % p->wf];
+            r = chan_write(p, i, f->buf, f->len, &c->cur_off, 1);
+            if (r < 0)
+                return -1;
+            if (r == 0)
+                break;
+            moved = 1;
+            if (c->cur_off == f->len) {
+                f->state = FR_WRITTEN;
+                c->cur = -1;
+                release(p);
+            }
+        }
+    }
+    /* Everything out: END on every live channel (not before its RESUME). */
+    if (p->in_eof && p->stage_len == 0 && next_queued(p) < 0) {
+        int all_written = 1;
+        for (uint64_t s = p->ack_hi > p->acked ? p->ack_hi : p->acked; s < p->next_seq; s++)
+            if (p->sf[s % p->wf].state != FR_WRITTEN)
+                all_written = 0;
+        for (unsigned i = 0; i < p->nch; i++)
+            if (p->ch[i].cur >= 0)
+                all_written = 0;
+        for (unsigned i = 0; all_written && i < p->nch; i++) {
+            struct chan *c = &p->ch[i];
+            if (c->fd >= 0 && !c->end_sent && !c->awaiting_resume && c->cur < 0 &&
+                !c->ctl_len) {
+                queue_ctl(p, i, XCS_WT_END, p->next_seq, p->stream_bytes);
+                c->end_sent = 1;
+                moved = 1;
+            }
+        }
+    }
+    return moved;
+}
+
+static int sender_done(const struct pump *p)
+{
+    if (!p->in_eof || p->stage_len)
+        return 0;
+    for (unsigned i = 0; i < p->nch; i++)
+        if (p->ch[i].fd < 0 || !p->ch[i].end_seen)
+            return 0;
+    return 1;
+}
+
+/* ------------------------------------------------------------ receiver */
+
+/* A complete DATA frame on channel i (payload in c->payload). */
+static int recv_data(struct pump *p, unsigned i)
+{
+    struct chan *c = &p->ch[i];
+    struct xcs_wire_hdr *h = &c->h;
+    struct rframe *f;
+    char why[160];
+
+    if (h->seq < p->next_exp)
+        return 1; /* a duplicate after a resume: we have written it */
+    if (h->seq >= p->next_exp + p->wf || (p->total != UINT64_MAX && h->seq >= p->total))
+        return fail(p, EPROTO, "channel %u: DATA frame %llu outside the window %llu..%llu", i,
+                    (unsigned long long)h->seq, (unsigned long long)p->next_exp,
+                    (unsigned long long)(p->next_exp + p->wf - 1));
+    f = &p->rf[h->seq % p->wf];
+    if (f->data)
+        return 1; /* a duplicate after a resume, held already */
+    f->data = malloc(h->raw_len);
+    if (!f->data)
+        return fail(p, ENOMEM, "out of memory for a frame of %u bytes", h->raw_len);
+    if (xcs_wire_unpack(h, c->payload, f->data, p->dctx, why, sizeof(why)) < 0) {
+        free(f->data);
+        f->data = NULL;
+        return fail(p, EPROTO, "channel %u: %s", i, why);
+    }
+    f->len = h->raw_len;
+    p->frames++;
+    if (h->codec == XCS_WC_ZSTD)
+        p->frames_compressed++;
+    return 1;
+}
+
+static int recv_end(struct pump *p, unsigned i)
+{
+    struct chan *c = &p->ch[i];
+
+    if (c->h.seq < p->next_exp || (p->total != UINT64_MAX &&
+                                   (c->h.seq != p->total || c->h.aux != p->total_bytes)))
+        return fail(p, EPROTO, "channel %u: END at frame %llu (%llu bytes) contradicts "
+                    "what came before", i, (unsigned long long)c->h.seq,
+                    (unsigned long long)c->h.aux);
+    for (uint64_t s = c->h.seq; s < p->next_exp + p->wf && p->total == UINT64_MAX; s++)
+        if (p->rf[s % p->wf].data && s >= c->h.seq)
+            return fail(p, EPROTO, "channel %u: END at frame %llu, but frame %llu came",
+                        i, (unsigned long long)c->h.seq, (unsigned long long)s);
+    p->total = c->h.seq;
+    p->total_bytes = c->h.aux;
+    c->end_seen = 1;
+    return 1;
+}
+
+/* Read frames from channel i: each header, then its payload, exactly. */
+static int receiver_read(struct pump *p, unsigned i)
+{
+    struct chan *c = &p->ch[i];
+    int moved = 0, r;
+
+    while (c->fd >= 0 && !c->end_seen) {
+        if (c->hdr_have < XCS_WIRE_HDR) {
+            r = read_header(p, i, 1u << XCS_WT_DATA | 1u << XCS_WT_END);
+            if (r <= 0)
+                return r < 0 ? -1 : moved;
+            moved = 1;
+            if (r == 1)
+                continue;
+            if (c->h.type == XCS_WT_END) {
+                c->hdr_have = 0;
+                if (recv_end(p, i) < 0)
+                    return -1;
+                continue;
+            }
+            /* Bounded: wire_len <= frame_max, checked above. */
+            c->payload = malloc(c->h.wire_len);
+            if (!c->payload)
+                return fail(p, ENOMEM, "out of memory for a frame of %u bytes", c->h.wire_len);
+            c->pay_have = 0;
+        }
+        r = chan_read(p, i, c->payload, c->h.wire_len, &c->pay_have);
+        if (r <= 0)
+            return r < 0 ? -1 : moved;
+        moved = 1;
+        if (c->pay_have < c->h.wire_len)
+            continue;
+        r = recv_data(p, i);
+        free(c->payload);
+        c->payload = NULL;
+        c->hdr_have = 0;
+        if (r < 0)
+            return -1;
+    }
+    return moved;
+}
+
+static int write_all_fd(int fd, const uint8_t *b, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, b, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return -1;
+        b += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Frames in order -> the output pipe (and the tee). */
+static int receiver_output(struct pump *p)
+{
+    int moved = 0;
+
+    for (;;) {
+        struct rframe *f = &p->rf[p->next_exp % p->wf];
+        ssize_t w;
+        if (!f->data)
+            return moved;
+        w = write(p->op->io_fd, f->data + p->out_off, f->len - p->out_off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && errno == EAGAIN)
+            return moved;
+        if (w < 0)
+            return fail(p, errno == EPIPE ? EPIPE : errno, "writing the plain stream: %s",
+                        strerror(errno));
+        p->out_off += (size_t)w;
+        moved = 1;
+        if (p->out_off < f->len)
+            continue;
+        /* The tee is a file (--save-to): written in full, blocking. */
+        if (p->op->wire_tee_fd >= 0 && write_all_fd(p->op->wire_tee_fd, f->data, f->len) < 0)
+            return fail(p, errno, "writing the tee: %s", strerror(errno));
+        p->stream_bytes += f->len;
+        free(f->data);
+        f->data = NULL;
+        p->out_off = 0;
+        p->next_exp++;
+    }
+}
+
+static int lowest_live(const struct pump *p)
+{
+    for (unsigned i = 0; i < p->nch; i++)
+        if (p->ch[i].fd >= 0)
+            return (int)i;
+    return -1;
+}
+
+static int receiver_step(struct pump *p, uint64_t now)
+{
+    int moved = 0, r, lo;
+
+    for (unsigned i = 0; i < p->nch; i++) {
+        r = receiver_read(p, i);
+        if (r < 0)
+            return -1;
+        moved |= r;
+    }
+    r = receiver_output(p);
+    if (r < 0)
+        return -1;
+    moved |= r;
+    if (!p->finishing && p->total != UINT64_MAX && p->next_exp == p->total) {
+        int ends = 1;
+        for (unsigned i = 0; i < p->nch; i++)
+            if (p->ch[i].fd < 0 || !p->ch[i].end_seen)
+                ends = 0;
+        if (ends && p->stream_bytes != p->total_bytes)
+            return fail(p, EPROTO, "END says %llu bytes, the frames held %llu",
+                        (unsigned long long)p->total_bytes,
+                        (unsigned long long)p->stream_bytes);
+        if (ends) {
+            p->finishing = 1;
+            moved = 1;
+        }
+    }
+    lo = lowest_live(p);
+    if (!p->finishing && lo >= 0 && !p->ch[lo].ctl_len &&
+        (p->stream_bytes - p->acked_bytes >= p->ack_every ||
+         (p->stream_bytes > p->acked_bytes && now - p->last_ack >= ACK_NS) ||
+         now - p->last_ack >= KEEPALIVE_NS)) {
+        queue_ctl(p, (unsigned)lo, XCS_WT_ACK, p->next_exp, p->stream_bytes);
+        p->acked_bytes = p->stream_bytes;
+        p->last_ack = now;
+        moved = 1;
+    }
+    for (unsigned i = 0; i < p->nch; i++) {
+        struct chan *c = &p->ch[i];
+        if (p->finishing && c->fd >= 0 && c->end_seen && !c->ctl_len && !c->end_sent) {
+            queue_ctl(p, i, XCS_WT_END, p->total, p->total_bytes);
+            c->end_sent = 1;
+        }
+        r = flush_ctl(p, i);
+        if (r < 0)
+            return -1;
+        moved |= r;
+    }
+    return moved;
+}
+
+static int receiver_done(const struct pump *p)
+{
+    if (!p->finishing)
+        return 0;
+    for (unsigned i = 0; i < p->nch; i++)
+        if (p->ch[i].fd < 0 || !p->ch[i].end_seen || !p->ch[i].end_sent ||
+            p->ch[i].ctl_len)
+            return 0;
+    return 1;
+}
+
+/* ------------------------------------------------------------ raw (--raw) */
+
+/* The plain stream as it is, on channel 0, under the cap: no frames, no peer pump. */
+static int raw_step(struct pump *p, int *done)
+{
+    int moved = 0, r;
+
+    if (p->stage_len == 0 && !p->in_eof) {
+        ssize_t n = read(p->op->io_fd, p->stage, RAW_BUF);
+        if (n < 0 && errno != EAGAIN && errno != EINTR)
+            return fail(p, errno, "reading the plain stream: %s", strerror(errno));
+        if (n == 0)
+            p->in_eof = 1;
+        if (n > 0) {
+            p->stage_len = (size_t)n;
+            p->stream_bytes += (uint64_t)n;
+            p->raw_off = 0;
+        }
+        moved |= n >= 0;
+    }
+    if (p->stage_len) {
+        r = chan_write(p, 0, p->stage, p->stage_len, &p->raw_off, 1);
+        if (r < 0)
+            return -1;
+        if (p->raw_off == p->stage_len)
+            p->stage_len = 0;
+        moved |= r;
+    }
+    *done = p->in_eof && p->stage_len == 0;
+    return moved;
+}
+
+/* ------------------------------------------------------------ the loop */
+
+static int run(struct pump *p)
+{
+    const struct xcs_op *op = p->op;
+    sigset_t during_poll;
+    int done = 0;
+
+    sigprocmask(SIG_SETMASK, NULL, &during_poll);
+    sigdelset(&during_poll, SIGTERM);
+    for (;;) {
+        struct pollfd pfd[XCS_WIRE_MAX_CHANNELS + 4];
+        int chan_slot[XCS_WIRE_MAX_CHANNELS + 4];
+        nfds_t n = 0;
+        uint64_t now, wake = UINT64_MAX, t;
+        struct timespec ts;
+        int step, r, waiting_out = 0;
+
+        if (wire_stop)
+            return fail(p, ECANCELED, "stopped by SIGTERM");
+        now = now_ns();
+        bucket_refill(p, now);
+        if (op->wire_raw)
+            step = raw_step(p, &done);
+        else if (p->send)
+            step = sender_step(p);
+        else
+            step = receiver_step(p, now);
+        if (step < 0)
+            return -1;
+        if (!op->wire_raw)
+            done = p->send ? sender_done(p) : receiver_done(p);
+        if (done)
+            return 0;
+        if (op->wire_raw && p->ch[0].fd < 0)
+            return -1; /* not reached: raw has no resume */
+        if (now - p->last_stats >= STATS_NS)
+            send_stats(p);
+        if (step > 0)
+            continue;
+
+        /* Nothing moves: wait for something that can. */
+        now = now_ns();
+        if (check_lost(p, now, &wake) < 0)
+            return -1;
+        wake = wake < p->last_stats + STATS_NS ? wake : p->last_stats + STATS_NS;
+        if (!p->send)
+            wake = wake < p->last_ack + ACK_NS ? wake : p->last_ack + ACK_NS;
+        pfd[n].fd = STDIN_FILENO; /* wire_rate, or EOF: the parent has gone */
+        pfd[n].events = POLLIN;
+        chan_slot[n++] = -1;
+        if (p->send && !p->in_eof && p->stage_len < (op->wire_raw ? 1 : p->fmax) &&
+            (op->wire_raw || p->next_seq - p->acked < p->wf)) {
+            pfd[n].fd = op->io_fd;
+            pfd[n].events = POLLIN;
+            chan_slot[n++] = -1;
+        }
+        if (!p->send && p->rf[p->next_exp % p->wf].data) {
+            pfd[n].fd = op->io_fd;
+            pfd[n].events = POLLOUT;
+            chan_slot[n++] = -1;
+        }
+        if (op->wire_resume_sock >= 0) {
+            pfd[n].fd = op->wire_resume_sock;
+            pfd[n].events = POLLIN;
+            chan_slot[n++] = -2;
+        }
+        for (unsigned i = 0; i < p->nch; i++) {
+            struct chan *c = &p->ch[i];
+            short ev = 0;
+            int out;
+            if (c->fd < 0)
+                continue;
+            if (!c->end_seen && !op->wire_raw)
+                ev |= POLLIN;
+            out = c->ctl_len || c->cur >= 0 || (op->wire_raw && p->stage_len);
+            if (p->send && !c->awaiting_resume && !c->end_sent && next_queued(p) >= 0)
+                out = 1;
+            if (out) {
+                size_t want = c->ctl_len ? c->ctl_len - c->ctl_off : MIN_WRITE;
+                t = p->send ? bucket_wait(p, want) : 0;
+                if (t)
+                    wake = wake < now + t ? wake : now + t;
+                else
+                    ev |= POLLOUT;
+                waiting_out = 1;
+                if (!c->stall_since)
+                    c->stall_since = now;
+                if (op->idle_ms && !t) {
+                    uint64_t until = c->stall_since + (uint64_t)op->idle_ms * MS;
+                    if (now >= until) {
+                        char why[64];
+                        snprintf(why, sizeof(why), "no progress for %u ms", op->idle_ms);
+                        if (chan_lost(p, i, ETIMEDOUT, why) < 0)
+                            return -1;
+                        goto again;
+                    }
+                    wake = wake < until ? wake : until;
+                }
+            } else {
+                c->stall_since = 0;
+            }
+            pfd[n].fd = c->fd;
+            pfd[n].events = ev;
+            chan_slot[n++] = (int)i;
+        }
+        /*
+         * Silence: the receiver hears nothing at all (the sender's frames
+         * stopped); the sender no acknowledgement (the receiver keeps one
+         * coming every second): the channel of the oldest unacknowledged
+         * frame is lost.
+         */
+        if (op->idle_ms && !op->wire_raw) {
+            uint64_t until = p->last_rx + (uint64_t)op->idle_ms * MS;
+            int silent = !p->send || p->acked < p->next_seq || (p->in_eof && !p->stage_len);
+            if (silent && now >= until) {
+                int who;
+                char why[64];
+                if (!p->send)
+                    return fail(p, ETIMEDOUT, "nothing from the sender for %u ms",
+                                op->idle_ms);
+                who = p->acked < p->next_seq ? p->sf[p->acked % p->wf].ch : lowest_live(p);
+                snprintf(why, sizeof(why), "no acknowledgement for %u ms", op->idle_ms);
+                p->last_rx = now;
+                if (who < 0 || p->ch[who].fd < 0)
+                    return fail(p, ETIMEDOUT, "%s", why);
+                if (chan_lost(p, (unsigned)who, ETIMEDOUT, why) < 0)
+                    return -1;
+                continue;
+            }
+            if (silent)
+                wake = wake < until ? wake : until;
+        }
+        if (wake <= now) {
+            continue;
+        }
+        t = wake - now;
+        ts.tv_sec = (time_t)(t / 1000000000u);
+        ts.tv_nsec = (long)(t % 1000000000u);
+        for (nfds_t k = 0; k < n; k++)
+            pfd[k].revents = 0;
+        r = ppoll(pfd, n, &ts, &during_poll);
+        if (waiting_out || (p->send && !op->wire_raw && p->next_seq - p->acked >= p->wf))
+            p->blocked_ns += now_ns() - now;
+        if (r < 0 && errno != EINTR)
+            return fail(p, errno, "ppoll: %s", strerror(errno));
+        for (nfds_t k = 0; r > 0 && k < n; k++) {
+            if (!pfd[k].revents)
+                continue;
+            if (pfd[k].fd == STDIN_FILENO) {
+                if (read_parent(p) < 0)
+                    return -1;
+            } else if (chan_slot[k] == -2) {
+                if (take_replacement(p) < 0)
+                    return -1;
+            } else if (chan_slot[k] >= 0 && (pfd[k].revents & (POLLERR | POLLNVAL)) &&
+                       !(pfd[k].revents & POLLIN)) {
+                /* An error with nothing to read: the next send reports which. */
+                (void)0;
+            }
+        }
+        continue;
+again:;
+    }
+}
+
+/* ------------------------------------------------------------ entry */
+
+int xcs_wire(const struct xcs_op *op)
+{
+    struct pump *p = NULL;
+    struct sigaction sa;
+    sigset_t block;
+    int rc = -1, saved = 0, flags_set = 0;
+
+    p = calloc(1, sizeof(*p));
+    if (!p) {
+        errno = ENOMEM;
+        return -1;
+    }
+    p->op = op;
+    p->send = op->wire == 1;
+    p->nch = op->wire_nchan;
+    p->fmax = op->wire_frame;
+    p->wf = op->wire_window / op->wire_frame; /* >= 1: argv checked window >= frame */
+    p->total = UINT64_MAX;
+    p->ack_every = op->wire_window / 2 < ACK_BYTES ? op->wire_window / 2 : ACK_BYTES;
+    p->t0 = p->last_stats = p->last_rx = p->last_ack = p->bucket_t = now_ns();
+    p->rate = op->wire_rate;
+    p->tokens = (double)(p->rate ? burst(p) : 0);
+    for (unsigned i = 0; i < p->nch; i++) {
+        p->ch[i].fd = op->wire_chan[i];
+        p->ch[i].cur = -1;
+    }
+
+    /*
+     * SIGTERM sets a flag and is blocked except inside ppoll(), whose mask
+     * unblocks it: a stop is seen at the next wait at the latest.
+     */
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = wire_sigterm;
+    sigemptyset(&sa.sa_mask);
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    if (sigaction(SIGTERM, &sa, NULL) < 0 || sigprocmask(SIG_BLOCK, &block, NULL) < 0) {
+        rc = fail(p, errno, "signals: %s", strerror(errno));
+        goto out;
+    }
+    xcs_arm_parent_death();
+
+    /*
+     * fd trick: O_NONBLOCK on the plain-stream pipe belongs to its open
+     * file description; ours is a copy of the parent's (which hands it to
+     * us and does not use it meanwhile).  The flags are put back at the end.
+     */
+    p->in_flags = fcntl(op->io_fd, F_GETFL);
+    if (p->in_flags < 0 || fcntl(op->io_fd, F_SETFL, p->in_flags | O_NONBLOCK) < 0) {
+        rc = fail(p, errno, "O_NONBLOCK on the plain stream: %s", strerror(errno));
+        goto out;
+    }
+    flags_set = 1;
+    if (p->send) {
+        p->stage = malloc(op->wire_raw ? RAW_BUF : p->fmax);
+        p->sf = calloc(p->wf, sizeof(*p->sf));
+        if (!p->stage || !p->sf) {
+            rc = fail(p, ENOMEM, "out of memory for the send buffers");
+            goto out;
+        }
+    } else {
+        p->rf = calloc(p->wf, sizeof(*p->rf));
+        if (!p->rf) {
+            rc = fail(p, ENOMEM, "out of memory for the receive window");
+            goto out;
+        }
+    }
+#ifdef XCS_HAVE_ZSTD
+    if (p->send && op->wire_compress) {
+        p->cctx = ZSTD_createCCtx();
+        p->zbuf = malloc(p->fmax);
+        if (!p->cctx || !p->zbuf) {
+            rc = fail(p, ENOMEM, "out of memory for zstd");
+            goto out;
+        }
+    }
+    if (!p->send) {
+        p->dctx = ZSTD_createDCtx();
+        if (!p->dctx) {
+            rc = fail(p, ENOMEM, "out of memory for zstd");
+            goto out;
+        }
+    }
+#endif
+    rc = run(p);
+out:
+    saved = errno;
+    send_stats(p);
+    if (flags_set)
+        (void)fcntl(op->io_fd, F_SETFL, p->in_flags);
+    for (unsigned i = 0; i < p->nch; i++) {
+        free(p->ch[i].payload);
+        /* Our copies only: Python keeps its own and continues on channel 0. */
+        if (p->ch[i].fd >= 0 && p->ch[i].fd != op->wire_chan[i])
+            close(p->ch[i].fd);
+    }
+    for (uint64_t s = 0; p->sf && s < p->wf; s++)
+        free(p->sf[s].buf);
+    for (uint64_t s = 0; p->rf && s < p->wf; s++)
+        free(p->rf[s].data);
+#ifdef XCS_HAVE_ZSTD
+    ZSTD_freeCCtx(p->cctx);
+    ZSTD_freeDCtx(p->dctx);
+#endif
+    free(p->zbuf);
+    free(p->sf);
+    free(p->rf);
+    free(p->stage);
+    free(p);
+    errno = saved;
+    return rc;
+}
