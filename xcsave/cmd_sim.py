@@ -13,9 +13,17 @@ from typing import Any
 
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
+from .defaults import SIM_FILLS
 from .files import scratch_dir
 
 # The extension, asyncio and the API load when a command runs, not at parse time.
+
+
+FILL_HELP = (
+    "page contents: classic (default: 25%% zero, 10%% repeated, 65%% random), random, "
+    "zero, text, mixed (like a real guest, by page from the seed: 35%% zero, 40%% "
+    "compressible -- text, page tables, kernel-like records -- 25%% random)"
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -30,6 +38,7 @@ def add_parsers(sub: Any) -> None:
     c.add_argument(
         "--force", action="store_true", help="replace a domain of that name (else EEXIST)"
     )
+    c.add_argument("--fill", choices=SIM_FILLS, default=SIM_FILLS[0], help=FILL_HELP)
     c.set_defaults(func=_create)
 
     d = ss.add_parser("digest", help="one hash of memory + vCPU state")
@@ -46,6 +55,11 @@ def add_parsers(sub: Any) -> None:
     w.add_argument("--rate", type=int, required=True, metavar="PAGES_PER_S")
     w.add_argument("--duration", type=float, required=True, metavar="SECONDS")
     w.add_argument("--seed", type=int, default=1)
+    w.add_argument(
+        "--fill",
+        choices=SIM_FILLS,
+        help="content to write (default: the kind the domain was created with)",
+    )
     w.set_defaults(func=_dirty)
 
     for name, state in (("pause", "paused"), ("resume", "running"), ("suspend", "suspended")):
@@ -108,6 +122,7 @@ def _create(args: argparse.Namespace) -> int:
             args.seed,
             force=args.force,
             cancelled=lambda: bool(got),
+            fill=args.fill,
         )
     except InterruptedError:
         if not got:
@@ -142,7 +157,7 @@ def _info(args: argparse.Namespace) -> int:
 def _dirty(args: argparse.Namespace) -> int:
     from . import sim
 
-    n = sim.dirty(args.dom, args.rate, args.duration, args.seed)
+    n = sim.dirty(args.dom, args.rate, args.duration, args.seed, fill=args.fill)
     sys.stdout.write(f"{n} pages written\n")
     return 0
 

@@ -22,11 +22,12 @@ from typing import Any
 
 from . import _ext, lock
 from ._log import logger
-from .defaults import PAGE_SIZE, SIM_DIR
+from .defaults import PAGE_SIZE, SIM_DIR, SIM_FILLS
 from .errors import oserror_text
 from .files import private_dir
 
 __all__ = [
+    "FILLS",
     "PAGE_SIZE",
     "SIM_DIR",
     "create",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 log = logger(__name__)
+
+FILLS = SIM_FILLS
 
 
 def resolve(dom: str | os.PathLike[str]) -> Path:
@@ -59,8 +62,10 @@ def create(
     *,
     force: bool = False,
     cancelled: Callable[[], bool] | None = None,
+    fill: str = "classic",
 ) -> Path:
-    """Create a domain of ``memory`` bytes (a whole number of pages) with seeded contents.
+    """Create a domain of ``memory`` bytes (a whole number of pages) with seeded contents
+    of the kind ``fill`` says (one of :data:`FILLS`; ValueError otherwise).
 
     All of its memory is reserved first (fallocate): no space is
     ``OSError(ENOSPC)`` before anything is written.  A domain already at
@@ -72,11 +77,18 @@ def create(
     """
     if memory <= 0 or memory % PAGE_SIZE:
         raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE} bytes, not {memory}")
+    _check_fill(fill)
     path = resolve(dom)
     try:
         with lock.domain_lock(sim=path, name=os.fspath(dom)):  # one operation per domain
             _ext.sim_create(
-                str(path), memory // PAGE_SIZE, vcpus, seed, replace=force, cancelled=cancelled
+                str(path),
+                memory // PAGE_SIZE,
+                vcpus,
+                seed,
+                replace=force,
+                cancelled=cancelled,
+                fill=fill,
             )
     except OSError as e:
         if e.errno == errno.EEXIST:
@@ -129,9 +141,28 @@ def set_logdirty(dom: str | os.PathLike[str], enable: bool) -> None:
     _ext.sim_set_logdirty(str(resolve(dom)), enable)
 
 
-def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0) -> int:
-    """Write ``rate`` pages/s for ``duration`` s through the dirty log; returns pages written."""
-    return int(_ext.sim_dirty(str(resolve(dom)), rate, duration, seed))
+def dirty(
+    dom: str | os.PathLike[str],
+    rate: int,
+    duration: float,
+    seed: int = 0,
+    *,
+    fill: str | None = None,
+) -> int:
+    """Write ``rate`` pages/s for ``duration`` s through the dirty log; returns pages written.
+
+    Each page gets fresh content of the kind ``fill`` says; None (the
+    default) follows the fill the domain was created with (a ``mixed``
+    page keeps its class: zero, text, page table, records or random).
+    """
+    if fill is not None:
+        _check_fill(fill)
+    return int(_ext.sim_dirty(str(resolve(dom)), rate, duration, seed, fill=fill or ""))
+
+
+def _check_fill(fill: str) -> None:
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, not {fill!r}")
 
 
 def remove(dom: str | os.PathLike[str]) -> None:
