@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from ._log import logger
-from .errors import Terminated, UsageError
+from .errors import NetlabUnavailable, Terminated, UsageError
 
 log = logger(__name__)
 
@@ -50,10 +50,6 @@ RECEIVER_IP = "169.254.10.2"
 _counter = itertools.count()
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)?$")
 _UNITS = {None: 1, "bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-
-
-class NetlabUnavailable(RuntimeError):
-    """This machine cannot make the two hosts (not root, no iproute2, no tbf); str() says why."""
 
 
 def parse_rate(text: str) -> int | None:
