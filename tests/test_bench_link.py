@@ -7,8 +7,10 @@ judges a timing.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,11 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*XCSAVE, "bench", "link", *args], capture_output=True, text=True, check=False, timeout=900
     )
+
+
+def namespaces() -> str:
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return r.stdout
 
 
 @pytest.fixture
@@ -85,3 +92,29 @@ def test_bench_link_refuses_bad_options_in_one_line(args: list[str], what: str) 
     lines = [ln for ln in r.stderr.splitlines() if "error:" in ln or ln.startswith("xcsave:")]
     assert len(lines) == 1 and what in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_link_sigterm_leaves_nothing(root: None, tmp_path: Path) -> None:
+    """SIGTERM while the namespaces exist: "terminated by SIGTERM" (exit 1),
+    the namespaces, the processes and the domains gone."""
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [*XCSAVE, "bench", "link", "--memory", "256M", "--dir", str(work)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ours = f"xcs-snd-{proc.pid % 1000000}"
+    for _ in range(3000):  # until it has made its namespaces (or ended)
+        if ours in namespaces() or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.5)  # somewhere in a run: creating, receiving, migrating
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == "xcsave: bench: terminated by SIGTERM", err
+    assert ours not in namespaces()
+    # the domains stay in the user's --dir, whole: no partial or half-created file
+    assert [p.name for p in work.iterdir() if p.name not in ("source.dom", "target.dom")] == []

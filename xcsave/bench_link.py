@@ -158,7 +158,8 @@ def run(args: argparse.Namespace, on_event: Callable[[Event], object] | None) ->
         data["skipped"] = skipped
     text = [
         f"link {args.rate}, {memory >> 20} MiB of {args.fill} memory, guest dirtying "
-        f"{dirty_rate} pages/s; two namespaces, tbf-shaped veth, --insecure TCP"
+        f"{dirty_rate} pages/s; two namespaces, {'unshaped' if bps is None else 'tbf-shaped'} "
+        "veth, --insecure TCP"
     ]
     for r in runs:
         ratio = r.stream_bytes / r.wire_bytes if r.wire_bytes else 0.0
@@ -214,29 +215,42 @@ def _one(setup: Setup, comp: str, channels: int) -> Run:
         flags = [] if comp == "off" else ["--compress", comp]
         flags += [] if channels == 1 else ["--channels", str(channels)]
         tx0 = link.tx_bytes("sender")
-        sender = subprocess.run(  # noqa: S603 - our own CLI
+        sender = subprocess.Popen(  # noqa: S603 - our own CLI
             link.sender(
                 *self_argv(
                     "migrate", "--sim", str(src), "--to", f"{link.receiver_ip}:{port}",
                     "--insecure", "--live", "--progress", "json", *flags,
                 )
             ),
-            capture_output=True, text=True, timeout=timeout, check=False,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        procs.append(sender)
+        out, err = sender.communicate(timeout=timeout)
         res.wire_bytes = link.tx_bytes("sender") - tx0
         if sender.returncode != 0:
-            raise XcsaveError(f"migrate ({comp} x{channels}) failed: {_last(sender.stderr)}")
+            raise XcsaveError(f"migrate ({comp} x{channels}) failed: {_last(err)}")
         _, err = receiver.communicate(timeout=timeout)
         if receiver.returncode != 0:
             raise XcsaveError(f"receive ({comp} x{channels}) failed: {_last(err)}")
-        _read_events(sender.stdout, res)
+        _read_events(out, res)
         res.bit_exact = sim.digest(src) == sim.digest(dst)  # src: suspended since the copy
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        _stop(procs)
     return res
+
+
+def _stop(procs: list[subprocess.Popen[str]]) -> None:
+    """SIGTERM first (xcsave commands clean up: no partial domain, helper
+    stopped, source put back), SIGKILL after 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
 
 
 def _last(text: str) -> str:
