@@ -60,7 +60,7 @@ def test_bench_link_quick_json(root: None, tmp_path: Path) -> None:
             assert run["wire_bytes"] > 0.6 * 64 * 2**20 * 0.65
         assert run["wire_bytes"] > 0 and run["total_s"] > 0 and run["downtime_ms"] > 0
         done.add((run["compression"], run["channels"]))
-    skipped = {(s["compression"], s["channels"]) for s in data.get("skipped", [])}
+    skipped = {(s["compression"], s["channels"]) for s in data.get("not_run", [])}
     assert done | skipped == {(c, n) for c in ("off", "zstd", "adaptive") for n in (1, 2)}
     assert not done & skipped
     assert ("off", 1) in done
