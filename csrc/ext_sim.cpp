@@ -65,14 +65,27 @@ struct CreateCancel {
     }
 };
 
+// "classic", "random", "zero", "text" or "mixed" (ValueError otherwise).
+xcs_sim_fill parse_fill(const std::string &name)
+{
+    xcs_sim_fill fill;
+
+    if (xcs_sim_fill_parse(name.c_str(), &fill) < 0)
+        throw py::value_error("fill must be classic, random, zero, text or "
+                              "mixed, not '" + name + "'");
+    return fill;
+}
+
 void sim_create(const std::string &path, uint64_t nr_pages, unsigned int vcpus,
-                uint64_t seed, bool replace, py::object cancelled)
+                uint64_t seed, bool replace, py::object cancelled,
+                const std::string &fill_name)
 {
     CreateCancel cancel{std::move(cancelled), nullptr};
+    xcs_sim_fill fill = parse_fill(fill_name);
     int r, err;
     {
         py::gil_scoped_release nogil;
-        r = xcs_sim_create(path.c_str(), nr_pages, vcpus, seed,
+        r = xcs_sim_create(path.c_str(), nr_pages, vcpus, seed, fill,
                            replace ? XCS_SIM_CREATE_REPLACE : 0,
                            CreateCancel::check, &cancel);
         err = errno;
@@ -103,6 +116,7 @@ py::dict sim_info(const std::string &path)
     out["memory"] = h->nr_pages << h->page_shift;
     out["size"] = h->file_size;
     out["seed"] = h->seed;
+    out["fill"] = xcs_sim_fill_name((xcs_sim_fill)h->fill);
     return out;
 }
 
@@ -151,13 +165,15 @@ void sim_set_logdirty(const std::string &path, bool enable)
         xcs_sim_logdirty_disable(&d.dom);
 }
 
+// fill_name "" (or None from Python): the fill the domain was created with.
 int64_t sim_dirty(const std::string &path, uint64_t rate, double duration,
-                  uint64_t seed)
+                  uint64_t seed, const std::string &fill_name)
 {
+    int fill = fill_name.empty() ? XCS_SIM_FILL_DOMAIN : (int)parse_fill(fill_name);
     int64_t n;
     {
         py::gil_scoped_release nogil;
-        n = xcs_sim_dirty_run(path.c_str(), rate, duration, seed);
+        n = xcs_sim_dirty_run(path.c_str(), rate, duration, seed, fill);
     }
     if (n < 0)
         raise_errno(errno, path);
@@ -418,7 +434,7 @@ void register_sim(py::module_ &m)
     m.attr("SIM_MAX_PAGES") = XCS_SIM_MAX_PAGES;
     m.def("sim_create", &sim_create, "path"_a, "nr_pages"_a, "vcpus"_a = 1,
           "seed"_a = 0, py::kw_only(), "replace"_a = false,
-          "cancelled"_a = py::none(),
+          "cancelled"_a = py::none(), "fill"_a = "classic",
           "Create a simulated domain file with seeded, guest-like memory "
           "(EEXIST if one is there, unless replace).  Signal handlers run "
           "and cancelled() -> bool is asked between steps: an exception or "
@@ -432,9 +448,10 @@ void register_sim(py::module_ &m)
     m.def("sim_set_logdirty", &sim_set_logdirty, "path"_a, "enable"_a,
           "Turn log-dirty on (clearing the bitmap) or off.");
     m.def("sim_dirty", &sim_dirty, "path"_a, "rate"_a, "duration"_a,
-          "seed"_a = 0,
+          "seed"_a = 0, py::kw_only(), "fill"_a = "",
           "Dirty pages at rate pages/s (0 = flat out) for duration s while "
-          "the domain runs; returns pages written.");
+          "the domain runs, with content of that fill (\"\": the domain's "
+          "own); returns pages written.");
     m.def("sim_remove", &sim_remove, "path"_a, "Remove a simulated domain.");
     m.def("rename_noreplace", &rename_noreplace, "src"_a, "dst"_a,
           "Rename src to dst atomically; EEXIST if dst exists "

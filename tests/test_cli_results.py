@@ -6,8 +6,8 @@ written to or read from a terminal, and progress that stops -- not the job
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +137,7 @@ if sys.platform != "linux":  # pragma: no cover
 
 
 def test_one_downtime(tmp_path: Path, env: dict[str, str]) -> None:
-    """"downtime" means one thing (suspended there until running here); the
+    """ "downtime" means one thing (suspended there until running here); the
     save's own figure is named stop-and-copy (issue 15, item 7)."""
     args = ["demo", "--memory", "16M", "--rate", "500", "--dir", tmp_path / "demo"]
     r = _run(*args, "--json", env=env)

@@ -33,7 +33,7 @@ from conftest import helper_pids
 
 import xcsave
 import xcsave.sync
-from xcsave import handshake, migrate, sim
+from xcsave import handshake, migrate, netlab, sim
 from xcsave.cmd_migrate import parse_address
 from xcsave.migrate import BANNER, GO, READY, REPORT
 
@@ -84,53 +84,18 @@ class Net:
         return ["ip", "netns", "exec", ns, *argv] if ns else argv
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-
-
 @contextlib.contextmanager
 def _namespaces() -> Iterator[Net]:
-    """Two fresh namespaces and a veth pair between them; always deleted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip(f"network namespaces need root (running as uid {os.geteuid()})")
-    if shutil.which("ip") is None:
-        pytest.skip("network namespaces need iproute2's 'ip' (apt-get install iproute2)")
-    tag = f"{os.getpid() % 100000}"
-    snd, rcv = f"xcs-snd-{tag}", f"xcs-rcv-{tag}"
-    veth_s, veth_r = f"xcs{tag}s", f"xcs{tag}r"  # IFNAMSIZ: at most 15 characters
-    snd_ip, rcv_ip = "169.254.10.1", "169.254.10.2"
-    made: list[str] = []
-    for ns in (snd, rcv):  # left over by a crashed run that had our pid
-        _ip("netns", "del", ns)
-    try:
-        steps: list[tuple[str, ...]] = [
-            ("netns", "add", snd),
-            ("netns", "add", rcv),
-            ("link", "add", veth_s, "type", "veth", "peer", "name", veth_r),
-            ("link", "set", veth_s, "netns", snd),
-            ("link", "set", veth_r, "netns", rcv),
-            ("-n", snd, "addr", "add", f"{snd_ip}/16", "dev", veth_s),
-            ("-n", rcv, "addr", "add", f"{rcv_ip}/16", "dev", veth_r),
-            ("-n", snd, "link", "set", "lo", "up"),
-            ("-n", rcv, "link", "set", "lo", "up"),
-            ("-n", snd, "link", "set", veth_s, "up"),
-            ("-n", rcv, "link", "set", veth_r, "up"),
-        ]
-        for step in steps:
-            r = _ip(*step)
-            if r.returncode != 0:
-                pytest.skip(
-                    f"cannot make network namespaces: 'ip {' '.join(step)}': {r.stderr.strip()}"
-                )
-            if step[:2] == ("netns", "add"):
-                made.append(step[2])
-        yield Net("netns", rcv_ip, sender_ns=snd, receiver_ns=rcv)
-    finally:
-        # Deleting a namespace deletes the veth end inside it (and so the pair).
-        for ns in made:
-            _ip("netns", "del", ns)
-        if _ip("link", "show", veth_s).returncode == 0:
-            _ip("link", "del", veth_s)
+    """Two fresh namespaces and a veth pair between them (xcsave.netlab);
+    always deleted afterwards.  Skips with the reason where they cannot be made."""
+    with contextlib.ExitStack() as stack:
+        try:
+            link = stack.enter_context(netlab.two_hosts())
+        except netlab.NetlabUnavailable as e:
+            pytest.skip(str(e))
+        yield Net(
+            "netns", link.receiver_ip, sender_ns=link.sender_ns, receiver_ns=link.receiver_ns
+        )
 
 
 @pytest.fixture(scope="module", params=["loopback", "netns"])

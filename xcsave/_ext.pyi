@@ -24,7 +24,7 @@ def scan(src: typing.Any, fmt: str = 'auto', stream_type: str = 'plain', width: 
     """
     Scan and verify a migration stream (fd or path); returns the report dict.
     """
-def sim_create(path: str, nr_pages: typing.SupportsInt | typing.SupportsIndex, vcpus: typing.SupportsInt | typing.SupportsIndex = 1, seed: typing.SupportsInt | typing.SupportsIndex = 0, *, replace: bool = False, cancelled: typing.Any = None) -> None:
+def sim_create(path: str, nr_pages: typing.SupportsInt | typing.SupportsIndex, vcpus: typing.SupportsInt | typing.SupportsIndex = 1, seed: typing.SupportsInt | typing.SupportsIndex = 0, *, replace: bool = False, cancelled: typing.Any = None, fill: str = 'classic') -> None:
     """
     Create a simulated domain file with seeded, guest-like memory (EEXIST if one is there, unless replace).  Signal handlers run and cancelled() -> bool is asked between steps: an exception or True stops it (InterruptedError), the temporary removed.
     """
@@ -32,9 +32,9 @@ def sim_digest(path: str) -> str:
     """
     Hex digest of memory + vCPU state + shape (docs/sim-format.md).
     """
-def sim_dirty(path: str, rate: typing.SupportsInt | typing.SupportsIndex, duration: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
+def sim_dirty(path: str, rate: typing.SupportsInt | typing.SupportsIndex, duration: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex = 0, *, fill: str = '') -> int:
     """
-    Dirty pages at rate pages/s (0 = flat out) for duration s while the domain runs; returns pages written.
+    Dirty pages at rate pages/s (0 = flat out) for duration s while the domain runs, with content of that fill ("": the domain's own); returns pages written.
     """
 def sim_info(path: str) -> dict[str, typing.Any]:
     """

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import benchmarks
+from . import bench_link, benchmarks
 from ._log import logger
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
@@ -1346,5 +1346,12 @@ BENCHES: list[Bench] = [
             _REPEAT,
         ),
         _tls_link_run,
+    ),
+    Bench(
+        "link",
+        "live migration between two namespaces over a tbf-shaped link: compression "
+        "off/zstd/adaptive x channels 1/N, in the same run (xcsave.bench_link)",
+        bench_link.add_arguments,
+        bench_link.run,
     ),
 ]

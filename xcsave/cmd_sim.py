@@ -14,7 +14,7 @@ from typing import Any
 from ._argparse import integer, seconds, size
 from .cli import FORMATS, parse_policy, parse_size, self_argv
 from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
-from .defaults import DOM_HELP, MAX_SEED, PAGE_SIZE, SIM_MAX_MEMORY, SIM_MAX_VCPUS
+from .defaults import DOM_HELP, MAX_SEED, PAGE_SIZE, SIM_FILLS, SIM_MAX_MEMORY, SIM_MAX_VCPUS
 from .files import scratch_dir
 
 #: A simulated domain's memory: whole pages, up to the simulator's limit.
@@ -23,6 +23,13 @@ SIM_MEMORY = size(PAGE_SIZE, SIM_MAX_MEMORY, multiple=PAGE_SIZE)
 MAX_DIRTY_RATE = 1 << 30
 
 # The extension, asyncio and the API load when a command runs, not at parse time.
+
+
+FILL_HELP = (
+    "page contents: classic (default: 25%% zero, 10%% repeated, 65%% random), random, "
+    "zero, text, mixed (like a real guest, by page from the seed: 35%% zero, 40%% "
+    "compressible -- text, page tables, kernel-like records -- 25%% random)"
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -39,6 +46,7 @@ def add_parsers(sub: Any) -> None:
     c.add_argument(
         "--force", action="store_true", help="replace a domain of that name (else EEXIST)"
     )
+    c.add_argument("--fill", choices=SIM_FILLS, default=SIM_FILLS[0], help=FILL_HELP)
     c.set_defaults(func=_create)
 
     d = ss.add_parser("digest", help="one hash of memory + vCPU state")
@@ -64,6 +72,11 @@ def add_parsers(sub: Any) -> None:
     )
     w.add_argument(
         "--seed", type=integer(0, MAX_SEED), default=1, help="which pages, and what is written"
+    )
+    w.add_argument(
+        "--fill",
+        choices=SIM_FILLS,
+        help="content to write (default: the kind the domain was created with)",
     )
     w.set_defaults(func=_dirty)
 
@@ -148,6 +161,7 @@ def _create(args: argparse.Namespace) -> int:
             args.seed,
             force=args.force,
             cancelled=lambda: bool(got),
+            fill=args.fill,
         )
     except InterruptedError:
         if not got:
@@ -182,7 +196,7 @@ def _info(args: argparse.Namespace) -> int:
 def _dirty(args: argparse.Namespace) -> int:
     from . import sim
 
-    n = sim.dirty(args.dom, args.rate, args.duration, args.seed)
+    n = sim.dirty(args.dom, args.rate, args.duration, args.seed, fill=args.fill)
     sys.stdout.write(f"{n} pages written\n")
     return 0
 

@@ -72,3 +72,10 @@ CHANNELS: Final = ("pipe", "socket")
 def shm_dir() -> str | None:
     """:data:`SHM_DIR` where this machine has it, else None (the system's temp dir)."""
     return SHM_DIR if os.path.isdir(SHM_DIR) else None
+
+
+#: What a new simulated domain's pages hold (docs/sim-format.md, "Contents of
+#: a new domain"); the first is the default.  ``mixed``: by page, from the
+#: seed, 35% zero, 40% compressible (text, page tables, kernel-like records),
+#: 25% random.
+SIM_FILLS = ("classic", "random", "zero", "text", "mixed")

@@ -50,6 +50,7 @@ __all__ = [
     "HelperTimeout",
     "MigrationError",
     "MigrationInDoubt",
+    "NetlabUnavailable",
     "ProtocolError",
     "SshdUnavailable",
     "StreamError",
@@ -267,6 +268,10 @@ class UsageError(Exception):
 
 class SshdUnavailable(RuntimeError):
     """No sshd (or ssh, ssh-keygen) here, or it would not start: the reason."""
+
+
+class NetlabUnavailable(XcsaveError):
+    """xcsave.netlab cannot make its two hosts here (not root, no iproute2, no tbf): why."""
 
 
 #: What xcsave exports names itself xcsave.<Name>, as users import it.

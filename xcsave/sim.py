@@ -23,11 +23,12 @@ from typing import Any
 
 from . import _ext, lock
 from ._log import logger
-from .defaults import MAX_SEED, PAGE_SIZE, SIM_DIR, SIM_MAX_MEMORY, SIM_MAX_VCPUS
+from .defaults import MAX_SEED, PAGE_SIZE, SIM_DIR, SIM_FILLS, SIM_MAX_MEMORY, SIM_MAX_VCPUS
 from .errors import oserror_text
 from .files import private_dir
 
 __all__ = [
+    "FILLS",
     "PAGE_SIZE",
     "SIM_DIR",
     "create",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 log = logger(__name__)
+
+FILLS = SIM_FILLS
 
 
 def resolve(dom: str | os.PathLike[str]) -> Path:
@@ -60,8 +63,10 @@ def create(
     *,
     force: bool = False,
     cancelled: Callable[[], bool] | None = None,
+    fill: str = "classic",
 ) -> Path:
-    """Create a domain of ``memory`` bytes (a whole number of pages) with seeded contents.
+    """Create a domain of ``memory`` bytes (a whole number of pages) with seeded contents
+    of the kind ``fill`` says (one of :data:`FILLS`; ValueError otherwise).
 
     All of its memory is reserved first (fallocate): no space is
     ``OSError(ENOSPC)`` before anything is written.  A domain already at
@@ -78,11 +83,18 @@ def create(
         )
     _check_int("vcpus", vcpus, 1, SIM_MAX_VCPUS)
     _check_int("seed", seed, 0, MAX_SEED)
+    _check_fill(fill)
     path = resolve(dom)
     try:
         with lock.domain_lock(sim=path, name=os.fspath(dom)):  # one operation per domain
             _ext.sim_create(
-                str(path), memory // PAGE_SIZE, vcpus, seed, replace=force, cancelled=cancelled
+                str(path),
+                memory // PAGE_SIZE,
+                vcpus,
+                seed,
+                replace=force,
+                cancelled=cancelled,
+                fill=fill,
             )
     except OSError as e:
         if e.errno == errno.EEXIST:
@@ -145,13 +157,26 @@ def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
         raise ValueError(f"{name} must be {span}, not {value}")
 
 
-def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0) -> int:
+def dirty(
+    dom: str | os.PathLike[str],
+    rate: int,
+    duration: float,
+    seed: int = 0,
+    *,
+    fill: str | None = None,
+) -> int:
     """Write ``rate`` pages/s for ``duration`` s through the dirty log; returns pages written.
+
+    Each page gets fresh content of the kind ``fill`` says; None (the
+    default) follows the fill the domain was created with (a ``mixed``
+    page keeps its class: zero, text, page table, records or random).
 
     A guest writes only while it runs: a domain suspended when the workload
     starts is refused (EAGAIN) rather than written 0 pages for the whole
     duration; one suspended on the way (a migration's last round) stops it
     writing, as a real guest would."""
+    if fill is not None:
+        _check_fill(fill)
     _check_int("rate", rate, 1, None)
     _check_int("seed", seed, 0, MAX_SEED)
     if not (isinstance(duration, int | float) and math.isfinite(duration) and duration > 0):
@@ -164,7 +189,12 @@ def dirty(dom: str | os.PathLike[str], rate: int, duration: float, seed: int = 0
             f"(xcsave sim resume {os.fspath(dom)})",
             os.fspath(dom),
         )
-    return int(_ext.sim_dirty(str(path), rate, duration, seed))
+    return int(_ext.sim_dirty(str(path), rate, duration, seed, fill=fill or ""))
+
+
+def _check_fill(fill: str) -> None:
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, not {fill!r}")
 
 
 def remove(dom: str | os.PathLike[str]) -> None:

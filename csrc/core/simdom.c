@@ -43,7 +43,8 @@ _Static_assert(offsetof(struct xcs_sim_hdr, nr_pages) == 16, "sim header");
 _Static_assert(offsetof(struct xcs_sim_hdr, state) == 36, "sim header");
 _Static_assert(offsetof(struct xcs_sim_hdr, dirty_count) == 48, "sim header");
 _Static_assert(offsetof(struct xcs_sim_hdr, file_size) == 112, "sim header");
-_Static_assert(sizeof(struct xcs_sim_hdr) == 120, "sim header");
+_Static_assert(offsetof(struct xcs_sim_hdr, fill) == 120, "sim header");
+_Static_assert(sizeof(struct xcs_sim_hdr) == 128, "sim header");
 
 /*----- PRNG: splitmix64 seeds xoshiro256+ (public-domain algorithms) -----*/
 
@@ -292,9 +293,16 @@ void xcs_sim_fill_vcpu(uint8_t *blob, unsigned int vcpu, uint64_t seed)
     memcpy(blob + 4, &vcpu, 4);
 }
 
-enum page_kind { PAGE_ZERO, PAGE_TEMPLATE, PAGE_RANDOM };
+enum page_kind {
+    PAGE_ZERO,
+    PAGE_TEMPLATE, /* classic only: a copy of one of NR_TEMPLATES pages */
+    PAGE_RANDOM,
+    PAGE_TEXT,     /* ASCII words, spaces, punctuation, newlines */
+    PAGE_PTABLE,   /* a page table: a run of present PTEs, the rest zero */
+    PAGE_RECORDS,  /* an array of 64-byte kernel-like structures */
+};
 
-/* Which kind page pfn of a domain created from seed is, and its sub-seed. */
+/* Which kind page pfn of a classic domain created from seed is, and its sub-seed. */
 static enum page_kind page_kind(uint64_t seed, uint64_t pfn, uint64_t *sub)
 {
     uint64_t s = seed ^ (pfn * 0xd1342543de82ef95ULL);
@@ -309,6 +317,233 @@ static enum page_kind page_kind(uint64_t seed, uint64_t pfn, uint64_t *sub)
         return PAGE_TEMPLATE;
     }
     return PAGE_RANDOM;
+}
+
+/*
+ * The mixed fill's rule (docs/sim-format.md): h = splitmix64 of
+ * (seed ^ pfn * K), pct = (h >> 32) % 100: [0, 35) zero, [35, 49) text,
+ * [49, 62) page table, [62, 75) records, [75, 100) random.  A page keeps its
+ * class when the workload rewrites it, so the blend holds while it runs.
+ */
+static enum page_kind mixed_kind(uint64_t seed, uint64_t pfn, uint64_t *sub)
+{
+    uint64_t s = seed ^ (pfn * 0xa0761d6478bd642fULL) ^ 0x6d69786564000000ULL;
+    uint64_t h = splitmix64(&s);
+    unsigned int pct = (unsigned int)((h >> 32) % 100);
+
+    *sub = h;
+    if (pct < 35)
+        return PAGE_ZERO;
+    if (pct < 49)
+        return PAGE_TEXT;
+    if (pct < 62)
+        return PAGE_PTABLE;
+    if (pct < 75)
+        return PAGE_RECORDS;
+    return PAGE_RANDOM;
+}
+
+/* The kind of page pfn at creation under fill (classic: page_kind). */
+static enum page_kind fill_kind(enum xcs_sim_fill fill, uint64_t seed,
+                                uint64_t pfn, uint64_t *sub)
+{
+    uint64_t s = seed ^ (pfn * 0x9e3779b97f4a7c15ULL);
+
+    switch (fill) {
+    case XCS_SIM_FILL_CLASSIC:
+        return page_kind(seed, pfn, sub);
+    case XCS_SIM_FILL_MIXED:
+        return mixed_kind(seed, pfn, sub);
+    case XCS_SIM_FILL_ZERO:
+        *sub = 0;
+        return PAGE_ZERO;
+    case XCS_SIM_FILL_TEXT:
+        *sub = splitmix64(&s);
+        return PAGE_TEXT;
+    case XCS_SIM_FILL_RANDOM:
+        break;
+    }
+    *sub = splitmix64(&s);
+    return PAGE_RANDOM;
+}
+
+/* Common English words: text pages are drawn from them, frequent ones first. */
+#define W(s) {s, sizeof(s) - 1}
+static const struct word {
+    char text[8]; /* copied whole: a constant-size memcpy, no call */
+    size_t len;
+} words[] = {
+    W("the"), W("of"), W("and"), W("to"), W("a"), W("in"), W("is"), W("it"),
+    W("that"), W("for"), W("was"), W("on"), W("are"), W("as"), W("with"),
+    W("be"), W("at"), W("this"), W("have"), W("from"), W("or"), W("one"),
+    W("had"), W("by"), W("word"), W("but"), W("not"), W("what"), W("all"),
+    W("were"), W("we"), W("when"), W("your"), W("can"), W("said"), W("there"),
+    W("use"), W("an"), W("each"), W("which"), W("she"), W("do"), W("how"),
+    W("their"), W("if"), W("will"), W("up"), W("other"), W("about"), W("out"),
+    W("many"), W("then"), W("them"), W("these"), W("so"), W("some"), W("her"),
+    W("would"), W("make"), W("like"), W("him"), W("into"), W("time"),
+    W("has"), W("look"), W("two"), W("more"), W("write"), W("go"), W("see"),
+    W("number"), W("no"), W("way"), W("could"), W("people"), W("my"),
+    W("than"), W("first"), W("water"), W("been"), W("call"), W("who"),
+    W("oil"), W("its"), W("now"), W("find"), W("long"), W("down"), W("day"),
+    W("did"), W("get"), W("come"), W("made"), W("may"), W("part"),
+    W("memory"), W("page"), W("kernel"), W("server"), W("request"),
+    W("error"), W("config"), W("value"), W("buffer"), W("process"),
+    W("thread"), W("network"), W("device"), W("file"),
+};
+#undef W
+#define NR_WORDS (sizeof(words) / sizeof(words[0]))
+
+/*
+ * Text: words (skewed to the frequent ones: the index is the smaller of
+ * two draws), a space between them, ". " and a capital now and then, a
+ * newline every 8-15 words, a 4-digit number every ~32 words.  Written
+ * into a page plus slack, so that a word (8 bytes copied whatever its
+ * length) never needs a bounds check.
+ */
+static void fill_text(uint8_t *dst, uint64_t sub)
+{
+    static const char digits[] = "0123456789";
+    uint8_t buf[XCS_SIM_PAGE_SIZE + 32];
+    struct xoshiro x;
+    size_t at = 0;
+    unsigned int line = 0;
+    int capital = 1;
+
+    xoshiro_seed(&x, sub);
+    while (at < XCS_SIM_PAGE_SIZE) {
+        uint64_t r = xoshiro_next(&x);
+        uint64_t a = (r & 0xffff) * NR_WORDS >> 16;
+        uint64_t b = ((r >> 16) & 0xffff) * NR_WORDS >> 16;
+        uint64_t i = a < b ? a : b;
+        size_t start = at;
+
+        if (((r >> 32) & 31) == 0) {
+            for (int d = 0; d < 4; d++)
+                buf[at++] = (uint8_t)digits[(r >> (44 + 4 * d)) % 10];
+        } else {
+            memcpy(buf + at, words[i].text, sizeof(words[i].text));
+            at += words[i].len;
+        }
+        if (capital && buf[start] >= 'a')
+            buf[start] = (uint8_t)(buf[start] - 32);
+        capital = ((r >> 37) & 15) == 0;
+        if (capital)
+            buf[at++] = '.';
+        if (++line >= 8 + ((r >> 41) & 7)) {
+            buf[at++] = '\n';
+            line = 0;
+        } else {
+            buf[at++] = ' ';
+        }
+    }
+    memcpy(dst, buf, XCS_SIM_PAGE_SIZE);
+}
+
+/*
+ * A page table: 512 PTEs, a run of 1-128 present entries mapping
+ * consecutive frames (flags 0x67, NX on some), every other entry zero.
+ */
+static void fill_ptable(uint8_t *dst, uint64_t sub)
+{
+    struct xoshiro x;
+    uint64_t pte[XCS_SIM_PAGE_SIZE / 8] = {0};
+    uint64_t n, start, frame, flags;
+
+    xoshiro_seed(&x, sub);
+    n = 1 + xoshiro_below(&x, 128);
+    start = xoshiro_below(&x, XCS_SIM_PAGE_SIZE / 8 - n + 1);
+    frame = xoshiro_below(&x, 1ULL << 24);
+    flags = (xoshiro_next(&x) & 1) ? 0x8000000000000067ULL : 0x67ULL;
+    for (uint64_t i = 0; i < n; i++)
+        pte[start + i] = ((frame + i) << 12) | flags;
+    memcpy(dst, pte, sizeof(pte));
+}
+
+static const char *const comms[] = {
+    "systemd", "kworker/0:1", "sshd", "bash", "nginx", "postgres",
+    "rcu_sched", "ksoftirqd/0", "journald", "python3", "cron", "dbus",
+};
+
+/*
+ * 64 structures of 64 bytes, like a slab of kernel objects: u64 id
+ * (consecutive), two pointers into one region (same high bits), u32
+ * refcount (0-3), u32 flags (one of 4), a 16-byte name, 16 zero bytes.
+ */
+static void fill_records(uint8_t *dst, uint64_t sub)
+{
+    struct xoshiro x;
+    uint64_t id, region;
+
+    xoshiro_seed(&x, sub);
+    id = xoshiro_below(&x, 1ULL << 20);
+    region = 0xffff888000000000ULL | (xoshiro_below(&x, 1ULL << 12) << 28);
+    memset(dst, 0, XCS_SIM_PAGE_SIZE);
+    for (unsigned int i = 0; i < XCS_SIM_PAGE_SIZE / 64; i++) {
+        uint8_t *rec = dst + i * 64;
+        uint64_t r = xoshiro_next(&x);
+        uint64_t p1 = region | ((r & 0xfffff) << 6);
+        uint64_t p2 = region | (((r >> 20) & 0xfffff) << 6);
+        uint32_t ref = (uint32_t)((r >> 40) & 3);
+        uint32_t fl = 0x100u << ((r >> 42) & 3);
+        const char *comm = comms[((r >> 44) & 0xffff) % (sizeof(comms) / sizeof(comms[0]))];
+        uint64_t myid = id + i;
+
+        memcpy(rec, &myid, 8);
+        memcpy(rec + 8, &p1, 8);
+        memcpy(rec + 16, &p2, 8);
+        memcpy(rec + 24, &ref, 4);
+        memcpy(rec + 28, &fl, 4);
+        memcpy(rec + 32, comm, strlen(comm)); /* at most 15: NUL-padded */
+    }
+}
+
+/* Write one page of that kind (not PAGE_TEMPLATE) from sub. */
+static void fill_page(uint8_t *dst, enum page_kind kind, uint64_t sub)
+{
+    switch (kind) {
+    case PAGE_ZERO:
+        memset(dst, 0, XCS_SIM_PAGE_SIZE);
+        break;
+    case PAGE_TEXT:
+        fill_text(dst, sub);
+        break;
+    case PAGE_PTABLE:
+        fill_ptable(dst, sub);
+        break;
+    case PAGE_RECORDS:
+        fill_records(dst, sub);
+        break;
+    case PAGE_TEMPLATE:
+    case PAGE_RANDOM:
+        fill_random(dst, XCS_SIM_PAGE_SIZE, sub);
+        break;
+    }
+}
+
+static const char *const fill_names[] = {
+    [XCS_SIM_FILL_CLASSIC] = "classic",
+    [XCS_SIM_FILL_RANDOM] = "random",
+    [XCS_SIM_FILL_ZERO] = "zero",
+    [XCS_SIM_FILL_TEXT] = "text",
+    [XCS_SIM_FILL_MIXED] = "mixed",
+};
+
+const char *xcs_sim_fill_name(enum xcs_sim_fill fill)
+{
+    return (unsigned int)fill <= XCS_SIM_FILL_MAX ? fill_names[fill] : "unknown";
+}
+
+int xcs_sim_fill_parse(const char *name, enum xcs_sim_fill *out)
+{
+    for (unsigned int i = 0; i <= XCS_SIM_FILL_MAX; i++) {
+        if (strcmp(name, fill_names[i]) == 0) {
+            *out = (enum xcs_sim_fill)i;
+            return 0;
+        }
+    }
+    errno = EINVAL;
+    return -1;
 }
 
 /*----- open/close/create -----*/
@@ -502,8 +737,8 @@ static int reserve(int fd, uint64_t size, xcs_sim_cancel_fn cancelled,
 }
 
 int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
-                   uint64_t seed, int flags, xcs_sim_cancel_fn cancelled,
-                   void *data)
+                   uint64_t seed, enum xcs_sim_fill fill, int flags,
+                   xcs_sim_cancel_fn cancelled, void *data)
 {
     struct xcs_sim_dom dom = {.fd = -1};
     struct xcs_sim_hdr hdr;
@@ -515,7 +750,7 @@ int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
     int saved;
     int rc = -1;
 
-    if (!shape_ok(nr_pages, nr_vcpus)) {
+    if (!shape_ok(nr_pages, nr_vcpus) || (unsigned int)fill > XCS_SIM_FILL_MAX) {
         errno = EINVAL;
         goto out;
     }
@@ -538,6 +773,7 @@ int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
         reserve(fd, hdr.file_size, cancelled, data) < 0 ||
         xcs_sim_map_fd(fd, 0, &dom) < 0)
         goto out;
+    dom.hdr->fill = (uint32_t)fill;
 
     templates = malloc(NR_TEMPLATES * XCS_SIM_PAGE_SIZE);
     if (!templates)
@@ -550,17 +786,15 @@ int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
 
         if (pfn % CREATE_CHUNK_PAGES == 0 && cancel_now(cancelled, data))
             goto out;
-        switch (page_kind(seed, pfn, &sub)) {
-        case PAGE_ZERO:
-            break; /* reserved, never written: reads as 0 */
-        case PAGE_TEMPLATE:
+        enum page_kind kind = fill_kind(fill, seed, pfn, &sub);
+
+        if (kind == PAGE_ZERO)
+            continue; /* reserved, never written: reads as 0 */
+        if (kind == PAGE_TEMPLATE)
             memcpy(xcs_sim_page(&dom, pfn),
                    templates + sub * XCS_SIM_PAGE_SIZE, XCS_SIM_PAGE_SIZE);
-            break;
-        case PAGE_RANDOM:
-            fill_random(xcs_sim_page(&dom, pfn), XCS_SIM_PAGE_SIZE, sub);
-            break;
-        }
+        else
+            fill_page(xcs_sim_page(&dom, pfn), kind, sub);
     }
     for (unsigned int v = 0; v < nr_vcpus; v++)
         xcs_sim_fill_vcpu(xcs_sim_vcpu(&dom, v), v, seed);
@@ -726,13 +960,20 @@ uint64_t xcs_sim_dirty_fetch_and_clear(struct xcs_sim_dom *dom, uint64_t *out)
     return n;
 }
 
-void xcs_sim_write_page(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed)
+void xcs_sim_write_page(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed,
+                        enum xcs_sim_fill fill)
 {
     uint64_t bit = 1ULL << (pfn % 64);
-    uint64_t old;
+    uint64_t sub = seed ^ (pfn * 0x9e3779b97f4a7c15ULL);
+    uint64_t ignored, old;
+    enum page_kind kind = PAGE_RANDOM; /* classic and random: as ever */
 
-    fill_random(xcs_sim_page(dom, pfn), XCS_SIM_PAGE_SIZE,
-                seed ^ (pfn * 0x9e3779b97f4a7c15ULL));
+    if (fill == XCS_SIM_FILL_ZERO || fill == XCS_SIM_FILL_TEXT)
+        kind = fill_kind(fill, 0, 0, &ignored);
+    else if (fill == XCS_SIM_FILL_MIXED) /* the class it was created with */
+        kind = mixed_kind(__atomic_load_n(&dom->hdr->seed, __ATOMIC_RELAXED),
+                          pfn, &ignored);
+    fill_page(xcs_sim_page(dom, pfn), kind, sub);
     /* Page stores before the flag load: pairs with logdirty_enable. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&dom->hdr->logdirty, __ATOMIC_RELAXED)) {
@@ -746,13 +987,13 @@ void xcs_sim_write_page(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed)
 
 /* One guarded guest write; 0 if the domain is not running. */
 static int guarded_write(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed,
-                         uint64_t count)
+                         enum xcs_sim_fill fill, uint64_t count)
 {
     int wrote = 0;
 
     __atomic_add_fetch(&dom->hdr->inflight, 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&dom->hdr->state, __ATOMIC_SEQ_CST) == XCS_SIM_RUNNING) {
-        xcs_sim_write_page(dom, pfn, seed);
+        xcs_sim_write_page(dom, pfn, seed, fill);
         /* vCPU state moves too: a tick in the context of one vCPU. */
         __atomic_store_n((uint64_t *)(xcs_sim_vcpu(dom, (unsigned int)(
                                           pfn % dom->nr_vcpus)) + 8),
@@ -767,7 +1008,7 @@ static int guarded_write(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed,
 #define UNPACED_CHUNK 256
 
 int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
-                          double duration_s, uint64_t seed)
+                          double duration_s, uint64_t seed, int fill)
 {
     struct xcs_sim_dom dom = {.fd = -1};
     struct xoshiro rng;
@@ -780,8 +1021,18 @@ int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
         errno = EINVAL;
         goto out;
     }
+    if (fill < XCS_SIM_FILL_DOMAIN || fill > XCS_SIM_FILL_MAX) {
+        errno = EINVAL;
+        goto out;
+    }
     if (xcs_sim_open(path, 0, &dom) < 0)
         goto out;
+    if (fill == XCS_SIM_FILL_DOMAIN)
+        fill = (int)dom.hdr->fill;
+    if (fill > XCS_SIM_FILL_MAX) { /* a header from a newer xcsave */
+        errno = EINVAL;
+        goto out;
+    }
     xoshiro_seed(&rng, seed ^ 0x6469727479000000ULL);
     start = last = now_ns();
     end = start + (uint64_t)(duration_s * 1e9);
@@ -810,7 +1061,7 @@ int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
             uint64_t pfn = xoshiro_below(&rng, dom.nr_pages);
 
             if (!guarded_write(&dom, pfn, seed + (uint64_t)written,
-                               (uint64_t)written + 1))
+                               (enum xcs_sim_fill)fill, (uint64_t)written + 1))
                 break;
             written++;
             if (rate_pages_per_s)

@@ -63,7 +63,28 @@ struct xcs_sim_hdr {
     uint64_t bitmap_off;     /* byte offset of the log-dirty bitmap */
     uint64_t bitmap_bytes;   /* whole u64 words, ceil(nr_pages / 64) * 8 */
     uint64_t file_size;
+    uint32_t fill;           /* enum xcs_sim_fill it was created with (0: classic) */
+    uint32_t reserved;       /* 0 */
 };
+
+/*
+ * What a new domain's pages hold, and what the workload writes into them
+ * (docs/sim-format.md, "Contents of a new domain").  classic is the fill of
+ * domains made before there was a choice (and of restored domains, whose
+ * header field reads 0): its digests are unchanged.
+ */
+enum xcs_sim_fill {
+    XCS_SIM_FILL_CLASSIC = 0, /* 25% zero, 10% template copies, 65% random */
+    XCS_SIM_FILL_RANDOM = 1,  /* every page pseudo-random */
+    XCS_SIM_FILL_ZERO = 2,    /* every page zero */
+    XCS_SIM_FILL_TEXT = 3,    /* every page text-like ASCII */
+    XCS_SIM_FILL_MIXED = 4,   /* like a real guest: 35/40/25 zero/compressible/random */
+};
+#define XCS_SIM_FILL_MAX XCS_SIM_FILL_MIXED
+#define XCS_SIM_FILL_DOMAIN (-1) /* xcs_sim_dirty_run: the domain's own fill */
+
+const char *xcs_sim_fill_name(enum xcs_sim_fill fill);
+int xcs_sim_fill_parse(const char *name, enum xcs_sim_fill *out);
 
 struct xcs_sim_dom {
     int fd;                  /* -1 when closed */
@@ -91,10 +112,10 @@ void xcs_sim_layout(uint64_t nr_pages, unsigned int nr_vcpus,
 typedef int (*xcs_sim_cancel_fn)(void *data);
 
 /*
- * Create a domain file at path, filled deterministically from seed: about
- * 25% zero pages, about 10% copies of a few template pages, the rest
- * pseudo-random; vCPU contexts derived from the seed.  State running,
- * log-dirty off.
+ * Create a domain file at path, filled deterministically from seed as fill
+ * says (classic: about 25% zero pages, about 10% copies of a few template
+ * pages, the rest pseudo-random; the others: enum xcs_sim_fill); vCPU
+ * contexts derived from the seed.  State running, log-dirty off.
  *
  * Built in a private temporary beside path (private_file.h) whose whole
  * size is reserved first with fallocate: no space is ENOSPC before any page
@@ -106,8 +127,8 @@ typedef int (*xcs_sim_cancel_fn)(void *data);
  * XCS_SIM_CREATE_REPLACE.
  */
 int xcs_sim_create(const char *path, uint64_t nr_pages, unsigned int nr_vcpus,
-                   uint64_t seed, int flags, xcs_sim_cancel_fn cancelled,
-                   void *data);
+                   uint64_t seed, enum xcs_sim_fill fill, int flags,
+                   xcs_sim_cancel_fn cancelled, void *data);
 
 /*
  * Give the open, empty (or sparse) file fd the size and header of a domain of
@@ -211,20 +232,23 @@ uint64_t xcs_sim_dirty_popcount(const struct xcs_sim_dom *dom);
 uint64_t xcs_sim_dirty_fetch_and_clear(struct xcs_sim_dom *dom, uint64_t *out);
 
 /*
- * Write one page like a guest vCPU: pseudo-random content from (seed, pfn),
- * then the dirty bit if log-dirty is on.  Does not check the state: see
- * xcs_sim_dirty_run for the guarded writer.
+ * Write one page like a guest vCPU: content of the kind fill gives page pfn
+ * (classic and random: pseudo-random; mixed: the class the page was created
+ * with), fresh from (seed, pfn), then the dirty bit if log-dirty is on.
+ * Does not check the state: see xcs_sim_dirty_run for the guarded writer.
  */
-void xcs_sim_write_page(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed);
+void xcs_sim_write_page(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed,
+                        enum xcs_sim_fill fill);
 
 /*
- * The workload: write pseudo-random pages of the domain at path at
- * rate_pages_per_s (0 = as fast as possible) for duration_s seconds, paced
- * in 1 ms slices, never while the domain is not running.  Returns the number
- * of pages written, or -1 with errno set.
+ * The workload: write pages of the domain at path at rate_pages_per_s
+ * (0 = as fast as possible) for duration_s seconds, paced in 1 ms slices,
+ * never while the domain is not running, with content of the kind fill says
+ * (XCS_SIM_FILL_DOMAIN: the fill the domain was created with).  Returns the
+ * number of pages written, or -1 with errno set (EINVAL: a bad fill).
  */
 int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
-                          double duration_s, uint64_t seed);
+                          double duration_s, uint64_t seed, int fill);
 
 #define XCS_SIM_DIGEST_SIZE 32
 
