@@ -149,3 +149,26 @@ def test_one_downtime(tmp_path: Path, env: dict[str, str]) -> None:
     text = r.stdout + r.stderr
     assert len(re.findall(r"downtime \d", text)) == 1, text  # a figure called downtime
     assert "stop-and-copy" in r.stderr  # the save's statistics line
+
+
+def test_restore_progress_has_a_total(tmp_path: Path, env: dict[str, str]) -> None:
+    """A restore from a file shows a percentage: its total (the pages the
+    file's bytes can hold) is known at the start, never passed, and met at
+    the end (issue 15, item 4)."""
+    _domain(env, "32M")
+    img = tmp_path / "d.img"
+    assert _run("save", "--sim", "d", img, env=env).returncode == 0
+    r = _run("restore", img, "--sim", "e", "--progress", "json", env=env)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress, events
+    assert all(0 < e["done"] <= e["total"] or e["done"] == 0 < e["total"] for e in progress)
+    assert progress[-1]["done"] == progress[-1]["total"] > 0
+
+
+def test_rich_is_a_dependency() -> None:
+    """Bars on a terminal out of the box: a plain `pip install .` brings rich."""
+    from importlib.metadata import requires
+
+    assert any(req.startswith("rich") and "extra" not in req for req in requires("xcsave") or [])

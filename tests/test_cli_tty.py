@@ -3,9 +3,9 @@
 Each command runs with a pty (os.openpty) as its stdin, stdout and stderr
 and COLUMNS=100, so it believes a person is watching: the bars must render
 (ANSI cursor control, bar glyphs), log lines must print above them, and the
-last frame must say the operation is done.  Off a terminal the same
-commands print plain lines, or one JSON object per event.  No timing is
-asserted.
+last frame must say the operation is done.  Off a terminal every command
+prints only its result unless asked: plain lines, or one JSON object per
+event.  No timing is asserted.
 """
 
 from __future__ import annotations
@@ -181,10 +181,21 @@ def test_migrate_bars_with_logs_above_them(shm: Path) -> None:
     assert sim.info(dst)["state"] == "running"
 
 
-def test_off_a_terminal_progress_is_plain_lines(shm: Path) -> None:
+def test_off_a_terminal_progress_is_plain_lines_when_asked(shm: Path) -> None:
+    """Off a terminal, --progress auto (every command alike) prints nothing but
+    the result; plain lines are asked for."""
     src = sim.create(shm / "src.dom", 16 * MiB, seed=7)
     receiver = subprocess.Popen(
-        xcsave_argv("receive", "--listen", "127.0.0.1:0", "--insecure", "--sim", shm / "dst.dom"),
+        xcsave_argv(
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+            "--sim",
+            shm / "dst.dom",
+            "--progress",
+            "plain",
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -192,7 +203,16 @@ def test_off_a_terminal_progress_is_plain_lines(shm: Path) -> None:
     assert receiver.stdout is not None
     port = int(receiver.stdout.readline().rsplit(":", 1)[1])
     r = subprocess.run(
-        xcsave_argv("migrate", "--sim", src, "--to", f"127.0.0.1:{port}", "--insecure"),
+        xcsave_argv(
+            "migrate",
+            "--sim",
+            src,
+            "--to",
+            f"127.0.0.1:{port}",
+            "--insecure",
+            "--progress",
+            "plain",
+        ),
         capture_output=True,
         text=True,
         timeout=120,

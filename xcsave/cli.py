@@ -311,7 +311,7 @@ def _add_common(p: argparse.ArgumentParser, *, reading: bool = False) -> None:
         help="plain: one image; remus/colo: checkpointed (a stream of checkpoints)",
     )
     p.add_argument("--timeout", type=seconds(), metavar="S", help="give up after S seconds")
-    add_progress_flag(p, off_tty="none")
+    add_progress_flag(p)
     p.add_argument(
         "--json", action="store_true", help="print the result and statistics as one JSON object"
     )

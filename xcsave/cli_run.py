@@ -63,17 +63,17 @@ def add_logging_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_progress_flag(p: argparse.ArgumentParser, *, off_tty: str = "plain") -> None:
-    """``--progress MODE``; ``auto`` is bars on a terminal and ``off_tty``
-    (``plain`` lines, or ``none``) elsewhere, which :func:`renderer` follows."""
-    otherwise = "plain lines" if off_tty == "plain" else "nothing"
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    """``--progress MODE``, the same for every command: ``auto`` is bars on a
+    terminal and nothing elsewhere (a script gets the result line, and
+    asks for ``plain`` lines or ``json`` events when it wants them)."""
     p.add_argument(
         "--progress",
         choices=MODES,
         default="auto",
-        help=f"auto: bars on a terminal, {otherwise} otherwise; json: one event per line",
+        help="auto: bars on a terminal, nothing otherwise; plain: a line per event; "
+        "json: one event per line",
     )
-    p.set_defaults(progress_off_tty=off_tty)
 
 
 def renderer(args: argparse.Namespace, out: Any = None) -> Renderer:
@@ -82,10 +82,7 @@ def renderer(args: argparse.Namespace, out: Any = None) -> Renderer:
     from .progress import Renderer
 
     stream = out if out is not None else (sys.stdout if args.progress == "json" else sys.stderr)
-    mode = args.progress
-    if mode == "auto" and not stream.isatty():
-        mode = getattr(args, "progress_off_tty", "plain")
-    return Renderer(mode, stream)
+    return Renderer(args.progress, stream)
 
 
 def run_async(make: Callable[[], Awaitable[T]]) -> T:

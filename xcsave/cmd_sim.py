@@ -123,7 +123,7 @@ def add_parsers(sub: Any) -> None:
     demo.add_argument("--dir", help="where the two domains live (default: a temp dir in /dev/shm)")
     demo.add_argument("--keep", action="store_true", help="keep the domains afterwards")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_progress_flag(demo, off_tty="none")
+    add_progress_flag(demo)
     add_logging_flags(demo)
     demo.set_defaults(func=_demo)
 

@@ -48,7 +48,9 @@ def resolve_mode(mode: str, stream: IO[str]) -> str:
         if mode == "bar" and not _rich_available():
             return "plain"
         return mode
-    return "bar" if stream.isatty() and _rich_available() else "none"
+    if not stream.isatty():
+        return "none"
+    return "bar" if _rich_available() else "plain"  # a terminal always sees progress
 
 
 class Renderer:

@@ -349,6 +349,23 @@ static int finalize(struct restore_ctx *ctx)
     return 0;
 }
 
+/*
+ * The progress bar's total before the domain's size is known (that comes
+ * with HVM_CONTEXT, at the stream's end): for a regular file, the pages its
+ * remaining bytes could hold -- every page costs its 4096 bytes and an
+ * 8-byte pfn, so no stream holds more and the bar never passes 100%; the
+ * end sets done as the total.  0 (unknown) for a pipe or socket.
+ */
+static uint64_t pages_at_most(int fd)
+{
+    struct stat st;
+    off_t at = lseek(fd, 0, SEEK_CUR);
+
+    if (at < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size <= at)
+        return 0;
+    return (uint64_t)(st.st_size - at) / (XCS_PAGE_SIZE + 8);
+}
+
 /*----- PAGE_DATA -----*/
 
 /*
@@ -954,7 +971,7 @@ int xcs_engine_restore(const struct xcs_restore_params *p,
     xcs_pipe_grow(p->io_fd);
     if (target_create(&ctx) < 0)
         goto out;
-    xcs_progress_start(&ctx.pr, cb, 0, "Restoring frames");
+    xcs_progress_start(&ctx.pr, cb, pages_at_most(p->io_fd), "Restoring frames");
     if (restore_stream(&ctx) < 0 || finalize(&ctx) < 0)
         goto out;
     xcs_progress_end(&ctx.pr, ctx.res->pages_received);

@@ -127,9 +127,10 @@ void xcs_progress_end(struct xcs_progress *pr, uint64_t done)
 {
     if (!pr->started)
         return;
+    /* Done is the total at the end: a total that was an estimate (a
+     * restore's, see pages_at_most in engine_restore.c) ends at 100%. */
     if (pr->cb && pr->cb->progress)
-        pr->cb->progress(pr->what, done, pr->total ? pr->total : done,
-                         pr->cb->data);
+        pr->cb->progress(pr->what, done, done, pr->cb->data);
     pr->started = 0;
 }
 
