@@ -119,8 +119,12 @@ def test_live_threaded_save_with_big_dirty_rounds(
     final round all big enough for the threads (>= XCS_COPY_MIN_PAGES)."""
 
     def policy(iteration: int, total_written: int, dirty_count: int) -> int:
-        # each call dirties ~6000 of the 8192 pages; the third round is final
-        sim.dirty(dom, 200_000, 0.06, seed=iteration)
+        # dirty at least 6000 of the 8192 pages before each next round, however
+        # slowly the workload runs on a loaded machine; the third round is final
+        for k in range(200):
+            if sim.info(dom)["dirty_count"] >= 6000:
+                break
+            sim.dirty(dom, 200_000, 0.03, seed=iteration * 1000 + k)
         return CONTINUE if iteration < 2 else STOP_AND_COPY
 
     st, stream = save_framed(dom, tmp_path / "live", threads, wrap=wrap, live=True, policy=policy)
@@ -194,8 +198,8 @@ def test_cli_copy_threads(dom: Path, tmp_path: Path, xen_verify: XenVerify) -> N
     assert "copy threads: 4 threads wrote" in r.stderr
     assert xen_verify(out, "xl").returncode == 0
     r = cli("save", "--sim", dom, tmp_path / "bad", "--copy-threads", "0")
-    assert r.returncode != 0
-    assert r.stderr.count("\n") == 1 and "copy_threads" in r.stderr, r.stderr
+    assert r.returncode == 2  # a usage error, named where it is parsed
+    assert "argument --copy-threads: 0: must be from 1 to 64" in r.stderr, r.stderr
     assert not (tmp_path / "bad").exists()
 
 

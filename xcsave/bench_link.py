@@ -39,10 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._argparse import integer, seconds
 from ._log import logger
 from .cli import parse_size, self_argv
 from .defaults import PAGE_SIZE, SIM_FILLS
 from .errors import UsageError, XcsaveError
+from .wire import MAX_CHANNELS
 
 if TYPE_CHECKING:
     from .cmd_bench import Report
@@ -56,26 +58,44 @@ QUICK_MEMORY = "64M"
 SEED = 14
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+#: ``bench link``'s options, as (flag, add_argument keywords) (cmd_bench.Bench).
+OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
         "--rate",
-        default="1gbit",
-        help="link rate in tc's units: 1gbit, 10gbit, 500mbit, or none (default 1gbit)",
-    )
-    p.add_argument("--fill", choices=SIM_FILLS, default="mixed", help="guest memory (mixed)")
-    p.add_argument("--memory", type=parse_size, help="sim domain size (default 1G; --quick: 64M)")
-    p.add_argument(
-        "--channels", type=int, default=4, metavar="N", help="the parallel runs' channels (4)"
-    )
-    p.add_argument(
+        {
+            "default": "1gbit",
+            "help": "link rate in tc's units: 1gbit, 10gbit, 500mbit, or none (default 1gbit)",
+        },
+    ),
+    ("--fill", {"choices": SIM_FILLS, "default": "mixed", "help": "guest memory (default mixed)"}),
+    (
+        "--memory",
+        {"type": parse_size, "help": "sim domain size (default 1G; --quick: 64M)"},
+    ),
+    (
+        "--channels",
+        {
+            "type": integer(2, MAX_CHANNELS),
+            "default": 4,
+            "metavar": "N",
+            "help": "the parallel runs' channels (default 4)",
+        },
+    ),
+    (
         "--dirty-rate",
-        type=int,
-        metavar="PAGES_PER_S",
-        help="the guest's workload during each migration (default 5000; --quick: 2000)",
-    )
-    p.add_argument("--quick", action="store_true", help=f"a small run ({QUICK_MEMORY})")
-    p.add_argument("--timeout", type=float, default=900.0, metavar="S", help="per migration")
-    p.add_argument("--dir", help="where the domains live (default: a temp dir in /dev/shm)")
+        {
+            "type": integer(1),
+            "metavar": "PAGES_PER_S",
+            "help": "the guest's workload during each migration (default 5000; --quick: 2000)",
+        },
+    ),
+    ("--quick", {"action": "store_true", "help": f"a small run ({QUICK_MEMORY})"}),
+    (
+        "--timeout",
+        {"type": seconds(), "default": 900.0, "metavar": "S", "help": "per migration"},
+    ),
+    ("--dir", {"help": "where the domains live (default: a temp dir in /dev/shm)"}),
+)
 
 
 @dataclass

@@ -1351,7 +1351,7 @@ BENCHES: list[Bench] = [
         "link",
         "live migration between two namespaces over a tbf-shaped link: compression "
         "off/zstd/adaptive x channels 1/N, in the same run (xcsave.bench_link)",
-        bench_link.add_arguments,
+        bench_link.OPTIONS,
         bench_link.run,
     ),
 ]
