@@ -20,10 +20,13 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# The source tree's xcsave/corpus.py: pure Python, so no build or install is needed.
-sys.path.insert(0, str(HERE.parent))
+# The tests' catalogue of cases; xcsave itself (its corpus builders and the
+# extension the sim streams need) is the installed package.
+sys.path.insert(0, str(HERE.parent / "tests"))
 
-from xcsave import corpus  # noqa: E402 - after the path it comes from
+import corpus_cases  # noqa: E402 - after the path it comes from
+
+from xcsave import corpus  # noqa: E402
 
 FMT_BITS = {"auto": 0, "xl": 1, "libxl": 2, "libxc": 3, "legacy": 4}
 STREAM_BITS = {"plain": 0, "remus": 1, "colo": 2}
@@ -127,7 +130,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(__doc__ or "")
         return 2
     out = Path(argv[1])
-    for case in corpus.cases():
+    for case in corpus_cases.cases():
         legacy = (case.width or 64, case.guest or "pv") if case.fmt == "legacy" else None
         for pipe in (False, True):
             _write(out / "scan", scan_opts(case.fmt, case.stream_type, pipe, legacy) + case.data)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import corpus_cases
 import pytest
 from conftest import XenVerify, fake_env
 
@@ -312,9 +313,8 @@ def imported_after_site(*args: str | Path) -> set[str]:
 
 
 def stream_case(name: str) -> bytes:
-    from xcsave import corpus
 
-    return next(c.data for c in corpus.cases() if c.name == name)
+    return next(c.data for c in corpus_cases.cases() if c.name == name)
 
 
 @pytest.mark.parametrize("command", ["verify", "inspect"])

@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import corpus_cases
 import pytest
 
 from xcsave import _ext, api, cli, corpus, formats, streamtools
@@ -279,7 +280,7 @@ def test_each_entry_point_takes_its_subset_of_the_stream_types(name: str, ends: 
 
 def test_sniff_format_is_the_verifiers_detection(tmp_path: Path) -> None:
     seen = set()
-    for case in corpus.cases():
+    for case in corpus_cases.cases():
         path = tmp_path / case.name
         path.write_bytes(case.data)
         detected = _ext.scan(str(path))["format"]

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import corpus_cases
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1190,8 +1191,8 @@ def test_restore_cli_one_line(
 
 # ---------------------------------------------------------------- verify and convert
 
-V2_CASES = [c for c in corpus.cases() if c.fmt != "legacy"]
-LEGACY_CASES = [c for c in corpus.cases() if c.fmt == "legacy"]
+V2_CASES = [c for c in corpus_cases.cases() if c.fmt != "legacy"]
+LEGACY_CASES = [c for c in corpus_cases.cases() if c.fmt == "legacy"]
 
 
 def _write_inputs(tmp: Path, named: Sequence[tuple[str, bytes]]) -> list[Path]:

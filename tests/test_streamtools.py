@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import corpus_cases
 import pytest
 
 from xcsave import corpus, streamtools
@@ -27,7 +28,7 @@ from xcsave.errors import StreamError
 XEN_CONVERT = Path("usr/lib/xen-4.17/bin/convert-legacy-stream")
 XEN_PYTHON = Path("usr/lib/xen-4.17/lib/python")
 
-CASES = corpus.cases()
+CASES = corpus_cases.cases()
 V2_CASES = [c for c in CASES if c.fmt != "legacy"]
 LEGACY_CASES = [c for c in CASES if c.fmt == "legacy"]
 
@@ -133,7 +134,7 @@ def walk(data: bytes) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case", V2_CASES, ids=lambda c: c.name)
-def test_corpus_both_verifiers(case: corpus.Case, tmp_path: Path, xen_verify: Any) -> None:
+def test_corpus_both_verifiers(case: corpus_cases.Case, tmp_path: Path, xen_verify: Any) -> None:
     path = write(tmp_path, f"{case.name}.bin", case.data)
 
     ours = streamtools.verify(path, case.fmt, case.stream_type)
@@ -160,7 +161,7 @@ def test_corpus_both_verifiers(case: corpus.Case, tmp_path: Path, xen_verify: An
     [c for c in V2_CASES if c.name not in ("bad-marker", "xl-bad-magic")],
     ids=lambda c: c.name,
 )
-def test_autodetect_agrees(case: corpus.Case, tmp_path: Path) -> None:
+def test_autodetect_agrees(case: corpus_cases.Case, tmp_path: Path) -> None:
     path = write(tmp_path, "s.bin", case.data)
     explicit = streamtools.verify(path, case.fmt, case.stream_type)
     auto = streamtools.verify(path, "auto", case.stream_type)
@@ -170,7 +171,7 @@ def test_autodetect_agrees(case: corpus.Case, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", LEGACY_CASES, ids=lambda c: c.name)
-def test_legacy_corpus(case: corpus.Case, tmp_path: Path) -> None:
+def test_legacy_corpus(case: corpus_cases.Case, tmp_path: Path) -> None:
     path = write(tmp_path, "legacy.bin", case.data)
     res = streamtools.verify(path, "legacy", case.stream_type, width=case.width, guest=case.guest)
     assert res.valid == case.ok, res.message
@@ -279,7 +280,7 @@ def test_garbage_never_crashes(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ conversion
 
 
-def convert_ours(tmp_path: Path, case: corpus.Case, fmt: str, **kw: Any) -> Path:
+def convert_ours(tmp_path: Path, case: corpus_cases.Case, fmt: str, **kw: Any) -> Path:
     src = write(tmp_path, f"{case.name}.legacy", case.data)
     dst = tmp_path / f"{case.name}.ours.{fmt}"
     assert case.width is not None and case.guest is not None
@@ -292,7 +293,7 @@ def convert_ours(tmp_path: Path, case: corpus.Case, fmt: str, **kw: Any) -> Path
     "case", [c for c in LEGACY_CASES if c.name in XEN_CONVERTS], ids=lambda c: c.name
 )
 def test_convert_matches_xen(
-    case: corpus.Case, fmt: str, tmp_path: Path, xen_verify: Any, xen_utils_root: Path
+    case: corpus_cases.Case, fmt: str, tmp_path: Path, xen_verify: Any, xen_utils_root: Path
 ) -> None:
     assert case.width is not None and case.guest is not None
     ours = convert_ours(tmp_path, case, fmt)
@@ -326,7 +327,7 @@ def test_convert_matches_xen(
 def test_xend_qemu_form(tmp_path: Path, xen_utils_root: Path) -> None:
     """The xend read-to-EOF qemu record converts (Xen's converter rejects it)."""
     qemu = b"QEVM" + os.urandom(5000)
-    case = corpus.Case(
+    case = corpus_cases.Case(
         "xend",
         corpus.Legacy(qemu_sig=corpus.SIG_XEND, qemu_data=qemu, last_checkpoint=False).build(),
         "legacy",
@@ -435,7 +436,7 @@ def test_plain_ignores_last_checkpoint(tmp_path: Path) -> None:
 
 
 def test_toolstack_becomes_xenstore_data(tmp_path: Path) -> None:
-    case = corpus.Case(
+    case = corpus_cases.Case(
         "ts", corpus.Legacy(toolstack=True).build(), "legacy", width=64, guest="hvm"
     )
     w = walk(convert_ours(tmp_path, case, "libxl").read_bytes())
