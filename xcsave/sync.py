@@ -1,23 +1,41 @@
 """Synchronous twins of xcsave's async API (``asyncio.run`` underneath).
 
-Same names, same arguments, same results and exceptions as :mod:`xcsave`'s
-coroutines.  Like ``asyncio.run`` they raise ``RuntimeError`` when called
-from a running event loop: use the async functions there.
+Same names, same arguments, same results and exceptions as the coroutines
+they run: :func:`xcsave.save`/:func:`xcsave.restore`, the migration's
+``migrate``/``migrate_on``/``receive``/``receive_on``/``receive_stdio``
+(:mod:`xcsave.migrate`), ``migrate_ssh`` (:mod:`xcsave.ssh`),
+``migrate_local`` (:mod:`xcsave.local`) and ``run_many`` (:mod:`xcsave.jobs`;
+its jobs stay coroutines, run concurrently in the one loop).  Like
+``asyncio.run`` they raise ``RuntimeError`` when called from a running event
+loop: await the coroutines there.  tests/test_sync_twins.py checks that
+every public coroutine of those modules has its twin here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
-from . import api
-from .supervisor import RunResult
+from . import api, jobs, local, ssh
+from . import migrate as _migrate
 
-if TYPE_CHECKING:
-    from .migrate import MigrationResult, ReceiveResult
+__all__ = [
+    "migrate",
+    "migrate_local",
+    "migrate_on",
+    "migrate_ssh",
+    "receive",
+    "receive_on",
+    "receive_stdio",
+    "restore",
+    "run_many",
+    "save",
+]
 
-__all__ = ["migrate", "receive", "restore", "save"]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def _no_running_loop(name: str) -> None:
@@ -31,37 +49,27 @@ def _no_running_loop(name: str) -> None:
     )
 
 
-def _blocking(name: str, make: Any, *args: Any, **kwargs: Any) -> Any:
-    """``make(*args, **kwargs)`` run to its end in a new event loop."""
-    _no_running_loop(name)
-    coro: Coroutine[Any, Any, Any] = make(*args, **kwargs)
-    return asyncio.run(coro)
+def _twin(coro: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, _R]:
+    """The blocking twin of ``coro``: its signature and result, run to its
+    end in a new event loop."""
+    name = coro.__name__
+
+    @functools.wraps(coro)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        _no_running_loop(name)
+        return asyncio.run(coro(*args, **kwargs))
+
+    run.__doc__ = f"Blocking :func:`{coro.__module__}.{name}`.\n\n{coro.__doc__ or ''}"
+    return run
 
 
-def save(out: api.StreamArg, **kwargs: Any) -> RunResult:
-    """Blocking :func:`xcsave.save`."""
-    result: RunResult = _blocking("save", api.save, out, **kwargs)
-    return result
-
-
-def restore(src: api.StreamArg, **kwargs: Any) -> RunResult:
-    """Blocking :func:`xcsave.restore`."""
-    result: RunResult = _blocking("restore", api.restore, src, **kwargs)
-    return result
-
-
-def migrate(**kwargs: Any) -> MigrationResult:
-    """Blocking :func:`xcsave.migrate.migrate` (the sender, TCP or TLS; with its
-    :class:`~xcsave.migrate.SendOptions`: compress, channels, max_bandwidth, ...)."""
-    from . import migrate as mig
-
-    result: MigrationResult = _blocking("migrate", mig.migrate, **kwargs)
-    return result
-
-
-def receive(**kwargs: Any) -> ReceiveResult:
-    """Blocking :func:`xcsave.migrate.receive` (one migration on a listener)."""
-    from . import migrate as mig
-
-    result: ReceiveResult = _blocking("receive", mig.receive, **kwargs)
-    return result
+save = _twin(api.save)
+restore = _twin(api.restore)
+migrate = _twin(_migrate.migrate)
+migrate_on = _twin(_migrate.migrate_on)
+receive = _twin(_migrate.receive)
+receive_on = _twin(_migrate.receive_on)
+receive_stdio = _twin(_migrate.receive_stdio)
+migrate_ssh = _twin(ssh.migrate_ssh)
+migrate_local = _twin(local.migrate_local)
+run_many = _twin(jobs.run_many)
