@@ -30,7 +30,7 @@ from xcsave import _ext, defaults, sim
         (["sim", "create", "d", "--memory", "4M", "--vcpus", "-1"], "--vcpus", "from 1 to 128"),
         (["sim", "create", "d", "--memory", "4M", "--vcpus", "0"], "--vcpus", "from 1 to 128"),
         (["sim", "create", "d", "--memory", "4M", "--vcpus", "x"], "--vcpus", "not a whole"),
-        (["sim", "dirty", "d", "--rate", "-5", "--duration", "1"], "--rate", "from 1 to"),
+        (["sim", "dirty", "d", "--rate", "-5", "--duration", "1"], "--rate", "from 0 to"),
         (["sim", "dirty", "d", "--rate", "5", "--duration", "-1"], "--duration", "more than 0"),
         (["sim", "dirty", "d", "--rate", "5", "--duration", "nan"], "--duration", "more than 0"),
         (["save", "--sim", "d", "o", "--copy-threads", "0"], "--copy-threads", "from 1 to 64"),
@@ -64,7 +64,7 @@ def test_the_api_names_the_parameter(tmp_path: Path) -> None:
         sim.create(dom, 1 << 20, vcpus=1.5)  # type: ignore[arg-type]
     assert not dom.exists()
     sim.create(dom, 1 << 20)
-    with pytest.raises(ValueError, match="rate must be at least 1"):
+    with pytest.raises(ValueError, match="rate must be at least 0"):
         sim.dirty(dom, -5, 1.0)
     with pytest.raises(ValueError, match="duration must be"):
         sim.dirty(dom, 5, float("inf"))
@@ -84,7 +84,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path: Path) -> None:
     argv = [sys.executable, "-P", "-m", "xcsave", "sim", "dirty", "d", "--rate", "10"]
     for delay in (0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.6):
         proc = subprocess.Popen(
-            [*argv, "--duration", "30"], stderr=subprocess.PIPE, env=env, text=True
+            [*argv, "--duration", "2"], stderr=subprocess.PIPE, env=env, text=True
         )
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
@@ -92,6 +92,9 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path: Path) -> None:
         if "Fatal Python error: init_" in err:
             continue  # the interpreter's own initialization, before any code of ours runs
         assert "Traceback" not in err, (delay, err)
-        if proc.returncode != -signal.SIGINT:  # before Python's own handler: the default action
-            assert proc.returncode == 130, (delay, proc.returncode, err)
+        # -SIGINT: before Python's own handler (the default action); 0: the
+        # workload stopped at the signal and said what it wrote; 130: stopped
+        # while starting or running, in one line.
+        assert proc.returncode in (-signal.SIGINT, 0, 130), (delay, proc.returncode, err)
+        if proc.returncode == 130:
             assert err.strip().endswith("interrupted"), (delay, err)

@@ -159,7 +159,7 @@ def test_cli_refuses_a_bad_fill_in_one_usage_line(d: Path, cmd: str) -> None:
     dom = d / "x.dom"
     args = {
         "create": ["sim", "create", str(dom), "--memory", "1M", "--fill", "lumpy"],
-        "dirty": ["sim", "dirty", str(dom), "--rate", "1", "--duration", "0", "--fill", "lumpy"],
+        "dirty": ["sim", "dirty", str(dom), "--rate", "1", "--duration", "0.1", "--fill", "lumpy"],
     }[cmd]
     r = subprocess.run([*XCSAVE, *args], capture_output=True, text=True, check=False)
     assert r.returncode == 2

@@ -62,10 +62,10 @@ def add_parsers(sub: Any) -> None:
     w.add_argument("dom", metavar="DOM", help=DOM_HELP)
     w.add_argument(
         "--rate",
-        type=integer(1, MAX_DIRTY_RATE),
+        type=integer(0, MAX_DIRTY_RATE),
         required=True,
         metavar="PAGES_PER_S",
-        help="pages written per second",
+        help="pages written per second (0: as fast as it can)",
     )
     w.add_argument(
         "--duration", type=seconds(), required=True, metavar="SECONDS", help="how long to write"

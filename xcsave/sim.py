@@ -177,7 +177,7 @@ def dirty(
     writing, as a real guest would."""
     if fill is not None:
         _check_fill(fill)
-    _check_int("rate", rate, 1, None)
+    _check_int("rate", rate, 0, None)  # 0: as fast as it can
     _check_int("seed", seed, 0, MAX_SEED)
     if not (isinstance(duration, int | float) and math.isfinite(duration) and duration > 0):
         raise ValueError(f"duration must be a finite number of seconds above 0, not {duration!r}")
