@@ -1263,7 +1263,10 @@ static int run(struct pump *p)
         if (check_lost(p, now, &wake) < 0)
             return -1;
         wake = wake < p->last_stats + STATS_NS ? wake : p->last_stats + STATS_NS;
-        if (!p->send)
+        /* The next ACK is due only where one can go: with every channel
+         * lost (waiting for replacements) it would be due at once, always,
+         * and the loop would spin instead of polling the resume socket. */
+        if (!p->send && lowest_live(p) >= 0)
             wake = wake < p->last_ack + ACK_NS ? wake : p->last_ack + ACK_NS;
         pfd[n].fd = STDIN_FILENO; /* wire_rate, or EOF: the parent has gone */
         pfd[n].events = POLLIN;

@@ -5,7 +5,8 @@ guest dirtying pages; the sender's end goes down (`ip link set down`) in the
 middle of a live round for longer than the idle timeout, then comes up.
 The migration completes, the copy is bit-exact, and the bytes sent in all
 are fewer than a fresh start would have sent (what went before the cut,
-then the whole stream again)."""
+then the whole stream again).  (The in-process twin, a relay that goes
+silent: tests/test_wire_migrate.py::test_resume_after_the_link_goes_silent.)"""
 
 from __future__ import annotations
 
@@ -88,12 +89,12 @@ def test_link_cut_mid_round_resumes(link: netlab.Link, tmp_path: Path) -> None:
             ev = json.loads(line)
             events.append(ev)
             well_into_round_0 = ev.get("stream_bytes", 0) > 8 * MiB
-            if ev.get("event") == "migration_stats" and well_into_round_0 and not cut_at:
-                if not cut.is_alive():
-                    cut.start()
+            stats = ev.get("event") == "migration_stats"
+            if stats and well_into_round_0 and not cut_at and not cut.is_alive():
+                cut.start()
         cut.join()
-        err = sender.stderr.read() if sender.stderr else ""
-        if sender.wait(timeout=300) != 0:
+        _, err = sender.communicate(timeout=300)  # closes its pipes
+        if sender.returncode != 0:
             receiver.kill()
             _, rerr = receiver.communicate(timeout=60)
             pytest.fail(f"the sender failed:\n{err}\nthe receiver:\n{rerr}")
