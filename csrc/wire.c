@@ -1263,7 +1263,10 @@ static int run(struct pump *p)
         if (check_lost(p, now, &wake) < 0)
             return -1;
         wake = wake < p->last_stats + STATS_NS ? wake : p->last_stats + STATS_NS;
-        if (!p->send)
+        /* The next ACK is due only where one can go: with every channel
+         * lost (waiting for replacements) it would be due at once, always,
+         * and the loop would spin instead of polling the resume socket. */
+        if (!p->send && lowest_live(p) >= 0)
             wake = wake < p->last_ack + ACK_NS ? wake : p->last_ack + ACK_NS;
         pfd[n].fd = STDIN_FILENO; /* wire_rate, or EOF: the parent has gone */
         pfd[n].events = POLLIN;
@@ -1335,14 +1338,29 @@ static int run(struct pump *p)
             if (silent && now >= until) {
                 int who;
                 char why[64];
-                if (!p->send)
-                    return fail(p, ETIMEDOUT, "nothing from the sender for %u ms",
-                                op->idle_ms);
+                p->last_rx = now;
+                if (!p->send) {
+                    /*
+                     * A silent link (cable pulled: no FIN, no RST) looks
+                     * like this: without resume the end; with it, every
+                     * live channel is lost and the sender's reconnections
+                     * replace them (its own silence check finds them lost).
+                     */
+                    snprintf(why, sizeof(why), "nothing from the sender for %u ms",
+                             op->idle_ms);
+                    if (op->wire_resume_sock < 0)
+                        return fail(p, ETIMEDOUT, "%s", why);
+                    for (unsigned i = 0; i < p->nch; i++)
+                        if (p->ch[i].fd >= 0 && chan_lost(p, i, ETIMEDOUT, why) < 0)
+                            return -1;
+                    continue;
+                }
                 who = p->acked < p->next_seq ? p->sf[p->acked % p->wf].ch : lowest_live(p);
                 snprintf(why, sizeof(why), "no acknowledgement for %u ms", op->idle_ms);
-                p->last_rx = now;
+                /* Lost already (only with resume: else the loss ended the
+                 * pump): the replacement's deadline governs, not this. */
                 if (who < 0 || p->ch[who].fd < 0)
-                    return fail(p, ETIMEDOUT, "%s", why);
+                    continue;
                 if (chan_lost(p, (unsigned)who, ETIMEDOUT, why) < 0)
                     return -1;
                 continue;

@@ -173,11 +173,16 @@ SEND_DEFAULTS: Final[SendOptions] = {
 }
 
 
-def _helper_options(o: NetOptions, ev: EventSink) -> dict[str, Any]:
-    """What a migration's helper run (:func:`xcsave.api.save` / ``restore``) is given of ``o``."""
+def _helper_options(o: NetOptions, ev: EventSink, *, pumped: bool = False) -> dict[str, Any]:
+    """What a migration's helper run (:func:`xcsave.api.save` / ``restore``) is given of ``o``.
+
+    A helper behind a wire pump (``pumped``) has no idle timeout of its own:
+    its stream is a local pipe, and the link is the pump's to watch -- a
+    resumable pump waits out a lost channel (its idle and resume deadlines
+    bound that), and a pump that gives up closes the pipe."""
     return {
         "timeout": o["timeout"],
-        "idle_timeout": o["idle_timeout"],
+        "idle_timeout": None if pumped else o["idle_timeout"],
         "on_event": ev,
         "supervisor": o["supervisor"],
     }
@@ -744,7 +749,7 @@ async def migrate_on(
             fmt=fmt,
             policy=policy,
             callbacks=Callbacks(suspend=suspended),
-            **_helper_options(o, sink),
+            **_helper_options(o, sink, pumped=wired.pumped),
         )
 
     committed = False  # GO sent: from here on, resuming could make two copies run
@@ -942,7 +947,11 @@ async def receive_on(
 
     async def restore(fd: int, fmt: str, sink: EventSink) -> RunResult:
         return await api.restore(
-            fd, sim=built, fmt=fmt, max_memory=limit, **_helper_options(o, sink)
+            fd,
+            sim=built,
+            fmt=fmt,
+            max_memory=limit,
+            **_helper_options(o, sink, pumped=detected == "wire"),
         )
 
     try:
