@@ -292,7 +292,7 @@ struct pump {
     void *cctx, *dctx;
     uint8_t *zbuf;
     uint64_t ew_comp, ew_wait, blocked_at_frame;
-    int cpu_bound, not_worth, skip;
+    int cpu_bound, not_worth, skip, have_wait;
 };
 
 static volatile sig_atomic_t wire_stop;
@@ -698,10 +698,6 @@ static int make_frame(struct pump *p)
     struct xcs_wire_hdr h = {XCS_WIRE_MAGIC, XCS_WT_DATA, XCS_WC_RAW, 0,
                              (uint32_t)p->stage_len, (uint32_t)p->stage_len, p->next_seq, 0};
     const uint8_t *payload = p->stage;
-    uint64_t wait = p->blocked_ns - p->blocked_at_frame;
-
-    p->ew_wait = p->ew_wait - p->ew_wait / 8 + wait / 8;
-    p->blocked_at_frame = p->blocked_ns;
 #ifdef XCS_HAVE_ZSTD
     if (want_compress(p)) {
         uint64_t t = now_ns();
@@ -709,7 +705,8 @@ static int make_frame(struct pump *p)
         size_t n = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len,
                                      p->op->wire_level);
         uint64_t spent = now_ns() - t;
-        p->ew_comp = p->ew_comp - p->ew_comp / 8 + spent / 8;
+        /* EWMA (1/8) of one frame's compression (the first sample sets it). */
+        p->ew_comp = p->ew_comp ? p->ew_comp - p->ew_comp / 8 + spent / 8 : spent;
         if (!ZSTD_isError(n) && n > 0 && n * 10 < p->stage_len * 9) {
             h.codec = XCS_WC_ZSTD;
             h.wire_len = (uint32_t)n;
@@ -720,7 +717,8 @@ static int make_frame(struct pump *p)
             p->not_worth = 0;
         }
     }
-    p->cpu_bound = p->ew_comp > p->ew_wait;
+    /* No frame sent yet: nothing says the link is fast; compress. */
+    p->cpu_bound = p->have_wait && p->ew_comp > p->ew_wait;
 #else
     (void)want_compress;
 #endif
@@ -934,6 +932,14 @@ static int sender_step(struct pump *p)
                 break;
             moved = 1;
             if (c->cur_off == f->len) {
+                /*
+                 * EWMA (1/8) of the time the link kept us waiting per frame
+                 * sent (the adaptive rule's "wait"; the first sample sets it).
+                 */
+                uint64_t wait = p->blocked_ns - p->blocked_at_frame;
+                p->ew_wait = p->have_wait ? p->ew_wait - p->ew_wait / 8 + wait / 8 : wait;
+                p->have_wait = 1;
+                p->blocked_at_frame = p->blocked_ns;
                 f->state = FR_WRITTEN;
                 c->cur = -1;
                 release(p);
