@@ -84,6 +84,7 @@
 #define KEEPALIVE_NS (1000 * MS)
 #define RAW_BUF (256u * 1024u)
 #define MIN_WRITE (16u * 1024u)
+#define WINDOW_FRAMES 4096u /* frames in a window at most, whatever --window says */
 
 /* ------------------------------------------------------------ pump state */
 
@@ -1127,8 +1128,6 @@ static int run(struct pump *p)
             done = p->send ? sender_done(p) : receiver_done(p);
         if (done)
             return 0;
-        if (op->wire_raw && p->ch[0].fd < 0)
-            return -1; /* not reached: raw has no resume */
         if (now - p->last_stats >= STATS_NS)
             send_stats(p);
         if (step > 0)
@@ -1248,11 +1247,8 @@ static int run(struct pump *p)
             } else if (chan_slot[k] == -2) {
                 if (take_replacement(p) < 0)
                     return -1;
-            } else if (chan_slot[k] >= 0 && (pfd[k].revents & (POLLERR | POLLNVAL)) &&
-                       !(pfd[k].revents & POLLIN)) {
-                /* An error with nothing to read: the next send reports which. */
-                (void)0;
             }
+            /* A channel's POLLERR/POLLHUP: its next send or recv reports which. */
         }
         continue;
 again:;
@@ -1277,7 +1273,10 @@ int xcs_wire(const struct xcs_op *op)
     p->send = op->wire == 1;
     p->nch = op->wire_nchan;
     p->fmax = op->wire_frame;
-    p->wf = op->wire_window / op->wire_frame; /* >= 1: argv checked window >= frame */
+    /* >= 1: argv checked window >= frame; at most WINDOW_FRAMES (the scans are per frame) */
+    p->wf = op->wire_window / op->wire_frame;
+    if (p->wf > WINDOW_FRAMES)
+        p->wf = WINDOW_FRAMES;
     p->total = UINT64_MAX;
     p->ack_every = op->wire_window / 2 < ACK_BYTES ? op->wire_window / 2 : ACK_BYTES;
     p->t0 = p->last_stats = p->last_rx = p->last_ack = p->bucket_t = now_ns();
