@@ -429,8 +429,11 @@ async def test_rate_cap_changed_mid_flight() -> None:
     switch = next(s.duration_ns for s in sstats if s.rate_limit == second) / 1e9
     before = _rate_between(rstats, 0.3, switch - 0.3)
     after = _rate_between(rstats, switch + 0.3, rstats[-1].duration_ns / 1e9 - 0.1)
-    assert abs(before - first) / first < 0.1, before
-    assert abs(after - second) / second < 0.1, after
+    assert abs(before - first) / first < 0.05, before
+    # The new cap holds (never above it) and was taken (well above the old one);
+    # how close a loaded machine gets to 6 MB/s is not the cap's business.
+    assert after < second * 1.05, after
+    assert after > (first + second) / 2, after
 
 
 async def test_wire_rate_is_refused_where_it_makes_no_sense() -> None:
