@@ -15,7 +15,7 @@ Native sources:
   csrc/tunnel_tls.c    the helper's TLS tunnel; with OpenSSL when its headers
                        are found (Debian libssl-dev) unless XCSAVE_TLS=0,
                        else a tunnel that fails with one line
-  csrc/wire.c          the helper's wire pumps (wire-send/wire-recv); zstd
+  csrc/wire*.c         the helper's wire pumps (wire-send/wire-recv); zstd
                        compression when zstd.h is found (Debian libzstd-dev)
                        unless XCSAVE_ZSTD=0, else --compress off only
   csrc/*.cpp           the extension (xcsave_ext.cpp holds the module)
@@ -148,6 +148,7 @@ class build_ext(_pybind_build_ext):
             "csrc/backend_sim.c",
             "csrc/tunnel_tls.c",
             "csrc/wire.c",
+            "csrc/wire_frame.c",
             *HELPER_CORE_SOURCES,
         ]
         libraries: list[str] = ["m", "pthread"]

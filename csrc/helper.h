@@ -163,7 +163,4 @@ int xcs_wire(const struct xcs_op *op);
 ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
                              const uint8_t **body, uint32_t *body_len);
 
-/* Whether zstd (wire compression) is built into this helper. */
-int xcs_wire_zstd_built(void);
-
 #endif /* XCS_HELPER_H */

@@ -82,6 +82,7 @@
 #include "codec.h"
 #include "helper.h"
 #include "stream_io.h"
+#include "wire.h"
 
 #ifndef XCS_BACKENDS
 #define XCS_BACKENDS "sim"

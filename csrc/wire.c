@@ -84,136 +84,7 @@
 #define KEEPALIVE_NS (1000 * MS)
 #define RAW_BUF (256u * 1024u)
 #define MIN_WRITE (16u * 1024u)
-
-/* ------------------------------------------------------------ frames */
-
-void xcs_wire_hdr_put(uint8_t *p, const struct xcs_wire_hdr *h)
-{
-    xcs_put_le32(p, h->magic);
-    p[4] = h->type;
-    p[5] = h->codec;
-    xcs_put_le16(p + 6, h->channel);
-    xcs_put_le32(p + 8, h->raw_len);
-    xcs_put_le32(p + 12, h->wire_len);
-    xcs_put_le64(p + 16, h->seq);
-    xcs_put_le64(p + 24, h->aux);
-}
-
-void xcs_wire_hdr_get(const uint8_t *p, struct xcs_wire_hdr *h)
-{
-    h->magic = xcs_get_le32(p);
-    h->type = p[4];
-    h->codec = p[5];
-    h->channel = xcs_get_le16(p + 6);
-    h->raw_len = xcs_get_le32(p + 8);
-    h->wire_len = xcs_get_le32(p + 12);
-    h->seq = xcs_get_le64(p + 16);
-    h->aux = xcs_get_le64(p + 24);
-}
-
-static const char *const type_names[] = {"?", "DATA", "END", "ACK", "RESUME"};
-
-int xcs_wire_check(const struct xcs_wire_hdr *h, unsigned channel, unsigned accept,
-                   uint32_t frame_max, int zstd_built, char *why, size_t size)
-{
-    if (h->magic != XCS_WIRE_MAGIC) {
-        snprintf(why, size, "bad frame magic 0x%08x (not an xcsave wire frame)", h->magic);
-        return -1;
-    }
-    if (h->type < XCS_WT_DATA || h->type > XCS_WT_RESUME || !(accept & (1u << h->type))) {
-        snprintf(why, size, "unexpected frame type %u", h->type);
-        return -1;
-    }
-    if (h->channel != channel) {
-        snprintf(why, size, "%s frame names channel %u", type_names[h->type], h->channel);
-        return -1;
-    }
-    if (h->type != XCS_WT_DATA) {
-        if (h->codec || h->raw_len || h->wire_len || (h->type != XCS_WT_END &&
-                                                      h->type != XCS_WT_ACK && h->aux)) {
-            snprintf(why, size, "%s frame with codec/lengths/aux set", type_names[h->type]);
-            return -1;
-        }
-        return 0;
-    }
-    if (h->raw_len == 0 || h->raw_len > frame_max) {
-        snprintf(why, size, "DATA frame of %u plain bytes (1 to %u allowed)", h->raw_len,
-                 frame_max);
-        return -1;
-    }
-    if (h->aux) {
-        snprintf(why, size, "DATA frame with aux set");
-        return -1;
-    }
-    if (h->codec == XCS_WC_RAW && h->wire_len != h->raw_len) {
-        snprintf(why, size, "raw DATA frame of %u bytes says %u plain bytes", h->wire_len,
-                 h->raw_len);
-        return -1;
-    }
-    if (h->codec == XCS_WC_ZSTD && (h->wire_len == 0 || h->wire_len >= h->raw_len)) {
-        snprintf(why, size, "zstd DATA frame of %u bytes for %u plain bytes", h->wire_len,
-                 h->raw_len);
-        return -1;
-    }
-    if (h->codec == XCS_WC_ZSTD && !zstd_built) {
-        snprintf(why, size, "zstd DATA frame, but zstd is not built into this helper");
-        return -1;
-    }
-    if (h->codec > XCS_WC_ZSTD) {
-        snprintf(why, size, "DATA frame with unknown codec %u", h->codec);
-        return -1;
-    }
-    return 0;
-}
-
-int xcs_wire_unpack(const struct xcs_wire_hdr *h, const uint8_t *payload, uint8_t *out,
-                    void *ctx, char *why, size_t size)
-{
-    if (h->codec == XCS_WC_RAW) {
-        memcpy(out, payload, h->raw_len);
-        return 0;
-    }
-#ifdef XCS_HAVE_ZSTD
-    {
-        ZSTD_DCtx *d = ctx ? ctx : ZSTD_createDCtx();
-        size_t n;
-        int rc = -1;
-
-        if (!d) {
-            snprintf(why, size, "out of memory for a zstd context");
-            return -1;
-        }
-        /* The output is bounded by raw_len: a frame that claims more is refused by zstd. */
-        n = ZSTD_decompressDCtx(d, out, h->raw_len, payload, h->wire_len);
-        if (ZSTD_isError(n))
-            snprintf(why, size, "zstd DATA frame %llu: %s", (unsigned long long)h->seq,
-                     ZSTD_getErrorName(n));
-        else if (n != h->raw_len)
-            snprintf(why, size, "zstd DATA frame %llu expands to %zu bytes, not %u",
-                     (unsigned long long)h->seq, n, h->raw_len);
-        else
-            rc = 0;
-        if (!ctx)
-            ZSTD_freeDCtx(d);
-        return rc;
-    }
-#else
-    (void)payload;
-    (void)out;
-    (void)ctx;
-    snprintf(why, size, "zstd DATA frame, but zstd is not built into this helper");
-    return -1;
-#endif
-}
-
-int xcs_wire_zstd_built(void)
-{
-#ifdef XCS_HAVE_ZSTD
-    return 1;
-#else
-    return 0;
-#endif
-}
+#define WINDOW_FRAMES 4096u /* frames in a window at most, whatever --window says */
 
 /* ------------------------------------------------------------ pump state */
 
@@ -292,7 +163,7 @@ struct pump {
     void *cctx, *dctx;
     uint8_t *zbuf;
     uint64_t ew_comp, ew_wait, blocked_at_frame;
-    int cpu_bound, not_worth, skip;
+    int cpu_bound, not_worth, skip, have_wait;
 };
 
 static volatile sig_atomic_t wire_stop;
@@ -698,10 +569,6 @@ static int make_frame(struct pump *p)
     struct xcs_wire_hdr h = {XCS_WIRE_MAGIC, XCS_WT_DATA, XCS_WC_RAW, 0,
                              (uint32_t)p->stage_len, (uint32_t)p->stage_len, p->next_seq, 0};
     const uint8_t *payload = p->stage;
-    uint64_t wait = p->blocked_ns - p->blocked_at_frame;
-
-    p->ew_wait = p->ew_wait - p->ew_wait / 8 + wait / 8;
-    p->blocked_at_frame = p->blocked_ns;
 #ifdef XCS_HAVE_ZSTD
     if (want_compress(p)) {
         uint64_t t = now_ns();
@@ -709,7 +576,8 @@ static int make_frame(struct pump *p)
         size_t n = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len,
                                      p->op->wire_level);
         uint64_t spent = now_ns() - t;
-        p->ew_comp = p->ew_comp - p->ew_comp / 8 + spent / 8;
+        /* EWMA (1/8) of one frame's compression (the first sample sets it). */
+        p->ew_comp = p->ew_comp ? p->ew_comp - p->ew_comp / 8 + spent / 8 : spent;
         if (!ZSTD_isError(n) && n > 0 && n * 10 < p->stage_len * 9) {
             h.codec = XCS_WC_ZSTD;
             h.wire_len = (uint32_t)n;
@@ -720,7 +588,8 @@ static int make_frame(struct pump *p)
             p->not_worth = 0;
         }
     }
-    p->cpu_bound = p->ew_comp > p->ew_wait;
+    /* No frame sent yet: nothing says the link is fast; compress. */
+    p->cpu_bound = p->have_wait && p->ew_comp > p->ew_wait;
 #else
     (void)want_compress;
 #endif
@@ -816,7 +685,7 @@ static int sender_read(struct pump *p, unsigned i)
             /* What went out on the lost channel and the receiver lacks: again. */
             requeue(p, i, p->ack_hi, 1);
         } else if (c->awaiting_resume) {
-            return fail(p, EPROTO, "channel %u: %s before RESUME", i, type_names[c->h.type]);
+            return fail(p, EPROTO, "channel %u: %s before RESUME", i, xcs_wire_type_name(c->h.type));
         } else if (c->h.type == XCS_WT_ACK) {
             if (acked_to(p, c->h.seq, "ACK", i) < 0)
                 return -1;
@@ -934,6 +803,14 @@ static int sender_step(struct pump *p)
                 break;
             moved = 1;
             if (c->cur_off == f->len) {
+                /*
+                 * EWMA (1/8) of the time the link kept us waiting per frame
+                 * sent (the adaptive rule's "wait"; the first sample sets it).
+                 */
+                uint64_t wait = p->blocked_ns - p->blocked_at_frame;
+                p->ew_wait = p->have_wait ? p->ew_wait - p->ew_wait / 8 + wait / 8 : wait;
+                p->have_wait = 1;
+                p->blocked_at_frame = p->blocked_ns;
                 f->state = FR_WRITTEN;
                 c->cur = -1;
                 release(p);
@@ -1251,8 +1128,6 @@ static int run(struct pump *p)
             done = p->send ? sender_done(p) : receiver_done(p);
         if (done)
             return 0;
-        if (op->wire_raw && p->ch[0].fd < 0)
-            return -1; /* not reached: raw has no resume */
         if (now - p->last_stats >= STATS_NS)
             send_stats(p);
         if (step > 0)
@@ -1390,11 +1265,8 @@ static int run(struct pump *p)
             } else if (chan_slot[k] == -2) {
                 if (take_replacement(p) < 0)
                     return -1;
-            } else if (chan_slot[k] >= 0 && (pfd[k].revents & (POLLERR | POLLNVAL)) &&
-                       !(pfd[k].revents & POLLIN)) {
-                /* An error with nothing to read: the next send reports which. */
-                (void)0;
             }
+            /* A channel's POLLERR/POLLHUP: its next send or recv reports which. */
         }
         continue;
 again:;
@@ -1419,7 +1291,10 @@ int xcs_wire(const struct xcs_op *op)
     p->send = op->wire == 1;
     p->nch = op->wire_nchan;
     p->fmax = op->wire_frame;
-    p->wf = op->wire_window / op->wire_frame; /* >= 1: argv checked window >= frame */
+    /* >= 1: argv checked window >= frame; at most WINDOW_FRAMES (the scans are per frame) */
+    p->wf = op->wire_window / op->wire_frame;
+    if (p->wf > WINDOW_FRAMES)
+        p->wf = WINDOW_FRAMES;
     p->total = UINT64_MAX;
     p->ack_every = op->wire_window / 2 < ACK_BYTES ? op->wire_window / 2 : ACK_BYTES;
     p->t0 = p->last_stats = p->last_rx = p->last_ack = p->bucket_t = now_ns();

@@ -55,4 +55,10 @@ int xcs_wire_check(const struct xcs_wire_hdr *h, unsigned channel, unsigned acce
 int xcs_wire_unpack(const struct xcs_wire_hdr *h, const uint8_t *payload, uint8_t *out,
                     void *ctx, char *why, size_t size);
 
+/* "DATA", "END", "ACK", "RESUME" ("?" for others), for messages. */
+const char *xcs_wire_type_name(unsigned type);
+
+/* Whether zstd (wire compression) is built into this helper. */
+int xcs_wire_zstd_built(void);
+
 #endif /* XCS_WIRE_H */

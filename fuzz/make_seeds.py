@@ -3,7 +3,7 @@
 
     python3 fuzz/make_seeds.py OUTDIR
 
-Creates OUTDIR/{scan,legacy,restore,helper}/ with one file per seed, each
+Creates OUTDIR/{scan,legacy,restore,helper,wire}/ with one file per seed, each
 starting with the option byte(s) its harness expects.  Seeds come from
 xcsave/corpus.py (every named case, valid and broken, plus small variants)
 and from simulated domains saved by xcsave's own engine (the only streams
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -122,6 +123,24 @@ def helper_seeds() -> list[bytes]:
         seed(["--save-domain", "3", "-1", "7", "1", "136", "0"], [1, 0, 0]),
         seed(["--restore-domain", "3", "-1", "8", "1", "0", "2", "0", "768", "0"], [0, 0]),
         seed(["--version"], []),
+        seed([*xs, "wire-send", "--in-fd", "3", "--channel-fd", "4", "--raw"], [0]),
+        seed([*xs, "wire-recv", "--out-fd", "3", "--channel-fd", "4", "--window", "1"], [0]),
+    ]
+
+
+def wire_seeds() -> list[bytes]:
+    """An option byte + frames, for fuzz_wire: raw, zstd (an RLE frame), END."""
+    hdr = struct.Struct("<IBBHIIQQ")
+    magic = 0x46534358
+    rle = struct.pack("<I", 0xFD2FB528) + bytes([0, 0x58])
+    rle += (1 | 1 << 1 | 4096 << 3).to_bytes(3, "little") + b"\0"
+    return [
+        b"\x10"
+        + hdr.pack(magic, 1, 0, 0, 4, 4, 0, 0)
+        + b"abcd"
+        + hdr.pack(magic, 2, 0, 0, 0, 0, 1, 4),
+        b"\x00" + hdr.pack(magic, 1, 1, 0, 4096, len(rle), 0, 0) + rle,
+        b"\x01" + hdr.pack(magic, 1, 1, 0, 8192, len(rle), 3, 0) + rle,
     ]
 
 
@@ -167,6 +186,8 @@ def main(argv: list[str]) -> int:
             )
     for s in helper_seeds():
         _write(out / "helper", s)
+    for s in wire_seeds():
+        _write(out / "wire", s)
     for sub in sorted(out.iterdir()):
         sys.stdout.write(f"{sub.name}: {len(list(sub.iterdir()))} seeds\n")
     return 0
