@@ -233,3 +233,13 @@ def migrate_log() -> Iterator[LogRecords]:
 
 
 # ------------------------- end of log records section -------------------------
+
+
+@pytest.fixture
+def sim_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CLI run whose domains and locks are this test's
+    own (``$XCSAVE_SIM_DIR``, ``$XCSAVE_LOCK_DIR`` under ``tmp_path``)."""
+    env = dict(os.environ)
+    env["XCSAVE_SIM_DIR"] = str(tmp_path / "sim")
+    env["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
+    return env

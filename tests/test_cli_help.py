@@ -4,9 +4,7 @@ command has a help line, and an option with a default says it."""
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from test_cli import xcsave_cli
 
@@ -51,9 +49,8 @@ def test_lean_commands_say_defaults_too() -> None:
     assert "(default: plain)" in " ".join(r.stdout.split())
 
 
-def test_dirty_on_a_suspended_domain_says_so(tmp_path: Path) -> None:
-    env = dict(os.environ, XCSAVE_SIM_DIR=str(tmp_path / "sim"))
-    env["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
+def test_dirty_on_a_suspended_domain_says_so(sim_env: dict[str, str]) -> None:
+    env = sim_env
     assert xcsave_cli("sim", "create", "d", "--memory", "4M", env=env).returncode == 0
     assert xcsave_cli("sim", "suspend", "d", env=env).returncode == 0
     r = xcsave_cli("sim", "dirty", "d", "--rate", "100", "--duration", "60", env=env)

@@ -5,7 +5,6 @@ is the one line every interrupted command prints."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -40,10 +39,9 @@ from xcsave import _ext, defaults, sim
     ],
 )
 def test_bad_numbers_name_the_option(
-    args: list[str], option: str, says: str, tmp_path: Path
+    args: list[str], option: str, says: str, tmp_path: Path, sim_env: dict[str, str]
 ) -> None:
-    env = dict(os.environ, XCSAVE_SIM_DIR=str(tmp_path / "sim"))
-    env["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
+    env = sim_env
     r = xcsave_cli(*args, env=env)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
@@ -75,11 +73,10 @@ def test_limits_agree_with_the_extension() -> None:
     assert defaults.SIM_MAX_MEMORY == _ext.SIM_MAX_PAGES * defaults.PAGE_SIZE
 
 
-def test_ctrl_c_while_starting_is_one_line(tmp_path: Path) -> None:
+def test_ctrl_c_while_starting_is_one_line(sim_env: dict[str, str]) -> None:
     """SIGINT at moments spread over a command's start (imports, parsers, the
     helper's spawn): never a traceback, whatever it interrupts."""
-    env = dict(os.environ, XCSAVE_SIM_DIR=str(tmp_path / "sim"))
-    env["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
+    env = sim_env
     assert xcsave_cli("sim", "create", "d", "--memory", "4M", env=env).returncode == 0
     argv = [sys.executable, "-P", "-m", "xcsave", "sim", "dirty", "d", "--rate", "10"]
     for delay in (0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.6):

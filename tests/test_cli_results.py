@@ -6,7 +6,6 @@ written to or read from a terminal, and progress that stops -- not the job
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,11 +16,8 @@ from test_cli_tty import run_in_pty, xcsave_argv
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e["XCSAVE_SIM_DIR"] = str(tmp_path / "sim")
-    e["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
-    return e
+def env(sim_env: dict[str, str]) -> dict[str, str]:
+    return sim_env
 
 
 def _run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

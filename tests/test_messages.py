@@ -53,14 +53,6 @@ def test_restore_from_a_directory_says_eisdir_once(
     assert line.endswith("Is a directory (EISDIR)") and line.count("EISDIR") == 1, line
 
 
-@pytest.fixture
-def sim_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XCSAVE_SIM_DIR"] = str(tmp_path / "sim")
-    env["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
-    return env
-
-
 @contextlib.contextmanager
 def _tmpfs(where: Path, *opts: str) -> Iterator[Path]:
     """A small tmpfs (root only): a full or read-only filesystem on demand."""

@@ -5,7 +5,6 @@ file contradicts is refused before anything is built."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,8 @@ from xcsave import api, corpus
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e["XCSAVE_SIM_DIR"] = str(tmp_path / "sim")
-    e["XCSAVE_LOCK_DIR"] = str(tmp_path / "locks")
-    return e
+def env(sim_env: dict[str, str]) -> dict[str, str]:
+    return sim_env
 
 
 def _ok(*args: str | Path, env: dict[str, str], stdin: bytes | None = None) -> str:
