@@ -438,7 +438,7 @@ def test_events_and_records_carry_the_message_args() -> None:
     # The hand-written events of a message start with its args, in order.
     assert _fields(xcsave.events.ProgressEvent)[2:6] == _pynames("progress")
     assert _fields(xcsave.events.PolicyEvent)[2:5] == _pynames("precopy_policy")
-    assert _fields(PrecopyStats) == _pynames("precopy_policy")
+    assert _fields(PrecopyStats)[:3] == _pynames("precopy_policy")
 
 
 def test_every_message_has_exactly_one_handler() -> None:

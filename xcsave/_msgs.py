@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Self, cast
 
 from ._event import Event
-from .policy import Decision, PrecopyStats
+from .policy import Decision, PrecopyStats, Verdict
 from .proto import Value
 
 __all__ = [
@@ -39,8 +39,9 @@ __all__ = [
 
 #: A frame's argument values, in table order.
 Args = tuple[Value, ...]
-#: A callback's reply (Xen semantics, an int; True/False are 1/0; None: fine).
-Reply = int | bool | Decision | None
+#: A callback's reply (Xen semantics, an int; True/False are 1/0; None: fine;
+#: precopy_policy's may be a Verdict, a Decision with its reason).
+Reply = int | bool | Decision | Verdict | None
 Answer = Reply | Awaitable[Reply]
 CallbackFn = Callable[..., Answer]
 

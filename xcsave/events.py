@@ -61,10 +61,20 @@ class ProgressEvent(Event):
 @dataclass(frozen=True, slots=True)
 class PolicyEvent(_PrecopyFields, Event):
     """A precopy_policy decision (one per round, asked before it): the
-    :class:`~xcsave.policy.PrecopyStats` it was asked with, and the answer."""
+    :class:`~xcsave.policy.PrecopyStats` it was asked with (the helper's
+    figures, then the supervisor's measurements), and the answer with its
+    reason."""
 
     kind: ClassVar[str] = "policy"
     decision: int  # xcsave.policy.Decision
+    reason: str = ""  # the policy's, when it gave one (xcsave.policy.Verdict)
+    throttle: int | None = None  # auto-converge's throttle from now (percent); None: unchanged
+    elapsed: float = 0.0  # the rest is PrecopyStats' measured figures (xcsave.policy.Curve)
+    round_s: float = 0.0
+    sent: int = 0
+    send_rate: float = 0.0
+    dirty_rate: float = 0.0
+    predicted_downtime_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

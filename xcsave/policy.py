@@ -1,25 +1,35 @@
 """Precopy policies: what to do before each live-migration round.
 
 The helper asks ``precopy_policy(iteration, total_written, dirty_count)``
-once per round (never per batch), and the answer is one of
-:class:`Decision`.  A policy is any callable ``(PrecopyStats) -> Decision``;
-the ones here are the usual choices, and they compose with :func:`first_of`.
+once per round (never per batch).  The supervisor adds what its clock knows
+(:class:`Curve`: when it was asked, how long the last round took, the send
+and dirty rates it measured) and hands the policy a :class:`PrecopyStats`.
+A policy is any callable ``(PrecopyStats) -> Decision | Verdict``: a bare
+:class:`Decision`, or a :class:`Verdict` that also says why (and, for
+auto-converge, how hard to throttle the guest).  The ones here are the usual
+choices, and they compose with :func:`first_of`.
+
+Policies read only the stats they are given, never a clock: the same policy
+decides the same way on a recorded curve, in a test, and in the planner's
+model (:mod:`xcsave.predict`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
-from .defaults import PAGE_SIZE, XEN_DIRTY_THRESHOLD, XEN_MAX_ITERS
+from .defaults import XEN_DIRTY_THRESHOLD, XEN_MAX_ITERS
 
 __all__ = [
+    "Curve",
     "Decision",
     "Policy",
     "PrecopyStats",
+    "Verdict",
     "abort_if_not_converging",
+    "as_verdict",
     "downtime_target",
     "first_of",
     "max_iterations",
@@ -47,10 +57,83 @@ class _PrecopyFields:
 
 @dataclass(frozen=True, slots=True)
 class PrecopyStats(_PrecopyFields):
-    """What the helper knows before round ``iteration``."""
+    """What is known before round ``iteration``: the helper's three figures
+    (the message's args), then what the supervisor measured (:class:`Curve`;
+    0 where nothing has been measured yet)."""
+
+    elapsed: float = 0.0  # seconds since the save began, when asked
+    round_s: float = 0.0  # how long the previous round took (0 before round 1)
+    sent: int = 0  # pages the previous round wrote
+    send_rate: float = 0.0  # pages/s the previous round wrote (0: unknown)
+    dirty_rate: float = 0.0  # pages/s dirtied while it ran (0: unknown)
+
+    @property
+    def predicted_downtime_s(self) -> float | None:
+        """Stop and copy now: the dirty pages at the last round's send rate
+        (None until a round has been measured)."""
+        if self.dirty_count < 0 or self.send_rate <= 0:
+            return None
+        return self.dirty_count / self.send_rate
 
 
-Policy = Callable[[PrecopyStats], Decision]
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A policy's answer with its reason (shown in the events and ``--json``).
+
+    ``throttle``: how hard auto-converge wants the guest slowed from now on,
+    in percent of its time taken away (0 lifts it); None leaves it as it is.
+    """
+
+    decision: Decision
+    reason: str = ""
+    throttle: int | None = None
+
+
+Policy = Callable[[PrecopyStats], Decision | Verdict]
+
+
+def as_verdict(answer: object) -> Verdict:
+    """A policy's answer as a :class:`Verdict` (a bare Decision or int has no
+    reason); TypeError or ValueError for anything that is neither."""
+    if isinstance(answer, Verdict):
+        return answer
+    if isinstance(answer, int):  # Decision and bool included
+        return Verdict(Decision(int(answer)))
+    raise TypeError(f"a policy must return a Decision or a Verdict, not {answer!r}")
+
+
+class Curve:
+    """The precopy rounds so far, as figures a policy can read.
+
+    :meth:`add` takes the helper's three figures and the time they were asked
+    at, and returns the :class:`PrecopyStats` with the rates of the round that
+    just ended: pages it wrote over its duration, and the pages dirty at its
+    end over the same duration (log-dirty is cleared when a round starts, so
+    that is the rate the guest dirtied while it ran, saturating at the
+    working set).  The supervisor keeps one per save for the events; a
+    stateful policy may keep its own.
+    """
+
+    def __init__(self) -> None:
+        self.rounds: list[PrecopyStats] = []
+
+    def add(self, st: PrecopyStats, elapsed: float) -> PrecopyStats:
+        if not self.rounds:
+            out = replace(st, elapsed=elapsed)
+        else:
+            prev = self.rounds[-1]
+            dt = max(elapsed - prev.elapsed, 0.0)
+            sent = max(st.total_written - prev.total_written, 0)
+            out = replace(
+                st,
+                elapsed=elapsed,
+                round_s=dt,
+                sent=sent,
+                send_rate=sent / dt if dt > 0 else 0.0,
+                dirty_rate=st.dirty_count / dt if dt > 0 and st.dirty_count >= 0 else 0.0,
+            )
+        self.rounds.append(out)
+        return out
 
 
 def xen_default(max_iters: int = XEN_MAX_ITERS, threshold: int = XEN_DIRTY_THRESHOLD) -> Policy:
@@ -58,10 +141,12 @@ def xen_default(max_iters: int = XEN_MAX_ITERS, threshold: int = XEN_DIRTY_THRES
     are dirty or after ``max_iters`` rounds (Xen's 5 and 50, :mod:`xcsave.defaults`:
     the helper's own policy when none is given is the same)."""
 
-    def policy(st: PrecopyStats) -> Decision:
-        if (0 <= st.dirty_count < threshold) or st.iteration >= max_iters:
-            return Decision.STOP_AND_COPY
-        return Decision.CONTINUE
+    def policy(st: PrecopyStats) -> Verdict:
+        if 0 <= st.dirty_count < threshold:
+            return Verdict(Decision.STOP_AND_COPY, f"{st.dirty_count} dirty < {threshold}")
+        if st.iteration >= max_iters:
+            return Verdict(Decision.STOP_AND_COPY, f"{max_iters} rounds done")
+        return Verdict(Decision.CONTINUE)
 
     return policy
 
@@ -69,44 +154,32 @@ def xen_default(max_iters: int = XEN_MAX_ITERS, threshold: int = XEN_DIRTY_THRES
 def max_iterations(n: int) -> Policy:
     """Stop and copy after ``n`` precopy rounds, whatever is dirty."""
 
-    def policy(st: PrecopyStats) -> Decision:
-        return Decision.STOP_AND_COPY if st.iteration >= n else Decision.CONTINUE
+    def policy(st: PrecopyStats) -> Verdict:
+        if st.iteration >= n:
+            return Verdict(Decision.STOP_AND_COPY, f"{n} rounds done")
+        return Verdict(Decision.CONTINUE)
 
     return policy
 
 
-def downtime_target(
-    max_downtime_s: float,
-    *,
-    page_size: int = PAGE_SIZE,
-    max_iters: int = 30,
-    clock: Callable[[], float] = time.monotonic,
-) -> Policy:
-    """Stop when the dirty set could be sent within ``max_downtime_s``.
+def downtime_target(max_downtime_s: float, *, max_iters: int = 30) -> Policy:
+    """Stop when the dirty set could be sent within ``max_downtime_s`` at the
+    send rate the last round measured (:attr:`PrecopyStats.predicted_downtime_s`),
+    like a toolstack's downtime target; after ``max_iters`` rounds, stop anyway."""
 
-    The transfer rate is measured from the rounds so far (pages written
-    between two consecutive questions over the time between them), so the
-    estimate tracks the real link, like a toolstack's downtime target.
-    """
-    last: list[tuple[float, int]] = []
-
-    def policy(st: PrecopyStats) -> Decision:
-        now = clock()
-        rate = 0.0
-        if last:
-            t0, w0 = last[-1]
-            if now > t0 and st.total_written > w0:
-                rate = (st.total_written - w0) * page_size / (now - t0)
-        last.append((now, st.total_written))
-        if st.iteration >= max_iters or st.dirty_count == 0:
-            return Decision.STOP_AND_COPY
-        if (
-            st.dirty_count >= 0
-            and rate > 0
-            and st.dirty_count * page_size / rate <= max_downtime_s
-        ):
-            return Decision.STOP_AND_COPY
-        return Decision.CONTINUE
+    def policy(st: PrecopyStats) -> Verdict:
+        if st.dirty_count == 0:
+            return Verdict(Decision.STOP_AND_COPY, "nothing is dirty")
+        if st.iteration >= max_iters:
+            return Verdict(Decision.STOP_AND_COPY, f"{max_iters} rounds done")
+        downtime = st.predicted_downtime_s
+        if downtime is not None and downtime <= max_downtime_s:
+            return Verdict(
+                Decision.STOP_AND_COPY,
+                f"predicted downtime {downtime * 1e3:.0f} ms"
+                f" <= target {max_downtime_s * 1e3:.0f} ms",
+            )
+        return Verdict(Decision.CONTINUE)
 
     return policy
 
@@ -115,26 +188,33 @@ def abort_if_not_converging(rounds: int = 3, min_shrink: float = 0.05) -> Policy
     """Abort when the dirty set has not shrunk by ``min_shrink`` over ``rounds`` rounds."""
     history: list[int] = []
 
-    def policy(st: PrecopyStats) -> Decision:
+    def policy(st: PrecopyStats) -> Verdict:
         if st.dirty_count >= 0:
             history.append(st.dirty_count)
         if len(history) > rounds:
             before, now = history[-rounds - 1], history[-1]
             if before > 0 and now > before * (1.0 - min_shrink):
-                return Decision.ABORT
-        return Decision.CONTINUE
+                return Verdict(
+                    Decision.ABORT,
+                    f"not converging: {now} dirty, {before} {rounds} rounds ago",
+                )
+        return Verdict(Decision.CONTINUE)
 
     return policy
 
 
 def first_of(*policies: Policy) -> Policy:
-    """Ask each policy in turn; the first answer other than CONTINUE wins."""
+    """Ask each policy in turn; the first answer other than CONTINUE wins.
+    When all continue, the first throttle asked for (and its reason) stands."""
 
-    def policy(st: PrecopyStats) -> Decision:
+    def policy(st: PrecopyStats) -> Verdict:
+        going = Verdict(Decision.CONTINUE)
         for p in policies:
-            d = p(st)
-            if d != Decision.CONTINUE:
-                return d
-        return Decision.CONTINUE
+            v = as_verdict(p(st))
+            if v.decision != Decision.CONTINUE:
+                return v
+            if going.throttle is None and v.throttle is not None:
+                going = v
+        return going
 
     return policy

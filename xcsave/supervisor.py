@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 from . import proto
 from ._log import logger
@@ -52,6 +52,7 @@ from .errors import (
     ProtocolError,
 )
 from .events import DoneEvent, Event, LogEvent, PolicyEvent, ProgressEvent
+from .policy import Curve, Verdict, as_verdict
 
 __all__ = [
     "HELPER_NAME",
@@ -68,6 +69,8 @@ __all__ = [
 ]
 
 log = logger(__name__)
+
+_R = TypeVar("_R")  # what a callback's answer is converted to (_Run._call)
 helper_log = logger("xcsave.helper")
 
 HELPER_NAME: Final = "xcsave-helper"
@@ -168,6 +171,7 @@ class HelperRun:
         self.decoder = proto.Decoder(spec.dialect, spec.mode, max_frame=max_frame)
         self.proc: asyncio.subprocess.Process | None = None
         self._t0 = 0.0
+        self._curve = Curve()  # the precopy rounds, for the policy and its events
         self._completed: tuple[int, int] | None = None
         self._committed = False  # on_commit returned: the run has succeeded
         self._commit_error: Exception | None = None
@@ -485,23 +489,34 @@ class HelperRun:
             log.debug("helper %s closed its stdin before our reply", self.pid)
 
     def _call(
-        self, spec: proto.MessageSpec, fn: Callable[..., Any], *args: Any
-    ) -> int | Awaitable[int]:
-        """The callback's reply, or an awaitable of it for an async callback."""
+        self,
+        spec: proto.MessageSpec,
+        fn: Callable[..., Any],
+        *args: Any,
+        convert: Callable[[proto.MessageSpec, object], _R] | None = None,
+    ) -> _R | Awaitable[_R]:
+        """The callback's answer (``convert``-ed; by default the reply int), or
+        an awaitable of it for an async callback."""
+        conv = cast(Callable[[proto.MessageSpec, object], _R], convert or self._reply_value)
         try:
             value = fn(*args)
         except Exception as e:
             raise self._callback_raised(spec.name, e) from e
         if inspect.isawaitable(value):
-            return self._await_callback(spec, value)
-        return self._reply_value(spec, value)
+            return self._await_callback(spec, value, conv)
+        return conv(spec, value)
 
-    async def _await_callback(self, spec: proto.MessageSpec, pending: Awaitable[Any]) -> int:
+    async def _await_callback(
+        self,
+        spec: proto.MessageSpec,
+        pending: Awaitable[Any],
+        convert: Callable[[proto.MessageSpec, object], _R],
+    ) -> _R:
         try:
             value = await pending
         except Exception as e:
             raise self._callback_raised(spec.name, e) from e
-        return self._reply_value(spec, value)
+        return convert(spec, value)
 
     def _callback_raised(self, name: str, e: Exception) -> CallbackError:
         return CallbackError(
@@ -520,15 +535,16 @@ class HelperRun:
         )
 
     def _then(
-        self, value: int | Awaitable[int], then: Callable[[int], None]
+        self, value: _R | Awaitable[_R], then: Callable[[_R], None]
     ) -> Awaitable[None] | None:
-        """``then(reply)`` now, or once the async callback has answered."""
-        if isinstance(value, int):
+        """``then(answer)`` now, or once the async callback has answered."""
+        if not inspect.isawaitable(value):
             then(value)
             return None
+        pending = value
 
         async def later() -> None:
-            then(await value)
+            then(await pending)
 
         return later()
 
@@ -576,19 +592,42 @@ class HelperRun:
         )
 
     def _on_precopy_policy(self, frame: proto.Frame) -> Awaitable[None] | None:
-        st = pack_precopy_policy(frame.args)
         fn = self.cb.precopy_policy
         if fn is None:
             raise ProtocolError("helper asked precopy_policy, which was not installed")
+        st = self._curve.add(pack_precopy_policy(frame.args), time.monotonic() - self._t0)
         op, dom = self.spec.mode, self.spec.domain
 
-        def decided(decision: int) -> None:
+        def decided(v: Verdict) -> None:
             self._emit(
-                PolicyEvent(op, dom, st.iteration, st.total_written, st.dirty_count, decision)
+                PolicyEvent(
+                    op,
+                    dom,
+                    st.iteration,
+                    st.total_written,
+                    st.dirty_count,
+                    int(v.decision),
+                    reason=v.reason,
+                    throttle=v.throttle,
+                    elapsed=st.elapsed,
+                    round_s=st.round_s,
+                    sent=st.sent,
+                    send_rate=st.send_rate,
+                    dirty_rate=st.dirty_rate,
+                    predicted_downtime_s=st.predicted_downtime_s,
+                )
             )
-            self._reply(decision)
+            self._reply(int(v.decision))
 
-        return self._then(self._call(frame.spec, fn, st), decided)
+        return self._then(self._call(frame.spec, fn, st, convert=self._verdict), decided)
+
+    def _verdict(self, spec: proto.MessageSpec, value: object) -> Verdict:
+        try:
+            return as_verdict(value)
+        except (TypeError, ValueError) as e:
+            raise CallbackError(
+                f"{self._what()}: the {spec.name} callback: {e}", **self._ids()
+            ) from e
 
     def _on_callback(self, frame: proto.Frame) -> Awaitable[None] | None:
         """A callback the helper waits for: its value is the reply."""
