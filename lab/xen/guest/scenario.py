@@ -48,6 +48,22 @@ TICK = re.compile(r"XCLAB-TICK boot=(\S+) n=(\d+)")
 CFG: dict[str, Any] = {}
 OUR_HELPER = ""  # set in main(): the xcsave-helper of the installed package
 
+#: The guest type the steps run on now (``use_guest``), and the one lab1 was
+#: created as (a step that finds another type's lab1 replaces it).
+GUEST = {"type": "pv", "running": ""}
+
+#: What each guest type adds to the domU's config.  PVH and HVM guests are
+#: HVM containers: under QEMU TCG they hang at their first RDTSCP unless the
+#: TSC is native (QEMU reports RDTSCP as an RDTSC exit without nrip-save, and
+#: Xen's instruction-length check fails: "SVM Insn len emulation failed").
+GUEST_CONFIG: dict[str, list[str]] = {
+    "pv": ['type = "pv"'],
+    "pvh": ['type = "pvh"', 'tsc_mode = "native"'],
+    # Direct kernel boot through Debian's qemu-system-xen; no display.
+    "hvm": ['type = "hvm"', 'tsc_mode = "native"', 'vga = "none"', "vnc = 0"],
+    "pvh-shadow": ['type = "pvh"', 'tsc_mode = "native"', "hap = 0"],
+}
+
 
 class StepFailed(Exception):
     """A step's judgement failed; the message says what was seen."""
@@ -221,7 +237,7 @@ def domu_config(name: str = DOMAIN, memory: int | None = None) -> Path:
         "\n".join(
             [
                 f'name = "{name}"',
-                'type = "pv"',
+                *GUEST_CONFIG[GUEST["type"]],
                 f'kernel = "{LAB}/domu/vmlinuz"',
                 f'ramdisk = "{LAB}/domu/initrd.cpio.gz"',
                 'extra = "console=hvc0 loglevel=3"',
@@ -255,7 +271,9 @@ def create(name: str = DOMAIN) -> dict[str, Any]:
         if d is not None:
             with contextlib.suppress(StepFailed):
                 boot, n = wait_ticking(timeout=90, name=name)
+                GUEST["running"] = GUEST["type"]
                 return {
+                    "type": GUEST["type"],
                     "domid": d[0],
                     "boot": boot,
                     "tick": n,
@@ -270,7 +288,8 @@ def create(name: str = DOMAIN) -> dict[str, Any]:
 def ensure_domain() -> dict[str, Any] | None:
     """A running, ticking lab1; a fresh one (new boot) if the last step lost it."""
     d = domain()
-    if d is not None and d[1].startswith(("r", "b", "-")) and "s" not in d[1]:
+    same = GUEST["running"] == GUEST["type"]
+    if same and d is not None and d[1].startswith(("r", "b", "-")) and "s" not in d[1]:
         with contextlib.suppress(StepFailed):
             snapshot()
             return None
@@ -656,6 +675,36 @@ def setup() -> dict[str, Any]:
     return info
 
 
+#: The guest types after PV, per level (PV's own steps keep their names).
+GUEST_SETS: dict[str, tuple[str, ...]] = {
+    "quick": ("pvh",),
+    "default": ("pvh", "hvm"),
+    "full": ("pvh", "hvm", "pvh-shadow"),
+    "ratio": (),
+}
+
+
+def use_guest(kind: str) -> dict[str, Any]:
+    """From now on the steps run on a ``kind`` lab1 (the last one is destroyed)."""
+    GUEST["type"] = kind
+    destroy()
+    return create()
+
+
+def other_guest(kind: str, dropin: str, full: bool) -> None:
+    """A PVH or HVM lab1 through the drop-in scenarios: ``KIND-boot``, then
+    ``KIND-dropin-save-restore``; with ``full``, crossed with the stock
+    helper both ways and ``xl migrate`` with xcsave-helper."""
+    if not step(f"{kind}-boot", lambda: use_guest(kind)):
+        return
+    ours = OUR_HELPER
+    step(f"{kind}-dropin-save-restore", save_restore(f"{kind}-dropin", dropin, dropin))
+    if full:
+        step(f"{kind}-cross-save-xcsave-restore-stock", save_restore(f"{kind}-x1", ours, None))
+        step(f"{kind}-cross-save-stock-restore-xcsave", save_restore(f"{kind}-x2", None, ours))
+        step(f"{kind}-migrate-xcsave", migrate(ours))
+
+
 def main() -> int:
     global OUR_HELPER  # noqa: PLW0603 (set once, before any step)
     ap = argparse.ArgumentParser()
@@ -690,6 +739,8 @@ def main() -> int:
     if level == "full":
         step("migrate-stock", migrate(None))
         ratio_rounds(int(CFG.get("ratio_rounds", 3)))
+    for kind in GUEST_SETS[level]:
+        other_guest(kind, dropin, full=level != "quick")
     emit({"event": "ratio", **ratio_summary()})
     emit({"event": "done"})
     return 0
