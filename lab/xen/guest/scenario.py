@@ -35,6 +35,9 @@ from typing import Any
 
 LAB = Path("/opt/xcsave-lab")
 RESULTS = Path("/var/log/xcsave-lab/results.jsonl")
+#: Skeletons of the real streams (``xcsave skeleton make``), read back by the
+#: host and compared with the ones committed under tests/data/real/.
+SKELETONS = Path("/var/log/xcsave-lab/skeletons")
 WORK = Path("/var/tmp/xcsave-lab")
 CONSOLE_DIR = Path("/var/log/xen/console")
 XEN_BIN = Path("/usr/lib/xen-4.17/bin")
@@ -391,10 +394,13 @@ def save_restore(
     tag: str,
     save_helper: str | None,
     restore_helper: str | None,
+    *,
     where: Path = WORK,
     timing: str = "",
+    skeleton: str = "",
 ) -> Callable:
-    """xl save then xl restore of the same domain; ``timing`` files the times for the ratio."""
+    """xl save then xl restore of the same domain; ``timing`` files the times for the
+    ratio; ``skeleton`` names the saved image's skeleton (``KIND-NAME.skel``)."""
 
     def fn() -> dict[str, Any]:
         fresh = ensure_domain()
@@ -417,6 +423,8 @@ def save_restore(
             "gap": res["gap"],
             "attempts": [s["attempts"], res["attempts"]],
         }
+        if skeleton:
+            out["skeleton"] = make_skeleton(path, f"{GUEST['type']}-{skeleton}")
         if CFG.get("keep_image") != tag:
             path.unlink()
         if fresh:
@@ -424,6 +432,21 @@ def save_restore(
         return out
 
     return fn
+
+
+def make_skeleton(image: Path, name: str) -> dict[str, Any]:
+    """The image's skeleton (every record as written, pages as digests) into
+    SKELETONS/NAME.skel, for the host to compare with the committed one."""
+    SKELETONS.mkdir(parents=True, exist_ok=True)
+    out = SKELETONS / f"{name}.skel"
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    r = run(
+        [sys.executable, "-m", "xcsave", "skeleton", "make", str(image), str(out)], timeout=300
+    )
+    if r.rc != 0:
+        raise StepFailed(f"xcsave skeleton make: {r.brief()}")
+    return {"name": out.name, "bytes": out.stat().st_size}
 
 
 def _who(helper: str | None) -> str:
@@ -698,10 +721,17 @@ def other_guest(kind: str, dropin: str, full: bool) -> None:
     if not step(f"{kind}-boot", lambda: use_guest(kind)):
         return
     ours = OUR_HELPER
-    step(f"{kind}-dropin-save-restore", save_restore(f"{kind}-dropin", dropin, dropin))
+    keep = "xl-by-xcsave" if dropin == ours else ""
+    step(
+        f"{kind}-dropin-save-restore",
+        save_restore(f"{kind}-dropin", dropin, dropin, skeleton=keep),
+    )
     if full:
         step(f"{kind}-cross-save-xcsave-restore-stock", save_restore(f"{kind}-x1", ours, None))
-        step(f"{kind}-cross-save-stock-restore-xcsave", save_restore(f"{kind}-x2", None, ours))
+        step(
+            f"{kind}-cross-save-stock-restore-xcsave",
+            save_restore(f"{kind}-x2", None, ours, skeleton="xl-by-stock"),
+        )
         step(f"{kind}-migrate-xcsave", migrate(ours))
 
 
@@ -728,10 +758,17 @@ def main() -> int:
         emit({"event": "ratio", **ratio_summary()})
         emit({"event": "done"})
         return 0
-    step("dropin-save-restore", save_restore("dropin", dropin, dropin, timing="disk-"))
+    keep = "xl-by-xcsave" if dropin == OUR_HELPER else ""
+    step(
+        "dropin-save-restore",
+        save_restore("dropin", dropin, dropin, timing="disk-", skeleton=keep),
+    )
     step("supervisor-xcsave1-live-save", supervisor_save("xcsave-1", None))
     if level in ("default", "full"):
-        step("stock-save-restore", save_restore("stock", None, None, timing="disk-"))
+        step(
+            "stock-save-restore",
+            save_restore("stock", None, None, timing="disk-", skeleton="xl-by-stock"),
+        )
         step("cross-save-xcsave-restore-stock", save_restore("cross1", OUR_HELPER, None))
         step("cross-save-stock-restore-xcsave", save_restore("cross2", None, OUR_HELPER))
         step("supervisor-stock-helper-live-save", supervisor_save("xen-4.17", OUR_HELPER))
