@@ -445,7 +445,7 @@ def save_restore(
             "gap": res["gap"],
             "attempts": [s["attempts"], res["attempts"]],
         }
-        if skeleton:
+        if skeleton and CFG.get("skeletons", 1):
             out["skeleton"] = make_skeleton(path, f"{GUEST['type']}-{skeleton}")
         if CFG.get("keep_image") != tag:
             path.unlink()
