@@ -878,7 +878,7 @@ def emit_py_module() -> str:
     w("")
     w("from collections.abc import Awaitable, Callable")
     w("from dataclasses import dataclass")
-    w("from typing import Any, ClassVar, Final, Self, cast")
+    w("from typing import Any, Final, Self, cast")
     w("")
     w("from ._event import Event")
     policy_names = sorted({"Decision", "Verdict", *(m.pack for m in packs if m.pack)})
@@ -955,11 +955,11 @@ def emit_py_module() -> str:
         else:
             out += _py_class(f"{m.record}(_Record)", m.doc, _py_fields(m))
     for m in events:
-        kind = f'    kind: ClassVar[str] = "{m.name}"'
+        kind = f'kind="{m.name}"'
         if m.name in shared:
-            out += _py_class(f"{m.event}(_{m.record}Fields, Event)", m.doc, [kind])
+            out += _py_class(f"{m.event}(_{m.record}Fields, Event, {kind})", m.doc, [])
         else:
-            out += _py_class(f"{m.event}(Event)", m.doc, [kind, *_py_fields(m)])
+            out += _py_class(f"{m.event}(Event, {kind})", m.doc, _py_fields(m))
     w("")
     w("")
     w("#: Message name -> the event it becomes: (op, domain, args) -> event.")
