@@ -61,6 +61,16 @@ def _check_out(out: StreamArg) -> None:
         )
 
 
+def _sync_committed(final: Path, done: str) -> None:
+    """Make the rename of ``final`` into place durable.  It is in place, so
+    the operation (``done``: "saved", "restored") succeeded whatever the
+    fsync says: a failure is only a warning."""
+    try:
+        files.fsync_dir(final.parent)
+    except OSError as e:
+        log.warning("%s %s, but could not fsync its directory: %s", done, final, e)
+
+
 class _Out:
     """Where a save writes: ``fd``, and for a path the commit of the image.
 
@@ -92,10 +102,7 @@ class _Out:
             self.fd = -1
             os.replace(self.tmp, self.final)
         self.committed = True
-        try:
-            files.fsync_dir(self.final.parent)
-        except OSError as e:  # the image is in place: the save succeeded
-            log.warning("saved %s, but could not fsync its directory: %s", self.final, e)
+        _sync_committed(self.final, "saved")
 
 
 @contextlib.asynccontextmanager
@@ -276,10 +283,7 @@ class SimTarget:
         else:
             files.rename_noreplace(self.partial, self.final)
         self.committed = True
-        try:
-            files.fsync_dir(self.final.parent)
-        except OSError as e:  # the domain is in place: the restore succeeded
-            log.warning("restored %s, but could not fsync its directory: %s", self.final, e)
+        _sync_committed(self.final, "restored")
 
     def discard(self) -> None:
         """Remove the partial (if any is left); the final name is never touched."""
@@ -608,6 +612,13 @@ async def restore(
     cbs = replace(callbacks) if callbacks is not None else Callbacks()
     cbflags = proto.cbflags_for(d, cbs.installed() | {"restore_results"})
     st = STREAM_TYPES[stream_type]
+    # The new domain's xenstore and console channels: the same options in both dialects.
+    channels = {
+        "store_evtchn": store_evtchn,
+        "store_domid": store_domid,
+        "console_evtchn": console_evtchn,
+        "console_domid": console_domid,
+    }
     job = _Job("restore", d, helper, cbs, domid, supervisor, on_event, timeout)
     limit, idle_ms = page_limit(max_pages, max_memory), _idle_ms(idle_timeout)  # refused early
     given = sim.final if isinstance(sim, SimTarget) else sim
@@ -633,14 +644,7 @@ async def restore(
                     if d is proto.XEN_417:
                         assert domid is not None
                         args = xen_restore_args(
-                            io_fd,
-                            domid,
-                            cbflags=cbflags,
-                            store_evtchn=store_evtchn,
-                            store_domid=store_domid,
-                            console_evtchn=console_evtchn,
-                            console_domid=console_domid,
-                            stream_type=st,
+                            io_fd, domid, cbflags=cbflags, stream_type=st, **channels
                         )
                     else:
                         args = job.xcs_args(
@@ -651,10 +655,7 @@ async def restore(
                                 "cbflags": cbflags,
                                 "stream_type": st,
                                 "format": fmt,
-                                "store_evtchn": store_evtchn,
-                                "store_domid": store_domid,
-                                "console_evtchn": console_evtchn,
-                                "console_domid": console_domid,
+                                **channels,
                                 "max_pages": limit or None,
                                 "idle_timeout_ms": idle_ms,
                                 "legacy_width": legacy_width,
