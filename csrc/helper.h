@@ -135,6 +135,14 @@ void xcs_arm_sigterm_abort(int io_fd);
 void xcs_arm_parent_death(void);
 
 /*
+ * For a ppoll() loop: SIGTERM runs handler (which sets a flag) and is
+ * blocked from now on except inside ppoll(), whose mask unblocks it, so a
+ * stop that arrives anywhere is seen at the next wait at the latest, never
+ * lost between the flag's check and the wait.  0, or -1 with errno set.
+ */
+int xcs_sigterm_until_ppoll(void (*handler)(int));
+
+/*
  * The TLS tunnel (tunnel_tls.c): handshake on op->io_fd, then relay between
  * it and op->plain_fd until both directions are closed.  Sends tls_peer once
  * the peer is authenticated, tunnel_stats at the end, and log frames naming

@@ -516,6 +516,21 @@ void xcs_arm_parent_death(void)
         raise(SIGTERM);
 }
 
+int xcs_sigterm_until_ppoll(void (*handler)(int))
+{
+    struct sigaction sa;
+    sigset_t block;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = handler;
+    sigemptyset(&sa.sa_mask);
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    if (sigaction(SIGTERM, &sa, NULL) < 0 || sigprocmask(SIG_BLOCK, &block, NULL) < 0)
+        return -1;
+    return 0;
+}
+
 /*----- argv -----*/
 
 static unsigned long parse_num(const char *what, const char *s, unsigned long max)
