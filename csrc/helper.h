@@ -107,6 +107,10 @@ int xcs_cb_wanted(const struct xcs_op *op, enum xcs_msg m);
 /* Whether the dialect has message m at all. */
 int xcs_msg_exists(enum xcs_msg m);
 
+/* A restore's restore_stats, where the dialect has the message; errno kept. */
+void xcs_send_restore_stats(uint32_t checkpoints, uint64_t pages_received, uint64_t bytes,
+                            uint64_t duration_ns);
+
 /* log frames: truncated to what the dialect can carry. */
 void xcs_log(uint32_t level, int errnoval, const char *context,
              const char *fmt, ...) __attribute__((format(printf, 4, 5)));

@@ -128,6 +128,16 @@ int xcs_msg_exists(enum xcs_msg m)
     return xcs_msg_numbers[dialect][m] >= 0;
 }
 
+void xcs_send_restore_stats(uint32_t checkpoints, uint64_t pages_received, uint64_t bytes,
+                            uint64_t duration_ns)
+{
+    int saved = errno;
+
+    if (xcs_msg_exists(XCS_MSG_RESTORE_STATS))
+        xcs_stub_restore_stats(checkpoints, pages_received, bytes, duration_ns);
+    errno = saved;
+}
+
 int xcs_cb_wanted(const struct xcs_op *op, enum xcs_msg m)
 {
     int num = xcs_msg_numbers[dialect][m];
