@@ -146,18 +146,16 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--remote-sim", metavar="NAME", help="ssh: the domain to create there (default: ours)"
     )
-    p.add_argument(
-        "--ssh",
-        metavar="CMD",
-        default="ssh",
-        help="ssh: the client command, options included (default 'ssh'; e.g. 'ssh -F cfg')",
-    )
-    p.add_argument(
-        "--remote-command",
-        metavar="CMD",
-        default="xcsave",
-        help="ssh: how to run xcsave there (default 'xcsave')",
-    )
+    for flag, command, what, example in (  # the commands the ssh transport runs
+        ("--ssh", "ssh", "the client command, options included", "; e.g. 'ssh -F cfg'"),
+        ("--remote-command", "xcsave", "how to run xcsave there", ""),
+    ):
+        p.add_argument(
+            flag,
+            metavar="CMD",
+            default=command,
+            help=f"ssh: {what} (default {command!r}{example})",
+        )
     _add_tls_flags(p)
     add_live_flags(p)
     _add_wire_flags(p)
