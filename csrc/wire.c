@@ -49,10 +49,10 @@
  * channel.  Frames already held are discarded as duplicates.
  *
  * Every fd is polled in one ppoll() loop; SIGTERM is blocked except inside
- * ppoll (tunnel_tls.c's way).  Channels are used with MSG_DONTWAIT, not
- * O_NONBLOCK: their open file descriptions are shared with Python's
- * sockets.  The plain-stream pipe is made O_NONBLOCK for the run and put
- * back at the end.
+ * ppoll (xcs_sigterm_until_ppoll, as in the TLS tunnel).  Channels are used
+ * with MSG_DONTWAIT, not O_NONBLOCK: their open file descriptions are shared
+ * with Python's sockets.  The plain-stream pipe is made O_NONBLOCK for the
+ * run and put back at the end.
  */
 
 #include <errno.h>
