@@ -188,11 +188,18 @@ def test_run_ci_skips_cleanly_when_disabled() -> None:
 
 @pytest.mark.parametrize(
     "script",
-    ["run", "guest/stage1-init", "guest/dom0-init", "guest/domu-init", "guest/suspend-domain"],
+    [
+        "run",
+        "update-skeletons",
+        "guest/stage1-init",
+        "guest/dom0-init",
+        "guest/domu-init",
+        "guest/suspend-domain",
+    ],
 )
 def test_lab_shell_scripts_parse(script: str) -> None:
     path = LAB / script
-    shell = "bash" if script == "run" else "sh"
+    shell = "sh" if script.startswith("guest/") else "bash"
     assert os.access(path, os.X_OK)
     r = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr

@@ -73,10 +73,17 @@ def main() -> int:
     decisions: list[dict[str, int | str]] = []
     base = policy.xen_default(max_iters=4, threshold=50)
 
-    def lab_policy(st: policy.PrecopyStats) -> policy.Decision:
-        d = base(st)
-        decisions.append({"iteration": st.iteration, "dirty": st.dirty_count, "decision": d.name})
-        return d
+    def lab_policy(st: policy.PrecopyStats) -> policy.Verdict:
+        v = policy.as_verdict(base(st))
+        decisions.append(
+            {
+                "iteration": st.iteration,
+                "dirty": st.dirty_count,
+                "decision": v.decision.name,
+                "reason": v.reason,
+            }
+        )
+        return v
 
     async def suspend() -> int:
         proc = await asyncio.create_subprocess_exec(str(SUSPEND), str(args.domid))
