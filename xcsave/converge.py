@@ -21,6 +21,11 @@ first round (nothing sent before it) is never hot.
 Pure: it reads only the :class:`~xcsave.policy.PrecopyStats` it is given,
 never a clock, so it decides the same on a recorded curve, in a test and in
 the planner's model.  One instance per save (it counts hot rounds).
+
+What a round sent is counted from ``total_written`` between the questions
+that carry a dirty count: libxc (the xen backend) asks twice a round, once
+after sending with ``dirty_count`` -1 (not counted: nothing is known of the
+guest) and once with the count; the sim engine asks once.
 """
 
 from __future__ import annotations
@@ -62,10 +67,15 @@ class AutoConverge:
         self.rounds, self.threshold = rounds, threshold
         self.throttle = 0  # what it asked for last (percent)
         self._hot = 0  # hot rounds in a row
+        self._written: int | None = None  # total_written at the last counted question
 
     def __call__(self, st: PrecopyStats) -> Verdict:
         v = as_verdict(self.inner(st))
-        hot = st.sent > 0 and st.dirty_count > self.threshold * st.sent
+        if st.dirty_count < 0:
+            return v  # libxc's second question of a round (see the module docstring)
+        sent = st.total_written - self._written if self._written is not None else 0
+        self._written = st.total_written
+        hot = sent > 0 and st.dirty_count > self.threshold * sent
         self._hot = self._hot + 1 if hot else 0
         if v.decision != Decision.CONTINUE:
             return v  # the guest stops (or the save ends): the save lifts the throttle
@@ -75,8 +85,8 @@ class AutoConverge:
         before = self.throttle
         self.throttle = self.initial if before == 0 else min(before + self.increment, self.ceiling)
         why = (
-            f"dirtied {st.dirty_count} while sending {st.sent} pages"
-            f" ({st.dirty_count / st.sent:.0%}), {self.rounds} round(s) running:"
+            f"dirtied {st.dirty_count} while sending {sent} pages"
+            f" ({st.dirty_count / sent:.0%}), {self.rounds} round(s) running:"
             f" throttle {before}% -> {self.throttle}%"
         )
         return replace(v, reason=f"{v.reason}; {why}" if v.reason else why, throttle=self.throttle)
