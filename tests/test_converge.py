@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import signal
 import struct
@@ -460,3 +461,39 @@ async def test_a_guest_dirtying_faster_than_the_link_converges(shm_dir: Path) ->
     assert last / link_pages <= TARGET_S, conv.pages_per_round  # downtime under the target
     assert last < plain.pages_per_round[-1] / 5
     assert conv.save.throttle is not None and conv.save.throttle.max_percent >= 50
+
+
+def test_cli_auto_converge_reports_the_throttle(dirtier: Path, sim_env: dict[str, str]) -> None:
+    """``save --auto-converge --json`` into a slow reader: the guest is
+    throttled, the JSON result says how much, and it is lifted after."""
+    env = dict(sim_env, XCSAVE_SIM_DIR=str(dirtier.parent))
+    cmd = [sys.executable, "-P", "-m", "xcsave", "save", "--sim", str(dirtier), "--live"]
+    cmd += ["--policy", "max-iters:6", "--auto-converge=40:30", "--json", "-"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as p:
+        assert p.stdout is not None and p.stderr is not None
+        while p.stdout.read(16384):  # a slow link: every round finds the guest's pages dirty
+            time.sleep(0.002)
+        err = p.stderr.read().decode()
+        assert p.wait(60) == 0, err
+    doc = json.loads(err.strip().splitlines()[-1])
+    thr = doc["throttle"]
+    assert thr["actuator"] == "sim throttle" and thr["restored"] == 0
+    assert thr["max_percent"] in (40, 70, 99)
+    assert 40 <= thr["mean_percent"] <= thr["max_percent"]
+    assert sim.throttle(dirtier) == 0
+
+
+@pytest.mark.parametrize("value", ["x", "0:10", "20:10:100", "20", "50:10:40"])
+def test_cli_auto_converge_garbage_is_a_usage_error(
+    value: str, sim_env: dict[str, str], tmp_path: Path
+) -> None:
+    cmd = [sys.executable, "-P", "-m", "xcsave", "save", "--sim", "d", "--live"]
+    r = subprocess.run(
+        [*cmd, f"--auto-converge={value}", str(tmp_path / "o")],
+        env=sim_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert "--auto-converge" in r.stderr and "Traceback" not in r.stderr
