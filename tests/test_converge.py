@@ -379,6 +379,30 @@ async def test_xen_auto_converge_sets_and_lifts_the_cap(fakexen: Path) -> None:
     assert res.throttle is not None and res.throttle.max_percent == 99
 
 
+async def test_xen_cap_restored_after_a_failed_save(
+    fakexen: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fakexen.write_text("128 150\n")
+    monkeypatch.setenv("FAKEXEN_FAIL", "suspend")  # fails after the guest was capped
+    seen: list[str] = []
+
+    def suspend() -> int:
+        seen.append(fakexen.read_text())
+        return 1
+
+    pol = auto_converge(policy.max_iterations(4), initial=60, rounds=1)
+    with pytest.raises(xcsave.HelperFailed):
+        await xcsave.save(
+            fakexen.parent / "x.img",
+            domid=5,
+            live=True,
+            policy=pol,
+            callbacks=xcsave.Callbacks(suspend=suspend, switch_qemu_logdirty=lambda d, e: 0),
+        )
+    assert seen == ["128 80\n"]  # 60, 70, then 80%: (100 - 80) x 4, tighter than its 150
+    assert fakexen.read_text() == "128 150\n"  # its own cap again
+
+
 async def test_xen_not_credit2_is_refused_before_the_save(
     fakexen: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -401,6 +425,7 @@ def test_sched_cap_mode_refuses_garbage_argv() -> None:
     helper = str(xcsave.helper_path())
     for argv in (
         ["--domid", "x"],
+        ["--domid", "99999999999"],
         ["--domid", "1", "--cap", "70000"],
         ["--domid", "1", "--cap", "-1"],
         ["--cap", "5"],
