@@ -522,3 +522,17 @@ def test_cli_auto_converge_garbage_is_a_usage_error(
     )
     assert r.returncode == 2
     assert "--auto-converge" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_sim_throttle(sim_env: dict[str, str]) -> None:
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-P", "-m", "xcsave", "sim", *argv]
+        return subprocess.run(cmd, env=sim_env, capture_output=True, text=True, check=False)
+
+    assert run("create", "d", "--memory", "1M").returncode == 0
+    assert run("throttle", "d").stdout == "throttle: 0%\n"
+    assert run("throttle", "d", "35").stdout == "throttle: 35%\n"
+    assert '"throttle": 35' in run("info", "d", "--json").stdout
+    bad = run("throttle", "d", "100")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert run("throttle", "d", "0").stdout == "throttle: 0%\n"
