@@ -403,6 +403,34 @@ async def test_xen_cap_restored_after_a_failed_save(
     assert fakexen.read_text() == "128 150\n"  # its own cap again
 
 
+async def test_xen_cap_restored_after_a_cancelled_save(fakexen: Path) -> None:
+    """Cancelled while the guest is capped: the lift runs another helper
+    (sched-cap) inside the cancellation, to its end."""
+    capped = asyncio.Event()
+
+    async def pol(st: PrecopyStats) -> Verdict:
+        if fakexen.exists() and fakexen.read_text() == "256 200\n":  # (100 - 50) x 4
+            capped.set()
+            await asyncio.sleep(3600)
+        return Verdict(Decision.CONTINUE, "", 50)
+
+    task = asyncio.create_task(
+        xcsave.save(
+            fakexen.parent / "x.img",
+            domid=5,
+            live=True,
+            policy=pol,  # type: ignore[arg-type]
+            callbacks=xcsave.Callbacks(suspend=lambda: 1, switch_qemu_logdirty=lambda d, e: 0),
+        )
+    )
+    await asyncio.wait_for(capped.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fakexen.read_text() == "256 0\n"
+    assert not (fakexen.parent / "x.img").exists()
+
+
 async def test_xen_not_credit2_is_refused_before_the_save(
     fakexen: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
