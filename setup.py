@@ -146,6 +146,8 @@ class build_ext(_pybind_build_ext):
         sources = [
             "csrc/helper_main.c",
             "csrc/backend_sim.c",
+            # the sched-cap mode; with the xen backend, built below as GNU C
+            *([] if self._have_xen else ["csrc/sched_cap.c"]),
             "csrc/tunnel_tls.c",
             "csrc/wire.c",
             "csrc/wire_frame.c",
@@ -168,7 +170,7 @@ class build_ext(_pybind_build_ext):
             # Xen's public headers use anonymous unions: GNU C, not ISO C11.
             xen_flags = [("-std=gnu11" if f == "-std=c11" else f) for f in C_FLAGS]
             objs += self.compiler.compile(
-                ["csrc/backend_xen.c"],
+                ["csrc/backend_xen.c", "csrc/sched_cap.c"],
                 output_dir=out_dir,
                 macros=defines,
                 include_dirs=include_dirs,

@@ -117,6 +117,7 @@ py::dict sim_info(const std::string &path)
     out["size"] = h->file_size;
     out["seed"] = h->seed;
     out["fill"] = xcs_sim_fill_name((xcs_sim_fill)h->fill);
+    out["throttle"] = xcs_sim_get_throttle(&d.dom); // as stored: may be garbage
     return out;
 }
 
@@ -163,6 +164,19 @@ void sim_set_logdirty(const std::string &path, bool enable)
         xcs_sim_logdirty_enable(&d.dom);
     else
         xcs_sim_logdirty_disable(&d.dom);
+}
+
+// Auto-converge's actuator for a sim domain (xcsave/throttle.py): the
+// percent of its time the guest is kept from running.
+void sim_set_throttle(const std::string &path, int64_t percent)
+{
+    if (percent < 0 || percent > (int64_t)XCS_SIM_THROTTLE_MAX)
+        throw py::value_error("throttle must be a percent from 0 to " +
+                              std::to_string(XCS_SIM_THROTTLE_MAX) + ", not " +
+                              std::to_string(percent));
+    SimDom d(path, 0);
+    if (xcs_sim_set_throttle(&d.dom, (unsigned int)percent) < 0)
+        raise_errno(errno, path);
 }
 
 // fill_name "" (or None from Python): the fill the domain was created with.
@@ -447,6 +461,9 @@ void register_sim(py::module_ &m)
           "Set running/paused/suspended; leaving running waits for writers.");
     m.def("sim_set_logdirty", &sim_set_logdirty, "path"_a, "enable"_a,
           "Turn log-dirty on (clearing the bitmap) or off.");
+    m.def("sim_set_throttle", &sim_set_throttle, "path"_a, "percent"_a,
+          "Set the throttle: the percent (0..99) of its time the guest is kept "
+          "from running (sim dirty writes that much less; 0 lifts it).");
     m.def("sim_dirty", &sim_dirty, "path"_a, "rate"_a, "duration"_a,
           "seed"_a = 0, py::kw_only(), "fill"_a = "",
           "Dirty pages at rate pages/s (0 = flat out) for duration s while "

@@ -175,4 +175,7 @@ int xcs_wire(const struct xcs_op *op);
 ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
                              const uint8_t **body, uint32_t *body_len);
 
+/* The one-shot --xcsave-1 sched-cap mode (sched_cap.c): its whole run. */
+int xcs_sched_cap_main(int argc, char **argv);
+
 #endif /* XCS_HELPER_H */

@@ -3,7 +3,7 @@ xcsave native fast paths (simulated domains, stream tools)
 """
 from __future__ import annotations
 import typing
-__all__: list[str] = ['BACKENDS', 'FORMATS', 'SIM_MAX_PAGES', 'SIM_MAX_VCPUS', 'STREAM_TYPES', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state', 'sniff_format']
+__all__: list[str] = ['BACKENDS', 'FORMATS', 'SIM_MAX_PAGES', 'SIM_MAX_VCPUS', 'STREAM_TYPES', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state', 'sim_set_throttle', 'sniff_format']
 def convert_legacy(in_fd: typing.SupportsInt | typing.SupportsIndex, out_fd: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, guest: str, fmt: str = 'libxc', xl_in: bool = False, xl_out: bool = False, stream_type: str = 'plain', skip_qemu: bool = False) -> dict[str, typing.Any]:
     """
     Convert a legacy (pre-4.6) stream to v3; returns statistics.
@@ -51,6 +51,10 @@ def sim_set_logdirty(path: str, enable: bool) -> None:
 def sim_set_state(path: str, state: str) -> None:
     """
     Set running/paused/suspended; leaving running waits for writers.
+    """
+def sim_set_throttle(path: str, percent: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Set the throttle: the percent (0..99) of its time the guest is kept from running (sim dirty writes that much less; 0 lifts it).
     """
 def sniff_format(head: bytes) -> str | None:
     """

@@ -28,6 +28,7 @@ __all__ = [
     "Reply",
     "RestoreStats",
     "RestoreStatsEvent",
+    "SchedCapEvent",
     "Stats",
     "StatsEvent",
     "TlsPeerEvent",
@@ -195,6 +196,16 @@ class WireLostEvent(Event, kind="wire_lost"):
     why: str  # "EOF", "connection reset", "idle for 5000 ms"
 
 
+@dataclass(frozen=True, slots=True)
+class SchedCapEvent(Event, kind="sched_cap"):
+    """A domain's scheduler and credit2 cap before a ``sched-cap`` run (``sched_cap``)."""
+
+    sched_id: int  # xen/domctl.h's XEN_SCHEDULER_* (6: credit2)
+    vcpus: int  # the domain's vCPUs (max_vcpu_id + 1)
+    weight: int
+    cap: int  # percent of one pCPU for the whole domain (0: none)
+
+
 #: Message name -> the event it becomes: (op, domain, args) -> event.
 EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "log": LogEvent.from_frame,
@@ -204,4 +215,5 @@ EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "restore_stats": RestoreStatsEvent.from_frame,
     "wire_stats": WireStatsEvent.from_frame,
     "wire_lost": WireLostEvent.from_frame,
+    "sched_cap": SchedCapEvent.from_frame,
 }

@@ -26,7 +26,7 @@ from . import files, formats, lock, proto
 from ._log import logger
 from .defaults import MAX_COPY_THREADS, PAGE_SIZE
 from .errors import BackendUnavailable, StreamError
-from .events import Event
+from .events import Event, ThrottleEvent
 from .policy import Policy
 from .supervisor import (
     Callbacks,
@@ -38,6 +38,7 @@ from .supervisor import (
     xen_restore_args,
     xen_save_args,
 )
+from .throttle import Throttle, for_domain, uncancellable
 
 __all__ = ["FORMATS", "STREAM_TYPES", "SimTarget", "restore", "save"]
 
@@ -405,6 +406,7 @@ class _Job:
         sim: str | os.PathLike[str] | None,
         on_failure: Callable[[int], object] | None = None,
         on_commit: Callable[[], None] | None = None,
+        throttle: Throttle | None = None,
     ) -> RunResult:
         """Run the helper with ``args`` (its fds ``pass_fds``) to its end."""
         spec = HelperSpec(
@@ -418,6 +420,7 @@ class _Job:
             helper=Path(self.helper) if self.helper is not None else None,
             on_failure=on_failure,
             on_commit=on_commit,
+            throttle=throttle,
         )
         async with contextlib.AsyncExitStack() as stack:
             sup = self.supervisor
@@ -507,47 +510,83 @@ async def save(
     with _lock(sim, domid) as lock_fd:
         # The source's state before we touch it, for the undo after a failure.
         undo = _sim_save_undo(sim_path) if sim_path else None
-        async with _open_out(out, (lambda: undo(0)) if undo else None) as o:
-            io_fd, owned = high_fd(o.fd)
-            try:
-                if d is proto.XEN_417:
-                    assert domid is not None
-                    args = xen_save_args(
-                        io_fd, domid, xcflags=xcflags, cbflags=cbflags, stream_type=st
+        # Auto-converge's actuator (a policy may answer with a throttle): set
+        # through the supervisor before its reply, lifted here whatever
+        # happens (success, failure, cancellation, a helper that died).  A
+        # policy that says it throttles has the domain checked first.
+        throttle = None
+        if policy is not None:
+            throttle = for_domain("save", sim=sim_path, domid=domid, helper=helper)
+            throttle.on_event = on_event
+            if getattr(policy, "throttles", False):
+                await throttle.prepare()
+        try:
+            xl = os.fspath(xl_config) if xl_config is not None else None
+            async with _open_out(out, (lambda: undo(0)) if undo else None) as o:
+                io_fd, owned = high_fd(o.fd)
+                try:
+                    if d is proto.XEN_417:
+                        assert domid is not None
+                        args = xen_save_args(
+                            io_fd, domid, xcflags=xcflags, cbflags=cbflags, stream_type=st
+                        )
+                    else:
+                        args = job.xcs_args(
+                            io_fd,
+                            {
+                                "sim": sim_path,
+                                "flags": xcflags,
+                                "cbflags": cbflags,
+                                "stream_type": st,
+                                "format": fmt,
+                                "checkpoints": checkpoints or None,
+                                "interval_ms": interval_ms or None,
+                                "xl_config": xl,
+                                "copy_threads": copy_threads if copy_threads != 1 else None,
+                                "idle_timeout_ms": idle_ms,
+                                # The helper removes it if the save is not
+                                # committed: even when we were SIGKILLed.
+                                "out_tmp": os.fspath(o.tmp) if o.tmp is not None else None,
+                            },
+                        )
+                    # The image is committed by the supervisor between the
+                    # helper's complete and its reply (on_commit): a toolstack
+                    # killed before the commit leaves a helper that puts the
+                    # source back, never a suspended source without an image.
+                    res = await job.run(
+                        args,
+                        (io_fd, lock_fd),
+                        sim=sim_path,
+                        on_failure=undo,
+                        on_commit=o.on_commit,
+                        throttle=throttle,
                     )
-                else:
-                    args = job.xcs_args(
-                        io_fd,
-                        {
-                            "sim": sim_path,
-                            "flags": xcflags,
-                            "cbflags": cbflags,
-                            "stream_type": st,
-                            "format": fmt,
-                            "checkpoints": checkpoints or None,
-                            "interval_ms": interval_ms or None,
-                            "xl_config": os.fspath(xl_config) if xl_config is not None else None,
-                            "copy_threads": copy_threads if copy_threads != 1 else None,
-                            "idle_timeout_ms": idle_ms,
-                            # The helper removes it if the save is not
-                            # committed: even when we were SIGKILLed.
-                            "out_tmp": os.fspath(o.tmp) if o.tmp is not None else None,
-                        },
-                    )
-                # The image is committed by the supervisor between the
-                # helper's complete and its reply (on_commit): a toolstack
-                # killed before the commit leaves a helper that puts the
-                # source back, never a suspended source without an image.
-                return await job.run(
-                    args,
-                    (io_fd, lock_fd),
-                    sim=sim_path,
-                    on_failure=undo,
-                    on_commit=o.on_commit,
-                )
-            finally:
-                if owned:
-                    os.close(io_fd)
+                finally:
+                    if owned:
+                        os.close(io_fd)
+        finally:
+            lifted = await _lift(throttle)
+        res.throttle = lifted
+        return res
+
+
+async def _lift(throttle: Throttle | None) -> ThrottleEvent | None:
+    """Lift auto-converge's throttle, to its end even when cancelled.  A
+    lift that fails is logged (the guest stays throttled: the one line says
+    what to put back), never raised over the save's own outcome."""
+    if throttle is None:
+        return None
+    try:
+        return await uncancellable(throttle.lift())
+    except Exception as e:
+        log.error(
+            "%s: could not lift auto-converge's throttle (%s %s was there before): %s",
+            throttle.domain,
+            throttle.kind,
+            throttle.before,
+            e,
+        )
+        return None
 
 
 async def restore(

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, formats, policy
+from . import __version__, converge, formats, policy
 from ._argparse import Parser, integer, seconds, size
 from ._log import logger
 from .cli_run import (
@@ -29,6 +29,7 @@ from .defaults import CHANNELS, DOM_HELP, IDLE_TIMEOUT, MAX_COPY_THREADS, MAX_DO
 from .errors import UsageError, XcsaveError, oserror_text
 
 if TYPE_CHECKING:
+    from .events import ThrottleEvent
     from .supervisor import Callbacks, RunResult
 
 # asyncio, the API and the supervisor are imported by the commands that run
@@ -150,7 +151,30 @@ def _result_json(res: RunResult, **what: object) -> str:
     if res.store_gfn is not None:
         doc["store_gfn"] = res.store_gfn
         doc["console_gfn"] = res.console_gfn
+    if res.throttle is not None:
+        doc["throttle"] = throttle_json(res.throttle)
     return json.dumps(doc, sort_keys=True)
+
+
+def throttle_json(ev: ThrottleEvent) -> dict[str, object]:
+    """Auto-converge's effect, for ``--json`` (save and migrate)."""
+    return {
+        "actuator": ev.actuator,
+        "seconds": round(ev.seconds, 3),
+        "max_percent": ev.max_percent,
+        "mean_percent": round(ev.mean_percent, 1),
+        "restored": ev.restored,
+    }
+
+
+def throttle_text(ev: ThrottleEvent | None) -> str:
+    """Auto-converge's effect, for the result line ("" when never throttled)."""
+    if ev is None:
+        return ""
+    return (
+        f"; the guest ran throttled {ev.seconds:.1f} s (at most {ev.max_percent}%, "
+        f"{ev.mean_percent:.0f}% on average), now lifted"
+    )
 
 
 def _say(args: argparse.Namespace, line: str) -> None:
@@ -216,7 +240,7 @@ def do_save(args: argparse.Namespace) -> int:
                 out,
                 live=args.live,
                 callbacks=cmd_callbacks(args),
-                policy=args.policy,
+                policy=live_policy(args),
                 checkpoints=args.checkpoints,
                 interval_ms=args.interval_ms,
                 copy_threads=args.copy_threads,
@@ -228,7 +252,7 @@ def do_save(args: argparse.Namespace) -> int:
     if args.json:
         _say(args, _result_json(res, op="save", domain=dom, out=where, format=args.format))
     else:
-        _say(args, f"saved {dom} to {where}: {_describe(res)}")
+        _say(args, f"saved {dom} to {where}: {_describe(res)}{throttle_text(res.throttle)}")
     return 0
 
 
@@ -351,13 +375,43 @@ def add_bounds_flags(p: argparse.ArgumentParser, *, max_memory: str | None) -> N
 
 
 def add_live_flags(p: argparse.ArgumentParser) -> None:
-    """``--live`` and ``--policy POLICY`` (save and migrate)."""
+    """``--live``, ``--policy POLICY`` and ``--auto-converge`` (save and migrate)."""
     p.add_argument("--live", action="store_true", help="live precopy rounds")
     p.add_argument(
         "--policy",
         type=parse_policy,
         metavar="POLICY",
         help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort (default: xen)",
+    )
+    p.add_argument(
+        "--auto-converge",
+        nargs="?",
+        const=converge.DEFAULTS,
+        type=_parse_auto_converge,
+        metavar="I:N[:C]",
+        help="slow the guest down while it dirties faster than the link sends: a throttle "
+        "of I%% (default 20), raised N (10) at a time up to C%% (99), lifted at the end "
+        "whatever happens; wraps --policy (sim: the domain's throttle; Xen: credit2 cap)",
+    )
+
+
+def _parse_auto_converge(text: str) -> tuple[int, int, int]:
+    try:
+        return converge.parse_auto_converge(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def live_policy(args: argparse.Namespace) -> policy.Policy | None:
+    """``--policy``, wrapped in auto-converge with ``--auto-converge``."""
+    if args.auto_converge is None:
+        return args.policy  # type: ignore[no-any-return]
+    initial, increment, ceiling = args.auto_converge
+    return converge.auto_converge(
+        args.policy or policy.xen_default(),
+        initial=initial,
+        increment=increment,
+        ceiling=ceiling,
     )
 
 

@@ -27,7 +27,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from .cli import FORMATS, add_bounds_flags, add_live_flags
+from .cli import (
+    FORMATS,
+    add_bounds_flags,
+    add_live_flags,
+    live_policy,
+    throttle_json,
+    throttle_text,
+)
 from .cli_run import (
     Terminated,
     add_logging_flags,
@@ -352,7 +359,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             sim=args.sim,
             to=args.to,
             live=args.live,
-            policy=args.policy,
+            policy=live_policy(args),
             fmt=args.format,
             **send_options(args, rend),
         )
@@ -370,15 +377,19 @@ def _result_json(event: str, res: MigrationResult | ReceiveResult) -> dict[str, 
 
 def migration_json(res: MigrationResult) -> dict[str, Any]:
     st = res.save.stats
-    return _result_json("migrated", res) | {
-        "rounds": st.rounds if st else None,
-        "pages_per_round": list(res.pages_per_round),
-        "pages_sent": st.pages_sent if st else None,
-        "bytes": res.bytes,
-        "gbps": round(res.gbps, 3),
-        "downtime_ms": round(res.downtime_ns / 1e6, 3),
-        "seconds": round(res.seconds, 3),
-    }
+    return (
+        _result_json("migrated", res)
+        | {
+            "rounds": st.rounds if st else None,
+            "pages_per_round": list(res.pages_per_round),
+            "pages_sent": st.pages_sent if st else None,
+            "bytes": res.bytes,
+            "gbps": round(res.gbps, 3),
+            "downtime_ms": round(res.downtime_ns / 1e6, 3),
+            "seconds": round(res.seconds, 3),
+        }
+        | ({"throttle": throttle_json(res.save.throttle)} if res.save.throttle else {})
+    )
 
 
 def migration_text(res: MigrationResult) -> str:
@@ -388,6 +399,7 @@ def migration_text(res: MigrationResult) -> str:
         f"migrated {res.domain} to {res.peer}: {rounds}{res.bytes / 2**20:.1f} MiB "
         f"at {res.gbps:.2f} GB/s, downtime {res.downtime_ns / 1e6:.1f} ms "
         "(suspended here until running there); it runs there, ours stays suspended"
+        + throttle_text(res.save.throttle)
     )
 
 

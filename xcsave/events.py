@@ -17,6 +17,7 @@ from ._event import Event
 from ._msgs import (
     LogEvent,
     RestoreStatsEvent,
+    SchedCapEvent,
     StatsEvent,
     TlsPeerEvent,
     TunnelStatsEvent,
@@ -33,7 +34,9 @@ __all__ = [
     "PolicyEvent",
     "ProgressEvent",
     "RestoreStatsEvent",
+    "SchedCapEvent",
     "StatsEvent",
+    "ThrottleEvent",
     "TlsPeerEvent",
     "TunnelStatsEvent",
     "WireLostEvent",
@@ -81,6 +84,18 @@ class DoneEvent(Event, kind="done"):
     ok: bool
     error: str
     elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleEvent(Event, kind="throttle"):
+    """Auto-converge's throttle was lifted (:mod:`xcsave.throttle`): what it
+    cost the guest.  Also the save's ``RunResult.throttle``."""
+
+    actuator: str  # "sim throttle" | "credit2 cap"
+    seconds: float  # how long the guest ran throttled (until precopy ended or the lift)
+    max_percent: int  # the hardest throttle (percent of its time taken away)
+    mean_percent: float  # time-weighted over those seconds
+    restored: int  # the actuator's value put back (sim: its throttle; xen: its cap, 0 none)
 
 
 @dataclass(frozen=True, slots=True)

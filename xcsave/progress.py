@@ -28,6 +28,7 @@ from .events import (
     ProgressEvent,
     RestoreStatsEvent,
     StatsEvent,
+    ThrottleEvent,
 )
 
 MODES = ("auto", "bar", "plain", "json", "none")
@@ -162,6 +163,12 @@ class Renderer:
         elif isinstance(ev, DoneEvent):
             status = "done" if ev.ok else f"failed: {ev.error}"
             self.out.write(f"{key}: {status} in {ev.elapsed:.2f} s\n")
+        elif isinstance(ev, ThrottleEvent):
+            self.out.write(
+                f"{key}: {ev.actuator} lifted ({ev.restored} put back): the guest ran "
+                f"throttled {ev.seconds:.2f} s, at most {ev.max_percent}%, "
+                f"{ev.mean_percent:.0f}% on average\n"
+            )
         self.out.flush()
 
     def _bar(self, ev: Event) -> None:

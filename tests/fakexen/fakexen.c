@@ -1935,3 +1935,186 @@ out:
         errno = saved_errno;
     return rc;
 }
+
+/*----- the scheduler: credit2 caps (auto-converge's xen actuator) -----*/
+
+/*
+ * xc_domain_getinfo, xc_cpupool_getinfo/_infofree and
+ * xc_sched_credit2_domain_get/_set, for the helper's sched-cap mode
+ * (csrc/sched_cap.c).  Knobs, read at each call (README.md):
+ *   FAKEXEN_SCHED     the cpupool's scheduler: credit2 (default), credit,
+ *                     or an XEN_SCHEDULER_* number
+ *   FAKEXEN_VCPUS     the domain's vCPUs (default 2)
+ *   FAKEXEN_CAP_FILE  "WEIGHT CAP\n": the domain's credit2 parameters, read
+ *                     by _get and rewritten (whole, renamed into place) by
+ *                     _set, so a test reads back what was set; missing:
+ *                     weight 256, cap 0.  Unset: kept in memory only.
+ */
+#define FX_DEFAULT_VCPUS 2UL
+#define FX_DEFAULT_WEIGHT 256U
+
+static struct xen_domctl_sched_credit2 fx_sched_mem = {FX_DEFAULT_WEIGHT, 0};
+
+static int fx_sched_id(xc_interface *xch, uint32_t *out)
+{
+    const char *v = getenv("FAKEXEN_SCHED");
+    unsigned long n;
+
+    if (!v || !*v || !strcmp(v, "credit2"))
+        *out = XEN_SCHEDULER_CREDIT2;
+    else if (!strcmp(v, "credit"))
+        *out = XEN_SCHEDULER_CREDIT;
+    else if (fx_parse_ulong(v, 255, &n))
+        *out = (uint32_t)n;
+    else {
+        fx_error(xch, "fakexen: bad FAKEXEN_SCHED '%s'", v);
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
+}
+
+int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid,
+                      unsigned int max_doms, xc_dominfo_t *info)
+{
+    const char *v = getenv("FAKEXEN_VCPUS");
+    unsigned long vcpus = FX_DEFAULT_VCPUS;
+
+    if (v && *v && (!fx_parse_ulong(v, 128, &vcpus) || vcpus == 0)) {
+        fx_error(xch, "fakexen: bad FAKEXEN_VCPUS '%s' (1..128)", v);
+        errno = EINVAL;
+        return -1;
+    }
+    if (max_doms == 0)
+        return 0;
+    memset(info, 0, sizeof(*info));
+    info->domid = first_domid;
+    info->hvm = 1;
+    info->nr_online_vcpus = (unsigned int)vcpus;
+    info->max_vcpu_id = (unsigned int)vcpus - 1;
+    info->cpupool = 0;
+    return 1;
+}
+
+xc_cpupoolinfo_t *xc_cpupool_getinfo(xc_interface *xch, uint32_t poolid)
+{
+    xc_cpupoolinfo_t *info = calloc(1, sizeof(*info));
+
+    if (!info)
+        return NULL;
+    info->cpupool_id = poolid;
+    if (fx_sched_id(xch, &info->sched_id) < 0) {
+        free(info);
+        return NULL;
+    }
+    return info;
+}
+
+void xc_cpupool_infofree(xc_interface *xch, xc_cpupoolinfo_t *info)
+{
+    (void)xch;
+    free(info);
+}
+
+/*
+ * Before a credit2 call: EINVAL on a domain under another scheduler, as
+ * Xen; *path is FAKEXEN_CAP_FILE (NULL: the parameters live in memory).
+ */
+static int fx_credit2_check(xc_interface *xch, const char **path)
+{
+    uint32_t id;
+
+    *path = getenv("FAKEXEN_CAP_FILE");
+    if (*path && !**path)
+        *path = NULL;
+    if (fx_sched_id(xch, &id) < 0)
+        return -1;
+    if (id != XEN_SCHEDULER_CREDIT2) {
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
+}
+
+int xc_sched_credit2_domain_get(xc_interface *xch, uint32_t domid,
+                                struct xen_domctl_sched_credit2 *sdom)
+{
+    const char *path;
+    unsigned int weight, cap;
+    FILE *f = NULL;
+    int rc = -1;
+
+    (void)domid;
+    if (fx_credit2_check(xch, &path) < 0)
+        goto out;
+    *sdom = fx_sched_mem;
+    if (!path) {
+        rc = 0;
+        goto out;
+    }
+    f = fopen(path, "re");
+    if (!f) {
+        if (errno == ENOENT) {
+            sdom->weight = FX_DEFAULT_WEIGHT;
+            sdom->cap = 0;
+            rc = 0;
+        }
+        goto out;
+    }
+    if (fscanf(f, "%u %u", &weight, &cap) != 2 || weight > 65535 || cap > 65535) {
+        fx_error(xch, "fakexen: FAKEXEN_CAP_FILE %s is not 'WEIGHT CAP'", path);
+        errno = EINVAL;
+        goto out;
+    }
+    sdom->weight = (uint16_t)weight;
+    sdom->cap = (uint16_t)cap;
+    rc = 0;
+
+out:
+    if (f)
+        fclose(f);
+    return rc;
+}
+
+int xc_sched_credit2_domain_set(xc_interface *xch, uint32_t domid,
+                                struct xen_domctl_sched_credit2 *sdom)
+{
+    const char *path;
+    char tmp[4096];
+    FILE *f = NULL;
+    int rc = -1;
+
+    (void)domid;
+    if (fx_credit2_check(xch, &path) < 0)
+        goto out;
+    if (!path) {
+        fx_sched_mem = *sdom;
+        rc = 0;
+        goto out;
+    }
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) {
+        errno = ENAMETOOLONG;
+        goto out;
+    }
+    f = fopen(tmp, "we");
+    if (!f)
+        goto out;
+    {
+        int wrote = fprintf(f, "%u %u\n", sdom->weight, sdom->cap);
+        int closed = fclose(f);
+
+        f = NULL;
+        if (wrote < 0 || closed != 0) {
+            unlink(tmp);
+            goto out;
+        }
+    }
+    if (rename(tmp, path) < 0)
+        goto out;
+    rc = 0;
+
+out:
+    if (f)
+        fclose(f);
+    return rc;
+}
