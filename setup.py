@@ -8,7 +8,8 @@ it next to the extension, and it is never put on ``$PATH``.
 Native sources:
   csrc/core/*.c        shared by the helper and the extension (stream engine,
                        simulated domains, legacy reader; the verifier scan.c
-                       is the extension's only)
+                       and the skeletons skeleton.c
+                       are the extension's only)
   csrc/helper_main.c   the helper: argv, protocol loop, backend dispatch
   csrc/backend_*.c     helper backends; backend_xen.c only when xenguest.h is
                        found (Debian libxen-dev) unless XCSAVE_XEN=0
@@ -54,8 +55,11 @@ def _rel(paths: list[str]) -> list[str]:
 
 
 CORE_SOURCES = _rel(glob(str(HERE / "csrc" / "core" / "*.c")))
-# The verifier serves the extension only: the helper restores and converts.
-HELPER_CORE_SOURCES = [s for s in CORE_SOURCES if os.path.basename(s) != "scan.c"]
+# The verifier and the skeletons serve the extension only: the helper
+# restores and converts.
+HELPER_CORE_SOURCES = [
+    s for s in CORE_SOURCES if os.path.basename(s) not in ("scan.c", "skeleton.c")
+]
 EXT_SOURCES = _rel(glob(str(HERE / "csrc" / "*.cpp")))
 
 
