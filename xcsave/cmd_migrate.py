@@ -27,7 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from .cli import FORMATS, add_bounds_flags, add_live_flags
+from .cli import FORMATS, add_bounds_flags, add_live_flags, live_policy
 from .cli_run import (
     Terminated,
     add_logging_flags,
@@ -354,7 +354,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             sim=args.sim,
             to=args.to,
             live=args.live,
-            policy=args.policy,
+            policy=live_policy(args),
             fmt=args.format,
             **send_options(args, rend),
         )
@@ -371,9 +371,12 @@ def _result_json(event: str, res: MigrationResult | ReceiveResult) -> dict[str, 
 
 
 def migration_json(res: MigrationResult) -> dict[str, Any]:
+    from .progress import policy_round
+
     st = res.save.stats
     return _result_json("migrated", res) | {
         "rounds": st.rounds if st else None,
+        "precopy_rounds": [policy_round(ev) for ev in res.save.rounds],
         "pages_per_round": list(res.pages_per_round),
         "pages_sent": st.pages_sent if st else None,
         "bytes": res.bytes,

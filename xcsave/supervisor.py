@@ -52,7 +52,7 @@ from .errors import (
     ProtocolError,
 )
 from .events import DoneEvent, Event, LogEvent, PolicyEvent, ProgressEvent
-from .policy import Curve, Verdict, as_verdict
+from .policy import Curve, Decision, Verdict, as_verdict
 
 __all__ = [
     "HELPER_NAME",
@@ -148,6 +148,7 @@ class RunResult:
     restore_stats: RestoreStats | None = None  # a restore's (xcsave-1)
     elapsed: float = 0.0
     logs: list[LogEvent] = field(default_factory=list)
+    rounds: list[PolicyEvent] = field(default_factory=list)  # each precopy decision, explained
 
 
 def _wrapper_argv() -> list[str]:
@@ -180,6 +181,7 @@ class HelperRun:
         self._restore_stats: RestoreStats | None = None
         self._backend: str | None = None
         self._logs: list[LogEvent] = []
+        self._rounds: list[PolicyEvent] = []
         self._stderr_tail: list[str] = []
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._reply_fd = -1  # our end of the helper's stdin
@@ -599,7 +601,7 @@ class HelperRun:
         op, dom = self.spec.mode, self.spec.domain
 
         def decided(v: Verdict) -> None:
-            self._emit(
+            self._rounds.append(
                 PolicyEvent(
                     op,
                     dom,
@@ -617,6 +619,7 @@ class HelperRun:
                     predicted_downtime_s=st.predicted_downtime_s,
                 )
             )
+            self._emit(self._rounds[-1])
             self._reply(int(v.decision))
 
         return self._then(self._call(frame.spec, fn, st, convert=self._verdict), decided)
@@ -700,6 +703,7 @@ class HelperRun:
             restore_stats=self._restore_stats,
             elapsed=time.monotonic() - self._t0,
             logs=self._logs,
+            rounds=self._rounds,
         )
 
     def _judge(self) -> RunResult:
@@ -745,6 +749,8 @@ class HelperRun:
             msg = f"{self._what()} failed"
             if last_error is not None:
                 msg += f": {last_error.context}: {last_error.message}"
+            if self._rounds and self._rounds[-1].decision == Decision.ABORT:
+                msg += f" ({self._rounds[-1].reason})" if self._rounds[-1].reason else ""
             exc = HelperFailed(msg, retval=retval, errno=err, **ids)
             self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, str(exc), elapsed))
             raise exc
