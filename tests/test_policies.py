@@ -128,7 +128,7 @@ def test_ramp_raises_the_target_then_aborts_at_the_ceiling() -> None:
     got = ask(ramp(), steady(900, 300, 280, 260, 255, 251, 251, 10))
     assert [v.decision for v in got] == [C, C, C, C, C, C, A]
     assert [v.reason for v in got] == [
-        "predicted downtime unknown (no round measured), so not yet <= target 100 ms",
+        "no round measured yet: not yet within target 100 ms",
         "predicted downtime 300 ms > target 100 ms",
         "predicted downtime 280 ms > target 200 ms",
         "predicted downtime 260 ms > target 200 ms",
@@ -157,11 +157,13 @@ def test_ramp_reads_the_round_number_not_its_history() -> None:
     assert fresh == ask(ramp(), rounds)
 
 
-def test_ramp_never_measured_aborts_at_the_end() -> None:
-    rounds = steady(-1, -1, -1, -1, -1, -1, -1)
-    got = ask(ramp(), rounds)
-    assert [v.decision for v in got] == [C] * 6 + [A]
-    assert got[-1].reason.startswith("predicted downtime unknown, not within the ceiling 250 ms")
+def test_ramp_never_counted_aborts_a_step_later() -> None:
+    """No dirty count never aborts at once (libxc asks once a round without
+    one), until a further EVERY rounds past the ceiling have brought none."""
+    got = ask(ramp(), steady(*[-1] * 10))
+    assert [v.decision for v in got] == [C] * 8 + [A]
+    assert got[0].reason == "dirty count unknown: not yet within target 100 ms"
+    assert got[-1].reason.startswith("dirty count unknown, not within the ceiling 250 ms")
 
 
 @pytest.mark.parametrize(
@@ -229,11 +231,14 @@ def test_guarantee_measures_one_round_before_it_can_say() -> None:
     )
 
 
-def test_guarantee_an_unknown_dirty_count_cannot_be_guaranteed() -> None:
+def test_guarantee_waits_one_question_for_a_dirty_count() -> None:
     st = steady(900, -1)[1]
-    got = as_verdict(policy.guarantee(0.3, always(Verdict(S)))(st))
-    assert got == Verdict(
-        A, "the dirty count is unknown: a downtime <= 300 ms cannot be guaranteed"
+    pol = policy.guarantee(0.3, always(Verdict(S, "stop")))
+    assert as_verdict(pol(st)) == Verdict(
+        C, "stop, but no dirty count: the next question has it (downtime <= 300 ms?)"
+    )
+    assert as_verdict(pol(st)) == Verdict(  # twice in a row: never known
+        A, "stop, but the dirty count is unknown: a downtime <= 300 ms cannot be guaranteed"
     )
 
 
@@ -245,6 +250,58 @@ def test_guarantee_around_xens_default() -> None:
     busy = ask(policy.guarantee(0.3), steady(5000, 5000, 5000, 5000, 5000))
     assert [v.decision for v in busy] == [C] * 4 + [A]
     assert busy[-1].reason == "5 rounds done, but predicted downtime 5000 ms > guaranteed 300 ms"
+
+
+# ----------------------------------------------------------------- libxc's questions
+
+
+def libxc(*dirty: int, pages: int = 10_000) -> list[PrecopyStats]:
+    """The questions libxc (the xen backend) asks, on a link of 1000
+    pages/s: before round 0 with every page dirty, then after each pass
+    with dirty_count -1 and again, once it has read the log, with the count
+    (the next pass sends it)."""
+    c = Curve()
+    out = [c.add(PrecopyStats(0, 0, pages), 0.0)]
+    t, written, to_send = 0.0, 0, pages
+    for x, d in enumerate(dirty, 1):
+        t += to_send / 1000
+        written += to_send
+        out.append(c.add(PrecopyStats(x, written, -1), t))
+        out.append(c.add(PrecopyStats(x, written, d), t))  # the log is read at once
+        to_send = d
+    return out
+
+
+def test_curve_measures_libxcs_rounds_between_counted_questions() -> None:
+    qs = libxc(5000, 400)
+    assert [q.dirty_count for q in qs] == [10_000, -1, 5000, -1, 400]
+    for q in qs[1:]:  # each measured from the last question with a count
+        assert q.send_rate == pytest.approx(1000.0)
+    assert qs[1].predicted_downtime_s is None
+    assert qs[2].predicted_downtime_s == pytest.approx(5.0)
+    assert qs[4].predicted_downtime_s == pytest.approx(0.4)
+    assert qs[4].round_s == pytest.approx(5.0)  # the pass of 5000 pages
+
+
+def test_guarantee_on_libxcs_questions() -> None:
+    """Xen's default stops on the question without a count (5 rounds done):
+    the guarantee decides on the next one, which has it."""
+    fine = ask(policy.guarantee(0.3), libxc(5000, 200, 100, 80, 60))
+    assert [v.decision for v in fine] == [C] * 10 + [S]
+    assert fine[-2].reason.startswith("5 rounds done, but no dirty count: the next question")
+    assert fine[-1].reason == "5 rounds done"
+    busy = ask(policy.guarantee(0.3), libxc(*[5000] * 5))
+    assert [v.decision for v in busy] == [C] * 10 + [A]
+    assert busy[-1].reason == "5 rounds done, but predicted downtime 5000 ms > guaranteed 300 ms"
+
+
+def test_ramp_and_stall_on_libxcs_questions() -> None:
+    # Round 7 is past the ceiling's rounds: its question without a count
+    # does not abort, its count (240 ms, within the ceiling) stops.
+    got = ask(ramp(), libxc(900, 300, 280, 260, 255, 251, 240))
+    assert [v.decision for v in got] == [C] * 14 + [S]
+    assert ask(ramp(), libxc(900, 300, 280, 260, 255, 251, 251))[-1].decision == A
+    assert decisions(policy.stall(2), libxc(500, 400, 450, 460)) == [C] * 8 + [S]
 
 
 # ----------------------------------------------------------------- composition

@@ -20,7 +20,7 @@ from conftest import fake_env
 
 import xcsave
 import xcsave.sync
-from xcsave import proto
+from xcsave import policy, proto
 from xcsave.events import Event, LogEvent, PolicyEvent, ProgressEvent
 from xcsave.policy import Decision, PrecopyStats
 from xcsave.supervisor import Callbacks, HelperSpec, Supervisor, xen_save_args
@@ -292,6 +292,45 @@ async def test_xcsave1_carries_precopy_policy(ours: Path, fake: FakeXen, tmp_pat
     assert any(s.dirty_count > 0 for s in asked)
     assert all(s.dirty_count >= -1 for s in asked)
     assert [e.decision for e in events if isinstance(e, PolicyEvent)][-1] == Decision.STOP_AND_COPY
+
+
+async def test_guarantee_decides_on_libxcs_counted_question(
+    ours: Path, fake: FakeXen, tmp_path: Path
+) -> None:
+    """libxc asks twice a round (after a pass with dirty_count -1, then with
+    the count): Xen's default stops on the first question of round 5, and the
+    guarantee decides on the second, whose round was measured."""
+    fake.set(dirty="400,300,200,150")
+    events: list[Event] = []
+    res = await xcsave.save(
+        tmp_path / "o",
+        domid=7,
+        live=True,
+        helper=ours,
+        callbacks=_save_cbs(),
+        policy=policy.guarantee(1e9),  # seconds: any measured prediction is within it
+        on_event=events.append,
+    )
+    asked = [e for e in events if isinstance(e, PolicyEvent)]
+    assert res.rounds == asked
+    put_off, stop = asked[-2:]
+    assert (put_off.iteration, put_off.dirty_count, put_off.decision) == (5, -1, Decision.CONTINUE)
+    assert put_off.reason.startswith("5 rounds done, but no dirty count: the next question")
+    assert (stop.iteration, stop.dirty_count, stop.decision) == (5, 150, Decision.STOP_AND_COPY)
+    assert stop.sent == 150 and stop.send_rate > 0  # measured from round 4's counted question
+    assert stop.predicted_downtime_s == pytest.approx(150 / stop.send_rate)
+
+    # Nothing is ever within 0 ms: the same save aborts on that question, saying why.
+    with pytest.raises(xcsave.HelperFailed, match=r"predicted downtime .* > guaranteed 0\.0 ms"):
+        await xcsave.save(
+            tmp_path / "o2",
+            domid=7,
+            live=True,
+            helper=ours,
+            callbacks=_save_cbs(),
+            policy=policy.guarantee(0.0),
+        )
+    assert not (tmp_path / "o2").exists()
 
 
 async def test_precopy_abort_fails_the_save(ours: Path, fake: FakeXen, tmp_path: Path) -> None:

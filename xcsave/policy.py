@@ -135,6 +135,13 @@ class Curve:
     that is the rate the guest dirtied while it ran, saturating at the
     working set).  The supervisor keeps one per save for the events; a
     stateful policy may keep its own.
+
+    A round is measured from the last question that carried a dirty count:
+    libxc (the xen backend) asks twice a round, once when a pass has been
+    sent, with dirty_count -1, and again a moment later with the count it
+    has just read; measured against the first, the second would see a
+    round of microseconds that sent nothing (no rate, no prediction).  The
+    sim engine asks once a round, always with the count.
     """
 
     def __init__(self) -> None:
@@ -144,7 +151,7 @@ class Curve:
         if not self.rounds:
             out = replace(st, elapsed=elapsed)
         else:
-            prev = self.rounds[-1]
+            prev = next((r for r in reversed(self.rounds) if r.dirty_count >= 0), self.rounds[-1])
             dt = max(elapsed - prev.elapsed, 0.0)
             sent = max(st.total_written - prev.total_written, 0)
             out = replace(
@@ -167,7 +174,9 @@ def ms_text(seconds: float) -> str:
 
 def _predicted(st: PrecopyStats) -> str:
     d = st.predicted_downtime_s
-    return "predicted downtime unknown" if d is None else f"predicted downtime {ms_text(d)}"
+    if d is not None:
+        return f"predicted downtime {ms_text(d)}"
+    return "dirty count unknown" if st.dirty_count < 0 else "no round measured yet"
 
 
 def xen_default(max_iters: int = XEN_MAX_ITERS, threshold: int = XEN_DIRTY_THRESHOLD) -> Policy:
@@ -208,8 +217,8 @@ def _target(st: PrecopyStats, target_s: float) -> Verdict:
             Decision.STOP_AND_COPY,
             f"predicted downtime {ms_text(downtime)} <= target {ms_text(target_s)}",
         )
-    over = ">" if downtime is not None else "(no round measured), so not yet <="
-    return Verdict(Decision.CONTINUE, f"{_predicted(st)} {over} target {ms_text(target_s)}")
+    over = " >" if downtime is not None else ": not yet within"
+    return Verdict(Decision.CONTINUE, f"{_predicted(st)}{over} target {ms_text(target_s)}")
 
 
 def downtime_target(max_downtime_s: float, *, max_iters: int = 30) -> Policy:
@@ -280,7 +289,9 @@ def downtime_ramp(start_s: float, step_s: float, every: int, ceiling_s: float) -
     the link can ever catch up within the ceiling.
 
     The step is read from the round number, not counted: the answer for a
-    round does not depend on which rounds the policy was asked about."""
+    round does not depend on which rounds the policy was asked about.  An
+    unknown dirty count (libxc asks once a round without it) never aborts,
+    until a further ``every`` rounds past the ceiling have brought none."""
     if not (0 <= start_s <= ceiling_s) or step_s <= 0 or every < 1:
         raise ValueError("a ramp needs 0 <= START <= CEILING, STEP > 0 and EVERY >= 1")
     steps = math.ceil((ceiling_s - start_s) / step_s)  # raises until the ceiling
@@ -288,6 +299,8 @@ def downtime_ramp(start_s: float, step_s: float, every: int, ceiling_s: float) -
     def policy(st: PrecopyStats) -> Verdict:
         k = max(st.iteration - 1, 0) // every  # round 1 is the first one asked about
         v = _target(st, min(start_s + k * step_s, ceiling_s))
+        if st.dirty_count < 0 and k <= steps + 1:
+            return v  # libxc's question after a pass: the count comes with the next one
         if v.decision == Decision.CONTINUE and k > steps:
             return Verdict(
                 Decision.ABORT,
@@ -308,41 +321,55 @@ def guarantee(max_downtime_s: float, inner: Policy | None = None) -> Policy:
     and any throttle, pass through.
 
     When the prediction is unknown: nothing dirty is nothing to copy (the
-    stop stands); before any round has been measured (the first question:
+    stop stands).  Before any round has been measured (the first question:
     no send rate yet) the guarantee cannot be checked, so it runs one more
-    round to measure it, once; after that, an unknown prediction (the helper
-    reports no dirty count, or the last round sent nothing) cannot be
-    guaranteed: abort.  The prediction covers the pages, not the device
-    state or the destination's resume."""
+    round to measure it, once.  Without a dirty count (libxc asks once a
+    round without it, and again with it) the stop waits for the next
+    question, unless the one before had no count either.  Otherwise an
+    unknown prediction (no count twice in a row, or the last round sent
+    nothing) cannot be guaranteed: abort.
+
+    The prediction covers the pages, not the device state or the
+    destination's resume.  libxc sends one more live pass after a stop, so
+    its downtime is what that pass leaves dirty: within the prediction while
+    the guest dirties slower than the link sends."""
     pol = inner if inner is not None else xen_default()
-    deferred = False  # the one round run to measure has been asked for
+    measuring = False  # the one round run to measure has been asked for
+    counting = False  # the last question had no dirty count and a stop was put off
 
     def policy(st: PrecopyStats) -> Verdict:
-        nonlocal deferred
+        nonlocal measuring, counting
         v = as_verdict(pol(st))
+        put_off, counting = counting, False
         if v.decision != Decision.STOP_AND_COPY or st.dirty_count == 0:
             return v
         wanted = f"{v.reason}, but " if v.reason else ""
+        bound = ms_text(max_downtime_s)
         downtime = st.predicted_downtime_s
-        if downtime is None and st.dirty_count > 0 and st.round_s == 0 and not deferred:
-            deferred = True
+        if downtime is None and st.dirty_count < 0 and not put_off:
+            counting = True
             return Verdict(
                 Decision.CONTINUE,
-                f"{wanted}no round measured yet: one more to check the downtime"
-                f" <= {ms_text(max_downtime_s)}",
+                f"{wanted}no dirty count: the next question has it (downtime <= {bound}?)",
+                v.throttle,
+            )
+        if downtime is None and st.dirty_count > 0 and st.round_s == 0 and not measuring:
+            measuring = True
+            return Verdict(
+                Decision.CONTINUE,
+                f"{wanted}no round measured yet: one more to check the downtime <= {bound}",
                 v.throttle,
             )
         if downtime is None:
             unknown = "dirty count" if st.dirty_count < 0 else "send rate"
             return Verdict(
                 Decision.ABORT,
-                f"{wanted}the {unknown} is unknown: a downtime <= {ms_text(max_downtime_s)}"
-                " cannot be guaranteed",
+                f"{wanted}the {unknown} is unknown: a downtime <= {bound} cannot be guaranteed",
             )
         if downtime > max_downtime_s:
             return Verdict(
                 Decision.ABORT,
-                f"{wanted}{_predicted(st)} > guaranteed {ms_text(max_downtime_s)}",
+                f"{wanted}{_predicted(st)} > guaranteed {bound}",
             )
         return v
 
