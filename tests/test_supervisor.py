@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import fake_env
@@ -268,6 +269,13 @@ def ours() -> Path:
     return xcsave.helper_path()
 
 
+async def _policy_save(ours: Path, out: Path, pol: policy.Policy, **kw: Any) -> xcsave.RunResult:
+    """A live save of fakexen's domain 7 by xcsave-helper, asking ``pol``."""
+    return await xcsave.save(
+        out, domid=7, live=True, helper=ours, callbacks=_save_cbs(), policy=pol, **kw
+    )
+
+
 async def test_xcsave1_carries_precopy_policy(ours: Path, fake: FakeXen, tmp_path: Path) -> None:
     fake.set(dirty="400,300,200,150")
     asked: list[PrecopyStats] = []
@@ -277,15 +285,7 @@ async def test_xcsave1_carries_precopy_policy(ours: Path, fake: FakeXen, tmp_pat
         return Decision.STOP_AND_COPY if st.iteration >= 3 else Decision.CONTINUE
 
     events: list[Event] = []
-    res = await xcsave.save(
-        tmp_path / "o",
-        domid=7,
-        live=True,
-        helper=ours,
-        callbacks=_save_cbs(),
-        policy=policy,
-        on_event=events.append,
-    )
+    res = await _policy_save(ours, tmp_path / "o", policy, on_event=events.append)
     assert res.retval == 0
     assert [s.iteration for s in asked][-1] == 3
     # libxc asks before each round with the dirty count, and after a batch with -1
@@ -302,15 +302,8 @@ async def test_guarantee_decides_on_libxcs_counted_question(
     guarantee decides on the second, whose round was measured."""
     fake.set(dirty="400,300,200,150")
     events: list[Event] = []
-    res = await xcsave.save(
-        tmp_path / "o",
-        domid=7,
-        live=True,
-        helper=ours,
-        callbacks=_save_cbs(),
-        policy=policy.guarantee(1e9),  # seconds: any measured prediction is within it
-        on_event=events.append,
-    )
+    # 1e9 s: any measured prediction is within it
+    res = await _policy_save(ours, tmp_path / "o", policy.guarantee(1e9), on_event=events.append)
     asked = [e for e in events if isinstance(e, PolicyEvent)]
     assert res.rounds == asked
     put_off, stop = asked[-2:]
@@ -322,27 +315,13 @@ async def test_guarantee_decides_on_libxcs_counted_question(
 
     # Nothing is ever within 0 ms: the same save aborts on that question, saying why.
     with pytest.raises(xcsave.HelperFailed, match=r"predicted downtime .* > guaranteed 0\.0 ms"):
-        await xcsave.save(
-            tmp_path / "o2",
-            domid=7,
-            live=True,
-            helper=ours,
-            callbacks=_save_cbs(),
-            policy=policy.guarantee(0.0),
-        )
+        await _policy_save(ours, tmp_path / "o2", policy.guarantee(0.0))
     assert not (tmp_path / "o2").exists()
 
 
 async def test_precopy_abort_fails_the_save(ours: Path, fake: FakeXen, tmp_path: Path) -> None:
     with pytest.raises(xcsave.HelperFailed):
-        await xcsave.save(
-            tmp_path / "o",
-            domid=7,
-            live=True,
-            helper=ours,
-            callbacks=_save_cbs(),
-            policy=lambda st: Decision.ABORT,
-        )
+        await _policy_save(ours, tmp_path / "o", lambda st: Decision.ABORT)
     assert not (tmp_path / "o").exists()
 
 
