@@ -176,6 +176,15 @@ def test_ramp_refuses_a_ramp_that_is_none(args: tuple[float, float, int, float])
         policy.downtime_ramp(*args)
 
 
+def test_ramp_steps_land_on_the_ceiling() -> None:
+    """(1.0 - 0.7) / 0.1 is 3.0000000000000004 in floating point: the ceiling
+    is still reached in three steps, and held for EVERY rounds, not two."""
+    pol = policy.downtime_ramp(0.7, 0.1, 1, 1.0)
+    got = ask(pol, steady(*[5000] * 6))
+    assert [v.decision for v in got] == [C, C, C, C, A]
+    assert got[3].reason == "predicted downtime 5000 ms > target 1000 ms"
+
+
 def test_ramp_start_at_the_ceiling() -> None:
     pol = policy.downtime_ramp(0.1, 0.05, 2, 0.1)
     assert decisions(pol, steady(900, 300, 300, 300)) == [C, C, A]

@@ -189,7 +189,9 @@ def xen_default(max_iters: int = XEN_MAX_ITERS, threshold: int = XEN_DIRTY_THRES
             return Verdict(Decision.STOP_AND_COPY, f"{st.dirty_count} dirty < {threshold}")
         if st.iteration >= max_iters:
             return Verdict(Decision.STOP_AND_COPY, f"{max_iters} rounds done")
-        dirty = f"{st.dirty_count} dirty >= {threshold}" if st.dirty_count > 0 else "dirty unknown"
+        dirty = (
+            f"{st.dirty_count} dirty >= {threshold}" if st.dirty_count >= 0 else "dirty unknown"
+        )
         return Verdict(Decision.CONTINUE, f"{dirty}, round {st.iteration} of {max_iters}")
 
     return policy
@@ -294,7 +296,8 @@ def downtime_ramp(start_s: float, step_s: float, every: int, ceiling_s: float) -
     until a further ``every`` rounds past the ceiling have brought none."""
     if not (0 <= start_s <= ceiling_s) or step_s <= 0 or every < 1:
         raise ValueError("a ramp needs 0 <= START <= CEILING, STEP > 0 and EVERY >= 1")
-    steps = math.ceil((ceiling_s - start_s) / step_s)  # raises until the ceiling
+    # Raises until the ceiling (less a hair: 0.3 / 0.1 is 3.0000000000000004).
+    steps = max(math.ceil((ceiling_s - start_s) / step_s - 1e-9), 0)
 
     def policy(st: PrecopyStats) -> Verdict:
         k = max(st.iteration - 1, 0) // every  # round 1 is the first one asked about
