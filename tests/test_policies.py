@@ -500,6 +500,10 @@ def test_progress_line_explains_a_round() -> None:
     )
     unknown = event(round_s=0.5, send_rate=0.0, decision=-1)
     assert policy_line(unknown).endswith("downtime unknown -> abort")
+    after_a_pass = event(dirty_count=-1, round_s=0.5, send_rate=30000.0)  # libxc's first question
+    assert policy_line(after_a_pass) == (
+        "round 3: dirty unknown, 20000 written, sent 30000 pages/s, downtime unknown -> continue"
+    )
 
 
 def test_plain_progress_writes_the_line(tmp_path: Path) -> None:

@@ -224,13 +224,14 @@ def _decision(d: int) -> str:
 def policy_line(ev: PolicyEvent) -> str:
     """A precopy round, explained (``--progress plain``): what was measured
     before it, what the policy decided and why."""
-    dirty = f"{ev.dirty_count} dirty" if ev.dirty_count >= 0 else "dirty unknown"
+    known = ev.dirty_count >= 0
+    dirty = f"{ev.dirty_count} dirty" if known else "dirty unknown"
     if ev.round_s > 0:
-        rates = f"sent {ev.send_rate:.0f} pages/s, dirtied {ev.dirty_rate:.0f} pages/s, " + (
-            "downtime unknown"
-            if ev.predicted_downtime_s is None
-            else f"downtime ~{ms_text(ev.predicted_downtime_s)}"
+        rates = f"sent {ev.send_rate:.0f} pages/s, " + (
+            f"dirtied {ev.dirty_rate:.0f} pages/s, " if known else ""
         )
+        d = ev.predicted_downtime_s
+        rates += "downtime unknown" if d is None else f"downtime ~{ms_text(d)}"
     else:
         rates = "nothing measured yet"
     line = (
@@ -245,8 +246,8 @@ def policy_line(ev: PolicyEvent) -> str:
 
 
 def policy_round(ev: PolicyEvent) -> dict[str, object]:
-    """A precopy round, explained, for a ``--json`` result (``rounds`` of
-    :func:`xcsave.cli`'s save and of migrate): rates in pages/s, the
+    """A precopy round, explained, for a ``--json`` result (``precopy_rounds``
+    of save and of migrate): rates in pages/s (0: unknown), the
     predicted downtime in ms (None: not measured), the decision's name."""
     d = ev.predicted_downtime_s
     return {
