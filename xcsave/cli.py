@@ -59,26 +59,42 @@ def self_argv(*args: str) -> list[str]:
 parse_size = size()
 
 
-def parse_policy(text: str) -> policy.Policy:
-    """``xen`` | ``xen:ITERS:THRESHOLD`` | ``max-iters:N`` | ``downtime:MS`` | ``abort``."""
-    name, _, rest = text.partition(":")
+def parse_policy_spec(text: str) -> policy.PolicySpec:
+    """``--policy``: :data:`xcsave.policy.GRAMMAR`, read by :func:`xcsave.policy.parse`
+    into a factory (one fresh policy per save); bad text is one line naming
+    what is wrong and listing the forms (argparse: exit 2)."""
     try:
-        if name == "xen":
-            parts = [int(x) for x in rest.split(":")] if rest else []
-            return policy.xen_default(*parts)
-        if name == "max-iters":
-            return policy.max_iterations(int(rest))
-        if name == "downtime":
-            return policy.downtime_target(float(rest) / 1000.0)
-        if name == "abort":
-            return lambda st: policy.Decision.ABORT
-        if name == "converge":
-            return policy.first_of(policy.abort_if_not_converging(), policy.xen_default())
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(
-        f"bad policy {text!r}: expected xen[:ITERS:THRESHOLD], max-iters:N, downtime:MS, "
-        "converge or abort"
+        return policy.parse(text)
+    except ValueError as e:
+        shown = text if len(text) <= 60 else text[:60] + "..."
+        raise argparse.ArgumentTypeError(
+            f"bad policy {shown!r}: {e}; expected {policy.GRAMMAR}"
+        ) from None
+
+
+def parse_policy(text: str) -> policy.Policy:
+    """One policy from ``--policy`` text (:func:`parse_policy_spec`'s ``make()``)."""
+    return parse_policy_spec(text).make()
+
+
+def live_policy(args: argparse.Namespace) -> policy.Policy | None:
+    """The policy of a save or migrate: a fresh one from ``--policy``, wrapped
+    in auto-converge with ``--auto-converge``.  Without ``--policy``, a live
+    save over xcsave-1 gets Xen's default from here rather than the helper's
+    own copy of it: the same decisions, explained
+    in the events and ``--json``.  (None: the helper decides, as xen-4.17's
+    helper must: that dialect has no precopy_policy message.)"""
+    spec: policy.PolicySpec | None = args.policy
+    if spec is None and args.live and getattr(args, "dialect", "xcsave-1") == "xcsave-1":
+        spec = policy.parse("xen")
+    pol = spec.make() if spec is not None else None
+    if getattr(args, "auto_converge", None) is None:
+        return pol
+    # --auto-converge wraps the policy, outermost (its throttle passes through
+    # nothing else).
+    initial, increment, ceiling = args.auto_converge
+    return converge.auto_converge(
+        pol or policy.xen_default(), initial=initial, increment=increment, ceiling=ceiling
     )
 
 
@@ -139,11 +155,16 @@ def _stream_target(path: str, for_write: bool) -> int | str:
 
 
 def _result_json(res: RunResult, **what: object) -> str:
-    """``--json``: what was done, the run's statistics, and its elapsed time."""
+    """``--json``: what was done, the run's statistics, its elapsed time, and
+    (a save) each precopy round with the policy's decision and reason."""
     import dataclasses
     import json
 
+    from .progress import policy_round
+
     doc: dict[str, object] = {**what, "elapsed_s": round(res.elapsed, 6)}
+    if res.stats is not None:  # a save: its precopy rounds, each decision explained
+        doc["precopy_rounds"] = [policy_round(ev) for ev in res.rounds]
     for name in ("stats", "restore_stats"):
         rec = getattr(res, name)
         if rec is not None:
@@ -379,9 +400,9 @@ def add_live_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", action="store_true", help="live precopy rounds")
     p.add_argument(
         "--policy",
-        type=parse_policy,
+        type=parse_policy_spec,
         metavar="POLICY",
-        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort (default: xen)",
+        help=f"precopy policy: {policy.GRAMMAR} (default: xen)",
     )
     p.add_argument(
         "--auto-converge",
@@ -400,19 +421,6 @@ def _parse_auto_converge(text: str) -> tuple[int, int, int]:
         return converge.parse_auto_converge(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def live_policy(args: argparse.Namespace) -> policy.Policy | None:
-    """``--policy``, wrapped in auto-converge with ``--auto-converge``."""
-    if args.auto_converge is None:
-        return args.policy  # type: ignore[no-any-return]
-    initial, increment, ceiling = args.auto_converge
-    return converge.auto_converge(
-        args.policy or policy.xen_default(),
-        initial=initial,
-        increment=increment,
-        ceiling=ceiling,
-    )
 
 
 def add_save_restore(sub: Any) -> None:

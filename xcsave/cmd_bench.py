@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import bench_link, benchmarks
 from ._log import logger
-from .cli import FORMATS, parse_policy, parse_size, self_argv
+from .cli import FORMATS, parse_policy_spec, parse_size, self_argv
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
 from .defaults import CHANNELS, PAGE_SIZE, shm_dir
 from .errors import UsageError, XcsaveError
@@ -193,7 +193,7 @@ _CONCURRENT_OPTIONS: tuple[Option, ...] = (
             "goes over a socketpair)",
         },
     ),
-    ("--policy", {"type": parse_policy, "metavar": "POLICY", "help": "precopy policy"}),
+    ("--policy", {"type": parse_policy_spec, "metavar": "POLICY", "help": "precopy policy"}),
     (
         "--repeat",
         {
@@ -301,7 +301,8 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
                 src,
                 dst,
                 live=True,
-                policy=args.policy,
+                # A policy keeps its history: one of its own per migration.
+                policy=args.policy.make() if args.policy else None,
                 fmt=args.format,
                 on_event=on_event,
                 supervisor=sup,

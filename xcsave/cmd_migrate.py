@@ -376,11 +376,14 @@ def _result_json(event: str, res: MigrationResult | ReceiveResult) -> dict[str, 
 
 
 def migration_json(res: MigrationResult) -> dict[str, Any]:
+    from .progress import policy_round
+
     st = res.save.stats
     return (
         _result_json("migrated", res)
         | {
             "rounds": st.rounds if st else None,
+            "precopy_rounds": [policy_round(ev) for ev in res.save.rounds],
             "pages_per_round": list(res.pages_per_round),
             "pages_sent": st.pages_sent if st else None,
             "bytes": res.bytes,

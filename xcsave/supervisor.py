@@ -157,6 +157,7 @@ class RunResult:
     logs: list[LogEvent] = field(default_factory=list)
     #: auto-converge's effect on the guest, once lifted (None: never throttled)
     throttle: ThrottleEvent | None = None
+    rounds: list[PolicyEvent] = field(default_factory=list)  # each precopy decision, explained
 
 
 def _wrapper_argv() -> list[str]:
@@ -189,6 +190,7 @@ class HelperRun:
         self._restore_stats: RestoreStats | None = None
         self._backend: str | None = None
         self._logs: list[LogEvent] = []
+        self._rounds: list[PolicyEvent] = []
         self._stderr_tail: list[str] = []
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._reply_fd = -1  # our end of the helper's stdin
@@ -608,7 +610,7 @@ class HelperRun:
         op, dom = self.spec.mode, self.spec.domain
 
         def decided(v: Verdict) -> Awaitable[None] | None:
-            self._emit(
+            self._rounds.append(
                 PolicyEvent(
                     op,
                     dom,
@@ -626,6 +628,7 @@ class HelperRun:
                     predicted_downtime_s=st.predicted_downtime_s,
                 )
             )
+            self._emit(self._rounds[-1])
             acting = self._throttle(v)
             if acting is None:
                 self._reply(int(v.decision))
@@ -755,6 +758,7 @@ class HelperRun:
             restore_stats=self._restore_stats,
             elapsed=time.monotonic() - self._t0,
             logs=self._logs,
+            rounds=self._rounds,
         )
 
     def _judge(self) -> RunResult:
@@ -800,6 +804,8 @@ class HelperRun:
             msg = f"{self._what()} failed"
             if last_error is not None:
                 msg += f": {last_error.context}: {last_error.message}"
+            if self._rounds and self._rounds[-1].decision == Decision.ABORT:
+                msg += f" ({self._rounds[-1].reason})" if self._rounds[-1].reason else ""
             exc = HelperFailed(msg, retval=retval, errno=err, **ids)
             self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, str(exc), elapsed))
             raise exc
