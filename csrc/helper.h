@@ -163,4 +163,10 @@ int xcs_wire(const struct xcs_op *op);
 ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
                              const uint8_t **body, uint32_t *body_len);
 
+/*
+ * The one-shot log-dirty mode (logdirty.c): argv is the helper's whole
+ * argv, "--xcsave-1 logdirty ..."; returns the exit status.
+ */
+int xcs_logdirty_main(int argc, char **argv);
+
 #endif /* XCS_HELPER_H */

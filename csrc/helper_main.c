@@ -978,6 +978,7 @@ int main(int argc, char **argv)
                xcs_wire_zstd_built() ? "libzstd" : "none");
         return 0;
     }
+    if (argc >= 3 && !strcmp(argv[1], "--xcsave-1") && !strcmp(argv[2], "logdirty")) return xcs_logdirty_main(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "--save-domain")) {
         parse_xen_argv(argc, argv, &op);
     } else if (argc >= 2 && !strcmp(argv[1], "--restore-domain")) {

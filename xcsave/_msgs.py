@@ -25,6 +25,9 @@ __all__ = [
     "CallbackFn",
     "Callbacks",
     "LogEvent",
+    "LogdirtyOffEvent",
+    "LogdirtyOnEvent",
+    "LogdirtySampleEvent",
     "Reply",
     "RestoreStats",
     "RestoreStatsEvent",
@@ -204,6 +207,32 @@ class WireLostEvent(Event):
     why: str  # "EOF", "connection reset", "idle for 5000 ms"
 
 
+@dataclass(frozen=True, slots=True)
+class LogdirtyOnEvent(Event):
+    """The log-dirty helper turned log-dirty on (``logdirty_on``): it must go off again."""
+
+    kind: ClassVar[str] = "logdirty_on"
+    nr_pages: int  # the domain's pages (its highest gpfn + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LogdirtySampleEvent(Event):
+    """One take of the dirty log while planning (``logdirty_sample``)."""
+
+    kind: ClassVar[str] = "logdirty_sample"
+    index: int
+    dirty: int  # pages the log named since the previous take
+    union_pages: int  # distinct pages named since log-dirty went on
+    interval_ns: int  # time since the previous take
+
+
+@dataclass(frozen=True, slots=True)
+class LogdirtyOffEvent(Event):
+    """The log-dirty helper turned log-dirty off again (``logdirty_off``)."""
+
+    kind: ClassVar[str] = "logdirty_off"
+
+
 #: Message name -> the event it becomes: (op, domain, args) -> event.
 EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "log": LogEvent.from_frame,
@@ -213,4 +242,7 @@ EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "restore_stats": RestoreStatsEvent.from_frame,
     "wire_stats": WireStatsEvent.from_frame,
     "wire_lost": WireLostEvent.from_frame,
+    "logdirty_on": LogdirtyOnEvent.from_frame,
+    "logdirty_sample": LogdirtySampleEvent.from_frame,
+    "logdirty_off": LogdirtyOffEvent.from_frame,
 }

@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_save_restore(sub)
-    for modname in ("cmd_sim", "cmd_stream", "cmd_migrate", "cmd_bench", "cmd_tls"):
+    for modname in ("cmd_sim", "cmd_stream", "cmd_migrate", "cmd_bench", "cmd_tls", "cmd_plan"):
         mod = _optional_module(modname)
         if mod is not None:
             mod.add_parsers(sub)

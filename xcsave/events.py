@@ -16,6 +16,9 @@ from typing import ClassVar
 
 from ._event import Event
 from ._msgs import (
+    LogdirtyOffEvent,
+    LogdirtyOnEvent,
+    LogdirtySampleEvent,
     LogEvent,
     RestoreStatsEvent,
     StatsEvent,
@@ -30,6 +33,9 @@ __all__ = [
     "DoneEvent",
     "Event",
     "LogEvent",
+    "LogdirtyOffEvent",
+    "LogdirtyOnEvent",
+    "LogdirtySampleEvent",
     "MigrationStatsEvent",
     "PolicyEvent",
     "ProgressEvent",
