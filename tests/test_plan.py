@@ -417,3 +417,51 @@ def test_xen_helper_argv_garbage(fakexen: Path) -> None:
     )
     assert r.returncode == 255
     assert not fakexen.exists()
+
+
+# ----------------------------------------------------------------- bench planner
+
+
+def test_bench_planner_json_shape(sim_env: dict[str, str], tmp_path: Path) -> None:
+    """A tiny domain, short runs: the report's shape (no timing judged)."""
+    r = _cli(
+        sim_env,
+        *("bench", "planner", "--json", "--memory", "2M", "--rates", "500"),
+        *("--links", "16M", "--sample-seconds", "0.3", "--dir", str(tmp_path / "b")),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    (case,) = doc["cases"]
+    for key in ("predicted_total_s", "total_s", "predicted_downtime_ms", "downtime_ms"):
+        assert isinstance(case[key], float) and case[key] > 0, key
+    assert case["dirty_rate"] == 500 and case["link"] == 16 << 20
+    assert case["bit_exact"] is True
+    assert case["pages_per_round"][0] == case["predicted_pages_per_round"][0] == 512
+    cal = doc["calibration"][str(16 << 20)]
+    assert cal["send_pages_per_s"] > 0 and cal["sent_fraction"] == 1.0
+    assert isinstance(doc["met"], bool)
+
+
+def test_bench_planner_garbage(sim_env: dict[str, str]) -> None:
+    for args, what in (
+        (["--rates", "x"], "bad dirty rate"),
+        (["--links", "1k"], "at least 1M"),
+        (["--policy", "nope"], "bad policy"),
+    ):
+        r = _cli(sim_env, "bench", "planner", *args)
+        assert r.returncode == 2 and what in r.stderr, r.stderr
+
+
+def test_bench_planner_plot(sim_env: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (xcsave[plot])")
+    out = tmp_path / "planner.png"
+    r = _cli(
+        sim_env,
+        *("bench", "planner", "--memory", "1M", "--rates", "500,1000", "--links", "16M"),
+        *("--sample-seconds", "0.3", "--plot", str(out), "--dir", str(tmp_path / "b")),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "MiB/s" in r.stdout and f"plot: {out}" in r.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
