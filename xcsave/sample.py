@@ -48,6 +48,8 @@ DEFAULT_INTERVAL_S: Final = 0.1
 #: The bounds of ``--sample-seconds``.
 MIN_SECONDS: Final = 0.2
 MAX_SECONDS: Final = 600.0
+#: A log-dirty helper's time bound beyond its sampling (start, hypercalls, off).
+HELPER_SLACK_S: Final = 30.0
 
 
 def _intervals(seconds: float, interval: float) -> int:
@@ -131,7 +133,9 @@ async def sample_xen(
         str(n),
     )
     try:
-        await _run_logdirty(domid, args, helper, lock_fd, seen)
+        await _run_logdirty(
+            domid, args, helper, lock_fd, seen, timeout=n * interval + HELPER_SLACK_S
+        )
     finally:
         if state["on"] and not state["off"]:
             # The helper said it turned log-dirty on and never that it
@@ -150,7 +154,7 @@ async def logdirty_off(
 ) -> None:
     """Turn Xen domain ``domid``'s log-dirty off (a one-shot helper ``--off``)."""
     args = ("--xcsave-1", "logdirty", "--domid", str(domid), "--off")
-    await _run_logdirty(domid, args, helper, lock_fd, None)
+    await _run_logdirty(domid, args, helper, lock_fd, None, timeout=HELPER_SLACK_S)
 
 
 async def _run_logdirty(
@@ -159,6 +163,8 @@ async def _run_logdirty(
     helper: str | os.PathLike[str] | None,
     lock_fd: int | None,
     on_event: Callable[[Event], object] | None,
+    *,
+    timeout: float,
 ) -> None:
     spec = HelperSpec(
         mode="logdirty",
@@ -170,4 +176,4 @@ async def _run_logdirty(
         backend="xen",
         helper=Path(helper) if helper is not None else None,
     )
-    await HelperRun(spec, Callbacks(), on_event).run()
+    await HelperRun(spec, Callbacks(), on_event).run(timeout)
