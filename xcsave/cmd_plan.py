@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from ._argparse import integer, seconds
-from .cli import parse_policy
+from .cli import _say, parse_policy
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
 from .defaults import DOM_HELP, MAX_DOMID, PAGE_SIZE
 from .predict import DEFAULT_MAX_DOWNTIME_S, Plan
@@ -124,10 +123,11 @@ def _plan(args: argparse.Namespace) -> int:
                 on_event=rend,
             )
         )
+    # On stdout, unless --progress json's events are there (cli._say's rule).
     if args.json:
-        sys.stdout.write(json.dumps(res.as_dict(), sort_keys=True) + "\n")
+        _say(args, json.dumps(res.as_dict(), sort_keys=True))
     else:
-        sys.stdout.write("\n".join(describe(res)) + "\n")
+        _say(args, "\n".join(describe(res)))
     return 0
 
 
