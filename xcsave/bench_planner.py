@@ -137,7 +137,12 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
     (
         "--sample-seconds",
-        {"type": _sample_seconds, "default": 2.0, "help": "the plan's sampling (default 2)"},
+        {
+            "type": _sample_seconds,
+            "default": 2.0,
+            "metavar": "S",
+            "help": "the plan's sampling (default 2)",
+        },
     ),
     ("--fill", {"choices": SIM_FILLS, "default": "random", "help": "guest memory"}),
     ("--dir", {"help": "where the domains live (default: a temp dir in /dev/shm)"}),

@@ -101,7 +101,8 @@ def add_parsers(sub: Any) -> None:
         bp.add_argument(
             "--plot",
             metavar="FILE.png",
-            help="draw throughput and pages per round (needs matplotlib: xcsave[plot])",
+            help="draw throughput and pages per round (planner: dirty pages per round, "
+            "measured beside predicted; needs matplotlib: xcsave[plot])",
         )
         add_progress_flag(bp)
         add_logging_flags(bp)

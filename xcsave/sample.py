@@ -24,19 +24,18 @@ also uses log-dirty, and the two must never overlap.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from . import proto
 from ._log import logger
-from .errors import XcsaveError
 from .events import Event, LogdirtyOffEvent, LogdirtyOnEvent, LogdirtySampleEvent
 from .predict import Profile
-from .supervisor import Callbacks, HelperRun, HelperSpec
+
+# asyncio and the supervisor load when a sample runs: the CLI's parsers import
+# this module (xcsave/cmd_plan.py) for every command.
 
 __all__ = ["DEFAULT_INTERVAL_S", "DEFAULT_SECONDS", "sample_sim", "sample_xen"]
 
@@ -68,6 +67,8 @@ async def sample_sim(
     interval: float = DEFAULT_INTERVAL_S,
 ) -> Profile:
     """Sample the dirty log of the simulated domain at ``path`` (resolved, locked)."""
+    import asyncio
+
     from . import _ext, sim
 
     n = _intervals(seconds, interval)
@@ -89,10 +90,6 @@ async def sample_sim(
         # Whatever happened (a cancellation lands in the sleep): off again.
         _ext.sim_set_logdirty(p, False)
     return Profile(pages, tuple(samples), int.from_bytes(union, "little").bit_count())
-
-
-class LogdirtyHelperError(XcsaveError):
-    """The log-dirty helper could not sample (its message says why)."""
 
 
 async def sample_xen(
@@ -141,6 +138,8 @@ async def sample_xen(
             # The helper said it turned log-dirty on and never that it
             # turned it off (killed, crashed): do it for it.  Shielded: a
             # cancellation must not stop the clean-up half-way.
+            import asyncio
+
             log.warning("the log-dirty helper of domid %d ended with log-dirty on: off", domid)
             await asyncio.shield(logdirty_off(domid, helper=helper, lock_fd=lock_fd))
     return Profile(int(str(state["pages"])), tuple(samples), union[0])
@@ -166,6 +165,9 @@ async def _run_logdirty(
     *,
     timeout: float,
 ) -> None:
+    from . import proto
+    from .supervisor import Callbacks, HelperRun, HelperSpec
+
     spec = HelperSpec(
         mode="logdirty",
         dialect=proto.XCSAVE_1,
