@@ -55,6 +55,8 @@ def test_take_counts_what_was_written(tmp_path: Path) -> None:
         assert _ext.sim_logdirty_take(p, union) == 0  # nothing written since
         with pytest.raises(ValueError, match="bitmap's size"):
             _ext.sim_logdirty_take(p, bytearray(16))
+        with pytest.raises(BufferError):  # a union it could not write into
+            _ext.sim_logdirty_take(p, bytes(8))
     finally:
         _ext.sim_set_logdirty(p, False)
 
