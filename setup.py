@@ -16,6 +16,9 @@ Native sources:
   csrc/tunnel_tls.c    the helper's TLS tunnel; with OpenSSL when its headers
                        are found (Debian libssl-dev) unless XCSAVE_TLS=0,
                        else a tunnel that fails with one line
+  csrc/logdirty.c      the helper's one-shot log-dirty mode (xcsave plan of a
+                       Xen domain); with libxenctrl when the xen backend is
+                       built, else a mode that fails with one line
   csrc/wire*.c         the helper's wire pumps (wire-send/wire-recv); zstd
                        compression when zstd.h is found (Debian libzstd-dev)
                        unless XCSAVE_ZSTD=0, else --compress off only
@@ -170,9 +173,17 @@ class build_ext(_pybind_build_ext):
             include_dirs=include_dirs,
             extra_postargs=[*C_FLAGS, *san],
         )
+        # Xen's public headers use anonymous unions: GNU C, not ISO C11.
+        xen_flags = [("-std=gnu11" if f == "-std=c11" else f) for f in C_FLAGS]
+        # The log-dirty mode (xcsave plan) uses libxenctrl when it is there.
+        objs += self.compiler.compile(
+            ["csrc/logdirty.c"],
+            output_dir=out_dir,
+            macros=defines,
+            include_dirs=include_dirs,
+            extra_postargs=[*xen_flags, *san],
+        )
         if self._have_xen:
-            # Xen's public headers use anonymous unions: GNU C, not ISO C11.
-            xen_flags = [("-std=gnu11" if f == "-std=c11" else f) for f in C_FLAGS]
             objs += self.compiler.compile(
                 ["csrc/backend_xen.c", "csrc/sched_cap.c"],
                 output_dir=out_dir,

@@ -177,5 +177,10 @@ ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
 
 /* The one-shot --xcsave-1 sched-cap mode (sched_cap.c): its whole run. */
 int xcs_sched_cap_main(int argc, char **argv);
+/*
+ * The one-shot log-dirty mode (logdirty.c): argv is the helper's whole
+ * argv, "--xcsave-1 logdirty ..."; returns the exit status.
+ */
+int xcs_logdirty_main(int argc, char **argv);
 
 #endif /* XCS_HELPER_H */

@@ -1003,7 +1003,13 @@ int main(int argc, char **argv)
                xcs_wire_zstd_built() ? "libzstd" : "none");
         return 0;
     }
-    if (argc >= 3 && !strcmp(argv[1], "--xcsave-1") && !strcmp(argv[2], "sched-cap")) return xcs_sched_cap_main(argc, argv);
+    /* The one-shot modes own their whole run (argv, messages, exit status). */
+    if (argc >= 3 && !strcmp(argv[1], "--xcsave-1")) {
+        if (!strcmp(argv[2], "sched-cap"))
+            return xcs_sched_cap_main(argc, argv);
+        if (!strcmp(argv[2], "logdirty"))
+            return xcs_logdirty_main(argc, argv);
+    }
     if (argc >= 2 && !strcmp(argv[1], "--save-domain")) {
         parse_xen_argv(argc, argv, &op);
     } else if (argc >= 2 && !strcmp(argv[1], "--restore-domain")) {

@@ -3,7 +3,8 @@ xcsave native fast paths (simulated domains, stream tools)
 """
 from __future__ import annotations
 import typing
-__all__: list[str] = ['BACKENDS', 'FORMATS', 'SIM_MAX_PAGES', 'SIM_MAX_VCPUS', 'SKELETON_BODY_MAX', 'STREAM_TYPES', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state', 'sim_set_throttle', 'skeleton_digest', 'skeleton_make', 'skeleton_page', 'skeleton_walk', 'sniff_format']
+import typing_extensions
+__all__: list[str] = ['BACKENDS', 'FORMATS', 'SIM_MAX_PAGES', 'SIM_MAX_VCPUS', 'SKELETON_BODY_MAX', 'STREAM_TYPES', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_logdirty_take', 'sim_remove', 'sim_set_logdirty', 'sim_set_state', 'sim_set_throttle', 'skeleton_digest', 'skeleton_make', 'skeleton_page', 'skeleton_walk', 'sniff_format']
 def convert_legacy(in_fd: typing.SupportsInt | typing.SupportsIndex, out_fd: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, guest: str, fmt: str = 'libxc', xl_in: bool = False, xl_out: bool = False, stream_type: str = 'plain', skip_qemu: bool = False) -> dict[str, typing.Any]:
     """
     Convert a legacy (pre-4.6) stream to v3; returns statistics.
@@ -39,6 +40,10 @@ def sim_dirty(path: str, rate: typing.SupportsInt | typing.SupportsIndex, durati
 def sim_info(path: str) -> dict[str, typing.Any]:
     """
     Header of a simulated domain as a dict.
+    """
+def sim_logdirty_take(path: str, union: typing_extensions.Buffer) -> int:
+    """
+    Take the dirty log (fetch and clear) and OR it into union (a writable buffer of the bitmap's size); returns the pages taken (EINVAL if log-dirty is off).
     """
 def sim_remove(path: str) -> None:
     """

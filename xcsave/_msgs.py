@@ -25,6 +25,9 @@ __all__ = [
     "CallbackFn",
     "Callbacks",
     "LogEvent",
+    "LogdirtyOffEvent",
+    "LogdirtyOnEvent",
+    "LogdirtySampleEvent",
     "Reply",
     "RestoreStats",
     "RestoreStatsEvent",
@@ -206,6 +209,28 @@ class SchedCapEvent(Event, kind="sched_cap"):
     cap: int  # percent of one pCPU for the whole domain (0: none)
 
 
+@dataclass(frozen=True, slots=True)
+class LogdirtyOnEvent(Event, kind="logdirty_on"):
+    """The log-dirty helper turned log-dirty on (``logdirty_on``): it must go off again."""
+
+    nr_pages: int  # the domain's pages (its highest gpfn + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LogdirtySampleEvent(Event, kind="logdirty_sample"):
+    """One take of the dirty log while planning (``logdirty_sample``)."""
+
+    index: int
+    dirty: int  # pages the log named since the previous take
+    union_pages: int  # distinct pages named since log-dirty went on
+    interval_ns: int  # time since the previous take
+
+
+@dataclass(frozen=True, slots=True)
+class LogdirtyOffEvent(Event, kind="logdirty_off"):
+    """The log-dirty helper turned log-dirty off again (``logdirty_off``)."""
+
+
 #: Message name -> the event it becomes: (op, domain, args) -> event.
 EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "log": LogEvent.from_frame,
@@ -216,4 +241,7 @@ EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "wire_stats": WireStatsEvent.from_frame,
     "wire_lost": WireLostEvent.from_frame,
     "sched_cap": SchedCapEvent.from_frame,
+    "logdirty_on": LogdirtyOnEvent.from_frame,
+    "logdirty_sample": LogdirtySampleEvent.from_frame,
+    "logdirty_off": LogdirtyOffEvent.from_frame,
 }

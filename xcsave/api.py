@@ -28,6 +28,7 @@ from .defaults import MAX_COPY_THREADS, PAGE_SIZE
 from .errors import BackendUnavailable, StreamError
 from .events import Event, ThrottleEvent
 from .policy import Policy
+from .predict import Costs, Plan
 from .supervisor import (
     Callbacks,
     HelperSpec,
@@ -40,7 +41,7 @@ from .supervisor import (
 )
 from .throttle import Throttle, for_domain, uncancellable
 
-__all__ = ["FORMATS", "STREAM_TYPES", "SimTarget", "restore", "save"]
+__all__ = ["FORMATS", "STREAM_TYPES", "SimTarget", "plan", "restore", "save"]
 
 log = logger("xcsave.api")
 
@@ -713,3 +714,65 @@ async def restore(
         finally:
             if built is not None and own:
                 built.discard()  # on every failure path: nothing left but the old domain
+
+
+async def plan(
+    *,
+    domid: int | None = None,
+    sim: str | os.PathLike[str] | None = None,
+    link: float | None = None,
+    make_policy: Callable[[], Policy] | None = None,
+    policy_name: str = "xen",
+    seconds: float = 3.0,
+    interval: float = 0.1,
+    max_downtime: float = 0.3,
+    costs: Costs | None = None,
+    helper: str | os.PathLike[str] | None = None,
+    on_event: Callable[[Event], object] | None = None,
+) -> Plan:
+    """Measure a running domain's dirty log for ``seconds``, then predict its
+    live migration over a ``link`` bytes/s link (:mod:`xcsave.predict`).
+
+    Log-dirty is on only while sampling, and off again afterwards whatever
+    happens (:mod:`xcsave.sample`).  The domain's lock is held throughout
+    (:class:`~xcsave.DomainBusy`, EBUSY, while a save or another plan runs):
+    a save uses log-dirty too.  ``make_policy`` makes the precopy policy the
+    migration would run (default: Xen's, :func:`xcsave.policy.xen_default`),
+    a fresh one for the model; ``policy_name`` is how the result names it.
+    ``link`` None: the profile only (``Plan.prediction`` is None).  The
+    verdict is go when the policy stops with a predicted downtime within
+    ``max_downtime`` seconds.
+    """
+    from .policy import xen_default
+    from .predict import pages_per_s, predict
+    from .sample import sample_sim, sample_xen
+
+    if (domid is None) == (sim is None):
+        raise ValueError("give exactly one of domid= or sim=")
+    if link is not None and not (0 < link < float("inf")):
+        raise ValueError(f"link must be a positive number of bytes/s, not {link!r}")
+    if not 0 < max_downtime <= 3600:
+        raise ValueError(f"max_downtime must be in (0, 3600] seconds, not {max_downtime}")
+    factory = make_policy if make_policy is not None else xen_default
+    sim_path = _sim_arg(sim)
+    with _lock(sim, domid) as lock_fd:
+        if sim_path is not None:
+            if not Path(sim_path).exists():  # noqa: ASYNC240 - one stat, under our lock
+                raise FileNotFoundError(errno_mod.ENOENT, "no such domain", os.fspath(sim or ""))
+            profile = await sample_sim(sim_path, seconds, interval)
+        else:
+            assert domid is not None
+            profile = await sample_xen(
+                domid, seconds, interval, helper=helper, lock_fd=lock_fd, on_event=on_event
+            )
+    prediction = None
+    if link is not None:
+        prediction = predict(
+            profile,
+            pages_per_s(link),
+            factory,
+            costs=costs or Costs(),
+            max_downtime_s=max_downtime,
+        )
+    name = os.fspath(sim) if sim is not None else f"domid {domid}"
+    return Plan(name, profile, link, policy_name, prediction)

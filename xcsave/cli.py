@@ -497,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cmd_bench",
         "cmd_tls",
         "cmd_skeleton",
+        "cmd_plan",
     ):
         mod = _optional_module(modname)
         if mod is not None:

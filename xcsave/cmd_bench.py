@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import bench_link, benchmarks
+from . import bench_link, bench_planner, benchmarks
 from ._log import logger
 from .cli import FORMATS, parse_policy_spec, parse_size, self_argv
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
@@ -74,6 +74,8 @@ class Report:
     text: list[str]
     rounds: list[RoundSeries] = field(default_factory=list)
     ok: bool = True
+    #: draws the bench's own ``--plot`` (None: :func:`plot_rounds` of ``rounds``)
+    plot: Callable[[Path], None] | None = None
 
 
 #: A bench option as data: its flag and ``add_argument``'s keywords.
@@ -99,7 +101,8 @@ def add_parsers(sub: Any) -> None:
         bp.add_argument(
             "--plot",
             metavar="FILE.png",
-            help="draw throughput and pages per round (needs matplotlib: xcsave[plot])",
+            help="draw throughput and pages per round (planner: dirty pages per round, "
+            "measured beside predicted; needs matplotlib: xcsave[plot])",
         )
         add_progress_flag(bp)
         add_logging_flags(bp)
@@ -117,7 +120,10 @@ def _runner(bench: Bench) -> Callable[[argparse.Namespace], int]:
         else:
             sys.stdout.write("\n".join(report.text) + "\n")
         if args.plot:
-            plot_rounds(report.rounds, Path(args.plot), title=f"xcsave bench {bench.name}")
+            if report.plot is not None:
+                report.plot(Path(args.plot))
+            else:
+                plot_rounds(report.rounds, Path(args.plot), title=f"xcsave bench {bench.name}")
             if not args.json:
                 sys.stdout.write(f"plot: {args.plot}\n")
         return 0 if report.ok else 1
@@ -1380,6 +1386,13 @@ BENCHES: list[Bench] = [
             _REPEAT,
         ),
         _tls_link_run,
+    ),
+    Bench(
+        "planner",
+        "xcsave plan's predictions (total time, downtime) against real live migrations "
+        "under a dirtying workload over capped links (xcsave.bench_planner)",
+        bench_planner.OPTIONS,
+        bench_planner.run,
     ),
     Bench(
         "link",

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from ._event import Event
 from ._msgs import (
+    LogdirtyOffEvent,
+    LogdirtyOnEvent,
+    LogdirtySampleEvent,
     LogEvent,
     RestoreStatsEvent,
     SchedCapEvent,
@@ -30,6 +33,9 @@ __all__ = [
     "DoneEvent",
     "Event",
     "LogEvent",
+    "LogdirtyOffEvent",
+    "LogdirtyOnEvent",
+    "LogdirtySampleEvent",
     "MigrationStatsEvent",
     "PolicyEvent",
     "ProgressEvent",

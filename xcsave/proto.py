@@ -34,7 +34,8 @@ count).
 Flags, as in Xen's generator: ``s``/``r`` the message occurs in save /
 restore (xcsave's own ``t``: in a TLS tunnel run, see ``xcsave.tls``; ``w``: in
 a wire pump run; ``k``: in a one-shot ``sched-cap`` run, see ``xcsave.throttle``;
-``p``: sent by the parent on the helper's stdin, unasked), ``c``
+``l``: in a log-dirty sampling run, ``xcsave plan``; ``p``: sent by the parent on
+the helper's stdin, unasked), ``c``
 it is a callback of the caller's, ``x`` whether the caller installed it
 travels in ``cbflags`` bit ``1 << number``, ``W``/``A`` it needs a reply
 (synchronous / asynchronous on the parent side; the same on the wire).
@@ -131,6 +132,7 @@ MODE_FLAGS: Final[dict[str, str]] = {
     "wire-send": "w",
     "wire-recv": "w",
     "sched-cap": "k",
+    "logdirty": "l",
 }
 #: The largest parent->helper message body (wire_rate's is 10 bytes).
 PARENT_MSG_MAX: Final = 4096
@@ -237,9 +239,9 @@ def _row(
 #: complete's -1 "the caller did not commit").
 TABLE: Final[tuple[MessageSpec, ...]] = (
     # name                  xen  xcs  flags    args
-    _row("hello",           None, 0, "srtwk",
+    _row("hello",           None, 0, "srtwkl",
          "u32 version u64 table_hash STRING backend STRING mode"),
-    _row("log",             1,   1,  "srtwk",
+    _row("log",             1,   1,  "srtwkl",
          "u32 level u32 errnoval=errno STRING context STRING formatted=message",
          event="LogEvent", doc="A helper log line (also sent to the ``xcsave.helper`` logger).",
          notes={"level": "xentoollog level 1..9", "errno": "-1 when none"}),
@@ -252,7 +254,7 @@ TABLE: Final[tuple[MessageSpec, ...]] = (
     _row("switch_qemu_logdirty", 7, 7, "scxA", "u32 domid uint enable", ok=0, stopped=-1),
     _row("static_data_done", 8,  8,  "rcxW",   "uint missing", ok=0, stopped=-1),
     _row("restore_results", 9,   9,  "rcx",    "pfn store_gfn pfn console_gfn"),
-    _row("complete",        10,  10, "srtwkW",   "int retval int errnoval", stopped=-1),
+    _row("complete",        10,  10, "srtwklW",   "int retval int errnoval", stopped=-1),
     _row("precopy_policy",  None, 11, "scxW",  "u32 iteration u64 total_written i64 dirty_count",
          ok=0, stopped=-1, pack="PrecopyStats"),
     _row("stats",           None, 12, "s",
@@ -305,6 +307,20 @@ TABLE: Final[tuple[MessageSpec, ...]] = (
          notes={"sched_id": "xen/domctl.h's XEN_SCHEDULER_* (6: credit2)",
                 "vcpus": "the domain's vCPUs (max_vcpu_id + 1)",
                 "cap": "percent of one pCPU for the whole domain (0: none)"}),
+    _row("logdirty_on",     None, 23, "l", "u64 nr_pages",
+         event="LogdirtyOnEvent",
+         doc="The log-dirty helper turned log-dirty on (``logdirty_on``): it must go off again.",
+         notes={"nr_pages": "the domain's pages (its highest gpfn + 1)"}),
+    _row("logdirty_sample", None, 24, "l",
+         "u32 index u64 dirty u64 union_pages u64 interval_ns",
+         event="LogdirtySampleEvent",
+         doc="One take of the dirty log while planning (``logdirty_sample``).",
+         notes={"dirty": "pages the log named since the previous take",
+                "union_pages": "distinct pages named since log-dirty went on",
+                "interval_ns": "time since the previous take"}),
+    _row("logdirty_off",    None, 25, "l",
+         event="LogdirtyOffEvent",
+         doc="The log-dirty helper turned log-dirty off again (``logdirty_off``)."),
 )  # fmt: skip
 
 _BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in TABLE}
@@ -452,6 +468,7 @@ _MODE_WORDS: Final[dict[str, str]] = {
     "wire-send": "wire",
     "wire-recv": "wire",
     "sched-cap": "sched-cap",
+    "logdirty": "log-dirty sampling",
 }
 
 

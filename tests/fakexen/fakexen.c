@@ -2118,3 +2118,175 @@ out:
         fclose(f);
     return rc;
 }
+
+/*----- log-dirty for `xcsave plan` (the helper's logdirty mode) -----*/
+
+/*
+ * xc_domain_maximum_gpfn, xc_shadow_control (ENABLE_LOGDIRTY, OFF),
+ * xc_logdirty_control (CLEAN) and the hypercall buffers they use.  The
+ * guest dirties FAKEXEN_LOGDIRTY_PAGES pages (default 100) between two
+ * CLEANs: the k-th CLEAN names pfns (k-1)*n .. k*n-1, modulo
+ * FAKEXEN_WSS (default: every page), so the counts are known exactly.
+ * Whether log-dirty is on lives in the file FAKEXEN_LOGDIRTY ("1"/"0";
+ * missing: off) when set, so that a test sees it across processes (a
+ * helper killed with it on, the clean-up helper that turns it off); else
+ * in this process.  ENABLE while on fails with EINVAL, as Xen refuses a
+ * second enable.  FAKEXEN_LOGDIRTY_FAIL=maxgpfn|enable|clean|off fails that
+ * call with FAKEXEN_ERRNO; FAKEXEN_DELAY_MS delays each CLEAN.
+ */
+static int fx_ld_on_here;
+static unsigned long fx_ld_cleans;
+
+static bool fx_ld_fail(xc_interface *xch, const char *what)
+{
+    const char *v = getenv("FAKEXEN_LOGDIRTY_FAIL");
+
+    if (!v || strcmp(v, what) != 0)
+        return false;
+    fx_log(xch, XTL_DEBUG, "fakexen: injecting log-dirty failure at '%s'", what);
+    errno = xch->fail_errno;
+    return true;
+}
+
+static unsigned long fx_ld_knob(const char *name, unsigned long dflt,
+                                unsigned long max)
+{
+    const char *v = getenv(name);
+    unsigned long n;
+
+    if (!v || !*v || !fx_parse_ulong(v, max, &n))
+        return dflt;
+    return n;
+}
+
+static int fx_ld_get(void)
+{
+    const char *path = getenv("FAKEXEN_LOGDIRTY");
+    char c = '0';
+    FILE *f;
+
+    if (!path || !*path)
+        return fx_ld_on_here;
+    f = fopen(path, "re");
+    if (!f)
+        return 0;
+    if (fread(&c, 1, 1, f) != 1)
+        c = '0';
+    fclose(f);
+    return c == '1';
+}
+
+static int fx_ld_set(int on)
+{
+    const char *path = getenv("FAKEXEN_LOGDIRTY");
+    FILE *f;
+
+    fx_ld_on_here = on;
+    if (!path || !*path)
+        return 0;
+    f = fopen(path, "we");
+    if (!f)
+        return -1;
+    fputs(on ? "1\n" : "0\n", f);
+    return fclose(f);
+}
+
+int xc_domain_maximum_gpfn(xc_interface *xch, uint32_t domid, xen_pfn_t *gpfns)
+{
+    (void)domid;
+    if (fx_ld_fail(xch, "maxgpfn")) {
+        fx_perror(xch, "Unable to get maximum gpfn");
+        return -1;
+    }
+    *gpfns = xch->pages - 1;
+    return 0;
+}
+
+void *xc__hypercall_buffer_alloc_pages(xc_interface *xch, xc_hypercall_buffer_t *b,
+                                       int nr_pages)
+{
+    (void)xch;
+    b->hbuf = calloc((size_t)nr_pages, XC_PAGE_SIZE);
+    return b->hbuf;
+}
+
+void xc__hypercall_buffer_free_pages(xc_interface *xch, xc_hypercall_buffer_t *b,
+                                     int nr_pages)
+{
+    (void)xch;
+    (void)nr_pages;
+    free(b->hbuf);
+    b->hbuf = NULL;
+}
+
+int xc_shadow_control(xc_interface *xch, uint32_t domid, unsigned int sop,
+                      unsigned int *mb, unsigned int mode)
+{
+    (void)domid;
+    (void)mb;
+    (void)mode;
+    if (sop == XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY) {
+        if (fx_ld_fail(xch, "enable")) {
+            fx_perror(xch, "Couldn't enable shadow mode");
+            return -1;
+        }
+        if (fx_ld_get()) {
+            errno = EINVAL; /* Xen: log-dirty is already on */
+            return -1;
+        }
+        fx_ld_cleans = 0;
+        return fx_ld_set(1);
+    }
+    if (sop == XEN_DOMCTL_SHADOW_OP_OFF) {
+        if (fx_ld_fail(xch, "off")) {
+            fx_perror(xch, "Couldn't disable shadow mode");
+            return -1;
+        }
+        return fx_ld_set(0);
+    }
+    errno = EOPNOTSUPP;
+    return -1;
+}
+
+long long xc_logdirty_control(xc_interface *xch, uint32_t domid, unsigned int sop,
+                              xc_hypercall_buffer_t *dirty_bitmap, unsigned long pages,
+                              unsigned int mode, xc_shadow_op_stats_t *stats)
+{
+    unsigned long n = fx_ld_knob("FAKEXEN_LOGDIRTY_PAGES", 100, FX_MAX_PAGES);
+    unsigned long wss = fx_ld_knob("FAKEXEN_WSS", xch->pages, xch->pages);
+    unsigned long *bits = dirty_bitmap ? dirty_bitmap->hbuf : NULL;
+    unsigned long count = 0;
+
+    (void)domid;
+    (void)mode;
+    fx_delay(xch);
+    if (fx_ld_fail(xch, "clean")) {
+        fx_perror(xch, "Failed to retrieve logdirty bitmap");
+        return -1;
+    }
+    if (sop != XEN_DOMCTL_SHADOW_OP_CLEAN || !bits || pages > xch->pages) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (!fx_ld_get()) {
+        errno = EINVAL; /* log-dirty is off: no bitmap to take */
+        return -1;
+    }
+    if (wss == 0)
+        wss = 1;
+    memset(bits, 0, (pages + 63) / 64 * 8);
+    for (unsigned long i = 0; i < n; i++) {
+        unsigned long pfn = (fx_ld_cleans * n + i) % wss;
+
+        if (pfn < pages && !(bits[pfn / 64] & (1UL << (pfn % 64)))) {
+            bits[pfn / 64] |= 1UL << (pfn % 64);
+            count++;
+        }
+    }
+    fx_ld_cleans++;
+    if (stats) {
+        stats->dirty_count = (uint32_t)count;
+        stats->fault_count = 0;
+    }
+    return 0;
+}
