@@ -22,7 +22,7 @@ import json
 from typing import Any
 
 from ._argparse import integer, seconds
-from .cli import _say, parse_policy
+from .cli import _say, parse_policy_spec
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
 from .defaults import DOM_HELP, MAX_DOMID, PAGE_SIZE
 from .predict import DEFAULT_MAX_DOWNTIME_S, Plan
@@ -53,11 +53,6 @@ def _sample_seconds(text: str) -> float:
     return v
 
 
-def _policy(text: str) -> str:
-    parse_policy(text)  # refused here, as save's --policy is
-    return text
-
-
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
@@ -78,11 +73,10 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "--policy",
-        type=_policy,
-        default="xen",
+        type=parse_policy_spec,
+        default=parse_policy_spec("xen"),
         metavar="POLICY",
-        help="the precopy policy the migration will run: xen, max-iters:N, downtime:MS, "
-        "converge, abort",
+        help="the precopy policy the migration will run, as save's --policy (default: xen)",
     )
     p.add_argument(
         "--sample-seconds",
@@ -108,15 +102,15 @@ def add_parsers(sub: Any) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from . import api
 
-    text = args.policy
+    spec = args.policy
     with renderer(args) as rend:
         res = run_async(
             lambda: api.plan(
                 sim=args.sim,
                 domid=args.domid,
                 link=args.link,
-                make_policy=lambda: parse_policy(text),
-                policy_name=text,
+                make_policy=spec.make,
+                policy_name=spec.text,
                 seconds=args.sample_seconds,
                 max_downtime=args.max_downtime / 1000,
                 helper=args.helper,
