@@ -8,13 +8,17 @@ it next to the extension, and it is never put on ``$PATH``.
 Native sources:
   csrc/core/*.c        shared by the helper and the extension (stream engine,
                        simulated domains, legacy reader; the verifier scan.c
-                       is the extension's only)
+                       and the skeletons skeleton.c
+                       are the extension's only)
   csrc/helper_main.c   the helper: argv, protocol loop, backend dispatch
   csrc/backend_*.c     helper backends; backend_xen.c only when xenguest.h is
                        found (Debian libxen-dev) unless XCSAVE_XEN=0
   csrc/tunnel_tls.c    the helper's TLS tunnel; with OpenSSL when its headers
                        are found (Debian libssl-dev) unless XCSAVE_TLS=0,
                        else a tunnel that fails with one line
+  csrc/logdirty.c      the helper's one-shot log-dirty mode (xcsave plan of a
+                       Xen domain); with libxenctrl when the xen backend is
+                       built, else a mode that fails with one line
   csrc/wire*.c         the helper's wire pumps (wire-send/wire-recv); zstd
                        compression when zstd.h is found (Debian libzstd-dev)
                        unless XCSAVE_ZSTD=0, else --compress off only
@@ -54,8 +58,11 @@ def _rel(paths: list[str]) -> list[str]:
 
 
 CORE_SOURCES = _rel(glob(str(HERE / "csrc" / "core" / "*.c")))
-# The verifier serves the extension only: the helper restores and converts.
-HELPER_CORE_SOURCES = [s for s in CORE_SOURCES if os.path.basename(s) != "scan.c"]
+# The verifier and the skeletons serve the extension only: the helper
+# restores and converts.
+HELPER_CORE_SOURCES = [
+    s for s in CORE_SOURCES if os.path.basename(s) not in ("scan.c", "skeleton.c")
+]
 EXT_SOURCES = _rel(glob(str(HERE / "csrc" / "*.cpp")))
 
 
@@ -146,6 +153,8 @@ class build_ext(_pybind_build_ext):
         sources = [
             "csrc/helper_main.c",
             "csrc/backend_sim.c",
+            # the sched-cap mode; with the xen backend, built below as GNU C
+            *([] if self._have_xen else ["csrc/sched_cap.c"]),
             "csrc/tunnel_tls.c",
             "csrc/wire.c",
             "csrc/wire_frame.c",
@@ -164,11 +173,19 @@ class build_ext(_pybind_build_ext):
             include_dirs=include_dirs,
             extra_postargs=[*C_FLAGS, *san],
         )
+        # Xen's public headers use anonymous unions: GNU C, not ISO C11.
+        xen_flags = [("-std=gnu11" if f == "-std=c11" else f) for f in C_FLAGS]
+        # The log-dirty mode (xcsave plan) uses libxenctrl when it is there.
+        objs += self.compiler.compile(
+            ["csrc/logdirty.c"],
+            output_dir=out_dir,
+            macros=defines,
+            include_dirs=include_dirs,
+            extra_postargs=[*xen_flags, *san],
+        )
         if self._have_xen:
-            # Xen's public headers use anonymous unions: GNU C, not ISO C11.
-            xen_flags = [("-std=gnu11" if f == "-std=c11" else f) for f in C_FLAGS]
             objs += self.compiler.compile(
-                ["csrc/backend_xen.c"],
+                ["csrc/backend_xen.c", "csrc/sched_cap.c"],
                 output_dir=out_dir,
                 macros=defines,
                 include_dirs=include_dirs,

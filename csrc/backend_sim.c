@@ -328,7 +328,7 @@ static int sim_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     struct xcs_engine_callbacks cb;
     struct xcs_restore_params p;
     struct xcs_restore_result res;
-    int rc = -1, saved;
+    int rc = -1;
 
     memset(&res, 0, sizeof(res));
     if (need_sim_path(op))
@@ -352,11 +352,7 @@ static int sim_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     out->store_gfn = res.store_gfn;
     out->console_gfn = res.console_gfn;
  out:
-    saved = errno;
-    if (xcs_msg_exists(XCS_MSG_RESTORE_STATS))
-        xcs_stub_restore_stats(res.checkpoints, res.pages_received, res.bytes_read,
-                               res.duration_ns);
-    errno = saved;
+    xcs_send_restore_stats(res.checkpoints, res.pages_received, res.bytes_read, res.duration_ns);
     return rc;
 }
 

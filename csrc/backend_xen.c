@@ -102,12 +102,10 @@ static void send_stats(const struct xcs_op *op, uint64_t started)
 {
     uint64_t pages = relay.pages_sent + relay.last_done;
 
-    if (op->restore) {
-        if (xcs_msg_exists(XCS_MSG_RESTORE_STATS))
-            xcs_stub_restore_stats(0, pages, 0, now_ns() - started);
-    } else if (xcs_msg_exists(XCS_MSG_STATS)) {
+    if (op->restore)
+        xcs_send_restore_stats(0, pages, 0, now_ns() - started);
+    else if (xcs_msg_exists(XCS_MSG_STATS))
         xcs_stub_stats(relay.rounds, pages, 0, 0, 0, now_ns() - started, NULL, 0);
-    }
 }
 
 /* cb.<name> = its trampoline, for each callback the parent flagged. */
@@ -185,5 +183,4 @@ const struct xcs_backend xcs_backend_xen = {
      * toolstack knows which), and it needs the toolstack's state (xenstore,
      * the device model) that a helper whose toolstack died cannot reach.
      */
-    .save_not_committed = NULL,
 };

@@ -18,6 +18,7 @@ namespace py = pybind11;
 
 void register_sim(py::module_ &m);    // ext_sim.cpp: simulated domains
 void register_stream(py::module_ &m); // ext_stream.cpp: inspect/verify/convert
+void register_skeleton(py::module_ &m); // ext_skeleton.cpp: stream skeletons
 
 // A format or stream type by its name in codec.c's table (parse is
 // xcs_fmt_parse or xcs_stream_type_parse); a name with a NUL in it is none.
@@ -67,5 +68,10 @@ void put(py::dict &d, const char *key, const V &value, const Rest &...rest)
 // xcsave/errors.py (the one place the extension's own errors are made).
 [[noreturn]] void raise_xcsave(const char *name, const py::tuple &args,
                                const py::dict &kwargs);
+
+// Raise xcsave.errors.StreamError(reason, offset=, record=) (record None
+// when empty): an invalid stream, where and why.
+[[noreturn]] void raise_stream_error(const std::string &reason, uint64_t offset,
+                                     const std::string &record);
 
 } // namespace xcsave_ext

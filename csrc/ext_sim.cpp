@@ -117,6 +117,7 @@ py::dict sim_info(const std::string &path)
     out["size"] = h->file_size;
     out["seed"] = h->seed;
     out["fill"] = xcs_sim_fill_name((xcs_sim_fill)h->fill);
+    out["throttle"] = xcs_sim_get_throttle(&d.dom); // as stored: may be garbage
     return out;
 }
 
@@ -163,6 +164,51 @@ void sim_set_logdirty(const std::string &path, bool enable)
         xcs_sim_logdirty_enable(&d.dom);
     else
         xcs_sim_logdirty_disable(&d.dom);
+}
+
+// Auto-converge's actuator for a sim domain (xcsave/throttle.py): the
+// percent of its time the guest is kept from running.
+void sim_set_throttle(const std::string &path, int64_t percent)
+{
+    if (percent < 0 || percent > (int64_t)XCS_SIM_THROTTLE_MAX)
+        throw py::value_error("throttle must be a percent from 0 to " +
+                              std::to_string(XCS_SIM_THROTTLE_MAX) + ", not " +
+                              std::to_string(percent));
+    SimDom d(path, 0);
+    if (xcs_sim_set_throttle(&d.dom, (unsigned int)percent) < 0)
+        raise_errno(errno, path);
+}
+
+// The planner's sample (xcsave/sample.py): take the dirty log (fetch and
+// clear, as a save's round does) and OR it into union, a writable buffer of
+// the bitmap's size that the caller keeps across samples.  Returns the pages
+// taken.  EINVAL if log-dirty is off (nobody is logging: nothing to take)
+// or union is not the bitmap's size.
+uint64_t sim_logdirty_take(const std::string &path, py::buffer union_buf)
+{
+    SimDom d(path, 0);
+    py::buffer_info b = union_buf.request(true);
+    uint64_t words = d.dom.hdr->bitmap_bytes / 8;
+    uint64_t n;
+
+    if (!xcs_sim_logdirty_enabled(&d.dom))
+        raise_errno_reason(EINVAL, "log-dirty is off", py::str(path));
+    if ((uint64_t)(b.size * b.itemsize) != words * 8)
+        throw py::value_error("union must be " + std::to_string(words * 8) +
+                              " bytes (the dirty bitmap's size)");
+    std::vector<uint64_t> taken(words);
+    {
+        py::gil_scoped_release nogil;
+        n = xcs_sim_dirty_fetch_and_clear(&d.dom, taken.data());
+        uint8_t *u = static_cast<uint8_t *>(b.ptr);
+        for (uint64_t w = 0; w < words; w++) {
+            uint64_t v;
+            std::memcpy(&v, u + w * 8, 8); // the buffer may be unaligned
+            v |= taken[w];
+            std::memcpy(u + w * 8, &v, 8);
+        }
+    }
+    return n;
 }
 
 // fill_name "" (or None from Python): the fill the domain was created with.
@@ -447,6 +493,13 @@ void register_sim(py::module_ &m)
           "Set running/paused/suspended; leaving running waits for writers.");
     m.def("sim_set_logdirty", &sim_set_logdirty, "path"_a, "enable"_a,
           "Turn log-dirty on (clearing the bitmap) or off.");
+    m.def("sim_set_throttle", &sim_set_throttle, "path"_a, "percent"_a,
+          "Set the throttle: the percent (0..99) of its time the guest is kept "
+          "from running (sim dirty writes that much less; 0 lifts it).");
+    m.def("sim_logdirty_take", &sim_logdirty_take, "path"_a, "union"_a,
+          "Take the dirty log (fetch and clear) and OR it into union (a "
+          "writable buffer of the bitmap's size); returns the pages taken "
+          "(EINVAL if log-dirty is off).");
     m.def("sim_dirty", &sim_dirty, "path"_a, "rate"_a, "duration"_a,
           "seed"_a = 0, py::kw_only(), "fill"_a = "",
           "Dirty pages at rate pages/s (0 = flat out) for duration s while "

@@ -286,16 +286,6 @@ py::dict scan(const py::object &src, const std::string &fmt, const std::string &
     return report_dict(*rep, rc);
 }
 
-[[noreturn]] void raise_stream_error(const std::string &reason, uint64_t offset,
-                                     const std::string &record)
-{
-    py::dict kw;
-
-    kw["offset"] = offset;
-    kw["record"] = record.empty() ? py::object(py::none()) : py::object(py::str(record));
-    raise_xcsave("StreamError", py::make_tuple(reason), kw);
-}
-
 py::dict convert_legacy(int in_fd, int out_fd, unsigned width, const std::string &guest,
                         const std::string &fmt, bool xl_in, bool xl_out,
                         const std::string &stream_type, bool skip_qemu)

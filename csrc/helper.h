@@ -107,6 +107,10 @@ int xcs_cb_wanted(const struct xcs_op *op, enum xcs_msg m);
 /* Whether the dialect has message m at all. */
 int xcs_msg_exists(enum xcs_msg m);
 
+/* A restore's restore_stats, where the dialect has the message; errno kept. */
+void xcs_send_restore_stats(uint32_t checkpoints, uint64_t pages_received, uint64_t bytes,
+                            uint64_t duration_ns);
+
 /* log frames: truncated to what the dialect can carry. */
 void xcs_log(uint32_t level, int errnoval, const char *context,
              const char *fmt, ...) __attribute__((format(printf, 4, 5)));
@@ -133,6 +137,14 @@ void xcs_arm_sigterm_abort(int io_fd);
  * the SIGTERM handler first.  (xcs_arm_sigterm_abort does this too.)
  */
 void xcs_arm_parent_death(void);
+
+/*
+ * For a ppoll() loop: SIGTERM runs handler (which sets a flag) and is
+ * blocked from now on except inside ppoll(), whose mask unblocks it, so a
+ * stop that arrives anywhere is seen at the next wait at the latest, never
+ * lost between the flag's check and the wait.  0, or -1 with errno set.
+ */
+int xcs_sigterm_until_ppoll(void (*handler)(int));
 
 /*
  * The TLS tunnel (tunnel_tls.c): handshake on op->io_fd, then relay between
@@ -162,5 +174,13 @@ int xcs_wire(const struct xcs_op *op);
  */
 ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
                              const uint8_t **body, uint32_t *body_len);
+
+/* The one-shot --xcsave-1 sched-cap mode (sched_cap.c): its whole run. */
+int xcs_sched_cap_main(int argc, char **argv);
+/*
+ * The one-shot log-dirty mode (logdirty.c): argv is the helper's whole
+ * argv, "--xcsave-1 logdirty ..."; returns the exit status.
+ */
+int xcs_logdirty_main(int argc, char **argv);
 
 #endif /* XCS_HELPER_H */

@@ -128,6 +128,16 @@ int xcs_msg_exists(enum xcs_msg m)
     return xcs_msg_numbers[dialect][m] >= 0;
 }
 
+void xcs_send_restore_stats(uint32_t checkpoints, uint64_t pages_received, uint64_t bytes,
+                            uint64_t duration_ns)
+{
+    int saved = errno;
+
+    if (xcs_msg_exists(XCS_MSG_RESTORE_STATS))
+        xcs_stub_restore_stats(checkpoints, pages_received, bytes, duration_ns);
+    errno = saved;
+}
+
 int xcs_cb_wanted(const struct xcs_op *op, enum xcs_msg m)
 {
     int num = xcs_msg_numbers[dialect][m];
@@ -514,6 +524,21 @@ void xcs_arm_parent_death(void)
         fatal("prctl(PR_SET_PDEATHSIG): %s", strerror(errno));
     if (getppid() != start_ppid)
         raise(SIGTERM);
+}
+
+int xcs_sigterm_until_ppoll(void (*handler)(int))
+{
+    struct sigaction sa;
+    sigset_t block;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = handler;
+    sigemptyset(&sa.sa_mask);
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    if (sigaction(SIGTERM, &sa, NULL) < 0 || sigprocmask(SIG_BLOCK, &block, NULL) < 0)
+        return -1;
+    return 0;
 }
 
 /*----- argv -----*/
@@ -977,6 +1002,13 @@ int main(int argc, char **argv)
                (unsigned long long)XCS_PROTO_HASH, XCS_BACKENDS, XCS_TLS,
                xcs_wire_zstd_built() ? "libzstd" : "none");
         return 0;
+    }
+    /* The one-shot modes own their whole run (argv, messages, exit status). */
+    if (argc >= 3 && !strcmp(argv[1], "--xcsave-1")) {
+        if (!strcmp(argv[2], "sched-cap"))
+            return xcs_sched_cap_main(argc, argv);
+        if (!strcmp(argv[2], "logdirty"))
+            return xcs_logdirty_main(argc, argv);
     }
     if (argc >= 2 && !strcmp(argv[1], "--save-domain")) {
         parse_xen_argv(argc, argv, &op);

@@ -893,8 +893,6 @@ static int run_tunnel(struct tunnel *t)
 int xcs_tunnel(const struct xcs_op *op)
 {
     struct tunnel t;
-    struct sigaction sa;
-    sigset_t block;
     uint64_t t0 = now_ns();
     int rc = -1, saved, one = 1;
 
@@ -902,17 +900,8 @@ int xcs_tunnel(const struct xcs_op *op)
     t.op = op;
     format_peer(op->io_fd, t.peer_addr, sizeof(t.peer_addr));
 
-    /*
-     * SIGTERM sets a flag and is blocked except inside ppoll(), whose mask
-     * unblocks it: a stop that arrives anywhere is seen at the next wait at
-     * the latest, never lost between the flag's check and the wait.
-     */
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = tunnel_sigterm;
-    sigemptyset(&sa.sa_mask);
-    sigemptyset(&block);
-    sigaddset(&block, SIGTERM);
-    if (sigaction(SIGTERM, &sa, NULL) < 0 || sigprocmask(SIG_BLOCK, &block, NULL) < 0) {
+    /* SIGTERM sets a flag, seen at the next ppoll() at the latest. */
+    if (xcs_sigterm_until_ppoll(tunnel_sigterm) < 0) {
         saved = errno;
         xcs_log(XCS_LOG_ERROR, saved, TUNNEL_CONTEXT, "signals: %s", strerror(saved));
         errno = saved;

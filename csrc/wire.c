@@ -49,10 +49,10 @@
  * channel.  Frames already held are discarded as duplicates.
  *
  * Every fd is polled in one ppoll() loop; SIGTERM is blocked except inside
- * ppoll (tunnel_tls.c's way).  Channels are used with MSG_DONTWAIT, not
- * O_NONBLOCK: their open file descriptions are shared with Python's
- * sockets.  The plain-stream pipe is made O_NONBLOCK for the run and put
- * back at the end.
+ * ppoll (xcs_sigterm_until_ppoll, as in the TLS tunnel).  Channels are used
+ * with MSG_DONTWAIT, not O_NONBLOCK: their open file descriptions are shared
+ * with Python's sockets.  The plain-stream pipe is made O_NONBLOCK for the
+ * run and put back at the end.
  */
 
 #include <errno.h>
@@ -1278,8 +1278,6 @@ again:;
 int xcs_wire(const struct xcs_op *op)
 {
     struct pump *p = NULL;
-    struct sigaction sa;
-    sigset_t block;
     int rc = -1, saved = 0, flags_set = 0;
 
     p = calloc(1, sizeof(*p));
@@ -1305,16 +1303,8 @@ int xcs_wire(const struct xcs_op *op)
         p->ch[i].cur = -1;
     }
 
-    /*
-     * SIGTERM sets a flag and is blocked except inside ppoll(), whose mask
-     * unblocks it: a stop is seen at the next wait at the latest.
-     */
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = wire_sigterm;
-    sigemptyset(&sa.sa_mask);
-    sigemptyset(&block);
-    sigaddset(&block, SIGTERM);
-    if (sigaction(SIGTERM, &sa, NULL) < 0 || sigprocmask(SIG_BLOCK, &block, NULL) < 0) {
+    /* SIGTERM sets a flag, seen at the next ppoll() at the latest. */
+    if (xcs_sigterm_until_ppoll(wire_sigterm) < 0) {
         rc = fail(p, errno, "signals: %s", strerror(errno));
         goto out;
     }

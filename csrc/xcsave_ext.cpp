@@ -42,6 +42,15 @@ void raise_xcsave(const char *name, const py::tuple &args, const py::dict &kwarg
     throw py::error_already_set();
 }
 
+void raise_stream_error(const std::string &reason, uint64_t offset, const std::string &record)
+{
+    py::dict kw;
+
+    kw["offset"] = offset;
+    kw["record"] = record.empty() ? py::object(py::none()) : py::object(py::str(record));
+    raise_xcsave("StreamError", py::make_tuple(reason), kw);
+}
+
 } // namespace xcsave_ext
 
 PYBIND11_MODULE(_ext, m)
@@ -50,4 +59,5 @@ PYBIND11_MODULE(_ext, m)
     m.attr("BACKENDS") = XCS_BACKENDS;
     xcsave_ext::register_sim(m);
     xcsave_ext::register_stream(m);
+    xcsave_ext::register_skeleton(m);
 }

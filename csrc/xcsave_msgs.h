@@ -10,7 +10,7 @@
 #include "msg_stub.h"
 
 #define XCS_PROTO_VERSION 1
-#define XCS_PROTO_HASH 0x33fcef642258a535ULL
+#define XCS_PROTO_HASH 0x1bdc5d20cf3e7bfcULL
 
 /* Xen's default precopy policy, from xcsave/defaults.py (the one place). */
 #define XCS_XEN_MAX_ITERS 5
@@ -39,22 +39,26 @@ enum xcs_msg {
     XCS_MSG_WIRE_STATS = 16,
     XCS_MSG_WIRE_LOST = 17,
     XCS_MSG_WIRE_RATE = 18,
-    XCS_MSG_COUNT = 19
+    XCS_MSG_SCHED_CAP = 19,
+    XCS_MSG_LOGDIRTY_ON = 20,
+    XCS_MSG_LOGDIRTY_SAMPLE = 21,
+    XCS_MSG_LOGDIRTY_OFF = 22,
+    XCS_MSG_COUNT = 23
 };
 
 /* Wire number per dialect; -1 where the dialect lacks the message. */
 static const int xcs_msg_numbers[2][XCS_MSG_COUNT] = {
-    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1, -1, -1, -1, -1, -1, -1}, /* xen-4.17 */
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18}, /* xcsave-1 */
+    {-1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}, /* xen-4.17 */
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 23, 24, 25}, /* xcsave-1 */
 };
 
 static const char *const xcs_msg_names[XCS_MSG_COUNT] = {
-    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats", "tls_peer", "tunnel_stats", "restore_stats", "wire_stats", "wire_lost", "wire_rate"
+    "hello", "log", "progress", "suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty", "static_data_done", "restore_results", "complete", "precopy_policy", "stats", "tls_peer", "tunnel_stats", "restore_stats", "wire_stats", "wire_lost", "wire_rate", "sched_cap", "logdirty_on", "logdirty_sample", "logdirty_off"
 };
 
 /* Messages the parent sends on our stdin unasked (the table's p flag). */
 static const unsigned char xcs_msg_from_parent[XCS_MSG_COUNT] = {
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0
 };
 #define XCS_PARENT_MSG_MAX 4096
 
@@ -207,6 +211,30 @@ static inline void xcs_stub_wire_lost(uint32_t channel, int errnoval, const char
 {
     const struct xcs_arg a[] = {XCS_FIXED(channel), XCS_FIXED(errnoval), XCS_STR(why)};
     xcs_send(XCS_MSG_WIRE_LOST, a, 3);
+}
+
+static inline void xcs_stub_sched_cap(uint32_t sched_id, uint32_t vcpus, uint32_t weight, uint32_t cap)
+{
+    const struct xcs_arg a[] = {XCS_FIXED(sched_id), XCS_FIXED(vcpus), XCS_FIXED(weight), XCS_FIXED(cap)};
+    xcs_send(XCS_MSG_SCHED_CAP, a, 4);
+}
+
+static inline void xcs_stub_logdirty_on(uint64_t nr_pages)
+{
+    const struct xcs_arg a[] = {XCS_FIXED(nr_pages)};
+    xcs_send(XCS_MSG_LOGDIRTY_ON, a, 1);
+}
+
+static inline void xcs_stub_logdirty_sample(uint32_t index, uint64_t dirty, uint64_t union_pages, uint64_t interval_ns)
+{
+    const struct xcs_arg a[] = {XCS_FIXED(index), XCS_FIXED(dirty), XCS_FIXED(union_pages), XCS_FIXED(interval_ns)};
+    xcs_send(XCS_MSG_LOGDIRTY_SAMPLE, a, 4);
+}
+
+static inline void xcs_stub_logdirty_off(void)
+{
+    const struct xcs_arg a[] = {};
+    xcs_send(XCS_MSG_LOGDIRTY_OFF, a, 0);
 }
 
 /*

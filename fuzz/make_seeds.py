@@ -3,7 +3,7 @@
 
     python3 fuzz/make_seeds.py OUTDIR
 
-Creates OUTDIR/{scan,legacy,restore,helper,wire}/ with one file per seed, each
+Creates OUTDIR/{scan,legacy,restore,helper,wire,skeleton}/ with one file per seed, each
 starting with the option byte(s) its harness expects.  Seeds come from
 xcsave/corpus.py (every named case, valid and broken, plus small variants)
 and from simulated domains saved by xcsave's own engine (the only streams
@@ -144,6 +144,28 @@ def wire_seeds() -> list[bytes]:
     ]
 
 
+def skeleton_seeds() -> list[bytes]:
+    """Every valid v2/v3 corpus stream, to make a skeleton of (option bit 0
+    clear) and as the body made of it, to inflate (bit 0 set)."""
+    from xcsave import _ext
+
+    seeds = []
+    fmts = {"auto": 0, "xl": 1, "libxl": 2, "libxc": 3}
+    for case in corpus_cases.cases():
+        if case.fmt not in fmts:
+            continue
+        opts = fmts[case.fmt] << 1 | STREAM_BITS[case.stream_type] << 3
+        seeds.append(bytes([opts]) + case.data)
+        if not case.ok:
+            continue
+        with tempfile.TemporaryFile() as f:
+            f.write(case.data)
+            f.seek(0)
+            body, _info = _ext.skeleton_make(f.fileno(), case.fmt, case.stream_type)
+        seeds.append(bytes([opts | 1]) + body)
+    return seeds
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         sys.stderr.write(__doc__ or "")
@@ -188,6 +210,8 @@ def main(argv: list[str]) -> int:
         _write(out / "helper", s)
     for s in wire_seeds():
         _write(out / "wire", s)
+    for s in skeleton_seeds():
+        _write(out / "skeleton", s)
     for sub in sorted(out.iterdir()):
         sys.stdout.write(f"{sub.name}: {len(list(sub.iterdir()))} seeds\n")
     return 0

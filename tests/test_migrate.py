@@ -176,6 +176,12 @@ def test_live_migration_under_load(net: Net, shm: Path) -> None:
     assert report["peer"].startswith(f"{net.receiver_ip}:")  # it went over that link
     assert report["rounds"] >= 2  # the workload dirtied pages during round 0
     assert report["pages_per_round"][1] > 0
+    # Every round the policy was asked about, explained (round 0 is not asked about).
+    asked = report["precopy_rounds"]
+    assert [r["iteration"] for r in asked] == list(range(1, report["rounds"]))
+    assert [r["decision"] for r in asked] == ["continue"] * (len(asked) - 1) + ["stop-and-copy"]
+    assert all(r["reason"] for r in asked), asked
+    assert asked[-1]["send_rate"] > 0 or len(asked) == 1
     assert "it runs here" in out
     assert sim.digest(dst) == sim.digest(src)
     assert sim.info(dst)["state"] == "running"

@@ -14,13 +14,14 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import fake_env
 
 import xcsave
 import xcsave.sync
-from xcsave import proto
+from xcsave import policy, proto
 from xcsave.events import Event, LogEvent, PolicyEvent, ProgressEvent
 from xcsave.policy import Decision, PrecopyStats
 from xcsave.supervisor import Callbacks, HelperSpec, Supervisor, xen_save_args
@@ -268,6 +269,13 @@ def ours() -> Path:
     return xcsave.helper_path()
 
 
+async def _policy_save(ours: Path, out: Path, pol: policy.Policy, **kw: Any) -> xcsave.RunResult:
+    """A live save of fakexen's domain 7 by xcsave-helper, asking ``pol``."""
+    return await xcsave.save(
+        out, domid=7, live=True, helper=ours, callbacks=_save_cbs(), policy=pol, **kw
+    )
+
+
 async def test_xcsave1_carries_precopy_policy(ours: Path, fake: FakeXen, tmp_path: Path) -> None:
     fake.set(dirty="400,300,200,150")
     asked: list[PrecopyStats] = []
@@ -277,15 +285,7 @@ async def test_xcsave1_carries_precopy_policy(ours: Path, fake: FakeXen, tmp_pat
         return Decision.STOP_AND_COPY if st.iteration >= 3 else Decision.CONTINUE
 
     events: list[Event] = []
-    res = await xcsave.save(
-        tmp_path / "o",
-        domid=7,
-        live=True,
-        helper=ours,
-        callbacks=_save_cbs(),
-        policy=policy,
-        on_event=events.append,
-    )
+    res = await _policy_save(ours, tmp_path / "o", policy, on_event=events.append)
     assert res.retval == 0
     assert [s.iteration for s in asked][-1] == 3
     # libxc asks before each round with the dirty count, and after a batch with -1
@@ -294,16 +294,34 @@ async def test_xcsave1_carries_precopy_policy(ours: Path, fake: FakeXen, tmp_pat
     assert [e.decision for e in events if isinstance(e, PolicyEvent)][-1] == Decision.STOP_AND_COPY
 
 
+async def test_guarantee_decides_on_libxcs_counted_question(
+    ours: Path, fake: FakeXen, tmp_path: Path
+) -> None:
+    """libxc asks twice a round (after a pass with dirty_count -1, then with
+    the count): Xen's default stops on the first question of round 5, and the
+    guarantee decides on the second, whose round was measured."""
+    fake.set(dirty="400,300,200,150")
+    events: list[Event] = []
+    # 1e9 s: any measured prediction is within it
+    res = await _policy_save(ours, tmp_path / "o", policy.guarantee(1e9), on_event=events.append)
+    asked = [e for e in events if isinstance(e, PolicyEvent)]
+    assert res.rounds == asked
+    put_off, stop = asked[-2:]
+    assert (put_off.iteration, put_off.dirty_count, put_off.decision) == (5, -1, Decision.CONTINUE)
+    assert put_off.reason.startswith("5 rounds done, but no dirty count: the next question")
+    assert (stop.iteration, stop.dirty_count, stop.decision) == (5, 150, Decision.STOP_AND_COPY)
+    assert stop.sent == 150 and stop.send_rate > 0  # measured from round 4's counted question
+    assert stop.predicted_downtime_s == pytest.approx(150 / stop.send_rate)
+
+    # Nothing is ever within 0 ms: the same save aborts on that question, saying why.
+    with pytest.raises(xcsave.HelperFailed, match=r"predicted downtime .* > guaranteed 0\.0 ms"):
+        await _policy_save(ours, tmp_path / "o2", policy.guarantee(0.0))
+    assert not (tmp_path / "o2").exists()
+
+
 async def test_precopy_abort_fails_the_save(ours: Path, fake: FakeXen, tmp_path: Path) -> None:
     with pytest.raises(xcsave.HelperFailed):
-        await xcsave.save(
-            tmp_path / "o",
-            domid=7,
-            live=True,
-            helper=ours,
-            callbacks=_save_cbs(),
-            policy=lambda st: Decision.ABORT,
-        )
+        await _policy_save(ours, tmp_path / "o", lambda st: Decision.ABORT)
     assert not (tmp_path / "o").exists()
 
 

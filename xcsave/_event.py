@@ -20,5 +20,13 @@ class Event:
         """The event of a message's frame: its fields are the message's args in order."""
         return cls(op, domain, *a)
 
+    def __init_subclass__(cls, /, kind: str | None = None, **kwargs: Any) -> None:
+        """``class LogEvent(Event, kind="log")`` names the event (``asdict``'s "event")."""
+        # Not the bare super(): slots=True rebuilds Event, and the bare form
+        # would name the class it replaced.
+        super(Event, cls).__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+
     def asdict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"event": self.kind}

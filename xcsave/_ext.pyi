@@ -3,7 +3,8 @@ xcsave native fast paths (simulated domains, stream tools)
 """
 from __future__ import annotations
 import typing
-__all__: list[str] = ['BACKENDS', 'FORMATS', 'SIM_MAX_PAGES', 'SIM_MAX_VCPUS', 'STREAM_TYPES', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_remove', 'sim_set_logdirty', 'sim_set_state', 'sniff_format']
+import typing_extensions
+__all__: list[str] = ['BACKENDS', 'FORMATS', 'SIM_MAX_PAGES', 'SIM_MAX_VCPUS', 'SKELETON_BODY_MAX', 'STREAM_TYPES', 'convert_legacy', 'engine_restore', 'engine_save', 'rename_noreplace', 'scan', 'sim_create', 'sim_digest', 'sim_dirty', 'sim_info', 'sim_logdirty_take', 'sim_remove', 'sim_set_logdirty', 'sim_set_state', 'sim_set_throttle', 'skeleton_digest', 'skeleton_make', 'skeleton_page', 'skeleton_walk', 'sniff_format']
 def convert_legacy(in_fd: typing.SupportsInt | typing.SupportsIndex, out_fd: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, guest: str, fmt: str = 'libxc', xl_in: bool = False, xl_out: bool = False, stream_type: str = 'plain', skip_qemu: bool = False) -> dict[str, typing.Any]:
     """
     Convert a legacy (pre-4.6) stream to v3; returns statistics.
@@ -40,6 +41,10 @@ def sim_info(path: str) -> dict[str, typing.Any]:
     """
     Header of a simulated domain as a dict.
     """
+def sim_logdirty_take(path: str, union: typing_extensions.Buffer) -> int:
+    """
+    Take the dirty log (fetch and clear) and OR it into union (a writable buffer of the bitmap's size); returns the pages taken (EINVAL if log-dirty is off).
+    """
 def sim_remove(path: str) -> None:
     """
     Remove a simulated domain.
@@ -52,6 +57,26 @@ def sim_set_state(path: str, state: str) -> None:
     """
     Set running/paused/suspended; leaving running waits for writers.
     """
+def sim_set_throttle(path: str, percent: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Set the throttle: the percent (0..99) of its time the guest is kept from running (sim dirty writes that much less; 0 lifts it).
+    """
+def skeleton_digest(page: bytes) -> int:
+    """
+    A page's skeleton digest (XXH64, seed 0).
+    """
+def skeleton_make(fd: typing.SupportsInt | typing.SupportsIndex, fmt: str = 'auto', stream_type: str = 'plain') -> tuple[bytes, dict[str, typing.Any]]:
+    """
+    The skeleton body of the stream in the regular file fd, and what the walk found.
+    """
+def skeleton_page(digest: typing.SupportsInt | typing.SupportsIndex) -> bytes:
+    """
+    The page a skeleton inflates for a digest.
+    """
+def skeleton_walk(body: bytes, fmt: str, stream_type: str = 'plain', out_fd: typing.SupportsInt | typing.SupportsIndex = -1) -> dict[str, typing.Any]:
+    """
+    Walk a skeleton body (out_fd: write the inflated stream there); what it found.
+    """
 def sniff_format(head: bytes) -> str | None:
     """
     The format a stream's first bytes announce: xl, libxl, libxc, legacy (no magic), or None under 8 bytes.
@@ -60,4 +85,5 @@ BACKENDS: str
 FORMATS: tuple[str, ...] = ('auto', 'xl', 'libxl', 'libxc', 'legacy')
 SIM_MAX_PAGES: int = 16777216
 SIM_MAX_VCPUS: int = 128
+SKELETON_BODY_MAX: int = 134217728
 STREAM_TYPES: tuple[str, ...] = ('plain', 'remus', 'colo')

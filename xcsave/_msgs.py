@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Self, cast
+from typing import Any, Final, Self, cast
 
 from ._event import Event
 from .policy import Decision, PrecopyStats, Verdict
@@ -25,9 +25,13 @@ __all__ = [
     "CallbackFn",
     "Callbacks",
     "LogEvent",
+    "LogdirtyOffEvent",
+    "LogdirtyOnEvent",
+    "LogdirtySampleEvent",
     "Reply",
     "RestoreStats",
     "RestoreStatsEvent",
+    "SchedCapEvent",
     "Stats",
     "StatsEvent",
     "TlsPeerEvent",
@@ -133,10 +137,9 @@ class RestoreStats(_RestoreStatsFields, _Record):
 
 
 @dataclass(frozen=True, slots=True)
-class LogEvent(Event):
+class LogEvent(Event, kind="log"):
     """A helper log line (also sent to the ``xcsave.helper`` logger)."""
 
-    kind: ClassVar[str] = "log"
     level: int  # xentoollog level 1..9
     errno: int  # -1 when none
     context: str
@@ -144,17 +147,14 @@ class LogEvent(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class StatsEvent(_StatsFields, Event):
+class StatsEvent(_StatsFields, Event, kind="stats"):
     """A save's final statistics (xcsave-1 ``stats``)."""
-
-    kind: ClassVar[str] = "stats"
 
 
 @dataclass(frozen=True, slots=True)
-class TlsPeerEvent(Event):
+class TlsPeerEvent(Event, kind="tls_peer"):
     """A TLS tunnel's handshake succeeded: the authenticated peer (``tls_peer``)."""
 
-    kind: ClassVar[str] = "tls_peer"
     subject: str  # the peer certificate's subject, RFC 2253 ("CN=hostb")
     address: str  # "192.0.2.7:4000"
     version: str  # "TLSv1.3"
@@ -162,10 +162,9 @@ class TlsPeerEvent(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class TunnelStatsEvent(Event):
+class TunnelStatsEvent(Event, kind="tunnel_stats"):
     """A TLS tunnel's byte counts at its end (``tunnel_stats``)."""
 
-    kind: ClassVar[str] = "tunnel_stats"
     sent: int  # plaintext bytes we sent to the peer
     received: int  # plaintext bytes from the peer handed to our socket
     discarded: int  # bytes from the peer after our side had closed
@@ -173,17 +172,14 @@ class TunnelStatsEvent(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class RestoreStatsEvent(_RestoreStatsFields, Event):
+class RestoreStatsEvent(_RestoreStatsFields, Event, kind="restore_stats"):
     """A restore's final statistics (xcsave-1 ``restore_stats``)."""
-
-    kind: ClassVar[str] = "restore_stats"
 
 
 @dataclass(frozen=True, slots=True)
-class WireStatsEvent(Event):
+class WireStatsEvent(Event, kind="wire_stats"):
     """A wire pump's figures, every 500 ms and at its end (``wire_stats``)."""
 
-    kind: ClassVar[str] = "wire_stats"
     stream_bytes: int  # plain stream bytes read (send) / written (recv)
     wire_bytes: int  # bytes on the channels, frame headers included
     frames: int
@@ -195,13 +191,44 @@ class WireStatsEvent(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class WireLostEvent(Event):
+class WireLostEvent(Event, kind="wire_lost"):
     """A wire channel failed (``wire_lost``)."""
 
-    kind: ClassVar[str] = "wire_lost"
     channel: int
     errno: int
     why: str  # "EOF", "connection reset", "idle for 5000 ms"
+
+
+@dataclass(frozen=True, slots=True)
+class SchedCapEvent(Event, kind="sched_cap"):
+    """A domain's scheduler and credit2 cap before a ``sched-cap`` run (``sched_cap``)."""
+
+    sched_id: int  # xen/domctl.h's XEN_SCHEDULER_* (6: credit2)
+    vcpus: int  # the domain's vCPUs (max_vcpu_id + 1)
+    weight: int
+    cap: int  # percent of one pCPU for the whole domain (0: none)
+
+
+@dataclass(frozen=True, slots=True)
+class LogdirtyOnEvent(Event, kind="logdirty_on"):
+    """The log-dirty helper turned log-dirty on (``logdirty_on``): it must go off again."""
+
+    nr_pages: int  # the domain's pages (its highest gpfn + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LogdirtySampleEvent(Event, kind="logdirty_sample"):
+    """One take of the dirty log while planning (``logdirty_sample``)."""
+
+    index: int
+    dirty: int  # pages the log named since the previous take
+    union_pages: int  # distinct pages named since log-dirty went on
+    interval_ns: int  # time since the previous take
+
+
+@dataclass(frozen=True, slots=True)
+class LogdirtyOffEvent(Event, kind="logdirty_off"):
+    """The log-dirty helper turned log-dirty off again (``logdirty_off``)."""
 
 
 #: Message name -> the event it becomes: (op, domain, args) -> event.
@@ -213,4 +240,8 @@ EVENTS: Final[dict[str, Callable[[str, str, Args], Event]]] = {
     "restore_stats": RestoreStatsEvent.from_frame,
     "wire_stats": WireStatsEvent.from_frame,
     "wire_lost": WireLostEvent.from_frame,
+    "sched_cap": SchedCapEvent.from_frame,
+    "logdirty_on": LogdirtyOnEvent.from_frame,
+    "logdirty_sample": LogdirtySampleEvent.from_frame,
+    "logdirty_off": LogdirtyOffEvent.from_frame,
 }

@@ -26,8 +26,9 @@ from . import files, formats, lock, proto
 from ._log import logger
 from .defaults import MAX_COPY_THREADS, PAGE_SIZE
 from .errors import BackendUnavailable, StreamError
-from .events import Event
+from .events import Event, ThrottleEvent
 from .policy import Policy
+from .predict import Costs, Plan
 from .supervisor import (
     Callbacks,
     HelperSpec,
@@ -38,8 +39,9 @@ from .supervisor import (
     xen_restore_args,
     xen_save_args,
 )
+from .throttle import Throttle, for_domain, uncancellable
 
-__all__ = ["FORMATS", "STREAM_TYPES", "SimTarget", "restore", "save"]
+__all__ = ["FORMATS", "STREAM_TYPES", "SimTarget", "plan", "restore", "save"]
 
 log = logger("xcsave.api")
 
@@ -59,6 +61,16 @@ def _check_out(out: StreamArg) -> None:
         raise IsADirectoryError(
             errno_mod.EISDIR, "the output is a directory, not a file", os.fspath(out)
         )
+
+
+def _sync_committed(final: Path, done: str) -> None:
+    """Make the rename of ``final`` into place durable.  It is in place, so
+    the operation (``done``: "saved", "restored") succeeded whatever the
+    fsync says: a failure is only a warning."""
+    try:
+        files.fsync_dir(final.parent)
+    except OSError as e:
+        log.warning("%s %s, but could not fsync its directory: %s", done, final, e)
 
 
 class _Out:
@@ -92,10 +104,7 @@ class _Out:
             self.fd = -1
             os.replace(self.tmp, self.final)
         self.committed = True
-        try:
-            files.fsync_dir(self.final.parent)
-        except OSError as e:  # the image is in place: the save succeeded
-            log.warning("saved %s, but could not fsync its directory: %s", self.final, e)
+        _sync_committed(self.final, "saved")
 
 
 @contextlib.asynccontextmanager
@@ -276,10 +285,7 @@ class SimTarget:
         else:
             files.rename_noreplace(self.partial, self.final)
         self.committed = True
-        try:
-            files.fsync_dir(self.final.parent)
-        except OSError as e:  # the domain is in place: the restore succeeded
-            log.warning("restored %s, but could not fsync its directory: %s", self.final, e)
+        _sync_committed(self.final, "restored")
 
     def discard(self) -> None:
         """Remove the partial (if any is left); the final name is never touched."""
@@ -401,6 +407,7 @@ class _Job:
         sim: str | os.PathLike[str] | None,
         on_failure: Callable[[int], object] | None = None,
         on_commit: Callable[[], None] | None = None,
+        throttle: Throttle | None = None,
     ) -> RunResult:
         """Run the helper with ``args`` (its fds ``pass_fds``) to its end."""
         spec = HelperSpec(
@@ -414,6 +421,7 @@ class _Job:
             helper=Path(self.helper) if self.helper is not None else None,
             on_failure=on_failure,
             on_commit=on_commit,
+            throttle=throttle,
         )
         async with contextlib.AsyncExitStack() as stack:
             sup = self.supervisor
@@ -503,47 +511,83 @@ async def save(
     with _lock(sim, domid) as lock_fd:
         # The source's state before we touch it, for the undo after a failure.
         undo = _sim_save_undo(sim_path) if sim_path else None
-        async with _open_out(out, (lambda: undo(0)) if undo else None) as o:
-            io_fd, owned = high_fd(o.fd)
-            try:
-                if d is proto.XEN_417:
-                    assert domid is not None
-                    args = xen_save_args(
-                        io_fd, domid, xcflags=xcflags, cbflags=cbflags, stream_type=st
+        # Auto-converge's actuator (a policy may answer with a throttle): set
+        # through the supervisor before its reply, lifted here whatever
+        # happens (success, failure, cancellation, a helper that died).  A
+        # policy that says it throttles has the domain checked first.
+        throttle = None
+        if policy is not None:
+            throttle = for_domain("save", sim=sim_path, domid=domid, helper=helper)
+            throttle.on_event = on_event
+            if getattr(policy, "throttles", False):
+                await throttle.prepare()
+        try:
+            xl = os.fspath(xl_config) if xl_config is not None else None
+            async with _open_out(out, (lambda: undo(0)) if undo else None) as o:
+                io_fd, owned = high_fd(o.fd)
+                try:
+                    if d is proto.XEN_417:
+                        assert domid is not None
+                        args = xen_save_args(
+                            io_fd, domid, xcflags=xcflags, cbflags=cbflags, stream_type=st
+                        )
+                    else:
+                        args = job.xcs_args(
+                            io_fd,
+                            {
+                                "sim": sim_path,
+                                "flags": xcflags,
+                                "cbflags": cbflags,
+                                "stream_type": st,
+                                "format": fmt,
+                                "checkpoints": checkpoints or None,
+                                "interval_ms": interval_ms or None,
+                                "xl_config": xl,
+                                "copy_threads": copy_threads if copy_threads != 1 else None,
+                                "idle_timeout_ms": idle_ms,
+                                # The helper removes it if the save is not
+                                # committed: even when we were SIGKILLed.
+                                "out_tmp": os.fspath(o.tmp) if o.tmp is not None else None,
+                            },
+                        )
+                    # The image is committed by the supervisor between the
+                    # helper's complete and its reply (on_commit): a toolstack
+                    # killed before the commit leaves a helper that puts the
+                    # source back, never a suspended source without an image.
+                    res = await job.run(
+                        args,
+                        (io_fd, lock_fd),
+                        sim=sim_path,
+                        on_failure=undo,
+                        on_commit=o.on_commit,
+                        throttle=throttle,
                     )
-                else:
-                    args = job.xcs_args(
-                        io_fd,
-                        {
-                            "sim": sim_path,
-                            "flags": xcflags,
-                            "cbflags": cbflags,
-                            "stream_type": st,
-                            "format": fmt,
-                            "checkpoints": checkpoints or None,
-                            "interval_ms": interval_ms or None,
-                            "xl_config": os.fspath(xl_config) if xl_config is not None else None,
-                            "copy_threads": copy_threads if copy_threads != 1 else None,
-                            "idle_timeout_ms": idle_ms,
-                            # The helper removes it if the save is not
-                            # committed: even when we were SIGKILLed.
-                            "out_tmp": os.fspath(o.tmp) if o.tmp is not None else None,
-                        },
-                    )
-                # The image is committed by the supervisor between the
-                # helper's complete and its reply (on_commit): a toolstack
-                # killed before the commit leaves a helper that puts the
-                # source back, never a suspended source without an image.
-                return await job.run(
-                    args,
-                    (io_fd, lock_fd),
-                    sim=sim_path,
-                    on_failure=undo,
-                    on_commit=o.on_commit,
-                )
-            finally:
-                if owned:
-                    os.close(io_fd)
+                finally:
+                    if owned:
+                        os.close(io_fd)
+        finally:
+            lifted = await _lift(throttle)
+        res.throttle = lifted
+        return res
+
+
+async def _lift(throttle: Throttle | None) -> ThrottleEvent | None:
+    """Lift auto-converge's throttle, to its end even when cancelled.  A
+    lift that fails is logged (the guest stays throttled: the one line says
+    what to put back), never raised over the save's own outcome."""
+    if throttle is None:
+        return None
+    try:
+        return await uncancellable(throttle.lift())
+    except Exception as e:
+        log.error(
+            "%s: could not lift auto-converge's throttle (%s %s was there before): %s",
+            throttle.domain,
+            throttle.kind,
+            throttle.before,
+            e,
+        )
+        return None
 
 
 async def restore(
@@ -608,6 +652,13 @@ async def restore(
     cbs = replace(callbacks) if callbacks is not None else Callbacks()
     cbflags = proto.cbflags_for(d, cbs.installed() | {"restore_results"})
     st = STREAM_TYPES[stream_type]
+    # The new domain's xenstore and console channels: the same options in both dialects.
+    channels = {
+        "store_evtchn": store_evtchn,
+        "store_domid": store_domid,
+        "console_evtchn": console_evtchn,
+        "console_domid": console_domid,
+    }
     job = _Job("restore", d, helper, cbs, domid, supervisor, on_event, timeout)
     limit, idle_ms = page_limit(max_pages, max_memory), _idle_ms(idle_timeout)  # refused early
     given = sim.final if isinstance(sim, SimTarget) else sim
@@ -633,14 +684,7 @@ async def restore(
                     if d is proto.XEN_417:
                         assert domid is not None
                         args = xen_restore_args(
-                            io_fd,
-                            domid,
-                            cbflags=cbflags,
-                            store_evtchn=store_evtchn,
-                            store_domid=store_domid,
-                            console_evtchn=console_evtchn,
-                            console_domid=console_domid,
-                            stream_type=st,
+                            io_fd, domid, cbflags=cbflags, stream_type=st, **channels
                         )
                     else:
                         args = job.xcs_args(
@@ -651,10 +695,7 @@ async def restore(
                                 "cbflags": cbflags,
                                 "stream_type": st,
                                 "format": fmt,
-                                "store_evtchn": store_evtchn,
-                                "store_domid": store_domid,
-                                "console_evtchn": console_evtchn,
-                                "console_domid": console_domid,
+                                **channels,
                                 "max_pages": limit or None,
                                 "idle_timeout_ms": idle_ms,
                                 "legacy_width": legacy_width,
@@ -673,3 +714,65 @@ async def restore(
         finally:
             if built is not None and own:
                 built.discard()  # on every failure path: nothing left but the old domain
+
+
+async def plan(
+    *,
+    domid: int | None = None,
+    sim: str | os.PathLike[str] | None = None,
+    link: float | None = None,
+    make_policy: Callable[[], Policy] | None = None,
+    policy_name: str = "xen",
+    seconds: float = 3.0,
+    interval: float = 0.1,
+    max_downtime: float = 0.3,
+    costs: Costs | None = None,
+    helper: str | os.PathLike[str] | None = None,
+    on_event: Callable[[Event], object] | None = None,
+) -> Plan:
+    """Measure a running domain's dirty log for ``seconds``, then predict its
+    live migration over a ``link`` bytes/s link (:mod:`xcsave.predict`).
+
+    Log-dirty is on only while sampling, and off again afterwards whatever
+    happens (:mod:`xcsave.sample`).  The domain's lock is held throughout
+    (:class:`~xcsave.DomainBusy`, EBUSY, while a save or another plan runs):
+    a save uses log-dirty too.  ``make_policy`` makes the precopy policy the
+    migration would run (default: Xen's, :func:`xcsave.policy.xen_default`),
+    a fresh one for the model; ``policy_name`` is how the result names it.
+    ``link`` None: the profile only (``Plan.prediction`` is None).  The
+    verdict is go when the policy stops with a predicted downtime within
+    ``max_downtime`` seconds.
+    """
+    from .policy import xen_default
+    from .predict import pages_per_s, predict
+    from .sample import sample_sim, sample_xen
+
+    if (domid is None) == (sim is None):
+        raise ValueError("give exactly one of domid= or sim=")
+    if link is not None and not (0 < link < float("inf")):
+        raise ValueError(f"link must be a positive number of bytes/s, not {link!r}")
+    if not 0 < max_downtime <= 3600:
+        raise ValueError(f"max_downtime must be in (0, 3600] seconds, not {max_downtime}")
+    factory = make_policy if make_policy is not None else xen_default
+    sim_path = _sim_arg(sim)
+    with _lock(sim, domid) as lock_fd:
+        if sim_path is not None:
+            if not Path(sim_path).exists():  # noqa: ASYNC240 - one stat, under our lock
+                raise FileNotFoundError(errno_mod.ENOENT, "no such domain", os.fspath(sim or ""))
+            profile = await sample_sim(sim_path, seconds, interval)
+        else:
+            assert domid is not None
+            profile = await sample_xen(
+                domid, seconds, interval, helper=helper, lock_fd=lock_fd, on_event=on_event
+            )
+    prediction = None
+    if link is not None:
+        prediction = predict(
+            profile,
+            pages_per_s(link),
+            factory,
+            costs=costs or Costs(),
+            max_downtime_s=max_downtime,
+        )
+    name = os.fspath(sim) if sim is not None else f"domid {domid}"
+    return Plan(name, profile, link, policy_name, prediction)

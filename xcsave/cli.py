@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, formats, policy
+from . import __version__, converge, formats, policy
 from ._argparse import Parser, integer, seconds, size
 from ._log import logger
 from .cli_run import (
@@ -29,6 +29,7 @@ from .defaults import CHANNELS, DOM_HELP, IDLE_TIMEOUT, MAX_COPY_THREADS, MAX_DO
 from .errors import UsageError, XcsaveError, oserror_text
 
 if TYPE_CHECKING:
+    from .events import ThrottleEvent
     from .supervisor import Callbacks, RunResult
 
 # asyncio, the API and the supervisor are imported by the commands that run
@@ -58,26 +59,42 @@ def self_argv(*args: str) -> list[str]:
 parse_size = size()
 
 
-def parse_policy(text: str) -> policy.Policy:
-    """``xen`` | ``xen:ITERS:THRESHOLD`` | ``max-iters:N`` | ``downtime:MS`` | ``abort``."""
-    name, _, rest = text.partition(":")
+def parse_policy_spec(text: str) -> policy.PolicySpec:
+    """``--policy``: :data:`xcsave.policy.GRAMMAR`, read by :func:`xcsave.policy.parse`
+    into a factory (one fresh policy per save); bad text is one line naming
+    what is wrong and listing the forms (argparse: exit 2)."""
     try:
-        if name == "xen":
-            parts = [int(x) for x in rest.split(":")] if rest else []
-            return policy.xen_default(*parts)
-        if name == "max-iters":
-            return policy.max_iterations(int(rest))
-        if name == "downtime":
-            return policy.downtime_target(float(rest) / 1000.0)
-        if name == "abort":
-            return lambda st: policy.Decision.ABORT
-        if name == "converge":
-            return policy.first_of(policy.abort_if_not_converging(), policy.xen_default())
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(
-        f"bad policy {text!r}: expected xen[:ITERS:THRESHOLD], max-iters:N, downtime:MS, "
-        "converge or abort"
+        return policy.parse(text)
+    except ValueError as e:
+        shown = text if len(text) <= 60 else text[:60] + "..."
+        raise argparse.ArgumentTypeError(
+            f"bad policy {shown!r}: {e}; expected {policy.GRAMMAR}"
+        ) from None
+
+
+def parse_policy(text: str) -> policy.Policy:
+    """One policy from ``--policy`` text (:func:`parse_policy_spec`'s ``make()``)."""
+    return parse_policy_spec(text).make()
+
+
+def live_policy(args: argparse.Namespace) -> policy.Policy | None:
+    """The policy of a save or migrate: a fresh one from ``--policy``, wrapped
+    in auto-converge with ``--auto-converge``.  Without ``--policy``, a live
+    save over xcsave-1 gets Xen's default from here rather than the helper's
+    own copy of it: the same decisions, explained
+    in the events and ``--json``.  (None: the helper decides, as xen-4.17's
+    helper must: that dialect has no precopy_policy message.)"""
+    spec: policy.PolicySpec | None = args.policy
+    if spec is None and args.live and getattr(args, "dialect", "xcsave-1") == "xcsave-1":
+        spec = policy.parse("xen")
+    pol = spec.make() if spec is not None else None
+    if getattr(args, "auto_converge", None) is None:
+        return pol
+    # --auto-converge wraps the policy, outermost (its throttle passes through
+    # nothing else).
+    initial, increment, ceiling = args.auto_converge
+    return converge.auto_converge(
+        pol or policy.xen_default(), initial=initial, increment=increment, ceiling=ceiling
     )
 
 
@@ -138,11 +155,16 @@ def _stream_target(path: str, for_write: bool) -> int | str:
 
 
 def _result_json(res: RunResult, **what: object) -> str:
-    """``--json``: what was done, the run's statistics, and its elapsed time."""
+    """``--json``: what was done, the run's statistics, its elapsed time, and
+    (a save) each precopy round with the policy's decision and reason."""
     import dataclasses
     import json
 
+    from .progress import policy_round
+
     doc: dict[str, object] = {**what, "elapsed_s": round(res.elapsed, 6)}
+    if res.stats is not None:  # a save: its precopy rounds, each decision explained
+        doc["precopy_rounds"] = [policy_round(ev) for ev in res.rounds]
     for name in ("stats", "restore_stats"):
         rec = getattr(res, name)
         if rec is not None:
@@ -150,7 +172,30 @@ def _result_json(res: RunResult, **what: object) -> str:
     if res.store_gfn is not None:
         doc["store_gfn"] = res.store_gfn
         doc["console_gfn"] = res.console_gfn
+    if res.throttle is not None:
+        doc["throttle"] = throttle_json(res.throttle)
     return json.dumps(doc, sort_keys=True)
+
+
+def throttle_json(ev: ThrottleEvent) -> dict[str, object]:
+    """Auto-converge's effect, for ``--json`` (save and migrate)."""
+    return {
+        "actuator": ev.actuator,
+        "seconds": round(ev.seconds, 3),
+        "max_percent": ev.max_percent,
+        "mean_percent": round(ev.mean_percent, 1),
+        "restored": ev.restored,
+    }
+
+
+def throttle_text(ev: ThrottleEvent | None) -> str:
+    """Auto-converge's effect, for the result line ("" when never throttled)."""
+    if ev is None:
+        return ""
+    return (
+        f"; the guest ran throttled {ev.seconds:.1f} s (at most {ev.max_percent}%, "
+        f"{ev.mean_percent:.0f}% on average), now lifted"
+    )
 
 
 def _say(args: argparse.Namespace, line: str) -> None:
@@ -216,7 +261,7 @@ def do_save(args: argparse.Namespace) -> int:
                 out,
                 live=args.live,
                 callbacks=cmd_callbacks(args),
-                policy=args.policy,
+                policy=live_policy(args),
                 checkpoints=args.checkpoints,
                 interval_ms=args.interval_ms,
                 copy_threads=args.copy_threads,
@@ -228,7 +273,7 @@ def do_save(args: argparse.Namespace) -> int:
     if args.json:
         _say(args, _result_json(res, op="save", domain=dom, out=where, format=args.format))
     else:
-        _say(args, f"saved {dom} to {where}: {_describe(res)}")
+        _say(args, f"saved {dom} to {where}: {_describe(res)}{throttle_text(res.throttle)}")
     return 0
 
 
@@ -351,14 +396,31 @@ def add_bounds_flags(p: argparse.ArgumentParser, *, max_memory: str | None) -> N
 
 
 def add_live_flags(p: argparse.ArgumentParser) -> None:
-    """``--live`` and ``--policy POLICY`` (save and migrate)."""
+    """``--live``, ``--policy POLICY`` and ``--auto-converge`` (save and migrate)."""
     p.add_argument("--live", action="store_true", help="live precopy rounds")
     p.add_argument(
         "--policy",
-        type=parse_policy,
+        type=parse_policy_spec,
         metavar="POLICY",
-        help="precopy policy: xen, max-iters:N, downtime:MS, converge, abort (default: xen)",
+        help=f"precopy policy: {policy.GRAMMAR} (default: xen)",
     )
+    p.add_argument(
+        "--auto-converge",
+        nargs="?",
+        const=converge.DEFAULTS,
+        type=_parse_auto_converge,
+        metavar="I:N[:C]",
+        help="slow the guest down while it dirties faster than the link sends: a throttle "
+        "of I%% (default 20), raised N (10) at a time up to C%% (99), lifted at the end "
+        "whatever happens; wraps --policy (sim: the domain's throttle; Xen: credit2 cap)",
+    )
+
+
+def _parse_auto_converge(text: str) -> tuple[int, int, int]:
+    try:
+        return converge.parse_auto_converge(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_save_restore(sub: Any) -> None:
@@ -428,7 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_save_restore(sub)
-    for modname in ("cmd_sim", "cmd_stream", "cmd_migrate", "cmd_bench", "cmd_tls"):
+    for modname in (
+        "cmd_sim",
+        "cmd_stream",
+        "cmd_migrate",
+        "cmd_bench",
+        "cmd_tls",
+        "cmd_skeleton",
+        "cmd_plan",
+    ):
         mod = _optional_module(modname)
         if mod is not None:
             mod.add_parsers(sub)

@@ -27,11 +27,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import bench_link, benchmarks
+from . import bench_link, bench_planner, benchmarks
 from ._log import logger
-from .cli import FORMATS, parse_policy, parse_size, self_argv
+from .cli import FORMATS, parse_policy_spec, parse_size, self_argv
 from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
 from .defaults import CHANNELS, PAGE_SIZE, shm_dir
 from .errors import UsageError, XcsaveError
@@ -74,6 +74,8 @@ class Report:
     text: list[str]
     rounds: list[RoundSeries] = field(default_factory=list)
     ok: bool = True
+    #: draws the bench's own ``--plot`` (None: :func:`plot_rounds` of ``rounds``)
+    plot: Callable[[Path], None] | None = None
 
 
 #: A bench option as data: its flag and ``add_argument``'s keywords.
@@ -99,7 +101,8 @@ def add_parsers(sub: Any) -> None:
         bp.add_argument(
             "--plot",
             metavar="FILE.png",
-            help="draw throughput and pages per round (needs matplotlib: xcsave[plot])",
+            help="draw throughput and pages per round (planner: dirty pages per round, "
+            "measured beside predicted; needs matplotlib: xcsave[plot])",
         )
         add_progress_flag(bp)
         add_logging_flags(bp)
@@ -117,7 +120,10 @@ def _runner(bench: Bench) -> Callable[[argparse.Namespace], int]:
         else:
             sys.stdout.write("\n".join(report.text) + "\n")
         if args.plot:
-            plot_rounds(report.rounds, Path(args.plot), title=f"xcsave bench {bench.name}")
+            if report.plot is not None:
+                report.plot(Path(args.plot))
+            else:
+                plot_rounds(report.rounds, Path(args.plot), title=f"xcsave bench {bench.name}")
             if not args.json:
                 sys.stdout.write(f"plot: {args.plot}\n")
         return 0 if report.ok else 1
@@ -193,7 +199,7 @@ _CONCURRENT_OPTIONS: tuple[Option, ...] = (
             "goes over a socketpair)",
         },
     ),
-    ("--policy", {"type": parse_policy, "metavar": "POLICY", "help": "precopy policy"}),
+    ("--policy", {"type": parse_policy_spec, "metavar": "POLICY", "help": "precopy policy"}),
     (
         "--repeat",
         {
@@ -301,7 +307,8 @@ def _concurrent_run(args: argparse.Namespace, on_event: EventSink | None) -> Rep
                 src,
                 dst,
                 live=True,
-                policy=args.policy,
+                # A policy keeps its history: one of its own per migration.
+                policy=args.policy.make() if args.policy else None,
                 fmt=args.format,
                 on_event=on_event,
                 supervisor=sup,
@@ -459,6 +466,23 @@ def _workdir(args: argparse.Namespace) -> Iterator[Path]:
         yield Path(t)
 
 
+@contextmanager
+def _bench_domain(d: Path, name: str, memory: int, *, seed: int) -> Iterator[tuple[Path, Path]]:
+    """A sim domain ``d/NAME-src.dom`` (2 vCPUs, its pages from ``seed``) and
+    the path ``d/NAME.stream`` for its stream; both removed after the block."""
+    from . import sim
+
+    src, stream = d / f"{name}-src.dom", d / f"{name}.stream"
+    sim.create(src, memory, vcpus=2, seed=seed)
+    try:
+        yield src, stream
+    finally:
+        with suppress(FileNotFoundError):
+            sim.remove(src)
+        with suppress(FileNotFoundError):
+            stream.unlink()
+
+
 def _check_memory(args: argparse.Namespace) -> None:
     if args.memory <= 0 or args.memory % PAGE_SIZE:
         raise UsageError(f"--memory must be a positive multiple of {PAGE_SIZE} bytes")
@@ -476,6 +500,23 @@ def _headline(
         "ratio": round(ratio, 3),
         **more,
     }
+
+
+def _headline_of(
+    bench: str,
+    r: dict[str, Any],
+    measured: str,
+    baseline: str,
+    unit: str,
+    *,
+    drop: tuple[str, ...] = (),
+    **bars: float,
+) -> dict[str, Any]:
+    """:func:`_headline` of a :mod:`~xcsave.benchmarks` result ``r``: its
+    ``measured`` figure against its ``baseline``, then the rest of ``r``
+    (but ``measured`` and the keys in ``drop``), then the ``bars``."""
+    rest = {k: v for k, v in r.items() if k != measured and k not in drop}
+    return _headline(bench, r[measured], r[baseline], unit, **rest, **bars)
 
 
 @dataclass(frozen=True)
@@ -559,58 +600,51 @@ def _save_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     from . import _ext, sim
 
     _check_memory(args)
-    with _workdir(args) as d:
-        src, stream = d / "save-src.dom", d / "save.stream"
-        sim.create(src, args.memory, vcpus=2, seed=5)
-        try:
-            nbytes = _save_stream(src, stream)["bytes_written"]
-            spliced = 0
+    with _workdir(args) as d, _bench_domain(d, "save", args.memory, seed=5) as (src, stream):
+        nbytes = _save_stream(src, stream)["bytes_written"]
+        spliced = 0
 
-            def ours(vmsplice: bool) -> float:
-                nonlocal spliced
-                old = os.environ.pop("XCSAVE_NO_VMSPLICE", None)
-                if not vmsplice:
-                    os.environ["XCSAVE_NO_VMSPLICE"] = "1"
-                try:
-                    t0 = time.perf_counter()
-                    cat = subprocess.Popen(
-                        ["cat"],  # noqa: S607 - the baseline's own tool, from PATH
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.DEVNULL,
-                    )
-                    assert cat.stdin is not None
-                    st = _ext.engine_save(cat.stdin.fileno(), str(src))
-                    cat.stdin.close()
-                    cat.wait()
-                    dt = time.perf_counter() - t0
-                finally:
-                    os.environ.pop("XCSAVE_NO_VMSPLICE", None)
-                    if old is not None:
-                        os.environ["XCSAVE_NO_VMSPLICE"] = old
-                sim.set_state(src, "running")  # untimed
-                if vmsplice:
-                    spliced = st["spliced_bytes"]
-                return dt
-
-            def base() -> float:
+        def ours(vmsplice: bool) -> float:
+            nonlocal spliced
+            old = os.environ.pop("XCSAVE_NO_VMSPLICE", None)
+            if not vmsplice:
+                os.environ["XCSAVE_NO_VMSPLICE"] = "1"
+            try:
                 t0 = time.perf_counter()
-                a = subprocess.Popen(["cat", str(stream)], stdout=subprocess.PIPE)  # noqa: S603,S607
-                b = subprocess.Popen(["cat"], stdin=a.stdout, stdout=subprocess.DEVNULL)  # noqa: S607
-                assert a.stdout is not None
-                a.stdout.close()
-                a.wait()
-                b.wait()
-                return time.perf_counter() - t0
+                cat = subprocess.Popen(
+                    ["cat"],  # noqa: S607 - the baseline's own tool, from PATH
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                )
+                assert cat.stdin is not None
+                st = _ext.engine_save(cat.stdin.fileno(), str(src))
+                cat.stdin.close()
+                cat.wait()
+                dt = time.perf_counter() - t0
+            finally:
+                os.environ.pop("XCSAVE_NO_VMSPLICE", None)
+                if old is not None:
+                    os.environ["XCSAVE_NO_VMSPLICE"] = old
+            sim.set_state(src, "running")  # untimed
+            if vmsplice:
+                spliced = st["spliced_bytes"]
+            return dt
 
-            t = _best_of(
-                args.repeat,
-                {"vmsplice": partial(ours, True), "writev": partial(ours, False), "cat": base},
-                first="cat",
-            )
-        finally:
-            sim.remove(src)
-            with suppress(FileNotFoundError):
-                stream.unlink()
+        def base() -> float:
+            t0 = time.perf_counter()
+            a = subprocess.Popen(["cat", str(stream)], stdout=subprocess.PIPE)  # noqa: S603,S607
+            b = subprocess.Popen(["cat"], stdin=a.stdout, stdout=subprocess.DEVNULL)  # noqa: S607
+            assert a.stdout is not None
+            a.stdout.close()
+            a.wait()
+            b.wait()
+            return time.perf_counter() - t0
+
+        t = _best_of(
+            args.repeat,
+            {"vmsplice": partial(ours, True), "writev": partial(ours, False), "cat": base},
+            first="cat",
+        )
     data = _throughput("save", args, nbytes, t, spliced_bytes=spliced)
     text = [
         f"save of a {args.memory >> 20} MiB sim domain ({nbytes / 2**20:.0f} MiB stream) "
@@ -650,37 +684,30 @@ def _save_file_run(args: argparse.Namespace, on_event: EventSink | None) -> Repo
     if not 2 <= n <= MAX_COPY_THREADS:
         raise UsageError(f"--copy-threads must be from 2 to {MAX_COPY_THREADS}")
     load0 = os.getloadavg()[0]
-    with _workdir(args) as d:
-        src, stream = d / "save-file-src.dom", d / "save-file.stream"
-        sim.create(src, args.memory, vcpus=2, seed=5)
+    with _workdir(args) as d, _bench_domain(d, "save-file", args.memory, seed=5) as (src, stream):
         nbytes, threaded = 0, 0
-        try:
 
-            def ours(threads: int) -> float:
-                nonlocal nbytes, threaded
-                with suppress(FileNotFoundError):
-                    stream.unlink()  # a fresh file each time: tmpfs allocates anew
-                fd = create_private(stream)
-                try:
-                    t0 = time.perf_counter()
-                    st = _ext.engine_save(fd, str(src), copy_threads=threads)
-                    dt = time.perf_counter() - t0
-                finally:
-                    os.close(fd)
-                sim.set_state(src, "running")  # untimed
-                nbytes = st["bytes_written"]
-                if threads > 1:
-                    threaded = st["threaded_bytes"]
-                return dt
-
-            t1 = tn = float("inf")
-            for _ in range(max(1, args.repeat)):
-                t1 = min(t1, ours(1))
-                tn = min(tn, ours(n))
-        finally:
-            sim.remove(src)
+        def ours(threads: int) -> float:
+            nonlocal nbytes, threaded
             with suppress(FileNotFoundError):
-                stream.unlink()
+                stream.unlink()  # a fresh file each time: tmpfs allocates anew
+            fd = create_private(stream)
+            try:
+                t0 = time.perf_counter()
+                st = _ext.engine_save(fd, str(src), copy_threads=threads)
+                dt = time.perf_counter() - t0
+            finally:
+                os.close(fd)
+            sim.set_state(src, "running")  # untimed
+            nbytes = st["bytes_written"]
+            if threads > 1:
+                threaded = st["threaded_bytes"]
+            return dt
+
+        t1 = tn = float("inf")
+        for _ in range(max(1, args.repeat)):
+            t1 = min(t1, ours(1))
+            tn = min(tn, ours(n))
     load1 = os.getloadavg()[0]
     gb = nbytes / 1e9
     data = _headline(
@@ -719,9 +746,8 @@ def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     from . import _ext, sim
 
     _check_memory(args)
-    with _workdir(args) as d:
-        src, stream, dst = d / "restore-src.dom", d / "restore.stream", d / "restore-dst.dom"
-        sim.create(src, args.memory, vcpus=2, seed=6)
+    with _workdir(args) as d, _bench_domain(d, "restore", args.memory, seed=6) as (src, stream):
+        dst = d / "restore-dst.dom"
         try:
             nbytes = _save_stream(src, stream)["bytes_written"]
             match = None
@@ -773,11 +799,8 @@ def _restore_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
             finally:
                 smap.close()
         finally:
-            for p in (src, dst):
-                with suppress(FileNotFoundError):
-                    sim.remove(p)
             with suppress(FileNotFoundError):
-                stream.unlink()
+                sim.remove(dst)
     data = _throughput("restore", args, nbytes, t, match=match)
     text = [
         f"restore of a {nbytes / 2**20:.0f} MiB stream (page cache, tmpfs) into a fresh "
@@ -1055,18 +1078,55 @@ def _skipped(bench: str, why: str) -> Report:
     )
 
 
+class _XenTools(NamedTuple):
+    """A bench against Xen's own Python tools: where they are, the work
+    directory, and the environments our commands and Xen's run in."""
+
+    root: Path
+    d: Path
+    env: dict[str, str]
+    xen_env: dict[str, str]
+
+
+@contextmanager
+def _beside_xen(args: argparse.Namespace) -> Iterator[_XenTools | None]:
+    """``--memory`` checked, then :class:`_XenTools` for the block, or None
+    when there are no Xen tools (the bench reports itself skipped)."""
+    _check_memory(args)
+    root = benchmarks.find_xen_utils(args.xen_utils)
+    if root is None:
+        yield None
+        return
+    with _workdir(args) as d:
+        xen_env = benchmarks.python_env(d, PYTHONPATH=str(root / benchmarks.XEN_PY))
+        yield _XenTools(root, d, benchmarks.python_env(d), xen_env)
+
+
+def _conditions(args: argparse.Namespace, how: str) -> dict[str, Any]:
+    """The end of a command bench's data: what it ran under (the repeat, the
+    interpreter, how our command was run, the load average)."""
+    return {
+        "repeat": args.repeat,
+        "interpreter": sys.executable,
+        "command": how,
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def _load_line(data: dict[str, Any]) -> str:
+    """The last line of a command bench's text: the load average it ran under."""
+    return f"  load average {data['load_average']:.2f}"
+
+
 def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """``xcsave verify`` (command and in-process API) vs Xen's verify-stream-v2,
     both on this interpreter; interpreter start-up measured as a reference."""
     from . import sim, streamtools
 
-    _check_memory(args)
-    root = benchmarks.find_xen_utils(args.xen_utils)
-    if root is None:
-        return _skipped("verify", benchmarks.XEN_UTILS_HINT)
-    with _workdir(args) as d:
-        env = benchmarks.python_env(d)
-        xen_env = benchmarks.python_env(d, PYTHONPATH=str(root / benchmarks.XEN_PY))
+    with _beside_xen(args) as xen:
+        if xen is None:
+            return _skipped("verify", benchmarks.XEN_UTILS_HINT)
+        root, d, env, xen_env = xen
         src, img = d / "verify-src.dom", d / "verify.libxc"
         sim.create(src, args.memory, vcpus=2, seed=8)
         try:
@@ -1112,10 +1172,7 @@ def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
         memory=args.memory,
         bar=20.0,
         goal=50.0,
-        repeat=args.repeat,
-        interpreter=sys.executable,
-        command=how,
-        load_average=round(os.getloadavg()[0], 2),
+        **_conditions(args, how),
     )
     text = [
         f"verify of a {nbytes / 2**20:.0f} MiB libxc image ({args.memory >> 20} MiB domain), "
@@ -1128,7 +1185,7 @@ def _verify_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
         f"  reference: `python -P -c pass` {t_start * 1000:.1f} ms "
         f"(a Python command's limit: {data['ratio_limit']:.1f}x), "
         f"`python -P -c 'import xcsave._ext'` {t_ext * 1000:.1f} ms",
-        f"  load average {data['load_average']:.2f}",
+        _load_line(data),
     ]
     return Report(data=data, text=text)
 
@@ -1137,15 +1194,12 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
     """``xcsave convert`` of a legacy HVM image vs Xen's convert-legacy-stream:
     into a fresh file and into a pipe read by ``cat``, with ``cp`` and ``cat``
     of the same bytes as the references for what moving them costs at all."""
-    _check_memory(args)
-    root = benchmarks.find_xen_utils(args.xen_utils)
-    if root is None:
-        return _skipped("convert", benchmarks.XEN_UTILS_HINT)
     from . import corpus
 
-    with _workdir(args) as d:
-        env = benchmarks.python_env(d)
-        xen_env = benchmarks.python_env(d, PYTHONPATH=str(root / benchmarks.XEN_PY))
+    with _beside_xen(args) as xen:
+        if xen is None:
+            return _skipped("convert", benchmarks.XEN_UTILS_HINT)
+        root, d, env, xen_env = xen
         leg, out_ours, out_xen, out_cp = (
             d / "image.legacy",
             d / "ours.out",
@@ -1211,10 +1265,7 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
         bytes=nbytes,
         memory=args.memory,
         bar=10.0,
-        repeat=args.repeat,
-        interpreter=sys.executable,
-        command=how,
-        load_average=round(os.getloadavg()[0], 2),
+        **_conditions(args, how),
     )
     mib = nbytes / 2**20
     text = [
@@ -1234,7 +1285,7 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
         f"({data['ratio_pipe']:.2f}x)",
         f"    reference `cat LEG | cat`:        {t['cat_pipe']:.3f} s  "
         f"({data['ratio_limit_pipe']:.2f}x)",
-        f"  load average {data['load_average']:.2f}",
+        _load_line(data),
     ]
     return Report(data=data, text=text)
 
@@ -1242,14 +1293,8 @@ def _convert_run(args: argparse.Namespace, on_event: EventSink | None) -> Report
 def _callbacks_run(args: argparse.Namespace, on_event: EventSink | None) -> Report:
     """Callback round trip helper -> Python -> helper vs asyncio <-> cat."""
     r = benchmarks.callbacks_run(args.rounds)
-    data = _headline(
-        "callbacks",
-        r["us_per_callback"],
-        r["baseline_us_per_rtt"],
-        "us",
-        **{k: v for k, v in r.items() if k not in ("us_per_callback",)},
-        bar=100.0,
-        goal=30.0,
+    data = _headline_of(
+        "callbacks", r, "us_per_callback", "baseline_us_per_rtt", "us", bar=100.0, goal=30.0
     )
     text = [
         f"callback round trip: xcsave {r['us_per_callback']:.1f} us "
@@ -1268,13 +1313,8 @@ def _tls_link_run(args: argparse.Namespace, on_event: EventSink | None) -> Repor
     if args.size < 1 << 20:
         raise UsageError("--size must be at least 1M")
     r = run_async(lambda: benchmarks.tls_link(args.size, repeat=args.repeat))
-    data = _headline(
-        "tls-link",
-        r["tls_gbps"],
-        r["plain_gbps"],
-        "GB/s",
-        **{k: v for k, v in r.items() if k not in ("tls_gbps", "plain_gbps", "ratio")},
-        goal=0.7,
+    data = _headline_of(
+        "tls-link", r, "tls_gbps", "plain_gbps", "GB/s", drop=("plain_gbps", "ratio"), goal=0.7
     )
     text = [
         f"TLS link: {r['tls_gbps']:.2f} GB/s through two tunnels ({r['version']} "
@@ -1346,6 +1386,13 @@ BENCHES: list[Bench] = [
             _REPEAT,
         ),
         _tls_link_run,
+    ),
+    Bench(
+        "planner",
+        "xcsave plan's predictions (total time, downtime) against real live migrations "
+        "under a dirtying workload over capped links (xcsave.bench_planner)",
+        bench_planner.OPTIONS,
+        bench_planner.run,
     ),
     Bench(
         "link",

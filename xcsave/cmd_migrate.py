@@ -27,7 +27,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from .cli import FORMATS, add_bounds_flags, add_live_flags
+from .cli import (
+    FORMATS,
+    add_bounds_flags,
+    add_live_flags,
+    live_policy,
+    throttle_json,
+    throttle_text,
+)
 from .cli_run import (
     Terminated,
     add_logging_flags,
@@ -146,18 +153,16 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--remote-sim", metavar="NAME", help="ssh: the domain to create there (default: ours)"
     )
-    p.add_argument(
-        "--ssh",
-        metavar="CMD",
-        default="ssh",
-        help="ssh: the client command, options included (default 'ssh'; e.g. 'ssh -F cfg')",
-    )
-    p.add_argument(
-        "--remote-command",
-        metavar="CMD",
-        default="xcsave",
-        help="ssh: how to run xcsave there (default 'xcsave')",
-    )
+    for flag, command, what, example in (  # the commands the ssh transport runs
+        ("--ssh", "ssh", "the client command, options included", "; e.g. 'ssh -F cfg'"),
+        ("--remote-command", "xcsave", "how to run xcsave there", ""),
+    ):
+        p.add_argument(
+            flag,
+            metavar="CMD",
+            default=command,
+            help=f"ssh: {what} (default {command!r}{example})",
+        )
     _add_tls_flags(p)
     add_live_flags(p)
     _add_wire_flags(p)
@@ -354,7 +359,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             sim=args.sim,
             to=args.to,
             live=args.live,
-            policy=args.policy,
+            policy=live_policy(args),
             fmt=args.format,
             **send_options(args, rend),
         )
@@ -371,16 +376,23 @@ def _result_json(event: str, res: MigrationResult | ReceiveResult) -> dict[str, 
 
 
 def migration_json(res: MigrationResult) -> dict[str, Any]:
+    from .progress import policy_round
+
     st = res.save.stats
-    return _result_json("migrated", res) | {
-        "rounds": st.rounds if st else None,
-        "pages_per_round": list(res.pages_per_round),
-        "pages_sent": st.pages_sent if st else None,
-        "bytes": res.bytes,
-        "gbps": round(res.gbps, 3),
-        "downtime_ms": round(res.downtime_ns / 1e6, 3),
-        "seconds": round(res.seconds, 3),
-    }
+    return (
+        _result_json("migrated", res)
+        | {
+            "rounds": st.rounds if st else None,
+            "precopy_rounds": [policy_round(ev) for ev in res.save.rounds],
+            "pages_per_round": list(res.pages_per_round),
+            "pages_sent": st.pages_sent if st else None,
+            "bytes": res.bytes,
+            "gbps": round(res.gbps, 3),
+            "downtime_ms": round(res.downtime_ns / 1e6, 3),
+            "seconds": round(res.seconds, 3),
+        }
+        | ({"throttle": throttle_json(res.save.throttle)} if res.save.throttle else {})
+    )
 
 
 def migration_text(res: MigrationResult) -> str:
@@ -390,6 +402,7 @@ def migration_text(res: MigrationResult) -> str:
         f"migrated {res.domain} to {res.peer}: {rounds}{res.bytes / 2**20:.1f} MiB "
         f"at {res.gbps:.2f} GB/s, downtime {res.downtime_ns / 1e6:.1f} ms "
         "(suspended here until running there); it runs there, ours stays suspended"
+        + throttle_text(res.save.throttle)
     )
 
 

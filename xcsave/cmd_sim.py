@@ -80,6 +80,19 @@ def add_parsers(sub: Any) -> None:
     )
     w.set_defaults(func=_dirty)
 
+    t = ss.add_parser(
+        "throttle", help="show or set the guest's throttle (auto-converge's, by hand)"
+    )
+    t.add_argument("dom", metavar="DOM", help=DOM_HELP)
+    t.add_argument(
+        "percent",
+        nargs="?",
+        type=integer(0, 99),
+        metavar="PERCENT",
+        help="percent of its time the guest is kept from running (0 lifts it)",
+    )
+    t.set_defaults(func=_throttle)
+
     for name, state in (("pause", "paused"), ("resume", "running"), ("suspend", "suspended")):
         s = ss.add_parser(name, help=f"set the domain {state}")
         s.add_argument("dom", metavar="DOM", help=DOM_HELP)
@@ -190,6 +203,15 @@ def _info(args: argparse.Namespace) -> int:
     else:
         for k in sorted(data):
             sys.stdout.write(f"{k}: {data[k]}\n")
+    return 0
+
+
+def _throttle(args: argparse.Namespace) -> int:
+    from . import sim
+
+    if args.percent is not None:
+        sim.set_throttle(args.dom, args.percent)
+    sys.stdout.write(f"throttle: {sim.throttle(args.dom)}%\n")
     return 0
 
 

@@ -72,19 +72,24 @@ HVM_PARAM_BUFIOREQ_PFN = 6
 HVM_PARAM_IDENT_PT = 12
 HVM_PARAM_CONSOLE_PFN = 17
 
-# legacy chunk ids (section 2.3)
+# legacy chunk ids (section 2.3), by what follows the 4-byte id.
+# Nothing (markers):
 C_ENABLE_VERIFY_MODE = -1
-C_VCPU_INFO = -2
+C_LAST_CHECKPOINT = -9
+C_ENABLE_COMPRESSION = -13
+
+# pad4 + u64 (an HVM param's value):
 C_HVM_IDENT_PT = -3
 C_HVM_VM86_TSS = -4
-C_TMEM = -5
-C_TSC_INFO = -7
 C_HVM_CONSOLE_PFN = -8
-C_LAST_CHECKPOINT = -9
 C_HVM_VIRIDIAN = -11
-C_COMPRESSED_DATA = -12
-C_ENABLE_COMPRESSION = -13
-C_TOOLSTACK = -18
+
+# A body of their own:
+C_VCPU_INFO = -2  # int max_vcpu_id; u64 vcpumap[max_vcpu_id / 64 + 1]
+C_TMEM = -5  # variable (xc_tmem_restore)
+C_TSC_INFO = -7  # u32 mode, u64 nsec, u32 khz, u32 incarnation (20 bytes, unaligned)
+C_COMPRESSED_DATA = -12  # ulong size; size bytes (Remus format B)
+C_TOOLSTACK = -18  # u32 len; len bytes
 
 SIG_XEND = b"QemuDeviceModelRecord"
 SIG_0002 = b"DeviceModelRecord0002"
@@ -115,15 +120,15 @@ def rec(rtype: int, body: bytes = b"", *, length: int | None = None, fill: int =
 # ---------------------------------------------------------------- libxc
 
 
-def ihdr(  # noqa: PLR0917 - every header field, positionally, as the tests write them
+def ihdr(
     version: int = 3,
+    *,
     options: int = 0,
-    res1: int = 0,
-    res2: int = 0,
     marker: int = 0xFFFFFFFFFFFFFFFF,
     ident: int = 0x58454E46,
 ) -> bytes:
-    return struct.pack(">QIIHHI", marker, ident, version, options, res1, res2)
+    """The image header: marker, ident ("XENF"), version, options, then zeros (reserved)."""
+    return struct.pack(">QIIHHI", marker, ident, version, options, 0, 0)
 
 
 def dhdr(gtype: int, page_shift: int = 12, res: int = 0, major: int = 4, minor: int = 17) -> bytes:

@@ -12,12 +12,15 @@ knows (the time, the policy's decision, the end).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from ._event import Event
 from ._msgs import (
+    LogdirtyOffEvent,
+    LogdirtyOnEvent,
+    LogdirtySampleEvent,
     LogEvent,
     RestoreStatsEvent,
+    SchedCapEvent,
     StatsEvent,
     TlsPeerEvent,
     TunnelStatsEvent,
@@ -30,11 +33,16 @@ __all__ = [
     "DoneEvent",
     "Event",
     "LogEvent",
+    "LogdirtyOffEvent",
+    "LogdirtyOnEvent",
+    "LogdirtySampleEvent",
     "MigrationStatsEvent",
     "PolicyEvent",
     "ProgressEvent",
     "RestoreStatsEvent",
+    "SchedCapEvent",
     "StatsEvent",
+    "ThrottleEvent",
     "TlsPeerEvent",
     "TunnelStatsEvent",
     "WireLostEvent",
@@ -43,10 +51,9 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
-class ProgressEvent(Event):
+class ProgressEvent(Event, kind="progress"):
     """The helper's progress(context, doing_what, done, total)."""
 
-    kind: ClassVar[str] = "progress"
     context: str
     doing_what: str
     done: int
@@ -59,13 +66,12 @@ class ProgressEvent(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyEvent(_PrecopyFields, Event):
+class PolicyEvent(_PrecopyFields, Event, kind="policy"):
     """A precopy_policy decision (one per round, asked before it): the
     :class:`~xcsave.policy.PrecopyStats` it was asked with (the helper's
     figures, then the supervisor's measurements), and the answer with its
     reason."""
 
-    kind: ClassVar[str] = "policy"
     decision: int  # xcsave.policy.Decision
     reason: str = ""  # the policy's, when it gave one (xcsave.policy.Verdict)
     throttle: int | None = None  # auto-converge's throttle from now (percent); None: unchanged
@@ -78,21 +84,31 @@ class PolicyEvent(_PrecopyFields, Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DoneEvent(Event):
+class DoneEvent(Event, kind="done"):
     """The operation finished (ok or not)."""
 
-    kind: ClassVar[str] = "done"
     ok: bool
     error: str
     elapsed: float
 
 
 @dataclass(frozen=True, slots=True)
-class MigrationStatsEvent(Event):
+class ThrottleEvent(Event, kind="throttle"):
+    """Auto-converge's throttle was lifted (:mod:`xcsave.throttle`): what it
+    cost the guest.  Also the save's ``RunResult.throttle``."""
+
+    actuator: str  # "sim throttle" | "credit2 cap"
+    seconds: float  # how long the guest ran throttled (until precopy ended or the lift)
+    max_percent: int  # the hardest throttle (percent of its time taken away)
+    mean_percent: float  # time-weighted over those seconds
+    restored: int  # the actuator's value put back (sim: its throttle; xen: its cap, 0 none)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStatsEvent(Event, kind="migration_stats"):
     """A live migration's figures, like QEMU's query-migrate (every 500 ms
     while the wire pump runs; see :class:`xcsave.wire.LiveStats`)."""
 
-    kind: ClassVar[str] = "migration_stats"
     bytes_sent: int  # on the wire, frame headers included
     stream_bytes: int  # of the plain stream, pumped so far
     bytes_remaining: int  # estimate: the last round's dirty pages x 4096

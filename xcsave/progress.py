@@ -28,7 +28,9 @@ from .events import (
     ProgressEvent,
     RestoreStatsEvent,
     StatsEvent,
+    ThrottleEvent,
 )
+from .policy import ms_text
 
 MODES = ("auto", "bar", "plain", "json", "none")
 
@@ -153,15 +155,18 @@ class Renderer:
             pct = f" {ev.percent:5.1f}%" if ev.percent is not None else ""
             self.out.write(f"{key}: {ev.doing_what} {ev.done}/{ev.total}{pct}\n")
         elif isinstance(ev, PolicyEvent):
-            self.out.write(
-                f"{key}: round {ev.iteration}: {ev.dirty_count} dirty, "
-                f"{ev.total_written} written -> {_decision(ev.decision)}\n"
-            )
+            self.out.write(f"{key}: {policy_line(ev)}\n")
         elif isinstance(ev, StatsEvent | RestoreStatsEvent | MigrationStatsEvent):
             self.out.write(f"{key}: {_stats_line(ev)}\n")
         elif isinstance(ev, DoneEvent):
             status = "done" if ev.ok else f"failed: {ev.error}"
             self.out.write(f"{key}: {status} in {ev.elapsed:.2f} s\n")
+        elif isinstance(ev, ThrottleEvent):
+            self.out.write(
+                f"{key}: {ev.actuator} lifted ({ev.restored} put back): the guest ran "
+                f"throttled {ev.seconds:.2f} s, at most {ev.max_percent}%, "
+                f"{ev.mean_percent:.0f}% on average\n"
+            )
         self.out.flush()
 
     def _bar(self, ev: Event) -> None:
@@ -221,6 +226,51 @@ def write_result(stream: IO[str], line: str) -> None:
 
 def _decision(d: int) -> str:
     return {-1: "abort", 0: "continue", 1: "stop-and-copy"}.get(d, str(d))
+
+
+def policy_line(ev: PolicyEvent) -> str:
+    """A precopy round, explained (``--progress plain``): what was measured
+    before it, what the policy decided and why."""
+    known = ev.dirty_count >= 0
+    dirty = f"{ev.dirty_count} dirty" if known else "dirty unknown"
+    if ev.round_s > 0:
+        rates = f"sent {ev.send_rate:.0f} pages/s, " + (
+            f"dirtied {ev.dirty_rate:.0f} pages/s, " if known else ""
+        )
+        d = ev.predicted_downtime_s
+        rates += "downtime unknown" if d is None else f"downtime ~{ms_text(d)}"
+    else:
+        rates = "nothing measured yet"
+    line = (
+        f"round {ev.iteration}: {dirty}, {ev.total_written} written, {rates} "
+        f"-> {_decision(ev.decision)}"
+    )
+    if ev.reason:
+        line += f": {ev.reason}"
+    if ev.throttle is not None:
+        line += f" [throttle {ev.throttle}%]"
+    return line
+
+
+def policy_round(ev: PolicyEvent) -> dict[str, object]:
+    """A precopy round, explained, for a ``--json`` result (``precopy_rounds``
+    of save and of migrate): rates in pages/s (0: unknown), the
+    predicted downtime in ms (None: not measured), the decision's name."""
+    d = ev.predicted_downtime_s
+    return {
+        "iteration": ev.iteration,
+        "total_written": ev.total_written,
+        "dirty_count": ev.dirty_count,
+        "elapsed_s": round(ev.elapsed, 6),
+        "round_s": round(ev.round_s, 6),
+        "sent": ev.sent,
+        "send_rate": round(ev.send_rate, 1),
+        "dirty_rate": round(ev.dirty_rate, 1),
+        "predicted_downtime_ms": None if d is None else round(d * 1e3, 3),
+        "decision": _decision(ev.decision),
+        "reason": ev.reason,
+        "throttle": ev.throttle,
+    }
 
 
 def _stats_line(ev: StatsEvent | RestoreStatsEvent | MigrationStatsEvent) -> str:

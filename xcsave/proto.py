@@ -33,7 +33,9 @@ count).
 
 Flags, as in Xen's generator: ``s``/``r`` the message occurs in save /
 restore (xcsave's own ``t``: in a TLS tunnel run, see ``xcsave.tls``; ``w``: in
-a wire pump run; ``p``: sent by the parent on the helper's stdin, unasked), ``c``
+a wire pump run; ``k``: in a one-shot ``sched-cap`` run, see ``xcsave.throttle``;
+``l``: in a log-dirty sampling run, ``xcsave plan``; ``p``: sent by the parent on
+the helper's stdin, unasked), ``c``
 it is a callback of the caller's, ``x`` whether the caller installed it
 travels in ``cbflags`` bit ``1 << number``, ``W``/``A`` it needs a reply
 (synchronous / asynchronous on the parent side; the same on the wire).
@@ -129,6 +131,8 @@ MODE_FLAGS: Final[dict[str, str]] = {
     "tunnel": "t",
     "wire-send": "w",
     "wire-recv": "w",
+    "sched-cap": "k",
+    "logdirty": "l",
 }
 #: The largest parent->helper message body (wire_rate's is 10 bytes).
 PARENT_MSG_MAX: Final = 4096
@@ -235,9 +239,9 @@ def _row(
 #: complete's -1 "the caller did not commit").
 TABLE: Final[tuple[MessageSpec, ...]] = (
     # name                  xen  xcs  flags    args
-    _row("hello",           None, 0, "srtw",
+    _row("hello",           None, 0, "srtwkl",
          "u32 version u64 table_hash STRING backend STRING mode"),
-    _row("log",             1,   1,  "srtw",
+    _row("log",             1,   1,  "srtwkl",
          "u32 level u32 errnoval=errno STRING context STRING formatted=message",
          event="LogEvent", doc="A helper log line (also sent to the ``xcsave.helper`` logger).",
          notes={"level": "xentoollog level 1..9", "errno": "-1 when none"}),
@@ -250,7 +254,7 @@ TABLE: Final[tuple[MessageSpec, ...]] = (
     _row("switch_qemu_logdirty", 7, 7, "scxA", "u32 domid uint enable", ok=0, stopped=-1),
     _row("static_data_done", 8,  8,  "rcxW",   "uint missing", ok=0, stopped=-1),
     _row("restore_results", 9,   9,  "rcx",    "pfn store_gfn pfn console_gfn"),
-    _row("complete",        10,  10, "srtwW",   "int retval int errnoval", stopped=-1),
+    _row("complete",        10,  10, "srtwklW",   "int retval int errnoval", stopped=-1),
     _row("precopy_policy",  None, 11, "scxW",  "u32 iteration u64 total_written i64 dirty_count",
          ok=0, stopped=-1, pack="PrecopyStats"),
     _row("stats",           None, 12, "s",
@@ -296,6 +300,27 @@ TABLE: Final[tuple[MessageSpec, ...]] = (
          notes={"why": '"EOF", "connection reset", "idle for 5000 ms"'}),
     _row("wire_rate",       None, 18, "wp", "u64 bytes_per_s",
          doc="The parent's new cap for a wire-send pump (0: none; sent on its stdin)."),
+    _row("sched_cap",       None, 19, "k",
+         "u32 sched_id u32 vcpus u32 weight u32 cap",
+         event="SchedCapEvent",
+         doc="A domain's scheduler and credit2 cap before a ``sched-cap`` run (``sched_cap``).",
+         notes={"sched_id": "xen/domctl.h's XEN_SCHEDULER_* (6: credit2)",
+                "vcpus": "the domain's vCPUs (max_vcpu_id + 1)",
+                "cap": "percent of one pCPU for the whole domain (0: none)"}),
+    _row("logdirty_on",     None, 23, "l", "u64 nr_pages",
+         event="LogdirtyOnEvent",
+         doc="The log-dirty helper turned log-dirty on (``logdirty_on``): it must go off again.",
+         notes={"nr_pages": "the domain's pages (its highest gpfn + 1)"}),
+    _row("logdirty_sample", None, 24, "l",
+         "u32 index u64 dirty u64 union_pages u64 interval_ns",
+         event="LogdirtySampleEvent",
+         doc="One take of the dirty log while planning (``logdirty_sample``).",
+         notes={"dirty": "pages the log named since the previous take",
+                "union_pages": "distinct pages named since log-dirty went on",
+                "interval_ns": "time since the previous take"}),
+    _row("logdirty_off",    None, 25, "l",
+         event="LogdirtyOffEvent",
+         doc="The log-dirty helper turned log-dirty off again (``logdirty_off``)."),
 )  # fmt: skip
 
 _BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in TABLE}
@@ -442,6 +467,8 @@ _MODE_WORDS: Final[dict[str, str]] = {
     "tunnel": "tunnel",
     "wire-send": "wire",
     "wire-recv": "wire",
+    "sched-cap": "sched-cap",
+    "logdirty": "log-dirty sampling",
 }
 
 
@@ -878,7 +905,7 @@ def emit_py_module() -> str:
     w("")
     w("from collections.abc import Awaitable, Callable")
     w("from dataclasses import dataclass")
-    w("from typing import Any, ClassVar, Final, Self, cast")
+    w("from typing import Any, Final, Self, cast")
     w("")
     w("from ._event import Event")
     policy_names = sorted({"Decision", "Verdict", *(m.pack for m in packs if m.pack)})
@@ -955,11 +982,11 @@ def emit_py_module() -> str:
         else:
             out += _py_class(f"{m.record}(_Record)", m.doc, _py_fields(m))
     for m in events:
-        kind = f'    kind: ClassVar[str] = "{m.name}"'
+        kind = f'kind="{m.name}"'
         if m.name in shared:
-            out += _py_class(f"{m.event}(_{m.record}Fields, Event)", m.doc, [kind])
+            out += _py_class(f"{m.event}(_{m.record}Fields, Event, {kind})", m.doc, [])
         else:
-            out += _py_class(f"{m.event}(Event)", m.doc, [kind, *_py_fields(m)])
+            out += _py_class(f"{m.event}(Event, {kind})", m.doc, _py_fields(m))
     w("")
     w("")
     w("#: Message name -> the event it becomes: (op, domain, args) -> event.")

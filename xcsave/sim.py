@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from . import _ext, lock
 from ._log import logger
@@ -145,6 +145,30 @@ def put_back(dom: str | os.PathLike[str], was: str) -> str:
 def set_logdirty(dom: str | os.PathLike[str], enable: bool) -> None:
     """Log-dirty on (clears the bitmap) or off, as the hypervisor's switch."""
     _ext.sim_set_logdirty(str(resolve(dom)), enable)
+
+
+#: The highest throttle a simulated domain takes (percent of its time taken away).
+THROTTLE_MAX: Final = 99
+
+
+def set_throttle(dom: str | os.PathLike[str], percent: int) -> None:
+    """Keep the guest from running ``percent`` of its time (0..99; 0 lifts it):
+    the workload (``sim dirty``) writes that much less.  Auto-converge's
+    actuator for a simulated domain (:mod:`xcsave.throttle`)."""
+    _check_int("throttle", percent, 0, THROTTLE_MAX)
+    _ext.sim_set_throttle(str(resolve(dom)), percent)
+
+
+def throttle(dom: str | os.PathLike[str]) -> int:
+    """The throttle in force (percent); ValueError for a value no xcsave
+    stores (a damaged header, or one from a newer xcsave)."""
+    value = int(info(dom)["throttle"])
+    if value > THROTTLE_MAX:
+        raise ValueError(
+            f"{os.fspath(dom)}: the header's throttle is {value}, not a percent from 0 to "
+            f"{THROTTLE_MAX} (a damaged domain file?)"
+        )
+    return value
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:

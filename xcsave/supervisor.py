@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from . import proto
 from ._log import logger
@@ -51,8 +51,11 @@ from .errors import (
     HelperTimeout,
     ProtocolError,
 )
-from .events import DoneEvent, Event, LogEvent, PolicyEvent, ProgressEvent
-from .policy import Curve, Verdict, as_verdict
+from .events import DoneEvent, Event, LogEvent, PolicyEvent, ProgressEvent, ThrottleEvent
+from .policy import Curve, Decision, Verdict, as_verdict
+
+if TYPE_CHECKING:
+    from .throttle import Throttle
 
 __all__ = [
     "HELPER_NAME",
@@ -131,6 +134,10 @@ class HelperSpec:
     #: source back.  If it raises, the run raises that exception; once it
     #: returned, the run succeeds whatever happens next (see :meth:`HelperRun.run`).
     on_commit: Callable[[], object] | None = None
+    #: Auto-converge's actuator (:mod:`xcsave.throttle`): a policy's
+    #: ``Verdict.throttle`` is applied through it before the reply.  The
+    #: caller that built it lifts it (the run never does).
+    throttle: Throttle | None = None
 
 
 @dataclass
@@ -148,6 +155,9 @@ class RunResult:
     restore_stats: RestoreStats | None = None  # a restore's (xcsave-1)
     elapsed: float = 0.0
     logs: list[LogEvent] = field(default_factory=list)
+    #: auto-converge's effect on the guest, once lifted (None: never throttled)
+    throttle: ThrottleEvent | None = None
+    rounds: list[PolicyEvent] = field(default_factory=list)  # each precopy decision, explained
 
 
 def _wrapper_argv() -> list[str]:
@@ -180,6 +190,7 @@ class HelperRun:
         self._restore_stats: RestoreStats | None = None
         self._backend: str | None = None
         self._logs: list[LogEvent] = []
+        self._rounds: list[PolicyEvent] = []
         self._stderr_tail: list[str] = []
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._reply_fd = -1  # our end of the helper's stdin
@@ -598,8 +609,8 @@ class HelperRun:
         st = self._curve.add(pack_precopy_policy(frame.args), time.monotonic() - self._t0)
         op, dom = self.spec.mode, self.spec.domain
 
-        def decided(v: Verdict) -> None:
-            self._emit(
+        def decided(v: Verdict) -> Awaitable[None] | None:
+            self._rounds.append(
                 PolicyEvent(
                     op,
                     dom,
@@ -617,9 +628,56 @@ class HelperRun:
                     predicted_downtime_s=st.predicted_downtime_s,
                 )
             )
-            self._reply(int(v.decision))
+            self._emit(self._rounds[-1])
+            acting = self._throttle(v)
+            if acting is None:
+                self._reply(int(v.decision))
+                return None
 
-        return self._then(self._call(frame.spec, fn, st, convert=self._verdict), decided)
+            async def then_reply() -> None:
+                await acting
+                self._reply(int(v.decision))
+
+            return then_reply()
+
+        answer = self._call(frame.spec, fn, st, convert=self._verdict)
+        if not inspect.isawaitable(answer):
+            return decided(answer)
+        pending = answer
+
+        async def later() -> None:
+            acting = decided(await pending)
+            if acting is not None:
+                await acting
+
+        return later()
+
+    def _throttle(self, v: Verdict) -> Awaitable[None] | None:
+        """Apply the verdict's throttle (before the reply: the next round
+        runs throttled); None when there is nothing to wait for."""
+        act = self.spec.throttle
+        if act is not None and v.decision != Decision.CONTINUE:
+            act.stopped()  # the guest stops (or the save ends): its clock stops
+        if v.throttle is None:
+            return None
+        if act is None:
+            log.warning("%s: the policy asks a throttle; this run has none", self._what())
+            return None
+        if v.throttle == act.percent:
+            return None
+        percent = v.throttle
+
+        async def throttled() -> None:
+            try:
+                await act.set(percent)
+            except Exception as e:
+                raise CallbackError(
+                    f"{self._what()}: auto-converge could not throttle the guest"
+                    f" {percent}%: {type(e).__name__}: {e}",
+                    **self._ids(),
+                ) from e
+
+        return throttled()
 
     def _verdict(self, spec: proto.MessageSpec, value: object) -> Verdict:
         try:
@@ -700,6 +758,7 @@ class HelperRun:
             restore_stats=self._restore_stats,
             elapsed=time.monotonic() - self._t0,
             logs=self._logs,
+            rounds=self._rounds,
         )
 
     def _judge(self) -> RunResult:
@@ -745,6 +804,8 @@ class HelperRun:
             msg = f"{self._what()} failed"
             if last_error is not None:
                 msg += f": {last_error.context}: {last_error.message}"
+            if self._rounds and self._rounds[-1].decision == Decision.ABORT:
+                msg += f" ({self._rounds[-1].reason})" if self._rounds[-1].reason else ""
             exc = HelperFailed(msg, retval=retval, errno=err, **ids)
             self._emit(DoneEvent(self.spec.mode, self.spec.domain, False, str(exc), elapsed))
             raise exc

@@ -1,7 +1,7 @@
 """Synchronous twins of xcsave's async API (``asyncio.run`` underneath).
 
 Same names, same arguments, same results and exceptions as the coroutines
-they run: :func:`xcsave.save`/:func:`xcsave.restore`, the migration's
+they run: :func:`xcsave.save`/:func:`xcsave.restore`/``xcsave.api.plan``, the migration's
 ``migrate``/``migrate_on``/``receive``/``receive_on``/``receive_stdio``
 (:mod:`xcsave.migrate`), ``migrate_ssh`` (:mod:`xcsave.ssh`),
 ``migrate_local`` (:mod:`xcsave.local`) and ``run_many`` (:mod:`xcsave.jobs`;
@@ -26,6 +26,7 @@ __all__ = [
     "migrate_local",
     "migrate_on",
     "migrate_ssh",
+    "plan",
     "receive",
     "receive_on",
     "receive_stdio",
@@ -65,6 +66,7 @@ def _twin(coro: Callable[_P, Coroutine[Any, Any, _R]]) -> Callable[_P, _R]:
 
 save = _twin(api.save)
 restore = _twin(api.restore)
+plan = _twin(api.plan)
 migrate = _twin(_migrate.migrate)
 migrate_on = _twin(_migrate.migrate_on)
 receive = _twin(_migrate.receive)

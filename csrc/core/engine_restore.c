@@ -940,6 +940,16 @@ static int restore_stream(struct restore_ctx *ctx)
     return 0;
 }
 
+/* The context's heap buffers (NULL or allocated: free() takes both). */
+static void buffers_free(struct restore_ctx *ctx)
+{
+    free(ctx->ckpt.data);
+    free(ctx->dm);
+    free(ctx->vcpus);
+    free(ctx->pages);
+    free(ctx->pfns);
+}
+
 int xcs_engine_restore(const struct xcs_restore_params *p,
                        const struct xcs_engine_callbacks *cb,
                        struct xcs_restore_result *res)
@@ -994,11 +1004,7 @@ out:
     xcs_source_close(&ctx.r);
     xcs_walk_release(&ctx.w);
     ctx.res->duration_ns = xcs_now_ns() - t0;
-    free(ctx.ckpt.data);
-    free(ctx.dm);
-    free(ctx.vcpus);
-    free(ctx.pages);
-    free(ctx.pfns);
+    buffers_free(&ctx);
     errno = saved;
     return rc;
 }

@@ -909,6 +909,26 @@ int xcs_sim_set_state(struct xcs_sim_dom *dom, enum xcs_sim_state st)
 
 /*----- dirty log -----*/
 
+/*
+ * The throttle is a plain word the toolstack stores and the workload loads
+ * every slice: no ordering with anything else is needed (a slice late is
+ * fine), relaxed atomics keep the access whole.
+ */
+int xcs_sim_set_throttle(struct xcs_sim_dom *dom, unsigned int percent)
+{
+    if (percent > XCS_SIM_THROTTLE_MAX) {
+        errno = EINVAL;
+        return -1;
+    }
+    __atomic_store_n(&dom->hdr->throttle, percent, __ATOMIC_RELAXED);
+    return 0;
+}
+
+unsigned int xcs_sim_get_throttle(const struct xcs_sim_dom *dom)
+{
+    return __atomic_load_n(&dom->hdr->throttle, __ATOMIC_RELAXED);
+}
+
 void xcs_sim_logdirty_enable(struct xcs_sim_dom *dom)
 {
     uint64_t words = dom->hdr->bitmap_bytes / 8;
@@ -1039,7 +1059,14 @@ int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
 
     for (now = start; now < end; now = now_ns()) {
         uint64_t budget;
+        unsigned int throttle = xcs_sim_get_throttle(&dom);
+        double share;
 
+        if (throttle > XCS_SIM_THROTTLE_MAX) { /* a damaged (or newer) header */
+            errno = EINVAL;
+            goto out;
+        }
+        share = (double)(100u - throttle) / 100.0; /* of the time it runs */
         if (xcs_sim_get_state(&dom) != XCS_SIM_RUNNING) {
             /* A stopped guest does not catch up on the time it lost. */
             credit = 0.0;
@@ -1048,10 +1075,12 @@ int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
             continue;
         }
         if (rate_pages_per_s) {
-            credit += (double)(now - last) * 1e-9 * (double)rate_pages_per_s;
+            double rate = (double)rate_pages_per_s * share;
+
+            credit += (double)(now - last) * 1e-9 * rate;
             /* At most ~10 slices' worth at once after a long stall. */
-            if (credit > (double)rate_pages_per_s / 100.0 + 1.0)
-                credit = (double)rate_pages_per_s / 100.0 + 1.0;
+            if (credit > rate / 100.0 + 1.0)
+                credit = rate / 100.0 + 1.0;
             budget = (uint64_t)credit;
         } else {
             budget = UNPACED_CHUNK;
@@ -1067,8 +1096,15 @@ int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
             if (rate_pages_per_s)
                 credit -= 1.0;
         }
-        if (rate_pages_per_s)
+        if (rate_pages_per_s) {
             sleep_ns(SLICE_NS);
+        } else if (throttle) {
+            /* Unpaced and throttled: the chunk took the running share of
+             * this slice; sleep the rest (throttle percent of it). */
+            uint64_t ran = now_ns() - now;
+
+            sleep_ns((uint64_t)((double)ran * (double)throttle / (double)(100u - throttle)));
+        }
     }
     rc = written;
 

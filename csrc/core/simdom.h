@@ -64,7 +64,8 @@ struct xcs_sim_hdr {
     uint64_t bitmap_bytes;   /* whole u64 words, ceil(nr_pages / 64) * 8 */
     uint64_t file_size;
     uint32_t fill;           /* enum xcs_sim_fill it was created with (0: classic) */
-    uint32_t reserved;       /* 0 */
+    uint32_t throttle;       /* (atomic) percent of the guest's time taken away,
+                                0..XCS_SIM_THROTTLE_MAX (0: none; was reserved) */
 };
 
 /*
@@ -217,6 +218,17 @@ int xcs_sim_set_state(struct xcs_sim_dom *dom, enum xcs_sim_state st);
 const char *xcs_sim_state_name(enum xcs_sim_state st);
 int xcs_sim_state_parse(const char *name, enum xcs_sim_state *out);
 
+/*
+ * The throttle (auto-converge): the percent of its time the guest is kept
+ * from running, 0..XCS_SIM_THROTTLE_MAX.  xcs_sim_dirty_run reads it every
+ * slice.  Files made before the field read 0 (it was reserved, written 0).
+ * set: EINVAL for a percent above the maximum.  get: the stored value, which
+ * a damaged or newer file may hold above the maximum (the caller refuses it).
+ */
+#define XCS_SIM_THROTTLE_MAX 99u
+int xcs_sim_set_throttle(struct xcs_sim_dom *dom, unsigned int percent);
+unsigned int xcs_sim_get_throttle(const struct xcs_sim_dom *dom);
+
 /* Log-dirty: enable clears the bitmap; disable stops writers setting bits. */
 void xcs_sim_logdirty_enable(struct xcs_sim_dom *dom);
 void xcs_sim_logdirty_disable(struct xcs_sim_dom *dom);
@@ -244,8 +256,11 @@ void xcs_sim_write_page(struct xcs_sim_dom *dom, uint64_t pfn, uint64_t seed,
  * The workload: write pages of the domain at path at rate_pages_per_s
  * (0 = as fast as possible) for duration_s seconds, paced in 1 ms slices,
  * never while the domain is not running, with content of the kind fill says
- * (XCS_SIM_FILL_DOMAIN: the fill the domain was created with).  Returns the
- * number of pages written, or -1 with errno set (EINVAL: a bad fill).
+ * (XCS_SIM_FILL_DOMAIN: the fill the domain was created with).  It honours
+ * the throttle, read every slice: paced, the rate is scaled by
+ * (100 - throttle) / 100; unpaced, it sleeps that share of each slice.
+ * Returns the number of pages written, or -1 with errno set (EINVAL: a bad
+ * fill, or a throttle above XCS_SIM_THROTTLE_MAX in the header).
  */
 int64_t xcs_sim_dirty_run(const char *path, uint64_t rate_pages_per_s,
                           double duration_s, uint64_t seed, int fill);

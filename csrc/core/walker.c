@@ -623,7 +623,7 @@ static int record_header(struct xcs_walker *w, int may_end, const char *layer,
     at_rec(w, off, layer, *t, strcmp(layer, "libxc") ? xcs_libxl_rec_name(*t)
                                                        : xcs_libxc_rec_name(*t));
     w->records_since_cp++;
-    return 0;
+    return w->ops->on_header ? w->ops->on_header(w, layer, *t, *len) : 0;
 }
 
 /*

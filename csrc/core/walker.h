@@ -16,6 +16,9 @@
  * The walker reads through the exact-read source (source.h), checks every
  * record's framing, order and format fields, and calls the client:
  *
+ *   on_header       every record header as read, in either layer (optional
+ *                   and unknown types included, before they are checked),
+ *                   w->rec_off its offset: the stream's record sequence;
  *   on_record       a libxc record, body in memory (not PAGE_DATA);
  *   on_page_batch   a PAGE_DATA record's header and pfn words, checked; the
  *                   client then consumes the batch's page bytes from the
@@ -77,6 +80,8 @@ struct xcs_walker;
 
 struct xcs_walk_ops {
     int (*on_image)(struct xcs_walker *w);
+    int (*on_header)(struct xcs_walker *w, const char *layer, uint32_t type,
+                     uint32_t len);
     int (*on_record)(struct xcs_walker *w, uint32_t type, const uint8_t *body,
                      uint32_t len);
     int (*on_page_batch)(struct xcs_walker *w, const uint8_t *pfns,

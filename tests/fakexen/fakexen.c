@@ -1935,3 +1935,358 @@ out:
         errno = saved_errno;
     return rc;
 }
+
+/*----- the scheduler: credit2 caps (auto-converge's xen actuator) -----*/
+
+/*
+ * xc_domain_getinfo, xc_cpupool_getinfo/_infofree and
+ * xc_sched_credit2_domain_get/_set, for the helper's sched-cap mode
+ * (csrc/sched_cap.c).  Knobs, read at each call (README.md):
+ *   FAKEXEN_SCHED     the cpupool's scheduler: credit2 (default), credit,
+ *                     or an XEN_SCHEDULER_* number
+ *   FAKEXEN_VCPUS     the domain's vCPUs (default 2)
+ *   FAKEXEN_CAP_FILE  "WEIGHT CAP\n": the domain's credit2 parameters, read
+ *                     by _get and rewritten (whole, renamed into place) by
+ *                     _set, so a test reads back what was set; missing:
+ *                     weight 256, cap 0.  Unset: kept in memory only.
+ */
+#define FX_DEFAULT_VCPUS 2UL
+#define FX_DEFAULT_WEIGHT 256U
+
+static struct xen_domctl_sched_credit2 fx_sched_mem = {FX_DEFAULT_WEIGHT, 0};
+
+static int fx_sched_id(xc_interface *xch, uint32_t *out)
+{
+    const char *v = getenv("FAKEXEN_SCHED");
+    unsigned long n;
+
+    if (!v || !*v || !strcmp(v, "credit2"))
+        *out = XEN_SCHEDULER_CREDIT2;
+    else if (!strcmp(v, "credit"))
+        *out = XEN_SCHEDULER_CREDIT;
+    else if (fx_parse_ulong(v, 255, &n))
+        *out = (uint32_t)n;
+    else {
+        fx_error(xch, "fakexen: bad FAKEXEN_SCHED '%s'", v);
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
+}
+
+int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid,
+                      unsigned int max_doms, xc_dominfo_t *info)
+{
+    const char *v = getenv("FAKEXEN_VCPUS");
+    unsigned long vcpus = FX_DEFAULT_VCPUS;
+
+    if (v && *v && (!fx_parse_ulong(v, 128, &vcpus) || vcpus == 0)) {
+        fx_error(xch, "fakexen: bad FAKEXEN_VCPUS '%s' (1..128)", v);
+        errno = EINVAL;
+        return -1;
+    }
+    if (max_doms == 0)
+        return 0;
+    memset(info, 0, sizeof(*info));
+    info->domid = first_domid;
+    info->hvm = 1;
+    info->nr_online_vcpus = (unsigned int)vcpus;
+    info->max_vcpu_id = (unsigned int)vcpus - 1;
+    info->cpupool = 0;
+    return 1;
+}
+
+xc_cpupoolinfo_t *xc_cpupool_getinfo(xc_interface *xch, uint32_t poolid)
+{
+    xc_cpupoolinfo_t *info = calloc(1, sizeof(*info));
+
+    if (!info)
+        return NULL;
+    info->cpupool_id = poolid;
+    if (fx_sched_id(xch, &info->sched_id) < 0) {
+        free(info);
+        return NULL;
+    }
+    return info;
+}
+
+void xc_cpupool_infofree(xc_interface *xch, xc_cpupoolinfo_t *info)
+{
+    (void)xch;
+    free(info);
+}
+
+/*
+ * Before a credit2 call: EINVAL on a domain under another scheduler, as
+ * Xen; *path is FAKEXEN_CAP_FILE (NULL: the parameters live in memory).
+ */
+static int fx_credit2_check(xc_interface *xch, const char **path)
+{
+    uint32_t id;
+
+    *path = getenv("FAKEXEN_CAP_FILE");
+    if (*path && !**path)
+        *path = NULL;
+    if (fx_sched_id(xch, &id) < 0)
+        return -1;
+    if (id != XEN_SCHEDULER_CREDIT2) {
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
+}
+
+int xc_sched_credit2_domain_get(xc_interface *xch, uint32_t domid,
+                                struct xen_domctl_sched_credit2 *sdom)
+{
+    const char *path;
+    unsigned int weight, cap;
+    FILE *f = NULL;
+    int rc = -1;
+
+    (void)domid;
+    if (fx_credit2_check(xch, &path) < 0)
+        goto out;
+    *sdom = fx_sched_mem;
+    if (!path) {
+        rc = 0;
+        goto out;
+    }
+    f = fopen(path, "re");
+    if (!f) {
+        if (errno == ENOENT) {
+            sdom->weight = FX_DEFAULT_WEIGHT;
+            sdom->cap = 0;
+            rc = 0;
+        }
+        goto out;
+    }
+    if (fscanf(f, "%u %u", &weight, &cap) != 2 || weight > 65535 || cap > 65535) {
+        fx_error(xch, "fakexen: FAKEXEN_CAP_FILE %s is not 'WEIGHT CAP'", path);
+        errno = EINVAL;
+        goto out;
+    }
+    sdom->weight = (uint16_t)weight;
+    sdom->cap = (uint16_t)cap;
+    rc = 0;
+
+out:
+    if (f)
+        fclose(f);
+    return rc;
+}
+
+int xc_sched_credit2_domain_set(xc_interface *xch, uint32_t domid,
+                                struct xen_domctl_sched_credit2 *sdom)
+{
+    const char *path;
+    char tmp[4096];
+    FILE *f = NULL;
+    int rc = -1;
+
+    (void)domid;
+    if (fx_credit2_check(xch, &path) < 0)
+        goto out;
+    if (!path) {
+        fx_sched_mem = *sdom;
+        rc = 0;
+        goto out;
+    }
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) {
+        errno = ENAMETOOLONG;
+        goto out;
+    }
+    f = fopen(tmp, "we");
+    if (!f)
+        goto out;
+    {
+        int wrote = fprintf(f, "%u %u\n", sdom->weight, sdom->cap);
+        int closed = fclose(f);
+
+        f = NULL;
+        if (wrote < 0 || closed != 0) {
+            unlink(tmp);
+            goto out;
+        }
+    }
+    if (rename(tmp, path) < 0)
+        goto out;
+    rc = 0;
+
+out:
+    if (f)
+        fclose(f);
+    return rc;
+}
+
+/*----- log-dirty for `xcsave plan` (the helper's logdirty mode) -----*/
+
+/*
+ * xc_domain_maximum_gpfn, xc_shadow_control (ENABLE_LOGDIRTY, OFF),
+ * xc_logdirty_control (CLEAN) and the hypercall buffers they use.  The
+ * guest dirties FAKEXEN_LOGDIRTY_PAGES pages (default 100) between two
+ * CLEANs: the k-th CLEAN names pfns (k-1)*n .. k*n-1, modulo
+ * FAKEXEN_WSS (default: every page), so the counts are known exactly.
+ * Whether log-dirty is on lives in the file FAKEXEN_LOGDIRTY ("1"/"0";
+ * missing: off) when set, so that a test sees it across processes (a
+ * helper killed with it on, the clean-up helper that turns it off); else
+ * in this process.  ENABLE while on fails with EINVAL, as Xen refuses a
+ * second enable.  FAKEXEN_LOGDIRTY_FAIL=maxgpfn|enable|clean|off fails that
+ * call with FAKEXEN_ERRNO; FAKEXEN_DELAY_MS delays each CLEAN.
+ */
+static int fx_ld_on_here;
+static unsigned long fx_ld_cleans;
+
+static bool fx_ld_fail(xc_interface *xch, const char *what)
+{
+    const char *v = getenv("FAKEXEN_LOGDIRTY_FAIL");
+
+    if (!v || strcmp(v, what) != 0)
+        return false;
+    fx_log(xch, XTL_DEBUG, "fakexen: injecting log-dirty failure at '%s'", what);
+    errno = xch->fail_errno;
+    return true;
+}
+
+static unsigned long fx_ld_knob(const char *name, unsigned long dflt,
+                                unsigned long max)
+{
+    const char *v = getenv(name);
+    unsigned long n;
+
+    if (!v || !*v || !fx_parse_ulong(v, max, &n))
+        return dflt;
+    return n;
+}
+
+static int fx_ld_get(void)
+{
+    const char *path = getenv("FAKEXEN_LOGDIRTY");
+    char c = '0';
+    FILE *f;
+
+    if (!path || !*path)
+        return fx_ld_on_here;
+    f = fopen(path, "re");
+    if (!f)
+        return 0;
+    if (fread(&c, 1, 1, f) != 1)
+        c = '0';
+    fclose(f);
+    return c == '1';
+}
+
+static int fx_ld_set(int on)
+{
+    const char *path = getenv("FAKEXEN_LOGDIRTY");
+    FILE *f;
+
+    fx_ld_on_here = on;
+    if (!path || !*path)
+        return 0;
+    f = fopen(path, "we");
+    if (!f)
+        return -1;
+    fputs(on ? "1\n" : "0\n", f);
+    return fclose(f);
+}
+
+int xc_domain_maximum_gpfn(xc_interface *xch, uint32_t domid, xen_pfn_t *gpfns)
+{
+    (void)domid;
+    if (fx_ld_fail(xch, "maxgpfn")) {
+        fx_perror(xch, "Unable to get maximum gpfn");
+        return -1;
+    }
+    *gpfns = xch->pages - 1;
+    return 0;
+}
+
+void *xc__hypercall_buffer_alloc_pages(xc_interface *xch, xc_hypercall_buffer_t *b,
+                                       int nr_pages)
+{
+    (void)xch;
+    b->hbuf = calloc((size_t)nr_pages, XC_PAGE_SIZE);
+    return b->hbuf;
+}
+
+void xc__hypercall_buffer_free_pages(xc_interface *xch, xc_hypercall_buffer_t *b,
+                                     int nr_pages)
+{
+    (void)xch;
+    (void)nr_pages;
+    free(b->hbuf);
+    b->hbuf = NULL;
+}
+
+int xc_shadow_control(xc_interface *xch, uint32_t domid, unsigned int sop,
+                      unsigned int *mb, unsigned int mode)
+{
+    (void)domid;
+    (void)mb;
+    (void)mode;
+    if (sop == XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY) {
+        if (fx_ld_fail(xch, "enable")) {
+            fx_perror(xch, "Couldn't enable shadow mode");
+            return -1;
+        }
+        if (fx_ld_get()) {
+            errno = EINVAL; /* Xen: log-dirty is already on */
+            return -1;
+        }
+        fx_ld_cleans = 0;
+        return fx_ld_set(1);
+    }
+    if (sop == XEN_DOMCTL_SHADOW_OP_OFF) {
+        if (fx_ld_fail(xch, "off")) {
+            fx_perror(xch, "Couldn't disable shadow mode");
+            return -1;
+        }
+        return fx_ld_set(0);
+    }
+    errno = EOPNOTSUPP;
+    return -1;
+}
+
+long long xc_logdirty_control(xc_interface *xch, uint32_t domid, unsigned int sop,
+                              xc_hypercall_buffer_t *dirty_bitmap, unsigned long pages,
+                              unsigned int mode, xc_shadow_op_stats_t *stats)
+{
+    unsigned long n = fx_ld_knob("FAKEXEN_LOGDIRTY_PAGES", 100, FX_MAX_PAGES);
+    unsigned long wss = fx_ld_knob("FAKEXEN_WSS", xch->pages, xch->pages);
+    unsigned long *bits = dirty_bitmap ? dirty_bitmap->hbuf : NULL;
+    unsigned long count = 0;
+
+    (void)domid;
+    (void)mode;
+    fx_delay(xch);
+    if (fx_ld_fail(xch, "clean")) {
+        fx_perror(xch, "Failed to retrieve logdirty bitmap");
+        return -1;
+    }
+    if (sop != XEN_DOMCTL_SHADOW_OP_CLEAN || !bits || pages > xch->pages) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (!fx_ld_get()) {
+        errno = EINVAL; /* log-dirty is off: no bitmap to take */
+        return -1;
+    }
+    if (wss == 0)
+        wss = 1;
+    memset(bits, 0, (pages + 63) / 64 * 8);
+    for (unsigned long i = 0; i < n; i++) {
+        unsigned long pfn = (fx_ld_cleans * n + i) % wss;
+
+        if (pfn < pages && !(bits[pfn / 64] & (1UL << (pfn % 64)))) {
+            bits[pfn / 64] |= 1UL << (pfn % 64);
+            count++;
+        }
+    }
+    fx_ld_cleans++;
+    if (stats) {
+        stats->dirty_count = (uint32_t)count;
+        stats->fault_count = 0;
+    }
+    return 0;
+}
