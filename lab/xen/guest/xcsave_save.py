@@ -3,6 +3,9 @@
 
 xcsave-1 dialect (xcsave-helper, xen backend): a live save whose precopy
 policy is a Python function here, which records every decision it makes.
+With ``--probe-throttle P`` the policy also asks auto-converge's throttle
+(P%), so that the save sets the domain's credit2 cap (read back with ``xl``
+while it runs) and lifts it at the end.
 xen-4.17 dialect (Xen's stock libxl-save-helper): the same save through the
 ``xcsave save`` command line with ``--suspend-cmd``.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -27,12 +31,36 @@ HERE = Path(__file__).resolve().parent
 SUSPEND = HERE / "suspend-domain"
 
 
+def credit2_cap(domid: int) -> int | None:
+    """The domain's credit2 cap as ``xl sched-credit2`` shows it (None: unread)."""
+    r = subprocess.run(  # noqa: S603
+        ["xl", "sched-credit2", "-d", str(domid)],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    for line in r.stdout.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 4 and parts[1] == str(domid):
+            return int(parts[3])
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--domid", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--dialect", choices=("xcsave-1", "xen-4.17"), required=True)
     ap.add_argument("--helper")
+    ap.add_argument(
+        "--probe-throttle",
+        type=int,
+        default=0,
+        metavar="PERCENT",
+        help="xcsave-1: ask auto-converge's throttle from the first round on; "
+        "report the domain's credit2 cap before, during (read with xl) and after",
+    )
     args = ap.parse_args()
     t0 = time.monotonic()
 
@@ -72,9 +100,16 @@ def main() -> int:
 
     decisions: list[dict[str, int | str]] = []
     base = policy.xen_default(max_iters=4, threshold=50)
+    caps: dict[str, int | None] = {"before": credit2_cap(args.domid)}
 
     def lab_policy(st: policy.PrecopyStats) -> policy.Verdict:
         v = policy.as_verdict(base(st))
+        if args.probe_throttle and v.decision == policy.Decision.CONTINUE:
+            if "during" not in caps and "asked" in caps:
+                # Asked last time: the cap is on now, as Xen has it.
+                caps["during"] = credit2_cap(args.domid)
+            caps["asked"] = args.probe_throttle
+            v = policy.Verdict(v.decision, "lab: throttle probe", args.probe_throttle)
         decisions.append(
             {
                 "iteration": st.iteration,
@@ -102,10 +137,14 @@ def main() -> int:
         )
     )
     stats = res.stats
+    caps["after"] = credit2_cap(args.domid)
+    throttle = res.throttle
     print(
         json.dumps(
             {
                 "via": "api",
+                "caps": caps,
+                "throttle": dataclasses.asdict(throttle) if throttle else None,
                 "secs": round(time.monotonic() - t0, 2),
                 "elapsed": round(res.elapsed, 2),
                 "rounds": stats.rounds if stats else None,
