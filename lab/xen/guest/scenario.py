@@ -485,6 +485,11 @@ def make_skeleton(image: Path, name: str) -> dict[str, Any]:
     return {"name": out.name, "bytes": out.stat().st_size}
 
 
+def _kind_prefix() -> str:
+    """How a timing names the guest type: "" for PV (the first type), else "KIND-"."""
+    return "" if GUEST["type"] == "pv" else f"{GUEST['type']}-"
+
+
 def _who(helper: str | None) -> str:
     if helper is None:
         return "stock"
@@ -531,7 +536,7 @@ def migrate(helper: str | None) -> Callable:
             now = doms.get(DOMAIN)
             if now is not None and now[0] != d[0] and not incoming:
                 _, n2 = wait_ticking(boot, n, timeout=90)
-                TIMES.setdefault(f"migrate:{_who(helper)}", []).append(r.secs)
+                TIMES.setdefault(f"{_kind_prefix()}migrate:{_who(helper)}", []).append(r.secs)
                 out = {
                     "helper": _who(helper),
                     "secs_xl": round(r.secs, 2),
@@ -743,7 +748,9 @@ def ratio_summary() -> dict[str, Any]:
         return round(statistics.median(v), 2) if v else None
 
     out: dict[str, Any] = {"samples": {k: [round(x, 2) for x in v] for k, v in TIMES.items()}}
-    for op in ("tmpfs-save", "tmpfs-restore", "disk-save", "disk-restore", "migrate"):
+    # Every operation timed with both helpers (PVH and HVM ones carry their
+    # guest type: "pvh-disk-save", "hvm-migrate").
+    for op in sorted({key.partition(":")[0] for key in TIMES}):
         ours, stock = med(f"{op}:xcsave"), med(f"{op}:stock")
         if ours and stock:
             out[f"{op}_xcsave_s"], out[f"{op}_stock_s"] = ours, stock
@@ -806,15 +813,21 @@ def other_guest(kind: str, dropin: str, full: bool) -> None:
         return
     ours = OUR_HELPER
     keep = "xl-by-xcsave" if dropin == ours else ""
+    # Timed as "KIND-disk-save:xcsave" / ":stock" and so on, for the ratio:
+    # the crossed steps time each helper's save and restore.
+    timing = f"{kind}-disk-"
     step(
         f"{kind}-dropin-save-restore",
-        save_restore(f"{kind}-dropin", dropin, dropin, skeleton=keep),
+        save_restore(f"{kind}-dropin", dropin, dropin, timing=timing, skeleton=keep),
     )
     if full:
-        step(f"{kind}-cross-save-xcsave-restore-stock", save_restore(f"{kind}-x1", ours, None))
+        step(
+            f"{kind}-cross-save-xcsave-restore-stock",
+            save_restore(f"{kind}-x1", ours, None, timing=timing),
+        )
         step(
             f"{kind}-cross-save-stock-restore-xcsave",
-            save_restore(f"{kind}-x2", None, ours, skeleton="xl-by-stock"),
+            save_restore(f"{kind}-x2", None, ours, timing=timing, skeleton="xl-by-stock"),
         )
         step(f"{kind}-migrate-xcsave", migrate(ours))
 
