@@ -309,7 +309,10 @@ def create(name: str = DOMAIN) -> dict[str, Any]:
         d = domain(name)
         if d is not None:
             with contextlib.suppress(StepFailed):
-                boot, n = wait_new_boot(old[0] if old else None, name)
+                # An HVM guest boots through firmware and a device model:
+                # under TCG on a busy host, minutes.
+                wait = 240 if GUEST["type"] == "hvm" else 90
+                boot, n = wait_new_boot(old[0] if old else None, name, timeout=wait)
                 GUEST["running"], GUEST["boot"] = GUEST["type"], boot
                 return {
                     "type": GUEST["type"],
