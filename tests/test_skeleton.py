@@ -471,7 +471,7 @@ def test_outputs_are_private_whatever_the_umask(tmp_path: Path, good: Skeleton) 
 # ------------------------------------------------------------------ committed skeletons
 
 DATA = Path(__file__).resolve().parent / "data"
-COMMITTED = sorted(DATA.glob("*.skel"))
+COMMITTED = sorted(DATA.rglob("*.skel"))  # real/: the lab's real Xen streams
 
 
 def _xen_verifier_reads(skel: Skeleton) -> bool:
