@@ -118,32 +118,45 @@ py::dict info_dict(const struct xcs_skel_info &in)
     return d;
 }
 
-// rc of a walk: 0 returns, the rest raises.
-void check(int rc, int err, const struct xcs_skel_info &in)
+// One walk into info: fmt and stream_type parsed, then walk(f, t, &info.i)
+// (an xcs_skel_* call, which touches no Python object) run without the GIL.
+// Its rc 0 returns; the rest raises: an invalid stream StreamError, else
+// OSError from its errno.
+template <class Walk>
+void run_walk(Info &info, const std::string &fmt, bool allow_auto, const std::string &stream_type,
+              Walk walk)
 {
-    if (rc == 0)
-        return;
-    if (rc == XCS_SKEL_INVALID)
-        raise_stream_error(in.err.reason, in.err.offset, in.err.record);
-    raise_errno_reason(err, in.err.reason, py::none());
-}
-
-std::pair<py::bytes, py::dict> skeleton_make(int fd, const std::string &fmt, const std::string &stream_type)
-{
-    enum xcs_fmt f = skel_fmt(fmt, true);
+    enum xcs_fmt f = skel_fmt(fmt, allow_auto);
     enum xcs_stream_type t = skel_type(stream_type);
-    Info info;
-    uint8_t *body = nullptr;
-    size_t len = 0;
     int rc, err;
 
     {
         py::gil_scoped_release nogil;
-        rc = xcs_skel_make(fd, f, t, &body, &len, &info.i);
+        rc = walk(f, t, &info.i);
         err = errno;
     }
-    std::unique_ptr<uint8_t, decltype(&std::free)> owned(body, &std::free);
-    check(rc, err, info.i);
+    if (rc == 0)
+        return;
+    if (rc == XCS_SKEL_INVALID)
+        raise_stream_error(info.i.err.reason, info.i.err.offset, info.i.err.record);
+    raise_errno_reason(err, info.i.err.reason, py::none());
+}
+
+std::pair<py::bytes, py::dict> skeleton_make(int fd, const std::string &fmt, const std::string &stream_type)
+{
+    Info info;
+    uint8_t *body = nullptr;
+    size_t len = 0;
+
+    // owned frees the body however the call ends (a walk that fails has none)
+    std::unique_ptr<uint8_t, decltype(&std::free)> owned(nullptr, &std::free);
+    run_walk(info, fmt, true, stream_type,
+             [&](enum xcs_fmt f, enum xcs_stream_type t, struct xcs_skel_info *i) {
+                 int rc = xcs_skel_make(fd, f, t, &body, &len, i);
+
+                 owned.reset(body); // frees no previous body: errno stays the call's
+                 return rc;
+             });
     py::dict d = info_dict(info.i);
     d["stream_xxh64"] = info.i.stream_xxh64;
     return {py::bytes(reinterpret_cast<const char *>(body), len), d};
@@ -152,23 +165,18 @@ std::pair<py::bytes, py::dict> skeleton_make(int fd, const std::string &fmt, con
 py::dict skeleton_walk(const py::bytes &body, const std::string &fmt,
                        const std::string &stream_type, int out_fd)
 {
-    enum xcs_fmt f = skel_fmt(fmt, false);
-    enum xcs_stream_type t = skel_type(stream_type);
     Info info;
     char *p = nullptr;
     ssize_t n = 0;
-    int rc, err;
 
     if (PyBytes_AsStringAndSize(body.ptr(), &p, &n) < 0)
         throw py::error_already_set();
-    {
-        // body is immutable and held by the caller for the call
-        py::gil_scoped_release nogil;
-        rc = xcs_skel_inflate(reinterpret_cast<const uint8_t *>(p), static_cast<size_t>(n),
-                              f, t, out_fd, &info.i);
-        err = errno;
-    }
-    check(rc, err, info.i);
+    // body is immutable and held by the caller for the call
+    run_walk(info, fmt, false, stream_type,
+             [&](enum xcs_fmt f, enum xcs_stream_type t, struct xcs_skel_info *i) {
+                 return xcs_skel_inflate(reinterpret_cast<const uint8_t *>(p),
+                                         static_cast<size_t>(n), f, t, out_fd, i);
+             });
     return info_dict(info.i);
 }
 

@@ -147,6 +147,13 @@ void xcs_arm_parent_death(void);
 int xcs_sigterm_until_ppoll(void (*handler)(int));
 
 /*
+ * A part this helper was built without (its headers were missing): logs
+ * "<what> is not built into this helper (<missing> when xcsave was built)"
+ * under context, and returns -1 with errno EOPNOTSUPP.
+ */
+int xcs_not_built(const char *context, const char *what, const char *missing);
+
+/*
  * The TLS tunnel (tunnel_tls.c): handshake on op->io_fd, then relay between
  * it and op->plain_fd until both directions are closed.  Sends tls_peer once
  * the peer is authenticated, tunnel_stats at the end, and log frames naming

@@ -526,6 +526,15 @@ void xcs_arm_parent_death(void)
         raise(SIGTERM);
 }
 
+int xcs_not_built(const char *context, const char *what, const char *missing)
+{
+    xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, context,
+            "%s is not built into this helper (%s when xcsave was built)", what,
+            missing);
+    errno = EOPNOTSUPP;
+    return -1;
+}
+
 int xcs_sigterm_until_ppoll(void (*handler)(int))
 {
     struct sigaction sa;

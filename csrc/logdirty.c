@@ -328,11 +328,8 @@ out:
 static int ld_run(const struct ld_args *a)
 {
     (void)a;
-    xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, XCS_HELPER_CONTEXT,
-            "logdirty: the xen backend is not built into this helper "
-            "(xenctrl.h was missing when xcsave was built)");
-    errno = EOPNOTSUPP;
-    return -1;
+    return xcs_not_built(XCS_HELPER_CONTEXT, "logdirty: the xen backend",
+                         "xenctrl.h was missing");
 }
 #endif
 

@@ -166,6 +166,7 @@ int xcs_sched_cap_main(int argc, char **argv)
 #else
     (void)r;
     (void)errnoval;
+    (void)set; /* read only by the Xen call above */
     xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, XCS_HELPER_CONTEXT,
             "backend 'xen' is not built into this helper (built: %s)", XCS_BACKENDS);
     xcs_exit_fatal();

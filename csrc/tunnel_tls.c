@@ -69,11 +69,8 @@
 int xcs_tunnel(const struct xcs_op *op)
 {
     (void)op;
-    xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, TUNNEL_CONTEXT,
-            "TLS is not built into this helper (OpenSSL's headers, libssl-dev, "
-            "were missing when xcsave was built)");
-    errno = EOPNOTSUPP;
-    return -1;
+    return xcs_not_built(TUNNEL_CONTEXT, "TLS",
+                         "OpenSSL's headers, libssl-dev, were missing");
 }
 
 #else /* XCS_HAVE_TLS */

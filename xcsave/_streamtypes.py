@@ -13,11 +13,23 @@ from .errors import StreamError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, TypeAlias
+    from collections.abc import Mapping
+    from typing import Any, TypeAlias, TypeVar
+
+    from _typeshed import DataclassInstance
 
     Report: TypeAlias = dict[str, Any]
+    D = TypeVar("D", bound=DataclassInstance)
 
-__all__ = ["ConvertResult", "StreamProblem", "VerifyResult"]
+__all__ = ["ConvertResult", "StreamProblem", "VerifyResult", "from_native"]
+
+
+def from_native(cls: type[D], native: Mapping[str, Any], **given: Any) -> D:
+    """The dataclass ``cls`` from a native call's dict: each field by its
+    name, unless the caller gives it (a field neither has keeps its default;
+    one without a default is a TypeError: the extension and the type drifted)."""
+    kw = {f.name: native[f.name] for f in dataclasses.fields(cls) if f.name in native}
+    return cls(**(kw | given))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -76,6 +76,12 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """``--progress`` and the logging flags: what a command that runs an operation takes."""
+    add_progress_flag(p)
+    add_logging_flags(p)
+
+
 def renderer(args: argparse.Namespace, out: Any = None) -> Renderer:
     """The command's progress renderer (``--progress``, see :func:`add_progress_flag`).
     Events go to ``out``, else stdout for ``--progress json`` and stderr otherwise."""

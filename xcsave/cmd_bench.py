@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import bench_link, bench_planner, benchmarks
 from ._log import logger
 from .cli import FORMATS, parse_policy_spec, parse_size, self_argv
-from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
+from .cli_run import add_run_flags, renderer, run_async
 from .defaults import CHANNELS, PAGE_SIZE, shm_dir
 from .errors import UsageError, XcsaveError
 from .files import create_private, scratch_dir
@@ -104,8 +104,7 @@ def add_parsers(sub: Any) -> None:
             help="draw throughput and pages per round (planner: dirty pages per round, "
             "measured beside predicted; needs matplotlib: xcsave[plot])",
         )
-        add_progress_flag(bp)
-        add_logging_flags(bp)
+        add_run_flags(bp)
         bp.set_defaults(func=_runner(bench))
 
 

@@ -39,6 +39,7 @@ from .cli_run import (
     Terminated,
     add_logging_flags,
     add_progress_flag,
+    add_run_flags,
     renderer,
     run_async,
 )
@@ -177,8 +178,7 @@ def add_parsers(sub: Any) -> None:
     )
     add_bounds_flags(p, max_memory=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_progress_flag(p)
-    add_logging_flags(p)
+    add_run_flags(p)
     p.set_defaults(func=do_migrate)
 
     r = sub.add_parser(
@@ -238,8 +238,7 @@ def add_parsers(sub: Any) -> None:
         "using the wire: --compress, --channels or --resume)",
     )
     r.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_progress_flag(r)
-    add_logging_flags(r)
+    add_run_flags(r)
     r.set_defaults(func=do_receive)
 
 

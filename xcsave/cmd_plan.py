@@ -23,7 +23,7 @@ from typing import Any
 
 from ._argparse import integer, seconds
 from .cli import _say, parse_policy_spec
-from .cli_run import add_logging_flags, add_progress_flag, renderer, run_async
+from .cli_run import add_run_flags, renderer, run_async
 from .defaults import DOM_HELP, MAX_DOMID, PAGE_SIZE
 from .predict import DEFAULT_MAX_DOWNTIME_S, Plan
 from .sample import DEFAULT_SECONDS, MAX_SECONDS, MIN_SECONDS
@@ -94,8 +94,7 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--helper", metavar="PATH", help="helper executable (default: bundled)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    add_progress_flag(p)
-    add_logging_flags(p)
+    add_run_flags(p)
     p.set_defaults(func=_plan)
 
 

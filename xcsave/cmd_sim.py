@@ -13,7 +13,7 @@ from typing import Any
 
 from ._argparse import integer, seconds, size
 from .cli import FORMATS, parse_policy, parse_size, self_argv
-from .cli_run import Terminated, add_logging_flags, add_progress_flag, renderer, run_async
+from .cli_run import Terminated, add_run_flags, renderer, run_async
 from .defaults import DOM_HELP, MAX_SEED, PAGE_SIZE, SIM_FILLS, SIM_MAX_MEMORY, SIM_MAX_VCPUS
 from .files import scratch_dir
 
@@ -136,8 +136,7 @@ def add_parsers(sub: Any) -> None:
     demo.add_argument("--dir", help="where the two domains live (default: a temp dir in /dev/shm)")
     demo.add_argument("--keep", action="store_true", help="keep the domains afterwards")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_progress_flag(demo)
-    add_logging_flags(demo)
+    add_run_flags(demo)
     demo.set_defaults(func=_demo)
 
 

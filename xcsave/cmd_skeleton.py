@@ -15,11 +15,20 @@ import sys
 from typing import Any
 
 from . import formats
+from .cmd_stream import _STREAM_TYPE_OPT, _add_opts, _ScanOpt
 from .errors import StreamError, oserror_text
 
 EXIT_FAILED = 1
 EXIT_DIFFERENT = 1
 MAX_DIFFS = 50  # compare prints at most this many lines of differences
+
+#: What make's --format takes: v2/v3 streams (a legacy one has no skeleton).
+MAKE_FORMATS = ("auto", *formats.STREAM)
+#: make's options, declared as verify's (whose --stream-type it shares).
+_MAKE_OPTS: tuple[_ScanOpt, ...] = (
+    (("--format",), "fmt", str, MAKE_FORMATS, "auto", "stream format (default: detect)"),
+    _STREAM_TYPE_OPT,
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -29,19 +38,7 @@ def add_parsers(sub: Any) -> None:
     m = ss.add_parser("make", help="make the skeleton of a saved stream")
     m.add_argument("stream", metavar="IN", help="a saved stream (a regular file)")
     m.add_argument("out", metavar="OUT", help="the skeleton to write (0600, whole or not at all)")
-    m.add_argument(
-        "--format",
-        dest="fmt",
-        choices=("auto", *formats.STREAM),
-        default="auto",
-        help="the stream's format (default: detect)",
-    )
-    m.add_argument(
-        "--stream-type",
-        choices=formats.STREAM_TYPES,
-        default="plain",
-        help="checkpointed or not: the caller says, never the stream (default: plain)",
-    )
+    _add_opts(m, _MAKE_OPTS)
     m.add_argument("--json", action="store_true", help="print the skeleton's summary as JSON")
     m.set_defaults(func=do_make)
 
@@ -56,8 +53,8 @@ def add_parsers(sub: Any) -> None:
     s.set_defaults(func=do_show)
 
     c = ss.add_parser("compare", help="where two skeletons' record sequences differ")
-    c.add_argument("a", metavar="A", help="a skeleton (or a stream)")
-    c.add_argument("b", metavar="B", help="a skeleton (or a stream)")
+    for side in ("a", "b"):  # two operands alike
+        c.add_argument(side, metavar=side.upper(), help="a skeleton (or a stream)")
     c.add_argument(
         "--pages",
         action="store_true",

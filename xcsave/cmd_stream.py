@@ -34,16 +34,18 @@ EXIT_USAGE = 2
 # argparse, and _fast_args reads a well-formed command line with them.
 # (flags, dest, type, choices, default, help); type bool is a store_true flag.
 _ScanOpt = tuple[tuple[str, ...], str, type, "tuple[object, ...] | None", object, str]
+#: ``--stream-type`` as inspect, verify and ``skeleton make`` take it.
+_STREAM_TYPE_OPT: _ScanOpt = (
+    ("--stream-type",),
+    "stream_type",
+    str,
+    streamtools.STREAM_TYPES,
+    "plain",
+    "checkpointed or not: the caller says, never the stream",
+)
 _SCAN_OPTS: tuple[_ScanOpt, ...] = (
     (("--format",), "fmt", str, streamtools.FORMATS, "auto", "stream format (default: detect)"),
-    (
-        ("--stream-type",),
-        "stream_type",
-        str,
-        streamtools.STREAM_TYPES,
-        "plain",
-        "checkpointed or not: the caller says, never the stream",
-    ),
+    _STREAM_TYPE_OPT,
     (
         ("--width",),
         "width",

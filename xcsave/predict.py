@@ -300,51 +300,35 @@ def predict(
             throttled_s += dt
         dirty = coverage(wss, rate * (100 - throttle) / 100 * dt)
         it += 1
-    return _judged(
-        rounds,
-        total=t,
-        downtime=downtime,
-        outcome=outcome,
-        reason=reason,
-        link=link,
-        max_downtime_s=max_downtime_s,
-        throttled_s=throttled_s,
-        most=most,
+    go, why = _verdict(rounds, downtime, outcome, reason, max_downtime_s)
+    return Prediction(
+        tuple(rounds), t, downtime, outcome, reason, go, why, link, throttled_s, most
     )
 
 
-def _judged(
+def _verdict(
     rounds: list[Round],
-    *,
-    total: float,
     downtime: float | None,
     outcome: str,
     reason: str,
-    link: float,
     max_downtime_s: float,
-    throttled_s: float,
-    most: int,
-) -> Prediction:
-    """The prediction with its go / no-go and why."""
+) -> tuple[bool, str]:
+    """Go or no-go for the model's run, and why."""
     if outcome == "abort":
-        go, why = False, f"no-go: the policy would abort ({reason})"
-    elif outcome == "endless" or downtime is None:
-        go, why = False, f"no-go: {reason}"
-    elif downtime > max_downtime_s:
-        go, why = (
+        return False, f"no-go: the policy would abort ({reason})"
+    if outcome == "endless" or downtime is None:
+        return False, f"no-go: {reason}"
+    if downtime > max_downtime_s:
+        return (
             False,
             f"no-go: downtime {downtime * 1e3:.0f} ms over the {max_downtime_s * 1e3:.0f} ms "
             f"target ({rounds[-1].pages} pages still dirty when the policy stops"
             + (f": {reason})" if reason else ")"),
         )
-    else:
-        go, why = (
-            True,
-            f"go: {len(rounds) - 1} precopy round(s), downtime {downtime * 1e3:.0f} ms "
-            f"<= {max_downtime_s * 1e3:.0f} ms" + (f" ({reason})" if reason else ""),
-        )
-    return Prediction(
-        tuple(rounds), total, downtime, outcome, reason, go, why, link, throttled_s, most
+    return (
+        True,
+        f"go: {len(rounds) - 1} precopy round(s), downtime {downtime * 1e3:.0f} ms "
+        f"<= {max_downtime_s * 1e3:.0f} ms" + (f" ({reason})" if reason else ""),
     )
 
 

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from . import files, formats
+from ._streamtypes import from_native
 from .errors import StreamError
 
 __all__ = [
@@ -186,21 +187,8 @@ class Skeleton:
 
 
 def _skeleton(info: dict[str, Any], body: bytes, **fields: Any) -> Skeleton:
-    return Skeleton(
-        format=info["format"],
-        stream_size=info["stream_size"],
-        pages=info["pages"],
-        zero_pages=info["zero_pages"],
-        records=tuple(Record(*r) for r in info["records"]),
-        xl=info["xl"],
-        libxl=info["libxl"],
-        libxc=info["libxc"],
-        checkpoints=info["checkpoints"],
-        ended=info["ended"],
-        trailing=info["trailing"],
-        body=body,
-        **fields,
-    )
+    records = tuple(Record(*r) for r in info["records"])
+    return from_native(Skeleton, info, records=records, body=body, **fields)
 
 
 def _open_regular(path: str | os.PathLike[str]) -> int:
@@ -234,13 +222,7 @@ def build_skeleton(
         body, info = _ext().skeleton_make(fd, fmt, stream_type)
     finally:
         os.close(fd)
-    return _skeleton(
-        info,
-        body,
-        stream_type=stream_type,
-        stream_xxh64=info["stream_xxh64"],
-        source=os.fspath(stream),
-    )
+    return _skeleton(info, body, stream_type=stream_type, source=os.fspath(stream))
 
 
 def make_skeleton(

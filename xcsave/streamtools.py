@@ -193,7 +193,7 @@ def convert(  # noqa: PLR0917 - the brief's positional signature
             )
 
     ext = _ext()
-    from ._streamtypes import ConvertResult
+    from ._streamtypes import ConvertResult, from_native
 
     def run(in_fd: int, out_fd: int) -> ConvertResult:
         st: dict[str, Any] = ext.convert_legacy(
@@ -201,15 +201,7 @@ def convert(  # noqa: PLR0917 - the brief's positional signature
         )
         if st["failover"]:
             _log("warning", st["failover"])
-        return ConvertResult(
-            in_bytes=st["in_bytes"],
-            out_bytes=st["out_bytes"],
-            pages=st["pages"],
-            vcpus=st["vcpus"],
-            checkpoints=st["checkpoints"],
-            failover=st["failover"],
-            legacy=st["legacy"],
-        )
+        return from_native(ConvertResult, st)
 
     in_fd = src if isinstance(src, int) else os.open(os.fspath(src), os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -27,7 +27,7 @@ import shlex
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
@@ -614,17 +614,10 @@ class HelperRun:
                 PolicyEvent(
                     op,
                     dom,
-                    st.iteration,
-                    st.total_written,
-                    st.dirty_count,
-                    int(v.decision),
+                    **asdict(st),  # the figures the policy was asked with, by name
+                    decision=int(v.decision),
                     reason=v.reason,
                     throttle=v.throttle,
-                    elapsed=st.elapsed,
-                    round_s=st.round_s,
-                    sent=st.sent,
-                    send_rate=st.send_rate,
-                    dirty_rate=st.dirty_rate,
                     predicted_downtime_s=st.predicted_downtime_s,
                 )
             )

@@ -913,10 +913,7 @@ static int restore_stream(struct restore_ctx *ctx)
     ctx->wo.max_batch = XCS_MAX_BATCH_SIZE;
     ctx->wo.libxl_len_max = XCS_REC_LENGTH_MAX;
     ctx->wo.xl_optdata_max = XL_OPTDATA_MAX;
-    ctx->w.in = &ctx->r;
-    ctx->w.opts = &ctx->wo;
-    ctx->w.ops = &restore_ops;
-    ctx->w.data = ctx;
+    xcs_walk_attach(&ctx->w, &ctx->r, &ctx->wo, &restore_ops, ctx);
 
     rc = xcs_walk(&ctx->w);
     if (rc == XCS_WALK_STOP)

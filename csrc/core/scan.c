@@ -361,10 +361,7 @@ int xcs_scan_fd(int fd, const struct xcs_scan_opts *opts,
     s.in = &in;
     s.opts = opts;
     s.rep = rep;
-    s.w.in = &in;
-    s.w.opts = &wo;
-    s.w.ops = &scan_ops;
-    s.w.data = &s;
+    xcs_walk_attach(&s.w, &in, &wo, &scan_ops, &s);
 
     if (xcs_source_open(&in, fd, XCS_SOURCE_MAP) < 0) {
         snprintf(rep->error.reason, sizeof(rep->error.reason), "fstat: %s", strerror(errno));

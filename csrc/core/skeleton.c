@@ -220,45 +220,48 @@ static int pass_on(struct skel *s, uint64_t upto)
     return rc < 0 ? fail(s, s->inflate ? "write" : "skeleton body") : 0;
 }
 
-static int make_pages(struct skel *s, uint32_t npages)
+/*
+ * A page batch's body, one way or the other: make reads pages and writes
+ * their digests, inflate reads digests and writes their pages.
+ */
+struct pages_way {
+    size_t in_len, out_len;         /* a page's input and output */
+    const char *in_what, *out_what; /* for errors */
+    uint64_t (*digest)(const uint8_t *in);     /* the page's digest from its input */
+    void (*put)(uint64_t digest, uint8_t *out); /* its output */
+};
+
+static void put_digest(uint64_t digest, uint8_t *out)
 {
-    const uint8_t *p;
-    int err, rc;
-
-    rc = xcs_source_must(&s->src, (uint64_t)npages * XCS_PAGE_SIZE, &p, "page data");
-    if (rc)
-        return rc;
-    for (uint32_t i = 0; i < npages; i++) {
-        uint64_t d = xcs_skel_digest(p + (size_t)i * XCS_PAGE_SIZE);
-        uint8_t *room = sink_room(&s->out, XCS_SKEL_DIGEST_LEN, &err);
-
-        if (err)
-            return fail(s, "skeleton body");
-        xcs_put_le64(room, d);
-        sink_commit(&s->out, XCS_SKEL_DIGEST_LEN);
-        s->info->zero_pages += d == ZERO_DIGEST;
-    }
-    return 0;
+    xcs_put_le64(out, digest);
 }
 
-static int inflate_pages(struct skel *s, uint32_t npages)
+static const struct pages_way making = {
+    XCS_PAGE_SIZE, XCS_SKEL_DIGEST_LEN, "page data", "skeleton body",
+    xcs_skel_digest, put_digest,
+};
+static const struct pages_way inflating = {
+    XCS_SKEL_DIGEST_LEN, XCS_PAGE_SIZE, "page digests", "write",
+    xcs_get_le64, xcs_skel_page,
+};
+
+static int pass_pages(struct skel *s, uint32_t npages, const struct pages_way *way)
 {
     const uint8_t *p;
     int err, rc;
 
-    rc = xcs_source_must(&s->src, (uint64_t)npages * XCS_SKEL_DIGEST_LEN, &p,
-                         "page digests");
+    rc = xcs_source_must(&s->src, (uint64_t)npages * way->in_len, &p, way->in_what);
     if (rc)
         return rc;
     for (uint32_t i = 0; i < npages; i++) {
-        uint64_t d = xcs_get_le64(p + (size_t)i * XCS_SKEL_DIGEST_LEN);
-        uint8_t *room = sink_room(&s->out, XCS_PAGE_SIZE, &err);
+        uint64_t d = way->digest(p + (size_t)i * way->in_len);
+        uint8_t *room = sink_room(&s->out, way->out_len, &err);
 
         if (err)
-            return fail(s, "write");
-        if (room)
-            xcs_skel_page(d, room);
-        sink_commit(&s->out, XCS_PAGE_SIZE);
+            return fail(s, way->out_what);
+        if (room) /* NULL: an inflate that only walks */
+            way->put(d, room);
+        sink_commit(&s->out, way->out_len);
         s->info->zero_pages += d == ZERO_DIGEST;
     }
     return 0;
@@ -276,7 +279,7 @@ static int on_page_batch(struct xcs_walker *w, const uint8_t *pfns, uint32_t cou
     r->pages = npages;
     rc = pass_on(s, s->src.off); /* the header and the pfn words */
     if (!rc)
-        rc = s->inflate ? inflate_pages(s, npages) : make_pages(s, npages);
+        rc = pass_pages(s, npages, s->inflate ? &inflating : &making);
     if (rc)
         return rc;
     s->done = s->src.off;
@@ -329,10 +332,7 @@ static int walk(struct skel *s, enum xcs_fmt fmt, enum xcs_stream_type type)
     s->base = s->src.map;
     s->wo.start = fmt;
     s->wo.stream_type = type;
-    s->w.in = &s->src;
-    s->w.opts = &s->wo;
-    s->w.ops = &skel_ops;
-    s->w.data = s;
+    xcs_walk_attach(&s->w, &s->src, &s->wo, &skel_ops, s);
     s->info->fmt = fmt;
     rc = xcs_walk(&s->w);
     if (!rc && s->w.xl_legacy)

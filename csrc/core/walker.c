@@ -972,6 +972,16 @@ static int xl_header(struct xcs_walker *w)
 
 /*----- entry point -----*/
 
+void xcs_walk_attach(struct xcs_walker *w, struct xcs_source *in,
+                     const struct xcs_walk_opts *opts, const struct xcs_walk_ops *ops,
+                     void *data)
+{
+    w->in = in;
+    w->opts = opts;
+    w->ops = ops;
+    w->data = data;
+}
+
 int xcs_walk(struct xcs_walker *w)
 {
     int rc;

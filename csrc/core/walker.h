@@ -166,6 +166,10 @@ struct xcs_walker {
  * w->xl_legacy set (legacy.c reads those).
  */
 int xcs_walk(struct xcs_walker *w);
+/* What the caller sets before xcs_walk (the first four fields), in one call. */
+void xcs_walk_attach(struct xcs_walker *w, struct xcs_source *in,
+                     const struct xcs_walk_opts *opts, const struct xcs_walk_ops *ops,
+                     void *data);
 /* Release what the walk allocated. */
 void xcs_walk_release(struct xcs_walker *w);
 
