@@ -165,6 +165,7 @@ int xcs_sched_cap_main(int argc, char **argv)
     return 0;
 #else
     (void)r;
+    (void)set;
     (void)errnoval;
     (void)set; /* read only by the Xen call above */
     xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, XCS_HELPER_CONTEXT,

@@ -71,9 +71,22 @@ def test_save_writes_the_headers_of_the_spec(tmp_path: Path) -> None:
     assert struct.unpack_from("<II", s, libxl + 16) == (1, 0)  # LIBXC_CONTEXT
     assert struct.unpack_from(">QIIHHI", s, ihdr) == (IHDR_MARKER, IHDR_ID, 3, 0, 0, 0)
     assert struct.unpack_from("<IHHII", s, dhdr) == (2, 12, 0, 4, 17)  # HVM, Xen 4.17
-    assert struct.unpack_from("<II", s, dhdr + 16) == (0x10, 0)  # STATIC_DATA_END
+    # HVM static data as Xen 4.17 writes it: the CPUID policy (leaves of 24
+    # bytes), the MSR policy (16-byte entries, flags zero), STATIC_DATA_END.
+    off = dhdr + 16
+    ctype, clen = struct.unpack_from("<II", s, off)
+    assert ctype == 0x11 and clen and clen % 24 == 0  # X86_CPUID_POLICY
+    leaves = [struct.unpack_from("<6I", s, off + 8 + i) for i in range(0, clen, 24)]
+    assert leaves[0][:2] == (0, 0xFFFFFFFF) and leaves[0][2] >= 1  # max basic leaf
+    off += 8 + clen
+    mtype, mlen = struct.unpack_from("<II", s, off)
+    assert (mtype, mlen) == (0x12, 32)  # X86_MSR_POLICY: the two MSRs 4.17 sends
+    msrs = [struct.unpack_from("<IIQ", s, off + 8 + i) for i in range(0, mlen, 16)]
+    assert [(idx, flags) for idx, flags, _ in msrs] == [(0xCE, 0), (0x10A, 0)]
+    off += 8 + mlen
+    assert struct.unpack_from("<II", s, off) == (0x10, 0)  # STATIC_DATA_END
     # The first PAGE_DATA: record header, then count and a zero reserved word.
-    off = dhdr + 16 + 8
+    off += 8
     while struct.unpack_from("<I", s, off)[0] != 1:
         off += 8 + (struct.unpack_from("<I", s, off + 4)[0] + 7) // 8 * 8
     length, count, res = struct.unpack_from("<III", s, off + 4)

@@ -30,6 +30,7 @@ REC_CAP = 128 << 20
 
 # libxc record types used below
 END, PAGE_DATA, HVM_CONTEXT, HVM_PARAMS, CHECKPOINT, SDE = 0, 1, 9, 10, 14, 16
+CPUID_POLICY, MSR_POLICY = 0x11, 0x12  # the static data before SDE (v3 only)
 
 
 # --------------------------------------------------------------- helpers
@@ -404,10 +405,11 @@ def test_restore_accepts_v2_and_params_before_context(tmp_path: Path) -> None:
     save_to_file(src, stream)
     _head, recs = split_records(stream.read_bytes())
     types = [t for t, _ in recs]
-    assert types[0] == SDE and types[-1] == END
-    # v2: no STATIC_DATA_END; HVM_PARAMS ahead of HVM_CONTEXT; an optional
-    # record the restorer must skip.
-    body = [r for t, r in recs if t not in (SDE, HVM_CONTEXT, HVM_PARAMS, END)]
+    assert types[:3] == [CPUID_POLICY, MSR_POLICY, SDE] and types[-1] == END
+    # v2: no static data (no policies, no STATIC_DATA_END); HVM_PARAMS ahead
+    # of HVM_CONTEXT; an optional record the restorer must skip.
+    skip = (CPUID_POLICY, MSR_POLICY, SDE, HVM_CONTEXT, HVM_PARAMS, END)
+    body = [r for t, r in recs if t not in skip]
     ctx = next(r for t, r in recs if t == HVM_CONTEXT)
     params = next(r for t, r in recs if t == HVM_PARAMS)
     v2 = image_header(2) + b"".join(body) + rec(0x80000123, b"opt") + params + ctx + rec(END)

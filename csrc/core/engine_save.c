@@ -4,7 +4,8 @@
  *
  * Stream written (plain):
  *   [xl header] [libxl hdr, LIBXC_CONTEXT]
- *   ihdr(v3) dhdr(HVM) STATIC_DATA_END PAGE_DATA... X86_TSC_INFO
+ *   ihdr(v3) dhdr(HVM) X86_CPUID_POLICY X86_MSR_POLICY STATIC_DATA_END
+ *   PAGE_DATA... X86_TSC_INFO
  *   HVM_CONTEXT HVM_PARAMS END
  *   [EMULATOR_CONTEXT, libxl END]
  * Remus: after the memory of each checkpoint the vCPU records, CHECKPOINT
@@ -756,15 +757,61 @@ static int write_libxl_header(struct save_ctx *ctx)
                      "LIBXC_CONTEXT");
 }
 
+/*
+ * HVM static data, as Xen 4.17 writes it before STATIC_DATA_END: the
+ * domain's CPUID policy (xen_cpuid_leaf_t {leaf, subleaf, a, b, c, d}) and
+ * MSR policy (xen_msr_entry_t {idx, flags (MBZ), val}), little-endian.  The
+ * sim has no CPU, so the policy is small and fixed: CPUID leaf 0 (max basic
+ * leaf 1, vendor "XcsaveSimCPU"), leaf 1 (only the hypervisor bit, ECX
+ * bit 31) and leaf 0x80000000 (no extended leaves); the two MSRs 4.17
+ * serialises, MSR_INTEL_PLATFORM_INFO (0xce) and MSR_ARCH_CAPABILITIES
+ * (0x10a), both 0.  Leaves without subleaves carry subleaf ~0, as Xen's.
+ * Real Xen writes every leaf up to the host's max leaves (1416 bytes in
+ * the lab): the CPUID record's length differs, the MSR record's (32)
+ * matches.  The sim's restore records that it saw them
+ * (static_data_done gets no MISSING bits) and sets nothing.
+ */
+#define NO_SUBLEAF 0xffffffffu /* XEN_CPUID_NO_SUBLEAF */
+static const uint32_t sim_cpuid[][6] = {
+    {0x0, NO_SUBLEAF, 1, 0x61736358 /* "Xcsa" */, 0x5550436d /* "mCPU" */,
+     0x69536576 /* "veSi" */},
+    {0x1, NO_SUBLEAF, 0, 0, 0x80000000u, 0},
+    {0x80000000u, NO_SUBLEAF, 0x80000000u, 0, 0, 0},
+};
+static const uint32_t sim_msr_idx[] = {0xce, 0x10a};
+
+static int write_policies(struct save_ctx *ctx)
+{
+    uint8_t cpuid[sizeof(sim_cpuid)];
+    uint8_t msr[16 * (sizeof(sim_msr_idx) / sizeof(sim_msr_idx[0]))];
+    int rc;
+
+    for (size_t i = 0; i < sizeof(sim_cpuid) / sizeof(sim_cpuid[0]); i++)
+        for (size_t j = 0; j < 6; j++)
+            xcs_put_le32(cpuid + 24 * i + 4 * j, sim_cpuid[i][j]);
+    memset(msr, 0, sizeof(msr)); /* flags MBZ, values 0 */
+    for (size_t i = 0; i < sizeof(sim_msr_idx) / sizeof(sim_msr_idx[0]); i++)
+        xcs_put_le32(msr + 16 * i, sim_msr_idx[i]);
+    rc = write_rec(ctx, XCS_REC_X86_CPUID_POLICY, cpuid, sizeof(cpuid),
+                   "X86_CPUID_POLICY");
+    if (rc)
+        return rc;
+    return write_rec(ctx, XCS_REC_X86_MSR_POLICY, msr, sizeof(msr),
+                     "X86_MSR_POLICY");
+}
+
 static int write_image_header(struct save_ctx *ctx)
 {
     uint8_t buf[XCS_IHDR_SIZE + XCS_DHDR_SIZE];
+    int rc;
 
     xcs_ihdr_build(buf);
     xcs_dhdr_build(buf + XCS_IHDR_SIZE, XCS_DHDR_TYPE_X86_HVM, 4, 17);
     if (xcs_write_all(&ctx->w, buf, sizeof(buf)) < 0)
         return write_failed(ctx, "the image header");
-    /* HVM static data is only the CPUID/MSR policies, which we lack. */
+    rc = write_policies(ctx);
+    if (rc)
+        return rc;
     return write_rec(ctx, XCS_REC_STATIC_DATA_END, NULL, 0, "STATIC_DATA_END");
 }
 
