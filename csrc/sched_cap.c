@@ -164,10 +164,10 @@ int xcs_sched_cap_main(int argc, char **argv)
     xcs_stub_complete(r, errnoval);
     return 0;
 #else
+    /* read only by the Xen call above */
     (void)r;
     (void)set;
     (void)errnoval;
-    (void)set; /* read only by the Xen call above */
     xcs_log(XCS_LOG_ERROR, EOPNOTSUPP, XCS_HELPER_CONTEXT,
             "backend 'xen' is not built into this helper (built: %s)", XCS_BACKENDS);
     xcs_exit_fatal();
