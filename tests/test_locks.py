@@ -427,7 +427,10 @@ def signal_at_random(
         _helper_started(proc)
         time.sleep(rng.uniform(0.0, span * 1.3))
     if group:
-        os.killpg(proc.pid, sig)
+        # The command may have ended (and been reaped) before the signal:
+        # then there is no group left, and its outcome is judged as it is.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
     return sig.name + (" to the group" if group else "")
