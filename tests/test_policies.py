@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_cli import xcsave_cli
 
 from xcsave import cli, policy, sim
 from xcsave.events import PolicyEvent
@@ -533,18 +532,6 @@ def test_json_round_carries_the_decision() -> None:
 
 
 # ----------------------------------------------------------------- the command line
-
-
-def xcsave_cli(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    # -P: the installed xcsave, not the source tree in the cwd
-    return subprocess.run(
-        [sys.executable, "-P", "-m", "xcsave", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,13 @@ import lzma
 import os
 import random
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import corpus_cases
 import pytest
 from conftest import XenVerify
+from test_cli import xcsave_cli
 
 from xcsave import _ext, corpus, sim, skeleton, streamtools
 from xcsave.errors import StreamError
@@ -29,17 +28,6 @@ ZERO = bytes(PAGE)
 # Every valid v2/v3 corpus stream: xl, libxl, libxc; PV (64 and 32 bit) and
 # HVM; v2 and v3; optional and VERIFY records; Remus and COLO checkpoints.
 VALID = [c for c in corpus_cases.cases() if c.ok and c.fmt in ("xl", "libxl", "libxc")]
-
-
-def xcsave_cli(*args: str | Path, env: dict[str, str] | None = None) -> Any:
-    return subprocess.run(
-        [sys.executable, "-P", "-m", "xcsave", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=120,
-    )
 
 
 def write(path: Path, data: bytes) -> Path:
