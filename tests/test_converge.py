@@ -29,7 +29,7 @@ from xcsave import converge, migrate, policy, sim
 from xcsave.converge import auto_converge, parse_auto_converge
 from xcsave.events import Event, PolicyEvent, ThrottleEvent
 from xcsave.policy import Curve, Decision, PrecopyStats, Verdict
-from xcsave.throttle import XenCapThrottle
+from xcsave.throttle import Throttle, XenCapThrottle
 
 MiB = 1 << 20
 THROTTLE_OFF = 124  # docs/sim-format.md
@@ -267,6 +267,35 @@ async def test_lifted_after_the_task_is_cancelled(shm_dir: Path) -> None:
     assert sim.throttle(dom) == 0
     assert sim.state(dom) == "running"
     assert not (shm_dir / "out").exists()
+
+
+async def test_a_cancel_during_the_lift_of_a_committed_save_is_a_success(
+    shm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (CI, test_faults): a cancel that landed while the throttle
+    was lifted after the commit raised CancelledError with the image in
+    place.  The image is saved; the save says so, as the supervisor does."""
+    dom = sim.create(shm_dir / "src.dom", 4 * MiB, seed=5)
+    lifting = asyncio.Event()
+    real_lift = Throttle.lift
+
+    async def slow_lift(self: Throttle) -> ThrottleEvent | None:
+        lifting.set()
+        await asyncio.sleep(0.2)  # the cancel lands here
+        return await real_lift(self)
+
+    monkeypatch.setattr(Throttle, "lift", slow_lift)
+    pol = Asks(dom, [30])
+    task = asyncio.create_task(
+        xcsave.save(shm_dir / "out", sim=dom, live=True, policy=pol)  # type: ignore[arg-type]
+    )
+    await asyncio.wait_for(lifting.wait(), 60)
+    assert (shm_dir / "out").exists()  # committed before the lift
+    task.cancel()
+    res = await task
+    assert res.throttle is not None and res.throttle.max_percent == 30
+    assert sim.throttle(dom) == 0
+    assert sim.state(dom) == "suspended"  # saved, as Xen leaves it
 
 
 @pytest.fixture

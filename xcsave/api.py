@@ -12,6 +12,7 @@ leaves a file under the final name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno as errno_mod
 import os
@@ -516,6 +517,7 @@ async def save(
         # happens (success, failure, cancellation, a helper that died).  A
         # policy that says it throttles has the domain checked first.
         throttle = None
+        res: RunResult | None = None
         if policy is not None:
             throttle = for_domain("save", sim=sim_path, domid=domid, helper=helper)
             throttle.on_event = on_event
@@ -566,19 +568,31 @@ async def save(
                     if owned:
                         os.close(io_fd)
         finally:
-            lifted = await _lift(throttle)
+            lifted = await _lift(throttle, committed=res is not None)
+        assert res is not None
         res.throttle = lifted
         return res
 
 
-async def _lift(throttle: Throttle | None) -> ThrottleEvent | None:
+async def _lift(throttle: Throttle | None, *, committed: bool) -> ThrottleEvent | None:
     """Lift auto-converge's throttle, to its end even when cancelled.  A
     lift that fails is logged (the guest stays throttled: the one line says
-    what to put back), never raised over the save's own outcome."""
+    what to put back), never raised over the save's own outcome.  After a
+    ``committed`` save (the image is in place) a cancellation that lands
+    during the lift is logged and the success stands, as the supervisor
+    does after its commit: raising would report a saved image as no save."""
     if throttle is None:
         return None
+    lift = asyncio.ensure_future(throttle.lift())
     try:
-        return await uncancellable(throttle.lift())
+        return await uncancellable(lift)
+    except asyncio.CancelledError:
+        if not committed or not lift.done() or lift.cancelled():
+            raise
+        log.info(
+            "%s: saved; a cancellation during the throttle's lift is ignored", throttle.domain
+        )
+        return lift.result()
     except Exception as e:
         log.error(
             "%s: could not lift auto-converge's throttle (%s %s was there before): %s",
