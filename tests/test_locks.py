@@ -509,6 +509,37 @@ def save_signal_trial(
 TARGETS = ["command", "group"]
 
 
+_CTRL_C_IN_LOOP_SETUP = """
+import asyncio, asyncio.events, os, signal, sys
+from xcsave import cli_run
+real = asyncio.events.new_event_loop
+def building():  # the signal lands while asyncio.run builds its loop
+    os.kill(os.getpid(), signal.SIGINT)
+    return real()
+asyncio.events.new_event_loop = building
+started = []
+async def op():
+    started.append(1)
+    await asyncio.sleep(60)
+try:
+    cli_run.run_async(op)
+except KeyboardInterrupt:
+    sys.exit(130 if started else 3)
+"""
+
+
+def test_a_ctrl_c_while_the_event_loop_is_built_cancels_the_command() -> None:
+    """Regression (CI): a SIGINT inside asyncio.run's loop constructor raised
+    KeyboardInterrupt there: a traceback from the half-built loop's __del__
+    and a coroutine never awaited.  It now waits for the loop's handler and
+    cancels the command like any other Ctrl-C."""
+    r = subprocess.run(
+        [sys.executable, "-P", "-W", "error::RuntimeWarning", "-c", _CTRL_C_IN_LOOP_SETUP],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (130, "")
+
+
 @pytest.mark.parametrize("to", TARGETS)
 def test_signals_during_restore_over_an_existing_domain(shm: Path, dom: Path, to: str) -> None:
     image = shm / "img"

@@ -37,6 +37,7 @@ __all__ = [
     "renderer",
     "restore_signals",
     "run_async",
+    "run_rendered",
     "signals_deferred",
 ]
 
@@ -116,6 +117,9 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
         try:
+            # The loop's handlers stand: a stop signal held back while the
+            # loop was built (below) is delivered now, to on_signal.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             result = await make()
             # Done (committed): a signal from here on must not turn the
             # success into "interrupted" (see defer_signals).
@@ -133,11 +137,35 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T:
                 raise Terminated(f"interrupted: {notes}") from None
             raise KeyboardInterrupt from None
         finally:
+            # The outcome is decided (a result, a failure, "interrupted"): a
+            # stop signal from here on is discarded, so that the command
+            # says what happened instead of a KeyboardInterrupt raised while
+            # the loop is torn down or the line is written.
+            defer_signals()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             signals_deferred()
 
-    return asyncio.run(main())
+    # Signal trick: the stop signals are blocked until main() has put the
+    # loop's handlers in place.  A Ctrl-C that landed while asyncio.run was
+    # still building the loop raised KeyboardInterrupt inside its
+    # constructor: a half-built loop whose __del__ printed a traceback, and
+    # a main() never awaited.  Blocked, the signal waits for on_signal.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return asyncio.run(main())
+    finally:
+        if not _saved_handlers:  # main() never ran: nothing discards them
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def run_rendered(
+    args: argparse.Namespace, make: Callable[[Renderer], Awaitable[T]], out: Any = None
+) -> T:
+    """:func:`run_async` of ``make(rend)``, ``rend`` the command's renderer
+    (:func:`renderer`: its events to ``out``), closed when the run ends."""
+    with renderer(args, out) as rend:
+        return run_async(lambda: make(rend))
 
 
 # ----------------------------------------------------------------- commit point
