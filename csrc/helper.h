@@ -182,6 +182,31 @@ int xcs_wire(const struct xcs_op *op);
 ssize_t xcs_parse_parent_msg(const uint8_t *buf, size_t have, enum xcs_msg *m,
                              const uint8_t **body, uint32_t *body_len);
 
+/*
+ * A whole number in base (10, or 0 for C's 0x/0 prefixes) from lo to hi
+ * into *out: 0, or -1 for anything else (empty, a sign or a space first,
+ * trailing text, out of range).  The helper's one number parser.
+ */
+int xcs_parse_ulong(const char *s, int base, unsigned long lo, unsigned long hi,
+                    unsigned long *out);
+
+/* A one-shot mode's own option, besides the --backend and --domid all take. */
+struct xcs_oneshot_opt {
+    const char *name;
+    unsigned long lo, hi; /* a number from lo to hi; hi == 0: a flag (no value) */
+    unsigned long *value; /* where the number goes (a flag: 1) */
+};
+
+/*
+ * The argv of a one-shot mode, "--xcsave-1 MODE [--backend xen] --domid N
+ * [opts...]" (sched-cap, logdirty): the domid it names.  A bad argv is one
+ * line on stderr, "xcsave-helper: MODE: why (usage: USAGE)", before any
+ * message, and exit 255.  At most XCS_ONESHOT_MAX_OPTS opts.
+ */
+#define XCS_ONESHOT_MAX_OPTS 4
+uint32_t xcs_oneshot_argv(const char *mode, const char *usage, int argc, char **argv,
+                          const struct xcs_oneshot_opt *opts, size_t nopts);
+
 /* The one-shot --xcsave-1 sched-cap mode (sched_cap.c): its whole run. */
 int xcs_sched_cap_main(int argc, char **argv);
 /*

@@ -552,18 +552,85 @@ int xcs_sigterm_until_ppoll(void (*handler)(int))
 
 /*----- argv -----*/
 
-static unsigned long parse_num(const char *what, const char *s, unsigned long max)
+int xcs_parse_ulong(const char *s, int base, unsigned long lo, unsigned long hi,
+                    unsigned long *out)
 {
     char *end = NULL;
+
+    /* strtoul would skip spaces and take a sign ("-1" is ULONG_MAX). */
+    if (!s || s[0] < '0' || s[0] > '9')
+        return -1;
+    errno = 0;
+    *out = strtoul(s, &end, base);
+    return (errno || *end || *out < lo || *out > hi) ? -1 : 0;
+}
+
+static unsigned long parse_num(const char *what, const char *s, unsigned long max)
+{
     unsigned long v;
 
     if (!s)
         fatal("missing argument <%s>", what);
-    errno = 0;
-    v = strtoul(s, &end, 0);
-    if (errno || end == s || *end || s[0] == '-' || v > max)
+    if (xcs_parse_ulong(s, 0, 0, max, &v) < 0)
         fatal("bad <%s> '%s': expected a number from 0 to %lu", what, s, max);
     return v;
+}
+
+/* A one-shot mode's bad argv: one line (argv never echoed), exit 255. */
+static void __attribute__((noreturn)) oneshot_usage(const char *mode, const char *usage,
+                                                    const char *why)
+{
+    fatal("%s: %s (usage: --xcsave-1 %s %s)", mode, why, mode, usage);
+}
+
+uint32_t xcs_oneshot_argv(const char *mode, const char *usage, int argc, char **argv,
+                          const struct xcs_oneshot_opt *opts, size_t nopts)
+{
+    /* getopt_long's table: --backend, --domid, then opts[i] as val 2 + i. */
+    struct option table[2 + XCS_ONESHOT_MAX_OPTS + 1] = {
+        {"backend", required_argument, NULL, 0},
+        {"domid", required_argument, NULL, 1},
+    };
+    unsigned long domid = 0;
+    int have_domid = 0, c;
+    size_t i;
+
+    if (nopts > XCS_ONESHOT_MAX_OPTS)
+        fatal("%s: %zu options: more than a one-shot mode takes", mode, nopts);
+    for (i = 0; i < nopts; i++) {
+        table[2 + i].name = opts[i].name;
+        table[2 + i].has_arg = opts[i].hi ? required_argument : no_argument;
+        table[2 + i].val = 2 + (int)i;
+    }
+    optind = 3;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "", table, NULL)) != -1) {
+        if (c == 0) {
+            if (strcmp(optarg, "xen"))
+                oneshot_usage(mode, usage, "the only backend is xen (a sim domain "
+                              "is handled in-process)");
+        } else if (c == 1) {
+            /* A domain's id: below DOMID_FIRST_RESERVED (0x7ff0). */
+            if (xcs_parse_ulong(optarg, 10, 0, 0x7fef, &domid) < 0)
+                oneshot_usage(mode, usage, "bad --domid: expected a number from 0 to 32751");
+            have_domid = 1;
+        } else if (c >= 2 && (size_t)(c - 2) < nopts) {
+            const struct xcs_oneshot_opt *o = &opts[c - 2];
+
+            if (!o->hi)
+                *o->value = 1;
+            else if (xcs_parse_ulong(optarg, 10, o->lo, o->hi, o->value) < 0)
+                fatal("%s: bad --%s: expected a number from %lu to %lu (usage: "
+                      "--xcsave-1 %s %s)", mode, o->name, o->lo, o->hi, mode, usage);
+        } else {
+            oneshot_usage(mode, usage, "unknown or incomplete option");
+        }
+    }
+    if (optind != argc)
+        oneshot_usage(mode, usage, "unexpected argument");
+    if (!have_domid)
+        oneshot_usage(mode, usage, "--domid is required");
+    return (uint32_t)domid;
 }
 
 /* An fd number, or -1 ("none") where allowed. */

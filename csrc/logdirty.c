@@ -27,7 +27,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -44,74 +43,23 @@
 
 struct ld_args {
     uint32_t domid;
-    int have_domid;
-    unsigned int interval_ms;
-    unsigned int samples;
-    int off;
+    unsigned long interval_ms;
+    unsigned long samples;
+    unsigned long off;
 };
-
-/* One-line argv errors, as helper_main.c's fatal(): exit 255, no complete. */
-static void ld_usage(const char *fmt, const char *arg)
-{
-    xcs_log(XCS_LOG_ERROR, EINVAL, XCS_HELPER_CONTEXT, fmt, arg);
-    xcs_exit_fatal();
-}
-
-static unsigned long ld_num(const char *what, const char *s, unsigned long lo,
-                            unsigned long hi)
-{
-    char *end = NULL;
-    unsigned long v;
-
-    errno = 0;
-    v = strtoul(s, &end, 10);
-    if (errno || end == s || *end || s[0] == '-' || v < lo || v > hi)
-        ld_usage("bad logdirty option value '%s'", what);
-    return v;
-}
 
 static void ld_parse(int argc, char **argv, struct ld_args *a)
 {
-    enum { O_BACKEND = 1, O_DOMID, O_INTERVAL, O_SAMPLES, O_OFF };
-    static const struct option opts[] = {
-        {"backend", required_argument, NULL, O_BACKEND},
-        {"domid", required_argument, NULL, O_DOMID},
-        {"interval-ms", required_argument, NULL, O_INTERVAL},
-        {"samples", required_argument, NULL, O_SAMPLES},
-        {"off", no_argument, NULL, O_OFF},
-        {NULL, 0, NULL, 0},
+    const struct xcs_oneshot_opt opts[] = {
+        {"interval-ms", 1, LD_MAX_INTERVAL_MS, &a->interval_ms},
+        {"samples", 1, LD_MAX_SAMPLES, &a->samples},
+        {"off", 0, 0, &a->off},
     };
-    int c;
 
     a->interval_ms = 100;
     a->samples = 30;
-    optind = 3;
-    opterr = 0;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case O_BACKEND:
-            if (strcmp(optarg, "xen"))
-                ld_usage("logdirty: backend '%s': only xen (a sim domain is "
-                         "sampled in-process)", optarg);
-            break;
-        case O_DOMID:
-            a->domid = (uint32_t)ld_num("domid", optarg, 0, 0x7fef);
-            a->have_domid = 1;
-            break;
-        case O_INTERVAL:
-            a->interval_ms = (unsigned)ld_num("interval-ms", optarg, 1, LD_MAX_INTERVAL_MS);
-            break;
-        case O_SAMPLES:
-            a->samples = (unsigned)ld_num("samples", optarg, 1, LD_MAX_SAMPLES);
-            break;
-        case O_OFF: a->off = 1; break;
-        default: ld_usage("logdirty: unknown or incomplete option '%s'", argv[optind - 1]);
-        }
-    }
-    if (optind != argc)
-        ld_usage("logdirty: unexpected argument '%s'", argv[optind]);
-    if (!a->have_domid)
-        ld_usage("logdirty needs --domid%s", "");
+    a->domid = xcs_oneshot_argv("logdirty", "[--backend xen] --domid N [--interval-ms I] "
+                                "[--samples K] [--off]", argc, argv, opts, 3);
 }
 
 #ifdef XCS_HAVE_XEN
@@ -254,7 +202,7 @@ static int ld_sample(xc_interface *xch, const struct ld_args *a, int stop_fd)
         if (ld_wait(stop_fd, start + (uint64_t)k * a->interval_ms * 1000000u) < 0) {
             err = EINTR;
             xcs_log(XCS_LOG_NOTICE, err, XCS_HELPER_CONTEXT,
-                    "stopped after %u of %u samples", k - 1, a->samples);
+                    "stopped after %u of %lu samples", k - 1, a->samples);
             goto out;
         }
         memset(&stats, 0, sizeof(stats));
@@ -340,8 +288,8 @@ int xcs_logdirty_main(int argc, char **argv)
 
     memset(&a, 0, sizeof(a));
     signal(SIGPIPE, SIG_IGN); /* a broken stdout is EPIPE, reported, not death */
+    ld_parse(argc, argv, &a); /* a bad argv: one line on stderr, before hello */
     xcs_stub_hello(XCS_PROTO_VERSION, XCS_PROTO_HASH, "xen", "logdirty");
-    ld_parse(argc, argv, &a);
     errno = 0;
     rc = ld_run(&a);
     err = rc ? (errno ? errno : EIO) : 0;

@@ -18,7 +18,6 @@
  */
 
 #include <errno.h>
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,25 +32,6 @@
 #define XCS_BACKENDS "sim"
 #endif
 #define SCHED_CAP_MAX 65535UL /* credit2's cap is a u16 */
-
-static void __attribute__((noreturn)) usage(const char *why)
-{
-    /* argv is the parent's: never echoed (one plain line on stderr). */
-    fprintf(stderr, XCS_HELPER_CONTEXT ": sched-cap: %s (usage: --xcsave-1 sched-cap "
-            "[--backend xen] --domid N [--cap 0..65535])\n", why);
-    exit(255);
-}
-
-static int number(const char *s, unsigned long max, unsigned long *out)
-{
-    char *end;
-
-    if (!s[0] || s[0] == '-' || s[0] == '+')
-        return -1;
-    errno = 0;
-    *out = strtoul(s, &end, 10);
-    return (errno || *end || *out > max) ? -1 : 0;
-}
 
 #ifdef XCS_HAVE_XEN
 /* The libxc part: sched_cap, then the cap when asked.  0, or -1 with errno. */
@@ -120,46 +100,16 @@ out:
 
 int xcs_sched_cap_main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"backend", required_argument, NULL, 'b'},
-        {"domid", required_argument, NULL, 'd'},
-        {"cap", required_argument, NULL, 'c'},
-        {NULL, 0, NULL, 0},
-    };
-    unsigned long domid = 0, cap = 0;
-    int have_domid = 0, set = 0, c, r, errnoval;
-
-    optind = 3;
-    opterr = 0;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'b':
-            if (strcmp(optarg, "xen"))
-                usage("the only backend is xen");
-            break;
-        case 'd':
-            if (number(optarg, UINT32_MAX, &domid) < 0)
-                usage("bad --domid: expected a domain number");
-            have_domid = 1;
-            break;
-        case 'c':
-            if (number(optarg, SCHED_CAP_MAX, &cap) < 0)
-                usage("bad --cap: expected a number from 0 to 65535");
-            set = 1;
-            break;
-        default:
-            usage("unknown or incomplete option");
-        }
-    }
-    if (optind != argc)
-        usage("unexpected argument");
-    if (!have_domid)
-        usage("--domid is required");
+    unsigned long cap = SCHED_CAP_MAX + 1; /* none given: only read */
+    const struct xcs_oneshot_opt opts[] = {{"cap", 0, SCHED_CAP_MAX, &cap}};
+    uint32_t domid = xcs_oneshot_argv("sched-cap", "[--backend xen] --domid N [--cap 0..65535]",
+                                      argc, argv, opts, 1);
+    int set = cap <= SCHED_CAP_MAX, r, errnoval;
 
     xcs_stub_hello(XCS_PROTO_VERSION, XCS_PROTO_HASH, "xen", "sched-cap");
 #ifdef XCS_HAVE_XEN
     errno = 0;
-    r = sched_cap((uint32_t)domid, set, (uint16_t)cap);
+    r = sched_cap(domid, set, (uint16_t)cap);
     errnoval = r ? (errno ? errno : EIO) : 0;
     xcs_stub_complete(r, errnoval);
     return 0;
