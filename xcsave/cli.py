@@ -11,7 +11,7 @@ import argparse
 import logging
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, converge, formats, policy
@@ -21,15 +21,15 @@ from .cli_run import (
     LOG_LEVELS,
     add_logging_flags,
     add_progress_flag,
-    renderer,
     restore_signals,
-    run_async,
+    run_rendered,
 )
 from .defaults import CHANNELS, DOM_HELP, IDLE_TIMEOUT, MAX_COPY_THREADS, MAX_DOMID, U32_MAX
 from .errors import UsageError, XcsaveError, oserror_text
 
 if TYPE_CHECKING:
     from .events import ThrottleEvent
+    from .progress import Renderer
     from .supervisor import Callbacks, RunResult
 
 # asyncio, the API and the supervisor are imported by the commands that run
@@ -255,19 +255,19 @@ def do_save(args: argparse.Namespace) -> int:
             "guest; exit 0 = suspended); xenstore-based suspend is not built in"
         )
     out = _stream_target(args.out, for_write=True)
-    with renderer(args, _event_stream(args)) as rend:
-        res = run_async(
-            lambda: api.save(
-                out,
-                live=args.live,
-                callbacks=cmd_callbacks(args),
-                policy=live_policy(args),
-                checkpoints=args.checkpoints,
-                interval_ms=args.interval_ms,
-                copy_threads=args.copy_threads,
-                **_run_options(args, rend),
-            )
-        )
+    res = _run_op(
+        args,
+        lambda rend: api.save(
+            out,
+            live=args.live,
+            callbacks=cmd_callbacks(args),
+            policy=live_policy(args),
+            checkpoints=args.checkpoints,
+            interval_ms=args.interval_ms,
+            copy_threads=args.copy_threads,
+            **_run_options(args, rend),
+        ),
+    )
     where = "<stdout>" if args.out == "-" else args.out
     dom = args.sim if args.sim is not None else f"domain {args.domid}"
     if args.json:
@@ -275,6 +275,13 @@ def do_save(args: argparse.Namespace) -> int:
     else:
         _say(args, f"saved {dom} to {where}: {_describe(res)}{throttle_text(res.throttle)}")
     return 0
+
+
+def _run_op(
+    args: argparse.Namespace, make: Callable[[Renderer], Awaitable[RunResult]]
+) -> RunResult:
+    """Run a save or restore command: its events where :func:`_event_stream` says."""
+    return run_rendered(args, make, _event_stream(args))
 
 
 def do_restore(args: argparse.Namespace) -> int:
@@ -285,24 +292,24 @@ def do_restore(args: argparse.Namespace) -> int:
     legacy_guest = args.guest if args.legacy else None
     if args.legacy and (args.width is None or args.guest is None):
         raise UsageError("--legacy needs --width 32|64 and --guest pv|hvm")
-    with renderer(args, _event_stream(args)) as rend:
-        res = run_async(
-            lambda: api.restore(
-                src,
-                store_evtchn=args.store_evtchn,
-                store_domid=args.store_domid,
-                console_evtchn=args.console_evtchn,
-                console_domid=args.console_domid,
-                max_pages=args.max_pages,
-                max_memory=args.max_memory or 0,
-                idle_timeout=args.idle_timeout or None,  # 0: never
-                legacy_width=legacy_width,
-                legacy_guest=legacy_guest,
-                dm_out=args.dm_out,
-                force=args.force,
-                **_run_options(args, rend),
-            )
-        )
+    res = _run_op(
+        args,
+        lambda rend: api.restore(
+            src,
+            store_evtchn=args.store_evtchn,
+            store_domid=args.store_domid,
+            console_evtchn=args.console_evtchn,
+            console_domid=args.console_domid,
+            max_pages=args.max_pages,
+            max_memory=args.max_memory or 0,
+            idle_timeout=args.idle_timeout or None,  # 0: never
+            legacy_width=legacy_width,
+            legacy_guest=legacy_guest,
+            dm_out=args.dm_out,
+            force=args.force,
+            **_run_options(args, rend),
+        ),
+    )
     where = "<stdin>" if args.input == "-" else args.input
     dom = args.sim if args.sim is not None else f"domain {args.domid}"
     if args.json:

@@ -42,6 +42,7 @@ from .cli_run import (
     add_run_flags,
     renderer,
     run_async,
+    run_rendered,
 )
 from .defaults import HANDSHAKE_TIMEOUT
 from .errors import UsageError
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
         ReceiveResult,
         SendOptions,
     )
+    from .progress import Renderer
 
 # asyncio, the API and the extension load when a command runs, not at parse time.
 
@@ -353,7 +355,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             raise UsageError("--remote-sim is for ssh:// targets: the receiver names its domain")
         target = functools.partial(migrate.migrate, **_tls_choice(args))
 
-    def run() -> Awaitable[MigrationResult]:
+    def run(rend: Renderer) -> Awaitable[MigrationResult]:
         return target(
             sim=args.sim,
             to=args.to,
@@ -363,8 +365,7 @@ def do_migrate(args: argparse.Namespace) -> int:
             **send_options(args, rend),
         )
 
-    with renderer(args) as rend:
-        res = run_async(run)
+    res = run_rendered(args, run)
     _emit(args, migration_json(res), migration_text(res))
     return 0
 
@@ -423,18 +424,18 @@ def do_receive(args: argparse.Namespace) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    with renderer(args) as rend:
-        res = run_async(
-            lambda: migrate.receive(
-                listen=args.listen,
-                sim=args.sim,
-                fmt=args.format,
-                accept_timeout=args.accept_timeout,
-                on_listening=listening,
-                **tls,
-                **receive_options(args, rend),
-            )
-        )
+    res = run_rendered(
+        args,
+        lambda rend: migrate.receive(
+            listen=args.listen,
+            sim=args.sim,
+            fmt=args.format,
+            accept_timeout=args.accept_timeout,
+            on_listening=listening,
+            **tls,
+            **receive_options(args, rend),
+        ),
+    )
     _emit(args, receive_json(res), receive_text(res))
     return 0
 
@@ -466,12 +467,13 @@ def _receive_stdio(args: argparse.Namespace) -> int:
         os.dup2(2, 1)
         sys.stdout = sys.stderr
         args.json = args.json or args.progress == "json"
-        with renderer(args, sys.stderr) as rend:
-            res = run_async(
-                lambda: migrate.receive_stdio(
-                    sim=args.sim, fmt=fmt, rfd=rfd, wfd=wfd, **receive_options(args, rend)
-                )
-            )
+        res = run_rendered(
+            args,
+            lambda rend: migrate.receive_stdio(
+                sim=args.sim, fmt=fmt, rfd=rfd, wfd=wfd, **receive_options(args, rend)
+            ),
+            sys.stderr,
+        )
     finally:
         os.close(rfd)
         os.close(wfd)

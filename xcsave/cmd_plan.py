@@ -23,7 +23,7 @@ from typing import Any
 
 from ._argparse import integer, seconds
 from .cli import _say, parse_policy_spec
-from .cli_run import add_run_flags, renderer, run_async
+from .cli_run import add_run_flags, run_rendered
 from .defaults import DOM_HELP, MAX_DOMID, PAGE_SIZE
 from .predict import DEFAULT_MAX_DOWNTIME_S, Plan
 from .sample import DEFAULT_SECONDS, MAX_SECONDS, MIN_SECONDS
@@ -53,14 +53,17 @@ def _sample_seconds(text: str) -> float:
     return v
 
 
+#: ``xcsave plan --help``'s description.
+DESCRIPTION = (
+    "Sample the dirty log for a few seconds (log-dirty is off again afterwards), then "
+    "predict the live migration's rounds, total time and downtime over --link under "
+    "--policy, with a go / no-go verdict."
+)
+
+
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser(
-        "plan",
-        help="measure a domain's dirty rate and predict its live migration",
-        description="Sample the dirty log for a few seconds (log-dirty is off again "
-        "afterwards), then predict the live migration's rounds, total time and downtime "
-        "over --link under --policy, with a go / no-go verdict.",
-    )
+    help_ = "measure a domain's dirty rate and predict its live migration"
+    p = sub.add_parser("plan", help=help_, description=DESCRIPTION)
     dom = p.add_mutually_exclusive_group(required=True)
     dom.add_argument("--sim", metavar="DOM", help=DOM_HELP)
     dom.add_argument("--domid", type=integer(0, MAX_DOMID), metavar="N", help="a Xen domain id")
@@ -102,20 +105,20 @@ def _plan(args: argparse.Namespace) -> int:
     from . import api
 
     spec = args.policy
-    with renderer(args) as rend:
-        res = run_async(
-            lambda: api.plan(
-                sim=args.sim,
-                domid=args.domid,
-                link=args.link,
-                make_policy=spec.make,
-                policy_name=spec.text,
-                seconds=args.sample_seconds,
-                max_downtime=args.max_downtime / 1000,
-                helper=args.helper,
-                on_event=rend,
-            )
-        )
+    res = run_rendered(
+        args,
+        lambda rend: api.plan(
+            sim=args.sim,
+            domid=args.domid,
+            on_event=rend,
+            link=args.link,
+            max_downtime=args.max_downtime / 1000,
+            make_policy=spec.make,
+            policy_name=spec.text,
+            seconds=args.sample_seconds,
+            helper=args.helper,
+        ),
+    )
     # On stdout, unless --progress json's events are there (cli._say's rule).
     if args.json:
         _say(args, json.dumps(res.as_dict(), sort_keys=True))
