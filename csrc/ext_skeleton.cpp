@@ -87,30 +87,31 @@ py::dict info_dict(const struct xcs_skel_info &in)
     d["ended"] = in.ended == 1 ? py::object(py::str("end"))
                  : in.ended == 2 ? py::object(py::str("eof"))
                                  : py::none();
-    if (in.xl) {
+    const struct xcs_stream_headers &h = in.hdrs;
+    if (h.xl) {
         py::dict x;
-        put(x, "mandatory_flags", in.xl_hdr.mflags, "optional_flags", in.xl_hdr.oflags,
-            "optional_len", in.xl_hdr.optlen, "config_len", in.xl_config_len);
+        put(x, "mandatory_flags", h.xl_hdr.mflags, "optional_flags", h.xl_hdr.oflags,
+            "optional_len", h.xl_hdr.optlen, "config_len", h.xl_config_len);
         d["xl"] = x;
     } else {
         d["xl"] = py::none();
     }
-    if (in.libxl) {
+    if (h.libxl) {
         py::dict x;
-        put(x, "version", in.libxl_hdr.version, "options", in.libxl_hdr.options);
+        put(x, "version", h.libxl_hdr.version, "options", h.libxl_hdr.options);
         d["libxl"] = x;
     } else {
         d["libxl"] = py::none();
     }
-    if (in.libxc) {
+    if (h.libxc) {
         py::dict x;
-        put(x, "version", in.ihdr.version, "options", in.ihdr.options, "offset",
+        put(x, "version", h.ihdr.version, "options", h.ihdr.options, "offset",
             in.libxc_offset, "guest",
-            in.dhdr.type == XCS_DHDR_TYPE_X86_PV    ? "pv"
-            : in.dhdr.type == XCS_DHDR_TYPE_X86_HVM ? "hvm"
-                                                     : "?",
-            "domain_type", in.dhdr.type, "page_shift", in.dhdr.page_shift, "xen_major",
-            in.dhdr.xen_major, "xen_minor", in.dhdr.xen_minor);
+            h.dhdr.type == XCS_DHDR_TYPE_X86_PV    ? "pv"
+            : h.dhdr.type == XCS_DHDR_TYPE_X86_HVM ? "hvm"
+                                                   : "?",
+            "domain_type", h.dhdr.type, "page_shift", h.dhdr.page_shift, "xen_major",
+            h.dhdr.xen_major, "xen_minor", h.dhdr.xen_minor);
         d["libxc"] = x;
     } else {
         d["libxc"] = py::none();

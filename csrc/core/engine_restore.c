@@ -781,7 +781,7 @@ static int on_image(struct xcs_walker *w)
                         "restores HVM-shaped streams (type 2)%s", w->dtype,
                         ctx->p->foreign ? " and PV ones (type 1)" : " only");
     xcs_logf(ctx->cb, XCS_LOG_DETAIL, -1, "libxc image v%u from Xen %u.%u",
-             w->ihdr.version, w->dhdr.xen_major, w->dhdr.xen_minor);
+             w->hdrs.ihdr.version, w->hdrs.dhdr.xen_major, w->hdrs.dhdr.xen_minor);
     return 0;
 }
 

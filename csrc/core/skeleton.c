@@ -296,30 +296,20 @@ static int on_image(struct xcs_walker *w)
     return 0;
 }
 
+/* What the walk found, into info (also for an invalid stream). */
+static void report(struct skel *s)
+{
+    s->info->hdrs = s->w.hdrs;
+    s->info->checkpoints = s->w.checkpoints;
+    s->info->ended = s->w.ended;
+    s->info->err = s->w.err;
+}
+
 static const struct xcs_walk_ops skel_ops = {
     .on_image = on_image,
     .on_header = on_header,
     .on_page_batch = on_page_batch,
 };
-
-/* What the walk found, into info (also for an invalid stream). */
-static void report(struct skel *s)
-{
-    struct xcs_skel_info *in = s->info;
-    const struct xcs_walker *w = &s->w;
-
-    in->xl = w->xl;
-    in->xl_hdr = w->xl_hdr;
-    in->xl_config_len = w->xl_config_len;
-    in->libxl = w->libxl;
-    in->libxl_hdr = w->libxl_hdr;
-    in->libxc = w->libxc;
-    in->ihdr = w->ihdr;
-    in->dhdr = w->dhdr;
-    in->checkpoints = w->checkpoints;
-    in->ended = w->ended;
-    in->err = w->err;
-}
 
 /*
  * The walk over s->src (opened, mapped) from format fmt, and everything

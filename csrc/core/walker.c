@@ -358,7 +358,7 @@ static int check_mandatory(struct xcs_walker *w)
         if (!w->have_params)
             return bad(w, "HVM stream lacks the mandatory HVM_PARAMS record");
         if (!w->have_tsc) {
-            if (w->dhdr.xen_major != 0)
+            if (w->hdrs.dhdr.xen_major != 0)
                 return bad(w, "HVM stream lacks the mandatory X86_TSC_INFO record");
             warn(w, "no X86_TSC_INFO (tolerated: converted from a legacy stream)");
         }
@@ -401,25 +401,25 @@ static int libxc_order(struct xcs_walker *w, uint32_t t)
         return bad(w, "X86_PV_INFO must be the first record of a PV stream, "
                       "found %s", name);
     if (t == XCS_REC_STATIC_DATA_END) {
-        if (w->ihdr.version < 3)
+        if (w->hdrs.ihdr.version < 3)
             return bad(w, "STATIC_DATA_END in a v2 stream");
         if (w->sde)
             return bad(w, "second STATIC_DATA_END");
         return 0;
     }
     if (is_static(t)) {
-        if (w->ihdr.version >= 3 && w->sde)
+        if (w->hdrs.ihdr.version >= 3 && w->sde)
             return bad(w, "%s after STATIC_DATA_END", name);
-        if (w->ihdr.version < 3 && t != XCS_REC_X86_PV_INFO)
+        if (w->hdrs.ihdr.version < 3 && t != XCS_REC_X86_PV_INFO)
             return bad(w, "%s in a v2 stream", name);
         return 0;
     }
     if (t == XCS_REC_TOOLSTACK || t == XCS_REC_CHECKPOINT_DIRTY_PFN_LIST)
         return 0; /* rejected by their own checks */
     /* Everything else is memory, register or control content. */
-    if (w->ihdr.version >= 3 && !w->sde)
+    if (w->hdrs.ihdr.version >= 3 && !w->sde)
         return bad(w, "%s before STATIC_DATA_END", name);
-    if (w->ihdr.version < 3 && !w->sde) {
+    if (w->hdrs.ihdr.version < 3 && !w->sde) {
         /* v2: implied by the first memory record (facts 3.1) */
         w->sde = 1;
         if (w->ops->on_record) {
@@ -445,7 +445,7 @@ static int libxc_check(struct xcs_walker *w, uint32_t t, const uint8_t *p,
     case XCS_REC_END:
         if (len)
             return bad(w, "END with length %u", len);
-        if (w->ihdr.version >= 3 && !w->sde)
+        if (w->hdrs.ihdr.version >= 3 && !w->sde)
             return bad(w, "no STATIC_DATA_END in a v3 stream");
         *how = LX_END;
         return check_mandatory(w);
@@ -583,15 +583,15 @@ static int libxc_headers(struct xcs_walker *w)
 {
     int rc;
 
-    w->libxc = 1;
+    w->hdrs.libxc = 1;
     w->libxc_offset = w->in->off;
-    READ_HEADER(rc, w, "libxc", "image header", XCS_IHDR_SIZE, xcs_ihdr_parse, &w->ihdr);
+    READ_HEADER(rc, w, "libxc", "image header", XCS_IHDR_SIZE, xcs_ihdr_parse, &w->hdrs.ihdr);
     if (!rc)
         READ_HEADER(rc, w, "libxc", "domain header", XCS_DHDR_SIZE, xcs_dhdr_parse,
-                    &w->dhdr);
+                    &w->hdrs.dhdr);
     if (rc)
         return rc;
-    w->dtype = w->dhdr.type;
+    w->dtype = w->hdrs.dhdr.type;
     return w->ops->on_image ? w->ops->on_image(w) : 0;
 }
 
@@ -705,7 +705,7 @@ static int check_trailing(struct xcs_walker *w, int libxc_outer)
 
     if (!(w->opts->flags & XCS_WALK_TRAILING))
         return 0;
-    at(w, w->libxc && libxc_outer ? "libxc" : "libxl", "trailing data");
+    at(w, w->hdrs.libxc && libxc_outer ? "libxc" : "libxl", "trailing data");
     if (libxc_outer && !xcs_walk_pv(w)) {
         /*
          * Xen's convert-legacy-stream appends the legacy qemu record
@@ -797,9 +797,9 @@ static int libxl_stream(struct xcs_walker *w)
     const uint8_t *p;
     int libxc_seen = 0, libxc_done = 0, in_cp = 0, how, rc;
 
-    w->libxl = 1;
+    w->hdrs.libxl = 1;
     READ_HEADER(rc, w, "libxl", "libxl header", XCS_LIBXL_HDR_SIZE, xcs_libxl_hdr_parse,
-                &w->libxl_hdr);
+                &w->hdrs.libxl_hdr);
     if (rc)
         return rc;
     for (;;) {
@@ -941,13 +941,13 @@ static int libxc_stream(struct xcs_walker *w)
 static int xl_header(struct xcs_walker *w)
 {
     char why[XCS_WHY_LEN];
-    const struct xcs_xl_hdr *h = &w->xl_hdr;
+    const struct xcs_xl_hdr *h = &w->hdrs.xl_hdr;
     const uint8_t *p;
     uint32_t max = w->opts->xl_optdata_max;
     int rc;
 
-    w->xl = 1;
-    READ_HEADER(rc, w, "xl", "xl header", XCS_XL_HDR_SIZE, xcs_xl_hdr_parse, &w->xl_hdr);
+    w->hdrs.xl = 1;
+    READ_HEADER(rc, w, "xl", "xl header", XCS_XL_HDR_SIZE, xcs_xl_hdr_parse, &w->hdrs.xl_hdr);
     if (rc)
         return rc;
     if (max && h->optlen > max)
@@ -957,8 +957,8 @@ static int xl_header(struct xcs_walker *w)
         rc = need(w, 4, &p, "xl config length");
         if (rc)
             return rc;
-        w->xl_config_len = xcs_get_le32(p);
-        if (xcs_xl_config_check(h, w->xl_config_len, why, sizeof(why)))
+        w->hdrs.xl_config_len = xcs_get_le32(p);
+        if (xcs_xl_config_check(h, w->hdrs.xl_config_len, why, sizeof(why)))
             return bad(w, "%s", why);
         rc = xcs_walk_skip(w, h->optlen - 4, "xl optional data");
     } else {

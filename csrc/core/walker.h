@@ -101,6 +101,18 @@ struct xcs_walk_opts {
     uint32_t xl_optdata_max;   /* xl optional data; 0 = no limit */
 };
 
+/* The layers' headers a walk met, each as parsed (also when invalid). */
+struct xcs_stream_headers {
+    int xl;                    /* an xl header was read */
+    struct xcs_xl_hdr xl_hdr;
+    uint32_t xl_config_len;
+    int libxl;                 /* a libxl header was read */
+    struct xcs_libxl_hdr libxl_hdr;
+    int libxc;                 /* the libxc image began */
+    struct xcs_ihdr ihdr;
+    struct xcs_dhdr dhdr;
+};
+
 struct xcs_walker {
     /* set by the caller before xcs_walk */
     struct xcs_source *in;
@@ -116,21 +128,11 @@ struct xcs_walker {
     int at_has_type;
     uint64_t rec_off;          /* start of the current record */
 
-    /* xl header */
-    int xl;
-    struct xcs_xl_hdr xl_hdr;  /* as parsed (also when invalid) */
-    uint32_t xl_config_len;
+    struct xcs_stream_headers hdrs; /* its clients copy it whole */
     int xl_legacy;             /* the xl header announces a legacy stream */
 
-    /* libxl header */
-    int libxl;
-    struct xcs_libxl_hdr libxl_hdr; /* as parsed (also when invalid) */
-
     /* libxc image */
-    int libxc;
     uint64_t libxc_offset;
-    struct xcs_ihdr ihdr;      /* as parsed (also when invalid) */
-    struct xcs_dhdr dhdr;      /* as parsed (also when invalid) */
     uint32_t dtype;            /* a valid domain header's type: 1 PV, 2 HVM */
     int sde;                   /* STATIC_DATA_END seen (or implied, v2) */
     int pv_info, p2m;

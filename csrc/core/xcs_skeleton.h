@@ -74,16 +74,8 @@ struct xcs_skel_info {
     size_t nrecords;
     size_t records_cap;
 
-    /* the headers, as the walker parsed them */
-    int xl;
-    struct xcs_xl_hdr xl_hdr;
-    uint32_t xl_config_len;
-    int libxl;
-    struct xcs_libxl_hdr libxl_hdr;
-    int libxc;
+    struct xcs_stream_headers hdrs; /* as the walker parsed them */
     uint64_t libxc_offset;     /* in the stream */
-    struct xcs_ihdr ihdr;
-    struct xcs_dhdr dhdr;
     uint32_t checkpoints;
     int ended;                 /* 1 END, 2 EOF after a checkpoint */
 
