@@ -112,6 +112,7 @@ struct copy_pool {
     uint64_t *pfns;         /* nr_pages entries: the round's pfns */
     int phase;              /* 1: find the pfns, 2: write the batches */
     const uint64_t *bitmap; /* the round's set (NULL: every pfn) */
+    uint64_t asks;          /* its pages, for the hole cursors (0: every pfn) */
     int skip_zero;
     uint64_t npages;        /* phase 2: pfns[0, npages) go out */
     uint64_t base;          /* file offset of the round's first byte */
@@ -302,7 +303,7 @@ static void drop_ptes(struct save_ctx *ctx)
  * send; 0 (vmsplice nothing) for a round smaller than that.
  */
 static uint64_t splice_limit(struct save_ctx *ctx, const uint64_t *bitmap,
-                             int skip_zero)
+                             uint64_t count, int skip_zero)
 {
     long cap = xcs_pipe_capacity(ctx->w.fd);
     struct xcs_sim_holes holes;
@@ -311,7 +312,7 @@ static uint64_t splice_limit(struct save_ctx *ctx, const uint64_t *bitmap,
     if (cap <= 0)
         return 0;
     want = (uint64_t)cap / XCS_PAGE_SIZE + 2;
-    xcs_sim_holes_init(&holes, &ctx->dom);
+    xcs_sim_holes_init(&holes, &ctx->dom, bitmap ? count : 0);
     for (uint64_t pfn = ctx->dom.nr_pages; pfn-- > 0;) {
         if (bitmap && !(bitmap[pfn / 64] & (1ULL << (pfn % 64))))
             continue;
@@ -410,7 +411,7 @@ static void copy_find(struct copy_worker *w)
     uint64_t *out = pool->pfns + w->lo;
 
     w->found = w->zeros = 0;
-    xcs_sim_holes_init(&w->holes, dom);
+    xcs_sim_holes_init(&w->holes, dom, pool->asks);
     for (uint64_t pfn = next_pfn(pool->bitmap, w->lo, w->hi); pfn < w->hi;
          pfn = next_pfn(pool->bitmap, pfn + 1, w->hi)) {
         if (pool->skip_zero && page_zero(dom, &w->holes, pfn)) {
@@ -427,7 +428,7 @@ static void copy_write(struct copy_worker *w)
     const struct xcs_sim_dom *dom = &pool->ctx->dom;
     struct xcs_sim_holes *holes = pool->skip_zero ? NULL : &w->holes;
 
-    xcs_sim_holes_init(&w->holes, dom);
+    xcs_sim_holes_init(&w->holes, dom, pool->asks);
     for (uint64_t b = w->lo; b < w->hi; b++) {
         uint64_t first = b * XCS_MAX_BATCH_SIZE;
         uint64_t left = pool->npages - first;
@@ -536,7 +537,7 @@ static void copy_run(struct save_ctx *ctx, int phase, uint64_t done0)
  * skipped as zero), as the sequential loop counts them for progress.
  */
 static int copy_round(struct save_ctx *ctx, int skip_zero,
-                      const uint64_t *bitmap, uint64_t *visited)
+                      const uint64_t *bitmap, uint64_t count, uint64_t *visited)
 {
     struct copy_pool *pool = &ctx->pool;
     uint64_t nr = ctx->dom.nr_pages, per, npages = 0, zeros = 0, nb, bytes;
@@ -548,6 +549,7 @@ static int copy_round(struct save_ctx *ctx, int skip_zero,
         return write_failed(ctx, "PAGE_DATA (lseek)");
     pool->base = (uint64_t)pos;
     pool->bitmap = bitmap;
+    pool->asks = bitmap ? count : 0;
     pool->skip_zero = skip_zero;
     pool->err = 0;
     __atomic_store_n(&pool->stop, 0, __ATOMIC_RELAXED);
@@ -668,13 +670,13 @@ static int send_pages(struct save_ctx *ctx, const uint64_t *bitmap,
     ctx->round_sent = 0;
     ctx->skip_zero = skip_zero;
     /* What was a hole last round may have been written since. */
-    xcs_sim_holes_init(&ctx->holes, &ctx->dom);
+    xcs_sim_holes_init(&ctx->holes, &ctx->dom, bitmap ? count : 0);
     ctx->splice_below = !ctx->splice_ok ? 0
-                        : ctx->frozen ? splice_limit(ctx, bitmap, skip_zero)
+                        : ctx->frozen ? splice_limit(ctx, bitmap, count, skip_zero)
                                       : nr;
     xcs_progress_start(&ctx->pr, ctx->cb, count, "%s", what);
     if (ctx->pool.n && count >= XCS_COPY_MIN_PAGES) {
-        if (copy_round(ctx, skip_zero, bitmap, &done) < 0)
+        if (copy_round(ctx, skip_zero, bitmap, count, &done) < 0)
             return -1;
     } else {
         for (uint64_t pfn = next_pfn(bitmap, 0, nr); pfn < nr;

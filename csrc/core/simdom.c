@@ -1117,11 +1117,13 @@ out:
 
 const uint8_t xcs_sim_zero_page[XCS_SIM_PAGE_SIZE];
 
-void xcs_sim_holes_init(struct xcs_sim_holes *h, const struct xcs_sim_dom *dom)
+void xcs_sim_holes_init(struct xcs_sim_holes *h, const struct xcs_sim_dom *dom,
+                        uint64_t asks)
 {
     h->dom = dom;
     h->lo = h->hi = 0;
     h->hole_lo = h->hole_hi = 0;
+    h->win = asks && asks < dom->nr_pages / 16 ? 1 : XCS_SIM_HOLES_WINDOW;
 }
 
 /* vec for the aligned window of pages that holds pfn. */
@@ -1129,10 +1131,8 @@ static void holes_window(struct xcs_sim_holes *h, uint64_t pfn)
 {
     const struct xcs_sim_dom *dom = h->dom;
 
-    h->lo = pfn - pfn % XCS_SIM_HOLES_WINDOW;
-    h->hi = h->lo + XCS_SIM_HOLES_WINDOW < dom->nr_pages
-                ? h->lo + XCS_SIM_HOLES_WINDOW
-                : dom->nr_pages;
+    h->lo = pfn - pfn % h->win;
+    h->hi = h->lo + h->win < dom->nr_pages ? h->lo + h->win : dom->nr_pages;
     /*
      * mm trick: mincore() on a shared file mapping reports whether each
      * page is in the file's page cache (ours or anyone's), without
@@ -1208,7 +1208,7 @@ void xcs_sim_digest(const struct xcs_sim_dom *dom,
 
     /* Data runs from the mapping, holes as the zeros they read as. */
     xxh64_init(&st, 0);
-    xcs_sim_holes_init(&holes, dom);
+    xcs_sim_holes_init(&holes, dom, 0);
     for (uint64_t pfn = 0, end; pfn < dom->nr_pages; pfn = end) {
         if (!xcs_sim_hole_run(&holes, pfn, &end)) {
             xxh64_update(&st, xcs_sim_page(dom, pfn),

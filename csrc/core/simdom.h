@@ -165,10 +165,19 @@ struct xcs_sim_holes {
     const struct xcs_sim_dom *dom;
     uint64_t lo, hi;           /* vec holds pages [lo, hi) */
     uint64_t hole_lo, hole_hi; /* a known run of holes */
+    uint32_t win;              /* pages per mincore() call */
     unsigned char vec[XCS_SIM_HOLES_WINDOW];
 };
 
-void xcs_sim_holes_init(struct xcs_sim_holes *h, const struct xcs_sim_dom *dom);
+/*
+ * A cursor for a walk that will ask about `asks` pages spread over the
+ * domain (0: about all of them).  A mincore() costs about 0.1 us per page
+ * of its window, so a sparse walk (under 1 page in 16: a late live round)
+ * asks one page at a time; with 4096-page windows a few hundred scattered
+ * pages of a 1 GiB domain cost ~30 ms, a whole round's time.
+ */
+void xcs_sim_holes_init(struct xcs_sim_holes *h, const struct xcs_sim_dom *dom,
+                        uint64_t asks);
 
 /*
  * Whether page pfn is a hole (reads as zeros; must not be touched), and in
