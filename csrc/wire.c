@@ -759,9 +759,18 @@ static int sender_step(struct pump *p)
     moved |= r;
     /*
      * A frame is cut when full, at EOF, or when the input has run dry and
-     * the link idles (waiting for more would only delay the receiver).
+     * the link idles (waiting for more would only delay the receiver) --
+     * and only when no frame is still waiting for a channel.  The window
+     * bounds what the receiver may lack (for a resume), not how far we run
+     * ahead of the link: frames cut as fast as the helper writes (and zstd
+     * compresses) queued up to the whole window, 64 MiB, so a live save's
+     * rounds looked short while the link fell behind, and its final round
+     * waited in the downtime behind that queue (~280 ms at 1 Gbit/s).  With
+     * one frame queued, a full stage stops our reads and the helper feels
+     * the link through its pipe, as it does without a pump.
      */
-    if (p->stage_len && (p->stage_len == p->fmax || p->in_eof || (p->in_dry && !link_busy(p)))) {
+    if (p->stage_len && next_queued(p) < 0 &&
+        (p->stage_len == p->fmax || p->in_eof || (p->in_dry && !link_busy(p)))) {
         if (make_frame(p) < 0)
             return -1;
         moved = 1;

@@ -412,6 +412,26 @@ async def test_rate_cap_is_held() -> None:
     assert t.sender.stats().rate_limit == rate
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+async def test_the_sender_runs_no_further_ahead_of_the_link_than_a_frame(channels: int) -> None:
+    """The window bounds what the receiver may lack, not how much the sender
+    reads ahead of its channels: frames cut as fast as the input came queued
+    up to the whole window, and a live save's final round then waited behind
+    them in the downtime.  At every stats sample of a capped transfer, what
+    the pump has read and not yet written to a channel is at most the stage,
+    one queued frame and the one each channel is writing."""
+    data = fill("random", 6 * 1024 * 1024)
+    t = await transfer(
+        data, channels, ["--max-bandwidth", "2000000"], window=64 * FRAME
+    )  # fmt: skip
+    _ok(t)
+    assert bytes(t.out) == data
+    sstats = [e for e in t.sender.events if isinstance(e, WireStatsEvent)]
+    assert len(sstats) >= 4, sstats
+    ahead = max(s.stream_bytes - (s.wire_bytes - 32 * s.frames) for s in sstats)
+    assert ahead <= (2 + channels) * (FRAME + 32), (ahead, FRAME)
+
+
 async def test_rate_cap_changed_mid_flight() -> None:
     """wire_rate on the sender's stdin: the new cap holds at once."""
     first, second = 2_000_000, 6_000_000
