@@ -127,6 +127,39 @@ static xc_interface *open_xc(void)
     return xch;
 }
 
+/*
+ * The guest types xcsave's own supervisor (the xcsave-1 dialect) saves and
+ * restores: PV and PVH.  An HVM guest has a device model (QEMU) whose state
+ * is part of its image and which only a toolstack that drives QEMU (QMP)
+ * saves; libxl does, running this helper in the xen-4.17 dialect, so there
+ * every guest type goes.  Refused before the domain is touched: 0, or -1
+ * with errno (EOPNOTSUPP for an HVM guest, ESRCH for no such domain).
+ */
+static int check_guest(xc_interface *xch, const struct xcs_op *op)
+{
+    xc_domaininfo_t info;
+
+    if (op->dialect != XCS_DIALECT_XCSAVE_1)
+        return 0;
+    if (xc_domain_getinfolist(xch, op->domid, 1, &info) != 1 || info.domain != op->domid) {
+        errno = ESRCH;
+        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT, "domid %u: no such domain",
+                op->domid);
+        return -1;
+    }
+    if ((info.flags & XEN_DOMINF_hvm_guest) &&
+        (info.arch_config.emulation_flags & ~XEN_X86_EMU_LAPIC)) {
+        errno = EOPNOTSUPP;
+        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT,
+                "domid %u is an HVM guest (emulated devices 0x%x): xcsave %ss PV and PVH "
+                "guests; an HVM guest's device model state is libxl's to save (xl %s)",
+                op->domid, info.arch_config.emulation_flags,
+                op->restore ? "restore" : "save", op->restore ? "restore" : "save");
+        return -1;
+    }
+    return 0;
+}
+
 static int xen_save(const struct xcs_op *op)
 {
     static struct save_callbacks cb; /* zeroed: unflagged callbacks stay NULL */
@@ -137,11 +170,16 @@ static int xen_save(const struct xcs_op *op)
     xch = open_xc();
     XCS_SAVE_CALLBACKS(INSTALL_FLAGGED)
 
+    if (check_guest(xch, op) < 0) {
+        saved = errno;
+        goto done;
+    }
     xcs_arm_sigterm_abort(op->io_fd);
     rc = xc_domain_save(xch, op->io_fd, op->domid, op->xcflags, &cb,
                         (xc_stream_type_t)op->stream_type, op->aux_fd);
     saved = errno;
     send_stats(op, started);
+done:
     xc_interface_close(xch);
     errno = saved;
     return rc;
@@ -158,6 +196,10 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     xch = open_xc();
     XCS_RESTORE_CALLBACKS(INSTALL_FLAGGED)
 
+    if (check_guest(xch, op) < 0) {
+        saved = errno;
+        goto done;
+    }
     /* Restore keeps SIGTERM's default action, as Xen's helper does. */
     rc = xc_domain_restore(xch, op->io_fd, op->domid, op->store_evtchn,
                            &store_mfn, op->store_domid, op->console_evtchn,
@@ -167,6 +209,7 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     out->console_gfn = console_mfn;
     saved = errno;
     send_stats(op, started);
+done:
     xc_interface_close(xch);
     errno = saved;
     return rc;

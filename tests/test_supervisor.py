@@ -5,6 +5,7 @@ xcsave-helper (xen backend, both dialects), over the fakexen hypervisor stand-in
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -260,6 +261,55 @@ async def test_async_callbacks_are_awaited(
 
 
 # ---------------------------------------------------------------- precopy policy
+
+
+@pytest.mark.parametrize("guest", ["pv", "pvh", "hvm"])
+async def test_guest_types_xcsave_saves_and_refuses(
+    helper: HelperCfg, fake: FakeXen, tmp_path: Path, guest: str
+) -> None:
+    """xcsave's own supervisor (xcsave-1) saves and restores PV and PVH guests
+    and refuses an HVM guest (a device model whose state only a toolstack
+    that drives QEMU saves) in one line, before touching it; under libxl's
+    dialect every type goes, since libxl saves the device model itself."""
+    fake.set(guest=guest)
+    img, calls = tmp_path / "dom.img", []
+    refused = guest == "hvm" and helper.dialect == "xcsave-1"
+    save = xcsave.save(
+        img,
+        domid=7,
+        live=True,
+        dialect=helper.dialect,
+        helper=helper.path,  # type: ignore[arg-type]
+        callbacks=_save_cbs(calls),
+    )
+    if refused:
+        with pytest.raises(xcsave.HelperFailed) as e:
+            await save
+        assert e.value.errno == errno.EOPNOTSUPP
+        assert "domid 7 is an HVM guest" in str(e.value) and "\n" not in str(e.value)
+        assert calls == [] and not img.exists()  # never suspended, no image
+        fake.set(guest="pvh")
+        await xcsave.save(
+            img, domid=7, dialect=helper.dialect, helper=helper.path, callbacks=_save_cbs()
+        )  # an image to restore into the HVM target
+        fake.set(guest="hvm")
+    else:
+        assert (await save).retval == 0
+        assert calls[1:2] == ["suspend"]
+    restore = xcsave.restore(
+        img,
+        domid=8,
+        dialect=helper.dialect,
+        helper=helper.path,  # type: ignore[arg-type]
+        callbacks=_restore_cbs(),
+    )
+    if refused:
+        with pytest.raises(xcsave.HelperFailed) as e:
+            await restore
+        assert e.value.errno == errno.EOPNOTSUPP
+        assert "domid 8 is an HVM guest" in str(e.value)
+    else:
+        assert (await restore).retval == 0
 
 
 @pytest.fixture

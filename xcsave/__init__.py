@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         TlsError,
         XcsaveError,
     )
+    from .formats import SUPERVISOR_GUESTS
     from .policy import Decision, PrecopyStats
     from .supervisor import Callbacks, RestoreStats, RunResult, Stats, Supervisor, helper_path
 
@@ -48,6 +49,7 @@ _LAZY = {
     "Stats": "supervisor",
     "Supervisor": "supervisor",
     "helper_path": "supervisor",
+    "SUPERVISOR_GUESTS": "formats",
     **dict.fromkeys(
         (
             "BackendUnavailable",
@@ -81,6 +83,7 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
+    "SUPERVISOR_GUESTS",
     "BackendUnavailable",
     "CallbackError",
     "Callbacks",

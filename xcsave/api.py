@@ -486,6 +486,9 @@ async def save(
     long fails the save with ETIMEDOUT (see :func:`restore`).  Raises
     :class:`~xcsave.HelperFailed` (with ``.errno``) when the save fails,
     :class:`~xcsave.HelperDied` when the helper does not finish the protocol.
+    A Xen domain in the xcsave-1 dialect must be one of
+    :data:`~xcsave.formats.SUPERVISOR_GUESTS` (PV, PVH): an HVM guest fails
+    with EOPNOTSUPP before it is touched.
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
@@ -655,6 +658,10 @@ async def restore(
     ``idle_timeout`` (seconds): once the stream has started, a pipe or
     socket ``src`` that stays silent that long fails the restore with
     ETIMEDOUT (a regular file never waits).
+
+    A Xen target domain (``domid``) in the xcsave-1 dialect must be one of
+    :data:`~xcsave.formats.SUPERVISOR_GUESTS` (PV, PVH): an HVM one fails
+    with EOPNOTSUPP before anything is read.
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")

@@ -29,5 +29,19 @@ CONVERTED: Final = ("libxc", "libxl")
 STREAM_TYPES: Final = ("plain", "remus", "colo")
 #: The stream types a legacy (pre-4.6) stream can have: COLO came later.
 LEGACY_STREAM_TYPES: Final = ("plain", "remus")
+#: The Xen guest types xcsave's own supervisor (the xcsave-1 dialect) saves
+#: and restores.  An HVM guest is refused in one line (EOPNOTSUPP) before
+#: it is touched: its device model's state (QEMU's, through QMP) belongs in
+#: its image and only a toolstack that drives QEMU saves it.  Under libxl
+#: (the xen-4.17 dialect: xcsave-helper as libxl's save helper) every type
+#: goes, libxl saving the device model itself (csrc/backend_xen.c).
+SUPERVISOR_GUESTS: Final = ("pv", "pvh")
 
-__all__ = ["ALL", "CONVERTED", "LEGACY_STREAM_TYPES", "STREAM", "STREAM_TYPES"]
+__all__ = [
+    "ALL",
+    "CONVERTED",
+    "LEGACY_STREAM_TYPES",
+    "STREAM",
+    "STREAM_TYPES",
+    "SUPERVISOR_GUESTS",
+]

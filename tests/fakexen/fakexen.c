@@ -1941,7 +1941,9 @@ out:
 /*
  * xc_domain_getinfo, xc_cpupool_getinfo/_infofree and
  * xc_sched_credit2_domain_get/_set, for the helper's sched-cap mode
- * (csrc/sched_cap.c).  Knobs, read at each call (README.md):
+ * (csrc/sched_cap.c); xc_domain_getinfolist for the guest-type check of a
+ * save or restore.  Knobs, read at each call (README.md):
+ *   FAKEXEN_GUEST     pvh (default), hvm or pv
  *   FAKEXEN_SCHED     the cpupool's scheduler: credit2 (default), credit,
  *                     or an XEN_SCHEDULER_* number
  *   FAKEXEN_VCPUS     the domain's vCPUs (default 2)
@@ -1974,25 +1976,76 @@ static int fx_sched_id(xc_interface *xch, uint32_t *out)
     return 0;
 }
 
-int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid,
-                      unsigned int max_doms, xc_dominfo_t *info)
+/*
+ * The domain as FAKEXEN_VCPUS and FAKEXEN_GUEST describe it: its vCPUs,
+ * whether it is an HVM container (PVH and HVM) and its emulation flags
+ * (PVH: the local APIC only; HVM: every emulated device, a device model).
+ */
+static int fx_domain(xc_interface *xch, unsigned long *vcpus, int *hvm, uint32_t *emu)
 {
     const char *v = getenv("FAKEXEN_VCPUS");
-    unsigned long vcpus = FX_DEFAULT_VCPUS;
+    const char *g = getenv("FAKEXEN_GUEST");
 
-    if (v && *v && (!fx_parse_ulong(v, 128, &vcpus) || vcpus == 0)) {
+    *vcpus = FX_DEFAULT_VCPUS;
+    if (v && *v && (!fx_parse_ulong(v, 128, vcpus) || *vcpus == 0)) {
         fx_error(xch, "fakexen: bad FAKEXEN_VCPUS '%s' (1..128)", v);
         errno = EINVAL;
         return -1;
     }
+    if (!g || !*g || !strcmp(g, "pvh")) {
+        *hvm = 1;
+        *emu = XEN_X86_EMU_LAPIC;
+    } else if (!strcmp(g, "hvm")) {
+        *hvm = 1;
+        *emu = XEN_X86_EMU_ALL;
+    } else if (!strcmp(g, "pv")) {
+        *hvm = 0;
+        *emu = 0;
+    } else {
+        fx_error(xch, "fakexen: bad FAKEXEN_GUEST '%s' (pv, pvh or hvm)", g);
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
+}
+
+int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid,
+                      unsigned int max_doms, xc_dominfo_t *info)
+{
+    unsigned long vcpus;
+    uint32_t emu;
+    int hvm;
+
+    if (fx_domain(xch, &vcpus, &hvm, &emu) < 0)
+        return -1;
     if (max_doms == 0)
         return 0;
     memset(info, 0, sizeof(*info));
     info->domid = first_domid;
-    info->hvm = 1;
+    info->hvm = (unsigned int)hvm;
     info->nr_online_vcpus = (unsigned int)vcpus;
     info->max_vcpu_id = (unsigned int)vcpus - 1;
     info->cpupool = 0;
+    return 1;
+}
+
+int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain,
+                          unsigned int max_domains, xc_domaininfo_t *info)
+{
+    unsigned long vcpus;
+    uint32_t emu;
+    int hvm;
+
+    if (fx_domain(xch, &vcpus, &hvm, &emu) < 0)
+        return -1;
+    if (max_domains == 0)
+        return 0;
+    memset(info, 0, sizeof(*info));
+    info->domain = (domid_t)first_domain;
+    info->flags = hvm ? XEN_DOMINF_hvm_guest : 0;
+    info->nr_online_vcpus = (uint32_t)vcpus;
+    info->max_vcpu_id = (uint32_t)vcpus - 1;
+    info->arch_config.emulation_flags = emu;
     return 1;
 }
 

@@ -685,6 +685,34 @@ def supervisor_save(dialect: str, restore_helper: str | None, probe: int = 0) ->
     return fn
 
 
+def supervisor_refused() -> dict[str, Any]:
+    """xcsave's own supervisor (xcsave-1) refuses the HVM domU in one line,
+    before touching it (xcsave.formats.SUPERVISOR_GUESTS): no image, and the
+    guest runs on in the same boot, still counting."""
+    ensure_domain()
+    d = domain()
+    assert d is not None
+    domid = d[0]
+    boot, n = snapshot()
+    out = WORK / "sup-refused.img"
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    argv = [sys.executable, "-m", "xcsave", "save", "--domid", str(domid), str(out), "--live"]
+    r = run([*argv, "--suspend-cmd", f"{LAB / 'suspend-domain'} {domid}"], timeout=120)
+    lines = r.err.strip().splitlines()
+    if r.rc != 1 or len(lines) != 1 or "is an HVM guest" not in lines[0]:
+        raise StepFailed(f"expected one line refusing the HVM guest: {r.brief()}")
+    if out.exists():
+        raise StepFailed(f"the refused save left {out}")
+    after = domain()
+    if after is None or after[0] != domid or "s" in after[1]:
+        raise StepFailed(f"after the refusal the domain should run on, is {after}")
+    boot_after, n_after = snapshot()
+    if boot_after != boot or n_after <= n:
+        raise StepFailed(f"the guest did not run on: ({boot}, {n}) -> ({boot_after}, {n_after})")
+    return {"line": lines[0], "boot": boot, "tick_before": n, "tick_after": n_after}
+
+
 def check_caps(report: dict[str, Any], probe: int) -> None:
     """Auto-converge's credit2 cap: on while the save ran, lifted after it."""
     caps = report.get("caps") or {}
@@ -836,6 +864,9 @@ def other_guest(kind: str, dropin: str, full: bool) -> None:
         if kind == "pvh":
             # No device model: the libxc stream in xl's frame is all xl writes.
             step(f"{kind}-supervisor-xcsave1-live-save", supervisor_save("xcsave-1", None))
+        if kind == "hvm":
+            # A device model: not a guest xcsave's supervisor saves (yet).
+            step(f"{kind}-supervisor-refused", supervisor_refused)
 
 
 def main() -> int:
