@@ -115,18 +115,6 @@ static void send_stats(const struct xcs_op *op, uint64_t started)
 
 /*----- save / restore -----*/
 
-/* Like Xen's helper: without an interface there is no operation to complete. */
-static xc_interface *open_xc(void)
-{
-    xc_interface *xch = xc_interface_open(&relay_logger, &relay_logger, 0);
-
-    if (!xch) {
-        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT, "xc_interface_open failed");
-        xcs_exit_fatal();
-    }
-    return xch;
-}
-
 /*
  * The guest types xcsave's own supervisor (the xcsave-1 dialect) saves and
  * restores: PV and PVH.  An HVM guest has a device model (QEMU) whose state
@@ -160,6 +148,29 @@ static int check_guest(xc_interface *xch, const struct xcs_op *op)
     return 0;
 }
 
+/*
+ * Like Xen's helper: without an interface there is no operation to
+ * complete (exit).  NULL, with errno and the interface closed, for a guest
+ * the dialect does not take (check_guest).
+ */
+static xc_interface *open_xc(const struct xcs_op *op)
+{
+    xc_interface *xch = xc_interface_open(&relay_logger, &relay_logger, 0);
+    int saved;
+
+    if (!xch) {
+        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT, "xc_interface_open failed");
+        xcs_exit_fatal();
+    }
+    if (check_guest(xch, op) < 0) {
+        saved = errno;
+        xc_interface_close(xch);
+        errno = saved;
+        return NULL;
+    }
+    return xch;
+}
+
 static int xen_save(const struct xcs_op *op)
 {
     static struct save_callbacks cb; /* zeroed: unflagged callbacks stay NULL */
@@ -167,19 +178,16 @@ static int xen_save(const struct xcs_op *op)
     uint64_t started = now_ns();
     int rc = -1, saved;
 
-    xch = open_xc();
+    xch = open_xc(op);
+    if (!xch)
+        return -1;
     XCS_SAVE_CALLBACKS(INSTALL_FLAGGED)
 
-    if (check_guest(xch, op) < 0) {
-        saved = errno;
-        goto done;
-    }
     xcs_arm_sigterm_abort(op->io_fd);
     rc = xc_domain_save(xch, op->io_fd, op->domid, op->xcflags, &cb,
                         (xc_stream_type_t)op->stream_type, op->aux_fd);
     saved = errno;
     send_stats(op, started);
-done:
     xc_interface_close(xch);
     errno = saved;
     return rc;
@@ -193,13 +201,11 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     uint64_t started = now_ns();
     int rc = -1, saved;
 
-    xch = open_xc();
+    xch = open_xc(op);
+    if (!xch)
+        return -1;
     XCS_RESTORE_CALLBACKS(INSTALL_FLAGGED)
 
-    if (check_guest(xch, op) < 0) {
-        saved = errno;
-        goto done;
-    }
     /* Restore keeps SIGTERM's default action, as Xen's helper does. */
     rc = xc_domain_restore(xch, op->io_fd, op->domid, op->store_evtchn,
                            &store_mfn, op->store_domid, op->console_evtchn,
@@ -209,7 +215,6 @@ static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     out->console_gfn = console_mfn;
     saved = errno;
     send_stats(op, started);
-done:
     xc_interface_close(xch);
     errno = saved;
     return rc;

@@ -2009,26 +2009,6 @@ static int fx_domain(xc_interface *xch, unsigned long *vcpus, int *hvm, uint32_t
     return 0;
 }
 
-int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid,
-                      unsigned int max_doms, xc_dominfo_t *info)
-{
-    unsigned long vcpus;
-    uint32_t emu;
-    int hvm;
-
-    if (fx_domain(xch, &vcpus, &hvm, &emu) < 0)
-        return -1;
-    if (max_doms == 0)
-        return 0;
-    memset(info, 0, sizeof(*info));
-    info->domid = first_domid;
-    info->hvm = (unsigned int)hvm;
-    info->nr_online_vcpus = (unsigned int)vcpus;
-    info->max_vcpu_id = (unsigned int)vcpus - 1;
-    info->cpupool = 0;
-    return 1;
-}
-
 int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain,
                           unsigned int max_domains, xc_domaininfo_t *info)
 {
@@ -2046,6 +2026,24 @@ int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain,
     info->nr_online_vcpus = (uint32_t)vcpus;
     info->max_vcpu_id = (uint32_t)vcpus - 1;
     info->arch_config.emulation_flags = emu;
+    return 1;
+}
+
+/* The same domain in libxc's older shape (what sched-cap asks). */
+int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid,
+                      unsigned int max_doms, xc_dominfo_t *info)
+{
+    xc_domaininfo_t d;
+    int n = xc_domain_getinfolist(xch, first_domid, max_doms ? 1 : 0, &d);
+
+    if (n <= 0)
+        return n;
+    memset(info, 0, sizeof(*info));
+    info->domid = d.domain;
+    info->hvm = !!(d.flags & XEN_DOMINF_hvm_guest);
+    info->nr_online_vcpus = d.nr_online_vcpus;
+    info->max_vcpu_id = d.max_vcpu_id;
+    info->cpupool = d.cpupool;
     return 1;
 }
 
