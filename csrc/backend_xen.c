@@ -174,11 +174,10 @@ static xc_interface *open_xc(const struct xcs_op *op)
 static int xen_save(const struct xcs_op *op)
 {
     static struct save_callbacks cb; /* zeroed: unflagged callbacks stay NULL */
-    xc_interface *xch = NULL;
+    xc_interface *xch = open_xc(op);
     uint64_t started = now_ns();
-    int rc = -1, saved;
+    int rc, saved;
 
-    xch = open_xc(op);
     if (!xch)
         return -1;
     XCS_SAVE_CALLBACKS(INSTALL_FLAGGED)
@@ -196,12 +195,11 @@ static int xen_save(const struct xcs_op *op)
 static int xen_restore(const struct xcs_op *op, struct xcs_restore_out *out)
 {
     static struct restore_callbacks cb;
-    xc_interface *xch = NULL;
+    xc_interface *xch = open_xc(op);
     unsigned long store_mfn = 0, console_mfn = 0;
     uint64_t started = now_ns();
-    int rc = -1, saved;
+    int rc, saved;
 
-    xch = open_xc(op);
     if (!xch)
         return -1;
     XCS_RESTORE_CALLBACKS(INSTALL_FLAGGED)
