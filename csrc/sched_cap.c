@@ -115,6 +115,7 @@ int xcs_sched_cap_main(int argc, char **argv)
     return 0;
 #else
     /* read only by the Xen call above */
+    (void)domid;
     (void)r;
     (void)set;
     (void)errnoval;
