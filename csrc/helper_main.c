@@ -1079,12 +1079,16 @@ int main(int argc, char **argv)
                xcs_wire_zstd_built() ? "libzstd" : "none");
         return 0;
     }
-    /* The one-shot modes own their whole run (argv, messages, exit status). */
-    if (argc >= 3 && !strcmp(argv[1], "--xcsave-1")) {
-        if (!strcmp(argv[2], "sched-cap"))
-            return xcs_sched_cap_main(argc, argv);
-        if (!strcmp(argv[2], "logdirty"))
-            return xcs_logdirty_main(argc, argv);
+    /*
+     * The one-shot modes own their whole run (argv, messages, exit status);
+     * the frame buffer their messages grew is freed here, as below.
+     */
+    if (argc >= 3 && !strcmp(argv[1], "--xcsave-1") &&
+        (!strcmp(argv[2], "sched-cap") || !strcmp(argv[2], "logdirty"))) {
+        r = !strcmp(argv[2], "sched-cap") ? xcs_sched_cap_main(argc, argv)
+                                           : xcs_logdirty_main(argc, argv);
+        free(msgbuf);
+        return r;
     }
     if (argc >= 2 && !strcmp(argv[1], "--save-domain")) {
         parse_xen_argv(argc, argv, &op);
