@@ -28,13 +28,25 @@
  * channel 0 with the stream's next message.
  *
  * Compression (sender, zstd): a frame goes raw when zstd does not bring it
- * under 90% of its size.  "adaptive" also skips zstd when the CPU rather
- * than the link is the bottleneck: an EWMA (1/8) of the time one frame's
- * compression takes is compared with an EWMA of the time per frame spent
- * waiting for the channels or the cap; while compressing costs more than
- * the wait it hides in, only 1 frame in 8 is compressed (to keep both
- * figures fresh).  Two frames in a row that did not pay make the next 7 go
- * raw without trying (random memory costs zstd time for nothing).
+ * under 90% of its size.  "adaptive" compresses when that moves the stream
+ * faster, judged per frame by what each kind of frame costs the pump
+ * (adapt()): a compressed frame its compression plus the time the link then
+ * kept us waiting, a raw frame that wait alone (EWMAs, weight 1/8, of each;
+ * under a cap the link's rate is known, so a frame costs at least its bytes
+ * over the cap, even while the cap's burst hides it).
+ * - Compressing costs 1/8 less or better (a slow or capped link): every frame is
+ *   compressed, but 1 in 32 goes raw to keep the raw figure fresh (not
+ *   under a cap: there it is known).  A link that still leaves more than half
+ *   the compression time waiting tries level 3 (zstd's default) over the level
+ *   asked for (--level): for the trial's 16 frames each frame is compressed at
+ *   both levels, and level 3 stays only if it made those same frames 1%
+ *   smaller (on some data it does not), else it is not tried again.
+ * - Otherwise (the CPU, or the receiver's, is the limit: a tie costs CPU for
+ *   nothing, which the save helper on the same machine could use): the
+ *   level asked for comes back first; then 1 frame in 8 is compressed.
+ * The level changes at most once in 16 frames (the EWMAs settle).  Two
+ * frames in a row that did not pay make the next 7 go raw without trying
+ * (random memory costs zstd time for nothing).
  *
  * Rate cap (sender): a token bucket on wire bytes, headers included; burst
  * max(64 KiB, rate/20).  wire_rate on stdin changes it at once.
@@ -95,6 +107,7 @@ struct sframe {
     uint8_t *buf; /* header + payload */
     size_t len;
     uint32_t raw_len;
+    int zstd;     /* sent compressed: its wait counts for ew_wait_z */
     int state;
     int ch;       /* the channel it went (or goes) out on */
 };
@@ -162,8 +175,14 @@ struct pump {
     /* zstd and the adaptive rule */
     void *cctx, *dctx;
     uint8_t *zbuf;
-    uint64_t ew_comp, ew_wait, blocked_at_frame;
-    int cpu_bound, not_worth, skip, have_wait;
+    uint64_t ew_comp, ew_raw, ew_wire, ew_wait_z, ew_wait_raw, blocked_at_frame;
+    int have_comp, have_raw, have_wait_z, have_wait_raw, not_worth, skip;
+    int pays;              /* -1 not known yet, 0 raw is faster, 1 compressing is */
+    int level;             /* zstd's level now: --level, or ADAPT_LEVEL (adapt()) */
+    int high_failed;       /* ADAPT_LEVEL did not pay: not tried again */
+    int trial;             /* ADAPT_LEVEL on trial: each frame at --level too */
+    uint64_t trial_high, trial_low; /* the trial's frames' sizes at either level */
+    uint64_t level_seq;    /* the frame of the last level change */
 };
 
 static volatile sig_atomic_t wire_stop;
@@ -546,6 +565,77 @@ static int flush_ctl(struct pump *p, unsigned i)
 
 /* ------------------------------------------------------------ sender */
 
+/* The level adapt() tries over --level, and the frames between two changes. */
+#define ADAPT_LEVEL 3
+#define ADAPT_SETTLE_FRAMES 16
+
+/* EWMA (weight 1/8); the first sample sets it. */
+static void ewma(uint64_t *avg, int *have, uint64_t sample)
+{
+    *avg = *have ? *avg - *avg / 8 + sample / 8 : sample;
+    *have = 1;
+}
+
+/* Nanoseconds the cap takes to send n bytes (0: no cap). */
+static uint64_t cap_ns(const struct pump *p, uint64_t n)
+{
+    return p->rate ? (uint64_t)((double)n * 1e9 / (double)p->rate) : 0;
+}
+
+/*
+ * The adaptive rule (see the top), after each figure changes: what a
+ * compressed and a raw frame each cost the pump, whether compressing pays,
+ * and the level.
+ */
+static void adapt(struct pump *p)
+{
+    uint64_t z, raw, slack;
+    const char *why;
+
+    if (p->op->wire_compress != 2 || !p->have_comp || (!p->have_wait_z && !p->rate) ||
+        (!p->have_wait_raw && !p->rate)) {
+        p->pays = -1;
+        return;
+    }
+    z = p->ew_comp + (p->have_wait_z ? p->ew_wait_z : 0);
+    if (z < cap_ns(p, p->ew_wire))
+        z = cap_ns(p, p->ew_wire);
+    raw = p->have_wait_raw ? p->ew_wait_raw : 0;
+    if (raw < cap_ns(p, p->ew_raw))
+        raw = cap_ns(p, p->ew_raw);
+    p->pays = z * 8 < raw * 7; /* by 1/8 at least: a tie costs CPU for nothing */
+    slack = z - p->ew_comp; /* what the link leaves us waiting per compressed frame */
+    if (p->next_seq < p->level_seq + ADAPT_SETTLE_FRAMES)
+        return;
+    if (p->trial) {
+        p->trial = 0;
+        if (p->trial_high * 100 > p->trial_low * 99) {
+            p->high_failed = 1;
+            p->level = p->op->wire_level;
+            why = "did not make frames 1% smaller";
+            goto changed;
+        }
+    }
+    if (p->pays && !p->high_failed && p->level < ADAPT_LEVEL && slack * 2 > p->ew_comp) {
+        p->trial = 1;
+        p->trial_high = p->trial_low = 0;
+        p->have_comp = 0; /* the new level's figures start afresh */
+        p->level = ADAPT_LEVEL;
+        why = "the link waits";
+    } else if ((!p->pays || slack * 8 < p->ew_comp) && p->level != p->op->wire_level) {
+        p->level = p->op->wire_level;
+        why = "the CPU is the limit";
+    } else {
+        return;
+    }
+changed:
+    xcs_log(XCS_LOG_DEBUG, 0, WIRE_CONTEXT,
+            "adaptive: zstd level %d from frame %llu: %s (compression %llu us, link wait "
+            "%llu us per frame)", p->level, (unsigned long long)p->next_seq, why,
+            (unsigned long long)(p->ew_comp / 1000), (unsigned long long)(slack / 1000));
+    p->level_seq = p->next_seq;
+}
+
 /* Whether to try zstd on the next frame (the adaptive rule: see the top). */
 static int want_compress(struct pump *p)
 {
@@ -557,9 +647,12 @@ static int want_compress(struct pump *p)
         p->skip--;
         return 0;
     }
-    if (p->cpu_bound)
+    if (p->pays == 1)
+        return p->rate || p->next_seq % 32 != 31;
+    if (p->pays == 0)
         return p->next_seq % 8 == 0;
-    return 1;
+    /* Not known yet: compress, and send 1 frame in 8 raw to learn its cost. */
+    return !p->have_comp || p->have_wait_raw || p->rate || p->next_seq % 8 != 7;
 }
 
 /* The staged plain bytes become frame next_seq (queued). */
@@ -573,11 +666,22 @@ static int make_frame(struct pump *p)
     if (want_compress(p)) {
         uint64_t t = now_ns();
         size_t cap = p->stage_len - p->stage_len / 10;
-        size_t n = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len,
-                                     p->op->wire_level);
+        size_t n = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len, p->level);
+
         uint64_t spent = now_ns() - t;
-        /* EWMA (1/8) of one frame's compression (the first sample sets it). */
-        p->ew_comp = p->ew_comp ? p->ew_comp - p->ew_comp / 8 + spent / 8 : spent;
+        int have = p->have_comp;
+
+        if (p->trial) {
+            /* The same frame at --level too (the second half of zbuf): the
+             * trial compares the two levels on the same bytes. */
+            size_t low = ZSTD_compressCCtx(p->cctx, p->zbuf + p->fmax, cap, p->stage,
+                                           p->stage_len, p->op->wire_level);
+            p->trial_low += ZSTD_isError(low) ? p->stage_len : low;
+            p->trial_high += ZSTD_isError(n) ? p->stage_len : n;
+        }
+        ewma(&p->ew_wire, &have, ZSTD_isError(n) ? p->stage_len : n);
+        ewma(&p->ew_comp, &p->have_comp, spent);
+        ewma(&p->ew_raw, &p->have_raw, p->stage_len);
         if (!ZSTD_isError(n) && n > 0 && n * 10 < p->stage_len * 9) {
             h.codec = XCS_WC_ZSTD;
             h.wire_len = (uint32_t)n;
@@ -588,8 +692,7 @@ static int make_frame(struct pump *p)
             p->not_worth = 0;
         }
     }
-    /* No frame sent yet: nothing says the link is fast; compress. */
-    p->cpu_bound = p->have_wait && p->ew_comp > p->ew_wait;
+    adapt(p);
 #else
     (void)want_compress;
 #endif
@@ -600,6 +703,7 @@ static int make_frame(struct pump *p)
     xcs_wire_hdr_put(f->buf, &h);
     memcpy(f->buf + XCS_WIRE_HDR, payload, h.wire_len);
     f->raw_len = h.raw_len;
+    f->zstd = h.codec == XCS_WC_ZSTD;
     f->state = FR_QUEUED;
     f->ch = -1;
     p->frames++;
@@ -812,14 +916,14 @@ static int sender_step(struct pump *p)
                 break;
             moved = 1;
             if (c->cur_off == f->len) {
-                /*
-                 * EWMA (1/8) of the time the link kept us waiting per frame
-                 * sent (the adaptive rule's "wait"; the first sample sets it).
-                 */
+                /* The time the link kept us waiting for this frame (adapt()). */
                 uint64_t wait = p->blocked_ns - p->blocked_at_frame;
-                p->ew_wait = p->have_wait ? p->ew_wait - p->ew_wait / 8 + wait / 8 : wait;
-                p->have_wait = 1;
+                if (f->zstd)
+                    ewma(&p->ew_wait_z, &p->have_wait_z, wait);
+                else
+                    ewma(&p->ew_wait_raw, &p->have_wait_raw, wait);
                 p->blocked_at_frame = p->blocked_ns;
+                adapt(p);
                 f->state = FR_WRITTEN;
                 c->cur = -1;
                 release(p);
@@ -1307,6 +1411,8 @@ int xcs_wire(const struct xcs_op *op)
     p->t0 = p->last_stats = p->last_rx = p->last_ack = p->bucket_t = now_ns();
     p->rate = op->wire_rate;
     p->tokens = (double)(p->rate ? burst(p) : 0);
+    p->level = op->wire_level;
+    p->pays = -1;
     for (unsigned i = 0; i < p->nch; i++) {
         p->ch[i].fd = op->wire_chan[i];
         p->ch[i].cur = -1;
@@ -1347,7 +1453,8 @@ int xcs_wire(const struct xcs_op *op)
 #ifdef XCS_HAVE_ZSTD
     if (p->send && op->wire_compress) {
         p->cctx = ZSTD_createCCtx();
-        p->zbuf = malloc(p->fmax);
+        /* Adaptive: room for a frame at two levels (adapt()'s trial). */
+        p->zbuf = malloc(op->wire_compress == 2 ? 2 * (size_t)p->fmax : p->fmax);
         if (!p->cctx || !p->zbuf) {
             rc = fail(p, ENOMEM, "out of memory for zstd");
             goto out;

@@ -388,6 +388,53 @@ async def test_adaptive_compresses_less_when_the_link_is_fast() -> None:
     assert _compressed_share(fast) < _compressed_share(slow) * 0.6
 
 
+def _levels(t: Transfer) -> list[int]:
+    """The zstd levels the adaptive rule moved to, in order (its debug lines)."""
+    return [
+        int(e.message.split("zstd level ")[1].split()[0])
+        for e in t.sender.events
+        if isinstance(e, LogEvent) and e.message.startswith("adaptive: zstd level ")
+    ]
+
+
+def _source_text(size: int) -> bytes:
+    """Real text that zstd's level 3 packs tighter than level 1: our own sources."""
+    pkg = Path(proto.__file__).parent
+    text = b"".join(p.read_bytes() for p in sorted(pkg.glob("*.py")))
+    return (text * (size // len(text) + 1))[:size]
+
+
+@needs_zstd
+@pytest.mark.parametrize(
+    ("kind", "levels"),
+    [("source", [3]), ("text", [3, 1])],
+)
+async def test_adaptive_tries_level_3_while_the_link_waits(kind: str, levels: list[int]) -> None:
+    """Compressed frames that still wait for the link (1 MB/s: a 16 KiB frame
+    holds it for ms, zstd takes us): every frame is compressed, and level 3
+    is tried over --level 1.  It stays where it makes frames smaller (source
+    code: the stream is smaller than level 1 makes it) and comes back for
+    good where it does not (the random words of fill("text"))."""
+    data = _source_text(2 * 1024 * 1024) if kind == "source" else fill("text", 2 * 1024 * 1024)
+    small = {"frame": 16384, "window": 16 * 16384}
+    level1, _ = await through(data, 1, ["--compress", "zstd"], **small)
+    capped = ["--compress", "adaptive", "--max-bandwidth", "1000000"]
+    slow, st = await through(data, 1, capped, **small)
+    assert _levels(slow) == levels
+    assert st.frames_compressed == st.frames
+    if levels[-1] == 3:
+        assert st.wire_bytes < level1.sender.stats().wire_bytes * 0.99
+
+
+@needs_zstd
+async def test_adaptive_level_asked_for_is_kept_where_3_adds_nothing() -> None:
+    """--level 3 or more: nothing to try; the level asked for is kept."""
+    small = {"frame": 16384, "window": 16 * 16384}
+    capped = ["--compress", "adaptive", "--level", "3", "--max-bandwidth", "1000000"]
+    t, _ = await through(_source_text(1024 * 1024), 1, capped, **small)
+    assert _levels(t) == []
+
+
 # ------------------------------------------------------------------ rate cap
 
 
