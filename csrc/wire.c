@@ -28,25 +28,32 @@
  * channel 0 with the stream's next message.
  *
  * Compression (sender, zstd): a frame goes raw when zstd does not bring it
- * under 90% of its size.  "adaptive" compresses when that moves the stream
- * faster, judged per frame by what each kind of frame costs the pump
- * (adapt()): a compressed frame its compression plus the time the link then
- * kept us waiting, a raw frame that wait alone (EWMAs, weight 1/8, of each;
- * under a cap the link's rate is known, so a frame costs at least its bytes
- * over the cap, even while the cap's burst hides it).
- * - Compressing costs 1/8 less or better (a slow or capped link): every frame is
- *   compressed, but 1 in 32 goes raw to keep the raw figure fresh (not
- *   under a cap: there it is known).  A link that still leaves more than half
- *   the compression time waiting tries level 3 (zstd's default) over the level
- *   asked for (--level): for the trial's 16 frames each frame is compressed at
- *   both levels, and level 3 stays only if it made those same frames 1%
- *   smaller (on some data it does not), else it is not tried again.
- * - Otherwise (the CPU, or the receiver's, is the limit: a tie costs CPU for
- *   nothing, which the save helper on the same machine could use): the
- *   level asked for comes back first; then 1 frame in 8 is compressed.
- * The level changes at most once in 16 frames (the EWMAs settle).  Two
- * frames in a row that did not pay make the next 7 go raw without trying
- * (random memory costs zstd time for nothing).
+ * under 90% of its size.  "adaptive" compresses while that moves the stream
+ * faster, judged over windows of 16 frames made the same way (adapt()): the
+ * share of the window's busy time (input waits left out) the pump waited
+ * for the link, and how long a MiB of plain stream took, compressed and raw
+ * apart.  (Per-frame waits cannot tell: socket buffers of megabytes take a
+ * frame or not whatever its size.)
+ * - Compressing, and the link still kept us waiting 1/8 of the time: the
+ *   link is the limit even so, and each byte saved is link time saved; go
+ *   on, with no check.  Waiting half the time leaves room for level 3
+ *   (zstd's default) over the level asked for (--level): in the trial each
+ *   frame is compressed at both levels, and level 3 stays only if it made
+ *   those same frames 1% smaller (on some data it does not) and the link
+ *   still waits; else it is not tried again.
+ * - Raw, and the link does not keep us waiting: it takes more than we feed
+ *   it, and compressing could only cost; stay raw (and the first time
+ *   compressing does not wait, a raw window is how we learn this).
+ * - Otherwise the way that moved a MiB 1/8 faster wins (a tie goes raw: it
+ *   costs no CPU, which the save helper on the same machine can use), and
+ *   a window the other way checks the verdict every 4 windows, half as often
+ *   each time it is confirmed (at most every 64).
+ * Under a cap the link's rate is known: compressing pays whenever zstd takes
+ * 1/8 less per MiB than the cap does, even while the cap's burst hides it.
+ * A window into compressing after one that waited is not judged (the
+ * buffers are full of raw bytes).  Two frames in a row that did not pay make
+ * the next 7 go raw without trying (random memory costs zstd time for
+ * nothing).
  *
  * Rate cap (sender): a token bucket on wire bytes, headers included; burst
  * max(64 KiB, rate/20).  wire_rate on stdin changes it at once.
@@ -107,7 +114,6 @@ struct sframe {
     uint8_t *buf; /* header + payload */
     size_t len;
     uint32_t raw_len;
-    int zstd;     /* sent compressed: its wait counts for ew_wait_z */
     int state;
     int ch;       /* the channel it went (or goes) out on */
 };
@@ -175,14 +181,21 @@ struct pump {
     /* zstd and the adaptive rule */
     void *cctx, *dctx;
     uint8_t *zbuf;
-    uint64_t ew_comp, ew_raw, ew_wire, ew_wait_z, ew_wait_raw, blocked_at_frame;
-    int have_comp, have_raw, have_wait_z, have_wait_raw, not_worth, skip;
-    int pays;              /* -1 not known yet, 0 raw is faster, 1 compressing is */
+    uint64_t ew_comp;      /* ns zstd takes per MiB of plain stream (EWMA 1/8) */
+    int have_comp, not_worth, skip;
+    int zmode;             /* adaptive: this window's frames are compressed */
+    int settling;          /* the window after a change: buffers refill, not judged */
+    unsigned win_frames, comp_tries;
+    uint64_t z_mib, raw_mib; /* ns a MiB took, compressing or raw (EWMA 1/4 of windows) */
+    int have_z_mib, have_raw_mib;
+    int checking;          /* this window goes the way we think slower, to check */
+    unsigned windows, probe_every; /* windows since the last check; between checks */
+    uint64_t win_t0, win_blocked0, win_idle0, win_plain; /* the window so far */
+    uint64_t idle_ns;      /* sender: time spent waiting for input alone (adapt()) */
     int level;             /* zstd's level now: --level, or ADAPT_LEVEL (adapt()) */
     int high_failed;       /* ADAPT_LEVEL did not pay: not tried again */
     int trial;             /* ADAPT_LEVEL on trial: each frame at --level too */
     uint64_t trial_high, trial_low; /* the trial's frames' sizes at either level */
-    uint64_t level_seq;    /* the frame of the last level change */
 };
 
 static volatile sig_atomic_t wire_stop;
@@ -565,16 +578,9 @@ static int flush_ctl(struct pump *p, unsigned i)
 
 /* ------------------------------------------------------------ sender */
 
-/* The level adapt() tries over --level, and the frames between two changes. */
+/* The level adapt() tries over --level, and the frames of its windows. */
 #define ADAPT_LEVEL 3
-#define ADAPT_SETTLE_FRAMES 16
-
-/* EWMA (weight 1/8); the first sample sets it. */
-static void ewma(uint64_t *avg, int *have, uint64_t sample)
-{
-    *avg = *have ? *avg - *avg / 8 + sample / 8 : sample;
-    *have = 1;
-}
+#define ADAPT_WINDOW_FRAMES 16
 
 /* Nanoseconds the cap takes to send n bytes (0: no cap). */
 static uint64_t cap_ns(const struct pump *p, uint64_t n)
@@ -582,58 +588,127 @@ static uint64_t cap_ns(const struct pump *p, uint64_t n)
     return p->rate ? (uint64_t)((double)n * 1e9 / (double)p->rate) : 0;
 }
 
+/* EWMA (weight 1/4: windows are few) of a window's ns per MiB; the first sets it. */
+static void ewma_window(uint64_t *avg, int *have, uint64_t sample)
+{
+    *avg = *have ? *avg - *avg / 4 + sample / 4 : sample;
+    *have = 1;
+}
+
+/* Whether zstd's time per MiB is 1/8 less than `link` ns per MiB. */
+static int zstd_beats(const struct pump *p, uint64_t link)
+{
+    return p->have_comp && p->ew_comp * 8 < link * 7;
+}
+
 /*
- * The adaptive rule (see the top), after each figure changes: what a
- * compressed and a raw frame each cost the pump, whether compressing pays,
- * and the level.
+ * The adaptive rule (see the top), after each frame made: at the end of a
+ * window, whether the next one compresses, and at what level.
  */
 static void adapt(struct pump *p)
 {
-    uint64_t z, raw, slack;
-    const char *why;
+    uint64_t now = now_ns(), wall = now - p->win_t0, idle, blocked, per_mib;
+    int waited, idle_half, z_faster, was = p->zmode, level = p->level;
+    const char *why = NULL;
 
-    if (p->op->wire_compress != 2 || !p->have_comp || (!p->have_wait_z && !p->rate) ||
-        (!p->have_wait_raw && !p->rate)) {
-        p->pays = -1;
+    if (p->op->wire_compress != 2 || ++p->win_frames < ADAPT_WINDOW_FRAMES)
         return;
+    idle = p->idle_ns - p->win_idle0;
+    wall = wall > idle ? wall - idle : 1; /* the time the pump had work */
+    blocked = p->blocked_ns - p->win_blocked0;
+    waited = blocked * 8 >= wall;
+    idle_half = blocked * 2 >= wall;
+    per_mib = (uint64_t)((double)wall * (1 << 20) / (double)(p->win_plain ? p->win_plain : 1));
+    if (p->settling) { /* the buffers refilled after a change: judge the next window */
+        p->settling = 0;
+        goto next;
     }
-    z = p->ew_comp + (p->have_wait_z ? p->ew_wait_z : 0);
-    if (z < cap_ns(p, p->ew_wire))
-        z = cap_ns(p, p->ew_wire);
-    raw = p->have_wait_raw ? p->ew_wait_raw : 0;
-    if (raw < cap_ns(p, p->ew_raw))
-        raw = cap_ns(p, p->ew_raw);
-    p->pays = z * 8 < raw * 7; /* by 1/8 at least: a tie costs CPU for nothing */
-    slack = z - p->ew_comp; /* what the link leaves us waiting per compressed frame */
-    if (p->next_seq < p->level_seq + ADAPT_SETTLE_FRAMES)
-        return;
+    if (p->zmode) {
+        ewma_window(&p->z_mib, &p->have_z_mib, per_mib);
+    } else {
+        ewma_window(&p->raw_mib, &p->have_raw_mib, per_mib);
+    }
+    z_faster = zstd_beats(p, cap_ns(p, 1u << 20)) ||
+               (p->have_z_mib && p->have_raw_mib && p->z_mib * 8 < p->raw_mib * 7);
     if (p->trial) {
         p->trial = 0;
         if (p->trial_high * 100 > p->trial_low * 99) {
             p->high_failed = 1;
             p->level = p->op->wire_level;
-            why = "did not make frames 1% smaller";
-            goto changed;
+            why = "level 3 did not make the same frames 1% smaller";
         }
     }
-    if (p->pays && !p->high_failed && p->level < ADAPT_LEVEL && slack * 2 > p->ew_comp) {
-        p->trial = 1;
-        p->trial_high = p->trial_low = 0;
-        p->have_comp = 0; /* the new level's figures start afresh */
-        p->level = ADAPT_LEVEL;
-        why = "the link waits";
-    } else if ((!p->pays || slack * 8 < p->ew_comp) && p->level != p->op->wire_level) {
+    if (why) {
+        /* the trial's verdict is this window's change */
+    } else if (p->checking) {
+        /*
+         * The check's verdict.  Going back the way we came confirms it:
+         * the next check comes half as often (each costs a window the
+         * slower way), every 4 windows at first, at most every 64.
+         */
+        p->checking = 0;
+        p->windows = 0;
+        p->probe_every = z_faster != p->zmode ? (p->probe_every < 64 ? p->probe_every * 2 : 64)
+                                              : 4;
+        p->zmode = z_faster;
+        why = z_faster ? "compressing moves a MiB faster" : "raw moves a MiB faster";
+    } else if (p->zmode && (waited || zstd_beats(p, cap_ns(p, 1u << 20)))) {
+        /* The link is the limit even compressed: no check needed. */
+        if (idle_half && !p->high_failed && p->level < ADAPT_LEVEL) {
+            p->trial = 1;
+            p->trial_high = p->trial_low = 0;
+            p->level = ADAPT_LEVEL;
+            why = "the link leaves half the time idle";
+        }
+    } else if (p->zmode && p->level != p->op->wire_level) {
         p->level = p->op->wire_level;
-        why = "the CPU is the limit";
-    } else {
-        return;
+        p->high_failed = 1;
+        why = "the CPU is the limit at level 3";
+    } else if (p->zmode && !p->have_raw_mib) {
+        p->zmode = 0;
+        p->checking = 1;
+        why = "the link does not wait: a raw window measures it";
+    } else if (p->zmode && !z_faster) {
+        p->zmode = 0;
+        p->windows = 0;
+        why = "raw moves a MiB faster";
+    } else if (p->zmode && ++p->windows >= p->probe_every) {
+        p->zmode = 0;
+        p->checking = 1;
+        why = "a raw window checks that compressing is still faster";
+    } else if (!p->zmode && !waited) {
+        /* Raw frames do not wait: the link takes more than we feed it, and
+         * compressing could only cost.  Nothing to check. */
+        p->windows = 0;
+    } else if (!p->zmode && (zstd_beats(p, cap_ns(p, 1u << 20)) || z_faster ||
+                             (!p->have_z_mib && zstd_beats(p, per_mib)))) {
+        p->zmode = 1;
+        p->windows = 0;
+        why = "compressing moves a MiB faster";
+    } else if (!p->zmode && ++p->windows >= p->probe_every) {
+        p->zmode = 1;
+        p->checking = 1;
+        why = "a compressed window checks that raw is still faster";
     }
-changed:
-    xcs_log(XCS_LOG_DEBUG, 0, WIRE_CONTEXT,
-            "adaptive: zstd level %d from frame %llu: %s (compression %llu us, link wait "
-            "%llu us per frame)", p->level, (unsigned long long)p->next_seq, why,
-            (unsigned long long)(p->ew_comp / 1000), (unsigned long long)(slack / 1000));
-    p->level_seq = p->next_seq;
+    if (why && (p->zmode != was || p->level != level)) {
+        /* Into compressing after a window that waited: the buffers are
+         * full of raw bytes, so the next window is not judged.  Raw needs
+         * no settling: its frames are the larger. */
+        p->settling = p->zmode && waited;
+        xcs_log(XCS_LOG_DEBUG, 0, WIRE_CONTEXT,
+                "adaptive: %s from frame %llu, level %d: %s (zstd %llu us/MiB, "
+                "a MiB took %llu us, waiting %llu%% of the time)",
+                p->zmode ? "compressing" : "raw", (unsigned long long)p->next_seq, p->level,
+                why, (unsigned long long)(p->ew_comp / 1000),
+                (unsigned long long)(per_mib / 1000),
+                (unsigned long long)(wall ? blocked * 100 / wall : 0));
+    }
+next:
+    p->win_frames = 0;
+    p->win_t0 = now;
+    p->win_blocked0 = p->blocked_ns;
+    p->win_idle0 = p->idle_ns;
+    p->win_plain = 0;
 }
 
 /* Whether to try zstd on the next frame (the adaptive rule: see the top). */
@@ -647,12 +722,7 @@ static int want_compress(struct pump *p)
         p->skip--;
         return 0;
     }
-    if (p->pays == 1)
-        return p->rate || p->next_seq % 32 != 31;
-    if (p->pays == 0)
-        return p->next_seq % 8 == 0;
-    /* Not known yet: compress, and send 1 frame in 8 raw to learn its cost. */
-    return !p->have_comp || p->have_wait_raw || p->rate || p->next_seq % 8 != 7;
+    return p->zmode;
 }
 
 /* The staged plain bytes become frame next_seq (queued). */
@@ -667,9 +737,7 @@ static int make_frame(struct pump *p)
         uint64_t t = now_ns();
         size_t cap = p->stage_len - p->stage_len / 10;
         size_t n = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len, p->level);
-
         uint64_t spent = now_ns() - t;
-        int have = p->have_comp;
 
         if (p->trial) {
             /* The same frame at --level too (the second half of zbuf): the
@@ -679,9 +747,13 @@ static int make_frame(struct pump *p)
             p->trial_low += ZSTD_isError(low) ? p->stage_len : low;
             p->trial_high += ZSTD_isError(n) ? p->stage_len : n;
         }
-        ewma(&p->ew_wire, &have, ZSTD_isError(n) ? p->stage_len : n);
-        ewma(&p->ew_comp, &p->have_comp, spent);
-        ewma(&p->ew_raw, &p->have_raw, p->stage_len);
+        /* EWMA (1/8) of zstd's ns per MiB (frames differ in size); the
+         * second sample sets it (the first pays for the context's tables). */
+        spent = (spent << 20) / p->stage_len;
+        if (p->comp_tries++ > 0) {
+            p->ew_comp = p->have_comp ? p->ew_comp - p->ew_comp / 8 + spent / 8 : spent;
+            p->have_comp = 1;
+        }
         if (!ZSTD_isError(n) && n > 0 && n * 10 < p->stage_len * 9) {
             h.codec = XCS_WC_ZSTD;
             h.wire_len = (uint32_t)n;
@@ -692,9 +764,11 @@ static int make_frame(struct pump *p)
             p->not_worth = 0;
         }
     }
+    p->win_plain += p->stage_len;
     adapt(p);
 #else
     (void)want_compress;
+    (void)adapt;
 #endif
     f->len = XCS_WIRE_HDR + h.wire_len;
     f->buf = malloc(f->len);
@@ -703,7 +777,6 @@ static int make_frame(struct pump *p)
     xcs_wire_hdr_put(f->buf, &h);
     memcpy(f->buf + XCS_WIRE_HDR, payload, h.wire_len);
     f->raw_len = h.raw_len;
-    f->zstd = h.codec == XCS_WC_ZSTD;
     f->state = FR_QUEUED;
     f->ch = -1;
     p->frames++;
@@ -916,14 +989,6 @@ static int sender_step(struct pump *p)
                 break;
             moved = 1;
             if (c->cur_off == f->len) {
-                /* The time the link kept us waiting for this frame (adapt()). */
-                uint64_t wait = p->blocked_ns - p->blocked_at_frame;
-                if (f->zstd)
-                    ewma(&p->ew_wait_z, &p->have_wait_z, wait);
-                else
-                    ewma(&p->ew_wait_raw, &p->have_wait_raw, wait);
-                p->blocked_at_frame = p->blocked_ns;
-                adapt(p);
                 f->state = FR_WRITTEN;
                 c->cur = -1;
                 release(p);
@@ -1367,6 +1432,8 @@ static int run(struct pump *p)
         r = ppoll(pfd, n, &ts, &during_poll);
         if (waiting_out || (p->send && !op->wire_raw && p->next_seq - p->acked >= p->wf))
             p->blocked_ns += now_ns() - now;
+        else if (p->send)
+            p->idle_ns += now_ns() - now; /* the helper between rounds: neither CPU nor link */
         if (r < 0 && errno != EINTR)
             return fail(p, errno, "ppoll: %s", strerror(errno));
         for (nfds_t k = 0; r > 0 && k < n; k++) {
@@ -1412,7 +1479,10 @@ int xcs_wire(const struct xcs_op *op)
     p->rate = op->wire_rate;
     p->tokens = (double)(p->rate ? burst(p) : 0);
     p->level = op->wire_level;
-    p->pays = -1;
+    p->zmode = 1; /* until a window says otherwise: nothing says the link is fast */
+    p->settling = 1; /* the first window fills the buffers */
+    p->probe_every = 4;
+    p->win_t0 = p->t0;
     for (unsigned i = 0; i < p->nch; i++) {
         p->ch[i].fd = op->wire_chan[i];
         p->ch[i].cur = -1;
