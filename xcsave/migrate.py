@@ -460,15 +460,7 @@ def _offer(o: SendOptions, fmt: str) -> wire.Offer | None:
 
 def _checked(o: SendOptions, fmt: str) -> tuple[wire.Offer | None, int]:
     """The offer and the cap (bytes/s) of these options; ValueError for a bad one."""
-    return _offer(o, fmt), _rate(o)
-
-
-def _rate(o: SendOptions) -> int:
-    cap = o["max_bandwidth"]
-    rate = wire.parse_rate(cap) if isinstance(cap, str) else int(cap)
-    if rate < 0:
-        raise ValueError(f"max_bandwidth is >= 0 bytes/s, not {rate}")
-    return rate
+    return _offer(o, fmt), wire.checked_rate(o["max_bandwidth"], "max_bandwidth")
 
 
 async def _negotiate(sock: socket.socket, offer: wire.Offer, timeout: float | None) -> wire.Accept:

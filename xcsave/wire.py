@@ -322,9 +322,25 @@ def parse_rate(text: str) -> int:
     value = float(m.group(1))
     bits = m.group("bits")
     if bits is not None:
-        return int(value * 1000 ** "_kmgt".index(bits.lower() or "_") / 8)
-    unit = m.group("bytes") or ""
-    return int(value * 1024 ** "_kmgt".index(unit.lower() or "_"))
+        rate = int(value * 1000 ** "_kmgt".index(bits.lower() or "_") / 8)
+    else:
+        rate = int(value * 1024 ** "_kmgt".index((m.group("bytes") or "").lower() or "_"))
+    if value > 0 and rate == 0:
+        raise ValueError(f"bad rate {text!r}: under 1 byte/s (0 is no cap)")
+    return checked_rate(rate, f"rate {text!r}")
+
+
+#: The highest cap a pump takes, bytes/s (helper_main.c's --max-bandwidth: 1 PiB/s).
+MAX_RATE: Final = 1 << 50
+
+
+def checked_rate(rate: int | str, what: str = "a bandwidth cap") -> int:
+    """A cap in bytes/s (or a :func:`parse_rate` text), 0 (none) to
+    :data:`MAX_RATE`; ValueError naming ``what`` otherwise."""
+    value = parse_rate(rate) if isinstance(rate, str) else int(rate)
+    if not 0 <= value <= MAX_RATE:
+        raise ValueError(f"{what} must be 0 (no cap) to {MAX_RATE} bytes/s, not {value}")
+    return value
 
 
 class _Sender(Protocol):
@@ -347,9 +363,7 @@ class MigrationControl:
     def set_max_bandwidth(self, rate: int | str) -> bool:
         """The new cap (bytes/s, or a :func:`parse_rate` text).  True when a
         running pump was told, False when it will start with it (or is gone)."""
-        value = parse_rate(rate) if isinstance(rate, str) else int(rate)
-        if value < 0:
-            raise ValueError(f"a bandwidth cap is >= 0 bytes/s, not {value}")
+        value = checked_rate(rate)
         self.max_bandwidth = value
         return self._pump.send("wire_rate", value) if self._pump is not None else False
 
