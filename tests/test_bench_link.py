@@ -43,7 +43,10 @@ def root() -> None:
 def test_bench_link_quick_json(root: None, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (xcsave[plot])")
     plot = tmp_path / "link.png"
-    r = bench("--quick", "--rate", "1gbit", "--channels", "2", "--json", "--plot", str(plot))
+    r = bench(
+        "--quick", "--rate", "1gbit", "--channels", "2", "--cap", "16M",
+        "--json", "--plot", str(plot),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["rate"] == "1gbit" and data["fill"] == "mixed"
@@ -65,6 +68,28 @@ def test_bench_link_quick_json(root: None, tmp_path: Path) -> None:
     assert not done & skipped
     assert ("off", 1) in done
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the cap run: 64 MiB in a few seconds at 16 MiB/s, one window, itself
+    cap = data["cap"]
+    assert cap["rate"] == 16 << 20 and cap["bit_exact"] is True
+    assert cap["windows"] == 1 and 0 < cap["window_s"] <= bench_link.CAP_WINDOW_S
+    assert 0.5 < cap["least"] <= cap["most"] < 1.5, cap  # the counter saw the capped stream
+    assert 1.0 <= cap["tcp_overhead"] < 1.2, cap
+
+
+def test_cap_windows() -> None:
+    """Every 10 s span between two samples inside the transfer, no more."""
+    # 1 MB/s for 30 s, sampled every 0.5 s, with idle samples either side
+    samples = [(0.0, 0), (0.5, 0)] + [(1.0 + i / 2, i * 500_000) for i in range(61)]
+    samples += [(32.0, 30_000_000), (33.0, 30_000_000)]
+    window, rates = bench_link.cap_windows(samples, 10.0)
+    assert window == 10.0 and len(rates) == 41
+    assert all(abs(r - 1e6) < 1 for r in rates)
+    # shorter than a window: the transfer itself, once
+    window, rates = bench_link.cap_windows(
+        [(0.0, 0), (1.0, 0), (3.0, 4_000_000), (4, 4_000_000)], 10
+    )
+    assert window == 2.0 and rates == [2e6]
+    assert bench_link.cap_windows([(0.0, 5), (1.0, 5)], 10.0) == (10.0, [])
 
 
 def test_plan_skips_what_migrate_lacks() -> None:
