@@ -607,12 +607,14 @@ static int zstd_beats(const struct pump *p, uint64_t link)
  */
 static void adapt(struct pump *p)
 {
-    uint64_t now = now_ns(), wall = now - p->win_t0, idle, blocked, per_mib;
-    int waited, idle_half, z_faster, was = p->zmode, level = p->level;
+    uint64_t now, wall, idle, blocked, per_mib;
+    int waited, idle_half, cap_says, z_faster, was = p->zmode, level = p->level;
     const char *why = NULL;
 
     if (p->op->wire_compress != 2 || ++p->win_frames < ADAPT_WINDOW_FRAMES)
         return;
+    now = now_ns();
+    wall = now - p->win_t0;
     idle = p->idle_ns - p->win_idle0;
     wall = wall > idle ? wall - idle : 1; /* the time the pump had work */
     blocked = p->blocked_ns - p->win_blocked0;
@@ -628,7 +630,8 @@ static void adapt(struct pump *p)
     } else {
         ewma_window(&p->raw_mib, &p->have_raw_mib, per_mib);
     }
-    z_faster = zstd_beats(p, cap_ns(p, 1u << 20)) ||
+    cap_says = zstd_beats(p, cap_ns(p, 1u << 20)); /* under a cap, zstd outruns it */
+    z_faster = cap_says ||
                (p->have_z_mib && p->have_raw_mib && p->z_mib * 8 < p->raw_mib * 7);
     if (p->trial) {
         p->trial = 0;
@@ -652,7 +655,7 @@ static void adapt(struct pump *p)
                                               : 4;
         p->zmode = z_faster;
         why = z_faster ? "compressing moves a MiB faster" : "raw moves a MiB faster";
-    } else if (p->zmode && (waited || zstd_beats(p, cap_ns(p, 1u << 20)))) {
+    } else if (p->zmode && (waited || cap_says)) {
         /* The link is the limit even compressed: no check needed. */
         if (idle_half && !p->high_failed && p->level < ADAPT_LEVEL) {
             p->trial = 1;
@@ -680,8 +683,7 @@ static void adapt(struct pump *p)
         /* Raw frames do not wait: the link takes more than we feed it, and
          * compressing could only cost.  Nothing to check. */
         p->windows = 0;
-    } else if (!p->zmode && (zstd_beats(p, cap_ns(p, 1u << 20)) || z_faster ||
-                             (!p->have_z_mib && zstd_beats(p, per_mib)))) {
+    } else if (!p->zmode && (z_faster || (!p->have_z_mib && zstd_beats(p, per_mib)))) {
         p->zmode = 1;
         p->windows = 0;
         why = "compressing moves a MiB faster";

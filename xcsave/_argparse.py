@@ -74,6 +74,25 @@ def size(lo: int = 0, hi: int | None = None, *, multiple: int = 1) -> Callable[[
     return parse
 
 
+def rate(least: int = 0, why: str = "") -> Callable[[str], int]:
+    """An argparse type: :func:`xcsave.wire.parse_rate`'s grammar (``1gbit``,
+    ``100M``) -> bytes/s, at least ``least`` (``why`` says why, after the text)."""
+
+    def parse(text: str) -> int:
+        from .wire import parse_rate  # not at import: the lean path needs none of it
+
+        try:
+            value = parse_rate(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text}: {why}")
+        return value
+
+    parse.__name__ = "rate"
+    return parse
+
+
 def integer(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number from ``lo`` to ``hi``."""
 

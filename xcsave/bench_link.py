@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._argparse import integer, seconds
+from ._argparse import integer, rate, seconds
 from ._log import logger
 from .cli import parse_size, self_argv
 from .defaults import PAGE_SIZE, SIM_FILLS
@@ -72,18 +72,6 @@ CAP_WINDOW_S = 10.0
 CAP_TOLERANCE = 0.05
 #: How often the sender's veth counter is read during the cap run.
 CAP_SAMPLE_S = 0.25
-
-
-def _cap(text: str) -> int:
-    from .wire import parse_rate
-
-    try:
-        rate = parse_rate(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if rate <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: a cap of 0 is no cap")
-    return rate
 
 
 #: ``bench link``'s options, as (flag, add_argument keywords) (cmd_bench.Bench).
@@ -126,7 +114,7 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
         "--cap",
         {
-            "type": _cap,
+            "type": rate(1, "a cap of 0 is no cap"),
             "metavar": "RATE",
             "help": "one run more under migrate --max-bandwidth RATE: its rate over every "
             f"{CAP_WINDOW_S:.0f} s window against the cap (--max-bandwidth's grammar)",

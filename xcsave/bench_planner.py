@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._argparse import integer
+from ._argparse import integer, rate
 from ._log import logger
 from .cli import parse_policy, parse_size, self_argv
 from .defaults import PAGE_SIZE, SIM_FILLS
@@ -72,19 +72,8 @@ def _rates(text: str) -> list[int]:
 
 
 def _links(text: str) -> list[int]:
-    from .wire import parse_rate
-
-    out = []
-    for t in text.split(","):
-        if not t.strip():
-            continue
-        try:
-            rate = parse_rate(t)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        if rate < 1 << 20:
-            raise argparse.ArgumentTypeError(f"{t}: a link of at least 1M (bytes/s) is benched")
-        out.append(rate)
+    one = rate(1 << 20, "a link of at least 1M (bytes/s) is benched")
+    out = [one(t) for t in text.split(",") if t.strip()]
     if not out:
         raise argparse.ArgumentTypeError("no link rate given")
     return out

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from ._argparse import rate
 from .cli import (
     FORMATS,
     add_bounds_flags,
@@ -284,15 +285,6 @@ def receive_options(args: argparse.Namespace, on_event: EventSink) -> ReceiveOpt
 _SEND = ("compress", "channels", "max_bandwidth", "resume")
 
 
-def _rate(text: str) -> int:
-    from .wire import parse_rate
-
-    try:
-        return parse_rate(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _channels(text: str) -> int:
     from .wire import MAX_CHANNELS
 
@@ -320,7 +312,7 @@ def _add_wire_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-bandwidth",
-        type=_rate,
+        type=rate(),
         default=0,
         metavar="RATE",
         help="cap the link: 1gbit, 500mbit (bits/s, decimal, as tc writes them) or 100M, "

@@ -21,7 +21,7 @@ import argparse
 import json
 from typing import Any
 
-from ._argparse import integer, seconds
+from ._argparse import integer, rate, seconds
 from .cli import _say, parse_policy_spec
 from .cli_run import add_run_flags, run_rendered
 from .defaults import DOM_HELP, MAX_DOMID, PAGE_SIZE
@@ -31,17 +31,8 @@ from .sample import DEFAULT_SECONDS, MAX_SECONDS, MIN_SECONDS
 __all__ = ["add_parsers", "describe"]
 
 
-def _link(text: str) -> int:
-    """``--link RATE``: wire.parse_rate's grammar (``1gbit``, ``100M``), above 0."""
-    from .wire import parse_rate
-
-    try:
-        rate = parse_rate(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if rate < PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"{text}: a link must carry at least one page a second")
-    return rate
+#: ``--link RATE``: wire.parse_rate's grammar (``1gbit``, ``100M``), a page a second at least.
+_link = rate(PAGE_SIZE, "a link must carry at least one page a second")
 
 
 def _sample_seconds(text: str) -> float:
