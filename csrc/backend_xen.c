@@ -119,9 +119,11 @@ static void send_stats(const struct xcs_op *op, uint64_t started)
  * The guest types xcsave's own supervisor (the xcsave-1 dialect) saves and
  * restores: PV and PVH.  An HVM guest has a device model (QEMU) whose state
  * is part of its image and which only a toolstack that drives QEMU (QMP)
- * saves; libxl does, running this helper in the xen-4.17 dialect, so there
- * every guest type goes.  Refused before the domain is touched: 0, or -1
- * with errno (EOPNOTSUPP for an HVM guest, ESRCH for no such domain).
+ * saves: libxl does, running this helper in the xen-4.17 dialect, so there
+ * every guest type goes; and so does xcsave's supervisor when it says it
+ * saves the device model itself (--device-model 1, a save only).  Refused
+ * before the domain is touched: 0, or -1 with errno (EOPNOTSUPP for an HVM
+ * guest, ESRCH for no such domain).
  */
 static int check_guest(xc_interface *xch, const struct xcs_op *op)
 {
@@ -136,13 +138,19 @@ static int check_guest(xc_interface *xch, const struct xcs_op *op)
         return -1;
     }
     if ((info.flags & XEN_DOMINF_hvm_guest) &&
-        (info.arch_config.emulation_flags & ~XEN_X86_EMU_LAPIC)) {
+        (info.arch_config.emulation_flags & ~XEN_X86_EMU_LAPIC) && !op->dm_by_caller) {
         errno = EOPNOTSUPP;
-        xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT,
-                "domid %u is an HVM guest (emulated devices 0x%x): xcsave %ss PV and PVH "
-                "guests; an HVM guest's device model state is libxl's to save (xl %s)",
-                op->domid, info.arch_config.emulation_flags,
-                op->restore ? "restore" : "save", op->restore ? "restore" : "save");
+        if (op->restore)
+            xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT,
+                    "domid %u is an HVM guest (emulated devices 0x%x): xcsave restores PV "
+                    "and PVH guests; an HVM guest's device model is libxl's to restore "
+                    "(xl restore)", op->domid, info.arch_config.emulation_flags);
+        else
+            xcs_log(XCS_LOG_ERROR, errno, XCS_HELPER_CONTEXT,
+                    "domid %u is an HVM guest (emulated devices 0x%x): its device model's "
+                    "state must be saved with it: give its QMP socket (--qmp; the API's "
+                    "device_model=), or use xl save",
+                    op->domid, info.arch_config.emulation_flags);
         return -1;
     }
     return 0;

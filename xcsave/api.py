@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno as errno_mod
+import inspect
 import os
 import secrets
 import stat
@@ -23,9 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
-from . import files, formats, lock, proto
+from . import files, formats, libxlframe, lock, proto
 from ._log import logger
 from .defaults import MAX_COPY_THREADS, PAGE_SIZE
+from .devicemodel import DeviceModel, DeviceModelError, DeviceModelSave
 from .errors import BackendUnavailable, StreamError
 from .events import Event, ThrottleEvent
 from .policy import Policy
@@ -33,6 +35,7 @@ from .predict import Costs, Plan
 from .supervisor import (
     Callbacks,
     HelperSpec,
+    Reply,
     RunResult,
     Supervisor,
     high_fd,
@@ -453,6 +456,104 @@ def _idle_ms(idle_timeout: float | None) -> int | None:
     return max(1, round(idle_timeout * 1000))
 
 
+#: The largest xl config taken for an xl savefile's header (as the sim's).
+XL_CONFIG_MAX: Final = 1 << 20
+
+
+def _frame_head(
+    fmt: str, xl_config: str | os.PathLike[str] | None, dm: DeviceModel | None
+) -> bytes:
+    """A Xen domain's save framed here: what comes before the libxc image
+    (:func:`xcsave.libxlframe.head`).  An xl savefile needs the domain's
+    config: read (at most :data:`XL_CONFIG_MAX` bytes) and checked to be a
+    JSON object now, before the domain is touched."""
+    if fmt != "xl":
+        return libxlframe.head(None)
+    if xl_config is None:
+        raise ValueError(
+            "an xl savefile of a Xen domain needs xl_config= (the domain's libxl config "
+            "as JSON, `xl list -l`'s config)"
+        )
+    import json
+
+    name = os.fspath(xl_config)
+    with files.named_as(name), open(name, "rb") as f:
+        cfg = f.read(XL_CONFIG_MAX + 1)
+    if len(cfg) > XL_CONFIG_MAX:
+        raise ValueError(f"xl config {name} is larger than {XL_CONFIG_MAX} bytes")
+    try:
+        ok = isinstance(json.loads(cfg), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"xl config {name} is not a JSON object (a libxl domain config)")
+    return libxlframe.head(cfg.rstrip(b"\0\n"))
+
+
+def _device_model_save(dm: DeviceModel, cbs: Callbacks, *, live: bool) -> DeviceModelSave:
+    """Hook the device model into the save's callbacks: its device state
+    taken in ``suspend`` once the caller's suspend succeeded, its dirty log
+    switched through ``switch_qemu_logdirty`` unless the caller answers that."""
+    run = DeviceModelSave(dm, live=live)
+    guest_suspend = cbs.suspend
+    assert guest_suspend is not None
+
+    async def suspend() -> Reply:
+        ok = guest_suspend()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:  # libxl: the device model once the guest is suspended
+            await run.save()
+        return ok
+
+    cbs.suspend = suspend
+    if cbs.switch_qemu_logdirty is None:
+        cbs.switch_qemu_logdirty = run.set_logdirty
+    return run
+
+
+def _write_frame(fd: int, data: bytes, what: str) -> None:
+    """Write a frame of ours (headers, the device model's records) into the
+    save's output, all of it; one line naming ``what`` if it fails."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:  # a non-blocking pipe or socket the caller gave
+            import select
+
+            if not select.select([], [fd], [], 30.0)[1]:
+                raise TimeoutError(
+                    errno_mod.ETIMEDOUT, f"writing {what}: the output took nothing for 30 s"
+                ) from None
+            continue
+        except OSError as e:
+            raise OSError(e.errno, f"writing {what}: {e.strerror}") from None
+        view = view[n:]
+
+
+def _with_tail(o: _Out, dm: DeviceModelSave | None) -> Callable[[], None]:
+    """The save's commit, after what comes after the libxc image: the device
+    model's records (with ``dm``) and libxl's END, written between the
+    helper's ``complete`` and our reply, so the image is whole when it
+    commits and a failure here is the save's."""
+
+    def commit() -> None:
+        if dm is not None and dm.state is None:
+            raise DeviceModelError(
+                "the save completed without the device model's state (was the guest suspended?)",
+                errno_mod.ENODATA,
+            )
+        tail = libxlframe.tail(
+            dm.state if dm is not None else None, dm.xenstore if dm is not None else ()
+        )
+        _write_frame(o.fd, tail, "the libxl records after the image")
+        if o.on_commit is not None:
+            o.on_commit()
+
+    return commit
+
+
 async def save(
     out: StreamArg,
     *,
@@ -474,6 +575,7 @@ async def save(
     supervisor: Supervisor | None = None,
     copy_threads: int = 1,
     idle_timeout: float | None = None,
+    device_model: DeviceModel | None = None,
 ) -> RunResult:
     """Save a domain into ``out`` (fd or path) through a helper.
 
@@ -487,12 +589,37 @@ async def save(
     :class:`~xcsave.HelperFailed` (with ``.errno``) when the save fails,
     :class:`~xcsave.HelperDied` when the helper does not finish the protocol.
     A Xen domain in the xcsave-1 dialect must be one of
-    :data:`~xcsave.formats.SUPERVISOR_GUESTS` (PV, PVH): an HVM guest fails
-    with EOPNOTSUPP before it is touched.
+    :data:`~xcsave.formats.SUPERVISOR_GUESTS` (PV, PVH), or an HVM guest
+    whose ``device_model=`` (:class:`~xcsave.devicemodel.DeviceModel`) is
+    given: an HVM guest without one fails with EOPNOTSUPP before it is
+    touched.  With ``device_model=`` the save drives QEMU through QMP as
+    libxl does (its dirty log during the live rounds; ``stop`` and its device
+    state once the guest is suspended; ``cont`` if the save then fails) and
+    writes the state in libxl's EMULATOR_CONTEXT record, so ``fmt`` must be
+    ``libxl`` or ``xl``.  For a Xen domain those frames are written here
+    around the helper's libxc image (either dialect); ``xl`` needs
+    ``xl_config=``, the domain's libxl config as JSON (what ``xl save``
+    puts in its header: ``xl list -l``'s ``config``).
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
-    d = _check_dialect(dialect, sim=sim, fmt=fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
+    # A Xen domain's libxl and xl frames are written here, around the
+    # helper's libxc image (the helpers' xen backends write only that).
+    framed = domid is not None and fmt != "libxc"
+    if device_model is not None:
+        if domid is None:
+            raise ValueError("device_model= is a Xen domain's (a sim domain has no QEMU)")
+        if not framed:
+            raise ValueError(
+                "device_model= needs fmt='libxl' or 'xl': the device model's state "
+                "travels in libxl's EMULATOR_CONTEXT record"
+            )
+        if stream_type != "plain":
+            raise ValueError("device_model= saves a plain stream (not remus or colo)")
+    d = _check_dialect(dialect, sim=sim, fmt="libxc" if framed else fmt)
+    head = _frame_head(fmt, xl_config, device_model) if framed else None
     _check_copy_threads(copy_threads, sim=sim)
     cbs = replace(callbacks) if callbacks is not None else Callbacks()
     if policy is not None:
@@ -503,6 +630,7 @@ async def save(
         raise ValueError(
             "saving a Xen domain needs a suspend callback (something that suspends the guest)"
         )
+    dm = _device_model_save(device_model, cbs, live=live) if device_model else None
     if stream_type not in STREAM_TYPES:
         raise ValueError(f"unknown stream type {stream_type!r}")
     cbflags = proto.cbflags_for(d, cbs.installed() - {"restore_results"})
@@ -527,9 +655,13 @@ async def save(
             if getattr(policy, "throttles", False):
                 await throttle.prepare()
         try:
-            xl = os.fspath(xl_config) if xl_config is not None else None
+            xl = os.fspath(xl_config) if xl_config is not None and not framed else None
             async with _open_out(out, (lambda: undo(0)) if undo else None) as o:
                 io_fd, owned = high_fd(o.fd)
+                on_commit = o.on_commit
+                if head is not None:
+                    _write_frame(o.fd, head, "the libxl header")
+                    on_commit = _with_tail(o, dm)
                 try:
                     if d is proto.XEN_417:
                         assert domid is not None
@@ -544,7 +676,8 @@ async def save(
                                 "flags": xcflags,
                                 "cbflags": cbflags,
                                 "stream_type": st,
-                                "format": fmt,
+                                "format": "libxc" if framed else fmt,
+                                "device_model": dm is not None,
                                 "checkpoints": checkpoints or None,
                                 "interval_ms": interval_ms or None,
                                 "xl_config": xl,
@@ -564,13 +697,15 @@ async def save(
                         (io_fd, lock_fd),
                         sim=sim_path,
                         on_failure=undo,
-                        on_commit=o.on_commit,
+                        on_commit=on_commit,
                         throttle=throttle,
                     )
                 finally:
                     if owned:
                         os.close(io_fd)
         finally:
+            if dm is not None and res is None:
+                await uncancellable(asyncio.ensure_future(dm.undo()))
             lifted = await _lift(throttle, committed=res is not None)
         assert res is not None
         res.throttle = lifted

@@ -123,7 +123,8 @@ def cmd_callbacks(args: argparse.Namespace) -> Callbacks:
             return int(await _run_cmd(suspend_cmd) == 0)
 
         cbs.suspend = suspend
-    if getattr(args, "domid", None) is not None:
+    if getattr(args, "domid", None) is not None and not getattr(args, "qmp", None):
+        # (with --qmp the save switches QEMU's dirty log through QMP)
         if logdirty_cmd:
 
             async def logdirty(domid: int, enable: int) -> int:
@@ -255,6 +256,13 @@ def do_save(args: argparse.Namespace) -> int:
             "guest; exit 0 = suspended); xenstore-based suspend is not built in"
         )
     out = _stream_target(args.out, for_write=True)
+    dm = None
+    if args.qmp is not None:
+        from .devicemodel import DeviceModel
+
+        if args.domid is None:
+            raise UsageError("--qmp is an HVM Xen domain's (--domid N), not a sim domain's")
+        dm = DeviceModel.of_domain(args.domid, qmp=None if args.qmp == "auto" else args.qmp)
     res = _run_op(
         args,
         lambda rend: api.save(
@@ -265,6 +273,8 @@ def do_save(args: argparse.Namespace) -> int:
             checkpoints=args.checkpoints,
             interval_ms=args.interval_ms,
             copy_threads=args.copy_threads,
+            xl_config=args.xl_config,
+            device_model=dm,
             **_run_options(args, rend),
         ),
     )
@@ -440,6 +450,19 @@ def add_save_restore(sub: Any) -> None:
         "--logdirty-cmd",
         metavar="CMD",
         help="command run as CMD DOMID 0|1 for switch_qemu_logdirty",
+    )
+    p.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="an HVM guest's device model: its QMP socket (auto: where libxl puts it, "
+        "/var/run/xen/qmp-libxl-N); its state goes in libxl's EMULATOR_CONTEXT record "
+        "(--format libxl or xl)",
+    )
+    p.add_argument(
+        "--xl-config",
+        metavar="FILE",
+        help="--format xl: the domain's libxl config (JSON) for xl's header "
+        "(a Xen domain's: `xl list -l`'s config; required for one)",
     )
     p.add_argument("--checkpoints", type=integer(0), default=0, help="remus: checkpoints to send")
     p.add_argument("--interval-ms", type=integer(0), default=0, help="remus: checkpoint interval")

@@ -21,6 +21,24 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+# The libxl and xl framing (section 3.2-3.3) is xcsave's one encoder of it.
+from .libxlframe import (  # noqa: F401 (re-exported for the corpus' users)
+    L_CHECKPOINT_END,
+    L_CHECKPOINT_STATE,
+    L_EMULATOR_CONTEXT,
+    L_EMULATOR_XENSTORE_DATA,
+    L_END,
+    L_LIBXC_CONTEXT,
+    LIBXL_IDENT,
+    XL_MAGIC,
+    emu,
+    libxl_hdr,
+    pad8,
+    rec,
+    xenstore_kv,
+    xl_hdr,
+)
+
 PAGE = 4096
 
 # libxc record types (section 3.1)
@@ -44,14 +62,6 @@ STATIC_DATA_END = 0x10
 X86_CPUID_POLICY = 0x11
 X86_MSR_POLICY = 0x12
 
-# libxl record types (section 3.2)
-L_END = 0
-L_LIBXC_CONTEXT = 1
-L_EMULATOR_XENSTORE_DATA = 2
-L_EMULATOR_CONTEXT = 3
-L_CHECKPOINT_END = 4
-L_CHECKPOINT_STATE = 5
-
 # PFINFO types (bits 31..28 of a legacy pfn word; bits 63..60 in v2)
 NOTAB = 0x0
 L1TAB = 0x1
@@ -61,9 +71,6 @@ BROKEN = 0xD
 XALLOC = 0xE
 XTAB = 0xF
 NO_DATA = (BROKEN, XALLOC, XTAB)
-
-XL_MAGIC = b"Xen saved domain, xl format\n \x00 \r"
-LIBXL_IDENT = 0x4C6962786C466D74
 
 # HVM params (xen/include/public/hvm/params.h numbers)
 HVM_PARAM_STORE_PFN = 1
@@ -105,16 +112,6 @@ PV32_VCPU_CTX = 0xAF0
 def page_bytes(pfn: int, gen: int = 0) -> bytes:
     """A page whose content is a function of (pfn, gen), so tests can compare."""
     return struct.pack("<QQ", pfn, gen ^ 0x5A5A5A5A) * (PAGE // 16)
-
-
-def pad8(body: bytes, fill: int = 0) -> bytes:
-    return body + bytes([fill]) * ((8 - len(body) % 8) % 8)
-
-
-def rec(rtype: int, body: bytes = b"", *, length: int | None = None, fill: int = 0) -> bytes:
-    """A v2 record: {u32 type; u32 length} + body + zero padding to 8."""
-    n = len(body) if length is None else length
-    return struct.pack("<II", rtype, n) + pad8(body, fill)
 
 
 # ---------------------------------------------------------------- libxc
@@ -277,18 +274,6 @@ def libxc_pv(
 # ---------------------------------------------------------------- libxl / xl
 
 
-def libxl_hdr(options: int = 0, version: int = 2, ident: int = LIBXL_IDENT) -> bytes:
-    return struct.pack(">QII", ident, version, options)
-
-
-def emu(rtype: int, payload: bytes, emu_id: int = 2, index: int = 0) -> bytes:
-    return rec(rtype, struct.pack("<II", emu_id, index) + payload)
-
-
-def xenstore_kv(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(k + b"\x00" + v + b"\x00" for k, v in pairs)
-
-
 PHYSMAP_KV = (
     (b"physmap/f0000000/start_addr", b"f0000000"),
     (b"physmap/f0000000/size", b"800000"),
@@ -305,16 +290,6 @@ def libxl_stream(
     if emu_ctx is not None:
         out += emu(L_EMULATOR_CONTEXT, emu_ctx)
     return out + rec(L_END)
-
-
-def xl_hdr(
-    mflags: int = 3,
-    config: bytes = b'{"c_info": {"name": "guest"}}',
-    byteorder: int = 0x01020304,
-    oflags: int = 0,
-) -> bytes:
-    opt = struct.pack("<I", len(config)) + config if config else b""
-    return XL_MAGIC + struct.pack("<IIII", byteorder, mflags, oflags, len(opt)) + opt
 
 
 def remus_libxl(checkpoints: int = 3, *, xenstore: bool = True, final_end: bool = True) -> bytes:

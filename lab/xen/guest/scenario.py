@@ -16,6 +16,7 @@ from the image after the run).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import glob
 import json
@@ -606,12 +607,17 @@ def wrap_xl(libxc: Path, out: Path, config: bytes) -> None:
         f.write(struct.pack("<II", REC_END, 0))
 
 
-def supervisor_save(dialect: str, restore_helper: str | None, probe: int = 0) -> Callable:
+def supervisor_save(
+    dialect: str, restore_helper: str | None, probe: int = 0, qmp: bool = False
+) -> Callable:
     """xcsave's own supervisor saves the running domU; then xl restores the image.
 
     ``probe``: the save's policy asks auto-converge's throttle (``probe``%):
     the domain's credit2 cap, read back with ``xl sched-credit2``, must be
-    ``(100 - probe) x vCPUs`` while the save runs and what it was after."""
+    ``(100 - probe) x vCPUs`` while the save runs and what it was after.
+    ``qmp`` (an HVM domU): xcsave saves the device model through QMP and
+    writes the xl savefile itself; after ``xl restore`` the new device model
+    must answer QMP and run."""
 
     def fn() -> dict[str, Any]:
         fresh = ensure_domain()
@@ -620,7 +626,7 @@ def supervisor_save(dialect: str, restore_helper: str | None, probe: int = 0) ->
         domid = d[0]
         config = xl_config_json(domid)
         boot, n = snapshot()
-        libxc = WORK / f"sup-{dialect}.libxc"
+        libxc = WORK / f"sup-{dialect}.{'xl' if qmp else 'libxc'}"
         with contextlib.suppress(FileNotFoundError):
             libxc.unlink()
         argv = [
@@ -637,6 +643,10 @@ def supervisor_save(dialect: str, restore_helper: str | None, probe: int = 0) ->
             argv += ["--helper", str(STOCK_HELPER)]
         if probe:
             argv += ["--probe-throttle", str(probe)]
+        if qmp:
+            cfg = WORK / f"sup-{dialect}.json"
+            cfg.write_bytes(config)
+            argv += ["--qmp", "--xl-config", str(cfg)]
         r = run(argv, timeout=400)
         try:
             report = json.loads(r.out.strip().splitlines()[-1]) if r.out.strip() else {}
@@ -659,15 +669,21 @@ def supervisor_save(dialect: str, restore_helper: str | None, probe: int = 0) ->
             "bytes": libxc.stat().st_size,
             "saver": report,
         }
-        out["libxc"] = verify_image(libxc, "libxc")
-        xl_img = WORK / f"sup-{dialect}.xl"
-        wrap_xl(libxc, xl_img, config)
-        libxc.unlink()
+        if qmp:  # xcsave wrote the xl savefile, the device model's state in it
+            xl_img = libxc
+            out["emulator_context"] = emulator_context_len(xl_img)
+        else:
+            out["libxc"] = verify_image(libxc, "libxc")
+            xl_img = WORK / f"sup-{dialect}.xl"
+            wrap_xl(libxc, xl_img, config)
+            libxc.unlink()
         out["xl"] = verify_image(xl_img, "xl")
         # The source is suspended in Xen: destroy it, restore the copy by xl.
         run(["xl", "destroy", str(domid)], timeout=60)
         res = xl_restore(xl_img, restore_helper, boot, n)
         xl_img.unlink()
+        if qmp:
+            out["device_model"] = device_model_running(res["domid"])
         out.update(
             {
                 "restore_helper": _who(restore_helper),
@@ -683,6 +699,40 @@ def supervisor_save(dialect: str, restore_helper: str | None, probe: int = 0) ->
         return out
 
     return fn
+
+
+def emulator_context_len(path: Path) -> int:
+    """The EMULATOR_CONTEXT record's length in an xl savefile (from
+    ``xcsave inspect``'s JSON); a save without one fails the step."""
+    r = run([sys.executable, "-m", "xcsave", "inspect", "--json", str(path)], timeout=300)
+    if r.rc != 0:
+        raise StepFailed(f"xcsave inspect: {r.brief()}")
+    try:
+        doc = json.loads(r.out)
+    except ValueError as e:
+        raise StepFailed(f"xcsave inspect printed no JSON: {r.brief()}") from e
+    emu = ((doc.get("libxl") or {}).get("records") or {}).get("EMULATOR_CONTEXT") or {}
+    if emu.get("count") != 1 or not emu.get("bytes"):
+        raise StepFailed(f"expected one EMULATOR_CONTEXT record, found {emu}")
+    return int(emu["bytes"])
+
+
+def device_model_running(domid: int) -> dict[str, Any]:
+    """The restored domain's device model (QEMU) answers QMP and runs."""
+    from xcsave.qmp import Qmp, QmpError
+
+    async def ask() -> dict[str, Any]:
+        async with await Qmp.connect(f"/var/run/xen/qmp-libxl-{domid}", timeout=60) as q:
+            status = await q.execute("query-status")
+        return status if isinstance(status, dict) else {"status": status}
+
+    try:
+        status = asyncio.run(ask())
+    except QmpError as e:
+        raise StepFailed(f"the restored domain's device model: {e}") from e
+    if status.get("status") != "running":
+        raise StepFailed(f"the restored domain's device model is not running: {status}")
+    return {"qmp_status": status.get("status")}
 
 
 def supervisor_refused() -> dict[str, Any]:
@@ -865,8 +915,17 @@ def other_guest(kind: str, dropin: str, full: bool) -> None:
             # No device model: the libxc stream in xl's frame is all xl writes.
             step(f"{kind}-supervisor-xcsave1-live-save", supervisor_save("xcsave-1", None))
         if kind == "hvm":
-            # A device model: not a guest xcsave's supervisor saves (yet).
+            # A device model: refused without its QMP socket; saved with it,
+            # through either helper, into an xl savefile of xcsave's own.
             step(f"{kind}-supervisor-refused", supervisor_refused)
+            step(
+                f"{kind}-supervisor-xcsave1-live-save",
+                supervisor_save("xcsave-1", None, qmp=True),
+            )
+            step(
+                f"{kind}-supervisor-stock-helper-live-save",
+                supervisor_save("xen-4.17", OUR_HELPER, qmp=True),
+            )
 
 
 def main() -> int:

@@ -10,6 +10,8 @@ xen-4.17 dialect (Xen's stock libxl-save-helper): the same save through the
 ``xcsave save`` command line with ``--suspend-cmd``.
 
 Either way the guest is suspended through xenstore by ``suspend-domain``.
+With ``--qmp --xl-config FILE`` (an HVM guest) xcsave writes the xl savefile
+itself, the device model's state (QMP) in libxl's EMULATOR_CONTEXT record.
 Prints one JSON line: what the supervisor reported.
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import xcsave
 from xcsave import api, policy
+from xcsave.devicemodel import DeviceModel
 
 HERE = Path(__file__).resolve().parent
 SUSPEND = HERE / "suspend-domain"
@@ -61,8 +64,24 @@ def main() -> int:
         help="xcsave-1: ask auto-converge's throttle from the first round on; "
         "report the domain's credit2 cap before, during (read with xl) and after",
     )
+    ap.add_argument(
+        "--xl-config",
+        metavar="FILE",
+        help="write an xl savefile (xcsave's own frames) with this config, not a bare libxc image",
+    )
+    ap.add_argument(
+        "--qmp",
+        action="store_true",
+        help="an HVM guest: save its device model through QMP (libxl's socket) "
+        "into EMULATOR_CONTEXT (needs --xl-config)",
+    )
     args = ap.parse_args()
     t0 = time.monotonic()
+    framing: list[str] = []
+    if args.xl_config:
+        framing = ["--format", "xl", "--xl-config", args.xl_config]
+    if args.qmp:
+        framing += ["--qmp", "auto"]
 
     if args.dialect == "xen-4.17":
         # The command line, as a user would type it.
@@ -83,6 +102,7 @@ def main() -> int:
             f"{SUSPEND} {args.domid}",
             "--progress",
             "plain",
+            *framing,
         ]
         r = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
         secs = round(time.monotonic() - t0, 2)
@@ -124,13 +144,21 @@ def main() -> int:
         proc = await asyncio.create_subprocess_exec(str(SUSPEND), str(args.domid))
         return int(await proc.wait() == 0)
 
-    cbs = xcsave.Callbacks(suspend=suspend, switch_qemu_logdirty=lambda domid, enable: 0)
+    cbs = xcsave.Callbacks(suspend=suspend)
+    dm = None
+    if args.qmp:  # QEMU's dirty log is switched through QMP by the save
+        dm = DeviceModel.of_domain(args.domid)
+    else:  # no device model: nothing to switch
+        cbs.switch_qemu_logdirty = lambda domid, enable: 0
     res = asyncio.run(
         api.save(
             args.out,
             domid=args.domid,
             live=True,
             dialect="xcsave-1",
+            fmt="xl" if args.xl_config else "libxc",
+            xl_config=args.xl_config,
+            device_model=dm,
             callbacks=cbs,
             policy=lab_policy,
             timeout=900,
