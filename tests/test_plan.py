@@ -447,7 +447,23 @@ def test_bench_planner_json_shape(sim_env: dict[str, str], tmp_path: Path) -> No
     assert case["pages_per_round"][0] == case["predicted_pages_per_round"][0] == 512
     cal = doc["calibration"][str(16 << 20)]
     assert cal["send_pages_per_s"] > 0 and cal["sent_fraction"] == 1.0
+    assert len(cal["idle_downtime_ms"]) == len(cal["idle_total_s"]) == 3  # CALIBRATION_RUNS
     assert isinstance(doc["met"], bool)
+
+
+def test_calibration_takes_the_median_of_idle_runs() -> None:
+    """One idle stop in about four costs twice the others: the calibration's
+    figures are each the median over its runs, never one run's outlier."""
+    from xcsave.bench_planner import Measured, calibrate
+
+    def idle(downtime_ms: float, round0_s: float, total_s: float) -> Measured:
+        return Measured(total_s, downtime_ms / 1e3, [1000, 0], [round0_s, 0.0], True)
+
+    runs = [idle(5.0, 1.0, 1.2), idle(13.0, 0.5, 2.0), idle(4.6, 1.25, 1.4)]
+    link, costs = calibrate(runs, 1000)
+    assert link == 1000 / 1.0  # median of 1000, 2000, 800 pages/s
+    assert costs.downtime_s == pytest.approx(5.0e-3)  # not 13 ms, not the mean
+    assert costs.setup_s == pytest.approx(0.195)  # of 0.195, 1.487 and 0.1454 s
 
 
 def test_bench_planner_garbage(sim_env: dict[str, str]) -> None:

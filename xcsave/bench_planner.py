@@ -3,13 +3,14 @@
 For each link rate (the wire pump's bandwidth cap, as ``xcsave migrate
 --max-bandwidth`` sets it) and each dirty rate, in the same run:
 
-1. **Calibration, once per link** (an idle domain, no workload): one live
-   migration over the capped link measures what the model cannot know from
-   a profile: the link's real send rate in pages/s (round 0's pages over
-   its duration), the fixed costs (the time before round 0, the downtime
-   with nothing dirty) and the fraction of round 0's pages a save sends (it
-   skips zero pages).  Nothing of it depends on a dirty rate; no case is
-   fitted.
+1. **Calibration, once per link** (an idle domain, no workload): live
+   migrations over the capped link (:data:`CALIBRATION_RUNS`, each figure
+   their median: one idle stop in about four costs twice the others)
+   measure what the model cannot know from a profile: the link's real send
+   rate in pages/s (round 0's pages over its duration), the fixed costs
+   (the time before round 0, the downtime with nothing dirty) and the
+   fraction of round 0's pages a save sends (it skips zero pages).  Nothing
+   of it depends on a dirty rate; no case is fitted.
 2. **Each case**: a fresh domain of the same contents with ``xcsave sim
    dirty --rate R`` running as its guest; the plan's sampling (log-dirty
    on for ``--sample-seconds``, xcsave.sample) and the model
@@ -33,9 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,20 +206,32 @@ def _workload(path: Path, rate: int) -> Iterator[None]:
         proc.wait()
 
 
-def calibrate(m: Measured, memory_pages: int) -> tuple[float, Costs]:
-    """The link's send rate (pages/s) and the fixed costs, from an idle migration."""
+#: Idle migrations per link for the calibration: each figure is their median,
+#: since one idle stop in about four costs twice the others (docs/performance.md).
+CALIBRATION_RUNS = 3
+
+
+def calibrate(runs: Sequence[Measured], memory_pages: int) -> tuple[float, Costs]:
+    """The link's send rate (pages/s) and the fixed costs, each the median
+    over idle migrations ``runs``."""
     from .predict import Costs
 
-    if not m.pages or not m.seconds or m.seconds[0] <= 0:
-        raise UsageError("the calibration migration reported no rounds")
-    link = m.pages[0] / m.seconds[0]
-    final = m.pages[-1] if len(m.pages) > 1 else 0
-    downtime = max(0.0, m.downtime_s - final / link)
-    precopy = sum(m.seconds[: max(1, len(m.pages) - 1)])
-    setup = max(0.0, m.total_s - precopy - m.downtime_s)
-    return link, Costs(
-        setup_s=setup, downtime_s=downtime, sent_fraction=min(1.0, m.pages[0] / memory_pages)
-    )
+    links, setups, downtimes, sent = [], [], [], []
+    for m in runs:
+        if not m.pages or not m.seconds or m.seconds[0] <= 0:
+            raise UsageError("the calibration migration reported no rounds")
+        link = m.pages[0] / m.seconds[0]
+        final = m.pages[-1] if len(m.pages) > 1 else 0
+        precopy = sum(m.seconds[: max(1, len(m.pages) - 1)])
+        links.append(link)
+        downtimes.append(max(0.0, m.downtime_s - final / link))
+        setups.append(max(0.0, m.total_s - precopy - m.downtime_s))
+        sent.append(min(1.0, m.pages[0] / memory_pages))
+    if not runs:
+        raise UsageError("no calibration migration")
+    med = statistics.median
+    costs = Costs(setup_s=med(setups), downtime_s=med(downtimes), sent_fraction=med(sent))
+    return med(links), costs
 
 
 def _within(predicted: float, measured: float, tolerance: float) -> bool:
@@ -248,9 +262,11 @@ def run(args: argparse.Namespace, on_event: Callable[[Event], object] | None) ->
 
         try:
             for cap in args.links:
-                fresh()
-                idle = _measure(src, dst, cap, args.policy)
-                link, costs = calibrate(idle, pages)
+                idles = []
+                for _ in range(CALIBRATION_RUNS):
+                    fresh()
+                    idles.append(_measure(src, dst, cap, args.policy))
+                link, costs = calibrate(idles, pages)
                 calibration[str(cap)] = {
                     "link_bytes_per_s": cap,
                     "send_pages_per_s": round(link, 1),
@@ -262,8 +278,8 @@ def run(args: argparse.Namespace, on_event: Callable[[Event], object] | None) ->
                     # stream (CPU, memory): the model's link rate is then
                     # whatever this run got, and runs vary with the load.
                     "cap_is_the_link": link >= 0.9 * pages_per_s(cap),
-                    "idle_total_s": round(idle.total_s, 6),
-                    "idle_downtime_ms": round(idle.downtime_s * 1e3, 3),
+                    "idle_total_s": [round(m.total_s, 6) for m in idles],
+                    "idle_downtime_ms": [round(m.downtime_s * 1e3, 3) for m in idles],
                 }
                 for rate in args.rates:
                     fresh()

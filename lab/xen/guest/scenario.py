@@ -377,7 +377,8 @@ def xl_save(path: Path, helper: str | None) -> dict[str, Any]:
 
 
 def xl_restore(path: Path, helper: str | None, boot: str, tick: int) -> dict[str, Any]:
-    """``xl restore``; ok = the domain runs and its console goes on from ``tick``."""
+    """``xl restore``; ok = the domain runs and its console goes on from
+    ``tick`` (an HVM one: and its new device model answers QMP, running)."""
     last = None
     for attempt in (1, 2):
         r = run(["xl", "restore", "-e", str(path)], timeout=300, env=helper_env(helper))
@@ -390,7 +391,7 @@ def xl_restore(path: Path, helper: str | None, boot: str, tick: int) -> dict[str
                 if attempt == 2:
                     raise
             else:
-                return {
+                out = {
                     "secs": r.secs,
                     "attempts": attempt,
                     "rc": r.rc,
@@ -398,6 +399,9 @@ def xl_restore(path: Path, helper: str | None, boot: str, tick: int) -> dict[str
                     "tick_after": n,
                     "gap": _gap(boot, tick),
                 }
+                if GUEST["type"] == "hvm":  # its device model came back, and runs
+                    out["device_model"] = device_model_running(d[0])
+                return out
         destroy()
     assert last is not None
     raise StepFailed(f"restore did not bring the domain back: {last.brief()}")
@@ -463,6 +467,8 @@ def save_restore(
             "gap": res["gap"],
             "attempts": [s["attempts"], res["attempts"]],
         }
+        if "device_model" in res:
+            out["device_model"] = res["device_model"]
         if skeleton and CFG.get("skeletons", 1):
             out["skeleton"] = make_skeleton(path, f"{GUEST['type']}-{skeleton}")
         if CFG.get("keep_image") != tag:
@@ -682,8 +688,8 @@ def supervisor_save(
         run(["xl", "destroy", str(domid)], timeout=60)
         res = xl_restore(xl_img, restore_helper, boot, n)
         xl_img.unlink()
-        if qmp:
-            out["device_model"] = device_model_running(res["domid"])
+        if "device_model" in res:
+            out["device_model"] = res["device_model"]
         out.update(
             {
                 "restore_helper": _who(restore_helper),
