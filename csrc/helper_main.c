@@ -718,6 +718,8 @@ static void check_wire_argv(struct xcs_op *op, int given)
     if (op->wire_raw && (op->wire_nchan != 1 || op->wire_compress ||
                          op->wire_resume_sock >= 0))
         fatal("wire-send --raw takes one --channel-fd and no --compress or --resume-sock");
+    if (!op->wire_level)
+        op->wire_level = op->wire_compress == 1 ? XCS_WIRE_ZSTD_LEVEL : XCS_WIRE_ADAPTIVE_LEVEL;
     if (op->wire_window < op->wire_frame)
         fatal("--window %llu is smaller than --frame-size %u",
               (unsigned long long)op->wire_window, op->wire_frame);
@@ -828,7 +830,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
     op->restore = strcmp(argv[2], "restore") == 0;
     op->tunnel = strcmp(argv[2], "tunnel") == 0;
     op->wire = !strcmp(argv[2], "wire-send") ? 1 : !strcmp(argv[2], "wire-recv") ? 2 : 0;
-    op->wire_level = 1;
+    op->wire_level = 0; /* not given: check_wire_argv() picks the mode's */
     op->wire_frame = XCS_WIRE_FRAME_DEFAULT;
     op->wire_window = XCS_WIRE_WINDOW_DEFAULT;
     op->handshake_timeout_ms = 10000;

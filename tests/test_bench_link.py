@@ -112,6 +112,8 @@ def test_plan_skips_what_migrate_lacks() -> None:
         (["--cap", "0"], "a cap of 0 is no cap"),
         (["--cap", "fast"], "bad rate"),
         (["--cap", "2000T"], "must be 0 (no cap) to"),  # over the pump's bound: before any run
+        (["--level", "0"], "--level"),
+        (["--level", "20"], "must be from 1 to 19"),
     ],
 )
 def test_bench_link_refuses_bad_options_in_one_line(args: list[str], what: str) -> None:

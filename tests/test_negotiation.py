@@ -250,7 +250,11 @@ def test_pump_argv_is_wires() -> None:
     assert argv[argv.index("--max-bandwidth") + 1] == "1000"
     assert argv[argv.index("--resume-sock") + 1] == "9"
     assert argv[argv.index("--idle-timeout-ms") + 1] == "2500"
+    assert "--level" not in argv  # the pump's own default for the mode
     assert send.fds() == (5, 6, 7, 9)
+    leveled = wire.PumpPlan("wire-send", 5, (6,), compress="zstd", level=7).argv()
+    assert leveled[leveled.index("--level") + 1] == "7"
+    assert "--level" not in wire.PumpPlan("wire-send", 5, (6,), level=7).argv()  # off: none
     raw = wire.PumpPlan("wire-send", 5, (6,), raw=True, max_bandwidth=10).argv()
     assert "--raw" in raw
     assert "--frame-size" not in raw
@@ -482,6 +486,9 @@ async def test_a_sender_with_extensions_and_a_receiver_that_cannot(
         ({"channels": 99}, "channels is 1..16"),
         ({"max_bandwidth": "fast"}, "bad rate"),
         ({"max_bandwidth": -1}, "max_bandwidth must be 0"),
+        ({"compress": "zstd", "compress_level": 20}, "compress_level is 0 .default. or 1..19"),
+        ({"compress": "zstd", "compress_level": True}, "compress_level is 0"),
+        ({"compress_level": 3}, "compress_level needs compress="),
     ],
 )
 async def test_bad_options_are_refused_before_connecting(
@@ -500,6 +507,8 @@ async def test_bad_options_are_refused_before_connecting(
         (["--max-bandwidth", "1gbps"], "bad rate"),
         (["--max-bandwidth", "2000T"], "must be 0 (no cap) to"),  # the pump's bound, up front
         (["--compress", "lz4"], "invalid choice"),
+        (["--compress", "zstd", "--compress-level", "0"], "must be from 1 to 19"),
+        (["--compress", "zstd", "--compress-level", "x"], "is not a whole number"),
     ],
 )
 def test_cli_refuses_bad_wire_options(shm: Path, flags: list[str], match: str) -> None:

@@ -94,6 +94,30 @@ async def test_tls_channels_and_compression(shm: Path, tls: dict[str, Path]) -> 
     assert sim.digest(dst) == sim.digest(src)
 
 
+async def test_compress_level_reaches_the_pump(shm: Path) -> None:
+    """``compress_level`` is the level the sender's pump compresses at: on
+    text, level 19 packs the same non-live stream tighter than level 1."""
+    ratios = {}
+    for level in (1, 19):
+        src = sim.create(shm / f"src{level}.dom", 8 * MiB, seed=57, fill="text")
+        dst = shm / f"dst{level}.dom"
+        events: list[Event] = []
+        async with receiving(dst, insecure=True) as (addr, task):
+            await migrate.migrate(
+                sim=src,
+                to=addr,
+                insecure=True,
+                live=False,
+                compress="zstd",
+                compress_level=level,
+                on_event=events.append,
+            )
+            await task
+        assert sim.digest(dst) == sim.digest(src)
+        ratios[level] = [e for e in events if isinstance(e, MigrationStatsEvent)][-1]
+    assert ratios[19].compression_ratio > ratios[1].compression_ratio * 1.02, ratios
+
+
 async def test_a_cap_alone_reaches_a_plain_receiver(shm: Path) -> None:
     """--max-bandwidth alone runs the pump --raw: the receiver sees a plain
     xl stream (its format sniffed as ever), no negotiation."""

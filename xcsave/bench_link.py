@@ -53,7 +53,7 @@ from ._log import logger
 from .cli import parse_size, self_argv
 from .defaults import PAGE_SIZE, SIM_FILLS
 from .errors import UsageError, XcsaveError
-from .wire import MAX_CHANNELS
+from .wire import MAX_CHANNELS, MAX_LEVEL
 
 if TYPE_CHECKING:
     from .cmd_bench import Report
@@ -103,6 +103,15 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
             "type": integer(1),
             "metavar": "PAGES_PER_S",
             "help": "the guest's workload during each migration (default 5000; --quick: 2000)",
+        },
+    ),
+    (
+        "--level",
+        {
+            "type": integer(1, MAX_LEVEL),
+            "metavar": "N",
+            "help": "the zstd and adaptive runs at zstd level N (migrate --compress-level; "
+            "default: migrate's)",
         },
     ),
     ("--quick", {"action": "store_true", "help": f"a small run ({QUICK_MEMORY})"}),
@@ -190,6 +199,8 @@ def run(args: argparse.Namespace, on_event: Callable[[Event], object] | None) ->
     if dirty_rate < 0:
         raise UsageError("--dirty-rate must be 0 or more")
     head: dict[str, Any] = {"rate": args.rate, "fill": args.fill}
+    if args.level:
+        head["level"] = args.level
     todo, skipped = plan(args.channels, migrate_flags())
     try:
         netlab.check_available()
@@ -198,7 +209,7 @@ def run(args: argparse.Namespace, on_event: Callable[[Event], object] | None) ->
     runs: list[Run] = []
     capped: dict[str, Any] | None = None
     with _workdir(args.dir) as d, netlab.two_hosts(bps) as link:
-        setup = Setup(link, d, memory, args.fill, dirty_rate, args.timeout)
+        setup = Setup(link, d, memory, args.fill, dirty_rate, args.timeout, args.level)
         for comp, n in todo:
             r = _one(setup, comp, n)
             log.info("link %s: %s x%d: %.2f s", args.rate, comp, n, r.total_s)
@@ -308,6 +319,7 @@ class Setup:
     fill: str
     dirty_rate: int
     timeout: float
+    level: int | None = None
 
 
 def _one(setup: Setup, comp: str, channels: int, cap: int | None = None) -> Run:
@@ -326,6 +338,7 @@ def _one(setup: Setup, comp: str, channels: int, cap: int | None = None) -> Run:
         procs.append(receiver)
         procs.append(_workload(src, setup.dirty_rate))
         flags = [] if comp == "off" else ["--compress", comp]
+        flags += [] if comp == "off" or not setup.level else ["--compress-level", str(setup.level)]
         flags += [] if channels == 1 else ["--channels", str(channels)]
         flags += [] if cap is None else ["--max-bandwidth", str(cap)]
         tx0 = link.tx_bytes("sender")

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from ._argparse import rate
+from ._argparse import integer, rate
 from .cli import (
     FORMATS,
     add_bounds_flags,
@@ -282,7 +282,7 @@ def receive_options(args: argparse.Namespace, on_event: EventSink) -> ReceiveOpt
 
 
 #: The sender's wire options (``_add_wire_flags``): their flags' dests are the API's names.
-_SEND = ("compress", "channels", "max_bandwidth", "resume")
+_SEND = ("compress", "compress_level", "channels", "max_bandwidth", "resume")
 
 
 def _channels(text: str) -> int:
@@ -293,6 +293,12 @@ def _channels(text: str) -> int:
     return int(text)
 
 
+def _level(text: str) -> int:
+    from .wire import MAX_LEVEL
+
+    return integer(1, MAX_LEVEL)(text)
+
+
 def _add_wire_flags(p: argparse.ArgumentParser) -> None:
     """The sender's wire extensions (issue 14; xcsave receivers only, but for the cap)."""
     p.add_argument(
@@ -301,6 +307,14 @@ def _add_wire_flags(p: argparse.ArgumentParser) -> None:
         default="off",
         help="compress page data on the wire (xcsave receivers only; adaptive: only while "
         "it pays, skipped for incompressible pages or when the CPU, not the link, is slow)",
+    )
+    p.add_argument(
+        "--compress-level",
+        type=_level,
+        default=0,
+        metavar="N",
+        help="zstd's level, 1 (fastest) to 19 (default 1; adaptive tries 3 where the link "
+        "leaves time, and keeps a level of 3 or more as given)",
     )
     p.add_argument(
         "--channels",

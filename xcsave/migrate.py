@@ -126,6 +126,9 @@ class SendOptions(NetOptions, total=False):
 
     #: "off" (default), "zstd", or "adaptive" (zstd only when it pays)
     compress: str
+    #: zstd's level, 1..19 (0, the default: the pump's, 1; adaptive tries 3
+    #: where the link leaves time, and keeps a level of 3 or more as given)
+    compress_level: int
     #: data channels (TCP/TLS only; default 1)
     channels: int
     #: the cap, bytes/s or a :func:`xcsave.wire.parse_rate` text (0: none)
@@ -166,6 +169,7 @@ RECEIVE_DEFAULTS: Final[ReceiveOptions] = {
 SEND_DEFAULTS: Final[SendOptions] = {
     **NET_DEFAULTS,
     "compress": "off",
+    "compress_level": 0,
     "channels": 1,
     "max_bandwidth": 0,
     "resume": False,
@@ -450,6 +454,11 @@ def _offer(o: SendOptions, fmt: str) -> wire.Offer | None:
     ValueError for an option out of range."""
     if o["compress"] not in wire.COMPRESS:
         raise ValueError(f"compress is one of {wire.COMPRESS}, not {o['compress']!r}")
+    level = o["compress_level"]
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= wire.MAX_LEVEL:
+        raise ValueError(f"compress_level is 0 (default) or 1..{wire.MAX_LEVEL}, not {level!r}")
+    if level and o["compress"] == "off":
+        raise ValueError("compress_level needs compress='zstd' or 'adaptive'")
     if not 1 <= o["channels"] <= wire.MAX_CHANNELS:
         raise ValueError(f"channels is 1..{wire.MAX_CHANNELS}, not {o['channels']}")
     if o["compress"] == "off" and o["channels"] == 1 and not o["resume"]:
@@ -601,6 +610,7 @@ class _WireSend:
             tuple(c.fileno() for c in self.channels),
             raw=acc is None,
             compress=self.o["compress"] if acc is not None and acc.compress != "off" else "off",
+            level=self.o["compress_level"],
             max_bandwidth=rate,
             frame=acc.frame if acc else wire.FRAME_DEFAULT,
             window=acc.window if acc else wire.WINDOW_DEFAULT,

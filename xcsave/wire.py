@@ -53,6 +53,7 @@ __all__ = [
     "FRAME_MAX",
     "JOIN_MAGIC",
     "MAX_CHANNELS",
+    "MAX_LEVEL",
     "OFFER_MAGIC",
     "WINDOW_MAX",
     "Accept",
@@ -74,6 +75,8 @@ MAGIC_LEN: Final = 8
 BODY_MAX: Final = 4096
 #: ``--compress`` values; the wire carries "off" or "zstd" (adaptive is the sender's own rule).
 COMPRESS: Final = ("off", "zstd", "adaptive")
+#: zstd's highest level the pump takes (``--level``; its own bound, 19).
+MAX_LEVEL: Final = 19
 #: Most channels a migration may use (the receiver lowers an offer of more).
 MAX_CHANNELS: Final = 16
 #: A DATA frame's raw bytes: the default, and the largest either side accepts.
@@ -458,6 +461,7 @@ class PumpPlan:
     channel_fds: tuple[int, ...]
     raw: bool = False
     compress: str = "off"
+    level: int = 0  # zstd's (0: the pump's default)
     max_bandwidth: int = 0
     frame: int = FRAME_DEFAULT
     window: int = WINDOW_DEFAULT
@@ -476,6 +480,8 @@ class PumpPlan:
             args += ["--frame-size", str(self.frame), "--window", str(self.window)]
         if send and self.compress != "off":
             args += ["--compress", self.compress]
+            if self.level:
+                args += ["--level", str(self.level)]
         if send and self.max_bandwidth:
             args += ["--max-bandwidth", str(self.max_bandwidth)]
         if self.tee_fd is not None:
