@@ -27,8 +27,8 @@ from typing import Final, Literal
 from . import files, formats, libxlframe, lock, proto
 from ._log import logger
 from .defaults import MAX_COPY_THREADS, PAGE_SIZE
-from .devicemodel import DeviceModel, DeviceModelError, DeviceModelSave
-from .errors import BackendUnavailable, StreamError
+from .devicemodel import DeviceModel, DeviceModelSave
+from .errors import BackendUnavailable, DeviceModelError, StreamError
 from .events import Event, ThrottleEvent
 from .policy import Policy
 from .predict import Costs, Plan

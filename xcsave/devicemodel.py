@@ -38,8 +38,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import XcsaveError, with_errno
-from .qmp import TIMEOUT, Qmp, QmpError
+from .errors import DeviceModelError, QmpError
+from .qmp import TIMEOUT, Qmp
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ QMP_PATH: Final = "/var/run/xen/qmp-libxl-{domid}"
 #: The most physmap keys taken from xenstore, and bytes of their listing.
 MAX_PHYSMAP_KEYS: Final = 1024
 MAX_LISTING: Final = 1 << 20
-
-
-class DeviceModelError(XcsaveError):
-    """The device model's state could not be saved or read (``errno``)."""
-
-    def __init__(self, message: str, err: int) -> None:
-        super().__init__(with_errno(message, err))
-        self.errno = err
 
 
 @dataclass(frozen=True)

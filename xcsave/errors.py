@@ -42,6 +42,7 @@ import sys
 __all__ = [
     "BackendUnavailable",
     "CallbackError",
+    "DeviceModelError",
     "DomainBusy",
     "HandshakeError",
     "HelperDied",
@@ -52,6 +53,7 @@ __all__ = [
     "MigrationInDoubt",
     "NetlabUnavailable",
     "ProtocolError",
+    "QmpError",
     "SshdUnavailable",
     "StreamError",
     "Terminated",
@@ -220,6 +222,26 @@ class TlsError(XcsaveError):
 
     def __str__(self) -> str:
         return f"{self.message} ({errno_name(self.errno)})" if self.errno else self.message
+
+
+class QmpError(XcsaveError):
+    """A device model's QMP socket (:mod:`xcsave.qmp`) failed us: ``errno``
+    says how (ETIMEDOUT, EMSGSIZE, EPROTO, ECONNREFUSED...; EREMOTEIO for an
+    ``error`` reply, whose QMP class is ``qmp_class``)."""
+
+    def __init__(self, message: str, err: int, qmp_class: str | None = None) -> None:
+        super().__init__(with_errno(message, err))
+        self.errno = err
+        self.qmp_class = qmp_class
+
+
+class DeviceModelError(XcsaveError):
+    """An HVM guest's device state could not be saved or read
+    (:mod:`xcsave.devicemodel`); ``errno`` says why."""
+
+    def __init__(self, message: str, err: int) -> None:
+        super().__init__(with_errno(message, err))
+        self.errno = err
 
 
 class MigrationError(XcsaveError):

@@ -30,7 +30,7 @@ import stat
 from types import TracebackType
 from typing import Any, Final, Self
 
-from .errors import XcsaveError, with_errno
+from .errors import QmpError
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,6 @@ MAX_LINE: Final = 1 << 20
 MAX_SKIPPED: Final = 256
 #: Each read's deadline, unless the caller gives one.
 TIMEOUT: Final = 30.0
-
-
-class QmpError(XcsaveError):
-    """A device model's QMP socket failed us: ``errno`` says how (ETIMEDOUT,
-    EMSGSIZE, EPROTO, ECONNREFUSED...; EREMOTEIO for an ``error`` reply,
-    whose QMP class is ``qmp_class``)."""
-
-    def __init__(self, message: str, err: int, qmp_class: str | None = None) -> None:
-        super().__init__(with_errno(message, err))
-        self.errno = err
-        self.qmp_class = qmp_class
 
 
 class Qmp:
