@@ -342,6 +342,7 @@ static int sim_restore(const struct xcs_op *op, struct xcs_restore_out *out)
     p.stream_type = op->stream_type;
     p.max_pages = op->max_pages;
     p.dm_path = op->dm_path;
+    p.foreign = op->foreign;
 
     /* SIGTERM makes the stream read EOF, so the engine removes its partial domain. */
     xcs_arm_sigterm_abort(op->io_fd);

@@ -57,6 +57,7 @@ struct xcs_op {
     const char *xl_config_path;
     const char *dm_path;  /* restore: hand the device model's state over here */
     int dm_by_caller;     /* save: the caller saves the device model (QMP): HVM goes */
+    int foreign;          /* sim restore: a stream the sim did not write (real Xen's) */
     const char *out_tmp;  /* save: io_fd's file, the caller's uncommitted temporary */
     /* legacy input (restore): 0 = v2/v3 stream; else 32 or 64 */
     unsigned int legacy_width;

@@ -693,7 +693,7 @@ enum {
     OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS, OPT_IDLE_TIMEOUT_MS,
     OPT_OUT_TMP, OPT_IN_FD, OPT_OUT_FD, OPT_CHANNEL_FD, OPT_RAW, OPT_COMPRESS, OPT_LEVEL,
     OPT_MAX_BANDWIDTH, OPT_FRAME_SIZE, OPT_WINDOW, OPT_TEE_FD, OPT_RESUME_SOCK,
-    OPT_RESUME_TIMEOUT_MS, OPT_DEVICE_MODEL
+    OPT_RESUME_TIMEOUT_MS, OPT_DEVICE_MODEL, OPT_FOREIGN
 };
 
 /* The wire modes' own options (wire-send/wire-recv), checked once parsed. */
@@ -788,6 +788,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"resume-sock", required_argument, NULL, OPT_RESUME_SOCK},
         {"resume-timeout-ms", required_argument, NULL, OPT_RESUME_TIMEOUT_MS},
         {"device-model", required_argument, NULL, OPT_DEVICE_MODEL},
+        {"foreign", required_argument, NULL, OPT_FOREIGN},
         {NULL, 0, NULL, 0},
     };
     /*
@@ -814,6 +815,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {OPT_IDLE_TIMEOUT_MS, &op->idle_ms, 86400u * 1000},
         {OPT_BUILD_ONLY, (unsigned int *)&op->sim_build_only, 1},
         {OPT_DEVICE_MODEL, (unsigned int *)&op->dm_by_caller, 1},
+        {OPT_FOREIGN, (unsigned int *)&op->foreign, 1},
     };
     const char *backend = "sim";
     int role = -1;
@@ -973,6 +975,8 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         fatal("--out-tmp is a save option");
     if (op->dm_by_caller && (op->restore || op->tunnel))
         fatal("--device-model is a save option");
+    if (op->foreign && (!op->restore || op->legacy_width))
+        fatal("--foreign is a restore option (a legacy stream is converted as foreign already)");
     return backend;
 }
 

@@ -9,11 +9,16 @@ judge it; here: what the records say.)
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import struct
 from pathlib import Path
 
 import pytest
 
-from xcsave.skeleton import Skeleton, compare, load_skeleton
+import xcsave
+import xcsave.sync
+from xcsave.skeleton import Skeleton, compare, inflate, load_skeleton
 
 REAL = Path(__file__).resolve().parent / "data" / "real"
 KINDS = ("pv", "pvh", "hvm")
@@ -93,3 +98,75 @@ def test_hvm_container_records(kind: str) -> None:
     batches = [r for r in skel.records if r.name == "PAGE_DATA"]
     assert max(r.count for r in batches) == 1024
     assert sum(r.count for r in batches) > skel.pages
+
+
+# ---------------------------------------------------------------- into a sim domain
+
+
+def _pages(path: Path, start: int) -> dict[int, bytes]:
+    """pfn -> sha256 of each non-zero page a libxc image at ``start`` carries
+    (the last copy wins), read independently of xcsave's codec."""
+    out: dict[int, bytes] = {}
+    with path.open("rb") as f:
+        f.seek(start + 24 + 16)  # the image and domain headers
+        while hdr := f.read(8):
+            rtype, length = struct.unpack("<II", hdr)
+            body = f.read((length + 7) // 8 * 8)
+            if rtype == 0:  # END
+                break
+            if rtype != 1:  # not PAGE_DATA
+                continue
+            (count,) = struct.unpack_from("<I", body)
+            pfns = struct.unpack_from(f"<{count}Q", body, 8)
+            off = 8 + 8 * count
+            for word in pfns:
+                if word >> 60 in (0xD, 0xE, 0xF):  # BROKEN, XALLOC, XTAB: no data
+                    continue
+                page = body[off : off + 4096]
+                off += 4096
+                pfn = word & ((1 << 52) - 1)
+                if page.count(0) == len(page):
+                    out.pop(pfn, None)
+                else:
+                    out[pfn] = hashlib.sha256(page).digest()
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_stream_restores_into_a_sim_domain_with_foreign(kind: str, tmp_path: Path) -> None:
+    """Real Xen's save restores into a sim domain when the caller says the
+    stream is foreign (the sim did not write it): every page where the
+    stream put it, as the sim's own save of the domain then shows.  Without
+    ``foreign`` the sim refuses it, on purpose, and leaves nothing."""
+    skel = real(kind, "stock")
+    stream = tmp_path / f"{kind}.xl"
+    inflate(skel, stream)
+    dom, resaved = tmp_path / f"{kind}.dom", tmp_path / f"{kind}.libxc"
+    if kind != "pv":
+        with pytest.raises(xcsave.HelperFailed, match="HVM_CONTEXT at offset"):
+            xcsave.sync.restore(stream, sim=dom, fmt="xl")
+    else:
+        with pytest.raises(xcsave.HelperFailed, match="domain type 1"):
+            xcsave.sync.restore(stream, sim=dom, fmt="xl")
+    assert list(tmp_path.glob(f"*{kind}.dom*")) == []
+    res = xcsave.sync.restore(stream, sim=dom, fmt="xl", foreign=True)
+    assert res.restore_stats is not None and res.restore_stats.pages_received == skel.pages
+    xcsave.sync.save(resaved, sim=dom, fmt="libxc")
+    start = stream.read_bytes().index(b"\xff" * 8 + b"XENF")  # the libxc image header
+    assert _pages(resaved, 0) == _pages(stream, start)
+
+
+def test_foreign_restore_keeps_the_bounds(tmp_path: Path) -> None:
+    """``foreign`` sizes the domain by the stream's highest pfn, within the
+    caller's bounds: the HVM image reaches pfn 0xfeffc (4 GiB), so a 1 GiB
+    bound refuses it (ERANGE) and leaves nothing; a sim stream is refused."""
+    stream = tmp_path / "hvm.xl"
+    inflate(real("hvm", "stock"), stream)
+    with pytest.raises(xcsave.HelperFailed) as e:
+        xcsave.sync.restore(
+            stream, sim=tmp_path / "d.dom", fmt="xl", foreign=True, max_memory=1 << 30
+        )
+    assert e.value.errno == errno.ERANGE
+    assert list(tmp_path.glob("*d.dom*")) == []
+    with pytest.raises(ValueError, match="simulated domain"):
+        xcsave.sync.restore(stream, domid=5, fmt="xl", foreign=True)

@@ -763,6 +763,7 @@ async def restore(
     legacy_width: int | None = None,
     legacy_guest: str | None = None,
     dm_out: str | os.PathLike[str] | None = None,
+    foreign: bool = False,
     timeout: float | None = None,
     on_event: Callable[[Event], object] | None = None,
     supervisor: Supervisor | None = None,
@@ -797,9 +798,21 @@ async def restore(
     A Xen target domain (``domid``) in the xcsave-1 dialect must be one of
     :data:`~xcsave.formats.SUPERVISOR_GUESTS` (PV, PVH): an HVM one fails
     with EOPNOTSUPP before anything is read.
+
+    ``foreign=True`` (a simulated domain) takes a stream the simulator did
+    not write, such as real Xen's save of a PVH or HVM guest: without the
+    sim's own record the domain is sized by its highest pfn (bounded as
+    above) and vCPU 0's state is the first 512 bytes of HVM_CONTEXT, as for
+    a converted legacy stream (docs/sim-format.md).  Without it such a
+    stream is refused at HVM_CONTEXT, deliberately.
     """
     if (domid is None) == (sim is None):
         raise ValueError("give exactly one of domid= or sim=")
+    if foreign and (sim is None or legacy_width is not None):
+        raise ValueError(
+            "foreign= restores into a simulated domain (a legacy stream is converted "
+            "as foreign already)"
+        )
     d = _check_dialect(dialect, sim=sim, fmt="libxc" if fmt == "auto" else fmt)
     if stream_type not in STREAM_TYPES:
         raise ValueError(f"unknown stream type {stream_type!r}")
@@ -857,6 +870,7 @@ async def restore(
                                 "legacy_width": legacy_width,
                                 "legacy_guest": legacy_guest,
                                 "dm_out": os.fspath(dm_out) if dm_out is not None else None,
+                                "foreign": foreign,
                             },
                         )
                     res = await job.run(args, (io_fd, lock_fd), sim=final)

@@ -316,6 +316,7 @@ def do_restore(args: argparse.Namespace) -> int:
             legacy_width=legacy_width,
             legacy_guest=legacy_guest,
             dm_out=args.dm_out,
+            foreign=args.foreign,
             force=args.force,
             **_run_options(args, rend),
         ),
@@ -485,6 +486,12 @@ def add_save_restore(sub: Any) -> None:
     add_bounds_flags(p, max_memory="")
     p.add_argument(
         "--dm-out", metavar="FILE", help="hand the device model's saved state over in FILE"
+    )
+    p.add_argument(
+        "--foreign",
+        action="store_true",
+        help="--sim: a stream the simulator did not write (real Xen's PVH or HVM save): "
+        "the domain sized by its highest pfn, vCPU 0 from HVM_CONTEXT",
     )
     p.add_argument(
         "--force",
