@@ -460,9 +460,7 @@ def _idle_ms(idle_timeout: float | None) -> int | None:
 XL_CONFIG_MAX: Final = 1 << 20
 
 
-def _frame_head(
-    fmt: str, xl_config: str | os.PathLike[str] | None, dm: DeviceModel | None
-) -> bytes:
+def _frame_head(fmt: str, xl_config: str | os.PathLike[str] | None) -> bytes:
     """A Xen domain's save framed here: what comes before the libxc image
     (:func:`xcsave.libxlframe.head`).  An xl savefile needs the domain's
     config: read (at most :data:`XL_CONFIG_MAX` bytes) and checked to be a
@@ -619,7 +617,7 @@ async def save(
         if stream_type != "plain":
             raise ValueError("device_model= saves a plain stream (not remus or colo)")
     d = _check_dialect(dialect, sim=sim, fmt="libxc" if framed else fmt)
-    head = _frame_head(fmt, xl_config, device_model) if framed else None
+    head = _frame_head(fmt, xl_config) if framed else None
     _check_copy_threads(copy_threads, sim=sim)
     cbs = replace(callbacks) if callbacks is not None else Callbacks()
     if policy is not None:

@@ -216,6 +216,8 @@ def calibrate(runs: Sequence[Measured], memory_pages: int) -> tuple[float, Costs
     over idle migrations ``runs``."""
     from .predict import Costs
 
+    if not runs:
+        raise UsageError("no calibration migration")
     links, setups, downtimes, sent = [], [], [], []
     for m in runs:
         if not m.pages or not m.seconds or m.seconds[0] <= 0:
@@ -227,8 +229,6 @@ def calibrate(runs: Sequence[Measured], memory_pages: int) -> tuple[float, Costs
         downtimes.append(max(0.0, m.downtime_s - final / link))
         setups.append(max(0.0, m.total_s - precopy - m.downtime_s))
         sent.append(min(1.0, m.pages[0] / memory_pages))
-    if not runs:
-        raise UsageError("no calibration migration")
     med = statistics.median
     costs = Costs(setup_s=med(setups), downtime_s=med(downtimes), sent_fraction=med(sent))
     return med(links), costs

@@ -313,8 +313,8 @@ def _add_wire_flags(p: argparse.ArgumentParser) -> None:
         type=_level,
         default=0,
         metavar="N",
-        help="zstd's level, 1 (fastest) to 19 (default 1; adaptive tries 3 where the link "
-        "leaves time, and keeps a level of 3 or more as given)",
+        help="zstd's level, 1 (fastest) to 19 (default: 3 for zstd; adaptive starts at 1, "
+        "tries 3 where the link leaves time, and keeps a level of 3 or more as given)",
     )
     p.add_argument(
         "--channels",

@@ -65,8 +65,9 @@ class DeviceModel:
     :func:`read_physmap`); ``physmap_of``: a domid whose physmap keys are
     read from xenstore once its device state is saved, after those (as
     libxl; :meth:`of_domain` sets it).  No pairs at all: no such record, as
-    libxl when there is no physmap.  ``timeout``: each QMP exchange's deadline (the device state's
-    save included).  ``max_state``: the largest device state taken.
+    libxl when there is no physmap.  ``timeout``: each QMP exchange's
+    deadline (the device state's save included).  ``max_state``: the
+    largest device state taken.
     ``workdir``: where the private directory QEMU writes into is made
     (default: the system's temporary directory).
     """

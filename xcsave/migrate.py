@@ -126,8 +126,8 @@ class SendOptions(NetOptions, total=False):
 
     #: "off" (default), "zstd", or "adaptive" (zstd only when it pays)
     compress: str
-    #: zstd's level, 1..19 (0, the default: the pump's, 1; adaptive tries 3
-    #: where the link leaves time, and keeps a level of 3 or more as given)
+    #: zstd's level, 1..19 (0, the default: the pump's, 3 for zstd; adaptive
+    #: starts at 1, tries 3 where the link leaves time, keeps 3 or more as given)
     compress_level: int
     #: data channels (TCP/TLS only; default 1)
     channels: int

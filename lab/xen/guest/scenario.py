@@ -25,7 +25,6 @@ import re
 import shlex
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -587,30 +586,21 @@ def xl_config_json(domid: int) -> bytes:
     raise StepFailed(f"xl list -l {domid} failed twice")
 
 
-XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
-XL_FLAG_JSON, XL_FLAG_STREAMV2 = 1, 2
-LIBXL_IDENT = 0x4C6962786C466D74  # "LibxlFmt"
-REC_END, REC_LIBXC_CONTEXT = 0, 1
-
-
 def wrap_xl(libxc: Path, out: Path, config: bytes) -> None:
     """libxc image -> xl savefile: xl header + JSON config, libxl stream around the image.
 
-    This is exactly what ``xl save`` writes for a PV domain: the xl header
-    (xl.h), then the libxl v2 stream -- header, LIBXC_CONTEXT, the libxc
-    image, END (no emulator records for PV).
+    This is exactly what ``xl save`` writes for a PV or PVH domain: the xl
+    header, then the libxl v2 stream -- header, LIBXC_CONTEXT, the libxc
+    image, END (no emulator records without a device model); the frames are
+    xcsave's own encoder's (:mod:`xcsave.libxlframe`).
     """
-    cfg = config + b"\0"
-    hdr = XL_MAGIC + struct.pack(
-        "=IIII", 0x01020304, XL_FLAG_JSON | XL_FLAG_STREAMV2, 0, 4 + len(cfg)
-    )
+    from xcsave import libxlframe
+
     with out.open("wb") as f, libxc.open("rb") as src:
-        f.write(hdr + struct.pack("=I", len(cfg)) + cfg)
-        f.write(struct.pack(">QII", LIBXL_IDENT, 2, 0))
-        f.write(struct.pack("<II", REC_LIBXC_CONTEXT, 0))
+        f.write(libxlframe.head(config))
         while chunk := src.read(1 << 20):
             f.write(chunk)
-        f.write(struct.pack("<II", REC_END, 0))
+        f.write(libxlframe.tail(None))
 
 
 def supervisor_save(
@@ -725,10 +715,11 @@ def emulator_context_len(path: Path) -> int:
 
 def device_model_running(domid: int) -> dict[str, Any]:
     """The restored domain's device model (QEMU) answers QMP and runs."""
+    from xcsave.devicemodel import QMP_PATH
     from xcsave.qmp import Qmp, QmpError
 
     async def ask() -> dict[str, Any]:
-        async with await Qmp.connect(f"/var/run/xen/qmp-libxl-{domid}", timeout=60) as q:
+        async with await Qmp.connect(QMP_PATH.format(domid=domid), timeout=60) as q:
             status = await q.execute("query-status")
         return status if isinstance(status, dict) else {"status": status}
 
