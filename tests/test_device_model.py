@@ -339,16 +339,45 @@ async def test_cli_save_qmp_reads_the_physmap(
     assert "xen-save-devices-state" in q.names()
 
 
-async def test_read_physmap_refuses_garbage(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("script", "says", "err"),
+    [
+        ("echo 'this is not xenstore-ls'", "unexpected line", errno.EPROTO),
+        ("exec sleep 30", "no answer in", errno.ETIMEDOUT),
+    ],
+    ids=["garbage", "silence"],
+)
+async def test_read_physmap_refuses_a_hostile_xenstore_ls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, says: str, err: int
 ) -> None:
+    """xenstore-ls's output is read bounded in time and parsed strictly."""
     bindir = tmp_path / "bin"
     _fake_xenstore(bindir, 3, True)
-    (bindir / "xenstore-ls").write_text("#!/bin/sh\necho 'this is not xenstore-ls'\n")
+    (bindir / "xenstore-ls").write_text(f"#!/bin/sh\n{script}\n")
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    with pytest.raises(xcsave.XcsaveError, match="unexpected line") as e:
-        await read_physmap(3)
-    assert e.value.errno == errno.EPROTO  # type: ignore[attr-defined]
+    with pytest.raises(xcsave.XcsaveError, match=says) as e:
+        await read_physmap(3, timeout=0.5)
+    assert e.value.errno == err  # type: ignore[attr-defined]
+
+
+async def test_cancelled_while_qemu_is_stopped_gives_it_back(
+    hvm: None, ours: Path, sockdir: str, tmp_path: Path
+) -> None:
+    """A cancellation (the CLI's SIGTERM) while QEMU is stopped and its state
+    being saved: no image, and QEMU gets its vCPUs back (``cont``)."""
+    img = tmp_path / "hvm.img"
+    async with qemu(sockdir, "hang-save") as q:
+        task = asyncio.ensure_future(_libxl_save(img, ours, DeviceModel(q.path)))
+        for _ in range(500):
+            if "stop" in q.names():
+                break
+            await asyncio.sleep(0.01)
+        assert "stop" in q.names()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert q.names()[-1] == "cont", q.names()
+    assert not img.exists() and list(tmp_path.glob(".hvm.img*")) == []
 
 
 def test_cli_hvm_without_qmp_is_refused_in_one_line(hvm: None, ours: Path, tmp_path: Path) -> None:

@@ -170,3 +170,15 @@ def test_foreign_restore_keeps_the_bounds(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*d.dom*")) == []
     with pytest.raises(ValueError, match="simulated domain"):
         xcsave.sync.restore(stream, domid=5, fmt="xl", foreign=True)
+
+
+def test_foreign_restore_of_a_cut_stream_leaves_nothing(tmp_path: Path) -> None:
+    """A real stream cut in the middle of its pages, restored as foreign:
+    one failure, no domain and no partial left."""
+    stream = tmp_path / "pvh.xl"
+    inflate(real("pvh", "stock"), stream)
+    with stream.open("r+b") as f:
+        f.truncate(stream.stat().st_size // 2)
+    with pytest.raises(xcsave.HelperFailed):
+        xcsave.sync.restore(stream, sim=tmp_path / "d.dom", fmt="xl", foreign=True)
+    assert list(tmp_path.glob("*d.dom*")) == []
