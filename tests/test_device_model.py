@@ -344,8 +344,12 @@ async def test_cli_save_qmp_reads_the_physmap(
     [
         ("echo 'this is not xenstore-ls'", "unexpected line", errno.EPROTO),
         ("exec sleep 30", "no answer in", errno.ETIMEDOUT),
+        # A pipeline: the children, not the shell, hold the pipe.
+        ("head -c 2000000 /dev/zero | tr '\\0' x", "over 1048576 bytes", errno.E2BIG),
+        # An orphan holds the pipe open after the command itself exits.
+        ('sleep 30 & echo $! > "$PIDFILE"; exit 0', "no answer in", errno.ETIMEDOUT),
     ],
-    ids=["garbage", "silence"],
+    ids=["garbage", "silence", "size-bomb", "orphan-holds-pipe"],
 )
 async def test_read_physmap_refuses_a_hostile_xenstore_ls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, says: str, err: int
@@ -355,9 +359,27 @@ async def test_read_physmap_refuses_a_hostile_xenstore_ls(
     _fake_xenstore(bindir, 3, True)
     (bindir / "xenstore-ls").write_text(f"#!/bin/sh\n{script}\n")
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    pidfile = tmp_path / "orphan.pid"
+    monkeypatch.setenv("PIDFILE", str(pidfile))
     with pytest.raises(xcsave.XcsaveError, match=says) as e:
-        await read_physmap(3, timeout=0.5)
+        await read_physmap(3, timeout=2.0)
     assert e.value.errno == err  # type: ignore[attr-defined]
+    if pidfile.exists():  # whatever it started is gone with it
+        orphan = int(pidfile.read_text())
+        for _ in range(100):
+            if not _alive(orphan):
+                break
+            await asyncio.sleep(0.01)
+        assert not _alive(orphan)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, reaped by nobody yet, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def test_cancelled_while_qemu_is_stopped_gives_it_back(

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -238,33 +239,54 @@ async def read_physmap(
 
 
 async def _xenstore(argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run one xenstore-utils command; its output bounded in size, the whole
+    run in time.
+
+    The command gets its own process group (``start_new_session``) so that a
+    failure kills everything it started: a wrapper script's children would
+    otherwise keep the pipe's write end open, and the read would never see
+    end of file."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
     except OSError as e:
         raise DeviceModelError(f"running {argv[0]}", e.errno or errno_mod.EIO) from None
+    assert proc.stdout is not None
+    done = False
     try:
-        assert proc.stdout is not None
-        out = await asyncio.wait_for(proc.stdout.read(MAX_LISTING + 1), timeout)
-        if len(out) > MAX_LISTING:
-            raise DeviceModelError(
-                f"{argv[0]}: over {MAX_LISTING} bytes of output", errno_mod.E2BIG
-            )
-        rc = await asyncio.wait_for(proc.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            out = await _read_bounded(proc.stdout, MAX_LISTING, argv[0])
+            rc = await proc.wait()
+        done = True
     except TimeoutError:
         raise DeviceModelError(
             f"{argv[0]}: no answer in {timeout:g} s", errno_mod.ETIMEDOUT
         ) from None
     finally:
-        if proc.returncode is None:
+        if not done:
+            # The group, not the pid: see the docstring.
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
     return rc, out.decode(errors="replace")
+
+
+async def _read_bounded(stream: asyncio.StreamReader, limit: int, what: str) -> bytes:
+    """Everything up to end of file, refused (E2BIG) past ``limit`` bytes.
+    (``StreamReader.read(n)`` returns what is buffered, not up to ``n``.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise DeviceModelError(f"{what}: over {limit} bytes of output", errno_mod.E2BIG)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 __all__ = [
