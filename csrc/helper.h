@@ -82,6 +82,7 @@ struct xcs_op {
     int wire_tee_fd;      /* wire-recv: a copy of the plain stream, -1 none */
     int wire_resume_sock; /* SOCK_SEQPACKET end replacement channels arrive on, -1 */
     unsigned int wire_resume_ms;
+    int wire_copy;        /* --copy: never splice (wire.c), every byte through memory */
 };
 
 struct xcs_restore_out {

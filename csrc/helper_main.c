@@ -57,10 +57,10 @@
  *   --xcsave-1 wire-send --in-fd P (--channel-fd FD)... [--raw]
  *        [--compress off|zstd|adaptive] [--level N] [--max-bandwidth BYTES_PER_S]
  *        [--frame-size BYTES] [--window BYTES] [--resume-sock FD
- *        --resume-timeout-ms T] [--idle-timeout-ms T]
+ *        --resume-timeout-ms T] [--idle-timeout-ms T] [--copy]
  *   --xcsave-1 wire-recv --out-fd P (--channel-fd FD)... [--tee-fd F]
  *        [--frame-size BYTES] [--window BYTES] [--resume-sock FD
- *        --resume-timeout-ms T] [--idle-timeout-ms T]
+ *        --resume-timeout-ms T] [--idle-timeout-ms T] [--copy]
  *        the wire pumps between the plain stream and the channels to the
  *        peer (wire.c, WIRE.md); hello's backend is "wire".
  *   --version   (its "zstd libzstd|none" says whether wire compression is built)
@@ -693,7 +693,7 @@ enum {
     OPT_TLS_DIR, OPT_PEER_NAME, OPT_HANDSHAKE_TIMEOUT_MS, OPT_IDLE_TIMEOUT_MS,
     OPT_OUT_TMP, OPT_IN_FD, OPT_OUT_FD, OPT_CHANNEL_FD, OPT_RAW, OPT_COMPRESS, OPT_LEVEL,
     OPT_MAX_BANDWIDTH, OPT_FRAME_SIZE, OPT_WINDOW, OPT_TEE_FD, OPT_RESUME_SOCK,
-    OPT_RESUME_TIMEOUT_MS, OPT_DEVICE_MODEL, OPT_FOREIGN
+    OPT_RESUME_TIMEOUT_MS, OPT_DEVICE_MODEL, OPT_FOREIGN, OPT_COPY
 };
 
 /* The wire modes' own options (wire-send/wire-recv), checked once parsed. */
@@ -702,8 +702,8 @@ static void check_wire_argv(struct xcs_op *op, int given)
     if (!op->wire) {
         if (given)
             fatal("--in-fd, --out-fd, --channel-fd, --raw, --compress, --level, "
-                  "--max-bandwidth, --frame-size, --window, --tee-fd and --resume-* "
-                  "are wire-send/wire-recv options");
+                  "--max-bandwidth, --frame-size, --window, --tee-fd, --resume-* and "
+                  "--copy are wire-send/wire-recv options");
         return;
     }
     if (op->io_fd < 0)
@@ -789,6 +789,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
         {"resume-timeout-ms", required_argument, NULL, OPT_RESUME_TIMEOUT_MS},
         {"device-model", required_argument, NULL, OPT_DEVICE_MODEL},
         {"foreign", required_argument, NULL, OPT_FOREIGN},
+        {"copy", no_argument, NULL, OPT_COPY},
         {NULL, 0, NULL, 0},
     };
     /*
@@ -940,6 +941,7 @@ static const char *parse_xcs_argv(int argc, char **argv, struct xcs_op *op)
             wire_given = 1;
             break;
         case OPT_TEE_FD: op->wire_tee_fd = parse_fd("tee-fd", optarg, 0); wire_given = 1; break;
+        case OPT_COPY: op->wire_copy = 1; wire_given = 1; break;
         case OPT_RESUME_SOCK:
             op->wire_resume_sock = parse_fd("resume-sock", optarg, 0);
             wire_given = 1;

@@ -6,8 +6,8 @@
  *   save helper --pipe--> wire-send ==ch0..chN-1==> wire-recv --pipe--> restore helper
  *
  * Python opened (and authenticated) the channels and hands us their fds;
- * bulk data never crosses the control pipe.  WIRE.md is the contract; in
- * short:
+ * bulk data never crosses the control pipe.  docs/architecture.md
+ * ("Migration") is the contract; in short:
  *
  * Frames (wire.h): a 32-byte header, then for DATA the payload.  The
  * sender cuts the plain stream into frames of at most frame_max bytes,
@@ -67,6 +67,19 @@
  * the frames it had sent on the lost channel from that seq on, on any
  * channel.  Frames already held are discarded as duplicates.
  *
+ * Splice: a raw frame's bytes need not enter our memory at all.  With one
+ * channel and no resume, the sender leaves a raw frame's bytes in its input
+ * pipe until the channel is free, then sends the header (corked) and
+ * splice()s the bytes from the pipe to the socket; the receiver splice()s
+ * the frame it expects next, raw, from the socket into its output pipe
+ * (without resume and without a tee).  Each pump then costs the stream no
+ * copy; a frame that goes through memory (compressed, out of order, kept
+ * for a resume or the tee) is read into a pooled buffer and written from
+ * there, a copy in and a copy out.  --copy turns splicing off (tests,
+ * benchmarks).  A spliced frame is the pipe's or the socket's until it is
+ * whole: the sender's cannot be re-sent (hence no resume) and the
+ * receiver's is written as it comes (hence only in order).
+ *
  * Every fd is polled in one ppoll() loop; SIGTERM is blocked except inside
  * ppoll (xcs_sigterm_until_ppoll, as in the TLS tunnel).  Channels are used
  * with MSG_DONTWAIT, not O_NONBLOCK: their open file descriptions are shared
@@ -83,6 +96,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -104,6 +119,7 @@
 #define RAW_BUF (256u * 1024u)
 #define MIN_WRITE (16u * 1024u)
 #define WINDOW_FRAMES 4096u /* frames in a window at most, whatever --window says */
+#define POOL_MAX 8u /* frame buffers kept for reuse at most */
 
 /* ------------------------------------------------------------ pump state */
 
@@ -142,6 +158,11 @@ struct chan {
     uint8_t *payload;
     size_t pay_have;
     int end_sent, end_seen; /* sender: END sent / receiver's END read; receiver: mirror */
+    /* splice (see the top): this channel's frame moves between the pipe
+     * and the socket in the kernel; the sender's header waits in sp_hdr */
+    int sp;
+    uint8_t sp_hdr[XCS_WIRE_HDR];
+    int flags;              /* the fd's file status flags before the run (-1: not ours to restore) */
     uint64_t bytes;         /* wire bytes sent (sender) or received (receiver) */
 };
 
@@ -158,7 +179,8 @@ struct pump {
     uint64_t ack_hi;       /* the highest ACK/RESUME seq read (acked stops at a frame
                               still being written: a re-send the receiver had) */
     size_t raw_off;        /* --raw: bytes of stage written */
-    uint8_t *stage;
+    uint8_t *stage_buf;    /* the frame being filled: header room, then stage */
+    uint8_t *stage;        /* stage_buf + XCS_WIRE_HDR (--raw: a buffer of its own) */
     size_t stage_len;
     int in_eof, in_dry;
     /* receiver */
@@ -172,6 +194,11 @@ struct pump {
     uint64_t stream_bytes, wire_bytes, frames, frames_compressed, blocked_ns;
     uint64_t t0, last_stats, last_rx;
     int in_flags;          /* io_fd's file status flags before the run */
+    int zc;                /* raw frames may be spliced (see the top) */
+    int next_z;            /* sender: the next frame compressed (1), raw (0), undecided (-1) */
+    int splicing;          /* receiver: the channel splicing frame next_exp, or -1 */
+    int sp_out_full;       /* receiver: that splice waits for room in the pipe */
+    uint64_t spliced;      /* frames spliced (debug: log_usage) */
     /* rate cap */
     uint64_t rate, bucket_t;
     double tokens;
@@ -180,7 +207,10 @@ struct pump {
     size_t pin_have;
     /* zstd and the adaptive rule */
     void *cctx, *dctx;
-    uint8_t *zbuf;
+    uint8_t *zbuf;         /* adaptive's trial: a frame at --level too */
+    /* frame buffers (XCS_WIRE_HDR + frame_max) for reuse: see buf_get() */
+    uint8_t *pool[POOL_MAX];
+    unsigned pooled;
     uint64_t ew_comp;      /* ns zstd takes per MiB of plain stream (EWMA 1/8) */
     int have_comp, not_worth, skip;
     int zmode;             /* adaptive: this window's frames are compressed */
@@ -227,6 +257,25 @@ static int __attribute__((format(printf, 3, 4))) fail(struct pump *p, int eno,
             line);
     errno = eno;
     return -1;
+}
+
+/*
+ * Frame buffers, each XCS_WIRE_HDR + frame_max bytes, the same for every
+ * frame both ways, kept for reuse (at most POOL_MAX).  A frame of a MiB
+ * malloc'd and freed every time is fresh pages every time (glibc trims the
+ * heap and maps big blocks): a page fault per 4 KiB, on top of the copy.
+ */
+static uint8_t *buf_get(struct pump *p)
+{
+    return p->pooled ? p->pool[--p->pooled] : malloc(XCS_WIRE_HDR + (size_t)p->fmax);
+}
+
+static void buf_put(struct pump *p, uint8_t *b)
+{
+    if (b && p->pooled < POOL_MAX)
+        p->pool[p->pooled++] = b;
+    else
+        free(b);
 }
 
 static void send_stats(struct pump *p)
@@ -350,6 +399,7 @@ static void chan_reset(struct chan *c)
     c->payload = NULL;
     c->end_sent = c->end_seen = 0;
     c->awaiting_resume = 0;
+    c->sp = 0;
 }
 
 /* The sender's frames that were on channel i and may not have arrived: queued again. */
@@ -507,7 +557,7 @@ static int check_lost(struct pump *p, uint64_t now, uint64_t *wake)
  * channel failure with resume returns 0 with the channel lost (fd -1).
  */
 static int chan_write(struct pump *p, unsigned i, const uint8_t *buf, size_t len, size_t *off,
-                      int capped)
+                      int capped, int more)
 {
     struct chan *c = &p->ch[i];
     size_t want = len - *off;
@@ -518,7 +568,7 @@ static int chan_write(struct pump *p, unsigned i, const uint8_t *buf, size_t len
         if (want == 0)
             return 0;
     }
-    w = send(c->fd, buf + *off, want, MSG_DONTWAIT | MSG_NOSIGNAL);
+    w = send(c->fd, buf + *off, want, MSG_DONTWAIT | MSG_NOSIGNAL | (more ? MSG_MORE : 0));
     if (w < 0 && (errno == EAGAIN || errno == EINTR))
         return 0;
     if (w < 0)
@@ -532,6 +582,64 @@ static int chan_write(struct pump *p, unsigned i, const uint8_t *buf, size_t len
     if (capped && p->rate)
         p->tokens -= (double)w;
     return w > 0;
+}
+
+/*
+ * Splice (sender): up to `want` bytes of the frame channel i is sending,
+ * from the input pipe, where they wait already (splice_cut counted them), to
+ * the channel, under the cap.  Returns as chan_write.
+ */
+static int chan_splice_out(struct pump *p, unsigned i, size_t want, int more)
+{
+    struct chan *c = &p->ch[i];
+    ssize_t n;
+
+    want = bucket_allow(p, want);
+    if (want == 0)
+        return 0;
+    n = splice(p->op->io_fd, NULL, c->fd, NULL, want,
+               SPLICE_F_NONBLOCK | SPLICE_F_MOVE | (more ? SPLICE_F_MORE : 0));
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return 0; /* the socket is full: the bytes are in the pipe */
+    if (n == 0)
+        return fail(p, EPIPE, "the plain stream ended inside frame %lld", (long long)c->cur);
+    if (n < 0)
+        return chan_io_failed(p, i, errno) < 0 ? -1 : 0;
+    c->cur_off += (size_t)n;
+    c->bytes += (uint64_t)n;
+    p->wire_bytes += (uint64_t)n;
+    c->stall_since = 0;
+    if (p->rate)
+        p->tokens -= (double)n;
+    return 1;
+}
+
+/*
+ * Splice (receiver): more of the payload of frame next_exp from channel i
+ * into the output pipe.  When neither can move, sp_out_full says which side
+ * to wait for (the socket holds bytes: the pipe is full).  Returns as chan_read.
+ */
+static int chan_splice_in(struct pump *p, unsigned i)
+{
+    struct chan *c = &p->ch[i];
+    ssize_t n = splice(c->fd, NULL, p->op->io_fd, NULL, c->h.wire_len - c->pay_have,
+                       SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    int queued = 0;
+
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        p->sp_out_full = ioctl(c->fd, FIONREAD, &queued) == 0 && queued > 0;
+        return 0;
+    }
+    if (n < 0 && errno == EPIPE)
+        return fail(p, EPIPE, "writing the plain stream: %s", strerror(errno));
+    if (n <= 0)
+        return chan_io_failed(p, i, n < 0 ? errno : 0) < 0 ? -1 : 0;
+    p->sp_out_full = 0;
+    c->pay_have += (size_t)n;
+    c->bytes += (uint64_t)n;
+    p->wire_bytes += (uint64_t)n;
+    p->last_rx = now_ns();
+    return 1;
 }
 
 /* Read into buf[*have..want) from channel i: 1 moved, 0 nothing, -1 failed (as above). */
@@ -570,7 +678,7 @@ static int flush_ctl(struct pump *p, unsigned i)
 
     if (c->fd < 0 || c->ctl_len == 0)
         return 0;
-    r = chan_write(p, i, c->ctl, c->ctl_len, &c->ctl_off, p->send);
+    r = chan_write(p, i, c->ctl, c->ctl_len, &c->ctl_off, p->send, 0);
     if (r > 0 && c->fd >= 0 && c->ctl_off == c->ctl_len)
         c->ctl_len = c->ctl_off = 0;
     return r;
@@ -727,25 +835,33 @@ static int want_compress(struct pump *p)
     return p->zmode;
 }
 
-/* The staged plain bytes become frame next_seq (queued). */
+/*
+ * The staged plain bytes become frame next_seq (queued), in place: a raw
+ * frame is the stage's buffer itself (the header goes in the room before
+ * it), a compressed one the buffer zstd wrote into; the stage gets another.
+ */
 static int make_frame(struct pump *p)
 {
     struct sframe *f = &p->sf[p->next_seq % p->wf];
     struct xcs_wire_hdr h = {XCS_WIRE_MAGIC, XCS_WT_DATA, XCS_WC_RAW, 0,
                              (uint32_t)p->stage_len, (uint32_t)p->stage_len, p->next_seq, 0};
-    const uint8_t *payload = p->stage;
+    uint8_t *out = NULL, *next = buf_get(p);
+
+    if (!next)
+        return fail(p, ENOMEM, "out of memory for a frame of %u bytes", p->fmax);
 #ifdef XCS_HAVE_ZSTD
-    if (want_compress(p)) {
+    if (p->next_z) {
         uint64_t t = now_ns();
         size_t cap = p->stage_len - p->stage_len / 10;
-        size_t n = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len, p->level);
+        size_t n = ZSTD_compressCCtx(p->cctx, next + XCS_WIRE_HDR, cap, p->stage, p->stage_len,
+                                     p->level);
         uint64_t spent = now_ns() - t;
 
         if (p->trial) {
-            /* The same frame at --level too (the second half of zbuf): the
-             * trial compares the two levels on the same bytes. */
-            size_t low = ZSTD_compressCCtx(p->cctx, p->zbuf + p->fmax, cap, p->stage,
-                                           p->stage_len, p->op->wire_level);
+            /* The same frame at --level too: the trial compares the two
+             * levels on the same bytes. */
+            size_t low = ZSTD_compressCCtx(p->cctx, p->zbuf, cap, p->stage, p->stage_len,
+                                           p->op->wire_level);
             p->trial_low += ZSTD_isError(low) ? p->stage_len : low;
             p->trial_high += ZSTD_isError(n) ? p->stage_len : n;
         }
@@ -759,25 +875,25 @@ static int make_frame(struct pump *p)
         if (!ZSTD_isError(n) && n > 0 && n * 10 < p->stage_len * 9) {
             h.codec = XCS_WC_ZSTD;
             h.wire_len = (uint32_t)n;
-            payload = p->zbuf;
+            out = next; /* the frame; the stage keeps its buffer */
+            next = NULL;
             p->not_worth = 0;
         } else if (++p->not_worth >= 2 && p->op->wire_compress == 2) {
             p->skip = 7;
             p->not_worth = 0;
         }
     }
+#endif
     p->win_plain += p->stage_len;
     adapt(p);
-#else
-    (void)want_compress;
-    (void)adapt;
-#endif
+    if (!out) { /* raw: the stage's buffer is the frame, the spare the new stage */
+        out = p->stage_buf;
+        p->stage_buf = next;
+        p->stage = next + XCS_WIRE_HDR;
+    }
+    f->buf = out;
     f->len = XCS_WIRE_HDR + h.wire_len;
-    f->buf = malloc(f->len);
-    if (!f->buf)
-        return fail(p, ENOMEM, "out of memory for a frame of %zu bytes", f->len);
     xcs_wire_hdr_put(f->buf, &h);
-    memcpy(f->buf + XCS_WIRE_HDR, payload, h.wire_len);
     f->raw_len = h.raw_len;
     f->state = FR_QUEUED;
     f->ch = -1;
@@ -786,6 +902,54 @@ static int make_frame(struct pump *p)
         p->frames_compressed++;
     p->next_seq++;
     p->stage_len = 0;
+    p->next_z = -1;
+    return 1;
+}
+
+/*
+ * Splice (sender): when the next frame goes raw, its bytes stay in the
+ * input pipe until channel i is free to take them; then whatever the pipe
+ * holds (at most a frame) becomes the frame, and its header goes out
+ * first.  1 a frame was cut, 0 not now, -1 the pump fails.
+ */
+static int splice_cut(struct pump *p, unsigned i)
+{
+    struct chan *c = &p->ch[i];
+    struct sframe *f = &p->sf[p->next_seq % p->wf];
+    int avail = 0;
+    struct xcs_wire_hdr h = {XCS_WIRE_MAGIC, XCS_WT_DATA, XCS_WC_RAW, (uint16_t)i, 0, 0,
+                             p->next_seq, 0};
+
+    if (p->in_eof || p->next_seq - p->acked >= p->wf)
+        return 0;
+    if (ioctl(p->op->io_fd, FIONREAD, &avail) < 0)
+        return fail(p, errno, "the plain stream's pipe: FIONREAD: %s", strerror(errno));
+    if (avail <= 0) {
+        /* Empty: is the writer gone (POLLHUP and nothing left)?  Else wait. */
+        struct pollfd q = {p->op->io_fd, POLLIN, 0};
+        if (poll(&q, 1, 0) == 1 && (q.revents & POLLHUP) && !(q.revents & POLLIN))
+            p->in_eof = 1;
+        p->in_dry = 1;
+        return 0;
+    }
+    h.raw_len = h.wire_len = (uint32_t)avail < p->fmax ? (uint32_t)avail : p->fmax;
+    xcs_wire_hdr_put(c->sp_hdr, &h);
+    f->buf = NULL;
+    f->len = XCS_WIRE_HDR + h.wire_len;
+    f->raw_len = h.raw_len;
+    f->state = FR_WRITING;
+    f->ch = (int)i;
+    c->cur = (int64_t)p->next_seq;
+    c->cur_off = 0;
+    c->sp = 1;
+    p->spliced++;
+    p->stream_bytes += h.raw_len;
+    p->frames++;
+    p->next_seq++;
+    p->in_dry = 0;
+    p->win_plain += h.raw_len;
+    adapt(p);
+    p->next_z = -1;
     return 1;
 }
 
@@ -800,7 +964,7 @@ static void release(struct pump *p)
         struct sframe *f = &p->sf[p->acked % p->wf];
         if (f->state == FR_WRITING)
             break;
-        free(f->buf);
+        buf_put(p, f->buf);
         memset(f, 0, sizeof(*f));
     }
 }
@@ -888,7 +1052,13 @@ static int sender_input(struct pump *p)
 {
     int moved = 0;
 
-    while (!p->in_eof && p->stage_len < p->fmax && p->next_seq - p->acked < p->wf) {
+    /* A spliced frame still leaving owns the pipe's first bytes: wait. */
+    if (p->zc && p->ch[0].sp)
+        return 0;
+    if (p->stage_len == 0 && p->next_z < 0)
+        p->next_z = want_compress(p);
+    while (!p->in_eof && p->stage_len < p->fmax && p->next_seq - p->acked < p->wf &&
+           !(p->zc && p->next_z == 0)) {
         ssize_t n = read(p->op->io_fd, p->stage + p->stage_len, p->fmax - p->stage_len);
         if (n < 0 && errno == EINTR)
             continue;
@@ -971,6 +1141,13 @@ static int sender_step(struct pump *p)
             moved |= r;
             continue;
         }
+        if (c->cur < 0 && !c->end_sent && p->zc && p->next_z == 0 && p->stage_len == 0 &&
+            next_queued(p) < 0) {
+            r = splice_cut(p, i);
+            if (r < 0)
+                return -1;
+            moved |= r;
+        }
         if (c->cur < 0 && !c->end_sent) {
             int64_t s = next_queued(p);
             if (s >= 0) {
@@ -984,7 +1161,12 @@ static int sender_step(struct pump *p)
         }
         while (c->fd >= 0 && c->cur >= 0) {
             struct sframe *f = &p->sf[(uint64_t)c->cur % p->wf];
-            r = chan_write(p, i, f->buf, f->len, &c->cur_off, 1);
+            if (!c->sp)
+                r = chan_write(p, i, f->buf, f->len, &c->cur_off, 1, 0);
+            else if (c->cur_off < XCS_WIRE_HDR) /* corked: it leaves with the payload */
+                r = chan_write(p, i, c->sp_hdr, XCS_WIRE_HDR, &c->cur_off, 1, 1);
+            else
+                r = chan_splice_out(p, i, f->len - c->cur_off, 0);
             if (r < 0)
                 return -1;
             if (r == 0)
@@ -993,6 +1175,7 @@ static int sender_step(struct pump *p)
             if (c->cur_off == f->len) {
                 f->state = FR_WRITTEN;
                 c->cur = -1;
+                c->sp = 0;
                 release(p);
             }
         }
@@ -1031,6 +1214,20 @@ static int sender_done(const struct pump *p)
 
 /* ------------------------------------------------------------ receiver */
 
+/* Channel i's DATA header: 1 a frame we lack, 0 a duplicate, -1 the pump fails. */
+static int data_wanted(struct pump *p, unsigned i)
+{
+    const struct xcs_wire_hdr *h = &p->ch[i].h;
+
+    if (h->seq < p->next_exp)
+        return 0; /* a duplicate after a resume: we have written it */
+    if (h->seq >= p->next_exp + p->wf || (p->total != UINT64_MAX && h->seq >= p->total))
+        return fail(p, EPROTO, "channel %u: DATA frame %llu outside the window %llu..%llu", i,
+                    (unsigned long long)h->seq, (unsigned long long)p->next_exp,
+                    (unsigned long long)(p->next_exp + p->wf - 1));
+    return p->rf[h->seq % p->wf].data ? 0 : 1; /* held already: a duplicate after a resume */
+}
+
 /* A complete DATA frame on channel i (payload in c->payload). */
 static int recv_data(struct pump *p, unsigned i)
 {
@@ -1038,23 +1235,25 @@ static int recv_data(struct pump *p, unsigned i)
     struct xcs_wire_hdr *h = &c->h;
     struct rframe *f;
     char why[160];
+    int r = data_wanted(p, i);
 
-    if (h->seq < p->next_exp)
-        return 1; /* a duplicate after a resume: we have written it */
-    if (h->seq >= p->next_exp + p->wf || (p->total != UINT64_MAX && h->seq >= p->total))
-        return fail(p, EPROTO, "channel %u: DATA frame %llu outside the window %llu..%llu", i,
-                    (unsigned long long)h->seq, (unsigned long long)p->next_exp,
-                    (unsigned long long)(p->next_exp + p->wf - 1));
+    if (r <= 0)
+        return r < 0 ? -1 : 1;
     f = &p->rf[h->seq % p->wf];
-    if (f->data)
-        return 1; /* a duplicate after a resume, held already */
-    f->data = malloc(h->raw_len);
-    if (!f->data)
-        return fail(p, ENOMEM, "out of memory for a frame of %u bytes", h->raw_len);
-    if (xcs_wire_unpack(h, c->payload, f->data, p->dctx, why, sizeof(why)) < 0) {
-        free(f->data);
-        f->data = NULL;
-        return fail(p, EPROTO, "channel %u: %s", i, why);
+    if (h->codec == XCS_WC_RAW) {
+        /* The payload is the plain bytes (xcs_wire_check: wire_len ==
+         * raw_len): the frame keeps its buffer, no copy. */
+        f->data = c->payload;
+        c->payload = NULL;
+    } else {
+        f->data = buf_get(p);
+        if (!f->data)
+            return fail(p, ENOMEM, "out of memory for a frame of %u bytes", h->raw_len);
+        if (xcs_wire_unpack(h, c->payload, f->data, p->dctx, why, sizeof(why)) < 0) {
+            buf_put(p, f->data);
+            f->data = NULL;
+            return fail(p, EPROTO, "channel %u: %s", i, why);
+        }
     }
     f->len = h->raw_len;
     p->frames++;
@@ -1082,13 +1281,25 @@ static int recv_end(struct pump *p, unsigned i)
     return 1;
 }
 
+/*
+ * Whether the output waits for its reader with the frame it needs next in
+ * hand: then no channel starts a new frame (one under way is read to its
+ * end).  What the sender sends meanwhile waits in the socket buffers, as it
+ * would without us, instead of in ours; and with one channel every raw frame
+ * then comes next in order and is spliced.
+ */
+static int out_blocked(const struct pump *p)
+{
+    return p->rf[p->next_exp % p->wf].data || (p->splicing >= 0 && p->sp_out_full);
+}
+
 /* Read frames from channel i: each header, then its payload, exactly. */
 static int receiver_read(struct pump *p, unsigned i)
 {
     struct chan *c = &p->ch[i];
     int moved = 0, r;
 
-    while (c->fd >= 0 && !c->end_seen) {
+    while (c->fd >= 0 && !c->end_seen && !(c->hdr_have == 0 && out_blocked(p))) {
         if (c->hdr_have < XCS_WIRE_HDR) {
             r = read_header(p, i, 1u << XCS_WT_DATA | 1u << XCS_WT_END);
             if (r <= 0)
@@ -1102,11 +1313,40 @@ static int receiver_read(struct pump *p, unsigned i)
                     return -1;
                 continue;
             }
-            /* Bounded: wire_len <= frame_max, checked above. */
-            c->payload = malloc(c->h.wire_len);
-            if (!c->payload)
-                return fail(p, ENOMEM, "out of memory for a frame of %u bytes", c->h.wire_len);
             c->pay_have = 0;
+            /* The next frame in order, raw, nothing else on its way out:
+             * spliced into the output pipe (see the top). */
+            if (p->zc && c->h.codec == XCS_WC_RAW && c->h.seq == p->next_exp &&
+                p->splicing < 0) {
+                r = data_wanted(p, i);
+                if (r < 0)
+                    return -1;
+                c->sp = r;
+                p->splicing = r ? (int)i : -1;
+            }
+            if (!c->sp) {
+                /* Bounded: wire_len <= frame_max, checked above. */
+                c->payload = buf_get(p);
+                if (!c->payload)
+                    return fail(p, ENOMEM, "out of memory for a frame of %u bytes",
+                                c->h.wire_len);
+            }
+        }
+        if (c->sp) {
+            r = chan_splice_in(p, i);
+            if (r <= 0)
+                return r < 0 ? -1 : moved;
+            moved = 1;
+            if (c->pay_have < c->h.wire_len)
+                continue;
+            c->sp = 0;
+            c->hdr_have = 0;
+            p->splicing = -1;
+            p->spliced++;
+            p->frames++;
+            p->next_exp++;
+            p->stream_bytes += c->h.raw_len;
+            continue;
         }
         r = chan_read(p, i, c->payload, c->h.wire_len, &c->pay_have);
         if (r <= 0)
@@ -1115,7 +1355,7 @@ static int receiver_read(struct pump *p, unsigned i)
         if (c->pay_have < c->h.wire_len)
             continue;
         r = recv_data(p, i);
-        free(c->payload);
+        buf_put(p, c->payload); /* NULL when the frame kept it */
         c->payload = NULL;
         c->hdr_have = 0;
         if (r < 0)
@@ -1164,7 +1404,7 @@ static int receiver_output(struct pump *p)
         if (p->op->wire_tee_fd >= 0 && write_all_fd(p->op->wire_tee_fd, f->data, f->len) < 0)
             return fail(p, errno, "writing the tee: %s", strerror(errno));
         p->stream_bytes += f->len;
-        free(f->data);
+        buf_put(p, f->data);
         f->data = NULL;
         p->out_off = 0;
         p->next_exp++;
@@ -1263,7 +1503,7 @@ static int raw_step(struct pump *p, int *done)
         moved |= n >= 0;
     }
     if (p->stage_len) {
-        r = chan_write(p, 0, p->stage, p->stage_len, &p->raw_off, 1);
+        r = chan_write(p, 0, p->stage, p->stage_len, &p->raw_off, 1, 0);
         if (r < 0)
             return -1;
         if (p->raw_off == p->stage_len)
@@ -1327,12 +1567,14 @@ static int run(struct pump *p)
         pfd[n].events = POLLIN;
         chan_slot[n++] = -1;
         if (p->send && !p->in_eof && p->stage_len < (op->wire_raw ? 1 : p->fmax) &&
-            (op->wire_raw || p->next_seq - p->acked < p->wf)) {
+            (op->wire_raw || p->next_seq - p->acked < p->wf) &&
+            /* spliced frames wait in the pipe: it matters only when empty */
+            !(p->zc && p->ch[0].cur >= 0 && (p->ch[0].sp || p->next_z == 0))) {
             pfd[n].fd = op->io_fd;
             pfd[n].events = POLLIN;
             chan_slot[n++] = -1;
         }
-        if (!p->send && p->rf[p->next_exp % p->wf].data) {
+        if (!p->send && out_blocked(p)) {
             pfd[n].fd = op->io_fd;
             pfd[n].events = POLLOUT;
             chan_slot[n++] = -1;
@@ -1348,7 +1590,8 @@ static int run(struct pump *p)
             int out;
             if (c->fd < 0)
                 continue;
-            if (!c->end_seen && !op->wire_raw)
+            if (!c->end_seen && !op->wire_raw &&
+                !(!p->send && (c->hdr_have == 0 || p->splicing == (int)i) && out_blocked(p)))
                 ev |= POLLIN;
             out = c->ctl_len || c->cur >= 0 || (op->wire_raw && p->stage_len);
             if (p->send && !c->awaiting_resume && !c->end_sent && next_queued(p) >= 0)
@@ -1389,7 +1632,11 @@ static int run(struct pump *p)
          */
         if (op->idle_ms && !op->wire_raw) {
             uint64_t until = p->last_rx + (uint64_t)op->idle_ms * MS;
-            int silent = !p->send || p->acked < p->next_seq || (p->in_eof && !p->stage_len);
+            /* (A receiver whose output is blocked is not waiting for the sender.) */
+            int silent = p->send ? p->acked < p->next_seq || (p->in_eof && !p->stage_len)
+                                 : !out_blocked(p);
+            if (!p->send && !silent)
+                p->last_rx = now;
             if (silent && now >= until) {
                 int who;
                 char why[64];
@@ -1457,6 +1704,24 @@ again:;
 
 /* ------------------------------------------------------------ entry */
 
+/* What the run cost this process: where a pump's time goes (debug). */
+static void log_usage(const struct pump *p)
+{
+    struct rusage ru;
+
+    if (getrusage(RUSAGE_SELF, &ru) < 0)
+        return;
+    xcs_log(XCS_LOG_DEBUG, 0, WIRE_CONTEXT,
+            "%s: %llu bytes in %llu ms, %llu of %llu frames spliced; cpu %ld ms user, %ld ms "
+            "system; %ld minor faults; %ld context switches (%ld involuntary)",
+            p->send ? "wire-send" : "wire-recv", (unsigned long long)p->stream_bytes,
+            (unsigned long long)((now_ns() - p->t0) / MS), (unsigned long long)p->spliced,
+            (unsigned long long)p->frames,
+            (long)(ru.ru_utime.tv_sec * 1000 + ru.ru_utime.tv_usec / 1000),
+            (long)(ru.ru_stime.tv_sec * 1000 + ru.ru_stime.tv_usec / 1000), ru.ru_minflt,
+            ru.ru_nvcsw + ru.ru_nivcsw, ru.ru_nivcsw);
+}
+
 int xcs_wire(const struct xcs_op *op)
 {
     struct pump *p = NULL;
@@ -1485,9 +1750,16 @@ int xcs_wire(const struct xcs_op *op)
     p->settling = 1; /* the first window fills the buffers */
     p->probe_every = 4;
     p->win_t0 = p->t0;
+    p->next_z = -1;
+    p->splicing = -1;
+    /* Splice needs no copy kept (resume re-sends, the tee writes it) and,
+     * sending, one channel: the pipe is one queue, a frame at a time. */
+    p->zc = !op->wire_copy && !op->wire_raw && op->wire_resume_sock < 0 &&
+            (p->send ? p->nch == 1 : op->wire_tee_fd < 0);
     for (unsigned i = 0; i < p->nch; i++) {
         p->ch[i].fd = op->wire_chan[i];
         p->ch[i].cur = -1;
+        p->ch[i].flags = -1;
     }
 
     /* SIGTERM sets a flag, seen at the next ppoll() at the latest. */
@@ -1508,10 +1780,25 @@ int xcs_wire(const struct xcs_op *op)
         goto out;
     }
     flags_set = 1;
+    /*
+     * fd trick, the same for the channels when splicing: splice() takes
+     * a socket's blocking mode from its file description (there is no
+     * MSG_DONTWAIT for it), shared with Python, which lends us the
+     * sockets blocking and does not use them until we are done.
+     */
+    for (unsigned i = 0; p->zc && i < p->nch; i++) {
+        int fl = fcntl(p->ch[i].fd, F_GETFL);
+        if (fl < 0 || fcntl(p->ch[i].fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+            rc = fail(p, errno, "O_NONBLOCK on channel %u: %s", i, strerror(errno));
+            goto out;
+        }
+        p->ch[i].flags = fl;
+    }
     if (p->send) {
-        p->stage = malloc(op->wire_raw ? RAW_BUF : p->fmax);
+        p->stage_buf = op->wire_raw ? malloc(RAW_BUF) : buf_get(p);
+        p->stage = p->stage_buf && !op->wire_raw ? p->stage_buf + XCS_WIRE_HDR : p->stage_buf;
         p->sf = calloc(p->wf, sizeof(*p->sf));
-        if (!p->stage || !p->sf) {
+        if (!p->stage_buf || !p->sf) {
             rc = fail(p, ENOMEM, "out of memory for the send buffers");
             goto out;
         }
@@ -1525,9 +1812,9 @@ int xcs_wire(const struct xcs_op *op)
 #ifdef XCS_HAVE_ZSTD
     if (p->send && op->wire_compress) {
         p->cctx = ZSTD_createCCtx();
-        /* Adaptive: room for a frame at two levels (adapt()'s trial). */
-        p->zbuf = malloc(op->wire_compress == 2 ? 2 * (size_t)p->fmax : p->fmax);
-        if (!p->cctx || !p->zbuf) {
+        /* Adaptive: room for the trial's frame at --level (adapt()). */
+        p->zbuf = op->wire_compress == 2 ? malloc(p->fmax) : NULL;
+        if (!p->cctx || (op->wire_compress == 2 && !p->zbuf)) {
             rc = fail(p, ENOMEM, "out of memory for zstd");
             goto out;
         }
@@ -1544,9 +1831,12 @@ int xcs_wire(const struct xcs_op *op)
 out:
     saved = errno;
     send_stats(p);
+    log_usage(p);
     if (flags_set)
         (void)fcntl(op->io_fd, F_SETFL, p->in_flags);
     for (unsigned i = 0; i < p->nch; i++) {
+        if (p->ch[i].flags >= 0 && p->ch[i].fd == op->wire_chan[i])
+            (void)fcntl(p->ch[i].fd, F_SETFL, p->ch[i].flags);
         free(p->ch[i].payload);
         /* Our copies only: Python keeps its own and continues on channel 0. */
         if (p->ch[i].fd >= 0 && p->ch[i].fd != op->wire_chan[i])
@@ -1563,7 +1853,9 @@ out:
     free(p->zbuf);
     free(p->sf);
     free(p->rf);
-    free(p->stage);
+    free(p->stage_buf);
+    while (p->pooled)
+        free(p->pool[--p->pooled]);
     free(p);
     errno = saved;
     return rc;

@@ -1,4 +1,5 @@
-"""The wire pumps (xcsave-helper wire-send / wire-recv, csrc/wire.c; WIRE.md).
+"""The wire pumps (xcsave-helper wire-send / wire-recv, csrc/wire.c; the frames:
+docs/architecture.md, "Migration").
 
 Driven directly: socketpairs for the channels, pipes for the plain stream
 in and out, each pump a supervised HelperRun.  Checked: bytes in == bytes
@@ -138,13 +139,14 @@ def _closing(*fds: int) -> Iterator[None]:
                 os.close(fd)
 
 
-def _writer(fd: int, data: bytes, chunk: int = 1 << 20) -> threading.Thread:
+def _writer(fd: int, data: bytes, chunk: int = 1 << 20, pause: float = 0) -> threading.Thread:
     def go() -> None:
         with contextlib.suppress(OSError):
             view = memoryview(data)
             while view:
                 n = os.write(fd, view[:chunk])
                 view = view[n:]
+                time.sleep(pause)
         os.close(fd)
 
     t = threading.Thread(target=go, daemon=True)
@@ -152,10 +154,11 @@ def _writer(fd: int, data: bytes, chunk: int = 1 << 20) -> threading.Thread:
     return t
 
 
-def _reader(fd: int, into: bytearray) -> threading.Thread:
+def _reader(fd: int, into: bytearray, chunk: int = 1 << 20, pause: float = 0) -> threading.Thread:
     def go() -> None:
-        while chunk := os.read(fd, 1 << 20):
-            into.extend(chunk)
+        while got := os.read(fd, chunk):
+            into.extend(got)
+            time.sleep(pause)
         os.close(fd)
 
     t = threading.Thread(target=go, daemon=True)
@@ -182,6 +185,8 @@ async def transfer(
     during: Callable[[Side, Side, list[tuple[socket.socket, socket.socket]]], Any] | None = None,
     resume: bool = False,
     recv_fds: Sequence[int] = (),
+    trickle: tuple[int, float] | None = None,
+    slow_reader: tuple[int, float] | None = None,
 ) -> Transfer:
     """data through wire-send -> N socketpairs -> wire-recv; the output."""
     pairs = [socket.socketpair() for _ in range(channels)]
@@ -220,8 +225,8 @@ async def transfer(
         os.close(in_r)
         os.close(out_w)
         in_r = out_w = -1
-        w = _writer(in_w, data)
-        r = _reader(out_r, out)
+        w = _writer(in_w, data, *(trickle or ()))
+        r = _reader(out_r, out, *(slow_reader or ()))
         if during is not None:
             got = during(sender, receiver, pairs)
             if asyncio.iscoroutine(got):
@@ -282,6 +287,75 @@ async def test_bytes_in_equal_bytes_out(kind: str, channels: int) -> None:
     assert rst.wire_bytes == st.wire_bytes
     if channels > 1 and len(data) > 8 * FRAME:
         assert sum(1 for b in st.channel_bytes if b > 0) > 1  # spread over channels
+
+
+def _spliced(side: Side) -> tuple[int, int]:
+    """(frames spliced, frames) from the pump's last debug line (log_usage)."""
+    for e in reversed(side.events):
+        if not isinstance(e, LogEvent):
+            continue
+        if m := re.search(r"(\d+) of (\d+) frames spliced", e.message):
+            return int(m[1]), int(m[2])
+    raise AssertionError("no usage line")
+
+
+@pytest.mark.parametrize(
+    ("channels", "send_args", "recv", "expect"),
+    [
+        # one channel, raw: neither pump copies a byte
+        (1, [], {}, ("all", "all")),
+        (1, ["--copy"], {"recv_args": ["--copy"]}, ("none", "none")),
+        # channels: the sender copies (the pipe is one queue); the receiver
+        # splices the frames that come in order
+        (3, [], {}, ("none", "some")),
+        # resume keeps a copy of every frame both ways
+        (1, [], {"resume": True}, ("none", "none")),
+        # the slowest reader: the receiver's splices wait for room in the pipe
+        (1, [], {"slow_reader": (8192, 0.0005)}, ("all", "all")),
+        # a trickle: frames cut from whatever the pipe holds, EOF on an empty pipe
+        (1, [], {"trickle": (5000, 0.0005)}, ("all", "all")),
+    ],
+    ids=["x1", "copy", "x3", "resume", "slow-reader", "trickle"],
+)
+async def test_raw_frames_are_spliced_unless_a_copy_is_needed(
+    channels: int, send_args: list[str], recv: dict[str, Any], expect: tuple[str, str]
+) -> None:
+    """Splice (wire.c): a raw frame never enters a pump's memory when nothing
+    needs a copy of it; the bytes come out the same either way."""
+    data = fill("mixed", 2 * 1024 * 1024 + 777)
+    t, _ = await through(data, channels, send_args, **recv)
+    for side, want in zip((t.sender, t.receiver), expect, strict=True):
+        spliced, frames = _spliced(side)
+        assert frames > 0
+        if want == "all":
+            assert spliced == frames
+        elif want == "none":
+            assert spliced == 0
+        else:
+            assert 0 < spliced < frames
+
+
+async def test_the_tee_is_written_from_memory(tmp_path: Path) -> None:
+    """--tee-fd: the receiver keeps every frame to write it twice (no splice)."""
+    data = fill("mixed", 1_000_003)
+    tee = os.open(tmp_path / "tee", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with _closing(tee):
+        t, _ = await through(data, 1, recv_args=["--tee-fd", str(tee)], recv_fds=[tee])
+    assert _spliced(t.receiver)[0] == 0 and _spliced(t.sender)[0] > 0
+    assert (tmp_path / "tee").read_bytes() == data
+
+
+@needs_zstd
+async def test_adaptive_mixes_spliced_and_compressed_frames() -> None:
+    """Adaptive on memory that is half random: raw frames (spliced, from the
+    input pipe) and compressed ones (read, from memory) alternate, in order."""
+    rnd = random.Random(7)
+    data = b"".join(
+        rnd.randbytes(3 * FRAME) if i % 2 else fill("text", 3 * FRAME, i) for i in range(12)
+    )
+    t, st = await through(data, 1, ["--compress", "adaptive"])
+    spliced, frames = _spliced(t.sender)
+    assert 0 < st.frames_compressed < frames and 0 < spliced < frames
 
 
 async def test_empty_stream() -> None:

@@ -6,7 +6,7 @@ the save helper writes the plain stream into a pipe, the ``wire-send`` pump
 (a mode of ``xcsave-helper``) frames it onto the channels, the peer's
 ``wire-recv`` pump writes it in order into a pipe the restore helper reads.
 This module holds what Python does around them (see docs/architecture.md,
-"Migration", and WIRE.md for the frames):
+"Migration", for the messages and the frames):
 
 * the negotiation on channel 0 right after the banner: the sender's
   :class:`Offer` (``XcsWire1`` + u32 length + JSON), the receiver's
@@ -453,8 +453,9 @@ RESUME_BACKOFF_MAX: Final = 4.0
 
 @dataclass(frozen=True)
 class PumpPlan:
-    """What one pump run is given (WIRE.md's argv).  ``in_fd`` for wire-send,
-    ``out_fd`` for wire-recv; channel order is channel index."""
+    """What one pump run is given (the argv in csrc/helper_main.c's usage).
+    ``in_fd`` for wire-send, ``out_fd`` for wire-recv; channel order is
+    channel index."""
 
     mode: str  # "wire-send" | "wire-recv"
     stream_fd: int
@@ -468,6 +469,7 @@ class PumpPlan:
     resume_fd: int | None = None
     tee_fd: int | None = None
     idle_timeout: float | None = None
+    copy: bool = False  # never splice: every byte through the pump's memory (wire.c)
 
     def argv(self) -> tuple[str, ...]:
         send = self.mode == "wire-send"
@@ -491,6 +493,8 @@ class PumpPlan:
             args += ["--resume-timeout-ms", str(int(RESUME_TIMEOUT * 1000))]
         if self.idle_timeout:
             args += ["--idle-timeout-ms", str(int(self.idle_timeout * 1000))]
+        if self.copy:
+            args.append("--copy")
         return tuple(args)
 
     def fds(self) -> tuple[int, ...]:

@@ -61,8 +61,15 @@
  *     stream that will be refused cannot be restored.
  *  Limit: a reader that splice()s the pipe onward to a socket or another
  *  pipe (not into a file, which copies) carries the page references past
- *  point 3; ours (restore engine: splice into the target file; libxl, cat,
- *  gzip: read) all copy.  XCSAVE_NO_VMSPLICE=1 in the environment turns
+ *  point 3.  The restore engine (splice into the target file), libxl, cat
+ *  and gzip (read) all copy.  The wire pump does splice raw frames onward
+ *  (wire.c), so in a migration the references travel on: over the link,
+ *  through the receiving pump's pipe, until the restore helper copies
+ *  them into the target.  That holds for the same reason as point 2: the
+ *  migration keeps the source suspended until the receiver says "domain
+ *  received" (its helper has consumed the whole stream by then), and
+ *  resumes it only when the migration failed, when the receiver's copy is
+ *  discarded (migrate.py).  XCSAVE_NO_VMSPLICE=1 in the environment turns
  *  the path off (writev everywhere).
  */
 #include <errno.h>
