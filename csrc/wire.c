@@ -103,6 +103,7 @@
 #include <unistd.h>
 
 #include "codec.h"
+#include "stream_io.h"
 #include "helper.h"
 #include "wire.h"
 
@@ -120,6 +121,11 @@
 #define MIN_WRITE (16u * 1024u)
 #define WINDOW_FRAMES 4096u /* frames in a window at most, whatever --window says */
 #define POOL_MAX 8u /* frame buffers kept for reuse at most */
+/* Under a cap, what may wait for the link ahead of the stream's next byte,
+ * in ms of the cap: the input pipe, and (--raw) the stage (size_pipe()). */
+#define CAP_PIPE_MS 4u
+#define CAP_STAGE_MS 2u
+#define CAP_PIPE_MIN (64u * 1024u)
 
 /* ------------------------------------------------------------ pump state */
 
@@ -199,6 +205,8 @@ struct pump {
     int splicing;          /* receiver: the channel splicing frame next_exp, or -1 */
     int sp_out_full;       /* receiver: that splice waits for room in the pipe */
     uint64_t spliced;      /* frames spliced (debug: log_usage) */
+    int pipe_set;          /* sender: the input pipe's size as size_pipe() set it, 0 none */
+    uint64_t pipe_want;    /* what size_pipe() asked for it */
     /* rate cap */
     uint64_t rate, bucket_t;
     double tokens;
@@ -330,6 +338,38 @@ static uint64_t bucket_wait(const struct pump *p, size_t want)
     if (!p->rate || p->tokens >= (double)least)
         return 0;
     return (uint64_t)(((double)least - p->tokens) * 1e9 / (double)p->rate) + 1;
+}
+
+/*
+ * fd trick: under a cap, the sender shrinks its input pipe to a few ms of
+ * the cap (and, --raw, reads a stage of a few ms).  The stream is ordered,
+ * so whatever waits there when the guest stops waits in its downtime: a
+ * MiB pipe is 10 ms at 100 MiB/s, and how full it is at the stop varies
+ * from run to run (docs/performance.md).  The save helper grows the pipe
+ * to XCS_PIPE_SIZE when it starts (xcs_pipe_grow), which may be after us,
+ * so this runs before every wait and sets the size again when it is not
+ * ours; shrinking fails (EBUSY) while the pipe holds more than the new
+ * size, and is tried again then.  A lifted cap gives the pipe back its
+ * XCS_PIPE_SIZE.  The save engine reads the size when it needs it (the
+ * page-lifetime rule, engine_save.c, which waits if it grew meanwhile).
+ */
+static void size_pipe(struct pump *p)
+{
+    uint64_t want = (uint64_t)p->rate * CAP_PIPE_MS / 1000;
+    int now;
+
+    if (!p->send || (!p->rate && !p->pipe_set))
+        return;
+    want = !p->rate ? XCS_PIPE_SIZE : want < CAP_PIPE_MIN ? CAP_PIPE_MIN
+                                    : want > XCS_PIPE_SIZE ? XCS_PIPE_SIZE : want;
+    now = fcntl(p->op->io_fd, F_GETPIPE_SZ);
+    if (now < 0 || (p->rate && want == p->pipe_want && now == p->pipe_set))
+        return; /* not a pipe; or ours already */
+    now = fcntl(p->op->io_fd, F_SETPIPE_SZ, (int)want);
+    if (now > 0) { /* (the kernel rounds up to a power of two pages) */
+        p->pipe_set = p->rate ? now : 0;
+        p->pipe_want = want;
+    }
 }
 
 static void set_rate(struct pump *p, uint64_t rate)
@@ -1490,7 +1530,9 @@ static int raw_step(struct pump *p, int *done)
     int moved = 0, r;
 
     if (p->stage_len == 0 && !p->in_eof) {
-        ssize_t n = read(p->op->io_fd, p->stage, RAW_BUF);
+        uint64_t want = p->rate ? p->rate * CAP_STAGE_MS / 1000 : RAW_BUF;
+        ssize_t n = read(p->op->io_fd, p->stage,
+                         want > RAW_BUF ? RAW_BUF : want < MIN_WRITE ? MIN_WRITE : want);
         if (n < 0 && errno != EAGAIN && errno != EINTR)
             return fail(p, errno, "reading the plain stream: %s", strerror(errno));
         if (n == 0)
@@ -1554,6 +1596,7 @@ static int run(struct pump *p)
             continue;
 
         /* Nothing moves: wait for something that can. */
+        size_pipe(p);
         now = now_ns();
         if (check_lost(p, now, &wake) < 0)
             return -1;

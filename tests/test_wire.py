@@ -331,8 +331,8 @@ async def test_raw_frames_are_spliced_unless_a_copy_is_needed(
             assert spliced == frames
         elif want == "none":
             assert spliced == 0
-        else:
-            assert 0 < spliced < frames
+        else:  # frame 0 at least: nothing is written before it
+            assert 0 < spliced <= frames
 
 
 async def test_the_tee_is_written_from_memory(tmp_path: Path) -> None:
@@ -373,6 +373,46 @@ async def test_tee_gets_a_copy(tmp_path: Path) -> None:
     _ok(t)
     assert bytes(t.out) == data
     assert (tmp_path / "tee").read_bytes() == data
+
+
+async def test_a_cap_shrinks_the_input_pipe_to_a_few_ms_of_it() -> None:
+    """Under a cap the sender keeps its input pipe to ~4 ms of the cap (what
+    waits there waits in the downtime), sets it again when the save helper
+    grows it back, and gives it its MiB back when the cap is lifted."""
+    fcntl = pytest.importorskip("fcntl")
+    a, b = socket.socketpair()
+    in_r, in_w = os.pipe()
+    mib = 1 << 20
+    fcntl.fcntl(in_w, fcntl.F_SETPIPE_SZ, mib)  # as the save helper leaves it
+    cap = ["--max-bandwidth", "50000000"]  # 4 ms: 200 kB, 256 KiB as the kernel rounds
+    side = _side(
+        "wire-send",
+        ["--in-fd", str(in_r), "--channel-fd", str(a.fileno()), "--raw", *cap],
+        [in_r, a.fileno()],
+    )
+
+    async def size_becomes(want: int) -> None:
+        for _ in range(500):
+            if fcntl.fcntl(in_w, fcntl.F_GETPIPE_SZ) == want:
+                return
+            os.write(in_w, b"x")  # a byte: the pump wakes, reads, and waits again
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"pipe size {fcntl.fcntl(in_w, fcntl.F_GETPIPE_SZ)}, not {want}")
+
+    with a, b:
+        task = asyncio.create_task(_run(side))
+        await _started(side)
+        os.close(in_r)
+        try:
+            await size_becomes(256 * 1024)
+            fcntl.fcntl(in_w, fcntl.F_SETPIPE_SZ, mib)  # the save helper starting late
+            await size_becomes(256 * 1024)
+            assert side.run.send("wire_rate", 0)
+            await size_becomes(mib)
+        finally:
+            os.close(in_w)
+            await asyncio.wait_for(task, 30)
+    assert side.error is None, side.error
 
 
 async def test_raw_mode_copies_the_stream() -> None:
