@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import struct
 import subprocess
@@ -114,6 +115,7 @@ GOOD_OFFER: dict[str, Any] = wire.Offer(channels=2).body()
         ({"window": -1}, "'window' is -1"),
         ({"format": "qcow2"}, "'format' is 'qcow2'"),
         ({"format": None}, "'format' is None"),
+        ({"probe": "yes"}, "'probe' is 'yes'"),
     ],
 )
 def test_a_bad_offer_names_its_field(change: dict[str, Any], match: str) -> None:
@@ -130,6 +132,7 @@ def test_a_bad_offer_names_its_field(change: dict[str, Any], match: str) -> None
         ({"token": "A" * 32}, "not 32 lowercase hex"),
         ({"token": "ab"}, "not 32 lowercase hex"),
         ({"frame": 1 << 30}, "'frame' is"),
+        ({"probe": True}, "a probe granted but not offered"),
     ],
 )
 def test_an_answer_never_grants_more_than_was_offered(change: dict[str, Any], match: str) -> None:
@@ -137,6 +140,22 @@ def test_an_answer_never_grants_more_than_was_offered(change: dict[str, Any], ma
     good = offer.accept().body()
     with pytest.raises(HandshakeError, match=match):
         wire.Accept.parse(good | change, offer)
+
+
+def test_the_link_probe_is_granted_only_where_the_stream_can_go_direct() -> None:
+    """The probe may end with the stream on channel 0 as it is: only one
+    channel, no resume, and a receiver without a tee (the pump writes it)."""
+    offer = wire.Offer(compress="zstd", probe=True)
+    assert offer.accept().probe
+    assert not offer.accept(direct=False).probe  # --save-to
+    assert not dataclasses.replace(offer, channels=2).accept().probe
+    assert dataclasses.replace(offer, channels=2).accept(max_channels=1).probe  # lowered to one
+    assert not dataclasses.replace(offer, resume=True).accept().probe
+    assert not wire.Offer(compress="zstd").accept().probe
+    # An offer from an xcsave without the probe parses, without one.
+    old = {k: v for k, v in offer.body().items() if k != "probe"}
+    assert wire.Offer.parse(old).probe is False
+    assert wire.Accept.parse(offer.accept().body(), offer).probe is True
 
 
 def test_joins_admit_each_channel_once_with_the_token() -> None:
@@ -374,6 +393,64 @@ async def test_a_hostile_offer_fails_the_receive_in_one_line(
     assert "nothing was kept here" in str(e.value)
     assert not dst.exists()
     assert partials(dst) == []
+
+
+PROBING = wire.Offer(compress="zstd", probe=True)
+
+
+def _probe(n: int, data: bytes = b"") -> bytes:
+    return wire.probe_head(n) + (data or bytes(n))
+
+
+@pytest.mark.parametrize(
+    ("after_accept", "match"),
+    [
+        (wire.probe_head(wire.PROBE_MAX + 1), r"a probe of 16777217 bytes.*\(EMSGSIZE\)"),
+        (b"GARBAGE!" + bytes(4), r"bad the sender's link probe: b'GARBAGE!'.*\(EPROTO\)"),
+        (_probe(10) * 4, r"after 3 probe\(s\).*\(EPROTO\)"),
+        (_probe(1000)[:500], "no complete the sender's link probe within"),
+        (wire.encode(wire.OFFER_MAGIC, {"direct": "yes"}), r"'direct' is 'yes'"),
+        (wire.OFFER_MAGIC + struct.pack("<I", 1 << 30), r"more than 4096 \(EMSGSIZE\)"),
+    ],
+    ids=["size-bomb", "garbage", "too-many", "silence", "bad-mode", "mode-size-bomb"],
+)
+async def test_a_hostile_link_probe_fails_the_receive_in_one_line(
+    shm: Path, after_accept: bytes, match: str
+) -> None:
+    """The probe is a sender's input like any other: bounded in size, in
+    count and in time, each failure one line, nothing kept."""
+    dst = shm / "dst.dom"
+    async with receiving(dst, handshake_timeout=2) as (addr, task):
+        _r, w, acc = await offered(addr, PROBING)
+        assert acc.probe
+        w.write(after_accept)
+        await w.drain()
+        with pytest.raises(migrate.MigrationError, match=match) as e:
+            await task
+        w.close()
+    assert "\n" not in str(e.value)
+    assert not dst.exists()
+    assert partials(dst) == []
+
+
+async def test_the_receiver_echoes_each_probe_once_read(shm: Path) -> None:
+    """Each PROBE is answered by its header with length 0, once all of it
+    arrived (the sender times that): never before."""
+    dst = shm / "dst.dom"
+    async with receiving(dst, handshake_timeout=5) as (addr, task):
+        r, w, _ = await offered(addr, PROBING)
+        w.write(_probe(100_000)[:60_000])
+        await w.drain()
+        with pytest.raises(TimeoutError):  # 40000 bytes short: no echo
+            async with asyncio.timeout(0.3):
+                await r.readexactly(12)
+        w.write(_probe(100_000)[60_000:])
+        await w.drain()
+        async with asyncio.timeout(5):
+            assert await r.readexactly(12) == wire.probe_head(0)
+        w.close()
+        with pytest.raises(migrate.MigrationError):
+            await task
 
 
 async def test_a_join_with_a_wrong_token_or_a_second_join_is_refused(

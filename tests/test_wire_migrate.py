@@ -81,6 +81,43 @@ async def test_live_migration_over_the_wire_is_bit_exact(shm: Path, opts: dict[s
     assert last.compression_ratio > 0.9  # raw frames cost only their headers
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-link", "slow-link"])
+async def test_adaptive_probes_the_link_and_drops_the_pumps_when_it_is_fast(
+    shm: Path, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """``adaptive`` on one channel measures the link first: one faster than
+    zstd could compress (wire.DIRECT_RATE; here 1 byte/s, or never) gets the
+    stream as it is, without either pump, and live statistics from the
+    socket's counters; a slower one the pumps and their adaptive frames."""
+    monkeypatch.setattr(wire, "DIRECT_RATE", 1 if fast else 1 << 60)
+    src = sim.create(shm / "src.dom", 32 * MiB, vcpus=2, seed=58)
+    dst = shm / "dst.dom"
+    sent_ev: list[Event] = []
+    recv_ev: list[Event] = []
+    async with receiving(dst, insecure=True, on_event=recv_ev.append) as (addr, task):
+        with workload(src):
+            sent = await migrate.migrate(
+                sim=src, to=addr, insecure=True, compress="adaptive", on_event=sent_ev.append
+            )
+        await task
+    assert sim.digest(dst) == sim.digest(src)
+    notes = " ".join(str(getattr(e, "message", "")) for e in sent_ev + recv_ev)
+    pumps = [e for e in sent_ev + recv_ev if getattr(e, "kind", None) == "wire_stats"]
+    stats = [e for e in sent_ev if isinstance(e, MigrationStatsEvent)]
+    assert "the link probe moved" in notes
+    assert stats, "no live statistics"
+    if fast:
+        assert "goes without the pumps" in notes and "comes without pumps" in notes
+        assert pumps == []
+        # TCP_INFO: the stream's bytes the receiver acknowledged (the last
+        # ones may still be in flight when the helper is done)
+        assert sent.bytes // 2 < stats[-1].bytes_sent <= sent.bytes
+        assert stats[-1].channel_bytes == (stats[-1].bytes_sent,)
+    else:
+        assert "through the pumps" in notes and "without" not in notes
+        assert pumps
+
+
 async def test_tls_channels_and_compression(shm: Path, tls: dict[str, Path]) -> None:
     """Each channel is secured like the first: TLS with the same directory."""
     src = sim.create(shm / "src.dom", 32 * MiB, seed=52)

@@ -468,8 +468,20 @@ def _offer(o: SendOptions, fmt: str) -> wire.Offer | None:
 
 
 def _checked(o: SendOptions, fmt: str) -> tuple[wire.Offer | None, int]:
-    """The offer and the cap (bytes/s) of these options; ValueError for a bad one."""
-    return _offer(o, fmt), wire.checked_rate(o["max_bandwidth"], "max_bandwidth")
+    """The offer and the cap (bytes/s) of these options; ValueError for a bad one.
+    ``adaptive`` on one channel, without resume, a cap or a control, offers
+    the link probe (the stream may then go without the pumps)."""
+    offer, rate = _offer(o, fmt), wire.checked_rate(o["max_bandwidth"], "max_bandwidth")
+    if (
+        offer is not None
+        and o["compress"] == "adaptive"
+        and offer.channels == 1
+        and not offer.resume
+        and not rate
+        and o["control"] is None
+    ):
+        offer = dataclasses.replace(offer, probe=True)
+    return offer, rate
 
 
 async def _negotiate(sock: socket.socket, offer: wire.Offer, timeout: float | None) -> wire.Accept:
@@ -487,6 +499,71 @@ async def _negotiate(sock: socket.socket, offer: wire.Offer, timeout: float | No
             errno=errno_mod.EPROTONOSUPPORT,
         ) from e
     return wire.Accept.parse(body, offer)
+
+
+async def _probe(sock: socket.socket, timeout: float | None) -> tuple[bool, float]:
+    """The sender's link probe (after an ACCEPT granting it): the PROBEs of
+    :data:`wire.PROBE_SIZES`, the last only if the first two say the link
+    may be fast enough, then MODE.  Whether the stream goes without the
+    pumps, and the rate measured (bytes/s)."""
+    block = os.urandom(64 << 10)  # incompressible, should anything on the path compress
+    took: list[float] = []
+    rate = 0.0
+    for n in wire.PROBE_SIZES:
+        probe = wire.probe_head(n) + block * (n // len(block))  # made before the clock starts
+        t0 = time.monotonic()
+        await hs.send(sock, probe, "a link probe", timeout)
+        echo = await hs.recv_exact(sock, wire.MAGIC_LEN + 4, "the receiver's probe echo", timeout)
+        took.append(time.monotonic() - t0)
+        if echo != wire.probe_head(0):
+            raise HandshakeError(f"bad probe echo: {echo!r} (EPROTO)", errno=errno_mod.EPROTO)
+        if len(took) > 1:
+            extra = took[-1] - took[0]
+            rate = (n - wire.PROBE_SIZES[0]) / extra if extra > 0 else float("inf")
+            if rate < wire.DIRECT_RATE / 4:
+                break  # slow: no need for the large one
+    direct = len(took) == len(wire.PROBE_SIZES) and rate >= wire.DIRECT_RATE
+    mode = wire.encode(wire.OFFER_MAGIC, {"direct": direct})
+    await hs.send(sock, mode, "our wire mode", timeout)
+    return direct, rate
+
+
+async def _answer_probes(sock: socket.socket, timeout: float | None) -> bool:
+    """The receiver's side of the link probe: each PROBE read whole (bounded,
+    at most :data:`wire.PROBES_MAX` of them) and echoed, then the sender's
+    MODE; all within one ``timeout``.  Whether the stream comes direct."""
+    what = "the sender's link probe"
+    async with _deadline(timeout, what):
+        for probes in range(wire.PROBES_MAX + 1):
+            head = await hs.recv_exact(sock, wire.MAGIC_LEN + 4, what, None)
+            if head[: wire.MAGIC_LEN] == wire.OFFER_MAGIC:
+                n = wire.body_length(head, wire.OFFER_MAGIC, "wire mode")
+                body = wire.decode(await hs.recv_exact(sock, n, "wire mode", None), "wire mode")
+                return wire.mode_direct(body)
+            if head[: wire.MAGIC_LEN] != wire.PROBE_MAGIC or probes == wire.PROBES_MAX:
+                raise HandshakeError(
+                    f"bad {what}: {head[: wire.MAGIC_LEN]!r} after {probes} probe(s), "
+                    "expected a probe or the mode (EPROTO)",
+                    errno=errno_mod.EPROTO,
+                )
+            await _drop(sock, wire.probe_length(head, what), what)
+            await hs.send(sock, wire.probe_head(0), "our probe echo", None)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+async def _drop(sock: socket.socket, n: int, what: str) -> None:
+    """Read and drop exactly ``n`` bytes, into one reused MiB (a probe is
+    timed: no allocation per chunk)."""
+    loop = asyncio.get_running_loop()
+    buf = memoryview(bytearray(min(n, 1 << 20) or 1))
+    while n:
+        got = await loop.sock_recv_into(sock, buf[: min(n, len(buf))])
+        if not got:
+            raise HandshakeError(
+                f"the peer closed the connection in {what} (ECONNRESET)",
+                errno=errno_mod.ECONNRESET,
+            )
+        n -= got
 
 
 #: Opens one more channel of a migration to the same receiver (secured like
@@ -565,12 +642,18 @@ class _WireSend:
     channels: list[socket.socket] = field(default_factory=list)
     resume_sock: socket.socket | None = None
     suspended: bool = False
+    direct: bool = False  # the link probe said: no pumps
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def pumped(self) -> bool:
-        """Whether the stream goes through a pump (any extension, a cap, or a control)."""
-        return self.offer is not None or self.rate > 0 or self.o["control"] is not None
+        """Whether the stream goes through a pump (any extension the probe did
+        not waive, a cap, or a control)."""
+        return (
+            (self.offer is not None and not self.direct)
+            or self.rate > 0
+            or self.o["control"] is not None
+        )
 
     async def start(self, sock: socket.socket, ev: _Events, timeout: float | None) -> None:
         """Negotiate on channel 0 and open the others (after the banner)."""
@@ -588,6 +671,55 @@ class _WireSend:
             assert self.opener is not None
             ch = await self.stack.enter_async_context(self.opener(wire.Join(acc.token, i)))
             self.channels.append(ch.sock)
+        if acc.probe:
+            self.direct, rate = await _probe(sock, timeout)
+            ev.note(
+                f"wire: the link probe moved {rate / (1 << 20):.0f} MiB/s: "
+                + (
+                    "faster than zstd, the stream goes without the pumps"
+                    if self.direct
+                    else "adaptive compression through the pumps"
+                )
+            )
+
+    async def send_direct(
+        self,
+        save: Callable[[int, EventSink], Awaitable[RunResult]],
+        sock: socket.socket,
+        ev: _Events,
+        domain: str,
+    ) -> RunResult:
+        """The stream as it is on channel 0 (the probe's verdict), with live
+        statistics from the socket's own counters (TCP_INFO) in place of a
+        pump's."""
+        stats = wire.LiveStats("migrate", domain, ev.sink)
+        base = wire.tcp_bytes_written(sock)  # the handshake's bytes, acked or not
+        t0 = time.monotonic_ns()
+
+        def save_event(e: Event) -> None:
+            stats.feed(e)
+            ev(e)
+
+        def reading() -> None:
+            acked = wire.tcp_bytes_acked(sock)
+            if acked is not None and base is not None:
+                n = acked - base
+                stats.figures(n, n, time.monotonic_ns() - t0, 0, (n,))
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(wire.STATS_INTERVAL)
+                reading()
+
+        polling = asyncio.create_task(poll())
+        try:
+            with hs.lent_to_helper(sock) as fd:
+                result = await save(fd, save_event)
+            reading()
+            return result
+        finally:
+            polling.cancel()
+            await asyncio.gather(polling, return_exceptions=True)
 
     async def send(
         self, save: Callable[[int, EventSink], Awaitable[RunResult]], ev: _Events, domain: str
@@ -763,6 +895,9 @@ async def migrate_on(
             assert isinstance(sock, socket.socket)
             saved = await wired.send(save, ev, str(src))
             sock = wired.channels[0]  # a resumed channel 0 carries the rest
+        elif wired.direct:
+            assert isinstance(sock, socket.socket)
+            saved = await wired.send_direct(save, sock, ev, str(src))
         else:
             with hs.lent_to_helper(sock, stream) as fd:
                 saved = await save(fd, ev)
@@ -947,13 +1082,13 @@ async def receive_on(
     tee: _Tee | None = None
     keep = contextlib.AsyncExitStack()  # the wire's channels, until the report is sent
 
-    async def restore(fd: int, fmt: str, sink: EventSink) -> RunResult:
+    async def restore(fd: int, fmt: str, sink: EventSink, pumped: bool) -> RunResult:
         return await api.restore(
             fd,
             sim=built,
             fmt=fmt,
             max_memory=limit,
-            **_helper_options(o, sink, pumped=detected == "wire"),
+            **_helper_options(o, sink, pumped=pumped),
         )
 
     try:
@@ -991,7 +1126,7 @@ async def receive_on(
         else:
             ev.note(f"receiving a {detected} stream from {peer}")
             with hs.lent_to_helper(sock, stream) as fd:
-                restored = await restore(fd, detected, ev)
+                restored = await restore(fd, detected, ev, False)
         ev.note("stream received; asking for permission to start")
         await hs.send(sock, READY, "'domain received'", handshake_timeout)
         await hs.expect(sock, GO, "the sender's 'domain is yours'", handshake_timeout)
@@ -1077,7 +1212,7 @@ async def _receive_wire(
     o: ReceiveOptions,
     fmt: str,
     ev: _Events,
-    restore: Callable[[int, str, EventSink], Awaitable[RunResult]],
+    restore: Callable[[int, str, EventSink, bool], Awaitable[RunResult]],
     domain: str,
     tee: _Tee | None,
     keep: contextlib.AsyncExitStack,
@@ -1098,6 +1233,7 @@ async def _receive_wire(
         zstd=_helper_has_zstd(),
         max_channels=wire.MAX_CHANNELS if desk is not None else 1,
         resume=desk is not None,
+        direct=tee is None,  # the tee is written by the pump
     )
     await hs.send(sock, wire.encode(wire.OFFER_MAGIC, acc.body()), "our wire answer", hto)
     ev.note(
@@ -1120,6 +1256,10 @@ async def _receive_wire(
             if not acc.resume:
                 desk.stop()  # every channel is here: nobody else gets in
             channels += [extra[i].channel.sock for i in sorted(extra)]
+        if acc.probe and await _answer_probes(sock, hto):
+            ev.note("the sender's link probe found a fast link: the stream comes without pumps")
+            with hs.lent_to_helper(sock) as fd:
+                return offer.format, await restore(fd, offer.format, ev, False), sock
         if acc.resume and desk is not None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             feeding = asyncio.create_task(_feed_resumed(desk, ours, channels, keep))
@@ -1138,7 +1278,10 @@ async def _receive_wire(
             c.setblocking(True)  # the pump's; see hs.lent_to_helper
         try:
             restored = await _with_pump(
-                lambda: _pump(plan, domain, ev, None), w, lambda: restore(r, offer.format, ev), r
+                lambda: _pump(plan, domain, ev, None),
+                w,
+                lambda: restore(r, offer.format, ev, True),
+                r,
             )
         finally:
             for c in channels:

@@ -36,6 +36,7 @@ import hmac
 import json
 import re
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -85,6 +86,26 @@ FRAME_MAX: Final = 4 << 20
 #: Out-of-order bytes the receiver buffers (and the sender keeps unacknowledged).
 WINDOW_DEFAULT: Final = 64 << 20
 WINDOW_MAX: Final = 64 << 20
+#: The link probe (``adaptive`` with one channel, no resume, no cap): the
+#: sender times PROBE messages (magic, u32 length, that many bytes) until
+#: the receiver echoes each one's header with length 0, then says in a
+#: MODE body (``{"direct": bool}``, OFFER_MAGIC) whether the stream goes
+#: without the pumps.  The rate is the difference of two probes over the
+#: difference of their times (what is fixed, the round trip and the two
+#: event loops, cancels out), first 1 MiB against 64 KiB, then 16 MiB only
+#: when that says the link may be fast enough (a slow link pays for 1 MiB).
+PROBE_MAGIC: Final = b"XcsProb1"
+PROBE_SIZES: Final = (64 << 10, 1 << 20, 16 << 20)
+#: The largest probe a receiver reads, and how many it answers.
+PROBE_MAX: Final = 16 << 20
+PROBES_MAX: Final = 3
+#: A link that moves at least this much (bytes/s) goes without the pumps:
+#: zstd (level 1, one core) does not compress memory that fast, so frames
+#: could only cost, and the pumps themselves cost a third of the time on a
+#: fast link (docs/performance.md).  Roughly 8.6 Gbit/s.
+DIRECT_RATE: Final = 1 << 30
+#: How often live statistics come (the pump's wire_stats, or TCP_INFO without one).
+STATS_INTERVAL: Final = 0.5
 #: A migration's token: 16 random bytes as 32 lowercase hex digits.
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 
@@ -168,6 +189,7 @@ class Offer(_Message):
     frame: int = FRAME_DEFAULT
     window: int = WINDOW_DEFAULT
     format: str = "libxl"
+    probe: bool = False  # the sender would measure the link (PROBE_MAGIC) and maybe go direct
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> Offer:
@@ -183,22 +205,33 @@ class Offer(_Message):
             frame=_int_in(body, "frame", 4096, 1 << 30, what),
             window=_int_in(body, "window", 4096, 1 << 40, what),
             format=fmt,
+            # (absent from an offer of an older xcsave: no probe)
+            probe=_get(body, "probe", bool, what) if "probe" in body else False,
         )
 
     def accept(
-        self, *, zstd: bool = True, max_channels: int = MAX_CHANNELS, resume: bool = True
+        self,
+        *,
+        zstd: bool = True,
+        max_channels: int = MAX_CHANNELS,
+        resume: bool = True,
+        direct: bool = True,
     ) -> Accept:
         """The receiver's answer: what it can do of this offer (``zstd``: the
-        helper has it; ``max_channels``, ``resume``: what it can admit), and
-        a fresh token."""
+        helper has it; ``max_channels``, ``resume``: what it can admit;
+        ``direct``: it can take the stream without its pump, i.e. no tee),
+        and a fresh token."""
         frame = min(self.frame, FRAME_MAX)
+        channels = min(self.channels, max_channels)
+        resume = self.resume and resume
         return Accept(
             compress=self.compress if zstd else "off",
-            channels=min(self.channels, max_channels),
-            resume=self.resume and resume,
+            channels=channels,
+            resume=resume,
             token=secrets.token_hex(16),
             frame=frame,
             window=max(frame, min(self.window, WINDOW_MAX)),
+            probe=self.probe and direct and channels == 1 and not resume,
         )
 
 
@@ -212,6 +245,7 @@ class Accept(_Message):
     token: str
     frame: int = FRAME_DEFAULT
     window: int = WINDOW_DEFAULT
+    probe: bool = False
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], offer: Offer) -> Accept:
@@ -227,6 +261,9 @@ class Accept(_Message):
         if not _TOKEN.fullmatch(token):
             raise _bad(what, "'token' is not 32 lowercase hex digits")
         frame = _int_in(body, "frame", 4096, offer.frame, what)
+        probe = _get(body, "probe", bool, what) if "probe" in body else False
+        if probe and not offer.probe:
+            raise _bad(what, "a probe granted but not offered")
         return cls(
             compress=compress,
             channels=_int_in(body, "channels", 1, offer.channels, what),
@@ -234,7 +271,30 @@ class Accept(_Message):
             token=token,
             frame=frame,
             window=_int_in(body, "window", frame, offer.window, what),
+            probe=probe,
         )
+
+
+def probe_length(head: bytes, what: str) -> int:
+    """The length of the PROBE whose 12-byte ``head`` this is; refused past
+    :data:`PROBE_MAX` (EMSGSIZE) before a byte of it is read."""
+    (n,) = _LEN.unpack(head[MAGIC_LEN:])
+    if n > PROBE_MAX:
+        raise HandshakeError(
+            f"bad {what}: a probe of {n} bytes, more than {PROBE_MAX} (EMSGSIZE)",
+            errno=errno_mod.EMSGSIZE,
+        )
+    return int(n)
+
+
+def probe_head(n: int) -> bytes:
+    """A PROBE's header (n bytes follow), or with 0 the receiver's echo."""
+    return PROBE_MAGIC + _LEN.pack(n)
+
+
+def mode_direct(body: Mapping[str, Any]) -> bool:
+    """The MODE body after the probes: whether the stream goes without the pumps."""
+    return bool(_get(body, "direct", bool, "mode"))
 
 
 @dataclass(frozen=True)
@@ -410,11 +470,27 @@ class LiveStats:
             self._wire(ev)
 
     def _wire(self, ev: Any) -> None:
+        self.figures(
+            int(ev.wire_bytes),
+            int(ev.stream_bytes),
+            int(ev.duration_ns),
+            int(ev.rate_limit),
+            tuple(int(b) for b in ev.channel_bytes),
+        )
+
+    def figures(
+        self,
+        wire: int,
+        stream: int,
+        duration_ns: int,
+        rate_limit: int,
+        channel_bytes: tuple[int, ...],
+    ) -> None:
+        """One reading of the link: the pump's ``wire_stats``, or (a stream
+        sent without the pumps) the socket's own counters."""
         now = time.monotonic()
-        wire = int(ev.wire_bytes)
-        stream = int(ev.stream_bytes)
         prev, self._last = self._last, (now, wire)
-        dt = now - prev[0] if prev else ev.duration_ns / 1e9
+        dt = now - prev[0] if prev else duration_ns / 1e9
         sent = wire - (prev[1] if prev else 0)
         throughput = sent / dt if dt > 0 else 0.0
         remaining = self.dirty_pages * PAGE_SIZE
@@ -434,10 +510,40 @@ class LiveStats:
                 if throughput > 0
                 else 0.0,
                 iteration=self.iteration,
-                rate_limit=int(ev.rate_limit),
-                channel_bytes=tuple(int(b) for b in ev.channel_bytes),
+                rate_limit=rate_limit,
+                channel_bytes=channel_bytes,
             )
         )
+
+
+#: struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at this offset.
+_TCPI_BYTES_ACKED: Final = 120
+
+
+def tcp_bytes_acked(sock: socket.socket) -> int | None:
+    """The bytes the peer has acknowledged on a TCP socket (TCP_INFO), or
+    None where the kernel does not say (not TCP, too old a kernel)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(info) < _TCPI_BYTES_ACKED + 8:
+        return None
+    return int(struct.unpack_from("<Q", info, _TCPI_BYTES_ACKED)[0])
+
+
+def tcp_bytes_written(sock: socket.socket) -> int | None:
+    """The bytes written to a TCP socket so far: acknowledged, and still in
+    its send queue (SIOCOUTQ), or None where the kernel does not say."""
+    import fcntl
+    import termios
+
+    acked = tcp_bytes_acked(sock)
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)  # = SIOCOUTQ
+    except OSError:
+        return None
+    return None if acked is None else acked + int(struct.unpack("<i", queued)[0])
 
 
 # ----------------------------------------------------------------- the pumps
