@@ -384,15 +384,26 @@ async def test_a_hostile_offer_fails_the_receive_in_one_line(
     dst = shm / "dst.dom"
     async with receiving(dst, handshake_timeout=2) as (addr, task):
         _r, w = await peer(addr)
-        w.write(payload)
-        await w.drain()
-        with pytest.raises(migrate.MigrationError, match=match) as e:
-            await task
-        w.close()
-    assert "\n" not in str(e.value)
-    assert "nothing was kept here" in str(e.value)
+        e = await _refused(w, payload, task, match)
+    assert "nothing was kept here" in e
     assert not dst.exists()
     assert partials(dst) == []
+
+
+async def _refused(
+    w: asyncio.StreamWriter,
+    payload: bytes,
+    task: asyncio.Task[migrate.ReceiveResult],
+    match: str,
+) -> str:
+    """``payload`` from a hostile sender fails the receive in one line: which."""
+    w.write(payload)
+    await w.drain()
+    with pytest.raises(migrate.MigrationError, match=match) as e:
+        await task
+    w.close()
+    assert "\n" not in str(e.value)
+    return str(e.value)
 
 
 PROBING = wire.Offer(compress="zstd", probe=True)
@@ -423,12 +434,7 @@ async def test_a_hostile_link_probe_fails_the_receive_in_one_line(
     async with receiving(dst, handshake_timeout=2) as (addr, task):
         _r, w, acc = await offered(addr, PROBING)
         assert acc.probe
-        w.write(after_accept)
-        await w.drain()
-        with pytest.raises(migrate.MigrationError, match=match) as e:
-            await task
-        w.close()
-    assert "\n" not in str(e.value)
+        await _refused(w, after_accept, task, match)
     assert not dst.exists()
     assert partials(dst) == []
 

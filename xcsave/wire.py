@@ -129,10 +129,15 @@ def body_length(head: bytes, magic: bytes, what: str) -> int:
     ``magic`` and at most :data:`BODY_MAX` (a size bomb is never read)."""
     if head[:MAGIC_LEN] != magic:
         raise _bad(what, f"it starts with {head[:MAGIC_LEN]!r}, not {magic!r}")
+    return _length(head, BODY_MAX, "a body", what)
+
+
+def _length(head: bytes, limit: int, kind: str, what: str) -> int:
+    """The u32 length after a 12-byte ``head``'s magic, at most ``limit``."""
     (n,) = _LEN.unpack(head[MAGIC_LEN:])
-    if n > BODY_MAX:
+    if n > limit:
         raise HandshakeError(
-            f"bad {what}: a body of {n} bytes, more than {BODY_MAX} (EMSGSIZE)",
+            f"bad {what}: {kind} of {n} bytes, more than {limit} (EMSGSIZE)",
             errno=errno_mod.EMSGSIZE,
         )
     return int(n)
@@ -278,13 +283,7 @@ class Accept(_Message):
 def probe_length(head: bytes, what: str) -> int:
     """The length of the PROBE whose 12-byte ``head`` this is; refused past
     :data:`PROBE_MAX` (EMSGSIZE) before a byte of it is read."""
-    (n,) = _LEN.unpack(head[MAGIC_LEN:])
-    if n > PROBE_MAX:
-        raise HandshakeError(
-            f"bad {what}: a probe of {n} bytes, more than {PROBE_MAX} (EMSGSIZE)",
-            errno=errno_mod.EMSGSIZE,
-        )
-    return int(n)
+    return _length(head, PROBE_MAX, "a probe", what)
 
 
 def probe_head(n: int) -> bytes:
