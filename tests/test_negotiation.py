@@ -513,13 +513,22 @@ async def fake_receiver(
 ) -> AsyncIterator[tuple[str, int]]:
     """A listener that sends the banner, then: ``stock`` reads a little and
     hangs up (an xl receiver reading our offer as a bad stream), ``silent``
-    says nothing more, ``bomb`` answers with a 1 GiB length."""
+    says nothing more, ``bomb`` answers with a 1 GiB length; ``probe-*``
+    grant the link probe, read the first, and echo garbage or nothing."""
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
             w.write(BANNER)
             await w.drain()
-            if behaviour != "silent":
+            if behaviour.startswith("probe"):
+                head = await r.readexactly(12)
+                body = await r.readexactly(wire.body_length(head, wire.OFFER_MAGIC, "offer"))
+                offer = wire.Offer.parse(wire.decode(body, "offer"))
+                w.write(wire.encode(wire.OFFER_MAGIC, offer.accept().body()))
+                await r.readexactly(wire.probe_length(await r.readexactly(12), "probe"))
+                w.write(b"NOTPROBE\0\0\0\0" if behaviour == "probe-garbage" else b"")
+                await w.drain()
+            elif behaviour != "silent":
                 await r.read(64)
             if behaviour == "bomb":
                 w.write(wire.OFFER_MAGIC + struct.pack("<I", 1 << 30))
@@ -544,6 +553,8 @@ async def fake_receiver(
         ("stock", "does not speak xcsave's wire extensions"),
         ("silent", "no complete answer to our wire offer within 2 s"),
         ("bomb", "more than 4096 \\(EMSGSIZE\\)"),
+        ("probe-garbage", "bad probe echo: b'NOTPROBE.*EPROTO"),
+        ("probe-silent", "receiver's probe echo.*ETIMEDOUT"),
     ],
 )
 async def test_a_sender_with_extensions_and_a_receiver_that_cannot(
@@ -551,10 +562,11 @@ async def test_a_sender_with_extensions_and_a_receiver_that_cannot(
 ) -> None:
     src = sim.create(shm / "src.dom", 4 * MiB, seed=42)
     sim.set_state(src, "running")
+    compress = "adaptive" if behaviour.startswith("probe") else "zstd"
     async with fake_receiver(behaviour) as addr:
         with pytest.raises(migrate.MigrationError, match=match) as e:
             await migrate.migrate(
-                sim=src, to=addr, insecure=True, compress="zstd", handshake_timeout=2
+                sim=src, to=addr, insecure=True, compress=compress, handshake_timeout=2
             )
     assert "\n" not in str(e.value)
     assert f"{src} is running here again" in str(e.value)
