@@ -17,10 +17,12 @@ import errno
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -371,6 +373,35 @@ async def test_read_physmap_refuses_a_hostile_xenstore_ls(
                 break
             await asyncio.sleep(0.01)
         assert not _alive(orphan)
+
+
+async def test_read_physmap_is_not_held_by_a_daemon_on_its_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that left the session (out of reach of the group's SIGKILL)
+    and holds the pipe: the size bomb still fails in one line, soon."""
+    bindir = tmp_path / "bin"
+    _fake_xenstore(bindir, 3, True)
+    escaped = tmp_path / "escaped.pid"
+    (bindir / "xenstore-ls").write_text(
+        "#!/bin/sh\n"
+        f"setsid sh -c 'echo $$ > {escaped}; exec sleep 30' &\n"
+        "head -c 2000000 /dev/zero | tr '\\0' x\n"
+    )
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(xcsave.XcsaveError, match="over 1048576 bytes") as e:
+            await read_physmap(3, timeout=5.0)
+        assert e.value.errno == errno.E2BIG  # type: ignore[attr-defined]
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        for _ in range(100):
+            if escaped.exists() and escaped.read_text().strip():
+                break
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+            os.kill(int(escaped.read_text()), signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

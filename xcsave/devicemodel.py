@@ -55,6 +55,8 @@ QMP_PATH: Final = "/var/run/xen/qmp-libxl-{domid}"
 #: The most physmap keys taken from xenstore, and bytes of their listing.
 MAX_PHYSMAP_KEYS: Final = 1024
 MAX_LISTING: Final = 1 << 20
+#: After a failed xenstore-utils command is killed: how long its pipe may stay open.
+KILL_DRAIN: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -269,11 +271,32 @@ async def _xenstore(argv: list[str], timeout: float) -> tuple[int, str]:
         ) from None
     finally:
         if not done:
-            # The group, not the pid: see the docstring.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            await _kill_group(proc)
     return rc, out.decode(errors="replace")
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command's process group, then reap it.
+
+    asyncio (3.11) reports the exit only once the stdout pipe is closed too,
+    and a reader we stopped reading (E2BIG) is paused on a full buffer: so
+    the rest is read and dropped up to end of file, which comes at once
+    with every writer dead.  Something outside the group holding the pipe
+    (a daemon that left the session) gets KILL_DRAIN seconds; then the pipe
+    is closed from our side."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group, not the pid: see _xenstore
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(KILL_DRAIN):
+            while await proc.stdout.read(65536):
+                pass
+            await proc.wait()
+    except TimeoutError:
+        transport = getattr(proc, "_transport", None)  # no public close on Process
+        if transport is not None:
+            transport.close()
+        await proc.wait()
 
 
 async def _read_bounded(stream: asyncio.StreamReader, limit: int, what: str) -> bytes:
