@@ -62,7 +62,8 @@
  *        [--frame-size BYTES] [--window BYTES] [--resume-sock FD
  *        --resume-timeout-ms T] [--idle-timeout-ms T] [--copy]
  *        the wire pumps between the plain stream and the channels to the
- *        peer (wire.c, WIRE.md); hello's backend is "wire".
+ *        peer (wire.c; docs/architecture.md, "Migration"); hello's backend
+ *        is "wire".
  *   --version   (its "zstd libzstd|none" says whether wire compression is built)
  */
 

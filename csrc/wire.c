@@ -83,7 +83,8 @@
  * Every fd is polled in one ppoll() loop; SIGTERM is blocked except inside
  * ppoll (xcs_sigterm_until_ppoll, as in the TLS tunnel).  Channels are used
  * with MSG_DONTWAIT, not O_NONBLOCK: their open file descriptions are shared
- * with Python's sockets.  The plain-stream pipe is made O_NONBLOCK for the
+ * with Python's sockets (except while splicing, which has no such flag:
+ * then O_NONBLOCK for the run, put back at the end; see xcs_wire).  The plain-stream pipe is made O_NONBLOCK for the
  * run and put back at the end.
  */
 
@@ -629,7 +630,7 @@ static int chan_write(struct pump *p, unsigned i, const uint8_t *buf, size_t len
  * from the input pipe, where they wait already (splice_cut counted them), to
  * the channel, under the cap.  Returns as chan_write.
  */
-static int chan_splice_out(struct pump *p, unsigned i, size_t want, int more)
+static int chan_splice_out(struct pump *p, unsigned i, size_t want)
 {
     struct chan *c = &p->ch[i];
     ssize_t n;
@@ -637,8 +638,7 @@ static int chan_splice_out(struct pump *p, unsigned i, size_t want, int more)
     want = bucket_allow(p, want);
     if (want == 0)
         return 0;
-    n = splice(p->op->io_fd, NULL, c->fd, NULL, want,
-               SPLICE_F_NONBLOCK | SPLICE_F_MOVE | (more ? SPLICE_F_MORE : 0));
+    n = splice(p->op->io_fd, NULL, c->fd, NULL, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return 0; /* the socket is full: the bytes are in the pipe */
     if (n == 0)
@@ -969,7 +969,6 @@ static int splice_cut(struct pump *p, unsigned i)
         struct pollfd q = {p->op->io_fd, POLLIN, 0};
         if (poll(&q, 1, 0) == 1 && (q.revents & POLLHUP) && !(q.revents & POLLIN))
             p->in_eof = 1;
-        p->in_dry = 1;
         return 0;
     }
     h.raw_len = h.wire_len = (uint32_t)avail < p->fmax ? (uint32_t)avail : p->fmax;
@@ -986,7 +985,6 @@ static int splice_cut(struct pump *p, unsigned i)
     p->stream_bytes += h.raw_len;
     p->frames++;
     p->next_seq++;
-    p->in_dry = 0;
     p->win_plain += h.raw_len;
     adapt(p);
     p->next_z = -1;
@@ -1206,7 +1204,7 @@ static int sender_step(struct pump *p)
             else if (c->cur_off < XCS_WIRE_HDR) /* corked: it leaves with the payload */
                 r = chan_write(p, i, c->sp_hdr, XCS_WIRE_HDR, &c->cur_off, 1, 1);
             else
-                r = chan_splice_out(p, i, f->len - c->cur_off, 0);
+                r = chan_splice_out(p, i, f->len - c->cur_off);
             if (r < 0)
                 return -1;
             if (r == 0)

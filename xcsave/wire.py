@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno as errno_mod
+import fcntl
 import hmac
 import json
 import re
 import secrets
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -534,9 +536,6 @@ def tcp_bytes_acked(sock: socket.socket) -> int | None:
 def tcp_bytes_written(sock: socket.socket) -> int | None:
     """The bytes written to a TCP socket so far: acknowledged, and still in
     its send queue (SIOCOUTQ), or None where the kernel does not say."""
-    import fcntl
-    import termios
-
     acked = tcp_bytes_acked(sock)
     try:
         queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)  # = SIOCOUTQ
@@ -574,7 +573,6 @@ class PumpPlan:
     resume_fd: int | None = None
     tee_fd: int | None = None
     idle_timeout: float | None = None
-    copy: bool = False  # never splice: every byte through the pump's memory (wire.c)
 
     def argv(self) -> tuple[str, ...]:
         send = self.mode == "wire-send"
@@ -598,8 +596,6 @@ class PumpPlan:
             args += ["--resume-timeout-ms", str(int(RESUME_TIMEOUT * 1000))]
         if self.idle_timeout:
             args += ["--idle-timeout-ms", str(int(self.idle_timeout * 1000))]
-        if self.copy:
-            args.append("--copy")
         return tuple(args)
 
     def fds(self) -> tuple[int, ...]:
