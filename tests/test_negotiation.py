@@ -439,6 +439,20 @@ async def test_a_hostile_link_probe_fails_the_receive_in_one_line(
     assert partials(dst) == []
 
 
+async def test_a_sender_hanging_up_mid_probe_fails_the_receive(shm: Path) -> None:
+    dst = shm / "dst.dom"
+    async with receiving(dst, handshake_timeout=5) as (addr, task):
+        _r, w, _ = await offered(addr, PROBING)
+        w.write(_probe(100_000)[:50_000])
+        await w.drain()
+        w.close()
+        with pytest.raises(migrate.MigrationError, match="ECONNRESET") as e:
+            await task
+    assert "\n" not in str(e.value)
+    assert not dst.exists()
+    assert partials(dst) == []
+
+
 async def test_the_receiver_echoes_each_probe_once_read(shm: Path) -> None:
     """Each PROBE is answered by its header with length 0, once all of it
     arrived (the sender times that): never before."""
