@@ -30,6 +30,15 @@ def test_the_first_python_example_runs(tmp_path: Path) -> None:
     assert "Stats(" in r.stdout and "RestoreStats(" in r.stdout
 
 
+def test_set_up_is_two_commands() -> None:
+    """A fresh machine needs exactly two: the main job on the simulated
+    default, and the tests (a usage synopsis once crept into the first)."""
+    text = README.read_text()
+    section = text.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.strip() for b in re.findall(r"```\n(.*?)```", section, re.S)]
+    assert blocks == ["pip install . && xcsave demo", "tools/test"], blocks
+
+
 def test_every_listed_command_has_help() -> None:
     commands = set()
     blocks = re.findall(r"```\n(.*?)```", README.read_text(), re.S)  # the shell blocks
