@@ -19,7 +19,7 @@
 
 #define XCS_HELPER_CONTEXT "xcsave-helper"
 
-/* wire modes: channels, frame sizes (see wire.c and WIRE.md) */
+/* wire modes: channels, frame sizes (see wire.c and docs/architecture.md, "Migration") */
 #define XCS_WIRE_MAX_CHANNELS 16
 #define XCS_WIRE_FRAME_MIN 4096u
 #define XCS_WIRE_FRAME_MAX (4u << 20)

@@ -1,5 +1,5 @@
 /*
- * wire.h - the frames of xcsave wire 1 (WIRE.md; the pumps are wire.c).
+ * wire.h - the frames of xcsave wire 1 (docs/architecture.md, "Migration"; the pumps are wire.c).
  *
  * Every frame starts with this 32-byte little-endian header:
  *

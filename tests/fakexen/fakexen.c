@@ -4,10 +4,12 @@
  * There is no hypervisor on the machines that run xcsave's tests, yet the
  * tests must drive real helper binaries: Debian's stock libxl-save-helper
  * and xcsave's own helper, both linked against libxenctrl/libxenguest.
- * Preloading this library replaces the four entry points those helpers
- * call (xc_interface_open, xc_interface_close, xc_domain_save,
- * xc_domain_restore) with a simulation of a small x86 HVM guest, so the
- * helpers run their genuine protocol code above it.
+ * Preloading this library replaces the calls those helpers make: the
+ * interface (xc_interface_open/close), xc_domain_save and
+ * xc_domain_restore over a simulation of a small x86 HVM guest, and the
+ * smaller ones around them (domain info, cpupools, the credit2 cap, the
+ * hypercall buffers, shadow/log-dirty control), so the helpers run their
+ * genuine protocol code above it.
  *
  * What the simulation keeps faithful to libxc 4.17 (see
  * shared/specs/xen-migration-facts.md sections 1.7, 1.8, 3.1 and 5):
