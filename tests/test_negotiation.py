@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -439,12 +440,19 @@ async def test_a_hostile_link_probe_fails_the_receive_in_one_line(
     assert partials(dst) == []
 
 
-async def test_a_sender_hanging_up_mid_probe_fails_the_receive(shm: Path) -> None:
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_sender_hanging_up_mid_probe_fails_the_receive(shm: Path, how: str) -> None:
+    """A FIN ends the probe's read early; an RST (SO_LINGER 0) fails the
+    read itself: both are one line, not a bare socket error."""
     dst = shm / "dst.dom"
     async with receiving(dst, handshake_timeout=5) as (addr, task):
         _r, w, _ = await offered(addr, PROBING)
         w.write(_probe(100_000)[:50_000])
         await w.drain()
+        await asyncio.sleep(0.1)  # read by the receiver before the reset
+        if how == "reset":
+            sock = w.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         w.close()
         with pytest.raises(migrate.MigrationError, match="ECONNRESET") as e:
             await task

@@ -176,6 +176,29 @@ async def recv_exact(sock: Endpoint, n: int, what: str, timeout: float | None) -
     return bytes(buf)
 
 
+async def recv_drop(sock: socket.socket, n: int, what: str, timeout: float | None) -> None:
+    """Exactly ``n`` bytes read and dropped, into one reused buffer of at
+    most a MiB (a timed link probe: no allocation per chunk)."""
+    buf = memoryview(bytearray(min(n, 1 << 20) or 1))
+    left = n
+
+    def late() -> str:
+        got = f"{n - left} of {n} bytes"
+        return f"timed out after {timeout:g} s waiting for {what} ({got}; ETIMEDOUT)"
+
+    loop = asyncio.get_running_loop()
+    async with _bounded(timeout, f"reading {what}", late):
+        while left:
+            got = await loop.sock_recv_into(sock, buf[: min(left, len(buf))])
+            if not got:
+                raise HandshakeError(
+                    f"the peer closed the connection in {what} "
+                    f"({n - left} of {n} bytes; ECONNRESET)",
+                    errno=errno_mod.ECONNRESET,
+                )
+            left -= got
+
+
 async def expect(sock: Endpoint, msg: bytes, what: str, timeout: float | None) -> None:
     got = await recv_exact(sock, len(msg), what, timeout)
     if got != msg:

@@ -546,24 +546,9 @@ async def _answer_probes(sock: socket.socket, timeout: float | None) -> bool:
                     "expected a probe or the mode (EPROTO)",
                     errno=errno_mod.EPROTO,
                 )
-            await _drop(sock, wire.probe_length(head, what), what)
+            await hs.recv_drop(sock, wire.probe_length(head, what), what, None)
             await hs.send(sock, wire.probe_head(0), "our probe echo", None)
     raise AssertionError("unreachable")  # the loop returns or raises
-
-
-async def _drop(sock: socket.socket, n: int, what: str) -> None:
-    """Read and drop exactly ``n`` bytes, into one reused MiB (a probe is
-    timed: no allocation per chunk)."""
-    loop = asyncio.get_running_loop()
-    buf = memoryview(bytearray(min(n, 1 << 20) or 1))
-    while n:
-        got = await loop.sock_recv_into(sock, buf[: min(n, len(buf))])
-        if not got:
-            raise HandshakeError(
-                f"the peer closed the connection in {what} (ECONNRESET)",
-                errno=errno_mod.ECONNRESET,
-            )
-        n -= got
 
 
 #: Opens one more channel of a migration to the same receiver (secured like
