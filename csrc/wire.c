@@ -84,8 +84,8 @@
  * ppoll (xcs_sigterm_until_ppoll, as in the TLS tunnel).  Channels are used
  * with MSG_DONTWAIT, not O_NONBLOCK: their open file descriptions are shared
  * with Python's sockets (except while splicing, which has no such flag:
- * then O_NONBLOCK for the run, put back at the end; see xcs_wire).  The plain-stream pipe is made O_NONBLOCK for the
- * run and put back at the end.
+ * then O_NONBLOCK for the run, put back at the end; see xcs_wire).  The
+ * plain-stream pipe is made O_NONBLOCK for the run and put back at the end.
  */
 
 #include <errno.h>
