@@ -112,6 +112,9 @@ async def test_adaptive_probes_the_link_and_drops_the_pumps_when_it_is_fast(
         # TCP_INFO: the stream's bytes the receiver acknowledged (the last
         # ones may still be in flight when the helper is done)
         assert sent.bytes // 2 < stats[-1].bytes_sent <= sent.bytes
+        # ... and the last figure, once the helper is done, the whole stream
+        # it wrote (acknowledged or still in flight): CI once saw it short
+        assert stats[-1].bytes_sent == stats[-1].stream_bytes == sent.bytes
         assert stats[-1].channel_bytes == (stats[-1].bytes_sent,)
     else:
         assert "through the pumps" in notes and "without" not in notes

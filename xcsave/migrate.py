@@ -685,10 +685,13 @@ class _WireSend:
             stats.feed(e)
             ev(e)
 
-        def reading() -> None:
-            acked = wire.tcp_bytes_acked(sock)
-            if acked is not None and base is not None:
-                n = acked - base
+        def reading(final: bool = False) -> None:
+            # Live: what the receiver acknowledged (the link's progress).
+            # Final: what the helper wrote, all of the stream, some of it
+            # perhaps still in flight when the helper is done.
+            now = wire.tcp_bytes_written(sock) if final else wire.tcp_bytes_acked(sock)
+            if now is not None and base is not None:
+                n = now - base
                 stats.figures(n, n, time.monotonic_ns() - t0, 0, (n,))
 
         async def poll() -> None:
@@ -700,7 +703,7 @@ class _WireSend:
         try:
             with hs.lent_to_helper(sock) as fd:
                 result = await save(fd, save_event)
-            reading()
+            reading(final=True)
             return result
         finally:
             polling.cancel()
